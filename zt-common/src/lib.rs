@@ -1,0 +1,295 @@
+//! Types and constants shared by the BPF programs (`zt-ebpf`) and user space
+//! (`zt-userspace`).
+//!
+//! Everything that crosses the kernel boundary is `#[repr(C)]`, built from
+//! fixed-width integers, and padded explicitly: implicit padding in a map key
+//! makes lookups miss at random, because the kernel hashes the padding bytes
+//! too. Sizes are asserted at compile time so that a field added on one side
+//! cannot silently shift the other side's view. No `bool` or enum crosses the
+//! boundary; flags are bits and reasons are plain `u32` codes.
+#![no_std]
+
+use core::mem::size_of;
+
+/// Map names, defined once. BPF object names are truncated by the kernel to
+/// 15 bytes (`BPF_OBJ_NAME_LEN` is 16 with the NUL), so every name fits.
+pub mod map {
+    /// `Array<EdgeConfig>` with one entry.
+    pub const EDGE_CONFIG: &str = "ZT_EDGE_CFG";
+    /// `Array<u64>`: a 65,536-bit bitmap of UDP ports allowed on the edge.
+    pub const EDGE_UDP_PORTS: &str = "ZT_EDGE_UDP";
+    /// `LpmTrie<[u8; 4], u8>`: IPv4 sources allowed to reach the SSH port.
+    pub const SSH_ALLOW_V4: &str = "ZT_SSH_V4";
+    /// `LpmTrie<[u8; 16], u8>`: IPv6 sources allowed to reach the SSH port.
+    pub const SSH_ALLOW_V6: &str = "ZT_SSH_V6";
+    /// `PerCpuArray<u64>` indexed by [`super::counter_index`].
+    pub const COUNTERS: &str = "ZT_COUNTERS";
+    /// `RingBuf` carrying [`super::Event`] records to the audit writer.
+    pub const EVENTS: &str = "ZT_EVENTS";
+    /// `PerCpuArray<EventBucket>` with one entry: the audit rate limiter.
+    pub const EVENT_BUCKET: &str = "ZT_EVT_BUCKET";
+    /// `LpmTrie<[u8; 4], PeerInfo>`: tunnel peer by IPv4 source.
+    pub const PEER_V4: &str = "ZT_PEER_V4";
+    /// `LpmTrie<[u8; 16], PeerInfo>`: tunnel peer by IPv6 source.
+    pub const PEER_V6: &str = "ZT_PEER_V6";
+    /// `HashMap<GrantKey, u64>`: per-peer port bitmaps, 64 ports a word.
+    pub const GRANTS: &str = "ZT_GRANTS";
+    /// `PerCpuArray<PeerCounters>` indexed by peer index.
+    pub const PEER_COUNTERS: &str = "ZT_PEER_CNT";
+}
+
+/// Map capacities, defined once.
+pub mod capacity {
+    /// Words in the UDP port bitmap: 65,536 ports / 64 bits.
+    pub const PORT_BITMAP_WORDS: u32 = 1024;
+    /// Entries per SSH allow-list trie. The benchmarks go to 1,000,000.
+    pub const SSH_ALLOW: u32 = 1 << 20;
+    /// Tunnel peers; also the size of the per-peer counter array.
+    pub const PEERS: u32 = 65_536;
+    /// Peer address prefixes per family.
+    pub const PEER_PREFIXES: u32 = 4 * PEERS;
+    /// Grant words: every peer with a handful of ranges.
+    pub const GRANTS: u32 = 1 << 18;
+    /// Audit ring buffer size in bytes (a power of two, a multiple of the page size).
+    pub const EVENTS_BYTES: u32 = 1 << 22;
+}
+
+/// Which program counted a decision. Counters are laid out per program so
+/// that `status` can show the edge and the tunnel separately.
+pub mod program {
+    pub const EDGE: u32 = 0;
+    pub const TUNNEL: u32 = 1;
+    /// Number of programs; the counter array holds this many reason blocks.
+    pub const COUNT: u32 = 2;
+    /// Kernel-visible program names, used to recognise our own attachments.
+    pub const EDGE_NAME: &str = "zt_edge";
+    pub const TUNNEL_NAME: &str = "zt_tunnel";
+}
+
+/// Reason codes. Codes below [`reason::FIRST_DENY`] allow, the others drop.
+/// Each code is also an index into the per-CPU counter array.
+pub mod reason {
+    pub const PASS_WIREGUARD: u32 = 0;
+    pub const PASS_SSH: u32 = 1;
+    pub const PASS_ARP: u32 = 2;
+    pub const PASS_NEIGHBOR_DISCOVERY: u32 = 3;
+    pub const PASS_GRANT: u32 = 4;
+    pub const PASS_ICMP_GRANT: u32 = 5;
+
+    pub const FIRST_DENY: u32 = 16;
+    pub const DROP_PORT_NOT_ALLOWED: u32 = 16;
+    pub const DROP_SSH_SOURCE: u32 = 17;
+    pub const DROP_MALFORMED: u32 = 18;
+    pub const DROP_FRAGMENT: u32 = 19;
+    pub const DROP_UNSUPPORTED_L3: u32 = 20;
+    pub const DROP_PROTOCOL_NOT_ALLOWED: u32 = 21;
+    pub const DROP_HEADER_LIMIT: u32 = 22;
+    pub const DROP_PEER_UNKNOWN: u32 = 23;
+    pub const DROP_NOT_GRANTED: u32 = 24;
+    /// The configuration map is empty: the program was attached before it
+    /// was configured. Dropping is the only safe answer.
+    pub const DROP_NOT_CONFIGURED: u32 = 25;
+
+    /// Size of one program's block of counters.
+    pub const COUNT: u32 = 32;
+
+    /// Whether a reason code allows the packet.
+    #[must_use]
+    pub const fn is_allow(code: u32) -> bool {
+        code < FIRST_DENY
+    }
+
+    /// Stable machine name of a reason code, used in audit records and `status`.
+    #[must_use]
+    pub const fn name(code: u32) -> &'static str {
+        match code {
+            PASS_WIREGUARD => "wireguard",
+            PASS_SSH => "ssh_allowed",
+            PASS_ARP => "arp",
+            PASS_NEIGHBOR_DISCOVERY => "neighbor_discovery",
+            PASS_GRANT => "granted",
+            PASS_ICMP_GRANT => "icmp_granted",
+            DROP_PORT_NOT_ALLOWED => "port_not_allowed",
+            DROP_SSH_SOURCE => "ssh_source_not_allowed",
+            DROP_MALFORMED => "malformed",
+            DROP_FRAGMENT => "non_first_fragment",
+            DROP_UNSUPPORTED_L3 => "unsupported_l3",
+            DROP_PROTOCOL_NOT_ALLOWED => "protocol_not_allowed",
+            DROP_HEADER_LIMIT => "header_limit",
+            DROP_PEER_UNKNOWN => "peer_unknown",
+            DROP_NOT_GRANTED => "not_granted",
+            DROP_NOT_CONFIGURED => "not_configured",
+            _ => "unknown",
+        }
+    }
+
+    /// Every code in use, for reports that list all counters.
+    pub const ALL: [u32; 17] = [
+        PASS_WIREGUARD,
+        PASS_SSH,
+        PASS_ARP,
+        PASS_NEIGHBOR_DISCOVERY,
+        PASS_GRANT,
+        PASS_ICMP_GRANT,
+        DROP_PORT_NOT_ALLOWED,
+        DROP_SSH_SOURCE,
+        DROP_MALFORMED,
+        DROP_FRAGMENT,
+        DROP_UNSUPPORTED_L3,
+        DROP_PROTOCOL_NOT_ALLOWED,
+        DROP_HEADER_LIMIT,
+        DROP_PEER_UNKNOWN,
+        DROP_NOT_GRANTED,
+        DROP_NOT_CONFIGURED,
+        // Not a decision: denies the audit rate limiter did not send.
+        EVENTS_SUPPRESSED,
+    ];
+
+    /// Counter slot (not a verdict): deny events the rate limiter held back.
+    pub const EVENTS_SUPPRESSED: u32 = 30;
+    /// Counter slot (not a verdict): events lost because the ring buffer was full.
+    pub const EVENTS_LOST: u32 = 31;
+}
+
+/// Index of `(program, reason)` in the counter array.
+#[must_use]
+pub const fn counter_index(program: u32, reason: u32) -> u32 {
+    program * reason::COUNT + reason
+}
+
+/// Total slots in the counter array.
+pub const COUNTER_SLOTS: u32 = program::COUNT * reason::COUNT;
+
+/// Edge settings that are not sets: one entry in [`map::EDGE_CONFIG`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EdgeConfig {
+    /// TCP port that is open to [`map::SSH_ALLOW_V4`]/[`map::SSH_ALLOW_V6`] sources.
+    pub ssh_port: u16,
+    pub _pad0: u16,
+    /// [`EDGE_CONFIGURED`] once user space has filled every map. Until then
+    /// the program drops everything.
+    pub flags: u32,
+}
+const _: () = assert!(size_of::<EdgeConfig>() == 8);
+
+/// [`EdgeConfig::flags`] bit: the maps are complete.
+pub const EDGE_CONFIGURED: u32 = 1;
+
+/// A tunnel peer, as found by source address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeerInfo {
+    /// Index into [`map::PEER_COUNTERS`] and part of every [`GrantKey`].
+    pub index: u32,
+    /// `PEER_*` bits.
+    pub flags: u32,
+}
+const _: () = assert!(size_of::<PeerInfo>() == 8);
+
+/// [`PeerInfo::flags`] bit: ICMP echo requests from this peer pass.
+pub const PEER_ICMP: u32 = 1;
+
+/// Key of one 64-port word of a peer's grants.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct GrantKey {
+    pub peer: u32,
+    /// IP protocol number: 6 (TCP) or 17 (UDP).
+    pub protocol: u8,
+    pub _pad0: u8,
+    /// `port / 64`; bit `port % 64` of the value grants the port.
+    pub word: u16,
+}
+const _: () = assert!(size_of::<GrantKey>() == 8);
+
+/// Packets allowed and dropped from one tunnel peer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeerCounters {
+    pub allowed: u64,
+    pub denied: u64,
+}
+const _: () = assert!(size_of::<PeerCounters>() == 16);
+
+/// Per-CPU token bucket that limits deny events sent to user space.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventBucket {
+    /// `bpf_ktime_get_ns` of the last refill.
+    pub last_ns: u64,
+    /// Tokens left; one deny event costs one.
+    pub tokens: u64,
+}
+const _: () = assert!(size_of::<EventBucket>() == 16);
+
+/// Deny events each CPU may send per second; the rest are counted in
+/// [`reason::EVENTS_SUPPRESSED`]. Allow events are never rate-limited.
+pub const DENY_EVENTS_PER_SEC: u64 = 1000;
+
+/// One decision, as sent through [`map::EVENTS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Event {
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) at the decision.
+    pub ts_ns: u64,
+    /// Source address; IPv4 uses the first four bytes.
+    pub src: [u8; 16],
+    /// Destination address; IPv4 uses the first four bytes.
+    pub dst: [u8; 16],
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub ifindex: u32,
+    pub reason: u32,
+    /// One of [`program`].
+    pub program: u8,
+    /// 4 or 6 (0 for a non-IP frame such as ARP).
+    pub ip_version: u8,
+    /// IP protocol number.
+    pub protocol: u8,
+    pub tcp_flags: u8,
+    /// Peer index for tunnel decisions, [`NO_PEER`] otherwise.
+    pub peer: u32,
+    pub _pad: [u8; 4],
+}
+const _: () = assert!(size_of::<Event>() == 64);
+
+/// [`Event::peer`] value when no tunnel peer is involved.
+pub const NO_PEER: u32 = u32::MAX;
+
+/// IP protocol numbers used on both sides.
+pub mod proto {
+    pub const ICMP: u8 = 1;
+    pub const TCP: u8 = 6;
+    pub const UDP: u8 = 17;
+    pub const ICMPV6: u8 = 58;
+}
+
+/// TCP flag bits as they appear in byte 13 of the header.
+pub mod tcp_flag {
+    pub const FIN: u8 = 0x01;
+    pub const SYN: u8 = 0x02;
+    pub const RST: u8 = 0x04;
+    pub const ACK: u8 = 0x10;
+}
+
+/// Parser limits; the model in user space uses the same numbers.
+pub mod limits {
+    /// VLAN tags walked (802.1Q and 802.1ad); a third tag is a drop.
+    pub const MAX_VLAN: usize = 2;
+    /// IPv6 extension headers walked before giving up with a drop.
+    pub const MAX_IPV6_EXT: usize = 6;
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: every type below is `#[repr(C)]`, `Copy`, made only of integers
+    // and byte arrays, and has no implicit padding (the size asserts above pin
+    // the layout), so any bit pattern is a valid value.
+    unsafe impl aya::Pod for super::EdgeConfig {}
+    unsafe impl aya::Pod for super::PeerInfo {}
+    unsafe impl aya::Pod for super::GrantKey {}
+    unsafe impl aya::Pod for super::PeerCounters {}
+    unsafe impl aya::Pod for super::EventBucket {}
+    unsafe impl aya::Pod for super::Event {}
+}

@@ -1,0 +1,105 @@
+//! ztxdp's kernel programs.
+//!
+//! - `zt_edge` (XDP, external interface): WireGuard UDP and allow-listed SSH.
+//! - `zt_tunnel` (TC ingress, WireGuard interface): per-peer port grants.
+//!
+//! The entry points only glue the pieces together: [`parse`] reads headers,
+//! [`verdict`] decides, [`record`] counts and audits, [`maps`] holds state.
+#![no_std]
+#![no_main]
+
+mod maps;
+mod parse;
+mod record;
+mod verdict;
+
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action},
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
+use zt_common::{program, reason};
+
+use crate::parse::Bounds;
+
+/// Set by the loader before load: 1 when the tunnel device has an Ethernet
+/// header (a veth in tests), 0 for a WireGuard device, where the packet
+/// starts at the IP header. Read-only data, so the verifier folds the branch.
+#[unsafe(no_mangle)]
+static TUNNEL_L2: u8 = 0;
+
+/// Packet bytes the tunnel program wants in the skb's linear area: enough
+/// for Ethernet, two VLAN tags, IPv6 with a few extension headers, and TCP.
+const TC_LINEAR_WANT: u32 = 128;
+
+#[xdp]
+pub fn zt_edge(ctx: XdpContext) -> u32 {
+    let b = Bounds::new(ctx.data(), ctx.data_end());
+    // SAFETY: ctx.ctx points at the kernel's xdp_md for this program run.
+    let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
+    let code = match parse::parse_ethernet(&b) {
+        Ok(p) => {
+            let code = verdict::edge(&p);
+            record::decision(program::EDGE, ifindex, Some(&p), code, None);
+            code
+        }
+        // Fail closed: an unparseable frame is a counted drop, never a pass.
+        Err(e) => {
+            let code = verdict::parse_error_reason(e);
+            record::decision(program::EDGE, ifindex, None, code, None);
+            code
+        }
+    };
+    if reason::is_allow(code) {
+        xdp_action::XDP_PASS
+    } else {
+        xdp_action::XDP_DROP
+    }
+}
+
+#[classifier]
+pub fn zt_tunnel(ctx: TcContext) -> i32 {
+    // wireguard-go hands the kernel small packets in one piece, but nothing
+    // promises a linear skb; pull the headers in rather than misjudge them.
+    let want = ctx.len().min(TC_LINEAR_WANT);
+    if ctx.data_end() - ctx.data() < want as usize {
+        // A failed pull leaves the skb short, and the parse below then drops
+        // it as malformed: still closed.
+        let _ = ctx.pull_data(want);
+    }
+    let b = Bounds::new(ctx.data(), ctx.data_end());
+    // SAFETY: a read of a constant the loader may have rewritten before load.
+    let l2 = unsafe { core::ptr::read_volatile(&raw const TUNNEL_L2) } != 0;
+    // SAFETY: ctx.skb.skb points at the kernel's __sk_buff for this run.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let parsed = if l2 { parse::parse_ethernet(&b) } else { parse::parse_ip(&b) };
+    // Each arm records its own decision: building one tuple of packet, peer
+    // and code to share the call costs stack and confuses LLVM's BPF backend.
+    let code = match parsed {
+        Ok(p) => {
+            let peer = verdict::peer_of(&p);
+            let code = verdict::tunnel(&p, peer);
+            if let Some(peer) = &peer {
+                record::count_peer(peer, reason::is_allow(code));
+            }
+            record::decision(program::TUNNEL, ifindex, Some(&p), code, peer.as_ref());
+            code
+        }
+        Err(e) => {
+            let code = verdict::parse_error_reason(e);
+            record::decision(program::TUNNEL, ifindex, None, code, None);
+            code
+        }
+    };
+    if reason::is_allow(code) { TC_ACT_OK } else { TC_ACT_SHOT }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

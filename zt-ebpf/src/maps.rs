@@ -1,0 +1,55 @@
+//! Every map the programs use, in one place. The statics are named exactly
+//! as the constants in `zt_common::map`, because the map's kernel name is the
+//! static's name; the loader's tests check that each constant is present.
+
+use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
+    macros::map,
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
+};
+use zt_common::{
+    COUNTER_SLOTS, EdgeConfig, EventBucket, GrantKey, PeerCounters, PeerInfo, capacity,
+};
+
+#[map]
+pub static ZT_EDGE_CFG: Array<EdgeConfig> = Array::with_max_entries(1, 0);
+
+#[map]
+pub static ZT_EDGE_UDP: Array<u64> = Array::with_max_entries(capacity::PORT_BITMAP_WORDS, 0);
+
+// LPM tries must be created without preallocation (kernel requirement).
+#[map]
+pub static ZT_SSH_V4: LpmTrie<[u8; 4], u8> =
+    LpmTrie::with_max_entries(capacity::SSH_ALLOW, BPF_F_NO_PREALLOC);
+
+#[map]
+pub static ZT_SSH_V6: LpmTrie<[u8; 16], u8> =
+    LpmTrie::with_max_entries(capacity::SSH_ALLOW, BPF_F_NO_PREALLOC);
+
+// Per-CPU so the hot path never contends on a shared cache line.
+#[map]
+pub static ZT_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
+
+#[map]
+pub static ZT_EVENTS: RingBuf = RingBuf::with_byte_size(capacity::EVENTS_BYTES, 0);
+
+#[map]
+pub static ZT_EVT_BUCKET: PerCpuArray<EventBucket> = PerCpuArray::with_max_entries(1, 0);
+
+#[map]
+pub static ZT_PEER_V4: LpmTrie<[u8; 4], PeerInfo> =
+    LpmTrie::with_max_entries(capacity::PEER_PREFIXES, BPF_F_NO_PREALLOC);
+
+#[map]
+pub static ZT_PEER_V6: LpmTrie<[u8; 16], PeerInfo> =
+    LpmTrie::with_max_entries(capacity::PEER_PREFIXES, BPF_F_NO_PREALLOC);
+
+// Read on every tunnel packet, written only by the control plane, so the
+// memory saving of no preallocation costs nothing on the hot path.
+#[map]
+pub static ZT_GRANTS: HashMap<GrantKey, u64> =
+    HashMap::with_max_entries(capacity::GRANTS, BPF_F_NO_PREALLOC);
+
+#[map]
+pub static ZT_PEER_CNT: PerCpuArray<PeerCounters> =
+    PerCpuArray::with_max_entries(capacity::PEERS, 0);

@@ -1,0 +1,328 @@
+//! The one packet parser, shared by the edge (XDP, Ethernet) and tunnel (TC,
+//! L3 or Ethernet) programs.
+//!
+//! Every read goes through [`Bounds::ptr_at`], which checks the read against
+//! `data_end` so the verifier can prove it safe. Nothing assumes a fixed
+//! header length: IPv4 uses IHL, IPv6 walks its extension headers, and both
+//! loops are capped by constants from `zt_common::limits` so the verifier sees
+//! them end. A packet the parser cannot account for is an error, and every
+//! error becomes a counted drop in the caller: the parser never decides to
+//! pass anything.
+//!
+//! The user-space reference model (`ztxdp::model`) implements the same rules
+//! over byte slices; the differential tests hold the two to identical verdicts.
+
+use core::mem::size_of;
+
+use network_types::{
+    arp::ArpHdr,
+    eth::EthHdr,
+    ip::{Ipv4Hdr, Ipv6Hdr},
+    tcp::TcpHdr,
+    udp::UdpHdr,
+    vlan::VlanHdr,
+};
+use zt_common::{limits, proto};
+
+pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_ARP: u16 = 0x0806;
+pub const ETH_P_8021Q: u16 = 0x8100;
+pub const ETH_P_8021AD: u16 = 0x88A8;
+pub const ETH_P_IPV6: u16 = 0x86DD;
+
+const IPV4_FRAG_OFFSET_MASK: u16 = 0x1fff;
+const IPV6_HOP_BY_HOP: u8 = 0;
+const IPV6_ROUTING: u8 = 43;
+const IPV6_FRAGMENT: u8 = 44;
+const IPV6_AUTH: u8 = 51;
+const IPV6_DEST_OPTS: u8 = 60;
+/// Every IPv6 extension header is a multiple of 8 bytes long.
+const IPV6_EXT_MIN_LEN: usize = 8;
+/// Byte of the TCP header that holds FIN..CWR.
+const TCP_FLAGS_OFFSET: usize = 13;
+/// Type, code and checksum: all an ICMP verdict reads.
+const ICMP_MIN_LEN: usize = 4;
+
+/// Why a packet could not be parsed. Each maps to one drop reason.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum ParseError {
+    /// Truncated, or a header field that contradicts the packet.
+    Malformed,
+    /// More VLAN tags or IPv6 extension headers than we walk.
+    HeaderLimit,
+    /// Neither ARP, IPv4 nor IPv6.
+    UnsupportedL3,
+}
+
+/// What the frame carries at layer 3.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum L3 {
+    Arp,
+    Ipv4,
+    Ipv6,
+}
+
+/// Fragment position of an IP packet.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Fragment {
+    /// Not fragmented, or the first fragment: its L4 header was parsed.
+    No,
+    /// A later fragment: it has no L4 header, so ports are unknown.
+    Later,
+}
+
+/// An address as bytes in network order (IPv4 in the first four), aligned so
+/// that zeroing and copying it compile to a few 8-byte moves: unaligned byte
+/// arrays make LLVM call `memset`, which the verifier handles badly.
+#[derive(Clone, Copy)]
+#[repr(C, align(8))]
+pub struct Addr(pub [u8; 16]);
+
+/// The fields the verdicts need. Addresses are kept as bytes because they
+/// are LPM trie keys.
+#[derive(Clone, Copy)]
+pub struct Packet {
+    pub l3: L3,
+    pub fragment: Fragment,
+    pub protocol: u8,
+    pub hop_limit: u8,
+    pub tcp_flags: u8,
+    pub icmp_type: u8,
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub src: Addr,
+    pub dst: Addr,
+}
+
+impl Packet {
+    const fn new(l3: L3) -> Self {
+        Self {
+            l3,
+            fragment: Fragment::No,
+            protocol: 0,
+            hop_limit: 0,
+            tcp_flags: 0,
+            icmp_type: 0,
+            src_port: 0,
+            dst_port: 0,
+            src: Addr([0; 16]),
+            dst: Addr([0; 16]),
+        }
+    }
+}
+
+/// The packet's `[data, data_end)` window.
+#[derive(Clone, Copy)]
+pub struct Bounds {
+    start: usize,
+    end: usize,
+}
+
+impl Bounds {
+    pub const fn new(start: usize, end: usize) -> Self {
+        Self { start, end }
+    }
+
+    /// A pointer to a `T` at `offset`, or `Malformed` when the packet is too
+    /// short. The comparison against `end` is what the verifier needs to see
+    /// before any load.
+    #[inline(always)]
+    fn ptr_at<T>(&self, offset: usize) -> Result<*const T, ParseError> {
+        if self.start + offset + size_of::<T>() > self.end {
+            return Err(ParseError::Malformed);
+        }
+        Ok((self.start + offset) as *const T)
+    }
+}
+
+/// Parses a frame that starts with an Ethernet header (XDP, or TC on an L2 device).
+#[inline(always)]
+pub fn parse_ethernet(b: &Bounds) -> Result<Packet, ParseError> {
+    let eth: *const EthHdr = b.ptr_at(0)?;
+    // SAFETY: ptr_at checked the whole header.
+    let mut ethertype = u16::from_be(unsafe { (*eth).ether_type });
+    let mut offset = EthHdr::LEN;
+    // Up to MAX_VLAN tags; a further tag is refused rather than skipped, so
+    // that stacking tags cannot hide the real header from us.
+    for _ in 0..limits::MAX_VLAN {
+        if ethertype != ETH_P_8021Q && ethertype != ETH_P_8021AD {
+            break;
+        }
+        let vlan: *const VlanHdr = b.ptr_at(offset)?;
+        // SAFETY: ptr_at checked the whole tag.
+        ethertype = u16::from_be(unsafe { (*vlan).ether_type });
+        offset += VlanHdr::LEN;
+    }
+    match ethertype {
+        ETH_P_IP => parse_ipv4(b, offset),
+        ETH_P_IPV6 => parse_ipv6(b, offset),
+        ETH_P_ARP => parse_arp(b, offset),
+        ETH_P_8021Q | ETH_P_8021AD => Err(ParseError::HeaderLimit),
+        _ => Err(ParseError::UnsupportedL3),
+    }
+}
+
+/// Parses a packet that starts with the IP header (TC on a WireGuard device).
+#[inline(always)]
+pub fn parse_ip(b: &Bounds) -> Result<Packet, ParseError> {
+    // Any IP header is at least 20 bytes, and reading that much (not one
+    // byte) keeps the bounds check in a form the verifier tracks.
+    let first: *const [u8; Ipv4Hdr::LEN] = b.ptr_at(0)?;
+    // SAFETY: ptr_at checked all 20 bytes.
+    match unsafe { (*first)[0] } >> 4 {
+        4 => parse_ipv4(b, 0),
+        6 => parse_ipv6(b, 0),
+        _ => Err(ParseError::UnsupportedL3),
+    }
+}
+
+/// ARP for Ethernet/IPv4: anything else claiming to be ARP is malformed.
+#[inline(always)]
+fn parse_arp(b: &Bounds, offset: usize) -> Result<Packet, ParseError> {
+    let arp: *const ArpHdr = b.ptr_at(offset)?;
+    // SAFETY: ptr_at checked the whole header.
+    let (hlen, plen) = unsafe { ((*arp).hlen, (*arp).plen) };
+    if hlen != 6 || plen != 4 {
+        return Err(ParseError::Malformed);
+    }
+    Ok(Packet::new(L3::Arp))
+}
+
+#[inline(always)]
+fn parse_ipv4(b: &Bounds, offset: usize) -> Result<Packet, ParseError> {
+    let ip: *const Ipv4Hdr = b.ptr_at(offset)?;
+    // SAFETY: ptr_at checked the fixed 20-byte header; every read below is
+    // inside it.
+    let ip = unsafe { &*ip };
+    if ip.vihl >> 4 != 4 {
+        return Err(ParseError::Malformed);
+    }
+    // IHL, never a fixed 20: options would otherwise shift the ports we read.
+    let ihl = usize::from(ip.vihl & 0x0f) * 4;
+    if ihl < Ipv4Hdr::LEN {
+        return Err(ParseError::Malformed);
+    }
+    let total_len = usize::from(u16::from_be_bytes(ip.tot_len));
+    if total_len < ihl {
+        return Err(ParseError::Malformed);
+    }
+    let mut p = Packet::new(L3::Ipv4);
+    p.protocol = ip.proto;
+    p.hop_limit = ip.ttl;
+    p.src.0[..4].copy_from_slice(&ip.src_addr);
+    p.dst.0[..4].copy_from_slice(&ip.dst_addr);
+    if u16::from_be_bytes(ip.frags) & IPV4_FRAG_OFFSET_MASK != 0 {
+        p.fragment = Fragment::Later;
+        return Ok(p);
+    }
+    parse_l4(b, offset + ihl, offset + total_len, p)
+}
+
+#[inline(always)]
+fn parse_ipv6(b: &Bounds, offset: usize) -> Result<Packet, ParseError> {
+    let ip: *const Ipv6Hdr = b.ptr_at(offset)?;
+    // SAFETY: ptr_at checked the whole 40-byte header.
+    let ip = unsafe { &*ip };
+    if ip.vcf[0] >> 4 != 6 {
+        return Err(ParseError::Malformed);
+    }
+    let mut p = Packet::new(L3::Ipv6);
+    p.hop_limit = ip.hop_limit;
+    p.src = Addr(ip.src_addr);
+    p.dst = Addr(ip.dst_addr);
+    let limit = offset + Ipv6Hdr::LEN + usize::from(u16::from_be_bytes(ip.payload_len));
+    let mut next = ip.next_hdr;
+    let mut cursor = offset + Ipv6Hdr::LEN;
+    // One pass per extension header, capped; running out of passes while
+    // still inside the chain is a drop, not a guess.
+    for _ in 0..=limits::MAX_IPV6_EXT {
+        let len = match next {
+            // Hop-by-hop, routing, destination options: (len + 1) * 8 bytes.
+            IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTS => {
+                let ext = ext_hdr(b, cursor, limit)?;
+                next = ext[0];
+                (usize::from(ext[1]) + 1) * 8
+            }
+            // Authentication header: (len + 2) * 4 bytes.
+            IPV6_AUTH => {
+                let ext = ext_hdr(b, cursor, limit)?;
+                next = ext[0];
+                (usize::from(ext[1]) + 2) * 4
+            }
+            IPV6_FRAGMENT => {
+                let ext = ext_hdr(b, cursor, limit)?;
+                next = ext[0];
+                if u16::from_be_bytes([ext[2], ext[3]]) >> 3 != 0 {
+                    p.protocol = next;
+                    p.fragment = Fragment::Later;
+                    return Ok(p);
+                }
+                8
+            }
+            _ => {
+                p.protocol = next;
+                return parse_l4(b, cursor, limit, p);
+            }
+        };
+        cursor += len;
+    }
+    Err(ParseError::HeaderLimit)
+}
+
+/// The first 8 bytes of the extension header at `cursor` (every extension
+/// header has at least that many), checked against both the frame and the
+/// IPv6 payload length.
+#[inline(always)]
+fn ext_hdr(b: &Bounds, cursor: usize, limit: usize) -> Result<[u8; IPV6_EXT_MIN_LEN], ParseError> {
+    if cursor + IPV6_EXT_MIN_LEN > limit {
+        return Err(ParseError::Malformed);
+    }
+    let ext: *const [u8; IPV6_EXT_MIN_LEN] = b.ptr_at(cursor)?;
+    // SAFETY: ptr_at checked all eight bytes.
+    Ok(unsafe { *ext })
+}
+
+/// Reads the L4 header at `offset`. `limit` is where the IP payload ends by
+/// the IP header's own length field: an L4 header that runs past it is
+/// malformed even if the frame has trailing bytes.
+#[inline(always)]
+fn parse_l4(b: &Bounds, offset: usize, limit: usize, mut p: Packet) -> Result<Packet, ParseError> {
+    match (p.l3, p.protocol) {
+        (_, proto::TCP) => {
+            if offset + TcpHdr::LEN > limit {
+                return Err(ParseError::Malformed);
+            }
+            let tcp: *const TcpHdr = b.ptr_at(offset)?;
+            // SAFETY: ptr_at checked the whole 20-byte header.
+            let tcp = unsafe { &*tcp };
+            if tcp.doff() < 5 {
+                return Err(ParseError::Malformed);
+            }
+            p.src_port = u16::from_be_bytes(tcp.source);
+            p.dst_port = u16::from_be_bytes(tcp.dest);
+            // SAFETY: TcpHdr is 20 bytes, so byte 13 was checked with it.
+            p.tcp_flags = unsafe { *(core::ptr::from_ref(tcp).cast::<u8>().add(TCP_FLAGS_OFFSET)) };
+        }
+        (_, proto::UDP) => {
+            if offset + UdpHdr::LEN > limit {
+                return Err(ParseError::Malformed);
+            }
+            let udp: *const UdpHdr = b.ptr_at(offset)?;
+            // SAFETY: ptr_at checked the whole 8-byte header.
+            let udp = unsafe { &*udp };
+            p.src_port = u16::from_be_bytes(udp.src);
+            p.dst_port = u16::from_be_bytes(udp.dst);
+        }
+        (L3::Ipv4, proto::ICMP) | (L3::Ipv6, proto::ICMPV6) => {
+            if offset + ICMP_MIN_LEN > limit {
+                return Err(ParseError::Malformed);
+            }
+            let icmp: *const [u8; ICMP_MIN_LEN] = b.ptr_at(offset)?;
+            // SAFETY: ptr_at checked type, code and checksum.
+            p.icmp_type = unsafe { (*icmp)[0] };
+        }
+        // Other protocols carry no ports we judge; the verdict decides.
+        _ => {}
+    }
+    Ok(p)
+}

@@ -1,0 +1,139 @@
+//! Accounting for every decision: a per-CPU counter per (program, reason),
+//! per-peer counters for the tunnel, and audit events to user space.
+//!
+//! Allowed new connections (TCP SYN without ACK) are always sent. Denies go
+//! through a per-CPU token bucket so a flood cannot fill the ring buffer or
+//! the disk; the ones held back are counted in `EVENTS_SUPPRESSED`, and a
+//! failed ring-buffer reservation in `EVENTS_LOST`, so user space can report
+//! exactly how many events it did not get.
+
+use aya_ebpf::helpers::bpf_ktime_get_ns;
+use zt_common::{
+    DENY_EVENTS_PER_SEC, Event, NO_PEER, PeerInfo, counter_index, proto, reason, tcp_flag,
+};
+
+use crate::{
+    maps::{ZT_COUNTERS, ZT_EVENTS, ZT_EVT_BUCKET, ZT_PEER_CNT},
+    parse::{L3, Packet},
+};
+
+const NS_PER_SEC: u64 = 1_000_000_000;
+const NS_PER_TOKEN: u64 = NS_PER_SEC / DENY_EVENTS_PER_SEC;
+
+#[inline(always)]
+pub fn count(program: u32, code: u32) {
+    if let Some(slot) = ZT_COUNTERS.get_ptr_mut(counter_index(program, code)) {
+        // SAFETY: per-CPU slot; no other context on this CPU runs concurrently
+        // with an XDP or TC program, so a plain add is race-free.
+        unsafe { *slot += 1 };
+    }
+}
+
+#[inline(always)]
+pub fn count_peer(peer: &PeerInfo, allowed: bool) {
+    if let Some(c) = ZT_PEER_CNT.get_ptr_mut(peer.index) {
+        // SAFETY: per-CPU slot, as in `count`.
+        unsafe {
+            if allowed {
+                (*c).allowed += 1;
+            } else {
+                (*c).denied += 1;
+            }
+        }
+    }
+}
+
+/// Whether this decision is audited at all: denies, and allows that open a
+/// TCP connection.
+#[inline(always)]
+fn audited(p: Option<&Packet>, code: u32) -> bool {
+    if !reason::is_allow(code) {
+        return true;
+    }
+    match p {
+        Some(p) => {
+            p.protocol == proto::TCP
+                && code != reason::PASS_WIREGUARD
+                && p.tcp_flags & (tcp_flag::SYN | tcp_flag::ACK) == tcp_flag::SYN
+        }
+        None => false,
+    }
+}
+
+/// Takes one deny-event token from this CPU's bucket.
+#[inline(always)]
+fn take_token(now: u64) -> bool {
+    let Some(b) = ZT_EVT_BUCKET.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: per-CPU slot, as in `count`.
+    let b = unsafe { &mut *b };
+    let earned = now.saturating_sub(b.last_ns) / NS_PER_TOKEN;
+    if earned > 0 {
+        b.tokens = (b.tokens + earned).min(DENY_EVENTS_PER_SEC);
+        b.last_ns = now;
+    }
+    if b.tokens == 0 {
+        return false;
+    }
+    b.tokens -= 1;
+    true
+}
+
+/// Counts the decision and, when it is audited, sends an event.
+#[inline(always)]
+pub fn decision(program: u32, ifindex: u32, p: Option<&Packet>, code: u32, peer: Option<&PeerInfo>) {
+    count(program, code);
+    if !audited(p, code) {
+        return;
+    }
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if !reason::is_allow(code) && !take_token(now) {
+        count(program, reason::EVENTS_SUPPRESSED);
+        return;
+    }
+    let Some(mut entry) = ZT_EVENTS.reserve::<Event>(0) else {
+        count(program, reason::EVENTS_LOST);
+        return;
+    };
+    // Filled in place: an Event built on the stack and copied would cost 64
+    // of the program's 512 stack bytes.
+    let e = entry.as_mut_ptr();
+    // SAFETY: `e` points at a reserved, exclusively owned ring-buffer slot
+    // of size_of::<Event>() bytes; every field is written before submit.
+    unsafe {
+        (*e).ts_ns = now;
+        (*e).ifindex = ifindex;
+        (*e).reason = code;
+        // Program ids are 0 and 1; the truncation cannot lose bits.
+        (*e).program = program as u8;
+        (*e).peer = peer.map_or(NO_PEER, |p| p.index);
+        (*e)._pad = [0; 4];
+        match p {
+            Some(p) => {
+                (*e).src = p.src.0;
+                (*e).dst = p.dst.0;
+                (*e).src_port = p.src_port;
+                (*e).dst_port = p.dst_port;
+                (*e).protocol = p.protocol;
+                (*e).tcp_flags = p.tcp_flags;
+                (*e).ip_version = match p.l3 {
+                    L3::Ipv4 => 4,
+                    L3::Ipv6 => 6,
+                    L3::Arp => 0,
+                };
+            }
+            None => {
+                (*e).src = [0; 16];
+                (*e).dst = [0; 16];
+                (*e).src_port = 0;
+                (*e).dst_port = 0;
+                (*e).protocol = 0;
+                (*e).tcp_flags = 0;
+                (*e).ip_version = 0;
+            }
+        }
+    }
+    entry.submit(0);
+}

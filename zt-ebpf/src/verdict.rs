@@ -1,0 +1,161 @@
+//! Policy decisions over a parsed [`Packet`]. Each function returns a reason
+//! code from `zt_common::reason`; whether that code allows or drops is decided
+//! in one place (`reason::is_allow`), so a verdict cannot be computed and then
+//! ignored.
+
+use aya_ebpf::maps::lpm_trie::Key;
+use zt_common::{EDGE_CONFIGURED, GrantKey, PEER_ICMP, PeerInfo, proto, reason};
+
+use crate::{
+    maps::{ZT_EDGE_CFG, ZT_EDGE_UDP, ZT_GRANTS, ZT_PEER_V4, ZT_PEER_V6, ZT_SSH_V4, ZT_SSH_V6},
+    parse::{Fragment, L3, Packet, ParseError},
+};
+
+/// ICMPv6 neighbour discovery: router solicitation/advertisement, neighbour
+/// solicitation/advertisement, redirect (RFC 4861). Without them an IPv6
+/// host is unreachable.
+const ND_FIRST: u8 = 133;
+const ND_LAST: u8 = 137;
+/// RFC 4861 requires hop limit 255 on ND, which proves it was not routed.
+const ND_HOP_LIMIT: u8 = 255;
+const ICMP_ECHO_REQUEST: u8 = 8;
+const ICMPV6_ECHO_REQUEST: u8 = 128;
+
+/// The drop reason for a parse failure.
+#[inline(always)]
+pub fn parse_error_reason(e: ParseError) -> u32 {
+    match e {
+        ParseError::Malformed => reason::DROP_MALFORMED,
+        ParseError::HeaderLimit => reason::DROP_HEADER_LIMIT,
+        ParseError::UnsupportedL3 => reason::DROP_UNSUPPORTED_L3,
+    }
+}
+
+#[inline(always)]
+fn is_neighbor_discovery(p: &Packet) -> bool {
+    p.l3 == L3::Ipv6
+        && p.protocol == proto::ICMPV6
+        && (ND_FIRST..=ND_LAST).contains(&p.icmp_type)
+        && p.hop_limit == ND_HOP_LIMIT
+}
+
+/// The edge policy: WireGuard UDP ports, SSH from allow-listed sources, ARP
+/// and neighbour discovery; everything else drops.
+#[inline(always)]
+pub fn edge(p: &Packet) -> u32 {
+    let Some(cfg) = ZT_EDGE_CFG.get(0) else {
+        return reason::DROP_NOT_CONFIGURED;
+    };
+    if cfg.flags & EDGE_CONFIGURED == 0 {
+        return reason::DROP_NOT_CONFIGURED;
+    }
+    if p.l3 == L3::Arp {
+        return reason::PASS_ARP;
+    }
+    if p.fragment == Fragment::Later {
+        return reason::DROP_FRAGMENT;
+    }
+    match p.protocol {
+        proto::UDP => {
+            if udp_port_allowed(p.dst_port) {
+                reason::PASS_WIREGUARD
+            } else {
+                reason::DROP_PORT_NOT_ALLOWED
+            }
+        }
+        proto::TCP => {
+            if p.dst_port != cfg.ssh_port {
+                reason::DROP_PORT_NOT_ALLOWED
+            } else if ssh_source_allowed(p) {
+                reason::PASS_SSH
+            } else {
+                reason::DROP_SSH_SOURCE
+            }
+        }
+        _ if is_neighbor_discovery(p) => reason::PASS_NEIGHBOR_DISCOVERY,
+        _ => reason::DROP_PROTOCOL_NOT_ALLOWED,
+    }
+}
+
+#[inline(always)]
+fn udp_port_allowed(port: u16) -> bool {
+    let word = ZT_EDGE_UDP.get(u32::from(port >> 6)).copied().unwrap_or(0);
+    word & (1u64 << (port & 63)) != 0
+}
+
+#[inline(always)]
+fn ssh_source_allowed(p: &Packet) -> bool {
+    match p.l3 {
+        L3::Ipv4 => {
+            let mut addr = [0u8; 4];
+            addr.copy_from_slice(&p.src.0[..4]);
+            ZT_SSH_V4.get(&Key::new(32, addr)).is_some()
+        }
+        L3::Ipv6 => ZT_SSH_V6.get(&Key::new(128, p.src.0)).is_some(),
+        L3::Arp => false,
+    }
+}
+
+/// The peer that owns the packet's source address, if any.
+#[inline(always)]
+pub fn peer_of(p: &Packet) -> Option<PeerInfo> {
+    match p.l3 {
+        L3::Ipv4 => {
+            let mut addr = [0u8; 4];
+            addr.copy_from_slice(&p.src.0[..4]);
+            ZT_PEER_V4.get(&Key::new(32, addr)).copied()
+        }
+        L3::Ipv6 => ZT_PEER_V6.get(&Key::new(128, p.src.0)).copied(),
+        L3::Arp => None,
+    }
+}
+
+/// The tunnel policy: a packet from peer P to local port X of protocol T
+/// passes only if (P, T, X) is granted. `peer` is `peer_of(p)`, looked up
+/// once by the caller because it also indexes the per-peer counters.
+#[inline(always)]
+pub fn tunnel(p: &Packet, peer: Option<PeerInfo>) -> u32 {
+    // ARP and ND only matter when the tunnel device has a link layer; on a
+    // WireGuard device they never appear.
+    if p.l3 == L3::Arp {
+        return reason::PASS_ARP;
+    }
+    if is_neighbor_discovery(p) {
+        return reason::PASS_NEIGHBOR_DISCOVERY;
+    }
+    let Some(peer) = peer else {
+        return reason::DROP_PEER_UNKNOWN;
+    };
+    if p.fragment == Fragment::Later {
+        return reason::DROP_FRAGMENT;
+    }
+    match (p.l3, p.protocol) {
+        (_, proto::TCP | proto::UDP) => {
+            let key = GrantKey {
+                peer: peer.index,
+                protocol: p.protocol,
+                _pad0: 0,
+                word: p.dst_port >> 6,
+            };
+            // SAFETY: the value is a plain u64 the control plane writes whole.
+            let word = unsafe { ZT_GRANTS.get(&key) }.copied().unwrap_or(0);
+            if word & (1u64 << (p.dst_port & 63)) != 0 {
+                reason::PASS_GRANT
+            } else {
+                reason::DROP_NOT_GRANTED
+            }
+        }
+        (L3::Ipv4, proto::ICMP) if p.icmp_type == ICMP_ECHO_REQUEST => icmp_grant(peer),
+        (L3::Ipv6, proto::ICMPV6) if p.icmp_type == ICMPV6_ECHO_REQUEST => icmp_grant(peer),
+        _ => reason::DROP_PROTOCOL_NOT_ALLOWED,
+    }
+}
+
+#[inline(always)]
+fn icmp_grant(peer: PeerInfo) -> u32 {
+    if peer.flags & PEER_ICMP != 0 {
+        reason::PASS_ICMP_GRANT
+    } else {
+        reason::DROP_NOT_GRANTED
+    }
+}

@@ -1,0 +1,1 @@
+//! Configuration file parsing (owned by the config helper).

@@ -1,0 +1,10 @@
+//! ztxdp: a zero-trust packet authorization layer on XDP and TC.
+//!
+//! The binary (`src/main.rs`) is a thin clap front end over this library.
+
+pub mod config;
+pub mod model;
+pub mod policy;
+
+/// The compiled BPF object holding `zt_edge` and `zt_tunnel`.
+pub static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/zt-ebpf"));

@@ -1,0 +1,1 @@
+//! Reference model of the policy (owned by the model helper).

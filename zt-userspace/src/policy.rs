@@ -1,0 +1,89 @@
+//! The validated policy: what `config` produces, what `tables` writes into
+//! the BPF maps, and what `model` evaluates. Plain data, no parsing.
+
+use std::path::PathBuf;
+
+use ipnet::IpNet;
+
+/// A transport protocol a port grant applies to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    /// IP protocol number, as used in `zt_common::GrantKey::protocol`.
+    #[must_use]
+    pub const fn number(self) -> u8 {
+        match self {
+            Self::Tcp => zt_common::proto::TCP,
+            Self::Udp => zt_common::proto::UDP,
+        }
+    }
+
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Tcp => "tcp",
+            Self::Udp => "udp",
+        }
+    }
+}
+
+/// One tunnel grant: a port range of one protocol, or ICMP echo.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Grant {
+    /// Ports `first..=last` (`first == last` for a single port; never 0).
+    Ports { protocol: Protocol, first: u16, last: u16 },
+    /// ICMP and ICMPv6 echo requests.
+    Icmp,
+}
+
+/// The edge (XDP) policy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EdgePolicy {
+    /// External interface, e.g. `eth0`.
+    pub interface: String,
+    /// UDP ports that pass from anywhere (WireGuard).
+    pub wireguard_ports: Vec<u16>,
+    /// TCP port open to `ssh_allow`.
+    pub ssh_port: u16,
+    /// Sources allowed to reach `ssh_port`, IPv4 and IPv6.
+    pub ssh_allow: Vec<IpNet>,
+}
+
+/// One tunnel peer. Its index in [`TunnelPolicy::peers`] is its kernel peer
+/// index (`zt_common::PeerInfo::index`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Peer {
+    pub name: String,
+    /// Addresses the peer sends from inside the tunnel.
+    pub addresses: Vec<IpNet>,
+    /// WireGuard public key (base64), reported in audit events.
+    pub public_key: Option<String>,
+    pub grants: Vec<Grant>,
+}
+
+/// The tunnel (TC) policy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TunnelPolicy {
+    /// WireGuard interface, e.g. `wg0`.
+    pub interface: String,
+    pub peers: Vec<Peer>,
+}
+
+/// Where decisions are written.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuditSettings {
+    /// JSON Lines file (`audit.path`).
+    pub path: PathBuf,
+}
+
+/// A whole validated configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Policy {
+    pub edge: Option<EdgePolicy>,
+    pub tunnel: Option<TunnelPolicy>,
+    pub audit: AuditSettings,
+}
