@@ -119,12 +119,14 @@ pub mod reason {
             DROP_PEER_UNKNOWN => "peer_unknown",
             DROP_NOT_GRANTED => "not_granted",
             DROP_NOT_CONFIGURED => "not_configured",
+            EVENTS_SUPPRESSED => "events_suppressed",
+            EVENTS_LOST => "events_lost",
             _ => "unknown",
         }
     }
 
-    /// Every code in use, for reports that list all counters.
-    pub const ALL: [u32; 17] = [
+    /// Every verdict code, for reports that list all counters.
+    pub const ALL: [u32; 16] = [
         PASS_WIREGUARD,
         PASS_SSH,
         PASS_ARP,
@@ -141,8 +143,6 @@ pub mod reason {
         DROP_PEER_UNKNOWN,
         DROP_NOT_GRANTED,
         DROP_NOT_CONFIGURED,
-        // Not a decision: denies the audit rate limiter did not send.
-        EVENTS_SUPPRESSED,
     ];
 
     /// Counter slot (not a verdict): deny events the rate limiter held back.

@@ -3,8 +3,10 @@
 //! The binary (`src/main.rs`) is a thin clap front end over this library.
 
 pub mod config;
+pub mod loader;
 pub mod model;
 pub mod policy;
+pub mod tables;
 
 /// The compiled BPF object holding `zt_edge` and `zt_tunnel`.
 pub static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/zt-ebpf"));

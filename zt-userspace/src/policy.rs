@@ -71,6 +71,10 @@ pub struct TunnelPolicy {
     /// WireGuard interface, e.g. `wg0`.
     pub interface: String,
     pub peers: Vec<Peer>,
+    /// JSON file holding grants added and revoked at run time with
+    /// `ztxdp allow`/`revoke` (`tunnel.runtime_grants`); they are applied on
+    /// top of `peers[..].grants` by every `up`.
+    pub runtime_grants: PathBuf,
 }
 
 /// Where decisions are written.

@@ -1,0 +1,75 @@
+//! Loading the BPF object into the kernel (verification, map creation),
+//! without attaching anything: attaching is `netlink`'s job, so a program
+//! can be loaded and filled completely before it sees a packet.
+
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{ProgramError, SchedClassifier, Xdp},
+};
+use zt_common::program;
+
+/// Errors while loading the BPF object.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("loading the BPF object failed (is this kernel 5.15 or newer with BTF?)")]
+    Object(#[from] aya::EbpfError),
+    #[error("the BPF object has no program {name}")]
+    MissingProgram { name: &'static str },
+    #[error("the kernel refused program {name}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+}
+
+/// How the programs are specialised at load time.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LoadOptions {
+    /// The tunnel device has an Ethernet header (a veth); `false` for a
+    /// WireGuard device, where packets start at the IP header.
+    pub tunnel_l2: bool,
+}
+
+/// Loads `zt_edge` and `zt_tunnel` with fresh, empty maps.
+///
+/// # Errors
+/// When the object or a program is rejected by the kernel.
+pub fn load(opts: LoadOptions) -> Result<Ebpf, LoadError> {
+    relax_memlock();
+    let mut ebpf = EbpfLoader::new()
+        .override_global("TUNNEL_L2", &u8::from(opts.tunnel_l2), true)
+        .load(crate::BPF_OBJECT)?;
+    let edge: &mut Xdp = program_mut(&mut ebpf, program::EDGE_NAME)?;
+    edge.load().map_err(|source| LoadError::Program { name: program::EDGE_NAME, source })?;
+    let tunnel: &mut SchedClassifier = program_mut(&mut ebpf, program::TUNNEL_NAME)?;
+    tunnel.load().map_err(|source| LoadError::Program { name: program::TUNNEL_NAME, source })?;
+    Ok(ebpf)
+}
+
+/// A typed handle on one of the object's programs.
+///
+/// # Errors
+/// When the object has no program of that name and type.
+pub fn program_mut<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, LoadError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program>,
+{
+    ebpf.program_mut(name)
+        .and_then(|p| p.try_into().ok())
+        .ok_or(LoadError::MissingProgram { name })
+}
+
+/// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK. Newer ones use
+/// memcg accounting, and raising the limit needs CAP_SYS_RESOURCE, which
+/// containers often lack; so a failure here is logged, not fatal.
+fn relax_memlock() {
+    let unlimited = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    // SAFETY: setrlimit reads a valid, initialised rlimit struct.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &raw const unlimited) } != 0 {
+        tracing::debug!(
+            error = %std::io::Error::last_os_error(),
+            "could not raise RLIMIT_MEMLOCK; fine on kernels 5.11 and later"
+        );
+    }
+}

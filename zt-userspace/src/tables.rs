@@ -1,0 +1,285 @@
+//! The BPF maps as one object: writing a policy into them, reading the
+//! counters back. The same code serves a freshly loaded object (`up`) and
+//! the maps of an already attached program found by kernel id (`status`,
+//! `allow`, `revoke`), so the two can never disagree on the layout.
+
+use std::collections::{BTreeMap, HashMap};
+
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap as BpfHashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, lpm_trie::Key},
+};
+use ipnet::IpNet;
+use zt_common::{
+    COUNTER_SLOTS, EDGE_CONFIGURED, EdgeConfig, GrantKey, PEER_ICMP, PeerCounters, PeerInfo,
+    capacity, counter_index, map, reason,
+};
+
+use crate::policy::{EdgePolicy, Grant, Peer, TunnelPolicy};
+
+/// Errors reading or writing the maps.
+#[derive(Debug, thiserror::Error)]
+pub enum TablesError {
+    #[error("BPF map {name} is missing from the loaded object")]
+    MissingMap { name: &'static str },
+    #[error("BPF map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("{what} has {count} entries; the limit is {limit}")]
+    TooMany { what: &'static str, count: usize, limit: u32 },
+}
+
+fn map_err(name: &'static str) -> impl FnOnce(MapError) -> TablesError {
+    move |source| TablesError::Map { name, source }
+}
+
+/// Every map the programs share, by kernel name.
+pub struct Tables {
+    maps: HashMap<&'static str, Map>,
+}
+
+/// Map names `Tables` needs; every one of them must exist.
+const ALL_MAPS: [&str; 10] = [
+    map::EDGE_CONFIG,
+    map::EDGE_UDP_PORTS,
+    map::SSH_ALLOW_V4,
+    map::SSH_ALLOW_V6,
+    map::COUNTERS,
+    map::EVENT_BUCKET,
+    map::PEER_V4,
+    map::PEER_V6,
+    map::GRANTS,
+    map::PEER_COUNTERS,
+];
+
+impl Tables {
+    /// Takes the maps out of a freshly loaded object. The ring buffer stays
+    /// in `ebpf` for the audit reader.
+    ///
+    /// # Errors
+    /// When a map is missing from the object.
+    pub fn from_ebpf(ebpf: &mut Ebpf) -> Result<Self, TablesError> {
+        let mut maps = HashMap::new();
+        for name in ALL_MAPS {
+            let m = ebpf.take_map(name).ok_or(TablesError::MissingMap { name })?;
+            maps.insert(name, m);
+        }
+        Ok(Self { maps })
+    }
+
+    /// Opens the maps of an attached program from its map ids; this works
+    /// from any process and mount namespace.
+    ///
+    /// # Errors
+    /// When an id cannot be opened or a map is missing.
+    pub fn from_map_ids(ids: &[u32]) -> Result<Self, TablesError> {
+        let mut maps = HashMap::new();
+        for &id in ids {
+            let data = MapData::from_id(id).map_err(map_err("(by id)"))?;
+            let info = data.info().map_err(map_err("(by id)"))?;
+            let Some(name) = info.name_as_str().and_then(|n| ALL_MAPS.iter().find(|m| **m == n)) else {
+                continue;
+            };
+            maps.insert(*name, Map::from_map_data(data).map_err(map_err(name))?);
+        }
+        for name in ALL_MAPS {
+            if !maps.contains_key(name) {
+                return Err(TablesError::MissingMap { name });
+            }
+        }
+        Ok(Self { maps })
+    }
+
+    fn get(&mut self, name: &'static str) -> Result<&mut Map, TablesError> {
+        self.maps.get_mut(name).ok_or(TablesError::MissingMap { name })
+    }
+
+    fn get_ref(&self, name: &'static str) -> Result<&Map, TablesError> {
+        self.maps.get(name).ok_or(TablesError::MissingMap { name })
+    }
+
+    /// Writes the edge policy. The configuration entry, which switches the
+    /// program from "drop everything" to the policy, is written last, so a
+    /// program never runs on half-filled maps.
+    ///
+    /// # Errors
+    /// When a map update fails or a set exceeds its map.
+    pub fn apply_edge(&mut self, p: &EdgePolicy) -> Result<(), TablesError> {
+        let mut words = [0u64; capacity::PORT_BITMAP_WORDS as usize];
+        for &port in &p.wireguard_ports {
+            words[usize::from(port >> 6)] |= 1 << (port & 63);
+        }
+        let mut udp: Array<_, u64> =
+            Array::try_from(self.get(map::EDGE_UDP_PORTS)?).map_err(map_err(map::EDGE_UDP_PORTS))?;
+        for (i, w) in (0u32..).zip(words) {
+            udp.set(i, w, 0).map_err(map_err(map::EDGE_UDP_PORTS))?;
+        }
+        let (v4, v6) = split_families(&p.ssh_allow);
+        for (what, n) in [("edge.ssh_allow (IPv4)", v4.len()), ("edge.ssh_allow (IPv6)", v6.len())] {
+            if n > capacity::SSH_ALLOW as usize {
+                return Err(TablesError::TooMany { what, count: n, limit: capacity::SSH_ALLOW });
+            }
+        }
+        let mut t4: LpmTrie<_, [u8; 4], u8> =
+            LpmTrie::try_from(self.get(map::SSH_ALLOW_V4)?).map_err(map_err(map::SSH_ALLOW_V4))?;
+        for (key, len) in &v4 {
+            t4.insert(&Key::new(*len, *key), 1, 0).map_err(map_err(map::SSH_ALLOW_V4))?;
+        }
+        let mut t6: LpmTrie<_, [u8; 16], u8> =
+            LpmTrie::try_from(self.get(map::SSH_ALLOW_V6)?).map_err(map_err(map::SSH_ALLOW_V6))?;
+        for (key, len) in &v6 {
+            t6.insert(&Key::new(*len, *key), 1, 0).map_err(map_err(map::SSH_ALLOW_V6))?;
+        }
+        let mut cfg: Array<_, EdgeConfig> =
+            Array::try_from(self.get(map::EDGE_CONFIG)?).map_err(map_err(map::EDGE_CONFIG))?;
+        cfg.set(0, EdgeConfig { ssh_port: p.ssh_port, _pad0: 0, flags: EDGE_CONFIGURED }, 0)
+            .map_err(map_err(map::EDGE_CONFIG))?;
+        Ok(())
+    }
+
+    /// Writes every peer of the tunnel policy: addresses, ICMP flag, grants.
+    ///
+    /// # Errors
+    /// When a map update fails.
+    pub fn apply_tunnel(&mut self, p: &TunnelPolicy) -> Result<(), TablesError> {
+        if p.peers.len() > capacity::PEERS as usize {
+            return Err(TablesError::TooMany { what: "tunnel.peer", count: p.peers.len(), limit: capacity::PEERS });
+        }
+        for (index, peer) in (0u32..).zip(&p.peers) {
+            self.set_peer(index, peer)?;
+        }
+        Ok(())
+    }
+
+    /// Makes the kernel's view of one peer match `peer`: grants that are no
+    /// longer wanted are deleted after the new ones are in, and the ICMP flag
+    /// and addresses are rewritten. Used for start-up and for runtime
+    /// `allow`/`revoke`, which take effect on the next packet.
+    ///
+    /// # Errors
+    /// When a map update fails.
+    pub fn set_peer(&mut self, index: u32, peer: &Peer) -> Result<(), TablesError> {
+        let wanted = grant_words(index, &peer.grants);
+        let mut grants: BpfHashMap<_, GrantKey, u64> =
+            BpfHashMap::try_from(self.get(map::GRANTS)?).map_err(map_err(map::GRANTS))?;
+        let present: Vec<GrantKey> = grants
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.peer == index)
+            .collect();
+        for (key, word) in &wanted {
+            grants.insert(key, word, 0).map_err(map_err(map::GRANTS))?;
+        }
+        for key in present.iter().filter(|k| !wanted.contains_key(k)) {
+            grants.remove(key).map_err(map_err(map::GRANTS))?;
+        }
+        let info = PeerInfo {
+            index,
+            flags: if peer.grants.contains(&Grant::Icmp) { PEER_ICMP } else { 0 },
+        };
+        let (v4, v6) = split_families(&peer.addresses);
+        let mut t4: LpmTrie<_, [u8; 4], PeerInfo> =
+            LpmTrie::try_from(self.get(map::PEER_V4)?).map_err(map_err(map::PEER_V4))?;
+        for (key, len) in &v4 {
+            t4.insert(&Key::new(*len, *key), info, 0).map_err(map_err(map::PEER_V4))?;
+        }
+        let mut t6: LpmTrie<_, [u8; 16], PeerInfo> =
+            LpmTrie::try_from(self.get(map::PEER_V6)?).map_err(map_err(map::PEER_V6))?;
+        for (key, len) in &v6 {
+            t6.insert(&Key::new(*len, *key), info, 0).map_err(map_err(map::PEER_V6))?;
+        }
+        Ok(())
+    }
+
+    /// Every counter of one program, summed over CPUs, by reason code.
+    ///
+    /// # Errors
+    /// When the counter map cannot be read.
+    pub fn counters(&self, program: u32) -> Result<BTreeMap<u32, u64>, TablesError> {
+        let arr: PerCpuArray<_, u64> =
+            PerCpuArray::try_from(self.get_ref(map::COUNTERS)?).map_err(map_err(map::COUNTERS))?;
+        let mut out = BTreeMap::new();
+        for code in reason::ALL.iter().copied().chain([reason::EVENTS_SUPPRESSED, reason::EVENTS_LOST]) {
+            let idx = counter_index(program, code);
+            debug_assert!(idx < COUNTER_SLOTS);
+            let v = arr.get(&idx, 0).map_err(map_err(map::COUNTERS))?;
+            out.insert(code, v.iter().sum());
+        }
+        Ok(out)
+    }
+
+    /// Allowed and denied packet counts of peers `0..n`, summed over CPUs.
+    ///
+    /// # Errors
+    /// When the per-peer counter map cannot be read.
+    pub fn peer_counters(&self, n: u32) -> Result<Vec<PeerCounters>, TablesError> {
+        let arr: PerCpuArray<_, PeerCounters> = PerCpuArray::try_from(self.get_ref(map::PEER_COUNTERS)?)
+            .map_err(map_err(map::PEER_COUNTERS))?;
+        (0..n.min(capacity::PEERS))
+            .map(|i| {
+                let v = arr.get(&i, 0).map_err(map_err(map::PEER_COUNTERS))?;
+                Ok(v.iter().fold(PeerCounters::default(), |a, c| PeerCounters {
+                    allowed: a.allowed + c.allowed,
+                    denied: a.denied + c.denied,
+                }))
+            })
+            .collect()
+    }
+
+    /// Entries in each set-like map, for `status`.
+    ///
+    /// # Errors
+    /// When a map cannot be walked.
+    pub fn fill_levels(&self) -> Result<BTreeMap<&'static str, usize>, TablesError> {
+        let mut out = BTreeMap::new();
+        let t4: LpmTrie<_, [u8; 4], u8> =
+            LpmTrie::try_from(self.get_ref(map::SSH_ALLOW_V4)?).map_err(map_err(map::SSH_ALLOW_V4))?;
+        out.insert("ssh_allow_v4", t4.keys().count());
+        let t6: LpmTrie<_, [u8; 16], u8> =
+            LpmTrie::try_from(self.get_ref(map::SSH_ALLOW_V6)?).map_err(map_err(map::SSH_ALLOW_V6))?;
+        out.insert("ssh_allow_v6", t6.keys().count());
+        let p4: LpmTrie<_, [u8; 4], PeerInfo> =
+            LpmTrie::try_from(self.get_ref(map::PEER_V4)?).map_err(map_err(map::PEER_V4))?;
+        out.insert("peer_v4", p4.keys().count());
+        let p6: LpmTrie<_, [u8; 16], PeerInfo> =
+            LpmTrie::try_from(self.get_ref(map::PEER_V6)?).map_err(map_err(map::PEER_V6))?;
+        out.insert("peer_v6", p6.keys().count());
+        let g: BpfHashMap<_, GrantKey, u64> =
+            BpfHashMap::try_from(self.get_ref(map::GRANTS)?).map_err(map_err(map::GRANTS))?;
+        out.insert("grant_words", g.keys().count());
+        let udp: Array<_, u64> =
+            Array::try_from(self.get_ref(map::EDGE_UDP_PORTS)?).map_err(map_err(map::EDGE_UDP_PORTS))?;
+        let ports: u32 = udp.iter().filter_map(Result::ok).map(u64::count_ones).sum();
+        out.insert("udp_ports", ports as usize);
+        Ok(out)
+    }
+}
+
+/// The grant bitmap words of one peer, keyed as the kernel looks them up.
+fn grant_words(peer: u32, grants: &[Grant]) -> HashMap<GrantKey, u64> {
+    let mut words: HashMap<GrantKey, u64> = HashMap::new();
+    for g in grants {
+        let Grant::Ports { protocol, first, last } = *g else { continue };
+        for port in first..=last {
+            let key = GrantKey { peer, protocol: protocol.number(), _pad0: 0, word: port >> 6 };
+            *words.entry(key).or_default() |= 1 << (port & 63);
+        }
+    }
+    words
+}
+
+/// Splits prefixes into LPM keys per family: (address bytes, prefix length).
+fn split_families(nets: &[IpNet]) -> (Vec<([u8; 4], u32)>, Vec<([u8; 16], u32)>) {
+    let mut v4 = Vec::new();
+    let mut v6 = Vec::new();
+    for net in nets {
+        match net {
+            IpNet::V4(n) => v4.push((n.network().octets(), u32::from(n.prefix_len()))),
+            IpNet::V6(n) => v6.push((n.network().octets(), u32::from(n.prefix_len()))),
+        }
+    }
+    (v4, v6)
+}
