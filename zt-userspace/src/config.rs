@@ -1,1 +1,1606 @@
-//! Configuration file parsing (owned by the config helper).
+//! The configuration file: TOML in, a validated [`Policy`] out.
+//!
+//! Every error names the file, the line and the dotted key it is about
+//! (`edge.ssh_allow[1]`, `tunnel.peer[0].allow[2]`), because the person
+//! reading it is fixing a firewall, usually in a hurry.
+//!
+//! Parsing happens in two steps. `toml` first parses the text into a
+//! [`DeTable`], whose keys and values carry their byte spans; walking it once
+//! gives the line of every key. The same table is then deserialized into
+//! private `Raw*` structs in which every key is optional, so that a missing key
+//! is reported by our own code (which knows its name) rather than by serde (which
+//! only knows the enclosing table). Errors serde does report (unknown keys,
+//! wrong types) carry a span, which the walk maps back to a key.
+//!
+//! Addresses: a prefix with host bits set (`10.0.0.1/8`) is accepted and
+//! normalised to its network (`10.0.0.0/8`), because that is what an LPM trie
+//! matches anyway; a bare address (`192.0.2.10`) means the host prefix.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    ffi::CString,
+    net::IpAddr,
+    ops::Range,
+    path::{Path, PathBuf},
+};
+
+use ipnet::IpNet;
+use serde::Deserialize;
+use toml::de::{DeTable, DeValue};
+use zt_common::capacity;
+
+use crate::policy::{AuditSettings, EdgePolicy, Grant, Peer, Policy, Protocol, TunnelPolicy};
+
+/// `ssh_port` when the file does not set it.
+const DEFAULT_SSH_PORT: u16 = 22;
+/// `tunnel.runtime_grants` when the file does not set it.
+const DEFAULT_RUNTIME_GRANTS: &str = "/var/lib/ztxdp/grants.json";
+/// Linux `IFNAMSIZ` minus the terminating NUL.
+const MAX_INTERFACE_NAME: usize = 15;
+/// A WireGuard key is 32 bytes: 43 base64 characters and one `=`.
+const WIREGUARD_KEY_LEN: usize = 44;
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{}: cannot read the configuration file", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The text is not TOML, at a place that belongs to no key.
+    #[error("{}:{line}:{column}: {message}", path.display())]
+    Syntax {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    /// A key is missing, unknown, or has a value we refuse.
+    #[error("{}:{line}: {key}: {message}", path.display())]
+    Invalid {
+        path: PathBuf,
+        line: usize,
+        key: String,
+        message: String,
+    },
+}
+
+/// Why a grant (`tcp/5432`, `5432/tcp`, `icmp`, ...) was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GrantError {
+    #[error("port 0 cannot be granted (ports are 1-65535)")]
+    PortZero,
+    #[error("range {first}-{last} ends before it starts; write it low-high")]
+    RangeReversed { first: u16, last: u16 },
+    #[error("unknown protocol \"{protocol}\"; expected tcp or udp (or icmp alone)")]
+    UnknownProtocol { protocol: String },
+    #[error("\"{text}\" is not a port number (1-65535)")]
+    BadPort { text: String },
+    /// Not shaped like a grant at all, e.g. a CLI grant in the config file.
+    #[error("\"{text}\" is not a grant; expected {expected}")]
+    Form {
+        text: String,
+        expected: &'static str,
+    },
+}
+
+const CONFIG_GRANT_FORM: &str =
+    "PROTO/PORT or PROTO/FIRST-LAST (tcp/5432, udp/53, tcp/8000-8100) or icmp";
+const CLI_GRANT_FORM: &str =
+    "PORT[/PROTO] or FIRST-LAST[/PROTO] (5432, 53/udp, 8000-8100/tcp) or icmp";
+
+/// Parses a grant as written in the configuration file: `tcp/5432`,
+/// `udp/53`, `tcp/8000-8100` or `icmp`.
+///
+/// # Errors
+/// A [`GrantError`] saying what is wrong with `s`.
+pub fn parse_grant(s: &str) -> Result<Grant, GrantError> {
+    if s.eq_ignore_ascii_case("icmp") {
+        return Ok(Grant::Icmp);
+    }
+    let Some((protocol, ports)) = s.split_once('/') else {
+        return Err(GrantError::Form {
+            text: s.to_owned(),
+            expected: CONFIG_GRANT_FORM,
+        });
+    };
+    let protocol = transport(protocol, s, CONFIG_GRANT_FORM)?;
+    let (first, last) = port_range(ports)?;
+    Ok(Grant::Ports {
+        protocol,
+        first,
+        last,
+    })
+}
+
+/// Parses a grant as written on the command line: `5432` (TCP), `5432/tcp`,
+/// `53/udp`, `8000-8100/tcp` or `icmp`.
+///
+/// # Errors
+/// A [`GrantError`] saying what is wrong with `s`.
+pub fn parse_cli_grant(s: &str) -> Result<Grant, GrantError> {
+    if s.eq_ignore_ascii_case("icmp") {
+        return Ok(Grant::Icmp);
+    }
+    let (ports, protocol) = match s.split_once('/') {
+        Some((ports, protocol)) => (ports, transport(protocol, s, CLI_GRANT_FORM)?),
+        None => (s, Protocol::Tcp),
+    };
+    let (first, last) = port_range(ports)?;
+    Ok(Grant::Ports {
+        protocol,
+        first,
+        last,
+    })
+}
+
+fn transport(name: &str, whole: &str, expected: &'static str) -> Result<Protocol, GrantError> {
+    if name.eq_ignore_ascii_case("tcp") {
+        Ok(Protocol::Tcp)
+    } else if name.eq_ignore_ascii_case("udp") {
+        Ok(Protocol::Udp)
+    } else if name.eq_ignore_ascii_case("icmp") {
+        // ICMP grants echo as a whole; a port after it is a mistake.
+        Err(GrantError::Form {
+            text: whole.to_owned(),
+            expected,
+        })
+    } else {
+        Err(GrantError::UnknownProtocol {
+            protocol: name.to_owned(),
+        })
+    }
+}
+
+fn port_range(text: &str) -> Result<(u16, u16), GrantError> {
+    match text.split_once('-') {
+        Some((first, last)) => {
+            let (first, last) = (grant_port(first)?, grant_port(last)?);
+            if last < first {
+                return Err(GrantError::RangeReversed { first, last });
+            }
+            Ok((first, last))
+        }
+        None => {
+            let port = grant_port(text)?;
+            Ok((port, port))
+        }
+    }
+}
+
+fn grant_port(text: &str) -> Result<u16, GrantError> {
+    // `str::parse` would also take "+80"; a port is digits only.
+    let bad = || GrantError::BadPort {
+        text: text.to_owned(),
+    };
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    match text.parse::<u16>() {
+        Ok(0) => Err(GrantError::PortZero),
+        Ok(port) => Ok(port),
+        Err(_) => Err(bad()),
+    }
+}
+
+// The file as serde sees it. Every key is optional here so that our own code,
+// which knows the key's name, reports a missing one.
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    edge: Option<RawEdge>,
+    tunnel: Option<RawTunnel>,
+    audit: Option<RawAudit>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEdge {
+    interface: Option<String>,
+    // Ports are read wide so that 0 and 70000 get our message, not serde's.
+    wireguard_ports: Option<Vec<i64>>,
+    ssh_port: Option<i64>,
+    ssh_allow: Option<Vec<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTunnel {
+    interface: Option<String>,
+    runtime_grants: Option<PathBuf>,
+    peer: Option<Vec<RawPeer>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPeer {
+    name: Option<String>,
+    addresses: Option<Vec<String>>,
+    public_key: Option<String>,
+    allow: Option<Vec<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAudit {
+    path: Option<PathBuf>,
+}
+
+/// Map capacities the validation enforces; tests shrink them.
+#[derive(Clone, Copy)]
+struct Limits {
+    peers: usize,
+    ssh_allow_per_family: usize,
+    peer_prefixes_per_family: usize,
+}
+
+impl Limits {
+    const KERNEL: Self = Self {
+        peers: capacity::PEERS as usize,
+        ssh_allow_per_family: capacity::SSH_ALLOW as usize,
+        peer_prefixes_per_family: capacity::PEER_PREFIXES as usize,
+    };
+}
+
+/// A loaded, validated configuration file.
+///
+/// Keys the file leaves out take their defaults: `edge.ssh_port` = 22,
+/// `tunnel.runtime_grants` = `/var/lib/ztxdp/grants.json`,
+/// `tunnel.peer[].allow` = none (grants can be added at run time), and
+/// `tunnel.peer[].public_key` = unknown. `edge.wireguard_ports` and
+/// `edge.ssh_allow` must be present but may be empty.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The file it came from, for messages.
+    pub path: PathBuf,
+    pub policy: Policy,
+    /// Dotted key (`tunnel.peer[0].allow[2]`) → 1-based line.
+    lines: BTreeMap<String, usize>,
+}
+
+impl Config {
+    /// Reads and validates the configuration file at `path`.
+    ///
+    /// # Errors
+    /// [`ConfigError::Read`] when the file cannot be read, else as [`Config::parse`].
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Validates configuration `text`; `path` is only used in messages.
+    ///
+    /// # Errors
+    /// [`ConfigError::Syntax`] when `text` is not TOML, [`ConfigError::Invalid`]
+    /// naming the key and line of the first problem otherwise.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        parse_with(text, path, Limits::KERNEL)
+    }
+
+    /// The 1-based line of a dotted key (`edge.ssh_allow[1]`), if the file
+    /// spells it out.
+    #[must_use]
+    pub fn line_of(&self, key: &str) -> Option<usize> {
+        self.lines.get(key).copied()
+    }
+
+    /// An error about `key`, for checks made outside this module (lockout
+    /// protection, runtime grants...). A key the file leaves out is reported
+    /// at the line of its nearest enclosing key, or line 1.
+    #[must_use]
+    pub fn invalid(&self, key: &str, message: impl Into<String>) -> ConfigError {
+        Locator {
+            path: &self.path,
+            lines: &self.lines,
+        }
+        .invalid(key, message)
+    }
+
+    /// Checks that `edge.interface` and `tunnel.interface` exist in the
+    /// current network namespace.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the first interface key that has no
+    /// interface.
+    pub fn check_interfaces(&self) -> Result<(), ConfigError> {
+        let edge = self
+            .policy
+            .edge
+            .as_ref()
+            .map(|e| ("edge.interface", e.interface.as_str()));
+        let tunnel = self
+            .policy
+            .tunnel
+            .as_ref()
+            .map(|t| ("tunnel.interface", t.interface.as_str()));
+        for (key, name) in edge.into_iter().chain(tunnel) {
+            if interface_index(name).is_none() {
+                return Err(self.invalid(
+                    key,
+                    format!("no interface \"{name}\" in this network namespace"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn interface_index(name: &str) -> Option<u32> {
+    let name = CString::new(name).ok()?;
+    // SAFETY: `name` is NUL-terminated and outlives the call, which only reads it.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    (index != 0).then_some(index)
+}
+
+/// Turns keys into lines for error messages.
+struct Locator<'a> {
+    path: &'a Path,
+    lines: &'a BTreeMap<String, usize>,
+}
+
+impl Locator<'_> {
+    fn invalid(&self, key: &str, message: impl Into<String>) -> ConfigError {
+        let mut scope = key;
+        let line = loop {
+            if let Some(line) = self.lines.get(scope) {
+                break *line;
+            }
+            match scope.rfind(['.', '[']) {
+                Some(cut) => scope = &scope[..cut],
+                None => break 1,
+            }
+        };
+        ConfigError::Invalid {
+            path: self.path.to_owned(),
+            line,
+            key: key.to_owned(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Byte offsets where lines start, for offset → line lookups.
+struct LineIndex(Vec<usize>);
+
+impl LineIndex {
+    fn new(text: &str) -> Self {
+        let starts = std::iter::once(0).chain(text.match_indices('\n').map(|(i, _)| i + 1));
+        Self(starts.collect())
+    }
+
+    /// 1-based line and column of a byte offset.
+    fn position(&self, offset: usize) -> (usize, usize) {
+        let line = self.0.partition_point(|&start| start <= offset);
+        let column = offset - self.0[line - 1] + 1;
+        (line, column)
+    }
+}
+
+/// A key of the document with where its key and value sit in the text.
+struct Entry {
+    path: String,
+    key: Option<Range<usize>>,
+    value: Range<usize>,
+    /// A table's span is only its `[header]`.
+    is_table: bool,
+}
+
+fn collect_entries(table: &DeTable<'_>, prefix: &str, out: &mut Vec<Entry>) {
+    for (key, value) in table {
+        let path = if prefix.is_empty() {
+            key.get_ref().to_string()
+        } else {
+            format!("{prefix}.{}", key.get_ref())
+        };
+        out.push(Entry {
+            path: path.clone(),
+            key: Some(key.span()),
+            value: value.span(),
+            is_table: is_table(value.get_ref()),
+        });
+        collect_value(value.get_ref(), &path, out);
+    }
+}
+
+fn collect_value(value: &DeValue<'_>, path: &str, out: &mut Vec<Entry>) {
+    match value {
+        DeValue::Table(table) => collect_entries(table, path, out),
+        DeValue::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                let path = format!("{path}[{i}]");
+                out.push(Entry {
+                    path: path.clone(),
+                    key: None,
+                    value: item.span(),
+                    is_table: is_table(item.get_ref()),
+                });
+                collect_value(item.get_ref(), &path, out);
+            }
+        }
+        _ => {}
+    }
+}
+
+fn is_table(value: &DeValue<'_>) -> bool {
+    match value {
+        DeValue::Table(_) => true,
+        DeValue::Array(items) => items.iter().any(|item| item.get_ref().is_table()),
+        _ => false,
+    }
+}
+
+/// The innermost key whose key or value text covers `offset`. A syntax
+/// error can leave a table header's span swallowing the broken text, so
+/// tables are only considered for errors found after a clean parse.
+fn entry_at(entries: &[Entry], offset: usize, syntax: bool) -> Option<&Entry> {
+    entries
+        .iter()
+        .filter(|e| !(syntax && e.is_table))
+        .flat_map(|e| e.key.iter().chain([&e.value]).map(move |span| (e, span)))
+        .filter(|(_, span)| span.contains(&offset) || (span.is_empty() && span.start == offset))
+        // Smallest span first; on a tie (a `[[table]]` header is the span of
+        // both the array and its element) the deeper key wins.
+        .min_by_key(|(e, span)| (span.len(), std::cmp::Reverse(e.path.len())))
+        .map(|(e, _)| e)
+}
+
+fn toml_error(
+    error: &toml::de::Error,
+    syntax: bool,
+    entries: &[Entry],
+    index: &LineIndex,
+    path: &Path,
+) -> ConfigError {
+    let offset = error.span().map_or(0, |s| s.start);
+    let (line, column) = index.position(offset);
+    let message = error.message().trim().to_owned();
+    match entry_at(entries, offset, syntax) {
+        Some(entry) => ConfigError::Invalid {
+            path: path.to_owned(),
+            line,
+            key: entry.path.clone(),
+            message,
+        },
+        None => ConfigError::Syntax {
+            path: path.to_owned(),
+            line,
+            column,
+            message,
+        },
+    }
+}
+
+fn parse_with(text: &str, path: &Path, limits: Limits) -> Result<Config, ConfigError> {
+    let index = LineIndex::new(text);
+    // The recoverable parse keeps what it could read, so that even a syntax
+    // error inside a value can be attributed to its key.
+    let (table, errors) = DeTable::parse_recoverable(text);
+    let mut entries = Vec::new();
+    collect_entries(table.get_ref(), "", &mut entries);
+    if let Some(error) = errors.first() {
+        return Err(toml_error(error, true, &entries, &index, path));
+    }
+    let lines: BTreeMap<String, usize> = entries
+        .iter()
+        .map(|e| {
+            (
+                e.path.clone(),
+                index.position(e.key.as_ref().unwrap_or(&e.value).start).0,
+            )
+        })
+        .collect();
+    let raw = RawConfig::deserialize(toml::de::Deserializer::from(table))
+        .map_err(|error| toml_error(&error, false, &entries, &index, path))?;
+    let locator = Locator {
+        path,
+        lines: &lines,
+    };
+    let policy = Validator {
+        at: &locator,
+        limits,
+    }
+    .policy(raw)?;
+    Ok(Config {
+        path: path.to_owned(),
+        policy,
+        lines,
+    })
+}
+
+/// Turns the raw file into a [`Policy`], checking every value.
+struct Validator<'a> {
+    at: &'a Locator<'a>,
+    limits: Limits,
+}
+
+impl Validator<'_> {
+    fn policy(&self, raw: RawConfig) -> Result<Policy, ConfigError> {
+        let edge = raw.edge.map(|e| self.edge(e)).transpose()?;
+        let tunnel = raw.tunnel.map(|t| self.tunnel(t)).transpose()?;
+        let audit = self.audit(raw.audit)?;
+        if edge.is_none() && tunnel.is_none() {
+            return Err(self.at.invalid(
+                "edge",
+                "nothing to enforce: add an [edge] table, a [tunnel] table, or both",
+            ));
+        }
+        Ok(Policy {
+            edge,
+            tunnel,
+            audit,
+        })
+    }
+
+    fn required<T>(&self, value: Option<T>, key: &str, what: &str) -> Result<T, ConfigError> {
+        value.ok_or_else(|| self.at.invalid(key, format!("missing; set it to {what}")))
+    }
+
+    fn edge(&self, raw: RawEdge) -> Result<EdgePolicy, ConfigError> {
+        let interface = self.interface(
+            raw.interface,
+            "edge.interface",
+            "the external interface, e.g. \"eth0\"",
+        )?;
+        let ports = self.required(
+            raw.wireguard_ports,
+            "edge.wireguard_ports",
+            "the UDP ports WireGuard listens on, e.g. [51820] ([] for none)",
+        )?;
+        let wireguard_ports = ports
+            .into_iter()
+            .enumerate()
+            .map(|(i, port)| self.port(port, &format!("edge.wireguard_ports[{i}]")))
+            .collect::<Result<Vec<_>, _>>()?;
+        let ssh_port = match raw.ssh_port {
+            Some(port) => self.port(port, "edge.ssh_port")?,
+            None => DEFAULT_SSH_PORT,
+        };
+        let allow = self.required(
+            raw.ssh_allow,
+            "edge.ssh_allow",
+            "the networks allowed to reach SSH, e.g. [\"192.0.2.10/32\"] ([] for none)",
+        )?;
+        let mut per_family = [0usize; 2];
+        let mut ssh_allow = Vec::with_capacity(allow.len());
+        for (i, text) in allow.iter().enumerate() {
+            let key = format!("edge.ssh_allow[{i}]");
+            let net = self.prefix(text, &key)?;
+            let count = &mut per_family[usize::from(matches!(net, IpNet::V6(_)))];
+            *count += 1;
+            if *count > self.limits.ssh_allow_per_family {
+                return Err(self.at.invalid(
+                    &key,
+                    format!(
+                        "more than {} {} entries; the kernel allow-list holds no more",
+                        self.limits.ssh_allow_per_family,
+                        family(&net)
+                    ),
+                ));
+            }
+            ssh_allow.push(net);
+        }
+        Ok(EdgePolicy {
+            interface,
+            wireguard_ports,
+            ssh_port,
+            ssh_allow,
+        })
+    }
+
+    fn tunnel(&self, raw: RawTunnel) -> Result<TunnelPolicy, ConfigError> {
+        let interface = self.interface(
+            raw.interface,
+            "tunnel.interface",
+            "the WireGuard interface, e.g. \"wg0\"",
+        )?;
+        let runtime_grants = match raw.runtime_grants {
+            Some(path) if path.as_os_str().is_empty() => {
+                return Err(self.at.invalid(
+                    "tunnel.runtime_grants",
+                    "empty; give a file path or leave the key out",
+                ));
+            }
+            Some(path) => path,
+            None => PathBuf::from(DEFAULT_RUNTIME_GRANTS),
+        };
+        let raw_peers = raw.peer.unwrap_or_default();
+        if raw_peers.len() > self.limits.peers {
+            return Err(self.at.invalid(
+                &format!("tunnel.peer[{}]", self.limits.peers),
+                format!(
+                    "more than {} peers; the kernel peer maps hold no more",
+                    self.limits.peers
+                ),
+            ));
+        }
+        let peers = raw_peers
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| self.peer(p, i))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.unique_names(&peers)?;
+        self.disjoint_addresses(&peers)?;
+        Ok(TunnelPolicy {
+            interface,
+            peers,
+            runtime_grants,
+        })
+    }
+
+    fn peer(&self, raw: RawPeer, index: usize) -> Result<Peer, ConfigError> {
+        let at = format!("tunnel.peer[{index}]");
+        let name = self.required(
+            raw.name,
+            &format!("{at}.name"),
+            "a unique peer name, e.g. \"app-1\"",
+        )?;
+        if name.is_empty() {
+            return Err(self
+                .at
+                .invalid(&format!("{at}.name"), "empty; give the peer a name"));
+        }
+        if name.parse::<IpAddr>().is_ok() || name.parse::<IpNet>().is_ok() {
+            // `ztxdp allow PEER` takes a name or an address; a name that looks
+            // like an address would make that ambiguous.
+            return Err(self.at.invalid(
+                &format!("{at}.name"),
+                format!("\"{name}\" looks like an address; pick a name"),
+            ));
+        }
+        let key = format!("{at}.addresses");
+        let texts = self.required(
+            raw.addresses,
+            &key,
+            "the peer's tunnel addresses, e.g. [\"10.100.0.1/32\"]",
+        )?;
+        if texts.is_empty() {
+            return Err(self
+                .at
+                .invalid(&key, "empty; a peer needs at least one address"));
+        }
+        let addresses = texts
+            .iter()
+            .enumerate()
+            .map(|(i, text)| self.prefix(text, &format!("{key}[{i}]")))
+            .collect::<Result<Vec<_>, _>>()?;
+        if let Some(public_key) = &raw.public_key {
+            if !is_wireguard_key(public_key) {
+                return Err(self.at.invalid(
+                    &format!("{at}.public_key"),
+                    "not a WireGuard public key (44 base64 characters ending in '=', as `wg show` prints)",
+                ));
+            }
+        }
+        let grants = raw
+            .allow
+            .unwrap_or_default()
+            .iter()
+            .enumerate()
+            .map(|(i, text)| {
+                parse_grant(text)
+                    .map_err(|e| self.at.invalid(&format!("{at}.allow[{i}]"), e.to_string()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Peer {
+            name,
+            addresses,
+            public_key: raw.public_key,
+            grants,
+        })
+    }
+
+    fn unique_names(&self, peers: &[Peer]) -> Result<(), ConfigError> {
+        let mut seen: HashMap<&str, usize> = HashMap::with_capacity(peers.len());
+        for (i, peer) in peers.iter().enumerate() {
+            if let Some(first) = seen.insert(&peer.name, i) {
+                return Err(self.at.invalid(
+                    &format!("tunnel.peer[{i}].name"),
+                    format!(
+                        "peer name \"{}\" is already used by tunnel.peer[{first}]",
+                        peer.name
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Rejects a prefix of one peer that overlaps a prefix of another: the
+    /// kernel would pick one by longest match, and the other peer's grants
+    /// would silently apply to part of its range, or not at all.
+    fn disjoint_addresses(&self, peers: &[Peer]) -> Result<(), ConfigError> {
+        // (prefix, peer, address index), sorted so that a prefix comes right
+        // after every prefix that contains it.
+        let mut all: Vec<(IpNet, usize, usize)> = peers
+            .iter()
+            .enumerate()
+            .flat_map(|(p, peer)| {
+                peer.addresses
+                    .iter()
+                    .enumerate()
+                    .map(move |(a, net)| (*net, p, a))
+            })
+            .collect();
+        let mut per_family = [0usize; 2];
+        for &(net, p, a) in &all {
+            let count = &mut per_family[usize::from(matches!(net, IpNet::V6(_)))];
+            *count += 1;
+            if *count > self.limits.peer_prefixes_per_family {
+                return Err(self.at.invalid(
+                    &format!("tunnel.peer[{p}].addresses[{a}]"),
+                    format!(
+                        "more than {} {} peer prefixes; the kernel peer map holds no more",
+                        self.limits.peer_prefixes_per_family,
+                        family(&net)
+                    ),
+                ));
+            }
+        }
+        all.sort_unstable();
+        // Open prefixes that contain the current one. Overlaps within one peer
+        // are harmless; across peers the first one is an error, so everything
+        // on the stack belongs to one peer and checking the top is enough.
+        let mut open: Vec<(IpNet, usize, usize)> = Vec::new();
+        for &current in &all {
+            while open
+                .last()
+                .is_some_and(|(outer, ..)| !outer.contains(&current.0))
+            {
+                open.pop();
+            }
+            if let Some(&outer) = open.last() {
+                if outer.1 != current.1 {
+                    // Report the one written later in the file.
+                    let (later, earlier) = if (outer.1, outer.2) > (current.1, current.2) {
+                        (outer, current)
+                    } else {
+                        (current, outer)
+                    };
+                    return Err(self.at.invalid(
+                        &format!("tunnel.peer[{}].addresses[{}]", later.1, later.2),
+                        format!(
+                            "{} overlaps {} of peer \"{}\" (tunnel.peer[{}].addresses[{}]); \
+                             a source address must belong to exactly one peer",
+                            later.0, earlier.0, peers[earlier.1].name, earlier.1, earlier.2
+                        ),
+                    ));
+                }
+            }
+            open.push(current);
+        }
+        Ok(())
+    }
+
+    fn audit(&self, raw: Option<RawAudit>) -> Result<AuditSettings, ConfigError> {
+        let raw = self.required(
+            raw,
+            "audit",
+            "an [audit] table with path = \"/var/log/ztxdp/audit.jsonl\"",
+        )?;
+        let path = self.required(
+            raw.path,
+            "audit.path",
+            "the audit log file, e.g. \"/var/log/ztxdp/audit.jsonl\"",
+        )?;
+        if path.as_os_str().is_empty() {
+            return Err(self
+                .at
+                .invalid("audit.path", "empty; give the audit log file path"));
+        }
+        Ok(AuditSettings { path })
+    }
+
+    fn interface(
+        &self,
+        name: Option<String>,
+        key: &str,
+        what: &str,
+    ) -> Result<String, ConfigError> {
+        let name = self.required(name, key, what)?;
+        // The kernel's own rule (dev_valid_name): 1-15 bytes, not "." or
+        // "..", no '/', ':' or whitespace.
+        let valid = !name.is_empty()
+            && name.len() <= MAX_INTERFACE_NAME
+            && name != "."
+            && name != ".."
+            && !name.contains(['/', ':', '\0'])
+            && !name.chars().any(char::is_whitespace);
+        if !valid {
+            return Err(self.at.invalid(
+                key,
+                format!("\"{name}\" is not a valid interface name (1-15 characters, no '/', ':' or spaces)"),
+            ));
+        }
+        Ok(name)
+    }
+
+    fn port(&self, value: i64, key: &str) -> Result<u16, ConfigError> {
+        match u16::try_from(value) {
+            Ok(0) => Err(self.at.invalid(key, "port 0 is not a port; use 1-65535")),
+            Ok(port) => Ok(port),
+            Err(_) => Err(self
+                .at
+                .invalid(key, format!("port {value} is out of range; use 1-65535"))),
+        }
+    }
+
+    fn prefix(&self, text: &str, key: &str) -> Result<IpNet, ConfigError> {
+        let net = text
+            .parse::<IpNet>()
+            .or_else(|_| text.parse::<IpAddr>().map(IpNet::from))
+            .map_err(|_| {
+                self.at.invalid(
+                    key,
+                    format!("\"{text}\" is not an address prefix (e.g. 192.0.2.0/24, 2001:db8::/32, 192.0.2.10)"),
+                )
+            })?;
+        Ok(net.trunc())
+    }
+}
+
+fn family(net: &IpNet) -> &'static str {
+    match net {
+        IpNet::V4(_) => "IPv4",
+        IpNet::V6(_) => "IPv6",
+    }
+}
+
+fn is_wireguard_key(key: &str) -> bool {
+    key.len() == WIREGUARD_KEY_LEN
+        && key.ends_with('=')
+        && key[..WIREGUARD_KEY_LEN - 1]
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/')
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    use super::*;
+
+    const PATH: &str = "/etc/ztxdp.toml";
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new(PATH))
+    }
+
+    fn parse_ok(text: &str) -> Config {
+        parse(text).unwrap_or_else(|e| panic!("expected a valid config, got: {e}\n---\n{text}"))
+    }
+
+    /// Asserts that `text` is refused with an error about `key` at `line`.
+    fn expect_error_with(text: &str, limits: Limits, key: &str, line: usize) -> String {
+        let error = match parse_with(text, Path::new(PATH), limits) {
+            Ok(_) => panic!(
+                "expected an error about {key} at line {line}, the config was accepted:\n{text}"
+            ),
+            Err(e) => e,
+        };
+        let shown = error.to_string();
+        let want = format!("{PATH}:{line}: {key}: ");
+        assert!(
+            shown.starts_with(&want),
+            "expected the error to start with {want:?}, got {shown:?}"
+        );
+        match &error {
+            ConfigError::Invalid {
+                key: k,
+                line: l,
+                path,
+                ..
+            } => {
+                assert_eq!(
+                    (k.as_str(), *l, path.as_path()),
+                    (key, line, Path::new(PATH)),
+                    "structured fields of {shown}"
+                );
+            }
+            other => panic!("expected ConfigError::Invalid, got {other:?}"),
+        }
+        shown
+    }
+
+    fn expect_error(text: &str, key: &str, line: usize) -> String {
+        expect_error_with(text, Limits::KERNEL, key, line)
+    }
+
+    const AUDIT: &str = "[audit]\npath = \"/tmp/audit.jsonl\"\n";
+
+    /// An edge table whose line 5 is `extra` (line 1 is `[edge]`).
+    fn edge_with(extra: &str) -> String {
+        format!(
+            "[edge]\ninterface = \"eth0\"\nwireguard_ports = [51820]\nssh_allow = [\"192.0.2.10/32\"]\n{extra}\n{AUDIT}"
+        )
+    }
+
+    /// A tunnel with the given peers (each a complete `[[tunnel.peer]]` table).
+    fn tunnel_with(peers: &[&str]) -> String {
+        format!(
+            "[tunnel]\ninterface = \"wg0\"\n{}\n{AUDIT}",
+            peers.join("\n")
+        )
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        expect_error(&edge_with("bogus = 1"), "edge.bogus", 5);
+        expect_error(&format!("{}\n[extra]\nx = 1\n", edge_with("")), "extra", 9);
+        expect_error(
+            &tunnel_with(&[
+                "[[tunnel.peer]]\nname = \"a\"\naddresses = [\"10.0.0.1\"]\nallowed = []",
+            ]),
+            "tunnel.peer[0].allowed",
+            6,
+        );
+        expect_error(
+            "edge = { interface = \"eth0\", wireguard_ports = [], ssh_allow = [], port = 22 }\n[audit]\npath = \"/a\"",
+            "edge.port",
+            1,
+        );
+    }
+
+    #[test]
+    fn bad_cidrs_are_named() {
+        let text = edge_with("").replace(
+            "[\"192.0.2.10/32\"]",
+            "[\"192.0.2.10/32\",\n  \"10.0.0.0/33\"]",
+        );
+        expect_error(&text, "edge.ssh_allow[1]", 5);
+        expect_error(
+            &edge_with("").replace("192.0.2.10/32", "192.0.2.300/32"),
+            "edge.ssh_allow[0]",
+            4,
+        );
+        expect_error(
+            &edge_with("").replace("192.0.2.10/32", "eth0"),
+            "edge.ssh_allow[0]",
+            4,
+        );
+        let peer = "[[tunnel.peer]]\nname = \"a\"\naddresses = [\"10.0.0.1/32\", \"fd00::/129\"]";
+        expect_error(&tunnel_with(&[peer]), "tunnel.peer[0].addresses[1]", 5);
+    }
+
+    #[test]
+    fn zero_ports_are_refused() {
+        let shown = expect_error(
+            &edge_with("").replace("[51820]", "[51820, 0]"),
+            "edge.wireguard_ports[1]",
+            3,
+        );
+        assert!(shown.contains("port 0"), "message should say why: {shown}");
+        expect_error(&edge_with("ssh_port = 0"), "edge.ssh_port", 5);
+    }
+
+    #[test]
+    fn ports_above_65535_are_refused() {
+        let shown = expect_error(&edge_with("ssh_port = 70000"), "edge.ssh_port", 5);
+        assert!(
+            shown.contains("70000"),
+            "message should quote the value: {shown}"
+        );
+        expect_error(
+            &edge_with("").replace("[51820]", "[65536]"),
+            "edge.wireguard_ports[0]",
+            3,
+        );
+        expect_error(&edge_with("ssh_port = -1"), "edge.ssh_port", 5);
+        // Too large even for the integer serde reads.
+        expect_error(
+            &edge_with("ssh_port = 99999999999999999999"),
+            "edge.ssh_port",
+            5,
+        );
+    }
+
+    #[test]
+    fn wrong_types_are_named() {
+        expect_error(&edge_with("ssh_port = \"22\""), "edge.ssh_port", 5);
+        expect_error(
+            &edge_with("").replace("[51820]", "51820"),
+            "edge.wireguard_ports",
+            3,
+        );
+        expect_error(
+            &edge_with("").replace("[51820]", "[51820, \"x\"]"),
+            "edge.wireguard_ports[1]",
+            3,
+        );
+        expect_error(
+            &tunnel_with(&[
+                "[[tunnel.peer]]\nname = \"a\"\naddresses = [\"10.0.0.1\"]\nallow = [\"tcp/1\", 2]",
+            ]),
+            "tunnel.peer[0].allow[1]",
+            6,
+        );
+        expect_error(&format!("edge = 5\n{AUDIT}"), "edge", 1);
+        expect_error(
+            &format!(
+                "audit = \"/tmp/audit.jsonl\"\n{}",
+                edge_with("").replace(AUDIT, "")
+            ),
+            "audit",
+            1,
+        );
+    }
+
+    #[test]
+    fn missing_required_keys_are_named() {
+        let no_interface = edge_with("").replace("interface = \"eth0\"\n", "");
+        expect_error(&no_interface, "edge.interface", 1);
+        let no_ports = edge_with("").replace("wireguard_ports = [51820]\n", "");
+        expect_error(&no_ports, "edge.wireguard_ports", 1);
+        let no_allow = edge_with("").replace("ssh_allow = [\"192.0.2.10/32\"]\n", "");
+        expect_error(&no_allow, "edge.ssh_allow", 1);
+        expect_error(&edge_with("").replace(AUDIT, ""), "audit", 1);
+        expect_error(
+            &edge_with("").replace("path = \"/tmp/audit.jsonl\"\n", ""),
+            "audit.path",
+            6,
+        );
+        expect_error(
+            &tunnel_with(&[]).replace("interface = \"wg0\"\n", ""),
+            "tunnel.interface",
+            1,
+        );
+        let nameless = "[[tunnel.peer]]\naddresses = [\"10.0.0.1\"]";
+        expect_error(&tunnel_with(&[nameless]), "tunnel.peer[0].name", 3);
+        let homeless = "[[tunnel.peer]]\nname = \"a\"";
+        expect_error(&tunnel_with(&[homeless]), "tunnel.peer[0].addresses", 3);
+        expect_error(AUDIT, "edge", 1);
+    }
+
+    #[test]
+    fn duplicate_peer_names_are_refused() {
+        let a = "[[tunnel.peer]]\nname = \"a\"\naddresses = [\"10.0.0.1\"]";
+        let b = "[[tunnel.peer]]\nname = \"a\"\naddresses = [\"10.0.0.2\"]";
+        let shown = expect_error(&tunnel_with(&[a, b]), "tunnel.peer[1].name", 7);
+        assert!(
+            shown.contains("tunnel.peer[0]"),
+            "message should name the first use: {shown}"
+        );
+    }
+
+    #[test]
+    fn peer_prefixes_must_not_overlap() {
+        let a = "[[tunnel.peer]]\nname = \"a\"\naddresses = [\"10.0.0.1/32\", \"fd00::1\"]";
+        // The same prefix, spelled differently.
+        let same = "[[tunnel.peer]]\nname = \"b\"\naddresses = [\"fd00::2\", \"10.0.0.1\"]";
+        let shown = expect_error(&tunnel_with(&[a, same]), "tunnel.peer[1].addresses[1]", 8);
+        assert!(
+            shown.contains("peer \"a\""),
+            "message should name the other peer: {shown}"
+        );
+        // A later, wider prefix that contains an earlier one.
+        let wider = "[[tunnel.peer]]\nname = \"b\"\naddresses = [\"10.0.0.0/24\"]";
+        expect_error(&tunnel_with(&[a, wider]), "tunnel.peer[1].addresses[0]", 8);
+        let v6 = "[[tunnel.peer]]\nname = \"b\"\naddresses = [\"fd00::/64\"]";
+        expect_error(&tunnel_with(&[a, v6]), "tunnel.peer[1].addresses[0]", 8);
+        // Overlaps inside one peer are harmless: the source still maps to it.
+        let own = "[[tunnel.peer]]\nname = \"c\"\naddresses = [\"10.1.0.0/16\", \"10.1.2.0/24\", \"10.1.2.0/24\"]";
+        let config = parse_ok(&tunnel_with(&[a, own]));
+        let peers = &config.policy.tunnel.as_ref().expect("tunnel").peers;
+        assert_eq!(
+            peers[1].addresses.len(),
+            3,
+            "the peer keeps its prefixes as written"
+        );
+    }
+
+    #[test]
+    fn grants_with_other_protocols_are_refused() {
+        let peer = "[[tunnel.peer]]\nname = \"a\"\naddresses = [\"10.0.0.1\"]\nallow = [\n  \"tcp/1\",\n  \"udp/2\",\n  \"sctp/5\",\n]";
+        let shown = expect_error(&tunnel_with(&[peer]), "tunnel.peer[0].allow[2]", 9);
+        assert!(
+            shown.contains("sctp"),
+            "message should quote the protocol: {shown}"
+        );
+    }
+
+    #[test]
+    fn reversed_grant_ranges_are_refused() {
+        let peer = "[[tunnel.peer]]\nname = \"a\"\naddresses = [\"10.0.0.1\"]\nallow = [\"tcp/9000-8000\"]";
+        let shown = expect_error(&tunnel_with(&[peer]), "tunnel.peer[0].allow[0]", 6);
+        assert!(
+            shown.contains("9000-8000"),
+            "message should show the range: {shown}"
+        );
+    }
+
+    #[test]
+    fn grants_of_port_zero_are_refused() {
+        let peer = "[[tunnel.peer]]\nname = \"a\"\naddresses = [\"10.0.0.1\"]\nallow = [\"tcp/22\", \"udp/0\"]";
+        expect_error(&tunnel_with(&[peer]), "tunnel.peer[0].allow[1]", 6);
+        let range =
+            "[[tunnel.peer]]\nname = \"a\"\naddresses = [\"10.0.0.1\"]\nallow = [\"tcp/0-10\"]";
+        expect_error(&tunnel_with(&[range]), "tunnel.peer[0].allow[0]", 6);
+    }
+
+    fn peers_text(count: usize) -> String {
+        let peers: Vec<String> = (0..count)
+            .map(|i| {
+                let ip =
+                    Ipv4Addr::from(0x0a00_0000 + u32::try_from(i).expect("peer count fits u32"));
+                format!("[[tunnel.peer]]\nname = \"p{i}\"\naddresses = [\"{ip}\"]")
+            })
+            .collect();
+        let refs: Vec<&str> = peers.iter().map(String::as_str).collect();
+        tunnel_with(&refs)
+    }
+
+    #[test]
+    fn more_peers_than_the_maps_hold_are_refused() {
+        let limits = Limits {
+            peers: 2,
+            ..Limits::KERNEL
+        };
+        // Line 1 [tunnel], 2 interface, then three lines per peer.
+        parse_with(&peers_text(2), Path::new(PATH), limits).expect("two peers fit a limit of two");
+        expect_error_with(&peers_text(3), limits, "tunnel.peer[2]", 9);
+    }
+
+    #[test]
+    fn more_peers_than_capacity_peers_are_refused() {
+        let count = capacity::PEERS as usize;
+        let text = peers_text(count + 1);
+        expect_error(&text, &format!("tunnel.peer[{count}]"), 3 + 3 * count);
+    }
+
+    #[test]
+    fn more_peer_prefixes_than_the_maps_hold_are_refused() {
+        let limits = Limits {
+            peer_prefixes_per_family: 2,
+            ..Limits::KERNEL
+        };
+        let a =
+            "[[tunnel.peer]]\nname = \"a\"\naddresses = [\"10.0.0.1\", \"fd00::1\", \"fd00::2\"]";
+        let b = "[[tunnel.peer]]\nname = \"b\"\naddresses = [\"10.0.0.2\", \"10.0.0.3\"]";
+        let shown = expect_error_with(
+            &tunnel_with(&[a, b]),
+            limits,
+            "tunnel.peer[1].addresses[1]",
+            8,
+        );
+        assert!(
+            shown.contains("IPv4"),
+            "message should name the family: {shown}"
+        );
+        let c = "[[tunnel.peer]]\nname = \"c\"\naddresses = [\"fd00::3\"]";
+        expect_error_with(
+            &tunnel_with(&[a, c]),
+            limits,
+            "tunnel.peer[1].addresses[0]",
+            8,
+        );
+    }
+
+    #[test]
+    fn more_ssh_sources_than_the_maps_hold_are_refused() {
+        let limits = Limits {
+            ssh_allow_per_family: 2,
+            ..Limits::KERNEL
+        };
+        let two_each = edge_with("").replace(
+            "[\"192.0.2.10/32\"]",
+            "[\"192.0.2.1\", \"2001:db8::1\", \"192.0.2.2\", \"2001:db8::2\"]",
+        );
+        parse_with(&two_each, Path::new(PATH), limits)
+            .expect("two entries per family fit a limit of two");
+        let three_v6 = two_each.replace("\"2001:db8::2\"]", "\"2001:db8::2\",\n  \"2001:db8::3\"]");
+        let shown = expect_error_with(&three_v6, limits, "edge.ssh_allow[4]", 5);
+        assert!(
+            shown.contains("IPv6"),
+            "message should name the family: {shown}"
+        );
+    }
+
+    #[test]
+    fn empty_lists_are_allowed() {
+        let text = edge_with("")
+            .replace("[51820]", "[]")
+            .replace("[\"192.0.2.10/32\"]", "[]");
+        let edge = parse_ok(&text).policy.edge.expect("edge");
+        assert!(
+            edge.wireguard_ports.is_empty() && edge.ssh_allow.is_empty(),
+            "{edge:?}"
+        );
+        assert_eq!(edge.ssh_port, DEFAULT_SSH_PORT, "ssh_port defaults to 22");
+    }
+
+    #[test]
+    fn host_bits_are_cleared_and_bare_addresses_are_hosts() {
+        let text = edge_with("").replace(
+            "[\"192.0.2.10/32\"]",
+            "[\"10.0.0.1/8\", \"2001:db8::1/32\", \"192.0.2.10\"]",
+        );
+        let edge = parse_ok(&text).policy.edge.expect("edge");
+        let want: Vec<IpNet> = ["10.0.0.0/8", "2001:db8::/32", "192.0.2.10/32"]
+            .iter()
+            .map(|s| s.parse().expect("test prefix"))
+            .collect();
+        assert_eq!(edge.ssh_allow, want);
+    }
+
+    #[test]
+    fn other_bad_values_are_named() {
+        expect_error(
+            &edge_with("").replace("\"eth0\"", "\"a-name-longer-than-15\""),
+            "edge.interface",
+            2,
+        );
+        expect_error(
+            &edge_with("").replace("\"eth0\"", "\"\""),
+            "edge.interface",
+            2,
+        );
+        let address_name = "[[tunnel.peer]]\nname = \"10.0.0.9\"\naddresses = [\"10.0.0.1\"]";
+        expect_error(&tunnel_with(&[address_name]), "tunnel.peer[0].name", 4);
+        let no_addresses = "[[tunnel.peer]]\nname = \"a\"\naddresses = []";
+        expect_error(&tunnel_with(&[no_addresses]), "tunnel.peer[0].addresses", 5);
+        let bad_key =
+            "[[tunnel.peer]]\nname = \"a\"\naddresses = [\"10.0.0.1\"]\npublic_key = \"short\"";
+        expect_error(&tunnel_with(&[bad_key]), "tunnel.peer[0].public_key", 6);
+    }
+
+    #[test]
+    fn toml_syntax_errors_have_a_line() {
+        // Inside a value: attributed to the key.
+        expect_error(&edge_with("ssh_port = twenty-two"), "edge.ssh_port", 5);
+        // Between keys: only a position.
+        let error = parse(&edge_with("[edge")).expect_err("unclosed table header");
+        let shown = error.to_string();
+        assert!(
+            matches!(error, ConfigError::Syntax { line: 5, .. })
+                && shown.starts_with(&format!("{PATH}:5:")),
+            "expected a syntax error at line 5, got {shown:?}"
+        );
+        let duplicate = parse(&edge_with("interface = \"eth1\"")).expect_err("duplicate key");
+        assert!(
+            duplicate.to_string().starts_with(&format!("{PATH}:5:")),
+            "{duplicate}"
+        );
+    }
+
+    #[test]
+    fn unreadable_files_name_the_path() {
+        let path = Path::new("/nonexistent/ztxdp.toml");
+        let error = Config::load(path).expect_err("the file does not exist");
+        assert!(
+            matches!(&error, ConfigError::Read { path: p, .. } if p == path)
+                && error.to_string().contains("/nonexistent/ztxdp.toml"),
+            "{error:?}"
+        );
+    }
+
+    const FULL: &str = r#"
+[edge]
+interface = "eth0"
+wireguard_ports = [51820, 51821]
+ssh_port = 2222
+ssh_allow = ["192.0.2.10/32", "2001:db8:1::/64"]
+
+[tunnel]
+interface = "wg0"
+runtime_grants = "/run/grants.json"
+
+[[tunnel.peer]]
+name = "app-1"
+addresses = ["10.100.0.1/32", "fd00:100::1/128"]
+public_key = "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg="
+allow = ["tcp/5432", "udp/53", "tcp/8000-8100", "icmp"]
+
+[[tunnel.peer]]
+name = "db"
+addresses = ["10.100.1.0/24"]
+
+[audit]
+path = "/var/log/ztxdp/audit.jsonl"
+"#;
+
+    #[test]
+    fn a_full_config_round_trips() {
+        let config = parse_ok(FULL);
+        let net = |s: &str| -> IpNet { s.parse().expect("test prefix") };
+        let want = Policy {
+            edge: Some(EdgePolicy {
+                interface: "eth0".into(),
+                wireguard_ports: vec![51820, 51821],
+                ssh_port: 2222,
+                ssh_allow: vec![net("192.0.2.10/32"), net("2001:db8:1::/64")],
+            }),
+            tunnel: Some(TunnelPolicy {
+                interface: "wg0".into(),
+                peers: vec![
+                    Peer {
+                        name: "app-1".into(),
+                        addresses: vec![net("10.100.0.1/32"), net("fd00:100::1/128")],
+                        public_key: Some("xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=".into()),
+                        grants: vec![
+                            Grant::Ports {
+                                protocol: Protocol::Tcp,
+                                first: 5432,
+                                last: 5432,
+                            },
+                            Grant::Ports {
+                                protocol: Protocol::Udp,
+                                first: 53,
+                                last: 53,
+                            },
+                            Grant::Ports {
+                                protocol: Protocol::Tcp,
+                                first: 8000,
+                                last: 8100,
+                            },
+                            Grant::Icmp,
+                        ],
+                    },
+                    Peer {
+                        name: "db".into(),
+                        addresses: vec![net("10.100.1.0/24")],
+                        public_key: None,
+                        grants: vec![],
+                    },
+                ],
+                runtime_grants: PathBuf::from("/run/grants.json"),
+            }),
+            audit: AuditSettings {
+                path: PathBuf::from("/var/log/ztxdp/audit.jsonl"),
+            },
+        };
+        assert_eq!(config.policy, want);
+        assert_eq!(config.path, Path::new(PATH));
+        // Lines of keys, for callers that report their own errors.
+        assert_eq!(config.line_of("edge"), Some(2));
+        assert_eq!(config.line_of("edge.ssh_allow[1]"), Some(6));
+        assert_eq!(config.line_of("tunnel.peer[1]"), Some(18));
+        assert_eq!(config.line_of("tunnel.peer[0].allow[3]"), Some(16));
+        assert_eq!(config.line_of("tunnel.peer[1].allow"), None);
+        let shown = config
+            .invalid("tunnel.peer[1].allow", "no grants")
+            .to_string();
+        assert_eq!(shown, format!("{PATH}:18: tunnel.peer[1].allow: no grants"));
+        // Grants print in the form they were written.
+        let grants = &config.policy.tunnel.as_ref().expect("tunnel").peers[0].grants;
+        let printed: Vec<String> = grants.iter().map(ToString::to_string).collect();
+        assert_eq!(printed, ["tcp/5432", "udp/53", "tcp/8000-8100", "icmp"]);
+    }
+
+    #[test]
+    fn defaults_apply() {
+        let config = parse_ok(&tunnel_with(&[
+            "[[tunnel.peer]]\nname = \"a\"\naddresses = [\"10.0.0.1\"]",
+        ]));
+        let tunnel = config.policy.tunnel.expect("tunnel");
+        assert_eq!(tunnel.runtime_grants, Path::new(DEFAULT_RUNTIME_GRANTS));
+        assert_eq!(tunnel.peers[0].grants, []);
+        assert_eq!(tunnel.peers[0].public_key, None);
+        assert_eq!(config.policy.edge, None);
+    }
+
+    #[test]
+    fn config_grants_parse() {
+        let ports = |protocol, first, last| Grant::Ports {
+            protocol,
+            first,
+            last,
+        };
+        assert_eq!(
+            parse_grant("tcp/5432"),
+            Ok(ports(Protocol::Tcp, 5432, 5432))
+        );
+        assert_eq!(parse_grant("udp/53"), Ok(ports(Protocol::Udp, 53, 53)));
+        assert_eq!(
+            parse_grant("tcp/8000-8100"),
+            Ok(ports(Protocol::Tcp, 8000, 8100))
+        );
+        assert_eq!(
+            parse_grant("TCP/1-65535"),
+            Ok(ports(Protocol::Tcp, 1, 65535))
+        );
+        assert_eq!(parse_grant("icmp"), Ok(Grant::Icmp));
+        assert_eq!(parse_grant("tcp/0"), Err(GrantError::PortZero));
+        assert_eq!(parse_grant("tcp/10-0"), Err(GrantError::PortZero));
+        assert_eq!(
+            parse_grant("udp/9-8"),
+            Err(GrantError::RangeReversed { first: 9, last: 8 })
+        );
+        assert_eq!(
+            parse_grant("sctp/5"),
+            Err(GrantError::UnknownProtocol {
+                protocol: "sctp".into()
+            })
+        );
+        assert_eq!(
+            parse_grant("tcp/65536"),
+            Err(GrantError::BadPort {
+                text: "65536".into()
+            })
+        );
+        assert_eq!(
+            parse_grant("tcp/+5"),
+            Err(GrantError::BadPort { text: "+5".into() })
+        );
+        assert_eq!(
+            parse_grant("tcp/"),
+            Err(GrantError::BadPort {
+                text: String::new()
+            })
+        );
+        assert_eq!(
+            parse_grant("tcp/1-"),
+            Err(GrantError::BadPort {
+                text: String::new()
+            })
+        );
+        // The CLI form is not the config form.
+        assert!(
+            matches!(parse_grant("5432"), Err(GrantError::Form { .. })),
+            "{:?}",
+            parse_grant("5432")
+        );
+        assert!(matches!(
+            parse_grant("5432/tcp"),
+            Err(GrantError::UnknownProtocol { .. })
+        ));
+        assert!(matches!(
+            parse_grant("icmp/8"),
+            Err(GrantError::Form { .. })
+        ));
+    }
+
+    #[test]
+    fn cli_grants_parse() {
+        let ports = |protocol, first, last| Grant::Ports {
+            protocol,
+            first,
+            last,
+        };
+        assert_eq!(
+            parse_cli_grant("5432"),
+            Ok(ports(Protocol::Tcp, 5432, 5432))
+        );
+        assert_eq!(
+            parse_cli_grant("5432/tcp"),
+            Ok(ports(Protocol::Tcp, 5432, 5432))
+        );
+        assert_eq!(parse_cli_grant("53/udp"), Ok(ports(Protocol::Udp, 53, 53)));
+        assert_eq!(
+            parse_cli_grant("8000-8100/tcp"),
+            Ok(ports(Protocol::Tcp, 8000, 8100))
+        );
+        assert_eq!(
+            parse_cli_grant("8000-8100"),
+            Ok(ports(Protocol::Tcp, 8000, 8100))
+        );
+        assert_eq!(parse_cli_grant("icmp"), Ok(Grant::Icmp));
+        assert_eq!(parse_cli_grant("0"), Err(GrantError::PortZero));
+        assert_eq!(parse_cli_grant("0/udp"), Err(GrantError::PortZero));
+        assert_eq!(
+            parse_cli_grant("100-99"),
+            Err(GrantError::RangeReversed {
+                first: 100,
+                last: 99
+            })
+        );
+        assert_eq!(
+            parse_cli_grant("53/gre"),
+            Err(GrantError::UnknownProtocol {
+                protocol: "gre".into()
+            })
+        );
+        assert_eq!(
+            parse_cli_grant("http"),
+            Err(GrantError::BadPort {
+                text: "http".into()
+            })
+        );
+        assert_eq!(
+            parse_cli_grant("70000/udp"),
+            Err(GrantError::BadPort {
+                text: "70000".into()
+            })
+        );
+        assert!(matches!(
+            parse_cli_grant("8/icmp"),
+            Err(GrantError::Form { .. })
+        ));
+        assert_eq!(
+            parse_cli_grant("tcp/22"),
+            Err(GrantError::UnknownProtocol {
+                protocol: "22".into()
+            })
+        );
+    }
+
+    #[test]
+    fn grants_print_in_config_form_and_parse_back() {
+        for text in ["tcp/22", "udp/53", "tcp/8000-8100", "udp/1-65535", "icmp"] {
+            let grant = parse_grant(text).unwrap_or_else(|e| panic!("{text}: {e}"));
+            assert_eq!(grant.to_string(), text);
+        }
+    }
+
+    #[test]
+    fn interfaces_are_checked_in_this_namespace() {
+        // Read-only lookups: nothing is attached to anything.
+        let ok = parse_ok(&edge_with("").replace("\"eth0\"", "\"lo\""));
+        ok.check_interfaces()
+            .unwrap_or_else(|e| panic!("lo exists in every namespace: {e}"));
+        let missing = parse_ok(&edge_with("").replace("\"eth0\"", "\"ztxdp-none9\""));
+        let shown = missing
+            .check_interfaces()
+            .expect_err("no such interface")
+            .to_string();
+        assert_eq!(
+            shown,
+            format!(
+                "{PATH}:2: edge.interface: no interface \"ztxdp-none9\" in this network namespace"
+            )
+        );
+        let tunnel = parse_ok(&tunnel_with(&[]).replace("\"wg0\"", "\"ztxdp-none8\""));
+        let shown = tunnel
+            .check_interfaces()
+            .expect_err("no such interface")
+            .to_string();
+        assert!(
+            shown.starts_with(&format!("{PATH}:2: tunnel.interface: ")),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn the_examples_parse() {
+        let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+        let lab = Config::load(&examples.join("lab.toml")).unwrap_or_else(|e| panic!("{e}"));
+        let edge = lab.policy.edge.as_ref().expect("the lab has an edge");
+        assert_eq!(
+            (
+                edge.interface.as_str(),
+                edge.wireguard_ports.as_slice(),
+                edge.ssh_port
+            ),
+            ("eth0", &[51820][..], 22)
+        );
+        let lab_sources = [
+            IpNet::from(IpAddr::from(Ipv4Addr::new(10, 77, 0, 2))),
+            IpNet::from(IpAddr::from(
+                "fd77::2".parse::<Ipv6Addr>().expect("address"),
+            )),
+        ];
+        assert_eq!(edge.ssh_allow, lab_sources);
+        assert_eq!(
+            lab.policy.audit.path,
+            Path::new("/tmp/ztxdp-lab/audit.jsonl")
+        );
+
+        let production =
+            Config::load(&examples.join("ztxdp.toml")).unwrap_or_else(|e| panic!("{e}"));
+        let tunnel = production
+            .policy
+            .tunnel
+            .as_ref()
+            .expect("the production example has a tunnel");
+        assert_eq!(tunnel.peers.len(), 2);
+        assert!(
+            production.policy.edge.is_some(),
+            "the production example has an edge"
+        );
+        for key in [
+            "edge.ssh_port",
+            "tunnel.runtime_grants",
+            "tunnel.peer[0].public_key",
+            "tunnel.peer[1].allow",
+        ] {
+            assert!(
+                production.line_of(key).is_some(),
+                "the production example should show {key}"
+            );
+        }
+    }
+}

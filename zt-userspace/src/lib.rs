@@ -2,8 +2,14 @@
 //!
 //! The binary (`src/main.rs`) is a thin clap front end over this library.
 
+pub mod attach;
+pub mod audit;
 pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod grants;
 pub mod loader;
+pub mod lockout;
 pub mod model;
 pub mod policy;
 pub mod tables;

@@ -1,13 +1,219 @@
-fn main() -> anyhow::Result<()> {
-    let mut bpf = aya::EbpfLoader::new().load(ztxdp::BPF_OBJECT)?;
-    for (name, p) in bpf.programs_mut() {
-        match p {
-            aya::programs::Program::Xdp(x) => x.load()?,
-            aya::programs::Program::SchedClassifier(x) => x.load()?,
-            _ => {}
+//! `ztxdp`: the command line. Parsing and printing only; the work is done by
+//! the `ztxdp` library.
+
+use std::{io::Write as _, path::PathBuf, process::ExitCode};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use ztxdp::{
+    config::Config,
+    control::{self, Status},
+    daemon::{self, Enforcing, UpOptions},
+};
+
+const DEFAULT_CONFIG: &str = "/etc/ztxdp/ztxdp.toml";
+
+#[derive(Parser)]
+#[command(
+    name = "ztxdp",
+    version,
+    about = "Zero-trust packet authorization: XDP on the external interface, per-peer grants on WireGuard",
+    after_help = "Examples:\n  \
+        ztxdp check --config /etc/ztxdp/ztxdp.toml\n  \
+        ztxdp up --config /etc/ztxdp/ztxdp.toml\n  \
+        ztxdp status --json\n  \
+        ztxdp allow app-2 5432\n  \
+        ztxdp revoke 10.100.0.1 53/udp\n  \
+        ztxdp down"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate the config, load and attach the programs, and write the audit
+    /// log until Ctrl-C or SIGTERM (which detach). If this process is killed,
+    /// enforcement stays in place; a new `up` takes over without a gap.
+    #[command(after_help = "Examples:\n  ztxdp up --config /etc/ztxdp/ztxdp.toml\n  \
+        ztxdp up --config lab.toml --iface veth0")]
+    Up {
+        #[arg(long, env = "ZTXDP_CONFIG", default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// Attach the edge program here instead of `edge.interface`.
+        #[arg(long)]
+        iface: Option<String>,
+        /// Attach the tunnel program here instead of `tunnel.interface`.
+        #[arg(long)]
+        tunnel_iface: Option<String>,
+        /// Start even if your own SSH session is not in `edge.ssh_allow`.
+        #[arg(long)]
+        allow_lockout: bool,
+    },
+    /// Validate a config file without touching the kernel.
+    #[command(after_help = "Example:\n  ztxdp check --config /etc/ztxdp/ztxdp.toml")]
+    Check {
+        #[arg(long, env = "ZTXDP_CONFIG", default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Show attached programs, counters per reason and map fill levels.
+    #[command(after_help = "Examples:\n  ztxdp status\n  ip netns exec edge ztxdp status --json")]
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove every ztxdp program from this network namespace.
+    #[command(after_help = "Example:\n  ztxdp down")]
+    Down,
+    /// Grant a tunnel peer access to a local port, now and across restarts.
+    #[command(after_help = "Examples:\n  ztxdp allow app-2 5432\n  ztxdp allow 10.100.0.2 53/udp\n  \
+        ztxdp allow app-1 8000-8100/tcp\n  ztxdp allow app-1 icmp")]
+    Allow {
+        /// Peer name, or an address inside one of its prefixes.
+        peer: String,
+        /// PORT[/PROTO] (tcp by default), a range FIRST-LAST[/PROTO], or `icmp`.
+        grant: String,
+        #[arg(long, env = "ZTXDP_CONFIG", default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Take a grant away; open connections stop passing at the next packet.
+    #[command(after_help = "Examples:\n  ztxdp revoke app-1 5432\n  ztxdp revoke app-1 icmp")]
+    Revoke {
+        peer: String,
+        grant: String,
+        #[arg(long, env = "ZTXDP_CONFIG", default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// List every peer's effective grants (config plus runtime changes).
+    #[command(after_help = "Example:\n  ztxdp list --json")]
+    List {
+        #[arg(long)]
+        json: bool,
+        #[arg(long, env = "ZTXDP_CONFIG", default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("ztxdp: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
         }
-        println!("loaded {name}");
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("ztxdp: {e:#}");
+            // Configuration and lockout refusals are usage errors (2): nothing was changed.
+            let usage = e.chain().any(|c| {
+                c.downcast_ref::<ztxdp::config::ConfigError>().is_some()
+                    || c.downcast_ref::<ztxdp::lockout::LockoutError>().is_some()
+                    || matches!(
+                        c.downcast_ref::<daemon::DaemonError>(),
+                        Some(daemon::DaemonError::Config(_) | daemon::DaemonError::Lockout(_))
+                    )
+            });
+            if usage { ExitCode::from(2) } else { ExitCode::FAILURE }
+        }
     }
-    for (name, _) in bpf.maps() { println!("map {name}"); }
+}
+
+async fn run(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Up { config, iface, tunnel_iface, allow_lockout } => {
+            let opts = UpOptions { config, iface, tunnel_iface, allow_lockout };
+            daemon::up(&opts, print_ready).await.context("ztxdp up failed; nothing was left half-applied")?;
+        }
+        Command::Check { config } => {
+            let c = Config::load(&config)?;
+            println!(
+                "{}: ok (edge: {}, tunnel: {} peers)",
+                config.display(),
+                c.policy.edge.as_ref().map_or("none", |e| e.interface.as_str()),
+                c.policy.tunnel.as_ref().map_or(0, |t| t.peers.len())
+            );
+        }
+        Command::Status { json } => {
+            let s = control::status().await.context("ztxdp status")?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                print_status(&s);
+            }
+        }
+        Command::Down => {
+            let removed = control::down().await.context("ztxdp down")?;
+            for a in removed {
+                println!("removed program {} ({}) from {}", a.program_id, a.mode, a.interface);
+            }
+        }
+        Command::Allow { peer, grant, config } => grant_change(&config, &peer, &grant, true).await?,
+        Command::Revoke { peer, grant, config } => grant_change(&config, &peer, &grant, false).await?,
+        Command::List { json, config } => {
+            let c = Config::load(&config)?;
+            let peers = control::list(&c)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&peers)?);
+            } else {
+                for p in peers {
+                    println!("{:<16} {:<40} {}", p.name, p.addresses.join(","), p.grants.join(" "));
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn grant_change(config: &std::path::Path, peer: &str, grant: &str, allow: bool) -> anyhow::Result<()> {
+    let c = Config::load(config)?;
+    let change = control::change_grant(&c, peer, grant, allow)
+        .await
+        .with_context(|| format!("{} {peer} {grant}: nothing was changed", if allow { "allow" } else { "revoke" }))?;
+    let verb = if allow { "allowed" } else { "revoked" };
+    let state = if change.live { "in effect now" } else { "saved; no tunnel program is running here, applies at next `ztxdp up`" };
+    println!("{verb} {} for {} ({state}); grants now: {}", change.grant, change.peer, change.grants.join(" "));
     Ok(())
+}
+
+fn print_ready(e: &Enforcing) {
+    if let Some((a, mode)) = &e.edge {
+        eprintln!("ztxdp: edge program {} attached to {} ({mode:?} XDP)", a.program_id, a.interface);
+    }
+    if let Some(a) = &e.tunnel {
+        eprintln!("ztxdp: tunnel program {} attached to {} ingress (tc clsact filter)", a.program_id, a.interface);
+    }
+    let mut out = std::io::stdout();
+    // Callers wait for this exact line; a closed stdout must not stop the daemon.
+    let _ = writeln!(out, "ztxdp: ready");
+    let _ = out.flush();
+}
+
+fn print_status(s: &Status) {
+    for (label, p) in [("edge", &s.edge), ("tunnel", &s.tunnel)] {
+        let Some(p) = p else { continue };
+        println!(
+            "{label}: program {} on {} (ifindex {}), mode {}",
+            p.attachment.program_id, p.attachment.interface, p.attachment.ifindex, p.attachment.mode
+        );
+        for (name, n) in p.counters.iter().filter(|(_, n)| **n > 0) {
+            println!("  {name:<24} {n}");
+        }
+        let maps: Vec<String> = p.maps.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        println!("  maps: {}", maps.join(" "));
+        for peer in &p.peers {
+            println!("  peer #{:<5} allowed {:<10} denied {}", peer.index, peer.allowed, peer.denied);
+        }
+    }
 }

@@ -1,7 +1,7 @@
 //! The validated policy: what `config` produces, what `tables` writes into
 //! the BPF maps, and what `model` evaluates. Plain data, no parsing.
 
-use std::path::PathBuf;
+use std::{fmt, path::PathBuf};
 
 use ipnet::IpNet;
 
@@ -35,9 +35,32 @@ impl Protocol {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Grant {
     /// Ports `first..=last` (`first == last` for a single port; never 0).
-    Ports { protocol: Protocol, first: u16, last: u16 },
+    Ports {
+        protocol: Protocol,
+        first: u16,
+        last: u16,
+    },
     /// ICMP and ICMPv6 echo requests.
     Icmp,
+}
+
+/// The configuration-file form: `tcp/5432`, `udp/8000-8100`, `icmp`.
+impl fmt::Display for Grant {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Ports {
+                protocol,
+                first,
+                last,
+            } if first == last => write!(f, "{}/{first}", protocol.name()),
+            Self::Ports {
+                protocol,
+                first,
+                last,
+            } => write!(f, "{}/{first}-{last}", protocol.name()),
+            Self::Icmp => f.write_str("icmp"),
+        }
+    }
 }
 
 /// The edge (XDP) policy.

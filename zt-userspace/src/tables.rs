@@ -74,7 +74,7 @@ impl Tables {
     /// from any process and mount namespace.
     ///
     /// # Errors
-    /// When an id cannot be opened or a map is missing.
+    /// When an id cannot be opened.
     pub fn from_map_ids(ids: &[u32]) -> Result<Self, TablesError> {
         let mut maps = HashMap::new();
         for &id in ids {
@@ -85,11 +85,8 @@ impl Tables {
             };
             maps.insert(*name, Map::from_map_data(data).map_err(map_err(name))?);
         }
-        for name in ALL_MAPS {
-            if !maps.contains_key(name) {
-                return Err(TablesError::MissingMap { name });
-            }
-        }
+        // A program only holds the maps it uses (the edge program has no peer
+        // maps), so absence is reported when a missing map is used.
         Ok(Self { maps })
     }
 
@@ -235,25 +232,31 @@ impl Tables {
     /// When a map cannot be walked.
     pub fn fill_levels(&self) -> Result<BTreeMap<&'static str, usize>, TablesError> {
         let mut out = BTreeMap::new();
-        let t4: LpmTrie<_, [u8; 4], u8> =
-            LpmTrie::try_from(self.get_ref(map::SSH_ALLOW_V4)?).map_err(map_err(map::SSH_ALLOW_V4))?;
-        out.insert("ssh_allow_v4", t4.keys().count());
-        let t6: LpmTrie<_, [u8; 16], u8> =
-            LpmTrie::try_from(self.get_ref(map::SSH_ALLOW_V6)?).map_err(map_err(map::SSH_ALLOW_V6))?;
-        out.insert("ssh_allow_v6", t6.keys().count());
-        let p4: LpmTrie<_, [u8; 4], PeerInfo> =
-            LpmTrie::try_from(self.get_ref(map::PEER_V4)?).map_err(map_err(map::PEER_V4))?;
-        out.insert("peer_v4", p4.keys().count());
-        let p6: LpmTrie<_, [u8; 16], PeerInfo> =
-            LpmTrie::try_from(self.get_ref(map::PEER_V6)?).map_err(map_err(map::PEER_V6))?;
-        out.insert("peer_v6", p6.keys().count());
-        let g: BpfHashMap<_, GrantKey, u64> =
-            BpfHashMap::try_from(self.get_ref(map::GRANTS)?).map_err(map_err(map::GRANTS))?;
-        out.insert("grant_words", g.keys().count());
-        let udp: Array<_, u64> =
-            Array::try_from(self.get_ref(map::EDGE_UDP_PORTS)?).map_err(map_err(map::EDGE_UDP_PORTS))?;
-        let ports: u32 = udp.iter().filter_map(Result::ok).map(u64::count_ones).sum();
-        out.insert("udp_ports", ports as usize);
+        if let Some(m) = self.maps.get(map::SSH_ALLOW_V4) {
+            let t: LpmTrie<_, [u8; 4], u8> = LpmTrie::try_from(m).map_err(map_err(map::SSH_ALLOW_V4))?;
+            out.insert("ssh_allow_v4", t.keys().count());
+        }
+        if let Some(m) = self.maps.get(map::SSH_ALLOW_V6) {
+            let t: LpmTrie<_, [u8; 16], u8> = LpmTrie::try_from(m).map_err(map_err(map::SSH_ALLOW_V6))?;
+            out.insert("ssh_allow_v6", t.keys().count());
+        }
+        if let Some(m) = self.maps.get(map::PEER_V4) {
+            let t: LpmTrie<_, [u8; 4], PeerInfo> = LpmTrie::try_from(m).map_err(map_err(map::PEER_V4))?;
+            out.insert("peer_v4", t.keys().count());
+        }
+        if let Some(m) = self.maps.get(map::PEER_V6) {
+            let t: LpmTrie<_, [u8; 16], PeerInfo> = LpmTrie::try_from(m).map_err(map_err(map::PEER_V6))?;
+            out.insert("peer_v6", t.keys().count());
+        }
+        if let Some(m) = self.maps.get(map::GRANTS) {
+            let g: BpfHashMap<_, GrantKey, u64> = BpfHashMap::try_from(m).map_err(map_err(map::GRANTS))?;
+            out.insert("grant_words", g.keys().count());
+        }
+        if let Some(m) = self.maps.get(map::EDGE_UDP_PORTS) {
+            let udp: Array<_, u64> = Array::try_from(m).map_err(map_err(map::EDGE_UDP_PORTS))?;
+            let ports: u32 = udp.iter().filter_map(Result::ok).map(u64::count_ones).sum();
+            out.insert("udp_ports", ports as usize);
+        }
         Ok(out)
     }
 }

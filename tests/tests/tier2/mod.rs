@@ -1,0 +1,237 @@
+//! Shared by the tier-2 test crates (`mod tier2;`): runs frames through
+//! the loaded programs with `BPF_PROG_TEST_RUN` (needs root; nothing is
+//! attached to any interface).
+//!
+//! Every run is checked the same way: exactly one verdict counter of the
+//! program must move, by exactly one, and the program's return value must
+//! be the pass or drop action that reason implies. So a test that expects a
+//! reason also proves the packet was counted once and acted on accordingly.
+//!
+//! What the programs see (kernel 6.18, `net/bpf/test_run.c`):
+//! - XDP: the bytes as given. Inputs shorter than 14 bytes are refused with
+//!   `EINVAL`, and so are inputs whose part after the XDP metadata (which
+//!   `ctx_in` can declare) is shorter: frames of 0 to 13 bytes cannot be run.
+//! - TC (`SCHED_CLS`): the kernel runs `eth_type_trans` over the first 14
+//!   bytes (so inputs shorter than 14 bytes are refused with `EINVAL`) and
+//!   then pushes those 14 bytes back, because `SCHED_CLS` is an L2 program
+//!   type; `data` therefore starts at byte 0 of the input whatever the
+//!   device. For `tunnel_l2 = false` the input is simply the bare IP packet:
+//!   its first 14 bytes are misread as an Ethernet header by the kernel,
+//!   which only sets `skb->protocol` from them, and the program then parses
+//!   the same bytes as IP, as it would on a WireGuard device.
+
+use std::{
+    collections::BTreeMap,
+    sync::{LazyLock, Mutex, MutexGuard, PoisonError},
+};
+
+use aya::{
+    Ebpf, TestRun as _, TestRunOptions,
+    programs::{ProgramError, SchedClassifier, Xdp},
+};
+use zt_common::{program, reason};
+use zt_tests::packet::hex_dump;
+use ztxdp::{
+    loader::{self, LoadOptions},
+    policy::{EdgePolicy, TunnelPolicy},
+    tables::Tables,
+};
+
+/// `XDP_DROP` and `XDP_PASS`; `XDP_ABORTED` (0) must never come back.
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+/// `TC_ACT_OK` and `TC_ACT_SHOT`.
+pub const TC_ACT_OK: u32 = 0;
+pub const TC_ACT_SHOT: u32 = 2;
+
+/// The result of one run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Run {
+    /// The program's return value.
+    pub action: u32,
+    /// The one verdict counter that moved.
+    pub reason: u32,
+}
+
+/// Both programs, loaded and configured, with their maps.
+pub struct Programs {
+    pub ebpf: Ebpf,
+    pub tables: Tables,
+}
+
+impl Programs {
+    /// Loads both programs and writes the given policies.
+    ///
+    /// # Panics
+    /// When loading or configuring fails (not root, verifier rejection).
+    #[must_use]
+    pub fn load(tunnel_l2: bool, edge: Option<&EdgePolicy>, tunnel: Option<&TunnelPolicy>) -> Self {
+        let mut ebpf = loader::load(LoadOptions { tunnel_l2 })
+            .unwrap_or_else(|e| panic!("loading the BPF programs (tests must run as root): {e:?}"));
+        let mut tables = Tables::from_ebpf(&mut ebpf).unwrap_or_else(|e| panic!("taking the maps: {e:?}"));
+        if let Some(p) = edge {
+            tables.apply_edge(p).unwrap_or_else(|e| panic!("writing the edge policy: {e:?}"));
+        }
+        if let Some(p) = tunnel {
+            tables.apply_tunnel(p).unwrap_or_else(|e| panic!("writing the tunnel policy: {e:?}"));
+        }
+        Self { ebpf, tables }
+    }
+
+    /// Runs `zt_edge` on `frame`.
+    ///
+    /// # Errors
+    /// When the kernel refuses the run (e.g. an input it cannot build a
+    /// context from); the counters are then checked not to have moved.
+    ///
+    /// # Panics
+    /// When the counters or the action are inconsistent (see the module docs).
+    pub fn edge(&mut self, frame: &[u8]) -> Result<Run, ProgramError> {
+        let before = self.counters(program::EDGE);
+        let prog: &mut Xdp = loader::program_mut(&mut self.ebpf, program::EDGE_NAME)
+            .unwrap_or_else(|e| panic!("program {}: {e:?}", program::EDGE_NAME));
+        let result = prog.test_run(TestRunOptions { data_in: Some(frame), ..Default::default() });
+        self.finish(program::EDGE, &before, result.map(|r| r.return_value), frame)
+    }
+
+    /// Runs `zt_tunnel` on `packet` (an Ethernet frame or a bare IP packet,
+    /// as the programs were loaded).
+    ///
+    /// # Errors
+    /// As [`Self::edge`].
+    ///
+    /// # Panics
+    /// As [`Self::edge`].
+    pub fn tunnel(&mut self, packet: &[u8]) -> Result<Run, ProgramError> {
+        let before = self.counters(program::TUNNEL);
+        let prog: &mut SchedClassifier = loader::program_mut(&mut self.ebpf, program::TUNNEL_NAME)
+            .unwrap_or_else(|e| panic!("program {}: {e:?}", program::TUNNEL_NAME));
+        let result = prog.test_run(TestRunOptions { data_in: Some(packet), ..Default::default() });
+        self.finish(program::TUNNEL, &before, result.map(|r| r.return_value), packet)
+    }
+
+    /// Verdict counters of one program, summed over CPUs.
+    ///
+    /// # Panics
+    /// When the counter map cannot be read.
+    #[must_use]
+    pub fn counters(&self, prog: u32) -> BTreeMap<u32, u64> {
+        let mut c = self
+            .tables
+            .counters(prog)
+            .unwrap_or_else(|e| panic!("reading the counters: {e:?}"));
+        // Audit bookkeeping moves with the ring buffer's fill level, not with
+        // the verdict; only verdict counters identify the reason.
+        c.retain(|code, _| reason::ALL.contains(code));
+        c
+    }
+
+    fn finish(
+        &self,
+        prog: u32,
+        before: &BTreeMap<u32, u64>,
+        result: Result<u32, ProgramError>,
+        input: &[u8],
+    ) -> Result<Run, ProgramError> {
+        let after = self.counters(prog);
+        let moved: Vec<(u32, u64)> = after
+            .iter()
+            .filter_map(|(code, n)| {
+                let delta = n - before.get(code).copied().unwrap_or(0);
+                (delta != 0).then_some((*code, delta))
+            })
+            .collect();
+        let action = match result {
+            Ok(a) => a,
+            Err(e) => {
+                assert!(moved.is_empty(), "refused run still moved counters {moved:?}");
+                return Err(e);
+            }
+        };
+        let [(code, 1)] = moved[..] else {
+            panic!(
+                "program {prog}: expected exactly one verdict counter to move by one, got {:?}\n{}",
+                moved.iter().map(|(c, n)| (reason::name(*c), *n)).collect::<Vec<_>>(),
+                hex_dump(input)
+            );
+        };
+        let (pass, drop) = if prog == program::EDGE { (XDP_PASS, XDP_DROP) } else { (TC_ACT_OK, TC_ACT_SHOT) };
+        let want = if reason::is_allow(code) { pass } else { drop };
+        assert_eq!(
+            action,
+            want,
+            "program {prog}: reason {} but action {action}\n{}",
+            reason::name(code),
+            hex_dump(input)
+        );
+        Ok(Run { action, reason: code })
+    }
+}
+
+/// A program shared by the tests of one crate. Loading once keeps the
+/// crate fast; the mutex serialises the tests so that counter deltas are
+/// exact.
+pub type Shared = LazyLock<Mutex<Programs>>;
+
+/// Locks a [`Shared`]. A test that panicked while holding it left the
+/// programs consistent (every check is a delta), so poisoning is ignored.
+pub fn lock(shared: &'static Shared) -> MutexGuard<'static, Programs> {
+    shared.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// One named input and the reason it must produce.
+pub struct Case {
+    pub name: String,
+    pub input: Vec<u8>,
+    pub want: u32,
+}
+
+impl Case {
+    pub fn new(name: impl Into<String>, input: Vec<u8>, want: u32) -> Self {
+        Self { name: name.into(), input, want }
+    }
+}
+
+/// Which program a table of cases goes through.
+#[derive(Clone, Copy, Debug)]
+pub enum Prog {
+    Edge,
+    Tunnel,
+}
+
+impl Programs {
+    /// Runs one input through `prog`, panicking if the kernel refuses it.
+    ///
+    /// # Panics
+    /// When the run fails or is inconsistent.
+    pub fn run(&mut self, prog: Prog, input: &[u8]) -> Run {
+        let r = match prog {
+            Prog::Edge => self.edge(input),
+            Prog::Tunnel => self.tunnel(input),
+        };
+        r.unwrap_or_else(|e| panic!("{prog:?}: test run refused: {e:?}\n{}", hex_dump(input)))
+    }
+
+    /// Runs every case and panics listing all the ones that got another
+    /// reason, so one failure does not hide the rest.
+    ///
+    /// # Panics
+    /// When a case fails.
+    pub fn expect_all(&mut self, prog: Prog, cases: &[Case]) {
+        assert!(!cases.is_empty(), "no cases");
+        let mut failures = Vec::new();
+        for c in cases {
+            let got = self.run(prog, &c.input).reason;
+            if got != c.want {
+                failures.push(format!(
+                    "{}: want {}, got {}\n{}",
+                    c.name,
+                    reason::name(c.want),
+                    reason::name(got),
+                    hex_dump(&c.input)
+                ));
+            }
+        }
+        assert!(failures.is_empty(), "{prog:?}: {} of {} cases failed:\n{}", failures.len(), cases.len(), failures.join("\n"));
+    }
+}

@@ -1,0 +1,371 @@
+//! Attaching, finding and detaching the programs, always in the current
+//! network namespace.
+//!
+//! Both programs are attached the "sticky" way, through netlink rather than
+//! as bpf_links: a bpf_link dies with the last file descriptor, so a crash of
+//! the daemon would open the host. A netlink XDP attachment or clsact filter
+//! stays until removed, and is found again by interface from any process;
+//! its maps are then opened by kernel id (see `tables::Tables::from_map_ids`).
+
+use std::os::fd::{AsFd as _, AsRawFd as _};
+
+use aya::programs::{
+    ProgramFd, ProgramInfo, SchedClassifier, TcAttachType,
+    tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
+};
+use futures_util::TryStreamExt as _;
+use netlink_packet_route::{
+    link::{LinkAttribute, LinkXdp, XdpAttached},
+    tc::{TcAttribute, TcFilterBpfOption, TcOption},
+};
+use rtnetlink::{Handle, LinkUnspec};
+use zt_common::program;
+
+/// `XDP_FLAGS_UPDATE_IF_NOEXIST`: refuse to clobber a program we did not put there.
+const XDP_FLAGS_UPDATE_IF_NOEXIST: u32 = 1 << 0;
+const XDP_FLAGS_SKB_MODE: u32 = 1 << 1;
+const XDP_FLAGS_DRV_MODE: u32 = 1 << 2;
+/// `XDP_FLAGS_REPLACE`: swap atomically, only if the expected program is attached.
+const XDP_FLAGS_REPLACE: u32 = 1 << 4;
+
+/// Our clsact filter's fixed priority and handle, so a restart can find and
+/// replace it in place instead of stacking a second filter.
+const TC_PRIORITY: u16 = 1;
+const TC_HANDLE: TcHandle = TcHandle::new(0, 0x7a74);
+
+/// Errors attaching, finding or detaching.
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    #[error("netlink socket: {0}")]
+    Socket(#[source] std::io::Error),
+    #[error("netlink request failed on {interface}: {source}")]
+    Netlink {
+        interface: String,
+        #[source]
+        source: rtnetlink::Error,
+    },
+    #[error("no interface {interface} in this network namespace")]
+    NoInterface { interface: String },
+    #[error(
+        "{interface} already has XDP program {name:?} (id {id}) that is not ztxdp's; \
+         remove it first (ip link set dev {interface} xdp off)"
+    )]
+    ForeignXdp { interface: String, id: u32, name: String },
+    #[error("attaching XDP to {interface} failed in native and generic mode: {source}")]
+    XdpAttach {
+        interface: String,
+        #[source]
+        source: rtnetlink::Error,
+    },
+    #[error("TC on {interface}: {source}")]
+    Tc {
+        interface: String,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("BPF program id {id}: {source}")]
+    ProgramInfo {
+        id: u32,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+}
+
+/// How an XDP program is attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpMode {
+    /// In the driver: runs before the kernel allocates an skb.
+    Native,
+    /// Generic (skb) mode: works on every device, slower.
+    Generic,
+}
+
+/// A program of ours found attached to an interface.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Attachment {
+    pub interface: String,
+    pub ifindex: u32,
+    pub program_id: u32,
+    /// `native`/`generic` for XDP, `tc` for the clsact filter.
+    pub mode: String,
+    /// Kernel ids of the program's maps.
+    #[serde(skip)]
+    pub map_ids: Vec<u32>,
+}
+
+/// Everything of ours attached in this namespace.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Attached {
+    pub edge: Vec<Attachment>,
+    pub tunnel: Vec<Attachment>,
+}
+
+impl Attached {
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.edge.is_empty() && self.tunnel.is_empty()
+    }
+}
+
+/// A netlink connection bound to the current network namespace.
+///
+/// # Errors
+/// When the socket cannot be opened.
+pub fn connect() -> Result<Handle, AttachError> {
+    let (conn, handle, _) = rtnetlink::new_connection().map_err(AttachError::Socket)?;
+    tokio::spawn(conn);
+    Ok(handle)
+}
+
+/// The index of `interface` in this namespace.
+///
+/// # Errors
+/// When there is no such interface.
+pub fn ifindex(interface: &str) -> Result<u32, AttachError> {
+    let name = std::ffi::CString::new(interface)
+        .map_err(|_| AttachError::NoInterface { interface: interface.to_owned() })?;
+    // SAFETY: `name` is a valid NUL-terminated string for the whole call.
+    match unsafe { libc::if_nametoindex(name.as_ptr()) } {
+        0 => Err(AttachError::NoInterface { interface: interface.to_owned() }),
+        i => Ok(i),
+    }
+}
+
+fn program_info(id: u32) -> Result<Option<ProgramInfo>, AttachError> {
+    for info in aya::programs::loaded_programs() {
+        let info = info.map_err(|source| AttachError::ProgramInfo { id, source })?;
+        if info.id() == id {
+            return Ok(Some(info));
+        }
+    }
+    Ok(None)
+}
+
+fn attachment(interface: String, ifindex: u32, id: u32, mode: &str, name: &str) -> Result<Option<Attachment>, AttachError> {
+    let Some(info) = program_info(id)? else { return Ok(None) };
+    if info.name_as_str() != Some(name) {
+        return Ok(None);
+    }
+    let map_ids = info
+        .map_ids()
+        .map_err(|source| AttachError::ProgramInfo { id, source })?
+        .unwrap_or_default();
+    Ok(Some(Attachment { interface, ifindex, program_id: id, mode: mode.to_owned(), map_ids }))
+}
+
+/// Finds our programs on every interface of this namespace.
+///
+/// # Errors
+/// When netlink or the BPF object lookups fail.
+pub async fn find(handle: &Handle) -> Result<Attached, AttachError> {
+    let mut out = Attached::default();
+    let links: Vec<_> = handle
+        .link()
+        .get()
+        .execute()
+        .try_collect()
+        .await
+        .map_err(|source| AttachError::Netlink { interface: "(all)".into(), source })?;
+    for link in links {
+        let ifindex = link.header.index;
+        let mut name = String::new();
+        let mut xdp = None;
+        for attr in &link.attributes {
+            match attr {
+                LinkAttribute::IfName(n) => name.clone_from(n),
+                LinkAttribute::Xdp(x) => xdp = Some(xdp_state(x)),
+                _ => {}
+            }
+        }
+        if let Some((id, mode)) = xdp.flatten()
+            && let Some(a) = attachment(name.clone(), ifindex, id, mode, program::EDGE_NAME)?
+        {
+            out.edge.push(a);
+        }
+        for id in tc_ingress_program_ids(handle, ifindex, &name).await? {
+            if let Some(a) = attachment(name.clone(), ifindex, id, "tc", program::TUNNEL_NAME)? {
+                out.tunnel.push(a);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The attached XDP program's id and mode, if any.
+fn xdp_state(attrs: &[LinkXdp]) -> Option<(u32, &'static str)> {
+    let mut id = None;
+    let mut mode = None;
+    for a in attrs {
+        match a {
+            LinkXdp::ProgId(i) => id = Some(*i),
+            LinkXdp::Attached(XdpAttached::Driver) => mode = Some("native"),
+            LinkXdp::Attached(XdpAttached::SocketBuffer) => mode = Some("generic"),
+            LinkXdp::Attached(XdpAttached::Hardware) => mode = Some("offload"),
+            _ => {}
+        }
+    }
+    Some((id?, mode.unwrap_or("unknown")))
+}
+
+async fn tc_ingress_program_ids(handle: &Handle, ifindex: u32, name: &str) -> Result<Vec<u32>, AttachError> {
+    let Ok(index) = i32::try_from(ifindex) else { return Ok(Vec::new()) };
+    let filters: Result<Vec<_>, _> = handle.traffic_filter(index).get().ingress().execute().try_collect().await;
+    // An interface without clsact answers with an error: no filters, not a failure.
+    let Ok(filters) = filters else {
+        tracing::trace!(interface = name, "no ingress filters");
+        return Ok(Vec::new());
+    };
+    let mut ids = Vec::new();
+    for f in filters {
+        for attr in f.attributes {
+            if let TcAttribute::Options(opts) = attr {
+                for o in opts {
+                    if let TcOption::Bpf(TcFilterBpfOption::ProgId(id)) = o {
+                        ids.push(id);
+                    }
+                }
+            }
+        }
+    }
+    Ok(ids)
+}
+
+/// Attaches (or atomically replaces our earlier) XDP program on `interface`.
+/// Native mode first; generic when the driver has no XDP support.
+///
+/// # Errors
+/// When another tool's program is attached, or the kernel refuses.
+pub async fn attach_xdp(handle: &Handle, interface: &str, prog: &ProgramFd, previous: Option<&Attachment>) -> Result<XdpMode, AttachError> {
+    let ifindex = ifindex(interface)?;
+    let links: Vec<_> = handle
+        .link()
+        .get()
+        .match_index(ifindex)
+        .execute()
+        .try_collect()
+        .await
+        .map_err(|source| AttachError::Netlink { interface: interface.to_owned(), source })?;
+    let current = links
+        .iter()
+        .flat_map(|l| &l.attributes)
+        .find_map(|a| if let LinkAttribute::Xdp(x) = a { xdp_state(x) } else { None });
+    let mut replace: Option<(ProgramFd, &'static str)> = None;
+    if let Some((id, mode)) = current {
+        match previous {
+            Some(p) if p.program_id == id => {
+                let info = program_info(id)?.ok_or(AttachError::ForeignXdp {
+                    interface: interface.to_owned(),
+                    id,
+                    name: String::from("(gone)"),
+                })?;
+                let fd = info.fd().map_err(|source| AttachError::ProgramInfo { id, source })?;
+                replace = Some((fd, mode));
+            }
+            _ => {
+                let name = program_info(id)?.and_then(|i| i.name_as_str().map(str::to_owned)).unwrap_or_default();
+                return Err(AttachError::ForeignXdp { interface: interface.to_owned(), id, name });
+            }
+        }
+    }
+    let modes: &[(u32, XdpMode)] = match replace.as_ref().map(|r| r.1) {
+        Some("generic") => &[(XDP_FLAGS_SKB_MODE, XdpMode::Generic)],
+        Some(_) => &[(XDP_FLAGS_DRV_MODE, XdpMode::Native)],
+        None => &[(XDP_FLAGS_DRV_MODE, XdpMode::Native), (XDP_FLAGS_SKB_MODE, XdpMode::Generic)],
+    };
+    let mut last_err = None;
+    for &(mode_flag, mode) in modes {
+        let mut attrs = vec![LinkXdp::Fd(prog.as_fd().as_raw_fd())];
+        match &replace {
+            Some((old, _)) => {
+                attrs.push(LinkXdp::Flags(mode_flag | XDP_FLAGS_REPLACE));
+                attrs.push(LinkXdp::ExpectedFd(fd_u32(old)));
+            }
+            None => attrs.push(LinkXdp::Flags(mode_flag | XDP_FLAGS_UPDATE_IF_NOEXIST)),
+        }
+        let msg = LinkUnspec::new_with_index(ifindex).append_extra_attribute(LinkAttribute::Xdp(attrs)).build();
+        match handle.link().set(msg).execute().await {
+            Ok(()) => return Ok(mode),
+            Err(e) => {
+                tracing::debug!(interface, ?mode, error = %e, "XDP attach attempt failed");
+                last_err = Some(e);
+            }
+        }
+    }
+    Err(AttachError::XdpAttach {
+        interface: interface.to_owned(),
+        source: last_err.unwrap_or(rtnetlink::Error::RequestFailed),
+    })
+}
+
+fn fd_u32(fd: &ProgramFd) -> u32 {
+    // File descriptors are non-negative, so the conversion cannot fail.
+    u32::try_from(fd.as_fd().as_raw_fd()).unwrap_or(u32::MAX)
+}
+
+/// Removes our XDP program from `a.interface`, only if it is still the one
+/// we found (so a concurrent `up` that replaced it is left alone).
+///
+/// # Errors
+/// When netlink refuses.
+pub async fn detach_xdp(handle: &Handle, a: &Attachment) -> Result<(), AttachError> {
+    let now = find(handle).await?;
+    if !now.edge.iter().any(|e| e.ifindex == a.ifindex && e.program_id == a.program_id) {
+        tracing::info!(interface = a.interface, "edge program already removed or replaced");
+        return Ok(());
+    }
+    let Some(info) = program_info(a.program_id)? else { return Ok(()) };
+    let fd = info.fd().map_err(|source| AttachError::ProgramInfo { id: a.program_id, source })?;
+    let mode = if a.mode == "generic" { XDP_FLAGS_SKB_MODE } else { XDP_FLAGS_DRV_MODE };
+    let attrs = vec![
+        LinkXdp::Fd(-1),
+        LinkXdp::ExpectedFd(fd_u32(&fd)),
+        LinkXdp::Flags(mode | XDP_FLAGS_REPLACE),
+    ];
+    let msg = LinkUnspec::new_with_index(a.ifindex).append_extra_attribute(LinkAttribute::Xdp(attrs)).build();
+    handle
+        .link()
+        .set(msg)
+        .execute()
+        .await
+        .map_err(|source| AttachError::Netlink { interface: a.interface.clone(), source })
+}
+
+/// Attaches the tunnel classifier to `interface` ingress as a clsact filter
+/// with our fixed priority and handle, replacing our earlier one in place.
+///
+/// # Errors
+/// When the qdisc or the filter cannot be set up.
+pub fn attach_tc(prog: &mut SchedClassifier, interface: &str, replace: bool) -> Result<(), AttachError> {
+    let tc_err = |source| AttachError::Tc { interface: interface.to_owned(), source };
+    if let Err(e) = tc::qdisc_add_clsact(interface) {
+        // EEXIST: the qdisc is already there, which is what we want.
+        tracing::debug!(interface, error = %e, "clsact qdisc not added (probably present)");
+    }
+    let id = if replace {
+        let link = SchedClassifierLink::attached(interface, TcAttachType::Ingress, TC_PRIORITY, TC_HANDLE, None)
+            .map_err(|e| tc_err(aya::programs::ProgramError::IOError(e)))?;
+        prog.attach_to_link(link).map_err(tc_err)?
+    } else {
+        prog.attach_with_options(
+            interface,
+            TcAttachType::Ingress,
+            TcAttachOptions::Netlink(NlOptions { priority: TC_PRIORITY, handle: TC_HANDLE, classid: None }),
+        )
+        .map_err(tc_err)?
+    };
+    // The filter must outlive this process; dropping the link would detach it.
+    std::mem::forget(prog.take_link(id).map_err(tc_err)?);
+    Ok(())
+}
+
+/// Removes our classifier from `interface` ingress.
+///
+/// # Errors
+/// When netlink refuses.
+pub fn detach_tc(interface: &str) -> Result<(), AttachError> {
+    tc::qdisc_detach_program(interface, TcAttachType::Ingress, program::TUNNEL_NAME).map_err(|e| AttachError::Tc {
+        interface: interface.to_owned(),
+        source: aya::programs::ProgramError::from(e),
+    })
+}

@@ -1,0 +1,263 @@
+//! Commands that act on the running programs from another process: `status`,
+//! `down`, `allow`, `revoke`, `list`. They find our programs through netlink
+//! in the current network namespace and open their maps by kernel id, so they
+//! work from any `ip netns exec`, and after the daemon has died.
+
+use std::{collections::BTreeMap, net::IpAddr};
+
+use aya::maps::{LpmTrie, Map, MapData};
+use serde::Serialize;
+use zt_common::{PeerInfo, map, program, reason};
+
+use crate::{
+    attach::{self, AttachError, Attached, Attachment},
+    config::{Config, GrantError, parse_cli_grant},
+    grants::{GrantsError, RuntimeGrants},
+    policy::{Grant, TunnelPolicy},
+    tables::{Tables, TablesError},
+};
+
+/// Errors of the control commands.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error(transparent)]
+    Attach(#[from] AttachError),
+    #[error(transparent)]
+    Tables(#[from] TablesError),
+    #[error(transparent)]
+    Grants(#[from] GrantsError),
+    #[error("no ztxdp program is attached in this network namespace (is `ztxdp up` running?)")]
+    NothingAttached,
+    #[error("{config} has no [tunnel] section, so there are no peers to grant to")]
+    NoTunnel { config: String },
+    #[error("no peer named or owning address {peer:?}; peers are: {known}")]
+    UnknownPeer { peer: String, known: String },
+    #[error("bad grant {text:?}: {source}")]
+    BadGrant {
+        text: String,
+        #[source]
+        source: GrantError,
+    },
+}
+
+/// One attached program, as `status` reports it.
+#[derive(Debug, Serialize)]
+pub struct ProgramStatus {
+    #[serde(flatten)]
+    pub attachment: Attachment,
+    /// Packets per reason name, summed over CPUs.
+    pub counters: BTreeMap<&'static str, u64>,
+    /// Entries in each set-like map.
+    pub maps: BTreeMap<&'static str, usize>,
+    /// Tunnel only: per-peer packet counts.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub peers: Vec<PeerStatus>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PeerStatus {
+    pub index: u32,
+    pub allowed: u64,
+    pub denied: u64,
+}
+
+/// `ztxdp status`.
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub edge: Option<ProgramStatus>,
+    pub tunnel: Option<ProgramStatus>,
+}
+
+fn program_status(a: &Attachment, prog: u32) -> Result<ProgramStatus, ControlError> {
+    let tables = Tables::from_map_ids(&a.map_ids)?;
+    let counters = tables
+        .counters(prog)?
+        .into_iter()
+        .map(|(code, n)| (reason::name(code), n))
+        .collect();
+    let maps = tables.fill_levels()?;
+    let mut peers = Vec::new();
+    if prog == program::TUNNEL {
+        let indices = peer_indices(&a.map_ids)?;
+        let max = indices.iter().max().map_or(0, |m| m + 1);
+        let counts = tables.peer_counters(max)?;
+        for i in indices {
+            let c = counts.get(i as usize).copied().unwrap_or_default();
+            peers.push(PeerStatus { index: i, allowed: c.allowed, denied: c.denied });
+        }
+    }
+    Ok(ProgramStatus { attachment: a.clone(), counters, maps, peers })
+}
+
+/// Peer indices present in the peer tries.
+fn peer_indices(map_ids: &[u32]) -> Result<Vec<u32>, ControlError> {
+    let mut out = std::collections::BTreeSet::new();
+    for &id in map_ids {
+        let Ok(data) = MapData::from_id(id) else { continue };
+        let name = data.info().ok().and_then(|i| i.name_as_str().map(str::to_owned));
+        let tables_err = |source| TablesError::Map { name: map::PEER_V4, source };
+        match name.as_deref() {
+            Some(map::PEER_V4) => {
+                let t: LpmTrie<_, [u8; 4], PeerInfo> =
+                    LpmTrie::try_from(Map::from_map_data(data).map_err(tables_err)?).map_err(tables_err)?;
+                out.extend(t.iter().filter_map(Result::ok).map(|(_, v)| v.index));
+            }
+            Some(map::PEER_V6) => {
+                let t: LpmTrie<_, [u8; 16], PeerInfo> =
+                    LpmTrie::try_from(Map::from_map_data(data).map_err(tables_err)?).map_err(tables_err)?;
+                out.extend(t.iter().filter_map(Result::ok).map(|(_, v)| v.index));
+            }
+            _ => {}
+        }
+    }
+    Ok(out.into_iter().collect())
+}
+
+async fn attached() -> Result<Attached, ControlError> {
+    let handle = attach::connect()?;
+    let found = attach::find(&handle).await?;
+    Ok(found)
+}
+
+/// Reports what is attached here, with counters and fill levels.
+///
+/// # Errors
+/// When nothing is attached or the kernel objects cannot be read.
+pub async fn status() -> Result<Status, ControlError> {
+    let found = attached().await?;
+    if found.is_empty() {
+        return Err(ControlError::NothingAttached);
+    }
+    Ok(Status {
+        edge: found.edge.first().map(|a| program_status(a, program::EDGE)).transpose()?,
+        tunnel: found.tunnel.first().map(|a| program_status(a, program::TUNNEL)).transpose()?,
+    })
+}
+
+/// Removes every ztxdp program from this namespace; returns what was removed.
+///
+/// # Errors
+/// When nothing is attached or a detach fails.
+pub async fn down() -> Result<Vec<Attachment>, ControlError> {
+    let handle = attach::connect()?;
+    let found = attach::find(&handle).await?;
+    if found.is_empty() {
+        return Err(ControlError::NothingAttached);
+    }
+    for a in &found.edge {
+        attach::detach_xdp(&handle, a).await?;
+    }
+    for a in &found.tunnel {
+        attach::detach_tc(&a.interface)?;
+    }
+    Ok(found.edge.into_iter().chain(found.tunnel).collect())
+}
+
+/// A peer by name, or by an address inside one of its prefixes.
+fn resolve_peer(tunnel: &TunnelPolicy, peer: &str) -> Result<usize, ControlError> {
+    let by_name = tunnel.peers.iter().position(|p| p.name == peer);
+    let by_addr = || {
+        let ip: IpAddr = peer.parse().ok()?;
+        tunnel.peers.iter().position(|p| p.addresses.iter().any(|n| n.contains(&ip)))
+    };
+    by_name.or_else(by_addr).ok_or_else(|| ControlError::UnknownPeer {
+        peer: peer.to_owned(),
+        known: tunnel.peers.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(", "),
+    })
+}
+
+/// Whether a runtime grant change reached a running program.
+#[derive(Debug, Serialize)]
+pub struct GrantChange {
+    pub peer: String,
+    pub grant: String,
+    /// The effective grants of the peer after the change.
+    pub grants: Vec<String>,
+    /// False when no tunnel program is attached here: the change is saved
+    /// and applies at the next `up`.
+    pub live: bool,
+}
+
+/// `ztxdp allow` (`allow = true`) and `ztxdp revoke`: validates everything
+/// first, then saves the runtime grants atomically, then updates the running
+/// program, which enforces the change from the next packet on.
+///
+/// # Errors
+/// On an unknown peer or bad grant (nothing is changed), or a failed write.
+pub async fn change_grant(config: &Config, peer: &str, grant: &str, allow: bool) -> Result<GrantChange, ControlError> {
+    let tunnel = config
+        .policy
+        .tunnel
+        .as_ref()
+        .ok_or_else(|| ControlError::NoTunnel { config: config.path.display().to_string() })?;
+    let index = resolve_peer(tunnel, peer)?;
+    let grant: Grant =
+        parse_cli_grant(grant).map_err(|source| ControlError::BadGrant { text: grant.to_owned(), source })?;
+    let mut runtime = RuntimeGrants::load(&tunnel.runtime_grants)?;
+    let name = tunnel.peers[index].name.clone();
+    if allow {
+        runtime.allow(&name, grant);
+    } else {
+        runtime.revoke(&name, grant);
+    }
+    runtime.save(&tunnel.runtime_grants)?;
+    let merged = runtime.apply(tunnel);
+    let peer_policy = &merged.peers[index];
+    let found = attached().await?;
+    let live = match found.tunnel.iter().find(|a| a.interface == tunnel.interface).or(found.tunnel.first()) {
+        Some(a) => {
+            let mut tables = Tables::from_map_ids(&a.map_ids)?;
+            // Indices are positions in the config, bounded by capacity::PEERS.
+            tables.set_peer(u32::try_from(index).unwrap_or(u32::MAX), peer_policy)?;
+            true
+        }
+        None => false,
+    };
+    Ok(GrantChange {
+        peer: name,
+        grant: grant.to_string(),
+        grants: peer_policy.grants.iter().map(ToString::to_string).collect(),
+        live,
+    })
+}
+
+/// One peer's effective grants, for `ztxdp list`.
+#[derive(Debug, Serialize)]
+pub struct PeerGrants {
+    pub name: String,
+    pub addresses: Vec<String>,
+    pub public_key: Option<String>,
+    pub grants: Vec<String>,
+    /// Runtime changes on top of the config file.
+    pub added: Vec<String>,
+    pub revoked: Vec<String>,
+}
+
+/// `ztxdp list`.
+///
+/// # Errors
+/// When the config has no tunnel or the runtime grants cannot be read.
+pub fn list(config: &Config) -> Result<Vec<PeerGrants>, ControlError> {
+    let tunnel = config
+        .policy
+        .tunnel
+        .as_ref()
+        .ok_or_else(|| ControlError::NoTunnel { config: config.path.display().to_string() })?;
+    let runtime = RuntimeGrants::load(&tunnel.runtime_grants)?;
+    let merged = runtime.apply(tunnel);
+    Ok(merged
+        .peers
+        .iter()
+        .map(|p| {
+            let changes = runtime.peers.get(&p.name).cloned().unwrap_or_default();
+            PeerGrants {
+                name: p.name.clone(),
+                addresses: p.addresses.iter().map(ToString::to_string).collect(),
+                public_key: p.public_key.clone(),
+                grants: p.grants.iter().map(ToString::to_string).collect(),
+                added: changes.added,
+                revoked: changes.revoked,
+            }
+        })
+        .collect())
+}

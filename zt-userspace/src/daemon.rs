@@ -1,0 +1,286 @@
+//! `ztxdp up`: validate, load, fill, attach, then stream audit records until
+//! told to stop.
+//!
+//! The order is what makes it safe: nothing is attached before the config
+//! is valid and every map is filled, and a running ztxdp is replaced
+//! atomically (XDP_FLAGS_REPLACE, tc filter replace), so there is no moment
+//! without enforcement. A graceful stop (SIGINT, SIGTERM) removes what this
+//! process attached; a crash leaves it in place, failing closed.
+
+use std::{path::PathBuf, time::Duration};
+
+use aya::{
+    maps::{MapData, RingBuf},
+    programs::{SchedClassifier, Xdp},
+};
+use tokio::{io::unix::AsyncFd, signal::unix::SignalKind};
+use zt_common::{Event, map, program, reason};
+
+use crate::{
+    attach::{self, AttachError, Attachment, XdpMode},
+    audit::{self, AuditError, AuditWriter, Clock, Names},
+    config::{Config, ConfigError},
+    grants::{GrantsError, RuntimeGrants},
+    loader::{self, LoadError, LoadOptions},
+    lockout::{self, LockoutError},
+    tables::{Tables, TablesError},
+};
+
+/// Why `up` stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Lockout(#[from] LockoutError),
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error(transparent)]
+    Tables(#[from] TablesError),
+    #[error(transparent)]
+    Attach(#[from] AttachError),
+    #[error(transparent)]
+    Audit(#[from] AuditError),
+    #[error(transparent)]
+    Grants(#[from] GrantsError),
+    #[error("the BPF object has no audit ring buffer ({name})")]
+    NoRingBuffer { name: &'static str },
+    #[error("audit ring buffer: {source}")]
+    RingBuffer {
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("installing a signal handler: {source}")]
+    Signal {
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What `up` was asked to do.
+#[derive(Clone, Debug, Default)]
+pub struct UpOptions {
+    pub config: PathBuf,
+    /// Overrides `edge.interface`.
+    pub iface: Option<String>,
+    /// Overrides `tunnel.interface`.
+    pub tunnel_iface: Option<String>,
+    /// Start even if the SSH session running us is not in `edge.ssh_allow`.
+    pub allow_lockout: bool,
+}
+
+/// What `up` put in place, reported once enforcement is live.
+#[derive(Clone, Debug)]
+pub struct Enforcing {
+    pub edge: Option<(Attachment, XdpMode)>,
+    pub tunnel: Option<Attachment>,
+}
+
+/// Runs the daemon until SIGINT or SIGTERM. `ready` is called once, when
+/// enforcement is in place.
+///
+/// # Errors
+/// On any failure before enforcement starts (then nothing was changed) or
+/// while writing the audit trail.
+pub async fn up(opts: &UpOptions, ready: impl FnOnce(&Enforcing)) -> Result<(), DaemonError> {
+    let mut config = Config::load(&opts.config)?;
+    if let (Some(iface), Some(edge)) = (&opts.iface, config.policy.edge.as_mut()) {
+        edge.interface.clone_from(iface);
+    }
+    if let (Some(iface), Some(tunnel)) = (&opts.tunnel_iface, config.policy.tunnel.as_mut()) {
+        tunnel.interface.clone_from(iface);
+    }
+    config.check_interfaces()?;
+    if let Some(edge) = &config.policy.edge
+        && !opts.allow_lockout
+    {
+        lockout::check(std::env::var("SSH_CONNECTION").ok().as_deref(), &edge.ssh_allow)?;
+    }
+    let tunnel_policy = match &config.policy.tunnel {
+        Some(t) => Some(RuntimeGrants::load(&t.runtime_grants)?.apply(t)),
+        None => None,
+    };
+
+    let tunnel_l2 = tunnel_policy.as_ref().is_some_and(|t| has_ethernet_header(&t.interface));
+    let mut ebpf = loader::load(LoadOptions { tunnel_l2 })?;
+    let mut tables = Tables::from_ebpf(&mut ebpf)?;
+    if let Some(edge) = &config.policy.edge {
+        tables.apply_edge(edge)?;
+    }
+    if let Some(t) = &tunnel_policy {
+        tables.apply_tunnel(t)?;
+    }
+    let ring = ebpf.take_map(map::EVENTS).ok_or(DaemonError::NoRingBuffer { name: map::EVENTS })?;
+    let ring = RingBuf::try_from(ring).map_err(|e| DaemonError::RingBuffer { source: std::io::Error::other(e) })?;
+    let mut writer = AuditWriter::open(&config.policy.audit.path)?;
+
+    let handle = attach::connect()?;
+    let before = attach::find(&handle).await?;
+    let mut enforcing = Enforcing { edge: None, tunnel: None };
+    if let Some(edge) = &config.policy.edge {
+        let prog: &mut Xdp = loader::program_mut(&mut ebpf, program::EDGE_NAME)?;
+        let fd = prog.fd().map_err(|source| LoadError::Program { name: program::EDGE_NAME, source })?;
+        let previous = before.edge.iter().find(|a| a.interface == edge.interface);
+        let mode = attach::attach_xdp(&handle, &edge.interface, fd, previous).await?;
+        let now = attach::find(&handle).await?;
+        let a = now
+            .edge
+            .into_iter()
+            .find(|a| a.interface == edge.interface)
+            .ok_or_else(|| AttachError::NoInterface { interface: edge.interface.clone() })?;
+        enforcing.edge = Some((a, mode));
+    }
+    if let Some(t) = &tunnel_policy {
+        let prog: &mut SchedClassifier = loader::program_mut(&mut ebpf, program::TUNNEL_NAME)?;
+        let replace = before.tunnel.iter().any(|a| a.interface == t.interface);
+        attach::attach_tc(prog, &t.interface, replace)?;
+        let now = attach::find(&handle).await?;
+        enforcing.tunnel = now.tunnel.into_iter().find(|a| a.interface == t.interface);
+    }
+    ready(&enforcing);
+
+    let names = names(&enforcing, tunnel_policy.as_ref());
+    let stop = stream_audit(ring, &mut writer, &tables, &names, &handle, &enforcing).await;
+    if matches!(stop, Ok(Stop::Signal)) {
+        // Graceful stop: remove exactly what we attached, if it is still ours.
+        if let Some((a, _)) = &enforcing.edge {
+            if let Err(e) = attach::detach_xdp(&handle, a).await {
+                tracing::warn!(error = %e, interface = a.interface, "could not detach the edge program");
+            }
+        }
+        if let Some(a) = &enforcing.tunnel
+            && still_ours(&handle, &enforcing).await.1
+            && let Err(e) = attach::detach_tc(&a.interface)
+        {
+            tracing::warn!(error = %e, interface = a.interface, "could not detach the tunnel program");
+        }
+    }
+    writer.commit()?;
+    stop.map(|_| ())
+}
+
+/// Whether `interface` has an Ethernet header (ARPHRD_ETHER); WireGuard
+/// devices are ARPHRD_NONE and hand us bare IP packets.
+fn has_ethernet_header(interface: &str) -> bool {
+    std::fs::read_to_string(format!("/sys/class/net/{interface}/type")).is_ok_and(|t| t.trim() == "1")
+}
+
+fn names(enforcing: &Enforcing, tunnel: Option<&crate::policy::TunnelPolicy>) -> Names {
+    let mut n = Names::default();
+    for a in enforcing.edge.iter().map(|(a, _)| a).chain(&enforcing.tunnel) {
+        n.interfaces.insert(a.ifindex, a.interface.clone());
+    }
+    if let Some(t) = tunnel {
+        n.peers = t.peers.iter().map(|p| (p.name.clone(), p.public_key.clone())).collect();
+    }
+    n
+}
+
+/// How often the suppressed/lost counters are checked and reported.
+const SUMMARY_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Why the audit loop ended.
+enum Stop {
+    /// SIGINT or SIGTERM: detach and exit.
+    Signal,
+    /// Our programs were removed (`ztxdp down`) or replaced (a newer `up`):
+    /// exit without touching what is attached now.
+    Superseded,
+}
+
+/// Whether our edge and tunnel programs (where we attached them) are still
+/// the ones attached. An error reading counts as "still ours", so a netlink
+/// hiccup never makes the daemon walk away.
+async fn still_ours(handle: &rtnetlink::Handle, enforcing: &Enforcing) -> (bool, bool) {
+    let Ok(now) = attach::find(handle).await else { return (true, true) };
+    let edge = enforcing
+        .edge
+        .as_ref()
+        .is_none_or(|(a, _)| now.edge.iter().any(|n| n.program_id == a.program_id));
+    let tunnel = enforcing
+        .tunnel
+        .as_ref()
+        .is_none_or(|a| now.tunnel.iter().any(|n| n.program_id == a.program_id));
+    (edge, tunnel)
+}
+
+async fn stream_audit(
+    ring: RingBuf<MapData>,
+    writer: &mut AuditWriter,
+    tables: &Tables,
+    names: &Names,
+    handle: &rtnetlink::Handle,
+    enforcing: &Enforcing,
+) -> Result<Stop, DaemonError> {
+    let signal = |kind| tokio::signal::unix::signal(kind).map_err(|source| DaemonError::Signal { source });
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    // SAFETY: the ring buffer owns its fd for as long as the AsyncFd owns the
+    // ring buffer, so the fd cannot be closed while registered.
+    let mut ring = unsafe { AsyncFd::register(ring) }
+        .map_err(|e| DaemonError::RingBuffer { source: std::io::Error::other(e.to_string()) })?;
+    let mut tick = tokio::time::interval(SUMMARY_INTERVAL);
+    let mut reported = [(0u64, 0u64); program::COUNT as usize];
+    let clock = Clock::now();
+    let stop = loop {
+        tokio::select! {
+            guard = ring.readable_mut() => {
+                let mut guard = guard.map_err(|source| DaemonError::RingBuffer { source })?;
+                let rb = guard.get_inner_mut();
+                while let Some(item) = rb.next() {
+                    if item.len() >= size_of::<Event>() {
+                        // SAFETY: the kernel wrote a whole Event (checked length);
+                        // read_unaligned copes with any alignment of the slot.
+                        let e: Event = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+                        writer.push(&audit::record(&e, names, &clock));
+                    }
+                }
+                guard.clear_ready();
+                writer.commit()?;
+            }
+            _ = tick.tick() => {
+                report_suppressed(tables, writer, &mut reported)?;
+                writer.commit()?;
+                if still_ours(handle, enforcing).await != (true, true) {
+                    tracing::info!("our programs were removed or replaced by another ztxdp; exiting");
+                    break Stop::Superseded;
+                }
+            }
+            _ = sigint.recv() => break Stop::Signal,
+            _ = sigterm.recv() => break Stop::Signal,
+        }
+    };
+    // Drain what arrived before the signal.
+    let rb = ring.get_mut();
+    while let Some(item) = rb.next() {
+        if item.len() >= size_of::<Event>() {
+            // SAFETY: as above.
+            let e: Event = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+            writer.push(&audit::record(&e, names, &clock));
+        }
+    }
+    report_suppressed(tables, writer, &mut reported)?;
+    Ok(stop)
+}
+
+/// Writes a `suppressed` record for each program whose held-back or lost
+/// event counters grew since the last report.
+fn report_suppressed(
+    tables: &Tables,
+    writer: &mut AuditWriter,
+    reported: &mut [(u64, u64); program::COUNT as usize],
+) -> Result<(), DaemonError> {
+    for (prog, name) in [(program::EDGE, "edge"), (program::TUNNEL, "tunnel")] {
+        let c = tables.counters(prog)?;
+        let now = (
+            c.get(&reason::EVENTS_SUPPRESSED).copied().unwrap_or(0),
+            c.get(&reason::EVENTS_LOST).copied().unwrap_or(0),
+        );
+        let last = &mut reported[prog as usize];
+        if now != *last {
+            writer.push(&audit::suppressed_record(name, now.0 - last.0, now.1 - last.1));
+            *last = now;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,228 @@
+//! Runtime grants: what `ztxdp allow` and `ztxdp revoke` changed on top of
+//! the config file, kept in `tunnel.runtime_grants` (JSON) so that they
+//! survive a restart of `up`.
+//!
+//! The file records, per peer name, grants added and grants revoked. The
+//! effective grants of a peer are its configured grants, plus the added,
+//! minus the revoked ones, computed over port sets, so revoking one port out
+//! of a configured range works. Writes go to a temporary file that is synced
+//! and renamed over the old one: a crash leaves the old or the new file,
+//! never a torn one.
+
+use std::{
+    collections::BTreeMap,
+    fs::File,
+    io::Write as _,
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    config::parse_grant,
+    policy::{Grant, Protocol, TunnelPolicy},
+};
+
+/// Errors reading or writing the runtime grants file.
+#[derive(Debug, thiserror::Error)]
+pub enum GrantsError {
+    #[error("cannot read runtime grants {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("runtime grants {path} are not valid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("cannot write runtime grants {path}: {source}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Changes to one peer's grants, in config notation (`tcp/5432`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerChanges {
+    #[serde(default)]
+    pub added: Vec<String>,
+    #[serde(default)]
+    pub revoked: Vec<String>,
+}
+
+/// The whole runtime grants file.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeGrants {
+    pub peers: BTreeMap<String, PeerChanges>,
+}
+
+impl RuntimeGrants {
+    /// Reads the file; a missing file means no runtime changes.
+    ///
+    /// # Errors
+    /// When the file exists but cannot be read or parsed.
+    pub fn load(path: &Path) -> Result<Self, GrantsError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Self::default()),
+            Err(source) => return Err(GrantsError::Read { path: path.to_owned(), source }),
+        };
+        let parsed: Self = serde_json::from_str(&text)
+            .map_err(|e| GrantsError::Parse { path: path.to_owned(), message: e.to_string() })?;
+        for (peer, c) in &parsed.peers {
+            for g in c.added.iter().chain(&c.revoked) {
+                parse_grant(g).map_err(|e| GrantsError::Parse {
+                    path: path.to_owned(),
+                    message: format!("peer {peer}: {g}: {e}"),
+                })?;
+            }
+        }
+        Ok(parsed)
+    }
+
+    /// Writes the file atomically (temporary file, fsync, rename, fsync dir).
+    ///
+    /// # Errors
+    /// When any step fails; the old file is then untouched.
+    pub fn save(&self, path: &Path) -> Result<(), GrantsError> {
+        let write_err = |source| GrantsError::Write { path: path.to_owned(), source };
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir).map_err(write_err)?;
+        let tmp = dir.join(format!(
+            ".{}.tmp.{}",
+            path.file_name().and_then(|n| n.to_str()).unwrap_or("grants"),
+            std::process::id()
+        ));
+        let mut text = serde_json::to_string_pretty(self).map_err(|e| write_err(e.into()))?;
+        text.push('\n');
+        let mut f = File::create(&tmp).map_err(write_err)?;
+        f.write_all(text.as_bytes()).map_err(write_err)?;
+        f.sync_all().map_err(write_err)?;
+        drop(f);
+        std::fs::rename(&tmp, path).map_err(write_err)?;
+        File::open(dir).and_then(|d| d.sync_all()).map_err(write_err)?;
+        Ok(())
+    }
+
+    /// Records `grant` as allowed for `peer`.
+    pub fn allow(&mut self, peer: &str, grant: Grant) {
+        let c = self.peers.entry(peer.to_owned()).or_default();
+        let g = grant.to_string();
+        c.revoked.retain(|r| *r != g);
+        if !c.added.contains(&g) {
+            c.added.push(g);
+        }
+    }
+
+    /// Records `grant` as revoked for `peer`.
+    pub fn revoke(&mut self, peer: &str, grant: Grant) {
+        let c = self.peers.entry(peer.to_owned()).or_default();
+        let g = grant.to_string();
+        c.added.retain(|a| *a != g);
+        if !c.revoked.contains(&g) {
+            c.revoked.push(g);
+        }
+    }
+
+    /// The tunnel policy with these changes applied to every peer.
+    #[must_use]
+    pub fn apply(&self, tunnel: &TunnelPolicy) -> TunnelPolicy {
+        let mut out = tunnel.clone();
+        for peer in &mut out.peers {
+            if let Some(c) = self.peers.get(&peer.name) {
+                let parse = |v: &[String]| v.iter().filter_map(|g| parse_grant(g).ok()).collect::<Vec<_>>();
+                peer.grants = effective(&peer.grants, &parse(&c.added), &parse(&c.revoked));
+            }
+        }
+        out
+    }
+}
+
+/// `(base ∪ added) − revoked`, over port sets, as a minimal list of ranges.
+#[must_use]
+pub fn effective(base: &[Grant], added: &[Grant], revoked: &[Grant]) -> Vec<Grant> {
+    let mut sets: BTreeMap<Protocol, Vec<bool>> = BTreeMap::new();
+    let mut icmp = false;
+    for (grants, on) in [(base, true), (added, true), (revoked, false)] {
+        for g in grants {
+            match *g {
+                Grant::Icmp => icmp = on,
+                Grant::Ports { protocol, first, last } => {
+                    let set = sets.entry(protocol).or_insert_with(|| vec![false; 65536]);
+                    for p in first..=last {
+                        set[usize::from(p)] = on;
+                    }
+                }
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for (protocol, set) in sets {
+        let mut port = 1usize;
+        while port < set.len() {
+            if set[port] {
+                let first = port;
+                while port + 1 < set.len() && set[port + 1] {
+                    port += 1;
+                }
+                // Indices come from u16 ports, so they fit.
+                let (Ok(first), Ok(last)) = (u16::try_from(first), u16::try_from(port)) else { break };
+                out.push(Grant::Ports { protocol, first, last });
+            }
+            port += 1;
+        }
+    }
+    if icmp {
+        out.push(Grant::Icmp);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tcp(first: u16, last: u16) -> Grant {
+        Grant::Ports { protocol: Protocol::Tcp, first, last }
+    }
+
+    #[test]
+    fn revoking_one_port_splits_a_range() {
+        let got = effective(&[tcp(8000, 8100)], &[], &[tcp(8050, 8050)]);
+        assert_eq!(got, vec![tcp(8000, 8049), tcp(8051, 8100)]);
+    }
+
+    #[test]
+    fn added_and_revoked_icmp() {
+        assert_eq!(effective(&[], &[Grant::Icmp], &[]), vec![Grant::Icmp]);
+        assert_eq!(effective(&[Grant::Icmp], &[], &[Grant::Icmp]), Vec::<Grant>::new());
+    }
+
+    #[test]
+    fn allow_then_revoke_round_trips_through_the_file() {
+        let dir = std::env::temp_dir().join(format!("ztxdp-grants-{}", std::process::id()));
+        let path = dir.join("grants.json");
+        let mut g = RuntimeGrants::default();
+        g.allow("app-2", tcp(5432, 5432));
+        g.save(&path).unwrap_or_else(|e| panic!("save: {e}"));
+        let mut back = RuntimeGrants::load(&path).unwrap_or_else(|e| panic!("load: {e}"));
+        assert_eq!(back, g);
+        back.revoke("app-2", tcp(5432, 5432));
+        assert_eq!(back.peers["app-2"].added, Vec::<String>::new());
+        assert_eq!(back.peers["app-2"].revoked, vec!["tcp/5432".to_owned()]);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_missing_file_is_empty_and_a_torn_one_is_an_error() {
+        let dir = std::env::temp_dir().join(format!("ztxdp-grants-torn-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("mkdir: {e}"));
+        assert_eq!(RuntimeGrants::load(&dir.join("absent.json")).ok(), Some(RuntimeGrants::default()));
+        std::fs::write(dir.join("torn.json"), "{\"peers\": {\"a\"").unwrap_or_else(|e| panic!("write: {e}"));
+        assert!(RuntimeGrants::load(&dir.join("torn.json")).is_err());
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
