@@ -71,13 +71,32 @@ impl Lab {
         let switch = NetNs::new("switch").map_err(step("creating the switch namespace"))?;
         // The switch only forwards frames; an IPv6 stack on its ports would
         // add router solicitations and MLD reports to every capture.
-        for key in ["net.ipv6.conf.all.disable_ipv6", "net.ipv6.conf.default.disable_ipv6"] {
-            switch.sysctl(key, "1").map_err(step("disabling IPv6 in the switch"))?;
+        for key in [
+            "net.ipv6.conf.all.disable_ipv6",
+            "net.ipv6.conf.default.disable_ipv6",
+        ] {
+            switch
+                .sysctl(key, "1")
+                .map_err(step("disabling IPv6 in the switch"))?;
         }
         switch
-            .ip(&["link", "add", BRIDGE, "type", "bridge", "stp_state", "0", "forward_delay", "0", "mcast_snooping", "0"])
+            .ip(&[
+                "link",
+                "add",
+                BRIDGE,
+                "type",
+                "bridge",
+                "stp_state",
+                "0",
+                "forward_delay",
+                "0",
+                "mcast_snooping",
+                "0",
+            ])
             .map_err(step("creating the bridge"))?;
-        switch.link_up(BRIDGE).map_err(step("bringing the bridge up"))?;
+        switch
+            .link_up(BRIDGE)
+            .map_err(step("bringing the bridge up"))?;
 
         let edge = Self::host(&switch, "edge", EDGE_V4, EDGE_V6)?;
         let bastion = Self::host(&switch, "bastion", BASTION_V4, BASTION_V6)?;
@@ -91,7 +110,11 @@ impl Lab {
             outsider,
             switch,
         };
-        for (host, port) in [(&lab.edge, "edge"), (&lab.bastion, "bastion"), (&lab.outsider, "outsider")] {
+        for (host, port) in [
+            (&lab.edge, "edge"),
+            (&lab.bastion, "bastion"),
+            (&lab.outsider, "outsider"),
+        ] {
             host.wait_link_up(HOST_INTERFACE, LINK_TIMEOUT)
                 .map_err(step(format!("waiting for {}'s eth0", host.name())))?;
             lab.wait_forwarding(port)?;
@@ -105,7 +128,10 @@ impl Lab {
         let host = NetNs::new(role).map_err(step(format!("creating the {role} namespace")))?;
         // Link-local addresses would otherwise stay tentative for a second or
         // two; the global ones get `nodad` from add_address.
-        for key in ["net.ipv6.conf.all.accept_dad", "net.ipv6.conf.default.accept_dad"] {
+        for key in [
+            "net.ipv6.conf.all.accept_dad",
+            "net.ipv6.conf.default.accept_dad",
+        ] {
             host.sysctl(key, "0")
                 .map_err(step(format!("turning off DAD in {role}")))?;
         }
@@ -199,9 +225,17 @@ mod tests {
             (lab.outsider(), OUTSIDER_V4, OUTSIDER_V6),
         ];
         for (host, v4, v6) in hosts {
-            for (target, source) in [(IpAddr::V4(EDGE_V4), IpAddr::V4(v4)), (IpAddr::V6(EDGE_V6), IpAddr::V6(v6))] {
+            for (target, source) in [
+                (IpAddr::V4(EDGE_V4), IpAddr::V4(v4)),
+                (IpAddr::V6(EDGE_V6), IpAddr::V6(v6)),
+            ] {
                 let connected = host
-                    .enter(|| TcpStream::connect_timeout(&SocketAddr::new(target, port), Duration::from_secs(3)))
+                    .enter(|| {
+                        TcpStream::connect_timeout(
+                            &SocketAddr::new(target, port),
+                            Duration::from_secs(3),
+                        )
+                    })
                     .unwrap_or_else(|error| panic!("enter {}: {error}", host.name()));
                 if let Err(error) = connected {
                     panic!("{} -> {target}:{port}: {error}", host.name());
@@ -209,7 +243,11 @@ mod tests {
                 let (_, peer) = listener
                     .accept()
                     .unwrap_or_else(|error| panic!("accept from {}: {error}", host.name()));
-                assert_eq!(peer.ip().to_canonical(), source, "wrong source address seen by the edge");
+                assert_eq!(
+                    peer.ip().to_canonical(),
+                    source,
+                    "wrong source address seen by the edge"
+                );
             }
         }
         let edge_link = lab
@@ -228,7 +266,37 @@ mod tests {
             .unwrap_or_else(|error| panic!("ip netns list: {error}"));
         let listing = String::from_utf8_lossy(&listing.stdout);
         for name in names {
-            assert!(!listing.contains(&name), "{name} survived the lab's drop:\n{listing}");
+            assert!(
+                !listing.contains(&name),
+                "{name} survived the lab's drop:\n{listing}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_panic_with_a_lab_alive_still_removes_its_namespaces() {
+        let mut names = Vec::new();
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let lab =
+                Lab::create().unwrap_or_else(|error| panic!("Lab::create (root?): {error:?}"));
+            names.extend(
+                [lab.edge(), lab.bastion(), lab.outsider(), lab.switch()]
+                    .map(|ns| ns.name().to_owned()),
+            );
+            panic!("simulated test failure");
+        }));
+        assert!(outcome.is_err(), "the closure must have panicked");
+        assert_eq!(names.len(), 4, "the lab was not created");
+        let listing = std::process::Command::new("ip")
+            .args(["netns", "list"])
+            .output()
+            .unwrap_or_else(|error| panic!("ip netns list: {error}"));
+        let listing = String::from_utf8_lossy(&listing.stdout);
+        for name in names {
+            assert!(
+                !listing.contains(&name),
+                "{name} survived the panic:\n{listing}"
+            );
         }
     }
 }

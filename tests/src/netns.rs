@@ -28,7 +28,9 @@ static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetNsError {
-    #[error("could not start `{command}` (is iproute2 installed? `cargo xtask build` installs it): {source}")]
+    #[error(
+        "could not start `{command}` (is iproute2 installed? `cargo xtask build` installs it): {source}"
+    )]
     Spawn {
         command: String,
         #[source]
@@ -58,7 +60,9 @@ pub enum NetNsError {
         #[source]
         source: io::Error,
     },
-    #[error("{interface} in network namespace {name} is not up after {timeout:?} (operstate {operstate:?})")]
+    #[error(
+        "{interface} in network namespace {name} is not up after {timeout:?} (operstate {operstate:?})"
+    )]
     LinkTimeout {
         name: String,
         interface: String,
@@ -168,7 +172,8 @@ impl NetNs {
     /// # Errors
     /// When `sysctl` fails.
     pub fn sysctl(&self, key: &str, value: &str) -> Result<(), NetNsError> {
-        self.run(&["sysctl", "-qw", &format!("{key}={value}")]).map(drop)
+        self.run(&["sysctl", "-qw", &format!("{key}={value}")])
+            .map(drop)
     }
 
     /// Adds `addr/prefix_len` to `interface`. IPv6 addresses skip duplicate
@@ -177,7 +182,12 @@ impl NetNs {
     ///
     /// # Errors
     /// When `ip addr add` fails.
-    pub fn add_address(&self, interface: &str, addr: IpAddr, prefix_len: u8) -> Result<(), NetNsError> {
+    pub fn add_address(
+        &self,
+        interface: &str,
+        addr: IpAddr,
+        prefix_len: u8,
+    ) -> Result<(), NetNsError> {
         let cidr = format!("{addr}/{prefix_len}");
         let mut args = vec!["addr", "add", &cidr, "dev", interface];
         if addr.is_ipv6() {
@@ -200,7 +210,8 @@ impl NetNs {
     /// # Errors
     /// When `ethtool` fails.
     pub fn enable_gro(&self, interface: &str) -> Result<(), NetNsError> {
-        self.run(&["ethtool", "-K", interface, "gro", "on"]).map(drop)
+        self.run(&["ethtool", "-K", interface, "gro", "on"])
+            .map(drop)
     }
 
     /// Waits until the kernel reports `interface` operationally up (for a
@@ -246,7 +257,10 @@ impl NetNs {
     pub fn remove_stale() -> Result<Vec<String>, NetNsError> {
         let listing = run_command(Command::new("ip").args(["netns", "list"]))?;
         let mut removed = Vec::new();
-        for name in listing.lines().filter_map(|line| line.split_whitespace().next()) {
+        for name in listing
+            .lines()
+            .filter_map(|line| line.split_whitespace().next())
+        {
             let Some(pid) = owner_pid(name) else { continue };
             if process_alive(pid) {
                 continue;
@@ -265,7 +279,10 @@ impl Drop for NetNs {
         // namespace and its interfaces alive after the name is gone.
         kill_processes_in(&self.name);
         if let Err(error) = run_command(Command::new("ip").args(["netns", "del", &self.name])) {
-            eprintln!("zt-tests: could not delete network namespace {}: {error}", self.name);
+            eprintln!(
+                "zt-tests: could not delete network namespace {}: {error}",
+                self.name
+            );
         }
     }
 }
@@ -275,7 +292,18 @@ impl Drop for NetNs {
 /// # Errors
 /// When `ip link add` or bringing a side up fails.
 pub fn veth_pair(a: &NetNs, a_if: &str, b: &NetNs, b_if: &str) -> Result<(), NetNsError> {
-    a.ip(&["link", "add", a_if, "type", "veth", "peer", "name", b_if, "netns", b.name()])?;
+    a.ip(&[
+        "link",
+        "add",
+        a_if,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        b_if,
+        "netns",
+        b.name(),
+    ])?;
     a.link_up(a_if)?;
     b.link_up(b_if)
 }
@@ -302,12 +330,17 @@ fn kill_processes_in(name: &str) {
         return;
     };
     let own = std::process::id();
-    for pid in pids.lines().filter_map(|line| line.trim().parse::<u32>().ok()) {
+    for pid in pids
+        .lines()
+        .filter_map(|line| line.trim().parse::<u32>().ok())
+    {
         // Never ourselves, whatever a caller did with setns on the main thread.
         if pid == own {
             continue;
         }
-        let Ok(pid) = libc::pid_t::try_from(pid) else { continue };
+        let Ok(pid) = libc::pid_t::try_from(pid) else {
+            continue;
+        };
         // SAFETY: plain kill(2) on a PID the kernel just listed for this namespace.
         unsafe { libc::kill(pid, libc::SIGKILL) };
     }
@@ -343,7 +376,11 @@ mod tests {
     #[test]
     fn owner_pid_parses_only_our_names() {
         assert_eq!(owner_pid("zt-edge-1234-0"), Some(1234), "plain prefix");
-        assert_eq!(owner_pid("zt-my-lab-edge-77-12"), Some(77), "prefix with dashes");
+        assert_eq!(
+            owner_pid("zt-my-lab-edge-77-12"),
+            Some(77),
+            "prefix with dashes"
+        );
         assert_eq!(owner_pid("zt-edge-x-0"), None, "pid not a number");
         assert_eq!(owner_pid("other-edge-1234-0"), None, "foreign namespace");
         assert_eq!(owner_pid("zt-1234"), None, "too few parts");
@@ -352,14 +389,17 @@ mod tests {
     fn listed(name: &str) -> bool {
         let listing = run_command(Command::new("ip").args(["netns", "list"]))
             .unwrap_or_else(|error| panic!("ip netns list: {error}"));
-        listing.lines().any(|line| line.split_whitespace().next() == Some(name))
+        listing
+            .lines()
+            .any(|line| line.split_whitespace().next() == Some(name))
     }
 
     #[test]
     fn namespace_is_isolated_and_removed_on_drop() {
         let name;
         {
-            let ns = NetNs::new("unit").unwrap_or_else(|error| panic!("creating a namespace (root?): {error}"));
+            let ns = NetNs::new("unit")
+                .unwrap_or_else(|error| panic!("creating a namespace (root?): {error}"));
             name = ns.name().to_owned();
             assert!(listed(&name), "{name} missing from `ip netns list`");
             // A listener bound inside is invisible from the root namespace's
@@ -368,24 +408,39 @@ mod tests {
                 .enter(|| {
                     let listener = std::net::TcpListener::bind("127.0.0.1:0")
                         .unwrap_or_else(|error| panic!("bind in namespace: {error}"));
-                    let port = listener.local_addr().map(|addr| addr.port()).unwrap_or_default();
+                    let port = listener
+                        .local_addr()
+                        .map(|addr| addr.port())
+                        .unwrap_or_default();
                     std::net::TcpStream::connect(("127.0.0.1", port))
                         .unwrap_or_else(|error| panic!("connect over the namespace's lo: {error}"));
                     port
                 })
                 .unwrap_or_else(|error| panic!("enter: {error}"));
-            let sockets = ns.run(&["ss", "-Htln"]).unwrap_or_else(|error| panic!("ss: {error}"));
-            assert!(sockets.is_empty(), "listener outlived its thread: {sockets}");
+            let sockets = ns
+                .run(&["ss", "-Htln"])
+                .unwrap_or_else(|error| panic!("ss: {error}"));
+            assert!(
+                sockets.is_empty(),
+                "listener outlived its thread: {sockets}"
+            );
             assert_ne!(port, 0, "listener had no port");
-            let links = ns.ip(&["-o", "link", "show"]).unwrap_or_else(|error| panic!("ip link: {error}"));
-            assert_eq!(links.lines().count(), 1, "a fresh namespace has only lo: {links}");
+            let links = ns
+                .ip(&["-o", "link", "show"])
+                .unwrap_or_else(|error| panic!("ip link: {error}"));
+            assert_eq!(
+                links.lines().count(),
+                1,
+                "a fresh namespace has only lo: {links}"
+            );
         }
         assert!(!listed(&name), "{name} still exists after drop");
     }
 
     #[test]
     fn drop_kills_processes_left_inside() {
-        let ns = NetNs::new("unit").unwrap_or_else(|error| panic!("creating a namespace (root?): {error}"));
+        let ns = NetNs::new("unit")
+            .unwrap_or_else(|error| panic!("creating a namespace (root?): {error}"));
         let name = ns.name().to_owned();
         let mut child = ns
             .cmd("sleep")
@@ -401,19 +456,35 @@ mod tests {
             thread::sleep(Duration::from_millis(20));
         }
         drop(ns);
-        let status = child.wait().unwrap_or_else(|error| panic!("waiting for sleep: {error}"));
-        assert!(!status.success(), "sleep finished normally instead of being killed: {status}");
+        let status = child
+            .wait()
+            .unwrap_or_else(|error| panic!("waiting for sleep: {error}"));
+        assert!(
+            !status.success(),
+            "sleep finished normally instead of being killed: {status}"
+        );
         assert!(!listed(&name), "{name} still exists after drop");
     }
 
     #[test]
     fn enter_resumes_panics_and_reports_setns_errors() {
-        let ns = NetNs::new("unit").unwrap_or_else(|error| panic!("creating a namespace (root?): {error}"));
-        let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| ns.enter(|| panic!("inner"))));
-        assert!(caught.is_err(), "a panic inside enter must reach the caller");
-        let gone = NetNs { name: format!("{NAME_PREFIX}missing-0-0") };
+        let ns = NetNs::new("unit")
+            .unwrap_or_else(|error| panic!("creating a namespace (root?): {error}"));
+        let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            ns.enter(|| panic!("inner"))
+        }));
+        assert!(
+            caught.is_err(),
+            "a panic inside enter must reach the caller"
+        );
+        let gone = NetNs {
+            name: format!("{NAME_PREFIX}missing-0-0"),
+        };
         let error = gone.enter(|| ()).err();
-        assert!(matches!(error, Some(NetNsError::Open { .. })), "expected Open error, got {error:?}");
+        assert!(
+            matches!(error, Some(NetNsError::Open { .. })),
+            "expected Open error, got {error:?}"
+        );
         std::mem::forget(gone);
     }
 }

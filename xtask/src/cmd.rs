@@ -26,19 +26,32 @@ impl Progress {
 /// The command as a shell line, environment overrides first.
 pub fn show(command: &Command) -> String {
     let envs = command.get_envs().filter_map(|(key, value)| {
-        value.map(|value| format!("{}={}", key.to_string_lossy(), value.to_string_lossy()))
+        value.map(|value| {
+            format!(
+                "{}={}",
+                key.to_string_lossy(),
+                quote(&value.to_string_lossy())
+            )
+        })
     });
     let argv = std::iter::once(command.get_program())
         .chain(command.get_args())
         .map(OsStr::to_string_lossy)
-        .map(|word| {
-            if word.is_empty() || word.contains(char::is_whitespace) {
-                format!("'{word}'")
-            } else {
-                word.into_owned()
-            }
-        });
+        .map(|word| quote(&word));
     envs.chain(argv).collect::<Vec<_>>().join(" ")
+}
+
+/// Shell quoting for display: `$'...'` (bash ANSI-C quoting) when needed.
+fn quote(word: &str) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "-_./=:+,@%".contains(c);
+    if !word.is_empty() && word.chars().all(plain) {
+        return word.to_owned();
+    }
+    let escaped = word
+        .replace('\\', "\\\\")
+        .replace('\'', "\\'")
+        .replace('\n', "\\n");
+    format!("$'{escaped}'")
 }
 
 pub fn echo(command: &Command) {
@@ -48,9 +61,12 @@ pub fn echo(command: &Command) {
 /// Runs with the terminal as stdout/stderr.
 pub fn run(command: &mut Command) -> anyhow::Result<()> {
     echo(command);
-    let status = command
-        .status()
-        .with_context(|| format!("could not start `{}`: is it installed and in PATH?", show(command)))?;
+    let status = command.status().with_context(|| {
+        format!(
+            "could not start `{}`: is it installed and in PATH?",
+            show(command)
+        )
+    })?;
     if !status.success() {
         bail!("`{}` failed ({status}); its output is above", show(command));
     }
@@ -60,10 +76,12 @@ pub fn run(command: &mut Command) -> anyhow::Result<()> {
 /// Runs and returns stdout; the error carries stderr.
 pub fn output(command: &mut Command) -> anyhow::Result<String> {
     echo(command);
-    let output = command
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("could not start `{}`: is it installed and in PATH?", show(command)))?;
+    let output = command.stdin(Stdio::null()).output().with_context(|| {
+        format!(
+            "could not start `{}`: is it installed and in PATH?",
+            show(command)
+        )
+    })?;
     if !output.status.success() {
         bail!(
             "`{}` failed ({}): {}",
@@ -94,7 +112,26 @@ pub fn is_root() -> bool {
 /// Fails with a message naming `why` root is needed.
 pub fn ensure_root(why: &str) -> anyhow::Result<()> {
     if !is_root() {
-        bail!("{why}, which needs root: run it again as root, e.g. `sudo -E env "PATH=$PATH" cargo xtask ...`");
+        bail!(
+            r#"{why}, which needs root: run it again as root, e.g. `sudo -E env "PATH=$PATH" cargo xtask ...`"#
+        );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shown_commands_can_be_pasted_into_bash() {
+        let mut command = Command::new("dpkg-query");
+        command
+            .env("LLVM_PREFIX", "/a b")
+            .args(["-W", "-f=${Package} ${Status}\n", "it's", ""]);
+        assert_eq!(
+            show(&command),
+            r"LLVM_PREFIX=$'/a b' dpkg-query -W $'-f=${Package} ${Status}\n' $'it\'s' $''"
+        );
+    }
 }

@@ -1,1 +1,300 @@
-fn main(){}
+//! Developer tasks: `cargo xtask test | build | run`. See `cargo xtask --help`.
+//!
+//! Every task first installs what is missing (Debian packages, nightly's
+//! rust-src, bpf-linker), saying what it does, then builds.
+mod audit_view;
+mod cmd;
+mod lab_run;
+mod setup;
+
+use std::{
+    env,
+    io::{BufRead as _, BufReader},
+    path::{Path, PathBuf},
+    process::{Command, ExitCode, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+use crate::cmd::{Progress, echo, ensure_root, show};
+
+#[derive(Parser)]
+#[command(about = "ztxdp developer tasks", disable_help_subcommand = true)]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what is missing, build, run every test (needs root). What CI runs.
+    Test,
+    /// Install what is missing and build.
+    Build,
+    /// Without arguments: run ztxdp in a throw-away lab of network namespaces,
+    /// send traffic of every kind and print its decisions live (needs root).
+    /// With `-- --config FILE [ARGS...]`: run `ztxdp up --config FILE ARGS...`
+    /// for real, on this machine's interfaces.
+    Run {
+        /// Stop the lab after this many seconds (default: at Ctrl-C).
+        #[arg(long, value_name = "SECS")]
+        duration: Option<u64>,
+        /// Arguments for a real `ztxdp up` (after `--`).
+        #[arg(last = true, value_name = "UP_ARGS")]
+        up_args: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let mut steps = Steps::new(match &cli.task {
+        Task::Build => 4,
+        Task::Test | Task::Run { .. } => 5,
+    });
+    let result = match cli.task {
+        Task::Build => install_and_build(&mut steps),
+        Task::Test => test(&mut steps),
+        Task::Run { duration, up_args } => {
+            run(&mut steps, duration.map(Duration::from_secs), &up_args)
+        }
+    };
+    steps.summary();
+    match result {
+        Ok(()) => {
+            println!("xtask: all steps succeeded");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("xtask: error: {error:?}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn test(steps: &mut Steps) -> anyhow::Result<()> {
+    ensure_root("the tests create network namespaces and load BPF programs")?;
+    install_and_build(steps)?;
+    steps.run("tests", |progress| {
+        for name in zt_tests::netns::NetNs::remove_stale()
+            .context("could not clean up namespaces of earlier runs")?
+        {
+            progress.say(format!("removed namespace {name} left by a killed run"));
+        }
+        let counts = cargo_test(&ztxdp_bin()?)?;
+        steps_note(&counts)
+    })
+}
+
+fn run(steps: &mut Steps, duration: Option<Duration>, up_args: &[String]) -> anyhow::Result<()> {
+    if up_args.is_empty() {
+        ensure_root("the lab creates network namespaces and loads BPF programs")?;
+    }
+    install_and_build(steps)?;
+    let ztxdp = ztxdp_bin()?;
+    if !up_args.is_empty() {
+        return Err(lab_run::exec_up(&ztxdp, up_args));
+    }
+    let run_dir = target_dir()
+        .join("xtask")
+        .join(format!("run-{}", std::process::id()));
+    steps.run("lab", |progress| {
+        lab_run::lab(&ztxdp, &run_dir, duration, progress)
+    })
+}
+
+fn install_and_build(steps: &mut Steps) -> anyhow::Result<()> {
+    steps.run("apt packages", setup::apt_packages)?;
+    steps.run("rust-src", setup::rust_src)?;
+    steps.run("bpf-linker", setup::bpf_linker)?;
+    steps.run("build", |_| {
+        // `--workspace` would include zt-ebpf, which only builds for the BPF
+        // target; zt-userspace's build script builds it from there.
+        cmd::run(cargo().args(["build", "--workspace", "--exclude", "zt-ebpf"]))?;
+        Ok(format!("ztxdp is {}", ztxdp_bin()?.display()))
+    })
+}
+
+#[derive(Default)]
+struct TestCounts {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+}
+
+/// `cargo test`, its output passed through, the `test result:` lines summed.
+fn cargo_test(ztxdp: &Path) -> anyhow::Result<TestCounts> {
+    let mut command = cargo();
+    command
+        .env("ZTXDP_BIN", ztxdp)
+        .args([
+            "test",
+            "--workspace",
+            "--exclude",
+            "zt-ebpf",
+            "--no-fail-fast",
+        ])
+        .stdout(Stdio::piped());
+    echo(&command);
+    let mut child = command
+        .spawn()
+        .with_context(|| format!("could not start `{}`", show(&command)))?;
+    let mut counts = TestCounts::default();
+    if let Some(stdout) = child.stdout.take() {
+        for line in BufReader::new(stdout).lines() {
+            let line = line.context("could not read cargo test's output")?;
+            println!("{line}");
+            counts.add(&line);
+        }
+    }
+    let status = child.wait().context("could not wait for cargo test")?;
+    if !status.success() {
+        bail!(
+            "{} passed, {} failed: `{}` exited with {status}; search the output above for `FAILED` and `panicked`",
+            counts.passed,
+            counts.failed,
+            show(&command)
+        );
+    }
+    Ok(counts)
+}
+
+impl TestCounts {
+    /// `test result: ok. 5 passed; 0 failed; 1 ignored; 0 measured; ...`
+    fn add(&mut self, line: &str) {
+        let Some(rest) = line.strip_prefix("test result: ") else {
+            return;
+        };
+        let Some((_, fields)) = rest.split_once(". ") else {
+            return;
+        };
+        for field in fields.split("; ") {
+            let Some((number, what)) = field.split_once(' ') else {
+                continue;
+            };
+            let Ok(number) = number.parse::<u64>() else {
+                continue;
+            };
+            match what {
+                "passed" => self.passed += number,
+                "failed" => self.failed += number,
+                "ignored" => self.ignored += number,
+                _ => {}
+            }
+        }
+    }
+}
+
+fn steps_note(counts: &TestCounts) -> anyhow::Result<String> {
+    if counts.passed == 0 {
+        bail!("cargo test ran no test");
+    }
+    Ok(format!(
+        "{} passed, {} failed, {} skipped",
+        counts.passed, counts.failed, counts.ignored
+    ))
+}
+
+/// The steps of one task, numbered as they run and summarised at the end.
+struct Steps {
+    total: usize,
+    done: Vec<(String, Duration, Result<String, String>)>,
+}
+
+impl Steps {
+    fn new(total: usize) -> Self {
+        Self {
+            total,
+            done: Vec::new(),
+        }
+    }
+
+    fn run(
+        &mut self,
+        name: &str,
+        step: impl FnOnce(&Progress) -> anyhow::Result<String>,
+    ) -> anyhow::Result<()> {
+        let tag = format!("[{}/{}] {name}", self.done.len() + 1, self.total);
+        let progress = Progress::new(tag.clone());
+        let start = Instant::now();
+        let result = step(&progress);
+        let elapsed = start.elapsed();
+        match result {
+            Ok(note) => {
+                progress.say(&note);
+                self.done.push((tag, elapsed, Ok(note)));
+                Ok(())
+            }
+            Err(error) => {
+                progress.say(format!("FAILED: {error:#}"));
+                self.done.push((tag, elapsed, Err(format!("{error:#}"))));
+                Err(error)
+            }
+        }
+    }
+
+    fn summary(&self) {
+        if self.done.is_empty() {
+            return;
+        }
+        println!("xtask: summary:");
+        for (tag, elapsed, result) in &self.done {
+            let (mark, note) = match result {
+                Ok(note) => ("ok    ", note),
+                Err(error) => ("FAILED", error),
+            };
+            // The first line only: the full error follows the summary.
+            let note = note.lines().next().unwrap_or_default();
+            println!(
+                "xtask:   {mark} {tag} ({:.1} s): {note}",
+                elapsed.as_secs_f64()
+            );
+        }
+        for step in self.done.len() + 1..=self.total {
+            println!("xtask:   skipped [{step}/{}]", self.total);
+        }
+    }
+}
+
+fn cargo() -> Command {
+    let mut command = Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    command.current_dir(workspace_root());
+    command
+}
+
+fn workspace_root() -> PathBuf {
+    // xtask/ sits at the workspace root.
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+}
+
+fn target_dir() -> PathBuf {
+    env::var_os("CARGO_TARGET_DIR").map_or_else(|| workspace_root().join("target"), PathBuf::from)
+}
+
+fn ztxdp_bin() -> anyhow::Result<PathBuf> {
+    let path = target_dir().join("debug").join("ztxdp");
+    if !path.is_file() {
+        bail!(
+            "{} is missing: `cargo build` did not produce it",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_result_lines_are_summed() {
+        let mut counts = TestCounts::default();
+        counts.add("test result: ok. 5 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.17s");
+        counts.add("test result: FAILED. 2 passed; 3 failed; 0 ignored; 0 measured; 0 filtered out; finished in 1.00s");
+        counts.add("test something ... ok");
+        assert_eq!((counts.passed, counts.failed, counts.ignored), (7, 3, 1));
+    }
+}

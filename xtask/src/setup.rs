@@ -2,8 +2,7 @@
 //! looks first and only changes the machine when something is missing.
 use std::{
     collections::HashSet,
-    fs,
-    io,
+    fs, io,
     path::{Path, PathBuf},
     process::Command,
 };
@@ -12,7 +11,7 @@ use anyhow::{Context as _, anyhow, bail};
 
 use crate::cmd::{Progress, ensure_root, output, probe, run};
 
-/// Debian packages: WireGuard in user space (no kernel module needed), the
+/// Debian packages: `WireGuard` in user space (no kernel module needed), the
 /// BPF and XDP inspection tools, the firewall tools `export nft` and the
 /// tests compare against, and what the namespace tests drive.
 pub const APT_PACKAGES: &[&str] = &[
@@ -40,8 +39,12 @@ pub fn apt_packages(progress: &Progress) -> anyhow::Result<String> {
         return Ok(format!("all {} already present", APT_PACKAGES.len()));
     }
     progress.say(format!("installing {} ...", missing.join(" ")));
-    ensure_root(&format!("installing the Debian packages {}", missing.join(" ")))?;
-    run(Command::new("apt-get").arg("update")).context("apt-get update failed: check the network and /etc/apt/sources.list")?;
+    ensure_root(&format!(
+        "installing the Debian packages {}",
+        missing.join(" ")
+    ))?;
+    run(Command::new("apt-get").arg("update"))
+        .context("apt-get update failed: check the network and /etc/apt/sources.list")?;
     run(Command::new("apt-get")
         .env("DEBIAN_FRONTEND", "noninteractive")
         .args(["install", "-y", "--no-install-recommends"])
@@ -53,7 +56,9 @@ pub fn apt_packages(progress: &Progress) -> anyhow::Result<String> {
 /// The subset of [`APT_PACKAGES`] that dpkg reports as installed.
 fn installed_packages() -> anyhow::Result<HashSet<String>> {
     let mut query = Command::new("dpkg-query");
-    query.args(["-W", "-f=${Package} ${Status}\n"]).args(APT_PACKAGES);
+    query
+        .args(["-W", "-f=${Package} ${Status}\n"])
+        .args(APT_PACKAGES);
     crate::cmd::echo(&query);
     // Exit status 1 only means some package is unknown to dpkg; stdout still
     // lists the others.
@@ -79,7 +84,13 @@ pub fn rust_src(progress: &Progress) -> anyhow::Result<String> {
              `rustup toolchain install nightly --component rust-src` and run this again"
         );
     }
-    let components = output(Command::new("rustup").args(["component", "list", "--toolchain", "nightly", "--installed"]))?;
+    let components = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]))?;
     if components.lines().any(|line| line.trim() == "rust-src") {
         return Ok("already present".to_owned());
     }
@@ -109,7 +120,14 @@ pub fn bpf_linker(progress: &Progress) -> anyhow::Result<String> {
     ));
     run(Command::new("cargo")
         .env("LLVM_PREFIX", &prefix)
-        .args(["+nightly", "install", "--locked", "bpf-linker", "--no-default-features", "--features"])
+        .args([
+            "+nightly",
+            "install",
+            "--locked",
+            "bpf-linker",
+            "--no-default-features",
+            "--features",
+        ])
         .arg(format!("llvm-{major}")))
     .context("building bpf-linker failed; its output is above")?;
     let version = probe(Command::new("bpf-linker").arg("--version")).ok_or_else(|| {
@@ -127,7 +145,9 @@ fn rustc_llvm(lib_dir: &Path) -> anyhow::Result<(PathBuf, u32)> {
     for entry in entries {
         let entry = entry.with_context(|| format!("could not list {}", lib_dir.display()))?;
         let name = entry.file_name();
-        let Some(major) = name.to_str().and_then(llvm_major) else { continue };
+        let Some(major) = name.to_str().and_then(llvm_major) else {
+            continue;
+        };
         if entry.path().is_file() {
             return Ok((entry.path(), major));
         }
@@ -142,7 +162,9 @@ fn rustc_llvm(lib_dir: &Path) -> anyhow::Result<(PathBuf, u32)> {
 /// `libLLVM.so.22.1-rust-1.97.0-nightly` -> 22.
 fn llvm_major(file_name: &str) -> Option<u32> {
     let version = file_name.strip_prefix("libLLVM.so.")?;
-    let end = version.find(|c: char| !c.is_ascii_digit()).unwrap_or(version.len());
+    let end = version
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(version.len());
     version[..end].parse().ok()
 }
 
@@ -153,8 +175,11 @@ fn llvm_major(file_name: &str) -> Option<u32> {
 fn llvm_prefix() -> anyhow::Result<PathBuf> {
     let cargo_home = match std::env::var_os("CARGO_HOME") {
         Some(home) => PathBuf::from(home),
-        None => PathBuf::from(std::env::var_os("HOME").ok_or_else(|| anyhow!("neither CARGO_HOME nor HOME is set"))?)
-            .join(".cargo"),
+        None => PathBuf::from(
+            std::env::var_os("HOME")
+                .ok_or_else(|| anyhow!("neither CARGO_HOME nor HOME is set"))?,
+        )
+        .join(".cargo"),
     };
     Ok(cargo_home.join("ztxdp-llvm-prefix"))
 }
@@ -170,10 +195,13 @@ fn link_llvm(dir: &Path, library: &Path) -> anyhow::Result<()> {
         match fs::remove_file(&link) {
             Ok(()) => {}
             Err(error) if error.kind() == io::ErrorKind::NotFound => {}
-            Err(error) => return Err(error).with_context(|| format!("could not replace {}", link.display())),
+            Err(error) => {
+                return Err(error).with_context(|| format!("could not replace {}", link.display()));
+            }
         }
-        std::os::unix::fs::symlink(library, &link)
-            .with_context(|| format!("could not link {} -> {}", link.display(), library.display()))?;
+        std::os::unix::fs::symlink(library, &link).with_context(|| {
+            format!("could not link {} -> {}", link.display(), library.display())
+        })?;
     }
     Ok(())
 }
@@ -186,15 +214,25 @@ mod tests {
     fn llvm_major_reads_only_the_shared_library_name() {
         assert_eq!(llvm_major("libLLVM.so.22.1-rust-1.97.0-nightly"), Some(22));
         assert_eq!(llvm_major("libLLVM.so.19"), Some(19));
-        assert_eq!(llvm_major("libLLVM-22-rust-1.97.0-nightly.so"), None, "the linker script");
+        assert_eq!(
+            llvm_major("libLLVM-22-rust-1.97.0-nightly.so"),
+            None,
+            "the linker script"
+        );
         assert_eq!(llvm_major("librustc_driver-b5a965480ee51f9a.so"), None);
     }
 
     #[test]
     fn only_undated_nightly_counts() {
         assert!(is_plain_nightly("nightly-x86_64-unknown-linux-gnu"));
-        assert!(is_plain_nightly("nightly-x86_64-unknown-linux-gnu (active)"));
-        assert!(!is_plain_nightly("nightly-2025-01-01-x86_64-unknown-linux-gnu"));
-        assert!(!is_plain_nightly("stable-x86_64-unknown-linux-gnu (default)"));
+        assert!(is_plain_nightly(
+            "nightly-x86_64-unknown-linux-gnu (active)"
+        ));
+        assert!(!is_plain_nightly(
+            "nightly-2025-01-01-x86_64-unknown-linux-gnu"
+        ));
+        assert!(!is_plain_nightly(
+            "stable-x86_64-unknown-linux-gnu (default)"
+        ));
     }
 }

@@ -36,6 +36,12 @@ pub mod map {
     pub const GRANTS: &str = "ZT_GRANTS";
     /// `PerCpuArray<PeerCounters>` indexed by peer index.
     pub const PEER_COUNTERS: &str = "ZT_PEER_CNT";
+    /// `LruHashMap<FlowKey, FlowState>`: flows the host started.
+    pub const FLOWS: &str = "ZT_FLOWS";
+    /// `Array<FlowConfig>` with one entry: timeouts and the echo rate.
+    pub const FLOW_CONFIG: &str = "ZT_FLOW_CFG";
+    /// `LruHashMap<SourceKey, EventBucket>`: ICMP echo token bucket per source.
+    pub const ECHO_BUCKETS: &str = "ZT_ECHO_BKT";
 }
 
 /// Map capacities, defined once.
@@ -52,6 +58,10 @@ pub mod capacity {
     pub const GRANTS: u32 = 1 << 18;
     /// Audit ring buffer size in bytes (a power of two, a multiple of the page size).
     pub const EVENTS_BYTES: u32 = 1 << 22;
+    /// Default flow table size; `flows.max_entries` overrides it at load time.
+    pub const FLOWS_DEFAULT: u32 = 65_536;
+    /// Sources with an ICMP echo token bucket; the least recently seen go first.
+    pub const ECHO_SOURCES: u32 = 16_384;
 }
 
 /// Which program counted a decision. Counters are laid out per program so
@@ -59,11 +69,17 @@ pub mod capacity {
 pub mod program {
     pub const EDGE: u32 = 0;
     pub const TUNNEL: u32 = 1;
+    /// The egress flow recorders (both interfaces share one block).
+    pub const EGRESS: u32 = 2;
     /// Number of programs; the counter array holds this many reason blocks.
-    pub const COUNT: u32 = 2;
+    pub const COUNT: u32 = 3;
     /// Kernel-visible program names, used to recognise our own attachments.
     pub const EDGE_NAME: &str = "zt_edge";
     pub const TUNNEL_NAME: &str = "zt_tunnel";
+    /// TC egress on the edge interface (Ethernet).
+    pub const EDGE_EGRESS_NAME: &str = "zt_edge_out";
+    /// TC egress on the tunnel interface (L3 or Ethernet, as `TUNNEL_L2`).
+    pub const TUNNEL_EGRESS_NAME: &str = "zt_tunnel_out";
 }
 
 /// Reason codes. Codes below [`reason::FIRST_DENY`] allow, the others drop.
@@ -75,6 +91,12 @@ pub mod reason {
     pub const PASS_NEIGHBOR_DISCOVERY: u32 = 3;
     pub const PASS_GRANT: u32 = 4;
     pub const PASS_ICMP_GRANT: u32 = 5;
+    /// The exact reverse of a flow the host started.
+    pub const PASS_REPLY: u32 = 6;
+    /// An echo request within its source's rate.
+    pub const PASS_ICMP_ECHO: u32 = 7;
+    /// An ICMP error about a flow the host started (keeps PMTU discovery working).
+    pub const PASS_ICMP_RELATED: u32 = 8;
 
     pub const FIRST_DENY: u32 = 16;
     pub const DROP_PORT_NOT_ALLOWED: u32 = 16;
@@ -89,6 +111,10 @@ pub mod reason {
     /// The configuration map is empty: the program was attached before it
     /// was configured. Dropping is the only safe answer.
     pub const DROP_NOT_CONFIGURED: u32 = 25;
+    /// An echo request over its source's rate (or echo disabled with rate 0).
+    pub const DROP_ICMP_RATE: u32 = 26;
+    /// An ICMP error that matches no flow the host started.
+    pub const DROP_ICMP_UNRELATED: u32 = 27;
 
     /// Size of one program's block of counters.
     pub const COUNT: u32 = 32;
@@ -109,6 +135,9 @@ pub mod reason {
             PASS_NEIGHBOR_DISCOVERY => "neighbor_discovery",
             PASS_GRANT => "granted",
             PASS_ICMP_GRANT => "icmp_granted",
+            PASS_REPLY => "reply",
+            PASS_ICMP_ECHO => "icmp_echo",
+            PASS_ICMP_RELATED => "icmp_related",
             DROP_PORT_NOT_ALLOWED => "port_not_allowed",
             DROP_SSH_SOURCE => "ssh_source_not_allowed",
             DROP_MALFORMED => "malformed",
@@ -119,6 +148,9 @@ pub mod reason {
             DROP_PEER_UNKNOWN => "peer_unknown",
             DROP_NOT_GRANTED => "not_granted",
             DROP_NOT_CONFIGURED => "not_configured",
+            DROP_ICMP_RATE => "icmp_rate_limited",
+            DROP_ICMP_UNRELATED => "icmp_unrelated",
+            FLOWS_CREATED => "flows_created",
             EVENTS_SUPPRESSED => "events_suppressed",
             EVENTS_LOST => "events_lost",
             _ => "unknown",
@@ -126,13 +158,16 @@ pub mod reason {
     }
 
     /// Every verdict code, for reports that list all counters.
-    pub const ALL: [u32; 16] = [
+    pub const ALL: [u32; 21] = [
         PASS_WIREGUARD,
         PASS_SSH,
         PASS_ARP,
         PASS_NEIGHBOR_DISCOVERY,
         PASS_GRANT,
         PASS_ICMP_GRANT,
+        PASS_REPLY,
+        PASS_ICMP_ECHO,
+        PASS_ICMP_RELATED,
         DROP_PORT_NOT_ALLOWED,
         DROP_SSH_SOURCE,
         DROP_MALFORMED,
@@ -143,8 +178,13 @@ pub mod reason {
         DROP_PEER_UNKNOWN,
         DROP_NOT_GRANTED,
         DROP_NOT_CONFIGURED,
+        DROP_ICMP_RATE,
+        DROP_ICMP_UNRELATED,
     ];
 
+    /// Counter slot (not a verdict): flows the egress programs created.
+    /// With the table's current size this gives the LRU evictions.
+    pub const FLOWS_CREATED: u32 = 29;
     /// Counter slot (not a verdict): deny events the rate limiter held back.
     pub const EVENTS_SUPPRESSED: u32 = 30;
     /// Counter slot (not a verdict): events lost because the ring buffer was full.
@@ -257,6 +297,63 @@ const _: () = assert!(size_of::<Event>() == 64);
 /// [`Event::peer`] value when no tunnel peer is involved.
 pub const NO_PEER: u32 = u32::MAX;
 
+/// A flow as the host sees it: `local` is this host. Egress packets give it
+/// as (src, dst); ingress replies give it as (dst, src). For ICMP echo,
+/// `local_port` is the echo identifier and `remote_port` is 0.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub local: [u8; 16],
+    pub remote: [u8; 16],
+    pub local_port: u16,
+    pub remote_port: u16,
+    pub protocol: u8,
+    /// 4 or 6: keeps 1.2.3.4 apart from the IPv6 address 102:304::.
+    pub ip_version: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(size_of::<FlowKey>() == 40);
+
+/// What is known of a flow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowState {
+    /// `bpf_ktime_get_ns` of the last packet either way.
+    pub last_seen_ns: u64,
+    /// `FLOW_*` bits.
+    pub flags: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<FlowState>() == 16);
+
+/// [`FlowState::flags`] bit: a FIN or RST was seen; the short timeout applies.
+pub const FLOW_CLOSING: u32 = 1;
+
+/// Timeouts and the echo rate: one entry in [`map::FLOW_CONFIG`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowConfig {
+    pub tcp_established_ns: u64,
+    pub tcp_closing_ns: u64,
+    pub udp_ns: u64,
+    pub icmp_ns: u64,
+    /// Nanoseconds per echo token; 0 disables echo entirely.
+    pub echo_ns_per_token: u64,
+    /// Bucket size: echoes a quiet source may send at once.
+    pub echo_burst: u64,
+}
+const _: () = assert!(size_of::<FlowConfig>() == 48);
+
+/// Key of a per-source bucket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SourceKey {
+    pub addr: [u8; 16],
+    pub ip_version: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(size_of::<SourceKey>() == 20);
+
 /// IP protocol numbers used on both sides.
 pub mod proto {
     pub const ICMP: u8 = 1;
@@ -292,4 +389,8 @@ mod pod {
     unsafe impl aya::Pod for super::PeerCounters {}
     unsafe impl aya::Pod for super::EventBucket {}
     unsafe impl aya::Pod for super::Event {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::FlowState {}
+    unsafe impl aya::Pod for super::FlowConfig {}
+    unsafe impl aya::Pod for super::SourceKey {}
 }

@@ -8,6 +8,7 @@
 #![no_std]
 #![no_main]
 
+mod flows;
 mod maps;
 mod parse;
 mod record;
@@ -39,7 +40,10 @@ pub fn zt_edge(ctx: XdpContext) -> u32 {
     let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
     let code = match parse::parse_ethernet(&b) {
         Ok(p) => {
-            let code = verdict::edge(&p);
+            let mut code = verdict::edge(&p);
+            if !reason::is_allow(code) && code != reason::DROP_NOT_CONFIGURED {
+                code = flows::second_chance(&b, &p, code, program::EDGE);
+            }
             record::decision(program::EDGE, ifindex, Some(&p), code, None);
             code
         }
@@ -59,26 +63,19 @@ pub fn zt_edge(ctx: XdpContext) -> u32 {
 
 #[classifier]
 pub fn zt_tunnel(ctx: TcContext) -> i32 {
-    // wireguard-go hands the kernel small packets in one piece, but nothing
-    // promises a linear skb; pull the headers in rather than misjudge them.
-    let want = ctx.len().min(TC_LINEAR_WANT);
-    if ctx.data_end() - ctx.data() < want as usize {
-        // A failed pull leaves the skb short, and the parse below then drops
-        // it as malformed: still closed.
-        let _ = ctx.pull_data(want);
-    }
-    let b = Bounds::new(ctx.data(), ctx.data_end());
-    // SAFETY: a read of a constant the loader may have rewritten before load.
-    let l2 = unsafe { core::ptr::read_volatile(&raw const TUNNEL_L2) } != 0;
+    let b = linear_headers(&ctx);
     // SAFETY: ctx.skb.skb points at the kernel's __sk_buff for this run.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    let parsed = if l2 { parse::parse_ethernet(&b) } else { parse::parse_ip(&b) };
+    let parsed = if tunnel_l2() { parse::parse_ethernet(&b) } else { parse::parse_ip(&b) };
     // Each arm records its own decision: building one tuple of packet, peer
     // and code to share the call costs stack and confuses LLVM's BPF backend.
     let code = match parsed {
         Ok(p) => {
             let peer = verdict::peer_of(&p);
-            let code = verdict::tunnel(&p, peer);
+            let mut code = verdict::tunnel(&p, peer);
+            if !reason::is_allow(code) {
+                code = flows::second_chance(&b, &p, code, program::TUNNEL);
+            }
             if let Some(peer) = &peer {
                 record::count_peer(peer, reason::is_allow(code));
             }
@@ -92,6 +89,47 @@ pub fn zt_tunnel(ctx: TcContext) -> i32 {
         }
     };
     if reason::is_allow(code) { TC_ACT_OK } else { TC_ACT_SHOT }
+}
+
+/// Egress on the edge interface: records the flows the host starts, so
+/// that `zt_edge` admits their replies. Egress is never filtered.
+#[classifier]
+pub fn zt_edge_out(ctx: TcContext) -> i32 {
+    let b = linear_headers(&ctx);
+    if let Ok(p) = parse::parse_ethernet(&b) {
+        flows::record_egress(&p);
+    }
+    TC_ACT_OK
+}
+
+/// Egress on the tunnel interface: as `zt_edge_out`, for `zt_tunnel`.
+#[classifier]
+pub fn zt_tunnel_out(ctx: TcContext) -> i32 {
+    let b = linear_headers(&ctx);
+    let parsed = if tunnel_l2() { parse::parse_ethernet(&b) } else { parse::parse_ip(&b) };
+    if let Ok(p) = parsed {
+        flows::record_egress(&p);
+    }
+    TC_ACT_OK
+}
+
+#[inline(always)]
+fn tunnel_l2() -> bool {
+    // SAFETY: a read of a constant the loader may have rewritten before load.
+    unsafe { core::ptr::read_volatile(&raw const TUNNEL_L2) != 0 }
+}
+
+/// The packet window of a TC program, with the headers made linear first.
+/// Nothing promises a linear skb (wireguard-go's small packets are, GSO
+/// traffic on egress often is not); a failed pull leaves the skb short, and
+/// the parse then treats it as malformed: still closed on ingress.
+#[inline(always)]
+fn linear_headers(ctx: &TcContext) -> Bounds {
+    let want = ctx.len().min(TC_LINEAR_WANT);
+    if ctx.data_end() - ctx.data() < want as usize {
+        let _ = ctx.pull_data(want);
+    }
+    Bounds::new(ctx.data(), ctx.data_end())
 }
 
 #[cfg(not(test))]

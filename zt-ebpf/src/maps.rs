@@ -5,10 +5,11 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use zt_common::{
-    COUNTER_SLOTS, EdgeConfig, EventBucket, GrantKey, PeerCounters, PeerInfo, capacity,
+    COUNTER_SLOTS, EdgeConfig, EventBucket, FlowConfig, FlowKey, FlowState, GrantKey, PeerCounters,
+    PeerInfo, SourceKey, capacity,
 };
 
 #[map]
@@ -53,3 +54,14 @@ pub static ZT_GRANTS: HashMap<GrantKey, u64> =
 #[map]
 pub static ZT_PEER_CNT: PerCpuArray<PeerCounters> =
     PerCpuArray::with_max_entries(capacity::PEERS, 0);
+
+// Least recently used flows go first when the table is full; the size is
+// set by the loader from `flows.max_entries`.
+#[map]
+pub static ZT_FLOWS: LruHashMap<FlowKey, FlowState> = LruHashMap::with_max_entries(capacity::FLOWS_DEFAULT, 0);
+
+#[map]
+pub static ZT_FLOW_CFG: Array<FlowConfig> = Array::with_max_entries(1, 0);
+
+#[map]
+pub static ZT_ECHO_BKT: LruHashMap<SourceKey, EventBucket> = LruHashMap::with_max_entries(capacity::ECHO_SOURCES, 0);

@@ -40,8 +40,12 @@ const IPV6_DEST_OPTS: u8 = 60;
 const IPV6_EXT_MIN_LEN: usize = 8;
 /// Byte of the TCP header that holds FIN..CWR.
 const TCP_FLAGS_OFFSET: usize = 13;
-/// Type, code and checksum: all an ICMP verdict reads.
-const ICMP_MIN_LEN: usize = 4;
+/// Every ICMP and ICMPv6 message starts with 8 bytes: type, code, checksum
+/// and four type-specific bytes (the echo identifier, or the MTU).
+const ICMP_HDR_LEN: usize = 8;
+/// What an ICMP error must quote of the offending packet's L4 header: the
+/// ports (or the echo identifier).
+const EMBEDDED_L4_LEN: usize = 8;
 
 /// Why a packet could not be parsed. Each maps to one drop reason.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -88,6 +92,12 @@ pub struct Packet {
     pub hop_limit: u8,
     pub tcp_flags: u8,
     pub icmp_type: u8,
+    /// ICMP echo identifier (bytes 4-5 of the ICMP header).
+    pub icmp_id: u16,
+    /// Where the L4 header starts and the IP payload ends, for reading what
+    /// an ICMP error quotes.
+    pub l4_offset: usize,
+    pub l4_limit: usize,
     pub src_port: u16,
     pub dst_port: u16,
     pub src: Addr,
@@ -103,6 +113,9 @@ impl Packet {
             hop_limit: 0,
             tcp_flags: 0,
             icmp_type: 0,
+            icmp_id: 0,
+            l4_offset: 0,
+            l4_limit: 0,
             src_port: 0,
             dst_port: 0,
             src: Addr([0; 16]),
@@ -287,6 +300,8 @@ fn ext_hdr(b: &Bounds, cursor: usize, limit: usize) -> Result<[u8; IPV6_EXT_MIN_
 /// malformed even if the frame has trailing bytes.
 #[inline(always)]
 fn parse_l4(b: &Bounds, offset: usize, limit: usize, mut p: Packet) -> Result<Packet, ParseError> {
+    p.l4_offset = offset;
+    p.l4_limit = limit;
     match (p.l3, p.protocol) {
         (_, proto::TCP) => {
             if offset + TcpHdr::LEN > limit {
@@ -314,15 +329,110 @@ fn parse_l4(b: &Bounds, offset: usize, limit: usize, mut p: Packet) -> Result<Pa
             p.dst_port = u16::from_be_bytes(udp.dst);
         }
         (L3::Ipv4, proto::ICMP) | (L3::Ipv6, proto::ICMPV6) => {
-            if offset + ICMP_MIN_LEN > limit {
+            if offset + ICMP_HDR_LEN > limit {
                 return Err(ParseError::Malformed);
             }
-            let icmp: *const [u8; ICMP_MIN_LEN] = b.ptr_at(offset)?;
-            // SAFETY: ptr_at checked type, code and checksum.
-            p.icmp_type = unsafe { (*icmp)[0] };
+            let icmp: *const [u8; ICMP_HDR_LEN] = b.ptr_at(offset)?;
+            // SAFETY: ptr_at checked the whole 8-byte header.
+            let icmp = unsafe { &*icmp };
+            p.icmp_type = icmp[0];
+            p.icmp_id = u16::from_be_bytes([icmp[4], icmp[5]]);
         }
         // Other protocols carry no ports we judge; the verdict decides.
         _ => {}
     }
     Ok(p)
 }
+
+/// The packet an ICMP error quotes, as the flow it belonged to: addresses,
+/// protocol, and ports (or the echo identifier as the source port).
+#[derive(Clone, Copy)]
+pub struct Quoted {
+    pub ip_version: u8,
+    pub protocol: u8,
+    pub src: Addr,
+    pub dst: Addr,
+    pub src_port: u16,
+    pub dst_port: u16,
+}
+
+/// Reads the IP header and first 8 L4 bytes quoted by the ICMP error `p`.
+/// `None` when the quote is too short, fragmented, of another IP version,
+/// or (IPv6) has extension headers: such an error cannot be matched to a
+/// flow, so the caller treats it as unrelated.
+#[inline(always)]
+pub fn quoted(b: &Bounds, p: &Packet) -> Option<Quoted> {
+    let inner = p.l4_offset + ICMP_HDR_LEN;
+    let limit = p.l4_limit;
+    let mut q = Quoted {
+        ip_version: 0,
+        protocol: 0,
+        src: Addr([0; 16]),
+        dst: Addr([0; 16]),
+        src_port: 0,
+        dst_port: 0,
+    };
+    let l4 = match p.l3 {
+        L3::Ipv4 => {
+            if inner + Ipv4Hdr::LEN > limit {
+                return None;
+            }
+            let ip: *const Ipv4Hdr = b.ptr_at(inner).ok()?;
+            // SAFETY: ptr_at checked the fixed 20-byte header.
+            let ip = unsafe { &*ip };
+            let ihl = usize::from(ip.vihl & 0x0f) * 4;
+            if ip.vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN || u16::from_be_bytes(ip.frags) & IPV4_FRAG_OFFSET_MASK != 0 {
+                return None;
+            }
+            q.ip_version = 4;
+            q.protocol = ip.proto;
+            q.src.0[..4].copy_from_slice(&ip.src_addr);
+            q.dst.0[..4].copy_from_slice(&ip.dst_addr);
+            inner + ihl
+        }
+        L3::Ipv6 => {
+            if inner + Ipv6Hdr::LEN > limit {
+                return None;
+            }
+            let ip: *const Ipv6Hdr = b.ptr_at(inner).ok()?;
+            // SAFETY: ptr_at checked the whole 40-byte header.
+            let ip = unsafe { &*ip };
+            if ip.vcf[0] >> 4 != 6 {
+                return None;
+            }
+            q.ip_version = 6;
+            q.protocol = ip.next_hdr;
+            q.src = Addr(ip.src_addr);
+            q.dst = Addr(ip.dst_addr);
+            inner + Ipv6Hdr::LEN
+        }
+        L3::Arp => return None,
+    };
+    if l4 + EMBEDDED_L4_LEN > limit {
+        return None;
+    }
+    let hdr: *const [u8; EMBEDDED_L4_LEN] = b.ptr_at(l4).ok()?;
+    // SAFETY: ptr_at checked all eight bytes.
+    let hdr = unsafe { &*hdr };
+    match (q.ip_version, q.protocol) {
+        (_, proto::TCP | proto::UDP) => {
+            q.src_port = u16::from_be_bytes([hdr[0], hdr[1]]);
+            q.dst_port = u16::from_be_bytes([hdr[2], hdr[3]]);
+        }
+        // Only our own echo requests can draw an error we care about.
+        (4, proto::ICMP) if hdr[0] == ICMP_ECHO_REQUEST => q.src_port = u16::from_be_bytes([hdr[4], hdr[5]]),
+        (6, proto::ICMPV6) if hdr[0] == ICMPV6_ECHO_REQUEST => q.src_port = u16::from_be_bytes([hdr[4], hdr[5]]),
+        _ => return None,
+    }
+    Some(q)
+}
+
+pub const ICMP_ECHO_REPLY: u8 = 0;
+pub const ICMP_DEST_UNREACHABLE: u8 = 3;
+pub const ICMP_ECHO_REQUEST: u8 = 8;
+pub const ICMP_TIME_EXCEEDED: u8 = 11;
+pub const ICMPV6_DEST_UNREACHABLE: u8 = 1;
+pub const ICMPV6_PACKET_TOO_BIG: u8 = 2;
+pub const ICMPV6_TIME_EXCEEDED: u8 = 3;
+pub const ICMPV6_ECHO_REQUEST: u8 = 128;
+pub const ICMPV6_ECHO_REPLY: u8 = 129;

@@ -9,7 +9,7 @@
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use zt_common::{
-    DENY_EVENTS_PER_SEC, Event, NO_PEER, PeerInfo, counter_index, proto, reason, tcp_flag,
+    DENY_EVENTS_PER_SEC, Event, EventBucket, NO_PEER, PeerInfo, counter_index, proto, reason, tcp_flag,
 };
 
 use crate::{
@@ -60,17 +60,14 @@ fn audited(p: Option<&Packet>, code: u32) -> bool {
     }
 }
 
-/// Takes one deny-event token from this CPU's bucket.
+/// Refills `b` for the time since its last refill (one token per
+/// `ns_per_token`, at most `cap`) and takes one token if there is one.
+/// Shared by the audit limiter and the per-source ICMP echo limiter.
 #[inline(always)]
-fn take_token(now: u64) -> bool {
-    let Some(b) = ZT_EVT_BUCKET.get_ptr_mut(0) else {
-        return false;
-    };
-    // SAFETY: per-CPU slot, as in `count`.
-    let b = unsafe { &mut *b };
-    let earned = now.saturating_sub(b.last_ns) / NS_PER_TOKEN;
+pub fn take_token(b: &mut EventBucket, now: u64, ns_per_token: u64, cap: u64) -> bool {
+    let earned = now.saturating_sub(b.last_ns) / ns_per_token;
     if earned > 0 {
-        b.tokens = (b.tokens + earned).min(DENY_EVENTS_PER_SEC);
+        b.tokens = (b.tokens + earned).min(cap);
         b.last_ns = now;
     }
     if b.tokens == 0 {
@@ -78,6 +75,16 @@ fn take_token(now: u64) -> bool {
     }
     b.tokens -= 1;
     true
+}
+
+/// Takes one deny-event token from this CPU's bucket.
+#[inline(always)]
+fn take_event_token(now: u64) -> bool {
+    let Some(b) = ZT_EVT_BUCKET.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: per-CPU slot, as in `count`.
+    take_token(unsafe { &mut *b }, now, NS_PER_TOKEN, DENY_EVENTS_PER_SEC)
 }
 
 /// Counts the decision and, when it is audited, sends an event.
@@ -89,7 +96,7 @@ pub fn decision(program: u32, ifindex: u32, p: Option<&Packet>, code: u32, peer:
     }
     // SAFETY: bpf_ktime_get_ns has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    if !reason::is_allow(code) && !take_token(now) {
+    if !reason::is_allow(code) && !take_event_token(now) {
         count(program, reason::EVENTS_SUPPRESSED);
         return;
     }

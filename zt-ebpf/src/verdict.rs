@@ -8,7 +8,7 @@ use zt_common::{EDGE_CONFIGURED, GrantKey, PEER_ICMP, PeerInfo, proto, reason};
 
 use crate::{
     maps::{ZT_EDGE_CFG, ZT_EDGE_UDP, ZT_GRANTS, ZT_PEER_V4, ZT_PEER_V6, ZT_SSH_V4, ZT_SSH_V6},
-    parse::{Fragment, L3, Packet, ParseError},
+    parse::{Fragment, ICMP_ECHO_REQUEST, ICMPV6_ECHO_REQUEST, L3, Packet, ParseError},
 };
 
 /// ICMPv6 neighbour discovery: router solicitation/advertisement, neighbour
@@ -18,8 +18,6 @@ const ND_FIRST: u8 = 133;
 const ND_LAST: u8 = 137;
 /// RFC 4861 requires hop limit 255 on ND, which proves it was not routed.
 const ND_HOP_LIMIT: u8 = 255;
-const ICMP_ECHO_REQUEST: u8 = 8;
-const ICMPV6_ECHO_REQUEST: u8 = 128;
 
 /// The drop reason for a parse failure.
 #[inline(always)]

@@ -84,6 +84,8 @@ pub enum XdpMode {
 /// A program of ours found attached to an interface.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Attachment {
+    /// Kernel name of the program (`zt_edge`, `zt_tunnel`, ...).
+    pub program: String,
     pub interface: String,
     pub ifindex: u32,
     pub program_id: u32,
@@ -99,12 +101,14 @@ pub struct Attachment {
 pub struct Attached {
     pub edge: Vec<Attachment>,
     pub tunnel: Vec<Attachment>,
+    /// Egress flow recorders (`zt_edge_out`, `zt_tunnel_out`).
+    pub egress: Vec<Attachment>,
 }
 
 impl Attached {
     #[must_use]
     pub fn is_empty(&self) -> bool {
-        self.edge.is_empty() && self.tunnel.is_empty()
+        self.edge.is_empty() && self.tunnel.is_empty() && self.egress.is_empty()
     }
 }
 
@@ -151,7 +155,14 @@ fn attachment(interface: String, ifindex: u32, id: u32, mode: &str, name: &str) 
         .map_ids()
         .map_err(|source| AttachError::ProgramInfo { id, source })?
         .unwrap_or_default();
-    Ok(Some(Attachment { interface, ifindex, program_id: id, mode: mode.to_owned(), map_ids }))
+    Ok(Some(Attachment {
+        program: name.to_owned(),
+        interface,
+        ifindex,
+        program_id: id,
+        mode: mode.to_owned(),
+        map_ids,
+    }))
 }
 
 /// Finds our programs on every interface of this namespace.
@@ -183,9 +194,16 @@ pub async fn find(handle: &Handle) -> Result<Attached, AttachError> {
         {
             out.edge.push(a);
         }
-        for id in tc_ingress_program_ids(handle, ifindex, &name).await? {
+        for id in tc_program_ids(handle, ifindex, &name, TcAttachType::Ingress).await? {
             if let Some(a) = attachment(name.clone(), ifindex, id, "tc", program::TUNNEL_NAME)? {
                 out.tunnel.push(a);
+            }
+        }
+        for id in tc_program_ids(handle, ifindex, &name, TcAttachType::Egress).await? {
+            for prog in [program::EDGE_EGRESS_NAME, program::TUNNEL_EGRESS_NAME] {
+                if let Some(a) = attachment(name.clone(), ifindex, id, "tc-egress", prog)? {
+                    out.egress.push(a);
+                }
             }
         }
     }
@@ -208,9 +226,16 @@ fn xdp_state(attrs: &[LinkXdp]) -> Option<(u32, &'static str)> {
     Some((id?, mode.unwrap_or("unknown")))
 }
 
-async fn tc_ingress_program_ids(handle: &Handle, ifindex: u32, name: &str) -> Result<Vec<u32>, AttachError> {
+async fn tc_program_ids(
+    handle: &Handle,
+    ifindex: u32,
+    name: &str,
+    direction: TcAttachType,
+) -> Result<Vec<u32>, AttachError> {
     let Ok(index) = i32::try_from(ifindex) else { return Ok(Vec::new()) };
-    let filters: Result<Vec<_>, _> = handle.traffic_filter(index).get().ingress().execute().try_collect().await;
+    let request = handle.traffic_filter(index).get();
+    let request = if direction == TcAttachType::Ingress { request.ingress() } else { request.egress() };
+    let filters: Result<Vec<_>, _> = request.execute().try_collect().await;
     // An interface without clsact answers with an error: no filters, not a failure.
     let Ok(filters) = filters else {
         tracing::trace!(interface = name, "no ingress filters");
@@ -331,25 +356,31 @@ pub async fn detach_xdp(handle: &Handle, a: &Attachment) -> Result<(), AttachErr
         .map_err(|source| AttachError::Netlink { interface: a.interface.clone(), source })
 }
 
-/// Attaches the tunnel classifier to `interface` ingress as a clsact filter
-/// with our fixed priority and handle, replacing our earlier one in place.
+/// Attaches a classifier to `interface` (ingress or egress) as a clsact
+/// filter with our fixed priority and handle, replacing our earlier one in
+/// place when `replace`.
 ///
 /// # Errors
 /// When the qdisc or the filter cannot be set up.
-pub fn attach_tc(prog: &mut SchedClassifier, interface: &str, replace: bool) -> Result<(), AttachError> {
+pub fn attach_tc(
+    prog: &mut SchedClassifier,
+    interface: &str,
+    direction: TcAttachType,
+    replace: bool,
+) -> Result<(), AttachError> {
     let tc_err = |source| AttachError::Tc { interface: interface.to_owned(), source };
     if let Err(e) = tc::qdisc_add_clsact(interface) {
         // EEXIST: the qdisc is already there, which is what we want.
         tracing::debug!(interface, error = %e, "clsact qdisc not added (probably present)");
     }
     let id = if replace {
-        let link = SchedClassifierLink::attached(interface, TcAttachType::Ingress, TC_PRIORITY, TC_HANDLE, None)
+        let link = SchedClassifierLink::attached(interface, direction, TC_PRIORITY, TC_HANDLE, None)
             .map_err(|e| tc_err(aya::programs::ProgramError::IOError(e)))?;
         prog.attach_to_link(link).map_err(tc_err)?
     } else {
         prog.attach_with_options(
             interface,
-            TcAttachType::Ingress,
+            direction,
             TcAttachOptions::Netlink(NlOptions { priority: TC_PRIORITY, handle: TC_HANDLE, classid: None }),
         )
         .map_err(tc_err)?
@@ -359,12 +390,12 @@ pub fn attach_tc(prog: &mut SchedClassifier, interface: &str, replace: bool) -> 
     Ok(())
 }
 
-/// Removes our classifier from `interface` ingress.
+/// Removes our classifier `name` from `interface`.
 ///
 /// # Errors
 /// When netlink refuses.
-pub fn detach_tc(interface: &str) -> Result<(), AttachError> {
-    tc::qdisc_detach_program(interface, TcAttachType::Ingress, program::TUNNEL_NAME).map_err(|e| AttachError::Tc {
+pub fn detach_tc(interface: &str, direction: TcAttachType, name: &str) -> Result<(), AttachError> {
+    tc::qdisc_detach_program(interface, direction, name).map_err(|e| AttachError::Tc {
         interface: interface.to_owned(),
         source: aya::programs::ProgramError::from(e),
     })

@@ -29,7 +29,9 @@ use serde::Deserialize;
 use toml::de::{DeTable, DeValue};
 use zt_common::capacity;
 
-use crate::policy::{AuditSettings, EdgePolicy, Grant, Peer, Policy, Protocol, TunnelPolicy};
+use crate::policy::{
+    AuditSettings, EchoRate, EdgePolicy, FlowSettings, Grant, Peer, Policy, Protocol, TunnelPolicy,
+};
 
 /// `ssh_port` when the file does not set it.
 const DEFAULT_SSH_PORT: u16 = 22;
@@ -37,7 +39,7 @@ const DEFAULT_SSH_PORT: u16 = 22;
 const DEFAULT_RUNTIME_GRANTS: &str = "/var/lib/ztxdp/grants.json";
 /// Linux `IFNAMSIZ` minus the terminating NUL.
 const MAX_INTERFACE_NAME: usize = 15;
-/// A WireGuard key is 32 bytes: 43 base64 characters and one `=`.
+/// A 32-byte Curve25519 key in base64: 43 characters and one `=`.
 const WIREGUARD_KEY_LEN: usize = 44;
 
 /// Why a configuration was refused.
@@ -155,19 +157,15 @@ fn transport(name: &str, whole: &str, expected: &'static str) -> Result<Protocol
 }
 
 fn port_range(text: &str) -> Result<(u16, u16), GrantError> {
-    match text.split_once('-') {
-        Some((first, last)) => {
-            let (first, last) = (grant_port(first)?, grant_port(last)?);
-            if last < first {
-                return Err(GrantError::RangeReversed { first, last });
-            }
-            Ok((first, last))
-        }
-        None => {
-            let port = grant_port(text)?;
-            Ok((port, port))
-        }
+    let Some((first, last)) = text.split_once('-') else {
+        let port = grant_port(text)?;
+        return Ok((port, port));
+    };
+    let (first, last) = (grant_port(first)?, grant_port(last)?);
+    if last < first {
+        return Err(GrantError::RangeReversed { first, last });
     }
+    Ok((first, last))
 }
 
 fn grant_port(text: &str) -> Result<u16, GrantError> {
@@ -320,7 +318,7 @@ impl Config {
             .as_ref()
             .map(|t| ("tunnel.interface", t.interface.as_str()));
         for (key, name) in edge.into_iter().chain(tunnel) {
-            if interface_index(name).is_none() {
+            if !interface_exists(name) {
                 return Err(self.invalid(
                     key,
                     format!("no interface \"{name}\" in this network namespace"),
@@ -331,11 +329,12 @@ impl Config {
     }
 }
 
-fn interface_index(name: &str) -> Option<u32> {
-    let name = CString::new(name).ok()?;
+fn interface_exists(name: &str) -> bool {
+    let Ok(name) = CString::new(name) else {
+        return false;
+    };
     // SAFETY: `name` is NUL-terminated and outlives the call, which only reads it.
-    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
-    (index != 0).then_some(index)
+    unsafe { libc::if_nametoindex(name.as_ptr()) != 0 }
 }
 
 /// Turns keys into lines for error messages.
@@ -533,6 +532,7 @@ impl Validator<'_> {
         Ok(Policy {
             edge,
             tunnel,
+            flows: FlowSettings::default(),
             audit,
         })
     }
@@ -590,6 +590,7 @@ impl Validator<'_> {
             wireguard_ports,
             ssh_port,
             ssh_allow,
+            icmp_echo: EchoRate::default(),
         })
     }
 
@@ -669,13 +670,13 @@ impl Validator<'_> {
             .enumerate()
             .map(|(i, text)| self.prefix(text, &format!("{key}[{i}]")))
             .collect::<Result<Vec<_>, _>>()?;
-        if let Some(public_key) = &raw.public_key {
-            if !is_wireguard_key(public_key) {
-                return Err(self.at.invalid(
-                    &format!("{at}.public_key"),
-                    "not a WireGuard public key (44 base64 characters ending in '=', as `wg show` prints)",
-                ));
-            }
+        if let Some(public_key) = &raw.public_key
+            && !is_wireguard_key(public_key)
+        {
+            return Err(self.at.invalid(
+                &format!("{at}.public_key"),
+                "not a WireGuard public key (44 base64 characters ending in '=', as `wg show` prints)",
+            ));
         }
         let grants = raw
             .allow
@@ -754,23 +755,23 @@ impl Validator<'_> {
             {
                 open.pop();
             }
-            if let Some(&outer) = open.last() {
-                if outer.1 != current.1 {
-                    // Report the one written later in the file.
-                    let (later, earlier) = if (outer.1, outer.2) > (current.1, current.2) {
-                        (outer, current)
-                    } else {
-                        (current, outer)
-                    };
-                    return Err(self.at.invalid(
-                        &format!("tunnel.peer[{}].addresses[{}]", later.1, later.2),
-                        format!(
-                            "{} overlaps {} of peer \"{}\" (tunnel.peer[{}].addresses[{}]); \
-                             a source address must belong to exactly one peer",
-                            later.0, earlier.0, peers[earlier.1].name, earlier.1, earlier.2
-                        ),
-                    ));
-                }
+            if let Some(&outer) = open.last()
+                && outer.1 != current.1
+            {
+                // Report the one written later in the file.
+                let (later, earlier) = if (outer.1, outer.2) > (current.1, current.2) {
+                    (outer, current)
+                } else {
+                    (current, outer)
+                };
+                return Err(self.at.invalid(
+                    &format!("tunnel.peer[{}].addresses[{}]", later.1, later.2),
+                    format!(
+                        "{} overlaps {} of peer \"{}\" (tunnel.peer[{}].addresses[{}]); \
+                         a source address must belong to exactly one peer",
+                        later.0, earlier.0, peers[earlier.1].name, earlier.1, earlier.2
+                    ),
+                ));
             }
             open.push(current);
         }
@@ -851,7 +852,7 @@ fn family(net: &IpNet) -> &'static str {
     }
 }
 
-fn is_wireguard_key(key: &str) -> bool {
+pub(crate) fn is_wireguard_key(key: &str) -> bool {
     key.len() == WIREGUARD_KEY_LEN
         && key.ends_with('=')
         && key[..WIREGUARD_KEY_LEN - 1]
@@ -877,11 +878,10 @@ mod tests {
 
     /// Asserts that `text` is refused with an error about `key` at `line`.
     fn expect_error_with(text: &str, limits: Limits, key: &str, line: usize) -> String {
-        let error = match parse_with(text, Path::new(PATH), limits) {
-            Ok(_) => panic!(
+        let Err(error) = parse_with(text, Path::new(PATH), limits) else {
+            panic!(
                 "expected an error about {key} at line {line}, the config was accepted:\n{text}"
-            ),
-            Err(e) => e,
+            );
         };
         let shown = error.to_string();
         let want = format!("{PATH}:{line}: {key}: ");
@@ -1313,6 +1313,7 @@ path = "/var/log/ztxdp/audit.jsonl"
                 wireguard_ports: vec![51820, 51821],
                 ssh_port: 2222,
                 ssh_allow: vec![net("192.0.2.10/32"), net("2001:db8:1::/64")],
+                icmp_echo: EchoRate::default(),
             }),
             tunnel: Some(TunnelPolicy {
                 interface: "wg0".into(),
@@ -1349,6 +1350,7 @@ path = "/var/log/ztxdp/audit.jsonl"
                 ],
                 runtime_grants: PathBuf::from("/run/grants.json"),
             }),
+            flows: FlowSettings::default(),
             audit: AuditSettings {
                 path: PathBuf::from("/var/log/ztxdp/audit.jsonl"),
             },

@@ -5,7 +5,10 @@
 
 use std::{collections::BTreeMap, net::IpAddr};
 
-use aya::maps::{LpmTrie, Map, MapData};
+use aya::{
+    maps::{LpmTrie, Map, MapData},
+    programs::TcAttachType,
+};
 use serde::Serialize;
 use zt_common::{PeerInfo, map, program, reason};
 
@@ -32,7 +35,7 @@ pub enum ControlError {
     NoTunnel { config: String },
     #[error("no peer named or owning address {peer:?}; peers are: {known}")]
     UnknownPeer { peer: String, known: String },
-    #[error("bad grant {text:?}: {source}")]
+    #[error("bad grant {text:?}")]
     BadGrant {
         text: String,
         #[source]
@@ -61,11 +64,26 @@ pub struct PeerStatus {
     pub denied: u64,
 }
 
+/// The flow table, as `status` reports it.
+#[derive(Debug, Serialize)]
+pub struct FlowStatus {
+    /// Flows in the table now (live or expired but not yet evicted).
+    pub entries: usize,
+    /// Flows the egress programs have created since load.
+    pub created: u64,
+    /// Flows the LRU pushed out to make room: created minus present. A
+    /// growing number means `flows.max_entries` is too small.
+    pub evicted: u64,
+    /// Egress recorders attached, by interface.
+    pub recorders: Vec<Attachment>,
+}
+
 /// `ztxdp status`.
 #[derive(Debug, Serialize)]
 pub struct Status {
     pub edge: Option<ProgramStatus>,
     pub tunnel: Option<ProgramStatus>,
+    pub flows: Option<FlowStatus>,
 }
 
 fn program_status(a: &Attachment, prog: u32) -> Result<ProgramStatus, ControlError> {
@@ -128,9 +146,28 @@ pub async fn status() -> Result<Status, ControlError> {
     if found.is_empty() {
         return Err(ControlError::NothingAttached);
     }
+    let flows = match found.egress.first() {
+        Some(a) => {
+            let tables = Tables::from_map_ids(&a.map_ids)?;
+            let created = tables
+                .counters(program::EGRESS)?
+                .get(&reason::FLOWS_CREATED)
+                .copied()
+                .unwrap_or(0);
+            let entries = tables.fill_levels()?.get("flows").copied().unwrap_or(0);
+            Some(FlowStatus {
+                entries,
+                created,
+                evicted: created.saturating_sub(entries as u64),
+                recorders: found.egress.clone(),
+            })
+        }
+        None => None,
+    };
     Ok(Status {
         edge: found.edge.first().map(|a| program_status(a, program::EDGE)).transpose()?,
         tunnel: found.tunnel.first().map(|a| program_status(a, program::TUNNEL)).transpose()?,
+        flows,
     })
 }
 
@@ -148,9 +185,12 @@ pub async fn down() -> Result<Vec<Attachment>, ControlError> {
         attach::detach_xdp(&handle, a).await?;
     }
     for a in &found.tunnel {
-        attach::detach_tc(&a.interface)?;
+        attach::detach_tc(&a.interface, TcAttachType::Ingress, &a.program)?;
     }
-    Ok(found.edge.into_iter().chain(found.tunnel).collect())
+    for a in &found.egress {
+        attach::detach_tc(&a.interface, TcAttachType::Egress, &a.program)?;
+    }
+    Ok(found.edge.into_iter().chain(found.tunnel).chain(found.egress).collect())
 }
 
 /// A peer by name, or by an address inside one of its prefixes.

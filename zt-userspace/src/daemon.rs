@@ -11,7 +11,7 @@ use std::{path::PathBuf, time::Duration};
 
 use aya::{
     maps::{MapData, RingBuf},
-    programs::{SchedClassifier, Xdp},
+    programs::{SchedClassifier, TcAttachType, Xdp},
 };
 use tokio::{io::unix::AsyncFd, signal::unix::SignalKind};
 use zt_common::{Event, map, program, reason};
@@ -74,6 +74,8 @@ pub struct UpOptions {
 pub struct Enforcing {
     pub edge: Option<(Attachment, XdpMode)>,
     pub tunnel: Option<Attachment>,
+    /// Egress flow recorders.
+    pub egress: Vec<Attachment>,
 }
 
 /// Runs the daemon until SIGINT or SIGTERM. `ready` is called once, when
@@ -102,8 +104,10 @@ pub async fn up(opts: &UpOptions, ready: impl FnOnce(&Enforcing)) -> Result<(), 
     };
 
     let tunnel_l2 = tunnel_policy.as_ref().is_some_and(|t| has_ethernet_header(&t.interface));
-    let mut ebpf = loader::load(LoadOptions { tunnel_l2 })?;
+    let mut ebpf = loader::load(LoadOptions { tunnel_l2, flow_entries: config.policy.flows.max_entries })?;
     let mut tables = Tables::from_ebpf(&mut ebpf)?;
+    let echo = config.policy.edge.as_ref().map(|e| e.icmp_echo).unwrap_or_default();
+    tables.apply_flows(&config.policy.flows, echo)?;
     if let Some(edge) = &config.policy.edge {
         tables.apply_edge(edge)?;
     }
@@ -116,7 +120,19 @@ pub async fn up(opts: &UpOptions, ready: impl FnOnce(&Enforcing)) -> Result<(), 
 
     let handle = attach::connect()?;
     let before = attach::find(&handle).await?;
-    let mut enforcing = Enforcing { edge: None, tunnel: None };
+    let mut enforcing = Enforcing { edge: None, tunnel: None, egress: Vec::new() };
+    // Egress recorders first: replies to flows started while the ingress
+    // programs come up are then already known.
+    let recorders = [
+        (config.policy.edge.as_ref().map(|e| e.interface.clone()), program::EDGE_EGRESS_NAME),
+        (tunnel_policy.as_ref().map(|t| t.interface.clone()), program::TUNNEL_EGRESS_NAME),
+    ];
+    for (interface, name) in &recorders {
+        let Some(interface) = interface else { continue };
+        let prog: &mut SchedClassifier = loader::program_mut(&mut ebpf, name)?;
+        let replace = before.egress.iter().any(|a| a.interface == *interface && a.program == *name);
+        attach::attach_tc(prog, interface, TcAttachType::Egress, replace)?;
+    }
     if let Some(edge) = &config.policy.edge {
         let prog: &mut Xdp = loader::program_mut(&mut ebpf, program::EDGE_NAME)?;
         let fd = prog.fd().map_err(|source| LoadError::Program { name: program::EDGE_NAME, source })?;
@@ -133,10 +149,17 @@ pub async fn up(opts: &UpOptions, ready: impl FnOnce(&Enforcing)) -> Result<(), 
     if let Some(t) = &tunnel_policy {
         let prog: &mut SchedClassifier = loader::program_mut(&mut ebpf, program::TUNNEL_NAME)?;
         let replace = before.tunnel.iter().any(|a| a.interface == t.interface);
-        attach::attach_tc(prog, &t.interface, replace)?;
-        let now = attach::find(&handle).await?;
+        attach::attach_tc(prog, &t.interface, TcAttachType::Ingress, replace)?;
+    }
+    let now = attach::find(&handle).await?;
+    if let Some(t) = &tunnel_policy {
         enforcing.tunnel = now.tunnel.into_iter().find(|a| a.interface == t.interface);
     }
+    enforcing.egress = now
+        .egress
+        .into_iter()
+        .filter(|a| recorders.iter().any(|(i, n)| i.as_deref() == Some(a.interface.as_str()) && *n == a.program))
+        .collect();
     ready(&enforcing);
 
     let names = names(&enforcing, tunnel_policy.as_ref());
@@ -150,9 +173,14 @@ pub async fn up(opts: &UpOptions, ready: impl FnOnce(&Enforcing)) -> Result<(), 
         }
         if let Some(a) = &enforcing.tunnel
             && still_ours(&handle, &enforcing).await.1
-            && let Err(e) = attach::detach_tc(&a.interface)
+            && let Err(e) = attach::detach_tc(&a.interface, TcAttachType::Ingress, &a.program)
         {
             tracing::warn!(error = %e, interface = a.interface, "could not detach the tunnel program");
+        }
+        for a in &enforcing.egress {
+            if let Err(e) = attach::detach_tc(&a.interface, TcAttachType::Egress, &a.program) {
+                tracing::warn!(error = %e, interface = a.interface, "could not detach a flow recorder");
+            }
         }
     }
     writer.commit()?;

@@ -16,3 +16,7 @@ pub mod tables;
 
 /// The compiled BPF object holding `zt_edge` and `zt_tunnel`.
 pub static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/zt-ebpf"));
+
+/// The benchmark helpers `zt_bench_tx` (live-frames traffic generator) and
+/// `zt_bench_drop` (bare `XDP_DROP`), used only by `cargo xtask bench`.
+pub static BENCH_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bench"));

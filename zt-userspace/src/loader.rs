@@ -24,14 +24,23 @@ pub enum LoadError {
 }
 
 /// How the programs are specialised at load time.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug)]
 pub struct LoadOptions {
     /// The tunnel device has an Ethernet header (a veth); `false` for a
     /// WireGuard device, where packets start at the IP header.
     pub tunnel_l2: bool,
+    /// Size of the flow table (`flows.max_entries`).
+    pub flow_entries: u32,
 }
 
-/// Loads `zt_edge` and `zt_tunnel` with fresh, empty maps.
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self { tunnel_l2: false, flow_entries: zt_common::capacity::FLOWS_DEFAULT }
+    }
+}
+
+/// Loads every program (`zt_edge`, `zt_tunnel` and the two egress flow
+/// recorders) with fresh, empty maps.
 ///
 /// # Errors
 /// When the object or a program is rejected by the kernel.
@@ -39,11 +48,14 @@ pub fn load(opts: LoadOptions) -> Result<Ebpf, LoadError> {
     relax_memlock();
     let mut ebpf = EbpfLoader::new()
         .override_global("TUNNEL_L2", &u8::from(opts.tunnel_l2), true)
+        .map_max_entries(zt_common::map::FLOWS, opts.flow_entries)
         .load(crate::BPF_OBJECT)?;
     let edge: &mut Xdp = program_mut(&mut ebpf, program::EDGE_NAME)?;
     edge.load().map_err(|source| LoadError::Program { name: program::EDGE_NAME, source })?;
-    let tunnel: &mut SchedClassifier = program_mut(&mut ebpf, program::TUNNEL_NAME)?;
-    tunnel.load().map_err(|source| LoadError::Program { name: program::TUNNEL_NAME, source })?;
+    for name in [program::TUNNEL_NAME, program::EDGE_EGRESS_NAME, program::TUNNEL_EGRESS_NAME] {
+        let tc: &mut SchedClassifier = program_mut(&mut ebpf, name)?;
+        tc.load().map_err(|source| LoadError::Program { name, source })?;
+    }
     Ok(ebpf)
 }
 

@@ -116,13 +116,18 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("ztxdp: {e:#}");
-            // Configuration and lockout refusals are usage errors (2): nothing was changed.
+            // Bad config, bad arguments and lockout refusals are usage errors (2):
+            // nothing was changed.
             let usage = e.chain().any(|c| {
                 c.downcast_ref::<ztxdp::config::ConfigError>().is_some()
                     || c.downcast_ref::<ztxdp::lockout::LockoutError>().is_some()
                     || matches!(
                         c.downcast_ref::<daemon::DaemonError>(),
                         Some(daemon::DaemonError::Config(_) | daemon::DaemonError::Lockout(_))
+                    )
+                    || matches!(
+                        c.downcast_ref::<control::ControlError>(),
+                        Some(control::ControlError::UnknownPeer { .. } | control::ControlError::BadGrant { .. })
                     )
             });
             if usage { ExitCode::from(2) } else { ExitCode::FAILURE }
@@ -215,5 +220,15 @@ fn print_status(s: &Status) {
         for peer in &p.peers {
             println!("  peer #{:<5} allowed {:<10} denied {}", peer.index, peer.allowed, peer.denied);
         }
+    }
+    if let Some(f) = &s.flows {
+        let on: Vec<&str> = f.recorders.iter().map(|a| a.interface.as_str()).collect();
+        println!(
+            "flows: {} in table, {} created, {} evicted (recording egress on {})",
+            f.entries,
+            f.created,
+            f.evicted,
+            on.join(", ")
+        );
     }
 }

@@ -1,7 +1,7 @@
 //! The validated policy: what `config` produces, what `tables` writes into
 //! the BPF maps, and what `model` evaluates. Plain data, no parsing.
 
-use std::{fmt, path::PathBuf};
+use std::{fmt, path::PathBuf, time::Duration};
 
 use ipnet::IpNet;
 
@@ -74,6 +74,50 @@ pub struct EdgePolicy {
     pub ssh_port: u16,
     /// Sources allowed to reach `ssh_port`, IPv4 and IPv6.
     pub ssh_allow: Vec<IpNet>,
+    /// ICMP echo requests to the host, per source (`edge.icmp_echo_rate`,
+    /// `edge.icmp_echo_burst`).
+    pub icmp_echo: EchoRate,
+}
+
+/// A per-source token bucket for ICMP echo requests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EchoRate {
+    /// Nanoseconds to earn one echo; 0 drops every echo request.
+    pub ns_per_token: u64,
+    /// Echoes a quiet source may send back to back.
+    pub burst: u64,
+}
+
+impl Default for EchoRate {
+    /// One echo a second with a burst of five, like the usual
+    /// `limit rate 1/second burst 5 packets`.
+    fn default() -> Self {
+        Self { ns_per_token: 1_000_000_000, burst: 5 }
+    }
+}
+
+/// Return-traffic tracking (`[flows]`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowSettings {
+    /// Size of the LRU flow table; the least recently used flow goes first.
+    pub max_entries: u32,
+    pub tcp_established: Duration,
+    /// After a FIN or RST.
+    pub tcp_closing: Duration,
+    pub udp: Duration,
+    pub icmp: Duration,
+}
+
+impl Default for FlowSettings {
+    fn default() -> Self {
+        Self {
+            max_entries: zt_common::capacity::FLOWS_DEFAULT,
+            tcp_established: Duration::from_secs(7200),
+            tcp_closing: Duration::from_secs(30),
+            udp: Duration::from_secs(60),
+            icmp: Duration::from_secs(30),
+        }
+    }
 }
 
 /// One tunnel peer. Its index in [`TunnelPolicy::peers`] is its kernel peer
@@ -112,5 +156,6 @@ pub struct AuditSettings {
 pub struct Policy {
     pub edge: Option<EdgePolicy>,
     pub tunnel: Option<TunnelPolicy>,
+    pub flows: FlowSettings,
     pub audit: AuditSettings,
 }

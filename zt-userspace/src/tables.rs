@@ -11,11 +11,11 @@ use aya::{
 };
 use ipnet::IpNet;
 use zt_common::{
-    COUNTER_SLOTS, EDGE_CONFIGURED, EdgeConfig, GrantKey, PEER_ICMP, PeerCounters, PeerInfo,
-    capacity, counter_index, map, reason,
+    COUNTER_SLOTS, EDGE_CONFIGURED, EdgeConfig, FlowConfig, FlowKey, FlowState, GrantKey, PEER_ICMP,
+    PeerCounters, PeerInfo, capacity, counter_index, map, program, reason,
 };
 
-use crate::policy::{EdgePolicy, Grant, Peer, TunnelPolicy};
+use crate::policy::{EchoRate, EdgePolicy, FlowSettings, Grant, Peer, TunnelPolicy};
 
 /// Errors reading or writing the maps.
 #[derive(Debug, thiserror::Error)]
@@ -41,8 +41,11 @@ pub struct Tables {
     maps: HashMap<&'static str, Map>,
 }
 
-/// Map names `Tables` needs; every one of them must exist.
-const ALL_MAPS: [&str; 10] = [
+/// Map names `Tables` handles; a fresh object must have all of them.
+const ALL_MAPS: [&str; 13] = [
+    map::FLOWS,
+    map::FLOW_CONFIG,
+    map::ECHO_BUCKETS,
     map::EDGE_CONFIG,
     map::EDGE_UDP_PORTS,
     map::SSH_ALLOW_V4,
@@ -191,6 +194,26 @@ impl Tables {
         Ok(())
     }
 
+    /// Writes the flow timeouts and the echo rate. Until this entry exists,
+    /// nothing is admitted as a reply.
+    ///
+    /// # Errors
+    /// When the map update fails.
+    pub fn apply_flows(&mut self, flows: &FlowSettings, echo: EchoRate) -> Result<(), TablesError> {
+        let ns = |d: std::time::Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        let cfg = FlowConfig {
+            tcp_established_ns: ns(flows.tcp_established),
+            tcp_closing_ns: ns(flows.tcp_closing),
+            udp_ns: ns(flows.udp),
+            icmp_ns: ns(flows.icmp),
+            echo_ns_per_token: echo.ns_per_token,
+            echo_burst: echo.burst,
+        };
+        let mut arr: Array<_, FlowConfig> =
+            Array::try_from(self.get(map::FLOW_CONFIG)?).map_err(map_err(map::FLOW_CONFIG))?;
+        arr.set(0, cfg, 0).map_err(map_err(map::FLOW_CONFIG))
+    }
+
     /// Every counter of one program, summed over CPUs, by reason code.
     ///
     /// # Errors
@@ -199,7 +222,13 @@ impl Tables {
         let arr: PerCpuArray<_, u64> =
             PerCpuArray::try_from(self.get_ref(map::COUNTERS)?).map_err(map_err(map::COUNTERS))?;
         let mut out = BTreeMap::new();
-        for code in reason::ALL.iter().copied().chain([reason::EVENTS_SUPPRESSED, reason::EVENTS_LOST]) {
+        let extra: &[u32] = if program == program::EGRESS {
+            &[reason::FLOWS_CREATED]
+        } else {
+            &[reason::EVENTS_SUPPRESSED, reason::EVENTS_LOST]
+        };
+        let codes: &[u32] = if program == program::EGRESS { &[] } else { &reason::ALL };
+        for &code in codes.iter().chain(extra) {
             let idx = counter_index(program, code);
             debug_assert!(idx < COUNTER_SLOTS);
             let v = arr.get(&idx, 0).map_err(map_err(map::COUNTERS))?;
@@ -251,6 +280,10 @@ impl Tables {
         if let Some(m) = self.maps.get(map::GRANTS) {
             let g: BpfHashMap<_, GrantKey, u64> = BpfHashMap::try_from(m).map_err(map_err(map::GRANTS))?;
             out.insert("grant_words", g.keys().count());
+        }
+        if let Some(m) = self.maps.get(map::FLOWS) {
+            let f: BpfHashMap<_, FlowKey, FlowState> = BpfHashMap::try_from(m).map_err(map_err(map::FLOWS))?;
+            out.insert("flows", f.keys().count());
         }
         if let Some(m) = self.maps.get(map::EDGE_UDP_PORTS) {
             let udp: Array<_, u64> = Array::try_from(m).map_err(map_err(map::EDGE_UDP_PORTS))?;

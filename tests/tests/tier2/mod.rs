@@ -19,6 +19,14 @@
 //!   its first 14 bytes are misread as an Ethernet header by the kernel,
 //!   which only sets `skb->protocol` from them, and the program then parses
 //!   the same bytes as IP, as it would on a WireGuard device.
+//! - TC, also: when bytes 12..14 read as the IPv4 or IPv6 EtherType, the
+//!   kernel refuses (`EINVAL`) inputs shorter than 14 bytes plus a minimal
+//!   IPv4 (20) or IPv6 (40) header. Truncated IP headers therefore reach
+//!   the L2 tunnel program only behind a VLAN tag, and an L3 packet is
+//!   refused when its own bytes 12..14 happen to be 0x0800 or 0x86dd.
+
+// Each test crate that includes this module uses a different part of it.
+#![allow(dead_code, reason = "shared by several test crates")]
 
 use std::{
     collections::BTreeMap,

@@ -1,0 +1,618 @@
+//! `cargo xtask run`: ztxdp in a throw-away lab of network namespaces, with a
+//! little traffic of every kind and its decisions printed live.
+//!
+//! Safe on a laptop: the daemon, the listener and every packet stay inside
+//! namespaces created here, and dropping the [`Lab`] removes them, also on
+//! error, panic or Ctrl-C.
+use std::{
+    fs::{self, File},
+    io::{BufRead as _, BufReader, ErrorKind, Read as _, Write as _},
+    net::{IpAddr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    os::unix::process::CommandExt as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+        mpsc::{self, RecvTimeoutError},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, anyhow, bail};
+use zt_tests::{
+    lab::{self, Lab},
+    netns::NetNs,
+};
+
+use crate::{
+    audit_view,
+    cmd::{Progress, echo, show},
+};
+
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Dropped packets surface as connect timeouts; keep them short.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(300);
+const ROUND: Duration = Duration::from_secs(1);
+/// Without `--duration` the run lasts until Ctrl-C, but never longer.
+const MAX_DURATION: Duration = Duration::from_hours(1);
+const SSH_PORT: u16 = 22;
+const DENIED_PORT: u16 = 5432;
+const WIREGUARD_PORT: u16 = 51820;
+
+/// `ztxdp up ARGS...` in this process's place, for real: the binary's own
+/// checks (lockout protection) apply.
+pub fn exec_up(ztxdp: &Path, args: &[String]) -> anyhow::Error {
+    let mut command = Command::new(ztxdp);
+    command.arg("up").args(args);
+    echo(&command);
+    let error = command.exec();
+    anyhow!(error).context(format!("could not execute `{}`", show(&command)))
+}
+
+pub fn lab(
+    ztxdp: &Path,
+    run_dir: &Path,
+    duration: Option<Duration>,
+    progress: &Progress,
+) -> anyhow::Result<String> {
+    let stop = stop_on_signal()?;
+    for name in NetNs::remove_stale().context("could not clean up namespaces of earlier runs")? {
+        progress.say(format!("removed namespace {name} left by a killed run"));
+    }
+    fs::create_dir_all(run_dir)
+        .with_context(|| format!("could not create {}", run_dir.display()))?;
+    let (config, audit) = write_config(run_dir)?;
+
+    let lab = Lab::create()
+        .context("could not build the lab namespaces (iproute2 and ethtool are needed)")?;
+    describe_lab(&lab, progress);
+    let listener = lab
+        .edge()
+        .enter(|| TcpListener::bind((Ipv6Addr::UNSPECIFIED, SSH_PORT)))
+        .context("could not enter the edge namespace")?
+        .context("could not listen on TCP port 22 in the edge namespace")?;
+    listener
+        .set_nonblocking(true)
+        .context("could not make the edge's listener non-blocking")?;
+
+    let finished = AtomicBool::new(false);
+    let outcome = thread::scope(|scope| {
+        scope.spawn(|| serve_ssh(&listener, &finished));
+        // Also on panic, or the scope would wait for the listener forever.
+        let _finish = SetOnDrop(&finished);
+        let settings = Settings {
+            ztxdp,
+            config: &config,
+            audit: &audit,
+            log: &run_dir.join("ztxdp.log"),
+            duration: duration.unwrap_or(MAX_DURATION).min(MAX_DURATION),
+        };
+        drive(&lab, &settings, &stop, progress)
+    });
+    drop(lab);
+    progress.say("lab namespaces removed");
+    outcome
+}
+
+struct Settings<'a> {
+    ztxdp: &'a Path,
+    config: &'a Path,
+    audit: &'a Path,
+    log: &'a Path,
+    duration: Duration,
+}
+
+fn drive(
+    lab: &Lab,
+    settings: &Settings,
+    stop: &AtomicBool,
+    progress: &Progress,
+) -> anyhow::Result<String> {
+    let mut daemon = Daemon::start(lab.edge(), settings, stop, progress)?;
+    progress.say(format!(
+        "ztxdp is enforcing on the edge's eth0; sending traffic every second {}",
+        if settings.duration < MAX_DURATION {
+            format!("for {} s", settings.duration.as_secs())
+        } else {
+            "until Ctrl-C".to_owned()
+        }
+    ));
+    let mut tail = AuditTail::new(settings.audit);
+    let started = Instant::now();
+    let mut rounds = 0_u64;
+    let mut decisions = 0_usize;
+    while !stop.load(Ordering::SeqCst) && started.elapsed() < settings.duration {
+        rounds += 1;
+        let round_start = Instant::now();
+        let results = send_traffic(lab);
+        progress.say(format!("traffic round {rounds}: {}", results.join("; ")));
+        // Decisions as they arrive, until the next round is due.
+        while round_start.elapsed() < ROUND && !stop.load(Ordering::SeqCst) {
+            decisions += tail.print_new()?;
+            thread::sleep(Duration::from_millis(100));
+        }
+        if daemon.exited()? {
+            bail!(
+                "ztxdp exited during the run; its log:\n{}",
+                read_log(settings.log)
+            );
+        }
+    }
+    // The last events reach the file a moment after their packets.
+    thread::sleep(Duration::from_millis(300));
+    decisions += tail.print_new()?;
+
+    let report = crate::cmd::output(lab.edge().cmd(settings.ztxdp).arg("status"))
+        .context("`ztxdp status` failed in the edge namespace")?;
+    progress.say("ztxdp status before stopping:");
+    for line in report.lines() {
+        println!("    {line}");
+    }
+    let exit = daemon.stop()?;
+    if !exit.success() {
+        bail!(
+            "ztxdp exited with {exit} on SIGTERM; its log:\n{}",
+            read_log(settings.log)
+        );
+    }
+    Ok(format!(
+        "{rounds} traffic rounds, {decisions} audited decisions, ztxdp stopped cleanly (log: {})",
+        settings.log.display()
+    ))
+}
+
+/// Sets a flag on SIGINT or SIGTERM instead of dying, so the lab is torn
+/// down. Later signals are ignored: every remaining step is bounded in time.
+fn stop_on_signal() -> anyhow::Result<Arc<AtomicBool>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .context("could not start the signal-handling runtime")?;
+    let (mut interrupt, mut terminate) = {
+        let _context = runtime.enter();
+        (
+            signal(SignalKind::interrupt()).context("could not handle SIGINT")?,
+            signal(SignalKind::terminate()).context("could not handle SIGTERM")?,
+        )
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&stop);
+    thread::Builder::new()
+        .name("signals".to_owned())
+        .spawn(move || {
+            runtime.block_on(async move {
+                loop {
+                    tokio::select! {
+                        _ = interrupt.recv() => {}
+                        _ = terminate.recv() => {}
+                    }
+                    if flag.swap(true, Ordering::SeqCst) {
+                        println!("xtask: already stopping; the lab is being removed");
+                    } else {
+                        println!("xtask: stopping ...");
+                    }
+                }
+            });
+        })
+        .context("could not start the signal thread")?;
+    Ok(stop)
+}
+
+struct SetOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for SetOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+/// examples/lab.toml with the audit log moved into this run's directory.
+fn write_config(run_dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let example = crate::workspace_root().join("examples/lab.toml");
+    let text = fs::read_to_string(&example).with_context(|| {
+        format!(
+            "could not read {}, the lab's configuration",
+            example.display()
+        )
+    })?;
+    let mut config: toml::Table = text
+        .parse()
+        .with_context(|| format!("{} is not valid TOML", example.display()))?;
+    let audit = run_dir.join("audit.jsonl");
+    let audit_text = audit
+        .to_str()
+        .ok_or_else(|| anyhow!("the path {} is not UTF-8", audit.display()))?;
+    let section = config
+        .entry("audit")
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    let toml::Value::Table(section) = section else {
+        bail!("`audit` in {} must be a table", example.display());
+    };
+    section.insert(
+        "path".to_owned(),
+        toml::Value::String(audit_text.to_owned()),
+    );
+    let path = run_dir.join("lab.toml");
+    fs::write(
+        &path,
+        format!("# Written by `cargo xtask run` from examples/lab.toml.\n{config}"),
+    )
+    .with_context(|| format!("could not write {}", path.display()))?;
+    Ok((path, audit))
+}
+
+fn describe_lab(lab: &Lab, progress: &Progress) {
+    for (role, ns, v4, v6, note) in [
+        (
+            "edge",
+            lab.edge(),
+            lab::EDGE_V4,
+            lab::EDGE_V6,
+            "runs ztxdp on eth0, listens on TCP 22",
+        ),
+        (
+            "bastion",
+            lab.bastion(),
+            lab::BASTION_V4,
+            lab::BASTION_V6,
+            "in edge.ssh_allow",
+        ),
+        (
+            "outsider",
+            lab.outsider(),
+            lab::OUTSIDER_V4,
+            lab::OUTSIDER_V6,
+            "no rights",
+        ),
+    ] {
+        progress.say(format!(
+            "{role:<8} {v4:<10} {v6:<8} ({note}; `ip netns exec {} ...`)",
+            ns.name()
+        ));
+    }
+}
+
+fn serve_ssh(listener: &TcpListener, finished: &AtomicBool) {
+    while !finished.load(Ordering::SeqCst) {
+        match listener.accept() {
+            Ok((mut stream, _)) => {
+                // Only proves the connection got through; a peer that hung up
+                // already is no failure.
+                let _ = stream.write_all(b"SSH-2.0-ztxdp-lab\r\n");
+            }
+            Err(_) => thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Transport {
+    Tcp,
+    Udp,
+}
+
+/// One attempt of each kind, in parallel so a round takes one probe timeout.
+fn send_traffic(lab: &Lab) -> Vec<String> {
+    let edge_v4 = IpAddr::V4(lab::EDGE_V4);
+    let edge_v6 = IpAddr::V6(lab::EDGE_V6);
+    let probes = [
+        ("bastion", lab.bastion(), edge_v4, SSH_PORT, Transport::Tcp),
+        ("bastion", lab.bastion(), edge_v6, SSH_PORT, Transport::Tcp),
+        (
+            "outsider",
+            lab.outsider(),
+            edge_v4,
+            SSH_PORT,
+            Transport::Tcp,
+        ),
+        (
+            "outsider",
+            lab.outsider(),
+            edge_v4,
+            DENIED_PORT,
+            Transport::Tcp,
+        ),
+        (
+            "outsider",
+            lab.outsider(),
+            edge_v6,
+            DENIED_PORT,
+            Transport::Tcp,
+        ),
+        (
+            "outsider",
+            lab.outsider(),
+            edge_v4,
+            WIREGUARD_PORT,
+            Transport::Udp,
+        ),
+    ];
+    thread::scope(|scope| {
+        let running: Vec<_> = probes
+            .iter()
+            .map(|&(role, host, ip, port, transport)| {
+                let target = SocketAddr::new(ip, port);
+                let label = match transport {
+                    Transport::Tcp => format!("{role} -> {target}/tcp"),
+                    Transport::Udp => format!("{role} -> {target}/udp"),
+                };
+                (label, scope.spawn(move || attempt(host, target, transport)))
+            })
+            .collect();
+        running
+            .into_iter()
+            .map(|(label, handle)| {
+                let outcome = handle
+                    .join()
+                    .unwrap_or_else(|_| "probe panicked".to_owned());
+                format!("{label} {outcome}")
+            })
+            .collect()
+    })
+}
+
+fn attempt(host: &NetNs, target: SocketAddr, transport: Transport) -> String {
+    let result = host.enter(|| match transport {
+        Transport::Tcp => TcpStream::connect_timeout(&target, PROBE_TIMEOUT).map(|_| "connected"),
+        Transport::Udp => {
+            let any: SocketAddr = if target.is_ipv4() {
+                (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+            } else {
+                (Ipv6Addr::UNSPECIFIED, 0).into()
+            };
+            UdpSocket::bind(any)
+                .and_then(|socket| socket.send_to(b"ztxdp lab probe", target))
+                .map(|_| "sent")
+        }
+    });
+    match result {
+        Ok(Ok(outcome)) => outcome.to_owned(),
+        Ok(Err(error)) if error.kind() == ErrorKind::TimedOut => "timed out (dropped)".to_owned(),
+        Ok(Err(error)) if error.kind() == ErrorKind::ConnectionRefused => "refused".to_owned(),
+        Ok(Err(error)) => format!("failed: {error}"),
+        Err(error) => format!("could not enter {}: {error}", host.name()),
+    }
+}
+
+/// The `ztxdp up` process; killed on drop if still running.
+struct Daemon {
+    child: Child,
+}
+
+impl Daemon {
+    fn start(
+        edge: &NetNs,
+        settings: &Settings,
+        stop: &AtomicBool,
+        progress: &Progress,
+    ) -> anyhow::Result<Self> {
+        let log = File::create(settings.log)
+            .with_context(|| format!("could not create {}", settings.log.display()))?;
+        let mut command = edge.cmd(settings.ztxdp);
+        command
+            .arg("up")
+            .arg("--config")
+            .arg(settings.config)
+            // The lab is not reachable over the caller's SSH session, so
+            // lockout protection has nothing to protect here.
+            .env_remove("SSH_CONNECTION")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            // Ctrl-C reaches only xtask, which then stops the daemon in order.
+            .process_group(0);
+        echo(&command);
+        let mut child = command
+            .spawn()
+            .with_context(|| format!("could not start `{}`", show(&command)))?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| anyhow!("ztxdp's stdout was not captured"))?;
+        let mut daemon = Self { child };
+
+        let (lines, received) = mpsc::channel();
+        thread::spawn(move || {
+            // Keep draining after `ready` so the daemon never blocks on a full pipe.
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                // The receiver is gone once the daemon is ready; drop the rest.
+                let _ = lines.send(line);
+            }
+        });
+        progress.say(format!(
+            "waiting for `ztxdp: ready` (at most {} s) ...",
+            READY_TIMEOUT.as_secs()
+        ));
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            match received.recv_timeout(Duration::from_millis(100)) {
+                Ok(line) if line.trim() == "ztxdp: ready" => return Ok(daemon),
+                Ok(line) => progress.say(format!("ztxdp: {line}")),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => thread::sleep(Duration::from_millis(100)),
+            }
+            if daemon.exited()? {
+                bail!(
+                    "`ztxdp up` exited before it was ready; its log ({}):\n{}",
+                    settings.log.display(),
+                    read_log(settings.log)
+                );
+            }
+            if stop.load(Ordering::SeqCst) {
+                bail!("interrupted while waiting for ztxdp to get ready");
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "`ztxdp up` did not print `ztxdp: ready` within {} s; its log ({}):\n{}",
+                    READY_TIMEOUT.as_secs(),
+                    settings.log.display(),
+                    read_log(settings.log)
+                );
+            }
+        }
+    }
+
+    fn exited(&mut self) -> anyhow::Result<bool> {
+        Ok(self
+            .child
+            .try_wait()
+            .context("could not check on the ztxdp process")?
+            .is_some())
+    }
+
+    /// SIGTERM, then SIGKILL after [`STOP_TIMEOUT`].
+    fn stop(&mut self) -> anyhow::Result<ExitStatus> {
+        self.signal(libc::SIGTERM)?;
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        loop {
+            if let Some(status) = self
+                .child
+                .try_wait()
+                .context("could not check on the ztxdp process")?
+            {
+                return Ok(status);
+            }
+            if Instant::now() >= deadline {
+                self.signal(libc::SIGKILL)?;
+                let status = self
+                    .child
+                    .wait()
+                    .context("could not reap the ztxdp process")?;
+                bail!(
+                    "ztxdp did not exit within {} s of SIGTERM; killed it ({status})",
+                    STOP_TIMEOUT.as_secs()
+                );
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn signal(&self, signal: libc::c_int) -> anyhow::Result<()> {
+        let pid = libc::pid_t::try_from(self.child.id())
+            .context("ztxdp's process id does not fit pid_t")?;
+        // SAFETY: kill(2) on our own child, which has not been reaped yet.
+        if unsafe { libc::kill(pid, signal) } != 0 {
+            return Err(std::io::Error::last_os_error())
+                .context(format!("could not signal ztxdp (pid {pid})"));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            // Best effort on an error path; the namespace's removal kills it too.
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn read_log(path: &Path) -> String {
+    fs::read_to_string(path)
+        .unwrap_or_else(|error| format!("(could not read {}: {error})", path.display()))
+}
+
+/// Follows the audit file from its start; the file appears with the first
+/// decision.
+struct AuditTail {
+    path: PathBuf,
+    file: Option<File>,
+    partial: Vec<u8>,
+}
+
+impl AuditTail {
+    fn new(path: &Path) -> Self {
+        Self {
+            path: path.to_owned(),
+            file: None,
+            partial: Vec::new(),
+        }
+    }
+
+    /// Prints the complete lines written since the last call; returns how many.
+    fn print_new(&mut self) -> anyhow::Result<usize> {
+        if self.file.is_none() {
+            match File::open(&self.path) {
+                Ok(file) => self.file = Some(file),
+                Err(error) if error.kind() == ErrorKind::NotFound => return Ok(0),
+                Err(error) => {
+                    return Err(error)
+                        .with_context(|| format!("could not open {}", self.path.display()));
+                }
+            }
+        }
+        let Some(file) = self.file.as_mut() else {
+            return Ok(0);
+        };
+        file.read_to_end(&mut self.partial)
+            .with_context(|| format!("could not read {}", self.path.display()))?;
+        let Some(last_newline) = self.partial.iter().rposition(|&byte| byte == b'\n') else {
+            return Ok(0);
+        };
+        let complete: Vec<u8> = self.partial.drain(..=last_newline).collect();
+        let mut printed = 0;
+        for line in String::from_utf8_lossy(&complete)
+            .lines()
+            .filter(|line| !line.trim().is_empty())
+        {
+            println!("  audit {}", audit_view::summarize(line));
+            printed += 1;
+        }
+        Ok(printed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    use super::*;
+
+    fn namespaces_of_this_process() -> Vec<String> {
+        let listing = crate::cmd::output(Command::new("ip").args(["netns", "list"]))
+            .unwrap_or_else(|error| panic!("ip netns list: {error:#}"));
+        let marker = format!("-{}-", std::process::id());
+        listing
+            .lines()
+            .filter(|line| line.starts_with("zt-") && line.contains(&marker))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    #[test]
+    fn a_daemon_that_fails_reports_its_log_and_leaves_no_namespace() {
+        let run_dir = std::env::temp_dir().join(format!("xtask-lab-test-{}", std::process::id()));
+        fs::create_dir_all(&run_dir)
+            .unwrap_or_else(|error| panic!("creating {}: {error}", run_dir.display()));
+        let fake = run_dir.join("fake-ztxdp");
+        fs::write(
+            &fake,
+            "#!/bin/sh\necho \"config error: edge.interface missing ($*)\" >&2\nexit 2\n",
+        )
+        .unwrap_or_else(|error| panic!("writing {}: {error}", fake.display()));
+        fs::set_permissions(&fake, fs::Permissions::from_mode(0o755))
+            .unwrap_or_else(|error| panic!("chmod {}: {error}", fake.display()));
+
+        let progress = Progress::new("test".to_owned());
+        let result = lab(&fake, &run_dir, Some(Duration::from_secs(1)), &progress);
+        let Err(error) = result else {
+            panic!("a daemon that exits at once must fail the run");
+        };
+        let message = format!("{error:#}");
+        assert!(
+            message.contains("exited before it was ready")
+                && message.contains("config error: edge.interface missing (up --config"),
+            "the error must carry the daemon's log: {message}"
+        );
+        let left = namespaces_of_this_process();
+        assert!(left.is_empty(), "namespaces left behind: {left:?}");
+        fs::remove_dir_all(&run_dir)
+            .unwrap_or_else(|error| panic!("removing {}: {error}", run_dir.display()));
+    }
+}

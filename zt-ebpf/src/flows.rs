@@ -1,0 +1,225 @@
+//! The stateful part: flows the host starts are recorded on egress, and an
+//! ingress packet that the policy would drop gets a second look here. It
+//! passes only as the exact reverse of a recorded, unexpired flow (a TCP SYN
+//! never counts as a reply), as an ICMP error quoting such a flow, or as an
+//! echo request within its source's rate. This is what nftables gets from
+//! `ct state established,related` and `limit rate`, without opening a hole.
+
+use aya_ebpf::helpers::bpf_ktime_get_ns;
+use zt_common::{
+    EventBucket, FLOW_CLOSING, FlowConfig, FlowKey, FlowState, SourceKey, counter_index, program,
+    proto, reason, tcp_flag,
+};
+
+use crate::{
+    maps::{ZT_COUNTERS, ZT_ECHO_BKT, ZT_FLOW_CFG, ZT_FLOWS},
+    parse::{
+        self, Bounds, Fragment, ICMP_DEST_UNREACHABLE, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST,
+        ICMP_TIME_EXCEEDED, ICMPV6_DEST_UNREACHABLE, ICMPV6_ECHO_REPLY, ICMPV6_ECHO_REQUEST,
+        ICMPV6_PACKET_TOO_BIG, ICMPV6_TIME_EXCEEDED, L3, Packet,
+    },
+    record,
+};
+
+#[inline(always)]
+fn version(p: &Packet) -> u8 {
+    if p.l3 == L3::Ipv4 { 4 } else { 6 }
+}
+
+#[inline(always)]
+fn icmp_protocol(p: &Packet) -> u8 {
+    if p.l3 == L3::Ipv4 { proto::ICMP } else { proto::ICMPV6 }
+}
+
+#[inline(always)]
+fn is_icmp(p: &Packet) -> bool {
+    p.protocol == icmp_protocol(p)
+}
+
+#[inline(always)]
+fn timeout(cfg: &FlowConfig, protocol: u8, flags: u32) -> u64 {
+    match protocol {
+        proto::TCP if flags & FLOW_CLOSING != 0 => cfg.tcp_closing_ns,
+        proto::TCP => cfg.tcp_established_ns,
+        proto::UDP => cfg.udp_ns,
+        _ => cfg.icmp_ns,
+    }
+}
+
+/// A second look at a packet the policy dropped with `code`.
+#[inline(always)]
+pub fn second_chance(b: &Bounds, p: &Packet, code: u32, prog: u32) -> u32 {
+    // Parse-level drops and fragments are never rescued.
+    if p.l3 == L3::Arp || p.fragment == Fragment::Later {
+        return code;
+    }
+    let Some(cfg) = ZT_FLOW_CFG.get(0) else { return code };
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if is_icmp(p) {
+        return match (p.l3, p.icmp_type) {
+            (L3::Ipv4, ICMP_ECHO_REQUEST) | (L3::Ipv6, ICMPV6_ECHO_REQUEST) if prog == program::EDGE => {
+                echo_rate(p, cfg, now)
+            }
+            (L3::Ipv4, ICMP_ECHO_REPLY) | (L3::Ipv6, ICMPV6_ECHO_REPLY) => {
+                let key = FlowKey {
+                    local: p.dst.0,
+                    remote: p.src.0,
+                    local_port: p.icmp_id,
+                    remote_port: 0,
+                    protocol: p.protocol,
+                    ip_version: version(p),
+                    _pad: [0; 2],
+                };
+                if refresh(&key, cfg, now, 0) { reason::PASS_REPLY } else { code }
+            }
+            (L3::Ipv4, ICMP_DEST_UNREACHABLE | ICMP_TIME_EXCEEDED)
+            | (L3::Ipv6, ICMPV6_DEST_UNREACHABLE | ICMPV6_PACKET_TOO_BIG | ICMPV6_TIME_EXCEEDED) => related(b, p, cfg, now),
+            _ => code,
+        };
+    }
+    if p.protocol != proto::TCP && p.protocol != proto::UDP {
+        return code;
+    }
+    // A SYN opens a connection; it is never a reply, whatever its ports say.
+    if p.protocol == proto::TCP && p.tcp_flags & (tcp_flag::SYN | tcp_flag::ACK) == tcp_flag::SYN {
+        return code;
+    }
+    let key = FlowKey {
+        local: p.dst.0,
+        remote: p.src.0,
+        local_port: p.dst_port,
+        remote_port: p.src_port,
+        protocol: p.protocol,
+        ip_version: version(p),
+        _pad: [0; 2],
+    };
+    let closing = if p.protocol == proto::TCP && p.tcp_flags & (tcp_flag::FIN | tcp_flag::RST) != 0 {
+        FLOW_CLOSING
+    } else {
+        0
+    };
+    if refresh(&key, cfg, now, closing) { reason::PASS_REPLY } else { code }
+}
+
+/// Whether `key` is a live flow; if so, marks it seen now (plus `flags`).
+#[inline(always)]
+fn refresh(key: &FlowKey, cfg: &FlowConfig, now: u64, flags: u32) -> bool {
+    let Some(state) = ZT_FLOWS.get_ptr_mut(key) else { return false };
+    // SAFETY: a pointer into the map value, valid for this program run; a
+    // racing update from another CPU can only make last_seen newer.
+    let state = unsafe { &mut *state };
+    if now.saturating_sub(state.last_seen_ns) > timeout(cfg, key.protocol, state.flags) {
+        return false;
+    }
+    state.last_seen_ns = now;
+    state.flags |= flags;
+    true
+}
+
+/// An ICMP error passes only if it quotes a live flow of ours.
+#[inline(always)]
+fn related(b: &Bounds, p: &Packet, cfg: &FlowConfig, now: u64) -> u32 {
+    let Some(q) = parse::quoted(b, p) else { return reason::DROP_ICMP_UNRELATED };
+    // The quoted packet is one we sent: its source is local.
+    let key = FlowKey {
+        local: q.src.0,
+        remote: q.dst.0,
+        local_port: q.src_port,
+        remote_port: q.dst_port,
+        protocol: q.protocol,
+        ip_version: q.ip_version,
+        _pad: [0; 2],
+    };
+    // SAFETY: the value is copied out at once; a concurrent update can only
+    // make last_seen newer.
+    let Some(state) = (unsafe { ZT_FLOWS.get(&key) }).copied() else {
+        return reason::DROP_ICMP_UNRELATED;
+    };
+    if now.saturating_sub(state.last_seen_ns) > timeout(cfg, key.protocol, state.flags) {
+        return reason::DROP_ICMP_UNRELATED;
+    }
+    reason::PASS_ICMP_RELATED
+}
+
+/// Echo requests: one token bucket per source, so one flooding source
+/// cannot use up another's allowance.
+#[inline(always)]
+fn echo_rate(p: &Packet, cfg: &FlowConfig, now: u64) -> u32 {
+    if cfg.echo_ns_per_token == 0 {
+        return reason::DROP_ICMP_RATE;
+    }
+    let key = SourceKey { addr: p.src.0, ip_version: version(p), _pad: [0; 3] };
+    if let Some(bucket) = ZT_ECHO_BKT.get_ptr_mut(&key) {
+        // SAFETY: a pointer into the map value, valid for this run. Two CPUs
+        // racing on one source can at worst both spend the same token.
+        let bucket = unsafe { &mut *bucket };
+        return if record::take_token(bucket, now, cfg.echo_ns_per_token, cfg.echo_burst) {
+            reason::PASS_ICMP_ECHO
+        } else {
+            reason::DROP_ICMP_RATE
+        };
+    }
+    // A new source starts with a full bucket, less this echo.
+    let fresh = EventBucket { last_ns: now, tokens: cfg.echo_burst.saturating_sub(1) };
+    if cfg.echo_burst == 0 || ZT_ECHO_BKT.insert(&key, &fresh, 0).is_err() {
+        return reason::DROP_ICMP_RATE;
+    }
+    reason::PASS_ICMP_ECHO
+}
+
+/// Egress: records or refreshes the flow this packet belongs to. New flows
+/// start only from what opens one: a TCP SYN, any UDP datagram, an echo
+/// request.
+#[inline(always)]
+pub fn record_egress(p: &Packet) {
+    if p.l3 == L3::Arp || p.fragment == Fragment::Later {
+        return;
+    }
+    let (local_port, remote_port, opens) = match p.protocol {
+        proto::TCP => (p.src_port, p.dst_port, p.tcp_flags & (tcp_flag::SYN | tcp_flag::ACK) == tcp_flag::SYN),
+        proto::UDP => (p.src_port, p.dst_port, true),
+        _ if is_icmp(p) => {
+            let request = matches!((p.l3, p.icmp_type), (L3::Ipv4, ICMP_ECHO_REQUEST) | (L3::Ipv6, ICMPV6_ECHO_REQUEST));
+            if !request {
+                return;
+            }
+            (p.icmp_id, 0, true)
+        }
+        _ => return,
+    };
+    let key = FlowKey {
+        local: p.src.0,
+        remote: p.dst.0,
+        local_port,
+        remote_port,
+        protocol: p.protocol,
+        ip_version: version(p),
+        _pad: [0; 2],
+    };
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let closing = if p.protocol == proto::TCP && p.tcp_flags & (tcp_flag::FIN | tcp_flag::RST) != 0 {
+        FLOW_CLOSING
+    } else {
+        0
+    };
+    if let Some(state) = ZT_FLOWS.get_ptr_mut(&key) {
+        // SAFETY: a pointer into the map value, valid for this run.
+        let state = unsafe { &mut *state };
+        state.last_seen_ns = now;
+        // A new SYN on a closing tuple is a new connection.
+        state.flags = if opens && p.protocol == proto::TCP { 0 } else { state.flags | closing };
+        return;
+    }
+    if !opens {
+        return;
+    }
+    let state = FlowState { last_seen_ns: now, flags: closing, _pad: 0 };
+    if ZT_FLOWS.insert(&key, &state, 0).is_ok()
+        && let Some(slot) = ZT_COUNTERS.get_ptr_mut(counter_index(program::EGRESS, reason::FLOWS_CREATED))
+    {
+        // SAFETY: per-CPU slot; see record::count.
+        unsafe { *slot += 1 };
+    }
+}
