@@ -60,31 +60,36 @@ fn main() -> ExitCode {
             run(&mut steps, duration.map(Duration::from_secs), &up_args)
         }
     };
-    steps.summary();
-    match result {
-        Ok(()) => {
-            println!("xtask: all steps succeeded");
-            ExitCode::SUCCESS
+    if let Err(error) = &result {
+        // Not `{error:?}`: with RUST_BACKTRACE set that adds a backtrace of xtask itself.
+        eprintln!("xtask: error: {error}");
+        for cause in error.chain().skip(1) {
+            eprintln!("xtask:   caused by: {cause}");
         }
-        Err(error) => {
-            eprintln!("xtask: error: {error:?}");
-            ExitCode::FAILURE
-        }
+    }
+    steps.summary(result.is_ok());
+    if result.is_ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 
 fn test(steps: &mut Steps) -> anyhow::Result<()> {
     ensure_root("the tests create network namespaces and load BPF programs")?;
     install_and_build(steps)?;
-    steps.run("tests", |progress| {
+    let mut counts = TestCounts::default();
+    let result = steps.run("tests", |progress| {
         for name in zt_tests::netns::NetNs::remove_stale()
             .context("could not clean up namespaces of earlier runs")?
         {
             progress.say(format!("removed namespace {name} left by a killed run"));
         }
-        let counts = cargo_test(&ztxdp_bin()?)?;
-        steps_note(&counts)
-    })
+        cargo_test(&ztxdp_bin()?, &mut counts)?;
+        counts.note()
+    });
+    steps.tests = counts;
+    result
 }
 
 fn run(steps: &mut Steps, duration: Option<Duration>, up_args: &[String]) -> anyhow::Result<()> {
@@ -124,7 +129,7 @@ struct TestCounts {
 }
 
 /// `cargo test`, its output passed through, the `test result:` lines summed.
-fn cargo_test(ztxdp: &Path) -> anyhow::Result<TestCounts> {
+fn cargo_test(ztxdp: &Path, counts: &mut TestCounts) -> anyhow::Result<()> {
     let mut command = cargo();
     command
         .env("ZTXDP_BIN", ztxdp)
@@ -140,7 +145,6 @@ fn cargo_test(ztxdp: &Path) -> anyhow::Result<TestCounts> {
     let mut child = command
         .spawn()
         .with_context(|| format!("could not start `{}`", show(&command)))?;
-    let mut counts = TestCounts::default();
     if let Some(stdout) = child.stdout.take() {
         for line in BufReader::new(stdout).lines() {
             let line = line.context("could not read cargo test's output")?;
@@ -150,17 +154,32 @@ fn cargo_test(ztxdp: &Path) -> anyhow::Result<TestCounts> {
     }
     let status = child.wait().context("could not wait for cargo test")?;
     if !status.success() {
+        if counts.total() == 0 {
+            bail!(
+                "`cargo test` exited with {status} before any test ran (a compile error?); see its output above"
+            );
+        }
         bail!(
-            "{} passed, {} failed: `{}` exited with {status}; search the output above for `FAILED` and `panicked`",
+            "{} passed, {} failed: `cargo test` exited with {status}; search the output above for `FAILED` and `panicked`",
             counts.passed,
-            counts.failed,
-            show(&command)
+            counts.failed
         );
     }
-    Ok(counts)
+    Ok(())
 }
 
 impl TestCounts {
+    fn total(&self) -> u64 {
+        self.passed + self.failed + self.ignored
+    }
+
+    fn note(&self) -> anyhow::Result<String> {
+        if self.passed == 0 {
+            bail!("cargo test ran no test");
+        }
+        Ok(self.to_string())
+    }
+
     /// `test result: ok. 5 passed; 0 failed; 1 ignored; 0 measured; ...`
     fn add(&mut self, line: &str) {
         let Some(rest) = line.strip_prefix("test result: ") else {
@@ -186,20 +205,23 @@ impl TestCounts {
     }
 }
 
-fn steps_note(counts: &TestCounts) -> anyhow::Result<String> {
-    if counts.passed == 0 {
-        bail!("cargo test ran no test");
+impl std::fmt::Display for TestCounts {
+    /// The plain closing line CI reads: `N passed, N failed, N skipped`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} passed, {} failed, {} skipped",
+            self.passed, self.failed, self.ignored
+        )
     }
-    Ok(format!(
-        "{} passed, {} failed, {} skipped",
-        counts.passed, counts.failed, counts.ignored
-    ))
 }
 
 /// The steps of one task, numbered as they run and summarised at the end.
 struct Steps {
     total: usize,
     done: Vec<(String, Duration, Result<String, String>)>,
+    /// What `cargo test` reported, printed as the very last line.
+    tests: TestCounts,
 }
 
 impl Steps {
@@ -207,6 +229,7 @@ impl Steps {
         Self {
             total,
             done: Vec::new(),
+            tests: TestCounts::default(),
         }
     }
 
@@ -234,17 +257,16 @@ impl Steps {
         }
     }
 
-    fn summary(&self) {
-        if self.done.is_empty() {
-            return;
+    fn summary(&self, succeeded: bool) {
+        if !self.done.is_empty() {
+            println!("xtask: summary:");
         }
-        println!("xtask: summary:");
         for (tag, elapsed, result) in &self.done {
             let (mark, note) = match result {
                 Ok(note) => ("ok    ", note),
                 Err(error) => ("FAILED", error),
             };
-            // The first line only: the full error follows the summary.
+            // The first line only: the full error is printed above.
             let note = note.lines().next().unwrap_or_default();
             println!(
                 "xtask:   {mark} {tag} ({:.1} s): {note}",
@@ -253,6 +275,17 @@ impl Steps {
         }
         for step in self.done.len() + 1..=self.total {
             println!("xtask:   skipped [{step}/{}]", self.total);
+        }
+        println!(
+            "xtask: {}",
+            if succeeded {
+                "all steps succeeded"
+            } else {
+                "FAILED"
+            }
+        );
+        if self.tests.total() > 0 {
+            println!("xtask: {}", self.tests);
         }
     }
 }

@@ -42,6 +42,8 @@ pub mod map {
     pub const FLOW_CONFIG: &str = "ZT_FLOW_CFG";
     /// `LruHashMap<SourceKey, EventBucket>`: ICMP echo token bucket per source.
     pub const ECHO_BUCKETS: &str = "ZT_ECHO_BKT";
+    /// `LruHashMap<SummaryKey, FlowSummary>`: per-flow audit summarising.
+    pub const SUMMARIES: &str = "ZT_SUMMARY";
 }
 
 /// Map capacities, defined once.
@@ -62,6 +64,8 @@ pub mod capacity {
     pub const FLOWS_DEFAULT: u32 = 65_536;
     /// Sources with an ICMP echo token bucket; the least recently seen go first.
     pub const ECHO_SOURCES: u32 = 16_384;
+    /// Flows being summarised for the audit trail at once.
+    pub const SUMMARIES: u32 = 65_536;
 }
 
 /// Which program counted a decision. Counters are laid out per program so
@@ -290,9 +294,45 @@ pub struct Event {
     pub tcp_flags: u8,
     /// Peer index for tunnel decisions, [`NO_PEER`] otherwise.
     pub peer: u32,
-    pub _pad: [u8; 4],
+    /// Decisions of this flow (same addresses, ports, protocol and reason)
+    /// that were summarised into this event instead of sent: the earlier
+    /// window's count, flushed with this event. Counts of windows that end
+    /// without a new event are swept from [`map::SUMMARIES`] by user space.
+    pub suppressed: u32,
 }
 const _: () = assert!(size_of::<Event>() == 64);
+
+/// Per-flow audit summarising: one event per flow per window.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowSummary {
+    /// `bpf_ktime_get_ns` when the window's first event was sent.
+    pub window_start_ns: u64,
+    /// Decisions since then that were not sent.
+    pub suppressed: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<FlowSummary>() == 16);
+
+/// Length of a summarising window.
+pub const SUMMARY_WINDOW_NS: u64 = 1_000_000_000;
+
+/// Key of a summarised flow: the decision's addresses, ports, protocol,
+/// reason and program.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SummaryKey {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub reason: u32,
+    pub protocol: u8,
+    pub ip_version: u8,
+    pub program: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(size_of::<SummaryKey>() == 44);
 
 /// [`Event::peer`] value when no tunnel peer is involved.
 pub const NO_PEER: u32 = u32::MAX;
@@ -393,4 +433,6 @@ mod pod {
     unsafe impl aya::Pod for super::FlowState {}
     unsafe impl aya::Pod for super::FlowConfig {}
     unsafe impl aya::Pod for super::SourceKey {}
+    unsafe impl aya::Pod for super::FlowSummary {}
+    unsafe impl aya::Pod for super::SummaryKey {}
 }

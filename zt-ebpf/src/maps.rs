@@ -8,8 +8,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use zt_common::{
-    COUNTER_SLOTS, EdgeConfig, EventBucket, FlowConfig, FlowKey, FlowState, GrantKey, PeerCounters,
-    PeerInfo, SourceKey, capacity,
+    COUNTER_SLOTS, EdgeConfig, EventBucket, FlowConfig, FlowKey, FlowState, FlowSummary, GrantKey, PeerCounters,
+    PeerInfo, SourceKey, SummaryKey, capacity,
 };
 
 #[map]
@@ -65,3 +65,7 @@ pub static ZT_FLOW_CFG: Array<FlowConfig> = Array::with_max_entries(1, 0);
 
 #[map]
 pub static ZT_ECHO_BKT: LruHashMap<SourceKey, EventBucket> = LruHashMap::with_max_entries(capacity::ECHO_SOURCES, 0);
+
+// One entry per recently audited flow; see record::decision.
+#[map]
+pub static ZT_SUMMARY: LruHashMap<SummaryKey, FlowSummary> = LruHashMap::with_max_entries(capacity::SUMMARIES, 0);

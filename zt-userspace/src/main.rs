@@ -93,6 +93,37 @@ enum Command {
         #[arg(long, env = "ZTXDP_CONFIG", default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
+    /// Print `[[tunnel.peer]]` entries (no grants yet) for the peers of a
+    /// wg-quick config, or of a running WireGuard interface.
+    #[command(after_help = "A `# name` comment right above or inside a [Peer] section names the peer; \
+        others are named peer-1, peer-2, ...\n\nExamples:\n  \
+        ztxdp import-wg /etc/wireguard/wg0.conf >> /etc/ztxdp/ztxdp.toml\n  \
+        ztxdp import-wg --live wg0")]
+    ImportWg {
+        /// A wg-quick configuration file.
+        #[arg(required_unless_present = "live", conflicts_with = "live")]
+        file: Option<PathBuf>,
+        /// Read the peers of this running interface (`wg show IFACE dump`).
+        #[arg(long, value_name = "IFACE")]
+        live: Option<String>,
+    },
+    /// Print the policy in another firewall's language.
+    #[command(subcommand)]
+    Export(ExportFormat),
+}
+
+#[derive(Subcommand)]
+enum ExportFormat {
+    /// An nftables ruleset (`nft -f`) enforcing the same policy, runtime grants included.
+    #[command(after_help = "Examples:\n  ztxdp export nft --config /etc/ztxdp/ztxdp.toml > ztxdp.nft\n  \
+        ztxdp export nft --conntrack | nft -f -")]
+    Nft {
+        #[arg(long, env = "ZTXDP_CONFIG", default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// Accept `ct state established,related` first, as common host firewalls do.
+        #[arg(long)]
+        conntrack: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -176,6 +207,21 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                     println!("{:<16} {:<40} {}", p.name, p.addresses.join(","), p.grants.join(" "));
                 }
             }
+        }
+        Command::ImportWg { file, live } => {
+            let (peers, origin) = match (live, file) {
+                (Some(iface), _) => (ztxdp::import_wg::live(&iface)?, format!("`wg show {iface} dump`")),
+                (None, Some(file)) => (ztxdp::import_wg::from_file(&file)?, file.display().to_string()),
+                (None, None) => anyhow::bail!("give a wg-quick FILE or --live IFACE"),
+            };
+            print!("{}", ztxdp::import_wg::render(&peers, &origin));
+        }
+        Command::Export(ExportFormat::Nft { config, conntrack }) => {
+            let mut policy = Config::load(&config)?.policy;
+            if let Some(t) = &policy.tunnel {
+                policy.tunnel = Some(ztxdp::grants::RuntimeGrants::load(&t.runtime_grants)?.apply(t));
+            }
+            print!("{}", ztxdp::export::nft_ruleset_with(&policy, ztxdp::export::NftOptions { conntrack }));
         }
     }
     Ok(ExitCode::SUCCESS)
