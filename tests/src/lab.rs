@@ -11,13 +11,28 @@
 //! Every host sees its link as `eth0`, so `examples/lab.toml`
 //! (`interface = "eth0"`) works unchanged in the edge namespace. All four
 //! namespaces are unique per lab and removed when the [`Lab`] is dropped.
+//!
+//! [`Lab::create_with_tunnel`] adds two app peers on the same switch and a
+//! `WireGuard` tunnel (wireguard-go) from each of them to the edge, so the
+//! handshakes cross the edge's eth0:
+//!
+//! ```text
+//!   app-1 (eth0)  10.77.0.11/24  fd77::11/64   `WireGuard` to 10.77.0.1:51820
+//!                 tunnel 10.100.0.1/24  fd00:100::1/64
+//!   app-2 (eth0)  10.77.0.12/24  fd77::12/64   `WireGuard` to [fd77::1]:51820
+//!                 tunnel 10.100.0.2/24  fd00:100::2/64
+//!   edge          tunnel 10.100.0.254/24  fd00:100::fe/64
+//! ```
 use std::{
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     thread,
     time::{Duration, Instant},
 };
 
-use crate::netns::{NetNs, NetNsError, veth_pair};
+use crate::{
+    netns::{NetNs, NetNsError, veth_pair},
+    wg::{LISTEN_PORT, WgDevice, WgError},
+};
 
 /// The interface name of every host's link into the switch.
 pub const HOST_INTERFACE: &str = "eth0";
@@ -31,9 +46,28 @@ pub const BASTION_V4: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
 pub const BASTION_V6: Ipv6Addr = Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, 2);
 pub const OUTSIDER_V4: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 3);
 pub const OUTSIDER_V6: Ipv6Addr = Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, 3);
+pub const APP_1_V4: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 11);
+pub const APP_1_V6: Ipv6Addr = Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, 0x11);
+pub const APP_2_V4: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 12);
+pub const APP_2_V6: Ipv6Addr = Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, 0x12);
+
+/// Addresses inside the `WireGuard` tunnel ([`Lab::create_with_tunnel`]).
+pub const TUNNEL_PREFIX_V4: u8 = 24;
+pub const TUNNEL_PREFIX_V6: u8 = 64;
+pub const EDGE_TUNNEL_V4: Ipv4Addr = Ipv4Addr::new(10, 100, 0, 254);
+pub const EDGE_TUNNEL_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x100, 0, 0, 0, 0, 0, 0xfe);
+pub const APP_1_TUNNEL_V4: Ipv4Addr = Ipv4Addr::new(10, 100, 0, 1);
+pub const APP_1_TUNNEL_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x100, 0, 0, 0, 0, 0, 1);
+pub const APP_2_TUNNEL_V4: Ipv4Addr = Ipv4Addr::new(10, 100, 0, 2);
+pub const APP_2_TUNNEL_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x100, 0, 0, 0, 0, 0, 2);
 
 /// Links come up in milliseconds; this only bounds a broken setup.
 const LINK_TIMEOUT: Duration = Duration::from_secs(10);
+/// A handshake between namespaces takes milliseconds; wireguard-go retries
+/// a lost one after 5 s, so this allows one retry.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(12);
+/// The usual `PersistentKeepalive`; [`Tunnel::handshake`] turns it on.
+const KEEPALIVE_SECONDS: u16 = 25;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LabError {
@@ -49,11 +83,21 @@ pub enum LabError {
         port: String,
         timeout: Duration,
     },
+    #[error("building the tunnel failed while {step}")]
+    Tunnel {
+        step: String,
+        #[source]
+        source: WgError,
+    },
+    #[error("{peer} completed no WireGuard handshake with the edge within {timeout:?}")]
+    NoHandshake { peer: String, timeout: Duration },
 }
 
-/// The four namespaces; fields drop (and so are deleted) hosts first.
+/// The four namespaces, and the tunnel when asked for; fields drop (and so
+/// are deleted) tunnel first, then hosts.
 #[derive(Debug)]
 pub struct Lab {
+    tunnel: Option<Tunnel>,
     edge: NetNs,
     bastion: NetNs,
     outsider: NetNs,
@@ -105,6 +149,7 @@ impl Lab {
             .map_err(step("enabling GRO on the edge's eth0"))?;
 
         let lab = Self {
+            tunnel: None,
             edge,
             bastion,
             outsider,
@@ -119,6 +164,25 @@ impl Lab {
                 .map_err(step(format!("waiting for {}'s eth0", host.name())))?;
             lab.wait_forwarding(port)?;
         }
+        Ok(lab)
+    }
+
+    /// [`Self::create`] plus the app peers `app-1` and `app-2`, each with a
+    /// wireguard-go device peered with one on the edge (see the module
+    /// docs). No handshake has happened yet: the first packet into the
+    /// tunnel, or [`Tunnel::handshake`], starts one, so it can be made to
+    /// cross a filter loaded on the edge in the meantime.
+    ///
+    /// Device names are unique on the machine ([`WgDevice::start`]); the
+    /// wireguard-go processes and their control sockets go when the lab is
+    /// dropped.
+    ///
+    /// # Errors
+    /// As [`Self::create`], or when wireguard-go or `wg` cannot run;
+    /// whatever was created is removed again.
+    pub fn create_with_tunnel() -> Result<Self, LabError> {
+        let mut lab = Self::create()?;
+        lab.tunnel = Some(Tunnel::create(&lab)?);
         Ok(lab)
     }
 
@@ -191,11 +255,227 @@ impl Lab {
     pub fn switch(&self) -> &NetNs {
         &self.switch
     }
+
+    /// The `WireGuard` tunnel, when built by [`Self::create_with_tunnel`].
+    #[must_use]
+    pub fn tunnel(&self) -> Option<&Tunnel> {
+        self.tunnel.as_ref()
+    }
+}
+
+/// The edge's `WireGuard` device and the two app peers; fields drop in order,
+/// the edge's device first.
+#[derive(Debug)]
+pub struct Tunnel {
+    edge: WgDevice,
+    apps: [AppPeer; 2],
+}
+
+impl Tunnel {
+    fn create(lab: &Lab) -> Result<Self, LabError> {
+        let edge =
+            WgDevice::start(lab.edge()).map_err(tunnel_step("starting wireguard-go in edge"))?;
+        for (ip, prefix) in [
+            (IpAddr::V4(EDGE_TUNNEL_V4), TUNNEL_PREFIX_V4),
+            (IpAddr::V6(EDGE_TUNNEL_V6), TUNNEL_PREFIX_V6),
+        ] {
+            lab.edge()
+                .add_address(edge.name(), ip, prefix)
+                .map_err(step(format!("adding {ip} to the edge's {}", edge.name())))?;
+        }
+        // app-2 reaches the edge over IPv6, so the edge filter sees
+        // `WireGuard` of both families.
+        let apps = [
+            AppPeer::create(
+                lab,
+                &edge,
+                AppSpec {
+                    name: "app-1",
+                    lan: (APP_1_V4, APP_1_V6),
+                    tunnel: (APP_1_TUNNEL_V4, APP_1_TUNNEL_V6),
+                    edge_endpoint: SocketAddr::new(IpAddr::V4(EDGE_V4), LISTEN_PORT),
+                    own_endpoint: SocketAddr::new(IpAddr::V4(APP_1_V4), LISTEN_PORT),
+                },
+            )?,
+            AppPeer::create(
+                lab,
+                &edge,
+                AppSpec {
+                    name: "app-2",
+                    lan: (APP_2_V4, APP_2_V6),
+                    tunnel: (APP_2_TUNNEL_V4, APP_2_TUNNEL_V6),
+                    edge_endpoint: SocketAddr::new(IpAddr::V6(EDGE_V6), LISTEN_PORT),
+                    own_endpoint: SocketAddr::new(IpAddr::V6(APP_2_V6), LISTEN_PORT),
+                },
+            )?,
+        ];
+        Ok(Self { edge, apps })
+    }
+
+    /// Turns on keepalives from both apps to the edge, which makes each
+    /// complete a handshake without putting a packet into the tunnel, and
+    /// waits for both. The handshakes cross the edge's eth0, so they prove
+    /// a filter there admits `WireGuard`.
+    ///
+    /// # Errors
+    /// When `wg` fails, or [`LabError::NoHandshake`] after 12 s.
+    pub fn handshake(&self) -> Result<(), LabError> {
+        let edge_key = self.edge.public_key();
+        for app in &self.apps {
+            app.device
+                .keep_alive(&app.ns, edge_key, KEEPALIVE_SECONDS)
+                .map_err(tunnel_step(format!("turning on {}'s keepalives", app.name)))?;
+        }
+        let start = Instant::now();
+        for app in &self.apps {
+            loop {
+                let done = app
+                    .device
+                    .handshake_done(&app.ns, edge_key)
+                    .map_err(tunnel_step(format!("reading {}'s handshakes", app.name)))?;
+                if done {
+                    break;
+                }
+                if start.elapsed() >= HANDSHAKE_TIMEOUT {
+                    return Err(LabError::NoHandshake {
+                        peer: app.name.to_owned(),
+                        timeout: HANDSHAKE_TIMEOUT,
+                    });
+                }
+                thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Ok(())
+    }
+
+    /// The edge's `WireGuard` device: give its name to `tunnel.interface`.
+    #[must_use]
+    pub fn edge_device(&self) -> &WgDevice {
+        &self.edge
+    }
+
+    /// `app-1`, then `app-2`.
+    #[must_use]
+    pub fn apps(&self) -> &[AppPeer; 2] {
+        &self.apps
+    }
+
+    /// The app peer called `name` (`app-1` or `app-2`).
+    #[must_use]
+    pub fn app(&self, name: &str) -> Option<&AppPeer> {
+        self.apps.iter().find(|app| app.name == name)
+    }
+}
+
+#[derive(Clone, Copy)]
+struct AppSpec {
+    name: &'static str,
+    lan: (Ipv4Addr, Ipv6Addr),
+    tunnel: (Ipv4Addr, Ipv6Addr),
+    edge_endpoint: SocketAddr,
+    own_endpoint: SocketAddr,
+}
+
+/// A host on the switch with a `WireGuard` device peered with the edge's;
+/// fields drop in order, the device before its namespace.
+#[derive(Debug)]
+pub struct AppPeer {
+    name: &'static str,
+    device: WgDevice,
+    ns: NetNs,
+    tunnel_v4: Ipv4Addr,
+    tunnel_v6: Ipv6Addr,
+}
+
+impl AppPeer {
+    fn create(lab: &Lab, edge: &WgDevice, spec: AppSpec) -> Result<Self, LabError> {
+        let name = spec.name;
+        let ns = Lab::host(&lab.switch, name, spec.lan.0, spec.lan.1)?;
+        ns.wait_link_up(HOST_INTERFACE, LINK_TIMEOUT)
+            .map_err(step(format!("waiting for {name}'s eth0")))?;
+        lab.wait_forwarding(name)?;
+        let device = WgDevice::start(&ns)
+            .map_err(tunnel_step(format!("starting wireguard-go in {name}")))?;
+        let app = Self {
+            name,
+            device,
+            ns,
+            tunnel_v4: spec.tunnel.0,
+            tunnel_v6: spec.tunnel.1,
+        };
+        for (ip, prefix) in [
+            (IpAddr::V4(app.tunnel_v4), TUNNEL_PREFIX_V4),
+            (IpAddr::V6(app.tunnel_v6), TUNNEL_PREFIX_V6),
+        ] {
+            app.ns
+                .add_address(app.device.name(), ip, prefix)
+                .map_err(step(format!(
+                    "adding {ip} to {name}'s {}",
+                    app.device.name()
+                )))?;
+        }
+        let app_ips = [
+            format!("{}/32", app.tunnel_v4),
+            format!("{}/128", app.tunnel_v6),
+        ];
+        edge.add_peer(
+            lab.edge(),
+            app.device.public_key(),
+            &app_ips.each_ref().map(String::as_str),
+            Some(spec.own_endpoint),
+        )
+        .map_err(tunnel_step(format!("adding {name} as a peer of the edge")))?;
+        let edge_ips = [
+            format!("{EDGE_TUNNEL_V4}/32"),
+            format!("{EDGE_TUNNEL_V6}/128"),
+        ];
+        app.device
+            .add_peer(
+                &app.ns,
+                edge.public_key(),
+                &edge_ips.each_ref().map(String::as_str),
+                Some(spec.edge_endpoint),
+            )
+            .map_err(tunnel_step(format!("adding the edge as a peer of {name}")))?;
+        Ok(app)
+    }
+
+    /// `app-1` or `app-2`: its peer name in `examples/lab.toml`.
+    #[must_use]
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    #[must_use]
+    pub fn ns(&self) -> &NetNs {
+        &self.ns
+    }
+
+    #[must_use]
+    pub fn device(&self) -> &WgDevice {
+        &self.device
+    }
+
+    /// Its address inside the tunnel.
+    #[must_use]
+    pub fn tunnel_v4(&self) -> Ipv4Addr {
+        self.tunnel_v4
+    }
+
+    #[must_use]
+    pub fn tunnel_v6(&self) -> Ipv6Addr {
+        self.tunnel_v6
+    }
 }
 
 fn step(what: impl Into<String>) -> impl FnOnce(NetNsError) -> LabError {
     let step = what.into();
     move |source| LabError::Step { step, source }
+}
+
+fn tunnel_step(what: impl Into<String>) -> impl FnOnce(WgError) -> LabError {
+    let step = what.into();
+    move |source| LabError::Tunnel { step, source }
 }
 
 #[cfg(test)]
@@ -258,6 +538,11 @@ mod tests {
             edge_link.contains("generic-receive-offload: on"),
             "GRO is off on the edge's eth0:\n{edge_link}"
         );
+        let switch_v6 = lab
+            .switch()
+            .run(&["cat", "/proc/sys/net/ipv6/conf/all/disable_ipv6"])
+            .unwrap_or_else(|error| panic!("reading the switch's sysctl: {error}"));
+        assert_eq!(switch_v6.trim(), "1", "IPv6 is still on in the switch");
         drop(listener);
         drop(lab);
         let listing = std::process::Command::new("ip")
@@ -269,6 +554,93 @@ mod tests {
             assert!(
                 !listing.contains(&name),
                 "{name} survived the lab's drop:\n{listing}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_tunnel_carries_both_families_and_teardown_stops_wireguard() {
+        let lab = Lab::create_with_tunnel().unwrap_or_else(|error| {
+            panic!("Lab::create_with_tunnel (root? wireguard-go?): {error:?}")
+        });
+        let tunnel = lab
+            .tunnel()
+            .unwrap_or_else(|| panic!("the lab has no tunnel"));
+        for app in tunnel.apps() {
+            let early = app
+                .device()
+                .handshake_done(app.ns(), tunnel.edge_device().public_key())
+                .unwrap_or_else(|error| panic!("wg show in {}: {error}", app.name()));
+            assert!(
+                !early,
+                "{} shook hands before Tunnel::handshake, so a filter loaded in between would miss it",
+                app.name()
+            );
+        }
+        tunnel
+            .handshake()
+            .unwrap_or_else(|error| panic!("handshakes with the edge: {error:?}"));
+        let listener = lab
+            .edge()
+            .enter(|| TcpListener::bind("[::]:0"))
+            .unwrap_or_else(|error| panic!("enter edge: {error}"))
+            .unwrap_or_else(|error| panic!("bind in edge: {error}"));
+        let port = listener
+            .local_addr()
+            .unwrap_or_else(|error| panic!("listener address: {error}"))
+            .port();
+        for app in tunnel.apps() {
+            for (target, source) in [
+                (IpAddr::V4(EDGE_TUNNEL_V4), IpAddr::V4(app.tunnel_v4())),
+                (IpAddr::V6(EDGE_TUNNEL_V6), IpAddr::V6(app.tunnel_v6())),
+            ] {
+                let connected = app
+                    .ns()
+                    .enter(|| {
+                        TcpStream::connect_timeout(
+                            &SocketAddr::new(target, port),
+                            Duration::from_secs(3),
+                        )
+                    })
+                    .unwrap_or_else(|error| panic!("enter {}: {error}", app.name()));
+                if let Err(error) = connected {
+                    panic!("{} -> {target}:{port} over the tunnel: {error}", app.name());
+                }
+                let (_, peer) = listener
+                    .accept()
+                    .unwrap_or_else(|error| panic!("accept from {}: {error}", app.name()));
+                assert_eq!(
+                    peer.ip().to_canonical(),
+                    source,
+                    "the edge saw {}'s connection from a non-tunnel address",
+                    app.name()
+                );
+            }
+        }
+        let devices: Vec<String> = std::iter::once(tunnel.edge_device())
+            .chain(tunnel.apps().iter().map(AppPeer::device))
+            .map(|device| device.name().to_owned())
+            .collect();
+        let mut unique = devices.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(
+            unique.len(),
+            3,
+            "device names are not distinct: {devices:?}"
+        );
+        assert_eq!(
+            tunnel.app("app-2").map(AppPeer::tunnel_v4),
+            Some(APP_2_TUNNEL_V4),
+            "app-2 not found by name"
+        );
+        drop(listener);
+        drop(lab);
+        for device in devices {
+            let socket = format!("/var/run/wireguard/{device}.sock");
+            assert!(
+                !std::path::Path::new(&socket).exists(),
+                "{socket} survived the lab's drop"
             );
         }
     }

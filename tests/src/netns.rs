@@ -60,6 +60,13 @@ pub enum NetNsError {
         #[source]
         source: io::Error,
     },
+    #[error("could not set sysctl {key} in network namespace {name}: {source}")]
+    Sysctl {
+        name: String,
+        key: String,
+        #[source]
+        source: io::Error,
+    },
     #[error(
         "{interface} in network namespace {name} is not up after {timeout:?} (operstate {operstate:?})"
     )]
@@ -167,13 +174,28 @@ impl NetNs {
         })
     }
 
-    /// Sets a sysctl of this namespace, e.g. `net.ipv6.conf.all.accept_dad`.
+    /// Sets a `net.*` sysctl of this namespace, e.g.
+    /// `net.ipv6.conf.all.accept_dad`, by writing `/proc/sys` from inside
+    /// (no procps needed). Other keys are global to the machine, so they are
+    /// refused.
     ///
     /// # Errors
-    /// When `sysctl` fails.
+    /// [`NetNsError::Sysctl`] when the key is not `net.*` or the write fails.
     pub fn sysctl(&self, key: &str, value: &str) -> Result<(), NetNsError> {
-        self.run(&["sysctl", "-qw", &format!("{key}={value}")])
-            .map(drop)
+        let error = |source| NetNsError::Sysctl {
+            name: self.name.clone(),
+            key: key.to_owned(),
+            source,
+        };
+        if !key.starts_with("net.") || key.contains('/') {
+            return Err(error(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "only net.* keys are per network namespace",
+            )));
+        }
+        let path = PathBuf::from("/proc/sys").join(key.replace('.', "/"));
+        // /proc/sys/net shows the network namespace of the thread that opens it.
+        self.enter(|| std::fs::write(&path, value))?.map_err(error)
     }
 
     /// Adds `addr/prefix_len` to `interface`. IPv6 addresses skip duplicate
@@ -435,6 +457,33 @@ mod tests {
             );
         }
         assert!(!listed(&name), "{name} still exists after drop");
+    }
+
+    #[test]
+    fn sysctl_changes_only_the_namespace() {
+        const KEY: &str = "net.ipv6.conf.default.hop_limit";
+        const FILE: &str = "/proc/sys/net/ipv6/conf/default/hop_limit";
+        let ns = NetNs::new("unit")
+            .unwrap_or_else(|error| panic!("creating a namespace (root?): {error}"));
+        let host_before =
+            std::fs::read_to_string(FILE).unwrap_or_else(|error| panic!("reading {FILE}: {error}"));
+        ns.sysctl(KEY, "17")
+            .unwrap_or_else(|error| panic!("sysctl: {error}"));
+        let inside = ns
+            .run(&["cat", FILE])
+            .unwrap_or_else(|error| panic!("cat in namespace: {error}"));
+        let host_after =
+            std::fs::read_to_string(FILE).unwrap_or_else(|error| panic!("reading {FILE}: {error}"));
+        assert_eq!(inside.trim(), "17", "the namespace's value did not change");
+        assert_eq!(
+            host_before, host_after,
+            "the root namespace's value changed"
+        );
+        let refused = ns.sysctl("kernel.hostname", "oops");
+        assert!(
+            matches!(refused, Err(NetNsError::Sysctl { .. })),
+            "a global key must be refused: {refused:?}"
+        );
     }
 
     #[test]

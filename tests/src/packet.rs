@@ -9,7 +9,7 @@
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
-/// EtherType values the parser knows.
+/// `EtherType` values the parser knows.
 pub mod ethertype {
     pub const IPV4: u16 = 0x0800;
     pub const ARP: u16 = 0x0806;
@@ -46,6 +46,13 @@ pub const ICMP_LEN: usize = 8;
 
 /// ICMP types used by the tests.
 pub mod icmp {
+    /// Identifier of every echo [`super::Transport::Icmp`] builds (bytes 4-5).
+    pub const ECHO_ID: u16 = 0x1234;
+    pub const DEST_UNREACHABLE: u8 = 3;
+    pub const TIME_EXCEEDED: u8 = 11;
+    pub const V6_DEST_UNREACHABLE: u8 = 1;
+    pub const V6_PACKET_TOO_BIG: u8 = 2;
+    pub const V6_ECHO_REPLY: u8 = 129;
     pub const ECHO_REQUEST: u8 = 8;
     pub const ECHO_REPLY: u8 = 0;
     pub const V6_ECHO_REQUEST: u8 = 128;
@@ -59,18 +66,37 @@ pub mod icmp {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Transport {
     /// A 20-byte TCP header; `flags` is byte 13 (see `zt_common::tcp_flag`).
-    Tcp { src: u16, dst: u16, flags: u8 },
-    Udp { src: u16, dst: u16 },
-    /// An 8-byte echo-style header: ICMP under IPv4, ICMPv6 under IPv6.
-    Icmp { kind: u8, code: u8 },
+    Tcp {
+        src: u16,
+        dst: u16,
+        flags: u8,
+    },
+    Udp {
+        src: u16,
+        dst: u16,
+    },
+    /// An 8-byte echo-style header (identifier [`icmp::ECHO_ID`], sequence
+    /// 1): ICMP under IPv4, `ICMPv6` under IPv6. For an error message, the
+    /// quoted packet goes in the IP builder's `data`.
+    Icmp {
+        kind: u8,
+        code: u8,
+    },
     /// Any protocol number followed by the given bytes, unchanged.
-    Raw { protocol: u8, bytes: Vec<u8> },
+    Raw {
+        protocol: u8,
+        bytes: Vec<u8>,
+    },
 }
 
 impl Transport {
     #[must_use]
     pub const fn tcp_syn(dst: u16) -> Self {
-        Self::Tcp { src: 40_000, dst, flags: zt_common::tcp_flag::SYN }
+        Self::Tcp {
+            src: 40_000,
+            dst,
+            flags: zt_common::tcp_flag::SYN,
+        }
     }
 
     #[must_use]
@@ -116,7 +142,7 @@ impl Transport {
                 let mut h = vec![0u8; ICMP_LEN];
                 h[0] = *kind;
                 h[1] = *code;
-                h[4..6].copy_from_slice(&0x1234u16.to_be_bytes());
+                h[4..6].copy_from_slice(&icmp::ECHO_ID.to_be_bytes());
                 h[6..8].copy_from_slice(&1u16.to_be_bytes());
                 h
             }
@@ -161,9 +187,11 @@ pub fn checksum(parts: &[&[u8]]) -> u16 {
 }
 
 /// Fills the transport checksum of `l4` (header plus data) given the
-/// pseudo-header bytes; ICMPv4 has no pseudo-header and passes `&[]`.
+/// pseudo-header bytes; `ICMPv4` has no pseudo-header and passes `&[]`.
 fn fill_l4_checksum(t: &Transport, pseudo: &[u8], l4: &mut [u8]) {
-    let Some(at) = t.checksum_offset() else { return };
+    let Some(at) = t.checksum_offset() else {
+        return;
+    };
     if l4.len() < at + 2 {
         return;
     }
@@ -260,13 +288,19 @@ impl Ipv4 {
         let protocol = self.protocol.unwrap_or_else(|| t.protocol(false));
         let mut l4 = t.encode(&self.data);
         let pseudo = self.pseudo_header(protocol, l4.len());
-        let pseudo: &[u8] = if protocol == zt_common::proto::ICMP { &[] } else { &pseudo };
+        let pseudo: &[u8] = if protocol == zt_common::proto::ICMP {
+            &[]
+        } else {
+            &pseudo
+        };
         fill_l4_checksum(t, pseudo, &mut l4);
 
-        let ihl = self.ihl.unwrap_or_else(|| u8::try_from(hlen / 4).expect("IPv4 options longer than 40 bytes"));
-        let total = self
-            .total_len
-            .unwrap_or_else(|| u16::try_from(hlen + l4.len()).expect("IPv4 packet longer than 65535 bytes"));
+        let ihl = self
+            .ihl
+            .unwrap_or_else(|| u8::try_from(hlen / 4).expect("IPv4 options longer than 40 bytes"));
+        let total = self.total_len.unwrap_or_else(|| {
+            u16::try_from(hlen + l4.len()).expect("IPv4 packet longer than 65535 bytes")
+        });
         let mut h = vec![0u8; IPV4_LEN];
         h[0] = (self.version.unwrap_or(4) << 4) | (ihl & 0x0f);
         h[2..4].copy_from_slice(&total.to_be_bytes());
@@ -336,7 +370,10 @@ impl ExtHeader {
     pub fn auth(len: u8) -> Self {
         let mut bytes = vec![0u8; (usize::from(len) + 2) * 4];
         bytes[1] = len;
-        Self { kind: ext::AUTH, bytes }
+        Self {
+            kind: ext::AUTH,
+            bytes,
+        }
     }
 
     /// Fragment header; `offset` in 8-byte units.
@@ -346,7 +383,10 @@ impl ExtHeader {
         let field = (offset << 3) | u16::from(more);
         bytes[2..4].copy_from_slice(&field.to_be_bytes());
         bytes[4..8].copy_from_slice(&0x0bad_cafeu32.to_be_bytes());
-        Self { kind: ext::FRAGMENT, bytes }
+        Self {
+            kind: ext::FRAGMENT,
+            bytes,
+        }
     }
 }
 
@@ -436,9 +476,9 @@ impl Ipv6 {
             chain = bytes;
         }
         let payload = chain.len() + l4.len();
-        let len = self
-            .payload_len
-            .unwrap_or_else(|| u16::try_from(payload).expect("IPv6 payload longer than 65535 bytes"));
+        let len = self.payload_len.unwrap_or_else(|| {
+            u16::try_from(payload).expect("IPv6 payload longer than 65535 bytes")
+        });
         let mut h = vec![0u8; IPV6_LEN];
         h[0] = self.version.unwrap_or(6) << 4;
         h[4..6].copy_from_slice(&len.to_be_bytes());
@@ -512,7 +552,7 @@ impl Ethernet {
 
     /// Length of this header including tags: where the L3 header starts.
     #[must_use]
-    pub fn len(&self) -> usize {
+    pub fn header_len(&self) -> usize {
         ETH_LEN + VLAN_LEN * self.tags.len()
     }
 

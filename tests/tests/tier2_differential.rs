@@ -7,7 +7,7 @@
 //! UDP, ICMP, ARP, unknown types), from addresses and to ports near the
 //! policy's edges, and are then mutated: length and header-length fields,
 //! extension header lengths and types, TCP data offset, fragment fields,
-//! EtherTypes, random bytes, truncation, trailing bytes.
+//! `EtherType` fields, random bytes, truncation, trailing bytes.
 //!
 //! `ZT_DIFF_SEED` (a u64) picks the run; `ZT_DIFF_PACKETS` the number of
 //! packets per program (default 100,000). Each packet is generated from the
@@ -25,12 +25,12 @@ use aya::programs::ProgramError;
 use tier2::{Programs, Run};
 use zt_common::{PeerCounters, reason};
 use zt_tests::packet::{
-    ETH_LEN, Ethernet, ExtHeader, IPV4_LEN, IPV6_LEN, Ipv4, Ipv6, Transport, arp_request, ethertype, ext, hex_dump,
-    icmp,
+    ETH_LEN, Ethernet, ExtHeader, IPV4_LEN, IPV6_LEN, Ipv4, Ipv6, Transport, arp_request,
+    ethertype, ext, hex_dump, icmp,
 };
 use ztxdp::{
     model::{EdgeModel, TunnelModel},
-    policy::{EdgePolicy, Grant, Peer, Protocol, TunnelPolicy},
+    policy::{EchoRate, EdgePolicy, Grant, Peer, Protocol, TunnelPolicy},
 };
 
 const DEFAULT_SEED: u64 = 0x5eed_2a7e_d1ff_0001;
@@ -47,11 +47,13 @@ fn seed() -> u64 {
 
 fn packets() -> usize {
     std::env::var("ZT_DIFF_PACKETS").map_or(DEFAULT_PACKETS, |s| {
-        s.trim().parse().unwrap_or_else(|e| panic!("ZT_DIFF_PACKETS={s}: {e}"))
+        s.trim()
+            .parse()
+            .unwrap_or_else(|e| panic!("ZT_DIFF_PACKETS={s}: {e}"))
     })
 }
 
-/// SplitMix64: tiny, seedable, and the same on every platform and version,
+/// `SplitMix64`: tiny, seedable, and the same on every platform and version,
 /// so a seed printed by a failure reproduces it anywhere.
 struct Rng(u64);
 
@@ -113,7 +115,11 @@ struct Pools {
 
 impl Pools {
     fn v4(&self, r: &mut Rng) -> Ipv4Addr {
-        if r.chance(85) { r.pick(&self.v4) } else { Ipv4Addr::from(r.next().to_le_bytes()[..4].try_into().unwrap_or([0; 4])) }
+        if r.chance(85) {
+            r.pick(&self.v4)
+        } else {
+            Ipv4Addr::from(r.next().to_le_bytes()[..4].try_into().unwrap_or([0; 4]))
+        }
     }
 
     fn v6(&self, r: &mut Rng) -> Ipv6Addr {
@@ -126,7 +132,11 @@ impl Pools {
     }
 
     fn port(&self, r: &mut Rng) -> u16 {
-        if r.chance(80) { r.pick(&self.ports) } else { r.u16() }
+        if r.chance(80) {
+            r.pick(&self.ports)
+        } else {
+            r.u16()
+        }
     }
 }
 
@@ -136,7 +146,9 @@ fn nets<T: std::str::FromStr>(list: &[&str]) -> Vec<T>
 where
     T::Err: std::fmt::Display,
 {
-    list.iter().map(|s| s.parse().unwrap_or_else(|e| panic!("{s}: {e}"))).collect()
+    list.iter()
+        .map(|s| s.parse().unwrap_or_else(|e| panic!("{s}: {e}")))
+        .collect()
 }
 
 fn edge_policy() -> EdgePolicy {
@@ -155,8 +167,19 @@ fn edge_policy() -> EdgePolicy {
             "2001:db8:bb::/48",
             "2001:db8:cc::1/128",
         ]),
+        icmp_echo: ECHO_OFF,
     }
 }
+
+/// `EdgeModel` and `TunnelModel` keep no state (an empty flow table, a
+/// full echo bucket per source), so the kernel runs with none that could
+/// change a verdict: echo is off, so every echo request is refused whatever
+/// its bucket holds, and the flow table stays empty because no egress
+/// program runs here. The stateful paths are `tier2_flows.rs`'s.
+const ECHO_OFF: EchoRate = EchoRate {
+    ns_per_token: 0,
+    burst: 0,
+};
 
 fn edge_pools() -> Pools {
     Pools {
@@ -190,7 +213,9 @@ fn edge_pools() -> Pools {
             "::ffff:198.51.100.7",
             "fe80::1",
         ]),
-        ports: vec![0, 22, 442, 443, 444, 2221, 2222, 2223, 51_819, 51_820, 51_821, 51_822, 65_534, 65_535],
+        ports: vec![
+            0, 22, 442, 443, 444, 2221, 2222, 2223, 51_819, 51_820, 51_821, 51_822, 65_534, 65_535,
+        ],
     }
 }
 
@@ -201,16 +226,40 @@ fn tunnel_policy() -> TunnelPolicy {
         public_key: None,
         grants,
     };
-    let tcp = |first, last| Grant::Ports { protocol: Protocol::Tcp, first, last };
-    let udp = |first, last| Grant::Ports { protocol: Protocol::Udp, first, last };
+    let tcp = |first, last| Grant::Ports {
+        protocol: Protocol::Tcp,
+        first,
+        last,
+    };
+    let udp = |first, last| Grant::Ports {
+        protocol: Protocol::Udp,
+        first,
+        last,
+    };
     TunnelPolicy {
         interface: "wg0".into(),
         peers: vec![
-            peer("alice", &["10.10.0.2/32", "fd00:10::2/128"], vec![tcp(5432, 5432), udp(53, 53), tcp(8000, 8010), Grant::Icmp]),
-            peer("bob", &["10.10.1.0/24"], vec![tcp(443, 443), tcp(60_000, 65_535)]),
-            peer("carol", &["fd00:20::/64"], vec![udp(5000, 5100), tcp(1, 1023)]),
+            peer(
+                "alice",
+                &["10.10.0.2/32", "fd00:10::2/128"],
+                vec![tcp(5432, 5432), udp(53, 53), tcp(8000, 8010), Grant::Icmp],
+            ),
+            peer(
+                "bob",
+                &["10.10.1.0/24"],
+                vec![tcp(443, 443), tcp(60_000, 65_535)],
+            ),
+            peer(
+                "carol",
+                &["fd00:20::/64"],
+                vec![udp(5000, 5100), tcp(1, 1023)],
+            ),
             // Contains alice's /32: the longest prefix decides the peer.
-            peer("dave", &["10.10.0.0/16", "fd00:10::/32"], vec![udp(9999, 9999), Grant::Icmp]),
+            peer(
+                "dave",
+                &["10.10.0.0/16", "fd00:10::/32"],
+                vec![udp(9999, 9999), Grant::Icmp],
+            ),
         ],
         runtime_grants: "/nonexistent/runtime-grants.json".into(),
     }
@@ -244,8 +293,8 @@ fn tunnel_pools() -> Pools {
             "fe80::1",
         ]),
         ports: vec![
-            0, 1, 22, 53, 54, 443, 444, 1023, 1024, 4999, 5000, 5055, 5056, 5100, 5101, 5432, 7999, 8000, 8010, 8011,
-            9998, 9999, 59_999, 60_000, 65_535,
+            0, 1, 22, 53, 54, 443, 444, 1023, 1024, 4999, 5000, 5055, 5056, 5100, 5101, 5432, 7999,
+            8000, 8010, 8011, 9998, 9999, 59_999, 60_000, 65_535,
         ],
     }
 }
@@ -255,7 +304,7 @@ struct Sample {
     bytes: Vec<u8>,
     /// Start of the IP (or ARP) header; 0 for a bare IP packet.
     l3: usize,
-    /// Offsets of the EtherType and TPID fields.
+    /// Offsets of the `EtherType` and TPID fields.
     ethertypes: Vec<usize>,
     ip: Ip,
     /// Start of the transport header, if the template has one.
@@ -273,22 +322,53 @@ enum Ip {
 
 fn transport(r: &mut Rng, pools: &Pools, v6: bool) -> Transport {
     match r.below(10) {
-        0..=3 => Transport::Tcp { src: r.u16(), dst: pools.port(r), flags: r.pick(&[0x02, 0x10, 0x12, 0x01, 0x04]) },
-        4..=6 => Transport::Udp { src: r.u16(), dst: pools.port(r) },
+        0..=3 => Transport::Tcp {
+            src: r.u16(),
+            dst: pools.port(r),
+            flags: r.pick(&[0x02, 0x10, 0x12, 0x01, 0x04]),
+        },
+        4..=6 => Transport::Udp {
+            src: r.u16(),
+            dst: pools.port(r),
+        },
         7 | 8 => {
             let kinds: &[u8] = if v6 {
-                &[icmp::V6_ECHO_REQUEST, 129, 132, 133, 134, 135, 136, 137, 138, 1]
+                &[
+                    icmp::V6_ECHO_REQUEST,
+                    129,
+                    132,
+                    133,
+                    134,
+                    135,
+                    136,
+                    137,
+                    138,
+                    1,
+                    2,
+                    3,
+                    4,
+                ]
             } else {
                 &[icmp::ECHO_REQUEST, icmp::ECHO_REPLY, 3, 11, 135]
             };
-            Transport::Icmp { kind: if r.chance(90) { r.pick(kinds) } else { r.byte() }, code: 0 }
+            Transport::Icmp {
+                kind: if r.chance(90) {
+                    r.pick(kinds)
+                } else {
+                    r.byte()
+                },
+                code: 0,
+            }
         }
         _ => {
             // Protocols that cross the families (ICMP in IPv6, ICMPv6 in
             // IPv4) or carry nothing the verdicts read.
             let protocol = r.pick(&[1, 58, 47, 50, 51, 59, 132, 255, 0, 43, 44, 60]);
             let len = r.below(24);
-            Transport::Raw { protocol, bytes: r.bytes(len) }
+            Transport::Raw {
+                protocol,
+                bytes: r.bytes(len),
+            }
         }
     }
 }
@@ -301,7 +381,10 @@ fn ext_chain(r: &mut Rng) -> Vec<ExtHeader> {
             1 => ExtHeader::routing(r.pick(&[0, 2, 4])),
             2 => ExtHeader::dest_opts(r.pick(&[0, 1, 2])),
             3 => ExtHeader::auth(r.pick(&[1, 2, 4, 6])),
-            _ => ExtHeader::fragment(if r.chance(60) { 0 } else { r.u16() & 0x1fff }, r.chance(50)),
+            _ => ExtHeader::fragment(
+                if r.chance(60) { 0 } else { r.u16() & 0x1fff },
+                r.chance(50),
+            ),
         })
         .collect()
 }
@@ -315,15 +398,23 @@ fn ethernet(r: &mut Rng) -> Ethernet {
         18 => &[ethertype::QINQ, ethertype::QINQ, ethertype::VLAN],
         _ => &[ethertype::VLAN, ethertype::VLAN, ethertype::VLAN],
     };
-    tags.iter().fold(Ethernet::default(), |e, &tpid| e.tag(tpid, r.u16()))
+    tags.iter()
+        .fold(Ethernet::default(), |e, &tpid| e.tag(tpid, r.u16()))
 }
 
 /// A valid packet of a random kind, in an Ethernet frame.
 fn template(r: &mut Rng, pools: &Pools) -> Sample {
     let eth = ethernet(r);
-    let l3 = eth.len();
+    let l3 = eth.header_len();
     let ethertypes: Vec<usize> = (0..=eth.tags.len()).map(|i| 12 + 4 * i).collect();
-    let sample = |bytes, ip, l4, exts| Sample { bytes, l3, ethertypes: ethertypes.clone(), ip, l4, exts };
+    let sample = |bytes, ip, l4, exts| Sample {
+        bytes,
+        l3,
+        ethertypes: ethertypes.clone(),
+        ip,
+        l4,
+        exts,
+    };
     match r.below(20) {
         0..=8 => {
             let t = transport(r, pools, false);
@@ -334,7 +425,10 @@ fn template(r: &mut Rng, pools: &Pools) -> Sample {
                 ip.options = if r.chance(50) { vec![1; n] } else { r.bytes(n) };
             }
             if r.chance(20) {
-                ip = ip.fragment(r.chance(50), if r.chance(50) { 0 } else { r.u16() & 0x1fff });
+                ip = ip.fragment(
+                    r.chance(50),
+                    if r.chance(50) { 0 } else { r.u16() & 0x1fff },
+                );
             }
             let hlen = IPV4_LEN + ip.options.len().div_ceil(4) * 4;
             let proto = t.protocol(false);
@@ -342,7 +436,10 @@ fn template(r: &mut Rng, pools: &Pools) -> Sample {
         }
         9..=16 => {
             let t = transport(r, pools, true);
-            let mut ip = Ipv6::new(pools.v6(r), "2001:db8:ff::1".parse().unwrap_or(Ipv6Addr::LOCALHOST));
+            let mut ip = Ipv6::new(
+                pools.v6(r),
+                "2001:db8:ff::1".parse().unwrap_or(Ipv6Addr::LOCALHOST),
+            );
             ip.hop_limit = r.pick(&[64, 255, 255, 1]);
             if r.chance(35) {
                 ip.exts = ext_chain(r);
@@ -357,7 +454,14 @@ fn template(r: &mut Rng, pools: &Pools) -> Sample {
             sample(eth.ipv6(&ip, &t), Ip::V6, Some((at, proto)), exts)
         }
         17 | 18 => sample(
-            eth.frame(ethertype::ARP, &arp_request([2, 0, 0, 0, 0, 3], pools.v4(r), Ipv4Addr::new(192, 0, 2, 254))),
+            eth.frame(
+                ethertype::ARP,
+                &arp_request(
+                    [2, 0, 0, 0, 0, 3],
+                    pools.v4(r),
+                    Ipv4Addr::new(192, 0, 2, 254),
+                ),
+            ),
             Ip::None,
             None,
             vec![],
@@ -374,18 +478,45 @@ fn template(r: &mut Rng, pools: &Pools) -> Sample {
 fn near(r: &mut Rng, honest: usize) -> u16 {
     let honest = i64::try_from(honest).unwrap_or(0);
     let delta = i64::try_from(r.below(41)).unwrap_or(0) - 20;
-    if r.chance(85) { u16::try_from((honest + delta).clamp(0, 0xffff)).unwrap_or(0) } else { r.u16() }
+    if r.chance(85) {
+        u16::try_from((honest + delta).clamp(0, 0xffff)).unwrap_or(0)
+    } else {
+        r.u16()
+    }
+}
+
+/// Next-header values worth writing into a chain: every extension header
+/// the parser walks, the end of the chain, and transports.
+const NEXT_HEADERS: [u8; 10] = [
+    ext::HOP_BY_HOP,
+    ext::ROUTING,
+    ext::FRAGMENT,
+    ext::AUTH,
+    ext::DEST_OPTS,
+    ext::NONE,
+    6,
+    17,
+    58,
+    1,
+];
+
+/// Writes a big-endian `u16` at `at` if it fits.
+fn set16(b: &mut [u8], at: usize, v: u16) {
+    if let Some(field) = b.get_mut(at..at + 2) {
+        field.copy_from_slice(&v.to_be_bytes());
+    }
 }
 
 /// Applies a random handful of mutations; some samples stay valid.
 fn mutate(r: &mut Rng, s: &mut Sample) {
-    let b = &mut s.bytes;
-    let l3 = s.l3;
-    let set16 = |b: &mut Vec<u8>, at: usize, v: u16| {
-        if at + 2 <= b.len() {
-            b[at..at + 2].copy_from_slice(&v.to_be_bytes());
-        }
-    };
+    mutate_ip(r, s);
+    mutate_l4(r, s);
+    mutate_frame(r, s);
+}
+
+/// Length, header-length, version, fragment and next-header fields.
+fn mutate_ip(r: &mut Rng, s: &mut Sample) {
+    let (b, l3) = (&mut s.bytes, s.l3);
     if s.ip == Ip::V4 && b.len() > l3 + IPV4_LEN {
         if r.chance(10) {
             b[l3] = (b[l3] & 0xf0) | (r.byte() & 0x0f);
@@ -395,7 +526,8 @@ fn mutate(r: &mut Rng, s: &mut Sample) {
             set16(b, l3 + 2, v);
         }
         if r.chance(6) {
-            let v = r.pick(&[0x2000, 0x4000, 0x0001, 0x1fff, 0x2001]) | if r.chance(30) { r.u16() } else { 0 };
+            let extra = if r.chance(30) { r.u16() } else { 0 };
+            let v = r.pick(&[0x2000, 0x4000, 0x0001, 0x1fff, 0x2001]) | extra;
             set16(b, l3 + 6, v);
         }
     }
@@ -405,7 +537,7 @@ fn mutate(r: &mut Rng, s: &mut Sample) {
             set16(b, l3 + 4, v);
         }
         if r.chance(5) {
-            b[l3 + 6] = r.pick(&[ext::HOP_BY_HOP, ext::ROUTING, ext::FRAGMENT, ext::AUTH, ext::DEST_OPTS, 6, 17, 58]);
+            b[l3 + 6] = r.pick(&NEXT_HEADERS);
         }
     }
     if b.len() > l3 && r.chance(6) {
@@ -415,7 +547,7 @@ fn mutate(r: &mut Rng, s: &mut Sample) {
         let at = r.pick(&s.exts);
         if at + 8 <= b.len() {
             match r.below(3) {
-                0 => b[at] = r.pick(&[ext::HOP_BY_HOP, ext::ROUTING, ext::FRAGMENT, ext::AUTH, ext::DEST_OPTS, ext::NONE, 6, 17, 58, 1]),
+                0 => b[at] = r.pick(&NEXT_HEADERS),
                 1 => b[at + 1] = if r.chance(70) { r.small(8) } else { r.byte() },
                 _ => {
                     let v = r.u16();
@@ -424,24 +556,45 @@ fn mutate(r: &mut Rng, s: &mut Sample) {
             }
         }
     }
-    if let Some((at, proto)) = s.l4 {
-        if proto == zt_common::proto::TCP && at + 13 <= b.len() && r.chance(8) {
-            b[at + 12] = r.small(16) << 4;
-        }
-        if (proto == zt_common::proto::TCP || proto == zt_common::proto::UDP) && r.chance(5) {
-            let v = r.u16();
-            set16(b, at + 2, v);
-        }
+}
+
+/// TCP data offset and ports.
+fn mutate_l4(r: &mut Rng, s: &mut Sample) {
+    let Some((at, proto)) = s.l4 else { return };
+    let b = &mut s.bytes;
+    if proto == zt_common::proto::TCP && at + 13 <= b.len() && r.chance(8) {
+        b[at + 12] = r.small(16) << 4;
     }
-    if r.chance(5) {
+    if (proto == zt_common::proto::TCP || proto == zt_common::proto::UDP) && r.chance(5) {
+        let v = r.u16();
+        set16(b, at + 2, v);
+    }
+}
+
+/// `EtherType` fields, random bytes, truncation, trailing bytes.
+fn mutate_frame(r: &mut Rng, s: &mut Sample) {
+    let b = &mut s.bytes;
+    if !s.ethertypes.is_empty() && r.chance(5) {
         let at = r.pick(&s.ethertypes);
-        let v = r.pick(&[ethertype::VLAN, ethertype::QINQ, ethertype::IPV4, ethertype::IPV6, ethertype::ARP, 0x9100]);
+        let types = [
+            ethertype::VLAN,
+            ethertype::QINQ,
+            ethertype::IPV4,
+            ethertype::IPV6,
+            ethertype::ARP,
+            0x9100,
+        ];
+        let v = r.pick(&types);
         set16(b, at, v);
     }
-    if r.chance(12) {
+    if !b.is_empty() && r.chance(12) {
         for _ in 0..=r.below(4) {
             let at = r.below(b.len().min(96));
-            b[at] = if r.chance(50) { b[at] ^ (1 << r.below(8)) } else { r.byte() };
+            b[at] = if r.chance(50) {
+                b[at] ^ (1 << r.below(8))
+            } else {
+                r.byte()
+            };
         }
     }
     if r.chance(15) {
@@ -500,13 +653,24 @@ fn mismatch(what: &str, seed: u64, index: usize, input: &[u8], bpf: &str, model:
 
 /// Reasons each run must produce at least once, so a generator that stops
 /// reaching a branch fails loudly instead of passing vacuously.
-fn assert_coverage(what: &str, seen: &BTreeMap<u32, usize>, wanted: &[u32]) {
-    let missing: Vec<&str> = wanted.iter().filter(|c| !seen.contains_key(c)).map(|c| reason::name(*c)).collect();
-    assert!(missing.is_empty(), "{what}: the generated packets never produced {missing:?}; seen {seen:?}");
+fn assert_coverage(what: &str, by_reason: &BTreeMap<u32, usize>, wanted: &[u32]) {
+    let missing: Vec<&str> = wanted
+        .iter()
+        .filter(|c| !by_reason.contains_key(c))
+        .map(|c| reason::name(*c))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{what}: the generated packets never produced {missing:?}; counts {by_reason:?}"
+    );
 }
 
-fn summary(seen: &BTreeMap<u32, usize>) -> String {
-    seen.iter().map(|(c, n)| format!("{}={n}", reason::name(*c))).collect::<Vec<_>>().join(" ")
+fn summary(by_reason: &BTreeMap<u32, usize>) -> String {
+    by_reason
+        .iter()
+        .map(|(c, n)| format!("{}={n}", reason::name(*c)))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 #[test]
@@ -516,23 +680,37 @@ fn edge_program_matches_the_model() {
     let model = EdgeModel::new(&policy);
     let pools = edge_pools();
     let mut progs = Programs::load(true, Some(&policy), None);
-    let mut seen = BTreeMap::new();
+    let mut by_reason = BTreeMap::new();
     let start = Instant::now();
     for i in 0..n {
         let frame = generate(seed, i, &pools, false);
         let want = model.verdict(&frame);
-        let Run { reason: got, .. } = progs
-            .edge(&frame)
-            .unwrap_or_else(|e| panic!("packet {i} of seed {seed:#x}: test run refused: {e:?}\n{}", hex_dump(&frame)));
+        let Run { reason: got, .. } = progs.edge(&frame).unwrap_or_else(|e| {
+            panic!(
+                "packet {i} of seed {seed:#x}: test run refused: {e:?}\n{}",
+                hex_dump(&frame)
+            )
+        });
         if got != want {
-            mismatch("edge", seed, i, &frame, reason::name(got), reason::name(want));
+            mismatch(
+                "edge",
+                seed,
+                i,
+                &frame,
+                reason::name(got),
+                reason::name(want),
+            );
         }
-        *seen.entry(got).or_default() += 1;
+        *by_reason.entry(got).or_default() += 1;
     }
-    eprintln!("edge: {n} packets in {:?}, seed {seed:#x}: {}", start.elapsed(), summary(&seen));
+    eprintln!(
+        "edge: {n} packets in {:?}, seed {seed:#x}: {}",
+        start.elapsed(),
+        summary(&by_reason)
+    );
     assert_coverage(
         "edge",
-        &seen,
+        &by_reason,
         &[
             reason::PASS_WIREGUARD,
             reason::PASS_SSH,
@@ -545,12 +723,16 @@ fn edge_program_matches_the_model() {
             reason::DROP_UNSUPPORTED_L3,
             reason::DROP_PROTOCOL_NOT_ALLOWED,
             reason::DROP_HEADER_LIMIT,
+            reason::DROP_ICMP_RATE,
+            reason::DROP_ICMP_UNRELATED,
         ],
     );
 }
 
 fn peer_counters(p: &Programs, peers: u32) -> Vec<PeerCounters> {
-    p.tables.peer_counters(peers).unwrap_or_else(|e| panic!("reading peer counters: {e:?}"))
+    p.tables
+        .peer_counters(peers)
+        .unwrap_or_else(|e| panic!("reading peer counters: {e:?}"))
 }
 
 fn tunnel_matches_the_model(l2: bool) {
@@ -561,26 +743,37 @@ fn tunnel_matches_the_model(l2: bool) {
     let model = TunnelModel::new(&policy);
     let pools = tunnel_pools();
     let mut progs = Programs::load(l2, None, Some(&policy));
-    let mut seen = BTreeMap::new();
+    let mut by_reason = BTreeMap::new();
     let mut refused = 0usize;
     let start = Instant::now();
+    // Each packet's "after" is the next one's "before": one read a packet.
+    let mut before = peer_counters(&progs, peers);
     for i in 0..n {
         let input = generate(seed, i, &pools, !l2);
         let want = model.verdict(&input, l2);
-        let before = peer_counters(&progs, peers);
         let got = match progs.tunnel(&input) {
             Ok(run) => run.reason,
             Err(e) if kernel_refuses_skb(&input, &e) => {
                 refused += 1;
                 continue;
             }
-            Err(e) => panic!("{what}: packet {i} of seed {seed:#x}: test run refused: {e:?}\n{}", hex_dump(&input)),
+            Err(e) => panic!(
+                "{what}: packet {i} of seed {seed:#x}: test run refused: {e:?}\n{}",
+                hex_dump(&input)
+            ),
         };
         if got != want.reason {
-            mismatch(what, seed, i, &input, reason::name(got), reason::name(want.reason));
+            mismatch(
+                what,
+                seed,
+                i,
+                &input,
+                reason::name(got),
+                reason::name(want.reason),
+            );
         }
         let after = peer_counters(&progs, peers);
-        let mut expected = before;
+        let mut expected = std::mem::replace(&mut before, after.clone());
         if let Some(p) = want.peer {
             let c = &mut expected[p as usize];
             if reason::is_allow(got) {
@@ -599,14 +792,17 @@ fn tunnel_matches_the_model(l2: bool) {
                 &format!("peer {:?}, counters {expected:?}", want.peer),
             );
         }
-        *seen.entry(got).or_default() += 1;
+        *by_reason.entry(got).or_default() += 1;
     }
     eprintln!(
         "{what}: {n} packets in {:?} ({refused} refused by the kernel), seed {seed:#x}: {}",
         start.elapsed(),
-        summary(&seen)
+        summary(&by_reason)
     );
-    assert!(refused * 10 < n, "{what}: {refused} of {n} packets could not be run; the comparison is too thin");
+    assert!(
+        refused * 10 < n,
+        "{what}: {refused} of {n} packets could not be run; the comparison is too thin"
+    );
     let mut wanted = vec![
         reason::PASS_GRANT,
         reason::PASS_ICMP_GRANT,
@@ -618,11 +814,12 @@ fn tunnel_matches_the_model(l2: bool) {
         reason::DROP_HEADER_LIMIT,
         reason::DROP_PEER_UNKNOWN,
         reason::DROP_NOT_GRANTED,
+        reason::DROP_ICMP_UNRELATED,
     ];
     if l2 {
         wanted.push(reason::PASS_ARP);
     }
-    assert_coverage(what, &seen, &wanted);
+    assert_coverage(what, &by_reason, &wanted);
 }
 
 #[test]

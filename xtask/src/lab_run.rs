@@ -1,9 +1,10 @@
 //! `cargo xtask run`: ztxdp in a throw-away lab of network namespaces, with a
 //! little traffic of every kind and its decisions printed live.
 //!
-//! Safe on a laptop: the daemon, the listener and every packet stay inside
-//! namespaces created here, and dropping the [`Lab`] removes them, also on
-//! error, panic or Ctrl-C.
+//! Safe on a laptop: the daemon, wireguard-go, the listeners and every
+//! packet stay inside namespaces created here, and dropping the [`Lab`]
+//! removes them (wireguard-go and its control socket first), also on error,
+//! panic or Ctrl-C.
 use std::{
     fs::{self, File},
     io::{BufRead as _, BufReader, ErrorKind, Read as _, Write as _},
@@ -22,7 +23,7 @@ use std::{
 
 use anyhow::{Context as _, anyhow, bail};
 use zt_tests::{
-    lab::{self, Lab},
+    lab::{self, Lab, Tunnel},
     netns::NetNs,
 };
 
@@ -39,7 +40,8 @@ const ROUND: Duration = Duration::from_secs(1);
 /// Without `--duration` the run lasts until Ctrl-C, but never longer.
 const MAX_DURATION: Duration = Duration::from_hours(1);
 const SSH_PORT: u16 = 22;
-const DENIED_PORT: u16 = 5432;
+/// Closed on the edge's eth0; inside the tunnel granted to app-1 only.
+const POSTGRES_PORT: u16 = 5432;
 const WIREGUARD_PORT: u16 = 51820;
 
 /// `ztxdp up ARGS...` in this process's place, for real: the binary's own
@@ -64,23 +66,25 @@ pub fn lab(
     }
     fs::create_dir_all(run_dir)
         .with_context(|| format!("could not create {}", run_dir.display()))?;
-    let (config, audit) = write_config(run_dir)?;
 
-    let lab = Lab::create()
-        .context("could not build the lab namespaces (iproute2 and ethtool are needed)")?;
-    describe_lab(&lab, progress);
-    let listener = lab
-        .edge()
-        .enter(|| TcpListener::bind((Ipv6Addr::UNSPECIFIED, SSH_PORT)))
-        .context("could not enter the edge namespace")?
-        .context("could not listen on TCP port 22 in the edge namespace")?;
-    listener
-        .set_nonblocking(true)
-        .context("could not make the edge's listener non-blocking")?;
+    // Dropping the lab stops every wireguard-go (removing its control
+    // socket), then deletes the namespaces: on success, error or Ctrl-C.
+    let lab = Lab::create_with_tunnel().context(
+        "could not build the lab namespaces and its WireGuard tunnel \
+         (iproute2, ethtool, wireguard-go and wireguard-tools are needed)",
+    )?;
+    let tunnel = lab
+        .tunnel()
+        .ok_or_else(|| anyhow!("the lab was built without its tunnel"))?;
+    describe_lab(&lab, tunnel, progress);
+    let (config, audit) = write_config(run_dir, tunnel)?;
+    let ssh = listen(lab.edge(), SSH_PORT)?;
+    let postgres = listen(lab.edge(), POSTGRES_PORT)?;
 
     let finished = AtomicBool::new(false);
     let outcome = thread::scope(|scope| {
-        scope.spawn(|| serve_ssh(&listener, &finished));
+        scope.spawn(|| serve(&ssh, b"SSH-2.0-ztxdp-lab\r\n", &finished));
+        scope.spawn(|| serve(&postgres, b"ztxdp lab: port 5432\r\n", &finished));
         // Also on panic, or the scope would wait for the listener forever.
         let _finish = SetOnDrop(&finished);
         let settings = Settings {
@@ -90,11 +94,23 @@ pub fn lab(
             log: &run_dir.join("ztxdp.log"),
             duration: duration.unwrap_or(MAX_DURATION).min(MAX_DURATION),
         };
-        drive(&lab, &settings, &stop, progress)
+        drive(&lab, tunnel, &settings, &stop, progress)
     });
     drop(lab);
-    progress.say("lab namespaces removed");
+    progress.say("wireguard-go stopped, lab namespaces removed");
     outcome
+}
+
+/// A non-blocking listener on `port` in `ns`, both families.
+fn listen(ns: &NetNs, port: u16) -> anyhow::Result<TcpListener> {
+    let listener = ns
+        .enter(|| TcpListener::bind((Ipv6Addr::UNSPECIFIED, port)))
+        .with_context(|| format!("could not enter namespace {}", ns.name()))?
+        .with_context(|| format!("could not listen on TCP port {port} in {}", ns.name()))?;
+    listener
+        .set_nonblocking(true)
+        .with_context(|| format!("could not make the listener on port {port} non-blocking"))?;
+    Ok(listener)
 }
 
 struct Settings<'a> {
@@ -107,19 +123,27 @@ struct Settings<'a> {
 
 fn drive(
     lab: &Lab,
+    tunnel: &Tunnel,
     settings: &Settings,
     stop: &AtomicBool,
     progress: &Progress,
 ) -> anyhow::Result<String> {
     let mut daemon = Daemon::start(lab.edge(), settings, stop, progress)?;
     progress.say(format!(
-        "ztxdp is enforcing on the edge's eth0; sending traffic every second {}",
+        "ztxdp is enforcing on the edge's eth0 and {}; sending traffic every second {}",
+        tunnel.edge_device().name(),
         if settings.duration < MAX_DURATION {
             format!("for {} s", settings.duration.as_secs())
         } else {
             "until Ctrl-C".to_owned()
         }
     ));
+    // Only now, so the handshakes meet the edge's XDP program.
+    tunnel.handshake().context(
+        "the app peers completed no WireGuard handshake with the edge; \
+         is the edge filter dropping UDP 51820 (see edge.wireguard_ports)?",
+    )?;
+    progress.say("app-1 and app-2 completed WireGuard handshakes through the edge's filter");
     let mut tail = AuditTail::new(settings.audit);
     let started = Instant::now();
     let mut rounds = 0_u64;
@@ -127,7 +151,7 @@ fn drive(
     while !stop.load(Ordering::SeqCst) && started.elapsed() < settings.duration {
         rounds += 1;
         let round_start = Instant::now();
-        let results = send_traffic(lab);
+        let results = send_traffic(lab, tunnel);
         progress.say(format!("traffic round {rounds}: {}", results.join("; ")));
         // Decisions as they arrive, until the next round is due.
         while round_start.elapsed() < ROUND && !stop.load(Ordering::SeqCst) {
@@ -210,8 +234,10 @@ impl Drop for SetOnDrop<'_> {
     }
 }
 
-/// examples/lab.toml with the audit log moved into this run's directory.
-fn write_config(run_dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
+/// examples/lab.toml with what only the run knows filled in: the edge's
+/// `WireGuard` device, each app peer's public key, and files in the run's
+/// directory for the audit log and the runtime grants.
+fn write_config(run_dir: &Path, tunnel: &Tunnel) -> anyhow::Result<(PathBuf, PathBuf)> {
     let example = crate::workspace_root().join("examples/lab.toml");
     let text = fs::read_to_string(&example).with_context(|| {
         format!(
@@ -223,19 +249,39 @@ fn write_config(run_dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
         .parse()
         .with_context(|| format!("{} is not valid TOML", example.display()))?;
     let audit = run_dir.join("audit.jsonl");
-    let audit_text = audit
-        .to_str()
-        .ok_or_else(|| anyhow!("the path {} is not UTF-8", audit.display()))?;
-    let section = config
-        .entry("audit")
-        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-    let toml::Value::Table(section) = section else {
-        bail!("`audit` in {} must be a table", example.display());
-    };
-    section.insert(
-        "path".to_owned(),
-        toml::Value::String(audit_text.to_owned()),
-    );
+    table(&mut config, "audit", &example)?.insert("path".to_owned(), path_value(&audit)?);
+    if config.contains_key("tunnel") {
+        let section = table(&mut config, "tunnel", &example)?;
+        section.insert(
+            "interface".to_owned(),
+            toml::Value::String(tunnel.edge_device().name().to_owned()),
+        );
+        section.insert(
+            "runtime_grants".to_owned(),
+            path_value(&run_dir.join("grants.json"))?,
+        );
+        if let Some(peers) = section.get_mut("peer") {
+            let toml::Value::Array(peers) = peers else {
+                bail!(
+                    "`tunnel.peer` in {} must be an array of tables ([[tunnel.peer]])",
+                    example.display()
+                );
+            };
+            for peer in peers.iter_mut().filter_map(toml::Value::as_table_mut) {
+                let app = peer
+                    .get("name")
+                    .and_then(toml::Value::as_str)
+                    .and_then(|name| tunnel.app(name));
+                // Peers the lab has no host for keep what the file says.
+                if let Some(app) = app {
+                    peer.insert(
+                        "public_key".to_owned(),
+                        toml::Value::String(app.device().public_key().to_owned()),
+                    );
+                }
+            }
+        }
+    }
     let path = run_dir.join("lab.toml");
     fs::write(
         &path,
@@ -245,30 +291,72 @@ fn write_config(run_dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
     Ok((path, audit))
 }
 
-fn describe_lab(lab: &Lab, progress: &Progress) {
-    for (role, ns, v4, v6, note) in [
-        (
-            "edge",
-            lab.edge(),
-            lab::EDGE_V4,
-            lab::EDGE_V6,
-            "runs ztxdp on eth0, listens on TCP 22",
-        ),
+/// The table `key` of `config`, created when missing.
+fn table<'a>(
+    config: &'a mut toml::Table,
+    key: &str,
+    example: &Path,
+) -> anyhow::Result<&'a mut toml::Table> {
+    let section = config
+        .entry(key)
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    let toml::Value::Table(section) = section else {
+        bail!("`{key}` in {} must be a table", example.display());
+    };
+    Ok(section)
+}
+
+fn path_value(path: &Path) -> anyhow::Result<toml::Value> {
+    let text = path
+        .to_str()
+        .ok_or_else(|| anyhow!("the path {} is not UTF-8", path.display()))?;
+    Ok(toml::Value::String(text.to_owned()))
+}
+
+fn describe_lab(lab: &Lab, tunnel: &Tunnel, progress: &Progress) {
+    let edge_note = format!(
+        "runs ztxdp on eth0 and on its WireGuard device {} ({}, {}); listens on TCP 22 and 5432",
+        tunnel.edge_device().name(),
+        lab::EDGE_TUNNEL_V4,
+        lab::EDGE_TUNNEL_V6,
+    );
+    let mut hosts = vec![
+        ("edge", lab.edge(), lab::EDGE_V4, lab::EDGE_V6, edge_note),
         (
             "bastion",
             lab.bastion(),
             lab::BASTION_V4,
             lab::BASTION_V6,
-            "in edge.ssh_allow",
+            "in edge.ssh_allow".to_owned(),
         ),
         (
             "outsider",
             lab.outsider(),
             lab::OUTSIDER_V4,
             lab::OUTSIDER_V6,
-            "no rights",
+            "no rights".to_owned(),
         ),
+    ];
+    for (app, v4, v6, rights) in [
+        (
+            "app-1",
+            lab::APP_1_V4,
+            lab::APP_1_V6,
+            "granted tcp/5432 and icmp",
+        ),
+        ("app-2", lab::APP_2_V4, lab::APP_2_V6, "no grants"),
     ] {
+        if let Some(peer) = tunnel.app(app) {
+            let note = format!(
+                "tunnel peer via {} ({}, {}), {rights}",
+                peer.device().name(),
+                peer.tunnel_v4(),
+                peer.tunnel_v6(),
+            );
+            hosts.push((app, peer.ns(), v4, v6, note));
+        }
+    }
+    for (role, ns, v4, v6, note) in hosts {
         progress.say(format!(
             "{role:<8} {v4:<10} {v6:<8} ({note}; `ip netns exec {} ...`)",
             ns.name()
@@ -276,13 +364,13 @@ fn describe_lab(lab: &Lab, progress: &Progress) {
     }
 }
 
-fn serve_ssh(listener: &TcpListener, finished: &AtomicBool) {
+fn serve(listener: &TcpListener, greeting: &[u8], finished: &AtomicBool) {
     while !finished.load(Ordering::SeqCst) {
         match listener.accept() {
             Ok((mut stream, _)) => {
                 // Only proves the connection got through; a peer that hung up
                 // already is no failure.
-                let _ = stream.write_all(b"SSH-2.0-ztxdp-lab\r\n");
+                let _ = stream.write_all(greeting);
             }
             Err(_) => thread::sleep(Duration::from_millis(20)),
         }
@@ -296,10 +384,10 @@ enum Transport {
 }
 
 /// One attempt of each kind, in parallel so a round takes one probe timeout.
-fn send_traffic(lab: &Lab) -> Vec<String> {
+fn send_traffic(lab: &Lab, tunnel: &Tunnel) -> Vec<String> {
     let edge_v4 = IpAddr::V4(lab::EDGE_V4);
     let edge_v6 = IpAddr::V6(lab::EDGE_V6);
-    let probes = [
+    let mut probes = vec![
         ("bastion", lab.bastion(), edge_v4, SSH_PORT, Transport::Tcp),
         ("bastion", lab.bastion(), edge_v6, SSH_PORT, Transport::Tcp),
         (
@@ -313,14 +401,14 @@ fn send_traffic(lab: &Lab) -> Vec<String> {
             "outsider",
             lab.outsider(),
             edge_v4,
-            DENIED_PORT,
+            POSTGRES_PORT,
             Transport::Tcp,
         ),
         (
             "outsider",
             lab.outsider(),
             edge_v6,
-            DENIED_PORT,
+            POSTGRES_PORT,
             Transport::Tcp,
         ),
         (
@@ -331,6 +419,19 @@ fn send_traffic(lab: &Lab) -> Vec<String> {
             Transport::Udp,
         ),
     ];
+    // Through the tunnel, to the edge's address inside it.
+    let tunnel_v4 = IpAddr::V4(lab::EDGE_TUNNEL_V4);
+    let tunnel_v6 = IpAddr::V6(lab::EDGE_TUNNEL_V6);
+    for (app, target, port) in [
+        ("app-1", tunnel_v4, POSTGRES_PORT),
+        ("app-1", tunnel_v6, POSTGRES_PORT),
+        ("app-1", tunnel_v4, SSH_PORT),
+        ("app-2", tunnel_v4, POSTGRES_PORT),
+    ] {
+        if let Some(peer) = tunnel.app(app) {
+            probes.push((app, peer.ns(), target, port, Transport::Tcp));
+        }
+    }
     thread::scope(|scope| {
         let running: Vec<_> = probes
             .iter()
@@ -612,6 +713,19 @@ mod tests {
         );
         let left = namespaces_of_this_process();
         assert!(left.is_empty(), "namespaces left behind: {left:?}");
+        // zt_tests::wg names devices `wzPIDxN`.
+        let prefix = format!("wz{}x", std::process::id());
+        let sockets: Vec<_> = fs::read_dir("/var/run/wireguard")
+            .into_iter()
+            .flatten()
+            .filter_map(Result::ok)
+            .map(|entry| entry.file_name().to_string_lossy().into_owned())
+            .filter(|name| name.starts_with(&prefix))
+            .collect();
+        assert!(
+            sockets.is_empty(),
+            "wireguard-go sockets left behind: {sockets:?}"
+        );
         fs::remove_dir_all(&run_dir)
             .unwrap_or_else(|error| panic!("removing {}: {error}", run_dir.display()));
     }

@@ -3,6 +3,7 @@
 //! Every task first installs what is missing (Debian packages, nightly's
 //! rust-src, bpf-linker), saying what it does, then builds.
 mod audit_view;
+mod bench;
 mod cmd;
 mod lab_run;
 mod setup;
@@ -45,13 +46,17 @@ enum Task {
         #[arg(last = true, value_name = "UP_ARGS")]
         up_args: Vec<String>,
     },
+    /// Packets per second of ztxdp against nftables, xdp-filter and a bare
+    /// `XDP_DROP` in network namespaces, plus `test_run` costs, scaling
+    /// curves and control-plane figures; writes bench/results/ (needs root).
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let mut steps = Steps::new(match &cli.task {
         Task::Build => 4,
-        Task::Test | Task::Run { .. } => 5,
+        Task::Test | Task::Run { .. } | Task::Bench(_) => 5,
     });
     let result = match cli.task {
         Task::Build => install_and_build(&mut steps),
@@ -59,6 +64,7 @@ fn main() -> ExitCode {
         Task::Run { duration, up_args } => {
             run(&mut steps, duration.map(Duration::from_secs), &up_args)
         }
+        Task::Bench(args) => bench::run(&mut steps, &args),
     };
     if let Err(error) = &result {
         // Not `{error:?}`: with RUST_BACKTRACE set that adds a backtrace of xtask itself.
@@ -95,6 +101,8 @@ fn test(steps: &mut Steps) -> anyhow::Result<()> {
 fn run(steps: &mut Steps, duration: Option<Duration>, up_args: &[String]) -> anyhow::Result<()> {
     if up_args.is_empty() {
         ensure_root("the lab creates network namespaces and loads BPF programs")?;
+    } else if duration.is_some() {
+        bail!("--duration applies to the lab only; stop a real `ztxdp up` with Ctrl-C");
     }
     install_and_build(steps)?;
     let ztxdp = ztxdp_bin()?;
@@ -258,23 +266,24 @@ impl Steps {
     }
 
     fn summary(&self, succeeded: bool) {
+        // Nothing to list when the task failed before its first step.
         if !self.done.is_empty() {
             println!("xtask: summary:");
-        }
-        for (tag, elapsed, result) in &self.done {
-            let (mark, note) = match result {
-                Ok(note) => ("ok    ", note),
-                Err(error) => ("FAILED", error),
-            };
-            // The first line only: the full error is printed above.
-            let note = note.lines().next().unwrap_or_default();
-            println!(
-                "xtask:   {mark} {tag} ({:.1} s): {note}",
-                elapsed.as_secs_f64()
-            );
-        }
-        for step in self.done.len() + 1..=self.total {
-            println!("xtask:   skipped [{step}/{}]", self.total);
+            for (tag, elapsed, result) in &self.done {
+                let (mark, note) = match result {
+                    Ok(note) => ("ok    ", note),
+                    Err(error) => ("FAILED", error),
+                };
+                // The first line only: the full error is printed above.
+                let note = note.lines().next().unwrap_or_default();
+                println!(
+                    "xtask:   {mark} {tag} ({:.1} s): {note}",
+                    elapsed.as_secs_f64()
+                );
+            }
+            for step in self.done.len() + 1..=self.total {
+                println!("xtask:   skipped [{step}/{}]", self.total);
+            }
         }
         println!(
             "xtask: {}",

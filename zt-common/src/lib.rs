@@ -343,6 +343,10 @@ pub const NO_PEER: u32 = u32::MAX;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FlowKey {
+    /// The interface the flow left by. Its replies must come in by the same
+    /// one: otherwise a flow started through the tunnel would admit a
+    /// spoofed "reply" from the internet on the edge.
+    pub ifindex: u32,
     pub local: [u8; 16],
     pub remote: [u8; 16],
     pub local_port: u16,
@@ -352,7 +356,7 @@ pub struct FlowKey {
     pub ip_version: u8,
     pub _pad: [u8; 2],
 }
-const _: () = assert!(size_of::<FlowKey>() == 40);
+const _: () = assert!(size_of::<FlowKey>() == 44);
 
 /// What is known of a flow.
 #[repr(C)]

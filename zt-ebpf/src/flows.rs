@@ -48,7 +48,7 @@ fn timeout(cfg: &FlowConfig, protocol: u8, flags: u32) -> u64 {
 
 /// A second look at a packet the policy dropped with `code`.
 #[inline(always)]
-pub fn second_chance(b: &Bounds, p: &Packet, code: u32, prog: u32) -> u32 {
+pub fn second_chance(b: &Bounds, p: &Packet, code: u32, prog: u32, ifindex: u32) -> u32 {
     // Parse-level drops and fragments are never rescued.
     if p.l3 == L3::Arp || p.fragment == Fragment::Later {
         return code;
@@ -63,6 +63,7 @@ pub fn second_chance(b: &Bounds, p: &Packet, code: u32, prog: u32) -> u32 {
             }
             (L3::Ipv4, ICMP_ECHO_REPLY) | (L3::Ipv6, ICMPV6_ECHO_REPLY) => {
                 let key = FlowKey {
+                    ifindex,
                     local: p.dst.0,
                     remote: p.src.0,
                     local_port: p.icmp_id,
@@ -74,7 +75,7 @@ pub fn second_chance(b: &Bounds, p: &Packet, code: u32, prog: u32) -> u32 {
                 if refresh(&key, cfg, now, 0) { reason::PASS_REPLY } else { code }
             }
             (L3::Ipv4, ICMP_DEST_UNREACHABLE | ICMP_TIME_EXCEEDED)
-            | (L3::Ipv6, ICMPV6_DEST_UNREACHABLE | ICMPV6_PACKET_TOO_BIG | ICMPV6_TIME_EXCEEDED) => related(b, p, cfg, now),
+            | (L3::Ipv6, ICMPV6_DEST_UNREACHABLE | ICMPV6_PACKET_TOO_BIG | ICMPV6_TIME_EXCEEDED) => related(b, p, cfg, now, ifindex),
             _ => code,
         };
     }
@@ -86,6 +87,7 @@ pub fn second_chance(b: &Bounds, p: &Packet, code: u32, prog: u32) -> u32 {
         return code;
     }
     let key = FlowKey {
+        ifindex,
         local: p.dst.0,
         remote: p.src.0,
         local_port: p.dst_port,
@@ -119,10 +121,11 @@ fn refresh(key: &FlowKey, cfg: &FlowConfig, now: u64, flags: u32) -> bool {
 
 /// An ICMP error passes only if it quotes a live flow of ours.
 #[inline(always)]
-fn related(b: &Bounds, p: &Packet, cfg: &FlowConfig, now: u64) -> u32 {
+fn related(b: &Bounds, p: &Packet, cfg: &FlowConfig, now: u64, ifindex: u32) -> u32 {
     let Some(q) = parse::quoted(b, p) else { return reason::DROP_ICMP_UNRELATED };
     // The quoted packet is one we sent: its source is local.
     let key = FlowKey {
+        ifindex,
         local: q.src.0,
         remote: q.dst.0,
         local_port: q.src_port,
@@ -172,7 +175,7 @@ fn echo_rate(p: &Packet, cfg: &FlowConfig, now: u64) -> u32 {
 /// start only from what opens one: a TCP SYN, any UDP datagram, an echo
 /// request.
 #[inline(always)]
-pub fn record_egress(p: &Packet) {
+pub fn record_egress(p: &Packet, ifindex: u32) {
     if p.l3 == L3::Arp || p.fragment == Fragment::Later {
         return;
     }
@@ -189,6 +192,7 @@ pub fn record_egress(p: &Packet) {
         _ => return,
     };
     let key = FlowKey {
+        ifindex,
         local: p.src.0,
         remote: p.dst.0,
         local_port,

@@ -42,7 +42,7 @@ pub fn zt_edge(ctx: XdpContext) -> u32 {
         Ok(p) => {
             let mut code = verdict::edge(&p);
             if !reason::is_allow(code) && code != reason::DROP_NOT_CONFIGURED {
-                code = flows::second_chance(&b, &p, code, program::EDGE);
+                code = flows::second_chance(&b, &p, code, program::EDGE, ifindex);
             }
             record::decision(program::EDGE, ifindex, Some(&p), code, None);
             code
@@ -64,8 +64,7 @@ pub fn zt_edge(ctx: XdpContext) -> u32 {
 #[classifier]
 pub fn zt_tunnel(ctx: TcContext) -> i32 {
     let b = linear_headers(&ctx);
-    // SAFETY: ctx.skb.skb points at the kernel's __sk_buff for this run.
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let ifindex = skb_ifindex(&ctx);
     let parsed = if tunnel_l2() { parse::parse_ethernet(&b) } else { parse::parse_ip(&b) };
     // Each arm records its own decision: building one tuple of packet, peer
     // and code to share the call costs stack and confuses LLVM's BPF backend.
@@ -74,7 +73,7 @@ pub fn zt_tunnel(ctx: TcContext) -> i32 {
             let peer = verdict::peer_of(&p);
             let mut code = verdict::tunnel(&p, peer);
             if !reason::is_allow(code) {
-                code = flows::second_chance(&b, &p, code, program::TUNNEL);
+                code = flows::second_chance(&b, &p, code, program::TUNNEL, ifindex);
             }
             if let Some(peer) = &peer {
                 record::count_peer(peer, reason::is_allow(code));
@@ -97,7 +96,7 @@ pub fn zt_tunnel(ctx: TcContext) -> i32 {
 pub fn zt_edge_out(ctx: TcContext) -> i32 {
     let b = linear_headers(&ctx);
     if let Ok(p) = parse::parse_ethernet(&b) {
-        flows::record_egress(&p);
+        flows::record_egress(&p, skb_ifindex(&ctx));
     }
     TC_ACT_OK
 }
@@ -108,9 +107,17 @@ pub fn zt_tunnel_out(ctx: TcContext) -> i32 {
     let b = linear_headers(&ctx);
     let parsed = if tunnel_l2() { parse::parse_ethernet(&b) } else { parse::parse_ip(&b) };
     if let Ok(p) = parsed {
-        flows::record_egress(&p);
+        flows::record_egress(&p, skb_ifindex(&ctx));
     }
     TC_ACT_OK
+}
+
+/// The device the skb is on: the ingress device in `zt_tunnel`, the egress
+/// device in the `_out` programs.
+#[inline(always)]
+fn skb_ifindex(ctx: &TcContext) -> u32 {
+    // SAFETY: ctx.skb.skb points at the kernel's __sk_buff for this run.
+    unsafe { (*ctx.skb.skb).ifindex }
 }
 
 #[inline(always)]

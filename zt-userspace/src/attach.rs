@@ -89,7 +89,9 @@ pub struct Attachment {
     pub interface: String,
     pub ifindex: u32,
     pub program_id: u32,
-    /// `native`/`generic` for XDP, `tc` for the clsact filter.
+    /// `native`/`generic` for XDP; `clsact-ingress`/`clsact-egress` for the
+    /// netlink tc filters (not TCX: a TCX link dies with its last fd unless
+    /// pinned, and bpffs pins do not survive `ip netns exec`).
     pub mode: String,
     /// Kernel ids of the program's maps.
     #[serde(skip)]
@@ -195,13 +197,13 @@ pub async fn find(handle: &Handle) -> Result<Attached, AttachError> {
             out.edge.push(a);
         }
         for id in tc_program_ids(handle, ifindex, &name, TcAttachType::Ingress).await? {
-            if let Some(a) = attachment(name.clone(), ifindex, id, "tc", program::TUNNEL_NAME)? {
+            if let Some(a) = attachment(name.clone(), ifindex, id, "clsact-ingress", program::TUNNEL_NAME)? {
                 out.tunnel.push(a);
             }
         }
         for id in tc_program_ids(handle, ifindex, &name, TcAttachType::Egress).await? {
             for prog in [program::EDGE_EGRESS_NAME, program::TUNNEL_EGRESS_NAME] {
-                if let Some(a) = attachment(name.clone(), ifindex, id, "tc-egress", prog)? {
+                if let Some(a) = attachment(name.clone(), ifindex, id, "clsact-egress", prog)? {
                     out.egress.push(a);
                 }
             }

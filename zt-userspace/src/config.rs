@@ -22,6 +22,7 @@ use std::{
     net::IpAddr,
     ops::Range,
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use ipnet::IpNet;
@@ -30,7 +31,8 @@ use toml::de::{DeTable, DeValue};
 use zt_common::capacity;
 
 use crate::policy::{
-    AuditSettings, EchoRate, EdgePolicy, FlowSettings, Grant, Peer, Policy, Protocol, TunnelPolicy,
+    AuditFormat, AuditSettings, EchoRate, EdgePolicy, FlowSettings, Grant, Peer, Policy, Protocol,
+    SyslogSettings, TunnelPolicy,
 };
 
 /// `ssh_port` when the file does not set it.
@@ -41,6 +43,11 @@ const DEFAULT_RUNTIME_GRANTS: &str = "/var/lib/ztxdp/grants.json";
 const MAX_INTERFACE_NAME: usize = 15;
 /// A 32-byte Curve25519 key in base64: 43 characters and one `=`.
 const WIREGUARD_KEY_LEN: usize = 44;
+/// Bounds of `flows.max_entries`. Below the minimum a busy host would evict
+/// live flows; above the maximum the table alone would take gigabytes.
+const MIN_FLOW_ENTRIES: u32 = 1024;
+const MAX_FLOW_ENTRIES: u32 = 1 << 24;
+const ECHO_RATE_FORM: &str = "N/s, N/m or N/h (echo requests per second, minute or hour from one source), or \"0\" to drop them all";
 
 /// Why a configuration was refused.
 #[derive(Debug, thiserror::Error)]
@@ -191,6 +198,7 @@ fn grant_port(text: &str) -> Result<u16, GrantError> {
 struct RawConfig {
     edge: Option<RawEdge>,
     tunnel: Option<RawTunnel>,
+    flows: Option<RawFlows>,
     audit: Option<RawAudit>,
 }
 
@@ -202,6 +210,8 @@ struct RawEdge {
     wireguard_ports: Option<Vec<i64>>,
     ssh_port: Option<i64>,
     ssh_allow: Option<Vec<String>>,
+    icmp_echo_rate: Option<String>,
+    icmp_echo_burst: Option<i64>,
 }
 
 #[derive(Deserialize)]
@@ -221,11 +231,43 @@ struct RawPeer {
     allow: Option<Vec<String>>,
 }
 
+// Numbers are read wide for the same reason as ports.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFlows {
+    max_entries: Option<i64>,
+    tcp_established_timeout: Option<i64>,
+    tcp_closing_timeout: Option<i64>,
+    udp_timeout: Option<i64>,
+    icmp_timeout: Option<i64>,
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawAudit {
     path: Option<PathBuf>,
+    format: Option<String>,
+    // Numbers are read wide so that negative values get our message.
+    rotate_bytes: Option<i64>,
+    keep: Option<i64>,
+    fsync_ms: Option<i64>,
+    syslog: Option<RawSyslog>,
 }
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSyslog {
+    address: Option<String>,
+    queue: Option<i64>,
+}
+
+/// Bounds of the `[audit]` numbers: a rotated file holds at least one
+/// record; fsync at least once a minute; a queue of at most a million
+/// records (about 1 GiB).
+const MIN_ROTATE_BYTES: u64 = 4096;
+const MAX_KEEP: u64 = 1000;
+const MAX_FSYNC_MS: u64 = 60_000;
+const MAX_SYSLOG_QUEUE: u64 = 1_000_000;
 
 /// Map capacities the validation enforces; tests shrink them.
 #[derive(Clone, Copy)]
@@ -246,6 +288,8 @@ impl Limits {
 /// A loaded, validated configuration file.
 ///
 /// Keys the file leaves out take their defaults: `edge.ssh_port` = 22,
+/// `edge.icmp_echo_rate` = `"1/s"`, `edge.icmp_echo_burst` = 5, the whole
+/// `[flows]` table as [`FlowSettings::default`],
 /// `tunnel.runtime_grants` = `/var/lib/ztxdp/grants.json`,
 /// `tunnel.peer[].allow` = none (grants can be added at run time), and
 /// `tunnel.peer[].public_key` = unknown. `edge.wireguard_ports` and
@@ -522,6 +566,9 @@ impl Validator<'_> {
     fn policy(&self, raw: RawConfig) -> Result<Policy, ConfigError> {
         let edge = raw.edge.map(|e| self.edge(e)).transpose()?;
         let tunnel = raw.tunnel.map(|t| self.tunnel(t)).transpose()?;
+        let flows = raw
+            .flows
+            .map_or_else(|| Ok(FlowSettings::default()), |f| self.flows(&f))?;
         let audit = self.audit(raw.audit)?;
         if edge.is_none() && tunnel.is_none() {
             return Err(self.at.invalid(
@@ -532,7 +579,7 @@ impl Validator<'_> {
         Ok(Policy {
             edge,
             tunnel,
-            flows: FlowSettings::default(),
+            flows,
             audit,
         })
     }
@@ -585,13 +632,133 @@ impl Validator<'_> {
             }
             ssh_allow.push(net);
         }
+        let icmp_echo = self.echo_rate(raw.icmp_echo_rate.as_deref(), raw.icmp_echo_burst)?;
         Ok(EdgePolicy {
             interface,
             wireguard_ports,
             ssh_port,
             ssh_allow,
-            icmp_echo: EchoRate::default(),
+            icmp_echo,
         })
+    }
+
+    /// `edge.icmp_echo_rate` and `edge.icmp_echo_burst`.
+    fn echo_rate(&self, rate: Option<&str>, burst: Option<i64>) -> Result<EchoRate, ConfigError> {
+        let default = EchoRate::default();
+        let ns_per_token = match rate {
+            Some(text) => self.rate(text, "edge.icmp_echo_rate")?,
+            None => default.ns_per_token,
+        };
+        let burst = match burst {
+            None => default.burst,
+            Some(n) => u64::try_from(n).ok().filter(|&n| n >= 1).ok_or_else(|| {
+                self.at.invalid(
+                    "edge.icmp_echo_burst",
+                    format!(
+                        "{n} is not a burst; use 1 or more echo requests \
+                         (icmp_echo_rate = \"0\" drops them all)"
+                    ),
+                )
+            })?,
+        };
+        Ok(EchoRate {
+            ns_per_token,
+            burst,
+        })
+    }
+
+    /// Nanoseconds per token of a rate such as `"5/s"`; 0 for `"0"`.
+    fn rate(&self, text: &str, key: &str) -> Result<u64, ConfigError> {
+        const NS_PER_SEC: u64 = 1_000_000_000;
+        let bad = |why: &str| {
+            self.at
+                .invalid(key, format!("\"{text}\" {why}; expected {ECHO_RATE_FORM}"))
+        };
+        if text.trim() == "0" {
+            return Ok(0);
+        }
+        let Some((count, unit)) = text.split_once('/') else {
+            return Err(bad("is not a rate"));
+        };
+        let (count, unit) = (count.trim(), unit.trim());
+        // `str::parse` would also take "+5"; a count is digits only.
+        let count: u64 = if !count.is_empty() && count.bytes().all(|b| b.is_ascii_digit()) {
+            count
+                .parse()
+                .map_err(|_| bad("has a count too large to be a rate"))?
+        } else {
+            return Err(bad("does not start with a whole number"));
+        };
+        let period = match unit {
+            "s" => NS_PER_SEC,
+            "m" => 60 * NS_PER_SEC,
+            "h" => 3600 * NS_PER_SEC,
+            _ => return Err(bad("has an unknown unit")),
+        };
+        if count == 0 {
+            return Ok(0);
+        }
+        // The kernel refills in whole nanoseconds per token; 0 would mean
+        // "drop all", the opposite of what a huge rate asks for.
+        match period / count {
+            0 => Err(bad("is faster than one echo per nanosecond")),
+            ns => Ok(ns),
+        }
+    }
+
+    fn flows(&self, raw: &RawFlows) -> Result<FlowSettings, ConfigError> {
+        let default = FlowSettings::default();
+        let max_entries = match raw.max_entries {
+            None => default.max_entries,
+            Some(n) => u32::try_from(n)
+                .ok()
+                .filter(|n| (MIN_FLOW_ENTRIES..=MAX_FLOW_ENTRIES).contains(n))
+                .ok_or_else(|| {
+                    self.at.invalid(
+                        "flows.max_entries",
+                        format!(
+                            "{n} is out of range; the flow table holds {MIN_FLOW_ENTRIES} to \
+                             {MAX_FLOW_ENTRIES} entries"
+                        ),
+                    )
+                })?,
+        };
+        Ok(FlowSettings {
+            max_entries,
+            tcp_established: self.timeout(
+                raw.tcp_established_timeout,
+                "flows.tcp_established_timeout",
+                default.tcp_established,
+            )?,
+            tcp_closing: self.timeout(
+                raw.tcp_closing_timeout,
+                "flows.tcp_closing_timeout",
+                default.tcp_closing,
+            )?,
+            udp: self.timeout(raw.udp_timeout, "flows.udp_timeout", default.udp)?,
+            icmp: self.timeout(raw.icmp_timeout, "flows.icmp_timeout", default.icmp)?,
+        })
+    }
+
+    fn timeout(
+        &self,
+        seconds: Option<i64>,
+        key: &str,
+        default: Duration,
+    ) -> Result<Duration, ConfigError> {
+        match seconds {
+            None => Ok(default),
+            Some(s) => u64::try_from(s)
+                .ok()
+                .filter(|&s| s > 0)
+                .map(Duration::from_secs)
+                .ok_or_else(|| {
+                    self.at.invalid(
+                        key,
+                        format!("{s} is not a timeout; give whole seconds above 0"),
+                    )
+                }),
+        }
     }
 
     fn tunnel(&self, raw: RawTunnel) -> Result<TunnelPolicy, ConfigError> {
@@ -794,7 +961,92 @@ impl Validator<'_> {
                 .at
                 .invalid("audit.path", "empty; give the audit log file path"));
         }
-        Ok(AuditSettings { path })
+        let mut audit = AuditSettings::new(path);
+        audit.format = match raw.format.as_deref() {
+            None | Some("ecs") => AuditFormat::Ecs,
+            Some("ocsf") => AuditFormat::Ocsf,
+            Some(other) => {
+                return Err(self.at.invalid(
+                    "audit.format",
+                    format!("unknown format \"{other}\"; use \"ecs\" or \"ocsf\""),
+                ));
+            }
+        };
+        audit.rotate_bytes = match raw.rotate_bytes {
+            None => audit.rotate_bytes,
+            // 0: never rotate.
+            Some(0) => 0,
+            Some(n) => self.audit_number(n, "audit.rotate_bytes", MIN_ROTATE_BYTES..=u64::MAX)?,
+        };
+        if let Some(n) = raw.keep {
+            // At least one: the newest rotated file tells a restarted
+            // daemon where the sequence and the chain go on.
+            let keep = self.audit_number(n, "audit.keep", 1..=MAX_KEEP)?;
+            audit.keep = u32::try_from(keep).unwrap_or(u32::MAX);
+        }
+        if let Some(n) = raw.fsync_ms {
+            let ms = self.audit_number(n, "audit.fsync_ms", 0..=MAX_FSYNC_MS)?;
+            audit.fsync = Duration::from_millis(ms);
+        }
+        if let Some(raw) = raw.syslog {
+            let address = self.required(
+                raw.address,
+                "audit.syslog.address",
+                "the collector's HOST:PORT, e.g. \"127.0.0.1:6514\"",
+            )?;
+            let port = address.rsplit_once(':').and_then(|(host, port)| {
+                let host = host.trim_start_matches('[').trim_end_matches(']');
+                (!host.is_empty()).then(|| port.parse::<u16>().ok().filter(|p| *p != 0))?
+            });
+            if port.is_none() {
+                return Err(self.at.invalid(
+                    "audit.syslog.address",
+                    format!(
+                        "\"{address}\" is not HOST:PORT (e.g. \"127.0.0.1:6514\", \"[::1]:6514\")"
+                    ),
+                ));
+            }
+            let queue = match raw.queue {
+                Some(n) => self.audit_number(n, "audit.syslog.queue", 1..=MAX_SYSLOG_QUEUE)?,
+                None => SyslogSettings::DEFAULT_QUEUE as u64,
+            };
+            audit.syslog = Some(SyslogSettings {
+                address,
+                queue: usize::try_from(queue).unwrap_or(usize::MAX),
+            });
+        }
+        Ok(audit)
+    }
+
+    /// A whole number of an `[audit]` key within `range`.
+    fn audit_number(
+        &self,
+        value: i64,
+        key: &str,
+        range: std::ops::RangeInclusive<u64>,
+    ) -> Result<u64, ConfigError> {
+        u64::try_from(value)
+            .ok()
+            .filter(|n| range.contains(n))
+            .ok_or_else(|| {
+                let upper = if *range.end() == u64::MAX {
+                    String::new()
+                } else {
+                    format!(" to {}", range.end())
+                };
+                let zero = if key == "audit.rotate_bytes" {
+                    " (or 0 to never rotate)"
+                } else {
+                    ""
+                };
+                self.at.invalid(
+                    key,
+                    format!(
+                        "{value} is out of range; use {}{upper}{zero}",
+                        range.start()
+                    ),
+                )
+            })
     }
 
     fn interface(
@@ -1351,9 +1603,7 @@ path = "/var/log/ztxdp/audit.jsonl"
                 runtime_grants: PathBuf::from("/run/grants.json"),
             }),
             flows: FlowSettings::default(),
-            audit: AuditSettings {
-                path: PathBuf::from("/var/log/ztxdp/audit.jsonl"),
-            },
+            audit: AuditSettings::new(PathBuf::from("/var/log/ztxdp/audit.jsonl")),
         };
         assert_eq!(config.policy, want);
         assert_eq!(config.path, Path::new(PATH));
@@ -1371,6 +1621,192 @@ path = "/var/log/ztxdp/audit.jsonl"
         let grants = &config.policy.tunnel.as_ref().expect("tunnel").peers[0].grants;
         let printed: Vec<String> = grants.iter().map(ToString::to_string).collect();
         assert_eq!(printed, ["tcp/5432", "udp/53", "tcp/8000-8100", "icmp"]);
+    }
+
+    /// `edge_with("")` followed by a `[flows]` table whose first key is on line 9.
+    fn flows_with(body: &str) -> String {
+        format!("{}[flows]\n{body}\n", edge_with(""))
+    }
+
+    #[test]
+    fn echo_rate_and_flows_default() {
+        let config = parse_ok(&edge_with(""));
+        let edge = config.policy.edge.expect("edge");
+        assert_eq!(
+            edge.icmp_echo,
+            EchoRate {
+                ns_per_token: 1_000_000_000,
+                burst: 5
+            },
+            "\"1/s\" with a burst of 5"
+        );
+        assert_eq!(config.policy.flows, FlowSettings::default());
+        assert_eq!(
+            FlowSettings::default(),
+            FlowSettings {
+                max_entries: 65_536,
+                tcp_established: Duration::from_hours(2),
+                tcp_closing: Duration::from_secs(30),
+                udp: Duration::from_mins(1),
+                icmp: Duration::from_secs(30),
+            }
+        );
+        // An empty table is all defaults too.
+        let empty = parse_ok(&flows_with(""));
+        assert_eq!(empty.policy.flows, FlowSettings::default());
+    }
+
+    #[test]
+    fn echo_rates_parse() {
+        let echo = |extra: &str| {
+            parse_ok(&edge_with(extra))
+                .policy
+                .edge
+                .expect("edge")
+                .icmp_echo
+        };
+        let ns = |rate: &str| echo(&format!("icmp_echo_rate = \"{rate}\"")).ns_per_token;
+        assert_eq!(ns("1/s"), 1_000_000_000);
+        assert_eq!(ns("4/s"), 250_000_000);
+        assert_eq!(ns("3/s"), 333_333_333, "whole nanoseconds, rounded down");
+        assert_eq!(ns("30/m"), 2_000_000_000);
+        assert_eq!(ns("2/h"), 1_800_000_000_000);
+        assert_eq!(ns(" 10 / s "), 100_000_000, "spaces around the parts");
+        assert_eq!(ns("1000000000/s"), 1, "the fastest rate");
+        assert_eq!(ns("0"), 0, "\"0\" drops every echo request");
+        assert_eq!(ns("0/m"), 0, "zero per anything is zero");
+        let both = echo("icmp_echo_rate = \"0\"\nicmp_echo_burst = 9");
+        assert_eq!(both.burst, 9, "the burst is kept when the rate is 0");
+        let burst = echo("icmp_echo_burst = 1");
+        assert_eq!(
+            burst,
+            EchoRate {
+                ns_per_token: 1_000_000_000,
+                burst: 1
+            }
+        );
+    }
+
+    #[test]
+    fn bad_echo_rates_are_named() {
+        for rate in [
+            "fast",
+            "1",
+            "1/d",
+            "1/sec",
+            "/s",
+            "-1/s",
+            "+1/s",
+            "1.5/s",
+            "",
+            "1000000001/s",
+            "99999999999999999999999/s",
+        ] {
+            let shown = expect_error(
+                &edge_with(&format!("icmp_echo_rate = \"{rate}\"")),
+                "edge.icmp_echo_rate",
+                5,
+            );
+            assert!(
+                shown.contains(&format!("\"{rate}\"")) && shown.contains("N/s"),
+                "message should quote the value and show the forms: {shown}"
+            );
+        }
+        expect_error(&edge_with("icmp_echo_rate = 0"), "edge.icmp_echo_rate", 5);
+        for burst in ["0", "-1"] {
+            let shown = expect_error(
+                &edge_with(&format!("icmp_echo_burst = {burst}")),
+                "edge.icmp_echo_burst",
+                5,
+            );
+            assert!(
+                shown.contains(burst),
+                "message should quote the value: {shown}"
+            );
+        }
+        expect_error(
+            &edge_with("icmp_echo_burst = \"5\""),
+            "edge.icmp_echo_burst",
+            5,
+        );
+    }
+
+    #[test]
+    fn flows_parse() {
+        let config = parse_ok(&flows_with(
+            "max_entries = 1024\ntcp_established_timeout = 3600\ntcp_closing_timeout = 10\nudp_timeout = 2\nicmp_timeout = 5",
+        ));
+        assert_eq!(
+            config.policy.flows,
+            FlowSettings {
+                max_entries: 1024,
+                tcp_established: Duration::from_hours(1),
+                tcp_closing: Duration::from_secs(10),
+                udp: Duration::from_secs(2),
+                icmp: Duration::from_secs(5),
+            }
+        );
+        assert_eq!(config.line_of("flows.udp_timeout"), Some(12));
+        let largest = parse_ok(&flows_with("max_entries = 16777216"));
+        assert_eq!(largest.policy.flows.max_entries, 16_777_216);
+        // Only some keys: the others keep their defaults.
+        let some = parse_ok(&flows_with("udp_timeout = 2"));
+        assert_eq!(
+            some.policy.flows,
+            FlowSettings {
+                udp: Duration::from_secs(2),
+                ..FlowSettings::default()
+            }
+        );
+        // The table applies without an edge, too.
+        let tunnel_only = format!(
+            "{}[flows]\nicmp_timeout = 7\n",
+            tunnel_with(&["[[tunnel.peer]]\nname = \"a\"\naddresses = [\"10.0.0.1\"]"])
+        );
+        assert_eq!(
+            parse_ok(&tunnel_only).policy.flows.icmp,
+            Duration::from_secs(7)
+        );
+    }
+
+    #[test]
+    fn bad_flow_settings_are_named() {
+        for n in ["1023", "16777217", "0", "-5", "99999999999999"] {
+            let shown = expect_error(
+                &flows_with(&format!("max_entries = {n}")),
+                "flows.max_entries",
+                9,
+            );
+            assert!(
+                shown.contains(n) && shown.contains("1024") && shown.contains("16777216"),
+                "message should quote the value and the bounds: {shown}"
+            );
+        }
+        for key in [
+            "tcp_established_timeout",
+            "tcp_closing_timeout",
+            "udp_timeout",
+            "icmp_timeout",
+        ] {
+            for value in ["0", "-1"] {
+                let shown = expect_error(
+                    &flows_with(&format!("{key} = {value}")),
+                    &format!("flows.{key}"),
+                    9,
+                );
+                assert!(
+                    shown.contains("seconds"),
+                    "message should say the unit: {shown}"
+                );
+            }
+            expect_error(
+                &flows_with(&format!("{key} = \"30s\"")),
+                &format!("flows.{key}"),
+                9,
+            );
+        }
+        expect_error(&flows_with("tcp_timeout = 5"), "flows.tcp_timeout", 9);
+        expect_error(&format!("flows = 5\n{}", edge_with("")), "flows", 1);
     }
 
     #[test]
@@ -1593,8 +2029,25 @@ path = "/var/log/ztxdp/audit.jsonl"
             production.policy.edge.is_some(),
             "the production example has an edge"
         );
+        assert_eq!(
+            production.policy.flows,
+            FlowSettings::default(),
+            "the production example shows the defaults"
+        );
+        assert_eq!(
+            production.policy.edge.as_ref().map(|e| e.icmp_echo),
+            Some(EchoRate::default()),
+            "the production example shows the default echo rate"
+        );
         for key in [
             "edge.ssh_port",
+            "edge.icmp_echo_rate",
+            "edge.icmp_echo_burst",
+            "flows.max_entries",
+            "flows.tcp_established_timeout",
+            "flows.tcp_closing_timeout",
+            "flows.udp_timeout",
+            "flows.icmp_timeout",
             "tunnel.runtime_grants",
             "tunnel.peer[0].public_key",
             "tunnel.peer[1].allow",
@@ -1604,5 +2057,93 @@ path = "/var/log/ztxdp/audit.jsonl"
                 "the production example should show {key}"
             );
         }
+    }
+
+    #[test]
+    fn audit_keys_parse_with_defaults() {
+        let plain = parse_ok(&edge_with("")).policy.audit;
+        assert_eq!(plain, AuditSettings::new(PathBuf::from("/tmp/audit.jsonl")));
+        assert_eq!(
+            (
+                plain.format,
+                plain.rotate_bytes,
+                plain.keep,
+                plain.fsync,
+                plain.syslog
+            ),
+            (
+                AuditFormat::Ecs,
+                100 << 20,
+                10,
+                Duration::from_millis(100),
+                None
+            )
+        );
+        // The [audit] table is last in `edge_with`, so these lines extend it.
+        let full = parse_ok(&format!(
+            "{}format = \"ocsf\"\nrotate_bytes = 65536\nkeep = 3\nfsync_ms = 0\n\
+             [audit.syslog]\naddress = \"127.0.0.1:6514\"\nqueue = 50\n",
+            edge_with("")
+        ))
+        .policy
+        .audit;
+        assert_eq!(
+            (full.format, full.rotate_bytes, full.keep, full.fsync),
+            (AuditFormat::Ocsf, 65536, 3, Duration::ZERO)
+        );
+        assert_eq!(
+            full.syslog,
+            Some(SyslogSettings {
+                address: "127.0.0.1:6514".into(),
+                queue: 50
+            })
+        );
+        let ipv6 = parse_ok(&format!(
+            "{}[audit.syslog]\naddress = \"[::1]:514\"\n",
+            edge_with("")
+        ));
+        let syslog = ipv6.policy.audit.syslog.expect("syslog");
+        assert_eq!(syslog.queue, SyslogSettings::DEFAULT_QUEUE);
+        let never = parse_ok(&format!("{}rotate_bytes = 0\n", edge_with("")));
+        assert_eq!(never.policy.audit.rotate_bytes, 0, "0 never rotates");
+    }
+
+    #[test]
+    fn bad_audit_keys_are_named() {
+        let audit = |extra: &str| format!("{}{extra}\n", edge_with(""));
+        let shown = expect_error(&audit("format = \"cef\""), "audit.format", 8);
+        assert!(
+            shown.contains("ecs"),
+            "message says what is allowed: {shown}"
+        );
+        expect_error(&audit("rotate_bytes = 100"), "audit.rotate_bytes", 8);
+        expect_error(&audit("rotate_bytes = -1"), "audit.rotate_bytes", 8);
+        expect_error(&audit("keep = 1001"), "audit.keep", 8);
+        expect_error(&audit("keep = 0"), "audit.keep", 8);
+        expect_error(&audit("fsync_ms = 60001"), "audit.fsync_ms", 8);
+        expect_error(&audit("fsync = 5"), "audit.fsync", 8);
+        expect_error(
+            &audit("[audit.syslog]\nqueue = 5"),
+            "audit.syslog.address",
+            8,
+        );
+        for bad in [
+            "127.0.0.1",
+            "127.0.0.1:0",
+            ":6514",
+            "host:port",
+            "127.0.0.1:70000",
+        ] {
+            expect_error(
+                &audit(&format!("[audit.syslog]\naddress = \"{bad}\"")),
+                "audit.syslog.address",
+                9,
+            );
+        }
+        expect_error(
+            &audit("[audit.syslog]\naddress = \"127.0.0.1:6514\"\nqueue = 0"),
+            "audit.syslog.queue",
+            10,
+        );
     }
 }

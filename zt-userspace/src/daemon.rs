@@ -10,15 +10,15 @@
 use std::{path::PathBuf, time::Duration};
 
 use aya::{
-    maps::{MapData, RingBuf},
+    maps::RingBuf,
     programs::{SchedClassifier, TcAttachType, Xdp},
 };
-use tokio::{io::unix::AsyncFd, signal::unix::SignalKind};
-use zt_common::{Event, map, program, reason};
+use tokio::signal::unix::SignalKind;
+use zt_common::{map, program};
 
 use crate::{
     attach::{self, AttachError, Attachment, XdpMode},
-    audit::{self, AuditError, AuditWriter, Clock, Names},
+    audit::{self, AuditError, Names, Trail, kernel::Feed, record::Program},
     config::{Config, ConfigError},
     grants::{GrantsError, RuntimeGrants},
     loader::{self, LoadError, LoadOptions},
@@ -116,7 +116,8 @@ pub async fn up(opts: &UpOptions, ready: impl FnOnce(&Enforcing)) -> Result<(), 
     }
     let ring = ebpf.take_map(map::EVENTS).ok_or(DaemonError::NoRingBuffer { name: map::EVENTS })?;
     let ring = RingBuf::try_from(ring).map_err(|e| DaemonError::RingBuffer { source: std::io::Error::other(e) })?;
-    let mut writer = AuditWriter::open(&config.policy.audit.path)?;
+    let summaries = audit::kernel::take_summaries(&mut ebpf)?;
+    let mut trail = Trail::open(&config.policy.audit)?;
 
     let handle = attach::connect()?;
     let before = attach::find(&handle).await?;
@@ -162,8 +163,8 @@ pub async fn up(opts: &UpOptions, ready: impl FnOnce(&Enforcing)) -> Result<(), 
         .collect();
     ready(&enforcing);
 
-    let names = names(&enforcing, tunnel_policy.as_ref());
-    let stop = stream_audit(ring, &mut writer, &tables, &names, &handle, &enforcing).await;
+    let mut feed = Feed::new(ring, summaries, names(&enforcing, tunnel_policy.as_ref()))?;
+    let stop = stream_audit(&mut feed, &mut trail, &tables, &handle, &enforcing).await;
     if matches!(stop, Ok(Stop::Signal)) {
         // Graceful stop: remove exactly what we attached, if it is still ours.
         if let Some((a, _)) = &enforcing.edge {
@@ -183,8 +184,9 @@ pub async fn up(opts: &UpOptions, ready: impl FnOnce(&Enforcing)) -> Result<(), 
             }
         }
     }
-    writer.commit()?;
-    stop.map(|_| ())
+    let flushed = flush_audit(&mut feed, trail, &tables);
+    stop?;
+    Ok(flushed?)
 }
 
 /// Whether `interface` has an Ethernet header (ARPHRD_ETHER); WireGuard
@@ -198,13 +200,20 @@ fn names(enforcing: &Enforcing, tunnel: Option<&crate::policy::TunnelPolicy>) ->
     for a in enforcing.edge.iter().map(|(a, _)| a).chain(&enforcing.tunnel) {
         n.interfaces.insert(a.ifindex, a.interface.clone());
     }
+    if let Some((a, _)) = &enforcing.edge {
+        n.programs.insert(Program::Edge, a.interface.clone());
+    }
+    if let Some(a) = &enforcing.tunnel {
+        n.programs.insert(Program::Tunnel, a.interface.clone());
+    }
     if let Some(t) = tunnel {
         n.peers = t.peers.iter().map(|p| (p.name.clone(), p.public_key.clone())).collect();
     }
     n
 }
 
-/// How often the suppressed/lost counters are checked and reported.
+/// How often ended summary windows are swept and the rate-limit, ring-full
+/// and syslog counters are reported.
 const SUMMARY_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Why the audit loop ended.
@@ -233,82 +242,56 @@ async fn still_ours(handle: &rtnetlink::Handle, enforcing: &Enforcing) -> (bool,
 }
 
 async fn stream_audit(
-    ring: RingBuf<MapData>,
-    writer: &mut AuditWriter,
+    feed: &mut Feed,
+    trail: &mut Trail,
     tables: &Tables,
-    names: &Names,
     handle: &rtnetlink::Handle,
     enforcing: &Enforcing,
 ) -> Result<Stop, DaemonError> {
     let signal = |kind| tokio::signal::unix::signal(kind).map_err(|source| DaemonError::Signal { source });
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
-    // SAFETY: the ring buffer owns its fd for as long as the AsyncFd owns the
-    // ring buffer, so the fd cannot be closed while registered.
-    let mut ring = unsafe { AsyncFd::register(ring) }
-        .map_err(|e| DaemonError::RingBuffer { source: std::io::Error::other(e.to_string()) })?;
+    // Waits for a daemon we replaced to finish its trail; our events wait
+    // in the ring buffer meanwhile.
+    trail.start().await?;
     let mut tick = tokio::time::interval(SUMMARY_INTERVAL);
-    let mut reported = [(0u64, 0u64); program::COUNT as usize];
-    let clock = Clock::now();
+    let mut sync = tokio::time::interval(trail.sync_interval());
+    sync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let stop = loop {
         tokio::select! {
-            guard = ring.readable_mut() => {
-                let mut guard = guard.map_err(|source| DaemonError::RingBuffer { source })?;
-                let rb = guard.get_inner_mut();
-                while let Some(item) = rb.next() {
-                    if item.len() >= size_of::<Event>() {
-                        // SAFETY: the kernel wrote a whole Event (checked length);
-                        // read_unaligned copes with any alignment of the slot.
-                        let e: Event = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
-                        writer.push(&audit::record(&e, names, &clock));
-                    }
-                }
-                guard.clear_ready();
-                writer.commit()?;
+            ready = feed.readable() => {
+                ready?;
+                feed.drain(trail)?;
+                trail.commit()?;
             }
             _ = tick.tick() => {
-                report_suppressed(tables, writer, &mut reported)?;
-                writer.commit()?;
+                feed.sweep(trail, false)?;
+                feed.report_lost(tables, trail)?;
+                trail.report_forwarding()?;
+                trail.commit()?;
                 if still_ours(handle, enforcing).await != (true, true) {
                     tracing::info!("our programs were removed or replaced by another ztxdp; exiting");
                     break Stop::Superseded;
                 }
             }
+            _ = sync.tick() => trail.sync()?,
+            client = trail.accept() => match client {
+                Ok(client) => trail.serve(client),
+                Err(e) => tracing::warn!(error = %e, "events socket: accept failed"),
+            },
             _ = sigint.recv() => break Stop::Signal,
             _ = sigterm.recv() => break Stop::Signal,
         }
     };
-    // Drain what arrived before the signal.
-    let rb = ring.get_mut();
-    while let Some(item) = rb.next() {
-        if item.len() >= size_of::<Event>() {
-            // SAFETY: as above.
-            let e: Event = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
-            writer.push(&audit::record(&e, names, &clock));
-        }
-    }
-    report_suppressed(tables, writer, &mut reported)?;
     Ok(stop)
 }
 
-/// Writes a `suppressed` record for each program whose held-back or lost
-/// event counters grew since the last report.
-fn report_suppressed(
-    tables: &Tables,
-    writer: &mut AuditWriter,
-    reported: &mut [(u64, u64); program::COUNT as usize],
-) -> Result<(), DaemonError> {
-    for (prog, name) in [(program::EDGE, "edge"), (program::TUNNEL, "tunnel")] {
-        let c = tables.counters(prog)?;
-        let now = (
-            c.get(&reason::EVENTS_SUPPRESSED).copied().unwrap_or(0),
-            c.get(&reason::EVENTS_LOST).copied().unwrap_or(0),
-        );
-        let last = &mut reported[prog as usize];
-        if now != *last {
-            writer.push(&audit::suppressed_record(name, now.0 - last.0, now.1 - last.1));
-            *last = now;
-        }
-    }
-    Ok(())
+/// Once our programs are detached or replaced, their maps change no more:
+/// writes every event, summary and count left, then closes the trail.
+fn flush_audit(feed: &mut Feed, mut trail: Trail, tables: &Tables) -> Result<(), AuditError> {
+    feed.drain(&mut trail)?;
+    feed.sweep(&mut trail, true)?;
+    feed.report_lost(tables, &mut trail)?;
+    trail.report_forwarding()?;
+    trail.close()
 }

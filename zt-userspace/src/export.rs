@@ -3,26 +3,29 @@
 //! nftables enforcing the same policy.
 //!
 //! The ruleset mirrors the BPF programs' decisions, in their order:
-//! - the edge interface passes WireGuard UDP ports, the SSH port from
-//!   `ssh_allow`, and IPv6 neighbour discovery with hop limit 255, and drops
-//!   everything else (ARP never reaches an `inet` chain, so it passes as in
-//!   ztxdp);
+//! - the edge interface passes `WireGuard` UDP ports, the SSH port from
+//!   `ssh_allow`, IPv6 neighbour discovery with hop limit 255, and ICMP echo
+//!   requests within a per-source rate (`limit rate` over a dynamic set, as
+//!   ztxdp's per-source token bucket), and drops everything else (ARP never
+//!   reaches an `inet` chain, so it passes as in ztxdp);
 //! - the tunnel interface passes neighbour discovery, then looks the source
 //!   up among the peers and passes only the peer's granted ports and, with
 //!   an `icmp` grant, echo requests;
 //! - other interfaces are not touched.
 //!
-//! Two differences remain by nature: nftables sees packets after the stack
-//! has reassembled or dropped fragments and checked checksums, where XDP sees
-//! them first; and the `ct state established,related` variant
-//! ([`NftOptions::conntrack`]) lets replies of connections opened from this
-//! host back in, which ztxdp's stateless edge does not.
+//! ztxdp also admits replies of flows the host opened and ICMP errors about
+//! them (its egress flow recorders); nftables does that with
+//! `ct state established,related`, which [`NftOptions::conntrack`] adds. The
+//! plain variant is stricter than ztxdp: replies are dropped. One difference
+//! remains by nature: nftables sees packets after the stack has reassembled
+//! or dropped fragments and checked checksums, where XDP sees them first.
 
 use std::fmt::Write as _;
 
 use ipnet::IpNet;
+use zt_common::capacity;
 
-use crate::policy::{EdgePolicy, Grant, Policy, Protocol, TunnelPolicy};
+use crate::policy::{EchoRate, EdgePolicy, Grant, Policy, Protocol, TunnelPolicy};
 
 /// The nftables table every generated rule lives in.
 pub const TABLE: &str = "ztxdp";
@@ -31,7 +34,7 @@ pub const EDGE_DROP_COUNTER: &str = "edge_drop";
 /// Named counter of packets the tunnel chains drop.
 pub const TUNNEL_DROP_COUNTER: &str = "tunnel_drop";
 
-/// ICMPv6 neighbour discovery types, as `verdict.rs` passes them (RFC 4861).
+/// `ICMPv6` neighbour discovery types, as `verdict.rs` passes them (RFC 4861).
 const ND_TYPES: &str =
     "nd-router-solicit, nd-router-advert, nd-neighbor-solicit, nd-neighbor-advert, nd-redirect";
 
@@ -89,6 +92,41 @@ fn edge_sets(out: &mut String, edge: &EdgePolicy) {
     let (v4, v6) = split(&edge.ssh_allow);
     set(out, "ssh_allow_v4", "ipv4_addr", &v4);
     set(out, "ssh_allow_v6", "ipv6_addr", &v6);
+    if echo_allowed(edge.icmp_echo) {
+        // One limiter per source, like ztxdp's LRU of token buckets; an idle
+        // source's entry expires, and a fresh one starts with a full burst,
+        // which is also where an idle bucket would be.
+        for (name, kind) in [("echo_v4", "ipv4_addr"), ("echo_v6", "ipv6_addr")] {
+            let _ = writeln!(
+                out,
+                "  set {name} {{\n    type {kind}; size {}; flags dynamic,timeout; timeout 60s;\n  }}",
+                capacity::ECHO_SOURCES
+            );
+        }
+    }
+}
+
+/// Whether any echo request can pass: a zero rate or burst drops them all.
+const fn echo_allowed(rate: EchoRate) -> bool {
+    rate.ns_per_token != 0 && rate.burst != 0
+}
+
+/// `N/unit` for nftables' `limit rate`: the largest unit in which one token
+/// every `ns_per_token` is a whole number, else the nearest per-day rate.
+fn limit_rate(ns_per_token: u64) -> String {
+    const UNITS: [(&str, u64); 4] = [
+        ("second", 1_000_000_000),
+        ("minute", 60_000_000_000),
+        ("hour", 3_600_000_000_000),
+        ("day", 86_400_000_000_000),
+    ];
+    for (unit, ns) in UNITS {
+        if ns % ns_per_token == 0 {
+            return format!("{}/{unit}", ns / ns_per_token);
+        }
+    }
+    let day = UNITS[3].1;
+    format!("{}/day", ((day + ns_per_token / 2) / ns_per_token).max(1))
 }
 
 fn set(out: &mut String, name: &str, kind: &str, nets: &[IpNet]) {
@@ -130,6 +168,11 @@ fn edge_chain(out: &mut String, edge: &EdgePolicy, opts: NftOptions) {
         let _ = writeln!(out, "    tcp dport {} ip6 saddr @ssh_allow_v6 accept", edge.ssh_port);
     }
     let _ = writeln!(out, "    icmpv6 type {{ {ND_TYPES} }} ip6 hoplimit 255 accept");
+    if echo_allowed(edge.icmp_echo) {
+        let limit = format!("limit rate {} burst {} packets", limit_rate(edge.icmp_echo.ns_per_token), edge.icmp_echo.burst);
+        let _ = writeln!(out, "    icmp type echo-request add @echo_v4 {{ ip saddr {limit} }} accept");
+        let _ = writeln!(out, "    icmpv6 type echo-request add @echo_v6 {{ ip6 saddr {limit} }} accept");
+    }
     let _ = writeln!(out, "    counter name {EDGE_DROP_COUNTER} drop\n  }}");
 }
 
@@ -211,7 +254,7 @@ mod tests {
     use std::path::PathBuf;
 
     use super::*;
-    use crate::policy::AuditSettings;
+    use crate::policy::{AuditSettings, FlowSettings};
 
     fn net(s: &str) -> IpNet {
         s.parse().unwrap_or_else(|e| panic!("test prefix {s}: {e}"))
@@ -224,6 +267,7 @@ mod tests {
                 wireguard_ports: vec![51820, 51821],
                 ssh_port: 2222,
                 ssh_allow: vec![net("192.0.2.10/32"), net("2001:db8:1::/64"), net("198.51.100.0/24")],
+                icmp_echo: EchoRate { ns_per_token: 500_000_000, burst: 3 },
             }),
             tunnel: Some(TunnelPolicy {
                 interface: "wg0".into(),
@@ -248,7 +292,8 @@ mod tests {
                 ],
                 runtime_grants: PathBuf::from("/tmp/grants.json"),
             }),
-            audit: AuditSettings { path: PathBuf::from("/tmp/audit.jsonl") },
+            flows: FlowSettings::default(),
+            audit: AuditSettings::new(PathBuf::from("/tmp/audit.jsonl")),
         }
     }
 
@@ -279,6 +324,28 @@ mod tests {
             .filter(|l| !l.is_empty())
             .collect();
         assert_eq!(body.last(), Some(&"counter name edge_drop drop"), "edge chain:\n{edge}");
+    }
+
+    #[test]
+    fn echo_requests_are_rate_limited_per_source() {
+        let text = nft_ruleset(&policy());
+        assert_line(&text, "icmp type echo-request add @echo_v4 { ip saddr limit rate 2/second burst 3 packets } accept");
+        assert_line(&text, "icmpv6 type echo-request add @echo_v6 { ip6 saddr limit rate 2/second burst 3 packets } accept");
+        let mut p = policy();
+        if let Some(e) = p.edge.as_mut() {
+            e.icmp_echo.ns_per_token = 0;
+        }
+        let text = nft_ruleset(&p);
+        assert!(!text.contains("echo-request"), "a zero rate must not admit echoes:\n{text}");
+    }
+
+    #[test]
+    fn limit_rate_picks_a_whole_unit() {
+        assert_eq!(limit_rate(1_000_000_000), "1/second");
+        assert_eq!(limit_rate(10_000_000), "100/second");
+        assert_eq!(limit_rate(2_000_000_000), "30/minute");
+        // 86,400 / 7 = 12,342.9 echoes a day: no unit divides evenly.
+        assert_eq!(limit_rate(7_000_000_000), "12343/day");
     }
 
     #[test]

@@ -1,11 +1,11 @@
-//! `ztxdp import-wg`: the peers of a WireGuard interface as `[[tunnel.peer]]`
+//! `ztxdp import-wg`: the peers of a `WireGuard` interface as `[[tunnel.peer]]`
 //! entries with no grants, so that writing a ztxdp config starts from the
-//! keys and addresses WireGuard already has.
+//! keys and addresses `WireGuard` already has.
 //!
 //! Two sources: a wg-quick file (`/etc/wireguard/wg0.conf`), where a comment
 //! can name a peer, and a running interface through `wg show IFACE dump`,
 //! which knows no names. Peers without a name become `peer-N` (N counts from
-//! 1 in the order WireGuard lists them).
+//! 1 in the order `WireGuard` lists them).
 
 use std::{
     net::IpAddr,
@@ -39,6 +39,11 @@ pub enum ImportError {
         status: ExitStatus,
         stderr: String,
     },
+    #[error("cannot format the peers as TOML: {source}")]
+    Render {
+        #[source]
+        source: toml::ser::Error,
+    },
     #[error("{origin}:{line}: {problem}")]
     Parse {
         /// The file, or the command whose output was read.
@@ -48,7 +53,7 @@ pub enum ImportError {
     },
 }
 
-/// What is wrong with one line. Never quotes the line itself: it could be a
+/// What is wrong with one line. Never quotes a whole line: it could hold a
 /// private key.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Problem {
@@ -70,7 +75,7 @@ pub enum Problem {
     DumpFields { found: usize },
 }
 
-/// One WireGuard peer, as it will appear under `[[tunnel.peer]]`.
+/// One `WireGuard` peer, as it will appear under `[[tunnel.peer]]`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ImportedPeer {
     pub name: String,
@@ -135,6 +140,102 @@ enum Section {
     Peer,
 }
 
+/// The state of a wg-quick file read line by line.
+struct Reader {
+    section: Section,
+    drafts: Vec<Draft>,
+    /// First usable line of the comment block just read: a name candidate.
+    comment: Option<String>,
+}
+
+impl Reader {
+    fn line(&mut self, line: usize, raw: &str) -> Result<(), Problem> {
+        let (content, note) = match raw.split_once('#') {
+            Some((content, note)) => (content.trim(), Some(note)),
+            None => (raw.trim(), None),
+        };
+        if content.is_empty() {
+            match note {
+                Some(note) if self.comment.is_none() => self.comment = name_in_comment(note),
+                Some(_) => {}
+                // A blank line ends the block: it names nothing below it.
+                None => self.comment = None,
+            }
+            return Ok(());
+        }
+        if let Some(header) = content.strip_prefix('[') {
+            let name = header.strip_suffix(']').ok_or(Problem::Syntax)?.trim();
+            return self.header(line, name, note);
+        }
+        let (key, value) = content.split_once('=').ok_or(Problem::Syntax)?;
+        let (key, value) = (key.trim(), value.trim());
+        // A key is one word; `PrivateKey abc=` is a missing `=`, not a key.
+        if key.is_empty() || key.contains(char::is_whitespace) {
+            return Err(Problem::Syntax);
+        }
+        let inside = self.comment.take();
+        match (self.section, self.drafts.last_mut()) {
+            (Section::None, _) => Err(Problem::OutsideSection {
+                key: key.to_owned(),
+            }),
+            (Section::Peer, Some(draft)) => {
+                if draft.name.is_none() && !draft.keyed {
+                    draft.name = inside;
+                }
+                draft.keyed = true;
+                if key.eq_ignore_ascii_case("publickey") {
+                    draft.public_key = Some(public_key(value)?);
+                } else if key.eq_ignore_ascii_case("allowedips") {
+                    draft.allowed_ips.extend(allowed_ips(value)?);
+                }
+                Ok(())
+            }
+            // [Interface] keys, which describe this host, not a peer.
+            _ => Ok(()),
+        }
+    }
+
+    fn header(&mut self, line: usize, name: &str, note: Option<&str>) -> Result<(), Problem> {
+        let above = self.comment.take();
+        if name.eq_ignore_ascii_case("interface") {
+            self.section = Section::Interface;
+        } else if name.eq_ignore_ascii_case("peer") {
+            self.section = Section::Peer;
+            self.drafts.push(Draft {
+                line,
+                name: above.or_else(|| note.and_then(name_in_comment)),
+                keyed: false,
+                public_key: None,
+                allowed_ips: Vec::new(),
+            });
+        } else {
+            return Err(Problem::UnknownSection {
+                name: name.to_owned(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The peers, each with the line of its `[Peer]` header.
+    fn finish(self) -> Result<Vec<(usize, ImportedPeer)>, (usize, Problem)> {
+        self.drafts
+            .into_iter()
+            .enumerate()
+            .map(|(index, draft)| {
+                let public_key = draft
+                    .public_key
+                    .ok_or((draft.line, Problem::MissingPublicKey))?;
+                let peer = ImportedPeer {
+                    name: draft.name.unwrap_or_else(|| default_name(index)),
+                    public_key,
+                    allowed_ips: draft.allowed_ips,
+                };
+                Ok((draft.line, peer))
+            })
+            .collect()
+    }
+}
+
 /// Parses a wg-quick configuration; `origin` names it in errors.
 ///
 /// Section and key names are case-insensitive and `#` starts a comment, as
@@ -146,109 +247,22 @@ enum Section {
 /// # Errors
 /// [`ImportError::Parse`] with the line of the first problem.
 pub fn parse_config(text: &str, origin: &str) -> Result<Vec<ImportedPeer>, ImportError> {
-    let error = |line, problem| ImportError::Parse {
+    let error = |(line, problem)| ImportError::Parse {
         origin: origin.to_owned(),
         line,
         problem,
     };
-    let mut drafts: Vec<Draft> = Vec::new();
-    let mut section = Section::None;
-    // First line of the comment block just read, a name candidate.
-    let mut comment: Option<String> = None;
+    let mut reader = Reader {
+        section: Section::None,
+        drafts: Vec::new(),
+        comment: None,
+    };
     for (i, raw) in text.lines().enumerate() {
-        let line = i + 1;
-        let (content, note) = match raw.split_once('#') {
-            Some((content, note)) => (content.trim(), Some(note)),
-            None => (raw.trim(), None),
-        };
-        if content.is_empty() {
-            match note {
-                Some(note) if comment.is_none() => comment = name_in_comment(note),
-                Some(_) => {}
-                // A blank line ends the block: it names nothing below it.
-                None => comment = None,
-            }
-            continue;
-        }
-        if let Some(header) = content.strip_prefix('[') {
-            let name = header
-                .strip_suffix(']')
-                .ok_or_else(|| error(line, Problem::Syntax))?
-                .trim();
-            section = if name.eq_ignore_ascii_case("interface") {
-                Section::Interface
-            } else if name.eq_ignore_ascii_case("peer") {
-                Section::Peer
-            } else {
-                return Err(error(
-                    line,
-                    Problem::UnknownSection {
-                        name: name.to_owned(),
-                    },
-                ));
-            };
-            let above = comment.take();
-            if section == Section::Peer {
-                drafts.push(Draft {
-                    line,
-                    name: above.or_else(|| note.and_then(name_in_comment)),
-                    keyed: false,
-                    public_key: None,
-                    allowed_ips: Vec::new(),
-                });
-            }
-            continue;
-        }
-        let (key, value) = content
-            .split_once('=')
-            .ok_or_else(|| error(line, Problem::Syntax))?;
-        let (key, value) = (key.trim(), value.trim());
-        let inside = comment.take();
-        match section {
-            Section::None => {
-                return Err(error(
-                    line,
-                    Problem::OutsideSection {
-                        key: key.to_owned(),
-                    },
-                ));
-            }
-            Section::Interface => {}
-            Section::Peer => {
-                // Just pushed when the section started.
-                let Some(draft) = drafts.last_mut() else {
-                    continue;
-                };
-                if draft.name.is_none() && !draft.keyed {
-                    draft.name = inside;
-                }
-                draft.keyed = true;
-                if key.eq_ignore_ascii_case("publickey") {
-                    draft.public_key = Some(public_key(value).map_err(|p| error(line, p))?);
-                } else if key.eq_ignore_ascii_case("allowedips") {
-                    draft
-                        .allowed_ips
-                        .extend(allowed_ips(value).map_err(|p| error(line, p))?);
-                }
-            }
-        }
+        reader
+            .line(i + 1, raw)
+            .map_err(|problem| error((i + 1, problem)))?;
     }
-    let mut peers = Vec::with_capacity(drafts.len());
-    for (index, draft) in drafts.into_iter().enumerate() {
-        let public_key = draft
-            .public_key
-            .ok_or_else(|| error(draft.line, Problem::MissingPublicKey))?;
-        peers.push((
-            draft.line,
-            ImportedPeer {
-                name: draft.name.unwrap_or_else(|| default_name(index)),
-                public_key,
-                allowed_ips: draft.allowed_ips,
-            },
-        ));
-    }
-    unique_keys(&peers).map_err(|(line, p)| error(line, p))?;
-    Ok(peers.into_iter().map(|(_, peer)| peer).collect())
+    reader.finish().and_then(unique_keys).map_err(error)
 }
 
 /// Parses `wg show IFACE dump`: an interface line (private key, public key,
@@ -295,8 +309,7 @@ pub fn parse_dump(text: &str, origin: &str) -> Result<Vec<ImportedPeer>, ImportE
             },
         ));
     }
-    unique_keys(&peers).map_err(|(line, p)| error(line, p))?;
-    Ok(peers.into_iter().map(|(_, peer)| peer).collect())
+    unique_keys(peers).map_err(|(line, problem)| error(line, problem))
 }
 
 fn default_name(index: usize) -> String {
@@ -344,7 +357,8 @@ fn allowed_ips(list: &str) -> Result<Vec<IpNet>, Problem> {
         .collect()
 }
 
-fn unique_keys(peers: &[(usize, ImportedPeer)]) -> Result<(), (usize, Problem)> {
+/// The peers without their lines, once no public key appears twice.
+fn unique_keys(peers: Vec<(usize, ImportedPeer)>) -> Result<Vec<ImportedPeer>, (usize, Problem)> {
     for (i, (line, peer)) in peers.iter().enumerate() {
         if let Some((first, _)) = peers[..i]
             .iter()
@@ -359,13 +373,16 @@ fn unique_keys(peers: &[(usize, ImportedPeer)]) -> Result<(), (usize, Problem)> 
             ));
         }
     }
-    Ok(())
+    Ok(peers.into_iter().map(|(_, peer)| peer).collect())
 }
 
 /// The `[[tunnel.peer]]` entries for `peers`, with a comment naming where
 /// they came from; `allow` is empty, for the reader to fill in.
-#[must_use]
-pub fn render(peers: &[ImportedPeer], origin: &str) -> String {
+///
+/// # Errors
+/// [`ImportError::Render`] if TOML cannot express an entry (strings and
+/// lists of strings always can).
+pub fn render(peers: &[ImportedPeer], origin: &str) -> Result<String, ImportError> {
     #[derive(Serialize)]
     struct Entry<'a> {
         name: &'a str,
@@ -399,15 +416,10 @@ pub fn render(peers: &[ImportedPeer], origin: &str) -> String {
          # allow = [\"tcp/5432\", \"udp/53\", \"tcp/8000-8100\", \"icmp\"]\n",
         peers.len()
     );
-    if peers.is_empty() {
-        return out;
+    if !peers.is_empty() {
+        out.push_str(&toml::to_string(&document).map_err(|source| ImportError::Render { source })?);
     }
-    // Strings and lists of strings always serialise.
-    match toml::to_string(&document) {
-        Ok(entries) => out.push_str(&entries),
-        Err(e) => tracing::error!(error = %e, "could not format the peers as TOML"),
-    }
-    out
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -652,14 +664,15 @@ mod tests {
                 allowed_ips: vec![net("10.100.1.0/24")],
             },
         ];
-        let entries = render(&peers, "wg0.conf");
+        let entries = render(&peers, "wg0.conf").unwrap_or_else(|e| panic!("{e}"));
         assert!(
             entries.starts_with("# 2 peer(s) imported from wg0.conf."),
             "{entries}"
         );
         assert_eq!(entries.matches("[[tunnel.peer]]").count(), 2, "{entries}");
         assert_eq!(entries.matches("allow = []").count(), 2, "{entries}");
-        let text = format!("[tunnel]\ninterface = \"wg0\"\n\n{entries}");
+        let text =
+            format!("[audit]\npath = \"/dev/null\"\n\n[tunnel]\ninterface = \"wg0\"\n\n{entries}");
         let config = Config::parse(&text, Path::new("imported.toml"))
             .unwrap_or_else(|e| panic!("{e}\n{text}"));
         let tunnel = config.policy.tunnel.expect("a tunnel");
@@ -675,8 +688,10 @@ mod tests {
         assert_eq!(back, peers);
         assert!(tunnel.peers.iter().all(|p| p.grants.is_empty()));
         assert_eq!(
-            render(&[], "wg show wg0 dump").lines().count(),
-            2,
+            render(&[], "wg show wg0 dump")
+                .map(|text| text.lines().count())
+                .ok(),
+            Some(2),
             "no peers: only the comment"
         );
     }

@@ -110,6 +110,48 @@ enum Command {
     /// Print the policy in another firewall's language.
     #[command(subcommand)]
     Export(ExportFormat),
+    /// Check audit files.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+    /// Print audit records: the ones in the audit files, or with --follow the
+    /// ones the daemon of this network namespace writes from now on (each
+    /// once; a reader too slow to keep up is told how many it missed).
+    #[command(after_help = "Examples:\n  ztxdp events --format ocsf > trail.jsonl\n  \
+        ztxdp events --follow --format cef | your-siem-shipper\n  \
+        ip netns exec edge ztxdp events --follow")]
+    Events {
+        /// Stream from the running daemon instead of reading the files.
+        #[arg(long)]
+        follow: bool,
+        #[arg(long, value_enum, default_value_t = EventsFormat::Ecs)]
+        format: EventsFormat,
+        /// The config whose audit.path is read (without --follow).
+        #[arg(long, env = "ZTXDP_CONFIG", default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Check that every line is a record, sequence numbers have no gaps, and
+    /// the hash chain holds; prints the first bad line (FILE:LINE: why) and
+    /// exits 1 if there is one. Rotated files may be given in any order.
+    #[command(after_help = "Example:\n  ztxdp audit verify /var/log/ztxdp/audit.jsonl*")]
+    Verify {
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
+    },
+}
+
+/// Output format of `ztxdp events`.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum EventsFormat {
+    /// Elastic Common Schema JSON lines.
+    Ecs,
+    /// OCSF 4001 Network Activity JSON lines.
+    Ocsf,
+    /// ArcSight Common Event Format.
+    Cef,
 }
 
 #[derive(Subcommand)]
@@ -214,7 +256,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 (None, Some(file)) => (ztxdp::import_wg::from_file(&file)?, file.display().to_string()),
                 (None, None) => anyhow::bail!("give a wg-quick FILE or --live IFACE"),
             };
-            print!("{}", ztxdp::import_wg::render(&peers, &origin));
+            print!("{}", ztxdp::import_wg::render(&peers, &origin)?);
         }
         Command::Export(ExportFormat::Nft { config, conntrack }) => {
             let mut policy = Config::load(&config)?.policy;
@@ -223,8 +265,53 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             }
             print!("{}", ztxdp::export::nft_ruleset_with(&policy, ztxdp::export::NftOptions { conntrack }));
         }
+        Command::Audit(AuditCommand::Verify { files }) => return audit_verify(&files),
+        Command::Events { follow, format, config } => events(follow, format, &config)?,
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn audit_verify(files: &[PathBuf]) -> anyhow::Result<ExitCode> {
+    let report = ztxdp::audit::verify::verify(files).context("ztxdp audit verify")?;
+    if let Some(problem) = &report.problem {
+        println!("{problem}");
+        println!("({} good records before it)", report.records);
+        return Ok(ExitCode::FAILURE);
+    }
+    let (Some(first), Some(last), Some(chain)) = (report.first_seq, report.last_seq, &report.last_chain) else {
+        println!("ok: no records");
+        return Ok(ExitCode::SUCCESS);
+    };
+    let from = if report.from_start {
+        "chain checked from the first record".to_owned()
+    } else {
+        format!("chain checked from seq {first}, whose predecessors were rotated away")
+    };
+    let files = if report.files == 1 { "1 file".to_owned() } else { format!("{} files", report.files) };
+    println!("ok: {} records in {files}, seq {first} to {last}, {from}", report.records);
+    println!("last chain value: {chain}");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn events(follow: bool, format: EventsFormat, config: &std::path::Path) -> anyhow::Result<()> {
+    use ztxdp::{audit::stream, policy::AuditFormat};
+    let output = match format {
+        EventsFormat::Ecs => stream::Output::Json(AuditFormat::Ecs),
+        EventsFormat::Ocsf => stream::Output::Json(AuditFormat::Ocsf),
+        EventsFormat::Cef => stream::Output::Cef,
+    };
+    let mut out = std::io::stdout().lock();
+    let result = if follow {
+        stream::follow(output, &mut out)
+    } else {
+        let path = Config::load(config)?.policy.audit.path;
+        stream::print_files(&path, output, &mut out).map(drop)
+    };
+    match result {
+        // The reader at the other end of the pipe is gone: nothing left to do.
+        Err(stream::StreamError::Output { source }) if source.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => other.context(if follow { "ztxdp events --follow" } else { "ztxdp events" }),
+    }
 }
 
 async fn grant_change(config: &std::path::Path, peer: &str, grant: &str, allow: bool) -> anyhow::Result<()> {

@@ -10,18 +10,29 @@
 //! The differential tests hold the two to that, packet by packet, so a
 //! disagreement is a bug in one of them.
 //!
+//! The state (`zt-ebpf/src/flows.rs`) is modelled by [`FlowTable`] and driven
+//! through [`StatefulModel`], with the clock passed in (`now_ns`, the
+//! kernel's `bpf_ktime_get_ns`) so tests decide when time passes. The
+//! stateless [`EdgeModel::verdict`] and [`TunnelModel::verdict`] judge a
+//! packet as the first one a freshly loaded program sees: no flow recorded,
+//! and a full echo bucket for every source.
+//!
 //! The model evaluates a configured program: the kernel's
-//! `not_configured` state has no counterpart here.
+//! `not_configured` state has no counterpart here. Nor does the kernel's
+//! least-recently-used eviction, which is approximate (per-CPU free lists):
+//! the model never forgets a flow or an echo source, so it agrees with the
+//! kernel while the tables are well below their capacity.
 
 use std::{
     collections::{BTreeSet, HashMap},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    time::Duration,
 };
 
 use ipnet::IpNet;
-use zt_common::{limits, proto, reason};
+use zt_common::{limits, proto, reason, tcp_flag};
 
-use crate::policy::{EdgePolicy, Grant, TunnelPolicy};
+use crate::policy::{EchoRate, EdgePolicy, FlowSettings, Grant, TunnelPolicy};
 
 const ETHERNET_LEN: usize = 14;
 const VLAN_LEN: usize = 4;
@@ -31,8 +42,12 @@ const IPV4_LEN: usize = 20;
 const IPV6_LEN: usize = 40;
 const TCP_LEN: usize = 20;
 const UDP_LEN: usize = 8;
-/// Type, code and checksum.
-const ICMP_LEN: usize = 4;
+/// Type, code, checksum and four type-specific bytes (the echo identifier
+/// and sequence, or an error's MTU or pointer).
+const ICMP_LEN: usize = 8;
+/// What an ICMP error must quote of the offending packet's L4 header: its
+/// ports, or its echo identifier.
+const QUOTED_L4_LEN: usize = 8;
 /// Every IPv6 extension header is at least this long.
 const IPV6_EXT_MIN_LEN: usize = 8;
 
@@ -47,14 +62,22 @@ const IPV6_ROUTING: u8 = 43;
 const IPV6_FRAGMENT: u8 = 44;
 const IPV6_AUTH: u8 = 51;
 const IPV6_DEST_OPTS: u8 = 60;
+const IPV4_FRAGMENT_OFFSET: u16 = 0x1fff;
 
 /// Neighbour discovery message types (RFC 4861): router and neighbour
 /// solicitation and advertisement, and redirect.
 const NEIGHBOR_DISCOVERY: std::ops::RangeInclusive<u8> = 133..=137;
 /// Hop limit RFC 4861 requires on neighbour discovery.
 const ND_HOP_LIMIT: u8 = 255;
+const ICMP_ECHO_REPLY: u8 = 0;
+const ICMP_DEST_UNREACHABLE: u8 = 3;
 const ICMP_ECHO_REQUEST: u8 = 8;
+const ICMP_TIME_EXCEEDED: u8 = 11;
+const ICMPV6_DEST_UNREACHABLE: u8 = 1;
+const ICMPV6_PACKET_TOO_BIG: u8 = 2;
+const ICMPV6_TIME_EXCEEDED: u8 = 3;
 const ICMPV6_ECHO_REQUEST: u8 = 128;
+const ICMPV6_ECHO_REPLY: u8 = 129;
 
 /// Why a packet could not be parsed; each is one drop reason.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -77,12 +100,12 @@ impl ParseError {
     }
 }
 
-/// Layer 3, with the source address the policies look up.
+/// Layer 3, with the addresses the policies and flows look up.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Network {
     Arp,
-    Ipv4(Ipv4Addr),
-    Ipv6(Ipv6Addr),
+    Ipv4 { src: Ipv4Addr, dst: Ipv4Addr },
+    Ipv6 { src: Ipv6Addr, dst: Ipv6Addr },
 }
 
 /// What the verdicts read from a packet.
@@ -96,8 +119,17 @@ struct Packet {
     hop_limit: u8,
     /// Set only for ICMP over IPv4 and for `ICMPv6`.
     icmp_type: u8,
+    /// The echo identifier; set with `icmp_type`.
+    icmp_id: u16,
+    /// Set only for TCP.
+    tcp_flags: u8,
     /// Set only for TCP and UDP.
+    src_port: u16,
     dst_port: u16,
+    /// Where the L4 header starts and where the IP header's length field
+    /// says the packet ends: the bounds of what an ICMP error quotes.
+    l4_offset: usize,
+    l4_limit: usize,
 }
 
 impl Packet {
@@ -108,20 +140,86 @@ impl Packet {
             protocol: 0,
             hop_limit: 0,
             icmp_type: 0,
+            icmp_id: 0,
+            tcp_flags: 0,
+            src_port: 0,
             dst_port: 0,
+            l4_offset: 0,
+            l4_limit: 0,
         }
     }
 
     fn source(&self) -> Option<IpAddr> {
+        self.addresses().map(|(src, _)| src)
+    }
+
+    fn addresses(&self) -> Option<(IpAddr, IpAddr)> {
         match self.network {
             Network::Arp => None,
-            Network::Ipv4(a) => Some(IpAddr::V4(a)),
-            Network::Ipv6(a) => Some(IpAddr::V6(a)),
+            Network::Ipv4 { src, dst } => Some((src.into(), dst.into())),
+            Network::Ipv6 { src, dst } => Some((src.into(), dst.into())),
         }
     }
 
+    /// ICMP of the packet's own family: ICMP in IPv4, `ICMPv6` in IPv6.
+    fn is_icmp(&self) -> bool {
+        match self.network {
+            Network::Ipv4 { .. } => self.protocol == proto::ICMP,
+            Network::Ipv6 { .. } => self.protocol == proto::ICMPV6,
+            Network::Arp => false,
+        }
+    }
+
+    fn is_v6(&self) -> bool {
+        matches!(self.network, Network::Ipv6 { .. })
+    }
+
+    fn is_echo_request(&self) -> bool {
+        self.is_icmp()
+            && self.icmp_type
+                == if self.is_v6() {
+                    ICMPV6_ECHO_REQUEST
+                } else {
+                    ICMP_ECHO_REQUEST
+                }
+    }
+
+    fn is_echo_reply(&self) -> bool {
+        self.is_icmp()
+            && self.icmp_type
+                == if self.is_v6() {
+                    ICMPV6_ECHO_REPLY
+                } else {
+                    ICMP_ECHO_REPLY
+                }
+    }
+
+    /// The ICMP errors that can concern a flow of ours.
+    fn is_icmp_error(&self) -> bool {
+        self.is_icmp()
+            && if self.is_v6() {
+                matches!(
+                    self.icmp_type,
+                    ICMPV6_DEST_UNREACHABLE | ICMPV6_PACKET_TOO_BIG | ICMPV6_TIME_EXCEEDED
+                )
+            } else {
+                matches!(self.icmp_type, ICMP_DEST_UNREACHABLE | ICMP_TIME_EXCEEDED)
+            }
+    }
+
+    /// A TCP segment that opens a connection: SYN without ACK.
+    fn is_syn(&self) -> bool {
+        self.protocol == proto::TCP
+            && self.tcp_flags & (tcp_flag::SYN | tcp_flag::ACK) == tcp_flag::SYN
+    }
+
+    /// A TCP segment that ends a connection: FIN or RST.
+    fn is_closing(&self) -> bool {
+        self.protocol == proto::TCP && self.tcp_flags & (tcp_flag::FIN | tcp_flag::RST) != 0
+    }
+
     fn is_neighbor_discovery(&self) -> bool {
-        matches!(self.network, Network::Ipv6(_))
+        self.is_v6()
             && self.protocol == proto::ICMPV6
             && NEIGHBOR_DISCOVERY.contains(&self.icmp_type)
             && self.hop_limit == ND_HOP_LIMIT
@@ -156,6 +254,12 @@ fn within(offset: usize, len: usize, limit: usize) -> Result<(), ParseError> {
 
 fn be16(hi: u8, lo: u8) -> u16 {
     u16::from_be_bytes([hi, lo])
+}
+
+fn ipv6_at(bytes: &[u8]) -> Ipv6Addr {
+    let mut a = [0u8; 16];
+    a.copy_from_slice(&bytes[..16]);
+    Ipv6Addr::from(a)
 }
 
 /// A frame that starts with an Ethernet header.
@@ -193,6 +297,11 @@ fn parse_ip(b: Bytes<'_>) -> Result<Packet, ParseError> {
     }
 }
 
+/// An Ethernet frame when `l2`, else a packet starting at the IP header.
+fn parse_link(b: Bytes<'_>, l2: bool) -> Result<Packet, ParseError> {
+    if l2 { parse_ethernet(b) } else { parse_ip(b) }
+}
+
 fn parse_arp(b: Bytes<'_>, offset: usize) -> Result<Packet, ParseError> {
     let arp: [u8; ARP_LEN] = b.array(offset)?;
     let (hardware_len, protocol_len) = (arp[4], arp[5]);
@@ -215,12 +324,12 @@ fn parse_ipv4(b: Bytes<'_>, offset: usize) -> Result<Packet, ParseError> {
     if total_len < header_len {
         return Err(ParseError::Malformed);
     }
-    let source = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
-    let mut p = Packet::new(Network::Ipv4(source));
+    let src = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
+    let dst = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
+    let mut p = Packet::new(Network::Ipv4 { src, dst });
     p.protocol = ip[9];
     p.hop_limit = ip[8];
-    let fragment_offset = be16(ip[6], ip[7]) & 0x1fff;
-    if fragment_offset != 0 {
+    if be16(ip[6], ip[7]) & IPV4_FRAGMENT_OFFSET != 0 {
         p.later_fragment = true;
         return Ok(p);
     }
@@ -233,9 +342,10 @@ fn parse_ipv6(b: Bytes<'_>, offset: usize) -> Result<Packet, ParseError> {
     if ip[0] >> 4 != 6 {
         return Err(ParseError::Malformed);
     }
-    let mut source = [0u8; 16];
-    source.copy_from_slice(&ip[8..24]);
-    let mut p = Packet::new(Network::Ipv6(Ipv6Addr::from(source)));
+    let mut p = Packet::new(Network::Ipv6 {
+        src: ipv6_at(&ip[8..24]),
+        dst: ipv6_at(&ip[24..40]),
+    });
     p.hop_limit = ip[7];
     let limit = offset + IPV6_LEN + usize::from(be16(ip[4], ip[5]));
     let mut next = ip[6];
@@ -291,6 +401,8 @@ fn parse_l4(
     limit: usize,
     mut p: Packet,
 ) -> Result<Packet, ParseError> {
+    p.l4_offset = offset;
+    p.l4_limit = limit;
     match (p.network, p.protocol) {
         (_, proto::TCP) => {
             within(offset, TCP_LEN, limit)?;
@@ -299,22 +411,362 @@ fn parse_l4(
             if tcp[12] >> 4 < 5 {
                 return Err(ParseError::Malformed);
             }
+            p.src_port = be16(tcp[0], tcp[1]);
             p.dst_port = be16(tcp[2], tcp[3]);
+            p.tcp_flags = tcp[13];
         }
         (_, proto::UDP) => {
             within(offset, UDP_LEN, limit)?;
             let udp: [u8; UDP_LEN] = b.array(offset)?;
+            p.src_port = be16(udp[0], udp[1]);
             p.dst_port = be16(udp[2], udp[3]);
         }
-        (Network::Ipv4(_), proto::ICMP) | (Network::Ipv6(_), proto::ICMPV6) => {
+        (Network::Ipv4 { .. }, proto::ICMP) | (Network::Ipv6 { .. }, proto::ICMPV6) => {
             within(offset, ICMP_LEN, limit)?;
             let icmp: [u8; ICMP_LEN] = b.array(offset)?;
             p.icmp_type = icmp[0];
+            p.icmp_id = be16(icmp[4], icmp[5]);
         }
         // Other protocols carry nothing the verdicts read.
         _ => {}
     }
     Ok(p)
+}
+
+/// A flow as the host sees it, `local` being this host: an egress packet
+/// gives it as (source, destination), its reply as (destination, source).
+/// An echo flow has the identifier as `local_port` and 0 as `remote_port`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct Flow {
+    /// The interface the flow left by; its replies must come in by it.
+    ifindex: u32,
+    local: IpAddr,
+    remote: IpAddr,
+    local_port: u16,
+    remote_port: u16,
+    protocol: u8,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct FlowEntry {
+    last_seen_ns: u64,
+    /// A FIN or RST was seen: the closing timeout applies.
+    closing: bool,
+}
+
+/// One source's echo token bucket.
+#[derive(Clone, Copy, Debug)]
+struct Bucket {
+    last_ns: u64,
+    tokens: u64,
+}
+
+impl Bucket {
+    /// Refills one token per `ns_per_token` elapsed, at most `cap`, and takes
+    /// one if there is one. The same integer steps as the kernel's
+    /// `record::take_token`, including where the refill time moves.
+    fn take(&mut self, now_ns: u64, ns_per_token: u64, cap: u64) -> bool {
+        let earned = now_ns.saturating_sub(self.last_ns) / ns_per_token;
+        if earned > 0 {
+            // The kernel adds in plain (wrapping) u64 arithmetic.
+            self.tokens = self.tokens.wrapping_add(earned).min(cap);
+            self.last_ns = now_ns;
+        }
+        if self.tokens == 0 {
+            return false;
+        }
+        self.tokens -= 1;
+        true
+    }
+}
+
+/// Which ingress program is deciding: only the edge rate-limits echo.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ingress {
+    Edge,
+    Tunnel,
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// The kernel's flow state (`ZT_FLOWS`, `ZT_ECHO_BKT`, `ZT_FLOW_CFG`):
+/// flows the host started, with when each was last seen, and an echo token
+/// bucket per source. One table serves both interfaces, as the one map does
+/// in the kernel, but every flow is keyed by the interface it left by, so a
+/// flow started through the tunnel admits no reply on the edge (that would
+/// let the internet spoof tunnel peers).
+#[derive(Clone, Debug)]
+pub struct FlowTable {
+    flows: HashMap<Flow, FlowEntry>,
+    buckets: HashMap<IpAddr, Bucket>,
+    tcp_established_ns: u64,
+    tcp_closing_ns: u64,
+    udp_ns: u64,
+    icmp_ns: u64,
+    echo: EchoRate,
+    created: u64,
+    /// The interface of the packet being judged or recorded; set by
+    /// `StatefulModel` before each packet.
+    ifindex: u32,
+}
+
+impl FlowTable {
+    /// An empty table with the given timeouts and echo rate.
+    #[must_use]
+    pub fn new(settings: &FlowSettings, echo: EchoRate) -> Self {
+        Self {
+            flows: HashMap::new(),
+            buckets: HashMap::new(),
+            tcp_established_ns: nanos(settings.tcp_established),
+            tcp_closing_ns: nanos(settings.tcp_closing),
+            udp_ns: nanos(settings.udp),
+            icmp_ns: nanos(settings.icmp),
+            echo,
+            created: 0,
+            ifindex: 0,
+        }
+    }
+
+    /// Flows created so far: the kernel's `flows_created` counter.
+    #[must_use]
+    pub const fn created(&self) -> u64 {
+        self.created
+    }
+
+    /// Flows in the table, live or expired: entries are never removed, as
+    /// in the kernel's map (short of eviction).
+    #[must_use]
+    pub fn entries(&self) -> usize {
+        self.flows.len()
+    }
+
+    fn timeout_ns(&self, protocol: u8, closing: bool) -> u64 {
+        match protocol {
+            proto::TCP if closing => self.tcp_closing_ns,
+            proto::TCP => self.tcp_established_ns,
+            proto::UDP => self.udp_ns,
+            _ => self.icmp_ns,
+        }
+    }
+
+    /// Records or refreshes the flow of a packet the host sends. New flows
+    /// start only from what opens one: a TCP SYN, any UDP datagram, an echo
+    /// request. A packet of a known flow refreshes it even if it expired.
+    fn egress(&mut self, p: &Packet, now_ns: u64) {
+        let Some((src, dst)) = p.addresses() else {
+            return;
+        };
+        if p.later_fragment {
+            return;
+        }
+        let (local_port, remote_port, opens) = match p.protocol {
+            proto::TCP => (p.src_port, p.dst_port, p.is_syn()),
+            proto::UDP => (p.src_port, p.dst_port, true),
+            _ if p.is_echo_request() => (p.icmp_id, 0, true),
+            _ => return,
+        };
+        let flow = Flow {
+            ifindex: self.ifindex,
+            local: src,
+            remote: dst,
+            local_port,
+            remote_port,
+            protocol: p.protocol,
+        };
+        if let Some(entry) = self.flows.get_mut(&flow) {
+            entry.last_seen_ns = now_ns;
+            // A new SYN on a closing tuple is a new connection.
+            entry.closing = if p.is_syn() {
+                false
+            } else {
+                entry.closing || p.is_closing()
+            };
+            return;
+        }
+        if opens {
+            self.flows.insert(
+                flow,
+                FlowEntry {
+                    last_seen_ns: now_ns,
+                    closing: p.is_closing(),
+                },
+            );
+            self.created += 1;
+        }
+    }
+
+    /// A second look at an ingress packet the policy dropped with `code`:
+    /// an exact reply, a related ICMP error, or (edge only) an echo request
+    /// within its source's rate passes; anything else keeps `code`.
+    fn second_chance(
+        &mut self,
+        b: Bytes<'_>,
+        p: &Packet,
+        code: u32,
+        ingress: Ingress,
+        now_ns: u64,
+    ) -> u32 {
+        let Some((src, dst)) = p.addresses() else {
+            return code;
+        };
+        if p.later_fragment {
+            return code;
+        }
+        if p.is_icmp() {
+            return if p.is_echo_request() && ingress == Ingress::Edge {
+                self.echo_request(src, now_ns)
+            } else if p.is_echo_reply() {
+                let flow = Flow {
+                    ifindex: self.ifindex,
+                    local: dst,
+                    remote: src,
+                    local_port: p.icmp_id,
+                    remote_port: 0,
+                    protocol: p.protocol,
+                };
+                self.reply(flow, false, code, now_ns)
+            } else if p.is_icmp_error() {
+                self.related(b, p, now_ns)
+            } else {
+                code
+            };
+        }
+        // A SYN opens a connection; it is never a reply, whatever its ports.
+        if (p.protocol != proto::TCP && p.protocol != proto::UDP) || p.is_syn() {
+            return code;
+        }
+        let flow = Flow {
+            ifindex: self.ifindex,
+            local: dst,
+            remote: src,
+            local_port: p.dst_port,
+            remote_port: p.src_port,
+            protocol: p.protocol,
+        };
+        self.reply(flow, p.is_closing(), code, now_ns)
+    }
+
+    /// `reply` if `flow` is live (and then it is seen now, and marked
+    /// closing if `closing`), else `code`.
+    fn reply(&mut self, flow: Flow, closing: bool, code: u32, now_ns: u64) -> u32 {
+        let timeout = |e: &FlowEntry| self.timeout_ns(flow.protocol, e.closing);
+        let Some(entry) = self.flows.get(&flow).copied() else {
+            return code;
+        };
+        if now_ns.saturating_sub(entry.last_seen_ns) > timeout(&entry) {
+            return code;
+        }
+        self.flows.insert(
+            flow,
+            FlowEntry {
+                last_seen_ns: now_ns,
+                closing: entry.closing || closing,
+            },
+        );
+        reason::PASS_REPLY
+    }
+
+    /// An ICMP error passes only if it quotes a live flow; it does not
+    /// refresh the flow.
+    fn related(&self, b: Bytes<'_>, p: &Packet, now_ns: u64) -> u32 {
+        let live = quoted(b, p)
+            .map(|flow| Flow { ifindex: self.ifindex, ..flow })
+            .and_then(|flow| self.flows.get(&flow).map(|e| (flow, *e)))
+            .is_some_and(|(flow, e)| {
+                now_ns.saturating_sub(e.last_seen_ns) <= self.timeout_ns(flow.protocol, e.closing)
+            });
+        if live {
+            reason::PASS_ICMP_RELATED
+        } else {
+            reason::DROP_ICMP_UNRELATED
+        }
+    }
+
+    /// An echo request to the edge: a token from its source's bucket; a new
+    /// source starts with a full bucket.
+    fn echo_request(&mut self, src: IpAddr, now_ns: u64) -> u32 {
+        let EchoRate {
+            ns_per_token,
+            burst,
+        } = self.echo;
+        let passes = if ns_per_token == 0 {
+            false
+        } else if let Some(bucket) = self.buckets.get_mut(&src) {
+            bucket.take(now_ns, ns_per_token, burst)
+        } else if burst == 0 {
+            false
+        } else {
+            self.buckets.insert(
+                src,
+                Bucket {
+                    last_ns: now_ns,
+                    tokens: burst - 1,
+                },
+            );
+            true
+        };
+        if passes {
+            reason::PASS_ICMP_ECHO
+        } else {
+            reason::DROP_ICMP_RATE
+        }
+    }
+}
+
+/// The flow an ICMP error `p` quotes: the quoted packet is one the host sent,
+/// so its source is local. `None` when the quote is too short (an IP header
+/// and 8 bytes of L4 header, within the outer packet's length), of another
+/// IP version, a later fragment, an IPv6 packet with extension headers, or
+/// not TCP, UDP or an echo request: such an error cannot be matched.
+fn quoted(b: Bytes<'_>, p: &Packet) -> Option<Flow> {
+    let inner = p.l4_offset + ICMP_LEN;
+    let limit = p.l4_limit;
+    let (v6, protocol, local, remote, l4) = match p.network {
+        Network::Ipv4 { .. } => {
+            within(inner, IPV4_LEN, limit).ok()?;
+            let ip: [u8; IPV4_LEN] = b.array(inner).ok()?;
+            let header_len = usize::from(ip[0] & 0x0f) * 4;
+            if ip[0] >> 4 != 4
+                || header_len < IPV4_LEN
+                || be16(ip[6], ip[7]) & IPV4_FRAGMENT_OFFSET != 0
+            {
+                return None;
+            }
+            let src = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
+            let dst = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
+            (false, ip[9], src.into(), dst.into(), inner + header_len)
+        }
+        Network::Ipv6 { .. } => {
+            within(inner, IPV6_LEN, limit).ok()?;
+            let ip: [u8; IPV6_LEN] = b.array(inner).ok()?;
+            if ip[0] >> 4 != 6 {
+                return None;
+            }
+            let (src, dst) = (ipv6_at(&ip[8..24]), ipv6_at(&ip[24..40]));
+            (true, ip[6], src.into(), dst.into(), inner + IPV6_LEN)
+        }
+        Network::Arp => return None,
+    };
+    within(l4, QUOTED_L4_LEN, limit).ok()?;
+    let hdr: [u8; QUOTED_L4_LEN] = b.array(l4).ok()?;
+    let (local_port, remote_port) = match (v6, protocol) {
+        (_, proto::TCP | proto::UDP) => (be16(hdr[0], hdr[1]), be16(hdr[2], hdr[3])),
+        // Only the host's own echo requests can draw an error it cares about.
+        (false, proto::ICMP) if hdr[0] == ICMP_ECHO_REQUEST => (be16(hdr[4], hdr[5]), 0),
+        (true, proto::ICMPV6) if hdr[0] == ICMPV6_ECHO_REQUEST => (be16(hdr[4], hdr[5]), 0),
+        _ => return None,
+    };
+    Some(Flow {
+        // The caller sets the interface the error arrived by.
+        ifindex: 0,
+        local,
+        remote,
+        local_port,
+        remote_port,
+        protocol,
+    })
 }
 
 /// Longest-prefix match: the prefixes in a hash map, probed from the longest
@@ -365,6 +817,7 @@ pub struct EdgeModel {
     wireguard_ports: BTreeSet<u16>,
     ssh_port: u16,
     ssh_allow: PrefixMap<()>,
+    echo: EchoRate,
 }
 
 impl EdgeModel {
@@ -374,15 +827,28 @@ impl EdgeModel {
             wireguard_ports: p.wireguard_ports.iter().copied().collect(),
             ssh_port: p.ssh_port,
             ssh_allow: PrefixMap::new(p.ssh_allow.iter().map(|net| (*net, ()))),
+            echo: p.icmp_echo,
         }
     }
 
     /// The reason code (`zt_common::reason`) `zt_edge` gives the Ethernet
-    /// frame `frame`.
+    /// frame `frame` when it is the first packet of a freshly configured
+    /// program: no reply is admitted, every ICMP error is unrelated, and an
+    /// echo request passes unless `icmp_echo_rate` is "0". For anything
+    /// later, use [`StatefulModel`].
     #[must_use]
     pub fn verdict(&self, frame: &[u8]) -> u32 {
-        match parse_ethernet(Bytes(frame)) {
-            Ok(p) => self.decide(&p),
+        let mut fresh = FlowTable::new(&FlowSettings::default(), self.echo);
+        self.judge(frame, &mut fresh, 0)
+    }
+
+    fn judge(&self, frame: &[u8], flows: &mut FlowTable, now_ns: u64) -> u32 {
+        let b = Bytes(frame);
+        match parse_ethernet(b) {
+            Ok(p) => match self.decide(&p) {
+                code if reason::is_allow(code) => code,
+                code => flows.second_chance(b, &p, code, Ingress::Edge, now_ns),
+            },
             Err(e) => e.reason(),
         }
     }
@@ -460,22 +926,28 @@ impl TunnelModel {
         Self { peers, by_source }
     }
 
-    /// The decision `zt_tunnel` makes on `packet`: an Ethernet frame when
-    /// `l2` (the loader's `TUNNEL_L2`), else a packet starting at the IP header.
+    /// The decision `zt_tunnel` makes on `packet` (an Ethernet frame when
+    /// `l2`, the loader's `TUNNEL_L2`, else a packet starting at the IP
+    /// header) when it is the first packet of a freshly configured program:
+    /// no reply is admitted and every ICMP error is unrelated. For anything
+    /// later, use [`StatefulModel`].
     #[must_use]
     pub fn verdict(&self, packet: &[u8], l2: bool) -> TunnelDecision {
-        let parsed = if l2 {
-            parse_ethernet(Bytes(packet))
-        } else {
-            parse_ip(Bytes(packet))
-        };
-        match parsed {
+        // The tunnel never rate-limits echo, so the rate is irrelevant.
+        let mut fresh = FlowTable::new(&FlowSettings::default(), EchoRate::default());
+        self.judge(packet, l2, &mut fresh, 0)
+    }
+
+    fn judge(&self, packet: &[u8], l2: bool, flows: &mut FlowTable, now_ns: u64) -> TunnelDecision {
+        let b = Bytes(packet);
+        match parse_link(b, l2) {
             Ok(p) => {
                 let peer = p.source().and_then(|src| self.by_source.longest_match(src));
-                TunnelDecision {
-                    reason: self.decide(&p, peer),
-                    peer,
-                }
+                let reason = match self.decide(&p, peer) {
+                    code if reason::is_allow(code) => code,
+                    code => flows.second_chance(b, &p, code, Ingress::Tunnel, now_ns),
+                };
+                TunnelDecision { reason, peer }
             }
             Err(e) => TunnelDecision {
                 reason: e.reason(),
@@ -497,11 +969,6 @@ impl TunnelModel {
         if p.later_fragment {
             return reason::DROP_FRAGMENT;
         }
-        let echo = match p.network {
-            Network::Ipv4(_) => p.protocol == proto::ICMP && p.icmp_type == ICMP_ECHO_REQUEST,
-            Network::Ipv6(_) => p.protocol == proto::ICMPV6 && p.icmp_type == ICMPV6_ECHO_REQUEST,
-            Network::Arp => false,
-        };
         if p.protocol == proto::TCP || p.protocol == proto::UDP {
             let granted = peer.grants.iter().any(|g| match *g {
                 Grant::Ports {
@@ -516,7 +983,7 @@ impl TunnelModel {
             } else {
                 reason::DROP_NOT_GRANTED
             }
-        } else if echo {
+        } else if p.is_echo_request() {
             if peer.icmp {
                 reason::PASS_ICMP_GRANT
             } else {
@@ -528,11 +995,74 @@ impl TunnelModel {
     }
 }
 
+/// The edge and tunnel programs together with their shared flow state, fed
+/// packets in order with the time of each (`now_ns`, as
+/// `bpf_ktime_get_ns`, never going backwards).
+#[derive(Clone, Debug)]
+pub struct StatefulModel {
+    edge: EdgeModel,
+    tunnel: Option<TunnelModel>,
+    flows: FlowTable,
+}
+
+impl StatefulModel {
+    /// A freshly configured host: no flows, no echo sources seen. The echo
+    /// rate is the edge's (`edge.icmp_echo_rate`).
+    #[must_use]
+    pub fn new(edge: &EdgePolicy, tunnel: Option<&TunnelPolicy>, flows: &FlowSettings) -> Self {
+        Self {
+            edge: EdgeModel::new(edge),
+            tunnel: tunnel.map(TunnelModel::new),
+            flows: FlowTable::new(flows, edge.icmp_echo),
+        }
+    }
+
+    /// The host sends `packet` (`zt_edge_out`, `zt_tunnel_out`) out of
+    /// interface `ifindex`: an Ethernet frame when `l2`, else a packet
+    /// starting at the IP header.
+    /// Egress is never filtered; this only records flows.
+    pub fn egress(&mut self, packet: &[u8], l2: bool, ifindex: u32, now_ns: u64) {
+        self.flows.ifindex = ifindex;
+        if let Ok(p) = parse_link(Bytes(packet), l2) {
+            self.flows.egress(&p, now_ns);
+        }
+    }
+
+    /// `zt_edge`'s reason code for the Ethernet frame `frame` arriving now.
+    pub fn edge_ingress(&mut self, frame: &[u8], ifindex: u32, now_ns: u64) -> u32 {
+        self.flows.ifindex = ifindex;
+        self.edge.judge(frame, &mut self.flows, now_ns)
+    }
+
+    /// `zt_tunnel`'s decision on `packet` arriving now (framed as in
+    /// [`Self::egress`]); `None` when the model has no tunnel policy.
+    pub fn tunnel_ingress(
+        &mut self,
+        packet: &[u8],
+        l2: bool,
+        ifindex: u32,
+        now_ns: u64,
+    ) -> Option<TunnelDecision> {
+        self.flows.ifindex = ifindex;
+        let tunnel = self.tunnel.as_ref()?;
+        Some(tunnel.judge(packet, l2, &mut self.flows, now_ns))
+    }
+
+    /// The flow state, for comparing counters and fill levels.
+    #[must_use]
+    pub const fn flows(&self) -> &FlowTable {
+        &self.flows
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::PathBuf;
 
     use super::*;
+
+    /// The interface every test packet uses; the kernel keys flows by it too.
+    const TEST_IF: u32 = 2;
     use crate::policy::{Peer, Protocol};
 
     // Packet builders. Checksums are left zero: neither program reads them.
@@ -541,6 +1071,9 @@ mod tests {
     const OTHER_V4: [u8; 4] = [198, 51, 100, 9];
     const ALLOWED_V6: &str = "fd77::2";
     const OTHER_V6: &str = "2001:db8::9";
+    /// The protected host.
+    const HOST_V4: [u8; 4] = [10, 77, 0, 1];
+    const HOST_V6: &str = "fd77::1";
 
     fn addr6(s: &str) -> [u8; 16] {
         s.parse::<Ipv6Addr>().expect("test address").octets()
@@ -569,8 +1102,18 @@ mod tests {
         a
     }
 
-    /// IPv4 with `options` (a multiple of 4 bytes) and an honest length.
+    /// IPv4 to the host with `options` (a multiple of 4 bytes) and an honest length.
     fn ipv4(src: [u8; 4], protocol: u8, options: &[u8], l4: &[u8]) -> Vec<u8> {
+        ipv4_between(src, HOST_V4, protocol, options, l4)
+    }
+
+    fn ipv4_between(
+        src: [u8; 4],
+        dst: [u8; 4],
+        protocol: u8,
+        options: &[u8],
+        l4: &[u8],
+    ) -> Vec<u8> {
         let header_len = IPV4_LEN + options.len();
         let total = u16::try_from(header_len + l4.len()).expect("test packet fits");
         let ihl = u8::try_from(header_len / 4).expect("test IHL");
@@ -578,20 +1121,25 @@ mod tests {
         p.extend_from_slice(&total.to_be_bytes());
         p.extend_from_slice(&[0, 1, 0x40, 0, 64, protocol, 0, 0]); // id 1, DF
         p.extend_from_slice(&src);
-        p.extend_from_slice(&[10, 77, 0, 1]);
+        p.extend_from_slice(&dst);
         p.extend_from_slice(options);
         p.extend_from_slice(l4);
         p
     }
 
-    /// IPv6 whose payload is `rest` (extension headers and L4), hop limit 64.
+    /// IPv6 to the host whose payload is `rest` (extension headers and L4),
+    /// hop limit 64.
     fn ipv6(src: [u8; 16], next: u8, rest: &[u8]) -> Vec<u8> {
+        ipv6_between(src, addr6(HOST_V6), next, rest)
+    }
+
+    fn ipv6_between(src: [u8; 16], dst: [u8; 16], next: u8, rest: &[u8]) -> Vec<u8> {
         let len = u16::try_from(rest.len()).expect("test packet fits");
         let mut p = vec![0x60, 0, 0, 0];
         p.extend_from_slice(&len.to_be_bytes());
         p.extend_from_slice(&[next, 64]);
         p.extend_from_slice(&src);
-        p.extend_from_slice(&addr6("fd77::1"));
+        p.extend_from_slice(&dst);
         p.extend_from_slice(rest);
         p
     }
@@ -652,12 +1200,17 @@ mod tests {
     }
 
     fn edge() -> EdgeModel {
-        EdgeModel::new(&EdgePolicy {
+        EdgeModel::new(&edge_policy())
+    }
+
+    fn edge_policy() -> EdgePolicy {
+        EdgePolicy {
             interface: "eth0".into(),
             wireguard_ports: vec![51820, 51821],
             ssh_port: 22,
             ssh_allow: vec![net("10.77.0.2/32"), net("fd77::/64")],
-        })
+            icmp_echo: EchoRate::default(),
+        }
     }
 
     fn assert_edge(model: &EdgeModel, frame: &[u8], want: u32, what: &str) {
@@ -787,13 +1340,15 @@ mod tests {
             reason::DROP_PROTOCOL_NOT_ALLOWED,
             "nd with hop limit 64",
         );
+        // Echo requests are not ND whatever their hop limit; the first one
+        // from a source passes at the default rate.
         let mut echo = eth6(OTHER_V6, proto::ICMPV6, &icmp(128));
         echo[ETHERNET_LEN + 7] = 255;
-        assert_edge(&m, &echo, reason::DROP_PROTOCOL_NOT_ALLOWED, "icmpv6 echo");
+        assert_edge(&m, &echo, reason::PASS_ICMP_ECHO, "icmpv6 echo");
         assert_edge(
             &m,
             &eth4(ALLOWED_V4, proto::ICMP, &icmp(8)),
-            reason::DROP_PROTOCOL_NOT_ALLOWED,
+            reason::PASS_ICMP_ECHO,
             "ping",
         );
         assert_edge(
@@ -900,8 +1455,9 @@ mod tests {
             "gre with missing options",
         );
         // ICMP in IPv4 is read; protocol 58 there is not.
-        let short_icmp = eth4(OTHER_V4, proto::ICMP, &[8, 0, 0]);
-        assert_edge(&m, &short_icmp, reason::DROP_MALFORMED, "3-byte icmp");
+        // The whole 8-byte header: type, code, checksum, identifier, sequence.
+        let short_icmp = eth4(OTHER_V4, proto::ICMP, &[8, 0, 0, 0, 0, 1, 0]);
+        assert_edge(&m, &short_icmp, reason::DROP_MALFORMED, "7-byte icmp");
         assert_edge(
             &m,
             &eth4(OTHER_V4, proto::ICMPV6, &[]),
@@ -1244,7 +1800,8 @@ mod tests {
             reason::PASS_ICMP_GRANT,
             "full l3 packet"
         );
-        assert_truncations_malformed(&l3, l3.len() - 4, |f| t.verdict(f, false).reason);
+        // The whole 8-byte ICMP header is read.
+        assert_truncations_malformed(&l3, l3.len(), |f| t.verdict(f, false).reason);
         let l3 = ipv4([10, 100, 0, 5], proto::UDP, &[], &udp(53));
         assert_eq!(
             t.verdict(&l3, false).reason,
@@ -1264,12 +1821,16 @@ mod tests {
     }
 
     fn tunnel() -> TunnelModel {
+        TunnelModel::new(&tunnel_policy())
+    }
+
+    fn tunnel_policy() -> TunnelPolicy {
         let ports = |protocol, first, last| Grant::Ports {
             protocol,
             first,
             last,
         };
-        TunnelModel::new(&TunnelPolicy {
+        TunnelPolicy {
             interface: "wg0".into(),
             peers: vec![
                 peer(
@@ -1291,7 +1852,7 @@ mod tests {
                 peer("idle", &["fd00:200::1/128"], vec![]),
             ],
             runtime_grants: PathBuf::from("/nonexistent/grants.json"),
-        })
+        }
     }
 
     const APP: [u8; 4] = [10, 100, 0, 5];
@@ -1586,6 +2147,764 @@ mod tests {
             reason::DROP_MALFORMED,
             None,
             "tcp past total length",
+        );
+    }
+
+    // The flow state.
+
+    const S: u64 = 1_000_000_000;
+    const REMOTE_V4: [u8; 4] = [192, 0, 2, 53];
+    const NEIGHBOR_V4: [u8; 4] = [192, 0, 2, 54];
+    const REMOTE_V6: &str = "2001:db8::53";
+
+    /// Timeouts that differ per protocol, so a test can tell them apart.
+    fn settings() -> FlowSettings {
+        FlowSettings {
+            max_entries: 1024,
+            tcp_established: Duration::from_secs(100),
+            tcp_closing: Duration::from_secs(10),
+            udp: Duration::from_secs(30),
+            icmp: Duration::from_secs(20),
+        }
+    }
+
+    fn host(echo: EchoRate) -> StatefulModel {
+        let edge = EdgePolicy {
+            icmp_echo: echo,
+            ..edge_policy()
+        };
+        StatefulModel::new(&edge, Some(&tunnel_policy()), &settings())
+    }
+
+    fn segment(src: u16, dst: u16, flags: u8) -> Vec<u8> {
+        let mut t = vec![0u8; TCP_LEN];
+        t[0..2].copy_from_slice(&src.to_be_bytes());
+        t[2..4].copy_from_slice(&dst.to_be_bytes());
+        t[12] = 5 << 4;
+        t[13] = flags;
+        t
+    }
+
+    fn datagram(src: u16, dst: u16) -> Vec<u8> {
+        let mut u = vec![0u8; UDP_LEN];
+        u[0..2].copy_from_slice(&src.to_be_bytes());
+        u[2..4].copy_from_slice(&dst.to_be_bytes());
+        u[4..6].copy_from_slice(&8u16.to_be_bytes());
+        u
+    }
+
+    fn echo(kind: u8, id: u16) -> Vec<u8> {
+        let mut e = vec![kind, 0, 0, 0];
+        e.extend_from_slice(&id.to_be_bytes());
+        e.extend_from_slice(&[0, 1]);
+        e
+    }
+
+    /// An ICMP error (fragmentation needed's MTU field says 1280) quoting `quote`.
+    fn error(kind: u8, code: u8, quote: &[u8]) -> Vec<u8> {
+        let mut e = vec![kind, code, 0, 0, 0, 0, 0x05, 0x00];
+        e.extend_from_slice(quote);
+        e
+    }
+
+    /// The host's packet as a router quotes it: IP header and 8 bytes more.
+    fn quote4(protocol: u8, l4: &[u8]) -> Vec<u8> {
+        let mut q = ipv4_between(HOST_V4, REMOTE_V4, protocol, &[], l4);
+        q.truncate(IPV4_LEN + 8);
+        q
+    }
+
+    fn quote6(next: u8, rest: &[u8]) -> Vec<u8> {
+        let mut q = ipv6_between(addr6(HOST_V6), addr6(REMOTE_V6), next, rest);
+        q.truncate(IPV6_LEN + 8);
+        q
+    }
+
+    /// From the host to `REMOTE_V4` (egress, Ethernet).
+    fn out4(protocol: u8, l4: &[u8]) -> Vec<u8> {
+        ethernet(
+            ETHERTYPE_IPV4,
+            &ipv4_between(HOST_V4, REMOTE_V4, protocol, &[], l4),
+        )
+    }
+
+    fn out6(next: u8, l4: &[u8]) -> Vec<u8> {
+        ethernet(
+            ETHERTYPE_IPV6,
+            &ipv6_between(addr6(HOST_V6), addr6(REMOTE_V6), next, l4),
+        )
+    }
+
+    fn in6(next: u8, l4: &[u8]) -> Vec<u8> {
+        eth6(REMOTE_V6, next, l4)
+    }
+
+    /// Feeds `(seconds, frame, reason)` steps to the edge, in order.
+    fn assert_edge_steps(m: &mut StatefulModel, steps: &[(u64, &[u8], u32, &str)]) {
+        for (at, frame, want, what) in steps {
+            let got = m.edge_ingress(frame, TEST_IF, at * S);
+            assert_eq!(
+                reason::name(got),
+                reason::name(*want),
+                "{what} at {at} s: frame {frame:02x?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_reply_must_come_in_by_the_interface_its_flow_left_by() {
+        let mut m = host(EchoRate::default());
+        m.egress(&out4(proto::UDP, &datagram(40_000, 53)), true, TEST_IF, 0);
+        let reply = eth4(REMOTE_V4, proto::UDP, &datagram(53, 40_000));
+        assert_eq!(
+            m.edge_ingress(&reply, TEST_IF + 1, 1),
+            reason::DROP_PORT_NOT_ALLOWED,
+            "a spoofed reply on another interface"
+        );
+        assert_eq!(m.edge_ingress(&reply, TEST_IF, 2), reason::PASS_REPLY, "the real reply");
+    }
+
+    #[test]
+    fn udp_replies_pass_only_as_the_exact_reverse() {
+        let mut m = host(EchoRate::default());
+        m.egress(&out4(proto::UDP, &datagram(40_000, 53)), true, TEST_IF, 0);
+        assert_eq!(m.flows().created(), 1, "a datagram opens a flow");
+        let reply = eth4(REMOTE_V4, proto::UDP, &datagram(53, 40_000));
+        let mut later = reply.clone();
+        later[ETHERNET_LEN + 6..ETHERNET_LEN + 8].copy_from_slice(&[0, 10]);
+        let to_other_local = ethernet(
+            ETHERTYPE_IPV4,
+            &ipv4_between(
+                REMOTE_V4,
+                [10, 77, 0, 9],
+                proto::UDP,
+                &[],
+                &datagram(53, 40_000),
+            ),
+        );
+        assert_edge_steps(
+            &mut m,
+            &[
+                (1, &reply, reason::PASS_REPLY, "the reply"),
+                (
+                    1,
+                    &eth4(REMOTE_V4, proto::UDP, &datagram(54, 40_000)),
+                    reason::DROP_PORT_NOT_ALLOWED,
+                    "other remote port",
+                ),
+                (
+                    1,
+                    &eth4(REMOTE_V4, proto::UDP, &datagram(53, 40_001)),
+                    reason::DROP_PORT_NOT_ALLOWED,
+                    "other local port",
+                ),
+                (
+                    1,
+                    &eth4(NEIGHBOR_V4, proto::UDP, &datagram(53, 40_000)),
+                    reason::DROP_PORT_NOT_ALLOWED,
+                    "other remote address",
+                ),
+                (
+                    1,
+                    &to_other_local,
+                    reason::DROP_PORT_NOT_ALLOWED,
+                    "other local address",
+                ),
+                (
+                    1,
+                    &eth4(REMOTE_V4, proto::TCP, &segment(53, 40_000, tcp_flag::ACK)),
+                    reason::DROP_PORT_NOT_ALLOWED,
+                    "tcp on the udp ports",
+                ),
+                (
+                    1,
+                    &in6(proto::UDP, &datagram(53, 40_000)),
+                    reason::DROP_PORT_NOT_ALLOWED,
+                    "the v6 neighbour",
+                ),
+                (
+                    1,
+                    &later,
+                    reason::DROP_FRAGMENT,
+                    "a later fragment of the reply",
+                ),
+            ],
+        );
+        m.egress(&out6(proto::UDP, &datagram(40_000, 53)), true, TEST_IF, 2 * S);
+        assert_eq!(m.flows().created(), 2, "v6 is a flow of its own");
+        assert_edge_steps(
+            &mut m,
+            &[(
+                3,
+                &in6(proto::UDP, &datagram(53, 40_000)),
+                reason::PASS_REPLY,
+                "v6 reply",
+            )],
+        );
+        // Replies that the policy passes anyway keep their own reason.
+        m.egress(&out4(proto::UDP, &datagram(51_820, 51_820)), true, TEST_IF, 3 * S);
+        assert_edge_steps(
+            &mut m,
+            &[(
+                4,
+                &eth4(REMOTE_V4, proto::UDP, &datagram(51_820, 51_820)),
+                reason::PASS_WIREGUARD,
+                "wireguard",
+            )],
+        );
+    }
+
+    #[test]
+    fn udp_flows_time_out_and_egress_revives_them() {
+        let mut m = host(EchoRate::default());
+        m.egress(&out4(proto::UDP, &datagram(40_000, 53)), true, TEST_IF, 0);
+        let reply = eth4(REMOTE_V4, proto::UDP, &datagram(53, 40_000));
+        assert_edge_steps(
+            &mut m,
+            &[
+                (
+                    30,
+                    &reply,
+                    reason::PASS_REPLY,
+                    "30 s: the timeout itself still passes",
+                ),
+                (60, &reply, reason::PASS_REPLY, "a reply refreshes the flow"),
+                (91, &reply, reason::DROP_PORT_NOT_ALLOWED, "31 s of silence"),
+            ],
+        );
+        m.egress(&out4(proto::UDP, &datagram(40_000, 53)), true, TEST_IF, 92 * S);
+        assert_eq!(m.flows().created(), 1, "the expired entry is reused");
+        assert_eq!(m.flows().entries(), 1);
+        assert_edge_steps(&mut m, &[(93, &reply, reason::PASS_REPLY, "revived")]);
+    }
+
+    #[test]
+    fn tcp_replies_never_open_and_closing_flows_expire_sooner() {
+        let mut m = host(EchoRate::default());
+        let seg = |flags| eth4(REMOTE_V4, proto::TCP, &segment(443, 40_000, flags));
+        let (syn, ack) = (tcp_flag::SYN, tcp_flag::ACK);
+        m.egress(&out4(proto::TCP, &segment(40_000, 443, syn)), true, TEST_IF, 0);
+        // Segments other than a SYN refresh flows but never open one.
+        m.egress(&out4(proto::TCP, &segment(40_001, 443, ack)), true, TEST_IF, 0);
+        m.egress(&out4(proto::TCP, &segment(40_002, 443, syn | ack)), true, TEST_IF, 0);
+        assert_eq!(m.flows().created(), 1);
+        assert_edge_steps(
+            &mut m,
+            &[
+                (1, &seg(syn | ack), reason::PASS_REPLY, "syn-ack"),
+                (
+                    2,
+                    &seg(syn),
+                    reason::DROP_PORT_NOT_ALLOWED,
+                    "a syn posing as a reply",
+                ),
+                (
+                    2,
+                    &eth4(REMOTE_V4, proto::TCP, &segment(443, 40_001, ack)),
+                    reason::DROP_PORT_NOT_ALLOWED,
+                    "no flow",
+                ),
+                (50, &seg(ack), reason::PASS_REPLY, "established"),
+                (
+                    150,
+                    &seg(ack),
+                    reason::PASS_REPLY,
+                    "100 s: the established timeout",
+                ),
+                (
+                    150,
+                    &seg(tcp_flag::FIN | ack),
+                    reason::PASS_REPLY,
+                    "their fin",
+                ),
+                (
+                    160,
+                    &seg(ack),
+                    reason::PASS_REPLY,
+                    "10 s: the closing timeout",
+                ),
+                (171, &seg(ack), reason::DROP_PORT_NOT_ALLOWED, "closed"),
+            ],
+        );
+        // The same ports again: a new connection, established timeouts.
+        m.egress(&out4(proto::TCP, &segment(40_000, 443, syn)), true, TEST_IF, 172 * S);
+        assert_edge_steps(
+            &mut m,
+            &[
+                (200, &seg(syn | ack), reason::PASS_REPLY, "new connection"),
+                (200, &seg(tcp_flag::RST), reason::PASS_REPLY, "their rst"),
+                (211, &seg(ack), reason::DROP_PORT_NOT_ALLOWED, "reset"),
+            ],
+        );
+        // Our own fin closes too.
+        m.egress(&out4(proto::TCP, &segment(40_003, 443, syn)), true, TEST_IF, 300 * S);
+        m.egress(
+            &out4(proto::TCP, &segment(40_003, 443, tcp_flag::FIN | ack)),
+            true,
+            TEST_IF,
+            301 * S,
+        );
+        let ours = eth4(REMOTE_V4, proto::TCP, &segment(443, 40_003, ack));
+        assert_edge_steps(
+            &mut m,
+            &[(312, &ours, reason::DROP_PORT_NOT_ALLOWED, "after our fin")],
+        );
+        // A syn with fin opens a flow that starts closing, as in the kernel.
+        m.egress(
+            &out4(proto::TCP, &segment(40_004, 443, syn | tcp_flag::FIN)),
+            true,
+            TEST_IF,
+            400 * S,
+        );
+        let odd = eth4(REMOTE_V4, proto::TCP, &segment(443, 40_004, ack));
+        assert_edge_steps(
+            &mut m,
+            &[(411, &odd, reason::DROP_PORT_NOT_ALLOWED, "syn+fin")],
+        );
+    }
+
+    #[test]
+    fn echo_replies_match_by_identifier() {
+        let mut m = host(EchoRate::default());
+        m.egress(&out4(proto::ICMP, &echo(ICMP_ECHO_REQUEST, 0x77)), true, TEST_IF, 0);
+        // Answering someone else's ping opens nothing.
+        m.egress(&out4(proto::ICMP, &echo(ICMP_ECHO_REPLY, 0x99)), true, TEST_IF, 0);
+        assert_eq!(m.flows().created(), 1);
+        let reply = |src, id| eth4(src, proto::ICMP, &echo(ICMP_ECHO_REPLY, id));
+        assert_edge_steps(
+            &mut m,
+            &[
+                (1, &reply(REMOTE_V4, 0x77), reason::PASS_REPLY, "our reply"),
+                (
+                    1,
+                    &reply(REMOTE_V4, 0x78),
+                    reason::DROP_PROTOCOL_NOT_ALLOWED,
+                    "other id",
+                ),
+                (
+                    1,
+                    &reply(NEIGHBOR_V4, 0x77),
+                    reason::DROP_PROTOCOL_NOT_ALLOWED,
+                    "other source",
+                ),
+                (
+                    1,
+                    &reply(REMOTE_V4, 0x99),
+                    reason::DROP_PROTOCOL_NOT_ALLOWED,
+                    "the id we answered",
+                ),
+                (
+                    21,
+                    &reply(REMOTE_V4, 0x77),
+                    reason::PASS_REPLY,
+                    "20 s: the icmp timeout",
+                ),
+                (
+                    42,
+                    &reply(REMOTE_V4, 0x77),
+                    reason::DROP_PROTOCOL_NOT_ALLOWED,
+                    "expired",
+                ),
+            ],
+        );
+        m.egress(
+            &out6(proto::ICMPV6, &echo(ICMPV6_ECHO_REQUEST, 5)),
+            true,
+            TEST_IF,
+            50 * S,
+        );
+        assert_edge_steps(
+            &mut m,
+            &[
+                (
+                    51,
+                    &in6(proto::ICMPV6, &echo(ICMPV6_ECHO_REPLY, 5)),
+                    reason::PASS_REPLY,
+                    "v6",
+                ),
+                (
+                    51,
+                    &in6(proto::ICMPV6, &echo(ICMP_ECHO_REPLY, 5)),
+                    reason::DROP_PROTOCOL_NOT_ALLOWED,
+                    "v4 type in v6",
+                ),
+            ],
+        );
+    }
+
+    #[test]
+    #[expect(clippy::too_many_lines, reason = "one scenario, step by step")]
+    fn icmp_errors_pass_only_about_live_flows() {
+        let mut m = host(EchoRate::default());
+        m.egress(&out4(proto::UDP, &datagram(40_000, 53)), true, TEST_IF, 0);
+        m.egress(
+            &out4(proto::TCP, &segment(40_001, 443, tcp_flag::SYN)),
+            true,
+            TEST_IF,
+            0,
+        );
+        m.egress(&out4(proto::ICMP, &echo(ICMP_ECHO_REQUEST, 9)), true, TEST_IF, 0);
+        let router = [203, 0, 113, 1];
+        let err = |kind, code, quote: &[u8]| eth4(router, proto::ICMP, &error(kind, code, quote));
+        let udp = quote4(proto::UDP, &datagram(40_000, 53));
+        let mut fragment = udp.clone();
+        fragment[6..8].copy_from_slice(&[0, 1]);
+        let with_options = {
+            let mut q = ipv4_between(
+                HOST_V4,
+                REMOTE_V4,
+                proto::UDP,
+                &[1, 1, 1, 0],
+                &datagram(40_000, 53),
+            );
+            q.truncate(IPV4_LEN + 4 + 8);
+            q
+        };
+        // The outer length ends one byte before the quoted ports do.
+        let mut short_outer = err(3, 4, &udp);
+        let total = IPV4_LEN + ICMP_LEN + udp.len() - 1;
+        short_outer[ETHERNET_LEN + 2..ETHERNET_LEN + 4]
+            .copy_from_slice(&u16::try_from(total).expect("fits").to_be_bytes());
+        let v6_in_v4 = quote6(proto::UDP, &datagram(40_000, 53));
+        assert_edge_steps(
+            &mut m,
+            &[
+                (
+                    1,
+                    &err(3, 4, &udp),
+                    reason::PASS_ICMP_RELATED,
+                    "fragmentation needed",
+                ),
+                (
+                    1,
+                    &err(3, 3, &udp),
+                    reason::PASS_ICMP_RELATED,
+                    "port unreachable",
+                ),
+                (
+                    1,
+                    &err(
+                        11,
+                        0,
+                        &quote4(proto::TCP, &segment(40_001, 443, tcp_flag::SYN)),
+                    ),
+                    reason::PASS_ICMP_RELATED,
+                    "time exceeded, tcp",
+                ),
+                (
+                    1,
+                    &err(3, 1, &quote4(proto::ICMP, &echo(ICMP_ECHO_REQUEST, 9))),
+                    reason::PASS_ICMP_RELATED,
+                    "host unreachable, echo",
+                ),
+                (
+                    1,
+                    &err(3, 4, &with_options),
+                    reason::PASS_ICMP_RELATED,
+                    "quote with ip options",
+                ),
+                (
+                    1,
+                    &err(3, 4, &quote4(proto::UDP, &datagram(40_000, 54))),
+                    reason::DROP_ICMP_UNRELATED,
+                    "another flow",
+                ),
+                (
+                    1,
+                    &err(3, 1, &quote4(proto::ICMP, &echo(ICMP_ECHO_REPLY, 9))),
+                    reason::DROP_ICMP_UNRELATED,
+                    "quoting an echo reply",
+                ),
+                (
+                    1,
+                    &err(3, 4, &udp[..IPV4_LEN + 7]),
+                    reason::DROP_ICMP_UNRELATED,
+                    "truncated quote",
+                ),
+                (
+                    1,
+                    &err(3, 4, &udp[..IPV4_LEN - 1]),
+                    reason::DROP_ICMP_UNRELATED,
+                    "quote without an ip header",
+                ),
+                (
+                    1,
+                    &err(3, 4, &fragment),
+                    reason::DROP_ICMP_UNRELATED,
+                    "quoted later fragment",
+                ),
+                (
+                    1,
+                    &short_outer,
+                    reason::DROP_ICMP_UNRELATED,
+                    "quote past the outer length",
+                ),
+                (
+                    1,
+                    &err(3, 4, &v6_in_v4),
+                    reason::DROP_ICMP_UNRELATED,
+                    "v6 quoted in v4",
+                ),
+                (
+                    1,
+                    &err(5, 0, &udp),
+                    reason::DROP_PROTOCOL_NOT_ALLOWED,
+                    "redirect",
+                ),
+                (
+                    1,
+                    &err(12, 0, &udp),
+                    reason::DROP_PROTOCOL_NOT_ALLOWED,
+                    "parameter problem",
+                ),
+                (
+                    30,
+                    &err(3, 4, &udp),
+                    reason::PASS_ICMP_RELATED,
+                    "30 s: still live",
+                ),
+                (
+                    31,
+                    &err(3, 4, &udp),
+                    reason::DROP_ICMP_UNRELATED,
+                    "errors do not refresh",
+                ),
+            ],
+        );
+        let short = eth4(router, proto::ICMP, &error(3, 4, &[])[..7]);
+        assert_edge_steps(
+            &mut m,
+            &[(31, &short, reason::DROP_MALFORMED, "7-byte icmp error")],
+        );
+
+        m.egress(&out6(proto::UDP, &datagram(40_000, 53)), true, TEST_IF, 40 * S);
+        let udp6 = quote6(proto::UDP, &datagram(40_000, 53));
+        let err6 =
+            |kind, quote: &[u8]| eth6("2001:db8:ffff::1", proto::ICMPV6, &error(kind, 0, quote));
+        let behind_ext = quote6(
+            IPV6_HOP_BY_HOP,
+            &[extension(proto::UDP, 8), datagram(40_000, 53)].concat(),
+        );
+        assert_edge_steps(
+            &mut m,
+            &[
+                (
+                    41,
+                    &err6(ICMPV6_PACKET_TOO_BIG, &udp6),
+                    reason::PASS_ICMP_RELATED,
+                    "packet too big",
+                ),
+                (
+                    41,
+                    &err6(ICMPV6_DEST_UNREACHABLE, &udp6),
+                    reason::PASS_ICMP_RELATED,
+                    "unreachable",
+                ),
+                (
+                    41,
+                    &err6(ICMPV6_TIME_EXCEEDED, &udp6),
+                    reason::PASS_ICMP_RELATED,
+                    "time exceeded",
+                ),
+                (
+                    41,
+                    &err6(ICMPV6_PACKET_TOO_BIG, &behind_ext),
+                    reason::DROP_ICMP_UNRELATED,
+                    "extension header in the quote",
+                ),
+                (
+                    41,
+                    &err6(ICMPV6_PACKET_TOO_BIG, &udp),
+                    reason::DROP_ICMP_UNRELATED,
+                    "v4 quoted in v6",
+                ),
+                (
+                    41,
+                    &err6(4, &udp6),
+                    reason::DROP_PROTOCOL_NOT_ALLOWED,
+                    "parameter problem",
+                ),
+            ],
+        );
+    }
+
+    #[test]
+    fn echo_requests_are_rate_limited_per_source() {
+        let mut m = host(EchoRate {
+            ns_per_token: S,
+            burst: 3,
+        });
+        let ping = |src| eth4(src, proto::ICMP, &echo(ICMP_ECHO_REQUEST, 1));
+        let (a, b) = (ping(REMOTE_V4), ping(NEIGHBOR_V4));
+        let (pass, limited) = (reason::PASS_ICMP_ECHO, reason::DROP_ICMP_RATE);
+        let steps: &[(u64, &[u8], u32, &str)] = &[
+            (0, &a, pass, "a: burst 1"),
+            (0, &a, pass, "a: burst 2"),
+            (0, &a, pass, "a: burst 3"),
+            (0, &a, limited, "a: over"),
+            (0, &b, pass, "b has its own bucket"),
+        ];
+        assert_edge_steps(&mut m, steps);
+        let ns = |at_ns, frame: &[u8]| m.clone().edge_ingress(frame, TEST_IF, at_ns);
+        assert_eq!(ns(S - 1, &a), limited, "a token takes a whole second");
+        // Refills count from the last refill, not from the last echo.
+        let mut at = |at_ns, want, what| {
+            let got = m.edge_ingress(&a, TEST_IF, at_ns);
+            assert_eq!(reason::name(got), reason::name(want), "{what}");
+        };
+        at(S + S / 2, pass, "1.5 s: one token");
+        at(S + S / 2, limited, "and only one");
+        at(2 * S + S / 2 - 1, limited, "not yet");
+        at(2 * S + S / 2, pass, "2.5 s");
+        at(100 * S, pass, "a long silence");
+        at(100 * S, pass, "refills the burst");
+        at(100 * S, pass, "but no more");
+        at(100 * S, limited, "than the burst");
+        let v6 = eth6(REMOTE_V6, proto::ICMPV6, &echo(ICMPV6_ECHO_REQUEST, 1));
+        assert_edge_steps(&mut m, &[(100, &v6, pass, "v6 source")]);
+
+        let mut off = host(EchoRate {
+            ns_per_token: 0,
+            burst: 3,
+        });
+        assert_edge_steps(&mut off, &[(0, &a, limited, "rate 0 drops the first echo")]);
+        // The tunnel has grants, not rates.
+        let t = |src, kind| ipv4(src, proto::ICMP, &[], &echo(kind, 1));
+        let decision = |m: &mut StatefulModel, p: &[u8]| {
+            m.tunnel_ingress(p, false, TEST_IF, 0)
+                .map(|d| reason::name(d.reason))
+        };
+        assert_eq!(
+            decision(&mut m, &t(NARROW, ICMP_ECHO_REQUEST)),
+            Some("not_granted")
+        );
+        assert_eq!(
+            decision(&mut m, &t(APP, ICMP_ECHO_REQUEST)),
+            Some("icmp_granted")
+        );
+    }
+
+    #[test]
+    fn tunnel_replies_and_errors_use_the_same_flows() {
+        let mut m = host(EchoRate::default());
+        let local = [10, 100, 0, 1];
+        let out = ipv4_between(
+            local,
+            APP,
+            proto::TCP,
+            &[],
+            &segment(40_000, 9000, tcp_flag::SYN),
+        );
+        m.egress(&out, false, TEST_IF, 0);
+        let back =
+            |src, flags| ipv4_between(src, local, proto::TCP, &[], &segment(9000, 40_000, flags));
+        let decide = |m: &mut StatefulModel, p: &[u8]| {
+            m.tunnel_ingress(p, false, TEST_IF, S)
+                .map(|d| (reason::name(d.reason), d.peer))
+        };
+        let syn_ack = tcp_flag::SYN | tcp_flag::ACK;
+        assert_eq!(
+            decide(&mut m, &back(APP, syn_ack)),
+            Some(("reply", Some(0)))
+        );
+        assert_eq!(
+            decide(&mut m, &back(APP, tcp_flag::SYN)),
+            Some(("not_granted", Some(0))),
+            "a syn is never a reply"
+        );
+        assert_eq!(
+            decide(&mut m, &back(NARROW, syn_ack)),
+            Some(("not_granted", Some(1))),
+            "another peer's address"
+        );
+        let mut quote = out.clone();
+        quote.truncate(IPV4_LEN + 8);
+        let error_from = |src| ipv4_between(src, local, proto::ICMP, &[], &error(3, 4, &quote));
+        assert_eq!(
+            decide(&mut m, &error_from(STRANGER)),
+            Some(("icmp_related", None)),
+            "a router inside the tunnel owns no peer address"
+        );
+        let mut other = quote.clone();
+        other[IPV4_LEN + 1] ^= 1;
+        let unrelated = ipv4_between(APP, local, proto::ICMP, &[], &error(3, 4, &other));
+        assert_eq!(
+            decide(&mut m, &unrelated),
+            Some(("icmp_unrelated", Some(0)))
+        );
+        // The tunnel egress program may see Ethernet frames (TUNNEL_L2).
+        let framed = ethernet(
+            ETHERTYPE_IPV4,
+            &ipv4_between(local, APP, proto::UDP, &[], &datagram(40_000, 7)),
+        );
+        m.egress(&framed, true, TEST_IF, 0);
+        let dgram = ethernet(
+            ETHERTYPE_IPV4,
+            &ipv4_between(APP, local, proto::UDP, &[], &datagram(7, 40_000)),
+        );
+        assert_eq!(
+            m.tunnel_ingress(&dgram, true, TEST_IF, S).map(|d| d.reason),
+            Some(reason::PASS_REPLY)
+        );
+        let edge_only =
+            StatefulModel::new(&edge_policy(), None, &settings()).tunnel_ingress(&dgram, true, TEST_IF, 0);
+        assert_eq!(edge_only, None, "no tunnel policy, no tunnel decisions");
+    }
+
+    #[test]
+    fn stateless_verdicts_are_a_fresh_program() {
+        let m = edge();
+        let request = eth4(OTHER_V4, proto::ICMP, &echo(ICMP_ECHO_REQUEST, 1));
+        assert_edge(&m, &request, reason::PASS_ICMP_ECHO, "a fresh bucket");
+        assert_edge(
+            &m,
+            &request,
+            reason::PASS_ICMP_ECHO,
+            "still fresh: no state is kept",
+        );
+        let silent = EdgeModel::new(&EdgePolicy {
+            icmp_echo: EchoRate {
+                ns_per_token: 0,
+                burst: 5,
+            },
+            ..edge_policy()
+        });
+        assert_edge(&silent, &request, reason::DROP_ICMP_RATE, "rate 0");
+        let quote = quote4(proto::UDP, &datagram(40_000, 53));
+        let err = eth4(OTHER_V4, proto::ICMP, &error(3, 4, &quote));
+        assert_edge(
+            &m,
+            &err,
+            reason::DROP_ICMP_UNRELATED,
+            "no flow to relate to",
+        );
+        let reply = eth4(OTHER_V4, proto::UDP, &datagram(53, 40_000));
+        assert_edge(
+            &m,
+            &reply,
+            reason::DROP_PORT_NOT_ALLOWED,
+            "no flow to reply to",
+        );
+        let t = tunnel();
+        let err = |src| ipv4(src, proto::ICMP, &[], &error(11, 0, &quote));
+        assert_tunnel(
+            t.verdict(&err(APP), false),
+            reason::DROP_ICMP_UNRELATED,
+            Some(0),
+            "peer",
+        );
+        assert_tunnel(
+            t.verdict(&err(STRANGER), false),
+            reason::DROP_ICMP_UNRELATED,
+            None,
+            "stranger",
+        );
+        let answer = ipv4(APP, proto::ICMP, &[], &echo(ICMP_ECHO_REPLY, 1));
+        assert_tunnel(
+            t.verdict(&answer, false),
+            reason::DROP_PROTOCOL_NOT_ALLOWED,
+            Some(0),
+            "pong",
         );
     }
 }

@@ -144,11 +144,78 @@ pub struct TunnelPolicy {
     pub runtime_grants: PathBuf,
 }
 
-/// Where decisions are written.
+/// Field names of the audit records (`audit.format`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AuditFormat {
+    /// Elastic Common Schema.
+    #[default]
+    Ecs,
+    /// OCSF 4001 Network Activity.
+    Ocsf,
+}
+
+impl AuditFormat {
+    /// The configuration-file spelling.
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Ecs => "ecs",
+            Self::Ocsf => "ocsf",
+        }
+    }
+}
+
+/// Forwarding of every audit record to a syslog collector (`[audit.syslog]`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SyslogSettings {
+    /// `HOST:PORT` of an RFC 5424 collector over TCP (`audit.syslog.address`).
+    pub address: String,
+    /// Records held while the collector is slow or away; more are dropped
+    /// and counted (`audit.syslog.queue`).
+    pub queue: usize,
+}
+
+impl SyslogSettings {
+    /// `audit.syslog.queue` when the file does not set it.
+    pub const DEFAULT_QUEUE: usize = 10_000;
+}
+
+/// Where and how decisions are written.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AuditSettings {
     /// JSON Lines file (`audit.path`).
     pub path: PathBuf,
+    pub format: AuditFormat,
+    /// Size at which the file is rotated (`audit.rotate_bytes`); 0 never rotates.
+    pub rotate_bytes: u64,
+    /// Rotated files kept, `path.1` (newest) to `path.KEEP` (`audit.keep`, at
+    /// least 1).
+    pub keep: u32,
+    /// Longest time a written record waits for `fdatasync` (`audit.fsync_ms`).
+    pub fsync: Duration,
+    pub syslog: Option<SyslogSettings>,
+}
+
+impl AuditSettings {
+    /// `audit.rotate_bytes` when the file does not set it: 100 MiB.
+    pub const DEFAULT_ROTATE_BYTES: u64 = 100 << 20;
+    /// `audit.keep` when the file does not set it.
+    pub const DEFAULT_KEEP: u32 = 10;
+    /// `audit.fsync_ms` when the file does not set it.
+    pub const DEFAULT_FSYNC: Duration = Duration::from_millis(100);
+
+    /// The settings for `path` with every other key at its default.
+    #[must_use]
+    pub fn new(path: PathBuf) -> Self {
+        Self {
+            path,
+            format: AuditFormat::default(),
+            rotate_bytes: Self::DEFAULT_ROTATE_BYTES,
+            keep: Self::DEFAULT_KEEP,
+            fsync: Self::DEFAULT_FSYNC,
+            syslog: None,
+        }
+    }
 }
 
 /// A whole validated configuration.

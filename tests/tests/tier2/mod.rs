@@ -18,8 +18,8 @@
 //!   device. For `tunnel_l2 = false` the input is simply the bare IP packet:
 //!   its first 14 bytes are misread as an Ethernet header by the kernel,
 //!   which only sets `skb->protocol` from them, and the program then parses
-//!   the same bytes as IP, as it would on a WireGuard device.
-//! - TC, also: when bytes 12..14 read as the IPv4 or IPv6 EtherType, the
+//!   the same bytes as IP, as it would on a `WireGuard` device.
+//! - TC, also: when bytes 12..14 read as the IPv4 or IPv6 `EtherType`, the
 //!   kernel refuses (`EINVAL`) inputs shorter than 14 bytes plus a minimal
 //!   IPv4 (20) or IPv6 (40) header. Truncated IP headers therefore reach
 //!   the L2 tunnel program only behind a VLAN tag, and an L3 packet is
@@ -41,7 +41,7 @@ use zt_common::{program, reason};
 use zt_tests::packet::hex_dump;
 use ztxdp::{
     loader::{self, LoadOptions},
-    policy::{EdgePolicy, TunnelPolicy},
+    policy::{EdgePolicy, FlowSettings, TunnelPolicy},
     tables::Tables,
 };
 
@@ -61,29 +61,102 @@ pub struct Run {
     pub reason: u32,
 }
 
-/// Both programs, loaded and configured, with their maps.
+/// The programs, loaded and configured, with their maps.
 pub struct Programs {
     pub ebpf: Ebpf,
     pub tables: Tables,
+    /// Each program's verdict counters after its last run through this
+    /// struct: the next run's "before", which halves the map reads of a
+    /// long differential run. Only runs through [`Self::edge`] and
+    /// [`Self::tunnel`] move these counters in a test, so it stays exact; a
+    /// run that bypassed them would show up as a counter mismatch, not
+    /// pass unnoticed.
+    after_last_run: BTreeMap<u32, BTreeMap<u32, u64>>,
 }
 
 impl Programs {
-    /// Loads both programs and writes the given policies.
+    /// Loads the programs and writes the given policies, with the default
+    /// flow settings, as the daemon does.
     ///
     /// # Panics
     /// When loading or configuring fails (not root, verifier rejection).
     #[must_use]
     pub fn load(tunnel_l2: bool, edge: Option<&EdgePolicy>, tunnel: Option<&TunnelPolicy>) -> Self {
-        let mut ebpf = loader::load(LoadOptions { tunnel_l2 })
+        Self::load_with_flows(tunnel_l2, edge, tunnel, &FlowSettings::default())
+    }
+
+    /// As [`Self::load`], with the given flow timeouts. The echo rate is the
+    /// edge policy's.
+    ///
+    /// # Panics
+    /// As [`Self::load`].
+    #[must_use]
+    pub fn load_with_flows(
+        tunnel_l2: bool,
+        edge: Option<&EdgePolicy>,
+        tunnel: Option<&TunnelPolicy>,
+        flows: &FlowSettings,
+    ) -> Self {
+        let opts = LoadOptions {
+            tunnel_l2,
+            flow_entries: flows.max_entries,
+        };
+        let mut ebpf = loader::load(opts)
             .unwrap_or_else(|e| panic!("loading the BPF programs (tests must run as root): {e:?}"));
-        let mut tables = Tables::from_ebpf(&mut ebpf).unwrap_or_else(|e| panic!("taking the maps: {e:?}"));
+        let mut tables =
+            Tables::from_ebpf(&mut ebpf).unwrap_or_else(|e| panic!("taking the maps: {e:?}"));
+        let echo = edge.map(|e| e.icmp_echo).unwrap_or_default();
+        tables
+            .apply_flows(flows, echo)
+            .unwrap_or_else(|e| panic!("writing the flow settings: {e:?}"));
         if let Some(p) = edge {
-            tables.apply_edge(p).unwrap_or_else(|e| panic!("writing the edge policy: {e:?}"));
+            tables
+                .apply_edge(p)
+                .unwrap_or_else(|e| panic!("writing the edge policy: {e:?}"));
         }
         if let Some(p) = tunnel {
-            tables.apply_tunnel(p).unwrap_or_else(|e| panic!("writing the tunnel policy: {e:?}"));
+            tables
+                .apply_tunnel(p)
+                .unwrap_or_else(|e| panic!("writing the tunnel policy: {e:?}"));
         }
-        Self { ebpf, tables }
+        Self {
+            ebpf,
+            tables,
+            after_last_run: BTreeMap::new(),
+        }
+    }
+
+    /// Runs an egress flow recorder (`zt_edge_out` or `zt_tunnel_out`) on
+    /// an outgoing packet and returns whether it created a flow. Egress is
+    /// never filtered, so anything but `TC_ACT_OK` is a failure.
+    ///
+    /// # Panics
+    /// When the run fails or the program does not return `TC_ACT_OK`.
+    pub fn egress(&mut self, name: &'static str, packet: &[u8]) -> bool {
+        let created = |p: &Self| {
+            p.tables
+                .counters(program::EGRESS)
+                .unwrap_or_else(|e| panic!("reading the egress counters: {e:?}"))
+                .get(&reason::FLOWS_CREATED)
+                .copied()
+                .unwrap_or(0)
+        };
+        let before = created(self);
+        let prog: &mut SchedClassifier = loader::program_mut(&mut self.ebpf, name)
+            .unwrap_or_else(|e| panic!("program {name}: {e:?}"));
+        let r = prog
+            .test_run(TestRunOptions {
+                data_in: Some(packet),
+                ..Default::default()
+            })
+            .unwrap_or_else(|e| panic!("{name}: test run refused: {e:?}\n{}", hex_dump(packet)));
+        assert_eq!(
+            r.return_value,
+            TC_ACT_OK,
+            "{name} must never drop\n{}",
+            hex_dump(packet)
+        );
+        created(self) > before
     }
 
     /// Runs `zt_edge` on `frame`.
@@ -95,11 +168,19 @@ impl Programs {
     /// # Panics
     /// When the counters or the action are inconsistent (see the module docs).
     pub fn edge(&mut self, frame: &[u8]) -> Result<Run, ProgramError> {
-        let before = self.counters(program::EDGE);
+        let before = self.counters_before(program::EDGE);
         let prog: &mut Xdp = loader::program_mut(&mut self.ebpf, program::EDGE_NAME)
             .unwrap_or_else(|e| panic!("program {}: {e:?}", program::EDGE_NAME));
-        let result = prog.test_run(TestRunOptions { data_in: Some(frame), ..Default::default() });
-        self.finish(program::EDGE, &before, result.map(|r| r.return_value), frame)
+        let result = prog.test_run(TestRunOptions {
+            data_in: Some(frame),
+            ..Default::default()
+        });
+        self.finish(
+            program::EDGE,
+            &before,
+            result.map(|r| r.return_value),
+            frame,
+        )
     }
 
     /// Runs `zt_tunnel` on `packet` (an Ethernet frame or a bare IP packet,
@@ -111,11 +192,25 @@ impl Programs {
     /// # Panics
     /// As [`Self::edge`].
     pub fn tunnel(&mut self, packet: &[u8]) -> Result<Run, ProgramError> {
-        let before = self.counters(program::TUNNEL);
+        let before = self.counters_before(program::TUNNEL);
         let prog: &mut SchedClassifier = loader::program_mut(&mut self.ebpf, program::TUNNEL_NAME)
             .unwrap_or_else(|e| panic!("program {}: {e:?}", program::TUNNEL_NAME));
-        let result = prog.test_run(TestRunOptions { data_in: Some(packet), ..Default::default() });
-        self.finish(program::TUNNEL, &before, result.map(|r| r.return_value), packet)
+        let result = prog.test_run(TestRunOptions {
+            data_in: Some(packet),
+            ..Default::default()
+        });
+        self.finish(
+            program::TUNNEL,
+            &before,
+            result.map(|r| r.return_value),
+            packet,
+        )
+    }
+
+    fn counters_before(&mut self, prog: u32) -> BTreeMap<u32, u64> {
+        self.after_last_run
+            .remove(&prog)
+            .unwrap_or_else(|| self.counters(prog))
     }
 
     /// Verdict counters of one program, summed over CPUs.
@@ -135,7 +230,7 @@ impl Programs {
     }
 
     fn finish(
-        &self,
+        &mut self,
         prog: u32,
         before: &BTreeMap<u32, u64>,
         result: Result<u32, ProgramError>,
@@ -149,21 +244,32 @@ impl Programs {
                 (delta != 0).then_some((*code, delta))
             })
             .collect();
+        self.after_last_run.insert(prog, after);
         let action = match result {
             Ok(a) => a,
             Err(e) => {
-                assert!(moved.is_empty(), "refused run still moved counters {moved:?}");
+                assert!(
+                    moved.is_empty(),
+                    "refused run still moved counters {moved:?}"
+                );
                 return Err(e);
             }
         };
         let [(code, 1)] = moved[..] else {
             panic!(
                 "program {prog}: expected exactly one verdict counter to move by one, got {:?}\n{}",
-                moved.iter().map(|(c, n)| (reason::name(*c), *n)).collect::<Vec<_>>(),
+                moved
+                    .iter()
+                    .map(|(c, n)| (reason::name(*c), *n))
+                    .collect::<Vec<_>>(),
                 hex_dump(input)
             );
         };
-        let (pass, drop) = if prog == program::EDGE { (XDP_PASS, XDP_DROP) } else { (TC_ACT_OK, TC_ACT_SHOT) };
+        let (pass, drop) = if prog == program::EDGE {
+            (XDP_PASS, XDP_DROP)
+        } else {
+            (TC_ACT_OK, TC_ACT_SHOT)
+        };
         let want = if reason::is_allow(code) { pass } else { drop };
         assert_eq!(
             action,
@@ -172,7 +278,10 @@ impl Programs {
             reason::name(code),
             hex_dump(input)
         );
-        Ok(Run { action, reason: code })
+        Ok(Run {
+            action,
+            reason: code,
+        })
     }
 }
 
@@ -196,7 +305,11 @@ pub struct Case {
 
 impl Case {
     pub fn new(name: impl Into<String>, input: Vec<u8>, want: u32) -> Self {
-        Self { name: name.into(), input, want }
+        Self {
+            name: name.into(),
+            input,
+            want,
+        }
     }
 }
 
@@ -240,6 +353,12 @@ impl Programs {
                 ));
             }
         }
-        assert!(failures.is_empty(), "{prog:?}: {} of {} cases failed:\n{}", failures.len(), cases.len(), failures.join("\n"));
+        assert!(
+            failures.is_empty(),
+            "{prog:?}: {} of {} cases failed:\n{}",
+            failures.len(),
+            cases.len(),
+            failures.join("\n")
+        );
     }
 }

@@ -1,0 +1,568 @@
+//! Tier 3, the edge (issue 2): the real `ztxdp up` enforcing on the lab's
+//! edge (`zt_tests::lab`), judged by sockets opened in the bastion and
+//! outsider namespaces, by `ztxdp status --json` counters and by the audit
+//! file. Needs root. Each test builds its own lab and tears it down on drop,
+//! also when it fails.
+
+mod e2e;
+
+use std::{net::IpAddr, path::PathBuf, time::Duration};
+
+use e2e::{
+    Daemon, Scratch, assert_all_time_out, assert_connects, assert_times_out, at, attached,
+    audit_lines, counter, expect_audit, expect_counter, has_xdp, is, listen, mac, send_frames,
+    status, udp_socket, ztxdp, ztxdp_cmd,
+};
+use serde_json::Value;
+use zt_tests::{
+    lab::{
+        BASTION_V4, BASTION_V6, EDGE_V4, EDGE_V6, HOST_INTERFACE, Lab, OUTSIDER_V4, OUTSIDER_V6,
+    },
+    packet::{Ethernet, Ipv4, Ipv6, Transport, ethertype},
+};
+
+const SSH: u16 = 22;
+const POSTGRES: u16 = 5432;
+const WIREGUARD: u16 = 51820;
+/// Nothing listens here and the edge policy does not open it.
+const CLOSED_UDP: u16 = 9;
+
+/// The lab's policy, with the audit file in `scratch`; `edge_lines` replaces
+/// the `[edge]` table's body (lines 2-5), so errors have known lines.
+fn config_text(scratch: &Scratch, edge_lines: &str) -> String {
+    format!(
+        "[edge]\n{edge_lines}\n\n[audit]\npath = \"{}\"\n",
+        scratch.path("audit.jsonl").display()
+    )
+}
+
+/// Lines 2-5 of a valid config: the lab's own policy.
+const EDGE_LINES: &str = "interface = \"eth0\"\n\
+    wireguard_ports = [51820]\n\
+    ssh_port = 22\n\
+    ssh_allow = [\"10.77.0.2/32\", \"fd77::2/128\"]";
+
+/// A lab with `ztxdp up` enforcing on the edge. Fields drop in order: the
+/// daemon first, the namespaces last.
+struct Edge {
+    daemon: Daemon,
+    lab: Lab,
+    config: PathBuf,
+    scratch: Scratch,
+}
+
+impl Edge {
+    fn start(tag: &str) -> Self {
+        let scratch = Scratch::new(tag);
+        let lab = Lab::create().unwrap_or_else(|e| panic!("building the lab (root?): {e:?}"));
+        let config = scratch.write("ztxdp.toml", &config_text(&scratch, EDGE_LINES));
+        let daemon = Daemon::start(lab.edge(), &config, &[], scratch.path("daemon-1.log"));
+        Self {
+            daemon,
+            lab,
+            config,
+            scratch,
+        }
+    }
+
+    fn audit(&self) -> PathBuf {
+        self.scratch.path("audit.jsonl")
+    }
+
+    fn counter(&self, reason: &str) -> u64 {
+        counter(&status(self.lab.edge()), "edge", reason)
+    }
+}
+
+#[test]
+fn only_the_bastion_reaches_ssh_over_ipv4_and_ipv6() {
+    let edge = Edge::start("ssh");
+    let (bastion, outsider) = (edge.lab.bastion(), edge.lab.outsider());
+    let _ssh = listen(edge.lab.edge(), SSH);
+    let _postgres = listen(edge.lab.edge(), POSTGRES);
+
+    let v4 = assert_connects(bastion, at(EDGE_V4, SSH), "bastion SSH over IPv4");
+    let v6 = assert_connects(bastion, at(EDGE_V6, SSH), "bastion SSH over IPv6");
+    assert_all_time_out(&[
+        (outsider, at(EDGE_V4, SSH), "outsider SSH over IPv4"),
+        (outsider, at(EDGE_V6, SSH), "outsider SSH over IPv6"),
+        (
+            outsider,
+            at(EDGE_V4, POSTGRES),
+            "outsider to 5432 over IPv4",
+        ),
+        (
+            outsider,
+            at(EDGE_V6, POSTGRES),
+            "outsider to 5432 over IPv6",
+        ),
+        (
+            bastion,
+            at(EDGE_V4, POSTGRES),
+            "bastion to a port other than SSH",
+        ),
+    ]);
+
+    // One allow line per SYN, with the exact ports of the connection.
+    for (stream, source) in [(&v4, IpAddr::V4(BASTION_V4)), (&v6, IpAddr::V6(BASTION_V6))] {
+        let port = stream
+            .local_addr()
+            .unwrap_or_else(|e| panic!("local address: {e}"))
+            .port();
+        let line = expect_audit(
+            &edge.audit(),
+            &format!("the SSH allow from {source}"),
+            |l| {
+                is(l, "/event/action", &"allow".into())
+                    && is(l, "/source/ip", &source.to_string().into())
+                    && is(l, "/source/port", &port.into())
+            },
+        );
+        assert!(is(&line, "/event/reason", &"ssh_allowed".into()), "{line}");
+        assert!(
+            is(&line, "/destination/port", &SSH.into()),
+            "destination.port must be the number 22: {line}"
+        );
+        assert!(is(&line, "/network/transport", &"tcp".into()), "{line}");
+    }
+    for (source, port, reason) in [
+        (IpAddr::V4(OUTSIDER_V4), SSH, "ssh_source_not_allowed"),
+        (IpAddr::V6(OUTSIDER_V6), SSH, "ssh_source_not_allowed"),
+        (IpAddr::V4(OUTSIDER_V4), POSTGRES, "port_not_allowed"),
+        (IpAddr::V6(OUTSIDER_V6), POSTGRES, "port_not_allowed"),
+        (IpAddr::V4(BASTION_V4), POSTGRES, "port_not_allowed"),
+    ] {
+        let line = expect_audit(
+            &edge.audit(),
+            &format!("{reason} for {source} to {port}"),
+            |l| {
+                is(l, "/event/action", &"deny".into())
+                    && is(l, "/source/ip", &source.to_string().into())
+                    && is(l, "/destination/port", &port.into())
+            },
+        );
+        assert!(is(&line, "/event/reason", &reason.into()), "{line}");
+        assert!(
+            line.pointer("/source/port").is_some_and(Value::is_u64),
+            "source.port must be a number: {line}"
+        );
+    }
+    for line in audit_lines(&edge.audit()) {
+        if line.pointer("/event/action") == Some(&"suppressed".into()) {
+            continue;
+        }
+        assert!(
+            line.pointer("/@timestamp").is_some_and(Value::is_string),
+            "no @timestamp: {line}"
+        );
+        assert!(
+            is(
+                &line,
+                "/observer/ingress/interface/name",
+                &HOST_INTERFACE.into()
+            ),
+            "wrong or missing observer.ingress.interface.name: {line}"
+        );
+    }
+}
+
+#[test]
+fn udp_passes_only_to_wireguard_ports_and_counters_are_exact() {
+    const SENT: u64 = 10;
+    const CLOSED_SENT: u64 = 25;
+    let edge = Edge::start("udp");
+    let outsider = edge.lab.outsider();
+    let wireguard = udp_socket(edge.lab.edge(), at(IpAddr::from([0u8; 16]), WIREGUARD));
+    let sender = udp_socket(outsider, at(IpAddr::from([0u8; 16]), 0));
+    let mut buf = [0u8; 64];
+    // Resolves the neighbours first, so every datagram below is sent at once.
+    for target in [at(EDGE_V4, WIREGUARD), at(EDGE_V6, WIREGUARD)] {
+        sender
+            .send_to(b"warm-up", target)
+            .unwrap_or_else(|e| panic!("send to {target}: {e}"));
+        wireguard
+            .recv_from(&mut buf)
+            .unwrap_or_else(|e| panic!("the warm-up datagram to {target} did not arrive: {e}"));
+    }
+
+    let before = status(edge.lab.edge());
+    for i in 0..SENT {
+        let target = if i % 2 == 0 {
+            at(EDGE_V4, WIREGUARD)
+        } else {
+            at(EDGE_V6, WIREGUARD)
+        };
+        sender
+            .send_to(&i.to_be_bytes(), target)
+            .unwrap_or_else(|e| panic!("send to {target}: {e}"));
+    }
+    let mut received = Vec::new();
+    for _ in 0..SENT {
+        let (n, from) = wireguard.recv_from(&mut buf).unwrap_or_else(|e| {
+            panic!(
+                "datagram {} of {SENT} to 51820 did not arrive: {e}",
+                received.len() + 1
+            )
+        });
+        assert_eq!(n, 8, "datagram from {from} has the wrong size");
+        received.push(u64::from_be_bytes(buf[..8].try_into().unwrap_or_default()));
+    }
+    received.sort_unstable();
+    assert_eq!(
+        received,
+        (0..SENT).collect::<Vec<_>>(),
+        "datagrams to 51820 lost or changed"
+    );
+    expect_counter(
+        edge.lab.edge(),
+        "edge",
+        "wireguard",
+        counter(&before, "edge", "wireguard"),
+        SENT,
+    );
+
+    let closed = counter(&status(edge.lab.edge()), "edge", "port_not_allowed");
+    for _ in 0..CLOSED_SENT {
+        sender
+            .send_to(b"closed", at(EDGE_V4, CLOSED_UDP))
+            .unwrap_or_else(|e| panic!("send: {e}"));
+    }
+    expect_counter(
+        edge.lab.edge(),
+        "edge",
+        "port_not_allowed",
+        closed,
+        CLOSED_SENT,
+    );
+    expect_audit(&edge.audit(), "a deny of UDP to the closed port", |l| {
+        is(l, "/event/reason", &"port_not_allowed".into())
+            && is(l, "/network/transport", &"udp".into())
+            && is(l, "/destination/port", &CLOSED_UDP.into())
+            && is(l, "/source/ip", &OUTSIDER_V4.to_string().into())
+    });
+
+    let now = status(edge.lab.edge());
+    let e = &now["edge"];
+    assert_eq!(e["interface"], HOST_INTERFACE, "{now:#}");
+    assert_eq!(
+        e["mode"], "native",
+        "a veth with GRO runs XDP natively: {now:#}"
+    );
+    assert!(e["program_id"].as_u64().is_some_and(|id| id > 0), "{now:#}");
+    for (map, entries) in [("ssh_allow_v4", 1), ("ssh_allow_v6", 1), ("udp_ports", 1)] {
+        assert_eq!(e["maps"][map], entries, "fill level of {map}: {now:#}");
+    }
+    assert!(now["tunnel"].is_null(), "no tunnel was configured: {now:#}");
+}
+
+#[test]
+fn arp_and_neighbour_discovery_work_from_cold_caches() {
+    let edge = Edge::start("arp");
+    let bastion = edge.lab.bastion();
+    let _ssh = listen(edge.lab.edge(), SSH);
+    for ns in [edge.lab.edge(), bastion] {
+        ns.ip(&["neigh", "flush", "all"])
+            .unwrap_or_else(|e| panic!("flushing neighbours in {}: {e}", ns.name()));
+    }
+    let (arp, nd) = (edge.counter("arp"), edge.counter("neighbor_discovery"));
+    assert_connects(
+        bastion,
+        at(EDGE_V4, SSH),
+        "bastion SSH over IPv4 with cold ARP caches",
+    );
+    assert_connects(
+        bastion,
+        at(EDGE_V6, SSH),
+        "bastion SSH over IPv6 with cold neighbour caches",
+    );
+    assert!(
+        edge.counter("arp") > arp,
+        "no ARP passed the edge, yet the connection needed it"
+    );
+    assert!(
+        edge.counter("neighbor_discovery") > nd,
+        "no neighbour discovery passed the edge, yet the connection needed it"
+    );
+}
+
+#[test]
+fn vlan_tagged_frames_are_judged_by_their_inner_header() {
+    const EACH: u64 = 5;
+    let edge = Edge::start("vlan");
+    let outsider = edge.lab.outsider();
+    let link = Ethernet {
+        dst: mac(edge.lab.edge(), HOST_INTERFACE),
+        src: mac(outsider, HOST_INTERFACE),
+        tags: Vec::new(),
+    };
+    let vlan = link.clone().tag(ethertype::VLAN, 100);
+    let qinq = link.tag(ethertype::QINQ, 200).tag(ethertype::VLAN, 100);
+    // The outsider's veth sends all of them; only the inner headers differ.
+    let cases = [
+        (
+            "ssh_allowed",
+            vlan.ipv4(&Ipv4::new(BASTION_V4, EDGE_V4), &Transport::tcp_syn(SSH)),
+        ),
+        (
+            "port_not_allowed",
+            vlan.ipv4(
+                &Ipv4::new(BASTION_V4, EDGE_V4),
+                &Transport::tcp_syn(POSTGRES),
+            ),
+        ),
+        (
+            "ssh_source_not_allowed",
+            qinq.ipv4(&Ipv4::new(OUTSIDER_V4, EDGE_V4), &Transport::tcp_syn(SSH)),
+        ),
+        (
+            "wireguard",
+            qinq.ipv6(&Ipv6::new(OUTSIDER_V6, EDGE_V6), &Transport::udp(WIREGUARD)),
+        ),
+    ];
+    let before = status(edge.lab.edge());
+    let frames: Vec<Vec<u8>> = cases
+        .iter()
+        .flat_map(|(_, frame)| {
+            std::iter::repeat_n(frame.clone(), usize::try_from(EACH).unwrap_or_default())
+        })
+        .collect();
+    send_frames(outsider, HOST_INTERFACE, &frames);
+    for (reason, _) in &cases {
+        expect_counter(
+            edge.lab.edge(),
+            "edge",
+            reason,
+            counter(&before, "edge", reason),
+            EACH,
+        );
+    }
+    for reason in ["malformed", "unsupported_l3"] {
+        assert_eq!(
+            edge.counter(reason),
+            counter(&before, "edge", reason),
+            "a tagged frame was counted as {reason}: the tags were not parsed"
+        );
+    }
+}
+
+#[test]
+fn enforcement_survives_kill_9_and_takeover_until_down() {
+    let mut edge = Edge::start("kill");
+    let (bastion, outsider, host) = (edge.lab.bastion(), edge.lab.outsider(), edge.lab.edge());
+    let _ssh = listen(host, SSH);
+    assert_connects(bastion, at(EDGE_V4, SSH), "bastion before the kill");
+    let first_id = status(host)["edge"]["program_id"].clone();
+
+    edge.daemon.kill9();
+    assert!(
+        has_xdp(host, HOST_INTERFACE),
+        "the XDP program went away with the daemon"
+    );
+    let after_kill = status(host);
+    assert_eq!(
+        after_kill["edge"]["program_id"], first_id,
+        "status after the kill shows another program"
+    );
+    assert_all_time_out(&[
+        (outsider, at(EDGE_V4, SSH), "outsider after kill -9"),
+        (outsider, at(EDGE_V6, SSH), "outsider after kill -9"),
+    ]);
+    assert_connects(bastion, at(EDGE_V4, SSH), "bastion after kill -9");
+    assert_connects(bastion, at(EDGE_V6, SSH), "bastion after kill -9");
+    let dropped = counter(&status(host), "edge", "port_not_allowed");
+    let sender = udp_socket(outsider, at(IpAddr::from([0u8; 4]), 0));
+    for _ in 0..7 {
+        sender
+            .send_to(b"x", at(EDGE_V4, CLOSED_UDP))
+            .unwrap_or_else(|e| panic!("send: {e}"));
+    }
+    expect_counter(host, "edge", "port_not_allowed", dropped, 7);
+
+    // A new `up` replaces the orphaned program in place.
+    let mut second = Daemon::start(host, &edge.config, &[], edge.scratch.path("daemon-2.log"));
+    let taken = status(host);
+    assert_ne!(
+        taken["edge"]["program_id"], first_id,
+        "the second `up` did not replace the program"
+    );
+    assert_eq!(taken["edge"]["mode"], "native", "{taken:#}");
+    assert_times_out(outsider, at(EDGE_V4, SSH), "outsider after the takeover");
+    assert_connects(bastion, at(EDGE_V4, SSH), "bastion after the takeover");
+
+    // A third `up` while the second runs: the second sees it was replaced and leaves.
+    let mut third = Daemon::start(host, &edge.config, &[], edge.scratch.path("daemon-3.log"));
+    let left = second.wait_exit(Duration::from_secs(10));
+    assert!(
+        left.is_some_and(|s| s.success()),
+        "the replaced daemon did not exit 0 within 10 s ({left:?}); its log:\n{}",
+        second.log()
+    );
+    assert!(
+        has_xdp(host, HOST_INTERFACE),
+        "the replaced daemon took the new program with it"
+    );
+    assert_times_out(
+        outsider,
+        at(EDGE_V4, SSH),
+        "outsider after the second takeover",
+    );
+
+    let down = ztxdp(host, &["down"]);
+    let said = String::from_utf8_lossy(&down.stdout);
+    assert!(
+        down.status.success(),
+        "`ztxdp down` failed: {}",
+        String::from_utf8_lossy(&down.stderr)
+    );
+    assert!(
+        said.contains(HOST_INTERFACE),
+        "`down` did not say what it removed: {said}"
+    );
+    let left = third.wait_exit(Duration::from_secs(10));
+    assert!(
+        left.is_some(),
+        "the daemon kept running after `down`; its log:\n{}",
+        third.log()
+    );
+    let left = attached(host, HOST_INTERFACE);
+    assert!(left.is_empty(), "still attached after `down`: {left:?}");
+    let gone = ztxdp(host, &["status"]);
+    assert_eq!(
+        gone.status.code(),
+        Some(1),
+        "`status` with nothing attached must exit 1"
+    );
+    assert_connects(
+        outsider,
+        at(EDGE_V4, SSH),
+        "outsider once enforcement is removed",
+    );
+    assert_eq!(
+        ztxdp(host, &["down"]).status.code(),
+        Some(1),
+        "a second `down` has nothing to remove"
+    );
+}
+
+#[test]
+fn bad_config_is_refused_with_key_and_line_and_nothing_attached() {
+    let scratch = Scratch::new("badcfg");
+    let lab = Lab::create().unwrap_or_else(|e| panic!("building the lab (root?): {e:?}"));
+    let cases = [
+        (
+            "unknown key",
+            EDGE_LINES.replace("ssh_port = 22", "ssh_port = 22\nbogus = 1"),
+            5,
+            "edge.bogus",
+        ),
+        (
+            "bad CIDR",
+            EDGE_LINES.replace("\"fd77::2/128\"", "\"10.77.0.0/33\""),
+            5,
+            "edge.ssh_allow[1]",
+        ),
+        (
+            "port 0",
+            EDGE_LINES.replace("[51820]", "[0]"),
+            3,
+            "edge.wireguard_ports[0]",
+        ),
+        (
+            "port 70000",
+            EDGE_LINES.replace("ssh_port = 22", "ssh_port = 70000"),
+            4,
+            "edge.ssh_port",
+        ),
+        (
+            "missing interface",
+            EDGE_LINES.replace("\"eth0\"", "\"eth9\""),
+            2,
+            "edge.interface",
+        ),
+    ];
+    for (what, lines, line, key) in cases {
+        let config = scratch.write("bad.toml", &config_text(&scratch, &lines));
+        let out = ztxdp(
+            lab.edge(),
+            &["up", "--config", &config.display().to_string()],
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{what}: exit code; stderr:\n{stderr}"
+        );
+        let located = format!("{}:{line}: {key}", config.display());
+        assert!(
+            stderr.contains(&located),
+            "{what}: stderr does not name `{located}`:\n{stderr}"
+        );
+        let left = attached(lab.edge(), HOST_INTERFACE);
+        assert!(
+            left.is_empty(),
+            "{what}: attached despite the bad config: {left:?}"
+        );
+        assert!(
+            !scratch.path("audit.jsonl").exists(),
+            "{what}: the audit file was created"
+        );
+        assert_eq!(
+            ztxdp(lab.edge(), &["status"]).status.code(),
+            Some(1),
+            "{what}: something is attached"
+        );
+    }
+}
+
+#[test]
+fn lockout_protection_refuses_unless_allowed() {
+    let scratch = Scratch::new("lockout");
+    let lab = Lab::create().unwrap_or_else(|e| panic!("building the lab (root?): {e:?}"));
+    let config = scratch.write("ztxdp.toml", &config_text(&scratch, EDGE_LINES));
+    let up = |ssh_client: &str, extra: &[&str]| {
+        let mut command = ztxdp_cmd(
+            lab.edge(),
+            &["up", "--config", &config.display().to_string()],
+        );
+        command
+            .args(extra)
+            .env("SSH_CONNECTION", format!("{ssh_client} 50022 10.77.0.1 22"));
+        command
+    };
+
+    let refused = e2e::run_bounded(&mut up("192.0.2.77", &[]));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(
+        refused.status.code(),
+        Some(2),
+        "an SSH session outside ssh_allow must be refused:\n{stderr}"
+    );
+    assert!(
+        stderr.contains("192.0.2.77") && stderr.contains("--allow-lockout"),
+        "the refusal must name the client and the way out:\n{stderr}"
+    );
+    let left = attached(lab.edge(), HOST_INTERFACE);
+    assert!(left.is_empty(), "attached despite the refusal: {left:?}");
+
+    let mut forced = Daemon::spawn(
+        up("192.0.2.77", &["--allow-lockout"]),
+        scratch.path("forced.log"),
+    );
+    assert!(
+        has_xdp(lab.edge(), HOST_INTERFACE),
+        "--allow-lockout did not attach"
+    );
+    forced.terminate();
+    let left = attached(lab.edge(), HOST_INTERFACE);
+    assert!(left.is_empty(), "SIGTERM left these attached: {left:?}");
+
+    // The bastion's own session is in ssh_allow: no flag needed.
+    let _fine = Daemon::spawn(
+        up(&BASTION_V4.to_string(), &[]),
+        scratch.path("bastion.log"),
+    );
+    assert!(
+        has_xdp(lab.edge(), HOST_INTERFACE),
+        "`up` from an allowed SSH session did not attach"
+    );
+}

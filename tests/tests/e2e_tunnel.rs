@@ -1,0 +1,699 @@
+//! Tier 3, the tunnel (issue 3): the real `ztxdp up` on real wireguard-go
+//! tunnels. The lab's edge runs wireguard-go plus both programs (XDP on its
+//! eth0, the tunnel classifier on its `WireGuard` device); the lab's other two
+//! hosts are the app peers, each with its own wireguard-go device:
+//!
+//! ```text
+//!   app-1 (bastion ns)  10.100.0.1  fd00:100::1  ─┐  WireGuard over the
+//!   app-2 (outsider ns) 10.100.0.2                ├─ lab's 10.77.0.0/24
+//!   edge                10.100.0.254 fd00:100::fe ┘  (UDP 51820)
+//! ```
+//!
+//! Needs root, wireguard-go and wireguard-tools. Each test builds its own
+//! namespaces and devices and removes them on drop, also when it fails.
+
+mod e2e;
+
+use std::{
+    io::{self, Read as _, Write as _},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, TcpStream},
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use e2e::{
+    Daemon, Scratch, accept, assert_all_time_out, assert_connects, assert_times_out, at, attached,
+    counter, expect_audit, is, listen, status, ztxdp, ztxdp_ok,
+};
+use serde_json::Value;
+use zt_tests::{
+    lab::{BASTION_V4, EDGE_V4, HOST_INTERFACE, Lab, OUTSIDER_V4},
+    netns::NetNs,
+    wg::{KeyPair, LISTEN_PORT, WgDevice},
+};
+use ztxdp::config::Config;
+
+const SSH: u16 = 22;
+const POSTGRES: u16 = 5432;
+
+const EDGE_TUN_V4: Ipv4Addr = Ipv4Addr::new(10, 100, 0, 254);
+const EDGE_TUN_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x100, 0, 0, 0, 0, 0, 0xfe);
+const APP1_V4: Ipv4Addr = Ipv4Addr::new(10, 100, 0, 1);
+const APP1_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x100, 0, 0, 0, 0, 0, 1);
+const APP2_V4: Ipv4Addr = Ipv4Addr::new(10, 100, 0, 2);
+
+/// The lab with `WireGuard` between the edge and both app peers, and a config
+/// granting app-1 tcp/5432. Fields drop in order: devices, then namespaces.
+struct Mesh {
+    edge_wg: WgDevice,
+    app1_wg: WgDevice,
+    app2_wg: WgDevice,
+    lab: Lab,
+    config: PathBuf,
+    scratch: Scratch,
+}
+
+impl Mesh {
+    fn build(tag: &str) -> Self {
+        let scratch = Scratch::new(tag);
+        let lab = Lab::create().unwrap_or_else(|e| panic!("building the lab (root?): {e:?}"));
+        let wg = |ns: &NetNs| {
+            WgDevice::start(ns).unwrap_or_else(|e| panic!("wireguard-go in {}: {e}", ns.name()))
+        };
+        let (edge_wg, app1_wg, app2_wg) = (wg(lab.edge()), wg(lab.bastion()), wg(lab.outsider()));
+        let address = |ns: &NetNs, device: &WgDevice, ip: IpAddr, prefix: u8| {
+            ns.add_address(device.name(), ip, prefix)
+                .unwrap_or_else(|e| panic!("adding {ip} to {}: {e}", device.name()));
+        };
+        address(lab.edge(), &edge_wg, EDGE_TUN_V4.into(), 24);
+        address(lab.edge(), &edge_wg, EDGE_TUN_V6.into(), 64);
+        address(lab.bastion(), &app1_wg, APP1_V4.into(), 24);
+        address(lab.bastion(), &app1_wg, APP1_V6.into(), 64);
+        address(lab.outsider(), &app2_wg, APP2_V4.into(), 24);
+        let peer = |ns: &NetNs, device: &WgDevice, key: &str, ips: &[&str], endpoint: Ipv4Addr| {
+            device
+                .add_peer(ns, key, ips, Some(at(endpoint, LISTEN_PORT)))
+                .unwrap_or_else(|e| panic!("configuring {}: {e}", device.name()));
+        };
+        let app1_ips = ["10.100.0.1/32", "fd00:100::1/128"];
+        peer(
+            lab.edge(),
+            &edge_wg,
+            app1_wg.public_key(),
+            &app1_ips,
+            BASTION_V4,
+        );
+        peer(
+            lab.edge(),
+            &edge_wg,
+            app2_wg.public_key(),
+            &["10.100.0.2/32"],
+            OUTSIDER_V4,
+        );
+        let edge_ips = ["10.100.0.0/24", "fd00:100::/64"];
+        peer(
+            lab.bastion(),
+            &app1_wg,
+            edge_wg.public_key(),
+            &edge_ips,
+            EDGE_V4,
+        );
+        peer(
+            lab.outsider(),
+            &app2_wg,
+            edge_wg.public_key(),
+            &edge_ips[..1],
+            EDGE_V4,
+        );
+
+        let config = scratch.write(
+            "ztxdp.toml",
+            &format!(
+                "[edge]\n\
+                 interface = \"{HOST_INTERFACE}\"\n\
+                 wireguard_ports = [{LISTEN_PORT}]\n\
+                 ssh_allow = []\n\
+                 \n\
+                 [tunnel]\n\
+                 interface = \"{}\"\n\
+                 runtime_grants = \"{}\"\n\
+                 \n\
+                 [[tunnel.peer]]\n\
+                 name = \"app-1\"\n\
+                 addresses = [\"10.100.0.1/32\", \"fd00:100::1/128\"]\n\
+                 public_key = \"{}\"\n\
+                 allow = [\"tcp/5432\"]\n\
+                 \n\
+                 [[tunnel.peer]]\n\
+                 name = \"app-2\"\n\
+                 addresses = [\"10.100.0.2/32\"]\n\
+                 public_key = \"{}\"\n\
+                 \n\
+                 [audit]\n\
+                 path = \"{}\"\n",
+                edge_wg.name(),
+                scratch.path("grants.json").display(),
+                app1_wg.public_key(),
+                app2_wg.public_key(),
+                scratch.path("audit.jsonl").display(),
+            ),
+        );
+        Self {
+            edge_wg,
+            app1_wg,
+            app2_wg,
+            lab,
+            config,
+            scratch,
+        }
+    }
+
+    fn edge(&self) -> &NetNs {
+        self.lab.edge()
+    }
+
+    fn app1(&self) -> &NetNs {
+        self.lab.bastion()
+    }
+
+    fn app2(&self) -> &NetNs {
+        self.lab.outsider()
+    }
+
+    fn up(&self, log: &str) -> Daemon {
+        Daemon::start(self.edge(), &self.config, &[], self.scratch.path(log))
+    }
+
+    /// `ztxdp ACTION PEER GRANT --config F` in the edge, which must succeed.
+    fn grant(&self, action: &str, peer: &str, grant: &str) -> String {
+        let config = self.config.display().to_string();
+        ztxdp_ok(self.edge(), &[action, peer, grant, "--config", &config])
+    }
+
+    fn list(&self) -> Value {
+        let config = self.config.display().to_string();
+        let text = ztxdp_ok(self.edge(), &["list", "--json", "--config", &config]);
+        serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("list --json is not JSON ({e}):\n{text}"))
+    }
+
+    fn audit(&self) -> PathBuf {
+        self.scratch.path("audit.jsonl")
+    }
+}
+
+/// The entry of `peer` in `list --json`.
+fn listed<'a>(list: &'a Value, peer: &str) -> &'a Value {
+    list.as_array()
+        .and_then(|peers| peers.iter().find(|p| p["name"] == peer))
+        .unwrap_or_else(|| panic!("{peer} missing from list --json:\n{list:#}"))
+}
+
+/// Waits for a tunnel audit line of `peer` with this reason and port, and
+/// checks it names the peer and its public key.
+fn expect_peer_line(mesh: &Mesh, peer: &str, reason: &str, source: IpAddr, port: u16) {
+    let key = match peer {
+        "app-1" => mesh.app1_wg.public_key(),
+        _ => mesh.app2_wg.public_key(),
+    };
+    let what = format!("{reason} for {peer} ({source}) to {port}");
+    let line = expect_audit(&mesh.audit(), &what, |l| {
+        is(l, "/event/reason", &reason.into())
+            && is(l, "/source/ip", &source.to_string().into())
+            && is(l, "/destination/port", &port.into())
+    });
+    assert!(is(&line, "/ztxdp/program", &"tunnel".into()), "{line}");
+    assert!(
+        is(&line, "/ztxdp/peer/name", &peer.into()),
+        "ztxdp.peer.name must be {peer}: {line}"
+    );
+    assert!(
+        is(&line, "/ztxdp/peer/public_key", &key.into()),
+        "ztxdp.peer.public_key: {line}"
+    );
+}
+
+/// After traffic of both peers: the edge program passed `WireGuard` and
+/// dropped the outer-address SYN; the tunnel program counted both peers.
+fn check_counters(mesh: &Mesh, before: &Value, after: &Value) {
+    assert!(
+        counter(after, "edge", "wireguard") > counter(before, "edge", "wireguard"),
+        "no WireGuard packet passed the edge program, yet the tunnel works: {after:#}"
+    );
+    assert!(
+        counter(after, "edge", "port_not_allowed") > counter(before, "edge", "port_not_allowed"),
+        "the SYN to the outer address was not dropped by the edge program: {after:#}"
+    );
+    assert_eq!(
+        after["tunnel"]["interface"],
+        mesh.edge_wg.name(),
+        "{after:#}"
+    );
+    let peers = after["tunnel"]["peers"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no tunnel peers in status: {after:#}"));
+    for (index, name) in [(0, "app-1"), (1, "app-2")] {
+        let peer = peers
+            .iter()
+            .find(|p| p["index"] == index)
+            .unwrap_or_else(|| panic!("peer {index} missing from status: {after:#}"));
+        for field in ["allowed", "denied"] {
+            assert!(
+                peer[field].as_u64().is_some_and(|n| n > 0),
+                "{name} has no {field} packets: {after:#}"
+            );
+        }
+    }
+}
+
+#[test]
+fn peers_reach_only_their_granted_ports_through_wireguard() {
+    let mesh = Mesh::build("grants");
+    let _daemon = mesh.up("daemon.log");
+    let _postgres = listen(mesh.edge(), POSTGRES);
+    let _ssh = listen(mesh.edge(), SSH);
+    let before = status(mesh.edge());
+
+    assert_connects(
+        mesh.app1(),
+        at(EDGE_TUN_V4, POSTGRES),
+        "app-1 to its granted port",
+    );
+    assert_connects(
+        mesh.app1(),
+        at(EDGE_TUN_V6, POSTGRES),
+        "app-1 to its granted port over IPv6",
+    );
+    assert_all_time_out(&[
+        (
+            mesh.app1(),
+            at(EDGE_TUN_V4, SSH),
+            "app-1 to 22, not granted",
+        ),
+        (
+            mesh.app1(),
+            at(EDGE_TUN_V6, SSH),
+            "app-1 to 22 over IPv6, not granted",
+        ),
+        (
+            mesh.app2(),
+            at(EDGE_TUN_V4, POSTGRES),
+            "app-2 before `allow`",
+        ),
+    ]);
+    // The SYN did cross the tunnel: the tunnel program dropped it, naming app-2.
+    expect_peer_line(&mesh, "app-2", "not_granted", IpAddr::V4(APP2_V4), POSTGRES);
+
+    let said = mesh.grant("allow", "app-2", "5432");
+    assert!(
+        said.contains("in effect now"),
+        "`allow` did not reach the running program: {said}"
+    );
+    assert_connects(
+        mesh.app2(),
+        at(EDGE_TUN_V4, POSTGRES),
+        "app-2 after `allow app-2 5432`",
+    );
+    let list = mesh.list();
+    for (peer, field) in [("app-2", "grants"), ("app-2", "added"), ("app-1", "grants")] {
+        let got = &listed(&list, peer)[field];
+        assert_eq!(
+            *got,
+            serde_json::json!(["tcp/5432"]),
+            "{peer} {field}: {list:#}"
+        );
+    }
+
+    // The edge filter let the handshake and the tunnel traffic in, and
+    // nothing else: the same port on the outer address stays closed.
+    assert_times_out(
+        mesh.app1(),
+        at(EDGE_V4, POSTGRES),
+        "app-1 to 5432 on the outer address",
+    );
+    check_counters(&mesh, &before, &status(mesh.edge()));
+
+    for (peer, reason, source, port) in [
+        ("app-1", "granted", IpAddr::V4(APP1_V4), POSTGRES),
+        ("app-1", "granted", IpAddr::V6(APP1_V6), POSTGRES),
+        ("app-1", "not_granted", IpAddr::V4(APP1_V4), SSH),
+        ("app-1", "not_granted", IpAddr::V6(APP1_V6), SSH),
+        ("app-2", "granted", IpAddr::V4(APP2_V4), POSTGRES),
+    ] {
+        expect_peer_line(&mesh, peer, reason, source, port);
+    }
+}
+
+/// Reads from `stream` until `want` bytes arrived or `timeout` passed.
+fn read_within(stream: &mut TcpStream, want: usize, timeout: Duration) -> io::Result<Vec<u8>> {
+    let deadline = Instant::now() + timeout;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 64];
+    while got.len() < want {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("{} of {want} bytes", got.len()),
+            ));
+        }
+        stream.set_read_timeout(Some(left))?;
+        match stream.read(&mut buf)? {
+            0 => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "closed")),
+            n => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    Ok(got)
+}
+
+#[test]
+fn revoke_cuts_an_open_connection_at_once() {
+    let mesh = Mesh::build("revoke");
+    let _daemon = mesh.up("daemon.log");
+    let listener = listen(mesh.edge(), POSTGRES);
+    let mut client = assert_connects(
+        mesh.app1(),
+        at(EDGE_TUN_V4, POSTGRES),
+        "app-1 to its granted port",
+    );
+    let mut server = accept(&listener, e2e::CONNECT_TIMEOUT);
+    client
+        .write_all(b"before")
+        .unwrap_or_else(|e| panic!("client write: {e}"));
+    let got = read_within(&mut server, 6, e2e::CONNECT_TIMEOUT)
+        .unwrap_or_else(|e| panic!("server read: {e}"));
+    assert_eq!(got, b"before");
+
+    let denied = counter(&status(mesh.edge()), "tunnel", "not_granted");
+    mesh.grant("revoke", "app-1", "5432");
+    client
+        .write_all(b"after")
+        .unwrap_or_else(|e| panic!("client write: {e}"));
+    match read_within(&mut server, 5, Duration::from_secs(3)) {
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
+            ) => {}
+        other => panic!("the server still received data after `revoke app-1 5432`: {other:?}"),
+    }
+    assert!(
+        counter(&status(mesh.edge()), "tunnel", "not_granted") > denied,
+        "the revoked connection's segments were not counted as not_granted"
+    );
+    // The connection itself is intact: granting again lets TCP's
+    // retransmission through, so only the filter had stopped it.
+    mesh.grant("allow", "app-1", "5432");
+    let got = read_within(&mut server, 5, Duration::from_secs(15))
+        .unwrap_or_else(|e| panic!("data did not resume after granting again: {e}"));
+    assert_eq!(got, b"after");
+}
+
+#[test]
+fn runtime_grants_survive_a_restart() {
+    let mesh = Mesh::build("restart");
+    let mut first = mesh.up("daemon-1.log");
+    let _postgres = listen(mesh.edge(), POSTGRES);
+    let _ssh = listen(mesh.edge(), SSH);
+    mesh.grant("allow", "app-2", "5432");
+    assert_connects(
+        mesh.app2(),
+        at(EDGE_TUN_V4, POSTGRES),
+        "app-2 after `allow`",
+    );
+    let first_id = status(mesh.edge())["tunnel"]["program_id"].clone();
+
+    first.kill9();
+    // A new `up` loads a new program with maps filled from scratch: the
+    // grant can only come from the runtime grants file.
+    let mut second = mesh.up("daemon-2.log");
+    let now = status(mesh.edge());
+    assert_ne!(
+        now["tunnel"]["program_id"], first_id,
+        "the tunnel program was not replaced: {now:#}"
+    );
+    assert_connects(
+        mesh.app2(),
+        at(EDGE_TUN_V4, POSTGRES),
+        "app-2 after the restart",
+    );
+    assert_times_out(
+        mesh.app1(),
+        at(EDGE_TUN_V4, SSH),
+        "app-1 to 22 after the restart",
+    );
+    let list = mesh.list();
+    assert_eq!(
+        listed(&list, "app-2")["grants"],
+        serde_json::json!(["tcp/5432"]),
+        "{list:#}"
+    );
+
+    // `down` removes both programs; the grants stay saved for the next `up`.
+    ztxdp_ok(mesh.edge(), &["down"]);
+    let left = second.wait_exit(Duration::from_secs(10));
+    assert!(
+        left.is_some(),
+        "the daemon kept running after `down`:\n{}",
+        second.log()
+    );
+    for interface in [HOST_INTERFACE, mesh.edge_wg.name()] {
+        let left = attached(mesh.edge(), interface);
+        assert!(
+            left.is_empty(),
+            "still attached to {interface} after `down`: {left:?}"
+        );
+    }
+    assert_eq!(
+        listed(&mesh.list(), "app-2")["added"],
+        serde_json::json!(["tcp/5432"])
+    );
+}
+
+/// A lab whose edge runs only the tunnel program, on its eth0 (a veth with
+/// an Ethernet header): the bastion is app-1, the outsider app-2.
+fn l2_mesh(scratch: &Scratch) -> (Lab, PathBuf) {
+    let lab = Lab::create().unwrap_or_else(|e| panic!("building the lab (root?): {e:?}"));
+    let config = scratch.write(
+        "ztxdp.toml",
+        &format!(
+            "[tunnel]\n\
+             interface = \"{HOST_INTERFACE}\"\n\
+             runtime_grants = \"{}\"\n\
+             \n\
+             [[tunnel.peer]]\n\
+             name = \"app-1\"\n\
+             addresses = [\"10.77.0.2/32\", \"fd77::2/128\"]\n\
+             allow = [\"tcp/5432\"]\n\
+             \n\
+             [[tunnel.peer]]\n\
+             name = \"app-2\"\n\
+             addresses = [\"10.77.0.3/32\"]\n\
+             \n\
+             [audit]\n\
+             path = \"{}\"\n",
+            scratch.path("grants.json").display(),
+            scratch.path("audit.jsonl").display(),
+        ),
+    );
+    (lab, config)
+}
+
+#[test]
+fn the_tunnel_program_enforces_the_same_grants_on_an_l2_device() {
+    let scratch = Scratch::new("l2");
+    let (lab, config) = l2_mesh(&scratch);
+    let _daemon = Daemon::start(lab.edge(), &config, &[], scratch.path("daemon.log"));
+    let _postgres = listen(lab.edge(), POSTGRES);
+    let _ssh = listen(lab.edge(), SSH);
+    for ns in [lab.edge(), lab.bastion(), lab.outsider()] {
+        ns.ip(&["neigh", "flush", "all"])
+            .unwrap_or_else(|e| panic!("flushing neighbours: {e}"));
+    }
+    let edge_v6: IpAddr = zt_tests::lab::EDGE_V6.into();
+
+    assert_connects(
+        lab.bastion(),
+        at(EDGE_V4, POSTGRES),
+        "app-1 (L2) to its granted port",
+    );
+    assert_connects(
+        lab.bastion(),
+        at(edge_v6, POSTGRES),
+        "app-1 (L2) to its granted port over IPv6",
+    );
+    assert_all_time_out(&[
+        (lab.bastion(), at(EDGE_V4, SSH), "app-1 (L2) to 22"),
+        (
+            lab.outsider(),
+            at(EDGE_V4, POSTGRES),
+            "app-2 (L2) before `allow`",
+        ),
+    ]);
+    let config_arg = config.display().to_string();
+    ztxdp_ok(
+        lab.edge(),
+        &["allow", "app-2", "5432", "--config", &config_arg],
+    );
+    assert_connects(
+        lab.outsider(),
+        at(EDGE_V4, POSTGRES),
+        "app-2 (L2) after `allow`",
+    );
+
+    let now = status(lab.edge());
+    assert!(
+        now["edge"].is_null(),
+        "only the tunnel program was configured: {now:#}"
+    );
+    assert_eq!(now["tunnel"]["interface"], HOST_INTERFACE, "{now:#}");
+    for reason in ["arp", "neighbor_discovery", "granted", "not_granted"] {
+        assert!(
+            counter(&now, "tunnel", reason) > 0,
+            "no {reason} on the L2 device: {now:#}"
+        );
+    }
+    expect_audit(
+        &scratch.path("audit.jsonl"),
+        "app-1's granted SYN on the L2 device",
+        |l| is(l, "/ztxdp/peer/name", &"app-1".into()) && is(l, "/event/reason", &"granted".into()),
+    );
+}
+
+#[test]
+fn bad_grant_input_is_refused_and_changes_nothing() {
+    let scratch = Scratch::new("badgrant");
+    let (lab, config) = l2_mesh(&scratch);
+    let _daemon = Daemon::start(lab.edge(), &config, &[], scratch.path("daemon.log"));
+    let config_arg = config.display().to_string();
+    ztxdp_ok(
+        lab.edge(),
+        &["allow", "app-2", "5432", "--config", &config_arg],
+    );
+    let grants = scratch.path("grants.json");
+    let saved =
+        std::fs::read(&grants).unwrap_or_else(|e| panic!("reading {}: {e}", grants.display()));
+    let list = |lab: &Lab| ztxdp_ok(lab.edge(), &["list", "--json", "--config", &config_arg]);
+    let list_before = list(&lab);
+    let maps = status(lab.edge())["tunnel"]["maps"].clone();
+
+    for (what, args, mention) in [
+        ("unknown peer", ["allow", "app-9", "5432"], "app-9"),
+        ("unknown peer", ["revoke", "app-9", "5432"], "app-9"),
+        ("port 0", ["allow", "app-1", "0"], "port 0"),
+        (
+            "reversed range",
+            ["allow", "app-1", "9000-8000"],
+            "9000-8000",
+        ),
+        ("protocol sctp", ["allow", "app-1", "5432/sctp"], "sctp"),
+        ("protocol sctp", ["revoke", "app-2", "5432/sctp"], "sctp"),
+    ] {
+        let mut argv = args.to_vec();
+        argv.extend(["--config", &config_arg]);
+        let out = ztxdp(lab.edge(), &argv);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "{what}: `ztxdp {}` succeeded",
+            argv.join(" ")
+        );
+        assert!(
+            stderr.contains(mention),
+            "{what}: the error does not mention {mention:?}:\n{stderr}"
+        );
+        let now =
+            std::fs::read(&grants).unwrap_or_else(|e| panic!("reading {}: {e}", grants.display()));
+        assert_eq!(now, saved, "{what}: the grants file changed");
+        assert_eq!(list(&lab), list_before, "{what}: `list` changed");
+        assert_eq!(
+            status(lab.edge())["tunnel"]["maps"],
+            maps,
+            "{what}: the live maps changed"
+        );
+    }
+}
+
+#[test]
+fn import_wg_prints_the_peers_of_a_running_device_and_of_a_file() {
+    let scratch = Scratch::new("import");
+    let ns = NetNs::new("import").unwrap_or_else(|e| panic!("creating a namespace (root?): {e}"));
+    let device = WgDevice::start(&ns).unwrap_or_else(|e| panic!("wireguard-go: {e}"));
+    let keys: Vec<KeyPair> = (0..2)
+        .map(|_| KeyPair::generate().unwrap_or_else(|e| panic!("{e}")))
+        .collect();
+    let addresses = [
+        vec!["10.100.0.1/32", "fd00:100::1/128"],
+        vec!["10.100.0.2/32"],
+    ];
+    device
+        .add_peer(
+            &ns,
+            &keys[0].public,
+            &addresses[0],
+            Some(at(Ipv4Addr::new(192, 0, 2, 1), LISTEN_PORT)),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    device
+        .add_peer(&ns, &keys[1].public, &addresses[1], None)
+        .unwrap_or_else(|e| panic!("{e}"));
+
+    let printed = ztxdp_ok(&ns, &["import-wg", "--live", device.name()]);
+    assert!(
+        !printed.contains(device.public_key()),
+        "the interface's own key is not a peer:\n{printed}"
+    );
+    let peers = parse_imported(&scratch, device.name(), &printed);
+    // wg lists peers in its own order; names follow it.
+    let mut names: Vec<&str> = peers.iter().map(|p| p.name.as_str()).collect();
+    names.sort_unstable();
+    assert_eq!(names, ["peer-1", "peer-2"], "{printed}");
+    for (key, want) in keys.iter().zip(&addresses) {
+        let peer = peers
+            .iter()
+            .find(|p| p.public_key.as_deref() == Some(key.public.as_str()))
+            .unwrap_or_else(|| panic!("peer {} missing:\n{printed}", key.public));
+        let got: Vec<String> = peer.addresses.iter().map(ToString::to_string).collect();
+        assert_eq!(got, *want, "{printed}");
+        assert!(
+            peer.grants.is_empty(),
+            "imported peers have no grants:\n{printed}"
+        );
+    }
+
+    let file = scratch.write(
+        "wg0.conf",
+        &format!(
+            "[Interface]\nPrivateKey = {}\nListenPort = 51820\n\n\
+             # app-1\n[Peer]\nPublicKey = {}\nAllowedIPs = 10.100.0.1/32\nAllowedIPs = fd00:100::1/128\n\n\
+             [Peer]\n# app-2\nPublicKey = {}\nAllowedIPs = 10.100.0.2/32\n",
+            KeyPair::generate().unwrap_or_else(|e| panic!("{e}")).private,
+            keys[0].public,
+            keys[1].public,
+        ),
+    );
+    let printed = ztxdp_ok(&ns, &["import-wg", &file.display().to_string()]);
+    assert!(!printed.contains("PrivateKey"), "{printed}");
+    let peers = parse_imported(&scratch, device.name(), &printed);
+    let got: Vec<(&str, usize)> = peers
+        .iter()
+        .map(|p| (p.name.as_str(), p.addresses.len()))
+        .collect();
+    assert_eq!(got, [("app-1", 2), ("app-2", 1)], "{printed}");
+
+    let missing = ztxdp(&ns, &["import-wg", "--live", "wz-none"]);
+    assert!(
+        !missing.status.success(),
+        "import from a missing interface must fail"
+    );
+    assert!(
+        String::from_utf8_lossy(&missing.stderr).contains("wz-none"),
+        "the error must name the interface: {}",
+        String::from_utf8_lossy(&missing.stderr)
+    );
+}
+
+/// Checks `printed` is a valid `[[tunnel.peer]]` list, with the real binary
+/// (`ztxdp check`) and the library; returns the peers.
+fn parse_imported(scratch: &Scratch, interface: &str, printed: &str) -> Vec<ztxdp::policy::Peer> {
+    let text = format!(
+        "[audit]\npath = \"/dev/null\"\n\n[tunnel]\ninterface = \"{interface}\"\n\n{printed}"
+    );
+    let path = scratch.write("imported.toml", &text);
+    let check = e2e::run_bounded(
+        std::process::Command::new(e2e::ztxdp_bin())
+            .args(["check", "--config"])
+            .arg(&path),
+    );
+    assert!(
+        check.status.success(),
+        "`ztxdp check` refuses the imported peers:\n{}\n{text}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    Config::parse(&text, &path)
+        .unwrap_or_else(|e| panic!("{e}\n{text}"))
+        .policy
+        .tunnel
+        .unwrap_or_else(|| panic!("no tunnel in:\n{text}"))
+        .peers
+}

@@ -1,0 +1,352 @@
+//! Aggregation and output: bench/results/latest.json, latest.md (also
+//! printed), and the PNG plots.
+
+use std::{fmt::Write as _, path::Path, process::Command};
+
+use anyhow::Context as _;
+use serde_json::{Value, json};
+
+use super::{
+    FilterKind, Plan, TrafficKind,
+    ctlplane::ControlPlane,
+    mpps::Sample,
+    plot,
+    testrun::{ProgramCost, ScalingPoint, median},
+};
+use crate::cmd::Progress;
+
+/// Everything measured in one run.
+pub struct Report {
+    plan: Plan,
+    pub mpps: Vec<Sample>,
+    pub test_run: Vec<ProgramCost>,
+    pub scaling: Vec<ScalingPoint>,
+    pub control: Option<ControlPlane>,
+}
+
+/// Median, min and max of one (filter, traffic) pair over the runs.
+#[derive(Clone, Debug)]
+pub struct Row {
+    pub filter: FilterKind,
+    pub traffic: TrafficKind,
+    pub mpps: (f64, f64, f64),
+    pub ns_per_packet: f64,
+    /// ns/packet minus the bare drop's for the same traffic.
+    pub own_ns: Option<f64>,
+}
+
+/// The targets for ztxdp's deny path.
+const TARGETS: [(&str, FilterKind, f64); 4] = [
+    ("× bare XDP_DROP Mpps", FilterKind::XdpDrop, 0.8),
+    ("× xdp-filter Mpps", FilterKind::XdpFilter, 1.3),
+    ("× nftables Mpps", FilterKind::Nft, 5.0),
+    ("× nftables with conntrack Mpps", FilterKind::NftCt, 8.0),
+];
+const OWN_COST_TARGET_NS: f64 = 12.0;
+
+impl Report {
+    pub fn new(plan: &Plan) -> Self {
+        Self { plan: plan.clone(), mpps: Vec::new(), test_run: Vec::new(), scaling: Vec::new(), control: None }
+    }
+
+    /// Aggregated rows, in filter then traffic order.
+    pub fn rows(&self) -> Vec<Row> {
+        let mut rows = Vec::new();
+        for &filter in &self.plan.filters {
+            for &traffic in &self.plan.traffic {
+                let of = |f: FilterKind| self.mpps.iter().filter(move |s| s.filter == f && s.traffic == traffic);
+                let mut mpps: Vec<f64> = of(filter).map(|s| s.mpps).collect();
+                if mpps.is_empty() {
+                    continue;
+                }
+                let mut ns: Vec<f64> = of(filter).map(|s| s.ns_per_packet).collect();
+                let mut drop_ns: Vec<f64> = of(FilterKind::XdpDrop).map(|s| s.ns_per_packet).collect();
+                let ns_per_packet = median(&mut ns);
+                let min = mpps.iter().copied().fold(f64::INFINITY, f64::min);
+                let max = mpps.iter().copied().fold(0.0, f64::max);
+                rows.push(Row {
+                    filter,
+                    traffic,
+                    mpps: (median(&mut mpps), min, max),
+                    ns_per_packet,
+                    own_ns: (!drop_ns.is_empty()).then(|| ns_per_packet - median(&mut drop_ns)),
+                });
+            }
+        }
+        rows
+    }
+
+    fn row(rows: &[Row], filter: FilterKind, traffic: TrafficKind) -> Option<&Row> {
+        rows.iter().find(|r| r.filter == filter && r.traffic == traffic)
+    }
+
+    /// (label, traffic, value, goal, met) for every target that could be computed.
+    fn targets(rows: &[Row]) -> Vec<(String, TrafficKind, f64, String, bool)> {
+        let mut out = Vec::new();
+        for traffic in [TrafficKind::Udp, TrafficKind::Syn] {
+            let Some(z) = Self::row(rows, FilterKind::Ztxdp, traffic) else { continue };
+            for (label, other, goal) in TARGETS {
+                if let Some(o) = Self::row(rows, other, traffic).filter(|o| o.mpps.0 > 0.0) {
+                    let v = z.mpps.0 / o.mpps.0;
+                    out.push((label.to_owned(), traffic, v, format!("≥ {goal}"), v >= goal));
+                }
+            }
+            if let Some(own) = z.own_ns {
+                out.push(("own cost, ns/packet".to_owned(), traffic, own, format!("≤ {OWN_COST_TARGET_NS}"), own <= OWN_COST_TARGET_NS));
+            }
+        }
+        out
+    }
+
+    /// Writes latest.json, latest.md and the plots into `out`, and prints
+    /// the Markdown.
+    ///
+    /// # Errors
+    /// When a file cannot be written.
+    pub fn write(&self, out: &Path, progress: &Progress) -> anyhow::Result<String> {
+        let rows = self.rows();
+        let meta = meta(&self.plan);
+        let md = self.markdown(&rows, &meta);
+        println!("\n{md}");
+        let json = self.json(&rows, &meta);
+        let write = |name: &str, text: &str| {
+            let path = out.join(name);
+            std::fs::write(&path, text).with_context(|| format!("could not write {}", path.display()))
+        };
+        write("latest.json", &serde_json::to_string_pretty(&json)?)?;
+        write("latest.md", &md)?;
+        let mut written = vec!["latest.json", "latest.md"];
+        match plot::font() {
+            Ok(()) => {
+                if !rows.is_empty() {
+                    plot::mpps_bars(&out.join("mpps.png"), &rows).context("could not draw mpps.png")?;
+                    written.push("mpps.png");
+                }
+                if !self.scaling.is_empty() {
+                    plot::scaling(&out.join("scaling.png"), &self.scaling).context("could not draw scaling.png")?;
+                    written.push("scaling.png");
+                }
+            }
+            Err(e) => progress.say(format!("no plots: {e:#}")),
+        }
+        Ok(format!("wrote {} in {}", written.join(", "), out.display()))
+    }
+
+    fn json(&self, rows: &[Row], meta: &Value) -> Value {
+        let samples: Vec<Value> = self
+            .mpps
+            .iter()
+            .map(|s| {
+                json!({
+                    "filter": key(&s.filter), "traffic": key(&s.traffic), "run": s.run,
+                    "mpps": s.mpps, "ns_per_packet": s.ns_per_packet, "cpu_util": s.cpu_util,
+                    "offered_mpps": s.offered_mpps, "received_share": s.received_share,
+                    "dropped_share": s.dropped_share, "delivered_share": s.delivered_share,
+                    "expected_pass": s.expected_pass, "problems": s.problems,
+                })
+            })
+            .collect();
+        let summary: Vec<Value> = rows
+            .iter()
+            .map(|r| {
+                json!({
+                    "filter": key(&r.filter), "traffic": key(&r.traffic),
+                    "mpps_median": r.mpps.0, "mpps_min": r.mpps.1, "mpps_max": r.mpps.2,
+                    "ns_per_packet": r.ns_per_packet, "own_ns_per_packet": r.own_ns,
+                })
+            })
+            .collect();
+        let targets: Vec<Value> = Self::targets(rows)
+            .into_iter()
+            .map(|(label, traffic, value, goal, met)| json!({"what": label, "traffic": key(&traffic), "value": value, "goal": goal, "met": met}))
+            .collect();
+        let test_run: Vec<Value> =
+            self.test_run.iter().map(|c| json!({"program": c.program, "path": c.path, "ns_per_run": c.ns_per_run})).collect();
+        let scaling: Vec<Value> = self
+            .scaling
+            .iter()
+            .map(|p| json!({"curve": p.curve, "size": p.size, "fill_seconds": p.fill_seconds, "pass_ns": p.pass_ns, "deny_ns": p.deny_ns}))
+            .collect();
+        let control = self.control.as_ref().map(|c| {
+            json!({
+                "allow_ms": c.allow_ms, "netns_exec_ms": c.netns_exec_ms,
+                "up_seconds": c.up_seconds.iter().map(|(n, s)| json!({"allow_list": n, "seconds": s})).collect::<Vec<_>>(),
+                "tunnel_fill_seconds": c.tunnel_fill_seconds.iter().map(|(n, s)| json!({"peers_with_grant": n, "seconds": s})).collect::<Vec<_>>(),
+                "audit_flood": c.flood.as_ref().map(|f| json!({
+                    "seconds": f.seconds, "packets_denied": f.packets_denied, "deny_records_written": f.deny_lines,
+                    "deny_records_per_second": f.lines_per_second(), "summary_records": f.summary_lines,
+                    "events_suppressed": f.events_suppressed, "events_lost": f.events_lost,
+                })),
+            })
+        });
+        json!({
+            "meta": meta, "summary": summary, "targets": targets, "samples": samples,
+            "test_run": test_run, "scaling": scaling, "control_plane": control,
+        })
+    }
+
+    #[expect(clippy::too_many_lines, reason = "one table after the other")]
+    fn markdown(&self, rows: &[Row], meta: &Value) -> String {
+        let mut md = String::new();
+        let m = |k: &str| meta.get(k).map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_owned)).unwrap_or_default();
+        let _ = writeln!(md, "### Benchmark results{}\n", if self.plan.smoke { " (smoke run: not a measurement)" } else { "" });
+        let _ = writeln!(
+            md,
+            "{} · Linux {} · {} CPUs ({}) · generator {} on CPU {}, inline NAPI · 60-byte frames · {} interleaved runs × {} s, median [min–max]\n",
+            m("date"),
+            m("kernel"),
+            m("cpus"),
+            m("cpu_model"),
+            m("generator"),
+            self.plan.cpu,
+            self.plan.runs,
+            self.plan.duration.as_secs_f64()
+        );
+        let traffics: Vec<TrafficKind> = self.plan.traffic.iter().copied().filter(|t| rows.iter().any(|r| r.traffic == *t)).collect();
+        if !traffics.is_empty() {
+            let header: Vec<String> = traffics.iter().map(|t| column(*t, self.plan.mix_allow)).collect();
+            let _ = writeln!(md, "**Mpps received at the DUT**\n\n| filter | {} |\n|---|{}", header.join(" | "), "---|".repeat(traffics.len()));
+            for &f in &self.plan.filters {
+                let cells: Vec<String> = traffics
+                    .iter()
+                    .map(|t| Self::row(rows, f, *t).map_or("n/a".to_owned(), |r| format!("{:.2} [{:.2}–{:.2}]", r.mpps.0, r.mpps.1, r.mpps.2)))
+                    .collect();
+                let _ = writeln!(md, "| {} | {} |", filter_name(f), cells.join(" | "));
+            }
+            let _ = writeln!(
+                md,
+                "\n**CPU ns per packet** (generator + receive path; in brackets the filter's own cost, ns/packet minus the bare drop's)\n\n| filter | {} |\n|---|{}",
+                header.join(" | "),
+                "---|".repeat(traffics.len())
+            );
+            for &f in &self.plan.filters {
+                let cells: Vec<String> = traffics
+                    .iter()
+                    .map(|t| {
+                        Self::row(rows, f, *t).map_or("n/a".to_owned(), |r| match r.own_ns {
+                            Some(own) => format!("{:.0} [{own:+.0}]", r.ns_per_packet),
+                            None => format!("{:.0}", r.ns_per_packet),
+                        })
+                    })
+                    .collect();
+                let _ = writeln!(md, "| {} | {} |", filter_name(f), cells.join(" | "));
+            }
+            let targets = Self::targets(rows);
+            if !targets.is_empty() {
+                let _ = writeln!(md, "\n**ztxdp deny path against the targets** (same run)\n\n| ratio | traffic | value | target | met |\n|---|---|---|---|---|");
+                for (label, traffic, value, goal, met) in targets {
+                    let _ = writeln!(md, "| {label} | {} | {value:.2} | {goal} | {} |", column(traffic, 0), if met { "yes" } else { "**no**" });
+                }
+            }
+        }
+        if !self.test_run.is_empty() {
+            let _ = writeln!(md, "\n**`BPF_PROG_TEST_RUN`, ns per run** (program alone, warm cache)\n\n| program | path | ns/run |\n|---|---|---|");
+            for c in &self.test_run {
+                let _ = writeln!(md, "| {} | {} | {:.0} |", c.program, c.path, c.ns_per_run);
+            }
+        }
+        for (curve, title, unit) in [
+            ("ssh_allow", "SSH allow-list size (`test_run`, edge program, SSH SYN)", "CIDRs"),
+            ("tunnel_peers", "Tunnel peers (`test_run`, tunnel program, SYN to a granted / ungranted port)", "peers"),
+        ] {
+            let points: Vec<&ScalingPoint> = self.scaling.iter().filter(|p| p.curve == curve).collect();
+            if points.is_empty() {
+                continue;
+            }
+            let _ = writeln!(md, "\n**{title}**\n\n| {unit} | pass ns | deny ns | fill time s |\n|---|---|---|---|");
+            for p in points {
+                let _ = writeln!(md, "| {} | {:.0} | {:.0} | {:.2} |", p.size, p.pass_ns, p.deny_ns, p.fill_seconds);
+            }
+        }
+        if let Some(c) = &self.control {
+            let _ = writeln!(md, "\n**Control plane**\n");
+            let (mut a, mut e) = (c.allow_ms.clone(), c.netns_exec_ms.clone());
+            if !a.is_empty() {
+                let max = a.iter().copied().fold(0.0, f64::max);
+                let _ = writeln!(
+                    md,
+                    "- `ztxdp allow PEER PORT`: median {:.1} ms, max {max:.1} ms over {} calls (includes {:.1} ms of `ip netns exec`)",
+                    median(&mut a),
+                    a.len(),
+                    median(&mut e)
+                );
+            }
+            for (n, s) in &c.up_seconds {
+                let _ = writeln!(md, "- `ztxdp up` to `ztxdp: ready` with {n} extra allow-list entries: {s:.2} s");
+            }
+            for (n, s) in &c.tunnel_fill_seconds {
+                let _ = writeln!(md, "- filling {n} tunnel peers, one grant each (`Tables::apply_tunnel`): {s:.2} s");
+            }
+            if let Some(f) = &c.flood {
+                let _ = writeln!(
+                    md,
+                    "- audit under a {:.0} s deny flood from 262,144 sources: {} packets denied, {:.0} deny records/s written ({} in all), {} summary records; {} events held back by the per-CPU rate limit (events_suppressed), {} lost to a full ring buffer (events_lost)",
+                    f.seconds,
+                    f.packets_denied,
+                    f.lines_per_second(),
+                    f.deny_lines,
+                    f.summary_lines,
+                    f.events_suppressed,
+                    f.events_lost
+                );
+            }
+        }
+        md
+    }
+}
+
+pub fn filter_name(f: FilterKind) -> &'static str {
+    match f {
+        FilterKind::None => "no filter (kernel stack)",
+        FilterKind::Nft => "nftables (`ztxdp export nft`)",
+        FilterKind::NftCt => "nftables + `ct state`",
+        FilterKind::XdpFilter => "xdp-filter, native",
+        FilterKind::Ztxdp => "ztxdp",
+        FilterKind::XdpDrop => "bare `XDP_DROP`",
+    }
+}
+
+/// Short column title of a traffic mix.
+pub fn column(t: TrafficKind, mix_allow: u32) -> String {
+    match t {
+        TrafficKind::Udp => "UDP closed port".to_owned(),
+        TrafficKind::Syn => "SYN :5432".to_owned(),
+        TrafficKind::Ssh => "SSH allowed".to_owned(),
+        TrafficKind::Wg => "WireGuard".to_owned(),
+        TrafficKind::Mix => format!("SSH mix, {mix_allow} CIDRs"),
+    }
+}
+
+/// The clap name of a value (`nft-ct`, `udp`), for JSON keys.
+fn key<T: clap::ValueEnum>(v: &T) -> String {
+    v.to_possible_value().map(|p| p.get_name().to_owned()).unwrap_or_default()
+}
+
+fn meta(plan: &Plan) -> Value {
+    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default().trim().to_owned();
+    let cpu_model = read("/proc/cpuinfo")
+        .lines()
+        .find_map(|l| l.strip_prefix("model name").and_then(|r| r.split_once(':')).map(|(_, m)| m.trim().to_owned()))
+        .unwrap_or_default();
+    let date = Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    json!({
+        "date": date,
+        "kernel": read("/proc/sys/kernel/osrelease"),
+        "cpus": std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
+        "cpu_model": cpu_model,
+        "generator": key(&plan.generator),
+        "cpu": plan.cpu,
+        "napi": "inline",
+        "frame_bytes": 60,
+        "runs": plan.runs,
+        "duration_s": plan.duration.as_secs_f64(),
+        "warmup_s": plan.warmup.as_secs_f64(),
+        "mix_allow_list": plan.mix_allow,
+        "test_run_repeat": plan.testrun_repeat,
+        "smoke": plan.smoke,
+    })
+}

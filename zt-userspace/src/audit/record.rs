@@ -1,0 +1,401 @@
+//! What an audit record says, independent of the field names it is written
+//! with ([`super::format`]). The daemon builds these from kernel events and
+//! counters; `ztxdp events` gets them over the events socket or parses them
+//! back from the file.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use serde::{Deserialize, Serialize};
+use zt_common::{Event, FlowSummary, NO_PEER, SummaryKey, program, proto, reason};
+
+use super::{Clock, Names};
+
+/// The program that made a decision.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Program {
+    Edge,
+    Tunnel,
+}
+
+impl Program {
+    /// From a kernel program id ([`zt_common::program`]).
+    #[must_use]
+    pub fn from_id(id: u32) -> Self {
+        if id == program::TUNNEL {
+            Self::Tunnel
+        } else {
+            Self::Edge
+        }
+    }
+
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Edge => "edge",
+            Self::Tunnel => "tunnel",
+        }
+    }
+
+    #[must_use]
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "edge" => Some(Self::Edge),
+            "tunnel" => Some(Self::Tunnel),
+            _ => None,
+        }
+    }
+}
+
+/// A tunnel peer as the configuration names it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Peer {
+    pub name: String,
+    pub public_key: Option<String>,
+}
+
+/// The IP part of a decision. Ports are present for TCP and UDP only.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IpFlow {
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    /// IP protocol number.
+    pub protocol: u8,
+    pub src_port: Option<u16>,
+    pub dst_port: Option<u16>,
+    /// TCP flags byte, for TCP decisions.
+    pub tcp_flags: Option<u8>,
+}
+
+/// One decision's subject: where it was made, why, and about which packet.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Flow {
+    pub program: Program,
+    /// Interface the packet arrived on.
+    pub interface: String,
+    /// Reason code ([`zt_common::reason`]); decides allow or deny.
+    pub reason: u32,
+    /// `None` for a non-IP frame (ARP).
+    pub ip: Option<IpFlow>,
+    pub peer: Option<Peer>,
+}
+
+impl Flow {
+    #[must_use]
+    pub const fn allowed(&self) -> bool {
+        reason::is_allow(self.reason)
+    }
+
+    /// `"allow"` or `"deny"`.
+    #[must_use]
+    pub const fn action(&self) -> &'static str {
+        if self.allowed() { "allow" } else { "deny" }
+    }
+}
+
+/// What a record reports.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Body {
+    /// One decision the kernel sent, carrying `suppressed` earlier decisions
+    /// of the same flow that it summarised instead of sending.
+    Decision { flow: Flow, suppressed: u64 },
+    /// Decisions of a flow summarised in a window that ended without a new
+    /// event to carry them, swept from the kernel's summary table.
+    Summary {
+        flow: Flow,
+        count: u64,
+        /// Window start and end, nanoseconds since the Unix epoch.
+        start_ns: i64,
+        end_ns: i64,
+    },
+    /// Decisions that have no record of their own: held back by the per-CPU
+    /// deny rate limit, or lost because the ring buffer was full.
+    Lost {
+        program: Program,
+        /// The interface the program runs on.
+        interface: String,
+        rate_limited: u64,
+        ring_full: u64,
+    },
+    /// Records that could not be forwarded to the syslog collector (they are
+    /// in the file).
+    SyslogDropped { address: String, dropped: u64 },
+}
+
+impl Body {
+    /// How many kernel decisions this record accounts for: summing this over
+    /// a complete trail gives the audited decisions of the programs.
+    #[must_use]
+    pub const fn decisions(&self) -> Option<u64> {
+        match self {
+            Self::Decision { suppressed, .. } => Some(1 + *suppressed),
+            Self::Summary { count, .. } => Some(*count),
+            Self::Lost {
+                rate_limited,
+                ring_full,
+                ..
+            } => Some(*rate_limited + *ring_full),
+            Self::SyslogDropped { .. } => None,
+        }
+    }
+
+    /// Short name of the record kind: `decision`, `summary`, `lost`, `syslog_dropped`.
+    #[must_use]
+    pub const fn kind(&self) -> &'static str {
+        match self {
+            Self::Decision { .. } => "decision",
+            Self::Summary { .. } => "summary",
+            Self::Lost { .. } => "lost",
+            Self::SyslogDropped { .. } => "syslog_dropped",
+        }
+    }
+}
+
+/// One audit record. `seq` is given by the writer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    pub seq: u64,
+    /// Nanoseconds since the Unix epoch.
+    pub time_ns: i64,
+    pub body: Body,
+}
+
+/// Wall-clock now, nanoseconds since the Unix epoch.
+#[must_use]
+pub fn now_ns() -> i64 {
+    chrono::Utc::now().timestamp_nanos_opt().unwrap_or(i64::MAX)
+}
+
+fn ip(version: u8, bytes: &[u8; 16]) -> Option<IpAddr> {
+    match version {
+        4 => Some(IpAddr::V4(Ipv4Addr::new(
+            bytes[0], bytes[1], bytes[2], bytes[3],
+        ))),
+        6 => Some(IpAddr::V6(Ipv6Addr::from(*bytes))),
+        _ => None,
+    }
+}
+
+/// The flow fields the kernel sends, in whichever struct carries them.
+struct Wire<'a> {
+    program: u32,
+    ifindex: Option<u32>,
+    reason: u32,
+    ip_version: u8,
+    src: &'a [u8; 16],
+    dst: &'a [u8; 16],
+    protocol: u8,
+    src_port: u16,
+    dst_port: u16,
+    tcp_flags: Option<u8>,
+    peer: u32,
+}
+
+fn flow(w: &Wire<'_>, names: &Names) -> Flow {
+    let program = Program::from_id(w.program);
+    let interface = match w.ifindex {
+        Some(i) => names
+            .interfaces
+            .get(&i)
+            .cloned()
+            .unwrap_or_else(|| i.to_string()),
+        // A summary key has no ifindex; each program runs on one interface.
+        None => names.programs.get(&program).cloned().unwrap_or_default(),
+    };
+    let ip = match (ip(w.ip_version, w.src), ip(w.ip_version, w.dst)) {
+        (Some(src), Some(dst)) => {
+            let ports = matches!(w.protocol, proto::TCP | proto::UDP);
+            Some(IpFlow {
+                src,
+                dst,
+                protocol: w.protocol,
+                src_port: ports.then_some(w.src_port),
+                dst_port: ports.then_some(w.dst_port),
+                tcp_flags: w.tcp_flags.filter(|_| w.protocol == proto::TCP),
+            })
+        }
+        _ => None,
+    };
+    let peer = (w.peer != NO_PEER).then(|| {
+        usize::try_from(w.peer)
+            .ok()
+            .and_then(|i| names.peers.get(i))
+            .map_or_else(
+                || Peer {
+                    name: format!("#{}", w.peer),
+                    public_key: None,
+                },
+                |(name, key)| Peer {
+                    name: name.clone(),
+                    public_key: key.clone(),
+                },
+            )
+    });
+    Flow {
+        program,
+        interface,
+        reason: w.reason,
+        ip,
+        peer,
+    }
+}
+
+/// A decision event from the ring buffer; `time_ns` is its wall-clock time.
+#[must_use]
+pub fn decision(e: &Event, names: &Names, clock: &Clock) -> (i64, Body) {
+    let w = Wire {
+        program: u32::from(e.program),
+        ifindex: Some(e.ifindex),
+        reason: e.reason,
+        ip_version: e.ip_version,
+        src: &e.src,
+        dst: &e.dst,
+        protocol: e.protocol,
+        src_port: e.src_port,
+        dst_port: e.dst_port,
+        tcp_flags: Some(e.tcp_flags),
+        peer: e.peer,
+    };
+    (
+        clock.wall_ns(e.ts_ns),
+        Body::Decision {
+            flow: flow(&w, names),
+            suppressed: u64::from(e.suppressed),
+        },
+    )
+}
+
+/// A summary swept from the kernel's table.
+#[must_use]
+pub fn summary(key: &SummaryKey, value: &FlowSummary, names: &Names, clock: &Clock) -> Body {
+    let w = Wire {
+        program: u32::from(key.program),
+        ifindex: None,
+        reason: key.reason,
+        ip_version: key.ip_version,
+        src: &key.src,
+        dst: &key.dst,
+        protocol: key.protocol,
+        src_port: key.src_port,
+        dst_port: key.dst_port,
+        tcp_flags: None,
+        peer: NO_PEER,
+    };
+    let start_ns = clock.wall_ns(value.window_start_ns);
+    let window = i64::try_from(zt_common::SUMMARY_WINDOW_NS).unwrap_or(i64::MAX);
+    Body::Summary {
+        flow: flow(&w, names),
+        count: u64::from(value.suppressed),
+        start_ns,
+        end_ns: start_ns.saturating_add(window),
+    }
+}
+
+/// The reason code of a reason name, as written in records.
+#[must_use]
+pub fn reason_code(name: &str) -> Option<u32> {
+    (0..reason::COUNT).find(|&c| reason::name(c) == name && name != "unknown")
+}
+
+/// The record name of an IP protocol: `tcp`, `udp`, `icmp`, `ipv6-icmp`, or
+/// the number.
+#[must_use]
+pub fn transport_name(protocol: u8) -> String {
+    match protocol {
+        proto::TCP => "tcp".into(),
+        proto::UDP => "udp".into(),
+        proto::ICMP => "icmp".into(),
+        proto::ICMPV6 => "ipv6-icmp".into(),
+        p => p.to_string(),
+    }
+}
+
+/// Inverse of [`transport_name`].
+#[must_use]
+pub fn transport_number(name: &str) -> Option<u8> {
+    match name {
+        "tcp" => Some(proto::TCP),
+        "udp" => Some(proto::UDP),
+        "icmp" => Some(proto::ICMP),
+        "ipv6-icmp" => Some(proto::ICMPV6),
+        n => n.parse().ok(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reason_names_map_back_to_codes() {
+        for code in reason::ALL.into_iter().chain([reason::EVENTS_LOST]) {
+            assert_eq!(
+                reason_code(reason::name(code)),
+                Some(code),
+                "{}",
+                reason::name(code)
+            );
+        }
+        assert_eq!(reason_code("unknown"), None);
+        assert_eq!(reason_code("no_such_reason"), None);
+    }
+
+    #[test]
+    fn transports_map_both_ways() {
+        for p in [proto::TCP, proto::UDP, proto::ICMP, proto::ICMPV6, 47] {
+            assert_eq!(
+                transport_number(&transport_name(p)),
+                Some(p),
+                "protocol {p}"
+            );
+        }
+    }
+
+    #[test]
+    fn events_become_decisions_with_names() {
+        let mut names = Names::default();
+        names.interfaces.insert(7, "wg0".into());
+        names.peers.push(("app-1".into(), Some("key=".into())));
+        let mut e = Event {
+            ts_ns: 5,
+            ifindex: 7,
+            reason: reason::DROP_NOT_GRANTED,
+            program: u8::try_from(program::TUNNEL).unwrap_or_default(),
+            ip_version: 4,
+            protocol: proto::UDP,
+            src_port: 1000,
+            dst_port: 53,
+            tcp_flags: 0x12,
+            peer: 0,
+            suppressed: 3,
+            ..Event::default()
+        };
+        e.src[..4].copy_from_slice(&[10, 0, 0, 2]);
+        e.dst[..4].copy_from_slice(&[10, 0, 0, 1]);
+        let (_, body) = decision(&e, &names, &Clock::now());
+        let Body::Decision { flow, suppressed } = body else {
+            panic!("not a decision: {body:?}")
+        };
+        assert_eq!(suppressed, 3);
+        assert_eq!(flow.interface, "wg0");
+        assert_eq!(flow.program, Program::Tunnel);
+        assert_eq!(
+            flow.peer,
+            Some(Peer {
+                name: "app-1".into(),
+                public_key: Some("key=".into())
+            })
+        );
+        let ip = flow.ip.expect("an IPv4 decision has addresses");
+        assert_eq!(
+            (ip.src.to_string(), ip.dst.to_string()),
+            ("10.0.0.2".into(), "10.0.0.1".into())
+        );
+        assert_eq!(
+            (ip.src_port, ip.dst_port, ip.tcp_flags),
+            (Some(1000), Some(53), None),
+            "UDP has no TCP flags"
+        );
+    }
+}
