@@ -28,12 +28,48 @@ fn version(p: &Packet) -> u8 {
 
 #[inline(always)]
 fn icmp_protocol(p: &Packet) -> u8 {
-    if p.l3 == L3::Ipv4 { proto::ICMP } else { proto::ICMPV6 }
+    if p.l3 == L3::Ipv4 {
+        proto::ICMP
+    } else {
+        proto::ICMPV6
+    }
 }
 
 #[inline(always)]
 fn is_icmp(p: &Packet) -> bool {
     p.protocol == icmp_protocol(p)
+}
+
+/// The key of a flow: `local` is this host, `ports` are (local, remote).
+#[inline(always)]
+fn flow_key(
+    ifindex: u32,
+    local: &[u8; 16],
+    remote: &[u8; 16],
+    ports: (u16, u16),
+    protocol: u8,
+    ip_version: u8,
+) -> FlowKey {
+    FlowKey {
+        ifindex,
+        local: *local,
+        remote: *remote,
+        local_port: ports.0,
+        remote_port: ports.1,
+        protocol,
+        ip_version,
+        _pad: [0; 2],
+    }
+}
+
+/// `FLOW_CLOSING` for a TCP FIN or RST, else 0.
+#[inline(always)]
+fn closing_flag(p: &Packet) -> u32 {
+    if p.protocol == proto::TCP && p.tcp_flags & (tcp_flag::FIN | tcp_flag::RST) != 0 {
+        FLOW_CLOSING
+    } else {
+        0
+    }
 }
 
 #[inline(always)]
@@ -53,29 +89,37 @@ pub fn second_chance(b: &Bounds, p: &Packet, code: u32, prog: u32, ifindex: u32)
     if p.l3 == L3::Arp || p.fragment == Fragment::Later {
         return code;
     }
-    let Some(cfg) = ZT_FLOW_CFG.get(0) else { return code };
+    let Some(cfg) = ZT_FLOW_CFG.get(0) else {
+        return code;
+    };
     // SAFETY: bpf_ktime_get_ns has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     if is_icmp(p) {
         return match (p.l3, p.icmp_type) {
-            (L3::Ipv4, ICMP_ECHO_REQUEST) | (L3::Ipv6, ICMPV6_ECHO_REQUEST) if prog == program::EDGE => {
+            (L3::Ipv4, ICMP_ECHO_REQUEST) | (L3::Ipv6, ICMPV6_ECHO_REQUEST)
+                if prog == program::EDGE =>
+            {
                 echo_rate(p, cfg, now)
             }
             (L3::Ipv4, ICMP_ECHO_REPLY) | (L3::Ipv6, ICMPV6_ECHO_REPLY) => {
-                let key = FlowKey {
+                let key = flow_key(
                     ifindex,
-                    local: p.dst.0,
-                    remote: p.src.0,
-                    local_port: p.icmp_id,
-                    remote_port: 0,
-                    protocol: p.protocol,
-                    ip_version: version(p),
-                    _pad: [0; 2],
-                };
-                if refresh(&key, cfg, now, 0) { reason::PASS_REPLY } else { code }
+                    &p.dst.0,
+                    &p.src.0,
+                    (p.icmp_id, 0),
+                    p.protocol,
+                    version(p),
+                );
+                if refresh(&key, cfg, now, 0) {
+                    reason::PASS_REPLY
+                } else {
+                    code
+                }
             }
             (L3::Ipv4, ICMP_DEST_UNREACHABLE | ICMP_TIME_EXCEEDED)
-            | (L3::Ipv6, ICMPV6_DEST_UNREACHABLE | ICMPV6_PACKET_TOO_BIG | ICMPV6_TIME_EXCEEDED) => related(b, p, cfg, now, ifindex),
+            | (L3::Ipv6, ICMPV6_DEST_UNREACHABLE | ICMPV6_PACKET_TOO_BIG | ICMPV6_TIME_EXCEEDED) => {
+                related(b, p, cfg, now, ifindex)
+            }
             _ => code,
         };
     }
@@ -86,28 +130,27 @@ pub fn second_chance(b: &Bounds, p: &Packet, code: u32, prog: u32, ifindex: u32)
     if p.protocol == proto::TCP && p.tcp_flags & (tcp_flag::SYN | tcp_flag::ACK) == tcp_flag::SYN {
         return code;
     }
-    let key = FlowKey {
+    let key = flow_key(
         ifindex,
-        local: p.dst.0,
-        remote: p.src.0,
-        local_port: p.dst_port,
-        remote_port: p.src_port,
-        protocol: p.protocol,
-        ip_version: version(p),
-        _pad: [0; 2],
-    };
-    let closing = if p.protocol == proto::TCP && p.tcp_flags & (tcp_flag::FIN | tcp_flag::RST) != 0 {
-        FLOW_CLOSING
+        &p.dst.0,
+        &p.src.0,
+        (p.dst_port, p.src_port),
+        p.protocol,
+        version(p),
+    );
+    if refresh(&key, cfg, now, closing_flag(p)) {
+        reason::PASS_REPLY
     } else {
-        0
-    };
-    if refresh(&key, cfg, now, closing) { reason::PASS_REPLY } else { code }
+        code
+    }
 }
 
 /// Whether `key` is a live flow; if so, marks it seen now (plus `flags`).
 #[inline(always)]
 fn refresh(key: &FlowKey, cfg: &FlowConfig, now: u64, flags: u32) -> bool {
-    let Some(state) = ZT_FLOWS.get_ptr_mut(key) else { return false };
+    let Some(state) = ZT_FLOWS.get_ptr_mut(key) else {
+        return false;
+    };
     // SAFETY: a pointer into the map value, valid for this program run; a
     // racing update from another CPU can only make last_seen newer.
     let state = unsafe { &mut *state };
@@ -122,18 +165,18 @@ fn refresh(key: &FlowKey, cfg: &FlowConfig, now: u64, flags: u32) -> bool {
 /// An ICMP error passes only if it quotes a live flow of ours.
 #[inline(always)]
 fn related(b: &Bounds, p: &Packet, cfg: &FlowConfig, now: u64, ifindex: u32) -> u32 {
-    let Some(q) = parse::quoted(b, p) else { return reason::DROP_ICMP_UNRELATED };
-    // The quoted packet is one we sent: its source is local.
-    let key = FlowKey {
-        ifindex,
-        local: q.src.0,
-        remote: q.dst.0,
-        local_port: q.src_port,
-        remote_port: q.dst_port,
-        protocol: q.protocol,
-        ip_version: q.ip_version,
-        _pad: [0; 2],
+    let Some(q) = parse::quoted(b, p) else {
+        return reason::DROP_ICMP_UNRELATED;
     };
+    // The quoted packet is one we sent: its source is local.
+    let key = flow_key(
+        ifindex,
+        &q.src.0,
+        &q.dst.0,
+        (q.src_port, q.dst_port),
+        q.protocol,
+        q.ip_version,
+    );
     // SAFETY: the value is copied out at once; a concurrent update can only
     // make last_seen newer.
     let Some(state) = (unsafe { ZT_FLOWS.get(&key) }).copied() else {
@@ -152,7 +195,11 @@ fn echo_rate(p: &Packet, cfg: &FlowConfig, now: u64) -> u32 {
     if cfg.echo_ns_per_token == 0 {
         return reason::DROP_ICMP_RATE;
     }
-    let key = SourceKey { addr: p.src.0, ip_version: version(p), _pad: [0; 3] };
+    let key = SourceKey {
+        addr: p.src.0,
+        ip_version: version(p),
+        _pad: [0; 3],
+    };
     if let Some(bucket) = ZT_ECHO_BKT.get_ptr_mut(&key) {
         // SAFETY: a pointer into the map value, valid for this run. Two CPUs
         // racing on one source can at worst both spend the same token.
@@ -164,7 +211,10 @@ fn echo_rate(p: &Packet, cfg: &FlowConfig, now: u64) -> u32 {
         };
     }
     // A new source starts with a full bucket, less this echo.
-    let fresh = EventBucket { last_ns: now, tokens: cfg.echo_burst.saturating_sub(1) };
+    let fresh = EventBucket {
+        last_ns: now,
+        tokens: cfg.echo_burst.saturating_sub(1),
+    };
     if cfg.echo_burst == 0 || ZT_ECHO_BKT.insert(&key, &fresh, 0).is_err() {
         return reason::DROP_ICMP_RATE;
     }
@@ -180,10 +230,17 @@ pub fn record_egress(p: &Packet, ifindex: u32) {
         return;
     }
     let (local_port, remote_port, opens) = match p.protocol {
-        proto::TCP => (p.src_port, p.dst_port, p.tcp_flags & (tcp_flag::SYN | tcp_flag::ACK) == tcp_flag::SYN),
+        proto::TCP => (
+            p.src_port,
+            p.dst_port,
+            p.tcp_flags & (tcp_flag::SYN | tcp_flag::ACK) == tcp_flag::SYN,
+        ),
         proto::UDP => (p.src_port, p.dst_port, true),
         _ if is_icmp(p) => {
-            let request = matches!((p.l3, p.icmp_type), (L3::Ipv4, ICMP_ECHO_REQUEST) | (L3::Ipv6, ICMPV6_ECHO_REQUEST));
+            let request = matches!(
+                (p.l3, p.icmp_type),
+                (L3::Ipv4, ICMP_ECHO_REQUEST) | (L3::Ipv6, ICMPV6_ECHO_REQUEST)
+            );
             if !request {
                 return;
             }
@@ -191,37 +248,40 @@ pub fn record_egress(p: &Packet, ifindex: u32) {
         }
         _ => return,
     };
-    let key = FlowKey {
+    let key = flow_key(
         ifindex,
-        local: p.src.0,
-        remote: p.dst.0,
-        local_port,
-        remote_port,
-        protocol: p.protocol,
-        ip_version: version(p),
-        _pad: [0; 2],
-    };
+        &p.src.0,
+        &p.dst.0,
+        (local_port, remote_port),
+        p.protocol,
+        version(p),
+    );
     // SAFETY: bpf_ktime_get_ns has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    let closing = if p.protocol == proto::TCP && p.tcp_flags & (tcp_flag::FIN | tcp_flag::RST) != 0 {
-        FLOW_CLOSING
-    } else {
-        0
-    };
+    let closing = closing_flag(p);
     if let Some(state) = ZT_FLOWS.get_ptr_mut(&key) {
         // SAFETY: a pointer into the map value, valid for this run.
         let state = unsafe { &mut *state };
         state.last_seen_ns = now;
         // A new SYN on a closing tuple is a new connection.
-        state.flags = if opens && p.protocol == proto::TCP { 0 } else { state.flags | closing };
+        state.flags = if opens && p.protocol == proto::TCP {
+            0
+        } else {
+            state.flags | closing
+        };
         return;
     }
     if !opens {
         return;
     }
-    let state = FlowState { last_seen_ns: now, flags: closing, _pad: 0 };
+    let state = FlowState {
+        last_seen_ns: now,
+        flags: closing,
+        _pad: 0,
+    };
     if ZT_FLOWS.insert(&key, &state, 0).is_ok()
-        && let Some(slot) = ZT_COUNTERS.get_ptr_mut(counter_index(program::EGRESS, reason::FLOWS_CREATED))
+        && let Some(slot) =
+            ZT_COUNTERS.get_ptr_mut(counter_index(program::EGRESS, reason::FLOWS_CREATED))
     {
         // SAFETY: per-CPU slot; see record::count.
         unsafe { *slot += 1 };

@@ -65,7 +65,11 @@ pub fn zt_edge(ctx: XdpContext) -> u32 {
 pub fn zt_tunnel(ctx: TcContext) -> i32 {
     let b = linear_headers(&ctx);
     let ifindex = skb_ifindex(&ctx);
-    let parsed = if tunnel_l2() { parse::parse_ethernet(&b) } else { parse::parse_ip(&b) };
+    let parsed = if tunnel_l2() {
+        parse::parse_ethernet(&b)
+    } else {
+        parse::parse_ip(&b)
+    };
     // Each arm records its own decision: building one tuple of packet, peer
     // and code to share the call costs stack and confuses LLVM's BPF backend.
     let code = match parsed {
@@ -87,7 +91,11 @@ pub fn zt_tunnel(ctx: TcContext) -> i32 {
             code
         }
     };
-    if reason::is_allow(code) { TC_ACT_OK } else { TC_ACT_SHOT }
+    if reason::is_allow(code) {
+        TC_ACT_OK
+    } else {
+        TC_ACT_SHOT
+    }
 }
 
 /// Egress on the edge interface: records the flows the host starts, so
@@ -105,7 +113,11 @@ pub fn zt_edge_out(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn zt_tunnel_out(ctx: TcContext) -> i32 {
     let b = linear_headers(&ctx);
-    let parsed = if tunnel_l2() { parse::parse_ethernet(&b) } else { parse::parse_ip(&b) };
+    let parsed = if tunnel_l2() {
+        parse::parse_ethernet(&b)
+    } else {
+        parse::parse_ip(&b)
+    };
     if let Ok(p) = parsed {
         flows::record_egress(&p, skb_ifindex(&ctx));
     }

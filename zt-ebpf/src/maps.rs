@@ -8,8 +8,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use zt_common::{
-    COUNTER_SLOTS, EdgeConfig, EventBucket, FlowConfig, FlowKey, FlowState, FlowSummary, GrantKey, PeerCounters,
-    PeerInfo, SourceKey, SummaryKey, capacity,
+    COUNTER_SLOTS, EdgeConfig, EventBucket, FlowConfig, FlowKey, FlowState, FlowSummary, GrantKey,
+    PeerCounters, PeerInfo, SourceKey, SummaryKey, capacity,
 };
 
 #[map]
@@ -58,14 +58,17 @@ pub static ZT_PEER_CNT: PerCpuArray<PeerCounters> =
 // Least recently used flows go first when the table is full; the size is
 // set by the loader from `flows.max_entries`.
 #[map]
-pub static ZT_FLOWS: LruHashMap<FlowKey, FlowState> = LruHashMap::with_max_entries(capacity::FLOWS_DEFAULT, 0);
+pub static ZT_FLOWS: LruHashMap<FlowKey, FlowState> =
+    LruHashMap::with_max_entries(capacity::FLOWS_DEFAULT, 0);
 
 #[map]
 pub static ZT_FLOW_CFG: Array<FlowConfig> = Array::with_max_entries(1, 0);
 
 #[map]
-pub static ZT_ECHO_BKT: LruHashMap<SourceKey, EventBucket> = LruHashMap::with_max_entries(capacity::ECHO_SOURCES, 0);
+pub static ZT_ECHO_BKT: LruHashMap<SourceKey, EventBucket> =
+    LruHashMap::with_max_entries(capacity::ECHO_SOURCES, 0);
 
 // One entry per recently audited flow; see record::decision.
 #[map]
-pub static ZT_SUMMARY: LruHashMap<SummaryKey, FlowSummary> = LruHashMap::with_max_entries(capacity::SUMMARIES, 0);
+pub static ZT_SUMMARY: LruHashMap<SummaryKey, FlowSummary> =
+    LruHashMap::with_max_entries(capacity::SUMMARIES, 0);

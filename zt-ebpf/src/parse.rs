@@ -381,7 +381,10 @@ pub fn quoted(b: &Bounds, p: &Packet) -> Option<Quoted> {
             // SAFETY: ptr_at checked the fixed 20-byte header.
             let ip = unsafe { &*ip };
             let ihl = usize::from(ip.vihl & 0x0f) * 4;
-            if ip.vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN || u16::from_be_bytes(ip.frags) & IPV4_FRAG_OFFSET_MASK != 0 {
+            if ip.vihl >> 4 != 4
+                || ihl < Ipv4Hdr::LEN
+                || u16::from_be_bytes(ip.frags) & IPV4_FRAG_OFFSET_MASK != 0
+            {
                 return None;
             }
             q.ip_version = 4;
@@ -420,8 +423,12 @@ pub fn quoted(b: &Bounds, p: &Packet) -> Option<Quoted> {
             q.dst_port = u16::from_be_bytes([hdr[2], hdr[3]]);
         }
         // Only our own echo requests can draw an error we care about.
-        (4, proto::ICMP) if hdr[0] == ICMP_ECHO_REQUEST => q.src_port = u16::from_be_bytes([hdr[4], hdr[5]]),
-        (6, proto::ICMPV6) if hdr[0] == ICMPV6_ECHO_REQUEST => q.src_port = u16::from_be_bytes([hdr[4], hdr[5]]),
+        (4, proto::ICMP) if hdr[0] == ICMP_ECHO_REQUEST => {
+            q.src_port = u16::from_be_bytes([hdr[4], hdr[5]])
+        }
+        (6, proto::ICMPV6) if hdr[0] == ICMPV6_ECHO_REQUEST => {
+            q.src_port = u16::from_be_bytes([hdr[4], hdr[5]])
+        }
         _ => return None,
     }
     Some(q)

@@ -75,7 +75,15 @@ fn summarise(program: u32, p: &Packet, code: u32, now: u64) -> Option<u32> {
     }
     // If the table refuses the entry the event is still sent: a flow that
     // cannot be summarised costs events, never silence.
-    let _ = ZT_SUMMARY.insert(&key, &FlowSummary { window_start_ns: now, suppressed: 0, _pad: 0 }, 0);
+    let _ = ZT_SUMMARY.insert(
+        &key,
+        &FlowSummary {
+            window_start_ns: now,
+            suppressed: 0,
+            _pad: 0,
+        },
+        0,
+    );
     Some(0)
 }
 
@@ -139,7 +147,13 @@ fn take_event_token(now: u64) -> bool {
 
 /// Counts the decision and, when it is audited, sends an event.
 #[inline(always)]
-pub fn decision(program: u32, ifindex: u32, p: Option<&Packet>, code: u32, peer: Option<&PeerInfo>) {
+pub fn decision(
+    program: u32,
+    ifindex: u32,
+    p: Option<&Packet>,
+    code: u32,
+    peer: Option<&PeerInfo>,
+) {
     count(program, code);
     if !audited(p, code) {
         return;

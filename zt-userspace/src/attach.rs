@@ -50,7 +50,11 @@ pub enum AttachError {
         "{interface} already has XDP program {name:?} (id {id}) that is not ztxdp's; \
          remove it first (ip link set dev {interface} xdp off)"
     )]
-    ForeignXdp { interface: String, id: u32, name: String },
+    ForeignXdp {
+        interface: String,
+        id: u32,
+        name: String,
+    },
     #[error("attaching XDP to {interface} failed in native and generic mode: {source}")]
     XdpAttach {
         interface: String,
@@ -129,11 +133,14 @@ pub fn connect() -> Result<Handle, AttachError> {
 /// # Errors
 /// When there is no such interface.
 pub fn ifindex(interface: &str) -> Result<u32, AttachError> {
-    let name = std::ffi::CString::new(interface)
-        .map_err(|_| AttachError::NoInterface { interface: interface.to_owned() })?;
+    let name = std::ffi::CString::new(interface).map_err(|_| AttachError::NoInterface {
+        interface: interface.to_owned(),
+    })?;
     // SAFETY: `name` is a valid NUL-terminated string for the whole call.
     match unsafe { libc::if_nametoindex(name.as_ptr()) } {
-        0 => Err(AttachError::NoInterface { interface: interface.to_owned() }),
+        0 => Err(AttachError::NoInterface {
+            interface: interface.to_owned(),
+        }),
         i => Ok(i),
     }
 }
@@ -148,8 +155,16 @@ fn program_info(id: u32) -> Result<Option<ProgramInfo>, AttachError> {
     Ok(None)
 }
 
-fn attachment(interface: String, ifindex: u32, id: u32, mode: &str, name: &str) -> Result<Option<Attachment>, AttachError> {
-    let Some(info) = program_info(id)? else { return Ok(None) };
+fn attachment(
+    interface: String,
+    ifindex: u32,
+    id: u32,
+    mode: &str,
+    name: &str,
+) -> Result<Option<Attachment>, AttachError> {
+    let Some(info) = program_info(id)? else {
+        return Ok(None);
+    };
     if info.name_as_str() != Some(name) {
         return Ok(None);
     }
@@ -179,7 +194,10 @@ pub async fn find(handle: &Handle) -> Result<Attached, AttachError> {
         .execute()
         .try_collect()
         .await
-        .map_err(|source| AttachError::Netlink { interface: "(all)".into(), source })?;
+        .map_err(|source| AttachError::Netlink {
+            interface: "(all)".into(),
+            source,
+        })?;
     for link in links {
         let ifindex = link.header.index;
         let mut name = String::new();
@@ -197,7 +215,13 @@ pub async fn find(handle: &Handle) -> Result<Attached, AttachError> {
             out.edge.push(a);
         }
         for id in tc_program_ids(handle, ifindex, &name, TcAttachType::Ingress).await? {
-            if let Some(a) = attachment(name.clone(), ifindex, id, "clsact-ingress", program::TUNNEL_NAME)? {
+            if let Some(a) = attachment(
+                name.clone(),
+                ifindex,
+                id,
+                "clsact-ingress",
+                program::TUNNEL_NAME,
+            )? {
                 out.tunnel.push(a);
             }
         }
@@ -234,9 +258,15 @@ async fn tc_program_ids(
     name: &str,
     direction: TcAttachType,
 ) -> Result<Vec<u32>, AttachError> {
-    let Ok(index) = i32::try_from(ifindex) else { return Ok(Vec::new()) };
+    let Ok(index) = i32::try_from(ifindex) else {
+        return Ok(Vec::new());
+    };
     let request = handle.traffic_filter(index).get();
-    let request = if direction == TcAttachType::Ingress { request.ingress() } else { request.egress() };
+    let request = if direction == TcAttachType::Ingress {
+        request.ingress()
+    } else {
+        request.egress()
+    };
     let filters: Result<Vec<_>, _> = request.execute().try_collect().await;
     // An interface without clsact answers with an error: no filters, not a failure.
     let Ok(filters) = filters else {
@@ -263,7 +293,12 @@ async fn tc_program_ids(
 ///
 /// # Errors
 /// When another tool's program is attached, or the kernel refuses.
-pub async fn attach_xdp(handle: &Handle, interface: &str, prog: &ProgramFd, previous: Option<&Attachment>) -> Result<XdpMode, AttachError> {
+pub async fn attach_xdp(
+    handle: &Handle,
+    interface: &str,
+    prog: &ProgramFd,
+    previous: Option<&Attachment>,
+) -> Result<XdpMode, AttachError> {
     let ifindex = ifindex(interface)?;
     let links: Vec<_> = handle
         .link()
@@ -272,11 +307,17 @@ pub async fn attach_xdp(handle: &Handle, interface: &str, prog: &ProgramFd, prev
         .execute()
         .try_collect()
         .await
-        .map_err(|source| AttachError::Netlink { interface: interface.to_owned(), source })?;
-    let current = links
-        .iter()
-        .flat_map(|l| &l.attributes)
-        .find_map(|a| if let LinkAttribute::Xdp(x) = a { xdp_state(x) } else { None });
+        .map_err(|source| AttachError::Netlink {
+            interface: interface.to_owned(),
+            source,
+        })?;
+    let current = links.iter().flat_map(|l| &l.attributes).find_map(|a| {
+        if let LinkAttribute::Xdp(x) = a {
+            xdp_state(x)
+        } else {
+            None
+        }
+    });
     let mut replace: Option<(ProgramFd, &'static str)> = None;
     if let Some((id, mode)) = current {
         match previous {
@@ -286,19 +327,30 @@ pub async fn attach_xdp(handle: &Handle, interface: &str, prog: &ProgramFd, prev
                     id,
                     name: String::from("(gone)"),
                 })?;
-                let fd = info.fd().map_err(|source| AttachError::ProgramInfo { id, source })?;
+                let fd = info
+                    .fd()
+                    .map_err(|source| AttachError::ProgramInfo { id, source })?;
                 replace = Some((fd, mode));
             }
             _ => {
-                let name = program_info(id)?.and_then(|i| i.name_as_str().map(str::to_owned)).unwrap_or_default();
-                return Err(AttachError::ForeignXdp { interface: interface.to_owned(), id, name });
+                let name = program_info(id)?
+                    .and_then(|i| i.name_as_str().map(str::to_owned))
+                    .unwrap_or_default();
+                return Err(AttachError::ForeignXdp {
+                    interface: interface.to_owned(),
+                    id,
+                    name,
+                });
             }
         }
     }
     let modes: &[(u32, XdpMode)] = match replace.as_ref().map(|r| r.1) {
         Some("generic") => &[(XDP_FLAGS_SKB_MODE, XdpMode::Generic)],
         Some(_) => &[(XDP_FLAGS_DRV_MODE, XdpMode::Native)],
-        None => &[(XDP_FLAGS_DRV_MODE, XdpMode::Native), (XDP_FLAGS_SKB_MODE, XdpMode::Generic)],
+        None => &[
+            (XDP_FLAGS_DRV_MODE, XdpMode::Native),
+            (XDP_FLAGS_SKB_MODE, XdpMode::Generic),
+        ],
     };
     let mut last_err = None;
     for &(mode_flag, mode) in modes {
@@ -310,7 +362,9 @@ pub async fn attach_xdp(handle: &Handle, interface: &str, prog: &ProgramFd, prev
             }
             None => attrs.push(LinkXdp::Flags(mode_flag | XDP_FLAGS_UPDATE_IF_NOEXIST)),
         }
-        let msg = LinkUnspec::new_with_index(ifindex).append_extra_attribute(LinkAttribute::Xdp(attrs)).build();
+        let msg = LinkUnspec::new_with_index(ifindex)
+            .append_extra_attribute(LinkAttribute::Xdp(attrs))
+            .build();
         match handle.link().set(msg).execute().await {
             Ok(()) => return Ok(mode),
             Err(e) => {
@@ -337,25 +391,46 @@ fn fd_u32(fd: &ProgramFd) -> u32 {
 /// When netlink refuses.
 pub async fn detach_xdp(handle: &Handle, a: &Attachment) -> Result<(), AttachError> {
     let now = find(handle).await?;
-    if !now.edge.iter().any(|e| e.ifindex == a.ifindex && e.program_id == a.program_id) {
-        tracing::info!(interface = a.interface, "edge program already removed or replaced");
+    if !now
+        .edge
+        .iter()
+        .any(|e| e.ifindex == a.ifindex && e.program_id == a.program_id)
+    {
+        tracing::info!(
+            interface = a.interface,
+            "edge program already removed or replaced"
+        );
         return Ok(());
     }
-    let Some(info) = program_info(a.program_id)? else { return Ok(()) };
-    let fd = info.fd().map_err(|source| AttachError::ProgramInfo { id: a.program_id, source })?;
-    let mode = if a.mode == "generic" { XDP_FLAGS_SKB_MODE } else { XDP_FLAGS_DRV_MODE };
+    let Some(info) = program_info(a.program_id)? else {
+        return Ok(());
+    };
+    let fd = info.fd().map_err(|source| AttachError::ProgramInfo {
+        id: a.program_id,
+        source,
+    })?;
+    let mode = if a.mode == "generic" {
+        XDP_FLAGS_SKB_MODE
+    } else {
+        XDP_FLAGS_DRV_MODE
+    };
     let attrs = vec![
         LinkXdp::Fd(-1),
         LinkXdp::ExpectedFd(fd_u32(&fd)),
         LinkXdp::Flags(mode | XDP_FLAGS_REPLACE),
     ];
-    let msg = LinkUnspec::new_with_index(a.ifindex).append_extra_attribute(LinkAttribute::Xdp(attrs)).build();
+    let msg = LinkUnspec::new_with_index(a.ifindex)
+        .append_extra_attribute(LinkAttribute::Xdp(attrs))
+        .build();
     handle
         .link()
         .set(msg)
         .execute()
         .await
-        .map_err(|source| AttachError::Netlink { interface: a.interface.clone(), source })
+        .map_err(|source| AttachError::Netlink {
+            interface: a.interface.clone(),
+            source,
+        })
 }
 
 /// Attaches a classifier to `interface` (ingress or egress) as a clsact
@@ -370,20 +445,28 @@ pub fn attach_tc(
     direction: TcAttachType,
     replace: bool,
 ) -> Result<(), AttachError> {
-    let tc_err = |source| AttachError::Tc { interface: interface.to_owned(), source };
+    let tc_err = |source| AttachError::Tc {
+        interface: interface.to_owned(),
+        source,
+    };
     if let Err(e) = tc::qdisc_add_clsact(interface) {
         // EEXIST: the qdisc is already there, which is what we want.
         tracing::debug!(interface, error = %e, "clsact qdisc not added (probably present)");
     }
     let id = if replace {
-        let link = SchedClassifierLink::attached(interface, direction, TC_PRIORITY, TC_HANDLE, None)
-            .map_err(|e| tc_err(aya::programs::ProgramError::IOError(e)))?;
+        let link =
+            SchedClassifierLink::attached(interface, direction, TC_PRIORITY, TC_HANDLE, None)
+                .map_err(|e| tc_err(aya::programs::ProgramError::IOError(e)))?;
         prog.attach_to_link(link).map_err(tc_err)?
     } else {
         prog.attach_with_options(
             interface,
             direction,
-            TcAttachOptions::Netlink(NlOptions { priority: TC_PRIORITY, handle: TC_HANDLE, classid: None }),
+            TcAttachOptions::Netlink(NlOptions {
+                priority: TC_PRIORITY,
+                handle: TC_HANDLE,
+                classid: None,
+            }),
         )
         .map_err(tc_err)?
     };

@@ -101,28 +101,47 @@ fn program_status(a: &Attachment, prog: u32) -> Result<ProgramStatus, ControlErr
         let counts = tables.peer_counters(max)?;
         for i in indices {
             let c = counts.get(i as usize).copied().unwrap_or_default();
-            peers.push(PeerStatus { index: i, allowed: c.allowed, denied: c.denied });
+            peers.push(PeerStatus {
+                index: i,
+                allowed: c.allowed,
+                denied: c.denied,
+            });
         }
     }
-    Ok(ProgramStatus { attachment: a.clone(), counters, maps, peers })
+    Ok(ProgramStatus {
+        attachment: a.clone(),
+        counters,
+        maps,
+        peers,
+    })
 }
 
 /// Peer indices present in the peer tries.
 fn peer_indices(map_ids: &[u32]) -> Result<Vec<u32>, ControlError> {
     let mut out = std::collections::BTreeSet::new();
     for &id in map_ids {
-        let Ok(data) = MapData::from_id(id) else { continue };
-        let name = data.info().ok().and_then(|i| i.name_as_str().map(str::to_owned));
-        let tables_err = |source| TablesError::Map { name: map::PEER_V4, source };
+        let Ok(data) = MapData::from_id(id) else {
+            continue;
+        };
+        let name = data
+            .info()
+            .ok()
+            .and_then(|i| i.name_as_str().map(str::to_owned));
+        let tables_err = |source| TablesError::Map {
+            name: map::PEER_V4,
+            source,
+        };
         match name.as_deref() {
             Some(map::PEER_V4) => {
                 let t: LpmTrie<_, [u8; 4], PeerInfo> =
-                    LpmTrie::try_from(Map::from_map_data(data).map_err(tables_err)?).map_err(tables_err)?;
+                    LpmTrie::try_from(Map::from_map_data(data).map_err(tables_err)?)
+                        .map_err(tables_err)?;
                 out.extend(t.iter().filter_map(Result::ok).map(|(_, v)| v.index));
             }
             Some(map::PEER_V6) => {
                 let t: LpmTrie<_, [u8; 16], PeerInfo> =
-                    LpmTrie::try_from(Map::from_map_data(data).map_err(tables_err)?).map_err(tables_err)?;
+                    LpmTrie::try_from(Map::from_map_data(data).map_err(tables_err)?)
+                        .map_err(tables_err)?;
                 out.extend(t.iter().filter_map(Result::ok).map(|(_, v)| v.index));
             }
             _ => {}
@@ -165,8 +184,16 @@ pub async fn status() -> Result<Status, ControlError> {
         None => None,
     };
     Ok(Status {
-        edge: found.edge.first().map(|a| program_status(a, program::EDGE)).transpose()?,
-        tunnel: found.tunnel.first().map(|a| program_status(a, program::TUNNEL)).transpose()?,
+        edge: found
+            .edge
+            .first()
+            .map(|a| program_status(a, program::EDGE))
+            .transpose()?,
+        tunnel: found
+            .tunnel
+            .first()
+            .map(|a| program_status(a, program::TUNNEL))
+            .transpose()?,
         flows,
     })
 }
@@ -190,7 +217,12 @@ pub async fn down() -> Result<Vec<Attachment>, ControlError> {
     for a in &found.egress {
         attach::detach_tc(&a.interface, TcAttachType::Egress, &a.program)?;
     }
-    Ok(found.edge.into_iter().chain(found.tunnel).chain(found.egress).collect())
+    Ok(found
+        .edge
+        .into_iter()
+        .chain(found.tunnel)
+        .chain(found.egress)
+        .collect())
 }
 
 /// A peer by name, or by an address inside one of its prefixes.
@@ -198,12 +230,22 @@ fn resolve_peer(tunnel: &TunnelPolicy, peer: &str) -> Result<usize, ControlError
     let by_name = tunnel.peers.iter().position(|p| p.name == peer);
     let by_addr = || {
         let ip: IpAddr = peer.parse().ok()?;
-        tunnel.peers.iter().position(|p| p.addresses.iter().any(|n| n.contains(&ip)))
+        tunnel
+            .peers
+            .iter()
+            .position(|p| p.addresses.iter().any(|n| n.contains(&ip)))
     };
-    by_name.or_else(by_addr).ok_or_else(|| ControlError::UnknownPeer {
-        peer: peer.to_owned(),
-        known: tunnel.peers.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(", "),
-    })
+    by_name
+        .or_else(by_addr)
+        .ok_or_else(|| ControlError::UnknownPeer {
+            peer: peer.to_owned(),
+            known: tunnel
+                .peers
+                .iter()
+                .map(|p| p.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+        })
 }
 
 /// Whether a runtime grant change reached a running program.
@@ -224,15 +266,24 @@ pub struct GrantChange {
 ///
 /// # Errors
 /// On an unknown peer or bad grant (nothing is changed), or a failed write.
-pub async fn change_grant(config: &Config, peer: &str, grant: &str, allow: bool) -> Result<GrantChange, ControlError> {
+pub async fn change_grant(
+    config: &Config,
+    peer: &str,
+    grant: &str,
+    allow: bool,
+) -> Result<GrantChange, ControlError> {
     let tunnel = config
         .policy
         .tunnel
         .as_ref()
-        .ok_or_else(|| ControlError::NoTunnel { config: config.path.display().to_string() })?;
+        .ok_or_else(|| ControlError::NoTunnel {
+            config: config.path.display().to_string(),
+        })?;
     let index = resolve_peer(tunnel, peer)?;
-    let grant: Grant =
-        parse_cli_grant(grant).map_err(|source| ControlError::BadGrant { text: grant.to_owned(), source })?;
+    let grant: Grant = parse_cli_grant(grant).map_err(|source| ControlError::BadGrant {
+        text: grant.to_owned(),
+        source,
+    })?;
     let mut runtime = RuntimeGrants::load(&tunnel.runtime_grants)?;
     let name = tunnel.peers[index].name.clone();
     if allow {
@@ -244,7 +295,12 @@ pub async fn change_grant(config: &Config, peer: &str, grant: &str, allow: bool)
     let merged = runtime.apply(tunnel);
     let peer_policy = &merged.peers[index];
     let found = attached().await?;
-    let live = match found.tunnel.iter().find(|a| a.interface == tunnel.interface).or(found.tunnel.first()) {
+    let live = match found
+        .tunnel
+        .iter()
+        .find(|a| a.interface == tunnel.interface)
+        .or(found.tunnel.first())
+    {
         Some(a) => {
             let mut tables = Tables::from_map_ids(&a.map_ids)?;
             // Indices are positions in the config, bounded by capacity::PEERS.
@@ -282,7 +338,9 @@ pub fn list(config: &Config) -> Result<Vec<PeerGrants>, ControlError> {
         .policy
         .tunnel
         .as_ref()
-        .ok_or_else(|| ControlError::NoTunnel { config: config.path.display().to_string() })?;
+        .ok_or_else(|| ControlError::NoTunnel {
+            config: config.path.display().to_string(),
+        })?;
     let runtime = RuntimeGrants::load(&tunnel.runtime_grants)?;
     let merged = runtime.apply(tunnel);
     Ok(merged

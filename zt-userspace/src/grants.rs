@@ -68,10 +68,17 @@ impl RuntimeGrants {
         let text = match std::fs::read_to_string(path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Self::default()),
-            Err(source) => return Err(GrantsError::Read { path: path.to_owned(), source }),
+            Err(source) => {
+                return Err(GrantsError::Read {
+                    path: path.to_owned(),
+                    source,
+                });
+            }
         };
-        let parsed: Self = serde_json::from_str(&text)
-            .map_err(|e| GrantsError::Parse { path: path.to_owned(), message: e.to_string() })?;
+        let parsed: Self = serde_json::from_str(&text).map_err(|e| GrantsError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
         for (peer, c) in &parsed.peers {
             for g in c.added.iter().chain(&c.revoked) {
                 parse_grant(g).map_err(|e| GrantsError::Parse {
@@ -88,12 +95,20 @@ impl RuntimeGrants {
     /// # Errors
     /// When any step fails; the old file is then untouched.
     pub fn save(&self, path: &Path) -> Result<(), GrantsError> {
-        let write_err = |source| GrantsError::Write { path: path.to_owned(), source };
-        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let write_err = |source| GrantsError::Write {
+            path: path.to_owned(),
+            source,
+        };
+        let dir = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
         std::fs::create_dir_all(dir).map_err(write_err)?;
         let tmp = dir.join(format!(
             ".{}.tmp.{}",
-            path.file_name().and_then(|n| n.to_str()).unwrap_or("grants"),
+            path.file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("grants"),
             std::process::id()
         ));
         let mut text = serde_json::to_string_pretty(self).map_err(|e| write_err(e.into()))?;
@@ -103,7 +118,9 @@ impl RuntimeGrants {
         f.sync_all().map_err(write_err)?;
         drop(f);
         std::fs::rename(&tmp, path).map_err(write_err)?;
-        File::open(dir).and_then(|d| d.sync_all()).map_err(write_err)?;
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(write_err)?;
         Ok(())
     }
 
@@ -133,7 +150,11 @@ impl RuntimeGrants {
         let mut out = tunnel.clone();
         for peer in &mut out.peers {
             if let Some(c) = self.peers.get(&peer.name) {
-                let parse = |v: &[String]| v.iter().filter_map(|g| parse_grant(g).ok()).collect::<Vec<_>>();
+                let parse = |v: &[String]| {
+                    v.iter()
+                        .filter_map(|g| parse_grant(g).ok())
+                        .collect::<Vec<_>>()
+                };
                 peer.grants = effective(&peer.grants, &parse(&c.added), &parse(&c.revoked));
             }
         }
@@ -150,7 +171,11 @@ pub fn effective(base: &[Grant], added: &[Grant], revoked: &[Grant]) -> Vec<Gran
         for g in grants {
             match *g {
                 Grant::Icmp => icmp = on,
-                Grant::Ports { protocol, first, last } => {
+                Grant::Ports {
+                    protocol,
+                    first,
+                    last,
+                } => {
                     let set = sets.entry(protocol).or_insert_with(|| vec![false; 65536]);
                     for p in first..=last {
                         set[usize::from(p)] = on;
@@ -169,8 +194,14 @@ pub fn effective(base: &[Grant], added: &[Grant], revoked: &[Grant]) -> Vec<Gran
                     port += 1;
                 }
                 // Indices come from u16 ports, so they fit.
-                let (Ok(first), Ok(last)) = (u16::try_from(first), u16::try_from(port)) else { break };
-                out.push(Grant::Ports { protocol, first, last });
+                let (Ok(first), Ok(last)) = (u16::try_from(first), u16::try_from(port)) else {
+                    break;
+                };
+                out.push(Grant::Ports {
+                    protocol,
+                    first,
+                    last,
+                });
             }
             port += 1;
         }
@@ -186,7 +217,11 @@ mod tests {
     use super::*;
 
     fn tcp(first: u16, last: u16) -> Grant {
-        Grant::Ports { protocol: Protocol::Tcp, first, last }
+        Grant::Ports {
+            protocol: Protocol::Tcp,
+            first,
+            last,
+        }
     }
 
     #[test]
@@ -198,7 +233,10 @@ mod tests {
     #[test]
     fn added_and_revoked_icmp() {
         assert_eq!(effective(&[], &[Grant::Icmp], &[]), vec![Grant::Icmp]);
-        assert_eq!(effective(&[Grant::Icmp], &[], &[Grant::Icmp]), Vec::<Grant>::new());
+        assert_eq!(
+            effective(&[Grant::Icmp], &[], &[Grant::Icmp]),
+            Vec::<Grant>::new()
+        );
     }
 
     #[test]
@@ -220,8 +258,12 @@ mod tests {
     fn a_missing_file_is_empty_and_a_torn_one_is_an_error() {
         let dir = std::env::temp_dir().join(format!("ztxdp-grants-torn-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("mkdir: {e}"));
-        assert_eq!(RuntimeGrants::load(&dir.join("absent.json")).ok(), Some(RuntimeGrants::default()));
-        std::fs::write(dir.join("torn.json"), "{\"peers\": {\"a\"").unwrap_or_else(|e| panic!("write: {e}"));
+        assert_eq!(
+            RuntimeGrants::load(&dir.join("absent.json")).ok(),
+            Some(RuntimeGrants::default())
+        );
+        std::fs::write(dir.join("torn.json"), "{\"peers\": {\"a\"")
+            .unwrap_or_else(|e| panic!("write: {e}"));
         assert!(RuntimeGrants::load(&dir.join("torn.json")).is_err());
         let _ = std::fs::remove_dir_all(dir);
     }

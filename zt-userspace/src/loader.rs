@@ -35,7 +35,10 @@ pub struct LoadOptions {
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { tunnel_l2: false, flow_entries: zt_common::capacity::FLOWS_DEFAULT }
+        Self {
+            tunnel_l2: false,
+            flow_entries: zt_common::capacity::FLOWS_DEFAULT,
+        }
     }
 }
 
@@ -51,10 +54,18 @@ pub fn load(opts: LoadOptions) -> Result<Ebpf, LoadError> {
         .map_max_entries(zt_common::map::FLOWS, opts.flow_entries)
         .load(crate::BPF_OBJECT)?;
     let edge: &mut Xdp = program_mut(&mut ebpf, program::EDGE_NAME)?;
-    edge.load().map_err(|source| LoadError::Program { name: program::EDGE_NAME, source })?;
-    for name in [program::TUNNEL_NAME, program::EDGE_EGRESS_NAME, program::TUNNEL_EGRESS_NAME] {
+    edge.load().map_err(|source| LoadError::Program {
+        name: program::EDGE_NAME,
+        source,
+    })?;
+    for name in [
+        program::TUNNEL_NAME,
+        program::EDGE_EGRESS_NAME,
+        program::TUNNEL_EGRESS_NAME,
+    ] {
         let tc: &mut SchedClassifier = program_mut(&mut ebpf, name)?;
-        tc.load().map_err(|source| LoadError::Program { name, source })?;
+        tc.load()
+            .map_err(|source| LoadError::Program { name, source })?;
     }
     Ok(ebpf)
 }
@@ -76,7 +87,10 @@ where
 /// memcg accounting, and raising the limit needs CAP_SYS_RESOURCE, which
 /// containers often lack; so a failure here is logged, not fatal.
 fn relax_memlock() {
-    let unlimited = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
     // SAFETY: setrlimit reads a valid, initialised rlimit struct.
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &raw const unlimited) } != 0 {
         tracing::debug!(

@@ -7,12 +7,14 @@ use std::collections::{BTreeMap, HashMap};
 
 use aya::{
     Ebpf,
-    maps::{Array, HashMap as BpfHashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, lpm_trie::Key},
+    maps::{
+        Array, HashMap as BpfHashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, lpm_trie::Key,
+    },
 };
 use ipnet::IpNet;
 use zt_common::{
-    COUNTER_SLOTS, EDGE_CONFIGURED, EdgeConfig, FlowConfig, FlowKey, FlowState, GrantKey, PEER_ICMP,
-    PeerCounters, PeerInfo, capacity, counter_index, map, program, reason,
+    COUNTER_SLOTS, EDGE_CONFIGURED, EdgeConfig, FlowConfig, FlowKey, FlowState, GrantKey,
+    PEER_ICMP, PeerCounters, PeerInfo, capacity, counter_index, map, program, reason,
 };
 
 use crate::policy::{EchoRate, EdgePolicy, FlowSettings, Grant, Peer, TunnelPolicy};
@@ -29,7 +31,11 @@ pub enum TablesError {
         source: MapError,
     },
     #[error("{what} has {count} entries; the limit is {limit}")]
-    TooMany { what: &'static str, count: usize, limit: u32 },
+    TooMany {
+        what: &'static str,
+        count: usize,
+        limit: u32,
+    },
 }
 
 fn map_err(name: &'static str) -> impl FnOnce(MapError) -> TablesError {
@@ -67,7 +73,9 @@ impl Tables {
     pub fn from_ebpf(ebpf: &mut Ebpf) -> Result<Self, TablesError> {
         let mut maps = HashMap::new();
         for name in ALL_MAPS {
-            let m = ebpf.take_map(name).ok_or(TablesError::MissingMap { name })?;
+            let m = ebpf
+                .take_map(name)
+                .ok_or(TablesError::MissingMap { name })?;
             maps.insert(name, m);
         }
         Ok(Self { maps })
@@ -83,7 +91,10 @@ impl Tables {
         for &id in ids {
             let data = MapData::from_id(id).map_err(map_err("(by id)"))?;
             let info = data.info().map_err(map_err("(by id)"))?;
-            let Some(name) = info.name_as_str().and_then(|n| ALL_MAPS.iter().find(|m| **m == n)) else {
+            let Some(name) = info
+                .name_as_str()
+                .and_then(|n| ALL_MAPS.iter().find(|m| **m == n))
+            else {
                 continue;
             };
             maps.insert(*name, Map::from_map_data(data).map_err(map_err(name))?);
@@ -94,7 +105,9 @@ impl Tables {
     }
 
     fn get(&mut self, name: &'static str) -> Result<&mut Map, TablesError> {
-        self.maps.get_mut(name).ok_or(TablesError::MissingMap { name })
+        self.maps
+            .get_mut(name)
+            .ok_or(TablesError::MissingMap { name })
     }
 
     fn get_ref(&self, name: &'static str) -> Result<&Map, TablesError> {
@@ -112,31 +125,48 @@ impl Tables {
         for &port in &p.wireguard_ports {
             words[usize::from(port >> 6)] |= 1 << (port & 63);
         }
-        let mut udp: Array<_, u64> =
-            Array::try_from(self.get(map::EDGE_UDP_PORTS)?).map_err(map_err(map::EDGE_UDP_PORTS))?;
+        let mut udp: Array<_, u64> = Array::try_from(self.get(map::EDGE_UDP_PORTS)?)
+            .map_err(map_err(map::EDGE_UDP_PORTS))?;
         for (i, w) in (0u32..).zip(words) {
             udp.set(i, w, 0).map_err(map_err(map::EDGE_UDP_PORTS))?;
         }
         let (v4, v6) = split_families(&p.ssh_allow);
-        for (what, n) in [("edge.ssh_allow (IPv4)", v4.len()), ("edge.ssh_allow (IPv6)", v6.len())] {
+        for (what, n) in [
+            ("edge.ssh_allow (IPv4)", v4.len()),
+            ("edge.ssh_allow (IPv6)", v6.len()),
+        ] {
             if n > capacity::SSH_ALLOW as usize {
-                return Err(TablesError::TooMany { what, count: n, limit: capacity::SSH_ALLOW });
+                return Err(TablesError::TooMany {
+                    what,
+                    count: n,
+                    limit: capacity::SSH_ALLOW,
+                });
             }
         }
         let mut t4: LpmTrie<_, [u8; 4], u8> =
             LpmTrie::try_from(self.get(map::SSH_ALLOW_V4)?).map_err(map_err(map::SSH_ALLOW_V4))?;
         for (key, len) in &v4 {
-            t4.insert(&Key::new(*len, *key), 1, 0).map_err(map_err(map::SSH_ALLOW_V4))?;
+            t4.insert(&Key::new(*len, *key), 1, 0)
+                .map_err(map_err(map::SSH_ALLOW_V4))?;
         }
         let mut t6: LpmTrie<_, [u8; 16], u8> =
             LpmTrie::try_from(self.get(map::SSH_ALLOW_V6)?).map_err(map_err(map::SSH_ALLOW_V6))?;
         for (key, len) in &v6 {
-            t6.insert(&Key::new(*len, *key), 1, 0).map_err(map_err(map::SSH_ALLOW_V6))?;
+            t6.insert(&Key::new(*len, *key), 1, 0)
+                .map_err(map_err(map::SSH_ALLOW_V6))?;
         }
         let mut cfg: Array<_, EdgeConfig> =
             Array::try_from(self.get(map::EDGE_CONFIG)?).map_err(map_err(map::EDGE_CONFIG))?;
-        cfg.set(0, EdgeConfig { ssh_port: p.ssh_port, _pad0: 0, flags: EDGE_CONFIGURED }, 0)
-            .map_err(map_err(map::EDGE_CONFIG))?;
+        cfg.set(
+            0,
+            EdgeConfig {
+                ssh_port: p.ssh_port,
+                _pad0: 0,
+                flags: EDGE_CONFIGURED,
+            },
+            0,
+        )
+        .map_err(map_err(map::EDGE_CONFIG))?;
         Ok(())
     }
 
@@ -146,7 +176,11 @@ impl Tables {
     /// When a map update fails.
     pub fn apply_tunnel(&mut self, p: &TunnelPolicy) -> Result<(), TablesError> {
         if p.peers.len() > capacity::PEERS as usize {
-            return Err(TablesError::TooMany { what: "tunnel.peer", count: p.peers.len(), limit: capacity::PEERS });
+            return Err(TablesError::TooMany {
+                what: "tunnel.peer",
+                count: p.peers.len(),
+                limit: capacity::PEERS,
+            });
         }
         for (index, peer) in (0u32..).zip(&p.peers) {
             self.set_peer(index, peer)?;
@@ -178,18 +212,24 @@ impl Tables {
         }
         let info = PeerInfo {
             index,
-            flags: if peer.grants.contains(&Grant::Icmp) { PEER_ICMP } else { 0 },
+            flags: if peer.grants.contains(&Grant::Icmp) {
+                PEER_ICMP
+            } else {
+                0
+            },
         };
         let (v4, v6) = split_families(&peer.addresses);
         let mut t4: LpmTrie<_, [u8; 4], PeerInfo> =
             LpmTrie::try_from(self.get(map::PEER_V4)?).map_err(map_err(map::PEER_V4))?;
         for (key, len) in &v4 {
-            t4.insert(&Key::new(*len, *key), info, 0).map_err(map_err(map::PEER_V4))?;
+            t4.insert(&Key::new(*len, *key), info, 0)
+                .map_err(map_err(map::PEER_V4))?;
         }
         let mut t6: LpmTrie<_, [u8; 16], PeerInfo> =
             LpmTrie::try_from(self.get(map::PEER_V6)?).map_err(map_err(map::PEER_V6))?;
         for (key, len) in &v6 {
-            t6.insert(&Key::new(*len, *key), info, 0).map_err(map_err(map::PEER_V6))?;
+            t6.insert(&Key::new(*len, *key), info, 0)
+                .map_err(map_err(map::PEER_V6))?;
         }
         Ok(())
     }
@@ -227,7 +267,11 @@ impl Tables {
         } else {
             &[reason::EVENTS_SUPPRESSED, reason::EVENTS_LOST]
         };
-        let codes: &[u32] = if program == program::EGRESS { &[] } else { &reason::ALL };
+        let codes: &[u32] = if program == program::EGRESS {
+            &[]
+        } else {
+            &reason::ALL
+        };
         for &code in codes.iter().chain(extra) {
             let idx = counter_index(program, code);
             debug_assert!(idx < COUNTER_SLOTS);
@@ -242,8 +286,9 @@ impl Tables {
     /// # Errors
     /// When the per-peer counter map cannot be read.
     pub fn peer_counters(&self, n: u32) -> Result<Vec<PeerCounters>, TablesError> {
-        let arr: PerCpuArray<_, PeerCounters> = PerCpuArray::try_from(self.get_ref(map::PEER_COUNTERS)?)
-            .map_err(map_err(map::PEER_COUNTERS))?;
+        let arr: PerCpuArray<_, PeerCounters> =
+            PerCpuArray::try_from(self.get_ref(map::PEER_COUNTERS)?)
+                .map_err(map_err(map::PEER_COUNTERS))?;
         (0..n.min(capacity::PEERS))
             .map(|i| {
                 let v = arr.get(&i, 0).map_err(map_err(map::PEER_COUNTERS))?;
@@ -262,27 +307,33 @@ impl Tables {
     pub fn fill_levels(&self) -> Result<BTreeMap<&'static str, usize>, TablesError> {
         let mut out = BTreeMap::new();
         if let Some(m) = self.maps.get(map::SSH_ALLOW_V4) {
-            let t: LpmTrie<_, [u8; 4], u8> = LpmTrie::try_from(m).map_err(map_err(map::SSH_ALLOW_V4))?;
+            let t: LpmTrie<_, [u8; 4], u8> =
+                LpmTrie::try_from(m).map_err(map_err(map::SSH_ALLOW_V4))?;
             out.insert("ssh_allow_v4", t.keys().count());
         }
         if let Some(m) = self.maps.get(map::SSH_ALLOW_V6) {
-            let t: LpmTrie<_, [u8; 16], u8> = LpmTrie::try_from(m).map_err(map_err(map::SSH_ALLOW_V6))?;
+            let t: LpmTrie<_, [u8; 16], u8> =
+                LpmTrie::try_from(m).map_err(map_err(map::SSH_ALLOW_V6))?;
             out.insert("ssh_allow_v6", t.keys().count());
         }
         if let Some(m) = self.maps.get(map::PEER_V4) {
-            let t: LpmTrie<_, [u8; 4], PeerInfo> = LpmTrie::try_from(m).map_err(map_err(map::PEER_V4))?;
+            let t: LpmTrie<_, [u8; 4], PeerInfo> =
+                LpmTrie::try_from(m).map_err(map_err(map::PEER_V4))?;
             out.insert("peer_v4", t.keys().count());
         }
         if let Some(m) = self.maps.get(map::PEER_V6) {
-            let t: LpmTrie<_, [u8; 16], PeerInfo> = LpmTrie::try_from(m).map_err(map_err(map::PEER_V6))?;
+            let t: LpmTrie<_, [u8; 16], PeerInfo> =
+                LpmTrie::try_from(m).map_err(map_err(map::PEER_V6))?;
             out.insert("peer_v6", t.keys().count());
         }
         if let Some(m) = self.maps.get(map::GRANTS) {
-            let g: BpfHashMap<_, GrantKey, u64> = BpfHashMap::try_from(m).map_err(map_err(map::GRANTS))?;
+            let g: BpfHashMap<_, GrantKey, u64> =
+                BpfHashMap::try_from(m).map_err(map_err(map::GRANTS))?;
             out.insert("grant_words", g.keys().count());
         }
         if let Some(m) = self.maps.get(map::FLOWS) {
-            let f: BpfHashMap<_, FlowKey, FlowState> = BpfHashMap::try_from(m).map_err(map_err(map::FLOWS))?;
+            let f: BpfHashMap<_, FlowKey, FlowState> =
+                BpfHashMap::try_from(m).map_err(map_err(map::FLOWS))?;
             out.insert("flows", f.keys().count());
         }
         if let Some(m) = self.maps.get(map::EDGE_UDP_PORTS) {
@@ -298,9 +349,21 @@ impl Tables {
 fn grant_words(peer: u32, grants: &[Grant]) -> HashMap<GrantKey, u64> {
     let mut words: HashMap<GrantKey, u64> = HashMap::new();
     for g in grants {
-        let Grant::Ports { protocol, first, last } = *g else { continue };
+        let Grant::Ports {
+            protocol,
+            first,
+            last,
+        } = *g
+        else {
+            continue;
+        };
         for port in first..=last {
-            let key = GrantKey { peer, protocol: protocol.number(), _pad0: 0, word: port >> 6 };
+            let key = GrantKey {
+                peer,
+                protocol: protocol.number(),
+                _pad0: 0,
+                word: port >> 6,
+            };
             *words.entry(key).or_default() |= 1 << (port & 63);
         }
     }

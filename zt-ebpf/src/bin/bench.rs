@@ -9,7 +9,9 @@
 #![no_std]
 #![no_main]
 
-use aya_ebpf::{bindings::xdp_action, macros::map, macros::xdp, maps::PerCpuArray, programs::XdpContext};
+use aya_ebpf::{
+    bindings::xdp_action, macros::map, macros::xdp, maps::PerCpuArray, programs::XdpContext,
+};
 
 /// Number of distinct IPv4 source addresses to cycle through; 0 sends the
 /// template unchanged. Set by the loader before load (read-only data, so the
@@ -79,7 +81,9 @@ fn rewrite_source(ctx: &XdpContext, count: u32) {
     };
     // SAFETY: a read of a constant the loader may have rewritten before load.
     let base = unsafe { core::ptr::read_volatile(&raw const SRC_BASE) };
-    let new = base.wrapping_add(n.wrapping_mul(SPREAD) % count).to_be_bytes();
+    let new = base
+        .wrapping_add(n.wrapping_mul(SPREAD) % count)
+        .to_be_bytes();
     // SAFETY: every offset below is inside the FRAME_MIN bytes checked above.
     unsafe {
         let p = start as *mut u8;
