@@ -7,7 +7,7 @@
 mod e2e;
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeMap,
     fs,
     io::{BufRead as _, BufReader},
     net::Ipv4Addr,
@@ -184,7 +184,7 @@ fn expect_exact_accounting(t: &Trail, skip: usize) -> Vec<Value> {
 
 #[test]
 fn a_deny_flood_from_many_sources_is_accounted_for_exactly() {
-    let t = Trail::start("flood", "");
+    let mut t = Trail::start("flood", "");
     // 20,000 frames from 2,000 sources, in two bursts a summary window apart,
     // so some flows carry a count into a later event and some are swept.
     flood(&t.lab, 0, 2000, 5);
@@ -245,6 +245,8 @@ fn a_deny_flood_from_many_sources_is_accounted_for_exactly() {
             "{format}: a line without {check}"
         );
     }
+    t.daemon.terminate();
+    t.verify();
 }
 
 /// Floods until told to stop (bounded by `limit`); returns the rounds sent.
@@ -363,7 +365,7 @@ fn a_takeover_from_a_running_daemon_hands_the_trail_over_without_a_gap() {
 
 #[test]
 fn events_follow_streams_each_record_once_from_another_shell() {
-    let t = Trail::start("events", "");
+    let mut t = Trail::start("events", "");
     // Each follower is its own `ip netns exec`: another mount namespace,
     // the same network namespace.
     let spawn = |format: &str| -> Child {
@@ -399,44 +401,75 @@ fn events_follow_streams_each_record_once_from_another_shell() {
     flood(&t.lab, 9000, 300, 1);
     let deadline = Instant::now() + CATCH_UP;
     let mut got: Vec<Vec<String>> = vec![Vec::new(), Vec::new()];
+    let ecs_seq = |l: &String| {
+        serde_json::from_str::<Value>(l)
+            .ok()
+            .and_then(|v| v.pointer("/ztxdp/seq").and_then(Value::as_u64))
+    };
+    let cef_seq = |l: &String| {
+        l.split(" externalId=")
+            .nth(1)
+            .and_then(|rest| rest.split(' ').next())
+            .and_then(|n| n.parse::<u64>().ok())
+    };
     loop {
         for (rx, lines) in readers.iter().zip(&mut got) {
             lines.extend(rx.try_iter());
         }
+        // Read after the streams: a streamed record is already in the file.
         let file = fs::read_to_string(t.audit()).unwrap_or_default();
-        let new: Vec<&str> = file.lines().skip(skip).collect();
-        if new.len() >= 300 && got.iter().all(|g| g.len() >= new.len()) {
-            thread::sleep(Duration::from_millis(300));
-            for (rx, lines) in readers.iter().zip(&mut got) {
-                lines.extend(rx.try_iter());
+        let lines: Vec<&str> = file.lines().collect();
+        let last = lines.len() as u64;
+        let ecs: Vec<u64> = got[0].iter().filter_map(ecs_seq).collect();
+        let cef: Vec<u64> = got[1].iter().filter_map(cef_seq).collect();
+        if lines.len() >= skip + 300
+            && ecs.last().is_some_and(|&s| s >= last)
+            && cef.last().is_some_and(|&s| s >= last)
+        {
+            for (format, seqs, printed) in [("ecs", &ecs, &got[0]), ("cef", &cef, &got[1])] {
+                assert_eq!(seqs.len(), printed.len(), "{format}: a line without a seq");
+                assert!(
+                    seqs.windows(2).all(|w| w[1] == w[0] + 1),
+                    "{format}: the stream skips or repeats a record: {seqs:?}"
+                );
+                assert!(
+                    usize::try_from(seqs[0]).is_ok_and(|first| first <= skip + 1),
+                    "{format}: the stream began at seq {} after the flood began",
+                    seqs[0]
+                );
             }
-            let file = fs::read_to_string(t.audit()).unwrap_or_default();
-            let new: Vec<&str> = file.lines().skip(skip).collect();
+            // The file has seq N on line N.
+            let from = usize::try_from(ecs[0] - 1).unwrap_or(0);
             assert_eq!(
-                got[0], new,
-                "the ECS stream is exactly the file's new lines, each once"
+                got[0][..],
+                lines[from..from + got[0].len()],
+                "the ECS stream is the file's lines, byte for byte"
             );
-            assert_eq!(got[1].len(), new.len(), "one CEF line per record");
-            let seqs: BTreeSet<&str> = got[1]
-                .iter()
-                .filter_map(|l| l.split(" externalId=").nth(1))
-                .collect();
-            assert_eq!(seqs.len(), new.len(), "no CEF record twice");
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "followers got {} and {} lines, the file has {} new records; daemon log:\n{}",
-            got[0].len(),
-            got[1].len(),
-            new.len(),
+            "followers are at seq {:?} and {:?}, the file at {last}; daemon log:\n{}",
+            ecs.last(),
+            cef.last(),
             t.daemon.log()
         );
         thread::sleep(Duration::from_millis(100));
     }
+    // A graceful stop ends the streams: the followers exit on their own.
+    t.daemon.terminate();
     for mut child in followers {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(20));
+        }
+        let status = child.try_wait().ok().flatten();
         let _ = child.kill();
         let _ = child.wait();
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "`ztxdp events --follow` did not exit 0 when the daemon stopped ({status:?})"
+        );
     }
 }
 
@@ -585,12 +618,34 @@ fn parse_rfc5424(line: &str) -> (u64, String) {
     (seq, msg.to_owned())
 }
 
+/// Waits until `path` has not grown for two seconds.
+fn wait_until_quiet(path: &std::path::Path) {
+    let deadline = Instant::now() + CATCH_UP;
+    let size = || fs::metadata(path).map_or(0, |m| m.len());
+    let mut last = (size(), Instant::now());
+    while last.1.elapsed() < Duration::from_secs(2) {
+        assert!(
+            Instant::now() < deadline,
+            "the audit file never stopped growing"
+        );
+        thread::sleep(Duration::from_millis(100));
+        let now = size();
+        if now != last.0 {
+            last = (now, Instant::now());
+        }
+    }
+}
+
 /// Waits until the file has at least `records` records and every one of
-/// them is either received by rsyslog or counted as not forwarded.
+/// them is either received by rsyslog or counted as not forwarded, except
+/// at most `in_flight`: TCP syslog has no acknowledgements, so a record
+/// written as a collector shuts down can vanish uncounted. Each collector
+/// stop allows one.
 fn expect_forwarding_accounted(
     t: &Trail,
     rsyslog: &Rsyslog,
     records: usize,
+    in_flight: u64,
 ) -> (BTreeMap<u64, String>, u64, usize) {
     let deadline = Instant::now() + CATCH_UP;
     loop {
@@ -602,7 +657,9 @@ fn expect_forwarding_accounted(
             .filter_map(|v| v.pointer("/ztxdp/syslog/dropped").and_then(Value::as_u64))
             .sum();
         let received = rsyslog.received();
-        if lines.len() >= records && received.len() as u64 + dropped == lines.len() as u64 {
+        let accounted = received.len() as u64 + dropped;
+        let total = lines.len() as u64;
+        if lines.len() >= records && accounted <= total && accounted + in_flight >= total {
             for (seq, msg) in &received {
                 let in_file = usize::try_from(*seq)
                     .ok()
@@ -637,14 +694,19 @@ fn records_reach_rsyslog_and_a_collector_restart_is_counted_never_blocking() {
     // The daemon started first: forwarding must catch up once rsyslog is there.
     rsyslog.start(t.lab.edge());
     flood(&t.lab, 20_000, 100, 1);
-    let (received, dropped, before_stop) = expect_forwarding_accounted(&t, &rsyslog, 100);
+    let (received, dropped, before_stop) = expect_forwarding_accounted(&t, &rsyslog, 100, 0);
     assert!(
         received.len() >= 100,
         "only {} records reached rsyslog",
         received.len()
     );
 
-    // Collector away: 1000 more records, far more than the 200 the queue holds.
+    // Collector away: 1000 more records, far more than the 200 the queue
+    // holds. It is stopped while no record is on its way, for TCP syslog
+    // has no acknowledgements: one written as the collector shuts down can
+    // vanish uncounted (the lab's hosts still send the odd multicast
+    // listener report in their first seconds).
+    wait_until_quiet(&t.audit());
     rsyslog.stop();
     thread::sleep(Duration::from_millis(500));
     flood(&t.lab, 21_000, 1000, 1);
@@ -672,7 +734,7 @@ fn records_reach_rsyslog_and_a_collector_restart_is_counted_never_blocking() {
     let resumed = audit_lines(&t.audit()).len();
     flood(&t.lab, 22_000, 100, 1);
     let (received, dropped_total, records) =
-        expect_forwarding_accounted(&t, &rsyslog, resumed + 100);
+        expect_forwarding_accounted(&t, &rsyslog, resumed + 100, 1);
     eprintln!(
         "{records} records: {} forwarded, {dropped_total} counted as not forwarded",
         received.len()

@@ -302,15 +302,19 @@ pub struct Event {
 }
 const _: () = assert!(size_of::<Event>() == 64);
 
-/// Per-flow audit summarising: one event per flow per window.
+/// Per-flow audit summarising: one event per flow per window. Each window
+/// of each flow is its own entry (the window number is in the key), so the
+/// kernel never touches an entry after its window: user space removes
+/// entries two windows old with an atomic lookup-and-delete, without racing
+/// the programs.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowSummary {
     /// `bpf_ktime_get_ns` when the window's first event was sent.
     pub window_start_ns: u64,
-    /// Decisions since then that were not sent.
-    pub suppressed: u32,
-    pub _pad: u32,
+    /// Decisions since then that were not sent (atomically incremented;
+    /// 64 bits because BPF has no 32-bit atomics in Rust).
+    pub suppressed: u64,
 }
 const _: () = assert!(size_of::<FlowSummary>() == 16);
 
@@ -322,6 +326,8 @@ pub const SUMMARY_WINDOW_NS: u64 = 1_000_000_000;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct SummaryKey {
+    /// `bpf_ktime_get_ns() / SUMMARY_WINDOW_NS`.
+    pub window: u32,
     pub src: [u8; 16],
     pub dst: [u8; 16],
     pub src_port: u16,
@@ -332,7 +338,7 @@ pub struct SummaryKey {
     pub program: u8,
     pub _pad: u8,
 }
-const _: () = assert!(size_of::<SummaryKey>() == 44);
+const _: () = assert!(size_of::<SummaryKey>() == 48);
 
 /// [`Event::peer`] value when no tunnel peer is involved.
 pub const NO_PEER: u32 = u32::MAX;

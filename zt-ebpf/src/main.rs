@@ -7,6 +7,9 @@
 //! [`verdict`] decides, [`record`] counts and audits, [`maps`] holds state.
 #![no_std]
 #![no_main]
+// Atomic add on BPF: see record::summarise.
+#![feature(core_intrinsics)]
+#![expect(internal_features, reason = "atomic_xadd is the only atomic add core offers on BPF")]
 
 mod flows;
 mod maps;

@@ -7,9 +7,12 @@
 //! each flow (addresses, ports, protocol, reason) sends one event per
 //! window: later decisions of the window only raise its count in
 //! `ZT_SUMMARY`, which travels with the flow's next event (or is swept by
-//! user space). A failed ring-buffer reservation counts in `EVENTS_LOST`,
+//! user space). Summarising comes before the token: a flow that already
+//! sent its event costs no token. A failed ring-buffer reservation counts in `EVENTS_LOST`,
 //! together with the count it carried. So every audited decision is either
 //! in a record or in a counter that reaches the audit file.
+
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use zt_common::{
@@ -41,10 +44,14 @@ fn add(program: u32, code: u32, n: u64) {
 
 /// Per-flow summarising. `None`: the flow already sent its event in this
 /// window, so this decision only raised the window's count. `Some(n)`: send
-/// an event carrying the `n` decisions the previous window summarised.
+/// an event, carrying the `n` decisions of the flow's previous window that
+/// user space has not swept yet.
 #[inline(always)]
 fn summarise(program: u32, p: &Packet, code: u32, now: u64) -> Option<u32> {
-    let key = SummaryKey {
+    // Window numbers wrap after 136 years of uptime.
+    let window = (now / SUMMARY_WINDOW_NS) as u32;
+    let mut key = SummaryKey {
+        window,
         src: p.src.0,
         dst: p.dst.0,
         src_port: p.src_port,
@@ -61,30 +68,34 @@ fn summarise(program: u32, p: &Packet, code: u32, now: u64) -> Option<u32> {
         _pad: 0,
     };
     if let Some(s) = ZT_SUMMARY.get_ptr_mut(&key) {
-        // SAFETY: a pointer into the map value, valid for this run. Two CPUs
-        // on one flow may race on the count; the loss is at most one each.
-        let s = unsafe { &mut *s };
-        if now.saturating_sub(s.window_start_ns) < SUMMARY_WINDOW_NS {
-            s.suppressed += 1;
-            return None;
-        }
-        let carried = s.suppressed;
-        s.window_start_ns = now;
-        s.suppressed = 0;
-        return Some(carried);
+        // SAFETY: a pointer into the map value, valid for this run; the
+        // count is shared by all CPUs, hence the atomic add. core's atomic
+        // types offer no fetch_add on BPF (the target has no compare-and-swap),
+        // so the intrinsic is used, its result unused: that is an XADD,
+        // which every BPF CPU level has.
+        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*s).suppressed, 1) };
+        return None;
     }
+    // The flow's first decision in this window: take over what the previous
+    // window counted. Subtracting what was read (not storing 0) keeps any
+    // increment that lands in between for the user-space sweep.
+    key.window = window.wrapping_sub(1);
+    let carried = match ZT_SUMMARY.get_ptr_mut(&key) {
+        // SAFETY: as above.
+        Some(s) => unsafe {
+            let n = core::ptr::read_volatile(&raw const (*s).suppressed);
+            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*s).suppressed, n.wrapping_neg());
+            // An event carries at most u32::MAX; a window cannot count more
+            // packets than that at line rate.
+            u32::try_from(n).unwrap_or(u32::MAX)
+        },
+        None => 0,
+    };
+    key.window = window;
     // If the table refuses the entry the event is still sent: a flow that
     // cannot be summarised costs events, never silence.
-    let _ = ZT_SUMMARY.insert(
-        &key,
-        &FlowSummary {
-            window_start_ns: now,
-            suppressed: 0,
-            _pad: 0,
-        },
-        0,
-    );
-    Some(0)
+    let _ = ZT_SUMMARY.insert(&key, &FlowSummary { window_start_ns: now, suppressed: 0 }, 0);
+    Some(carried)
 }
 
 #[inline(always)]
@@ -118,16 +129,22 @@ fn audited(p: Option<&Packet>, code: u32) -> bool {
     }
 }
 
-/// Refills `b` for the time since its last refill (one token per
-/// `ns_per_token`, at most `cap`) and takes one token if there is one.
-/// Shared by the audit limiter and the per-source ICMP echo limiter.
+/// Refills `b` for the time since its last refill: one token per
+/// `ns_per_token`, at most `cap`.
 #[inline(always)]
-pub fn take_token(b: &mut EventBucket, now: u64, ns_per_token: u64, cap: u64) -> bool {
+fn refill(b: &mut EventBucket, now: u64, ns_per_token: u64, cap: u64) {
     let earned = now.saturating_sub(b.last_ns) / ns_per_token;
     if earned > 0 {
         b.tokens = (b.tokens + earned).min(cap);
         b.last_ns = now;
     }
+}
+
+/// Refills `b` and takes one token if there is one. Shared by the audit
+/// limiter and the per-source ICMP echo limiter.
+#[inline(always)]
+pub fn take_token(b: &mut EventBucket, now: u64, ns_per_token: u64, cap: u64) -> bool {
+    refill(b, now, ns_per_token, cap);
     if b.tokens == 0 {
         return false;
     }
@@ -135,14 +152,14 @@ pub fn take_token(b: &mut EventBucket, now: u64, ns_per_token: u64, cap: u64) ->
     true
 }
 
-/// Takes one deny-event token from this CPU's bucket.
+/// This CPU's deny-event bucket, refilled, if it holds a token.
 #[inline(always)]
-fn take_event_token(now: u64) -> bool {
-    let Some(b) = ZT_EVT_BUCKET.get_ptr_mut(0) else {
-        return false;
-    };
-    // SAFETY: per-CPU slot, as in `count`.
-    take_token(unsafe { &mut *b }, now, NS_PER_TOKEN, DENY_EVENTS_PER_SEC)
+fn event_bucket(now: u64) -> Option<&'static mut EventBucket> {
+    let b = ZT_EVT_BUCKET.get_ptr_mut(0)?;
+    // SAFETY: per-CPU slot, as in `count`; it lives as long as the map.
+    let b = unsafe { &mut *b };
+    refill(b, now, NS_PER_TOKEN, DENY_EVENTS_PER_SEC);
+    (b.tokens > 0).then_some(b)
 }
 
 /// Counts the decision and, when it is audited, sends an event.
@@ -160,10 +177,19 @@ pub fn decision(
     }
     // SAFETY: bpf_ktime_get_ns has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    if !reason::is_allow(code) && !take_event_token(now) {
+    // Denies need a token from this CPU's bucket, but a flow that already
+    // sent its event this window takes none: summarising comes first, so one
+    // flooding flow cannot starve the others' events. When the bucket is
+    // empty nothing more can be sent, and the summary lookup is skipped to
+    // keep floods cheap.
+    let bucket = if reason::is_allow(code) {
+        None
+    } else if let Some(b) = event_bucket(now) {
+        Some(b)
+    } else {
         count(program, reason::EVENTS_SUPPRESSED);
         return;
-    }
+    };
     let carried = match p {
         Some(p) => match summarise(program, p, code, now) {
             Some(c) => c,
@@ -171,6 +197,9 @@ pub fn decision(
         },
         None => 0,
     };
+    if let Some(b) = bucket {
+        b.tokens -= 1;
+    }
     let Some(mut entry) = ZT_EVENTS.reserve::<Event>(0) else {
         add(program, reason::EVENTS_LOST, 1 + u64::from(carried));
         return;

@@ -336,7 +336,10 @@ fn meta(plan: &Plan) -> Value {
     json!({
         "date": date,
         "kernel": read("/proc/sys/kernel/osrelease"),
-        "cpus": std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
+        // Not available_parallelism: the control thread is pinned off the
+        // measured CPU by now, and that counts only the CPUs it may use.
+        // SAFETY: sysconf has no preconditions.
+        "cpus": unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) },
         "cpu_model": cpu_model,
         "generator": key(&plan.generator),
         "cpu": plan.cpu,

@@ -158,11 +158,10 @@ impl Feed {
         Ok(())
     }
 
-    /// Removes summaries whose window has ended (every one when `all`, once
-    /// the programs are gone) and writes a summary record for each with a
-    /// count. Ended windows with no count are removed too: the table then
-    /// only holds recent flows, and the LRU never has to evict an entry
-    /// that still holds a count.
+    /// Removes summaries whose window is over and can no longer change
+    /// (every one when `all`, once the programs are gone) and writes a
+    /// summary record for each with a count. Windows with no count are
+    /// removed too, so the table only holds recent flows.
     ///
     /// # Errors
     /// When the table cannot be read or appending fails.
@@ -176,7 +175,10 @@ impl Feed {
         let due: Vec<SummaryKey> = table
             .iter()
             .filter_map(Result::ok)
-            .filter(|(_, v)| all || now.saturating_sub(v.window_start_ns) >= SUMMARY_WINDOW_NS)
+            // Only windows two or more behind the current one: the kernel
+            // still adds to the current window and takes over the previous
+            // one's count when a flow's next window opens.
+            .filter(|(k, _)| all || u64::from(k.window) + 1 < now / SUMMARY_WINDOW_NS)
             .map(|(k, _)| k)
             .collect();
         let fd = match &self.summaries {
