@@ -1,6 +1,6 @@
 //! Builds the BPF programs in `zt-ebpf` with aya-build (nightly toolchain and
 //! bpf-linker, both installed by `cargo xtask`) and leaves the object in
-//! OUT_DIR, where `src/lib.rs` embeds it.
+//! `OUT_DIR`, where `src/lib.rs` embeds it.
 use std::path::PathBuf;
 
 use anyhow::{Context as _, anyhow};

@@ -8,6 +8,9 @@
 //! cannot silently shift the other side's view. No `bool` or enum crosses the
 //! boundary; flags are bits and reasons are plain `u32` codes.
 #![no_std]
+// The explicit `_pad` fields are public so both sides can build the structs
+// with every byte initialised; they are never read.
+#![expect(clippy::pub_underscore_fields, reason = "explicit padding must be writable on both sides")]
 
 use core::mem::size_of;
 
@@ -275,7 +278,7 @@ pub const DENY_EVENTS_PER_SEC: u64 = 1000;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Event {
-    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) at the decision.
+    /// `bpf_ktime_get_ns` (`CLOCK_MONOTONIC`) at the decision.
     pub ts_ns: u64,
     /// Source address; IPv4 uses the first four bytes.
     pub src: [u8; 16],
@@ -358,7 +361,7 @@ pub struct FlowKey {
     pub local_port: u16,
     pub remote_port: u16,
     pub protocol: u8,
-    /// 4 or 6: keeps 1.2.3.4 apart from the IPv6 address 102:304::.
+    /// 4 or 6: keeps 1.2.3.4 apart from the IPv6 address `102:304::`.
     pub ip_version: u8,
     pub _pad: [u8; 2],
 }

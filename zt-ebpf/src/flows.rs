@@ -22,11 +22,6 @@ use crate::{
 };
 
 #[inline(always)]
-fn version(p: &Packet) -> u8 {
-    if p.l3 == L3::Ipv4 { 4 } else { 6 }
-}
-
-#[inline(always)]
 fn icmp_protocol(p: &Packet) -> u8 {
     if p.l3 == L3::Ipv4 {
         proto::ICMP
@@ -108,7 +103,7 @@ pub fn second_chance(b: &Bounds, p: &Packet, code: u32, prog: u32, ifindex: u32)
                     &p.src.0,
                     (p.icmp_id, 0),
                     p.protocol,
-                    version(p),
+                    p.ip_version(),
                 );
                 if refresh(&key, cfg, now, 0) {
                     reason::PASS_REPLY
@@ -136,7 +131,7 @@ pub fn second_chance(b: &Bounds, p: &Packet, code: u32, prog: u32, ifindex: u32)
         &p.src.0,
         (p.dst_port, p.src_port),
         p.protocol,
-        version(p),
+        p.ip_version(),
     );
     if refresh(&key, cfg, now, closing_flag(p)) {
         reason::PASS_REPLY
@@ -197,7 +192,7 @@ fn echo_rate(p: &Packet, cfg: &FlowConfig, now: u64) -> u32 {
     }
     let key = SourceKey {
         addr: p.src.0,
-        ip_version: version(p),
+        ip_version: p.ip_version(),
         _pad: [0; 3],
     };
     if let Some(bucket) = ZT_ECHO_BKT.get_ptr_mut(&key) {
@@ -254,7 +249,7 @@ pub fn record_egress(p: &Packet, ifindex: u32) {
         &p.dst.0,
         (local_port, remote_port),
         p.protocol,
-        version(p),
+        p.ip_version(),
     );
     // SAFETY: bpf_ktime_get_ns has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };

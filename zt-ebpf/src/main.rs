@@ -9,7 +9,22 @@
 #![no_main]
 // Atomic add on BPF: see record::summarise.
 #![feature(core_intrinsics)]
-#![expect(internal_features, reason = "atomic_xadd is the only atomic add core offers on BPF")]
+#![expect(
+    internal_features,
+    reason = "atomic_xadd is the only atomic add core offers on BPF"
+)]
+// Every helper is inlined on purpose: BPF-to-BPF calls cost stack and
+// verifier state, and packet pointers lose their checked range across them.
+#![expect(
+    clippy::inline_always,
+    reason = "BPF programs inline every helper; see above"
+)]
+// Map keys are passed by reference so large keys are not copied again onto
+// the 512-byte BPF stack.
+#![expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "keep map keys off the BPF stack"
+)]
 
 mod flows;
 mod maps;
@@ -37,6 +52,10 @@ static TUNNEL_L2: u8 = 0;
 const TC_LINEAR_WANT: u32 = 128;
 
 #[xdp]
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "the aya macro fixes the entry point's signature"
+)]
 pub fn zt_edge(ctx: XdpContext) -> u32 {
     let b = Bounds::new(ctx.data(), ctx.data_end());
     // SAFETY: ctx.ctx points at the kernel's xdp_md for this program run.
@@ -65,6 +84,10 @@ pub fn zt_edge(ctx: XdpContext) -> u32 {
 }
 
 #[classifier]
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "the aya macro fixes the entry point's signature"
+)]
 pub fn zt_tunnel(ctx: TcContext) -> i32 {
     let b = linear_headers(&ctx);
     let ifindex = skb_ifindex(&ctx);
@@ -104,6 +127,10 @@ pub fn zt_tunnel(ctx: TcContext) -> i32 {
 /// Egress on the edge interface: records the flows the host starts, so
 /// that `zt_edge` admits their replies. Egress is never filtered.
 #[classifier]
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "the aya macro fixes the entry point's signature"
+)]
 pub fn zt_edge_out(ctx: TcContext) -> i32 {
     let b = linear_headers(&ctx);
     if let Ok(p) = parse::parse_ethernet(&b) {
@@ -114,6 +141,10 @@ pub fn zt_edge_out(ctx: TcContext) -> i32 {
 
 /// Egress on the tunnel interface: as `zt_edge_out`, for `zt_tunnel`.
 #[classifier]
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "the aya macro fixes the entry point's signature"
+)]
 pub fn zt_tunnel_out(ctx: TcContext) -> i32 {
     let b = linear_headers(&ctx);
     let parsed = if tunnel_l2() {

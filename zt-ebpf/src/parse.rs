@@ -105,6 +105,16 @@ pub struct Packet {
 }
 
 impl Packet {
+    /// 4 or 6, as events and flow keys carry it; 0 for ARP.
+    #[inline(always)]
+    pub const fn ip_version(&self) -> u8 {
+        match self.l3 {
+            L3::Ipv4 => 4,
+            L3::Ipv6 => 6,
+            L3::Arp => 0,
+        }
+    }
+
     const fn new(l3: L3) -> Self {
         Self {
             l3,
@@ -424,10 +434,10 @@ pub fn quoted(b: &Bounds, p: &Packet) -> Option<Quoted> {
         }
         // Only our own echo requests can draw an error we care about.
         (4, proto::ICMP) if hdr[0] == ICMP_ECHO_REQUEST => {
-            q.src_port = u16::from_be_bytes([hdr[4], hdr[5]])
+            q.src_port = u16::from_be_bytes([hdr[4], hdr[5]]);
         }
         (6, proto::ICMPV6) if hdr[0] == ICMPV6_ECHO_REQUEST => {
-            q.src_port = u16::from_be_bytes([hdr[4], hdr[5]])
+            q.src_port = u16::from_be_bytes([hdr[4], hdr[5]]);
         }
         _ => return None,
     }

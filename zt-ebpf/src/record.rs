@@ -22,11 +22,21 @@ use zt_common::{
 
 use crate::{
     maps::{ZT_COUNTERS, ZT_EVENTS, ZT_EVT_BUCKET, ZT_PEER_CNT, ZT_SUMMARY},
-    parse::{L3, Packet},
+    parse::Packet,
 };
 
 const NS_PER_SEC: u64 = 1_000_000_000;
 const NS_PER_TOKEN: u64 = NS_PER_SEC / DENY_EVENTS_PER_SEC;
+
+/// A program id as the byte events and summary keys carry.
+#[inline(always)]
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "program ids are 0, 1 and 2"
+)]
+const fn program_id(program: u32) -> u8 {
+    program as u8
+}
 
 #[inline(always)]
 pub fn count(program: u32, code: u32) {
@@ -49,6 +59,10 @@ fn add(program: u32, code: u32, n: u64) {
 #[inline(always)]
 fn summarise(program: u32, p: &Packet, code: u32, now: u64) -> Option<u32> {
     // Window numbers wrap after 136 years of uptime.
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "wraps after 136 years of uptime"
+    )]
     let window = (now / SUMMARY_WINDOW_NS) as u32;
     let mut key = SummaryKey {
         window,
@@ -58,13 +72,8 @@ fn summarise(program: u32, p: &Packet, code: u32, now: u64) -> Option<u32> {
         dst_port: p.dst_port,
         reason: code,
         protocol: p.protocol,
-        ip_version: match p.l3 {
-            L3::Ipv4 => 4,
-            L3::Ipv6 => 6,
-            L3::Arp => 0,
-        },
-        // Program ids are 0 and 1; the truncation cannot lose bits.
-        program: program as u8,
+        ip_version: p.ip_version(),
+        program: program_id(program),
         _pad: 0,
     };
     if let Some(s) = ZT_SUMMARY.get_ptr_mut(&key) {
@@ -73,7 +82,9 @@ fn summarise(program: u32, p: &Packet, code: u32, now: u64) -> Option<u32> {
         // types offer no fetch_add on BPF (the target has no compare-and-swap),
         // so the intrinsic is used, its result unused: that is an XADD,
         // which every BPF CPU level has.
-        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*s).suppressed, 1) };
+        unsafe {
+            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*s).suppressed, 1)
+        };
         return None;
     }
     // The flow's first decision in this window: take over what the previous
@@ -84,7 +95,10 @@ fn summarise(program: u32, p: &Packet, code: u32, now: u64) -> Option<u32> {
         // SAFETY: as above.
         Some(s) => unsafe {
             let n = core::ptr::read_volatile(&raw const (*s).suppressed);
-            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*s).suppressed, n.wrapping_neg());
+            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(
+                &raw mut (*s).suppressed,
+                n.wrapping_neg(),
+            );
             // An event carries at most u32::MAX; a window cannot count more
             // packets than that at line rate.
             u32::try_from(n).unwrap_or(u32::MAX)
@@ -94,7 +108,14 @@ fn summarise(program: u32, p: &Packet, code: u32, now: u64) -> Option<u32> {
     key.window = window;
     // If the table refuses the entry the event is still sent: a flow that
     // cannot be summarised costs events, never silence.
-    let _ = ZT_SUMMARY.insert(&key, &FlowSummary { window_start_ns: now, suppressed: 0 }, 0);
+    let _ = ZT_SUMMARY.insert(
+        &key,
+        &FlowSummary {
+            window_start_ns: now,
+            suppressed: 0,
+        },
+        0,
+    );
     Some(carried)
 }
 
@@ -213,33 +234,25 @@ pub fn decision(
         (*e).ts_ns = now;
         (*e).ifindex = ifindex;
         (*e).reason = code;
-        // Program ids are 0 and 1; the truncation cannot lose bits.
-        (*e).program = program as u8;
+        (*e).program = program_id(program);
         (*e).peer = peer.map_or(NO_PEER, |p| p.index);
         (*e).suppressed = carried;
-        match p {
-            Some(p) => {
-                (*e).src = p.src.0;
-                (*e).dst = p.dst.0;
-                (*e).src_port = p.src_port;
-                (*e).dst_port = p.dst_port;
-                (*e).protocol = p.protocol;
-                (*e).tcp_flags = p.tcp_flags;
-                (*e).ip_version = match p.l3 {
-                    L3::Ipv4 => 4,
-                    L3::Ipv6 => 6,
-                    L3::Arp => 0,
-                };
-            }
-            None => {
-                (*e).src = [0; 16];
-                (*e).dst = [0; 16];
-                (*e).src_port = 0;
-                (*e).dst_port = 0;
-                (*e).protocol = 0;
-                (*e).tcp_flags = 0;
-                (*e).ip_version = 0;
-            }
+        if let Some(p) = p {
+            (*e).src = p.src.0;
+            (*e).dst = p.dst.0;
+            (*e).src_port = p.src_port;
+            (*e).dst_port = p.dst_port;
+            (*e).protocol = p.protocol;
+            (*e).tcp_flags = p.tcp_flags;
+            (*e).ip_version = p.ip_version();
+        } else {
+            (*e).src = [0; 16];
+            (*e).dst = [0; 16];
+            (*e).src_port = 0;
+            (*e).dst_port = 0;
+            (*e).protocol = 0;
+            (*e).tcp_flags = 0;
+            (*e).ip_version = 0;
         }
     }
     entry.submit(0);

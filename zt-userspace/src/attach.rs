@@ -2,7 +2,7 @@
 //! network namespace.
 //!
 //! Both programs are attached the "sticky" way, through netlink rather than
-//! as bpf_links: a bpf_link dies with the last file descriptor, so a crash of
+//! as `bpf_links`: a `bpf_link` dies with the last file descriptor, so a crash of
 //! the daemon would open the host. A netlink XDP attachment or clsact filter
 //! stays until removed, and is found again by interface from any process;
 //! its maps are then opened by kernel id (see `tables::Tables::from_map_ids`).

@@ -3,7 +3,7 @@
 //!
 //! The order is what makes it safe: nothing is attached before the config
 //! is valid and every map is filled, and a running ztxdp is replaced
-//! atomically (XDP_FLAGS_REPLACE, tc filter replace), so there is no moment
+//! atomically (`XDP_FLAGS_REPLACE`, tc filter replace), so there is no moment
 //! without enforcement. A graceful stop (SIGINT, SIGTERM) removes what this
 //! process attached; a crash leaves it in place, failing closed.
 
@@ -167,11 +167,10 @@ pub async fn up(opts: &UpOptions, ready: impl FnOnce(&Enforcing)) -> Result<(), 
     let stop = stream_audit(&mut feed, &mut trail, &tables, &handle, &enforcing).await;
     if matches!(stop, Ok(Stop::Signal)) {
         // Graceful stop: remove exactly what we attached, if it is still ours.
-        if let Some((a, _)) = &enforcing.edge {
-            if let Err(e) = attach::detach_xdp(&handle, a).await {
+        if let Some((a, _)) = &enforcing.edge
+            && let Err(e) = attach::detach_xdp(&handle, a).await {
                 tracing::warn!(error = %e, interface = a.interface, "could not detach the edge program");
             }
-        }
         if let Some(a) = &enforcing.tunnel
             && still_ours(&handle, &enforcing).await.1
             && let Err(e) = attach::detach_tc(&a.interface, TcAttachType::Ingress, &a.program)
@@ -189,8 +188,8 @@ pub async fn up(opts: &UpOptions, ready: impl FnOnce(&Enforcing)) -> Result<(), 
     Ok(flushed?)
 }
 
-/// Whether `interface` has an Ethernet header (ARPHRD_ETHER); WireGuard
-/// devices are ARPHRD_NONE and hand us bare IP packets.
+/// Whether `interface` has an Ethernet header (`ARPHRD_ETHER`); `WireGuard`
+/// devices are `ARPHRD_NONE` and hand us bare IP packets.
 fn has_ethernet_header(interface: &str) -> bool {
     std::fs::read_to_string(format!("/sys/class/net/{interface}/type")).is_ok_and(|t| t.trim() == "1")
 }

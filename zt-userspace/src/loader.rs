@@ -27,7 +27,7 @@ pub enum LoadError {
 #[derive(Clone, Copy, Debug)]
 pub struct LoadOptions {
     /// The tunnel device has an Ethernet header (a veth); `false` for a
-    /// WireGuard device, where packets start at the IP header.
+    /// `WireGuard` device, where packets start at the IP header.
     pub tunnel_l2: bool,
     /// Size of the flow table (`flows.max_entries`).
     pub flow_entries: u32,
@@ -83,8 +83,8 @@ where
         .ok_or(LoadError::MissingProgram { name })
 }
 
-/// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK. Newer ones use
-/// memcg accounting, and raising the limit needs CAP_SYS_RESOURCE, which
+/// Kernels before 5.11 charge BPF memory to `RLIMIT_MEMLOCK`. Newer ones use
+/// memcg accounting, and raising the limit needs `CAP_SYS_RESOURCE`, which
 /// containers often lack; so a failure here is logged, not fatal.
 fn relax_memlock() {
     let unlimited = libc::rlimit {

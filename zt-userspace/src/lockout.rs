@@ -20,7 +20,7 @@ pub enum LockoutError {
     Unparsable { value: String },
 }
 
-/// Checks `SSH_CONNECTION` ("client_ip client_port server_ip server_port")
+/// Checks `SSH_CONNECTION` ("`client_ip` `client_port` `server_ip` `server_port`")
 /// against the allow-list. No variable means no SSH session to protect.
 ///
 /// # Errors

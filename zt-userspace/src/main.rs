@@ -94,7 +94,7 @@ enum Command {
         config: PathBuf,
     },
     /// Print `[[tunnel.peer]]` entries (no grants yet) for the peers of a
-    /// wg-quick config, or of a running WireGuard interface.
+    /// wg-quick config, or of a running `WireGuard` interface.
     #[command(after_help = "A `# name` comment right above or inside a [Peer] section names the peer; \
         others are named peer-1, peer-2, ...\n\nExamples:\n  \
         ztxdp import-wg /etc/wireguard/wg0.conf >> /etc/ztxdp/ztxdp.toml\n  \
@@ -134,7 +134,7 @@ enum Command {
 #[derive(Subcommand)]
 enum AuditCommand {
     /// Check that every line is a record, sequence numbers have no gaps, and
-    /// the hash chain holds; prints the first bad line (FILE:LINE: why) and
+    /// the hash chain holds; prints the first bad line (<FILE:LINE>: why) and
     /// exits 1 if there is one. Rotated files may be given in any order.
     #[command(after_help = "Example:\n  ztxdp audit verify /var/log/ztxdp/audit.jsonl*")]
     Verify {
@@ -150,7 +150,7 @@ enum EventsFormat {
     Ecs,
     /// OCSF 4001 Network Activity JSON lines.
     Ocsf,
-    /// ArcSight Common Event Format.
+    /// `ArcSight` Common Event Format.
     Cef,
 }
 

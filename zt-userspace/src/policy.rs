@@ -40,7 +40,7 @@ pub enum Grant {
         first: u16,
         last: u16,
     },
-    /// ICMP and ICMPv6 echo requests.
+    /// ICMP and `ICMPv6` echo requests.
     Icmp,
 }
 
@@ -68,7 +68,7 @@ impl fmt::Display for Grant {
 pub struct EdgePolicy {
     /// External interface, e.g. `eth0`.
     pub interface: String,
-    /// UDP ports that pass from anywhere (WireGuard).
+    /// UDP ports that pass from anywhere (`WireGuard`).
     pub wireguard_ports: Vec<u16>,
     /// TCP port open to `ssh_allow`.
     pub ssh_port: u16,
@@ -112,9 +112,9 @@ impl Default for FlowSettings {
     fn default() -> Self {
         Self {
             max_entries: zt_common::capacity::FLOWS_DEFAULT,
-            tcp_established: Duration::from_secs(7200),
+            tcp_established: Duration::from_hours(2),
             tcp_closing: Duration::from_secs(30),
-            udp: Duration::from_secs(60),
+            udp: Duration::from_mins(1),
             icmp: Duration::from_secs(30),
         }
     }
@@ -127,7 +127,7 @@ pub struct Peer {
     pub name: String,
     /// Addresses the peer sends from inside the tunnel.
     pub addresses: Vec<IpNet>,
-    /// WireGuard public key (base64), reported in audit events.
+    /// `WireGuard` public key (base64), reported in audit events.
     pub public_key: Option<String>,
     pub grants: Vec<Grant>,
 }
@@ -135,7 +135,7 @@ pub struct Peer {
 /// The tunnel (TC) policy.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TunnelPolicy {
-    /// WireGuard interface, e.g. `wg0`.
+    /// `WireGuard` interface, e.g. `wg0`.
     pub interface: String,
     pub peers: Vec<Peer>,
     /// JSON file holding grants added and revoked at run time with

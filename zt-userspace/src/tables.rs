@@ -370,8 +370,11 @@ fn grant_words(peer: u32, grants: &[Grant]) -> HashMap<GrantKey, u64> {
     words
 }
 
-/// Splits prefixes into LPM keys per family: (address bytes, prefix length).
-fn split_families(nets: &[IpNet]) -> (Vec<([u8; 4], u32)>, Vec<([u8; 16], u32)>) {
+/// An LPM trie key's parts: address bytes and prefix length.
+type LpmParts<const N: usize> = ([u8; N], u32);
+
+/// Splits prefixes into LPM keys per family.
+fn split_families(nets: &[IpNet]) -> (Vec<LpmParts<4>>, Vec<LpmParts<16>>) {
     let mut v4 = Vec::new();
     let mut v6 = Vec::new();
     for net in nets {

@@ -286,7 +286,7 @@ pub fn summary(key: &SummaryKey, value: &FlowSummary, names: &Names, clock: &Clo
     let window = i64::try_from(zt_common::SUMMARY_WINDOW_NS).unwrap_or(i64::MAX);
     Body::Summary {
         flow: flow(&w, names),
-        count: u64::from(value.suppressed),
+        count: value.suppressed,
         start_ns,
         end_ns: start_ns.saturating_add(window),
     }
