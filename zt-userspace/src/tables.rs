@@ -182,8 +182,9 @@ impl Tables {
                 limit: capacity::PEERS,
             });
         }
+        // Fresh maps: nothing stale to remove, so no per-peer probing.
         for (index, peer) in (0u32..).zip(&p.peers) {
-            self.set_peer(index, peer)?;
+            self.write_peer(index, peer)?;
         }
         Ok(())
     }
@@ -196,19 +197,32 @@ impl Tables {
     /// # Errors
     /// When a map update fails.
     pub fn set_peer(&mut self, index: u32, peer: &Peer) -> Result<(), TablesError> {
+        self.write_peer(index, peer)?;
+        // Remove the words no grant needs any more. The peer's possible words
+        // are probed (2 protocols x 1024 words) rather than the whole map
+        // walked, so this costs the same with 10 peers or 65,536.
         let wanted = grant_words(index, &peer.grants);
         let mut grants: BpfHashMap<_, GrantKey, u64> =
             BpfHashMap::try_from(self.get(map::GRANTS)?).map_err(map_err(map::GRANTS))?;
-        let present: Vec<GrantKey> = grants
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| k.peer == index)
-            .collect();
+        for protocol in [zt_common::proto::TCP, zt_common::proto::UDP] {
+            for word in 0..u16::try_from(capacity::PORT_BITMAP_WORDS).unwrap_or(u16::MAX) {
+                let key = GrantKey { peer: index, protocol, _pad0: 0, word };
+                if !wanted.contains_key(&key) && grants.get(&key, 0).is_ok() {
+                    grants.remove(&key).map_err(map_err(map::GRANTS))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes one peer's grant words, ICMP flag and addresses, adding to
+    /// what is there.
+    fn write_peer(&mut self, index: u32, peer: &Peer) -> Result<(), TablesError> {
+        let wanted = grant_words(index, &peer.grants);
+        let mut grants: BpfHashMap<_, GrantKey, u64> =
+            BpfHashMap::try_from(self.get(map::GRANTS)?).map_err(map_err(map::GRANTS))?;
         for (key, word) in &wanted {
             grants.insert(key, word, 0).map_err(map_err(map::GRANTS))?;
-        }
-        for key in present.iter().filter(|k| !wanted.contains_key(k)) {
-            grants.remove(key).map_err(map_err(map::GRANTS))?;
         }
         let info = PeerInfo {
             index,
