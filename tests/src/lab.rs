@@ -484,6 +484,59 @@ mod tests {
 
     use super::*;
 
+    /// A TCP listener on every address of `ns`, on a free port.
+    fn listen(ns: &NetNs) -> TcpListener {
+        ns.enter(|| TcpListener::bind("[::]:0"))
+            .unwrap_or_else(|error| panic!("enter {}: {error}", ns.name()))
+            .unwrap_or_else(|error| panic!("bind in {}: {error}", ns.name()))
+    }
+
+    /// `host` (called `who`) connects to `target` at `listener`'s port; the
+    /// listener must see the connection come from `source`.
+    fn expect_connection(
+        host: &NetNs,
+        who: &str,
+        listener: &TcpListener,
+        target: IpAddr,
+        source: IpAddr,
+    ) {
+        let port = listener
+            .local_addr()
+            .unwrap_or_else(|error| panic!("listener address: {error}"))
+            .port();
+        let connected = host
+            .enter(|| {
+                TcpStream::connect_timeout(&SocketAddr::new(target, port), Duration::from_secs(3))
+            })
+            .unwrap_or_else(|error| panic!("enter {who}: {error}"));
+        if let Err(error) = connected {
+            panic!("{who} -> {target}:{port}: {error}");
+        }
+        let (_, peer) = listener
+            .accept()
+            .unwrap_or_else(|error| panic!("accept from {who}: {error}"));
+        assert_eq!(
+            peer.ip().to_canonical(),
+            source,
+            "the edge saw {who}'s connection to {target} from the wrong address"
+        );
+    }
+
+    /// None of the namespaces `names` is left after `event`.
+    fn assert_gone(names: &[String], event: &str) {
+        let listing = std::process::Command::new("ip")
+            .args(["netns", "list"])
+            .output()
+            .unwrap_or_else(|error| panic!("ip netns list: {error}"));
+        let listing = String::from_utf8_lossy(&listing.stdout);
+        for name in names {
+            assert!(
+                !listing.contains(name.as_str()),
+                "{name} survived {event}:\n{listing}"
+            );
+        }
+    }
+
     #[test]
     fn hosts_reach_the_edge_over_both_families_and_teardown_is_complete() {
         let lab = Lab::create().unwrap_or_else(|error| panic!("Lab::create (root?): {error:?}"));
@@ -491,15 +544,7 @@ mod tests {
             .iter()
             .map(|ns| ns.name().to_owned())
             .collect();
-        let listener = lab
-            .edge()
-            .enter(|| TcpListener::bind("[::]:0"))
-            .unwrap_or_else(|error| panic!("enter edge: {error}"))
-            .unwrap_or_else(|error| panic!("bind in edge: {error}"));
-        let port = listener
-            .local_addr()
-            .unwrap_or_else(|error| panic!("listener address: {error}"))
-            .port();
+        let listener = listen(lab.edge());
         let hosts = [
             (lab.bastion(), BASTION_V4, BASTION_V6),
             (lab.outsider(), OUTSIDER_V4, OUTSIDER_V6),
@@ -509,25 +554,7 @@ mod tests {
                 (IpAddr::V4(EDGE_V4), IpAddr::V4(v4)),
                 (IpAddr::V6(EDGE_V6), IpAddr::V6(v6)),
             ] {
-                let connected = host
-                    .enter(|| {
-                        TcpStream::connect_timeout(
-                            &SocketAddr::new(target, port),
-                            Duration::from_secs(3),
-                        )
-                    })
-                    .unwrap_or_else(|error| panic!("enter {}: {error}", host.name()));
-                if let Err(error) = connected {
-                    panic!("{} -> {target}:{port}: {error}", host.name());
-                }
-                let (_, peer) = listener
-                    .accept()
-                    .unwrap_or_else(|error| panic!("accept from {}: {error}", host.name()));
-                assert_eq!(
-                    peer.ip().to_canonical(),
-                    source,
-                    "wrong source address seen by the edge"
-                );
+                expect_connection(host, host.name(), &listener, target, source);
             }
         }
         let edge_link = lab
@@ -545,17 +572,7 @@ mod tests {
         assert_eq!(switch_v6.trim(), "1", "IPv6 is still on in the switch");
         drop(listener);
         drop(lab);
-        let listing = std::process::Command::new("ip")
-            .args(["netns", "list"])
-            .output()
-            .unwrap_or_else(|error| panic!("ip netns list: {error}"));
-        let listing = String::from_utf8_lossy(&listing.stdout);
-        for name in names {
-            assert!(
-                !listing.contains(&name),
-                "{name} survived the lab's drop:\n{listing}"
-            );
-        }
+        assert_gone(&names, "the lab's drop");
     }
 
     #[test]
@@ -580,41 +597,13 @@ mod tests {
         tunnel
             .handshake()
             .unwrap_or_else(|error| panic!("handshakes with the edge: {error:?}"));
-        let listener = lab
-            .edge()
-            .enter(|| TcpListener::bind("[::]:0"))
-            .unwrap_or_else(|error| panic!("enter edge: {error}"))
-            .unwrap_or_else(|error| panic!("bind in edge: {error}"));
-        let port = listener
-            .local_addr()
-            .unwrap_or_else(|error| panic!("listener address: {error}"))
-            .port();
+        let listener = listen(lab.edge());
         for app in tunnel.apps() {
             for (target, source) in [
                 (IpAddr::V4(EDGE_TUNNEL_V4), IpAddr::V4(app.tunnel_v4())),
                 (IpAddr::V6(EDGE_TUNNEL_V6), IpAddr::V6(app.tunnel_v6())),
             ] {
-                let connected = app
-                    .ns()
-                    .enter(|| {
-                        TcpStream::connect_timeout(
-                            &SocketAddr::new(target, port),
-                            Duration::from_secs(3),
-                        )
-                    })
-                    .unwrap_or_else(|error| panic!("enter {}: {error}", app.name()));
-                if let Err(error) = connected {
-                    panic!("{} -> {target}:{port} over the tunnel: {error}", app.name());
-                }
-                let (_, peer) = listener
-                    .accept()
-                    .unwrap_or_else(|error| panic!("accept from {}: {error}", app.name()));
-                assert_eq!(
-                    peer.ip().to_canonical(),
-                    source,
-                    "the edge saw {}'s connection from a non-tunnel address",
-                    app.name()
-                );
+                expect_connection(app.ns(), app.name(), &listener, target, source);
             }
         }
         let devices: Vec<String> = std::iter::once(tunnel.edge_device())
@@ -659,16 +648,6 @@ mod tests {
         }));
         assert!(outcome.is_err(), "the closure must have panicked");
         assert_eq!(names.len(), 4, "the lab was not created");
-        let listing = std::process::Command::new("ip")
-            .args(["netns", "list"])
-            .output()
-            .unwrap_or_else(|error| panic!("ip netns list: {error}"));
-        let listing = String::from_utf8_lossy(&listing.stdout);
-        for name in names {
-            assert!(
-                !listing.contains(&name),
-                "{name} survived the panic:\n{listing}"
-            );
-        }
+        assert_gone(&names, "the panic");
     }
 }

@@ -36,12 +36,8 @@ pub enum NetNsError {
         #[source]
         source: io::Error,
     },
-    #[error("`{command}` failed ({status}): {stderr}")]
-    Command {
-        command: String,
-        status: ExitStatus,
-        stderr: String,
-    },
+    #[error(transparent)]
+    Command(#[from] CommandFailed),
     #[error("could not open namespace handle {path}: {source}")]
     Open {
         path: PathBuf,
@@ -76,6 +72,15 @@ pub enum NetNsError {
         timeout: Duration,
         operstate: String,
     },
+}
+
+/// A command that ran and exited unsuccessfully.
+#[derive(Debug, thiserror::Error)]
+#[error("`{command}` failed ({status}): {stderr}")]
+pub struct CommandFailed {
+    pub command: String,
+    pub status: ExitStatus,
+    pub stderr: String,
 }
 
 /// A network namespace owned by this process; deleted on drop.
@@ -369,12 +374,17 @@ fn kill_processes_in(name: &str) {
 }
 
 fn run_command(command: &mut Command) -> Result<String, NetNsError> {
-    let output: Output = command.output().map_err(|source| NetNsError::Spawn {
+    let output = command.output().map_err(|source| NetNsError::Spawn {
         command: describe(command),
         source,
     })?;
+    Ok(stdout(command, &output)?)
+}
+
+/// The stdout of `command`, which ran to `output`, if it succeeded.
+pub(crate) fn stdout(command: &Command, output: &Output) -> Result<String, CommandFailed> {
     if !output.status.success() {
-        return Err(NetNsError::Command {
+        return Err(CommandFailed {
             command: describe(command),
             status: output.status,
             stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
@@ -383,7 +393,9 @@ fn run_command(command: &mut Command) -> Result<String, NetNsError> {
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
-fn describe(command: &Command) -> String {
+/// `command` as one line, for messages.
+#[must_use]
+pub fn describe(command: &Command) -> String {
     std::iter::once(command.get_program())
         .chain(command.get_args())
         .map(OsStr::to_string_lossy)

@@ -10,13 +10,13 @@ use std::{
     net::SocketAddr,
     os::unix::process::CommandExt as _,
     path::PathBuf,
-    process::{Child, Command, ExitStatus, Output, Stdio},
+    process::{Child, Command, ExitStatus, Stdio},
     sync::atomic::{AtomicU32, Ordering},
     thread,
     time::{Duration, Instant},
 };
 
-use crate::netns::NetNs;
+use crate::netns::{CommandFailed, NetNs, describe, stdout};
 
 /// The port every test device listens on; each lives in its own namespace.
 pub const LISTEN_PORT: u16 = 51820;
@@ -40,12 +40,8 @@ pub enum WgError {
         #[source]
         source: io::Error,
     },
-    #[error("`{command}` failed ({status}): {stderr}")]
-    Command {
-        command: String,
-        status: ExitStatus,
-        stderr: String,
-    },
+    #[error(transparent)]
+    Command(#[from] CommandFailed),
     #[error(
         "wireguard-go for {device} in {namespace} exited before its device appeared ({status})"
     )]
@@ -297,26 +293,11 @@ fn run(command: &mut Command, stdin: Option<&str>) -> Result<String, WgError> {
                 source,
             })?;
     }
-    let output: Output = child.wait_with_output().map_err(|source| WgError::Spawn {
+    let output = child.wait_with_output().map_err(|source| WgError::Spawn {
         command: describe(command),
         source,
     })?;
-    if !output.status.success() {
-        return Err(WgError::Command {
-            command: describe(command),
-            status: output.status,
-            stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
-        });
-    }
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
-}
-
-fn describe(command: &Command) -> String {
-    std::iter::once(command.get_program())
-        .chain(command.get_args())
-        .map(|s| s.to_string_lossy())
-        .collect::<Vec<_>>()
-        .join(" ")
+    Ok(stdout(command, &output)?)
 }
 
 #[cfg(test)]

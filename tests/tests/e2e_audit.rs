@@ -18,7 +18,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use e2e::{Daemon, Scratch, audit_lines, mac, send_frames, status, ztxdp, ztxdp_cmd, ztxdp_ok};
+use e2e::{
+    Enforced, Scratch, audit_lines, build_lab, mac, send_frames, status, ztxdp, ztxdp_cmd, ztxdp_ok,
+};
 use serde_json::Value;
 use zt_common::reason;
 use zt_tests::{
@@ -34,59 +36,52 @@ const CATCH_UP: Duration = Duration::from_secs(30);
 /// A summary window (1 s), the sweep that follows it (every second), and margin.
 const QUIET: Duration = Duration::from_millis(2500);
 
-/// A lab with `ztxdp up` on the edge, its audit file in `scratch`. Fields
-/// drop in order: the daemon first, the namespaces last.
-struct Trail {
-    daemon: Daemon,
-    lab: Lab,
-    config: PathBuf,
-    scratch: Scratch,
-}
-
-impl Trail {
-    /// `audit_extra` is appended to the `[audit]` table.
-    fn start(tag: &str, audit_extra: &str) -> Self {
-        let scratch = Scratch::new(tag);
-        let lab = Lab::create().unwrap_or_else(|e| panic!("building the lab (root?): {e:?}"));
-        let text = format!(
+/// The lab with `ztxdp up` on the edge; `audit_extra` is appended to the
+/// `[audit]` table.
+fn start(tag: &str, audit_extra: &str) -> Enforced {
+    Enforced::start(tag, build_lab(), |_, scratch| {
+        format!(
             "[edge]\ninterface = \"{HOST_INTERFACE}\"\nwireguard_ports = [51820]\n\
              ssh_allow = [\"10.77.0.2/32\"]\n\n[audit]\npath = \"{}\"\n{audit_extra}\n",
             scratch.path("audit.jsonl").display()
-        );
-        let config = scratch.write("ztxdp.toml", &text);
-        let daemon = Daemon::start(lab.edge(), &config, &[], scratch.path("daemon-1.log"));
-        Self {
-            daemon,
-            lab,
-            config,
-            scratch,
+        )
+    })
+}
+
+/// `ztxdp audit verify` on every file of the trail, which must pass; its
+/// output.
+fn verify(t: &Enforced) -> String {
+    let files: Vec<String> = ztxdp::audit::writer::files(&t.audit())
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect();
+    let mut args = vec!["audit", "verify"];
+    args.extend(files.iter().map(String::as_str));
+    let out = ztxdp(t.edge(), &args);
+    let shown = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "`ztxdp audit verify` failed on {files:?}:\n{shown}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    shown
+}
+
+/// Waits until the trail has at least `records` records; `what` says why
+/// it should.
+fn wait_for_records(t: &Enforced, records: usize, what: &str) {
+    let deadline = Instant::now() + CATCH_UP;
+    loop {
+        let now = audit_lines(&t.audit()).len();
+        if now >= records {
+            return;
         }
-    }
-
-    fn audit(&self) -> PathBuf {
-        self.scratch.path("audit.jsonl")
-    }
-
-    /// `ztxdp up` again, taking over from a killed one.
-    fn restart(&mut self, log: &str) {
-        self.daemon = Daemon::start(self.lab.edge(), &self.config, &[], self.scratch.path(log));
-    }
-
-    fn verify(&self) -> String {
-        let files: Vec<String> = ztxdp::audit::writer::files(&self.audit())
-            .iter()
-            .map(|p| p.display().to_string())
-            .collect();
-        let mut args = vec!["audit", "verify"];
-        args.extend(files.iter().map(String::as_str));
-        let out = ztxdp(self.lab.edge(), &args);
-        let shown = String::from_utf8_lossy(&out.stdout).into_owned();
         assert!(
-            out.status.success(),
-            "`ztxdp audit verify` failed on {files:?}:\n{shown}{}",
-            String::from_utf8_lossy(&out.stderr)
+            Instant::now() < deadline,
+            "{what}: {now} records, expected at least {records}; daemon log:\n{}",
+            t.daemon.log()
         );
-        shown
+        thread::sleep(Duration::from_millis(100));
     }
 }
 
@@ -158,7 +153,7 @@ fn count_action(lines: &[Value], action: &str) -> usize {
 /// denies `status` counts, over a quiet spell long enough for every summary
 /// window to be swept. (A new program starts its counters at zero: `skip`
 /// leaves out the records of the programs before it.)
-fn expect_exact_accounting(t: &Trail, skip: usize) -> Vec<Value> {
+fn expect_exact_accounting(t: &Enforced, skip: usize) -> Vec<Value> {
     let deadline = Instant::now() + CATCH_UP;
     loop {
         let before = denies(t.lab.edge());
@@ -184,7 +179,7 @@ fn expect_exact_accounting(t: &Trail, skip: usize) -> Vec<Value> {
 
 #[test]
 fn a_deny_flood_from_many_sources_is_accounted_for_exactly() {
-    let mut t = Trail::start("flood", "");
+    let mut t = start("flood", "");
     // 20,000 frames from 2,000 sources, in two bursts a summary window apart,
     // so some flows carry a count into a later event and some are swept.
     flood(&t.lab, 0, 2000, 5);
@@ -219,7 +214,7 @@ fn a_deny_flood_from_many_sources_is_accounted_for_exactly() {
         .filter_map(|l| l.pointer("/ztxdp/suppressed").and_then(Value::as_u64))
         .sum();
     assert!(summarised > 0, "no decision was summarised per flow");
-    let shown = t.verify();
+    let shown = verify(&t);
     assert!(shown.starts_with("ok: "), "{shown}");
 
     // `events` reads the same records back, in every format.
@@ -246,7 +241,7 @@ fn a_deny_flood_from_many_sources_is_accounted_for_exactly() {
         );
     }
     t.daemon.terminate();
-    t.verify();
+    verify(&t);
 }
 
 /// Floods until told to stop (bounded by `limit`); returns the rounds sent.
@@ -263,7 +258,7 @@ fn background_flood(lab: &Lab, stop: &mpsc::Receiver<()>, limit: Duration) -> u3
 
 #[test]
 fn kill_9_during_a_flood_leaves_a_trail_that_verifies_and_continues() {
-    let mut t = Trail::start("kill9", "fsync_ms = 100");
+    let mut t = start("kill9", "fsync_ms = 100");
     let (stop_tx, stop_rx) = mpsc::channel();
     thread::scope(|scope| {
         let lab = &t.lab;
@@ -279,7 +274,7 @@ fn kill_9_during_a_flood_leaves_a_trail_that_verifies_and_continues() {
             .unwrap_or_else(|p| std::panic::resume_unwind(p));
         assert!(rounds > 5, "the flood ran only {rounds} rounds");
     });
-    let before = t.verify();
+    let before = verify(&t);
     let lines = audit_lines(&t.audit());
     assert!(
         lines.len() > 10,
@@ -295,15 +290,7 @@ fn kill_9_during_a_flood_leaves_a_trail_that_verifies_and_continues() {
     // A new daemon takes over and continues the sequence and the chain.
     t.restart("daemon-2.log");
     flood(&t.lab, 5000, 100, 1);
-    let deadline = Instant::now() + CATCH_UP;
-    while audit_lines(&t.audit()).len() <= lines.len() {
-        assert!(
-            Instant::now() < deadline,
-            "the new daemon wrote nothing; its log:\n{}",
-            t.daemon.log()
-        );
-        thread::sleep(Duration::from_millis(100));
-    }
+    wait_for_records(&t, lines.len() + 1, "the new daemon wrote nothing");
     t.daemon.terminate();
     let after = audit_lines(&t.audit());
     let next = after
@@ -315,7 +302,7 @@ fn kill_9_during_a_flood_leaves_a_trail_that_verifies_and_continues() {
         Some(last_seq + 1),
         "the sequence continues after kill -9 ({before})"
     );
-    let shown = t.verify();
+    let shown = verify(&t);
     assert!(
         shown.contains("chain checked from the first record"),
         "{shown}"
@@ -324,23 +311,12 @@ fn kill_9_during_a_flood_leaves_a_trail_that_verifies_and_continues() {
 
 #[test]
 fn a_takeover_from_a_running_daemon_hands_the_trail_over_without_a_gap() {
-    let mut t = Trail::start("takeover", "");
+    let mut t = start("takeover", "");
     flood(&t.lab, 0, 300, 1);
-    let deadline = Instant::now() + CATCH_UP;
-    while audit_lines(&t.audit()).len() < 300 {
-        assert!(
-            Instant::now() < deadline,
-            "the first daemon wrote too little; its log:\n{}",
-            t.daemon.log()
-        );
-        thread::sleep(Duration::from_millis(100));
-    }
+    wait_for_records(&t, 300, "the first daemon wrote too little");
     // The second `up` attaches at once; the first notices it was replaced,
     // writes what it still has and lets go of the file.
-    let mut first = std::mem::replace(
-        &mut t.daemon,
-        Daemon::start(t.lab.edge(), &t.config, &[], t.scratch.path("daemon-2.log")),
-    );
+    let mut first = t.restart("daemon-2.log");
     let status = first.wait_exit(Duration::from_secs(10));
     assert!(
         status.is_some_and(|s| s.success()),
@@ -351,7 +327,7 @@ fn a_takeover_from_a_running_daemon_hands_the_trail_over_without_a_gap() {
     flood(&t.lab, 1000, 300, 1);
     expect_exact_accounting(&t, handed_over);
     t.daemon.terminate();
-    let shown = t.verify();
+    let shown = verify(&t);
     assert!(
         shown.contains("chain checked from the first record"),
         "{shown}"
@@ -365,7 +341,7 @@ fn a_takeover_from_a_running_daemon_hands_the_trail_over_without_a_gap() {
 
 #[test]
 fn events_follow_streams_each_record_once_from_another_shell() {
-    let mut t = Trail::start("events", "");
+    let mut t = start("events", "");
     // Each follower is its own `ip netns exec`: another mount namespace,
     // the same network namespace.
     let spawn = |format: &str| -> Child {
@@ -642,7 +618,7 @@ fn wait_until_quiet(path: &std::path::Path) {
 /// written as a collector shuts down can vanish uncounted. Each collector
 /// stop allows one.
 fn expect_forwarding_accounted(
-    t: &Trail,
+    t: &Enforced,
     rsyslog: &Rsyslog,
     records: usize,
     in_flight: u64,
@@ -686,7 +662,7 @@ fn expect_forwarding_accounted(
 
 #[test]
 fn records_reach_rsyslog_and_a_collector_restart_is_counted_never_blocking() {
-    let mut t = Trail::start(
+    let mut t = start(
         "syslog",
         "[audit.syslog]\naddress = \"127.0.0.1:6514\"\nqueue = 200",
     );
@@ -710,14 +686,11 @@ fn records_reach_rsyslog_and_a_collector_restart_is_counted_never_blocking() {
     rsyslog.stop();
     thread::sleep(Duration::from_millis(500));
     flood(&t.lab, 21_000, 1000, 1);
-    let file_deadline = Instant::now() + CATCH_UP;
-    while audit_lines(&t.audit()).len() < before_stop + 1000 {
-        assert!(
-            Instant::now() < file_deadline,
-            "the file stopped growing while the collector was away"
-        );
-        thread::sleep(Duration::from_millis(100));
-    }
+    wait_for_records(
+        &t,
+        before_stop + 1000,
+        "the file stopped growing while the collector was away",
+    );
     // The next report tick writes the gap.
     thread::sleep(Duration::from_millis(1500));
     rsyslog.start(t.lab.edge());
@@ -762,6 +735,6 @@ fn records_reach_rsyslog_and_a_collector_restart_is_counted_never_blocking() {
         count_action(&lines, "syslog_dropped") >= 1,
         "no syslog_dropped record"
     );
-    t.verify();
+    verify(&t);
     t.daemon.terminate();
 }

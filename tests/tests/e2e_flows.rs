@@ -12,19 +12,19 @@ mod e2e;
 use std::{
     io::{self, Read as _, Write as _},
     mem::size_of,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket},
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     thread,
     time::{Duration, Instant},
 };
 
 use e2e::{
-    CONNECT_TIMEOUT, Daemon, Scratch, accept, assert_connects, assert_times_out, counter,
+    CONNECT_TIMEOUT, Enforced, accept, assert_connects, assert_times_out, at, build_lab, counter,
     expect_counter, listen, mac, send_frames, status, udp_socket,
 };
 use serde_json::Value;
 use zt_tests::{
-    lab::{EDGE_V4, EDGE_V6, HOST_INTERFACE, Lab, OUTSIDER_V4, OUTSIDER_V6},
+    lab::{EDGE_V4, EDGE_V6, HOST_INTERFACE, OUTSIDER_V4, OUTSIDER_V6},
     netns::NetNs,
     packet::{Ethernet, Ipv4, Transport, checksum},
 };
@@ -40,28 +40,15 @@ const FRAG_NEEDED: u8 = 4;
 const LOWER_MTU: u16 = 1280;
 const LINK_MTU: i32 = 1500;
 
-fn at(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
-    SocketAddr::new(ip.into(), port)
-}
-
 fn any_v4() -> SocketAddr {
     at(Ipv4Addr::UNSPECIFIED, 0)
 }
 
-/// The lab with `ztxdp up` on the edge. Fields drop in order: the daemon
-/// first, the namespaces last.
-struct Flows {
-    daemon: Daemon,
-    lab: Lab,
-    scratch: Scratch,
-}
-
-impl Flows {
-    /// The lab's policy with `flows_lines` as the body of `[flows]`.
-    fn start(tag: &str, flows_lines: &str) -> Self {
-        let scratch = Scratch::new(tag);
-        let lab = Lab::create().unwrap_or_else(|e| panic!("building the lab (root?): {e:?}"));
-        let config = format!(
+/// The lab with `ztxdp up` on the edge: the lab's policy, with the echo
+/// limit above and `flows_lines` as the body of `[flows]`.
+fn start(tag: &str, flows_lines: &str) -> Enforced {
+    Enforced::start(tag, build_lab(), |_, scratch| {
+        format!(
             "[edge]\n\
              interface = \"{HOST_INTERFACE}\"\n\
              wireguard_ports = [51820]\n\
@@ -72,32 +59,37 @@ impl Flows {
              [flows]\n{flows_lines}\n\n\
              [audit]\npath = \"{}\"\n",
             scratch.path("audit.jsonl").display()
-        );
-        let config = scratch.write("ztxdp.toml", &config);
-        let daemon = Daemon::start(lab.edge(), &config, &[], scratch.path("daemon.log"));
-        Self {
-            daemon,
-            lab,
-            scratch,
-        }
-    }
+        )
+    })
+}
 
-    fn edge(&self) -> &NetNs {
-        self.lab.edge()
+/// `client` sends `query` to `server` at `target`, which must get it and
+/// answer with `answer`; the answer must reach `client` from `target`.
+/// Returns the client's address as the server saw it.
+fn exchange(
+    f: &Enforced,
+    client: &UdpSocket,
+    server: &UdpSocket,
+    target: SocketAddr,
+    query: &[u8],
+    answer: &[u8],
+) -> SocketAddr {
+    let mut buf = [0u8; 512];
+    client
+        .send_to(query, target)
+        .unwrap_or_else(|e| panic!("query to {target}: {e}"));
+    let (n, from) = server
+        .recv_from(&mut buf)
+        .unwrap_or_else(|e| panic!("the server got no query: {e}"));
+    assert_eq!(&buf[..n], query, "the query");
+    server
+        .send_to(answer, from)
+        .unwrap_or_else(|e| panic!("answer: {e}"));
+    match client.recv_from(&mut buf) {
+        Ok((n, src)) => assert_eq!((&buf[..n], src), (answer, target), "the answer"),
+        Err(e) => f.fail(&format!("the answer from {target} did not arrive: {e}")),
     }
-
-    fn counter(&self, reason: &str) -> u64 {
-        counter(&status(self.edge()), "edge", reason)
-    }
-
-    /// Fails with the daemon's log, which says what it saw.
-    fn fail(&self, what: &str) -> ! {
-        panic!(
-            "{what}; the daemon's log ({}):\n{}",
-            self.scratch.path("daemon.log").display(),
-            self.daemon.log()
-        );
-    }
+    from
 }
 
 fn flows_status(status: &Value) -> (u64, u64, u64) {
@@ -111,7 +103,7 @@ fn flows_status(status: &Value) -> (u64, u64, u64) {
 
 #[test]
 fn tcp_out_works_and_the_server_cannot_connect_in() {
-    let f = Flows::start("flows-tcp", "");
+    let f = start("flows-tcp", "");
     let (edge, outsider) = (f.edge(), f.lab.outsider());
     let server = listen(outsider, SERVER_TCP);
     let before = f.counter("reply");
@@ -202,7 +194,7 @@ fn tcp_out_works_and_the_server_cannot_connect_in() {
 
 #[test]
 fn a_udp_query_gets_its_reply_and_spoofed_replies_are_dropped() {
-    let f = Flows::start("flows-udp", "");
+    let f = start("flows-udp", "");
     let (edge, outsider, bastion) = (f.edge(), f.lab.outsider(), f.lab.bastion());
     // One dual-stack server socket answers both families.
     let server = udp_socket(outsider, at(Ipv6Addr::UNSPECIFIED, SERVER_UDP));
@@ -213,24 +205,14 @@ fn a_udp_query_gets_its_reply_and_spoofed_replies_are_dropped() {
         (&client, at(OUTSIDER_V4, SERVER_UDP)),
         (&client6, at(OUTSIDER_V6, SERVER_UDP)),
     ] {
-        client
-            .send_to(b"query example.org A", target)
-            .unwrap_or_else(|e| panic!("query to {target}: {e}"));
-        let (n, from) = server
-            .recv_from(&mut buf)
-            .unwrap_or_else(|e| panic!("the server got no query: {e}"));
-        assert_eq!(&buf[..n], b"query example.org A");
-        server
-            .send_to(b"answer 192.0.2.1", from)
-            .unwrap_or_else(|e| panic!("answer: {e}"));
-        match client.recv_from(&mut buf) {
-            Ok((n, src)) => assert_eq!(
-                (&buf[..n], src),
-                (&b"answer 192.0.2.1"[..], target),
-                "the answer"
-            ),
-            Err(e) => f.fail(&format!("the answer from {target} did not arrive: {e}")),
-        }
+        exchange(
+            &f,
+            client,
+            &server,
+            target,
+            b"query example.org A",
+            b"answer 192.0.2.1",
+        );
     }
 
     // Spoofed datagrams from the bastion, claiming to be the server.
@@ -399,7 +381,7 @@ impl Pinger {
 fn a_ping_flood_is_held_to_the_rate_while_another_source_gets_its_replies() {
     const FLOOD: u16 = 100;
     const OTHER: u16 = 3;
-    let f = Flows::start("flows-ping", "");
+    let f = start("flows-ping", "");
     let (edge, flooder, other) = (f.edge(), f.lab.outsider(), f.lab.bastion());
     let (a, b) = (&Pinger::new(flooder), &Pinger::new(other));
     // Resolve the neighbours without spending echo tokens: UDP to the
@@ -524,7 +506,7 @@ fn pmtu_socket(edge: &NetNs) -> UdpSocket {
 
 /// "Fragmentation needed, next-hop MTU 1280" from the outsider to the
 /// edge, quoting the first 28 bytes of a 1400-byte datagram of `socket`'s.
-fn frag_needed(f: &Flows, socket: &UdpSocket) -> Vec<u8> {
+fn frag_needed(f: &Enforced, socket: &UdpSocket) -> Vec<u8> {
     let local = socket
         .local_addr()
         .unwrap_or_else(|e| panic!("local address: {e}"));
@@ -557,7 +539,7 @@ fn frag_needed(f: &Flows, socket: &UdpSocket) -> Vec<u8> {
 
 #[test]
 fn frag_needed_about_a_tracked_flow_lowers_the_path_mtu() {
-    let f = Flows::start("flows-pmtu", "");
+    let f = start("flows-pmtu", "");
     let socket = pmtu_socket(f.edge());
     socket
         .send(b"a datagram opens the flow")
@@ -590,7 +572,7 @@ fn frag_needed_about_a_tracked_flow_lowers_the_path_mtu() {
 
 #[test]
 fn frag_needed_about_an_untracked_flow_changes_nothing() {
-    let f = Flows::start("flows-pmtu-unrelated", "");
+    let f = start("flows-pmtu-unrelated", "");
     // Connected, but nothing sent: no flow.
     let socket = pmtu_socket(f.edge());
     let unrelated = f.counter("icmp_unrelated");
@@ -610,23 +592,19 @@ fn frag_needed_about_an_untracked_flow_changes_nothing() {
 
 #[test]
 fn replies_stop_passing_after_the_flow_times_out() {
-    let f = Flows::start("flows-timeout", "udp_timeout = 2");
+    let f = start("flows-timeout", "udp_timeout = 2");
     let (edge, outsider) = (f.edge(), f.lab.outsider());
     let server = udp_socket(outsider, at(Ipv4Addr::UNSPECIFIED, SERVER_UDP));
     let client = udp_socket(edge, any_v4());
     let mut buf = [0u8; 64];
-    client
-        .send_to(b"query", at(OUTSIDER_V4, SERVER_UDP))
-        .unwrap_or_else(|e| panic!("query: {e}"));
-    let (_, from) = server
-        .recv_from(&mut buf)
-        .unwrap_or_else(|e| panic!("the server got no query: {e}"));
-    server
-        .send_to(b"answer", from)
-        .unwrap_or_else(|e| panic!("answer: {e}"));
-    if let Err(e) = client.recv_from(&mut buf) {
-        f.fail(&format!("the prompt answer did not arrive: {e}"));
-    }
+    let from = exchange(
+        &f,
+        &client,
+        &server,
+        at(OUTSIDER_V4, SERVER_UDP),
+        b"query",
+        b"answer",
+    );
     thread::sleep(Duration::from_secs(3));
     let dropped = f.counter("port_not_allowed");
     server
@@ -640,19 +618,12 @@ fn replies_stop_passing_after_the_flow_times_out() {
         );
     }
     // Asking again opens the flow again.
-    client
-        .send_to(b"query again", at(OUTSIDER_V4, SERVER_UDP))
-        .unwrap_or_else(|e| panic!("query: {e}"));
-    let (_, from) = server
-        .recv_from(&mut buf)
-        .unwrap_or_else(|e| panic!("the server got no query: {e}"));
-    server
-        .send_to(b"answer again", from)
-        .unwrap_or_else(|e| panic!("answer: {e}"));
-    match client.recv_from(&mut buf) {
-        Ok((n, _)) => assert_eq!(&buf[..n], b"answer again"),
-        Err(e) => f.fail(&format!(
-            "the answer to the second query did not arrive: {e}"
-        )),
-    }
+    exchange(
+        &f,
+        &client,
+        &server,
+        at(OUTSIDER_V4, SERVER_UDP),
+        b"query again",
+        b"answer again",
+    );
 }

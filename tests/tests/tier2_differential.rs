@@ -22,7 +22,7 @@ use std::{
 };
 
 use aya::programs::ProgramError;
-use tier2::{Programs, Run};
+use tier2::{Programs, Rng, Run, env_count, env_seed, peer, ports};
 use zt_common::{PeerCounters, reason};
 use zt_tests::packet::{
     ETH_LEN, Ethernet, ExtHeader, IPV4_LEN, IPV6_LEN, Ipv4, Ipv6, Transport, arp_request,
@@ -30,79 +30,18 @@ use zt_tests::packet::{
 };
 use ztxdp::{
     model::{EdgeModel, TunnelModel},
-    policy::{EchoRate, EdgePolicy, Grant, Peer, Protocol, TunnelPolicy},
+    policy::{EchoRate, EdgePolicy, Grant, Protocol, TunnelPolicy},
 };
 
 const DEFAULT_SEED: u64 = 0x5eed_2a7e_d1ff_0001;
 const DEFAULT_PACKETS: usize = 100_000;
 
 fn seed() -> u64 {
-    std::env::var("ZT_DIFF_SEED").map_or(DEFAULT_SEED, |s| {
-        let s = s.trim();
-        s.strip_prefix("0x")
-            .map_or_else(|| s.parse(), |h| u64::from_str_radix(h, 16))
-            .unwrap_or_else(|e| panic!("ZT_DIFF_SEED={s}: {e}"))
-    })
+    env_seed("ZT_DIFF_SEED", DEFAULT_SEED)
 }
 
 fn packets() -> usize {
-    std::env::var("ZT_DIFF_PACKETS").map_or(DEFAULT_PACKETS, |s| {
-        s.trim()
-            .parse()
-            .unwrap_or_else(|e| panic!("ZT_DIFF_PACKETS={s}: {e}"))
-    })
-}
-
-/// `SplitMix64`: tiny, seedable, and the same on every platform and version,
-/// so a seed printed by a failure reproduces it anywhere.
-struct Rng(u64);
-
-impl Rng {
-    /// The generator of packet `index` of run `seed`.
-    fn for_packet(seed: u64, index: usize) -> Self {
-        let mut r = Self(seed ^ (index as u64).wrapping_mul(0xA076_1D64_78BD_642F));
-        r.next();
-        r
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `0..n` (n > 0); the modulo bias is irrelevant here.
-    fn below(&mut self, n: usize) -> usize {
-        usize::try_from(self.next() % n as u64).unwrap_or(0)
-    }
-
-    /// True with probability `percent` / 100.
-    fn chance(&mut self, percent: u64) -> bool {
-        self.next() % 100 < percent
-    }
-
-    fn pick<T: Copy>(&mut self, xs: &[T]) -> T {
-        xs[self.below(xs.len())]
-    }
-
-    fn byte(&mut self) -> u8 {
-        self.next().to_le_bytes()[0]
-    }
-
-    /// Uniform in `0..n`.
-    fn small(&mut self, n: u8) -> u8 {
-        u8::try_from(self.below(usize::from(n))).unwrap_or(0)
-    }
-
-    fn u16(&mut self) -> u16 {
-        u16::from_le_bytes([self.byte(), self.byte()])
-    }
-
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.byte()).collect()
-    }
+    env_count("ZT_DIFF_PACKETS", DEFAULT_PACKETS)
 }
 
 /// Addresses and ports the generator favours: the policy's own prefixes,
@@ -220,22 +159,8 @@ fn edge_pools() -> Pools {
 }
 
 fn tunnel_policy() -> TunnelPolicy {
-    let peer = |name: &str, addresses: &[&str], grants: Vec<Grant>| Peer {
-        name: name.into(),
-        addresses: nets(addresses),
-        public_key: None,
-        grants,
-    };
-    let tcp = |first, last| Grant::Ports {
-        protocol: Protocol::Tcp,
-        first,
-        last,
-    };
-    let udp = |first, last| Grant::Ports {
-        protocol: Protocol::Udp,
-        first,
-        last,
-    };
+    let tcp = |first, last| ports(Protocol::Tcp, first, last);
+    let udp = |first, last| ports(Protocol::Udp, first, last);
     TunnelPolicy {
         interface: "wg0".into(),
         peers: vec![

@@ -23,7 +23,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tier2::{Case, Prog, Programs};
+use tier2::{Case, Prog, Programs, Rng, env_count, env_seed};
 use zt_common::{
     program, proto, reason,
     tcp_flag::{ACK, FIN, RST, SYN},
@@ -175,7 +175,8 @@ impl Host {
         let now = monotonic_ns();
         let kernel = self.progs.egress(side.egress_name(), packet);
         let before = self.model.flows().created();
-        self.model.egress(packet, side == Side::Edge, TEST_RUN_IFINDEX, now);
+        self.model
+            .egress(packet, side == Side::Edge, TEST_RUN_IFINDEX, now);
         (kernel, self.model.flows().created() > before)
     }
 
@@ -984,41 +985,6 @@ fn echo_requests_are_held_to_the_rate_per_source() {
 
 // The differential test.
 
-/// `SplitMix64`, seedable and the same everywhere.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        usize::try_from(self.next() % n as u64).unwrap_or(0)
-    }
-
-    fn chance(&mut self, percent: u64) -> bool {
-        self.next() % 100 < percent
-    }
-
-    fn pick<T: Copy>(&mut self, xs: &[T]) -> T {
-        xs[self.below(xs.len())]
-    }
-}
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T
-where
-    T::Err: std::fmt::Display,
-{
-    std::env::var(name).map_or(default, |s| {
-        let s = s.trim();
-        s.parse().unwrap_or_else(|e| panic!("{name}={s}: {e}"))
-    })
-}
-
 /// What a flow is made of, from the host's side.
 #[derive(Clone, Copy, Debug)]
 enum Kind {
@@ -1414,11 +1380,11 @@ impl Generator {
 #[test]
 #[expect(clippy::too_many_lines, reason = "one scenario, step by step")]
 fn kernel_and_model_agree_on_random_sequences() {
-    let seed: u64 = env_or("ZT_FLOW_SEED", 0x00f1_0a75_eed0_0004);
-    let steps: usize = env_or("ZT_FLOW_STEPS", 4000);
+    let seed = env_seed("ZT_FLOW_SEED", 0x00f1_0a75_eed0_0004);
+    let steps = env_count("ZT_FLOW_STEPS", 4000);
     let mut h = Host::new(&differential_flows(), ECHO);
     let mut g = Generator {
-        rng: Rng(seed),
+        rng: Rng::new(seed),
         sent: Vec::new(),
     };
     let mut reasons: BTreeMap<u32, usize> = BTreeMap::new();

@@ -16,13 +16,13 @@ use std::{
     sync::Mutex,
 };
 
-use tier2::{Case, Prog, Programs, Shared};
+use tier2::{Case, Prog, Programs, Shared, peer, ports};
 use zt_common::{PeerCounters, reason};
 use zt_tests::packet::{
     ETH_LEN, Ethernet, ExtHeader, IPV4_LEN, IPV6_LEN, Ipv4, Ipv6, TCP_LEN, Transport, arp_request,
     ethertype, icmp,
 };
-use ztxdp::policy::{Grant, Peer, Protocol, TunnelPolicy};
+use ztxdp::policy::{Grant, Protocol, TunnelPolicy};
 
 const ALICE: usize = 0;
 const BOB: usize = 1;
@@ -40,26 +40,6 @@ const UNKNOWN_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0, 0, 0, 0, 0, 0x99);
 
 const LOCAL_V4: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 1);
 const LOCAL_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0, 0, 0, 0, 0, 1);
-
-const fn ports(protocol: Protocol, first: u16, last: u16) -> Grant {
-    Grant::Ports {
-        protocol,
-        first,
-        last,
-    }
-}
-
-fn peer(name: &str, addresses: &[&str], grants: Vec<Grant>) -> Peer {
-    Peer {
-        name: name.into(),
-        addresses: addresses
-            .iter()
-            .map(|s| s.parse().unwrap_or_else(|e| panic!("prefix {s}: {e}")))
-            .collect(),
-        public_key: None,
-        grants,
-    }
-}
 
 fn policy() -> TunnelPolicy {
     TunnelPolicy {

@@ -45,8 +45,10 @@ pub mod map {
     pub const FLOW_CONFIG: &str = "ZT_FLOW_CFG";
     /// `LruHashMap<SourceKey, EventBucket>`: ICMP echo token bucket per source.
     pub const ECHO_BUCKETS: &str = "ZT_ECHO_BKT";
-    /// `LruHashMap<SummaryKey, FlowSummary>`: per-flow audit summarising.
+    /// `HashMap<SummaryKey, FlowSummary>`: per-flow audit summarising.
     pub const SUMMARIES: &str = "ZT_SUMMARY";
+    /// `Array<u8>`: local TCP and UDP ports the host started flows from.
+    pub const LOCAL_PORTS: &str = "ZT_LOCAL_PORTS";
 }
 
 /// Map capacities, defined once.

@@ -5,14 +5,13 @@
 //! echo request within its source's rate. This is what nftables gets from
 //! `ct state established,related` and `limit rate`, without opening a hole.
 
-use aya_ebpf::helpers::bpf_ktime_get_ns;
 use zt_common::{
     EventBucket, FLOW_CLOSING, FlowConfig, FlowKey, FlowState, SourceKey, counter_index, program,
     proto, reason, tcp_flag,
 };
 
 use crate::{
-    maps::{ZT_COUNTERS, ZT_ECHO_BKT, ZT_FLOW_CFG, ZT_FLOWS},
+    maps::{ZT_COUNTERS, ZT_ECHO_BKT, ZT_FLOW_CFG, ZT_FLOWS, ZT_LOCAL_PORTS},
     parse::{
         self, Bounds, Fragment, ICMP_DEST_UNREACHABLE, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST,
         ICMP_TIME_EXCEEDED, ICMPV6_DEST_UNREACHABLE, ICMPV6_ECHO_REPLY, ICMPV6_ECHO_REQUEST,
@@ -77,9 +76,41 @@ fn timeout(cfg: &FlowConfig, protocol: u8, flags: u32) -> u64 {
     }
 }
 
+/// Slot of (protocol, local port) in `ZT_LOCAL_PORTS`: TCP first, then UDP.
+#[inline(always)]
+fn local_port_slot(protocol: u8, port: u16) -> u32 {
+    let base = if protocol == proto::TCP { 0 } else { 65_536 };
+    base + u32::from(port)
+}
+
+/// Whether the host ever started a flow from this local port. Set before
+/// the flow is inserted and never cleared, so it is true for every port a
+/// live flow has: a clear entry proves there is no flow to reply to.
+#[inline(always)]
+fn local_port_used(protocol: u8, port: u16) -> bool {
+    ZT_LOCAL_PORTS
+        .get(local_port_slot(protocol, port))
+        .is_some_and(|used| *used != 0)
+}
+
+/// Marks a local port as used. A plain store of 1 is idempotent, so CPUs
+/// racing on it cannot undo each other; it is skipped when already set to
+/// keep the cache line shared.
+#[inline(always)]
+fn mark_local_port(protocol: u8, port: u16) {
+    if let Some(slot) = ZT_LOCAL_PORTS.get_ptr_mut(local_port_slot(protocol, port)) {
+        // SAFETY: a pointer into the array's value, valid for this run.
+        unsafe {
+            if *slot == 0 {
+                *slot = 1;
+            }
+        }
+    }
+}
+
 /// A second look at a packet the policy dropped with `code`.
 #[inline(always)]
-pub fn second_chance(b: &Bounds, p: &Packet, code: u32, prog: u32, ifindex: u32) -> u32 {
+pub fn second_chance(b: &Bounds, p: &Packet, code: u32, prog: u32, ifindex: u32, now: u64) -> u32 {
     // Parse-level drops and fragments are never rescued.
     if p.l3 == L3::Arp || p.fragment == Fragment::Later {
         return code;
@@ -87,8 +118,6 @@ pub fn second_chance(b: &Bounds, p: &Packet, code: u32, prog: u32, ifindex: u32)
     let Some(cfg) = ZT_FLOW_CFG.get(0) else {
         return code;
     };
-    // SAFETY: bpf_ktime_get_ns has no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
     if is_icmp(p) {
         return match (p.l3, p.icmp_type) {
             (L3::Ipv4, ICMP_ECHO_REQUEST) | (L3::Ipv6, ICMPV6_ECHO_REQUEST)
@@ -133,6 +162,11 @@ pub fn second_chance(b: &Bounds, p: &Packet, code: u32, prog: u32, ifindex: u32)
         p.protocol,
         p.ip_version(),
     );
+    // Most denied packets go to ports the host never used for a flow of its
+    // own: one array read settles them before the hash lookup.
+    if !local_port_used(p.protocol, p.dst_port) {
+        return code;
+    }
     if refresh(&key, cfg, now, closing_flag(p)) {
         reason::PASS_REPLY
     } else {
@@ -220,7 +254,7 @@ fn echo_rate(p: &Packet, cfg: &FlowConfig, now: u64) -> u32 {
 /// start only from what opens one: a TCP SYN, any UDP datagram, an echo
 /// request.
 #[inline(always)]
-pub fn record_egress(p: &Packet, ifindex: u32) {
+pub fn record_egress(p: &Packet, ifindex: u32, now: u64) {
     if p.l3 == L3::Arp || p.fragment == Fragment::Later {
         return;
     }
@@ -251,8 +285,6 @@ pub fn record_egress(p: &Packet, ifindex: u32) {
         p.protocol,
         p.ip_version(),
     );
-    // SAFETY: bpf_ktime_get_ns has no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
     let closing = closing_flag(p);
     if let Some(state) = ZT_FLOWS.get_ptr_mut(&key) {
         // SAFETY: a pointer into the map value, valid for this run.
@@ -268,6 +300,9 @@ pub fn record_egress(p: &Packet, ifindex: u32) {
     }
     if !opens {
         return;
+    }
+    if p.protocol == proto::TCP || p.protocol == proto::UDP {
+        mark_local_port(p.protocol, local_port);
     }
     let state = FlowState {
         last_seen_ns: now,

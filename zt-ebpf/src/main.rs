@@ -34,6 +34,7 @@ mod verdict;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action},
+    helpers::bpf_ktime_get_coarse_ns,
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
@@ -60,19 +61,20 @@ pub fn zt_edge(ctx: XdpContext) -> u32 {
     let b = Bounds::new(ctx.data(), ctx.data_end());
     // SAFETY: ctx.ctx points at the kernel's xdp_md for this program run.
     let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
+    let now = coarse_now();
     let code = match parse::parse_ethernet(&b) {
         Ok(p) => {
             let mut code = verdict::edge(&p);
             if !reason::is_allow(code) && code != reason::DROP_NOT_CONFIGURED {
-                code = flows::second_chance(&b, &p, code, program::EDGE, ifindex);
+                code = flows::second_chance(&b, &p, code, program::EDGE, ifindex, now);
             }
-            record::decision(program::EDGE, ifindex, Some(&p), code, None);
+            record::decision(program::EDGE, ifindex, Some(&p), code, None, now);
             code
         }
         // Fail closed: an unparseable frame is a counted drop, never a pass.
         Err(e) => {
             let code = verdict::parse_error_reason(e);
-            record::decision(program::EDGE, ifindex, None, code, None);
+            record::decision(program::EDGE, ifindex, None, code, None, now);
             code
         }
     };
@@ -91,6 +93,7 @@ pub fn zt_edge(ctx: XdpContext) -> u32 {
 pub fn zt_tunnel(ctx: TcContext) -> i32 {
     let b = linear_headers(&ctx);
     let ifindex = skb_ifindex(&ctx);
+    let now = coarse_now();
     let parsed = if tunnel_l2() {
         parse::parse_ethernet(&b)
     } else {
@@ -103,17 +106,17 @@ pub fn zt_tunnel(ctx: TcContext) -> i32 {
             let peer = verdict::peer_of(&p);
             let mut code = verdict::tunnel(&p, peer);
             if !reason::is_allow(code) {
-                code = flows::second_chance(&b, &p, code, program::TUNNEL, ifindex);
+                code = flows::second_chance(&b, &p, code, program::TUNNEL, ifindex, now);
             }
             if let Some(peer) = &peer {
                 record::count_peer(peer, reason::is_allow(code));
             }
-            record::decision(program::TUNNEL, ifindex, Some(&p), code, peer.as_ref());
+            record::decision(program::TUNNEL, ifindex, Some(&p), code, peer.as_ref(), now);
             code
         }
         Err(e) => {
             let code = verdict::parse_error_reason(e);
-            record::decision(program::TUNNEL, ifindex, None, code, None);
+            record::decision(program::TUNNEL, ifindex, None, code, None, now);
             code
         }
     };
@@ -134,7 +137,7 @@ pub fn zt_tunnel(ctx: TcContext) -> i32 {
 pub fn zt_edge_out(ctx: TcContext) -> i32 {
     let b = linear_headers(&ctx);
     if let Ok(p) = parse::parse_ethernet(&b) {
-        flows::record_egress(&p, skb_ifindex(&ctx));
+        flows::record_egress(&p, skb_ifindex(&ctx), coarse_now());
     }
     TC_ACT_OK
 }
@@ -153,9 +156,19 @@ pub fn zt_tunnel_out(ctx: TcContext) -> i32 {
         parse::parse_ip(&b)
     };
     if let Ok(p) = parsed {
-        flows::record_egress(&p, skb_ifindex(&ctx));
+        flows::record_egress(&p, skb_ifindex(&ctx), coarse_now());
     }
     TC_ACT_OK
+}
+
+/// The clock every limit and timeout runs on: `CLOCK_MONOTONIC` at jiffy
+/// resolution. It is a memory read, where the precise clock reads the TSC
+/// (expensive in a VM) and would be paid by every packet of a flood. The
+/// limits work in milliseconds and seconds, so a jiffy is precision enough.
+#[inline(always)]
+fn coarse_now() -> u64 {
+    // SAFETY: bpf_ktime_get_coarse_ns has no preconditions.
+    unsafe { bpf_ktime_get_coarse_ns() }
 }
 
 /// The device the skb is on: the ingress device in `zt_tunnel`, the egress

@@ -72,3 +72,9 @@ pub static ZT_ECHO_BKT: LruHashMap<SourceKey, EventBucket> =
 #[map]
 pub static ZT_SUMMARY: LruHashMap<SummaryKey, FlowSummary> =
     LruHashMap::with_max_entries(capacity::SUMMARIES, 0);
+
+// One byte per (TCP or UDP, local port): set when the host starts a flow
+// from the port, never cleared. Lets most denied packets skip the flow
+// lookup (flows::local_port_used).
+#[map]
+pub static ZT_LOCAL_PORTS: Array<u8> = Array::with_max_entries(2 * 65_536, 0);

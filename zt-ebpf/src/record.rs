@@ -15,6 +15,7 @@
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
+
 use zt_common::{
     DENY_EVENTS_PER_SEC, Event, EventBucket, FlowSummary, NO_PEER, PeerInfo, SUMMARY_WINDOW_NS,
     SummaryKey, counter_index, proto, reason, tcp_flag,
@@ -154,7 +155,13 @@ fn audited(p: Option<&Packet>, code: u32) -> bool {
 /// `ns_per_token`, at most `cap`.
 #[inline(always)]
 fn refill(b: &mut EventBucket, now: u64, ns_per_token: u64, cap: u64) {
-    let earned = now.saturating_sub(b.last_ns) / ns_per_token;
+    let elapsed = now.saturating_sub(b.last_ns);
+    // Under a flood nearly every packet comes less than a token's time
+    // after the last refill: skip the division then.
+    if elapsed < ns_per_token {
+        return;
+    }
+    let earned = elapsed / ns_per_token;
     if earned > 0 {
         b.tokens = (b.tokens + earned).min(cap);
         b.last_ns = now;
@@ -191,13 +198,12 @@ pub fn decision(
     p: Option<&Packet>,
     code: u32,
     peer: Option<&PeerInfo>,
+    now: u64,
 ) {
     count(program, code);
     if !audited(p, code) {
         return;
     }
-    // SAFETY: bpf_ktime_get_ns has no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
     // Denies need a token from this CPU's bucket, but a flow that already
     // sent its event this window takes none: summarising comes first, so one
     // flooding flow cannot starve the others' events. When the bucket is
@@ -231,7 +237,9 @@ pub fn decision(
     // SAFETY: `e` points at a reserved, exclusively owned ring-buffer slot
     // of size_of::<Event>() bytes; every field is written before submit.
     unsafe {
-        (*e).ts_ns = now;
+        // The event's own time is precise; `now` is the coarse clock the
+        // limits run on.
+        (*e).ts_ns = bpf_ktime_get_ns();
         (*e).ifindex = ifindex;
         (*e).reason = code;
         (*e).program = program_id(program);

@@ -7,7 +7,6 @@
 )]
 
 use std::{
-    ffi::OsStr,
     fs,
     io::{self, BufRead as _, BufReader, Read as _},
     net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
@@ -23,7 +22,10 @@ use std::{
 };
 
 use serde_json::Value;
-use zt_tests::netns::NetNs;
+use zt_tests::{
+    lab::Lab,
+    netns::{NetNs, describe},
+};
 
 /// `ztxdp up` loads and attaches in well under a second; this bounds a hang.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -268,6 +270,73 @@ pub fn mac(ns: &NetNs, interface: &str) -> [u8; 6] {
         *byte = u8::from_str_radix(hex, 16).unwrap_or_else(|e| panic!("MAC {text}: {e}"));
     }
     mac
+}
+
+/// The reference lab (`zt_tests::lab`).
+pub fn build_lab() -> Lab {
+    Lab::create().unwrap_or_else(|e| panic!("building the lab (root?): {e:?}"))
+}
+
+/// A lab with `ztxdp up` running on its edge; the config, audit file and
+/// logs are in `scratch`. Fields drop in order: the daemon first, the
+/// namespaces last.
+pub struct Enforced {
+    pub daemon: Daemon,
+    pub lab: Lab,
+    pub config: PathBuf,
+    pub scratch: Scratch,
+}
+
+impl Enforced {
+    /// Writes `config(&lab, &scratch)` as `ztxdp.toml` and starts `ztxdp up`
+    /// with it on the edge, logging to `daemon-1.log`. The config should
+    /// put the audit file at [`Self::audit`].
+    pub fn start(tag: &str, lab: Lab, config: impl FnOnce(&Lab, &Scratch) -> String) -> Self {
+        let scratch = Scratch::new(tag);
+        let config = scratch.write("ztxdp.toml", &config(&lab, &scratch));
+        let daemon = Daemon::start(lab.edge(), &config, &[], scratch.path("daemon-1.log"));
+        Self {
+            daemon,
+            lab,
+            config,
+            scratch,
+        }
+    }
+
+    pub fn edge(&self) -> &NetNs {
+        self.lab.edge()
+    }
+
+    /// Where the config is told to write the audit trail.
+    pub fn audit(&self) -> PathBuf {
+        self.scratch.path("audit.jsonl")
+    }
+
+    /// Another `ztxdp up` with the same config, logging to `log`.
+    pub fn up(&self, log: &str) -> Daemon {
+        Daemon::start(self.edge(), &self.config, &[], self.scratch.path(log))
+    }
+
+    /// Replaces [`Self::daemon`] with a new `ztxdp up` (see [`Self::up`]);
+    /// returns the one it replaced, which dropping kills if it still runs.
+    pub fn restart(&mut self, log: &str) -> Daemon {
+        let new = self.up(log);
+        std::mem::replace(&mut self.daemon, new)
+    }
+
+    /// An edge counter of `status --json`.
+    pub fn counter(&self, reason: &str) -> u64 {
+        counter(&status(self.edge()), "edge", reason)
+    }
+
+    /// Fails with the daemon's log, which says what it saw.
+    pub fn fail(&self, what: &str) -> ! {
+        panic!(
+            "{what}; the daemon's log ({}):\n{}",
+            self.daemon.log.display(),
+            self.daemon.log()
+        );
+    }
 }
 
 /// A foreground `ztxdp up`; killed (SIGKILL) on drop if still running.
@@ -557,12 +626,4 @@ pub fn expect_audit(path: &Path, what: &str, matches: impl Fn(&Value) -> bool) -
         }
         thread::sleep(Duration::from_millis(50));
     }
-}
-
-fn describe(command: &Command) -> String {
-    std::iter::once(command.get_program())
-        .chain(command.get_args())
-        .map(OsStr::to_string_lossy)
-        .collect::<Vec<_>>()
-        .join(" ")
 }

@@ -34,14 +34,14 @@ use std::{
 };
 
 use aya::{
-    Ebpf, TestRun as _, TestRunOptions,
-    programs::{ProgramError, SchedClassifier, Xdp},
+    Ebpf, TestRun, TestRunOptions, TestRunResult,
+    programs::{Program, ProgramError, SchedClassifier, Xdp},
 };
 use zt_common::{program, reason};
 use zt_tests::packet::hex_dump;
 use ztxdp::{
     loader::{self, LoadOptions},
-    policy::{EdgePolicy, FlowSettings, TunnelPolicy},
+    policy::{EdgePolicy, FlowSettings, Grant, Peer, Protocol, TunnelPolicy},
     tables::Tables,
 };
 
@@ -142,16 +142,10 @@ impl Programs {
                 .unwrap_or(0)
         };
         let before = created(self);
-        let prog: &mut SchedClassifier = loader::program_mut(&mut self.ebpf, name)
-            .unwrap_or_else(|e| panic!("program {name}: {e:?}"));
-        let r = prog
-            .test_run(TestRunOptions {
-                data_in: Some(packet),
-                ..Default::default()
-            })
+        let action = test_run::<SchedClassifier>(&mut self.ebpf, name, packet)
             .unwrap_or_else(|e| panic!("{name}: test run refused: {e:?}\n{}", hex_dump(packet)));
         assert_eq!(
-            r.return_value,
+            action,
             TC_ACT_OK,
             "{name} must never drop\n{}",
             hex_dump(packet)
@@ -169,18 +163,8 @@ impl Programs {
     /// When the counters or the action are inconsistent (see the module docs).
     pub fn edge(&mut self, frame: &[u8]) -> Result<Run, ProgramError> {
         let before = self.counters_before(program::EDGE);
-        let prog: &mut Xdp = loader::program_mut(&mut self.ebpf, program::EDGE_NAME)
-            .unwrap_or_else(|e| panic!("program {}: {e:?}", program::EDGE_NAME));
-        let result = prog.test_run(TestRunOptions {
-            data_in: Some(frame),
-            ..Default::default()
-        });
-        self.finish(
-            program::EDGE,
-            &before,
-            result.map(|r| r.return_value),
-            frame,
-        )
+        let result = test_run::<Xdp>(&mut self.ebpf, program::EDGE_NAME, frame);
+        self.finish(program::EDGE, &before, result, frame)
     }
 
     /// Runs `zt_tunnel` on `packet` (an Ethernet frame or a bare IP packet,
@@ -193,18 +177,8 @@ impl Programs {
     /// As [`Self::edge`].
     pub fn tunnel(&mut self, packet: &[u8]) -> Result<Run, ProgramError> {
         let before = self.counters_before(program::TUNNEL);
-        let prog: &mut SchedClassifier = loader::program_mut(&mut self.ebpf, program::TUNNEL_NAME)
-            .unwrap_or_else(|e| panic!("program {}: {e:?}", program::TUNNEL_NAME));
-        let result = prog.test_run(TestRunOptions {
-            data_in: Some(packet),
-            ..Default::default()
-        });
-        self.finish(
-            program::TUNNEL,
-            &before,
-            result.map(|r| r.return_value),
-            packet,
-        )
+        let result = test_run::<SchedClassifier>(&mut self.ebpf, program::TUNNEL_NAME, packet);
+        self.finish(program::TUNNEL, &before, result, packet)
     }
 
     fn counters_before(&mut self, prog: u32) -> BTreeMap<u32, u64> {
@@ -285,6 +259,25 @@ impl Programs {
     }
 }
 
+/// One `BPF_PROG_TEST_RUN` of the program `name` on `input`; its return
+/// value.
+///
+/// # Panics
+/// When the object has no program `name` of type `P`.
+fn test_run<P>(ebpf: &mut Ebpf, name: &'static str, input: &[u8]) -> Result<u32, ProgramError>
+where
+    for<'a> &'a mut P: TryFrom<&'a mut Program>,
+    P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = TestRunResult>,
+{
+    let prog: &mut P =
+        loader::program_mut(ebpf, name).unwrap_or_else(|e| panic!("program {name}: {e:?}"));
+    prog.test_run(TestRunOptions {
+        data_in: Some(input),
+        ..Default::default()
+    })
+    .map(|r| r.return_value)
+}
+
 /// A program shared by the tests of one crate. Loading once keeps the
 /// crate fast; the mutex serialises the tests so that counter deltas are
 /// exact.
@@ -360,5 +353,111 @@ impl Programs {
             cases.len(),
             failures.join("\n")
         );
+    }
+}
+
+/// A port-range grant.
+pub const fn ports(protocol: Protocol, first: u16, last: u16) -> Grant {
+    Grant::Ports {
+        protocol,
+        first,
+        last,
+    }
+}
+
+/// A tunnel peer without a public key; `addresses` are prefixes.
+///
+/// # Panics
+/// When an address is not a prefix.
+pub fn peer(name: &str, addresses: &[&str], grants: Vec<Grant>) -> Peer {
+    Peer {
+        name: name.into(),
+        addresses: addresses
+            .iter()
+            .map(|s| s.parse().unwrap_or_else(|e| panic!("prefix {s}: {e}")))
+            .collect(),
+        public_key: None,
+        grants,
+    }
+}
+
+/// `name` from the environment, decimal or `0x` hex (as failures print
+/// seeds), else `default`.
+///
+/// # Panics
+/// When `name` is set but not such a number.
+pub fn env_seed(name: &str, default: u64) -> u64 {
+    std::env::var(name).map_or(default, |s| {
+        let s = s.trim();
+        s.strip_prefix("0x")
+            .map_or_else(|| s.parse(), |h| u64::from_str_radix(h, 16))
+            .unwrap_or_else(|e| panic!("{name}={s}: {e}"))
+    })
+}
+
+/// `name` from the environment, else `default`.
+///
+/// # Panics
+/// When `name` is set but not a number.
+pub fn env_count(name: &str, default: usize) -> usize {
+    std::env::var(name).map_or(default, |s| {
+        let s = s.trim();
+        s.parse().unwrap_or_else(|e| panic!("{name}={s}: {e}"))
+    })
+}
+
+/// `SplitMix64`: tiny, seedable, and the same on every platform and version,
+/// so a seed printed by a failure reproduces it anywhere.
+pub struct Rng(u64);
+
+impl Rng {
+    pub const fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+
+    /// The generator of packet `index` of run `seed`.
+    pub fn for_packet(seed: u64, index: usize) -> Self {
+        let mut r = Self(seed ^ (index as u64).wrapping_mul(0xA076_1D64_78BD_642F));
+        r.next();
+        r
+    }
+
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `0..n` (n > 0); the modulo bias is irrelevant here.
+    pub fn below(&mut self, n: usize) -> usize {
+        usize::try_from(self.next() % n as u64).unwrap_or(0)
+    }
+
+    /// True with probability `percent` / 100.
+    pub fn chance(&mut self, percent: u64) -> bool {
+        self.next() % 100 < percent
+    }
+
+    pub fn pick<T: Copy>(&mut self, xs: &[T]) -> T {
+        xs[self.below(xs.len())]
+    }
+
+    pub fn byte(&mut self) -> u8 {
+        self.next().to_le_bytes()[0]
+    }
+
+    /// Uniform in `0..n`.
+    pub fn small(&mut self, n: u8) -> u8 {
+        u8::try_from(self.below(usize::from(n))).unwrap_or(0)
+    }
+
+    pub fn u16(&mut self) -> u16 {
+        u16::from_le_bytes([self.byte(), self.byte()])
+    }
+
+    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.byte()).collect()
     }
 }
