@@ -317,12 +317,7 @@ fn a_takeover_from_a_running_daemon_hands_the_trail_over_without_a_gap() {
     // The second `up` attaches at once; the first notices it was replaced,
     // writes what it still has and lets go of the file.
     let mut first = t.restart("daemon-2.log");
-    let status = first.wait_exit(Duration::from_secs(10));
-    assert!(
-        status.is_some_and(|s| s.success()),
-        "the replaced daemon did not exit 0 by itself ({status:?}); its log:\n{}",
-        first.log()
-    );
+    first.expect_replaced();
     let handed_over = audit_lines(&t.audit()).len();
     flood(&t.lab, 1000, 300, 1);
     expect_exact_accounting(&t, handed_over);

@@ -1,12 +1,14 @@
 //! Tier 3, the tunnel (issue 3): the real `ztxdp up` on real wireguard-go
-//! tunnels. The lab's edge runs wireguard-go plus both programs (XDP on its
-//! eth0, the tunnel classifier on its `WireGuard` device); the lab's other two
-//! hosts are the app peers, each with its own wireguard-go device:
+//! tunnels: the lab's tunnel (`zt_tests::lab::Lab::create_with_tunnel`),
+//! whose edge runs wireguard-go plus both programs (XDP on its eth0, the
+//! tunnel classifier on its `WireGuard` device), with the app peers `app-1`
+//! (reaching the edge over IPv4) and `app-2` (over IPv6), each with its own
+//! wireguard-go device:
 //!
 //! ```text
-//!   app-1 (bastion ns)  10.100.0.1  fd00:100::1  ─┐  WireGuard over the
-//!   app-2 (outsider ns) 10.100.0.2                ├─ lab's 10.77.0.0/24
-//!   edge                10.100.0.254 fd00:100::fe ┘  (UDP 51820)
+//!   app-1  10.100.0.1  fd00:100::1  ─┐  WireGuard over the lab's link
+//!   app-2  10.100.0.2  fd00:100::2   ├─ (UDP 51820 to 10.77.0.1 and fd77::1)
+//!   edge   10.100.0.254 fd00:100::fe ┘
 //! ```
 //!
 //! Needs root, wireguard-go and wireguard-tools. Each test builds its own
@@ -16,18 +18,20 @@ mod e2e;
 
 use std::{
     io::{self, Read as _, Write as _},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, TcpStream},
-    path::PathBuf,
+    net::{IpAddr, Ipv4Addr, TcpStream},
     time::{Duration, Instant},
 };
 
 use e2e::{
-    Daemon, Scratch, accept, assert_all_time_out, assert_connects, assert_times_out, at, attached,
-    counter, expect_audit, is, listen, status, ztxdp, ztxdp_ok,
+    Enforced, Scratch, accept, assert_all_time_out, assert_connects, assert_times_out, at,
+    attached, build_lab, counter, expect_audit, is, listen, status, ztxdp, ztxdp_ok,
 };
 use serde_json::Value;
 use zt_tests::{
-    lab::{BASTION_V4, EDGE_V4, HOST_INTERFACE, Lab, OUTSIDER_V4},
+    lab::{
+        APP_1_TUNNEL_V4, APP_1_TUNNEL_V6, APP_2_TUNNEL_V4, AppPeer, EDGE_TUNNEL_V4, EDGE_TUNNEL_V6,
+        EDGE_V4, EDGE_V6, HOST_INTERFACE, Lab, Tunnel,
+    },
     netns::NetNs,
     wg::{KeyPair, LISTEN_PORT, WgDevice},
 };
@@ -36,150 +40,78 @@ use ztxdp::config::Config;
 const SSH: u16 = 22;
 const POSTGRES: u16 = 5432;
 
-const EDGE_TUN_V4: Ipv4Addr = Ipv4Addr::new(10, 100, 0, 254);
-const EDGE_TUN_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x100, 0, 0, 0, 0, 0, 0xfe);
-const APP1_V4: Ipv4Addr = Ipv4Addr::new(10, 100, 0, 1);
-const APP1_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x100, 0, 0, 0, 0, 0, 1);
-const APP2_V4: Ipv4Addr = Ipv4Addr::new(10, 100, 0, 2);
-
-/// The lab with `WireGuard` between the edge and both app peers, and a config
-/// granting app-1 tcp/5432. Fields drop in order: devices, then namespaces.
-struct Mesh {
-    edge_wg: WgDevice,
-    app1_wg: WgDevice,
-    app2_wg: WgDevice,
-    lab: Lab,
-    config: PathBuf,
-    scratch: Scratch,
+/// The lab with its `WireGuard` tunnel and `ztxdp up` on the edge, with a
+/// config granting app-1 tcp/5432 and app-2 nothing. No handshake has
+/// happened yet: the first packet into the tunnel starts one, so it
+/// crosses the edge's filter.
+fn mesh(tag: &str) -> Enforced {
+    let lab = Lab::create_with_tunnel().unwrap_or_else(|e| {
+        panic!("building the lab with its tunnel (root? wireguard-go?): {e:?}")
+    });
+    Enforced::start(tag, lab, |lab, scratch| {
+        let tunnel = tunnel(lab);
+        let peer = |name: &str, allow: &str| {
+            let app = app(tunnel, name);
+            format!(
+                "[[tunnel.peer]]\n\
+                 name = \"{name}\"\n\
+                 addresses = [\"{}/32\", \"{}/128\"]\n\
+                 public_key = \"{}\"\n\
+                 {allow}\n",
+                app.tunnel_v4(),
+                app.tunnel_v6(),
+                app.device().public_key(),
+            )
+        };
+        format!(
+            "[edge]\n\
+             interface = \"{HOST_INTERFACE}\"\n\
+             wireguard_ports = [{LISTEN_PORT}]\n\
+             ssh_allow = []\n\
+             \n\
+             [tunnel]\n\
+             interface = \"{}\"\n\
+             runtime_grants = \"{}\"\n\
+             \n\
+             {}\n\
+             {}\n\
+             [audit]\n\
+             path = \"{}\"\n",
+            tunnel.edge_device().name(),
+            scratch.path("grants.json").display(),
+            peer("app-1", "allow = [\"tcp/5432\"]"),
+            peer("app-2", ""),
+            scratch.path("audit.jsonl").display(),
+        )
+    })
 }
 
-impl Mesh {
-    fn build(tag: &str) -> Self {
-        let scratch = Scratch::new(tag);
-        let lab = Lab::create().unwrap_or_else(|e| panic!("building the lab (root?): {e:?}"));
-        let wg = |ns: &NetNs| {
-            WgDevice::start(ns).unwrap_or_else(|e| panic!("wireguard-go in {}: {e}", ns.name()))
-        };
-        let (edge_wg, app1_wg, app2_wg) = (wg(lab.edge()), wg(lab.bastion()), wg(lab.outsider()));
-        let address = |ns: &NetNs, device: &WgDevice, ip: IpAddr, prefix: u8| {
-            ns.add_address(device.name(), ip, prefix)
-                .unwrap_or_else(|e| panic!("adding {ip} to {}: {e}", device.name()));
-        };
-        address(lab.edge(), &edge_wg, EDGE_TUN_V4.into(), 24);
-        address(lab.edge(), &edge_wg, EDGE_TUN_V6.into(), 64);
-        address(lab.bastion(), &app1_wg, APP1_V4.into(), 24);
-        address(lab.bastion(), &app1_wg, APP1_V6.into(), 64);
-        address(lab.outsider(), &app2_wg, APP2_V4.into(), 24);
-        let peer = |ns: &NetNs, device: &WgDevice, key: &str, ips: &[&str], endpoint: Ipv4Addr| {
-            device
-                .add_peer(ns, key, ips, Some(at(endpoint, LISTEN_PORT)))
-                .unwrap_or_else(|e| panic!("configuring {}: {e}", device.name()));
-        };
-        let app1_ips = ["10.100.0.1/32", "fd00:100::1/128"];
-        peer(
-            lab.edge(),
-            &edge_wg,
-            app1_wg.public_key(),
-            &app1_ips,
-            BASTION_V4,
-        );
-        peer(
-            lab.edge(),
-            &edge_wg,
-            app2_wg.public_key(),
-            &["10.100.0.2/32"],
-            OUTSIDER_V4,
-        );
-        let edge_ips = ["10.100.0.0/24", "fd00:100::/64"];
-        peer(
-            lab.bastion(),
-            &app1_wg,
-            edge_wg.public_key(),
-            &edge_ips,
-            EDGE_V4,
-        );
-        peer(
-            lab.outsider(),
-            &app2_wg,
-            edge_wg.public_key(),
-            &edge_ips[..1],
-            EDGE_V4,
-        );
+fn tunnel(lab: &Lab) -> &Tunnel {
+    lab.tunnel()
+        .unwrap_or_else(|| panic!("the lab was built without its tunnel"))
+}
 
-        let config = scratch.write(
-            "ztxdp.toml",
-            &format!(
-                "[edge]\n\
-                 interface = \"{HOST_INTERFACE}\"\n\
-                 wireguard_ports = [{LISTEN_PORT}]\n\
-                 ssh_allow = []\n\
-                 \n\
-                 [tunnel]\n\
-                 interface = \"{}\"\n\
-                 runtime_grants = \"{}\"\n\
-                 \n\
-                 [[tunnel.peer]]\n\
-                 name = \"app-1\"\n\
-                 addresses = [\"10.100.0.1/32\", \"fd00:100::1/128\"]\n\
-                 public_key = \"{}\"\n\
-                 allow = [\"tcp/5432\"]\n\
-                 \n\
-                 [[tunnel.peer]]\n\
-                 name = \"app-2\"\n\
-                 addresses = [\"10.100.0.2/32\"]\n\
-                 public_key = \"{}\"\n\
-                 \n\
-                 [audit]\n\
-                 path = \"{}\"\n",
-                edge_wg.name(),
-                scratch.path("grants.json").display(),
-                app1_wg.public_key(),
-                app2_wg.public_key(),
-                scratch.path("audit.jsonl").display(),
-            ),
-        );
-        Self {
-            edge_wg,
-            app1_wg,
-            app2_wg,
-            lab,
-            config,
-            scratch,
-        }
-    }
+fn app<'a>(tunnel: &'a Tunnel, name: &str) -> &'a AppPeer {
+    tunnel
+        .app(name)
+        .unwrap_or_else(|| panic!("the lab's tunnel has no {name}"))
+}
 
-    fn edge(&self) -> &NetNs {
-        self.lab.edge()
-    }
+/// The namespace of the app peer `name`.
+fn app_ns<'a>(mesh: &'a Enforced, name: &str) -> &'a NetNs {
+    app(tunnel(&mesh.lab), name).ns()
+}
 
-    fn app1(&self) -> &NetNs {
-        self.lab.bastion()
-    }
+/// `ztxdp ACTION PEER GRANT --config F` in the edge, which must succeed.
+fn grant(mesh: &Enforced, action: &str, peer: &str, grant: &str) -> String {
+    let config = mesh.config.display().to_string();
+    ztxdp_ok(mesh.edge(), &[action, peer, grant, "--config", &config])
+}
 
-    fn app2(&self) -> &NetNs {
-        self.lab.outsider()
-    }
-
-    fn up(&self, log: &str) -> Daemon {
-        Daemon::start(self.edge(), &self.config, &[], self.scratch.path(log))
-    }
-
-    /// `ztxdp ACTION PEER GRANT --config F` in the edge, which must succeed.
-    fn grant(&self, action: &str, peer: &str, grant: &str) -> String {
-        let config = self.config.display().to_string();
-        ztxdp_ok(self.edge(), &[action, peer, grant, "--config", &config])
-    }
-
-    fn list(&self) -> Value {
-        let config = self.config.display().to_string();
-        let text = ztxdp_ok(self.edge(), &["list", "--json", "--config", &config]);
-        serde_json::from_str(&text)
-            .unwrap_or_else(|e| panic!("list --json is not JSON ({e}):\n{text}"))
-    }
-
-    fn audit(&self) -> PathBuf {
-        self.scratch.path("audit.jsonl")
-    }
+fn peer_list(mesh: &Enforced) -> Value {
+    let config = mesh.config.display().to_string();
+    let text = ztxdp_ok(mesh.edge(), &["list", "--json", "--config", &config]);
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("list --json is not JSON ({e}):\n{text}"))
 }
 
 /// The entry of `peer` in `list --json`.
@@ -191,11 +123,8 @@ fn listed<'a>(list: &'a Value, peer: &str) -> &'a Value {
 
 /// Waits for a tunnel audit line of `peer` with this reason and port, and
 /// checks it names the peer and its public key.
-fn expect_peer_line(mesh: &Mesh, peer: &str, reason: &str, source: IpAddr, port: u16) {
-    let key = match peer {
-        "app-1" => mesh.app1_wg.public_key(),
-        _ => mesh.app2_wg.public_key(),
-    };
+fn expect_peer_line(mesh: &Enforced, peer: &str, reason: &str, source: IpAddr, port: u16) {
+    let key = app(tunnel(&mesh.lab), peer).device().public_key();
     let what = format!("{reason} for {peer} ({source}) to {port}");
     let line = expect_audit(&mesh.audit(), &what, |l| {
         is(l, "/event/reason", &reason.into())
@@ -215,7 +144,7 @@ fn expect_peer_line(mesh: &Mesh, peer: &str, reason: &str, source: IpAddr, port:
 
 /// After traffic of both peers: the edge program passed `WireGuard` and
 /// dropped the outer-address SYN; the tunnel program counted both peers.
-fn check_counters(mesh: &Mesh, before: &Value, after: &Value) {
+fn check_counters(mesh: &Enforced, before: &Value, after: &Value) {
     assert!(
         counter(after, "edge", "wireguard") > counter(before, "edge", "wireguard"),
         "no WireGuard packet passed the edge program, yet the tunnel works: {after:#}"
@@ -226,7 +155,7 @@ fn check_counters(mesh: &Mesh, before: &Value, after: &Value) {
     );
     assert_eq!(
         after["tunnel"]["interface"],
-        mesh.edge_wg.name(),
+        tunnel(&mesh.lab).edge_device().name(),
         "{after:#}"
     );
     let peers = after["tunnel"]["peers"]
@@ -248,53 +177,51 @@ fn check_counters(mesh: &Mesh, before: &Value, after: &Value) {
 
 #[test]
 fn peers_reach_only_their_granted_ports_through_wireguard() {
-    let mesh = Mesh::build("grants");
-    let _daemon = mesh.up("daemon.log");
+    let mesh = mesh("grants");
+    let (app1, app2) = (app_ns(&mesh, "app-1"), app_ns(&mesh, "app-2"));
     let _postgres = listen(mesh.edge(), POSTGRES);
     let _ssh = listen(mesh.edge(), SSH);
     let before = status(mesh.edge());
 
     assert_connects(
-        mesh.app1(),
-        at(EDGE_TUN_V4, POSTGRES),
+        app1,
+        at(EDGE_TUNNEL_V4, POSTGRES),
         "app-1 to its granted port",
     );
     assert_connects(
-        mesh.app1(),
-        at(EDGE_TUN_V6, POSTGRES),
+        app1,
+        at(EDGE_TUNNEL_V6, POSTGRES),
         "app-1 to its granted port over IPv6",
     );
     assert_all_time_out(&[
+        (app1, at(EDGE_TUNNEL_V4, SSH), "app-1 to 22, not granted"),
         (
-            mesh.app1(),
-            at(EDGE_TUN_V4, SSH),
-            "app-1 to 22, not granted",
-        ),
-        (
-            mesh.app1(),
-            at(EDGE_TUN_V6, SSH),
+            app1,
+            at(EDGE_TUNNEL_V6, SSH),
             "app-1 to 22 over IPv6, not granted",
         ),
-        (
-            mesh.app2(),
-            at(EDGE_TUN_V4, POSTGRES),
-            "app-2 before `allow`",
-        ),
+        (app2, at(EDGE_TUNNEL_V4, POSTGRES), "app-2 before `allow`"),
     ]);
     // The SYN did cross the tunnel: the tunnel program dropped it, naming app-2.
-    expect_peer_line(&mesh, "app-2", "not_granted", IpAddr::V4(APP2_V4), POSTGRES);
+    expect_peer_line(
+        &mesh,
+        "app-2",
+        "not_granted",
+        IpAddr::V4(APP_2_TUNNEL_V4),
+        POSTGRES,
+    );
 
-    let said = mesh.grant("allow", "app-2", "5432");
+    let said = grant(&mesh, "allow", "app-2", "5432");
     assert!(
         said.contains("in effect now"),
         "`allow` did not reach the running program: {said}"
     );
     assert_connects(
-        mesh.app2(),
-        at(EDGE_TUN_V4, POSTGRES),
+        app2,
+        at(EDGE_TUNNEL_V4, POSTGRES),
         "app-2 after `allow app-2 5432`",
     );
-    let list = mesh.list();
+    let list = peer_list(&mesh);
     for (peer, field) in [("app-2", "grants"), ("app-2", "added"), ("app-1", "grants")] {
         let got = &listed(&list, peer)[field];
         assert_eq!(
@@ -307,18 +234,18 @@ fn peers_reach_only_their_granted_ports_through_wireguard() {
     // The edge filter let the handshake and the tunnel traffic in, and
     // nothing else: the same port on the outer address stays closed.
     assert_times_out(
-        mesh.app1(),
+        app1,
         at(EDGE_V4, POSTGRES),
         "app-1 to 5432 on the outer address",
     );
     check_counters(&mesh, &before, &status(mesh.edge()));
 
     for (peer, reason, source, port) in [
-        ("app-1", "granted", IpAddr::V4(APP1_V4), POSTGRES),
-        ("app-1", "granted", IpAddr::V6(APP1_V6), POSTGRES),
-        ("app-1", "not_granted", IpAddr::V4(APP1_V4), SSH),
-        ("app-1", "not_granted", IpAddr::V6(APP1_V6), SSH),
-        ("app-2", "granted", IpAddr::V4(APP2_V4), POSTGRES),
+        ("app-1", "granted", IpAddr::V4(APP_1_TUNNEL_V4), POSTGRES),
+        ("app-1", "granted", IpAddr::V6(APP_1_TUNNEL_V6), POSTGRES),
+        ("app-1", "not_granted", IpAddr::V4(APP_1_TUNNEL_V4), SSH),
+        ("app-1", "not_granted", IpAddr::V6(APP_1_TUNNEL_V6), SSH),
+        ("app-2", "granted", IpAddr::V4(APP_2_TUNNEL_V4), POSTGRES),
     ] {
         expect_peer_line(&mesh, peer, reason, source, port);
     }
@@ -348,12 +275,11 @@ fn read_within(stream: &mut TcpStream, want: usize, timeout: Duration) -> io::Re
 
 #[test]
 fn revoke_cuts_an_open_connection_at_once() {
-    let mesh = Mesh::build("revoke");
-    let _daemon = mesh.up("daemon.log");
+    let mesh = mesh("revoke");
     let listener = listen(mesh.edge(), POSTGRES);
     let mut client = assert_connects(
-        mesh.app1(),
-        at(EDGE_TUN_V4, POSTGRES),
+        app_ns(&mesh, "app-1"),
+        at(EDGE_TUNNEL_V4, POSTGRES),
         "app-1 to its granted port",
     );
     let mut server = accept(&listener, e2e::CONNECT_TIMEOUT);
@@ -365,7 +291,7 @@ fn revoke_cuts_an_open_connection_at_once() {
     assert_eq!(got, b"before");
 
     let denied = counter(&status(mesh.edge()), "tunnel", "not_granted");
-    mesh.grant("revoke", "app-1", "5432");
+    grant(&mesh, "revoke", "app-1", "5432");
     client
         .write_all(b"after")
         .unwrap_or_else(|e| panic!("client write: {e}"));
@@ -383,7 +309,7 @@ fn revoke_cuts_an_open_connection_at_once() {
     );
     // The connection itself is intact: granting again lets TCP's
     // retransmission through, so only the filter had stopped it.
-    mesh.grant("allow", "app-1", "5432");
+    grant(&mesh, "allow", "app-1", "5432");
     let got = read_within(&mut server, 5, Duration::from_secs(15))
         .unwrap_or_else(|e| panic!("data did not resume after granting again: {e}"));
     assert_eq!(got, b"after");
@@ -391,38 +317,37 @@ fn revoke_cuts_an_open_connection_at_once() {
 
 #[test]
 fn runtime_grants_survive_a_restart() {
-    let mesh = Mesh::build("restart");
-    let mut first = mesh.up("daemon-1.log");
+    let mut mesh = mesh("restart");
     let _postgres = listen(mesh.edge(), POSTGRES);
     let _ssh = listen(mesh.edge(), SSH);
-    mesh.grant("allow", "app-2", "5432");
+    grant(&mesh, "allow", "app-2", "5432");
     assert_connects(
-        mesh.app2(),
-        at(EDGE_TUN_V4, POSTGRES),
+        app_ns(&mesh, "app-2"),
+        at(EDGE_TUNNEL_V4, POSTGRES),
         "app-2 after `allow`",
     );
     let first_id = status(mesh.edge())["tunnel"]["program_id"].clone();
 
-    first.kill9();
+    mesh.daemon.kill9();
     // A new `up` loads a new program with maps filled from scratch: the
     // grant can only come from the runtime grants file.
-    let mut second = mesh.up("daemon-2.log");
+    mesh.restart("daemon-2.log");
     let now = status(mesh.edge());
     assert_ne!(
         now["tunnel"]["program_id"], first_id,
         "the tunnel program was not replaced: {now:#}"
     );
     assert_connects(
-        mesh.app2(),
-        at(EDGE_TUN_V4, POSTGRES),
+        app_ns(&mesh, "app-2"),
+        at(EDGE_TUNNEL_V4, POSTGRES),
         "app-2 after the restart",
     );
     assert_times_out(
-        mesh.app1(),
-        at(EDGE_TUN_V4, SSH),
+        app_ns(&mesh, "app-1"),
+        at(EDGE_TUNNEL_V4, SSH),
         "app-1 to 22 after the restart",
     );
-    let list = mesh.list();
+    let list = peer_list(&mesh);
     assert_eq!(
         listed(&list, "app-2")["grants"],
         serde_json::json!(["tcp/5432"]),
@@ -431,13 +356,13 @@ fn runtime_grants_survive_a_restart() {
 
     // `down` removes both programs; the grants stay saved for the next `up`.
     ztxdp_ok(mesh.edge(), &["down"]);
-    let left = second.wait_exit(Duration::from_secs(10));
+    let left = mesh.daemon.wait_exit(Duration::from_secs(10));
     assert!(
         left.is_some(),
         "the daemon kept running after `down`:\n{}",
-        second.log()
+        mesh.daemon.log()
     );
-    for interface in [HOST_INTERFACE, mesh.edge_wg.name()] {
+    for interface in [HOST_INTERFACE, tunnel(&mesh.lab).edge_device().name()] {
         let left = attached(mesh.edge(), interface);
         assert!(
             left.is_empty(),
@@ -445,18 +370,17 @@ fn runtime_grants_survive_a_restart() {
         );
     }
     assert_eq!(
-        listed(&mesh.list(), "app-2")["added"],
+        listed(&peer_list(&mesh), "app-2")["added"],
         serde_json::json!(["tcp/5432"])
     );
 }
 
-/// A lab whose edge runs only the tunnel program, on its eth0 (a veth with
-/// an Ethernet header): the bastion is app-1, the outsider app-2.
-fn l2_mesh(scratch: &Scratch) -> (Lab, PathBuf) {
-    let lab = Lab::create().unwrap_or_else(|e| panic!("building the lab (root?): {e:?}"));
-    let config = scratch.write(
-        "ztxdp.toml",
-        &format!(
+/// The lab with `ztxdp up` on the edge running only the tunnel program, on
+/// its eth0 (a veth with an Ethernet header): the bastion is app-1, the
+/// outsider app-2.
+fn l2_mesh(tag: &str) -> Enforced {
+    Enforced::start(tag, build_lab(), |_, scratch| {
+        format!(
             "[tunnel]\n\
              interface = \"{HOST_INTERFACE}\"\n\
              runtime_grants = \"{}\"\n\
@@ -474,23 +398,20 @@ fn l2_mesh(scratch: &Scratch) -> (Lab, PathBuf) {
              path = \"{}\"\n",
             scratch.path("grants.json").display(),
             scratch.path("audit.jsonl").display(),
-        ),
-    );
-    (lab, config)
+        )
+    })
 }
 
 #[test]
 fn the_tunnel_program_enforces_the_same_grants_on_an_l2_device() {
-    let scratch = Scratch::new("l2");
-    let (lab, config) = l2_mesh(&scratch);
-    let _daemon = Daemon::start(lab.edge(), &config, &[], scratch.path("daemon.log"));
+    let l2 = l2_mesh("l2");
+    let lab = &l2.lab;
     let _postgres = listen(lab.edge(), POSTGRES);
     let _ssh = listen(lab.edge(), SSH);
     for ns in [lab.edge(), lab.bastion(), lab.outsider()] {
         ns.ip(&["neigh", "flush", "all"])
             .unwrap_or_else(|e| panic!("flushing neighbours: {e}"));
     }
-    let edge_v6: IpAddr = zt_tests::lab::EDGE_V6.into();
 
     assert_connects(
         lab.bastion(),
@@ -499,7 +420,7 @@ fn the_tunnel_program_enforces_the_same_grants_on_an_l2_device() {
     );
     assert_connects(
         lab.bastion(),
-        at(edge_v6, POSTGRES),
+        at(EDGE_V6, POSTGRES),
         "app-1 (L2) to its granted port over IPv6",
     );
     assert_all_time_out(&[
@@ -510,7 +431,7 @@ fn the_tunnel_program_enforces_the_same_grants_on_an_l2_device() {
             "app-2 (L2) before `allow`",
         ),
     ]);
-    let config_arg = config.display().to_string();
+    let config_arg = l2.config.display().to_string();
     ztxdp_ok(
         lab.edge(),
         &["allow", "app-2", "5432", "--config", &config_arg],
@@ -533,28 +454,25 @@ fn the_tunnel_program_enforces_the_same_grants_on_an_l2_device() {
             "no {reason} on the L2 device: {now:#}"
         );
     }
-    expect_audit(
-        &scratch.path("audit.jsonl"),
-        "app-1's granted SYN on the L2 device",
-        |l| is(l, "/ztxdp/peer/name", &"app-1".into()) && is(l, "/event/reason", &"granted".into()),
-    );
+    expect_audit(&l2.audit(), "app-1's granted SYN on the L2 device", |l| {
+        is(l, "/ztxdp/peer/name", &"app-1".into()) && is(l, "/event/reason", &"granted".into())
+    });
 }
 
 #[test]
 fn bad_grant_input_is_refused_and_changes_nothing() {
-    let scratch = Scratch::new("badgrant");
-    let (lab, config) = l2_mesh(&scratch);
-    let _daemon = Daemon::start(lab.edge(), &config, &[], scratch.path("daemon.log"));
-    let config_arg = config.display().to_string();
+    let l2 = l2_mesh("badgrant");
+    let lab = &l2.lab;
+    let config_arg = l2.config.display().to_string();
     ztxdp_ok(
         lab.edge(),
         &["allow", "app-2", "5432", "--config", &config_arg],
     );
-    let grants = scratch.path("grants.json");
+    let grants = l2.scratch.path("grants.json");
     let saved =
         std::fs::read(&grants).unwrap_or_else(|e| panic!("reading {}: {e}", grants.display()));
-    let list = |lab: &Lab| ztxdp_ok(lab.edge(), &["list", "--json", "--config", &config_arg]);
-    let list_before = list(&lab);
+    let list = || ztxdp_ok(lab.edge(), &["list", "--json", "--config", &config_arg]);
+    let list_before = list();
     let maps = status(lab.edge())["tunnel"]["maps"].clone();
 
     for (what, args, mention) in [
@@ -585,7 +503,7 @@ fn bad_grant_input_is_refused_and_changes_nothing() {
         let now =
             std::fs::read(&grants).unwrap_or_else(|e| panic!("reading {}: {e}", grants.display()));
         assert_eq!(now, saved, "{what}: the grants file changed");
-        assert_eq!(list(&lab), list_before, "{what}: `list` changed");
+        assert_eq!(list(), list_before, "{what}: `list` changed");
         assert_eq!(
             status(lab.edge())["tunnel"]["maps"],
             maps,

@@ -448,10 +448,20 @@ impl Daemon {
     /// SIGTERM, which must make the daemon detach and exit 0.
     pub fn terminate(&mut self) {
         self.signal(libc::SIGTERM);
+        self.expect_clean_exit("of SIGTERM");
+    }
+
+    /// Another `up` replaced this daemon's program: it must notice, and
+    /// exit 0 by itself.
+    pub fn expect_replaced(&mut self) {
+        self.expect_clean_exit("of being replaced");
+    }
+
+    fn expect_clean_exit(&mut self, after: &str) {
         let status = self.wait_exit(Duration::from_secs(10));
         assert!(
             status.is_some_and(|s| s.success()),
-            "ztxdp did not exit 0 within 10 s of SIGTERM ({status:?}); its log:\n{}",
+            "ztxdp did not exit 0 within 10 s {after} ({status:?}); its log:\n{}",
             self.log()
         );
     }

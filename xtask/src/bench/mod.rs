@@ -75,7 +75,8 @@ pub struct BenchArgs {
     /// Skip the control-plane figures.
     #[arg(long)]
     pub skip_control_plane: bool,
-    /// Directory for latest.json, latest.md and the plots (default: bench/results).
+    /// Directory for latest.json, latest.md and the plots (default: bench/results;
+    /// with --smoke: target/xtask/bench-smoke).
     #[arg(long)]
     pub out: Option<PathBuf>,
 }
@@ -145,7 +146,7 @@ fn relaunch() -> anyhow::Result<String> {
     command.args(["run", "--quiet", "--package", "xtask", "--features", "bench", "--"]);
     command.args(std::env::args_os().skip(1));
     crate::cmd::run(&mut command).context("the benchmark failed; its output is above")?;
-    Ok("done; results in bench/results/".to_owned())
+    Ok("done".to_owned())
 }
 
 #[cfg(feature = "bench")]
@@ -153,7 +154,13 @@ fn measure(steps: &mut Steps, args: &BenchArgs) -> anyhow::Result<()> {
     use anyhow::Context as _;
 
     let plan = Plan::new(args);
-    let out = args.out.clone().unwrap_or_else(|| crate::workspace_root().join("bench").join("results"));
+    // A smoke run is no measurement: it must not replace the published results.
+    let default_out = if args.smoke {
+        crate::target_dir().join("xtask").join("bench-smoke")
+    } else {
+        crate::workspace_root().join("bench").join("results")
+    };
+    let out = args.out.clone().unwrap_or(default_out);
     std::fs::create_dir_all(&out).with_context(|| format!("could not create {}", out.display()))?;
     let ztxdp = crate::ztxdp_bin()?;
     let mut report = report::Report::new(&plan);
