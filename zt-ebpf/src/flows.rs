@@ -115,6 +115,23 @@ pub fn second_chance(b: &Bounds, p: &Packet, code: u32, prog: u32, ifindex: u32,
     if p.l3 == L3::Arp || p.fragment == Fragment::Later {
         return code;
     }
+    // The cheap refusals first, before the config lookup: floods take these.
+    if !is_icmp(p) {
+        if p.protocol != proto::TCP && p.protocol != proto::UDP {
+            return code;
+        }
+        // A SYN opens a connection; it is never a reply, whatever its ports.
+        if p.protocol == proto::TCP
+            && p.tcp_flags & (tcp_flag::SYN | tcp_flag::ACK) == tcp_flag::SYN
+        {
+            return code;
+        }
+        // Most denied packets go to ports the host never used for a flow of
+        // its own: one array read settles them before the hash lookup.
+        if !local_port_used(p.protocol, p.dst_port) {
+            return code;
+        }
+    }
     let Some(cfg) = ZT_FLOW_CFG.get(0) else {
         return code;
     };
@@ -147,13 +164,6 @@ pub fn second_chance(b: &Bounds, p: &Packet, code: u32, prog: u32, ifindex: u32,
             _ => code,
         };
     }
-    if p.protocol != proto::TCP && p.protocol != proto::UDP {
-        return code;
-    }
-    // A SYN opens a connection; it is never a reply, whatever its ports say.
-    if p.protocol == proto::TCP && p.tcp_flags & (tcp_flag::SYN | tcp_flag::ACK) == tcp_flag::SYN {
-        return code;
-    }
     let key = flow_key(
         ifindex,
         &p.dst.0,
@@ -162,11 +172,6 @@ pub fn second_chance(b: &Bounds, p: &Packet, code: u32, prog: u32, ifindex: u32,
         p.protocol,
         p.ip_version(),
     );
-    // Most denied packets go to ports the host never used for a flow of its
-    // own: one array read settles them before the hash lookup.
-    if !local_port_used(p.protocol, p.dst_port) {
-        return code;
-    }
     if refresh(&key, cfg, now, closing_flag(p)) {
         reason::PASS_REPLY
     } else {

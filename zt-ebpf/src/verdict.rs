@@ -84,11 +84,7 @@ fn udp_port_allowed(port: u16) -> bool {
 #[inline(always)]
 fn ssh_source_allowed(p: &Packet) -> bool {
     match p.l3 {
-        L3::Ipv4 => {
-            let mut addr = [0u8; 4];
-            addr.copy_from_slice(&p.src.0[..4]);
-            ZT_SSH_V4.get(&Key::new(32, addr)).is_some()
-        }
+        L3::Ipv4 => ZT_SSH_V4.get(&Key::new(32, p.src.v4_bytes())).is_some(),
         L3::Ipv6 => ZT_SSH_V6.get(&Key::new(128, p.src.0)).is_some(),
         L3::Arp => false,
     }
@@ -98,11 +94,7 @@ fn ssh_source_allowed(p: &Packet) -> bool {
 #[inline(always)]
 pub fn peer_of(p: &Packet) -> Option<PeerInfo> {
     match p.l3 {
-        L3::Ipv4 => {
-            let mut addr = [0u8; 4];
-            addr.copy_from_slice(&p.src.0[..4]);
-            ZT_PEER_V4.get(&Key::new(32, addr)).copied()
-        }
+        L3::Ipv4 => ZT_PEER_V4.get(&Key::new(32, p.src.v4_bytes())).copied(),
         L3::Ipv6 => ZT_PEER_V6.get(&Key::new(128, p.src.0)).copied(),
         L3::Arp => None,
     }
