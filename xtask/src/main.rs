@@ -56,7 +56,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let mut steps = Steps::new(match &cli.task {
         Task::Build => 4,
-        Task::Test | Task::Run { .. } | Task::Bench(_) => 5,
+        Task::Run { .. } | Task::Bench(_) => 5,
+        Task::Test => 6,
     });
     let result = match cli.task {
         Task::Build => install_and_build(&mut steps),
@@ -95,7 +96,13 @@ fn test(steps: &mut Steps) -> anyhow::Result<()> {
         counts.note()
     });
     steps.tests = counts;
-    result
+    result?;
+    // The benchmark harness, seconds long: every mode must produce figures
+    // and pass its drop/pass check. It asserts no speed.
+    steps.run("bench smoke", |_| {
+        cmd::run(cargo().args(["run", "-q", "-p", "xtask", "--features", "bench", "--", "bench", "--smoke"]))?;
+        Ok("every mode measured and checked".to_owned())
+    })
 }
 
 fn run(steps: &mut Steps, duration: Option<Duration>, up_args: &[String]) -> anyhow::Result<()> {
@@ -146,6 +153,9 @@ fn cargo_test(ztxdp: &Path, counts: &mut TestCounts) -> anyhow::Result<()> {
             "--workspace",
             "--exclude",
             "zt-ebpf",
+            // The benchmark harness's unit tests live behind this feature.
+            "--features",
+            "xtask/bench",
             "--no-fail-fast",
         ])
         .stdout(Stdio::piped());

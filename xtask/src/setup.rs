@@ -15,6 +15,8 @@ use crate::cmd::{Progress, ensure_root, output, probe, run};
 /// BPF and XDP inspection tools, the firewall tools `export nft` and the
 /// tests compare against, and what the namespace tests drive.
 pub const APT_PACKAGES: &[&str] = &[
+    // Text in the benchmark plots.
+    "fonts-dejavu-core",
     "wireguard-go",
     "wireguard-tools",
     "bpftool",

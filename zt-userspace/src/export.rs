@@ -157,21 +157,46 @@ fn edge_chain(out: &mut String, edge: &EdgePolicy, opts: NftOptions) {
         out.push_str("    ct state established,related accept\n");
     }
     if !edge.wireguard_ports.is_empty() {
-        let ports: Vec<String> = edge.wireguard_ports.iter().map(ToString::to_string).collect();
+        let ports: Vec<String> = edge
+            .wireguard_ports
+            .iter()
+            .map(ToString::to_string)
+            .collect();
         let _ = writeln!(out, "    udp dport {{ {} }} accept", ports.join(", "));
     }
     let (v4, v6) = split(&edge.ssh_allow);
     if !v4.is_empty() {
-        let _ = writeln!(out, "    tcp dport {} ip saddr @ssh_allow_v4 accept", edge.ssh_port);
+        let _ = writeln!(
+            out,
+            "    tcp dport {} ip saddr @ssh_allow_v4 accept",
+            edge.ssh_port
+        );
     }
     if !v6.is_empty() {
-        let _ = writeln!(out, "    tcp dport {} ip6 saddr @ssh_allow_v6 accept", edge.ssh_port);
+        let _ = writeln!(
+            out,
+            "    tcp dport {} ip6 saddr @ssh_allow_v6 accept",
+            edge.ssh_port
+        );
     }
-    let _ = writeln!(out, "    icmpv6 type {{ {ND_TYPES} }} ip6 hoplimit 255 accept");
+    let _ = writeln!(
+        out,
+        "    icmpv6 type {{ {ND_TYPES} }} ip6 hoplimit 255 accept"
+    );
     if echo_allowed(edge.icmp_echo) {
-        let limit = format!("limit rate {} burst {} packets", limit_rate(edge.icmp_echo.ns_per_token), edge.icmp_echo.burst);
-        let _ = writeln!(out, "    icmp type echo-request add @echo_v4 {{ ip saddr {limit} }} accept");
-        let _ = writeln!(out, "    icmpv6 type echo-request add @echo_v6 {{ ip6 saddr {limit} }} accept");
+        let limit = format!(
+            "limit rate {} burst {} packets",
+            limit_rate(edge.icmp_echo.ns_per_token),
+            edge.icmp_echo.burst
+        );
+        let _ = writeln!(
+            out,
+            "    icmp type echo-request add @echo_v4 {{ ip saddr {limit} }} accept"
+        );
+        let _ = writeln!(
+            out,
+            "    icmpv6 type echo-request add @echo_v6 {{ ip6 saddr {limit} }} accept"
+        );
     }
     let _ = writeln!(out, "    counter name {EDGE_DROP_COUNTER} drop\n  }}");
 }
@@ -190,7 +215,10 @@ fn peer_maps(out: &mut String, tunnel: &TunnelPolicy) {
                     .map(move |a| format!("{a} : jump peer_{i}"))
             })
             .collect();
-        let _ = write!(out, "  map peers_{family} {{\n    type {kind} : verdict; flags interval;\n");
+        let _ = write!(
+            out,
+            "  map peers_{family} {{\n    type {kind} : verdict; flags interval;\n"
+        );
         if !entries.is_empty() {
             out.push_str("    elements = {");
             elements(out, entries.into_iter());
@@ -206,7 +234,10 @@ fn tunnel_chains(out: &mut String, tunnel: &TunnelPolicy, opts: NftOptions) {
         out.push_str("    ct state established,related accept\n");
     }
     // Neighbour discovery before the peer lookup, as in the tunnel program.
-    let _ = writeln!(out, "    icmpv6 type {{ {ND_TYPES} }} ip6 hoplimit 255 accept");
+    let _ = writeln!(
+        out,
+        "    icmpv6 type {{ {ND_TYPES} }} ip6 hoplimit 255 accept"
+    );
     out.push_str("    ip saddr vmap @peers_v4\n    ip6 saddr vmap @peers_v6\n");
     let _ = writeln!(out, "    counter name {TUNNEL_DROP_COUNTER} drop\n  }}");
     for (i, peer) in tunnel.peers.iter().enumerate() {
@@ -217,18 +248,31 @@ fn tunnel_chains(out: &mut String, tunnel: &TunnelPolicy, opts: NftOptions) {
                 .grants
                 .iter()
                 .filter_map(|g| match g {
-                    Grant::Ports { protocol: p, first, last } if *p == protocol => {
-                        Some(if first == last { first.to_string() } else { format!("{first}-{last}") })
-                    }
+                    Grant::Ports {
+                        protocol: p,
+                        first,
+                        last,
+                    } if *p == protocol => Some(if first == last {
+                        first.to_string()
+                    } else {
+                        format!("{first}-{last}")
+                    }),
                     _ => None,
                 })
                 .collect();
             if !ports.is_empty() {
-                let _ = writeln!(out, "    {} dport {{ {} }} accept", protocol.name(), ports.join(", "));
+                let _ = writeln!(
+                    out,
+                    "    {} dport {{ {} }} accept",
+                    protocol.name(),
+                    ports.join(", ")
+                );
             }
         }
         if peer.grants.contains(&Grant::Icmp) {
-            out.push_str("    icmp type echo-request accept\n    icmpv6 type echo-request accept\n");
+            out.push_str(
+                "    icmp type echo-request accept\n    icmpv6 type echo-request accept\n",
+            );
         }
         let _ = writeln!(out, "    counter name {TUNNEL_DROP_COUNTER} drop\n  }}");
     }
@@ -266,8 +310,15 @@ mod tests {
                 interface: "eth0".into(),
                 wireguard_ports: vec![51820, 51821],
                 ssh_port: 2222,
-                ssh_allow: vec![net("192.0.2.10/32"), net("2001:db8:1::/64"), net("198.51.100.0/24")],
-                icmp_echo: EchoRate { ns_per_token: 500_000_000, burst: 3 },
+                ssh_allow: vec![
+                    net("192.0.2.10/32"),
+                    net("2001:db8:1::/64"),
+                    net("198.51.100.0/24"),
+                ],
+                icmp_echo: EchoRate {
+                    ns_per_token: 500_000_000,
+                    burst: 3,
+                },
             }),
             tunnel: Some(TunnelPolicy {
                 interface: "wg0".into(),
@@ -277,9 +328,21 @@ mod tests {
                         addresses: vec![net("10.100.0.1/32"), net("fd00:100::1/128")],
                         public_key: None,
                         grants: vec![
-                            Grant::Ports { protocol: Protocol::Tcp, first: 5432, last: 5432 },
-                            Grant::Ports { protocol: Protocol::Tcp, first: 8000, last: 8100 },
-                            Grant::Ports { protocol: Protocol::Udp, first: 53, last: 53 },
+                            Grant::Ports {
+                                protocol: Protocol::Tcp,
+                                first: 5432,
+                                last: 5432,
+                            },
+                            Grant::Ports {
+                                protocol: Protocol::Tcp,
+                                first: 8000,
+                                last: 8100,
+                            },
+                            Grant::Ports {
+                                protocol: Protocol::Udp,
+                                first: 53,
+                                last: 53,
+                            },
                             Grant::Icmp,
                         ],
                     },
@@ -302,8 +365,20 @@ mod tests {
         text.lines().map(str::trim).collect()
     }
 
+    /// The body of `chain NAME { ... }`: chains end at a two-space `}` line.
+    fn chain<'a>(text: &'a str, name: &str) -> &'a str {
+        let start = text
+            .split(&format!("chain {name} {{"))
+            .nth(1)
+            .unwrap_or_else(|| panic!("no chain {name}:\n{text}"));
+        start.split("\n  }").next().unwrap_or_default()
+    }
+
     fn assert_line(text: &str, want: &str) {
-        assert!(lines(text).contains(&want), "missing line {want:?} in:\n{text}");
+        assert!(
+            lines(text).contains(&want),
+            "missing line {want:?} in:\n{text}"
+        );
     }
 
     #[test]
@@ -316,27 +391,41 @@ mod tests {
         assert_line(&text, "192.0.2.10/32, 198.51.100.0/24 }");
         assert_line(&text, "2001:db8:1::/64 }");
         assert_line(&text, &format!("counter name {EDGE_DROP_COUNTER} drop"));
-        assert!(!text.contains("ct state"), "conntrack rule without the option:\n{text}");
+        assert!(
+            !text.contains("ct state"),
+            "conntrack rule without the option:\n{text}"
+        );
         // The drop is the last rule of the edge chain: nothing after it can pass.
-        let edge = text.split("chain edge {").nth(1).unwrap_or_else(|| panic!("no edge chain:\n{text}"));
-        let body: Vec<&str> = lines(edge.split('}').next().unwrap_or_default())
-            .into_iter()
-            .filter(|l| !l.is_empty())
-            .collect();
-        assert_eq!(body.last(), Some(&"counter name edge_drop drop"), "edge chain:\n{edge}");
+        let edge = chain(&text, "edge");
+        let body: Vec<&str> = lines(edge).into_iter().filter(|l| !l.is_empty()).collect();
+        assert_eq!(
+            body.last(),
+            Some(&"counter name edge_drop drop"),
+            "edge chain:\n{edge}"
+        );
     }
 
     #[test]
     fn echo_requests_are_rate_limited_per_source() {
         let text = nft_ruleset(&policy());
-        assert_line(&text, "icmp type echo-request add @echo_v4 { ip saddr limit rate 2/second burst 3 packets } accept");
-        assert_line(&text, "icmpv6 type echo-request add @echo_v6 { ip6 saddr limit rate 2/second burst 3 packets } accept");
+        assert_line(
+            &text,
+            "icmp type echo-request add @echo_v4 { ip saddr limit rate 2/second burst 3 packets } accept",
+        );
+        assert_line(
+            &text,
+            "icmpv6 type echo-request add @echo_v6 { ip6 saddr limit rate 2/second burst 3 packets } accept",
+        );
         let mut p = policy();
         if let Some(e) = p.edge.as_mut() {
             e.icmp_echo.ns_per_token = 0;
         }
         let text = nft_ruleset(&p);
-        assert!(!text.contains("echo-request"), "a zero rate must not admit echoes:\n{text}");
+        let edge = chain(&text, "edge");
+        assert!(
+            !edge.contains("echo-request"),
+            "a zero rate must not admit echoes:\n{edge}"
+        );
     }
 
     #[test]
@@ -352,7 +441,10 @@ mod tests {
     fn conntrack_variant_accepts_established_first() {
         let text = nft_ruleset_with(&policy(), NftOptions { conntrack: true });
         for chain in ["chain edge {", "chain tunnel {"] {
-            let after = text.split(chain).nth(1).unwrap_or_else(|| panic!("no {chain}:\n{text}"));
+            let after = text
+                .split(chain)
+                .nth(1)
+                .unwrap_or_else(|| panic!("no {chain}:\n{text}"));
             assert_eq!(
                 lines(after).get(1),
                 Some(&"ct state established,related accept"),
@@ -365,17 +457,29 @@ mod tests {
     fn tunnel_rules_map_sources_to_peer_grants() {
         let text = nft_ruleset(&policy());
         assert_line(&text, "iifname \"wg0\" jump tunnel");
-        assert_line(&text, "10.100.0.1/32 : jump peer_0, 10.100.0.16/28 : jump peer_1 }");
+        assert_line(
+            &text,
+            "10.100.0.1/32 : jump peer_0, 10.100.0.16/28 : jump peer_1 }",
+        );
         assert_line(&text, "fd00:100::1/128 : jump peer_0 }");
-        let peer0 = text.split("chain peer_0 {").nth(1).unwrap_or_else(|| panic!("no peer_0:\n{text}"));
+        let peer0 = text
+            .split("chain peer_0 {")
+            .nth(1)
+            .unwrap_or_else(|| panic!("no peer_0:\n{text}"));
         let peer0 = peer0.split("\n  }").next().unwrap_or_default();
         assert_line(peer0, "tcp dport { 5432, 8000-8100 } accept");
         assert_line(peer0, "udp dport { 53 } accept");
         assert_line(peer0, "icmp type echo-request accept");
         // A peer without grants reaches nothing, and its name cannot break
         // out of its comment.
-        let peer1 = text.split("chain peer_1 {").nth(1).unwrap_or_else(|| panic!("no peer_1:\n{text}"));
-        assert!(!peer1.contains("accept"), "peer without grants accepts something:\n{peer1}");
+        let peer1 = text
+            .split("chain peer_1 {")
+            .nth(1)
+            .unwrap_or_else(|| panic!("no peer_1:\n{text}"));
+        assert!(
+            !peer1.contains("accept"),
+            "peer without grants accepts something:\n{peer1}"
+        );
         assert_line(&text, "# peer ops laptop");
     }
 
@@ -388,10 +492,20 @@ mod tests {
             e.wireguard_ports.clear();
         }
         let text = nft_ruleset(&p);
-        assert!(!text.contains("elements"), "empty sets must not list elements:\n{text}");
+        assert!(
+            !text.contains("elements"),
+            "empty sets must not list elements:\n{text}"
+        );
         assert!(!text.contains("dport"), "no port may be open:\n{text}");
-        assert!(!text.contains("jump tunnel"), "no tunnel configured:\n{text}");
+        assert!(
+            !text.contains("jump tunnel"),
+            "no tunnel configured:\n{text}"
+        );
         // Braces balance, or nft refuses the file.
-        assert_eq!(text.matches('{').count(), text.matches('}').count(), "unbalanced braces:\n{text}");
+        assert_eq!(
+            text.matches('{').count(),
+            text.matches('}').count(),
+            "unbalanced braces:\n{text}"
+        );
     }
 }

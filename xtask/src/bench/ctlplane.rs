@@ -76,16 +76,28 @@ pub fn run(plan: &Plan, ztxdp: &Path, progress: &Progress) -> anyhow::Result<Con
         median(&mut out.allow_ms.clone()),
         median(&mut out.netns_exec_ms.clone())
     ));
-    let sizes = if plan.smoke { [0, 10_000] } else { [0, 100_000] };
+    let sizes = if plan.smoke {
+        [0, 10_000]
+    } else {
+        [0, 100_000]
+    };
     for n in sizes {
         let s = up_time(&env, n, if plan.smoke { 1 } else { 3 })?;
-        progress.say(format!("ztxdp up with {n} allow-list entries: ready after {s:.2} s"));
+        progress.say(format!(
+            "ztxdp up with {n} allow-list entries: ready after {s:.2} s"
+        ));
         out.up_seconds.push((n, s));
     }
-    let peers: &[u32] = if plan.smoke { &[100, 400] } else { &[1_000, 4_000] };
+    let peers: &[u32] = if plan.smoke {
+        &[100, 400]
+    } else {
+        &[1_000, 4_000]
+    };
     for &n in peers {
         let s = tunnel_fill(n)?;
-        progress.say(format!("filling {n} tunnel peers with a grant each: {s:.2} s"));
+        progress.say(format!(
+            "filling {n} tunnel peers with a grant each: {s:.2} s"
+        ));
         out.tunnel_fill_seconds.push((n, s));
     }
     let flood = audit_flood(plan, &env)?;
@@ -124,7 +136,12 @@ fn allow_latency(plan: &Plan, env: &Env, out: &mut ControlPlane) -> anyhow::Resu
             env.dir.join("tunnel-audit.jsonl").display()
         ),
     )?;
-    let daemon = Daemon(filters::start_daemon(&ns, &env.ztxdp, &config, &env.dir.join("tunnel.log"))?);
+    let daemon = Daemon(filters::start_daemon(
+        &ns,
+        &env.ztxdp,
+        &config,
+        &env.dir.join("tunnel.log"),
+    )?);
     let count = if plan.smoke { 3 } else { 20 };
     for i in 0..count {
         let start = Instant::now();
@@ -132,11 +149,20 @@ fn allow_latency(plan: &Plan, env: &Env, out: &mut ControlPlane) -> anyhow::Resu
         out.netns_exec_ms.push(ms(start));
         let port = (10_000 + i).to_string();
         let start = Instant::now();
-        quiet(ns.cmd(&env.ztxdp).args(["allow", "app-1", &port, "--config"]).arg(&config)).context("ztxdp allow failed")?;
+        quiet(
+            ns.cmd(&env.ztxdp)
+                .args(["allow", "app-1", &port, "--config"])
+                .arg(&config),
+        )
+        .context("ztxdp allow failed")?;
         out.allow_ms.push(ms(start));
     }
     // The grants must be in force: `list` reads them back.
-    let list = quiet(ns.cmd(&env.ztxdp).args(["list", "--json", "--config"]).arg(&config))?;
+    let list = quiet(
+        ns.cmd(&env.ztxdp)
+            .args(["list", "--json", "--config"])
+            .arg(&config),
+    )?;
     if !list.contains(&format!("tcp/{}", 10_000 + count - 1)) {
         bail!("after `ztxdp allow`, `ztxdp list` does not show the grant: {list}");
     }
@@ -175,14 +201,23 @@ fn up_time(env: &Env, n: u32, repeats: usize) -> anyhow::Result<f64> {
 /// have one grant, as `up` would.
 fn tunnel_fill(n: u32) -> anyhow::Result<f64> {
     let mut policy = testrun::policy(testrun::TUNNEL_TOML)?;
-    let tunnel = policy.tunnel.as_mut().context("no tunnel in the generated config")?;
+    let tunnel = policy
+        .tunnel
+        .as_mut()
+        .context("no tunnel in the generated config")?;
     let template = tunnel.peers.first().cloned().context("no peer")?;
     tunnel.peers = (0..n)
         .map(|i| {
             let mut p = template.clone();
             p.name = format!("p{i}");
-            p.addresses = vec![ipnet::IpNet::from(IpAddr::V4(Ipv4Addr::from(0x0AC8_0000 + i)))];
-            p.grants = vec![Grant::Ports { protocol: Protocol::Tcp, first: 5432, last: 5432 }];
+            p.addresses = vec![ipnet::IpNet::from(IpAddr::V4(Ipv4Addr::from(
+                0x0AC8_0000 + i,
+            )))];
+            p.grants = vec![Grant::Ports {
+                protocol: Protocol::Tcp,
+                first: 5432,
+                last: 5432,
+            }];
             p
         })
         .collect();
@@ -199,22 +234,42 @@ fn audit_flood(plan: &Plan, env: &Env) -> anyhow::Result<Flood> {
     let _ = std::fs::remove_file(&audit);
     let config = env.dir.join("flood.toml");
     std::fs::write(&config, traffic::config_toml(&audit, 0))?;
-    let daemon = Daemon(filters::start_daemon(&topo.dut, &env.ztxdp, &config, &env.dir.join("flood.log"))?);
+    let daemon = Daemon(filters::start_daemon(
+        &topo.dut,
+        &env.ztxdp,
+        &config,
+        &env.dir.join("flood.log"),
+    )?);
     let before = edge_counters(&topo, env)?;
     let lines_before = audit_lines(&audit);
-    let frame = traffic::frame(traffic::MIX_BASE, &zt_tests::packet::Transport::Udp { src: 40_000, dst: 9_999 });
+    let frame = traffic::frame(
+        traffic::MIX_BASE,
+        &zt_tests::packet::Transport::Udp {
+            src: 40_000,
+            dst: 9_999,
+        },
+    );
     let generator = LiveGen::load(Some((traffic::MIX_BASE, traffic::MIX_SOURCES)))?;
     let seconds = if plan.smoke { 1.0 } else { 5.0 };
     let until = Instant::now() + Duration::from_secs_f64(seconds);
     let (tx, _rx) = mpsc::channel();
-    thread::scope(|s| s.spawn(|| generator.send(&topo.src, topo::GEN_IF, &frame, plan.cpu, until, &tx)).join())
-        .map_err(|_| anyhow::anyhow!("the generator thread panicked"))??;
+    thread::scope(|s| {
+        s.spawn(|| generator.send(&topo.src, topo::GEN_IF, &frame, plan.cpu, until, &tx))
+            .join()
+    })
+    .map_err(|_| anyhow::anyhow!("the generator thread panicked"))??;
     // The writer drains the ring buffer and flushes; give it a moment.
     thread::sleep(Duration::from_millis(1500));
     let after = edge_counters(&topo, env)?;
     let lines = audit_lines(&audit);
     drop(daemon);
-    let delta = |k: &str| after.get(k).copied().unwrap_or(0).saturating_sub(before.get(k).copied().unwrap_or(0));
+    let delta = |k: &str| {
+        after
+            .get(k)
+            .copied()
+            .unwrap_or(0)
+            .saturating_sub(before.get(k).copied().unwrap_or(0))
+    };
     Ok(Flood {
         seconds,
         packets_denied: delta("port_not_allowed"),
@@ -225,11 +280,20 @@ fn audit_flood(plan: &Plan, env: &Env) -> anyhow::Result<Flood> {
     })
 }
 
-fn edge_counters(topo: &Topology, env: &Env) -> anyhow::Result<std::collections::BTreeMap<String, u64>> {
+fn edge_counters(
+    topo: &Topology,
+    env: &Env,
+) -> anyhow::Result<std::collections::BTreeMap<String, u64>> {
     let json = quiet(topo.dut.cmd(&env.ztxdp).args(["status", "--json"]))?;
     let v: serde_json::Value = serde_json::from_str(&json)?;
-    let counters = v.pointer("/edge/counters").and_then(|c| c.as_object()).context("no edge counters in status")?;
-    Ok(counters.iter().filter_map(|(k, v)| Some((k.clone(), v.as_u64()?))).collect())
+    let counters = v
+        .pointer("/edge/counters")
+        .and_then(|c| c.as_object())
+        .context("no edge counters in status")?;
+    Ok(counters
+        .iter()
+        .filter_map(|(k, v)| Some((k.clone(), v.as_u64()?)))
+        .collect())
 }
 
 /// (deny records, summary records) in the audit file.

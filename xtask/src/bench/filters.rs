@@ -43,9 +43,14 @@ impl Env {
     /// # Errors
     /// When the scratch directory or the bpffs mount cannot be made.
     pub fn new(ztxdp: &Path, dir: PathBuf) -> anyhow::Result<Self> {
-        std::fs::create_dir_all(&dir).with_context(|| format!("could not create {}", dir.display()))?;
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("could not create {}", dir.display()))?;
         let bpffs = Bpffs::mount(&dir.join("bpffs"))?;
-        Ok(Self { ztxdp: ztxdp.to_owned(), dir, bpffs })
+        Ok(Self {
+            ztxdp: ztxdp.to_owned(),
+            dir,
+            bpffs,
+        })
     }
 
     /// The config file for a policy with `mix_allow` mix sources (written once).
@@ -61,15 +66,21 @@ impl Env {
 
     /// `ztxdp export nft [--conntrack]` of that config (written once).
     fn nft_ruleset(&self, mix_allow: u32, conntrack: bool) -> anyhow::Result<PathBuf> {
-        let path = self.dir.join(format!("ztxdp-{mix_allow}{}.nft", if conntrack { "-ct" } else { "" }));
+        let path = self.dir.join(format!(
+            "ztxdp-{mix_allow}{}.nft",
+            if conntrack { "-ct" } else { "" }
+        ));
         if !path.exists() {
             let mut command = Command::new(&self.ztxdp);
-            command.args(["export", "nft", "--config"]).arg(self.config(mix_allow)?);
+            command
+                .args(["export", "nft", "--config"])
+                .arg(self.config(mix_allow)?);
             if conntrack {
                 command.arg("--conntrack");
             }
             let text = quiet(&mut command)?;
-            std::fs::write(&path, text).with_context(|| format!("could not write {}", path.display()))?;
+            std::fs::write(&path, text)
+                .with_context(|| format!("could not write {}", path.display()))?;
         }
         Ok(path)
     }
@@ -99,13 +110,25 @@ impl<'t> Attached<'t> {
     ///
     /// # Errors
     /// When attaching fails.
-    pub fn attach(kind: FilterKind, topo: &'t Topology, env: &'t Env, mix_allow: u32) -> anyhow::Result<Option<Self>> {
-        let mut a = Self { kind, topo, env, daemon: None, drop_prog: None };
+    pub fn attach(
+        kind: FilterKind,
+        topo: &'t Topology,
+        env: &'t Env,
+        mix_allow: u32,
+    ) -> anyhow::Result<Option<Self>> {
+        let mut a = Self {
+            kind,
+            topo,
+            env,
+            daemon: None,
+            drop_prog: None,
+        };
         match kind {
             FilterKind::None => {}
             FilterKind::Nft | FilterKind::NftCt => {
                 let ruleset = env.nft_ruleset(mix_allow, kind == FilterKind::NftCt)?;
-                quiet(topo.dut.cmd("nft").arg("-f").arg(&ruleset)).context("nft refused the exported ruleset")?;
+                quiet(topo.dut.cmd("nft").arg("-f").arg(&ruleset))
+                    .context("nft refused the exported ruleset")?;
             }
             FilterKind::XdpFilter => {
                 // Its IPv4 map holds 10,000 addresses, and each takes one
@@ -113,8 +136,20 @@ impl<'t> Attached<'t> {
                 if mix_allow > 0 {
                     return Ok(None);
                 }
-                quiet(&mut env.xdp_filter(&topo.dut, &["load", topo::DUT_IF, "-m", "native", "-p", "deny", "-f", "tcp,udp,ipv4"]))
-                    .context("xdp-filter load failed (xdp-tools installed?)")?;
+                quiet(&mut env.xdp_filter(
+                    &topo.dut,
+                    &[
+                        "load",
+                        topo::DUT_IF,
+                        "-m",
+                        "native",
+                        "-p",
+                        "deny",
+                        "-f",
+                        "tcp,udp,ipv4",
+                    ],
+                ))
+                .context("xdp-filter load failed (xdp-tools installed?)")?;
                 let port = traffic::WIREGUARD_PORT.to_string();
                 quiet(&mut env.xdp_filter(&topo.dut, &["port", &port, "-p", "udp", "-m", "dst"]))?;
                 let source = topo::SSH_ALLOWED.to_string();
@@ -122,9 +157,11 @@ impl<'t> Attached<'t> {
             }
             FilterKind::Ztxdp => a.daemon = Some(start_ztxdp(topo, env, mix_allow)?),
             FilterKind::XdpDrop => {
-                let mut ebpf = Ebpf::load(ztxdp::BENCH_OBJECT).context("could not load the benchmark BPF object")?;
+                let mut ebpf = Ebpf::load(ztxdp::BENCH_OBJECT)
+                    .context("could not load the benchmark BPF object")?;
                 let prog = generator::xdp_mut(&mut ebpf, generator::DROP_PROGRAM)?;
-                prog.load().context("the kernel refused the bare drop program")?;
+                prog.load()
+                    .context("the kernel refused the bare drop program")?;
                 topo.dut
                     .enter(|| prog.attach(topo::DUT_IF, XdpMode::Driver))
                     .context("could not enter the DUT namespace")?
@@ -144,7 +181,14 @@ impl<'t> Attached<'t> {
         Ok(Some(match self.kind {
             FilterKind::None => return Ok(None),
             FilterKind::Nft | FilterKind::NftCt => {
-                let json = quiet(dut.cmd("nft").args(["-j", "list", "counter", "inet", "ztxdp", "edge_drop"]))?;
+                let json = quiet(dut.cmd("nft").args([
+                    "-j",
+                    "list",
+                    "counter",
+                    "inet",
+                    ztxdp::export::TABLE,
+                    ztxdp::export::EDGE_DROP_COUNTER,
+                ]))?;
                 nft_counter_packets(&json).context("no packet count in `nft -j list counter`")?
             }
             FilterKind::XdpFilter => {
@@ -164,7 +208,14 @@ impl<'t> Attached<'t> {
 
     /// The id of the XDP program on d0, for `bpftool prog run`.
     pub fn xdp_prog_id(&self) -> anyhow::Result<u32> {
-        let json = quiet(Command::new("ip").args(["-n", self.topo.dut.name(), "-j", "link", "show", topo::DUT_IF]))?;
+        let json = quiet(Command::new("ip").args([
+            "-n",
+            self.topo.dut.name(),
+            "-j",
+            "link",
+            "show",
+            topo::DUT_IF,
+        ]))?;
         xdp_prog_id(&json).context("no XDP program on d0")
     }
 }
@@ -180,7 +231,11 @@ impl Drop for Attached<'_> {
             let _ = child.wait();
         }
         if self.kind == FilterKind::XdpFilter {
-            let _ = quiet(&mut self.env.xdp_filter(&self.topo.dut, &["unload", topo::DUT_IF, "--all"]));
+            let _ = quiet(
+                &mut self
+                    .env
+                    .xdp_filter(&self.topo.dut, &["unload", topo::DUT_IF, "--all"]),
+            );
         }
     }
 }
@@ -193,8 +248,14 @@ pub fn start_ztxdp(topo: &Topology, env: &Env, mix_allow: u32) -> anyhow::Result
 
 /// `ztxdp up --config CONFIG` in `ns`, returned once it is ready; its
 /// stderr goes to `log`.
-pub fn start_daemon(ns: &zt_tests::netns::NetNs, ztxdp: &Path, config: &Path, log: &Path) -> anyhow::Result<Child> {
-    let log_file = std::fs::File::create(log).with_context(|| format!("could not create {}", log.display()))?;
+pub fn start_daemon(
+    ns: &zt_tests::netns::NetNs,
+    ztxdp: &Path,
+    config: &Path,
+    log: &Path,
+) -> anyhow::Result<Child> {
+    let log_file = std::fs::File::create(log)
+        .with_context(|| format!("could not create {}", log.display()))?;
     let mut child = ns
         .cmd(ztxdp)
         .args(["up", "--config"])
@@ -231,7 +292,12 @@ pub fn quiet(command: &mut Command) -> anyhow::Result<String> {
         .output()
         .with_context(|| format!("could not start `{}`", crate::cmd::show(command)))?;
     if !out.status.success() {
-        bail!("`{}` failed ({}): {}", crate::cmd::show(command), out.status, String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "`{}` failed ({}): {}",
+            crate::cmd::show(command),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -247,12 +313,17 @@ impl Bpffs {
     fn mount(path: &Path) -> anyhow::Result<Self> {
         std::fs::create_dir_all(path)?;
         // A mount left by a killed run is reused.
-        let mounted = std::fs::read_to_string("/proc/self/mounts")
-            .is_ok_and(|m| m.lines().any(|l| l.split_whitespace().nth(1) == path.to_str()));
+        let mounted = std::fs::read_to_string("/proc/self/mounts").is_ok_and(|m| {
+            m.lines()
+                .any(|l| l.split_whitespace().nth(1) == path.to_str())
+        });
         if !mounted {
-            quiet(Command::new("mount").args(["-t", "bpf", "bpf"]).arg(path)).context("could not mount a bpffs for xdp-filter")?;
+            quiet(Command::new("mount").args(["-t", "bpf", "bpf"]).arg(path))
+                .context("could not mount a bpffs for xdp-filter")?;
         }
-        Ok(Self { path: path.to_owned() })
+        Ok(Self {
+            path: path.to_owned(),
+        })
     }
 }
 
@@ -264,7 +335,10 @@ impl Drop for Bpffs {
 
 fn nft_counter_packets(json: &str) -> Option<u64> {
     let v: serde_json::Value = serde_json::from_str(json).ok()?;
-    v.get("nftables")?.as_array()?.iter().find_map(|o| o.get("counter")?.get("packets")?.as_u64())
+    v.get("nftables")?
+        .as_array()?
+        .iter()
+        .find_map(|o| o.get("counter")?.get("packets")?.as_u64())
 }
 
 /// `XDP_DROP            123 pkts           7890 KiB`
@@ -293,7 +367,9 @@ fn veth_xdp_drops(text: &str) -> Option<u64> {
     let mut found = false;
     let mut sum = 0;
     for line in text.lines() {
-        let Some((name, value)) = line.split_once(':') else { continue };
+        let Some((name, value)) = line.split_once(':') else {
+            continue;
+        };
         let name = name.trim();
         if name.starts_with("rx_queue_") && name.ends_with("_xdp_drops") {
             found = true;
@@ -307,7 +383,10 @@ fn xdp_prog_id(json: &str) -> Option<u32> {
     let v: serde_json::Value = serde_json::from_str(json).ok()?;
     let xdp = v.as_array()?.first()?.get("xdp")?;
     let id = xdp.get("prog").and_then(|p| p.get("id")).or_else(|| {
-        xdp.get("attached")?.as_array()?.iter().find_map(|a| a.get("prog")?.get("id"))
+        xdp.get("attached")?
+            .as_array()?
+            .iter()
+            .find_map(|a| a.get("prog")?.get("id"))
     })?;
     u32::try_from(id.as_u64()?).ok()
 }

@@ -65,7 +65,8 @@ impl LiveGen {
             .load(ztxdp::BENCH_OBJECT)
             .context("could not load the benchmark BPF object")?;
         let prog = xdp_mut(&mut ebpf, TX_PROGRAM)?;
-        prog.load().context("the kernel refused the generator program")?;
+        prog.load()
+            .context("the kernel refused the generator program")?;
         Ok(Self { ebpf })
     }
 
@@ -116,7 +117,10 @@ impl LiveGen {
                 let left = until.duration_since(now).min(CALL_TARGET).as_secs_f64();
                 repeat = clamp_u32(rate * left).max(BATCH);
             }
-            Ok(Sent { packets, elapsed: start.elapsed() })
+            Ok(Sent {
+                packets,
+                elapsed: start.elapsed(),
+            })
         })
         .context("could not enter the generator namespace")?
     }
@@ -151,7 +155,11 @@ fn clamp_u32(x: f64) -> u32 {
         u32::MAX
     } else if x > 0.0 {
         // In range: checked just above.
-        #[expect(clippy::cast_possible_truncation, clippy::cast_sign_loss, reason = "range checked")]
+        #[expect(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            reason = "range checked"
+        )]
         let v = x as u32;
         v
     } else {
@@ -178,7 +186,10 @@ pub fn pin_to_cpu(cpu: usize) -> anyhow::Result<()> {
     unsafe { libc::CPU_SET(cpu, &mut set) };
     // SAFETY: pid 0 is the calling thread; `set` is a valid cpu_set_t.
     if unsafe { libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw const set) } != 0 {
-        bail!("could not pin the generator to CPU {cpu}: {}", std::io::Error::last_os_error());
+        bail!(
+            "could not pin the generator to CPU {cpu}: {}",
+            std::io::Error::last_os_error()
+        );
     }
     Ok(())
 }
@@ -193,13 +204,18 @@ impl CpuAccount {
     /// The generator thread `tid` of this process, and ksoftirqd of `cpu`.
     pub fn live(tid: libc::pid_t, cpu: usize) -> anyhow::Result<Self> {
         let own = PathBuf::from(format!("/proc/{}/task/{tid}/schedstat", std::process::id()));
-        Ok(Self { paths: vec![own, schedstat_of(&format!("ksoftirqd/{cpu}"))?] })
+        Ok(Self {
+            paths: vec![own, schedstat_of(&format!("ksoftirqd/{cpu}"))?],
+        })
     }
 
     /// The pktgen kernel thread of `cpu`, and ksoftirqd of `cpu`.
     pub fn pktgen(cpu: usize) -> anyhow::Result<Self> {
         Ok(Self {
-            paths: vec![schedstat_of(&format!("kpktgend_{cpu}"))?, schedstat_of(&format!("ksoftirqd/{cpu}"))?],
+            paths: vec![
+                schedstat_of(&format!("kpktgend_{cpu}"))?,
+                schedstat_of(&format!("ksoftirqd/{cpu}"))?,
+            ],
         })
     }
 
@@ -237,7 +253,11 @@ impl Pktgen {
     pub fn open(workspace: &Path) -> anyhow::Result<Self> {
         let script = workspace.join("bench").join("pktgen.sh");
         let loaded = Path::new("/proc/net/pktgen").exists()
-            || Command::new("modprobe").arg("pktgen").stderr(Stdio::null()).status().is_ok_and(|s| s.success());
+            || Command::new("modprobe")
+                .arg("pktgen")
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
         if !loaded {
             bail!(
                 "--generator pktgen: this kernel has no pktgen module (modprobe pktgen failed). Use the default \
@@ -252,12 +272,33 @@ impl Pktgen {
     ///
     /// # Errors
     /// When the script fails.
-    pub fn send(&self, ns: &NetNs, frame: &[u8], cpu: usize, duration: Duration, sources: Option<(Ipv4Addr, u32)>) -> anyhow::Result<Sent> {
+    pub fn send(
+        &self,
+        ns: &NetNs,
+        frame: &[u8],
+        cpu: usize,
+        duration: Duration,
+        sources: Option<(Ipv4Addr, u32)>,
+    ) -> anyhow::Result<Sent> {
         let src = Ipv4Addr::new(frame[26], frame[27], frame[28], frame[29]);
         let dport = u16::from_be_bytes([frame[36], frame[37]]);
         let mut command = ns.cmd(&self.script);
-        command.args(["-i", topo::GEN_IF, "-m", &topo::mac(topo::DUT_MAC), "-d", &topo::DUT_IP.to_string()]);
-        command.args(["-p", &dport.to_string(), "-c", &cpu.to_string(), "-t", &format!("{:.3}", duration.as_secs_f64())]);
+        command.args([
+            "-i",
+            topo::GEN_IF,
+            "-m",
+            &topo::mac(topo::DUT_MAC),
+            "-d",
+            &topo::DUT_IP.to_string(),
+        ]);
+        command.args([
+            "-p",
+            &dport.to_string(),
+            "-c",
+            &cpu.to_string(),
+            "-t",
+            &format!("{:.3}", duration.as_secs_f64()),
+        ]);
         match sources {
             Some((first, count)) => {
                 let last = Ipv4Addr::from(u32::from(first) + count - 1);
@@ -268,9 +309,16 @@ impl Pktgen {
             }
         }
         let start = Instant::now();
-        let out = command.stdin(Stdio::null()).output().with_context(|| format!("could not run {}", self.script.display()))?;
+        let out = command
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("could not run {}", self.script.display()))?;
         if !out.status.success() {
-            bail!("{} failed: {}", self.script.display(), String::from_utf8_lossy(&out.stderr).trim());
+            bail!(
+                "{} failed: {}",
+                self.script.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
         }
         // The script prints `sent=N` last.
         let text = String::from_utf8_lossy(&out.stdout);
@@ -280,7 +328,10 @@ impl Pktgen {
             .next_back()
             .and_then(|n| n.parse().ok())
             .context("bench/pktgen.sh printed no sent=N")?;
-        Ok(Sent { packets, elapsed: start.elapsed() })
+        Ok(Sent {
+            packets,
+            elapsed: start.elapsed(),
+        })
     }
 }
 
@@ -291,8 +342,16 @@ mod tests {
     #[test]
     fn xdp_md_carries_length_and_ifindex() {
         let ctx = xdp_md(60, 7);
-        assert_eq!(u32::from_ne_bytes([ctx[4], ctx[5], ctx[6], ctx[7]]), 60, "data_end");
-        assert_eq!(u32::from_ne_bytes([ctx[12], ctx[13], ctx[14], ctx[15]]), 7, "ingress_ifindex");
+        assert_eq!(
+            u32::from_ne_bytes([ctx[4], ctx[5], ctx[6], ctx[7]]),
+            60,
+            "data_end"
+        );
+        assert_eq!(
+            u32::from_ne_bytes([ctx[12], ctx[13], ctx[14], ctx[15]]),
+            7,
+            "ingress_ifindex"
+        );
         assert_eq!(&ctx[0..4], &[0; 4], "data");
     }
 

@@ -37,7 +37,10 @@ use crate::{Steps, cmd::ensure_root};
 
 /// What `cargo xtask bench` measures and how long.
 #[derive(clap::Args, Clone, Debug)]
-#[expect(clippy::struct_excessive_bools, reason = "independent command-line switches")]
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "independent command-line switches"
+)]
 pub struct BenchArgs {
     /// A seconds-long run for CI: small counts, one repeat. Checks that every
     /// mode produces nonzero figures and drops and passes what it should;
@@ -143,7 +146,15 @@ pub fn run(steps: &mut Steps, args: &BenchArgs) -> anyhow::Result<()> {
 fn relaunch() -> anyhow::Result<String> {
     use anyhow::Context as _;
     let mut command = crate::cargo();
-    command.args(["run", "--quiet", "--package", "xtask", "--features", "bench", "--"]);
+    command.args([
+        "run",
+        "--quiet",
+        "--package",
+        "xtask",
+        "--features",
+        "bench",
+        "--",
+    ]);
     command.args(std::env::args_os().skip(1));
     crate::cmd::run(&mut command).context("the benchmark failed; its output is above")?;
     Ok("done".to_owned())
@@ -164,7 +175,9 @@ fn measure(steps: &mut Steps, args: &BenchArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&out).with_context(|| format!("could not create {}", out.display()))?;
     let ztxdp = crate::ztxdp_bin()?;
     let mut report = report::Report::new(&plan);
-    for name in zt_tests::netns::NetNs::remove_stale().context("could not clean up namespaces of earlier runs")? {
+    for name in zt_tests::netns::NetNs::remove_stale()
+        .context("could not clean up namespaces of earlier runs")?
+    {
         println!("xtask: removed namespace {name} left by a killed run");
     }
     let _stats_off = topo::BpfStatsOff::ensure()?;
@@ -193,19 +206,27 @@ fn measure(steps: &mut Steps, args: &BenchArgs) -> anyhow::Result<()> {
         report.control = Some(ctlplane::run(&plan, &ztxdp, progress)?);
         Ok("done".to_owned())
     })?;
-    steps.run("report", |progress| report.write(&out, progress))
+    steps.run("report", |progress| report.write(&out, progress))?;
+    // Kept after a failure: the daemon logs and configs explain it.
+    let _ = std::fs::remove_dir_all(scratch_dir());
+    Ok(())
 }
 
 /// Configs, audit logs and libxdp's bpffs of this run.
 #[cfg(feature = "bench")]
 fn scratch_dir() -> PathBuf {
-    crate::target_dir().join("xtask").join(format!("bench-{}", std::process::id()))
+    crate::target_dir()
+        .join("xtask")
+        .join(format!("bench-{}", std::process::id()))
 }
 
 /// Everything the run needs to know, with the `--smoke` reductions applied.
 #[cfg(feature = "bench")]
 #[derive(Clone, Debug)]
-#[expect(clippy::struct_excessive_bools, reason = "mirrors the command-line switches")]
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "mirrors the command-line switches"
+)]
 pub struct Plan {
     pub smoke: bool,
     pub runs: u32,
@@ -234,8 +255,20 @@ impl Plan {
         let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
         let all_filters = FilterKind::value_variants().to_vec();
         let all_traffic = TrafficKind::value_variants().to_vec();
-        let pick = |v: &[FilterKind]| if v.is_empty() { all_filters.clone() } else { v.to_vec() };
-        let pick_t = |v: &[TrafficKind]| if v.is_empty() { all_traffic.clone() } else { v.to_vec() };
+        let pick = |v: &[FilterKind]| {
+            if v.is_empty() {
+                all_filters.clone()
+            } else {
+                v.to_vec()
+            }
+        };
+        let pick_t = |v: &[TrafficKind]| {
+            if v.is_empty() {
+                all_traffic.clone()
+            } else {
+                v.to_vec()
+            }
+        };
         let mut plan = Self {
             smoke: args.smoke,
             runs: args.runs,

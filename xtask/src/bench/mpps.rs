@@ -69,21 +69,25 @@ enum Sender {
 pub fn run(plan: &Plan, ztxdp: &Path, progress: &Progress) -> anyhow::Result<Vec<Sample>> {
     let env = Env::new(ztxdp, super::scratch_dir())?;
     let sender = match plan.generator {
-        GeneratorKind::XdpLive => {
-            Sender::Live { fixed: LiveGen::load(None)?, mix: LiveGen::load(Some((traffic::MIX_BASE, traffic::MIX_SOURCES)))? }
-        }
+        GeneratorKind::XdpLive => Sender::Live {
+            fixed: LiveGen::load(None)?,
+            mix: LiveGen::load(Some((traffic::MIX_BASE, traffic::MIX_SOURCES)))?,
+        },
         GeneratorKind::Pktgen => Sender::Pktgen(Pktgen::open(&crate::workspace_root())?),
     };
     keep_off_cpu(plan.cpu)?;
     let mut mixes: Vec<Traffic> = plan.traffic.iter().map(|k| Traffic::new(*k)).collect();
     if matches!(sender, Sender::Pktgen(_)) {
-        let (udp, tcp): (Vec<_>, Vec<_>) = mixes.into_iter().partition(|t| matches!(t.kind, TrafficKind::Udp | TrafficKind::Wg));
+        let (udp, tcp): (Vec<_>, Vec<_>) = mixes
+            .into_iter()
+            .partition(|t| matches!(t.kind, TrafficKind::Udp | TrafficKind::Wg));
         for t in tcp {
             progress.say(format!("{:?}: skipped, pktgen sends only UDP", t.kind));
         }
         mixes = udp;
     }
-    let (fixed, mix): (Vec<&Traffic>, Vec<&Traffic>) = mixes.iter().partition(|t| t.kind != TrafficKind::Mix);
+    let (fixed, mix): (Vec<&Traffic>, Vec<&Traffic>) =
+        mixes.iter().partition(|t| t.kind != TrafficKind::Mix);
     let mut samples = Vec::new();
     for run in 1..=plan.runs {
         for &filter in &plan.filters {
@@ -129,12 +133,29 @@ pub fn check(plan: &Plan, samples: &[Sample]) -> anyhow::Result<String> {
     let failed: Vec<String> = samples
         .iter()
         .filter(|s| !s.problems.is_empty())
-        .map(|s| format!("{:?}/{:?} run {}: {}", s.filter, s.traffic, s.run, s.problems.join("; ")))
+        .map(|s| {
+            format!(
+                "{:?}/{:?} run {}: {}",
+                s.filter,
+                s.traffic,
+                s.run,
+                s.problems.join("; ")
+            )
+        })
         .collect();
     if !failed.is_empty() {
-        bail!("{} of {} measurements failed their checks:\n  {}", failed.len(), samples.len(), failed.join("\n  "));
+        bail!(
+            "{} of {} measurements failed their checks:\n  {}",
+            failed.len(),
+            samples.len(),
+            failed.join("\n  ")
+        );
     }
-    Ok(format!("{} measurements, {} runs, all checks passed", samples.len(), plan.runs))
+    Ok(format!(
+        "{} measurements, {} runs, all checks passed",
+        samples.len(),
+        plan.runs
+    ))
 }
 
 fn measure(
@@ -147,7 +168,9 @@ fn measure(
     mix_allow: u32,
 ) -> anyhow::Result<Sample> {
     if !BpfStatsOff::is_off() {
-        bail!("kernel.bpf_stats_enabled was turned on during the benchmark; packet rates would be wrong");
+        bail!(
+            "kernel.bpf_stats_enabled was turned on during the benchmark; packet rates would be wrong"
+        );
     }
     let before = topo.counters()?;
     let drops_before = attached.drops()?;
@@ -161,14 +184,24 @@ fn measure(
             }
             Sender::Pktgen(p) => {
                 drop(tid_tx);
-                p.send(&topo.src, &t.frame, plan.cpu, until.saturating_duration_since(Instant::now()), t.sources)
+                p.send(
+                    &topo.src,
+                    &t.frame,
+                    plan.cpu,
+                    until.saturating_duration_since(Instant::now()),
+                    t.sources,
+                )
             }
         });
         let account = match sender {
             Sender::Live { .. } => match tid_rx.recv_timeout(Duration::from_secs(10)) {
                 Ok(tid) => CpuAccount::live(tid, plan.cpu),
                 // The generator ended before it started: its error says why.
-                Err(_) => return Err(join(generator).err().unwrap_or_else(|| anyhow::anyhow!("the generator never started"))),
+                Err(_) => {
+                    return Err(join(generator)
+                        .err()
+                        .unwrap_or_else(|| anyhow::anyhow!("the generator never started")));
+                }
             },
             Sender::Pktgen(_) => CpuAccount::pktgen(plan.cpu),
         };
@@ -180,11 +213,22 @@ fn measure(
     thread::sleep(Duration::from_millis(50));
     let after = topo.counters()?;
     let drops_after = attached.drops()?;
-    Ok(sample(plan, attached.kind, t.kind, run, mix_allow, &sent, &window, (before, after), drops_before.zip(drops_after)))
+    Ok(sample(
+        plan,
+        attached.kind,
+        t.kind,
+        run,
+        mix_allow,
+        &sent,
+        &window,
+        (before, after),
+        drops_before.zip(drops_after),
+    ))
 }
 
 fn join(h: thread::ScopedJoinHandle<'_, anyhow::Result<Sent>>) -> anyhow::Result<Sent> {
-    h.join().map_err(|_| anyhow::anyhow!("the generator thread panicked"))?
+    h.join()
+        .map_err(|_| anyhow::anyhow!("the generator thread panicked"))?
 }
 
 /// The measured window.
@@ -195,14 +239,23 @@ struct Window {
 }
 
 impl Window {
-    fn take(topo: &Topology, account: &CpuAccount, warmup: Duration, duration: Duration) -> anyhow::Result<Self> {
+    fn take(
+        topo: &Topology,
+        account: &CpuAccount,
+        warmup: Duration,
+        duration: Duration,
+    ) -> anyhow::Result<Self> {
         thread::sleep(warmup);
         let start = topo.counters()?;
         let cpu0 = account.ns();
         thread::sleep(duration);
         let end = topo.counters()?;
         let cpu1 = account.ns();
-        Ok(Self { start, end, cpu_ns: cpu1.saturating_sub(cpu0) })
+        Ok(Self {
+            start,
+            end,
+            cpu_ns: cpu1.saturating_sub(cpu0),
+        })
     }
 }
 
@@ -222,17 +275,31 @@ fn sample(
     let dt = w.end.at.duration_since(w.start.at).as_secs_f64();
     let packets = w.end.rx.saturating_sub(w.start.rx) as f64;
     let rx_total = after.rx.saturating_sub(before.rx) as f64;
-    let share = |n: u64| if rx_total > 0.0 { n as f64 / rx_total } else { 0.0 };
+    let share = |n: u64| {
+        if rx_total > 0.0 {
+            n as f64 / rx_total
+        } else {
+            0.0
+        }
+    };
     let expected_pass = traffic::expected_pass(filter, kind, mix_allow);
     let mut s = Sample {
         filter,
         traffic: kind,
         run,
         mpps: packets / dt.max(1e-9) / 1e6,
-        ns_per_packet: if packets > 0.0 { w.cpu_ns as f64 / packets } else { 0.0 },
+        ns_per_packet: if packets > 0.0 {
+            w.cpu_ns as f64 / packets
+        } else {
+            0.0
+        },
         cpu_util: w.cpu_ns as f64 / 1e9 / dt.max(1e-9),
         offered_mpps: sent.packets as f64 / sent.elapsed.as_secs_f64().max(1e-9) / 1e6,
-        received_share: if sent.packets > 0 { rx_total / sent.packets as f64 } else { 0.0 },
+        received_share: if sent.packets > 0 {
+            rx_total / sent.packets as f64
+        } else {
+            0.0
+        },
         dropped_share: drops.map(|(a, b)| share(b.saturating_sub(a))),
         delivered_share: share(after.delivered.saturating_sub(before.delivered)),
         expected_pass,
@@ -245,25 +312,40 @@ fn sample(
 fn problems(s: &Sample, generator: GeneratorKind) -> Vec<String> {
     let mut p = Vec::new();
     if s.mpps <= 0.0 || s.ns_per_packet <= 0.0 {
-        p.push(format!("zero figure: {:.3} Mpps, {:.1} ns/packet", s.mpps, s.ns_per_packet));
+        p.push(format!(
+            "zero figure: {:.3} Mpps, {:.1} ns/packet",
+            s.mpps, s.ns_per_packet
+        ));
     }
     // Deny traffic: nothing may reach L4. Otherwise: the expected share.
     if s.expected_pass == 0.0 {
         if s.delivered_share > 0.001 {
-            p.push(format!("{:.4} of denied packets were delivered to L4", s.delivered_share));
+            p.push(format!(
+                "{:.4} of denied packets were delivered to L4",
+                s.delivered_share
+            ));
         }
     } else if (s.delivered_share - s.expected_pass).abs() > SHARE_TOLERANCE {
-        p.push(format!("delivered {:.3}, expected {:.3}", s.delivered_share, s.expected_pass));
+        p.push(format!(
+            "delivered {:.3}, expected {:.3}",
+            s.delivered_share, s.expected_pass
+        ));
     }
     if let Some(d) = s.dropped_share
         && (d - (1.0 - s.expected_pass)).abs() > SHARE_TOLERANCE
     {
-        p.push(format!("own drop counter says {d:.3} of rx, expected {:.3}", 1.0 - s.expected_pass));
+        p.push(format!(
+            "own drop counter says {d:.3} of rx, expected {:.3}",
+            1.0 - s.expected_pass
+        ));
     }
     // Live frames come back to the generator's own CPU: nothing may be lost
     // on the way. pktgen on a real link may lose some; not judged.
     if generator == GeneratorKind::XdpLive && s.received_share < 0.95 {
-        p.push(format!("only {:.3} of the sent packets arrived", s.received_share));
+        p.push(format!(
+            "only {:.3} of the sent packets arrived",
+            s.received_share
+        ));
     }
     p
 }
@@ -283,7 +365,10 @@ fn keep_off_cpu(cpu: usize) -> anyhow::Result<()> {
     }
     // SAFETY: pid 0 is this thread; `set` is valid.
     if unsafe { libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw const set) } != 0 {
-        bail!("could not move the benchmark's control thread off CPU {cpu}: {}", std::io::Error::last_os_error());
+        bail!(
+            "could not move the benchmark's control thread off CPU {cpu}: {}",
+            std::io::Error::last_os_error()
+        );
     }
     Ok(())
 }
@@ -311,15 +396,28 @@ mod tests {
 
     #[test]
     fn checks_catch_leaks_and_miscounts() {
-        assert!(problems(&sample_with(0.0, 0.0, Some(1.0)), GeneratorKind::XdpLive).is_empty(), "clean deny");
-        assert!(problems(&sample_with(1.0, 0.99, Some(0.0)), GeneratorKind::XdpLive).is_empty(), "clean pass");
+        assert!(
+            problems(&sample_with(0.0, 0.0, Some(1.0)), GeneratorKind::XdpLive).is_empty(),
+            "clean deny"
+        );
+        assert!(
+            problems(&sample_with(1.0, 0.99, Some(0.0)), GeneratorKind::XdpLive).is_empty(),
+            "clean pass"
+        );
         let leak = problems(&sample_with(0.0, 0.01, Some(0.99)), GeneratorKind::XdpLive);
         assert_eq!(leak.len(), 1, "a denied packet reached L4: {leak:?}");
         let miscount = problems(&sample_with(0.0, 0.0, Some(0.5)), GeneratorKind::XdpLive);
         assert_eq!(miscount.len(), 1, "drop counter off: {miscount:?}");
         let mut lossy = sample_with(0.0, 0.0, None);
         lossy.received_share = 0.5;
-        assert_eq!(problems(&lossy, GeneratorKind::XdpLive).len(), 1, "lost packets");
-        assert!(problems(&lossy, GeneratorKind::Pktgen).is_empty(), "pktgen losses are not judged");
+        assert_eq!(
+            problems(&lossy, GeneratorKind::XdpLive).len(),
+            1,
+            "lost packets"
+        );
+        assert!(
+            problems(&lossy, GeneratorKind::Pktgen).is_empty(),
+            "pktgen losses are not judged"
+        );
     }
 }

@@ -14,7 +14,10 @@ use super::{
     testrun::ScalingPoint,
 };
 
-const FONTS: [&str; 2] = ["/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf", "/usr/share/fonts/TTF/DejaVuSans.ttf"];
+const FONTS: [&str; 2] = [
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/TTF/DejaVuSans.ttf",
+];
 const SIZE: (u32, u32) = (1200, 600);
 
 /// Registers the font every plot uses, once.
@@ -24,11 +27,18 @@ const SIZE: (u32, u32) = (1200, 600);
 pub fn font() -> anyhow::Result<()> {
     static DONE: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
     DONE.get_or_init(|| {
-        let path = FONTS.iter().find(|p| Path::new(p).exists()).ok_or("no DejaVu Sans font: install fonts-dejavu-core")?;
+        let path = FONTS
+            .iter()
+            .find(|p| Path::new(p).exists())
+            .ok_or("no DejaVu Sans font: install fonts-dejavu-core")?;
         let bytes = std::fs::read(path).map_err(|e| format!("{path}: {e}"))?;
         // plotters keeps registered fonts for the life of the process.
-        register_font("sans-serif", FontStyle::Normal, Box::leak(bytes.into_boxed_slice()))
-            .map_err(|_| format!("{path} is not a font plotters can read"))
+        register_font(
+            "sans-serif",
+            FontStyle::Normal,
+            Box::leak(bytes.into_boxed_slice()),
+        )
+        .map_err(|_| format!("{path} is not a font plotters can read"))
     })
     .clone()
     .map_err(anyhow::Error::msg)
@@ -63,13 +73,19 @@ pub fn mpps_bars(path: &Path, rows: &[Row]) -> anyhow::Result<()> {
     let root = BitMapBackend::new(path, SIZE).into_drawing_area();
     root.fill(&WHITE).map_err(draw)?;
     let mut chart = ChartBuilder::on(&root)
-        .caption("Packet rate at the DUT (Mpps, median; line: min–max)", ("sans-serif", 24))
+        .caption(
+            "Packet rate at the DUT (Mpps, median; line: min–max)",
+            ("sans-serif", 24),
+        )
         .margin(15)
         .x_label_area_size(40)
         .y_label_area_size(60)
         .build_cartesian_2d(0.0..groups, 0.0..top.max(0.1))
         .map_err(draw)?;
-    let names: Vec<String> = traffics.iter().map(|t| column(*t, 0).replace(", 0 CIDRs", "")).collect();
+    let names: Vec<String> = traffics
+        .iter()
+        .map(|t| column(*t, 0).replace(", 0 CIDRs", ""))
+        .collect();
     chart
         .configure_mesh()
         .disable_x_mesh()
@@ -77,7 +93,11 @@ pub fn mpps_bars(path: &Path, rows: &[Row]) -> anyhow::Result<()> {
         .x_labels(traffics.len() * 4 + 1)
         .x_label_formatter(&|x| {
             let i = x.floor();
-            if (x - i - 0.5).abs() < 1e-6 { names.get(index(i)).cloned().unwrap_or_default() } else { String::new() }
+            if (x - i - 0.5).abs() < 1e-6 {
+                names.get(index(i)).cloned().unwrap_or_default()
+            } else {
+                String::new()
+            }
         })
         .y_desc("Mpps")
         .label_style(("sans-serif", 15))
@@ -95,14 +115,19 @@ pub fn mpps_bars(path: &Path, rows: &[Row]) -> anyhow::Result<()> {
             })
             .collect();
         chart
-            .draw_series(bars.iter().map(|(x, r)| Rectangle::new([(*x, 0.0), (*x + width * 0.9, r.mpps.0)], c.filled())))
+            .draw_series(bars.iter().map(|(x, r)| {
+                Rectangle::new([(*x, 0.0), (*x + width * 0.9, r.mpps.0)], c.filled())
+            }))
             .map_err(draw)?
             .label(filter_name(f).replace('`', ""))
             .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 12, y + 6)], c.filled()));
         chart
             .draw_series(bars.iter().map(|(x, r)| {
                 let mid = *x + width * 0.45;
-                PathElement::new(vec![(mid, r.mpps.1), (mid, r.mpps.2)], BLACK.stroke_width(2))
+                PathElement::new(
+                    vec![(mid, r.mpps.1), (mid, r.mpps.2)],
+                    BLACK.stroke_width(2),
+                )
             }))
             .map_err(draw)?;
     }
@@ -125,7 +150,11 @@ pub fn scaling(path: &Path, points: &[ScalingPoint]) -> anyhow::Result<()> {
     root.fill(&WHITE).map_err(draw)?;
     let panels = root.split_evenly((1, 2));
     for (area, (curve, title, unit)) in panels.iter().zip([
-        ("ssh_allow", "Edge: SSH allow-list size", "CIDRs in the allow-list"),
+        (
+            "ssh_allow",
+            "Edge: SSH allow-list size",
+            "CIDRs in the allow-list",
+        ),
         ("tunnel_peers", "Tunnel: number of peers", "peers"),
     ]) {
         let pts: Vec<&ScalingPoint> = points.iter().filter(|p| p.curve == curve).collect();
@@ -133,7 +162,11 @@ pub fn scaling(path: &Path, points: &[ScalingPoint]) -> anyhow::Result<()> {
             continue;
         }
         let xmax = pts.iter().map(|p| f64::from(p.size)).fold(10.0, f64::max) * 2.0;
-        let ymax = pts.iter().map(|p| p.pass_ns.max(p.deny_ns)).fold(1.0, f64::max) * 1.25;
+        let ymax = pts
+            .iter()
+            .map(|p| p.pass_ns.max(p.deny_ns))
+            .fold(1.0, f64::max)
+            * 1.25;
         let mut chart = ChartBuilder::on(area)
             .caption(format!("{title} (test_run ns/packet)"), ("sans-serif", 20))
             .margin(15)
@@ -150,7 +183,11 @@ pub fn scaling(path: &Path, points: &[ScalingPoint]) -> anyhow::Result<()> {
             .draw()
             .map_err(draw)?;
         for (label, c, get) in [
-            ("pass", RGBColor(0, 158, 115), (|p: &ScalingPoint| p.pass_ns) as fn(&ScalingPoint) -> f64),
+            (
+                "pass",
+                RGBColor(0, 158, 115),
+                (|p: &ScalingPoint| p.pass_ns) as fn(&ScalingPoint) -> f64,
+            ),
             ("deny", RGBColor(213, 94, 0), |p: &ScalingPoint| p.deny_ns),
         ] {
             let series: Vec<(f64, f64)> = pts.iter().map(|p| (f64::from(p.size), get(p))).collect();
@@ -158,8 +195,16 @@ pub fn scaling(path: &Path, points: &[ScalingPoint]) -> anyhow::Result<()> {
                 .draw_series(LineSeries::new(series.clone(), c.stroke_width(3)))
                 .map_err(draw)?
                 .label(label)
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(3)));
-            chart.draw_series(series.iter().map(|&(x, y)| Circle::new((x, y), 4, c.filled()))).map_err(draw)?;
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(3))
+                });
+            chart
+                .draw_series(
+                    series
+                        .iter()
+                        .map(|&(x, y)| Circle::new((x, y), 4, c.filled())),
+                )
+                .map_err(draw)?;
         }
         chart
             .configure_series_labels()
@@ -170,7 +215,9 @@ pub fn scaling(path: &Path, points: &[ScalingPoint]) -> anyhow::Result<()> {
             .draw()
             .map_err(draw)?;
     }
-    root.present().map_err(draw).with_context(|| format!("could not write {}", path.display()))?;
+    root.present()
+        .map_err(draw)
+        .with_context(|| format!("could not write {}", path.display()))?;
     Ok(())
 }
 
@@ -179,7 +226,11 @@ fn count(n: usize) -> f64 {
     n as f64
 }
 
-#[expect(clippy::cast_possible_truncation, clippy::cast_sign_loss, reason = "a small non-negative group index")]
+#[expect(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    reason = "a small non-negative group index"
+)]
 fn index(x: f64) -> usize {
     x.max(0.0) as usize
 }

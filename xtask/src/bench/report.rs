@@ -46,7 +46,13 @@ const OWN_COST_TARGET_NS: f64 = 12.0;
 
 impl Report {
     pub fn new(plan: &Plan) -> Self {
-        Self { plan: plan.clone(), mpps: Vec::new(), test_run: Vec::new(), scaling: Vec::new(), control: None }
+        Self {
+            plan: plan.clone(),
+            mpps: Vec::new(),
+            test_run: Vec::new(),
+            scaling: Vec::new(),
+            control: None,
+        }
     }
 
     /// Aggregated rows, in filter then traffic order.
@@ -54,13 +60,18 @@ impl Report {
         let mut rows = Vec::new();
         for &filter in &self.plan.filters {
             for &traffic in &self.plan.traffic {
-                let of = |f: FilterKind| self.mpps.iter().filter(move |s| s.filter == f && s.traffic == traffic);
+                let of = |f: FilterKind| {
+                    self.mpps
+                        .iter()
+                        .filter(move |s| s.filter == f && s.traffic == traffic)
+                };
                 let mut mpps: Vec<f64> = of(filter).map(|s| s.mpps).collect();
                 if mpps.is_empty() {
                     continue;
                 }
                 let mut ns: Vec<f64> = of(filter).map(|s| s.ns_per_packet).collect();
-                let mut drop_ns: Vec<f64> = of(FilterKind::XdpDrop).map(|s| s.ns_per_packet).collect();
+                let mut drop_ns: Vec<f64> =
+                    of(FilterKind::XdpDrop).map(|s| s.ns_per_packet).collect();
                 let ns_per_packet = median(&mut ns);
                 let min = mpps.iter().copied().fold(f64::INFINITY, f64::min);
                 let max = mpps.iter().copied().fold(0.0, f64::max);
@@ -77,14 +88,17 @@ impl Report {
     }
 
     fn row(rows: &[Row], filter: FilterKind, traffic: TrafficKind) -> Option<&Row> {
-        rows.iter().find(|r| r.filter == filter && r.traffic == traffic)
+        rows.iter()
+            .find(|r| r.filter == filter && r.traffic == traffic)
     }
 
     /// (label, traffic, value, goal, met) for every target that could be computed.
     fn targets(rows: &[Row]) -> Vec<(String, TrafficKind, f64, String, bool)> {
         let mut out = Vec::new();
         for traffic in [TrafficKind::Udp, TrafficKind::Syn] {
-            let Some(z) = Self::row(rows, FilterKind::Ztxdp, traffic) else { continue };
+            let Some(z) = Self::row(rows, FilterKind::Ztxdp, traffic) else {
+                continue;
+            };
             for (label, other, goal) in TARGETS {
                 if let Some(o) = Self::row(rows, other, traffic).filter(|o| o.mpps.0 > 0.0) {
                     let v = z.mpps.0 / o.mpps.0;
@@ -92,7 +106,13 @@ impl Report {
                 }
             }
             if let Some(own) = z.own_ns {
-                out.push(("own cost, ns/packet".to_owned(), traffic, own, format!("≤ {OWN_COST_TARGET_NS}"), own <= OWN_COST_TARGET_NS));
+                out.push((
+                    "own cost, ns/packet".to_owned(),
+                    traffic,
+                    own,
+                    format!("≤ {OWN_COST_TARGET_NS}"),
+                    own <= OWN_COST_TARGET_NS,
+                ));
             }
         }
         out
@@ -111,7 +131,8 @@ impl Report {
         let json = self.json(&rows, &meta);
         let write = |name: &str, text: &str| {
             let path = out.join(name);
-            std::fs::write(&path, text).with_context(|| format!("could not write {}", path.display()))
+            std::fs::write(&path, text)
+                .with_context(|| format!("could not write {}", path.display()))
         };
         write("latest.json", &serde_json::to_string_pretty(&json)?)?;
         write("latest.md", &md)?;
@@ -119,11 +140,13 @@ impl Report {
         match plot::font() {
             Ok(()) => {
                 if !rows.is_empty() {
-                    plot::mpps_bars(&out.join("mpps.png"), &rows).context("could not draw mpps.png")?;
+                    plot::mpps_bars(&out.join("mpps.png"), &rows)
+                        .context("could not draw mpps.png")?;
                     written.push("mpps.png");
                 }
                 if !self.scaling.is_empty() {
-                    plot::scaling(&out.join("scaling.png"), &self.scaling).context("could not draw scaling.png")?;
+                    plot::scaling(&out.join("scaling.png"), &self.scaling)
+                        .context("could not draw scaling.png")?;
                     written.push("scaling.png");
                 }
             }
@@ -160,8 +183,11 @@ impl Report {
             .into_iter()
             .map(|(label, traffic, value, goal, met)| json!({"what": label, "traffic": key(&traffic), "value": value, "goal": goal, "met": met}))
             .collect();
-        let test_run: Vec<Value> =
-            self.test_run.iter().map(|c| json!({"program": c.program, "path": c.path, "ns_per_run": c.ns_per_run})).collect();
+        let test_run: Vec<Value> = self
+            .test_run
+            .iter()
+            .map(|c| json!({"program": c.program, "path": c.path, "ns_per_run": c.ns_per_run}))
+            .collect();
         let scaling: Vec<Value> = self
             .scaling
             .iter()
@@ -188,8 +214,20 @@ impl Report {
     #[expect(clippy::too_many_lines, reason = "one table after the other")]
     fn markdown(&self, rows: &[Row], meta: &Value) -> String {
         let mut md = String::new();
-        let m = |k: &str| meta.get(k).map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_owned)).unwrap_or_default();
-        let _ = writeln!(md, "### Benchmark results{}\n", if self.plan.smoke { " (smoke run: not a measurement)" } else { "" });
+        let m = |k: &str| {
+            meta.get(k)
+                .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_owned))
+                .unwrap_or_default()
+        };
+        let _ = writeln!(
+            md,
+            "### Benchmark results{}\n",
+            if self.plan.smoke {
+                " (smoke run: not a measurement)"
+            } else {
+                ""
+            }
+        );
         let _ = writeln!(
             md,
             "{} · Linux {} · {} CPUs ({}) · generator {} on CPU {}, inline NAPI · 60-byte frames · {} interleaved runs × {} s, median [min–max]\n",
@@ -202,14 +240,32 @@ impl Report {
             self.plan.runs,
             self.plan.duration.as_secs_f64()
         );
-        let traffics: Vec<TrafficKind> = self.plan.traffic.iter().copied().filter(|t| rows.iter().any(|r| r.traffic == *t)).collect();
+        let traffics: Vec<TrafficKind> = self
+            .plan
+            .traffic
+            .iter()
+            .copied()
+            .filter(|t| rows.iter().any(|r| r.traffic == *t))
+            .collect();
         if !traffics.is_empty() {
-            let header: Vec<String> = traffics.iter().map(|t| column(*t, self.plan.mix_allow)).collect();
-            let _ = writeln!(md, "**Mpps received at the DUT**\n\n| filter | {} |\n|---|{}", header.join(" | "), "---|".repeat(traffics.len()));
+            let header: Vec<String> = traffics
+                .iter()
+                .map(|t| column(*t, self.plan.mix_allow))
+                .collect();
+            let _ = writeln!(
+                md,
+                "**Mpps received at the DUT**\n\n| filter | {} |\n|---|{}",
+                header.join(" | "),
+                "---|".repeat(traffics.len())
+            );
             for &f in &self.plan.filters {
                 let cells: Vec<String> = traffics
                     .iter()
-                    .map(|t| Self::row(rows, f, *t).map_or("n/a".to_owned(), |r| format!("{:.2} [{:.2}–{:.2}]", r.mpps.0, r.mpps.1, r.mpps.2)))
+                    .map(|t| {
+                        Self::row(rows, f, *t).map_or("n/a".to_owned(), |r| {
+                            format!("{:.2} [{:.2}–{:.2}]", r.mpps.0, r.mpps.1, r.mpps.2)
+                        })
+                    })
                     .collect();
                 let _ = writeln!(md, "| {} | {} |", filter_name(f), cells.join(" | "));
             }
@@ -233,29 +289,56 @@ impl Report {
             }
             let targets = Self::targets(rows);
             if !targets.is_empty() {
-                let _ = writeln!(md, "\n**ztxdp deny path against the targets** (same run)\n\n| ratio | traffic | value | target | met |\n|---|---|---|---|---|");
+                let _ = writeln!(
+                    md,
+                    "\n**ztxdp deny path against the targets** (same run)\n\n| ratio | traffic | value | target | met |\n|---|---|---|---|---|"
+                );
                 for (label, traffic, value, goal, met) in targets {
-                    let _ = writeln!(md, "| {label} | {} | {value:.2} | {goal} | {} |", column(traffic, 0), if met { "yes" } else { "**no**" });
+                    let _ = writeln!(
+                        md,
+                        "| {label} | {} | {value:.2} | {goal} | {} |",
+                        column(traffic, 0),
+                        if met { "yes" } else { "**no**" }
+                    );
                 }
             }
         }
         if !self.test_run.is_empty() {
-            let _ = writeln!(md, "\n**`BPF_PROG_TEST_RUN`, ns per run** (program alone, warm cache)\n\n| program | path | ns/run |\n|---|---|---|");
+            let _ = writeln!(
+                md,
+                "\n**`BPF_PROG_TEST_RUN`, ns per run** (program alone, warm cache)\n\n| program | path | ns/run |\n|---|---|---|"
+            );
             for c in &self.test_run {
                 let _ = writeln!(md, "| {} | {} | {:.0} |", c.program, c.path, c.ns_per_run);
             }
         }
         for (curve, title, unit) in [
-            ("ssh_allow", "SSH allow-list size (`test_run`, edge program, SSH SYN)", "CIDRs"),
-            ("tunnel_peers", "Tunnel peers (`test_run`, tunnel program, SYN to a granted / ungranted port)", "peers"),
+            (
+                "ssh_allow",
+                "SSH allow-list size (`test_run`, edge program, SSH SYN)",
+                "CIDRs",
+            ),
+            (
+                "tunnel_peers",
+                "Tunnel peers (`test_run`, tunnel program, SYN to a granted / ungranted port)",
+                "peers",
+            ),
         ] {
-            let points: Vec<&ScalingPoint> = self.scaling.iter().filter(|p| p.curve == curve).collect();
+            let points: Vec<&ScalingPoint> =
+                self.scaling.iter().filter(|p| p.curve == curve).collect();
             if points.is_empty() {
                 continue;
             }
-            let _ = writeln!(md, "\n**{title}**\n\n| {unit} | pass ns | deny ns | fill time s |\n|---|---|---|---|");
+            let _ = writeln!(
+                md,
+                "\n**{title}**\n\n| {unit} | pass ns | deny ns | fill time s |\n|---|---|---|---|"
+            );
             for p in points {
-                let _ = writeln!(md, "| {} | {:.0} | {:.0} | {:.2} |", p.size, p.pass_ns, p.deny_ns, p.fill_seconds);
+                let _ = writeln!(
+                    md,
+                    "| {} | {:.0} | {:.0} | {:.2} |",
+                    p.size, p.pass_ns, p.deny_ns, p.fill_seconds
+                );
             }
         }
         if let Some(c) = &self.control {
@@ -272,10 +355,16 @@ impl Report {
                 );
             }
             for (n, s) in &c.up_seconds {
-                let _ = writeln!(md, "- `ztxdp up` to `ztxdp: ready` with {n} extra allow-list entries: {s:.2} s");
+                let _ = writeln!(
+                    md,
+                    "- `ztxdp up` to `ztxdp: ready` with {n} extra allow-list entries: {s:.2} s"
+                );
             }
             for (n, s) in &c.tunnel_fill_seconds {
-                let _ = writeln!(md, "- filling {n} tunnel peers, one grant each (`Tables::apply_tunnel`): {s:.2} s");
+                let _ = writeln!(
+                    md,
+                    "- filling {n} tunnel peers, one grant each (`Tables::apply_tunnel`): {s:.2} s"
+                );
             }
             if let Some(f) = &c.flood {
                 let _ = writeln!(
@@ -319,14 +408,25 @@ pub fn column(t: TrafficKind, mix_allow: u32) -> String {
 
 /// The clap name of a value (`nft-ct`, `udp`), for JSON keys.
 fn key<T: clap::ValueEnum>(v: &T) -> String {
-    v.to_possible_value().map(|p| p.get_name().to_owned()).unwrap_or_default()
+    v.to_possible_value()
+        .map(|p| p.get_name().to_owned())
+        .unwrap_or_default()
 }
 
 fn meta(plan: &Plan) -> Value {
-    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default().trim().to_owned();
+    let read = |p: &str| {
+        std::fs::read_to_string(p)
+            .unwrap_or_default()
+            .trim()
+            .to_owned()
+    };
     let cpu_model = read("/proc/cpuinfo")
         .lines()
-        .find_map(|l| l.strip_prefix("model name").and_then(|r| r.split_once(':')).map(|(_, m)| m.trim().to_owned()))
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .and_then(|r| r.split_once(':'))
+                .map(|(_, m)| m.trim().to_owned())
+        })
         .unwrap_or_default();
     let date = Command::new("date")
         .args(["-u", "+%Y-%m-%d %H:%M UTC"])

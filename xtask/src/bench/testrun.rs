@@ -69,18 +69,33 @@ pub struct ScalingPoint {
 ///
 /// # Errors
 /// When a program cannot be loaded or run.
-pub fn programs(plan: &Plan, ztxdp: &Path, progress: &Progress) -> anyhow::Result<Vec<ProgramCost>> {
+pub fn programs(
+    plan: &Plan,
+    ztxdp: &Path,
+    progress: &Progress,
+) -> anyhow::Result<Vec<ProgramCost>> {
     let mut out = Vec::new();
     let udp = Traffic::new(TrafficKind::Udp);
-    let mut bench = Ebpf::load(ztxdp::BENCH_OBJECT).context("could not load the benchmark BPF object")?;
+    let mut bench =
+        Ebpf::load(ztxdp::BENCH_OBJECT).context("could not load the benchmark BPF object")?;
     let drop = generator::xdp_mut(&mut bench, generator::DROP_PROGRAM)?;
-    drop.load().context("the kernel refused the bare drop program")?;
-    out.push(ProgramCost { program: "xdp-drop".into(), path: "any".into(), ns_per_run: xdp_ns(drop, &udp.frame, plan.testrun_repeat)? });
+    drop.load()
+        .context("the kernel refused the bare drop program")?;
+    out.push(ProgramCost {
+        program: "xdp-drop".into(),
+        path: "any".into(),
+        ns_per_run: xdp_ns(drop, &udp.frame, plan.testrun_repeat)?,
+    });
 
     let policy = policy(&traffic::config_toml(Path::new("/dev/null"), 0))?;
     let mut edge = fill(&policy, false)?;
     let prog: &mut Xdp = loader::program_mut(&mut edge, program::EDGE_NAME)?;
-    for kind in [TrafficKind::Udp, TrafficKind::Syn, TrafficKind::Ssh, TrafficKind::Wg] {
+    for kind in [
+        TrafficKind::Udp,
+        TrafficKind::Syn,
+        TrafficKind::Ssh,
+        TrafficKind::Wg,
+    ] {
         let frame = Traffic::new(kind).frame;
         out.push(ProgramCost {
             program: "ztxdp".into(),
@@ -92,7 +107,10 @@ pub fn programs(plan: &Plan, ztxdp: &Path, progress: &Progress) -> anyhow::Resul
         out.extend(xdp_filter(plan, ztxdp, progress)?);
     }
     for c in &out {
-        progress.say(format!("{} {}: {:.1} ns/run", c.program, c.path, c.ns_per_run));
+        progress.say(format!(
+            "{} {}: {:.1} ns/run",
+            c.program, c.path, c.ns_per_run
+        ));
     }
     Ok(out)
 }
@@ -123,14 +141,22 @@ fn xdp_filter(plan: &Plan, ztxdp: &Path, progress: &Progress) -> anyhow::Result<
         std::fs::write(&file, Traffic::new(kind).frame)?;
         let mut runs = Vec::new();
         for _ in 0..CALLS {
-            let text = quiet(std::process::Command::new("bpftool").args(["prog", "run", "id", &id, "data_in"]).arg(&file).args([
-                "repeat",
-                &plan.testrun_repeat.to_string(),
-            ]))
+            let text = quiet(
+                std::process::Command::new("bpftool")
+                    .args(["prog", "run", "id", &id, "data_in"])
+                    .arg(&file)
+                    .args(["repeat", &plan.testrun_repeat.to_string()]),
+            )
             .context("bpftool prog run failed (bpftool installed?)")?;
-            runs.push(bpftool_average(&text).context("no `duration (average)` in bpftool's output")?);
+            runs.push(
+                bpftool_average(&text).context("no `duration (average)` in bpftool's output")?,
+            );
         }
-        out.push(ProgramCost { program: "xdp-filter".into(), path: path_name(kind).into(), ns_per_run: median(&mut runs) });
+        out.push(ProgramCost {
+            program: "xdp-filter".into(),
+            path: path_name(kind).into(),
+            ns_per_run: median(&mut runs),
+        });
     }
     progress.say(format!("xdp-filter measured as dispatcher program {id}"));
     Ok(out)
@@ -147,7 +173,11 @@ fn xdp_ns(prog: &Xdp, frame: &[u8], repeat: u32) -> anyhow::Result<f64> {
     let mut runs = Vec::with_capacity(CALLS);
     for _ in 0..CALLS {
         let r = prog
-            .test_run(TestRunOptions { data_in: Some(frame), repeat, ..TestRunOptions::default() })
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                repeat,
+                ..TestRunOptions::default()
+            })
             .context("BPF_PROG_TEST_RUN failed")?;
         runs.push(nanos(r.duration));
     }
@@ -158,7 +188,11 @@ fn tc_ns(prog: &SchedClassifier, frame: &[u8], repeat: u32) -> anyhow::Result<f6
     let mut runs = Vec::with_capacity(CALLS);
     for _ in 0..CALLS {
         let r = prog
-            .test_run(TestRunOptions { data_in: Some(frame), repeat, ..TestRunOptions::default() })
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                repeat,
+                ..TestRunOptions::default()
+            })
             .context("BPF_PROG_TEST_RUN failed")?;
         runs.push(nanos(r.duration));
     }
@@ -181,16 +215,25 @@ pub fn median(v: &mut [f64]) -> f64 {
 
 /// A policy through the real parser, so defaults are the product's.
 pub fn policy(toml: &str) -> anyhow::Result<Policy> {
-    Ok(Config::parse(toml, Path::new("bench.toml")).context("the benchmark's generated config is invalid")?.policy)
+    Ok(Config::parse(toml, Path::new("bench.toml"))
+        .context("the benchmark's generated config is invalid")?
+        .policy)
 }
 
 /// Loads the ztxdp programs and fills their maps the way `ztxdp up` does,
 /// without attaching them.
 pub fn fill(policy: &Policy, tunnel_l2: bool) -> anyhow::Result<Ebpf> {
-    let mut ebpf = loader::load(LoadOptions { tunnel_l2, flow_entries: policy.flows.max_entries })
-        .context("could not load the ztxdp programs")?;
+    let mut ebpf = loader::load(LoadOptions {
+        tunnel_l2,
+        flow_entries: policy.flows.max_entries,
+    })
+    .context("could not load the ztxdp programs")?;
     let mut tables = Tables::from_ebpf(&mut ebpf)?;
-    let echo = policy.edge.as_ref().map(|e| e.icmp_echo).unwrap_or_default();
+    let echo = policy
+        .edge
+        .as_ref()
+        .map(|e| e.icmp_echo)
+        .unwrap_or_default();
     tables.apply_flows(&policy.flows, echo)?;
     if let Some(e) = &policy.edge {
         tables.apply_edge(e)?;
@@ -235,8 +278,13 @@ fn spread(base: u8, i: u32) -> Ipv4Addr {
 
 fn ssh_point(n: u32, repeat: u32) -> anyhow::Result<ScalingPoint> {
     let mut policy = policy(&traffic::config_toml(Path::new("/dev/null"), 0))?;
-    let edge = policy.edge.as_mut().context("no edge in the generated config")?;
-    edge.ssh_allow = (0..n).map(|i| IpNet::from(IpAddr::V4(spread(11, i)))).collect();
+    let edge = policy
+        .edge
+        .as_mut()
+        .context("no edge in the generated config")?;
+    edge.ssh_allow = (0..n)
+        .map(|i| IpNet::from(IpAddr::V4(spread(11, i))))
+        .collect();
     let hit = spread(11, n / 2);
     // The neighbouring address: same path down the trie, then a miss.
     let miss = Ipv4Addr::from(u32::from(hit) ^ 1);
@@ -254,39 +302,46 @@ fn ssh_point(n: u32, repeat: u32) -> anyhow::Result<ScalingPoint> {
     })
 }
 
-/// Peers with one /32 each. Only the peer probed on the pass path has a
-/// grant: `Tables::set_peer` walks the whole grants map for every peer, so
-/// filling 65,536 peers that each have a grant takes tens of minutes (see
-/// bench/NOTES.md); the lookups measured here do not depend on how many
-/// other peers have grants.
+/// Peers with one /32 and one grant (tcp/5432) each. Pass: the last peer
+/// to 5432; deny: a peer in the middle to 5433, which it is not granted.
 fn peer_point(n: u32, repeat: u32) -> anyhow::Result<ScalingPoint> {
     let mut policy = policy(TUNNEL_TOML)?;
-    let tunnel = policy.tunnel.as_mut().context("no tunnel in the generated config")?;
-    let template = tunnel.peers.first().cloned().context("no peer in the generated config")?;
+    let tunnel = policy
+        .tunnel
+        .as_mut()
+        .context("no tunnel in the generated config")?;
+    let template = tunnel
+        .peers
+        .first()
+        .cloned()
+        .context("no peer in the generated config")?;
     tunnel.peers = (0..n)
         .map(|i| {
             let mut p = template.clone();
             p.name = format!("p{i}");
             p.addresses = vec![IpNet::from(IpAddr::V4(spread(12, i)))];
-            p.grants = Vec::new();
+            p.grants = vec![Grant::Ports {
+                protocol: Protocol::Tcp,
+                first: 5432,
+                last: 5432,
+            }];
             p
         })
         .collect();
-    let probe = usize::try_from(n - 1)?;
-    tunnel.peers[probe].grants = vec![Grant::Ports { protocol: Protocol::Tcp, first: 5432, last: 5432 }];
     let pass_src = spread(12, n - 1);
     let deny_src = spread(12, n / 2);
     let start = Instant::now();
     let mut ebpf = fill(&policy, true)?;
     let fill_seconds = start.elapsed().as_secs_f64();
     let prog: &mut SchedClassifier = loader::program_mut(&mut ebpf, program::TUNNEL_NAME)?;
-    let syn = zt_tests::packet::Transport::tcp_syn(5432);
+    let granted = zt_tests::packet::Transport::tcp_syn(5432);
+    let not_granted = zt_tests::packet::Transport::tcp_syn(5433);
     Ok(ScalingPoint {
         curve: "tunnel_peers",
         size: n,
         fill_seconds,
-        pass_ns: tc_ns(prog, &traffic::frame(pass_src, &syn), repeat)?,
-        deny_ns: tc_ns(prog, &traffic::frame(deny_src, &syn), repeat)?,
+        pass_ns: tc_ns(prog, &traffic::frame(pass_src, &granted), repeat)?,
+        deny_ns: tc_ns(prog, &traffic::frame(deny_src, &not_granted), repeat)?,
     })
 }
 
@@ -298,7 +353,10 @@ mod tests {
     fn helpers() {
         assert!((median(&mut [3.0, 1.0, 2.0]) - 2.0).abs() < f64::EPSILON);
         assert!((median(&mut [4.0, 1.0, 2.0, 3.0]) - 2.5).abs() < f64::EPSILON);
-        assert_eq!(bpftool_average("Return value: 1, duration (average): 31ns\n"), Some(31.0));
+        assert_eq!(
+            bpftool_average("Return value: 1, duration (average): 31ns\n"),
+            Some(31.0)
+        );
         let a: std::collections::HashSet<Ipv4Addr> = (0..10_000).map(|i| spread(11, i)).collect();
         assert_eq!(a.len(), 10_000, "spread addresses must be distinct");
     }

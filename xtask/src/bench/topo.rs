@@ -54,7 +54,8 @@ impl Topology {
     /// # Errors
     /// When a namespace or link cannot be set up; what was created is removed.
     pub fn new() -> anyhow::Result<Self> {
-        let src = NetNs::new("bgen").context("could not create the generator namespace (root? iproute2?)")?;
+        let src = NetNs::new("bgen")
+            .context("could not create the generator namespace (root? iproute2?)")?;
         let dut = NetNs::new("bdut").context("could not create the DUT namespace")?;
         for ns in [&src, &dut] {
             // No IPv6: router solicitations and MLD reports would add packets
@@ -63,21 +64,54 @@ impl Topology {
             ns.sysctl("net.ipv6.conf.default.disable_ipv6", "1")?;
         }
         src.ip(&[
-            "link", "add", GEN_IF, "address", &mac(GEN_MAC), "type", "veth", "peer", "name", DUT_IF, "netns",
-            dut.name(), "address", &mac(DUT_MAC),
+            "link",
+            "add",
+            GEN_IF,
+            "address",
+            &mac(GEN_MAC),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            DUT_IF,
+            "netns",
+            dut.name(),
+            "address",
+            &mac(DUT_MAC),
         ])
         .context("could not create the veth pair")?;
         src.add_address(GEN_IF, GEN_IP.into(), 24)?;
         dut.add_address(DUT_IF, DUT_IP.into(), 24)?;
-        dut.enable_gro(DUT_IF).context("ethtool -K d0 gro on failed: is ethtool installed?")?;
+        dut.enable_gro(DUT_IF)
+            .context("ethtool -K d0 gro on failed: is ethtool installed?")?;
         src.link_up(GEN_IF)?;
         dut.link_up(DUT_IF)?;
         dut.wait_link_up(DUT_IF, Duration::from_secs(5))?;
         // Static neighbours: no ARP traffic in the measurements, and replies
         // of the pass paths find their way back.
-        src.ip(&["neigh", "replace", &DUT_IP.to_string(), "lladdr", &mac(DUT_MAC), "dev", GEN_IF, "nud", "permanent"])?;
+        src.ip(&[
+            "neigh",
+            "replace",
+            &DUT_IP.to_string(),
+            "lladdr",
+            &mac(DUT_MAC),
+            "dev",
+            GEN_IF,
+            "nud",
+            "permanent",
+        ])?;
         for ip in [GEN_IP, SSH_ALLOWED] {
-            dut.ip(&["neigh", "replace", &ip.to_string(), "lladdr", &mac(GEN_MAC), "dev", DUT_IF, "nud", "permanent"])?;
+            dut.ip(&[
+                "neigh",
+                "replace",
+                &ip.to_string(),
+                "lladdr",
+                &mac(GEN_MAC),
+                "dev",
+                DUT_IF,
+                "nud",
+                "permanent",
+            ])?;
         }
         let holder = Holder::start(&dut)?;
         Ok(Self { holder, dut, src })
@@ -94,7 +128,8 @@ impl Topology {
         Ok(Counters {
             at,
             rx: rx_packets(&dev, DUT_IF).context("d0 missing from the DUT's /proc/net/dev")?,
-            delivered: snmp_field(&snmp, "Ip", "InDelivers").context("no Ip InDelivers in /proc/net/snmp")?,
+            delivered: snmp_field(&snmp, "Ip", "InDelivers")
+                .context("no Ip InDelivers in /proc/net/snmp")?,
         })
     }
 }
@@ -156,9 +191,14 @@ impl BpfStatsOff {
     pub fn ensure() -> anyhow::Result<Self> {
         let now = std::fs::read_to_string(BPF_STATS).unwrap_or_default();
         if now.trim() == "1" {
-            std::fs::write(BPF_STATS, "0").context("could not turn kernel.bpf_stats_enabled off")?;
-            println!("xtask: kernel.bpf_stats_enabled was 1; off during the benchmark (it adds ~40 ns to every BPF run)");
-            return Ok(Self { previous: Some(now) });
+            std::fs::write(BPF_STATS, "0")
+                .context("could not turn kernel.bpf_stats_enabled off")?;
+            println!(
+                "xtask: kernel.bpf_stats_enabled was 1; off during the benchmark (it adds ~40 ns to every BPF run)"
+            );
+            return Ok(Self {
+                previous: Some(now),
+            });
         }
         Ok(Self { previous: None })
     }
@@ -178,7 +218,10 @@ impl Drop for BpfStatsOff {
 }
 
 pub fn mac(m: [u8; 6]) -> String {
-    m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 /// Received packets of `interface` in `/proc/net/dev` text.
@@ -209,7 +252,11 @@ mod tests {
         assert_eq!(rx_packets(dev, "d0"), Some(100), "d0 rx packets");
         assert_eq!(rx_packets(dev, "g0"), None, "absent interface");
         let snmp = "Ip: Forwarding DefaultTTL InReceives InHdrErrors InAddrErrors ForwDatagrams InUnknownProtos InDiscards InDelivers\nIp: 2 64 10 0 0 0 0 0 7\nIcmp: InMsgs\nIcmp: 3\n";
-        assert_eq!(snmp_field(snmp, "Ip", "InDelivers"), Some(7), "Ip InDelivers");
+        assert_eq!(
+            snmp_field(snmp, "Ip", "InDelivers"),
+            Some(7),
+            "Ip InDelivers"
+        );
         assert_eq!(snmp_field(snmp, "Icmp", "InMsgs"), Some(3), "Icmp InMsgs");
         assert_eq!(snmp_field(snmp, "Ip", "Nope"), None, "absent field");
     }

@@ -41,14 +41,30 @@ pub struct Traffic {
 impl Traffic {
     pub fn new(kind: TrafficKind) -> Self {
         let (src, transport) = match kind {
-            TrafficKind::Udp => (topo::GEN_IP, Transport::Udp { src: SOURCE_PORT, dst: CLOSED_UDP_PORT }),
+            TrafficKind::Udp => (
+                topo::GEN_IP,
+                Transport::Udp {
+                    src: SOURCE_PORT,
+                    dst: CLOSED_UDP_PORT,
+                },
+            ),
             TrafficKind::Syn => (topo::GEN_IP, Transport::tcp_syn(SYN_PORT)),
             TrafficKind::Ssh => (topo::SSH_ALLOWED, Transport::tcp_syn(SSH_PORT)),
-            TrafficKind::Wg => (topo::GEN_IP, Transport::Udp { src: SOURCE_PORT, dst: WIREGUARD_PORT }),
+            TrafficKind::Wg => (
+                topo::GEN_IP,
+                Transport::Udp {
+                    src: SOURCE_PORT,
+                    dst: WIREGUARD_PORT,
+                },
+            ),
             TrafficKind::Mix => (MIX_BASE, Transport::tcp_syn(SSH_PORT)),
         };
         let sources = (kind == TrafficKind::Mix).then_some((MIX_BASE, MIX_SOURCES));
-        Self { kind, frame: frame(src, &transport), sources }
+        Self {
+            kind,
+            frame: frame(src, &transport),
+            sources,
+        }
     }
 
     /// Whether the mix is a deny path for a filter enforcing the policy.
@@ -59,7 +75,11 @@ impl Traffic {
 
 /// A 60-byte frame from g0 to d0 carrying `transport` from `src`.
 pub fn frame(src: Ipv4Addr, transport: &Transport) -> Vec<u8> {
-    let eth = Ethernet { dst: topo::DUT_MAC, src: topo::GEN_MAC, tags: Vec::new() };
+    let eth = Ethernet {
+        dst: topo::DUT_MAC,
+        src: topo::GEN_MAC,
+        tags: Vec::new(),
+    };
     let mut ip = Ipv4::new(src, topo::DUT_IP);
     if matches!(transport, Transport::Udp { .. }) {
         // 14 + 20 + 8 + 18 = 60: the payload fills the frame, so the
@@ -119,7 +139,13 @@ mod tests {
 
     #[test]
     fn frames_are_minimum_size_with_the_right_ports() {
-        for kind in [TrafficKind::Udp, TrafficKind::Syn, TrafficKind::Ssh, TrafficKind::Wg, TrafficKind::Mix] {
+        for kind in [
+            TrafficKind::Udp,
+            TrafficKind::Syn,
+            TrafficKind::Ssh,
+            TrafficKind::Wg,
+            TrafficKind::Mix,
+        ] {
             let t = Traffic::new(kind);
             assert_eq!(t.frame.len(), FRAME_LEN, "{kind:?} frame length");
             assert_eq!(&t.frame[0..6], &topo::DUT_MAC, "{kind:?} destination MAC");
@@ -132,15 +158,30 @@ mod tests {
             };
             assert_eq!(dport, want, "{kind:?} destination port");
             // The IPv4 header checksum verifies: the sum over the header is 0.
-            assert_eq!(zt_tests::packet::checksum(&[&t.frame[14..34]]), 0, "{kind:?} IPv4 checksum");
+            assert_eq!(
+                zt_tests::packet::checksum(&[&t.frame[14..34]]),
+                0,
+                "{kind:?} IPv4 checksum"
+            );
         }
     }
 
     #[test]
     fn mix_allow_list_covers_the_expected_share() {
         let allowed: Vec<Ipv4Addr> = mix_allowed(3).collect();
-        assert_eq!(allowed, [Ipv4Addr::new(10, 64, 0, 0), Ipv4Addr::new(10, 64, 0, 2), Ipv4Addr::new(10, 64, 0, 4)]);
-        assert!((mix_pass_share(100_000) - 0.3815).abs() < 0.001, "share {}", mix_pass_share(100_000));
+        assert_eq!(
+            allowed,
+            [
+                Ipv4Addr::new(10, 64, 0, 0),
+                Ipv4Addr::new(10, 64, 0, 2),
+                Ipv4Addr::new(10, 64, 0, 4)
+            ]
+        );
+        assert!(
+            (mix_pass_share(100_000) - 0.3815).abs() < 0.001,
+            "share {}",
+            mix_pass_share(100_000)
+        );
         assert!((expected_pass(FilterKind::Ztxdp, TrafficKind::Ssh, 0) - 1.0).abs() < f64::EPSILON);
         assert!(expected_pass(FilterKind::Nft, TrafficKind::Udp, 0).abs() < f64::EPSILON);
     }
@@ -148,7 +189,10 @@ mod tests {
     #[test]
     fn config_lists_every_source() {
         let text = config_toml(Path::new("/tmp/a.jsonl"), 2);
-        assert!(text.contains("ssh_allow = [\"10.99.0.50/32\", \"10.64.0.0/32\", \"10.64.0.2/32\"]"), "{text}");
+        assert!(
+            text.contains("ssh_allow = [\"10.99.0.50/32\", \"10.64.0.0/32\", \"10.64.0.2/32\"]"),
+            "{text}"
+        );
         assert!(text.contains("interface = \"d0\""), "{text}");
     }
 }
