@@ -179,6 +179,13 @@ pub fn second_chance(b: &Bounds, p: &Packet, code: u32, prog: u32, ifindex: u32,
     }
 }
 
+/// Whether a flow seen last at `state.last_seen_ns` is still within its
+/// timeout at `now`.
+#[inline(always)]
+fn live(state: &FlowState, cfg: &FlowConfig, protocol: u8, now: u64) -> bool {
+    now.saturating_sub(state.last_seen_ns) <= timeout(cfg, protocol, state.flags)
+}
+
 /// Whether `key` is a live flow; if so, marks it seen now (plus `flags`).
 #[inline(always)]
 fn refresh(key: &FlowKey, cfg: &FlowConfig, now: u64, flags: u32) -> bool {
@@ -188,7 +195,7 @@ fn refresh(key: &FlowKey, cfg: &FlowConfig, now: u64, flags: u32) -> bool {
     // SAFETY: a pointer into the map value, valid for this program run; a
     // racing update from another CPU can only make last_seen newer.
     let state = unsafe { &mut *state };
-    if now.saturating_sub(state.last_seen_ns) > timeout(cfg, key.protocol, state.flags) {
+    if !live(state, cfg, key.protocol, now) {
         return false;
     }
     state.last_seen_ns = now;
@@ -211,15 +218,12 @@ fn related(b: &Bounds, p: &Packet, cfg: &FlowConfig, now: u64, ifindex: u32) -> 
         q.protocol,
         q.ip_version,
     );
-    // SAFETY: the value is copied out at once; a concurrent update can only
-    // make last_seen newer.
-    let Some(state) = (unsafe { ZT_FLOWS.get(&key) }).copied() else {
-        return reason::DROP_ICMP_UNRELATED;
-    };
-    if now.saturating_sub(state.last_seen_ns) > timeout(cfg, key.protocol, state.flags) {
-        return reason::DROP_ICMP_UNRELATED;
+    // SAFETY: the value is read at once; a concurrent update can only make
+    // last_seen newer.
+    match unsafe { ZT_FLOWS.get(&key) } {
+        Some(state) if live(state, cfg, key.protocol, now) => reason::PASS_ICMP_RELATED,
+        _ => reason::DROP_ICMP_UNRELATED,
     }
-    reason::PASS_ICMP_RELATED
 }
 
 /// Echo requests: one token bucket per source, so one flooding source

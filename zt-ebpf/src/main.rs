@@ -30,6 +30,7 @@ mod flows;
 mod maps;
 mod parse;
 mod record;
+mod runtime;
 mod verdict;
 
 use aya_ebpf::{
@@ -197,13 +198,3 @@ fn linear_headers(ctx: &TcContext) -> Bounds {
     }
     Bounds::new(ctx.data(), ctx.data_end())
 }
-
-#[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
-}
-
-#[unsafe(link_section = "license")]
-#[unsafe(no_mangle)]
-static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -225,6 +225,17 @@ pub async fn down() -> Result<Vec<Attachment>, ControlError> {
         .collect())
 }
 
+/// The config's tunnel policy, or the error saying there is none.
+fn tunnel_of(config: &Config) -> Result<&TunnelPolicy, ControlError> {
+    config
+        .policy
+        .tunnel
+        .as_ref()
+        .ok_or_else(|| ControlError::NoTunnel {
+            config: config.path.display().to_string(),
+        })
+}
+
 /// A peer by name, or by an address inside one of its prefixes.
 fn resolve_peer(tunnel: &TunnelPolicy, peer: &str) -> Result<usize, ControlError> {
     let by_name = tunnel.peers.iter().position(|p| p.name == peer);
@@ -272,13 +283,7 @@ pub async fn change_grant(
     grant: &str,
     allow: bool,
 ) -> Result<GrantChange, ControlError> {
-    let tunnel = config
-        .policy
-        .tunnel
-        .as_ref()
-        .ok_or_else(|| ControlError::NoTunnel {
-            config: config.path.display().to_string(),
-        })?;
+    let tunnel = tunnel_of(config)?;
     let index = resolve_peer(tunnel, peer)?;
     let grant: Grant = parse_cli_grant(grant).map_err(|source| ControlError::BadGrant {
         text: grant.to_owned(),
@@ -334,13 +339,7 @@ pub struct PeerGrants {
 /// # Errors
 /// When the config has no tunnel or the runtime grants cannot be read.
 pub fn list(config: &Config) -> Result<Vec<PeerGrants>, ControlError> {
-    let tunnel = config
-        .policy
-        .tunnel
-        .as_ref()
-        .ok_or_else(|| ControlError::NoTunnel {
-            config: config.path.display().to_string(),
-        })?;
+    let tunnel = tunnel_of(config)?;
     let runtime = RuntimeGrants::load(&tunnel.runtime_grants)?;
     let merged = runtime.apply(tunnel);
     Ok(merged

@@ -8,6 +8,11 @@
 //!   every filter is measured against.
 #![no_std]
 #![no_main]
+// As in the main object: BPF helpers are inlined on purpose.
+#![expect(clippy::inline_always, reason = "BPF programs inline every helper")]
+
+#[path = "../runtime.rs"]
+mod runtime;
 
 use aya_ebpf::{
     bindings::xdp_action, macros::map, macros::xdp, maps::PerCpuArray, programs::XdpContext,
@@ -45,6 +50,7 @@ const PROTO_UDP: u8 = 17;
 const SPREAD: u32 = 0x9E37_79B1;
 
 #[xdp]
+#[expect(clippy::needless_pass_by_value, reason = "the aya macro fixes the entry point's signature")]
 pub fn zt_bench_tx(ctx: XdpContext) -> u32 {
     // SAFETY: a read of a constant the loader may have rewritten before load.
     let count = unsafe { core::ptr::read_volatile(&raw const SRC_COUNT) };
@@ -133,13 +139,3 @@ unsafe fn patch_checksum(at: *mut u8, old: [u8; 4], new: [u8; 4], udp: bool) {
         *at.add(1) = b[1];
     }
 }
-
-#[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
-}
-
-#[unsafe(link_section = "license")]
-#[unsafe(no_mangle)]
-static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
