@@ -18,7 +18,7 @@ use std::{
 use anyhow::Context as _;
 use aya::{
     Ebpf,
-    programs::{SchedClassifier, TestRun as _, TestRunOptions, Xdp},
+    programs::{SchedClassifier, TestRun, TestRunOptions, TestRunResult, Xdp},
 };
 use ipnet::IpNet;
 use zt_common::program;
@@ -84,7 +84,7 @@ pub fn programs(
     out.push(ProgramCost {
         program: "xdp-drop".into(),
         path: "any".into(),
-        ns_per_run: xdp_ns(drop, &udp.frame, plan.testrun_repeat)?,
+        ns_per_run: prog_ns(drop, &udp.frame, plan.testrun_repeat)?,
     });
 
     let policy = policy(&traffic::config_toml(Path::new("/dev/null"), 0))?;
@@ -100,7 +100,7 @@ pub fn programs(
         out.push(ProgramCost {
             program: "ztxdp".into(),
             path: path_name(kind).into(),
-            ns_per_run: xdp_ns(prog, &frame, plan.testrun_repeat)?,
+            ns_per_run: prog_ns(prog, &frame, plan.testrun_repeat)?,
         });
     }
     if plan.filters.contains(&FilterKind::XdpFilter) {
@@ -168,23 +168,11 @@ fn bpftool_average(text: &str) -> Option<f64> {
     rest.trim_start().split("ns").next()?.trim().parse().ok()
 }
 
-/// Median ns/run of `prog` on `frame` over [`CALLS`] calls.
-fn xdp_ns(prog: &Xdp, frame: &[u8], repeat: u32) -> anyhow::Result<f64> {
-    let mut runs = Vec::with_capacity(CALLS);
-    for _ in 0..CALLS {
-        let r = prog
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                repeat,
-                ..TestRunOptions::default()
-            })
-            .context("BPF_PROG_TEST_RUN failed")?;
-        runs.push(nanos(r.duration));
-    }
-    Ok(median(&mut runs))
-}
-
-fn tc_ns(prog: &SchedClassifier, frame: &[u8], repeat: u32) -> anyhow::Result<f64> {
+/// Median ns/run of `prog` (XDP or TC) on `frame` over [`CALLS`] calls.
+fn prog_ns<P>(prog: &P, frame: &[u8], repeat: u32) -> anyhow::Result<f64>
+where
+    P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = TestRunResult>,
+{
     let mut runs = Vec::with_capacity(CALLS);
     for _ in 0..CALLS {
         let r = prog
@@ -297,8 +285,8 @@ fn ssh_point(n: u32, repeat: u32) -> anyhow::Result<ScalingPoint> {
         curve: "ssh_allow",
         size: n,
         fill_seconds,
-        pass_ns: xdp_ns(prog, &traffic::frame(hit, &syn), repeat)?,
-        deny_ns: xdp_ns(prog, &traffic::frame(miss, &syn), repeat)?,
+        pass_ns: prog_ns(prog, &traffic::frame(hit, &syn), repeat)?,
+        deny_ns: prog_ns(prog, &traffic::frame(miss, &syn), repeat)?,
     })
 }
 
@@ -340,8 +328,8 @@ fn peer_point(n: u32, repeat: u32) -> anyhow::Result<ScalingPoint> {
         curve: "tunnel_peers",
         size: n,
         fill_seconds,
-        pass_ns: tc_ns(prog, &traffic::frame(pass_src, &granted), repeat)?,
-        deny_ns: tc_ns(prog, &traffic::frame(deny_src, &not_granted), repeat)?,
+        pass_ns: prog_ns(prog, &traffic::frame(pass_src, &granted), repeat)?,
+        deny_ns: prog_ns(prog, &traffic::frame(deny_src, &not_granted), repeat)?,
     })
 }
 

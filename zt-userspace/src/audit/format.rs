@@ -529,16 +529,8 @@ fn parse_ecs(v: &Value) -> Result<Record, FormatError> {
             start_ns: parse_time(v, "/event/start")?,
             end_ns: parse_time(v, "/event/end")?,
         },
-        "lost" => Body::Lost {
-            program: program_at(v, "/ztxdp/program")?,
-            interface: str_at(v, ECS_FLOW.interface)?.to_owned(),
-            rate_limited: u64_at(v, "/ztxdp/rate_limited")?,
-            ring_full: u64_at(v, "/ztxdp/ring_full")?,
-        },
-        "syslog_dropped" => Body::SyslogDropped {
-            address: str_at(v, "/ztxdp/syslog/address")?.to_owned(),
-            dropped: u64_at(v, "/ztxdp/syslog/dropped")?,
-        },
+        "lost" => parse_lost(v, ECS_FLOW.interface)?,
+        "syslog_dropped" => parse_syslog_dropped(v)?,
         other => {
             return Err(FormatError::Bad {
                 field: "/event/action",
@@ -550,6 +542,25 @@ fn parse_ecs(v: &Value) -> Result<Record, FormatError> {
         seq: u64_at(v, "/ztxdp/seq")?,
         time_ns: parse_time(v, "/@timestamp")?,
         body,
+    })
+}
+
+/// A `lost` record's body; both formats keep its counts under `ztxdp` and
+/// differ only in where the interface name is.
+fn parse_lost(v: &Value, interface: &'static str) -> Result<Body, FormatError> {
+    Ok(Body::Lost {
+        program: program_at(v, "/ztxdp/program")?,
+        interface: str_at(v, interface)?.to_owned(),
+        rate_limited: u64_at(v, "/ztxdp/rate_limited")?,
+        ring_full: u64_at(v, "/ztxdp/ring_full")?,
+    })
+}
+
+/// A `syslog_dropped` record's body, the same in both formats.
+fn parse_syslog_dropped(v: &Value) -> Result<Body, FormatError> {
+    Ok(Body::SyslogDropped {
+        address: str_at(v, "/ztxdp/syslog/address")?.to_owned(),
+        dropped: u64_at(v, "/ztxdp/syslog/dropped")?,
     })
 }
 
@@ -576,16 +587,8 @@ fn parse_ocsf(v: &Value) -> Result<Record, FormatError> {
             start_ns: parse_time(v, "/start_time_dt")?,
             end_ns: parse_time(v, "/end_time_dt")?,
         },
-        99 if v.pointer("/ztxdp/syslog").is_some() => Body::SyslogDropped {
-            address: str_at(v, "/ztxdp/syslog/address")?.to_owned(),
-            dropped: u64_at(v, "/ztxdp/syslog/dropped")?,
-        },
-        99 => Body::Lost {
-            program: program_at(v, "/ztxdp/program")?,
-            interface: str_at(v, OCSF_FLOW.interface)?.to_owned(),
-            rate_limited: u64_at(v, "/ztxdp/rate_limited")?,
-            ring_full: u64_at(v, "/ztxdp/ring_full")?,
-        },
+        99 if v.pointer("/ztxdp/syslog").is_some() => parse_syslog_dropped(v)?,
+        99 => parse_lost(v, OCSF_FLOW.interface)?,
         other => {
             return Err(FormatError::Bad {
                 field: "/activity_id",
