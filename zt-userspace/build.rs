@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use anyhow::{Context as _, anyhow};
 
 fn main() -> anyhow::Result<()> {
-    let manifest_dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").context("CARGO_MANIFEST_DIR")?);
+    let manifest_dir =
+        PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").context("CARGO_MANIFEST_DIR")?);
     // zt-ebpf sits beside this crate in the workspace.
     let ebpf_dir = manifest_dir
         .parent()

@@ -1037,6 +1037,7 @@ fn every_map_name_exists_in_the_object() {
         map::FLOW_CONFIG,
         map::ECHO_BUCKETS,
         map::SUMMARIES,
+        map::SUMMARY_CACHE,
         map::LOCAL_PORTS,
     ];
     let ebpf = ztxdp::loader::load(ztxdp::loader::LoadOptions::default())

@@ -100,7 +100,17 @@ fn test(steps: &mut Steps) -> anyhow::Result<()> {
     // The benchmark harness, seconds long: every mode must produce figures
     // and pass its drop/pass check. It asserts no speed.
     steps.run("bench smoke", |_| {
-        cmd::run(cargo().args(["run", "-q", "-p", "xtask", "--features", "bench", "--", "bench", "--smoke"]))?;
+        cmd::run(cargo().args([
+            "run",
+            "-q",
+            "-p",
+            "xtask",
+            "--features",
+            "bench",
+            "--",
+            "bench",
+            "--smoke",
+        ]))?;
         Ok("every mode measured and checked".to_owned())
     })
 }

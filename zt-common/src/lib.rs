@@ -10,7 +10,10 @@
 #![no_std]
 // The explicit `_pad` fields are public so both sides can build the structs
 // with every byte initialised; they are never read.
-#![expect(clippy::pub_underscore_fields, reason = "explicit padding must be writable on both sides")]
+#![expect(
+    clippy::pub_underscore_fields,
+    reason = "explicit padding must be writable on both sides"
+)]
 
 use core::mem::size_of;
 
@@ -47,6 +50,9 @@ pub mod map {
     pub const ECHO_BUCKETS: &str = "ZT_ECHO_BKT";
     /// `HashMap<SummaryKey, FlowSummary>`: per-flow audit summarising.
     pub const SUMMARIES: &str = "ZT_SUMMARY";
+    /// `PerCpuArray<SummaryCacheSlot>` with [`super::SUMMARY_CACHE_SLOTS`]
+    /// entries: each CPU's last summarised flow, per window.
+    pub const SUMMARY_CACHE: &str = "ZT_SUM_CACHE";
     /// `Array<u8>`: local TCP and UDP ports the host started flows from.
     pub const LOCAL_PORTS: &str = "ZT_LOCAL_PORTS";
 }
@@ -315,7 +321,7 @@ const _: () = assert!(size_of::<Event>() == 64);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowSummary {
-    /// `bpf_ktime_get_ns` when the window's first event was sent.
+    /// `bpf_ktime_get_coarse_ns` when the window's first event was sent.
     pub window_start_ns: u64,
     /// Decisions since then that were not sent (atomically incremented;
     /// 64 bits because BPF has no 32-bit atomics in Rust).
@@ -323,18 +329,22 @@ pub struct FlowSummary {
 }
 const _: () = assert!(size_of::<FlowSummary>() == 16);
 
+/// A summarising window is 2^30 ns (1.07 s): a shift per packet where a
+/// second would cost a 64-bit division.
+pub const SUMMARY_WINDOW_SHIFT: u32 = 30;
 /// Length of a summarising window.
-pub const SUMMARY_WINDOW_NS: u64 = 1_000_000_000;
+pub const SUMMARY_WINDOW_NS: u64 = 1 << SUMMARY_WINDOW_SHIFT;
 
 /// Key of a summarised flow: the decision's addresses, ports, protocol,
-/// reason and program.
-#[repr(C)]
+/// reason and program. Addresses first and 8-byte aligned, so that building
+/// and comparing a key are whole-word moves.
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct SummaryKey {
-    /// `bpf_ktime_get_ns() / SUMMARY_WINDOW_NS`.
-    pub window: u32,
     pub src: [u8; 16],
     pub dst: [u8; 16],
+    /// `bpf_ktime_get_coarse_ns() >> SUMMARY_WINDOW_SHIFT`.
+    pub window: u32,
     pub src_port: u16,
     pub dst_port: u16,
     pub reason: u32,
@@ -343,6 +353,24 @@ pub struct SummaryKey {
     pub program: u8,
     pub _pad: u8,
 }
+
+/// Windows a CPU's summary cache cycles through (window number modulo this).
+/// A slot is written by the programs only while its window is current, and
+/// user space collects it two windows later: four slots leave user space a
+/// whole window to do so before the slot comes round again.
+pub const SUMMARY_CACHE_SLOTS: u32 = 4;
+
+/// One CPU's cached flow for one window: the flow (already sent its event
+/// in that window) and the decisions counted here instead of in
+/// [`map::SUMMARIES`]. A flood of one flow then costs no hash lookup per
+/// packet. User space adds `count` to the flow's summary record and zeroes it.
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SummaryCacheSlot {
+    pub key: SummaryKey,
+    pub count: u64,
+}
+const _: () = assert!(size_of::<SummaryCacheSlot>() == 56);
 const _: () = assert!(size_of::<SummaryKey>() == 48);
 
 /// [`Event::peer`] value when no tunnel peer is involved.
@@ -448,6 +476,7 @@ mod pod {
     unsafe impl aya::Pod for super::FlowState {}
     unsafe impl aya::Pod for super::FlowConfig {}
     unsafe impl aya::Pod for super::SourceKey {}
+    unsafe impl aya::Pod for super::SummaryCacheSlot {}
     unsafe impl aya::Pod for super::FlowSummary {}
     unsafe impl aya::Pod for super::SummaryKey {}
 }

@@ -9,7 +9,7 @@ use aya_ebpf::{
 };
 use zt_common::{
     COUNTER_SLOTS, EdgeConfig, EventBucket, FlowConfig, FlowKey, FlowState, FlowSummary, GrantKey,
-    PeerCounters, PeerInfo, SourceKey, SummaryKey, capacity,
+    PeerCounters, PeerInfo, SUMMARY_CACHE_SLOTS, SourceKey, SummaryCacheSlot, SummaryKey, capacity,
 };
 
 #[map]
@@ -72,6 +72,12 @@ pub static ZT_ECHO_BKT: LruHashMap<SourceKey, EventBucket> =
 #[map]
 pub static ZT_SUMMARY: LruHashMap<SummaryKey, FlowSummary> =
     LruHashMap::with_max_entries(capacity::SUMMARIES, 0);
+
+// Each CPU's last summarised flow, one slot per window modulo
+// SUMMARY_CACHE_SLOTS: a flood of one flow counts here, not in ZT_SUMMARY.
+#[map]
+pub static ZT_SUM_CACHE: PerCpuArray<SummaryCacheSlot> =
+    PerCpuArray::with_max_entries(SUMMARY_CACHE_SLOTS, 0);
 
 // One byte per (TCP or UDP, local port): set when the host starts a flow
 // from the port, never cleared. Lets most denied packets skip the flow

@@ -5,24 +5,31 @@
 //! through a per-CPU token bucket so a flood cannot fill the ring buffer or
 //! the disk; the ones held back are counted in `EVENTS_SUPPRESSED`. Then
 //! each flow (addresses, ports, protocol, reason) sends one event per
-//! window: later decisions of the window only raise its count in
-//! `ZT_SUMMARY`, which travels with the flow's next event (or is swept by
-//! user space). Summarising comes before the token: a flow that already
-//! sent its event costs no token. A failed ring-buffer reservation counts in `EVENTS_LOST`,
+//! window: later decisions of the window only raise its count, which
+//! travels with the flow's next event or is swept by user space.
+//! Summarising comes before the token: a flow that already sent its event
+//! costs no token. A failed ring-buffer reservation counts in `EVENTS_LOST`,
 //! together with the count it carried. So every audited decision is either
 //! in a record or in a counter that reaches the audit file.
+//!
+//! Counts live in two places. `ZT_SUMMARY`, shared by all CPUs, has every
+//! flow of the window; a hash lookup per packet, though, is most of what a
+//! denied packet would cost. So each CPU also keeps the first flow it
+//! summarised in the window in `ZT_SUM_CACHE` and counts its packets there
+//! with one compare: a one-flow flood never reaches the hash table. User
+//! space adds both up in the flow's summary record.
 
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 
 use zt_common::{
-    DENY_EVENTS_PER_SEC, Event, EventBucket, FlowSummary, NO_PEER, PeerInfo, SUMMARY_WINDOW_NS,
-    SummaryKey, counter_index, proto, reason, tcp_flag,
+    DENY_EVENTS_PER_SEC, Event, EventBucket, FlowSummary, NO_PEER, PeerInfo, SUMMARY_CACHE_SLOTS,
+    SUMMARY_WINDOW_SHIFT, SummaryCacheSlot, SummaryKey, counter_index, proto, reason, tcp_flag,
 };
 
 use crate::{
-    maps::{ZT_COUNTERS, ZT_EVENTS, ZT_EVT_BUCKET, ZT_PEER_CNT, ZT_SUMMARY},
+    maps::{ZT_COUNTERS, ZT_EVENTS, ZT_EVT_BUCKET, ZT_PEER_CNT, ZT_SUM_CACHE, ZT_SUMMARY},
     parse::Packet,
 };
 
@@ -53,22 +60,13 @@ fn add(program: u32, code: u32, n: u64) {
     }
 }
 
-/// Per-flow summarising. `None`: the flow already sent its event in this
-/// window, so this decision only raised the window's count. `Some(n)`: send
-/// an event, carrying the `n` decisions of the flow's previous window that
-/// user space has not swept yet.
+/// The summary key of `p`'s flow in `window`.
 #[inline(always)]
-fn summarise(program: u32, p: &Packet, code: u32, now: u64) -> Option<u32> {
-    // Window numbers wrap after 136 years of uptime.
-    #[expect(
-        clippy::cast_possible_truncation,
-        reason = "wraps after 136 years of uptime"
-    )]
-    let window = (now / SUMMARY_WINDOW_NS) as u32;
-    let mut key = SummaryKey {
-        window,
+fn summary_key(program: u32, p: &Packet, code: u32, window: u32) -> SummaryKey {
+    SummaryKey {
         src: p.src.0,
         dst: p.dst.0,
+        window,
         src_port: p.src_port,
         dst_port: p.dst_port,
         reason: code,
@@ -76,8 +74,34 @@ fn summarise(program: u32, p: &Packet, code: u32, now: u64) -> Option<u32> {
         ip_version: p.ip_version(),
         program: program_id(program),
         _pad: 0,
+    }
+}
+
+/// Whether two keys are equal, as six word compares without branches.
+#[inline(always)]
+fn same_key(a: &SummaryKey, b: &SummaryKey) -> bool {
+    // SAFETY: SummaryKey is 48 bytes, aligned to 8, with no padding bytes,
+    // so it is readable as six u64 words.
+    let (a, b) = unsafe {
+        (
+            &*(&raw const *a).cast::<[u64; 6]>(),
+            &*(&raw const *b).cast::<[u64; 6]>(),
+        )
     };
-    if let Some(s) = ZT_SUMMARY.get_ptr_mut(&key) {
+    let mut diff = 0;
+    for i in 0..6 {
+        diff |= a[i] ^ b[i];
+    }
+    diff == 0
+}
+
+/// Per-flow summarising in the shared table. `None`: the flow already sent
+/// its event in this window, so this decision only raised the window's
+/// count. `Some(n)`: send an event, carrying the `n` decisions of the flow's
+/// previous window that user space has not swept yet.
+#[inline(always)]
+fn summarise(key: &SummaryKey, now: u64) -> Option<u32> {
+    if let Some(s) = ZT_SUMMARY.get_ptr_mut(key) {
         // SAFETY: a pointer into the map value, valid for this run; the
         // count is shared by all CPUs, hence the atomic add. core's atomic
         // types offer no fetch_add on BPF (the target has no compare-and-swap),
@@ -91,8 +115,9 @@ fn summarise(program: u32, p: &Packet, code: u32, now: u64) -> Option<u32> {
     // The flow's first decision in this window: take over what the previous
     // window counted. Subtracting what was read (not storing 0) keeps any
     // increment that lands in between for the user-space sweep.
-    key.window = window.wrapping_sub(1);
-    let carried = match ZT_SUMMARY.get_ptr_mut(&key) {
+    let mut previous = *key;
+    previous.window = key.window.wrapping_sub(1);
+    let carried = match ZT_SUMMARY.get_ptr_mut(&previous) {
         // SAFETY: as above.
         Some(s) => unsafe {
             let n = core::ptr::read_volatile(&raw const (*s).suppressed);
@@ -106,11 +131,10 @@ fn summarise(program: u32, p: &Packet, code: u32, now: u64) -> Option<u32> {
         },
         None => 0,
     };
-    key.window = window;
     // If the table refuses the entry the event is still sent: a flow that
     // cannot be summarised costs events, never silence.
     let _ = ZT_SUMMARY.insert(
-        &key,
+        key,
         &FlowSummary {
             window_start_ns: now,
             suppressed: 0,
@@ -118,6 +142,32 @@ fn summarise(program: u32, p: &Packet, code: u32, now: u64) -> Option<u32> {
         0,
     );
     Some(carried)
+}
+
+/// Makes `key`'s flow (which has just been summarised or sent) the one this
+/// CPU counts in `slot` for the rest of the window, unless the slot already
+/// holds another flow of the same window: the first flow of a window keeps
+/// the slot, so a flood that starts there keeps it.
+#[inline(always)]
+fn remember(slot: *mut SummaryCacheSlot, key: &SummaryKey) {
+    // SAFETY: a per-CPU slot (see `count`) from ZT_SUM_CACHE; user space
+    // touches it only while its window is two or three behind, never the
+    // current one.
+    let slot = unsafe { &mut *slot };
+    if slot.key.window == key.window {
+        return;
+    }
+    // A count user space did not collect in time (it was stalled for over a
+    // window): still accounted, as a decision not sent.
+    if slot.count > 0 {
+        add(
+            u32::from(slot.key.program),
+            reason::EVENTS_SUPPRESSED,
+            slot.count,
+        );
+    }
+    slot.key = *key;
+    slot.count = 0;
 }
 
 #[inline(always)]
@@ -204,6 +254,23 @@ pub fn decision(
     if !audited(p, code) {
         return;
     }
+    // The cheapest case first: this CPU already counts the flow for this
+    // window. This is what every packet of a one-flow flood takes.
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "window numbers wrap after 146 years of uptime"
+    )]
+    let window = (now >> SUMMARY_WINDOW_SHIFT) as u32;
+    let flow = p.map(|p| summary_key(program, p, code, window));
+    let slot = ZT_SUM_CACHE.get_ptr_mut(window % SUMMARY_CACHE_SLOTS);
+    if let (Some(key), Some(slot)) = (&flow, slot) {
+        // SAFETY: as in `remember`.
+        let slot = unsafe { &mut *slot };
+        if same_key(&slot.key, key) {
+            slot.count += 1;
+            return;
+        }
+    }
     // Denies need a token from this CPU's bucket, but a flow that already
     // sent its event this window takes none: summarising comes first, so one
     // flooding flow cannot starve the others' events. When the bucket is
@@ -217,11 +284,17 @@ pub fn decision(
         count(program, reason::EVENTS_SUPPRESSED);
         return;
     };
-    let carried = match p {
-        Some(p) => match summarise(program, p, code, now) {
-            Some(c) => c,
-            None => return,
-        },
+    let carried = match &flow {
+        Some(key) => {
+            let sent = summarise(key, now);
+            if let Some(slot) = slot {
+                remember(slot, key);
+            }
+            match sent {
+                Some(c) => c,
+                None => return,
+            }
+        }
         None => 0,
     };
     if let Some(b) = bucket {

@@ -23,6 +23,7 @@ use crate::{
     grants::{GrantsError, RuntimeGrants},
     loader::{self, LoadError, LoadOptions},
     lockout::{self, LockoutError},
+    policy::TunnelPolicy,
     tables::{Tables, TablesError},
 };
 
@@ -85,58 +86,52 @@ pub struct Enforcing {
 /// On any failure before enforcement starts (then nothing was changed) or
 /// while writing the audit trail.
 pub async fn up(opts: &UpOptions, ready: impl FnOnce(&Enforcing)) -> Result<(), DaemonError> {
-    let mut config = Config::load(&opts.config)?;
-    if let (Some(iface), Some(edge)) = (&opts.iface, config.policy.edge.as_mut()) {
-        edge.interface.clone_from(iface);
-    }
-    if let (Some(iface), Some(tunnel)) = (&opts.tunnel_iface, config.policy.tunnel.as_mut()) {
-        tunnel.interface.clone_from(iface);
-    }
-    config.check_interfaces()?;
-    if let Some(edge) = &config.policy.edge
-        && !opts.allow_lockout
-    {
-        lockout::check(std::env::var("SSH_CONNECTION").ok().as_deref(), &edge.ssh_allow)?;
-    }
-    let tunnel_policy = match &config.policy.tunnel {
-        Some(t) => Some(RuntimeGrants::load(&t.runtime_grants)?.apply(t)),
-        None => None,
-    };
+    let (config, tunnel_policy) = checked_config(opts)?;
 
-    let tunnel_l2 = tunnel_policy.as_ref().is_some_and(|t| has_ethernet_header(&t.interface));
-    let mut ebpf = loader::load(LoadOptions { tunnel_l2, flow_entries: config.policy.flows.max_entries })?;
-    let mut tables = Tables::from_ebpf(&mut ebpf)?;
-    let echo = config.policy.edge.as_ref().map(|e| e.icmp_echo).unwrap_or_default();
-    tables.apply_flows(&config.policy.flows, echo)?;
-    if let Some(edge) = &config.policy.edge {
-        tables.apply_edge(edge)?;
-    }
-    if let Some(t) = &tunnel_policy {
-        tables.apply_tunnel(t)?;
-    }
-    let ring = ebpf.take_map(map::EVENTS).ok_or(DaemonError::NoRingBuffer { name: map::EVENTS })?;
-    let ring = RingBuf::try_from(ring).map_err(|e| DaemonError::RingBuffer { source: std::io::Error::other(e) })?;
+    let (mut ebpf, tables) = load_and_fill(&config, tunnel_policy.as_ref())?;
+    let ring = ebpf
+        .take_map(map::EVENTS)
+        .ok_or(DaemonError::NoRingBuffer { name: map::EVENTS })?;
+    let ring = RingBuf::try_from(ring).map_err(|e| DaemonError::RingBuffer {
+        source: std::io::Error::other(e),
+    })?;
     let summaries = audit::kernel::take_summaries(&mut ebpf)?;
     let mut trail = Trail::open(&config.policy.audit)?;
 
     let handle = attach::connect()?;
     let before = attach::find(&handle).await?;
-    let mut enforcing = Enforcing { edge: None, tunnel: None, egress: Vec::new() };
+    let mut enforcing = Enforcing {
+        edge: None,
+        tunnel: None,
+        egress: Vec::new(),
+    };
     // Egress recorders first: replies to flows started while the ingress
     // programs come up are then already known.
     let recorders = [
-        (config.policy.edge.as_ref().map(|e| e.interface.clone()), program::EDGE_EGRESS_NAME),
-        (tunnel_policy.as_ref().map(|t| t.interface.clone()), program::TUNNEL_EGRESS_NAME),
+        (
+            config.policy.edge.as_ref().map(|e| e.interface.clone()),
+            program::EDGE_EGRESS_NAME,
+        ),
+        (
+            tunnel_policy.as_ref().map(|t| t.interface.clone()),
+            program::TUNNEL_EGRESS_NAME,
+        ),
     ];
     for (interface, name) in &recorders {
         let Some(interface) = interface else { continue };
         let prog: &mut SchedClassifier = loader::program_mut(&mut ebpf, name)?;
-        let replace = before.egress.iter().any(|a| a.interface == *interface && a.program == *name);
+        let replace = before
+            .egress
+            .iter()
+            .any(|a| a.interface == *interface && a.program == *name);
         attach::attach_tc(prog, interface, TcAttachType::Egress, replace)?;
     }
     if let Some(edge) = &config.policy.edge {
         let prog: &mut Xdp = loader::program_mut(&mut ebpf, program::EDGE_NAME)?;
-        let fd = prog.fd().map_err(|source| LoadError::Program { name: program::EDGE_NAME, source })?;
+        let fd = prog.fd().map_err(|source| LoadError::Program {
+            name: program::EDGE_NAME,
+            source,
+        })?;
         let previous = before.edge.iter().find(|a| a.interface == edge.interface);
         let mode = attach::attach_xdp(&handle, &edge.interface, fd, previous).await?;
         let now = attach::find(&handle).await?;
@@ -144,7 +139,9 @@ pub async fn up(opts: &UpOptions, ready: impl FnOnce(&Enforcing)) -> Result<(), 
             .edge
             .into_iter()
             .find(|a| a.interface == edge.interface)
-            .ok_or_else(|| AttachError::NoInterface { interface: edge.interface.clone() })?;
+            .ok_or_else(|| AttachError::NoInterface {
+                interface: edge.interface.clone(),
+            })?;
         enforcing.edge = Some((a, mode));
     }
     if let Some(t) = &tunnel_policy {
@@ -159,44 +156,114 @@ pub async fn up(opts: &UpOptions, ready: impl FnOnce(&Enforcing)) -> Result<(), 
     enforcing.egress = now
         .egress
         .into_iter()
-        .filter(|a| recorders.iter().any(|(i, n)| i.as_deref() == Some(a.interface.as_str()) && *n == a.program))
+        .filter(|a| {
+            recorders
+                .iter()
+                .any(|(i, n)| i.as_deref() == Some(a.interface.as_str()) && *n == a.program)
+        })
         .collect();
     ready(&enforcing);
 
     let mut feed = Feed::new(ring, summaries, names(&enforcing, tunnel_policy.as_ref()))?;
     let stop = stream_audit(&mut feed, &mut trail, &tables, &handle, &enforcing).await;
     if matches!(stop, Ok(Stop::Signal)) {
-        // Graceful stop: remove exactly what we attached, if it is still ours.
-        if let Some((a, _)) = &enforcing.edge
-            && let Err(e) = attach::detach_xdp(&handle, a).await {
-                tracing::warn!(error = %e, interface = a.interface, "could not detach the edge program");
-            }
-        if let Some(a) = &enforcing.tunnel
-            && still_ours(&handle, &enforcing).await.1
-            && let Err(e) = attach::detach_tc(&a.interface, TcAttachType::Ingress, &a.program)
-        {
-            tracing::warn!(error = %e, interface = a.interface, "could not detach the tunnel program");
-        }
-        for a in &enforcing.egress {
-            if let Err(e) = attach::detach_tc(&a.interface, TcAttachType::Egress, &a.program) {
-                tracing::warn!(error = %e, interface = a.interface, "could not detach a flow recorder");
-            }
-        }
+        detach(&handle, &enforcing).await;
     }
     let flushed = flush_audit(&mut feed, trail, &tables);
     stop?;
     Ok(flushed?)
 }
 
+/// The programs, loaded, with every table filled from the policy: ready to
+/// attach.
+fn load_and_fill(
+    config: &Config,
+    tunnel: Option<&TunnelPolicy>,
+) -> Result<(aya::Ebpf, Tables), DaemonError> {
+    let tunnel_l2 = tunnel.is_some_and(|t| has_ethernet_header(&t.interface));
+    let mut ebpf = loader::load(LoadOptions {
+        tunnel_l2,
+        flow_entries: config.policy.flows.max_entries,
+    })?;
+    let mut tables = Tables::from_ebpf(&mut ebpf)?;
+    let echo = config
+        .policy
+        .edge
+        .as_ref()
+        .map(|e| e.icmp_echo)
+        .unwrap_or_default();
+    tables.apply_flows(&config.policy.flows, echo)?;
+    if let Some(edge) = &config.policy.edge {
+        tables.apply_edge(edge)?;
+    }
+    if let Some(t) = tunnel {
+        tables.apply_tunnel(t)?;
+    }
+    Ok((ebpf, tables))
+}
+
+/// The configuration with the command line's interface overrides, checked
+/// against the interfaces and lockout, and the tunnel policy with the
+/// runtime grants applied.
+fn checked_config(opts: &UpOptions) -> Result<(Config, Option<TunnelPolicy>), DaemonError> {
+    let mut config = Config::load(&opts.config)?;
+    if let (Some(iface), Some(edge)) = (&opts.iface, config.policy.edge.as_mut()) {
+        edge.interface.clone_from(iface);
+    }
+    if let (Some(iface), Some(tunnel)) = (&opts.tunnel_iface, config.policy.tunnel.as_mut()) {
+        tunnel.interface.clone_from(iface);
+    }
+    config.check_interfaces()?;
+    if let Some(edge) = &config.policy.edge
+        && !opts.allow_lockout
+    {
+        lockout::check(
+            std::env::var("SSH_CONNECTION").ok().as_deref(),
+            &edge.ssh_allow,
+        )?;
+    }
+    let tunnel_policy = match &config.policy.tunnel {
+        Some(t) => Some(RuntimeGrants::load(&t.runtime_grants)?.apply(t)),
+        None => None,
+    };
+    Ok((config, tunnel_policy))
+}
+
+/// Graceful stop: removes exactly what we attached, if it is still ours.
+async fn detach(handle: &rtnetlink::Handle, enforcing: &Enforcing) {
+    if let Some((a, _)) = &enforcing.edge
+        && let Err(e) = attach::detach_xdp(handle, a).await
+    {
+        tracing::warn!(error = %e, interface = a.interface, "could not detach the edge program");
+    }
+    if let Some(a) = &enforcing.tunnel
+        && still_ours(handle, enforcing).await.1
+        && let Err(e) = attach::detach_tc(&a.interface, TcAttachType::Ingress, &a.program)
+    {
+        tracing::warn!(error = %e, interface = a.interface, "could not detach the tunnel program");
+    }
+    for a in &enforcing.egress {
+        if let Err(e) = attach::detach_tc(&a.interface, TcAttachType::Egress, &a.program) {
+            tracing::warn!(error = %e, interface = a.interface, "could not detach a flow recorder");
+        }
+    }
+}
+
 /// Whether `interface` has an Ethernet header (`ARPHRD_ETHER`); `WireGuard`
 /// devices are `ARPHRD_NONE` and hand us bare IP packets.
 fn has_ethernet_header(interface: &str) -> bool {
-    std::fs::read_to_string(format!("/sys/class/net/{interface}/type")).is_ok_and(|t| t.trim() == "1")
+    std::fs::read_to_string(format!("/sys/class/net/{interface}/type"))
+        .is_ok_and(|t| t.trim() == "1")
 }
 
-fn names(enforcing: &Enforcing, tunnel: Option<&crate::policy::TunnelPolicy>) -> Names {
+fn names(enforcing: &Enforcing, tunnel: Option<&TunnelPolicy>) -> Names {
     let mut n = Names::default();
-    for a in enforcing.edge.iter().map(|(a, _)| a).chain(&enforcing.tunnel) {
+    for a in enforcing
+        .edge
+        .iter()
+        .map(|(a, _)| a)
+        .chain(&enforcing.tunnel)
+    {
         n.interfaces.insert(a.ifindex, a.interface.clone());
     }
     if let Some((a, _)) = &enforcing.edge {
@@ -206,7 +273,11 @@ fn names(enforcing: &Enforcing, tunnel: Option<&crate::policy::TunnelPolicy>) ->
         n.programs.insert(Program::Tunnel, a.interface.clone());
     }
     if let Some(t) = tunnel {
-        n.peers = t.peers.iter().map(|p| (p.name.clone(), p.public_key.clone())).collect();
+        n.peers = t
+            .peers
+            .iter()
+            .map(|p| (p.name.clone(), p.public_key.clone()))
+            .collect();
     }
     n
 }
@@ -228,7 +299,9 @@ enum Stop {
 /// the ones attached. An error reading counts as "still ours", so a netlink
 /// hiccup never makes the daemon walk away.
 async fn still_ours(handle: &rtnetlink::Handle, enforcing: &Enforcing) -> (bool, bool) {
-    let Ok(now) = attach::find(handle).await else { return (true, true) };
+    let Ok(now) = attach::find(handle).await else {
+        return (true, true);
+    };
     let edge = enforcing
         .edge
         .as_ref()
@@ -247,7 +320,8 @@ async fn stream_audit(
     handle: &rtnetlink::Handle,
     enforcing: &Enforcing,
 ) -> Result<Stop, DaemonError> {
-    let signal = |kind| tokio::signal::unix::signal(kind).map_err(|source| DaemonError::Signal { source });
+    let signal =
+        |kind| tokio::signal::unix::signal(kind).map_err(|source| DaemonError::Signal { source });
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     // Waits for a daemon we replaced to finish its trail; our events wait

@@ -1,7 +1,11 @@
 //! `ztxdp`: the command line. Parsing and printing only; the work is done by
 //! the `ztxdp` library.
 
-use std::{io::Write as _, path::PathBuf, process::ExitCode};
+use std::{
+    io::Write as _,
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -36,8 +40,10 @@ enum Command {
     /// Validate the config, load and attach the programs, and write the audit
     /// log until Ctrl-C or SIGTERM (which detach). If this process is killed,
     /// enforcement stays in place; a new `up` takes over without a gap.
-    #[command(after_help = "Examples:\n  ztxdp up --config /etc/ztxdp/ztxdp.toml\n  \
-        ztxdp up --config lab.toml --iface veth0")]
+    #[command(
+        after_help = "Examples:\n  ztxdp up --config /etc/ztxdp/ztxdp.toml\n  \
+        ztxdp up --config lab.toml --iface veth0"
+    )]
     Up {
         #[arg(long, env = "ZTXDP_CONFIG", default_value = DEFAULT_CONFIG)]
         config: PathBuf,
@@ -67,8 +73,10 @@ enum Command {
     #[command(after_help = "Example:\n  ztxdp down")]
     Down,
     /// Grant a tunnel peer access to a local port, now and across restarts.
-    #[command(after_help = "Examples:\n  ztxdp allow app-2 5432\n  ztxdp allow 10.100.0.2 53/udp\n  \
-        ztxdp allow app-1 8000-8100/tcp\n  ztxdp allow app-1 icmp")]
+    #[command(
+        after_help = "Examples:\n  ztxdp allow app-2 5432\n  ztxdp allow 10.100.0.2 53/udp\n  \
+        ztxdp allow app-1 8000-8100/tcp\n  ztxdp allow app-1 icmp"
+    )]
     Allow {
         /// Peer name, or an address inside one of its prefixes.
         peer: String,
@@ -95,10 +103,12 @@ enum Command {
     },
     /// Print `[[tunnel.peer]]` entries (no grants yet) for the peers of a
     /// wg-quick config, or of a running `WireGuard` interface.
-    #[command(after_help = "A `# name` comment right above or inside a [Peer] section names the peer; \
+    #[command(
+        after_help = "A `# name` comment right above or inside a [Peer] section names the peer; \
         others are named peer-1, peer-2, ...\n\nExamples:\n  \
         ztxdp import-wg /etc/wireguard/wg0.conf >> /etc/ztxdp/ztxdp.toml\n  \
-        ztxdp import-wg --live wg0")]
+        ztxdp import-wg --live wg0"
+    )]
     ImportWg {
         /// A wg-quick configuration file.
         #[arg(required_unless_present = "live", conflicts_with = "live")]
@@ -116,9 +126,11 @@ enum Command {
     /// Print audit records: the ones in the audit files, or with --follow the
     /// ones the daemon of this network namespace writes from now on (each
     /// once; a reader too slow to keep up is told how many it missed).
-    #[command(after_help = "Examples:\n  ztxdp events --format ocsf > trail.jsonl\n  \
+    #[command(
+        after_help = "Examples:\n  ztxdp events --format ocsf > trail.jsonl\n  \
         ztxdp events --follow --format cef | your-siem-shipper\n  \
-        ip netns exec edge ztxdp events --follow")]
+        ip netns exec edge ztxdp events --follow"
+    )]
     Events {
         /// Stream from the running daemon instead of reading the files.
         #[arg(long)]
@@ -157,8 +169,10 @@ enum EventsFormat {
 #[derive(Subcommand)]
 enum ExportFormat {
     /// An nftables ruleset (`nft -f`) enforcing the same policy, runtime grants included.
-    #[command(after_help = "Examples:\n  ztxdp export nft --config /etc/ztxdp/ztxdp.toml > ztxdp.nft\n  \
-        ztxdp export nft --conntrack | nft -f -")]
+    #[command(
+        after_help = "Examples:\n  ztxdp export nft --config /etc/ztxdp/ztxdp.toml > ztxdp.nft\n  \
+        ztxdp export nft --conntrack | nft -f -"
+    )]
     Nft {
         #[arg(long, env = "ZTXDP_CONFIG", default_value = DEFAULT_CONFIG)]
         config: PathBuf,
@@ -178,7 +192,10 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("ztxdp: cannot start the async runtime: {e}");
@@ -200,26 +217,48 @@ fn main() -> ExitCode {
                     )
                     || matches!(
                         c.downcast_ref::<control::ControlError>(),
-                        Some(control::ControlError::UnknownPeer { .. } | control::ControlError::BadGrant { .. })
+                        Some(
+                            control::ControlError::UnknownPeer { .. }
+                                | control::ControlError::BadGrant { .. }
+                        )
                     )
             });
-            if usage { ExitCode::from(2) } else { ExitCode::FAILURE }
+            if usage {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }
 
 async fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Up { config, iface, tunnel_iface, allow_lockout } => {
-            let opts = UpOptions { config, iface, tunnel_iface, allow_lockout };
-            daemon::up(&opts, print_ready).await.context("ztxdp up failed; nothing was left half-applied")?;
+        Command::Up {
+            config,
+            iface,
+            tunnel_iface,
+            allow_lockout,
+        } => {
+            let opts = UpOptions {
+                config,
+                iface,
+                tunnel_iface,
+                allow_lockout,
+            };
+            daemon::up(&opts, print_ready)
+                .await
+                .context("ztxdp up failed; nothing was left half-applied")?;
         }
         Command::Check { config } => {
             let c = Config::load(&config)?;
             println!(
                 "{}: ok (edge: {}, tunnel: {} peers)",
                 config.display(),
-                c.policy.edge.as_ref().map_or("none", |e| e.interface.as_str()),
+                c.policy
+                    .edge
+                    .as_ref()
+                    .map_or("none", |e| e.interface.as_str()),
                 c.policy.tunnel.as_ref().map_or(0, |t| t.peers.len())
             );
         }
@@ -234,41 +273,77 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Down => {
             let removed = control::down().await.context("ztxdp down")?;
             for a in removed {
-                println!("removed program {} ({}) from {}", a.program_id, a.mode, a.interface);
+                println!(
+                    "removed program {} ({}) from {}",
+                    a.program_id, a.mode, a.interface
+                );
             }
         }
-        Command::Allow { peer, grant, config } => grant_change(&config, &peer, &grant, true).await?,
-        Command::Revoke { peer, grant, config } => grant_change(&config, &peer, &grant, false).await?,
-        Command::List { json, config } => {
-            let c = Config::load(&config)?;
-            let peers = control::list(&c)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&peers)?);
-            } else {
-                for p in peers {
-                    println!("{:<16} {:<40} {}", p.name, p.addresses.join(","), p.grants.join(" "));
-                }
-            }
-        }
-        Command::ImportWg { file, live } => {
-            let (peers, origin) = match (live, file) {
-                (Some(iface), _) => (ztxdp::import_wg::live(&iface)?, format!("`wg show {iface} dump`")),
-                (None, Some(file)) => (ztxdp::import_wg::from_file(&file)?, file.display().to_string()),
-                (None, None) => anyhow::bail!("give a wg-quick FILE or --live IFACE"),
-            };
-            print!("{}", ztxdp::import_wg::render(&peers, &origin)?);
-        }
+        Command::Allow {
+            peer,
+            grant,
+            config,
+        } => grant_change(&config, &peer, &grant, true).await?,
+        Command::Revoke {
+            peer,
+            grant,
+            config,
+        } => grant_change(&config, &peer, &grant, false).await?,
+        Command::List { json, config } => list(json, &config)?,
+        Command::ImportWg { file, live } => import_wg(file, live)?,
         Command::Export(ExportFormat::Nft { config, conntrack }) => {
             let mut policy = Config::load(&config)?.policy;
             if let Some(t) = &policy.tunnel {
-                policy.tunnel = Some(ztxdp::grants::RuntimeGrants::load(&t.runtime_grants)?.apply(t));
+                policy.tunnel =
+                    Some(ztxdp::grants::RuntimeGrants::load(&t.runtime_grants)?.apply(t));
             }
-            print!("{}", ztxdp::export::nft_ruleset_with(&policy, ztxdp::export::NftOptions { conntrack }));
+            print!(
+                "{}",
+                ztxdp::export::nft_ruleset_with(&policy, ztxdp::export::NftOptions { conntrack })
+            );
         }
         Command::Audit(AuditCommand::Verify { files }) => return audit_verify(&files),
-        Command::Events { follow, format, config } => events(follow, format, &config)?,
+        Command::Events {
+            follow,
+            format,
+            config,
+        } => events(follow, format, &config)?,
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn list(json: bool, config: &Path) -> anyhow::Result<()> {
+    let c = Config::load(config)?;
+    let peers = control::list(&c)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&peers)?);
+    } else {
+        for p in peers {
+            println!(
+                "{:<16} {:<40} {}",
+                p.name,
+                p.addresses.join(","),
+                p.grants.join(" ")
+            );
+        }
+    }
+    Ok(())
+}
+
+fn import_wg(file: Option<PathBuf>, live: Option<String>) -> anyhow::Result<()> {
+    let (peers, origin) = match (live, file) {
+        (Some(iface), _) => (
+            ztxdp::import_wg::live(&iface)?,
+            format!("`wg show {iface} dump`"),
+        ),
+        (None, Some(file)) => (
+            ztxdp::import_wg::from_file(&file)?,
+            file.display().to_string(),
+        ),
+        (None, None) => anyhow::bail!("give a wg-quick FILE or --live IFACE"),
+    };
+    print!("{}", ztxdp::import_wg::render(&peers, &origin)?);
+    Ok(())
 }
 
 fn audit_verify(files: &[PathBuf]) -> anyhow::Result<ExitCode> {
@@ -278,7 +353,9 @@ fn audit_verify(files: &[PathBuf]) -> anyhow::Result<ExitCode> {
         println!("({} good records before it)", report.records);
         return Ok(ExitCode::FAILURE);
     }
-    let (Some(first), Some(last), Some(chain)) = (report.first_seq, report.last_seq, &report.last_chain) else {
+    let (Some(first), Some(last), Some(chain)) =
+        (report.first_seq, report.last_seq, &report.last_chain)
+    else {
         println!("ok: no records");
         return Ok(ExitCode::SUCCESS);
     };
@@ -287,8 +364,15 @@ fn audit_verify(files: &[PathBuf]) -> anyhow::Result<ExitCode> {
     } else {
         format!("chain checked from seq {first}, whose predecessors were rotated away")
     };
-    let files = if report.files == 1 { "1 file".to_owned() } else { format!("{} files", report.files) };
-    println!("ok: {} records in {files}, seq {first} to {last}, {from}", report.records);
+    let files = if report.files == 1 {
+        "1 file".to_owned()
+    } else {
+        format!("{} files", report.files)
+    };
+    println!(
+        "ok: {} records in {files}, seq {first} to {last}, {from}",
+        report.records
+    );
     println!("last chain value: {chain}");
     Ok(ExitCode::SUCCESS)
 }
@@ -309,28 +393,61 @@ fn events(follow: bool, format: EventsFormat, config: &std::path::Path) -> anyho
     };
     match result {
         // The reader at the other end of the pipe is gone: nothing left to do.
-        Err(stream::StreamError::Output { source }) if source.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
-        other => other.context(if follow { "ztxdp events --follow" } else { "ztxdp events" }),
+        Err(stream::StreamError::Output { source })
+            if source.kind() == std::io::ErrorKind::BrokenPipe =>
+        {
+            Ok(())
+        }
+        other => other.context(if follow {
+            "ztxdp events --follow"
+        } else {
+            "ztxdp events"
+        }),
     }
 }
 
-async fn grant_change(config: &std::path::Path, peer: &str, grant: &str, allow: bool) -> anyhow::Result<()> {
+async fn grant_change(
+    config: &std::path::Path,
+    peer: &str,
+    grant: &str,
+    allow: bool,
+) -> anyhow::Result<()> {
     let c = Config::load(config)?;
     let change = control::change_grant(&c, peer, grant, allow)
         .await
-        .with_context(|| format!("{} {peer} {grant}: nothing was changed", if allow { "allow" } else { "revoke" }))?;
+        .with_context(|| {
+            format!(
+                "{} {peer} {grant}: nothing was changed",
+                if allow { "allow" } else { "revoke" }
+            )
+        })?;
     let verb = if allow { "allowed" } else { "revoked" };
-    let state = if change.live { "in effect now" } else { "saved; no tunnel program is running here, applies at next `ztxdp up`" };
-    println!("{verb} {} for {} ({state}); grants now: {}", change.grant, change.peer, change.grants.join(" "));
+    let state = if change.live {
+        "in effect now"
+    } else {
+        "saved; no tunnel program is running here, applies at next `ztxdp up`"
+    };
+    println!(
+        "{verb} {} for {} ({state}); grants now: {}",
+        change.grant,
+        change.peer,
+        change.grants.join(" ")
+    );
     Ok(())
 }
 
 fn print_ready(e: &Enforcing) {
     if let Some((a, mode)) = &e.edge {
-        eprintln!("ztxdp: edge program {} attached to {} ({mode:?} XDP)", a.program_id, a.interface);
+        eprintln!(
+            "ztxdp: edge program {} attached to {} ({mode:?} XDP)",
+            a.program_id, a.interface
+        );
     }
     if let Some(a) = &e.tunnel {
-        eprintln!("ztxdp: tunnel program {} attached to {} ingress (tc clsact filter)", a.program_id, a.interface);
+        eprintln!(
+            "ztxdp: tunnel program {} attached to {} ingress (tc clsact filter)",
+            a.program_id, a.interface
+        );
     }
     let mut out = std::io::stdout();
     // Callers wait for this exact line; a closed stdout must not stop the daemon.
@@ -343,7 +460,10 @@ fn print_status(s: &Status) {
         let Some(p) = p else { continue };
         println!(
             "{label}: program {} on {} (ifindex {}), mode {}",
-            p.attachment.program_id, p.attachment.interface, p.attachment.ifindex, p.attachment.mode
+            p.attachment.program_id,
+            p.attachment.interface,
+            p.attachment.ifindex,
+            p.attachment.mode
         );
         for (name, n) in p.counters.iter().filter(|(_, n)| **n > 0) {
             println!("  {name:<24} {n}");
@@ -351,7 +471,10 @@ fn print_status(s: &Status) {
         let maps: Vec<String> = p.maps.iter().map(|(k, v)| format!("{k}={v}")).collect();
         println!("  maps: {}", maps.join(" "));
         for peer in &p.peers {
-            println!("  peer #{:<5} allowed {:<10} denied {}", peer.index, peer.allowed, peer.denied);
+            println!(
+                "  peer #{:<5} allowed {:<10} denied {}",
+                peer.index, peer.allowed, peer.denied
+            );
         }
     }
     if let Some(f) = &s.flows {

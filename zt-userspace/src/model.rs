@@ -672,7 +672,10 @@ impl FlowTable {
     /// refresh the flow.
     fn related(&self, b: Bytes<'_>, p: &Packet, now_ns: u64) -> u32 {
         let live = quoted(b, p)
-            .map(|flow| Flow { ifindex: self.ifindex, ..flow })
+            .map(|flow| Flow {
+                ifindex: self.ifindex,
+                ..flow
+            })
             .and_then(|flow| self.flows.get(&flow).map(|e| (flow, *e)))
             .is_some_and(|(flow, e)| {
                 now_ns.saturating_sub(e.last_seen_ns) <= self.timeout_ns(flow.protocol, e.closing)
@@ -2261,7 +2264,11 @@ mod tests {
             reason::DROP_PORT_NOT_ALLOWED,
             "a spoofed reply on another interface"
         );
-        assert_eq!(m.edge_ingress(&reply, TEST_IF, 2), reason::PASS_REPLY, "the real reply");
+        assert_eq!(
+            m.edge_ingress(&reply, TEST_IF, 2),
+            reason::PASS_REPLY,
+            "the real reply"
+        );
     }
 
     #[test]
@@ -2330,7 +2337,12 @@ mod tests {
                 ),
             ],
         );
-        m.egress(&out6(proto::UDP, &datagram(40_000, 53)), true, TEST_IF, 2 * S);
+        m.egress(
+            &out6(proto::UDP, &datagram(40_000, 53)),
+            true,
+            TEST_IF,
+            2 * S,
+        );
         assert_eq!(m.flows().created(), 2, "v6 is a flow of its own");
         assert_edge_steps(
             &mut m,
@@ -2342,7 +2354,12 @@ mod tests {
             )],
         );
         // Replies that the policy passes anyway keep their own reason.
-        m.egress(&out4(proto::UDP, &datagram(51_820, 51_820)), true, TEST_IF, 3 * S);
+        m.egress(
+            &out4(proto::UDP, &datagram(51_820, 51_820)),
+            true,
+            TEST_IF,
+            3 * S,
+        );
         assert_edge_steps(
             &mut m,
             &[(
@@ -2372,21 +2389,42 @@ mod tests {
                 (91, &reply, reason::DROP_PORT_NOT_ALLOWED, "31 s of silence"),
             ],
         );
-        m.egress(&out4(proto::UDP, &datagram(40_000, 53)), true, TEST_IF, 92 * S);
+        m.egress(
+            &out4(proto::UDP, &datagram(40_000, 53)),
+            true,
+            TEST_IF,
+            92 * S,
+        );
         assert_eq!(m.flows().created(), 1, "the expired entry is reused");
         assert_eq!(m.flows().entries(), 1);
         assert_edge_steps(&mut m, &[(93, &reply, reason::PASS_REPLY, "revived")]);
     }
 
     #[test]
+    #[expect(clippy::too_many_lines, reason = "one connection's life, step by step")]
     fn tcp_replies_never_open_and_closing_flows_expire_sooner() {
         let mut m = host(EchoRate::default());
         let seg = |flags| eth4(REMOTE_V4, proto::TCP, &segment(443, 40_000, flags));
         let (syn, ack) = (tcp_flag::SYN, tcp_flag::ACK);
-        m.egress(&out4(proto::TCP, &segment(40_000, 443, syn)), true, TEST_IF, 0);
+        m.egress(
+            &out4(proto::TCP, &segment(40_000, 443, syn)),
+            true,
+            TEST_IF,
+            0,
+        );
         // Segments other than a SYN refresh flows but never open one.
-        m.egress(&out4(proto::TCP, &segment(40_001, 443, ack)), true, TEST_IF, 0);
-        m.egress(&out4(proto::TCP, &segment(40_002, 443, syn | ack)), true, TEST_IF, 0);
+        m.egress(
+            &out4(proto::TCP, &segment(40_001, 443, ack)),
+            true,
+            TEST_IF,
+            0,
+        );
+        m.egress(
+            &out4(proto::TCP, &segment(40_002, 443, syn | ack)),
+            true,
+            TEST_IF,
+            0,
+        );
         assert_eq!(m.flows().created(), 1);
         assert_edge_steps(
             &mut m,
@@ -2427,7 +2465,12 @@ mod tests {
             ],
         );
         // The same ports again: a new connection, established timeouts.
-        m.egress(&out4(proto::TCP, &segment(40_000, 443, syn)), true, TEST_IF, 172 * S);
+        m.egress(
+            &out4(proto::TCP, &segment(40_000, 443, syn)),
+            true,
+            TEST_IF,
+            172 * S,
+        );
         assert_edge_steps(
             &mut m,
             &[
@@ -2437,7 +2480,12 @@ mod tests {
             ],
         );
         // Our own fin closes too.
-        m.egress(&out4(proto::TCP, &segment(40_003, 443, syn)), true, TEST_IF, 300 * S);
+        m.egress(
+            &out4(proto::TCP, &segment(40_003, 443, syn)),
+            true,
+            TEST_IF,
+            300 * S,
+        );
         m.egress(
             &out4(proto::TCP, &segment(40_003, 443, tcp_flag::FIN | ack)),
             true,
@@ -2466,9 +2514,19 @@ mod tests {
     #[test]
     fn echo_replies_match_by_identifier() {
         let mut m = host(EchoRate::default());
-        m.egress(&out4(proto::ICMP, &echo(ICMP_ECHO_REQUEST, 0x77)), true, TEST_IF, 0);
+        m.egress(
+            &out4(proto::ICMP, &echo(ICMP_ECHO_REQUEST, 0x77)),
+            true,
+            TEST_IF,
+            0,
+        );
         // Answering someone else's ping opens nothing.
-        m.egress(&out4(proto::ICMP, &echo(ICMP_ECHO_REPLY, 0x99)), true, TEST_IF, 0);
+        m.egress(
+            &out4(proto::ICMP, &echo(ICMP_ECHO_REPLY, 0x99)),
+            true,
+            TEST_IF,
+            0,
+        );
         assert_eq!(m.flows().created(), 1);
         let reply = |src, id| eth4(src, proto::ICMP, &echo(ICMP_ECHO_REPLY, id));
         assert_edge_steps(
@@ -2543,7 +2601,12 @@ mod tests {
             TEST_IF,
             0,
         );
-        m.egress(&out4(proto::ICMP, &echo(ICMP_ECHO_REQUEST, 9)), true, TEST_IF, 0);
+        m.egress(
+            &out4(proto::ICMP, &echo(ICMP_ECHO_REQUEST, 9)),
+            true,
+            TEST_IF,
+            0,
+        );
         let router = [203, 0, 113, 1];
         let err = |kind, code, quote: &[u8]| eth4(router, proto::ICMP, &error(kind, code, quote));
         let udp = quote4(proto::UDP, &datagram(40_000, 53));
@@ -2677,7 +2740,12 @@ mod tests {
             &[(31, &short, reason::DROP_MALFORMED, "7-byte icmp error")],
         );
 
-        m.egress(&out6(proto::UDP, &datagram(40_000, 53)), true, TEST_IF, 40 * S);
+        m.egress(
+            &out6(proto::UDP, &datagram(40_000, 53)),
+            true,
+            TEST_IF,
+            40 * S,
+        );
         let udp6 = quote6(proto::UDP, &datagram(40_000, 53));
         let err6 =
             |kind, quote: &[u8]| eth6("2001:db8:ffff::1", proto::ICMPV6, &error(kind, 0, quote));
@@ -2846,8 +2914,8 @@ mod tests {
             m.tunnel_ingress(&dgram, true, TEST_IF, S).map(|d| d.reason),
             Some(reason::PASS_REPLY)
         );
-        let edge_only =
-            StatefulModel::new(&edge_policy(), None, &settings()).tunnel_ingress(&dgram, true, TEST_IF, 0);
+        let edge_only = StatefulModel::new(&edge_policy(), None, &settings())
+            .tunnel_ingress(&dgram, true, TEST_IF, 0);
         assert_eq!(edge_only, None, "no tunnel policy, no tunnel decisions");
     }
 

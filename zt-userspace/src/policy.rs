@@ -92,7 +92,10 @@ impl Default for EchoRate {
     /// One echo a second with a burst of five, like the usual
     /// `limit rate 1/second burst 5 packets`.
     fn default() -> Self {
-        Self { ns_per_token: 1_000_000_000, burst: 5 }
+        Self {
+            ns_per_token: 1_000_000_000,
+            burst: 5,
+        }
     }
 }
 

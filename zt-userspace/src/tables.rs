@@ -206,7 +206,12 @@ impl Tables {
             BpfHashMap::try_from(self.get(map::GRANTS)?).map_err(map_err(map::GRANTS))?;
         for protocol in [zt_common::proto::TCP, zt_common::proto::UDP] {
             for word in 0..u16::try_from(capacity::PORT_BITMAP_WORDS).unwrap_or(u16::MAX) {
-                let key = GrantKey { peer: index, protocol, _pad0: 0, word };
+                let key = GrantKey {
+                    peer: index,
+                    protocol,
+                    _pad0: 0,
+                    word,
+                };
                 if !wanted.contains_key(&key) && grants.get(&key, 0).is_ok() {
                     grants.remove(&key).map_err(map_err(map::GRANTS))?;
                 }

@@ -50,7 +50,10 @@ const PROTO_UDP: u8 = 17;
 const SPREAD: u32 = 0x9E37_79B1;
 
 #[xdp]
-#[expect(clippy::needless_pass_by_value, reason = "the aya macro fixes the entry point's signature")]
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "the aya macro fixes the entry point's signature"
+)]
 pub fn zt_bench_tx(ctx: XdpContext) -> u32 {
     // SAFETY: a read of a constant the loader may have rewritten before load.
     let count = unsafe { core::ptr::read_volatile(&raw const SRC_COUNT) };

@@ -14,9 +14,14 @@ use std::{
     os::fd::{AsFd as _, AsRawFd as _, BorrowedFd},
 };
 
-use aya::maps::{HashMap as BpfHashMap, Map, MapData, RingBuf};
+use std::collections::HashMap;
+
+use aya::maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray, PerCpuValues, RingBuf};
 use tokio::io::unix::AsyncFd;
-use zt_common::{Event, FlowSummary, SUMMARY_WINDOW_NS, SummaryKey, map, program, reason};
+use zt_common::{
+    Event, FlowSummary, SUMMARY_CACHE_SLOTS, SUMMARY_WINDOW_NS, SUMMARY_WINDOW_SHIFT,
+    SummaryCacheSlot, SummaryKey, map, program, reason,
+};
 
 use super::{
     AuditError, Clock, Names, Trail,
@@ -73,14 +78,48 @@ fn lookup_and_delete(fd: BorrowedFd<'_>, key: &SummaryKey) -> io::Result<Option<
     }
 }
 
-/// Takes the summary table out of a freshly loaded object.
+/// Where the kernel keeps per-flow counts: the shared table
+/// (`map::SUMMARIES`) and each CPU's cached flow (`map::SUMMARY_CACHE`).
+pub struct Summaries {
+    table: Map,
+    cache: Map,
+}
+
+/// Takes the summary table and cache out of a freshly loaded object.
 ///
 /// # Errors
-/// When the object has no summary table.
-pub fn take_summaries(ebpf: &mut aya::Ebpf) -> Result<Map, AuditError> {
-    ebpf.take_map(map::SUMMARIES).ok_or(AuditError::MissingMap {
-        name: map::SUMMARIES,
+/// When the object lacks one of them.
+pub fn take_summaries(ebpf: &mut aya::Ebpf) -> Result<Summaries, AuditError> {
+    let mut take = |name| ebpf.take_map(name).ok_or(AuditError::MissingMap { name });
+    Ok(Summaries {
+        table: take(map::SUMMARIES)?,
+        cache: take(map::SUMMARY_CACHE)?,
     })
+}
+
+/// Which cache slots (window modulo `SUMMARY_CACHE_SLOTS`) can be collected
+/// at `now_ns` without racing the programs, oldest window first. The
+/// programs write only the slot of the current window (by a clock that lags
+/// `CLOCK_MONOTONIC` by at most a tick), so the slots two and three windows
+/// back are frozen; the latter only while the next window is still far,
+/// since it becomes the programs' slot then.
+fn collectable_slots(now_ns: u64) -> Vec<u32> {
+    let current = now_ns >> SUMMARY_WINDOW_SHIFT;
+    let into_window = now_ns & (SUMMARY_WINDOW_NS - 1);
+    let slot = |back: u64| {
+        #[expect(
+            clippy::cast_possible_truncation,
+            reason = "a remainder of SUMMARY_CACHE_SLOTS"
+        )]
+        let s = (current.wrapping_sub(back) % u64::from(SUMMARY_CACHE_SLOTS)) as u32;
+        s
+    };
+    let mut out = Vec::with_capacity(2);
+    if into_window < SUMMARY_WINDOW_NS / 4 * 3 {
+        out.push(slot(3));
+    }
+    out.push(slot(2));
+    out
 }
 
 fn mono_ns() -> u64 {
@@ -90,7 +129,7 @@ fn mono_ns() -> u64 {
 /// The kernel side of the trail, for one loaded program set.
 pub struct Feed {
     ring: AsyncFd<RingBuf<MapData>>,
-    summaries: Map,
+    summaries: Summaries,
     names: Names,
     clock: Clock,
     /// `(EVENTS_SUPPRESSED, EVENTS_LOST)` already reported, per program.
@@ -98,15 +137,25 @@ pub struct Feed {
 }
 
 impl Feed {
-    /// Takes over the ring buffer and the summary table (`map::SUMMARIES`).
+    /// Takes over the ring buffer and the summary table and cache.
     ///
     /// # Errors
-    /// When the ring buffer cannot be registered with the runtime or the
-    /// summary table has the wrong type.
-    pub fn new(ring: RingBuf<MapData>, summaries: Map, names: Names) -> Result<Self, AuditError> {
-        BpfHashMap::<&MapData, SummaryKey, FlowSummary>::try_from(&summaries).map_err(
+    /// When the ring buffer cannot be registered with the runtime or a
+    /// summary map has the wrong type.
+    pub fn new(
+        ring: RingBuf<MapData>,
+        summaries: Summaries,
+        names: Names,
+    ) -> Result<Self, AuditError> {
+        BpfHashMap::<&MapData, SummaryKey, FlowSummary>::try_from(&summaries.table).map_err(
             |source| AuditError::Map {
                 name: map::SUMMARIES,
+                source,
+            },
+        )?;
+        PerCpuArray::<&MapData, SummaryCacheSlot>::try_from(&summaries.cache).map_err(
+            |source| AuditError::Map {
+                name: map::SUMMARY_CACHE,
                 source,
             },
         )?;
@@ -160,18 +209,21 @@ impl Feed {
 
     /// Removes summaries whose window is over and can no longer change
     /// (every one when `all`, once the programs are gone) and writes a
-    /// summary record for each with a count. Windows with no count are
-    /// removed too, so the table only holds recent flows.
+    /// summary record for each with a count: the table's count plus what
+    /// the CPUs' caches counted for the same flow and window. Windows with
+    /// no count are removed too, so the table only holds recent flows.
     ///
     /// # Errors
-    /// When the table cannot be read or appending fails.
+    /// When a map cannot be read or written, or appending fails.
     pub fn sweep(&mut self, trail: &mut Trail, all: bool) -> Result<(), AuditError> {
         let now = mono_ns();
-        let table = BpfHashMap::<&MapData, SummaryKey, FlowSummary>::try_from(&self.summaries)
-            .map_err(|source| AuditError::Map {
-                name: map::SUMMARIES,
-                source,
-            })?;
+        let mut cached = self.collect_cache(all, now)?;
+        let table =
+            BpfHashMap::<&MapData, SummaryKey, FlowSummary>::try_from(&self.summaries.table)
+                .map_err(|source| AuditError::Map {
+                    name: map::SUMMARIES,
+                    source,
+                })?;
         let due: Vec<SummaryKey> = table
             .iter()
             .filter_map(Result::ok)
@@ -181,7 +233,7 @@ impl Feed {
             .filter(|(k, _)| all || u64::from(k.window) + 1 < now / SUMMARY_WINDOW_NS)
             .map(|(k, _)| k)
             .collect();
-        let fd = match &self.summaries {
+        let fd = match &self.summaries.table {
             Map::HashMap(d) | Map::LruHashMap(d) => d.fd().as_fd(),
             _ => {
                 return Err(AuditError::WrongMapType {
@@ -194,12 +246,75 @@ impl Feed {
             // the walk and now is in it.
             let value =
                 lookup_and_delete(fd, &key).map_err(|source| AuditError::Sweep { source })?;
-            if let Some(v) = value.filter(|v| v.suppressed > 0) {
-                let body = record::summary(&key, &v, &self.names, &self.clock);
-                trail.push(record::now_ns(), body)?;
+            if let Some(mut v) = value {
+                v.suppressed += cached.remove(&key).unwrap_or(0);
+                if v.suppressed > 0 {
+                    trail.push(
+                        record::now_ns(),
+                        record::summary(&key, &v, &self.names, &self.clock),
+                    )?;
+                }
             }
         }
+        // Counts of flows whose table entry is gone (evicted, or swept
+        // before the cache was collected).
+        for (key, count) in cached {
+            let v = FlowSummary {
+                window_start_ns: u64::from(key.window) << SUMMARY_WINDOW_SHIFT,
+                suppressed: count,
+            };
+            trail.push(
+                record::now_ns(),
+                record::summary(&key, &v, &self.names, &self.clock),
+            )?;
+        }
         Ok(())
+    }
+
+    /// Takes the counts out of the cache slots no program writes now (all
+    /// of them when `all`), zeroing them, summed per flow and window.
+    fn collect_cache(
+        &mut self,
+        all: bool,
+        now_ns: u64,
+    ) -> Result<HashMap<SummaryKey, u64>, AuditError> {
+        let map_error = |source| AuditError::Map {
+            name: map::SUMMARY_CACHE,
+            source,
+        };
+        let mut cache =
+            PerCpuArray::<&mut MapData, SummaryCacheSlot>::try_from(&mut self.summaries.cache)
+                .map_err(map_error)?;
+        let slots = if all {
+            (0..SUMMARY_CACHE_SLOTS).collect()
+        } else {
+            collectable_slots(now_ns)
+        };
+        let mut out: HashMap<SummaryKey, u64> = HashMap::new();
+        for slot in slots {
+            let mut values: Vec<SummaryCacheSlot> =
+                cache.get(&slot, 0).map_err(map_error)?.to_vec();
+            if values.iter().all(|v| v.count == 0) {
+                continue;
+            }
+            for v in &mut values {
+                if v.count > 0 {
+                    *out.entry(v.key).or_default() += v.count;
+                    v.count = 0;
+                }
+            }
+            let values =
+                PerCpuValues::try_from(values).map_err(|source| AuditError::Sweep { source })?;
+            cache.set(slot, values, 0).map_err(map_error)?;
+        }
+        if !all && collectable_slots(mono_ns()).len() < collectable_slots(now_ns).len() {
+            // The collection ran into the last quarter of a window: the
+            // oldest slot may have become the programs' own meanwhile.
+            tracing::warn!(
+                "audit: the summary cache was collected late; a flow's summary count may be off"
+            );
+        }
+        Ok(out)
     }
 
     /// Writes a `lost` record for each program whose rate-limit or
@@ -232,5 +347,45 @@ impl Feed {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_slots_the_programs_cannot_be_writing_are_collected() {
+        let window = |w: u64, fraction: f64| {
+            #[expect(
+                clippy::cast_possible_truncation,
+                clippy::cast_sign_loss,
+                clippy::cast_precision_loss,
+                reason = "test arithmetic on small values"
+            )]
+            let into = (SUMMARY_WINDOW_NS as f64 * fraction) as u64;
+            (w << SUMMARY_WINDOW_SHIFT) + into
+        };
+        // Window 10 is slot 2; the programs write it now, and slot 3
+        // (window 11) from the next window on. Slots 0 and 1 hold windows 8
+        // and 7 (or older): frozen.
+        assert_eq!(collectable_slots(window(10, 0.0)), vec![3, 0]);
+        assert_eq!(collectable_slots(window(10, 0.5)), vec![3, 0]);
+        // Late in the window, slot 3 is about to become the programs' slot.
+        assert_eq!(collectable_slots(window(10, 0.8)), vec![0]);
+        assert_eq!(collectable_slots(window(10, 0.999)), vec![0]);
+        // Never the current window's slot, nor the one before it (the
+        // kernel's coarse clock may still be there).
+        for w in 4..12 {
+            for f in [0.0, 0.3, 0.6, 0.9] {
+                let slots = collectable_slots(window(w, f));
+                let current = u32::try_from(w % 4).unwrap_or(0);
+                assert!(!slots.contains(&current), "window {w}+{f}: {slots:?}");
+                assert!(
+                    !slots.contains(&((current + 3) % 4)),
+                    "window {w}+{f}: {slots:?}"
+                );
+            }
+        }
     }
 }

@@ -1,0 +1,225 @@
+//! Tier 2: the kernel half of the audit trail, through `BPF_PROG_TEST_RUN`.
+//! Per-flow summarising keeps a flow's later decisions of a window in one
+//! of two places: the CPU's summary cache (the first flow the CPU summarised
+//! in the window) or the shared summary table (every other flow). These
+//! tests read the ring buffer and both maps after crafted runs and check
+//! where each decision went, and that none went missing. Needs root.
+
+mod tier2;
+
+use std::{
+    net::Ipv4Addr,
+    thread,
+    time::{Duration, Instant},
+};
+
+use aya::maps::{HashMap as BpfHashMap, PerCpuArray, RingBuf};
+use tier2::Programs;
+use zt_common::{
+    Event, FlowSummary, SUMMARY_CACHE_SLOTS, SUMMARY_WINDOW_NS, SUMMARY_WINDOW_SHIFT,
+    SummaryCacheSlot, SummaryKey, map, program, reason,
+};
+use zt_tests::packet::{Ipv4, Transport, eth_v4};
+use ztxdp::policy::{EchoRate, EdgePolicy};
+
+const HOST_V4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+const FLOW_A: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
+const FLOW_B: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 11);
+const CLOSED_PORT: u16 = 9;
+/// Runs per flow: far more than the one event a flow sends per window.
+const RUNS: u64 = 500;
+
+fn policy() -> EdgePolicy {
+    EdgePolicy {
+        interface: "eth0".into(),
+        wireguard_ports: vec![51_820],
+        ssh_port: 22,
+        ssh_allow: vec![],
+        icmp_echo: EchoRate::default(),
+    }
+}
+
+/// A UDP packet from `src` to a closed port: denied, and audited.
+fn denied(src: Ipv4Addr) -> Vec<u8> {
+    eth_v4(&Ipv4::new(src, HOST_V4), &Transport::udp(CLOSED_PORT))
+}
+
+fn mono_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
+    assert_eq!(rc, 0, "clock_gettime: {}", std::io::Error::last_os_error());
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
+}
+
+/// Keeps this test's thread on the CPU it is on, so every run uses the same
+/// per-CPU cache, and waits for a fresh window if the current one ends within
+/// `needed`, so that all runs fall into one window.
+fn one_cpu_one_window(needed: Duration) {
+    // SAFETY: sched_getcpu has no preconditions; the set is plain data
+    // handed to sched_setaffinity for the calling thread (pid 0).
+    unsafe {
+        let cpu = usize::try_from(libc::sched_getcpu()).unwrap_or(0);
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        let rc = libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw const set);
+        assert_eq!(
+            rc,
+            0,
+            "sched_setaffinity: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    let into = mono_ns() & (SUMMARY_WINDOW_NS - 1);
+    let left = Duration::from_nanos(SUMMARY_WINDOW_NS - into);
+    if left < needed {
+        thread::sleep(left + Duration::from_millis(10));
+    }
+}
+
+fn run(p: &mut Programs, src: Ipv4Addr, times: u64) {
+    for i in 0..times {
+        let r = p
+            .edge(&denied(src))
+            .unwrap_or_else(|e| panic!("run {i} from {src}: {e:?}"));
+        assert_eq!(
+            r.reason,
+            reason::DROP_PORT_NOT_ALLOWED,
+            "run {i} from {src}"
+        );
+    }
+}
+
+fn source(key_src: &[u8; 16]) -> Ipv4Addr {
+    Ipv4Addr::new(key_src[0], key_src[1], key_src[2], key_src[3])
+}
+
+/// The events in the ring buffer, as (source, carried count).
+fn events(p: &mut Programs) -> Vec<(Ipv4Addr, u32)> {
+    let m = p
+        .ebpf
+        .map_mut(map::EVENTS)
+        .unwrap_or_else(|| panic!("no map {}", map::EVENTS));
+    let mut ring = RingBuf::try_from(m).unwrap_or_else(|e| panic!("ring buffer: {e:?}"));
+    let mut out = Vec::new();
+    while let Some(item) = ring.next() {
+        assert!(item.len() >= size_of::<Event>(), "short event");
+        // SAFETY: the kernel wrote a whole Event (checked length).
+        let e: Event = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+        out.push((source(&e.src), e.suppressed));
+    }
+    out
+}
+
+/// The summary table's counts per source.
+fn table(p: &Programs) -> Vec<(Ipv4Addr, u64)> {
+    let m = p
+        .ebpf
+        .map(map::SUMMARIES)
+        .unwrap_or_else(|| panic!("no map {}", map::SUMMARIES));
+    let t = BpfHashMap::<_, SummaryKey, FlowSummary>::try_from(m)
+        .unwrap_or_else(|e| panic!("summary table: {e:?}"));
+    let mut out: Vec<(Ipv4Addr, u64)> = t
+        .iter()
+        .map(|r| r.unwrap_or_else(|e| panic!("summary table: {e:?}")))
+        .map(|(k, v)| (source(&k.src), v.suppressed))
+        .collect();
+    out.sort_unstable();
+    out
+}
+
+/// Cache slots with a count, on any CPU, as (source, window, count).
+fn cache(p: &Programs) -> Vec<(Ipv4Addr, u32, u64)> {
+    let m = p
+        .ebpf
+        .map(map::SUMMARY_CACHE)
+        .unwrap_or_else(|| panic!("no map {}", map::SUMMARY_CACHE));
+    let c = PerCpuArray::<_, SummaryCacheSlot>::try_from(m)
+        .unwrap_or_else(|e| panic!("summary cache: {e:?}"));
+    let mut out = Vec::new();
+    for i in 0..SUMMARY_CACHE_SLOTS {
+        let values = c
+            .get(&i, 0)
+            .unwrap_or_else(|e| panic!("summary cache slot {i}: {e:?}"));
+        for v in values.iter().filter(|v| v.count > 0) {
+            out.push((source(&v.key.src), v.key.window, v.count));
+        }
+    }
+    out
+}
+
+fn suppressed_counter(p: &Programs) -> u64 {
+    p.tables
+        .counters(program::EDGE)
+        .unwrap_or_else(|e| panic!("counters: {e:?}"))
+        .get(&reason::EVENTS_SUPPRESSED)
+        .copied()
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_one_flow_flood_is_counted_in_the_cpu_cache() {
+    one_cpu_one_window(Duration::from_millis(500));
+    let mut p = Programs::load(true, Some(&policy()), None);
+    let window = u32::try_from(mono_ns() >> SUMMARY_WINDOW_SHIFT).unwrap_or(0);
+    run(&mut p, FLOW_A, RUNS);
+    // One event; the table has the flow, with nothing counted there; every
+    // later decision is in this CPU's cache slot for the window.
+    assert_eq!(events(&mut p), vec![(FLOW_A, 0)]);
+    assert_eq!(table(&p), vec![(FLOW_A, 0)]);
+    let cached = cache(&p);
+    assert_eq!(cached.len(), 1, "cache slots with a count: {cached:?}");
+    let (src, w, count) = cached[0];
+    assert_eq!((src, count), (FLOW_A, RUNS - 1), "{cached:?}");
+    // The kernel's clock is a tick behind at most.
+    assert!(
+        w == window || w + 1 == window,
+        "slot window {w}, test window {window}"
+    );
+    assert_eq!(suppressed_counter(&p), 0);
+}
+
+#[test]
+fn a_second_flow_of_the_window_is_counted_in_the_table() {
+    one_cpu_one_window(Duration::from_millis(500));
+    let mut p = Programs::load(true, Some(&policy()), None);
+    // A takes the CPU's slot for the window; B, and A after it, come later.
+    run(&mut p, FLOW_A, 1);
+    run(&mut p, FLOW_B, RUNS);
+    run(&mut p, FLOW_A, RUNS);
+    let mut sent = events(&mut p);
+    sent.sort_unstable();
+    assert_eq!(sent, vec![(FLOW_A, 0), (FLOW_B, 0)]);
+    assert_eq!(table(&p), vec![(FLOW_A, 0), (FLOW_B, RUNS - 1)]);
+    let cached: Vec<(Ipv4Addr, u64)> = cache(&p).into_iter().map(|(s, _, n)| (s, n)).collect();
+    assert_eq!(cached, vec![(FLOW_A, RUNS)]);
+}
+
+#[test]
+fn a_count_left_in_the_cache_too_long_is_still_counted() {
+    // User space collects a slot two windows after it; when nobody has when
+    // the slot comes round again, the program counts what it held as
+    // decisions not sent, rather than dropping it.
+    one_cpu_one_window(Duration::from_millis(500));
+    let mut p = Programs::load(true, Some(&policy()), None);
+    let start = Instant::now();
+    run(&mut p, FLOW_A, RUNS);
+    assert_eq!(suppressed_counter(&p), 0);
+    let cycle = Duration::from_nanos(SUMMARY_WINDOW_NS * u64::from(SUMMARY_CACHE_SLOTS));
+    thread::sleep(cycle.saturating_sub(start.elapsed()) + Duration::from_millis(50));
+    run(&mut p, FLOW_A, 1);
+    assert_eq!(
+        suppressed_counter(&p),
+        RUNS - 1,
+        "the stale slot's count must move to events_suppressed"
+    );
+    // The slot now counts the new window, from zero.
+    let cached = cache(&p);
+    assert!(
+        cached.iter().all(|&(_, _, n)| n != RUNS - 1),
+        "the stale count is still cached: {cached:?}"
+    );
+}
