@@ -133,6 +133,18 @@ fn table(p: &Programs) -> Vec<(Ipv4Addr, u64)> {
 
 /// Cache slots with a count, on any CPU, as (source, window, count).
 fn cache(p: &Programs) -> Vec<(Ipv4Addr, u32, u64)> {
+    cached_slots(p)
+        .iter()
+        .map(|v| (source(&v.key.src), v.key.window, v.count))
+        .collect()
+}
+
+fn cached_keys(p: &Programs) -> Vec<SummaryKey> {
+    cached_slots(p).iter().map(|v| v.key).collect()
+}
+
+/// Cache slots with a count, on any CPU.
+fn cached_slots(p: &Programs) -> Vec<SummaryCacheSlot> {
     let m = p
         .ebpf
         .map(map::SUMMARY_CACHE)
@@ -144,9 +156,7 @@ fn cache(p: &Programs) -> Vec<(Ipv4Addr, u32, u64)> {
         let values = c
             .get(&i, 0)
             .unwrap_or_else(|e| panic!("summary cache slot {i}: {e:?}"));
-        for v in values.iter().filter(|v| v.count > 0) {
-            out.push((source(&v.key.src), v.key.window, v.count));
-        }
+        out.extend(values.iter().filter(|v| v.count > 0));
     }
     out
 }
@@ -174,6 +184,14 @@ fn a_one_flow_flood_is_counted_in_the_cpu_cache() {
     assert_eq!(cached.len(), 1, "cache slots with a count: {cached:?}");
     let (src, w, count) = cached[0];
     assert_eq!((src, count), (FLOW_A, RUNS - 1), "{cached:?}");
+    // Every field of the key the program laid out word by word.
+    let key = cached_keys(&p)[0];
+    assert_eq!(source(&key.dst), HOST_V4);
+    assert_eq!((key.src_port, key.dst_port), (40_000, CLOSED_PORT));
+    assert_eq!(key.reason, reason::DROP_PORT_NOT_ALLOWED);
+    assert_eq!((key.protocol, key.ip_version), (17, 4));
+    assert_eq!(u32::from(key.program), program::EDGE);
+    assert_eq!(key._pad, 0);
     // The kernel's clock is a tick behind at most.
     assert!(
         w == window || w + 1 == window,

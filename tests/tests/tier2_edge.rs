@@ -1038,6 +1038,7 @@ fn every_map_name_exists_in_the_object() {
         map::ECHO_BUCKETS,
         map::SUMMARIES,
         map::SUMMARY_CACHE,
+        map::CLOCK,
         map::LOCAL_PORTS,
     ];
     let ebpf = ztxdp::loader::load(ztxdp::loader::LoadOptions::default())

@@ -108,9 +108,18 @@ fn mark_local_port(protocol: u8, port: u16) {
     }
 }
 
-/// A second look at a packet the policy dropped with `code`.
+/// A second look at a packet the policy dropped with `code`. `ifindex`
+/// reads the receiving device only when a flow key needs it: on XDP that
+/// is three dependent loads, which most denied packets never pay.
 #[inline(always)]
-pub fn second_chance(b: &Bounds, p: &Packet, code: u32, prog: u32, ifindex: u32, now: u64) -> u32 {
+pub fn second_chance(
+    b: &Bounds,
+    p: &Packet,
+    code: u32,
+    prog: u32,
+    ifindex: &impl Fn() -> u32,
+    now: u64,
+) -> u32 {
     // Parse-level drops and fragments are never rescued.
     if p.l3 == L3::Arp || p.fragment == Fragment::Later {
         return code;
@@ -144,7 +153,7 @@ pub fn second_chance(b: &Bounds, p: &Packet, code: u32, prog: u32, ifindex: u32,
             }
             (L3::Ipv4, ICMP_ECHO_REPLY) | (L3::Ipv6, ICMPV6_ECHO_REPLY) => {
                 let key = flow_key(
-                    ifindex,
+                    ifindex(),
                     &p.dst.0,
                     &p.src.0,
                     (p.icmp_id, 0),
@@ -159,13 +168,13 @@ pub fn second_chance(b: &Bounds, p: &Packet, code: u32, prog: u32, ifindex: u32,
             }
             (L3::Ipv4, ICMP_DEST_UNREACHABLE | ICMP_TIME_EXCEEDED)
             | (L3::Ipv6, ICMPV6_DEST_UNREACHABLE | ICMPV6_PACKET_TOO_BIG | ICMPV6_TIME_EXCEEDED) => {
-                related(b, p, cfg, now, ifindex)
+                related(b, p, cfg, now, ifindex())
             }
             _ => code,
         };
     }
     let key = flow_key(
-        ifindex,
+        ifindex(),
         &p.dst.0,
         &p.src.0,
         (p.dst_port, p.src_port),

@@ -35,13 +35,13 @@ mod verdict;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action},
-    helpers::bpf_ktime_get_coarse_ns,
+    helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns},
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
 use zt_common::{program, reason};
 
-use crate::parse::Bounds;
+use crate::{maps::ZT_CLOCK, parse::Bounds};
 
 /// Set by the loader before load: 1 when the tunnel device has an Ethernet
 /// header (a veth in tests), 0 for a WireGuard device, where the packet
@@ -61,21 +61,21 @@ const TC_LINEAR_WANT: u32 = 128;
 pub fn zt_edge(ctx: XdpContext) -> u32 {
     let b = Bounds::new(ctx.data(), ctx.data_end());
     // SAFETY: ctx.ctx points at the kernel's xdp_md for this program run.
-    let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
-    let now = coarse_now();
+    let ifindex = || unsafe { (*ctx.ctx).ingress_ifindex };
+    let now = now();
     let code = match parse::parse_ethernet(&b) {
         Ok(p) => {
             let mut code = verdict::edge(&p);
             if !reason::is_allow(code) && code != reason::DROP_NOT_CONFIGURED {
-                code = flows::second_chance(&b, &p, code, program::EDGE, ifindex, now);
+                code = flows::second_chance(&b, &p, code, program::EDGE, &ifindex, now);
             }
-            record::decision(program::EDGE, ifindex, Some(&p), code, None, now);
+            record::decision(program::EDGE, &ifindex, Some(&p), code, None, now);
             code
         }
         // Fail closed: an unparseable frame is a counted drop, never a pass.
         Err(e) => {
             let code = verdict::parse_error_reason(e);
-            record::decision(program::EDGE, ifindex, None, code, None, now);
+            record::decision(program::EDGE, &ifindex, None, code, None, now);
             code
         }
     };
@@ -93,8 +93,8 @@ pub fn zt_edge(ctx: XdpContext) -> u32 {
 )]
 pub fn zt_tunnel(ctx: TcContext) -> i32 {
     let b = linear_headers(&ctx);
-    let ifindex = skb_ifindex(&ctx);
-    let now = coarse_now();
+    let ifindex = || skb_ifindex(&ctx);
+    let now = now();
     let parsed = if tunnel_l2() {
         parse::parse_ethernet(&b)
     } else {
@@ -107,17 +107,24 @@ pub fn zt_tunnel(ctx: TcContext) -> i32 {
             let peer = verdict::peer_of(&p);
             let mut code = verdict::tunnel(&p, peer);
             if !reason::is_allow(code) {
-                code = flows::second_chance(&b, &p, code, program::TUNNEL, ifindex, now);
+                code = flows::second_chance(&b, &p, code, program::TUNNEL, &ifindex, now);
             }
             if let Some(peer) = &peer {
                 record::count_peer(peer, reason::is_allow(code));
             }
-            record::decision(program::TUNNEL, ifindex, Some(&p), code, peer.as_ref(), now);
+            record::decision(
+                program::TUNNEL,
+                &ifindex,
+                Some(&p),
+                code,
+                peer.as_ref(),
+                now,
+            );
             code
         }
         Err(e) => {
             let code = verdict::parse_error_reason(e);
-            record::decision(program::TUNNEL, ifindex, None, code, None, now);
+            record::decision(program::TUNNEL, &ifindex, None, code, None, now);
             code
         }
     };
@@ -138,7 +145,7 @@ pub fn zt_tunnel(ctx: TcContext) -> i32 {
 pub fn zt_edge_out(ctx: TcContext) -> i32 {
     let b = linear_headers(&ctx);
     if let Ok(p) = parse::parse_ethernet(&b) {
-        flows::record_egress(&p, skb_ifindex(&ctx), coarse_now());
+        flows::record_egress(&p, skb_ifindex(&ctx), now());
     }
     TC_ACT_OK
 }
@@ -157,19 +164,35 @@ pub fn zt_tunnel_out(ctx: TcContext) -> i32 {
         parse::parse_ip(&b)
     };
     if let Ok(p) = parsed {
-        flows::record_egress(&p, skb_ifindex(&ctx), coarse_now());
+        flows::record_egress(&p, skb_ifindex(&ctx), now());
     }
     TC_ACT_OK
 }
 
 /// The clock every limit and timeout runs on: `CLOCK_MONOTONIC` at jiffy
-/// resolution. It is a memory read, where the precise clock reads the TSC
-/// (expensive in a VM) and would be paid by every packet of a flood. The
-/// limits work in milliseconds and seconds, so a jiffy is precision enough.
+/// resolution (the coarse clock), read through this CPU's cache in
+/// `ZT_CLOCK`. The precise clock reads the TSC (expensive in a VM), and even
+/// the coarse clock's helper call is most of a denied packet's remaining
+/// cost; jiffies are one inlined load. The limits work in milliseconds and
+/// seconds, so a tick of precision is enough. A reading taken just as the
+/// tick moved jiffies but not yet the clock lags by one more tick until the
+/// next; it never goes backwards.
 #[inline(always)]
-fn coarse_now() -> u64 {
-    // SAFETY: bpf_ktime_get_coarse_ns has no preconditions.
-    unsafe { bpf_ktime_get_coarse_ns() }
+fn now() -> u64 {
+    // SAFETY: bpf_jiffies64 and bpf_ktime_get_coarse_ns have no preconditions.
+    let jiffies = unsafe { bpf_jiffies64() };
+    let Some(c) = ZT_CLOCK.get_ptr_mut(0) else {
+        // SAFETY: as above.
+        return unsafe { bpf_ktime_get_coarse_ns() };
+    };
+    // SAFETY: per-CPU slot; nothing else runs on this CPU meanwhile.
+    let c = unsafe { &mut *c };
+    if c.jiffies != jiffies {
+        c.jiffies = jiffies;
+        // SAFETY: as above.
+        c.ns = unsafe { bpf_ktime_get_coarse_ns() };
+    }
+    c.ns
 }
 
 /// The device the skb is on: the ingress device in `zt_tunnel`, the egress

@@ -8,8 +8,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use zt_common::{
-    COUNTER_SLOTS, EdgeConfig, EventBucket, FlowConfig, FlowKey, FlowState, FlowSummary, GrantKey,
-    PeerCounters, PeerInfo, SUMMARY_CACHE_SLOTS, SourceKey, SummaryCacheSlot, SummaryKey, capacity,
+    COUNTER_SLOTS, ClockCache, EdgeConfig, EventBucket, FlowConfig, FlowKey, FlowState,
+    FlowSummary, GrantKey, PeerCounters, PeerInfo, SUMMARY_CACHE_SLOTS, SourceKey,
+    SummaryCacheSlot, SummaryKey, capacity,
 };
 
 #[map]
@@ -72,6 +73,10 @@ pub static ZT_ECHO_BKT: LruHashMap<SourceKey, EventBucket> =
 #[map]
 pub static ZT_SUMMARY: LruHashMap<SummaryKey, FlowSummary> =
     LruHashMap::with_max_entries(capacity::SUMMARIES, 0);
+
+// Each CPU's last coarse clock reading; see main::now.
+#[map]
+pub static ZT_CLOCK: PerCpuArray<ClockCache> = PerCpuArray::with_max_entries(1, 0);
 
 // Each CPU's last summarised flow, one slot per window modulo
 // SUMMARY_CACHE_SLOTS: a flood of one flow counts here, not in ZT_SUMMARY.

@@ -102,6 +102,13 @@ impl Addr {
         out
     }
 
+    /// The address as two native-endian words, read whole.
+    #[inline(always)]
+    pub const fn words(&self) -> [u64; 2] {
+        // SAFETY: Addr is 16 bytes, aligned to 8; any bits are valid u64s.
+        unsafe { *(&raw const *self).cast::<[u64; 2]>() }
+    }
+
     /// The IPv4 address in the first four bytes.
     #[inline(always)]
     pub const fn v4_bytes(&self) -> [u8; 4] {

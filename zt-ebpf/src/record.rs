@@ -60,37 +60,43 @@ fn add(program: u32, code: u32, n: u64) {
     }
 }
 
-/// The summary key of `p`'s flow in `window`.
+/// The summary key of `p`'s flow in `window`, as the six little-endian
+/// words of `SummaryKey`'s layout. Built in registers: writing the fields
+/// one by one and reading them back as words stalls store forwarding, which
+/// cost more than the rest of the cache lookup.
 #[inline(always)]
-fn summary_key(program: u32, p: &Packet, code: u32, window: u32) -> SummaryKey {
-    SummaryKey {
-        src: p.src.0,
-        dst: p.dst.0,
-        window,
-        src_port: p.src_port,
-        dst_port: p.dst_port,
-        reason: code,
-        protocol: p.protocol,
-        ip_version: p.ip_version(),
-        program: program_id(program),
-        _pad: 0,
-    }
+fn summary_words(program: u32, p: &Packet, code: u32, window: u32) -> [u64; 6] {
+    let (src, dst) = (p.src.words(), p.dst.words());
+    [
+        src[0],
+        src[1],
+        dst[0],
+        dst[1],
+        u64::from(window) | u64::from(p.src_port) << 32 | u64::from(p.dst_port) << 48,
+        u64::from(code)
+            | u64::from(p.protocol) << 32
+            | u64::from(p.ip_version()) << 40
+            | u64::from(program_id(program)) << 48,
+    ]
 }
 
-/// Whether two keys are equal, as six word compares without branches.
+/// `words` as the key they lay out.
 #[inline(always)]
-fn same_key(a: &SummaryKey, b: &SummaryKey) -> bool {
-    // SAFETY: SummaryKey is 48 bytes, aligned to 8, with no padding bytes,
-    // so it is readable as six u64 words.
-    let (a, b) = unsafe {
-        (
-            &*(&raw const *a).cast::<[u64; 6]>(),
-            &*(&raw const *b).cast::<[u64; 6]>(),
-        )
-    };
+const fn summary_key(words: [u64; 6]) -> SummaryKey {
+    // SAFETY: SummaryKey is 48 bytes, aligned to 8, with no padding bytes
+    // (asserted in zt_common), and any bit pattern is a valid key.
+    unsafe { core::mem::transmute::<[u64; 6], SummaryKey>(words) }
+}
+
+/// Whether the key in a cache slot is `words`, as six word compares without
+/// branches.
+#[inline(always)]
+fn same_key(key: &SummaryKey, words: &[u64; 6]) -> bool {
+    // SAFETY: as in `summary_key`, so the key is readable as six words.
+    let k = unsafe { &*(&raw const *key).cast::<[u64; 6]>() };
     let mut diff = 0;
     for i in 0..6 {
-        diff |= a[i] ^ b[i];
+        diff |= k[i] ^ words[i];
     }
     diff == 0
 }
@@ -244,7 +250,7 @@ fn event_bucket(now: u64) -> Option<&'static mut EventBucket> {
 #[inline(always)]
 pub fn decision(
     program: u32,
-    ifindex: u32,
+    ifindex: &impl Fn() -> u32,
     p: Option<&Packet>,
     code: u32,
     peer: Option<&PeerInfo>,
@@ -261,12 +267,12 @@ pub fn decision(
         reason = "window numbers wrap after 146 years of uptime"
     )]
     let window = (now >> SUMMARY_WINDOW_SHIFT) as u32;
-    let flow = p.map(|p| summary_key(program, p, code, window));
+    let flow = p.map(|p| summary_words(program, p, code, window));
     let slot = ZT_SUM_CACHE.get_ptr_mut(window % SUMMARY_CACHE_SLOTS);
-    if let (Some(key), Some(slot)) = (&flow, slot) {
+    if let (Some(words), Some(slot)) = (&flow, slot) {
         // SAFETY: as in `remember`.
         let slot = unsafe { &mut *slot };
-        if same_key(&slot.key, key) {
+        if same_key(&slot.key, words) {
             slot.count += 1;
             return;
         }
@@ -284,11 +290,12 @@ pub fn decision(
         count(program, reason::EVENTS_SUPPRESSED);
         return;
     };
-    let carried = match &flow {
-        Some(key) => {
-            let sent = summarise(key, now);
+    let carried = match flow {
+        Some(words) => {
+            let key = summary_key(words);
+            let sent = summarise(&key, now);
             if let Some(slot) = slot {
-                remember(slot, key);
+                remember(slot, &key);
             }
             match sent {
                 Some(c) => c,
@@ -313,7 +320,7 @@ pub fn decision(
         // The event's own time is precise; `now` is the coarse clock the
         // limits run on.
         (*e).ts_ns = bpf_ktime_get_ns();
-        (*e).ifindex = ifindex;
+        (*e).ifindex = ifindex();
         (*e).reason = code;
         (*e).program = program_id(program);
         (*e).peer = peer.map_or(NO_PEER, |p| p.index);
