@@ -349,6 +349,17 @@ pub const SUMMARY_WINDOW_SHIFT: u32 = 30;
 /// Length of a summarising window.
 pub const SUMMARY_WINDOW_NS: u64 = 1 << SUMMARY_WINDOW_SHIFT;
 
+/// The summarising window that `ns` (`CLOCK_MONOTONIC`) falls in, as the
+/// programs and user space both number it.
+#[must_use]
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "window numbers wrap after 146 years of uptime"
+)]
+pub const fn summary_window(ns: u64) -> u32 {
+    (ns >> SUMMARY_WINDOW_SHIFT) as u32
+}
+
 /// Key of a summarised flow: the decision's addresses, ports, protocol,
 /// reason and program. Addresses first and 8-byte aligned, so that building
 /// and comparing a key are whole-word moves.
@@ -373,6 +384,13 @@ pub struct SummaryKey {
 /// user space collects it two windows later: four slots leave user space a
 /// whole window to do so before the slot comes round again.
 pub const SUMMARY_CACHE_SLOTS: u32 = 4;
+
+/// The summary cache slot a window's counts go to: the programs write it,
+/// user space collects it, so both take it from here.
+#[must_use]
+pub const fn summary_cache_slot(window: u32) -> u32 {
+    window % SUMMARY_CACHE_SLOTS
+}
 
 /// One CPU's cached flow for one window: the flow (already sent its event
 /// in that window) and the decisions counted here instead of in

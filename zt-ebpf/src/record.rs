@@ -24,8 +24,8 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 
 use zt_common::{
-    DENY_EVENTS_PER_SEC, Event, EventBucket, FlowSummary, NO_PEER, PeerInfo, SUMMARY_CACHE_SLOTS,
-    SUMMARY_WINDOW_SHIFT, SummaryCacheSlot, SummaryKey, counter_index, proto, reason, tcp_flag,
+    DENY_EVENTS_PER_SEC, Event, EventBucket, FlowSummary, NO_PEER, PeerInfo, SummaryCacheSlot,
+    SummaryKey, counter_index, proto, reason, summary_cache_slot, summary_window, tcp_flag,
 };
 
 use crate::{
@@ -262,13 +262,9 @@ pub fn decision(
     }
     // The cheapest case first: this CPU already counts the flow for this
     // window. This is what every packet of a one-flow flood takes.
-    #[expect(
-        clippy::cast_possible_truncation,
-        reason = "window numbers wrap after 146 years of uptime"
-    )]
-    let window = (now >> SUMMARY_WINDOW_SHIFT) as u32;
+    let window = summary_window(now);
     let flow = p.map(|p| summary_words(program, p, code, window));
-    let slot = ZT_SUM_CACHE.get_ptr_mut(window % SUMMARY_CACHE_SLOTS);
+    let slot = ZT_SUM_CACHE.get_ptr_mut(summary_cache_slot(window));
     if let (Some(words), Some(slot)) = (&flow, slot) {
         // SAFETY: as in `remember`.
         let slot = unsafe { &mut *slot };

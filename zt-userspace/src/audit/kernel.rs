@@ -9,18 +9,17 @@
 //! counts.
 
 use std::{
+    collections::HashMap,
     io,
     mem::size_of,
     os::fd::{AsFd as _, AsRawFd as _, BorrowedFd},
 };
 
-use std::collections::HashMap;
-
 use aya::maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray, PerCpuValues, RingBuf};
 use tokio::io::unix::AsyncFd;
 use zt_common::{
     Event, FlowSummary, SUMMARY_CACHE_SLOTS, SUMMARY_WINDOW_NS, SUMMARY_WINDOW_SHIFT,
-    SummaryCacheSlot, SummaryKey, map, program, reason,
+    SummaryCacheSlot, SummaryKey, map, program, reason, summary_cache_slot, summary_window,
 };
 
 use super::{
@@ -104,16 +103,9 @@ pub fn take_summaries(ebpf: &mut aya::Ebpf) -> Result<Summaries, AuditError> {
 /// back are frozen; the latter only while the next window is still far,
 /// since it becomes the programs' slot then.
 fn collectable_slots(now_ns: u64) -> Vec<u32> {
-    let current = now_ns >> SUMMARY_WINDOW_SHIFT;
+    let current = summary_window(now_ns);
     let into_window = now_ns & (SUMMARY_WINDOW_NS - 1);
-    let slot = |back: u64| {
-        #[expect(
-            clippy::cast_possible_truncation,
-            reason = "a remainder of SUMMARY_CACHE_SLOTS"
-        )]
-        let s = (current.wrapping_sub(back) % u64::from(SUMMARY_CACHE_SLOTS)) as u32;
-        s
-    };
+    let slot = |back: u32| summary_cache_slot(current.wrapping_sub(back));
     let mut out = Vec::with_capacity(2);
     if into_window < SUMMARY_WINDOW_NS / 4 * 3 {
         out.push(slot(3));
@@ -230,7 +222,7 @@ impl Feed {
             // Only windows two or more behind the current one: the kernel
             // still adds to the current window and takes over the previous
             // one's count when a flow's next window opens.
-            .filter(|(k, _)| all || u64::from(k.window) + 1 < now / SUMMARY_WINDOW_NS)
+            .filter(|(k, _)| all || u64::from(k.window) + 1 < u64::from(summary_window(now)))
             .map(|(k, _)| k)
             .collect();
         let fd = match &self.summaries.table {
