@@ -14,10 +14,10 @@ use std::{
 };
 
 use aya::maps::{HashMap as BpfHashMap, PerCpuArray, RingBuf};
-use tier2::Programs;
+use tier2::{Programs, monotonic_ns};
 use zt_common::{
-    Event, FlowSummary, SUMMARY_CACHE_SLOTS, SUMMARY_WINDOW_NS, SUMMARY_WINDOW_SHIFT,
-    SummaryCacheSlot, SummaryKey, map, program, reason,
+    Event, FlowSummary, SUMMARY_CACHE_SLOTS, SUMMARY_WINDOW_NS, SummaryCacheSlot, SummaryKey, map,
+    program, reason, summary_window,
 };
 use zt_tests::packet::{Ipv4, Transport, eth_v4};
 use ztxdp::policy::{EchoRate, EdgePolicy};
@@ -44,17 +44,6 @@ fn denied(src: Ipv4Addr) -> Vec<u8> {
     eth_v4(&Ipv4::new(src, HOST_V4), &Transport::udp(CLOSED_PORT))
 }
 
-fn mono_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes one timespec.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
-    assert_eq!(rc, 0, "clock_gettime: {}", std::io::Error::last_os_error());
-    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
-}
-
 /// Keeps this test's thread on the CPU it is on, so every run uses the same
 /// per-CPU cache, and waits for a fresh window if the current one ends within
 /// `needed`, so that all runs fall into one window.
@@ -73,7 +62,7 @@ fn one_cpu_one_window(needed: Duration) {
             std::io::Error::last_os_error()
         );
     }
-    let into = mono_ns() & (SUMMARY_WINDOW_NS - 1);
+    let into = monotonic_ns() & (SUMMARY_WINDOW_NS - 1);
     let left = Duration::from_nanos(SUMMARY_WINDOW_NS - into);
     if left < needed {
         thread::sleep(left + Duration::from_millis(10));
@@ -161,20 +150,11 @@ fn cached_slots(p: &Programs) -> Vec<SummaryCacheSlot> {
     out
 }
 
-fn suppressed_counter(p: &Programs) -> u64 {
-    p.tables
-        .counters(program::EDGE)
-        .unwrap_or_else(|e| panic!("counters: {e:?}"))
-        .get(&reason::EVENTS_SUPPRESSED)
-        .copied()
-        .unwrap_or(0)
-}
-
 #[test]
 fn a_one_flow_flood_is_counted_in_the_cpu_cache() {
     one_cpu_one_window(Duration::from_millis(500));
     let mut p = Programs::load(true, Some(&policy()), None);
-    let window = u32::try_from(mono_ns() >> SUMMARY_WINDOW_SHIFT).unwrap_or(0);
+    let window = summary_window(monotonic_ns());
     run(&mut p, FLOW_A, RUNS);
     // One event; the table has the flow, with nothing counted there; every
     // later decision is in this CPU's cache slot for the window.
@@ -197,7 +177,7 @@ fn a_one_flow_flood_is_counted_in_the_cpu_cache() {
         w == window || w + 1 == window,
         "slot window {w}, test window {window}"
     );
-    assert_eq!(suppressed_counter(&p), 0);
+    assert_eq!(p.counter(program::EDGE, reason::EVENTS_SUPPRESSED), 0);
 }
 
 #[test]
@@ -225,12 +205,12 @@ fn a_count_left_in_the_cache_too_long_is_still_counted() {
     let mut p = Programs::load(true, Some(&policy()), None);
     let start = Instant::now();
     run(&mut p, FLOW_A, RUNS);
-    assert_eq!(suppressed_counter(&p), 0);
+    assert_eq!(p.counter(program::EDGE, reason::EVENTS_SUPPRESSED), 0);
     let cycle = Duration::from_nanos(SUMMARY_WINDOW_NS * u64::from(SUMMARY_CACHE_SLOTS));
     thread::sleep(cycle.saturating_sub(start.elapsed()) + Duration::from_millis(50));
     run(&mut p, FLOW_A, 1);
     assert_eq!(
-        suppressed_counter(&p),
+        p.counter(program::EDGE, reason::EVENTS_SUPPRESSED),
         RUNS - 1,
         "the stale slot's count must move to events_suppressed"
     );

@@ -23,7 +23,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tier2::{Case, Prog, Programs, Rng, env_count, env_seed};
+use tier2::{Case, Prog, Programs, Rng, env_count, env_seed, monotonic_ns};
 use zt_common::{
     program, proto, reason,
     tcp_flag::{ACK, FIN, RST, SYN},
@@ -118,23 +118,6 @@ fn long() -> FlowSettings {
         icmp: hour,
         ..FlowSettings::default()
     }
-}
-
-/// `bpf_ktime_get_ns`'s clock, read from user space.
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes one timespec that we own.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
-    assert_eq!(
-        rc,
-        0,
-        "clock_gettime(CLOCK_MONOTONIC): {}",
-        std::io::Error::last_os_error()
-    );
-    u64::try_from(ts.tv_sec).unwrap_or(0) * SEC + u64::try_from(ts.tv_nsec).unwrap_or(0)
 }
 
 /// Which interface a packet crosses. The tunnel programs are loaded for a
@@ -238,7 +221,7 @@ impl Host {
             .tables
             .fill_levels()
             .unwrap_or_else(|e| panic!("fill levels: {e:?}"))["flows"];
-        let created = counter(&self.progs, program::EGRESS, reason::FLOWS_CREATED);
+        let created = self.progs.counter(program::EGRESS, reason::FLOWS_CREATED);
         let model = self.model.flows();
         assert_eq!(
             (entries, created),
@@ -246,16 +229,6 @@ impl Host {
             "{when}: kernel (entries, created) against the model's"
         );
     }
-}
-
-/// Counter `code` of program `prog`, summed over CPUs.
-fn counter(p: &Programs, prog: u32, code: u32) -> u64 {
-    p.tables
-        .counters(prog)
-        .unwrap_or_else(|e| panic!("counters: {e:?}"))
-        .get(&code)
-        .copied()
-        .unwrap_or(0)
 }
 
 // Packet builders. Addresses are given in full: a flow is about who talks to whom.
@@ -472,7 +445,7 @@ fn egress_opens_flows_and_only_exact_replies_pass() {
             ),
         ],
     );
-    let replies = counter(&h.progs, program::EDGE, reason::PASS_REPLY);
+    let replies = h.progs.counter(program::EDGE, reason::PASS_REPLY);
     assert_eq!(replies, 6, "the reply counter counts exactly the replies");
     h.assert_same_table("after ingress");
 }
@@ -834,8 +807,8 @@ fn icmp_errors_pass_only_about_tracked_flows() {
             ),
         ],
     );
-    let related = counter(&h.progs, program::EDGE, reason::PASS_ICMP_RELATED);
-    let unrelated = counter(&h.progs, program::EDGE, reason::DROP_ICMP_UNRELATED);
+    let related = h.progs.counter(program::EDGE, reason::PASS_ICMP_RELATED);
+    let unrelated = h.progs.counter(program::EDGE, reason::DROP_ICMP_UNRELATED);
     assert_eq!(
         (related, unrelated),
         (7, 10),
@@ -905,8 +878,8 @@ fn echo_requests_are_held_to_the_rate_per_source() {
     h.expect(Side::Edge, &cases);
     assert_eq!(
         (
-            counter(&h.progs, program::EDGE, reason::PASS_ICMP_ECHO),
-            counter(&h.progs, program::EDGE, reason::DROP_ICMP_RATE)
+            h.progs.counter(program::EDGE, reason::PASS_ICMP_ECHO),
+            h.progs.counter(program::EDGE, reason::DROP_ICMP_RATE)
         ),
         (9, 7),
         "echo counters"

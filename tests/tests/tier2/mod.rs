@@ -133,15 +133,7 @@ impl Programs {
     /// # Panics
     /// When the run fails or the program does not return `TC_ACT_OK`.
     pub fn egress(&mut self, name: &'static str, packet: &[u8]) -> bool {
-        let created = |p: &Self| {
-            p.tables
-                .counters(program::EGRESS)
-                .unwrap_or_else(|e| panic!("reading the egress counters: {e:?}"))
-                .get(&reason::FLOWS_CREATED)
-                .copied()
-                .unwrap_or(0)
-        };
-        let before = created(self);
+        let before = self.counter(program::EGRESS, reason::FLOWS_CREATED);
         let action = test_run::<SchedClassifier>(&mut self.ebpf, name, packet)
             .unwrap_or_else(|e| panic!("{name}: test run refused: {e:?}\n{}", hex_dump(packet)));
         assert_eq!(
@@ -150,7 +142,22 @@ impl Programs {
             "{name} must never drop\n{}",
             hex_dump(packet)
         );
-        created(self) > before
+        self.counter(program::EGRESS, reason::FLOWS_CREATED) > before
+    }
+
+    /// Counter `code` of program `prog`, summed over CPUs: verdict and
+    /// bookkeeping counters alike.
+    ///
+    /// # Panics
+    /// When the counter map cannot be read.
+    #[must_use]
+    pub fn counter(&self, prog: u32, code: u32) -> u64 {
+        self.tables
+            .counters(prog)
+            .unwrap_or_else(|e| panic!("reading the counters: {e:?}"))
+            .get(&code)
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Runs `zt_edge` on `frame`.
@@ -276,6 +283,27 @@ where
         ..Default::default()
     })
     .map(|r| r.return_value)
+}
+
+/// `CLOCK_MONOTONIC`, the programs' clock, read from user space.
+///
+/// # Panics
+/// When the clock cannot be read.
+#[must_use]
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec that we own.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
+    assert_eq!(
+        rc,
+        0,
+        "clock_gettime(CLOCK_MONOTONIC): {}",
+        std::io::Error::last_os_error()
+    );
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
 }
 
 /// A program shared by the tests of one crate. Loading once keeps the
