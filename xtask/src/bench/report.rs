@@ -141,6 +141,32 @@ impl Report {
         out
     }
 
+    /// A Markdown table under `title`: one row per filter, one column per
+    /// traffic mix, each cell `cell` of the aggregated row ("n/a" if none).
+    fn filter_table(
+        &self,
+        md: &mut String,
+        title: &str,
+        header: &[String],
+        traffics: &[TrafficKind],
+        rows: &[Row],
+        cell: impl Fn(&Row) -> String,
+    ) {
+        let _ = writeln!(
+            md,
+            "{title}\n\n| filter | {} |\n|---|{}",
+            header.join(" | "),
+            "---|".repeat(traffics.len())
+        );
+        for &f in &self.plan.filters {
+            let cells: Vec<String> = traffics
+                .iter()
+                .map(|t| Self::row(rows, f, *t).map_or("n/a".to_owned(), &cell))
+                .collect();
+            let _ = writeln!(md, "| {} | {} |", filter_name(f), cells.join(" | "));
+        }
+    }
+
     /// Writes latest.json, latest.md and the plots into `out`, and prints
     /// the Markdown.
     ///
@@ -275,41 +301,25 @@ impl Report {
                 .iter()
                 .map(|t| column(*t, self.plan.mix_allow))
                 .collect();
-            let _ = writeln!(
-                md,
-                "**Mpps received at the DUT**\n\n| filter | {} |\n|---|{}",
-                header.join(" | "),
-                "---|".repeat(traffics.len())
+            self.filter_table(
+                &mut md,
+                "**Mpps received at the DUT**",
+                &header,
+                &traffics,
+                rows,
+                |r| format!("{:.2} [{:.2}–{:.2}]", r.mpps.0, r.mpps.1, r.mpps.2),
             );
-            for &f in &self.plan.filters {
-                let cells: Vec<String> = traffics
-                    .iter()
-                    .map(|t| {
-                        Self::row(rows, f, *t).map_or("n/a".to_owned(), |r| {
-                            format!("{:.2} [{:.2}–{:.2}]", r.mpps.0, r.mpps.1, r.mpps.2)
-                        })
-                    })
-                    .collect();
-                let _ = writeln!(md, "| {} | {} |", filter_name(f), cells.join(" | "));
-            }
-            let _ = writeln!(
-                md,
-                "\n**CPU ns per packet** (generator + receive path; in brackets the filter's own cost, ns/packet minus the bare drop's)\n\n| filter | {} |\n|---|{}",
-                header.join(" | "),
-                "---|".repeat(traffics.len())
+            self.filter_table(
+                &mut md,
+                "\n**CPU ns per packet** (generator + receive path; in brackets the filter's own cost, ns/packet minus the bare drop's)",
+                &header,
+                &traffics,
+                rows,
+                |r| match r.own_ns {
+                    Some(own) => format!("{:.0} [{own:+.0}]", r.ns_per_packet),
+                    None => format!("{:.0}", r.ns_per_packet),
+                },
             );
-            for &f in &self.plan.filters {
-                let cells: Vec<String> = traffics
-                    .iter()
-                    .map(|t| {
-                        Self::row(rows, f, *t).map_or("n/a".to_owned(), |r| match r.own_ns {
-                            Some(own) => format!("{:.0} [{own:+.0}]", r.ns_per_packet),
-                            None => format!("{:.0}", r.ns_per_packet),
-                        })
-                    })
-                    .collect();
-                let _ = writeln!(md, "| {} | {} |", filter_name(f), cells.join(" | "));
-            }
             let targets = Self::targets(rows);
             if !targets.is_empty() {
                 let _ = writeln!(
