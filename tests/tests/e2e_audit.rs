@@ -656,6 +656,11 @@ fn expect_forwarding_accounted(
 ) -> (BTreeMap<u64, String>, u64, usize) {
     let deadline = Instant::now() + CATCH_UP;
     loop {
+        // rsyslog's output first: the daemon writes a record to the file
+        // before it forwards it, so every record received is in the file
+        // read that follows. (Read the other way round, a record committed
+        // in between was received but not yet in the lines compared.)
+        let received = rsyslog.received();
         let file = fs::read_to_string(t.audit()).unwrap_or_default();
         let lines: Vec<&str> = file.lines().collect();
         let dropped: u64 = lines
@@ -663,7 +668,6 @@ fn expect_forwarding_accounted(
             .filter_map(|l| serde_json::from_str::<Value>(l).ok())
             .filter_map(|v| v.pointer("/ztxdp/syslog/dropped").and_then(Value::as_u64))
             .sum();
-        let received = rsyslog.received();
         let accounted = received.len() as u64 + dropped;
         let total = lines.len() as u64;
         if lines.len() >= records && accounted <= total && accounted + in_flight >= total {
