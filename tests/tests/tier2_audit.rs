@@ -13,7 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::maps::{HashMap as BpfHashMap, PerCpuArray, RingBuf};
+use aya::maps::{Array, HashMap as BpfHashMap, RingBuf};
 use tier2::{Programs, monotonic_ns};
 use zt_common::{
     Event, FlowSummary, SUMMARY_CACHE_SLOTS, SUMMARY_WINDOW_NS, SummaryCacheSlot, SummaryKey, map,
@@ -138,16 +138,12 @@ fn cached_slots(p: &Programs) -> Vec<SummaryCacheSlot> {
         .ebpf
         .map(map::SUMMARY_CACHE)
         .unwrap_or_else(|| panic!("no map {}", map::SUMMARY_CACHE));
-    let c = PerCpuArray::<_, SummaryCacheSlot>::try_from(m)
+    let c = Array::<_, SummaryCacheSlot>::try_from(m)
         .unwrap_or_else(|e| panic!("summary cache: {e:?}"));
-    let mut out = Vec::new();
-    for i in 0..SUMMARY_CACHE_SLOTS {
-        let values = c
-            .get(&i, 0)
-            .unwrap_or_else(|e| panic!("summary cache slot {i}: {e:?}"));
-        out.extend(values.iter().filter(|v| v.count > 0));
-    }
-    out
+    c.iter()
+        .map(|v| v.unwrap_or_else(|e| panic!("summary cache: {e:?}")))
+        .filter(|v| v.count > 0)
+        .collect()
 }
 
 #[test]

@@ -1022,13 +1022,11 @@ fn unconfigured_program_drops_everything() {
 #[test]
 fn every_map_name_exists_in_the_object() {
     let names = [
-        map::EDGE_CONFIG,
         map::EDGE_UDP_PORTS,
         map::SSH_ALLOW_V4,
         map::SSH_ALLOW_V6,
-        map::COUNTERS,
+        map::CPU_STATE,
         map::EVENTS,
-        map::EVENT_BUCKET,
         map::PEER_V4,
         map::PEER_V6,
         map::GRANTS,
@@ -1038,7 +1036,6 @@ fn every_map_name_exists_in_the_object() {
         map::ECHO_BUCKETS,
         map::SUMMARIES,
         map::SUMMARY_CACHE,
-        map::CLOCK,
         map::LOCAL_PORTS,
     ];
     let ebpf = ztxdp::loader::load(ztxdp::loader::LoadOptions::default())
@@ -1065,4 +1062,22 @@ fn every_map_name_exists_in_the_object() {
         unknown.is_empty(),
         "maps not named in zt_common::map: {unknown:?}"
     );
+    // The per-CPU state is indexed by CPU number: every possible CPU needs
+    // its entry, or the programs on it would drop everything (fail closed).
+    let cpus = u32::try_from(aya::util::nr_cpus().unwrap_or_else(|e| panic!("{e:?}")))
+        .unwrap_or_else(|e| panic!("{e}"));
+    for (name, per_cpu) in [
+        (map::CPU_STATE, 1),
+        (map::SUMMARY_CACHE, zt_common::SUMMARY_CACHE_SLOTS),
+    ] {
+        let entries = match ebpf.map(name) {
+            Some(aya::maps::Map::Array(m)) => m.info().map(|i| i.max_entries()),
+            other => panic!("{name} is not an array: {other:?}"),
+        };
+        assert_eq!(
+            entries.unwrap_or_else(|e| panic!("{name}: {e:?}")),
+            cpus * per_cpu,
+            "{name} is not sized to the possible CPUs"
+        );
+    }
 }

@@ -20,20 +20,17 @@ use core::mem::size_of;
 /// Map names, defined once. BPF object names are truncated by the kernel to
 /// 15 bytes (`BPF_OBJ_NAME_LEN` is 16 with the NUL), so every name fits.
 pub mod map {
-    /// `Array<EdgeConfig>` with one entry.
-    pub const EDGE_CONFIG: &str = "ZT_EDGE_CFG";
     /// `Array<u64>`: a 65,536-bit bitmap of UDP ports allowed on the edge.
     pub const EDGE_UDP_PORTS: &str = "ZT_EDGE_UDP";
     /// `LpmTrie<[u8; 4], u8>`: IPv4 sources allowed to reach the SSH port.
     pub const SSH_ALLOW_V4: &str = "ZT_SSH_V4";
     /// `LpmTrie<[u8; 16], u8>`: IPv6 sources allowed to reach the SSH port.
     pub const SSH_ALLOW_V6: &str = "ZT_SSH_V6";
-    /// `PerCpuArray<u64>` indexed by [`super::counter_index`].
-    pub const COUNTERS: &str = "ZT_COUNTERS";
+    /// `Array<CpuState>` with one entry per possible CPU, indexed by CPU
+    /// number: each CPU's counters, clock and audit rate limiter.
+    pub const CPU_STATE: &str = "ZT_CPU";
     /// `RingBuf` carrying [`super::Event`] records to the audit writer.
     pub const EVENTS: &str = "ZT_EVENTS";
-    /// `PerCpuArray<EventBucket>` with one entry: the audit rate limiter.
-    pub const EVENT_BUCKET: &str = "ZT_EVT_BUCKET";
     /// `LpmTrie<[u8; 4], PeerInfo>`: tunnel peer by IPv4 source.
     pub const PEER_V4: &str = "ZT_PEER_V4";
     /// `LpmTrie<[u8; 16], PeerInfo>`: tunnel peer by IPv6 source.
@@ -50,11 +47,10 @@ pub mod map {
     pub const ECHO_BUCKETS: &str = "ZT_ECHO_BKT";
     /// `HashMap<SummaryKey, FlowSummary>`: per-flow audit summarising.
     pub const SUMMARIES: &str = "ZT_SUMMARY";
-    /// `PerCpuArray<SummaryCacheSlot>` with [`super::SUMMARY_CACHE_SLOTS`]
-    /// entries: each CPU's last summarised flow, per window.
+    /// `Array<SummaryCacheSlot>` with [`super::SUMMARY_CACHE_SLOTS`] entries
+    /// per possible CPU (see [`super::summary_cache_index`]): each CPU's
+    /// last summarised flow, per window.
     pub const SUMMARY_CACHE: &str = "ZT_SUM_CACHE";
-    /// `PerCpuArray<ClockCache>` with one entry: the programs' clock.
-    pub const CLOCK: &str = "ZT_CLOCK";
     /// `Array<u8>`: local TCP and UDP ports the host started flows from.
     pub const LOCAL_PORTS: &str = "ZT_LOCAL_PORTS";
 }
@@ -217,20 +213,37 @@ pub const fn counter_index(program: u32, reason: u32) -> u32 {
 /// Total slots in the counter array.
 pub const COUNTER_SLOTS: u32 = program::COUNT * reason::COUNT;
 
-/// Edge settings that are not sets: one entry in [`map::EDGE_CONFIG`].
+/// Names of the programs' read-only globals, which the loader sets before
+/// the programs are verified. The verifier then knows their values, so the
+/// branches on them cost nothing per packet.
+pub mod global {
+    /// [`super::EdgeConfig`].
+    pub const EDGE_CONFIG: &str = "ZT_EDGE_CONFIG";
+    /// `u8`: 1 when the tunnel device has an Ethernet header (a veth in
+    /// tests), 0 for a `WireGuard` device, where packets start at the IP
+    /// header.
+    pub const TUNNEL_L2: &str = "TUNNEL_L2";
+}
+
+/// Edge settings that are not sets: the read-only global
+/// [`global::EDGE_CONFIG`], fixed when the programs are loaded. A global
+/// rather than a map because a map lookup (and the branches on what it
+/// returns) was a fifth of a denied packet's cost.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EdgeConfig {
     /// TCP port that is open to [`map::SSH_ALLOW_V4`]/[`map::SSH_ALLOW_V6`] sources.
     pub ssh_port: u16,
     pub _pad0: u16,
-    /// [`EDGE_CONFIGURED`] once user space has filled every map. Until then
-    /// the program drops everything.
+    /// [`EDGE_CONFIGURED`] when the programs were loaded with an edge
+    /// policy. Without one the edge program drops everything. (The policy's
+    /// maps are filled before the program is attached, so it never sees a
+    /// packet with half a policy.)
     pub flags: u32,
 }
 const _: () = assert!(size_of::<EdgeConfig>() == 8);
 
-/// [`EdgeConfig::flags`] bit: the maps are complete.
+/// [`EdgeConfig::flags`] bit: there is an edge policy.
 pub const EDGE_CONFIGURED: u32 = 1;
 
 /// A tunnel peer, as found by source address.
@@ -291,6 +304,28 @@ pub struct EventBucket {
     pub tokens: u64,
 }
 const _: () = assert!(size_of::<EventBucket>() == 16);
+
+/// One CPU's state in [`map::CPU_STATE`]: what every packet touches,
+/// written only by the programs running on that CPU.
+///
+/// A plain array indexed by CPU number, not a per-CPU map: a per-CPU lookup
+/// reads the map's pointer table and then the value, two cache lines, and in
+/// the packet path (where the generator and the driver have just evicted
+/// them) each line missed cost more than the rest of the lookup. Here the
+/// clock and the limiter share the first line.
+#[repr(C, align(64))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CpuState {
+    pub clock: ClockCache,
+    pub bucket: EventBucket,
+    /// Indexed by [`counter_index`].
+    pub counters: [u64; COUNTER_SLOTS as usize],
+    /// Up to a whole number of cache lines, so no two CPUs' hot first lines
+    /// share one.
+    pub _pad: [u64; 4],
+}
+const _: () = assert!(size_of::<CpuState>() == 16 + 16 + 8 * COUNTER_SLOTS as usize + 32);
+const _: () = assert!(size_of::<CpuState>().is_multiple_of(64));
 
 /// Deny events each CPU may send per second; the rest are counted in
 /// [`reason::EVENTS_SUPPRESSED`]. Allow events are never rate-limited.
@@ -392,17 +427,26 @@ pub const fn summary_cache_slot(window: u32) -> u32 {
     window % SUMMARY_CACHE_SLOTS
 }
 
+/// Where CPU `cpu`'s `slot` is in [`map::SUMMARY_CACHE`].
+#[must_use]
+pub const fn summary_cache_index(cpu: u32, slot: u32) -> u32 {
+    cpu * SUMMARY_CACHE_SLOTS + slot
+}
+
 /// One CPU's cached flow for one window: the flow (already sent its event
 /// in that window) and the decisions counted here instead of in
 /// [`map::SUMMARIES`]. A flood of one flow then costs no hash lookup per
 /// packet. User space adds `count` to the flow's summary record and zeroes it.
-#[repr(C, align(8))]
+/// One cache line, so a slot costs the packet path one line and no two
+/// CPUs' slots share one.
+#[repr(C, align(64))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SummaryCacheSlot {
     pub key: SummaryKey,
     pub count: u64,
+    pub _pad: u64,
 }
-const _: () = assert!(size_of::<SummaryCacheSlot>() == 56);
+const _: () = assert!(size_of::<SummaryCacheSlot>() == 64);
 const _: () = assert!(size_of::<SummaryKey>() == 48);
 
 /// [`Event::peer`] value when no tunnel peer is involved.
@@ -509,6 +553,7 @@ mod pod {
     unsafe impl aya::Pod for super::FlowConfig {}
     unsafe impl aya::Pod for super::SourceKey {}
     unsafe impl aya::Pod for super::SummaryCacheSlot {}
+    unsafe impl aya::Pod for super::CpuState {}
     unsafe impl aya::Pod for super::FlowSummary {}
     unsafe impl aya::Pod for super::SummaryKey {}
 }

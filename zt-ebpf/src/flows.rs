@@ -6,12 +6,12 @@
 //! `ct state established,related` and `limit rate`, without opening a hole.
 
 use zt_common::{
-    EventBucket, FLOW_CLOSING, FlowConfig, FlowKey, FlowState, SourceKey, counter_index, program,
-    proto, reason, tcp_flag,
+    CpuState, EventBucket, FLOW_CLOSING, FlowConfig, FlowKey, FlowState, SourceKey, program, proto,
+    reason, tcp_flag,
 };
 
 use crate::{
-    maps::{ZT_COUNTERS, ZT_ECHO_BKT, ZT_FLOW_CFG, ZT_FLOWS, ZT_LOCAL_PORTS},
+    maps::{ZT_ECHO_BKT, ZT_FLOW_CFG, ZT_FLOWS, ZT_LOCAL_PORTS},
     parse::{
         self, Bounds, Fragment, ICMP_DEST_UNREACHABLE, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST,
         ICMP_TIME_EXCEEDED, ICMPV6_DEST_UNREACHABLE, ICMPV6_ECHO_REPLY, ICMPV6_ECHO_REQUEST,
@@ -272,7 +272,7 @@ fn echo_rate(p: &Packet, cfg: &FlowConfig, now: u64) -> u32 {
 /// start only from what opens one: a TCP SYN, any UDP datagram, an echo
 /// request.
 #[inline(always)]
-pub fn record_egress(p: &Packet, ifindex: u32, now: u64) {
+pub fn record_egress(cpu: &mut CpuState, p: &Packet, ifindex: u32, now: u64) {
     if p.l3 == L3::Arp || p.fragment == Fragment::Later {
         return;
     }
@@ -327,11 +327,7 @@ pub fn record_egress(p: &Packet, ifindex: u32, now: u64) {
         flags: closing,
         _pad: 0,
     };
-    if ZT_FLOWS.insert(&key, &state, 0).is_ok()
-        && let Some(slot) =
-            ZT_COUNTERS.get_ptr_mut(counter_index(program::EGRESS, reason::FLOWS_CREATED))
-    {
-        // SAFETY: per-CPU slot; see record::count.
-        unsafe { *slot += 1 };
+    if ZT_FLOWS.insert(&key, &state, 0).is_ok() {
+        record::count(cpu, program::EGRESS, reason::FLOWS_CREATED);
     }
 }

@@ -1,20 +1,48 @@
-//! Every map the programs use, in one place. The statics are named exactly
-//! as the constants in `zt_common::map`, because the map's kernel name is the
+//! Every map the programs use, in one place, and the read-only globals the
+//! loader sets. The statics are named exactly as the constants in
+//! `zt_common::map` and `zt_common::global`, because the kernel name is the
 //! static's name; the loader's tests check that each constant is present.
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
+    helpers::bpf_get_smp_processor_id,
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use zt_common::{
-    COUNTER_SLOTS, ClockCache, EdgeConfig, EventBucket, FlowConfig, FlowKey, FlowState,
-    FlowSummary, GrantKey, PeerCounters, PeerInfo, SUMMARY_CACHE_SLOTS, SourceKey,
-    SummaryCacheSlot, SummaryKey, capacity,
+    CpuState, EdgeConfig, EventBucket, FlowConfig, FlowKey, FlowState, FlowSummary, GrantKey,
+    PeerCounters, PeerInfo, SUMMARY_CACHE_SLOTS, SourceKey, SummaryCacheSlot, SummaryKey, capacity,
+    summary_cache_index,
 };
 
-#[map]
-pub static ZT_EDGE_CFG: Array<EdgeConfig> = Array::with_max_entries(1, 0);
+/// The edge settings (`zt_common::global::EDGE_CONFIG`). The loader writes
+/// it into `.rodata` before load, so the verifier reads the value itself and
+/// folds every branch on it: no lookup, no null check per packet.
+#[unsafe(no_mangle)]
+static ZT_EDGE_CONFIG: EdgeConfig = EdgeConfig {
+    ssh_port: 0,
+    _pad0: 0,
+    flags: 0,
+};
+
+/// `zt_common::global::TUNNEL_L2`, set by the loader like `ZT_EDGE_CONFIG`.
+#[unsafe(no_mangle)]
+static TUNNEL_L2: u8 = 0;
+
+/// The edge settings the programs were loaded with.
+#[inline(always)]
+pub fn edge_config() -> EdgeConfig {
+    // SAFETY: a read of a constant the loader may have rewritten before
+    // load; volatile so that LLVM does not fold the compile-time zeros.
+    unsafe { core::ptr::read_volatile(&raw const ZT_EDGE_CONFIG) }
+}
+
+/// Whether the tunnel device has an Ethernet header.
+#[inline(always)]
+pub fn tunnel_l2() -> bool {
+    // SAFETY: as in `edge_config`.
+    unsafe { core::ptr::read_volatile(&raw const TUNNEL_L2) != 0 }
+}
 
 #[map]
 pub static ZT_EDGE_UDP: Array<u64> = Array::with_max_entries(capacity::PORT_BITMAP_WORDS, 0);
@@ -28,15 +56,14 @@ pub static ZT_SSH_V4: LpmTrie<[u8; 4], u8> =
 pub static ZT_SSH_V6: LpmTrie<[u8; 16], u8> =
     LpmTrie::with_max_entries(capacity::SSH_ALLOW, BPF_F_NO_PREALLOC);
 
-// Per-CPU so the hot path never contends on a shared cache line.
+// Each CPU's counters, clock and audit limiter (see zt_common::CpuState for
+// why not a per-CPU map). One entry here; the loader sizes it to the
+// possible CPUs.
 #[map]
-pub static ZT_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
+pub static ZT_CPU: Array<CpuState> = Array::with_max_entries(1, 0);
 
 #[map]
 pub static ZT_EVENTS: RingBuf = RingBuf::with_byte_size(capacity::EVENTS_BYTES, 0);
-
-#[map]
-pub static ZT_EVT_BUCKET: PerCpuArray<EventBucket> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
 pub static ZT_PEER_V4: LpmTrie<[u8; 4], PeerInfo> =
@@ -74,18 +101,36 @@ pub static ZT_ECHO_BKT: LruHashMap<SourceKey, EventBucket> =
 pub static ZT_SUMMARY: LruHashMap<SummaryKey, FlowSummary> =
     LruHashMap::with_max_entries(capacity::SUMMARIES, 0);
 
-// Each CPU's last coarse clock reading; see main::now.
-#[map]
-pub static ZT_CLOCK: PerCpuArray<ClockCache> = PerCpuArray::with_max_entries(1, 0);
-
 // Each CPU's last summarised flow, one slot per window modulo
 // SUMMARY_CACHE_SLOTS: a flood of one flow counts here, not in ZT_SUMMARY.
+// Sized by the loader like ZT_CPU; its own map because user space writes
+// it (zeroing collected slots), which would race the counters in ZT_CPU.
 #[map]
-pub static ZT_SUM_CACHE: PerCpuArray<SummaryCacheSlot> =
-    PerCpuArray::with_max_entries(SUMMARY_CACHE_SLOTS, 0);
+pub static ZT_SUM_CACHE: Array<SummaryCacheSlot> = Array::with_max_entries(SUMMARY_CACHE_SLOTS, 0);
 
 // One byte per (TCP or UDP, local port): set when the host starts a flow
 // from the port, never cleared. Lets most denied packets skip the flow
 // lookup (flows::local_port_used).
 #[map]
 pub static ZT_LOCAL_PORTS: Array<u8> = Array::with_max_entries(2 * 65_536, 0);
+
+/// The state of the CPU this program runs on. `None` only if the loader did
+/// not size `ZT_CPU` to the possible CPUs.
+#[inline(always)]
+pub fn this_cpu() -> Option<&'static mut CpuState> {
+    // SAFETY: no preconditions; the verifier inlines it.
+    let cpu = unsafe { bpf_get_smp_processor_id() };
+    // SAFETY: the entry of this CPU, valid as long as the map. Programs do
+    // not migrate while they run, and two never run at once on one CPU
+    // (XDP and TC ingress run in softirq, TC egress with softirqs off), so
+    // nothing else writes it meanwhile.
+    ZT_CPU.get_ptr_mut(cpu).map(|s| unsafe { &mut *s })
+}
+
+/// This CPU's summary cache slot `slot`.
+#[inline(always)]
+pub fn summary_cache(slot: u32) -> Option<*mut SummaryCacheSlot> {
+    // SAFETY: as in `this_cpu`.
+    let cpu = unsafe { bpf_get_smp_processor_id() };
+    ZT_SUM_CACHE.get_ptr_mut(summary_cache_index(cpu, slot))
+}

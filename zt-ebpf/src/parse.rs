@@ -75,6 +75,59 @@ pub enum Fragment {
     Later,
 }
 
+/// The 4 bytes at `p` as they lie in memory, in one load whatever their
+/// alignment. LLVM's BPF backend may not assume a packet field is aligned,
+/// so a plain read becomes 4 byte loads, 3 shifts and 3 ors; the BPF load
+/// itself has no alignment rule on packet data where the CPU has efficient
+/// unaligned access (x86-64, arm64), and where it does not, the verifier
+/// checks it against the 2-byte IP alignment that keeps IPv4 fields aligned.
+///
+/// # Safety
+/// `p` must be a bounds-checked packet pointer with 4 readable bytes.
+#[inline(always)]
+unsafe fn load_u32(p: *const u8) -> u32 {
+    let v: u64;
+    // SAFETY: the caller's; the asm only reads those 4 bytes.
+    unsafe {
+        core::arch::asm!(
+            "{v} = *(u32 *)({p} + 0)",
+            v = lateout(reg) v,
+            p = in(reg) p,
+            options(nostack, readonly, preserves_flags),
+        );
+    }
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "a 4-byte load zero-extends"
+    )]
+    let v = v as u32;
+    v
+}
+
+/// As [`load_u32`], for a big-endian 2-byte field.
+///
+/// # Safety
+/// `p` must be a bounds-checked packet pointer with 2 readable bytes.
+#[inline(always)]
+unsafe fn load_be16(p: *const u8) -> u16 {
+    let v: u64;
+    // SAFETY: the caller's; the asm only reads those 2 bytes.
+    unsafe {
+        core::arch::asm!(
+            "{v} = *(u16 *)({p} + 0)",
+            v = lateout(reg) v,
+            p = in(reg) p,
+            options(nostack, readonly, preserves_flags),
+        );
+    }
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "a 2-byte load zero-extends"
+    )]
+    let v = v as u16;
+    u16::from_be(v)
+}
+
 /// An address as bytes in network order (IPv4 in the first four), aligned so
 /// that zeroing and copying it compile to a few 8-byte moves: unaligned byte
 /// arrays make LLVM call `memset`, which the verifier handles badly.
@@ -90,7 +143,14 @@ impl Addr {
     /// byte-at-a-time `memset` call, about 20 ns a packet.
     #[inline(always)]
     pub const fn v4(a: [u8; 4]) -> Self {
-        let word = u64::from_ne_bytes([a[0], a[1], a[2], a[3], 0, 0, 0, 0]);
+        Self::v4_word(u32::from_ne_bytes(a))
+    }
+
+    /// As [`Self::v4`], from the four bytes read as one native word.
+    #[inline(always)]
+    const fn v4_word(a: u32) -> Self {
+        // On a little-endian machine the first four bytes are the low half.
+        let word = a as u64;
         let mut out = Self::ZERO;
         // Two aligned 8-byte stores instead of a byte loop.
         // SAFETY: Addr is 16 bytes, aligned to 8, and every bit pattern of
@@ -112,7 +172,13 @@ impl Addr {
     /// The IPv4 address in the first four bytes.
     #[inline(always)]
     pub const fn v4_bytes(&self) -> [u8; 4] {
-        [self.0[0], self.0[1], self.0[2], self.0[3]]
+        // From the first word, not byte by byte, so that LLVM keeps the
+        // address in one register instead of splitting it into bytes.
+        #[expect(
+            clippy::cast_possible_truncation,
+            reason = "the low half is the address"
+        )]
+        (self.words()[0] as u32).to_ne_bytes()
     }
 }
 
@@ -259,16 +325,20 @@ fn parse_ipv4(b: &Bounds, offset: usize) -> Result<Packet, ParseError> {
     if ihl < Ipv4Hdr::LEN {
         return Err(ParseError::Malformed);
     }
-    let total_len = usize::from(u16::from_be_bytes(ip.tot_len));
+    // SAFETY: inside the checked header, as are the reads below.
+    let total_len = usize::from(unsafe { load_be16(ip.tot_len.as_ptr()) });
     if total_len < ihl {
         return Err(ParseError::Malformed);
     }
     let mut p = Packet::new(L3::Ipv4);
     p.protocol = ip.proto;
     p.hop_limit = ip.ttl;
-    p.src = Addr::v4(ip.src_addr);
-    p.dst = Addr::v4(ip.dst_addr);
-    if u16::from_be_bytes(ip.frags) & IPV4_FRAG_OFFSET_MASK != 0 {
+    let frags = unsafe {
+        p.src = Addr::v4_word(load_u32(ip.src_addr.as_ptr()));
+        p.dst = Addr::v4_word(load_u32(ip.dst_addr.as_ptr()));
+        load_be16(ip.frags.as_ptr())
+    };
+    if frags & IPV4_FRAG_OFFSET_MASK != 0 {
         p.fragment = Fragment::Later;
         return Ok(p);
     }
@@ -357,8 +427,11 @@ fn parse_l4(b: &Bounds, offset: usize, limit: usize, mut p: Packet) -> Result<Pa
             if tcp.doff() < 5 {
                 return Err(ParseError::Malformed);
             }
-            p.src_port = u16::from_be_bytes(tcp.source);
-            p.dst_port = u16::from_be_bytes(tcp.dest);
+            // SAFETY: inside the checked header.
+            unsafe {
+                p.src_port = load_be16(tcp.source.as_ptr());
+                p.dst_port = load_be16(tcp.dest.as_ptr());
+            }
             // SAFETY: TcpHdr is 20 bytes, so byte 13 was checked with it.
             p.tcp_flags = unsafe { *(core::ptr::from_ref(tcp).cast::<u8>().add(TCP_FLAGS_OFFSET)) };
         }
@@ -369,8 +442,11 @@ fn parse_l4(b: &Bounds, offset: usize, limit: usize, mut p: Packet) -> Result<Pa
             let udp: *const UdpHdr = b.ptr_at(offset)?;
             // SAFETY: ptr_at checked the whole 8-byte header.
             let udp = unsafe { &*udp };
-            p.src_port = u16::from_be_bytes(udp.src);
-            p.dst_port = u16::from_be_bytes(udp.dst);
+            // SAFETY: inside the checked header.
+            unsafe {
+                p.src_port = load_be16(udp.src.as_ptr());
+                p.dst_port = load_be16(udp.dst.as_ptr());
+            }
         }
         (L3::Ipv4, proto::ICMP) | (L3::Ipv6, proto::ICMPV6) => {
             if offset + ICMP_HDR_LEN > limit {

@@ -24,12 +24,13 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 
 use zt_common::{
-    DENY_EVENTS_PER_SEC, Event, EventBucket, FlowSummary, NO_PEER, PeerInfo, SummaryCacheSlot,
-    SummaryKey, counter_index, proto, reason, summary_cache_slot, summary_window, tcp_flag,
+    CpuState, DENY_EVENTS_PER_SEC, Event, EventBucket, FlowSummary, NO_PEER, PeerInfo,
+    SummaryCacheSlot, SummaryKey, counter_index, proto, reason, summary_cache_slot, summary_window,
+    tcp_flag,
 };
 
 use crate::{
-    maps::{ZT_COUNTERS, ZT_EVENTS, ZT_EVT_BUCKET, ZT_PEER_CNT, ZT_SUM_CACHE, ZT_SUMMARY},
+    maps::{ZT_EVENTS, ZT_PEER_CNT, ZT_SUMMARY, summary_cache},
     parse::Packet,
 };
 
@@ -47,16 +48,15 @@ const fn program_id(program: u32) -> u8 {
 }
 
 #[inline(always)]
-pub fn count(program: u32, code: u32) {
-    add(program, code, 1);
+pub fn count(cpu: &mut CpuState, program: u32, code: u32) {
+    add(cpu, program, code, 1);
 }
 
 #[inline(always)]
-fn add(program: u32, code: u32, n: u64) {
-    if let Some(slot) = ZT_COUNTERS.get_ptr_mut(counter_index(program, code)) {
-        // SAFETY: per-CPU slot; no other context on this CPU runs concurrently
-        // with an XDP or TC program, so a plain add is race-free.
-        unsafe { *slot += n };
+fn add(cpu: &mut CpuState, program: u32, code: u32, n: u64) {
+    // This CPU's own slot (see maps::this_cpu), so a plain add is race-free.
+    if let Some(c) = cpu.counters.get_mut(counter_index(program, code) as usize) {
+        *c += n;
     }
 }
 
@@ -155,7 +155,7 @@ fn summarise(key: &SummaryKey, now: u64) -> Option<u32> {
 /// holds another flow of the same window: the first flow of a window keeps
 /// the slot, so a flood that starts there keeps it.
 #[inline(always)]
-fn remember(slot: *mut SummaryCacheSlot, key: &SummaryKey) {
+fn remember(cpu: &mut CpuState, slot: *mut SummaryCacheSlot, key: &SummaryKey) {
     // SAFETY: a per-CPU slot (see `count`) from ZT_SUM_CACHE; user space
     // touches it only while its window is two or three behind, never the
     // current one.
@@ -167,6 +167,7 @@ fn remember(slot: *mut SummaryCacheSlot, key: &SummaryKey) {
     // window): still accounted, as a decision not sent.
     if slot.count > 0 {
         add(
+            cpu,
             u32::from(slot.key.program),
             reason::EVENTS_SUPPRESSED,
             slot.count,
@@ -179,7 +180,8 @@ fn remember(slot: *mut SummaryCacheSlot, key: &SummaryKey) {
 #[inline(always)]
 pub fn count_peer(peer: &PeerInfo, allowed: bool) {
     if let Some(c) = ZT_PEER_CNT.get_ptr_mut(peer.index) {
-        // SAFETY: per-CPU slot, as in `count`.
+        // SAFETY: per-CPU slot; only programs on this CPU write it, one at
+        // a time (see maps::this_cpu).
         unsafe {
             if allowed {
                 (*c).allowed += 1;
@@ -236,19 +238,17 @@ pub fn take_token(b: &mut EventBucket, now: u64, ns_per_token: u64, cap: u64) ->
     true
 }
 
-/// This CPU's deny-event bucket, refilled, if it holds a token.
+/// Whether this CPU's deny-event bucket, refilled, holds a token.
 #[inline(always)]
-fn event_bucket(now: u64) -> Option<&'static mut EventBucket> {
-    let b = ZT_EVT_BUCKET.get_ptr_mut(0)?;
-    // SAFETY: per-CPU slot, as in `count`; it lives as long as the map.
-    let b = unsafe { &mut *b };
-    refill(b, now, NS_PER_TOKEN, DENY_EVENTS_PER_SEC);
-    (b.tokens > 0).then_some(b)
+fn has_event_token(cpu: &mut CpuState, now: u64) -> bool {
+    refill(&mut cpu.bucket, now, NS_PER_TOKEN, DENY_EVENTS_PER_SEC);
+    cpu.bucket.tokens > 0
 }
 
 /// Counts the decision and, when it is audited, sends an event.
 #[inline(always)]
 pub fn decision(
+    cpu: &mut CpuState,
     program: u32,
     ifindex: &impl Fn() -> u32,
     p: Option<&Packet>,
@@ -256,7 +256,7 @@ pub fn decision(
     peer: Option<&PeerInfo>,
     now: u64,
 ) {
-    count(program, code);
+    count(cpu, program, code);
     if !audited(p, code) {
         return;
     }
@@ -264,7 +264,7 @@ pub fn decision(
     // window. This is what every packet of a one-flow flood takes.
     let window = summary_window(now);
     let flow = p.map(|p| summary_words(program, p, code, window));
-    let slot = ZT_SUM_CACHE.get_ptr_mut(summary_cache_slot(window));
+    let slot = summary_cache(summary_cache_slot(window));
     if let (Some(words), Some(slot)) = (&flow, slot) {
         // SAFETY: as in `remember`.
         let slot = unsafe { &mut *slot };
@@ -278,20 +278,17 @@ pub fn decision(
     // flooding flow cannot starve the others' events. When the bucket is
     // empty nothing more can be sent, and the summary lookup is skipped to
     // keep floods cheap.
-    let bucket = if reason::is_allow(code) {
-        None
-    } else if let Some(b) = event_bucket(now) {
-        Some(b)
-    } else {
-        count(program, reason::EVENTS_SUPPRESSED);
+    let deny = !reason::is_allow(code);
+    if deny && !has_event_token(cpu, now) {
+        count(cpu, program, reason::EVENTS_SUPPRESSED);
         return;
-    };
+    }
     let carried = match flow {
         Some(words) => {
             let key = summary_key(words);
             let sent = summarise(&key, now);
             if let Some(slot) = slot {
-                remember(slot, &key);
+                remember(cpu, slot, &key);
             }
             match sent {
                 Some(c) => c,
@@ -300,11 +297,11 @@ pub fn decision(
         }
         None => 0,
     };
-    if let Some(b) = bucket {
-        b.tokens -= 1;
+    if deny {
+        cpu.bucket.tokens -= 1;
     }
     let Some(mut entry) = ZT_EVENTS.reserve::<Event>(0) else {
-        add(program, reason::EVENTS_LOST, 1 + u64::from(carried));
+        add(cpu, program, reason::EVENTS_LOST, 1 + u64::from(carried));
         return;
     };
     // Filled in place: an Event built on the stack and copied would cost 64

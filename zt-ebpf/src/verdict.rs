@@ -4,10 +4,10 @@
 //! ignored.
 
 use aya_ebpf::maps::lpm_trie::Key;
-use zt_common::{EDGE_CONFIGURED, GrantKey, PEER_ICMP, PeerInfo, proto, reason};
+use zt_common::{GrantKey, PEER_ICMP, PeerInfo, proto, reason};
 
 use crate::{
-    maps::{ZT_EDGE_CFG, ZT_EDGE_UDP, ZT_GRANTS, ZT_PEER_V4, ZT_PEER_V6, ZT_SSH_V4, ZT_SSH_V6},
+    maps::{ZT_EDGE_UDP, ZT_GRANTS, ZT_PEER_V4, ZT_PEER_V6, ZT_SSH_V4, ZT_SSH_V6, edge_config},
     parse::{Fragment, ICMP_ECHO_REQUEST, ICMPV6_ECHO_REQUEST, L3, Packet, ParseError},
 };
 
@@ -38,15 +38,10 @@ fn is_neighbor_discovery(p: &Packet) -> bool {
 }
 
 /// The edge policy: WireGuard UDP ports, SSH from allow-listed sources, ARP
-/// and neighbour discovery; everything else drops.
+/// and neighbour discovery; everything else drops. The caller has checked
+/// that the programs were loaded with an edge policy.
 #[inline(always)]
 pub fn edge(p: &Packet) -> u32 {
-    let Some(cfg) = ZT_EDGE_CFG.get(0) else {
-        return reason::DROP_NOT_CONFIGURED;
-    };
-    if cfg.flags & EDGE_CONFIGURED == 0 {
-        return reason::DROP_NOT_CONFIGURED;
-    }
     if p.l3 == L3::Arp {
         return reason::PASS_ARP;
     }
@@ -62,7 +57,7 @@ pub fn edge(p: &Packet) -> u32 {
             }
         }
         proto::TCP => {
-            if p.dst_port != cfg.ssh_port {
+            if p.dst_port != edge_config().ssh_port {
                 reason::DROP_PORT_NOT_ALLOWED
             } else if ssh_source_allowed(p) {
                 reason::PASS_SSH

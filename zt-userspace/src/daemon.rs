@@ -184,6 +184,7 @@ fn load_and_fill(
     let mut ebpf = loader::load(LoadOptions {
         tunnel_l2,
         flow_entries: config.policy.flows.max_entries,
+        ssh_port: config.policy.edge.as_ref().map(|e| e.ssh_port),
     })?;
     let mut tables = Tables::from_ebpf(&mut ebpf)?;
     let echo = config

@@ -6,7 +6,7 @@ use aya::{
     Ebpf, EbpfLoader,
     programs::{ProgramError, SchedClassifier, Xdp},
 };
-use zt_common::program;
+use zt_common::{EDGE_CONFIGURED, EdgeConfig, global, map, program, summary_cache_index};
 
 /// Errors while loading the BPF object.
 #[derive(Debug, thiserror::Error)]
@@ -15,6 +15,12 @@ pub enum LoadError {
     Object(#[from] aya::EbpfError),
     #[error("the BPF object has no program {name}")]
     MissingProgram { name: &'static str },
+    #[error("could not count this machine's CPUs from {path}")]
+    Cpus {
+        path: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("the kernel refused program {name}")]
     Program {
         name: &'static str,
@@ -31,6 +37,10 @@ pub struct LoadOptions {
     pub tunnel_l2: bool,
     /// Size of the flow table (`flows.max_entries`).
     pub flow_entries: u32,
+    /// The edge policy's SSH port; `None` when there is no edge policy, and
+    /// the edge program then drops everything as `not_configured`. Fixed at
+    /// load: the verifier folds it into the program.
+    pub ssh_port: Option<u16>,
 }
 
 impl Default for LoadOptions {
@@ -38,6 +48,7 @@ impl Default for LoadOptions {
         Self {
             tunnel_l2: false,
             flow_entries: zt_common::capacity::FLOWS_DEFAULT,
+            ssh_port: None,
         }
     }
 }
@@ -49,9 +60,28 @@ impl Default for LoadOptions {
 /// When the object or a program is rejected by the kernel.
 pub fn load(opts: LoadOptions) -> Result<Ebpf, LoadError> {
     relax_memlock();
+    // The per-CPU state is indexed by CPU number (see zt_common::CpuState).
+    let cpus = aya::util::nr_cpus()
+        .map_err(|(path, source)| LoadError::Cpus { path, source })
+        .and_then(|n| {
+            u32::try_from(n).map_err(|_| LoadError::Cpus {
+                path: "/sys/devices/system/cpu/possible",
+                source: std::io::Error::other(format!("{n} CPUs")),
+            })
+        })?;
+    let edge = opts
+        .ssh_port
+        .map_or_else(EdgeConfig::default, |ssh_port| EdgeConfig {
+            ssh_port,
+            _pad0: 0,
+            flags: EDGE_CONFIGURED,
+        });
     let mut ebpf = EbpfLoader::new()
-        .override_global("TUNNEL_L2", &u8::from(opts.tunnel_l2), true)
-        .map_max_entries(zt_common::map::FLOWS, opts.flow_entries)
+        .override_global(global::TUNNEL_L2, &u8::from(opts.tunnel_l2), true)
+        .override_global(global::EDGE_CONFIG, &edge, true)
+        .map_max_entries(map::FLOWS, opts.flow_entries)
+        .map_max_entries(map::CPU_STATE, cpus)
+        .map_max_entries(map::SUMMARY_CACHE, summary_cache_index(cpus, 0))
         .load(crate::BPF_OBJECT)?;
     let edge: &mut Xdp = program_mut(&mut ebpf, program::EDGE_NAME)?;
     edge.load().map_err(|source| LoadError::Program {

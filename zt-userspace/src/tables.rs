@@ -13,8 +13,8 @@ use aya::{
 };
 use ipnet::IpNet;
 use zt_common::{
-    COUNTER_SLOTS, EDGE_CONFIGURED, EdgeConfig, FlowConfig, FlowKey, FlowState, GrantKey,
-    PEER_ICMP, PeerCounters, PeerInfo, capacity, counter_index, map, program, reason,
+    CpuState, FlowConfig, FlowKey, FlowState, GrantKey, PEER_ICMP, PeerCounters, PeerInfo,
+    capacity, counter_index, map, program, reason,
 };
 
 use crate::policy::{EchoRate, EdgePolicy, FlowSettings, Grant, Peer, TunnelPolicy};
@@ -48,16 +48,14 @@ pub struct Tables {
 }
 
 /// Map names `Tables` handles; a fresh object must have all of them.
-const ALL_MAPS: [&str; 13] = [
+const ALL_MAPS: [&str; 11] = [
     map::FLOWS,
     map::FLOW_CONFIG,
     map::ECHO_BUCKETS,
-    map::EDGE_CONFIG,
     map::EDGE_UDP_PORTS,
     map::SSH_ALLOW_V4,
     map::SSH_ALLOW_V6,
-    map::COUNTERS,
-    map::EVENT_BUCKET,
+    map::CPU_STATE,
     map::PEER_V4,
     map::PEER_V6,
     map::GRANTS,
@@ -114,9 +112,10 @@ impl Tables {
         self.maps.get(name).ok_or(TablesError::MissingMap { name })
     }
 
-    /// Writes the edge policy. The configuration entry, which switches the
-    /// program from "drop everything" to the policy, is written last, so a
-    /// program never runs on half-filled maps.
+    /// Writes the edge policy's sets. Its settings (the SSH port, and whether
+    /// there is an edge policy at all) were fixed when the programs were
+    /// loaded ([`crate::loader::LoadOptions::ssh_port`]); the daemon attaches
+    /// only after this returns, so a program never runs on half-filled maps.
     ///
     /// # Errors
     /// When a map update fails or a set exceeds its map.
@@ -155,18 +154,6 @@ impl Tables {
             t6.insert(&Key::new(*len, *key), 1, 0)
                 .map_err(map_err(map::SSH_ALLOW_V6))?;
         }
-        let mut cfg: Array<_, EdgeConfig> =
-            Array::try_from(self.get(map::EDGE_CONFIG)?).map_err(map_err(map::EDGE_CONFIG))?;
-        cfg.set(
-            0,
-            EdgeConfig {
-                ssh_port: p.ssh_port,
-                _pad0: 0,
-                flags: EDGE_CONFIGURED,
-            },
-            0,
-        )
-        .map_err(map_err(map::EDGE_CONFIG))?;
         Ok(())
     }
 
@@ -278,8 +265,12 @@ impl Tables {
     /// # Errors
     /// When the counter map cannot be read.
     pub fn counters(&self, program: u32) -> Result<BTreeMap<u32, u64>, TablesError> {
-        let arr: PerCpuArray<_, u64> =
-            PerCpuArray::try_from(self.get_ref(map::COUNTERS)?).map_err(map_err(map::COUNTERS))?;
+        let arr: Array<_, CpuState> =
+            Array::try_from(self.get_ref(map::CPU_STATE)?).map_err(map_err(map::CPU_STATE))?;
+        let cpus = (0..arr.len())
+            .map(|cpu| arr.get(&cpu, 0))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(map_err(map::CPU_STATE))?;
         let mut out = BTreeMap::new();
         let extra: &[u32] = if program == program::EGRESS {
             &[reason::FLOWS_CREATED]
@@ -292,10 +283,8 @@ impl Tables {
             &reason::ALL
         };
         for &code in codes.iter().chain(extra) {
-            let idx = counter_index(program, code);
-            debug_assert!(idx < COUNTER_SLOTS);
-            let v = arr.get(&idx, 0).map_err(map_err(map::COUNTERS))?;
-            out.insert(code, v.iter().sum());
+            let idx = counter_index(program, code) as usize;
+            out.insert(code, cpus.iter().map(|c| c.counters[idx]).sum());
         }
         Ok(out)
     }

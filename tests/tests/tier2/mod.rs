@@ -100,6 +100,7 @@ impl Programs {
         let opts = LoadOptions {
             tunnel_l2,
             flow_entries: flows.max_entries,
+            ssh_port: edge.map(|e| e.ssh_port),
         };
         let mut ebpf = loader::load(opts)
             .unwrap_or_else(|e| panic!("loading the BPF programs (tests must run as root): {e:?}"));

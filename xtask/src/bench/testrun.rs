@@ -214,6 +214,7 @@ pub fn fill(policy: &Policy, tunnel_l2: bool) -> anyhow::Result<Ebpf> {
     let mut ebpf = loader::load(LoadOptions {
         tunnel_l2,
         flow_entries: policy.flows.max_entries,
+        ssh_port: policy.edge.as_ref().map(|e| e.ssh_port),
     })
     .context("could not load the ztxdp programs")?;
     let mut tables = Tables::from_ebpf(&mut ebpf)?;

@@ -15,11 +15,12 @@ use std::{
     os::fd::{AsFd as _, AsRawFd as _, BorrowedFd},
 };
 
-use aya::maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray, PerCpuValues, RingBuf};
+use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData, RingBuf};
 use tokio::io::unix::AsyncFd;
 use zt_common::{
     Event, FlowSummary, SUMMARY_CACHE_SLOTS, SUMMARY_WINDOW_NS, SUMMARY_WINDOW_SHIFT,
-    SummaryCacheSlot, SummaryKey, map, program, reason, summary_cache_slot, summary_window,
+    SummaryCacheSlot, SummaryKey, map, program, reason, summary_cache_index, summary_cache_slot,
+    summary_window,
 };
 
 use super::{
@@ -145,12 +146,12 @@ impl Feed {
                 source,
             },
         )?;
-        PerCpuArray::<&MapData, SummaryCacheSlot>::try_from(&summaries.cache).map_err(
-            |source| AuditError::Map {
+        Array::<&MapData, SummaryCacheSlot>::try_from(&summaries.cache).map_err(|source| {
+            AuditError::Map {
                 name: map::SUMMARY_CACHE,
                 source,
-            },
-        )?;
+            }
+        })?;
         // SAFETY: the ring buffer owns its fd for as long as the AsyncFd owns
         // the ring buffer, so the fd cannot be closed while registered.
         let ring = unsafe { AsyncFd::register(ring) }.map_err(|e| AuditError::Ring {
@@ -275,29 +276,26 @@ impl Feed {
             source,
         };
         let mut cache =
-            PerCpuArray::<&mut MapData, SummaryCacheSlot>::try_from(&mut self.summaries.cache)
+            Array::<&mut MapData, SummaryCacheSlot>::try_from(&mut self.summaries.cache)
                 .map_err(map_error)?;
         let slots = if all {
             (0..SUMMARY_CACHE_SLOTS).collect()
         } else {
             collectable_slots(now_ns)
         };
+        let cpus = cache.len() / SUMMARY_CACHE_SLOTS;
         let mut out: HashMap<SummaryKey, u64> = HashMap::new();
-        for slot in slots {
-            let mut values: Vec<SummaryCacheSlot> =
-                cache.get(&slot, 0).map_err(map_error)?.to_vec();
-            if values.iter().all(|v| v.count == 0) {
-                continue;
-            }
-            for v in &mut values {
-                if v.count > 0 {
-                    *out.entry(v.key).or_default() += v.count;
-                    v.count = 0;
+        for cpu in 0..cpus {
+            for &slot in &slots {
+                let index = summary_cache_index(cpu, slot);
+                let mut v = cache.get(&index, 0).map_err(map_error)?;
+                if v.count == 0 {
+                    continue;
                 }
+                *out.entry(v.key).or_default() += v.count;
+                v.count = 0;
+                cache.set(index, v, 0).map_err(map_error)?;
             }
-            let values =
-                PerCpuValues::try_from(values).map_err(|source| AuditError::Sweep { source })?;
-            cache.set(slot, values, 0).map_err(map_error)?;
         }
         if !all && collectable_slots(mono_ns()).len() < collectable_slots(now_ns).len() {
             // The collection ran into the last quarter of a window: the
