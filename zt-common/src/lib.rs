@@ -308,10 +308,10 @@ const _: () = assert!(size_of::<EventBucket>() == 16);
 /// One CPU's state in [`map::CPU_STATE`]: what every packet touches,
 /// written only by the programs running on that CPU.
 ///
-/// A plain array indexed by CPU number, not a per-CPU map: a per-CPU lookup
-/// reads the map's pointer table and then the value, two cache lines, and in
-/// the packet path (where the generator and the driver have just evicted
-/// them) each line missed cost more than the rest of the lookup. Here the
+/// A plain array indexed by CPU number, not per-CPU maps: one lookup per
+/// packet serves the clock, the limiter and the counters, where separate
+/// per-CPU maps took one each, and a per-CPU lookup reads two cache lines
+/// (the map's pointer table, then the value) where this reads one. The
 /// clock and the limiter share the first line.
 #[repr(C, align(64))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
