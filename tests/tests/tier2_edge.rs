@@ -17,6 +17,9 @@ use zt_tests::packet::{
 };
 use ztxdp::policy::{EchoRate, EdgePolicy};
 
+/// `BPF_F_MMAPABLE` (`uapi/linux/bpf.h`).
+const BPF_F_MMAPABLE: u32 = 1 << 10;
+
 const SSH: u16 = 22;
 const WG: u16 = 51_820;
 const WG2: u16 = 51_821;
@@ -1070,14 +1073,22 @@ fn every_map_name_exists_in_the_object() {
         (map::CPU_STATE, 1),
         (map::SUMMARY_CACHE, zt_common::SUMMARY_CACHE_SLOTS),
     ] {
-        let entries = match ebpf.map(name) {
-            Some(aya::maps::Map::Array(m)) => m.info().map(|i| i.max_entries()),
+        let info = match ebpf.map(name) {
+            Some(aya::maps::Map::Array(m)) => m.info(),
             other => panic!("{name} is not an array: {other:?}"),
-        };
+        }
+        .unwrap_or_else(|e| panic!("{name}: {e:?}"));
         assert_eq!(
-            entries.unwrap_or_else(|e| panic!("{name}: {e:?}")),
+            info.max_entries(),
             cpus * per_cpu,
             "{name} is not sized to the possible CPUs"
+        );
+        // Mmapable arrays keep their values page-aligned, so the 64-byte
+        // entries do not straddle cache lines.
+        assert_ne!(
+            info.map_flags() & BPF_F_MMAPABLE,
+            0,
+            "{name} is not mmapable"
         );
     }
 }

@@ -27,7 +27,9 @@ pub mod map {
     /// `LpmTrie<[u8; 16], u8>`: IPv6 sources allowed to reach the SSH port.
     pub const SSH_ALLOW_V6: &str = "ZT_SSH_V6";
     /// `Array<CpuState>` with one entry per possible CPU, indexed by CPU
-    /// number: each CPU's counters, clock and audit rate limiter.
+    /// number: each CPU's counters, clock and audit rate limiter. Created
+    /// mmapable, which puts the entries on a page boundary, so that each
+    /// starts a cache line.
     pub const CPU_STATE: &str = "ZT_CPU";
     /// `RingBuf` carrying [`super::Event`] records to the audit writer.
     pub const EVENTS: &str = "ZT_EVENTS";
@@ -49,7 +51,7 @@ pub mod map {
     pub const SUMMARIES: &str = "ZT_SUMMARY";
     /// `Array<SummaryCacheSlot>` with [`super::SUMMARY_CACHE_SLOTS`] entries
     /// per possible CPU (see [`super::summary_cache_index`]): each CPU's
-    /// last summarised flow, per window.
+    /// last summarised flow, per window. Mmapable like [`CPU_STATE`].
     pub const SUMMARY_CACHE: &str = "ZT_SUM_CACHE";
     /// `Array<u8>`: local TCP and UDP ports the host started flows from.
     pub const LOCAL_PORTS: &str = "ZT_LOCAL_PORTS";

@@ -4,7 +4,7 @@
 //! static's name; the loader's tests check that each constant is present.
 
 use aya_ebpf::{
-    bindings::BPF_F_NO_PREALLOC,
+    bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
     helpers::bpf_get_smp_processor_id,
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
@@ -58,9 +58,12 @@ pub static ZT_SSH_V6: LpmTrie<[u8; 16], u8> =
 
 // Each CPU's counters, clock and audit limiter (see zt_common::CpuState for
 // why not a per-CPU map). One entry here; the loader sizes it to the
-// possible CPUs.
+// possible CPUs. Mmapable only for the layout: the kernel then puts the
+// values on a page boundary, so each 64-byte multiple starts a cache line.
+// A plain array's values start wherever `struct bpf_array` ends (56 bytes
+// into a line on 6.18), and every entry would straddle lines.
 #[map]
-pub static ZT_CPU: Array<CpuState> = Array::with_max_entries(1, 0);
+pub static ZT_CPU: Array<CpuState> = Array::with_max_entries(1, BPF_F_MMAPABLE);
 
 #[map]
 pub static ZT_EVENTS: RingBuf = RingBuf::with_byte_size(capacity::EVENTS_BYTES, 0);
@@ -103,10 +106,12 @@ pub static ZT_SUMMARY: LruHashMap<SummaryKey, FlowSummary> =
 
 // Each CPU's last summarised flow, one slot per window modulo
 // SUMMARY_CACHE_SLOTS: a flood of one flow counts here, not in ZT_SUMMARY.
-// Sized by the loader like ZT_CPU; its own map because user space writes
-// it (zeroing collected slots), which would race the counters in ZT_CPU.
+// Sized and line-aligned like ZT_CPU; its own map because user space
+// writes it (zeroing collected slots), which would race the counters in
+// ZT_CPU.
 #[map]
-pub static ZT_SUM_CACHE: Array<SummaryCacheSlot> = Array::with_max_entries(SUMMARY_CACHE_SLOTS, 0);
+pub static ZT_SUM_CACHE: Array<SummaryCacheSlot> =
+    Array::with_max_entries(SUMMARY_CACHE_SLOTS, BPF_F_MMAPABLE);
 
 // One byte per (TCP or UDP, local port): set when the host starts a flow
 // from the port, never cleared. Lets most denied packets skip the flow
