@@ -265,9 +265,14 @@ fn read_within(stream: &mut TcpStream, want: usize, timeout: Duration) -> io::Re
             ));
         }
         stream.set_read_timeout(Some(left))?;
-        match stream.read(&mut buf)? {
-            0 => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "closed")),
-            n => got.extend_from_slice(&buf[..n]),
+        match stream.read(&mut buf) {
+            Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "closed")),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            // A signal cut the wait short (seen once in CI): wait out the
+            // rest, as `read_exact` does, so that the outcome is about the
+            // filter and not about the signal.
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
         }
     }
     Ok(got)

@@ -6,7 +6,7 @@ use aya::{
     Ebpf, EbpfLoader,
     programs::{ProgramError, SchedClassifier, Xdp},
 };
-use zt_common::{EDGE_CONFIGURED, EdgeConfig, global, map, program, summary_cache_index};
+use zt_common::{EDGE_CONFIGURED, EdgeConfig, SUMMARY_CACHE_SLOTS, global, map, program};
 
 /// Errors while loading the BPF object.
 #[derive(Debug, thiserror::Error)]
@@ -61,14 +61,9 @@ impl Default for LoadOptions {
 pub fn load(opts: LoadOptions) -> Result<Ebpf, LoadError> {
     relax_memlock();
     // The per-CPU state is indexed by CPU number (see zt_common::CpuState).
-    let cpus = aya::util::nr_cpus()
-        .map_err(|(path, source)| LoadError::Cpus { path, source })
-        .and_then(|n| {
-            u32::try_from(n).map_err(|_| LoadError::Cpus {
-                path: "/sys/devices/system/cpu/possible",
-                source: std::io::Error::other(format!("{n} CPUs")),
-            })
-        })?;
+    let cpus = aya::util::nr_cpus().map_err(|(path, source)| LoadError::Cpus { path, source })?;
+    // Kernels support at most 8,192 CPUs, so this never saturates.
+    let cpus = u32::try_from(cpus).unwrap_or(u32::MAX);
     let edge = opts
         .ssh_port
         .map_or_else(EdgeConfig::default, |ssh_port| EdgeConfig {
@@ -81,7 +76,7 @@ pub fn load(opts: LoadOptions) -> Result<Ebpf, LoadError> {
         .override_global(global::EDGE_CONFIG, &edge, true)
         .map_max_entries(map::FLOWS, opts.flow_entries)
         .map_max_entries(map::CPU_STATE, cpus)
-        .map_max_entries(map::SUMMARY_CACHE, summary_cache_index(cpus, 0))
+        .map_max_entries(map::SUMMARY_CACHE, cpus.saturating_mul(SUMMARY_CACHE_SLOTS))
         .load(crate::BPF_OBJECT)?;
     let edge: &mut Xdp = program_mut(&mut ebpf, program::EDGE_NAME)?;
     edge.load().map_err(|source| LoadError::Program {
