@@ -988,8 +988,8 @@ fn ipv6_extension_header_limits_and_lengths() {
     expect(&cases);
 }
 
-/// Before user space writes the configuration entry the program must drop
-/// everything, ARP included.
+/// Loaded without an edge policy, the program must drop everything, ARP
+/// included.
 #[test]
 fn unconfigured_program_drops_everything() {
     let mut p = Programs::load(true, None, None);
@@ -1067,8 +1067,7 @@ fn every_map_name_exists_in_the_object() {
     );
     // The per-CPU state is indexed by CPU number: every possible CPU needs
     // its entry, or the programs on it would drop everything (fail closed).
-    let cpus = u32::try_from(aya::util::nr_cpus().unwrap_or_else(|e| panic!("{e:?}")))
-        .unwrap_or_else(|e| panic!("{e}"));
+    let cpus = ztxdp::loader::cpu_slots().unwrap_or_else(|e| panic!("{e:?}"));
     for (name, per_cpu) in [
         (map::CPU_STATE, 1),
         (map::SUMMARY_CACHE, zt_common::SUMMARY_CACHE_SLOTS),

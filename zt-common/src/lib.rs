@@ -29,7 +29,8 @@ pub mod map {
     /// `Array<CpuState>` with one entry per possible CPU, indexed by CPU
     /// number: each CPU's counters, clock and audit rate limiter. Created
     /// mmapable, which puts the entries on a page boundary, so that each
-    /// starts a cache line.
+    /// starts a cache line, and lets user space read the counters through
+    /// a mapping, a whole word at a time.
     pub const CPU_STATE: &str = "ZT_CPU";
     /// `RingBuf` carrying [`super::Event`] records to the audit writer.
     pub const EVENTS: &str = "ZT_EVENTS";

@@ -79,8 +79,10 @@ pub enum Fragment {
 /// alignment. LLVM's BPF backend may not assume a packet field is aligned,
 /// so a plain read becomes 4 byte loads, 3 shifts and 3 ors; the BPF load
 /// itself has no alignment rule on packet data where the CPU has efficient
-/// unaligned access (x86-64, arm64), and where it does not, the verifier
-/// checks it against the 2-byte IP alignment that keeps IPv4 fields aligned.
+/// unaligned access (x86-64, arm64). Where it does not, the verifier checks
+/// the alignment and refuses a load it cannot prove aligned (on a tunnel
+/// device without Ethernet the addresses are not), so the programs fail to
+/// load there rather than misread.
 ///
 /// # Safety
 /// `p` must be a bounds-checked packet pointer with 4 readable bytes.

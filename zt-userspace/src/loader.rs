@@ -15,9 +15,8 @@ pub enum LoadError {
     Object(#[from] aya::EbpfError),
     #[error("the BPF object has no program {name}")]
     MissingProgram { name: &'static str },
-    #[error("could not count this machine's CPUs from {path}")]
+    #[error("could not read this machine's CPU numbers from {POSSIBLE_CPUS}")]
     Cpus {
-        path: &'static str,
         #[source]
         source: std::io::Error,
     },
@@ -60,10 +59,7 @@ impl Default for LoadOptions {
 /// When the object or a program is rejected by the kernel.
 pub fn load(opts: LoadOptions) -> Result<Ebpf, LoadError> {
     relax_memlock();
-    // The per-CPU state is indexed by CPU number (see zt_common::CpuState).
-    let cpus = aya::util::nr_cpus().map_err(|(path, source)| LoadError::Cpus { path, source })?;
-    // Kernels support at most 8,192 CPUs, so this never saturates.
-    let cpus = u32::try_from(cpus).unwrap_or(u32::MAX);
+    let cpus = cpu_slots()?;
     let edge = opts
         .ssh_port
         .map_or_else(EdgeConfig::default, |ssh_port| EdgeConfig {
@@ -95,6 +91,35 @@ pub fn load(opts: LoadOptions) -> Result<Ebpf, LoadError> {
     Ok(ebpf)
 }
 
+/// Where the kernel lists the CPUs that can ever come online.
+const POSSIBLE_CPUS: &str = "/sys/devices/system/cpu/possible";
+
+/// Entries the CPU-indexed arrays (`zt_common::CpuState`) need: one per CPU
+/// number up to the highest possible CPU. Not the count of possible CPUs
+/// (aya's `nr_cpus`): the list can have gaps (`0-3,8-11`), and a CPU without
+/// an entry drops every packet.
+///
+/// # Errors
+/// When the list cannot be read or parsed.
+pub fn cpu_slots() -> Result<u32, LoadError> {
+    let list =
+        std::fs::read_to_string(POSSIBLE_CPUS).map_err(|source| LoadError::Cpus { source })?;
+    highest_cpu(&list)
+        .and_then(|n| n.checked_add(1))
+        .ok_or_else(|| LoadError::Cpus {
+            source: std::io::Error::other(format!("unexpected CPU list {:?}", list.trim())),
+        })
+}
+
+/// The highest CPU number in a kernel CPU list such as `0-3,8-11`.
+fn highest_cpu(list: &str) -> Option<u32> {
+    list.trim()
+        .split(',')
+        .map(|range| range.rsplit('-').next().and_then(|n| n.parse::<u32>().ok()))
+        .try_fold(None, |max: Option<u32>, n| Some(max.max(Some(n?))))
+        .flatten()
+}
+
 /// A typed handle on one of the object's programs.
 ///
 /// # Errors
@@ -122,5 +147,21 @@ fn relax_memlock() {
             error = %std::io::Error::last_os_error(),
             "could not raise RLIMIT_MEMLOCK; fine on kernels 5.11 and later"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::highest_cpu;
+
+    #[test]
+    fn the_highest_cpu_number_counts_not_the_number_of_cpus() {
+        assert_eq!(highest_cpu("0\n"), Some(0));
+        assert_eq!(highest_cpu("0-1\n"), Some(1));
+        // A list with a gap: 8 CPUs, numbered up to 11.
+        assert_eq!(highest_cpu("0-3,8-11\n"), Some(11));
+        assert_eq!(highest_cpu("0,2,5-6"), Some(6));
+        assert_eq!(highest_cpu(""), None);
+        assert_eq!(highest_cpu("0-x"), None);
     }
 }

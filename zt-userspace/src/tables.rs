@@ -3,7 +3,10 @@
 //! the maps of an already attached program found by kernel id (`status`,
 //! `allow`, `revoke`), so the two can never disagree on the layout.
 
-use std::collections::{BTreeMap, HashMap};
+use std::{
+    collections::{BTreeMap, HashMap},
+    os::fd::{AsFd as _, AsRawFd as _},
+};
 
 use aya::{
     Ebpf,
@@ -13,8 +16,8 @@ use aya::{
 };
 use ipnet::IpNet;
 use zt_common::{
-    CpuState, FlowConfig, FlowKey, FlowState, GrantKey, PEER_ICMP, PeerCounters, PeerInfo,
-    capacity, counter_index, map, program, reason,
+    COUNTER_SLOTS, CpuState, FlowConfig, FlowKey, FlowState, GrantKey, PEER_ICMP, PeerCounters,
+    PeerInfo, capacity, counter_index, map, program, reason,
 };
 
 use crate::policy::{EchoRate, EdgePolicy, FlowSettings, Grant, Peer, TunnelPolicy};
@@ -29,6 +32,12 @@ pub enum TablesError {
         name: &'static str,
         #[source]
         source: MapError,
+    },
+    #[error("mapping BPF map {name} into memory: {source}")]
+    Mmap {
+        name: &'static str,
+        #[source]
+        source: std::io::Error,
     },
     #[error("{what} has {count} entries; the limit is {limit}")]
     TooMany {
@@ -265,12 +274,7 @@ impl Tables {
     /// # Errors
     /// When the counter map cannot be read.
     pub fn counters(&self, program: u32) -> Result<BTreeMap<u32, u64>, TablesError> {
-        let arr: Array<_, CpuState> =
-            Array::try_from(self.get_ref(map::CPU_STATE)?).map_err(map_err(map::CPU_STATE))?;
-        let cpus = (0..arr.len())
-            .map(|cpu| arr.get(&cpu, 0))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(map_err(map::CPU_STATE))?;
+        let cpus = self.cpu_counters()?;
         let mut out = BTreeMap::new();
         let extra: &[u32] = if program == program::EGRESS {
             &[reason::FLOWS_CREATED]
@@ -284,7 +288,62 @@ impl Tables {
         };
         for &code in codes.iter().chain(extra) {
             let idx = counter_index(program, code) as usize;
-            out.insert(code, cpus.iter().map(|c| c.counters[idx]).sum());
+            out.insert(code, cpus.iter().map(|c| c[idx]).sum());
+        }
+        Ok(out)
+    }
+
+    /// Every CPU's counters. Read through a read-only mapping of the
+    /// (mmapable) state array, one 8-byte load per counter: a map lookup
+    /// copies the entry with a plain `memcpy` while the programs add to it,
+    /// which does not promise whole words, and a torn counter would put a
+    /// wrong delta in the audit trail's `lost` records. (Per-CPU maps copy
+    /// word by word; this array is not one, see `zt_common::CpuState`.)
+    fn cpu_counters(&self) -> Result<Vec<[u64; COUNTER_SLOTS as usize]>, TablesError> {
+        let m = self.get_ref(map::CPU_STATE)?;
+        let entries = Array::<_, CpuState>::try_from(m)
+            .map_err(map_err(map::CPU_STATE))?
+            .len();
+        let Map::Array(data) = m else {
+            return Err(TablesError::MissingMap {
+                name: map::CPU_STATE,
+            });
+        };
+        let len = entries as usize * size_of::<CpuState>();
+        let mmap_err = |source| TablesError::Mmap {
+            name: map::CPU_STATE,
+            source,
+        };
+        // SAFETY: a fresh read-only shared mapping of the map's fd, `len`
+        // bytes, which the kernel allows for an mmapable array of `entries`
+        // values; nothing else aliases it, and it is unmapped below.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                data.fd().as_fd().as_raw_fd(),
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(mmap_err(std::io::Error::last_os_error()));
+        }
+        let states = base.cast::<CpuState>();
+        let out = (0..entries as usize)
+            .map(|cpu| {
+                std::array::from_fn(|i| {
+                    // SAFETY: inside the mapping (cpu < entries, i <
+                    // COUNTER_SLOTS), page-aligned so every u64 is aligned;
+                    // volatile because the programs write it meanwhile.
+                    unsafe { (&raw const (*states.add(cpu)).counters[i]).read_volatile() }
+                })
+            })
+            .collect();
+        // SAFETY: the mapping made above, no longer used.
+        if unsafe { libc::munmap(base, len) } != 0 {
+            return Err(mmap_err(std::io::Error::last_os_error()));
         }
         Ok(out)
     }
