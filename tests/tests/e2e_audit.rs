@@ -370,6 +370,30 @@ fn a_takeover_from_a_running_daemon_hands_the_trail_over_without_a_gap() {
     );
 }
 
+/// Waits until every follower has printed a record, probing with one new
+/// source at a time. A stream starts at the first record after its reader
+/// connected, and connecting (an `ip netns exec` and a process start) once
+/// took longer than the fixed half second this used to wait, on a loaded CI
+/// machine.
+fn await_streams(t: &Enforced, readers: &[mpsc::Receiver<String>], got: &mut [Vec<String>]) {
+    let deadline = Instant::now() + CATCH_UP;
+    for probe in 1.. {
+        for (rx, lines) in readers.iter().zip(got.iter_mut()) {
+            lines.extend(rx.try_iter());
+        }
+        if got.iter().all(|lines| !lines.is_empty()) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the followers printed no record; daemon log:\n{}",
+            t.daemon.log()
+        );
+        flood(&t.lab, probe, 1, 1);
+        thread::sleep(Duration::from_millis(200));
+    }
+}
+
 #[test]
 fn events_follow_streams_each_record_once_from_another_shell() {
     let mut t = start("events", "");
@@ -402,12 +426,11 @@ fn events_follow_streams_each_record_once_from_another_shell() {
             rx
         })
         .collect();
-    // Give both followers time to connect before the first record.
-    thread::sleep(Duration::from_millis(500));
+    let mut got: Vec<Vec<String>> = vec![Vec::new(), Vec::new()];
+    await_streams(&t, &readers, &mut got);
     let skip = audit_lines(&t.audit()).len();
     flood(&t.lab, 9000, 300, 1);
     let deadline = Instant::now() + CATCH_UP;
-    let mut got: Vec<Vec<String>> = vec![Vec::new(), Vec::new()];
     let ecs_seq = |l: &String| {
         serde_json::from_str::<Value>(l)
             .ok()
