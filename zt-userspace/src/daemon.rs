@@ -21,10 +21,10 @@ use crate::{
     audit::{self, AuditError, Names, Trail, kernel::Feed, record::Program},
     config::{Config, ConfigError},
     grants::{GrantsError, RuntimeGrants},
-    loader::{self, LoadError, LoadOptions},
+    loader::{self, LoadError},
     lockout::{self, LockoutError},
     policy::TunnelPolicy,
-    tables::{Tables, TablesError},
+    tables::Tables,
 };
 
 /// Why `up` stopped with an error.
@@ -36,8 +36,6 @@ pub enum DaemonError {
     Lockout(#[from] LockoutError),
     #[error(transparent)]
     Load(#[from] LoadError),
-    #[error(transparent)]
-    Tables(#[from] TablesError),
     #[error(transparent)]
     Attach(#[from] AttachError),
     #[error(transparent)]
@@ -88,7 +86,15 @@ pub struct Enforcing {
 pub async fn up(opts: &UpOptions, ready: impl FnOnce(&Enforcing)) -> Result<(), DaemonError> {
     let (config, tunnel_policy) = checked_config(opts)?;
 
-    let (mut ebpf, tables) = load_and_fill(&config, tunnel_policy.as_ref())?;
+    let tunnel_l2 = tunnel_policy
+        .as_ref()
+        .is_some_and(|t| has_ethernet_header(&t.interface));
+    let (mut ebpf, tables) = loader::load_filled(
+        tunnel_l2,
+        config.policy.edge.as_ref(),
+        tunnel_policy.as_ref(),
+        &config.policy.flows,
+    )?;
     let ring = ebpf
         .take_map(map::EVENTS)
         .ok_or(DaemonError::NoRingBuffer { name: map::EVENTS })?;
@@ -172,35 +178,6 @@ pub async fn up(opts: &UpOptions, ready: impl FnOnce(&Enforcing)) -> Result<(), 
     let flushed = flush_audit(&mut feed, trail, &tables);
     stop?;
     Ok(flushed?)
-}
-
-/// The programs, loaded, with every table filled from the policy: ready to
-/// attach.
-fn load_and_fill(
-    config: &Config,
-    tunnel: Option<&TunnelPolicy>,
-) -> Result<(aya::Ebpf, Tables), DaemonError> {
-    let tunnel_l2 = tunnel.is_some_and(|t| has_ethernet_header(&t.interface));
-    let mut ebpf = loader::load(LoadOptions {
-        tunnel_l2,
-        flow_entries: config.policy.flows.max_entries,
-        ssh_port: config.policy.edge.as_ref().map(|e| e.ssh_port),
-    })?;
-    let mut tables = Tables::from_ebpf(&mut ebpf)?;
-    let echo = config
-        .policy
-        .edge
-        .as_ref()
-        .map(|e| e.icmp_echo)
-        .unwrap_or_default();
-    tables.apply_flows(&config.policy.flows, echo)?;
-    if let Some(edge) = &config.policy.edge {
-        tables.apply_edge(edge)?;
-    }
-    if let Some(t) = tunnel {
-        tables.apply_tunnel(t)?;
-    }
-    Ok((ebpf, tables))
 }
 
 /// The configuration with the command line's interface overrides, checked

@@ -8,6 +8,11 @@ use aya::{
 };
 use zt_common::{EDGE_CONFIGURED, EdgeConfig, SUMMARY_CACHE_SLOTS, global, map, program};
 
+use crate::{
+    policy::{EdgePolicy, FlowSettings, TunnelPolicy},
+    tables::{Tables, TablesError},
+};
+
 /// Errors while loading the BPF object.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -26,6 +31,8 @@ pub enum LoadError {
         #[source]
         source: ProgramError,
     },
+    #[error("writing the policy into the maps")]
+    Fill(#[from] TablesError),
 }
 
 /// How the programs are specialised at load time.
@@ -89,6 +96,34 @@ pub fn load(opts: LoadOptions) -> Result<Ebpf, LoadError> {
             .map_err(|source| LoadError::Program { name, source })?;
     }
     Ok(ebpf)
+}
+
+/// The programs loaded for a policy, with every map filled from it: what
+/// `ztxdp up` attaches, and what the tests and benchmarks run. Nothing is
+/// attached yet, so a program never sees a packet with half a policy.
+///
+/// # Errors
+/// When loading fails or a map cannot take the policy.
+pub fn load_filled(
+    tunnel_l2: bool,
+    edge: Option<&EdgePolicy>,
+    tunnel: Option<&TunnelPolicy>,
+    flows: &FlowSettings,
+) -> Result<(Ebpf, Tables), LoadError> {
+    let mut ebpf = load(LoadOptions {
+        tunnel_l2,
+        flow_entries: flows.max_entries,
+        ssh_port: edge.map(|e| e.ssh_port),
+    })?;
+    let mut tables = Tables::from_ebpf(&mut ebpf)?;
+    tables.apply_flows(flows, edge.map(|e| e.icmp_echo).unwrap_or_default())?;
+    if let Some(e) = edge {
+        tables.apply_edge(e)?;
+    }
+    if let Some(t) = tunnel {
+        tables.apply_tunnel(t)?;
+    }
+    Ok((ebpf, tables))
 }
 
 /// Where the kernel lists the CPUs that can ever come online.

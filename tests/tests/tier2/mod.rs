@@ -40,7 +40,7 @@ use aya::{
 use zt_common::{program, reason};
 use zt_tests::packet::hex_dump;
 use ztxdp::{
-    loader::{self, LoadOptions},
+    loader,
     policy::{EdgePolicy, FlowSettings, Grant, Peer, Protocol, TunnelPolicy},
     tables::Tables,
 };
@@ -97,29 +97,10 @@ impl Programs {
         tunnel: Option<&TunnelPolicy>,
         flows: &FlowSettings,
     ) -> Self {
-        let opts = LoadOptions {
-            tunnel_l2,
-            flow_entries: flows.max_entries,
-            ssh_port: edge.map(|e| e.ssh_port),
-        };
-        let mut ebpf = loader::load(opts)
-            .unwrap_or_else(|e| panic!("loading the BPF programs (tests must run as root): {e:?}"));
-        let mut tables =
-            Tables::from_ebpf(&mut ebpf).unwrap_or_else(|e| panic!("taking the maps: {e:?}"));
-        let echo = edge.map(|e| e.icmp_echo).unwrap_or_default();
-        tables
-            .apply_flows(flows, echo)
-            .unwrap_or_else(|e| panic!("writing the flow settings: {e:?}"));
-        if let Some(p) = edge {
-            tables
-                .apply_edge(p)
-                .unwrap_or_else(|e| panic!("writing the edge policy: {e:?}"));
-        }
-        if let Some(p) = tunnel {
-            tables
-                .apply_tunnel(p)
-                .unwrap_or_else(|e| panic!("writing the tunnel policy: {e:?}"));
-        }
+        let (ebpf, tables) =
+            loader::load_filled(tunnel_l2, edge, tunnel, flows).unwrap_or_else(|e| {
+                panic!("loading and filling the BPF programs (tests must run as root): {e:?}")
+            });
         Self {
             ebpf,
             tables,

@@ -24,9 +24,8 @@ use ipnet::IpNet;
 use zt_common::program;
 use ztxdp::{
     config::Config,
-    loader::{self, LoadOptions},
+    loader,
     policy::{Grant, Policy, Protocol},
-    tables::Tables,
 };
 
 use super::{
@@ -211,25 +210,13 @@ pub fn policy(toml: &str) -> anyhow::Result<Policy> {
 /// Loads the ztxdp programs and fills their maps the way `ztxdp up` does,
 /// without attaching them.
 pub fn fill(policy: &Policy, tunnel_l2: bool) -> anyhow::Result<Ebpf> {
-    let mut ebpf = loader::load(LoadOptions {
+    let (ebpf, _tables) = loader::load_filled(
         tunnel_l2,
-        flow_entries: policy.flows.max_entries,
-        ssh_port: policy.edge.as_ref().map(|e| e.ssh_port),
-    })
-    .context("could not load the ztxdp programs")?;
-    let mut tables = Tables::from_ebpf(&mut ebpf)?;
-    let echo = policy
-        .edge
-        .as_ref()
-        .map(|e| e.icmp_echo)
-        .unwrap_or_default();
-    tables.apply_flows(&policy.flows, echo)?;
-    if let Some(e) = &policy.edge {
-        tables.apply_edge(e)?;
-    }
-    if let Some(t) = &policy.tunnel {
-        tables.apply_tunnel(t)?;
-    }
+        policy.edge.as_ref(),
+        policy.tunnel.as_ref(),
+        &policy.flows,
+    )
+    .context("could not load and fill the ztxdp programs")?;
     Ok(ebpf)
 }
 
