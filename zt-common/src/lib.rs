@@ -398,6 +398,12 @@ pub const fn summary_window(ns: u64) -> u32 {
     (ns >> SUMMARY_WINDOW_SHIFT) as u32
 }
 
+/// When `window` (as [`summary_window`] numbers it) began.
+#[must_use]
+pub const fn summary_window_start(window: u32) -> u64 {
+    (window as u64) << SUMMARY_WINDOW_SHIFT
+}
+
 /// Key of a summarised flow: the decision's addresses, ports, protocol,
 /// reason and program. Addresses first and 8-byte aligned, so that building
 /// and comparing a key are whole-word moves.

@@ -9,7 +9,7 @@
 #![no_main]
 // Atomic add on BPF: see record::summarise.
 #![feature(core_intrinsics)]
-// Single loads of unaligned packet fields: see parse::load_u32.
+// Single loads of unaligned packet fields: see parse::packet_load.
 #![feature(asm_experimental_arch)]
 #![expect(
     internal_features,
@@ -45,7 +45,7 @@ use zt_common::{CpuState, EDGE_CONFIGURED, program, reason};
 
 use crate::{
     maps::{edge_config, tunnel_l2},
-    parse::Bounds,
+    parse::{Bounds, Packet, ParseError},
 };
 
 /// Packet bytes the tunnel program wants in the skb's linear area: enough
@@ -113,14 +113,9 @@ pub fn zt_tunnel(ctx: TcContext) -> i32 {
         return TC_ACT_SHOT;
     };
     let now = now(cpu);
-    let parsed = if tunnel_l2() {
-        parse::parse_ethernet(&b)
-    } else {
-        parse::parse_ip(&b)
-    };
     // Each arm records its own decision: building one tuple of packet, peer
     // and code to share the call costs stack and confuses LLVM's BPF backend.
-    let code = match parsed {
+    let code = match parse_tunnel(&b) {
         Ok(p) => {
             let peer = verdict::peer_of(&p);
             let mut code = verdict::tunnel(&p, peer);
@@ -163,10 +158,7 @@ pub fn zt_tunnel(ctx: TcContext) -> i32 {
 )]
 pub fn zt_edge_out(ctx: TcContext) -> i32 {
     let b = linear_headers(&ctx);
-    if let (Ok(p), Some(cpu)) = (parse::parse_ethernet(&b), maps::this_cpu()) {
-        let now = now(cpu);
-        flows::record_egress(cpu, &p, skb_ifindex(&ctx), now);
-    }
+    record_outgoing(&ctx, parse::parse_ethernet(&b));
     TC_ACT_OK
 }
 
@@ -178,16 +170,29 @@ pub fn zt_edge_out(ctx: TcContext) -> i32 {
 )]
 pub fn zt_tunnel_out(ctx: TcContext) -> i32 {
     let b = linear_headers(&ctx);
-    let parsed = if tunnel_l2() {
-        parse::parse_ethernet(&b)
-    } else {
-        parse::parse_ip(&b)
-    };
+    record_outgoing(&ctx, parse_tunnel(&b));
+    TC_ACT_OK
+}
+
+/// The egress programs' work: a parsed packet's flow recorded. Unparsed
+/// packets are not flows the host started, and pass like every other.
+#[inline(always)]
+fn record_outgoing(ctx: &TcContext, parsed: Result<Packet, ParseError>) {
     if let (Ok(p), Some(cpu)) = (parsed, maps::this_cpu()) {
         let now = now(cpu);
-        flows::record_egress(cpu, &p, skb_ifindex(&ctx), now);
+        flows::record_egress(cpu, &p, skb_ifindex(ctx), now);
     }
-    TC_ACT_OK
+}
+
+/// A packet on the tunnel device, which starts at the IP header unless the
+/// device has an Ethernet header (`TUNNEL_L2`).
+#[inline(always)]
+fn parse_tunnel(b: &Bounds) -> Result<Packet, ParseError> {
+    if tunnel_l2() {
+        parse::parse_ethernet(b)
+    } else {
+        parse::parse_ip(b)
+    }
 }
 
 /// The clock every limit and timeout runs on: `CLOCK_MONOTONIC` at jiffy

@@ -75,59 +75,53 @@ pub enum Fragment {
     Later,
 }
 
-/// The 4 bytes at `p` as they lie in memory, in one load whatever their
+/// Defines `$name`, which reads the `$ty` at a packet pointer as it lies in
+/// memory, in one BPF load (`$width` in BPF assembly) whatever its
 /// alignment. LLVM's BPF backend may not assume a packet field is aligned,
-/// so a plain read becomes 4 byte loads, 3 shifts and 3 ors; the BPF load
-/// itself has no alignment rule on packet data where the CPU has efficient
-/// unaligned access (x86-64, arm64). Where it does not, the verifier checks
-/// the alignment and refuses a load it cannot prove aligned (on a tunnel
-/// device without Ethernet the addresses are not), so the programs fail to
-/// load there rather than misread.
-///
-/// # Safety
-/// `p` must be a bounds-checked packet pointer with 4 readable bytes.
-#[inline(always)]
-unsafe fn load_u32(p: *const u8) -> u32 {
-    let v: u64;
-    // SAFETY: the caller's; the asm only reads those 4 bytes.
-    unsafe {
-        core::arch::asm!(
-            "{v} = *(u32 *)({p} + 0)",
-            v = lateout(reg) v,
-            p = in(reg) p,
-            options(nostack, readonly, preserves_flags),
-        );
-    }
-    #[expect(
-        clippy::cast_possible_truncation,
-        reason = "a 4-byte load zero-extends"
-    )]
-    let v = v as u32;
-    v
+/// so a plain read of 4 bytes becomes 4 byte loads, 3 shifts and 3 ors; the
+/// BPF load itself has no alignment rule on packet data where the CPU has
+/// efficient unaligned access (x86-64, arm64). Where it does not, the
+/// verifier checks the alignment and refuses a load it cannot prove aligned
+/// (on a tunnel device without Ethernet the addresses are not), so the
+/// programs fail to load there rather than misread.
+macro_rules! packet_load {
+    ($name:ident, $ty:ty, $width:literal) => {
+        /// # Safety
+        /// `p` must be a bounds-checked packet pointer with
+        #[doc = concat!("`size_of::<", stringify!($ty), ">()` readable bytes.")]
+        #[inline(always)]
+        unsafe fn $name(p: *const u8) -> $ty {
+            let v: u64;
+            // SAFETY: the caller's; the asm only reads those bytes.
+            unsafe {
+                core::arch::asm!(
+                    concat!("{v} = *(", $width, " *)({p} + 0)"),
+                    v = lateout(reg) v,
+                    p = in(reg) p,
+                    options(nostack, readonly, preserves_flags),
+                );
+            }
+            #[expect(
+                clippy::cast_possible_truncation,
+                reason = "the load zero-extends the field"
+            )]
+            let v = v as $ty;
+            v
+        }
+    };
 }
 
-/// As [`load_u32`], for a big-endian 2-byte field.
+packet_load!(load_u32, u32, "u32");
+packet_load!(load_u16, u16, "u16");
+
+/// A big-endian 2-byte field, in host order.
 ///
 /// # Safety
-/// `p` must be a bounds-checked packet pointer with 2 readable bytes.
+/// As [`load_u16`].
 #[inline(always)]
 unsafe fn load_be16(p: *const u8) -> u16 {
-    let v: u64;
-    // SAFETY: the caller's; the asm only reads those 2 bytes.
-    unsafe {
-        core::arch::asm!(
-            "{v} = *(u16 *)({p} + 0)",
-            v = lateout(reg) v,
-            p = in(reg) p,
-            options(nostack, readonly, preserves_flags),
-        );
-    }
-    #[expect(
-        clippy::cast_possible_truncation,
-        reason = "a 2-byte load zero-extends"
-    )]
-    let v = v as u16;
-    u16::from_be(v)
+    // SAFETY: the caller's.
+    u16::from_be(unsafe { load_u16(p) })
 }
 
 /// An address as bytes in network order (IPv4 in the first four), aligned so

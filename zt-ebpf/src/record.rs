@@ -156,7 +156,7 @@ fn summarise(key: &SummaryKey, now: u64) -> Option<u32> {
 /// the slot, so a flood that starts there keeps it.
 #[inline(always)]
 fn remember(cpu: &mut CpuState, slot: *mut SummaryCacheSlot, key: &SummaryKey) {
-    // SAFETY: a per-CPU slot (see `count`) from ZT_SUM_CACHE; user space
+    // SAFETY: this CPU's slot (see maps::this_cpu) in ZT_SUM_CACHE; user space
     // touches it only while its window is two or three behind, never the
     // current one.
     let slot = unsafe { &mut *slot };

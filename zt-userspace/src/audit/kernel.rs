@@ -18,9 +18,8 @@ use std::{
 use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData, RingBuf};
 use tokio::io::unix::AsyncFd;
 use zt_common::{
-    Event, FlowSummary, SUMMARY_CACHE_SLOTS, SUMMARY_WINDOW_NS, SUMMARY_WINDOW_SHIFT,
-    SummaryCacheSlot, SummaryKey, map, program, reason, summary_cache_index, summary_cache_slot,
-    summary_window,
+    Event, FlowSummary, SUMMARY_CACHE_SLOTS, SUMMARY_WINDOW_NS, SummaryCacheSlot, SummaryKey, map,
+    program, reason, summary_cache_index, summary_cache_slot, summary_window, summary_window_start,
 };
 
 use super::{
@@ -253,7 +252,7 @@ impl Feed {
         // before the cache was collected).
         for (key, count) in cached {
             let v = FlowSummary {
-                window_start_ns: u64::from(key.window) << SUMMARY_WINDOW_SHIFT,
+                window_start_ns: summary_window_start(key.window),
                 suppressed: count,
             };
             trail.push(
@@ -346,7 +345,7 @@ mod tests {
 
     #[test]
     fn only_slots_the_programs_cannot_be_writing_are_collected() {
-        let window = |w: u64, fraction: f64| {
+        let window = |w: u32, fraction: f64| {
             #[expect(
                 clippy::cast_possible_truncation,
                 clippy::cast_sign_loss,
@@ -354,11 +353,11 @@ mod tests {
                 reason = "test arithmetic on small values"
             )]
             let into = (SUMMARY_WINDOW_NS as f64 * fraction) as u64;
-            (w << SUMMARY_WINDOW_SHIFT) + into
+            summary_window_start(w) + into
         };
-        // Window 10 is slot 2; the programs write it now, and slot 3
-        // (window 11) from the next window on. Slots 0 and 1 hold windows 8
-        // and 7 (or older): frozen.
+        // Window 10 is slot 2, which the programs write now; slot 1 (window
+        // 9) may still be written by a lagging clock. Slots 3 and 0 hold
+        // windows 7 and 8: frozen, until slot 3 becomes window 11's.
         assert_eq!(collectable_slots(window(10, 0.0)), vec![3, 0]);
         assert_eq!(collectable_slots(window(10, 0.5)), vec![3, 0]);
         // Late in the window, slot 3 is about to become the programs' slot.
@@ -369,7 +368,7 @@ mod tests {
         for w in 4..12 {
             for f in [0.0, 0.3, 0.6, 0.9] {
                 let slots = collectable_slots(window(w, f));
-                let current = u32::try_from(w % 4).unwrap_or(0);
+                let current = w % 4;
                 assert!(!slots.contains(&current), "window {w}+{f}: {slots:?}");
                 assert!(
                     !slots.contains(&((current + 3) % 4)),
