@@ -19,7 +19,8 @@ use std::{
 };
 
 use e2e::{
-    Enforced, Scratch, audit_lines, build_lab, mac, send_frames, status, ztxdp, ztxdp_cmd, ztxdp_ok,
+    Enforced, Scratch, audit_lines, build_lab, complete_lines, mac, send_frames, status, ztxdp,
+    ztxdp_cmd, ztxdp_ok,
 };
 use serde_json::Value;
 use zt_common::reason;
@@ -448,7 +449,7 @@ fn events_follow_streams_each_record_once_from_another_shell() {
         }
         // Read after the streams: a streamed record is already in the file.
         let file = fs::read_to_string(t.audit()).unwrap_or_default();
-        let lines: Vec<&str> = file.lines().collect();
+        let lines: Vec<&str> = complete_lines(&file).collect();
         let last = lines.len() as u64;
         let ecs: Vec<u64> = got[0].iter().filter_map(ecs_seq).collect();
         let cef: Vec<u64> = got[1].iter().filter_map(cef_seq).collect();
@@ -588,7 +589,7 @@ impl Rsyslog {
     fn received(&self) -> BTreeMap<u64, String> {
         let text = fs::read_to_string(&self.output).unwrap_or_default();
         let mut out = BTreeMap::new();
-        for line in text.lines() {
+        for line in complete_lines(&text) {
             let (seq, json) = parse_rfc5424(line);
             assert!(
                 out.insert(seq, json).is_none(),
@@ -685,7 +686,7 @@ fn expect_forwarding_accounted(
         // in between was received but not yet in the lines compared.)
         let received = rsyslog.received();
         let file = fs::read_to_string(t.audit()).unwrap_or_default();
-        let lines: Vec<&str> = file.lines().collect();
+        let lines: Vec<&str> = complete_lines(&file).collect();
         let dropped: u64 = lines
             .iter()
             .filter_map(|l| serde_json::from_str::<Value>(l).ok())

@@ -623,10 +623,18 @@ pub fn send_frames(ns: &NetNs, interface: &str, frames: &[Vec<u8>]) {
     .unwrap_or_else(|e| panic!("entering {}: {e}", ns.name()));
 }
 
+/// The lines of a file that another process is appending to, without a
+/// last line it has not finished: a read can land in the middle of a write
+/// (a CI run read half of an rsyslog line).
+pub fn complete_lines(text: &str) -> impl Iterator<Item = &str> {
+    let whole = text.rfind('\n').map_or("", |end| &text[..end]);
+    whole.lines()
+}
+
 /// Every JSON line of the audit file so far.
 pub fn audit_lines(path: &Path) -> Vec<Value> {
     let text = fs::read_to_string(path).unwrap_or_default();
-    text.lines()
+    complete_lines(&text)
         .map(|line| {
             serde_json::from_str(line)
                 .unwrap_or_else(|e| panic!("audit line is not JSON ({e}): {line}"))
