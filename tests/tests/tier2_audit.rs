@@ -17,9 +17,9 @@ use aya::maps::{Array, HashMap as BpfHashMap, RingBuf};
 use tier2::{Programs, monotonic_ns};
 use zt_common::{
     Event, FlowSummary, SUMMARY_CACHE_SLOTS, SUMMARY_WINDOW_NS, SummaryCacheSlot, SummaryKey, map,
-    program, reason, summary_window,
+    program, reason, summary_window, tcp_flag,
 };
-use zt_tests::packet::{Ipv4, Transport, eth_v4};
+use zt_tests::packet::{Ethernet, Ipv4, Transport, eth_v4, ethertype};
 use ztxdp::policy::{EchoRate, EdgePolicy};
 
 const HOST_V4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
@@ -86,8 +86,8 @@ fn source(key_src: &[u8; 16]) -> Ipv4Addr {
     Ipv4Addr::new(key_src[0], key_src[1], key_src[2], key_src[3])
 }
 
-/// The events in the ring buffer, as (source, carried count).
-fn events(p: &mut Programs) -> Vec<(Ipv4Addr, u32)> {
+/// The events in the ring buffer.
+fn drain(p: &mut Programs) -> Vec<Event> {
     let m = p
         .ebpf
         .map_mut(map::EVENTS)
@@ -97,10 +97,17 @@ fn events(p: &mut Programs) -> Vec<(Ipv4Addr, u32)> {
     while let Some(item) = ring.next() {
         assert!(item.len() >= size_of::<Event>(), "short event");
         // SAFETY: the kernel wrote a whole Event (checked length).
-        let e: Event = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
-        out.push((source(&e.src), e.suppressed));
+        out.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) });
     }
     out
+}
+
+/// The events in the ring buffer, as (source, carried count).
+fn events(p: &mut Programs) -> Vec<(Ipv4Addr, u32)> {
+    drain(p)
+        .iter()
+        .map(|e| (source(&e.src), e.suppressed))
+        .collect()
 }
 
 /// The summary table's counts per source.
@@ -216,4 +223,61 @@ fn a_count_left_in_the_cache_too_long_is_still_counted() {
         cached.iter().all(|&(_, _, n)| n != RUNS - 1),
         "the stale count is still cached: {cached:?}"
     );
+}
+
+/// Untagged IPv4 TCP and UDP take a straight-line parse (zt-ebpf's
+/// `parse::ethernet_with`); a VLAN tag sends the same packet through the
+/// general parse. Both must reach the same verdict and send the same event,
+/// field for field: addresses, ports, flags, protocol, with IP options too.
+#[test]
+fn the_straight_line_parse_records_what_the_general_parse_records() {
+    let syn = Transport::tcp_syn(5432);
+    let fin_ack = Transport::Tcp {
+        src: 51_000,
+        dst: 22,
+        flags: tcp_flag::ACK | tcp_flag::FIN,
+    };
+    let udp = Transport::udp(CLOSED_PORT);
+    let ip = Ipv4::new(FLOW_A, HOST_V4);
+    let with_options = ip.clone().options(&[1, 1, 1, 0]);
+    let cases = [
+        ("udp", &ip, &udp, reason::DROP_PORT_NOT_ALLOWED),
+        ("syn", &ip, &syn, reason::DROP_PORT_NOT_ALLOWED),
+        (
+            "syn, ip options",
+            &with_options,
+            &syn,
+            reason::DROP_PORT_NOT_ALLOWED,
+        ),
+        ("ssh fin-ack", &ip, &fin_ack, reason::DROP_SSH_SOURCE),
+    ];
+    let untagged = Ethernet::default();
+    let tagged = Ethernet::default().tag(ethertype::VLAN, 5);
+    for (what, ip, transport, want) in cases {
+        let mut seen = Vec::new();
+        for eth in [&untagged, &tagged] {
+            // Fresh programs: a flow sends one event per window.
+            let mut p = Programs::load(true, Some(&policy()), None);
+            let r = p
+                .edge(&eth.ipv4(ip, transport))
+                .unwrap_or_else(|e| panic!("{what}: {e:?}"));
+            assert_eq!(r.reason, want, "{what}");
+            let mut sent = drain(&mut p);
+            assert_eq!(sent.len(), 1, "{what}: {sent:?}");
+            sent[0].ts_ns = 0;
+            seen.push(sent[0]);
+        }
+        assert_eq!(seen[0], seen[1], "{what}: untagged, then tagged");
+        let e = seen[0];
+        assert_eq!(
+            (source(&e.src), source(&e.dst)),
+            (FLOW_A, HOST_V4),
+            "{what}"
+        );
+        assert_eq!(
+            (e.protocol, e.ip_version, e.reason),
+            (transport.protocol(false), 4, want),
+            "{what}"
+        );
+    }
 }

@@ -108,7 +108,8 @@ fn mark_local_port(protocol: u8, port: u16) {
     }
 }
 
-/// A second look at a packet the policy dropped with `code`. `ifindex`
+/// A second look at a packet the policy dropped with `code`; an allowing
+/// `code` is returned as it is. `ifindex`
 /// reads the receiving device only when a flow key needs it: on XDP that
 /// is three dependent loads, which most denied packets never pay.
 #[inline(always)]
@@ -120,8 +121,8 @@ pub fn second_chance(
     ifindex: &impl Fn() -> u32,
     now: u64,
 ) -> u32 {
-    // Parse-level drops and fragments are never rescued.
-    if p.l3 == L3::Arp || p.fragment == Fragment::Later {
+    // Allowed already; parse-level drops and fragments are never rescued.
+    if reason::is_allow(code) || p.l3 == L3::Arp || p.fragment == Fragment::Later {
         return code;
     }
     // The cheap refusals first, before the config lookup: floods take these.

@@ -11,6 +11,8 @@
 #![feature(core_intrinsics)]
 // Single loads of unaligned packet fields: see parse::packet_load.
 #![feature(asm_experimental_arch)]
+// `#[inline(always)]` on the closures handed to the parser: see parse::ethernet_with.
+#![feature(stmt_expr_attributes)]
 #![expect(
     internal_features,
     reason = "atomic_xadd is the only atomic add core offers on BPF"
@@ -61,42 +63,21 @@ pub fn zt_edge(ctx: XdpContext) -> u32 {
     let b = Bounds::new(ctx.data(), ctx.data_end());
     // SAFETY: ctx.ctx points at the kernel's xdp_md for this program run.
     let ifindex = || unsafe { (*ctx.ctx).ingress_ifindex };
-    // Fail closed if the loader did not size ZT_CPU (see maps::this_cpu):
-    // nothing could be counted.
-    let Some(cpu) = maps::this_cpu() else {
-        return xdp_action::XDP_DROP;
-    };
-    let now = now(cpu);
-    let code = match parse::parse_ethernet(&b) {
-        Ok(p) if edge_config().flags & EDGE_CONFIGURED != 0 => {
-            let mut code = verdict::edge(&p);
-            if !reason::is_allow(code) {
-                code = flows::second_chance(&b, &p, code, program::EDGE, &ifindex, now);
-            }
-            record::decision(cpu, program::EDGE, &ifindex, Some(&p), code, None, now);
-            code
-        }
-        // Loaded without an edge policy (the daemon never attaches such a
-        // program): everything drops. Recorded without the packet's fields,
-        // like a parse failure, so that this path shares no code with the
-        // policy's: merged, the two paths' packet fields went through shared
-        // stack slots, 2-3 ns on every policy decision.
-        Ok(_) => {
-            let code = reason::DROP_NOT_CONFIGURED;
-            record::decision(cpu, program::EDGE, &ifindex, None, code, None, now);
-            code
-        }
-        // Fail closed: an unparseable frame is a counted drop, never a pass.
-        Err(e) => {
-            let code = verdict::parse_error_reason(e);
-            record::decision(cpu, program::EDGE, &ifindex, None, code, None, now);
-            code
-        }
-    };
-    if reason::is_allow(code) {
-        xdp_action::XDP_PASS
-    } else {
-        xdp_action::XDP_DROP
+    let code = reason_code(
+        program::EDGE,
+        &ifindex,
+        #[inline(always)]
+        |cpu, now| {
+            parse::ethernet_with(
+                &b,
+                #[inline(always)]
+                |p| judge(program::EDGE, &b, cpu, &ifindex, p, now),
+            )
+        },
+    );
+    match code {
+        Some(code) if reason::is_allow(code) => xdp_action::XDP_PASS,
+        _ => xdp_action::XDP_DROP,
     }
 }
 
@@ -108,44 +89,83 @@ pub fn zt_edge(ctx: XdpContext) -> u32 {
 pub fn zt_tunnel(ctx: TcContext) -> i32 {
     let b = linear_headers(&ctx);
     let ifindex = || skb_ifindex(&ctx);
-    // As in zt_edge.
-    let Some(cpu) = maps::this_cpu() else {
-        return TC_ACT_SHOT;
-    };
+    let code = reason_code(
+        program::TUNNEL,
+        &ifindex,
+        #[inline(always)]
+        |cpu, now| {
+            tunnel_with(
+                &b,
+                #[inline(always)]
+                |p| judge(program::TUNNEL, &b, cpu, &ifindex, p, now),
+            )
+        },
+    );
+    match code {
+        Some(code) if reason::is_allow(code) => TC_ACT_OK,
+        _ => TC_ACT_SHOT,
+    }
+}
+
+/// The reason code for one packet of `program`: `parse_and_judge` parses
+/// it and judges it, and an unparseable packet is a counted drop (fail
+/// closed: never a pass). `None`, and the caller drops, if the loader did
+/// not size `ZT_CPU` (see `maps::this_cpu`): nothing could be counted.
+#[inline(always)]
+fn reason_code(
+    program: u32,
+    ifindex: &impl Fn() -> u32,
+    parse_and_judge: impl FnOnce(&mut CpuState, u64) -> Result<u32, ParseError>,
+) -> Option<u32> {
+    let cpu = maps::this_cpu()?;
     let now = now(cpu);
-    // Each arm records its own decision: building one tuple of packet, peer
-    // and code to share the call costs stack and confuses LLVM's BPF backend.
-    let code = match parse_tunnel(&b) {
-        Ok(p) => {
-            let peer = verdict::peer_of(&p);
-            let mut code = verdict::tunnel(&p, peer);
-            if !reason::is_allow(code) {
-                code = flows::second_chance(&b, &p, code, program::TUNNEL, &ifindex, now);
-            }
-            if let Some(peer) = &peer {
-                record::count_peer(peer, reason::is_allow(code));
-            }
-            record::decision(
-                cpu,
-                program::TUNNEL,
-                &ifindex,
-                Some(&p),
-                code,
-                peer.as_ref(),
-                now,
-            );
-            code
+    let code = parse_and_judge(cpu, now).unwrap_or_else(|e| {
+        let code = verdict::parse_error_reason(e);
+        record::decision(cpu, program, ifindex, None, code, None, now);
+        code
+    });
+    Some(code)
+}
+
+/// The verdict of `program`'s policy on a parsed packet, counted and
+/// audited: the policy, then the flow table's second look at a drop, then
+/// the records. `program` is a constant at every call, so each program's
+/// copy keeps only its own branch.
+#[inline(always)]
+fn judge(
+    program: u32,
+    b: &Bounds,
+    cpu: &mut CpuState,
+    ifindex: &impl Fn() -> u32,
+    p: &Packet,
+    now: u64,
+) -> u32 {
+    if program == program::EDGE {
+        // Loaded without an edge policy (the daemon never attaches such a
+        // program): everything drops. Recorded without the packet's fields,
+        // like a parse failure, so that this path shares no code with the
+        // policy's: merged, the two paths' packet fields went through shared
+        // stack slots, 2-3 ns on every policy decision.
+        if edge_config().flags & EDGE_CONFIGURED == 0 {
+            let code = reason::DROP_NOT_CONFIGURED;
+            record::decision(cpu, program, ifindex, None, code, None, now);
+            return code;
         }
-        Err(e) => {
-            let code = verdict::parse_error_reason(e);
-            record::decision(cpu, program::TUNNEL, &ifindex, None, code, None, now);
-            code
-        }
-    };
-    if reason::is_allow(code) {
-        TC_ACT_OK
+        let code = flows::second_chance(b, p, verdict::edge(p), program, ifindex, now);
+        record::decision(cpu, program, ifindex, Some(p), code, None, now);
+        code
     } else {
-        TC_ACT_SHOT
+        // The peer is looked up once: it is the policy's key and it indexes
+        // the per-peer counters. (Returned from one `if` together with the
+        // code, its `None` went to the stack with undefined padding, which
+        // the verifier refuses.)
+        let peer = verdict::peer_of(p);
+        let code = flows::second_chance(b, p, verdict::tunnel(p, peer), program, ifindex, now);
+        if let Some(peer) = &peer {
+            record::count_peer(peer, reason::is_allow(code));
+        }
+        record::decision(cpu, program, ifindex, Some(p), code, peer.as_ref(), now);
+        code
     }
 }
 
@@ -158,7 +178,13 @@ pub fn zt_tunnel(ctx: TcContext) -> i32 {
 )]
 pub fn zt_edge_out(ctx: TcContext) -> i32 {
     let b = linear_headers(&ctx);
-    record_outgoing(&ctx, parse::parse_ethernet(&b));
+    // Unparsed packets are not flows the host started, and pass like every
+    // other.
+    let _ = parse::ethernet_with(
+        &b,
+        #[inline(always)]
+        |p| record_outgoing(&ctx, p),
+    );
     TC_ACT_OK
 }
 
@@ -170,28 +196,33 @@ pub fn zt_edge_out(ctx: TcContext) -> i32 {
 )]
 pub fn zt_tunnel_out(ctx: TcContext) -> i32 {
     let b = linear_headers(&ctx);
-    record_outgoing(&ctx, parse_tunnel(&b));
+    // As in zt_edge_out.
+    let _ = tunnel_with(
+        &b,
+        #[inline(always)]
+        |p| record_outgoing(&ctx, p),
+    );
     TC_ACT_OK
 }
 
-/// The egress programs' work: a parsed packet's flow recorded. Unparsed
-/// packets are not flows the host started, and pass like every other.
+/// The egress programs' work: the packet's flow recorded.
 #[inline(always)]
-fn record_outgoing(ctx: &TcContext, parsed: Result<Packet, ParseError>) {
-    if let (Ok(p), Some(cpu)) = (parsed, maps::this_cpu()) {
+fn record_outgoing(ctx: &TcContext, p: &Packet) {
+    if let Some(cpu) = maps::this_cpu() {
         let now = now(cpu);
-        flows::record_egress(cpu, &p, skb_ifindex(ctx), now);
+        flows::record_egress(cpu, p, skb_ifindex(ctx), now);
     }
 }
 
-/// A packet on the tunnel device, which starts at the IP header unless the
-/// device has an Ethernet header (`TUNNEL_L2`).
+/// Parses a packet on the tunnel device, which starts at the IP header
+/// unless the device has an Ethernet header (`TUNNEL_L2`), and hands it to
+/// `judge` (see [`parse::ethernet_with`]).
 #[inline(always)]
-fn parse_tunnel(b: &Bounds) -> Result<Packet, ParseError> {
+fn tunnel_with<R>(b: &Bounds, judge: impl FnOnce(&Packet) -> R) -> Result<R, ParseError> {
     if tunnel_l2() {
-        parse::parse_ethernet(b)
+        parse::ethernet_with(b, judge)
     } else {
-        parse::parse_ip(b)
+        parse::ip_with(b, judge)
     }
 }
 
