@@ -262,8 +262,9 @@ impl Bounds {
 /// one straight line ([`ipv4_ports`]), and once for every other packet. In
 /// one copy fed by every kind of packet, LLVM merged a dozen fields from a
 /// dozen parse exits and spilled most of them to the stack, and the policy
-/// then read them back: a denied packet cost 26 ns instead of 10 at the
-/// device (see bench/NOTES.md).
+/// then read them back: a denied packet's own cost over a bare drop was
+/// 22-27 ns at the device, and is 11-17 ns this way (`bench/NOTES.md`,
+/// session 4).
 #[inline(always)]
 pub fn ethernet_with<R>(b: &Bounds, judge: impl FnOnce(&Packet) -> R) -> Result<R, ParseError> {
     let untagged_ipv4 = b
