@@ -3,7 +3,9 @@
 //! of two places: the CPU's summary cache (the first flow the CPU summarised
 //! in the window) or the shared summary table (every other flow). These
 //! tests read the ring buffer and both maps after crafted runs and check
-//! where each decision went, and that none went missing. Needs root.
+//! where each decision went, and that none went missing. The events also
+//! check that the straight-line parse of the common packet and the general
+//! parse record the same fields. Needs root.
 
 mod tier2;
 
@@ -228,39 +230,62 @@ fn a_count_left_in_the_cache_too_long_is_still_counted() {
 /// Untagged IPv4 TCP and UDP take a straight-line parse (zt-ebpf's
 /// `parse::ethernet_with`); a VLAN tag sends the same packet through the
 /// general parse. Both must reach the same verdict and send the same event,
-/// field for field: addresses, ports, flags, protocol, with IP options too.
+/// field for field, for denies and audited allows, with IP options, as a
+/// first fragment, and with bytes after the IP packet.
 #[test]
 fn the_straight_line_parse_records_what_the_general_parse_records() {
+    let mut policy = policy();
+    policy.ssh_allow = vec![format!("{FLOW_B}/32").parse().expect("a CIDR")];
     let syn = Transport::tcp_syn(5432);
+    let ssh_syn = Transport::tcp_syn(22);
     let fin_ack = Transport::Tcp {
         src: 51_000,
         dst: 22,
         flags: tcp_flag::ACK | tcp_flag::FIN,
     };
     let udp = Transport::udp(CLOSED_PORT);
-    let ip = Ipv4::new(FLOW_A, HOST_V4);
-    let with_options = ip.clone().options(&[1, 1, 1, 0]);
+    let from_a = Ipv4::new(FLOW_A, HOST_V4);
+    let from_b = Ipv4::new(FLOW_B, HOST_V4);
+    let with_options = from_a.clone().options(&[1, 1, 1, 0]);
+    let first_fragment = from_a.clone().fragment(true, 0);
+    // (what, IP header, L4 header, bytes after the IP packet, verdict)
     let cases = [
-        ("udp", &ip, &udp, reason::DROP_PORT_NOT_ALLOWED),
-        ("syn", &ip, &syn, reason::DROP_PORT_NOT_ALLOWED),
+        ("udp", &from_a, &udp, 0, reason::DROP_PORT_NOT_ALLOWED),
+        ("syn", &from_a, &syn, 0, reason::DROP_PORT_NOT_ALLOWED),
         (
             "syn, ip options",
             &with_options,
             &syn,
+            0,
             reason::DROP_PORT_NOT_ALLOWED,
         ),
-        ("ssh fin-ack", &ip, &fin_ack, reason::DROP_SSH_SOURCE),
+        (
+            "udp, first fragment",
+            &first_fragment,
+            &udp,
+            0,
+            reason::DROP_PORT_NOT_ALLOWED,
+        ),
+        (
+            "udp, 20 bytes after the packet",
+            &from_a,
+            &udp,
+            20,
+            reason::DROP_PORT_NOT_ALLOWED,
+        ),
+        ("ssh fin-ack", &from_a, &fin_ack, 0, reason::DROP_SSH_SOURCE),
+        ("allowed ssh syn", &from_b, &ssh_syn, 0, reason::PASS_SSH),
     ];
     let untagged = Ethernet::default();
     let tagged = Ethernet::default().tag(ethertype::VLAN, 5);
-    for (what, ip, transport, want) in cases {
+    for (what, ip, transport, trailing, want) in cases {
         let mut seen = Vec::new();
         for eth in [&untagged, &tagged] {
+            let mut frame = eth.ipv4(ip, transport);
+            frame.resize(frame.len() + trailing, 0);
             // Fresh programs: a flow sends one event per window.
-            let mut p = Programs::load(true, Some(&policy()), None);
-            let r = p
-                .edge(&eth.ipv4(ip, transport))
-                .unwrap_or_else(|e| panic!("{what}: {e:?}"));
+            let mut p = Programs::load(true, Some(&policy), None);
+            let r = p.edge(&frame).unwrap_or_else(|e| panic!("{what}: {e:?}"));
             assert_eq!(r.reason, want, "{what}");
             let mut sent = drain(&mut p);
             assert_eq!(sent.len(), 1, "{what}: {sent:?}");
@@ -271,7 +296,7 @@ fn the_straight_line_parse_records_what_the_general_parse_records() {
         let e = seen[0];
         assert_eq!(
             (source(&e.src), source(&e.dst)),
-            (FLOW_A, HOST_V4),
+            (ip.src, HOST_V4),
             "{what}"
         );
         assert_eq!(
@@ -279,5 +304,11 @@ fn the_straight_line_parse_records_what_the_general_parse_records() {
             (transport.protocol(false), 4, want),
             "{what}"
         );
+        let l4 = match *transport {
+            Transport::Tcp { src, dst, flags } => (src, dst, flags),
+            Transport::Udp { src, dst } => (src, dst, 0),
+            _ => unreachable!("only TCP and UDP cases"),
+        };
+        assert_eq!((e.src_port, e.dst_port, e.tcp_flags), l4, "{what}");
     }
 }

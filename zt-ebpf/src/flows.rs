@@ -121,7 +121,8 @@ pub fn second_chance(
     ifindex: &impl Fn() -> u32,
     now: u64,
 ) -> u32 {
-    // Allowed already; parse-level drops and fragments are never rescued.
+    // Allowed already; ARP and later fragments (no ports to match) are never
+    // rescued.
     if reason::is_allow(code) || p.l3 == L3::Arp || p.fragment == Fragment::Later {
         return code;
     }

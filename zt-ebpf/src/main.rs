@@ -2,6 +2,8 @@
 //!
 //! - `zt_edge` (XDP, external interface): WireGuard UDP and allow-listed SSH.
 //! - `zt_tunnel` (TC ingress, WireGuard interface): per-peer port grants.
+//! - `zt_edge_out`, `zt_tunnel_out` (TC egress, both interfaces): record the
+//!   flows the host starts, so that their replies pass.
 //!
 //! The entry points only glue the pieces together: [`parse`] reads headers,
 //! [`verdict`] decides, [`record`] counts and audits, [`maps`] holds state.
@@ -156,9 +158,9 @@ fn judge(
         code
     } else {
         // The peer is looked up once: it is the policy's key and it indexes
-        // the per-peer counters. (Returned from one `if` together with the
-        // code, its `None` went to the stack with undefined padding, which
-        // the verifier refuses.)
+        // the per-peer counters. It stays in this branch: returned out of an
+        // `if` shared with the edge branch, its `None` went to the stack with
+        // undefined padding, which the verifier refuses.
         let peer = verdict::peer_of(p);
         let code = flows::second_chance(b, p, verdict::tunnel(p, peer), program, ifindex, now);
         if let Some(peer) = &peer {

@@ -6,8 +6,12 @@
 //! header length: IPv4 uses IHL, IPv6 walks its extension headers, and both
 //! loops are capped by constants from `zt_common::limits` so the verifier sees
 //! them end. A packet the parser cannot account for is an error, and every
-//! error becomes a counted drop in the caller: the parser never decides to
-//! pass anything.
+//! error becomes a counted drop in the ingress programs (the egress programs
+//! only record flows, from parsed packets): the parser never decides to pass
+//! anything.
+//!
+//! The common packet, untagged IPv4 TCP or UDP, also has a straight-line
+//! parse built from the same header checks ([`ethernet_with`]).
 //!
 //! The user-space reference model (`ztxdp::model`) implements the same rules
 //! over byte slices; the differential tests hold the two to identical verdicts.
@@ -262,9 +266,8 @@ impl Bounds {
 /// one straight line ([`ipv4_ports`]), and once for every other packet. In
 /// one copy fed by every kind of packet, LLVM merged a dozen fields from a
 /// dozen parse exits and spilled most of them to the stack, and the policy
-/// then read them back: a denied packet's own cost over a bare drop was
-/// 22-27 ns at the device, and is 11-17 ns this way (`bench/NOTES.md`,
-/// session 4).
+/// then read them back. Split, a denied packet's own cost over a bare drop
+/// at the device about halved (`bench/NOTES.md`, session 4).
 #[inline(always)]
 pub fn ethernet_with<R>(b: &Bounds, judge: impl FnOnce(&Packet) -> R) -> Result<R, ParseError> {
     let untagged_ipv4 = b
