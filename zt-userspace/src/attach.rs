@@ -145,14 +145,33 @@ pub fn ifindex(interface: &str) -> Result<u32, AttachError> {
     }
 }
 
+/// The loaded program `id`, found by walking the kernel's program list.
+/// Programs come and go on a busy host while the walk runs: one unloaded
+/// between being listed and being opened (`ENOENT`) is skipped, not taken
+/// for a failure of the walk. If it was `id`, the answer is that `id` is
+/// gone, as it would be a moment later anyway.
 fn program_info(id: u32) -> Result<Option<ProgramInfo>, AttachError> {
     for info in aya::programs::loaded_programs() {
-        let info = info.map_err(|source| AttachError::ProgramInfo { id, source })?;
+        let info = match info {
+            Ok(info) => info,
+            Err(e) if vanished(&e) => continue,
+            Err(source) => return Err(AttachError::ProgramInfo { id, source }),
+        };
         if info.id() == id {
             return Ok(Some(info));
         }
     }
     Ok(None)
+}
+
+/// Whether a step of the program walk failed because its program was
+/// unloaded meanwhile.
+fn vanished(e: &aya::programs::ProgramError) -> bool {
+    matches!(
+        e,
+        aya::programs::ProgramError::SyscallError(aya::sys::SyscallError { io_error, .. })
+            if io_error.raw_os_error() == Some(libc::ENOENT)
+    )
 }
 
 fn attachment(
@@ -484,4 +503,27 @@ pub fn detach_tc(interface: &str, direction: TcAttachType, name: &str) -> Result
         interface: interface.to_owned(),
         source: aya::programs::ProgramError::from(e),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use aya::{programs::ProgramError, sys::SyscallError};
+
+    use super::vanished;
+
+    fn failed(errno: i32) -> ProgramError {
+        ProgramError::SyscallError(SyscallError {
+            call: "bpf_prog_get_fd_by_id",
+            io_error: std::io::Error::from_raw_os_error(errno),
+        })
+    }
+
+    #[test]
+    fn only_a_program_unloaded_during_the_walk_is_skipped() {
+        assert!(vanished(&failed(libc::ENOENT)));
+        // Anything else (no privilege, say) is a real failure of the walk,
+        // not a program that went away.
+        assert!(!vanished(&failed(libc::EPERM)));
+        assert!(!vanished(&failed(libc::EINVAL)));
+    }
 }
