@@ -22,7 +22,7 @@ use zt_common::{
     program, reason, summary_window, tcp_flag,
 };
 use zt_tests::packet::{Ethernet, Ipv4, Transport, eth_v4, ethertype};
-use ztxdp::policy::{EchoRate, EdgePolicy};
+use ztxdp::policy::{EchoRate, EdgePolicy, Protocol, TunnelPolicy};
 
 const HOST_V4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
 const FLOW_A: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
@@ -227,6 +227,60 @@ fn a_count_left_in_the_cache_too_long_is_still_counted() {
     );
 }
 
+/// A case for the parse-equivalence tests: (what, IP header, L4 header,
+/// bytes after the IP packet, verdict).
+type ParseCase<'a> = (&'a str, &'a Ipv4, &'a Transport, usize, u32);
+
+/// How one side of a parse-equivalence test loads its programs and frames
+/// a packet.
+type Side<'a> = (
+    &'a dyn Fn() -> Programs,
+    &'a dyn Fn(&Ipv4, &Transport) -> Vec<u8>,
+);
+
+/// Runs each case through two freshly loaded programs, framed once for the
+/// straight-line parse and once for the general one, and requires the same
+/// verdict and the identical event, whose ports and flags must also be the
+/// packet's. Fresh programs for every run: a flow sends one event per window.
+fn expect_same_events(
+    cases: &[ParseCase<'_>],
+    straight: Side<'_>,
+    general: Side<'_>,
+    run: fn(&mut Programs, &[u8]) -> Result<tier2::Run, aya::programs::ProgramError>,
+) {
+    for &(what, ip, transport, trailing, want) in cases {
+        let mut seen = Vec::new();
+        for (load, frame) in [straight, general] {
+            let mut frame = frame(ip, transport);
+            frame.resize(frame.len() + trailing, 0);
+            let mut p = load();
+            let r = run(&mut p, &frame).unwrap_or_else(|e| panic!("{what}: {e:?}"));
+            assert_eq!(r.reason, want, "{what}");
+            let mut sent = drain(&mut p);
+            assert_eq!(sent.len(), 1, "{what}: {sent:?}");
+            sent[0].ts_ns = 0;
+            seen.push(sent[0]);
+        }
+        assert_eq!(
+            seen[0], seen[1],
+            "{what}: straight-line parse, then general"
+        );
+        let e = seen[0];
+        assert_eq!((source(&e.src), source(&e.dst)), (ip.src, ip.dst), "{what}");
+        assert_eq!(
+            (e.protocol, e.ip_version, e.reason),
+            (transport.protocol(false), 4, want),
+            "{what}"
+        );
+        let l4 = match *transport {
+            Transport::Tcp { src, dst, flags } => (src, dst, flags),
+            Transport::Udp { src, dst } => (src, dst, 0),
+            _ => unreachable!("only TCP and UDP cases"),
+        };
+        assert_eq!((e.src_port, e.dst_port, e.tcp_flags), l4, "{what}");
+    }
+}
+
 /// Untagged IPv4 TCP and UDP take a straight-line parse (zt-ebpf's
 /// `parse::ethernet_with`); a VLAN tag sends the same packet through the
 /// general parse. Both must reach the same verdict and send the same event,
@@ -248,67 +302,80 @@ fn the_straight_line_parse_records_what_the_general_parse_records() {
     let from_b = Ipv4::new(FLOW_B, HOST_V4);
     let with_options = from_a.clone().options(&[1, 1, 1, 0]);
     let first_fragment = from_a.clone().fragment(true, 0);
-    // (what, IP header, L4 header, bytes after the IP packet, verdict)
-    let cases = [
-        ("udp", &from_a, &udp, 0, reason::DROP_PORT_NOT_ALLOWED),
-        ("syn", &from_a, &syn, 0, reason::DROP_PORT_NOT_ALLOWED),
-        (
-            "syn, ip options",
-            &with_options,
-            &syn,
-            0,
-            reason::DROP_PORT_NOT_ALLOWED,
-        ),
-        (
-            "udp, first fragment",
-            &first_fragment,
-            &udp,
-            0,
-            reason::DROP_PORT_NOT_ALLOWED,
-        ),
-        (
-            "udp, 20 bytes after the packet",
-            &from_a,
-            &udp,
-            20,
-            reason::DROP_PORT_NOT_ALLOWED,
-        ),
-        ("ssh fin-ack", &from_a, &fin_ack, 0, reason::DROP_SSH_SOURCE),
-        ("allowed ssh syn", &from_b, &ssh_syn, 0, reason::PASS_SSH),
-    ];
-    let untagged = Ethernet::default();
-    let tagged = Ethernet::default().tag(ethertype::VLAN, 5);
-    for (what, ip, transport, trailing, want) in cases {
-        let mut seen = Vec::new();
-        for eth in [&untagged, &tagged] {
-            let mut frame = eth.ipv4(ip, transport);
-            frame.resize(frame.len() + trailing, 0);
-            // Fresh programs: a flow sends one event per window.
-            let mut p = Programs::load(true, Some(&policy), None);
-            let r = p.edge(&frame).unwrap_or_else(|e| panic!("{what}: {e:?}"));
-            assert_eq!(r.reason, want, "{what}");
-            let mut sent = drain(&mut p);
-            assert_eq!(sent.len(), 1, "{what}: {sent:?}");
-            sent[0].ts_ns = 0;
-            seen.push(sent[0]);
-        }
-        assert_eq!(seen[0], seen[1], "{what}: untagged, then tagged");
-        let e = seen[0];
-        assert_eq!(
-            (source(&e.src), source(&e.dst)),
-            (ip.src, HOST_V4),
-            "{what}"
-        );
-        assert_eq!(
-            (e.protocol, e.ip_version, e.reason),
-            (transport.protocol(false), 4, want),
-            "{what}"
-        );
-        let l4 = match *transport {
-            Transport::Tcp { src, dst, flags } => (src, dst, flags),
-            Transport::Udp { src, dst } => (src, dst, 0),
-            _ => unreachable!("only TCP and UDP cases"),
-        };
-        assert_eq!((e.src_port, e.dst_port, e.tcp_flags), l4, "{what}");
-    }
+    let denied = reason::DROP_PORT_NOT_ALLOWED;
+    let load = || Programs::load(true, Some(&policy), None);
+    expect_same_events(
+        &[
+            ("udp", &from_a, &udp, 0, denied),
+            ("syn", &from_a, &syn, 0, denied),
+            ("syn, ip options", &with_options, &syn, 0, denied),
+            ("udp, first fragment", &first_fragment, &udp, 0, denied),
+            ("udp, 20 bytes after the packet", &from_a, &udp, 20, denied),
+            ("ssh fin-ack", &from_a, &fin_ack, 0, reason::DROP_SSH_SOURCE),
+            ("allowed ssh syn", &from_b, &ssh_syn, 0, reason::PASS_SSH),
+        ],
+        (&load, &|ip, t| Ethernet::default().ipv4(ip, t)),
+        (&load, &|ip, t| {
+            Ethernet::default().tag(ethertype::VLAN, 5).ipv4(ip, t)
+        }),
+        Programs::edge,
+    );
+}
+
+/// As above, for the tunnel program: a bare IPv4 packet (a `WireGuard`
+/// device) takes the straight line (`parse::ip_with`); the same packet in a
+/// VLAN-tagged frame on a device with a link layer takes the general parse.
+/// The events carry the peer too.
+#[test]
+fn the_tunnel_straight_line_parse_records_what_the_general_parse_records() {
+    const PEER: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 2);
+    const STRANGER: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 99);
+    const LOCAL: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 1);
+    let tunnel = TunnelPolicy {
+        interface: "wg0".into(),
+        peers: vec![tier2::peer(
+            "alice",
+            &["10.10.0.2/32"],
+            vec![tier2::ports(Protocol::Tcp, 5432, 5432)],
+        )],
+        runtime_grants: "/nonexistent/runtime-grants.json".into(),
+    };
+    let granted = Transport::tcp_syn(5432);
+    let udp = Transport::udp(CLOSED_PORT);
+    let from_peer = Ipv4::new(PEER, LOCAL);
+    let with_options = from_peer.clone().options(&[1, 1, 1, 0]);
+    let from_stranger = Ipv4::new(STRANGER, LOCAL);
+    expect_same_events(
+        &[
+            ("granted syn", &from_peer, &granted, 0, reason::PASS_GRANT),
+            (
+                "granted syn, ip options",
+                &with_options,
+                &granted,
+                0,
+                reason::PASS_GRANT,
+            ),
+            (
+                "udp not granted",
+                &from_peer,
+                &udp,
+                0,
+                reason::DROP_NOT_GRANTED,
+            ),
+            (
+                "unknown peer",
+                &from_stranger,
+                &granted,
+                0,
+                reason::DROP_PEER_UNKNOWN,
+            ),
+        ],
+        (&|| Programs::load(false, None, Some(&tunnel)), &|ip, t| {
+            ip.packet(t)
+        }),
+        (&|| Programs::load(true, None, Some(&tunnel)), &|ip, t| {
+            Ethernet::default().tag(ethertype::VLAN, 5).ipv4(ip, t)
+        }),
+        Programs::tunnel,
+    );
 }
