@@ -125,10 +125,13 @@ impl Tables {
     /// there is an edge policy at all) were fixed when the programs were
     /// loaded ([`crate::loader::LoadOptions::ssh_port`]); the daemon attaches
     /// only after this returns, so a program never runs on half-filled maps.
+    /// Crate-private: only [`crate::loader::load_filled`] calls it, with the
+    /// policy it loaded the programs for, so the sets written here and the
+    /// SSH port fixed at load always come from one policy.
     ///
     /// # Errors
     /// When a map update fails or a set exceeds its map.
-    pub fn apply_edge(&mut self, p: &EdgePolicy) -> Result<(), TablesError> {
+    pub(crate) fn apply_edge(&mut self, p: &EdgePolicy) -> Result<(), TablesError> {
         let mut words = [0u64; capacity::PORT_BITMAP_WORDS as usize];
         for &port in &p.wireguard_ports {
             words[usize::from(port >> 6)] |= 1 << (port & 63);
