@@ -505,9 +505,7 @@ mod tests {
             .unwrap_or_else(|error| panic!("listener address: {error}"))
             .port();
         let connected = host
-            .enter(|| {
-                TcpStream::connect_timeout(&SocketAddr::new(target, port), Duration::from_secs(3))
-            })
+            .enter(|| TcpStream::connect_timeout(&SocketAddr::new(target, port), HANDSHAKE_TIMEOUT))
             .unwrap_or_else(|error| panic!("enter {who}: {error}"));
         if let Err(error) = connected {
             panic!("{who} -> {target}:{port}: {error}");
@@ -524,16 +522,8 @@ mod tests {
 
     /// None of the namespaces `names` is left after `event`.
     fn assert_gone(names: &[String], event: &str) {
-        let listing = std::process::Command::new("ip")
-            .args(["netns", "list"])
-            .output()
-            .unwrap_or_else(|error| panic!("ip netns list: {error}"));
-        let listing = String::from_utf8_lossy(&listing.stdout);
         for name in names {
-            assert!(
-                !listing.contains(name.as_str()),
-                "{name} survived {event}:\n{listing}"
-            );
+            assert!(!crate::netns::listed(name), "{name} survived {event}");
         }
     }
 

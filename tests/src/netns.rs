@@ -403,6 +403,17 @@ pub fn describe(command: &Command) -> String {
         .join(" ")
 }
 
+/// Whether `ip netns list` lists `name`, exactly (a parallel test's
+/// `zt-edge-PID-12` is not `zt-edge-PID-1`).
+#[cfg(test)]
+pub(crate) fn listed(name: &str) -> bool {
+    let listing = run_command(Command::new("ip").args(["netns", "list"]))
+        .unwrap_or_else(|error| panic!("ip netns list: {error}"));
+    listing
+        .lines()
+        .any(|line| line.split_whitespace().next() == Some(name))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -418,14 +429,6 @@ mod tests {
         assert_eq!(owner_pid("zt-edge-x-0"), None, "pid not a number");
         assert_eq!(owner_pid("other-edge-1234-0"), None, "foreign namespace");
         assert_eq!(owner_pid("zt-1234"), None, "too few parts");
-    }
-
-    fn listed(name: &str) -> bool {
-        let listing = run_command(Command::new("ip").args(["netns", "list"]))
-            .unwrap_or_else(|error| panic!("ip netns list: {error}"));
-        listing
-            .lines()
-            .any(|line| line.split_whitespace().next() == Some(name))
     }
 
     #[test]

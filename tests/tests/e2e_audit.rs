@@ -13,7 +13,10 @@ use std::{
     net::Ipv4Addr,
     path::PathBuf,
     process::{Child, Stdio},
-    sync::mpsc,
+    sync::{
+        atomic::{AtomicBool, AtomicU32, Ordering},
+        mpsc,
+    },
     thread,
     time::{Duration, Instant},
 };
@@ -34,6 +37,9 @@ use zt_tests::{
 const CLOSED_PORT: u16 = 5432;
 /// Bounds every "until the trail has caught up" loop.
 const CATCH_UP: Duration = Duration::from_secs(30);
+/// rsyslogd starts and stops in well under a second; this bounds a hang on a
+/// loaded machine.
+const RSYSLOG_TIMEOUT: Duration = Duration::from_secs(30);
 /// A summary window (1.07 s), the sweep that follows it (every second), and margin.
 const QUIET: Duration = Duration::from_millis(2500);
 
@@ -277,35 +283,46 @@ fn a_deny_flood_from_many_sources_is_accounted_for_exactly() {
     verify(&t);
 }
 
-/// Floods until told to stop (bounded by `limit`); returns the rounds sent.
-fn background_flood(lab: &Lab, stop: &mpsc::Receiver<()>, limit: Duration) -> u32 {
+/// Floods until `stop` is set (bounded by `limit`), counting the rounds
+/// sent in `rounds`.
+fn background_flood(lab: &Lab, stop: &AtomicBool, rounds: &AtomicU32, limit: Duration) {
     let started = Instant::now();
-    let mut round = 0;
-    while stop.try_recv().is_err() && started.elapsed() < limit {
-        flood(lab, round * 200, 200, 2);
-        round += 1;
+    while !stop.load(Ordering::Relaxed) && started.elapsed() < limit {
+        flood(lab, rounds.load(Ordering::Relaxed) * 200, 200, 2);
+        rounds.fetch_add(1, Ordering::Relaxed);
         thread::sleep(Duration::from_millis(20));
     }
-    round
+}
+
+/// Waits until the background flood has sent `wanted` rounds, or ended.
+fn await_rounds(rounds: &AtomicU32, wanted: u32, flooding: &thread::ScopedJoinHandle<()>) {
+    while rounds.load(Ordering::Relaxed) < wanted && !flooding.is_finished() {
+        thread::sleep(Duration::from_millis(20));
+    }
 }
 
 #[test]
 fn kill_9_during_a_flood_leaves_a_trail_that_verifies_and_continues() {
     let mut t = start("kill9", "fsync_ms = 100");
-    let (stop_tx, stop_rx) = mpsc::channel();
+    let (stop, rounds) = (&AtomicBool::new(false), &AtomicU32::new(0));
     thread::scope(|scope| {
         let lab = &t.lab;
-        let flooding =
-            scope.spawn(move || background_flood(lab, &stop_rx, Duration::from_secs(10)));
-        thread::sleep(Duration::from_millis(1500));
+        // Rounds, not a fixed time, so a loaded machine floods as much.
+        let flooding = scope.spawn(move || background_flood(lab, stop, rounds, CATCH_UP));
+        await_rounds(rounds, 4, &flooding);
         // The daemon is killed while frames keep arriving.
         t.daemon.kill9();
-        thread::sleep(Duration::from_millis(300));
-        let _ = stop_tx.send(());
-        let rounds = flooding
+        let killed_at = rounds.load(Ordering::Relaxed);
+        await_rounds(rounds, killed_at + 2, &flooding);
+        stop.store(true, Ordering::Relaxed);
+        flooding
             .join()
             .unwrap_or_else(|p| std::panic::resume_unwind(p));
-        assert!(rounds > 5, "the flood ran only {rounds} rounds");
+        let sent = rounds.load(Ordering::Relaxed);
+        assert!(
+            killed_at >= 4 && sent >= killed_at + 2,
+            "the flood ran only {killed_at} rounds before the kill and {sent} in all"
+        );
     });
     let before = verify(&t);
     let lines = audit_lines(&t.audit());
@@ -490,7 +507,7 @@ fn events_follow_streams_each_record_once_from_another_shell() {
     // A graceful stop ends the streams: the followers exit on their own.
     t.daemon.terminate();
     for mut child in followers {
-        let deadline = Instant::now() + Duration::from_secs(5);
+        let deadline = Instant::now() + Duration::from_secs(30);
         while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
             thread::sleep(Duration::from_millis(20));
         }
@@ -550,7 +567,7 @@ impl Rsyslog {
             .spawn()
             .unwrap_or_else(|e| panic!("starting rsyslogd (installed?): {e}"));
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + RSYSLOG_TIMEOUT;
         loop {
             let listening = ns
                 .run(&["ss", "-Htln", "sport = :6514"])
@@ -560,7 +577,7 @@ impl Rsyslog {
             }
             assert!(
                 Instant::now() < deadline,
-                "rsyslogd is not listening on 127.0.0.1:6514 after 10 s"
+                "rsyslogd is not listening on 127.0.0.1:6514 after {RSYSLOG_TIMEOUT:?}"
             );
             thread::sleep(Duration::from_millis(50));
         }
@@ -574,7 +591,7 @@ impl Rsyslog {
         let pid = libc::pid_t::try_from(child.id()).unwrap_or(0);
         // SAFETY: kill(2) on our own child (`ip netns exec`, which execs rsyslogd).
         unsafe { libc::kill(pid, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + RSYSLOG_TIMEOUT;
         while child.try_wait().ok().flatten().is_none() {
             assert!(
                 Instant::now() < deadline,

@@ -28,8 +28,9 @@ const HOST_V4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
 const FLOW_A: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
 const FLOW_B: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 11);
 const CLOSED_PORT: u16 = 9;
-/// Runs per flow: far more than the one event a flow sends per window.
-const RUNS: u64 = 500;
+/// Runs per flow: far more than the one event a flow sends per window, and
+/// few enough that two flows' runs fit in one window on a loaded machine.
+const RUNS: u64 = 200;
 
 fn policy() -> EdgePolicy {
     EdgePolicy {
@@ -49,14 +50,16 @@ fn denied(src: Ipv4Addr) -> Vec<u8> {
 /// Attempts at a window-bound test before it counts as failed.
 const WINDOW_ATTEMPTS: u32 = 5;
 
-/// Runs `body` with this thread kept on the CPU it is on (so every run uses
-/// the same per-CPU cache), starting at least `needed` before the current
-/// summary window ends. `body` returns `None` when the clock moved on to a
-/// window it did not plan for: on a loaded machine (CI runs many tests on two
-/// CPUs) 500 `test_run` calls can take longer than the time left, and then
-/// the counts are split over two windows. Such an attempt says nothing about
-/// the programs, so it is run again, at most [`WINDOW_ATTEMPTS`] times.
-fn in_planned_windows<T>(needed: Duration, mut body: impl FnMut() -> Option<T>) -> T {
+/// Loads the programs and runs `body` on them with this thread kept on the
+/// CPU it is on (so every run uses the same per-CPU cache), from just after
+/// the start of a summary window, so that the runs have the whole window.
+/// The wait comes after the load, whose verification can take a while on a
+/// loaded machine, and ends 20 ms into the window, past the tick by which
+/// the programs' coarse clock may lag. `body` returns `None` when the clock
+/// still moved on to a window it did not plan for (CI runs many tests on two
+/// CPUs). Such an attempt says nothing about the programs, so it is run
+/// again with fresh maps, at most [`WINDOW_ATTEMPTS`] times.
+fn in_planned_windows<T>(mut body: impl FnMut(&mut Programs) -> Option<T>) -> (Programs, T) {
     // SAFETY: sched_getcpu has no preconditions; the set is plain data
     // handed to sched_setaffinity for the calling thread (pid 0).
     unsafe {
@@ -72,13 +75,11 @@ fn in_planned_windows<T>(needed: Duration, mut body: impl FnMut() -> Option<T>) 
         );
     }
     for _ in 0..WINDOW_ATTEMPTS {
+        let mut p = Programs::load(true, Some(&policy()), None);
         let into = monotonic_ns() & (SUMMARY_WINDOW_NS - 1);
-        let left = Duration::from_nanos(SUMMARY_WINDOW_NS - into);
-        if left < needed {
-            thread::sleep(left + Duration::from_millis(10));
-        }
-        if let Some(done) = body() {
-            return done;
+        thread::sleep(Duration::from_nanos(SUMMARY_WINDOW_NS - into) + Duration::from_millis(20));
+        if let Some(done) = body(&mut p) {
+            return (p, done);
         }
     }
     panic!("{WINDOW_ATTEMPTS} attempts each ran past the summary window they were planned in");
@@ -175,11 +176,10 @@ fn cached_slots(p: &Programs) -> Vec<SummaryCacheSlot> {
 
 #[test]
 fn a_one_flow_flood_is_counted_in_the_cpu_cache() {
-    let (mut p, window) = in_planned_windows(Duration::from_millis(500), || {
-        let mut p = Programs::load(true, Some(&policy()), None);
+    let (mut p, window) = in_planned_windows(|p| {
         let window = window_now();
-        run(&mut p, FLOW_A, RUNS);
-        (window_now() == window).then_some((p, window))
+        run(p, FLOW_A, RUNS);
+        (window_now() == window).then_some(window)
     });
     // One event; the table has the flow, with nothing counted there; every
     // later decision is in this CPU's cache slot for the window.
@@ -207,15 +207,14 @@ fn a_one_flow_flood_is_counted_in_the_cpu_cache() {
 
 #[test]
 fn a_second_flow_of_the_window_is_counted_in_the_table() {
-    let mut p = in_planned_windows(Duration::from_millis(500), || {
-        let mut p = Programs::load(true, Some(&policy()), None);
+    let (mut p, ()) = in_planned_windows(|p| {
         let window = window_now();
         // A takes the CPU's slot for the window; B, and A after it, come
         // later.
-        run(&mut p, FLOW_A, 1);
-        run(&mut p, FLOW_B, RUNS);
-        run(&mut p, FLOW_A, RUNS);
-        (window_now() == window).then_some(p)
+        run(p, FLOW_A, 1);
+        run(p, FLOW_B, RUNS);
+        run(p, FLOW_A, RUNS);
+        (window_now() == window).then_some(())
     });
     let mut sent = events(&mut p);
     sent.sort_unstable();
@@ -230,11 +229,10 @@ fn a_count_left_in_the_cache_too_long_is_still_counted() {
     // User space collects a slot two windows after it; when nobody has when
     // the slot comes round again, the program counts what it held as
     // decisions not sent, rather than dropping it.
-    let p = in_planned_windows(Duration::from_millis(500), || {
-        let mut p = Programs::load(true, Some(&policy()), None);
+    let (p, ()) = in_planned_windows(|p| {
         let window = window_now();
         let start = Instant::now();
-        run(&mut p, FLOW_A, RUNS);
+        run(p, FLOW_A, RUNS);
         if window_now() != window {
             return None;
         }
@@ -243,8 +241,8 @@ fn a_count_left_in_the_cache_too_long_is_still_counted() {
         let cycle = Duration::from_nanos(SUMMARY_WINDOW_NS * u64::from(SUMMARY_CACHE_SLOTS));
         thread::sleep(cycle.saturating_sub(start.elapsed()) + Duration::from_millis(50));
         let later = window_now();
-        run(&mut p, FLOW_A, 1);
-        (later == window + SUMMARY_CACHE_SLOTS && window_now() == later).then_some(p)
+        run(p, FLOW_A, 1);
+        (later == window + SUMMARY_CACHE_SLOTS && window_now() == later).then_some(())
     });
     assert_eq!(
         p.counter(program::EDGE, reason::EVENTS_SUPPRESSED),

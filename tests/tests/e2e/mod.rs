@@ -29,16 +29,22 @@ use zt_tests::{
 
 /// `ztxdp up` loads and attaches in well under a second; this bounds a hang.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// A daemon stops in well under a second; this bounds a hang on a loaded
+/// machine.
+const EXIT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Bounds every other ztxdp command.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
-/// A connect that must succeed: local links answer in microseconds, a
-/// `WireGuard` tunnel adds one handshake.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// A connect (or a datagram) that must succeed: local links answer in
+/// microseconds, a `WireGuard` tunnel adds one handshake, and wireguard-go
+/// retries a lost handshake only after 5 s, so this allows two.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 /// A connect that must be dropped: the first SYN retransmit is after 1 s,
 /// so this is already two unanswered SYNs.
 pub const DROP_TIMEOUT: Duration = Duration::from_millis(1500);
-/// How long counters and audit lines may take to show what happened.
-pub const SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long counters and audit lines may take to show what happened: both
+/// are polled, so this only bounds a failure, and allows for a loaded
+/// machine.
+pub const SETTLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The binary under test: `ZTXDP_BIN` (set by `cargo xtask test`), else the
 /// workspace's debug build.
@@ -441,7 +447,7 @@ impl Daemon {
     /// `kill -9`: the daemon gets no chance to clean up.
     pub fn kill9(&mut self) {
         self.signal(libc::SIGKILL);
-        let status = self.wait_exit(Duration::from_secs(10));
+        let status = self.wait_exit(EXIT_TIMEOUT);
         assert!(status.is_some(), "ztxdp survived SIGKILL");
     }
 
@@ -458,10 +464,10 @@ impl Daemon {
     }
 
     fn expect_clean_exit(&mut self, after: &str) {
-        let status = self.wait_exit(Duration::from_secs(10));
+        let status = self.wait_exit(EXIT_TIMEOUT);
         assert!(
             status.is_some_and(|s| s.success()),
-            "ztxdp did not exit 0 within 10 s {after} ({status:?}); its log:\n{}",
+            "ztxdp did not exit 0 within {EXIT_TIMEOUT:?} {after} ({status:?}); its log:\n{}",
             self.log()
         );
     }
@@ -568,16 +574,33 @@ pub fn accept(listener: &TcpListener, timeout: Duration) -> TcpStream {
     }
 }
 
-/// A UDP socket in `ns` bound to `bind`, with a read timeout.
+/// A UDP socket in `ns` bound to `bind`, with a read timeout for datagrams
+/// that must arrive; [`expect_no_datagram`] waits less.
 pub fn udp_socket(ns: &NetNs, bind: SocketAddr) -> UdpSocket {
     let socket = ns
         .enter(|| UdpSocket::bind(bind))
         .unwrap_or_else(|e| panic!("entering {}: {e}", ns.name()))
         .unwrap_or_else(|e| panic!("binding UDP {bind} in {}: {e}", ns.name()));
+    set_read_timeout(&socket, CONNECT_TIMEOUT);
     socket
-        .set_read_timeout(Some(DROP_TIMEOUT))
+}
+
+fn set_read_timeout(socket: &UdpSocket, timeout: Duration) {
+    socket
+        .set_read_timeout(Some(timeout))
         .unwrap_or_else(|e| panic!("UDP read timeout: {e}"));
-    socket
+}
+
+/// Nothing arrives on `socket` within [`DROP_TIMEOUT`]; `what` names the
+/// datagram that must have been dropped.
+pub fn expect_no_datagram(socket: &UdpSocket, what: &str) {
+    set_read_timeout(socket, DROP_TIMEOUT);
+    let mut buf = [0u8; 512];
+    let got = socket.recv_from(&mut buf);
+    set_read_timeout(socket, CONNECT_TIMEOUT);
+    if let Ok((n, src)) = got {
+        panic!("{what} arrived: {:?} from {src}", &buf[..n]);
+    }
 }
 
 /// Sends whole Ethernet frames out of `interface` in `ns` through an
