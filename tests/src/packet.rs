@@ -212,6 +212,8 @@ pub struct Ipv4 {
     pub ttl: u8,
     /// Option bytes; padded with zeros (end of options) to a multiple of 4.
     pub options: Vec<u8>,
+    /// Identification: which datagram a fragment belongs to.
+    pub id: u16,
     pub more_fragments: bool,
     /// Fragment offset in 8-byte units.
     pub fragment_offset: u16,
@@ -235,6 +237,7 @@ impl Ipv4 {
             dst,
             ttl: 64,
             options: Vec::new(),
+            id: 0x4242,
             more_fragments: false,
             fragment_offset: 0,
             ihl: None,
@@ -255,6 +258,12 @@ impl Ipv4 {
     pub fn fragment(mut self, more: bool, offset: u16) -> Self {
         self.more_fragments = more;
         self.fragment_offset = offset;
+        self
+    }
+
+    #[must_use]
+    pub fn id(mut self, id: u16) -> Self {
+        self.id = id;
         self
     }
 
@@ -304,7 +313,7 @@ impl Ipv4 {
         let mut h = vec![0u8; IPV4_LEN];
         h[0] = (self.version.unwrap_or(4) << 4) | (ihl & 0x0f);
         h[2..4].copy_from_slice(&total.to_be_bytes());
-        h[4..6].copy_from_slice(&0x4242u16.to_be_bytes());
+        h[4..6].copy_from_slice(&self.id.to_be_bytes());
         let frag = (u16::from(self.more_fragments) << 13) | (self.fragment_offset & 0x1fff);
         h[6..8].copy_from_slice(&frag.to_be_bytes());
         h[8] = self.ttl;
@@ -379,10 +388,16 @@ impl ExtHeader {
     /// Fragment header; `offset` in 8-byte units.
     #[must_use]
     pub fn fragment(offset: u16, more: bool) -> Self {
+        Self::fragment_of(offset, more, 0x0bad_cafe)
+    }
+
+    /// Fragment header of datagram `id`; `offset` in 8-byte units.
+    #[must_use]
+    pub fn fragment_of(offset: u16, more: bool, id: u32) -> Self {
         let mut bytes = vec![0u8; 8];
         let field = (offset << 3) | u16::from(more);
         bytes[2..4].copy_from_slice(&field.to_be_bytes());
-        bytes[4..8].copy_from_slice(&0x0bad_cafeu32.to_be_bytes());
+        bytes[4..8].copy_from_slice(&id.to_be_bytes());
         Self {
             kind: ext::FRAGMENT,
             bytes,

@@ -10,8 +10,8 @@ use std::{net::IpAddr, time::Duration};
 
 use e2e::{
     Daemon, Enforced, Scratch, assert_all_time_out, assert_connects, assert_times_out, at,
-    attached, audit_lines, build_lab, counter, expect_audit, expect_counter, has_xdp, is, listen,
-    mac, send_frames, status, udp_socket, ztxdp, ztxdp_cmd,
+    attached, audit_lines, build_lab, counter, expect_audit, expect_counter, expect_no_datagram,
+    has_xdp, is, listen, mac, send_frames, status, udp_socket, ztxdp, ztxdp_cmd,
 };
 use serde_json::Value;
 use zt_tests::{
@@ -134,6 +134,83 @@ fn only_the_bastion_reaches_ssh_over_ipv4_and_ipv6() {
             ),
             "wrong or missing observer.ingress.interface.name: {line}"
         );
+    }
+}
+
+#[test]
+fn a_fragmented_datagram_passes_whole_or_not_at_all() {
+    // Over the lab's 1500-byte link the sender's kernel splits this into
+    // three fragments, and only the first carries the UDP header.
+    const SIZE: usize = 3000;
+    const LATER: u64 = 2;
+    let edge = start("frag");
+    let host = edge.lab.edge();
+    let any = IpAddr::from([0u8; 16]);
+    let wireguard = udp_socket(host, at(any, WIREGUARD));
+    // Something listens on the closed port, so only the filter stops it.
+    let closed = udp_socket(host, at(any, CLOSED_UDP));
+    let sender = udp_socket(edge.lab.outsider(), at(any, 0));
+    let mut buf = vec![0u8; 2 * SIZE];
+    for target in [at(EDGE_V4, WIREGUARD), at(EDGE_V6, WIREGUARD)] {
+        sender
+            .send_to(b"warm-up", target)
+            .unwrap_or_else(|e| panic!("send to {target}: {e}"));
+        wireguard
+            .recv_from(&mut buf)
+            .unwrap_or_else(|e| panic!("the warm-up datagram to {target} did not arrive: {e}"));
+    }
+    let big: Vec<u8> = (0..SIZE)
+        .map(|i| u8::try_from(i % 251).unwrap_or(0))
+        .collect();
+    for target in [at(EDGE_V4, WIREGUARD), at(EDGE_V6, WIREGUARD)] {
+        let before = status(host);
+        sender
+            .send_to(&big, target)
+            .unwrap_or_else(|e| panic!("send to {target}: {e}"));
+        let (n, _) = wireguard.recv_from(&mut buf).unwrap_or_else(|e| {
+            panic!("the {SIZE}-byte datagram to {target} did not arrive whole: {e}")
+        });
+        assert!(
+            buf[..n] == big[..],
+            "the datagram to {target} arrived changed ({n} bytes)"
+        );
+        expect_counter(
+            host,
+            "edge",
+            "wireguard",
+            counter(&before, "edge", "wireguard"),
+            1,
+        );
+        expect_counter(
+            host,
+            "edge",
+            "fragment_of_allowed",
+            counter(&before, "edge", "fragment_of_allowed"),
+            LATER,
+        );
+    }
+
+    // To a closed port the first fragment drops, and the later ones with it.
+    for target in [at(EDGE_V4, CLOSED_UDP), at(EDGE_V6, CLOSED_UDP)] {
+        let before = status(host);
+        sender
+            .send_to(&big, target)
+            .unwrap_or_else(|e| panic!("send to {target}: {e}"));
+        expect_counter(
+            host,
+            "edge",
+            "port_not_allowed",
+            counter(&before, "edge", "port_not_allowed"),
+            1,
+        );
+        expect_counter(
+            host,
+            "edge",
+            "non_first_fragment",
+            counter(&before, "edge", "non_first_fragment"),
+            LATER,
+        );
+        expect_no_datagram(&closed, &format!("a fragmented datagram to {target}"));
     }
 }
 

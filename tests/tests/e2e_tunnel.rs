@@ -23,8 +23,9 @@ use std::{
 };
 
 use e2e::{
-    Enforced, Scratch, accept, assert_all_time_out, assert_connects, assert_times_out, at,
-    attached, build_lab, counter, expect_audit, is, listen, status, ztxdp, ztxdp_ok,
+    CONNECT_TIMEOUT, Enforced, Scratch, accept, assert_all_time_out, assert_connects,
+    assert_times_out, at, attached, build_lab, counter, expect_audit, is, listen, status, ztxdp,
+    ztxdp_ok,
 };
 use serde_json::Value;
 use zt_tests::{
@@ -173,6 +174,72 @@ fn check_counters(mesh: &Enforced, before: &Value, after: &Value) {
             );
         }
     }
+}
+
+#[test]
+fn tunnel_traffic_passes_a_path_that_fragments_wireguard_packets() {
+    // A 1420-byte tunnel packet makes a WireGuard packet of up to 1500
+    // bytes. On a path with a smaller MTU (PPPoE, a tunnel in a tunnel)
+    // the peer's kernel fragments it, and only the first fragment carries
+    // the UDP port the edge allows. Here app-1's route to the edge has an
+    // MTU of 1280, so every full-size tunnel packet arrives in two parts.
+    const BYTES: usize = 256 * 1024;
+    let mesh = mesh("frags");
+    let app1 = app_ns(&mesh, "app-1");
+    let route = EDGE_V4.to_string();
+    app1.run(&[
+        "ip",
+        "route",
+        "replace",
+        &route,
+        "dev",
+        HOST_INTERFACE,
+        "mtu",
+        "1280",
+    ])
+    .unwrap_or_else(|e| panic!("lowering app-1's path MTU to the edge: {e:?}"));
+    let listener = listen(mesh.edge(), POSTGRES);
+    let before = counter(&status(mesh.edge()), "edge", "fragment_of_allowed");
+    let received = std::thread::scope(|s| {
+        let reader = s.spawn(|| {
+            let mut server = accept(&listener, CONNECT_TIMEOUT);
+            server
+                .set_read_timeout(Some(CONNECT_TIMEOUT))
+                .unwrap_or_else(|e| panic!("read timeout: {e}"));
+            let mut got = Vec::new();
+            let read = server.read_to_end(&mut got);
+            (got, read)
+        });
+        let mut client = assert_connects(
+            app1,
+            at(EDGE_TUNNEL_V4, POSTGRES),
+            "app-1 over a path that fragments",
+        );
+        // Bounded: lost packets would otherwise leave the write blocked.
+        client
+            .set_write_timeout(Some(CONNECT_TIMEOUT))
+            .unwrap_or_else(|e| panic!("write timeout: {e}"));
+        client.write_all(&vec![0x5a; BYTES]).unwrap_or_else(|e| {
+            panic!("app-1 could not send {BYTES} bytes through the tunnel: {e}")
+        });
+        client
+            .shutdown(std::net::Shutdown::Write)
+            .unwrap_or_else(|e| panic!("app-1 closing: {e}"));
+        reader
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p))
+    });
+    let (got, read) = received;
+    assert!(
+        read.is_ok() && got.len() == BYTES && got.iter().all(|&b| b == 0x5a),
+        "the edge received {} of {BYTES} bytes ({read:?}): full-size tunnel packets were lost",
+        got.len()
+    );
+    let after = counter(&status(mesh.edge()), "edge", "fragment_of_allowed");
+    assert!(
+        after > before,
+        "no later fragment passed, so the path did not fragment and this proved nothing"
+    );
 }
 
 #[test]

@@ -111,10 +111,12 @@ fn edge_policy() -> EdgePolicy {
 }
 
 /// `EdgeModel` and `TunnelModel` keep no state (an empty flow table, a
-/// full echo bucket per source), so the kernel runs with none that could
-/// change a verdict: echo is off, so every echo request is refused whatever
-/// its bucket holds, and the flow table stays empty because no egress
-/// program runs here. The stateful paths are `tier2_flows.rs`'s.
+/// full echo bucket per source, no fragmented datagram let through), so the
+/// kernel runs with none that could change a verdict: echo is off, so every
+/// echo request is refused whatever its bucket holds, the flow table stays
+/// empty because no egress program runs here, and the fragment table is
+/// emptied after every packet that passed (only a passing first fragment
+/// fills it). The stateful paths are `tier2_flows.rs`'s.
 const ECHO_OFF: EchoRate = EchoRate {
     ns_per_token: 0,
     burst: 0,
@@ -616,6 +618,9 @@ fn edge_program_matches_the_model() {
                 hex_dump(&frame)
             )
         });
+        if reason::is_allow(got) {
+            progs.forget_fragments();
+        }
         if got != want {
             mismatch(
                 "edge",
@@ -677,6 +682,10 @@ fn tunnel_matches_the_model(l2: bool) {
         let input = generate(seed, i, &pools, !l2);
         let want = model.verdict(&input, l2);
         let got = match progs.tunnel(&input) {
+            Ok(run) if reason::is_allow(run.reason) => {
+                progs.forget_fragments();
+                run.reason
+            }
             Ok(run) => run.reason,
             Err(e) if kernel_refuses_skb(&input, &e) => {
                 refused += 1;

@@ -1040,6 +1040,7 @@ fn every_map_name_exists_in_the_object() {
         map::SUMMARIES,
         map::SUMMARY_CACHE,
         map::LOCAL_PORTS,
+        map::FRAGMENTS,
     ];
     let ebpf = ztxdp::loader::load(ztxdp::loader::LoadOptions::default())
         .unwrap_or_else(|e| panic!("loading (tests must run as root): {e:?}"));

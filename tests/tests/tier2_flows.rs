@@ -551,6 +551,227 @@ fn tunnel_flows_admit_replies_whatever_the_grants() {
     h.assert_same_table("tunnel");
 }
 
+/// A fragment of IPv4 datagram `id`: the first (`offset` 0, `more` set)
+/// carries `t`'s header; a later one carries bytes that only look like it.
+fn fragment_v4(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    id: u16,
+    (more, offset): (bool, u16),
+    t: &Transport,
+) -> Vec<u8> {
+    Ipv4::new(src, dst).id(id).fragment(more, offset).packet(t)
+}
+
+/// As [`fragment_v4`], for IPv6 (a fragment header).
+fn fragment_v6(
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    id: u32,
+    (more, offset): (bool, u16),
+    t: &Transport,
+) -> Vec<u8> {
+    Ipv6::new(src, dst)
+        .ext(ExtHeader::fragment_of(offset, more, id))
+        .packet(t)
+}
+
+/// Fragment positions: (more fragments, offset in 8-byte units).
+const FIRST: (bool, u16) = (true, 0);
+const MIDDLE: (bool, u16) = (true, 1);
+const LAST: (bool, u16) = (false, 185);
+
+#[test]
+#[expect(clippy::too_many_lines, reason = "one scenario, step by step")]
+fn later_fragments_follow_a_first_fragment_that_passed() {
+    let mut h = Host::new(&long(), EchoRate::default());
+    let wg = udp(40_000, WIREGUARD);
+    let edge = |src: Ipv4Addr, id, at, t: &Transport| frame(&fragment_v4(src, HOST_V4, id, at, t));
+    h.expect(
+        Side::Edge,
+        &[
+            Case::new(
+                "a later fragment before its first",
+                edge(STRANGER_V4, 1, MIDDLE, &wg),
+                reason::DROP_FRAGMENT,
+            ),
+            Case::new(
+                "the first fragment, to wireguard",
+                edge(STRANGER_V4, 1, FIRST, &wg),
+                reason::PASS_WIREGUARD,
+            ),
+            Case::new(
+                "its middle fragment",
+                edge(STRANGER_V4, 1, MIDDLE, &wg),
+                reason::PASS_FRAGMENT,
+            ),
+            Case::new(
+                "its last fragment",
+                edge(STRANGER_V4, 1, LAST, &wg),
+                reason::PASS_FRAGMENT,
+            ),
+            Case::new(
+                "another datagram's fragment",
+                edge(STRANGER_V4, 2, MIDDLE, &wg),
+                reason::DROP_FRAGMENT,
+            ),
+            Case::new(
+                "the same id from another source",
+                edge(BASTION_V4, 1, MIDDLE, &wg),
+                reason::DROP_FRAGMENT,
+            ),
+            Case::new(
+                "the same id and source, another protocol",
+                edge(STRANGER_V4, 1, MIDDLE, &tcp(40_000, WIREGUARD, ACK)),
+                reason::DROP_FRAGMENT,
+            ),
+            Case::new(
+                "the same id and source, to another address",
+                frame(&fragment_v4(
+                    STRANGER_V4,
+                    Ipv4Addr::new(192, 0, 2, 9),
+                    1,
+                    MIDDLE,
+                    &wg,
+                )),
+                reason::DROP_FRAGMENT,
+            ),
+            Case::new(
+                "a first fragment the policy drops",
+                edge(STRANGER_V4, 3, FIRST, &udp(40_000, 53)),
+                reason::DROP_PORT_NOT_ALLOWED,
+            ),
+            Case::new(
+                "its later fragment",
+                edge(STRANGER_V4, 3, LAST, &udp(40_000, 53)),
+                reason::DROP_FRAGMENT,
+            ),
+            Case::new(
+                "ssh's first fragment from the bastion",
+                edge(BASTION_V4, 4, FIRST, &tcp(40_000, SSH, ACK)),
+                reason::PASS_SSH,
+            ),
+            Case::new(
+                "its later fragment",
+                edge(BASTION_V4, 4, LAST, &tcp(40_000, SSH, ACK)),
+                reason::PASS_FRAGMENT,
+            ),
+        ],
+    );
+
+    // IPv6: the fragment header's 32-bit identification.
+    let edge6 = |id, at| frame(&fragment_v6(STRANGER_V6, HOST_V6, id, at, &wg));
+    h.expect(
+        Side::Edge,
+        &[
+            Case::new("v6 first fragment", edge6(7, FIRST), reason::PASS_WIREGUARD),
+            Case::new(
+                "v6 its later fragment",
+                edge6(7, LAST),
+                reason::PASS_FRAGMENT,
+            ),
+            Case::new(
+                "v6 another datagram",
+                edge6(0x0001_0007, LAST),
+                reason::DROP_FRAGMENT,
+            ),
+        ],
+    );
+
+    // A reply's first fragment passes as a reply, and its later ones follow.
+    let (host, remote) = (IpAddr::from(HOST_V4), IpAddr::from(REMOTE_V4));
+    h.out(
+        Side::Edge,
+        &frame(&ip(host, remote, &udp(40_050, 53))),
+        true,
+        "dns query",
+    );
+    let answer = udp(53, 40_050);
+    let reply = |id, at| frame(&fragment_v4(REMOTE_V4, HOST_V4, id, at, &answer));
+    h.expect(
+        Side::Edge,
+        &[
+            Case::new(
+                "a big answer's first fragment",
+                reply(9, FIRST),
+                reason::PASS_REPLY,
+            ),
+            Case::new("its last fragment", reply(9, LAST), reason::PASS_FRAGMENT),
+            Case::new(
+                "another answer's fragment",
+                reply(10, LAST),
+                reason::DROP_FRAGMENT,
+            ),
+        ],
+    );
+
+    // The tunnel: a granted peer's datagram, and nobody else's.
+    let postgres = tcp(40_000, 5432, ACK);
+    let tunnel = |src, id, at| fragment_v4(src, TUNNEL_V4, id, at, &postgres);
+    h.expect(
+        Side::Tunnel,
+        &[
+            Case::new(
+                "alice's first fragment",
+                tunnel(ALICE_V4, 5, FIRST),
+                reason::PASS_GRANT,
+            ),
+            Case::new(
+                "alice's later fragment",
+                tunnel(ALICE_V4, 5, LAST),
+                reason::PASS_FRAGMENT,
+            ),
+            Case::new(
+                "bob's first fragment",
+                tunnel(BOB_V4, 5, FIRST),
+                reason::DROP_NOT_GRANTED,
+            ),
+            Case::new(
+                "bob's later fragment",
+                tunnel(BOB_V4, 5, LAST),
+                reason::DROP_FRAGMENT,
+            ),
+            Case::new(
+                "a stranger's later fragment",
+                tunnel(STRANGER_V4, 5, LAST),
+                reason::DROP_PEER_UNKNOWN,
+            ),
+        ],
+    );
+}
+
+#[test]
+fn later_fragments_stop_following_after_the_fragment_timeout() {
+    // Long enough that a loaded machine sends the second fragment well
+    // inside it.
+    let timeout = Duration::from_secs(3);
+    let mut h = Host::new(
+        &FlowSettings {
+            fragment: timeout,
+            ..long()
+        },
+        EchoRate::default(),
+    );
+    let wg = udp(40_000, WIREGUARD);
+    let edge = |at| frame(&fragment_v4(STRANGER_V4, HOST_V4, 1, at, &wg));
+    h.expect(
+        Side::Edge,
+        &[
+            Case::new("first fragment", edge(FIRST), reason::PASS_WIREGUARD),
+            Case::new("middle fragment", edge(MIDDLE), reason::PASS_FRAGMENT),
+        ],
+    );
+    thread::sleep(timeout + Duration::from_millis(1500));
+    h.expect(
+        Side::Edge,
+        &[Case::new(
+            "last fragment, too late",
+            edge(LAST),
+            reason::DROP_FRAGMENT,
+        )],
+    );
+}
+
 #[test]
 fn fin_or_rst_switches_a_connection_to_the_closing_timeout() {
     // Long enough that a loaded machine still sends "after our fin" well

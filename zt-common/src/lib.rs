@@ -56,6 +56,9 @@ pub mod map {
     pub const SUMMARY_CACHE: &str = "ZT_SUM_CACHE";
     /// `Array<u8>`: local TCP and UDP ports the host started flows from.
     pub const LOCAL_PORTS: &str = "ZT_LOCAL_PORTS";
+    /// `LruHashMap<FragmentKey, u64>`: datagrams whose first fragment
+    /// passed, with when it did (`bpf_ktime_get_coarse_ns`).
+    pub const FRAGMENTS: &str = "ZT_FRAGS";
 }
 
 /// Map capacities, defined once.
@@ -78,6 +81,9 @@ pub mod capacity {
     pub const ECHO_SOURCES: u32 = 16_384;
     /// Flows being summarised for the audit trail at once.
     pub const SUMMARIES: u32 = 65_536;
+    /// Fragmented datagrams being let through at once; the least recently
+    /// started go first.
+    pub const FRAGMENTS: u32 = 8192;
 }
 
 /// Which program counted a decision. Counters are laid out per program so
@@ -113,6 +119,8 @@ pub mod reason {
     pub const PASS_ICMP_ECHO: u32 = 7;
     /// An ICMP error about a flow the host started (keeps PMTU discovery working).
     pub const PASS_ICMP_RELATED: u32 = 8;
+    /// A later fragment of a datagram whose first fragment passed.
+    pub const PASS_FRAGMENT: u32 = 9;
 
     pub const FIRST_DENY: u32 = 16;
     pub const DROP_PORT_NOT_ALLOWED: u32 = 16;
@@ -154,6 +162,7 @@ pub mod reason {
             PASS_REPLY => "reply",
             PASS_ICMP_ECHO => "icmp_echo",
             PASS_ICMP_RELATED => "icmp_related",
+            PASS_FRAGMENT => "fragment_of_allowed",
             DROP_PORT_NOT_ALLOWED => "port_not_allowed",
             DROP_SSH_SOURCE => "ssh_source_not_allowed",
             DROP_MALFORMED => "malformed",
@@ -174,7 +183,7 @@ pub mod reason {
     }
 
     /// Every verdict code, for reports that list all counters.
-    pub const ALL: [u32; 21] = [
+    pub const ALL: [u32; 22] = [
         PASS_WIREGUARD,
         PASS_SSH,
         PASS_ARP,
@@ -184,6 +193,7 @@ pub mod reason {
         PASS_REPLY,
         PASS_ICMP_ECHO,
         PASS_ICMP_RELATED,
+        PASS_FRAGMENT,
         DROP_PORT_NOT_ALLOWED,
         DROP_SSH_SOURCE,
         DROP_MALFORMED,
@@ -482,6 +492,25 @@ pub struct FlowKey {
 }
 const _: () = assert!(size_of::<FlowKey>() == 44);
 
+/// A fragmented datagram, as its fragments all carry it: the interface it
+/// arrived on, its addresses, its identification and its protocol. Only the
+/// first fragment has ports, so a datagram whose first fragment passed is
+/// remembered under this key, and its later fragments follow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragmentKey {
+    pub ifindex: u32,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    /// IPv4's 16-bit identification, or the IPv6 fragment header's 32 bits.
+    pub id: u32,
+    pub protocol: u8,
+    /// 4 or 6, as in [`FlowKey`].
+    pub ip_version: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(size_of::<FragmentKey>() == 44);
+
 /// What is known of a flow.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -509,8 +538,10 @@ pub struct FlowConfig {
     pub echo_ns_per_token: u64,
     /// Bucket size: echoes a quiet source may send at once.
     pub echo_burst: u64,
+    /// How long after its first fragment a datagram's later fragments pass.
+    pub fragment_ns: u64,
 }
-const _: () = assert!(size_of::<FlowConfig>() == 48);
+const _: () = assert!(size_of::<FlowConfig>() == 56);
 
 /// Key of a per-source bucket.
 #[repr(C)]
@@ -559,6 +590,7 @@ mod pod {
     unsafe impl aya::Pod for super::Event {}
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::FlowState {}
+    unsafe impl aya::Pod for super::FragmentKey {}
     unsafe impl aya::Pod for super::FlowConfig {}
     unsafe impl aya::Pod for super::SourceKey {}
     unsafe impl aya::Pod for super::SummaryCacheSlot {}

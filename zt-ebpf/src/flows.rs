@@ -4,14 +4,21 @@
 //! never counts as a reply), as an ICMP error quoting such a flow, or as an
 //! echo request within its source's rate. This is what nftables gets from
 //! `ct state established,related` and `limit rate`, without opening a hole.
+//!
+//! Fragments: only a datagram's first fragment has ports, so the policy can
+//! judge only that one. When it passes, the datagram is remembered, and its
+//! later fragments (same interface, addresses, identification, protocol)
+//! pass for `fragment_ns` after it: what nftables gets from reassembling
+//! before its input chain. A later fragment of a datagram whose first
+//! fragment did not pass, or has not arrived yet, drops.
 
 use zt_common::{
-    CpuState, EventBucket, FLOW_CLOSING, FlowConfig, FlowKey, FlowState, SourceKey, program, proto,
-    reason, tcp_flag,
+    CpuState, EventBucket, FLOW_CLOSING, FlowConfig, FlowKey, FlowState, FragmentKey, SourceKey,
+    program, proto, reason, tcp_flag,
 };
 
 use crate::{
-    maps::{ZT_ECHO_BKT, ZT_FLOW_CFG, ZT_FLOWS, ZT_LOCAL_PORTS},
+    maps::{ZT_ECHO_BKT, ZT_FLOW_CFG, ZT_FLOWS, ZT_FRAGS, ZT_LOCAL_PORTS},
     parse::{
         self, Bounds, Fragment, ICMP_DEST_UNREACHABLE, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST,
         ICMP_TIME_EXCEEDED, ICMPV6_DEST_UNREACHABLE, ICMPV6_ECHO_REPLY, ICMPV6_ECHO_REQUEST,
@@ -121,10 +128,16 @@ pub fn second_chance(
     ifindex: &impl Fn() -> u32,
     now: u64,
 ) -> u32 {
-    // Allowed already; ARP and later fragments (no ports to match) are never
-    // rescued.
-    if reason::is_allow(code) || p.l3 == L3::Arp || p.fragment == Fragment::Later {
+    // Allowed already; ARP is never rescued.
+    if reason::is_allow(code) || p.l3 == L3::Arp {
         return code;
+    }
+    // No ports to match a flow with: a later fragment follows its first.
+    if p.fragment == Fragment::Later {
+        return match ZT_FLOW_CFG.get(0) {
+            Some(cfg) => fragment_of_allowed(p, cfg, code, ifindex(), now),
+            None => code,
+        };
     }
     // The cheap refusals first, before the config lookup: floods take these.
     if !is_icmp(p) {
@@ -187,6 +200,42 @@ pub fn second_chance(
         reason::PASS_REPLY
     } else {
         code
+    }
+}
+
+/// The key of the datagram `p` is a fragment of, on `ifindex`.
+#[inline(always)]
+fn fragment_key(p: &Packet, ifindex: u32) -> FragmentKey {
+    FragmentKey {
+        ifindex,
+        src: p.src.0,
+        dst: p.dst.0,
+        id: p.fragment_id,
+        protocol: p.protocol,
+        ip_version: p.ip_version(),
+        _pad: [0; 2],
+    }
+}
+
+/// A later fragment passes if its datagram's first fragment passed on the
+/// same interface within `fragment_ns`; else it keeps `code`.
+#[inline(always)]
+fn fragment_of_allowed(p: &Packet, cfg: &FlowConfig, code: u32, ifindex: u32, now: u64) -> u32 {
+    // SAFETY: the value is a plain u64 written whole.
+    match unsafe { ZT_FRAGS.get(&fragment_key(p, ifindex)) } {
+        Some(&first) if now.saturating_sub(first) <= cfg.fragment_ns => reason::PASS_FRAGMENT,
+        _ => code,
+    }
+}
+
+/// Remembers the datagram of a first fragment that passed with `code`, so
+/// that its later fragments pass too. A full table forgets the oldest
+/// datagram: its remaining fragments drop, and the sender's retransmission
+/// starts afresh.
+#[inline(always)]
+pub fn remember_fragment(p: &Packet, code: u32, ifindex: &impl Fn() -> u32, now: u64) {
+    if p.fragment == Fragment::First && reason::is_allow(code) {
+        let _ = ZT_FRAGS.insert(&fragment_key(p, ifindex()), &now, 0);
     }
 }
 

@@ -154,6 +154,7 @@ fn judge(
             return code;
         }
         let code = flows::second_chance(b, p, verdict::edge(p), program, ifindex, now);
+        flows::remember_fragment(p, code, ifindex, now);
         record::decision(cpu, program, ifindex, Some(p), code, None, now);
         code
     } else {
@@ -163,6 +164,7 @@ fn judge(
         // undefined padding, which the verifier refuses.
         let peer = verdict::peer_of(p);
         let code = flows::second_chance(b, p, verdict::tunnel(p, peer), program, ifindex, now);
+        flows::remember_fragment(p, code, ifindex, now);
         if let Some(peer) = &peer {
             record::count_peer(peer, reason::is_allow(code));
         }

@@ -10,9 +10,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use zt_common::{
-    CpuState, EdgeConfig, EventBucket, FlowConfig, FlowKey, FlowState, FlowSummary, GrantKey,
-    PeerCounters, PeerInfo, SUMMARY_CACHE_SLOTS, SourceKey, SummaryCacheSlot, SummaryKey, capacity,
-    summary_cache_index,
+    CpuState, EdgeConfig, EventBucket, FlowConfig, FlowKey, FlowState, FlowSummary, FragmentKey,
+    GrantKey, PeerCounters, PeerInfo, SUMMARY_CACHE_SLOTS, SourceKey, SummaryCacheSlot, SummaryKey,
+    capacity, summary_cache_index,
 };
 
 /// The edge settings (`zt_common::global::EDGE_CONFIG`). The loader writes
@@ -114,6 +114,13 @@ pub static ZT_SUMMARY: LruHashMap<SummaryKey, FlowSummary> =
 #[map]
 pub static ZT_SUM_CACHE: Array<SummaryCacheSlot> =
     Array::with_max_entries(SUMMARY_CACHE_SLOTS, BPF_F_MMAPABLE);
+
+// Datagrams whose first fragment passed, keyed as all their fragments
+// carry them; see flows::fragment_of_allowed. The least recently started go
+// first when full: a forgotten datagram's later fragments drop, never pass.
+#[map]
+pub static ZT_FRAGS: LruHashMap<FragmentKey, u64> =
+    LruHashMap::with_max_entries(capacity::FRAGMENTS, 0);
 
 // One byte per (TCP or UDP, local port): set when the host starts a flow
 // from the port, never cleared. Lets most denied packets skip the flow

@@ -35,6 +35,8 @@ pub const ETH_P_8021AD: u16 = 0x88A8;
 pub const ETH_P_IPV6: u16 = 0x86DD;
 
 const IPV4_FRAG_OFFSET_MASK: u16 = 0x1fff;
+/// IPv4 "more fragments" flag, in the same 16 bits as the offset.
+const IPV4_MORE_FRAGMENTS: u16 = 0x2000;
 const IPV6_HOP_BY_HOP: u8 = 0;
 const IPV6_ROUTING: u8 = 43;
 const IPV6_FRAGMENT: u8 = 44;
@@ -73,8 +75,11 @@ pub enum L3 {
 /// Fragment position of an IP packet.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Fragment {
-    /// Not fragmented, or the first fragment: its L4 header was parsed.
+    /// Not fragmented: its L4 header was parsed.
     No,
+    /// The first fragment of a datagram: its L4 header was parsed, and the
+    /// datagram's later fragments follow its verdict.
+    First,
     /// A later fragment: it has no L4 header, so ports are unknown.
     Later,
 }
@@ -202,6 +207,8 @@ pub struct Packet {
     pub dst_port: u16,
     pub src: Addr,
     pub dst: Addr,
+    /// The datagram's identification when `fragment` is `First` or `Later`.
+    pub fragment_id: u32,
 }
 
 impl Packet {
@@ -219,6 +226,7 @@ impl Packet {
         Self {
             l3,
             fragment: Fragment::No,
+            fragment_id: 0,
             protocol: 0,
             hop_limit: 0,
             tcp_flags: 0,
@@ -262,7 +270,7 @@ impl Bounds {
 /// device) and hands the packet to `judge`.
 ///
 /// `judge` is inlined twice: once for the common case, an untagged IPv4 TCP
-/// or UDP packet that is not a later fragment, whose fields are all set in
+/// or UDP packet that is not a fragment, whose fields are all set in
 /// one straight line ([`ipv4_ports`]), and once for every other packet. In
 /// one copy fed by every kind of packet, LLVM merged a dozen fields from a
 /// dozen parse exits and spilled most of them to the stack, and the policy
@@ -290,15 +298,16 @@ pub fn ip_with<R>(b: &Bounds, judge: impl FnOnce(&Packet) -> R) -> Result<R, Par
     parse_ip(b).map(|p| judge(&p))
 }
 
-/// The IPv4 packet at `offset` if it is TCP or UDP, not a later fragment,
-/// and well formed: the same [`Packet`] as the general parse makes of it,
+/// The IPv4 packet at `offset` if it is TCP or UDP, not a fragment, and
+/// well formed: the same [`Packet`] as the general parse makes of it,
 /// built in one place. `None` for anything else, which the general parse
-/// then handles, malformed packets included, so this path never decides
-/// what a bad packet's verdict is.
+/// then handles, malformed packets and fragments included, so this path
+/// never decides what a bad packet's verdict is and never deals with
+/// fragment state.
 #[inline(always)]
 fn ipv4_ports(b: &Bounds, offset: usize) -> Option<Packet> {
     let ip = ipv4_header(b, offset).ok()?;
-    if ip.later_fragment {
+    if ip.frags & (IPV4_MORE_FRAGMENTS | IPV4_FRAG_OFFSET_MASK) != 0 {
         return None;
     }
     let (src_port, dst_port, tcp_flags) = match ip.protocol {
@@ -312,6 +321,7 @@ fn ipv4_ports(b: &Bounds, offset: usize) -> Option<Packet> {
     Some(Packet {
         l3: L3::Ipv4,
         fragment: Fragment::No,
+        fragment_id: 0,
         protocol: ip.protocol,
         hop_limit: ip.ttl,
         tcp_flags,
@@ -385,8 +395,10 @@ struct Ipv4Header {
     ttl: u8,
     src: Addr,
     dst: Addr,
-    /// Not the first fragment: there is no L4 header to read.
-    later_fragment: bool,
+    /// Flags and fragment offset, as in the header.
+    frags: u16,
+    /// Identification: the datagram a fragment belongs to.
+    id: u16,
     /// Where the L4 header starts (after the options) and the IP payload ends.
     l4_offset: usize,
     l4_limit: usize,
@@ -413,11 +425,12 @@ fn ipv4_header(b: &Bounds, offset: usize) -> Result<Ipv4Header, ParseError> {
         return Err(ParseError::Malformed);
     }
     // SAFETY: as above.
-    let (src, dst, frags) = unsafe {
+    let (src, dst, frags, id) = unsafe {
         (
             Addr::v4_word(load_u32(ip.src_addr.as_ptr())),
             Addr::v4_word(load_u32(ip.dst_addr.as_ptr())),
             load_be16(ip.frags.as_ptr()),
+            load_be16(ip.id.as_ptr()),
         )
     };
     Ok(Ipv4Header {
@@ -425,7 +438,8 @@ fn ipv4_header(b: &Bounds, offset: usize) -> Result<Ipv4Header, ParseError> {
         ttl: ip.ttl,
         src,
         dst,
-        later_fragment: frags & IPV4_FRAG_OFFSET_MASK != 0,
+        frags,
+        id,
         l4_offset: offset + ihl,
         l4_limit: offset + total_len,
     })
@@ -439,9 +453,13 @@ fn parse_ipv4(b: &Bounds, offset: usize) -> Result<Packet, ParseError> {
     p.hop_limit = ip.ttl;
     p.src = ip.src;
     p.dst = ip.dst;
-    if ip.later_fragment {
-        p.fragment = Fragment::Later;
-        return Ok(p);
+    if ip.frags & (IPV4_MORE_FRAGMENTS | IPV4_FRAG_OFFSET_MASK) != 0 {
+        p.fragment_id = u32::from(ip.id);
+        if ip.frags & IPV4_FRAG_OFFSET_MASK != 0 {
+            p.fragment = Fragment::Later;
+            return Ok(p);
+        }
+        p.fragment = Fragment::First;
     }
     parse_l4(b, ip.l4_offset, ip.l4_limit, p)
 }
@@ -480,10 +498,19 @@ fn parse_ipv6(b: &Bounds, offset: usize) -> Result<Packet, ParseError> {
             IPV6_FRAGMENT => {
                 let ext = ext_hdr(b, cursor, limit)?;
                 next = ext[0];
-                if u16::from_be_bytes([ext[2], ext[3]]) >> 3 != 0 {
+                let field = u16::from_be_bytes([ext[2], ext[3]]);
+                let id = u32::from_be_bytes([ext[4], ext[5], ext[6], ext[7]]);
+                if field >> 3 != 0 {
                     p.protocol = next;
                     p.fragment = Fragment::Later;
+                    p.fragment_id = id;
                     return Ok(p);
+                }
+                // Offset 0 with "more fragments" starts a datagram; without
+                // it, an atomic fragment is a whole packet (RFC 6946).
+                if field & 1 != 0 {
+                    p.fragment = Fragment::First;
+                    p.fragment_id = id;
                 }
                 8
             }

@@ -240,6 +240,7 @@ struct RawFlows {
     tcp_closing_timeout: Option<i64>,
     udp_timeout: Option<i64>,
     icmp_timeout: Option<i64>,
+    fragment_timeout: Option<i64>,
 }
 
 #[derive(Deserialize)]
@@ -737,6 +738,11 @@ impl Validator<'_> {
             )?,
             udp: self.timeout(raw.udp_timeout, "flows.udp_timeout", default.udp)?,
             icmp: self.timeout(raw.icmp_timeout, "flows.icmp_timeout", default.icmp)?,
+            fragment: self.timeout(
+                raw.fragment_timeout,
+                "flows.fragment_timeout",
+                default.fragment,
+            )?,
         })
     }
 
@@ -1649,6 +1655,7 @@ path = "/var/log/ztxdp/audit.jsonl"
                 tcp_closing: Duration::from_secs(30),
                 udp: Duration::from_mins(1),
                 icmp: Duration::from_secs(30),
+                fragment: Duration::from_secs(30),
             }
         );
         // An empty table is all defaults too.
@@ -1734,7 +1741,7 @@ path = "/var/log/ztxdp/audit.jsonl"
     #[test]
     fn flows_parse() {
         let config = parse_ok(&flows_with(
-            "max_entries = 1024\ntcp_established_timeout = 3600\ntcp_closing_timeout = 10\nudp_timeout = 2\nicmp_timeout = 5",
+            "max_entries = 1024\ntcp_established_timeout = 3600\ntcp_closing_timeout = 10\nudp_timeout = 2\nicmp_timeout = 5\nfragment_timeout = 3",
         ));
         assert_eq!(
             config.policy.flows,
@@ -1744,6 +1751,7 @@ path = "/var/log/ztxdp/audit.jsonl"
                 tcp_closing: Duration::from_secs(10),
                 udp: Duration::from_secs(2),
                 icmp: Duration::from_secs(5),
+                fragment: Duration::from_secs(3),
             }
         );
         assert_eq!(config.line_of("flows.udp_timeout"), Some(12));

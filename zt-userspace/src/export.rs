@@ -18,7 +18,9 @@
 //! `ct state established,related`, which [`NftOptions::conntrack`] adds. The
 //! plain variant is stricter than ztxdp: replies are dropped. One difference
 //! remains by nature: nftables sees packets after the stack has reassembled
-//! or dropped fragments and checked checksums, where XDP sees them first.
+//! or dropped fragments and checked checksums, where XDP sees them first
+//! (ztxdp judges a datagram by its first fragment and lets the later ones
+//! follow it).
 
 use std::fmt::Write as _;
 

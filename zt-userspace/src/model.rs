@@ -63,6 +63,7 @@ const IPV6_FRAGMENT: u8 = 44;
 const IPV6_AUTH: u8 = 51;
 const IPV6_DEST_OPTS: u8 = 60;
 const IPV4_FRAGMENT_OFFSET: u16 = 0x1fff;
+const IPV4_MORE_FRAGMENTS: u16 = 0x2000;
 
 /// Neighbour discovery message types (RFC 4861): router and neighbour
 /// solicitation and advertisement, and redirect.
@@ -112,8 +113,12 @@ enum Network {
 #[derive(Clone, Copy, Debug)]
 struct Packet {
     network: Network,
+    /// The first fragment of a datagram: its L4 header was parsed.
+    first_fragment: bool,
     /// A fragment other than the first: it carries no L4 header.
     later_fragment: bool,
+    /// The datagram's identification, for either kind of fragment.
+    fragment_id: u32,
     /// IP protocol number (of the L4 header, past IPv6 extension headers).
     protocol: u8,
     hop_limit: u8,
@@ -136,7 +141,9 @@ impl Packet {
     const fn new(network: Network) -> Self {
         Self {
             network,
+            first_fragment: false,
             later_fragment: false,
+            fragment_id: 0,
             protocol: 0,
             hop_limit: 0,
             icmp_type: 0,
@@ -329,9 +336,14 @@ fn parse_ipv4(b: Bytes<'_>, offset: usize) -> Result<Packet, ParseError> {
     let mut p = Packet::new(Network::Ipv4 { src, dst });
     p.protocol = ip[9];
     p.hop_limit = ip[8];
-    if be16(ip[6], ip[7]) & IPV4_FRAGMENT_OFFSET != 0 {
-        p.later_fragment = true;
-        return Ok(p);
+    let frags = be16(ip[6], ip[7]);
+    if frags & (IPV4_MORE_FRAGMENTS | IPV4_FRAGMENT_OFFSET) != 0 {
+        p.fragment_id = u32::from(be16(ip[4], ip[5]));
+        if frags & IPV4_FRAGMENT_OFFSET != 0 {
+            p.later_fragment = true;
+            return Ok(p);
+        }
+        p.first_fragment = true;
     }
     // The options are never read, so only the L4 header has to be present.
     parse_l4(b, offset + header_len, offset + total_len, p)
@@ -367,10 +379,19 @@ fn parse_ipv6(b: Bytes<'_>, offset: usize) -> Result<Packet, ParseError> {
             IPV6_FRAGMENT => {
                 let ext = extension_header(b, cursor, limit)?;
                 next = ext[0];
-                if be16(ext[2], ext[3]) >> 3 != 0 {
+                let field = be16(ext[2], ext[3]);
+                let id = u32::from_be_bytes([ext[4], ext[5], ext[6], ext[7]]);
+                if field >> 3 != 0 {
                     p.protocol = next;
                     p.later_fragment = true;
+                    p.fragment_id = id;
                     return Ok(p);
+                }
+                // Offset 0 and "more fragments": the first of a datagram.
+                // Offset 0 alone is an atomic fragment, a whole packet.
+                if field & 1 != 0 {
+                    p.first_fragment = true;
+                    p.fragment_id = id;
                 }
                 IPV6_EXT_MIN_LEN
             }
@@ -454,6 +475,17 @@ struct FlowEntry {
     closing: bool,
 }
 
+/// A fragmented datagram as all its fragments carry it: the interface it
+/// arrived on, its addresses, identification and protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct Datagram {
+    ifindex: u32,
+    src: IpAddr,
+    dst: IpAddr,
+    id: u32,
+    protocol: u8,
+}
+
 /// One source's echo token bucket.
 #[derive(Clone, Copy, Debug)]
 struct Bucket {
@@ -491,9 +523,10 @@ fn nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
-/// The kernel's flow state (`ZT_FLOWS`, `ZT_ECHO_BKT`, `ZT_FLOW_CFG`):
-/// flows the host started, with when each was last seen, and an echo token
-/// bucket per source. One table serves both interfaces, as the one map does
+/// The kernel's flow state (`ZT_FLOWS`, `ZT_ECHO_BKT`, `ZT_FLOW_CFG`,
+/// `ZT_FRAGS`): flows the host started, with when each was last seen, an
+/// echo token bucket per source, and the datagrams whose first fragment
+/// passed, with when. One table serves both interfaces, as the one map does
 /// in the kernel, but every flow is keyed by the interface it left by, so a
 /// flow started through the tunnel admits no reply on the edge (that would
 /// let the internet spoof tunnel peers).
@@ -501,10 +534,12 @@ fn nanos(d: Duration) -> u64 {
 pub struct FlowTable {
     flows: HashMap<Flow, FlowEntry>,
     buckets: HashMap<IpAddr, Bucket>,
+    fragments: HashMap<Datagram, u64>,
     tcp_established_ns: u64,
     tcp_closing_ns: u64,
     udp_ns: u64,
     icmp_ns: u64,
+    fragment_ns: u64,
     echo: EchoRate,
     created: u64,
     /// The interface of the packet being judged or recorded; set by
@@ -519,10 +554,12 @@ impl FlowTable {
         Self {
             flows: HashMap::new(),
             buckets: HashMap::new(),
+            fragments: HashMap::new(),
             tcp_established_ns: nanos(settings.tcp_established),
             tcp_closing_ns: nanos(settings.tcp_closing),
             udp_ns: nanos(settings.udp),
             icmp_ns: nanos(settings.icmp),
+            fragment_ns: nanos(settings.fragment),
             echo,
             created: 0,
             ifindex: 0,
@@ -597,9 +634,33 @@ impl FlowTable {
         }
     }
 
+    /// The datagram `p` is a fragment of, if it is one, on this interface.
+    fn datagram(&self, p: &Packet) -> Option<Datagram> {
+        let (src, dst) = p.addresses()?;
+        (p.first_fragment || p.later_fragment).then_some(Datagram {
+            ifindex: self.ifindex,
+            src,
+            dst,
+            id: p.fragment_id,
+            protocol: p.protocol,
+        })
+    }
+
+    /// Remembers the datagram of a first fragment that passed with `code`:
+    /// its later fragments then pass for the fragment timeout.
+    fn remember_fragment(&mut self, p: &Packet, code: u32, now_ns: u64) {
+        if p.first_fragment
+            && reason::is_allow(code)
+            && let Some(d) = self.datagram(p)
+        {
+            self.fragments.insert(d, now_ns);
+        }
+    }
+
     /// A second look at an ingress packet the policy dropped with `code`:
-    /// an exact reply, a related ICMP error, or (edge only) an echo request
-    /// within its source's rate passes; anything else keeps `code`.
+    /// an exact reply, a related ICMP error, (edge only) an echo request
+    /// within its source's rate, or a later fragment of a datagram whose
+    /// first fragment passed recently passes; anything else keeps `code`.
     fn second_chance(
         &mut self,
         b: Bytes<'_>,
@@ -612,7 +673,11 @@ impl FlowTable {
             return code;
         };
         if p.later_fragment {
-            return code;
+            let first = self.datagram(p).and_then(|d| self.fragments.get(&d));
+            return match first {
+                Some(&at) if now_ns.saturating_sub(at) <= self.fragment_ns => reason::PASS_FRAGMENT,
+                _ => code,
+            };
         }
         if p.is_icmp() {
             return if p.is_echo_request() && ingress == Ingress::Edge {
@@ -836,9 +901,9 @@ impl EdgeModel {
 
     /// The reason code (`zt_common::reason`) `zt_edge` gives the Ethernet
     /// frame `frame` when it is the first packet of a freshly configured
-    /// program: no reply is admitted, every ICMP error is unrelated, and an
-    /// echo request passes unless `icmp_echo_rate` is "0". For anything
-    /// later, use [`StatefulModel`].
+    /// program: no reply is admitted, every ICMP error is unrelated, no later
+    /// fragment follows a first, and an echo request passes unless
+    /// `icmp_echo_rate` is "0". For anything later, use [`StatefulModel`].
     #[must_use]
     pub fn verdict(&self, frame: &[u8]) -> u32 {
         let mut fresh = FlowTable::new(&FlowSettings::default(), self.echo);
@@ -848,10 +913,14 @@ impl EdgeModel {
     fn judge(&self, frame: &[u8], flows: &mut FlowTable, now_ns: u64) -> u32 {
         let b = Bytes(frame);
         match parse_ethernet(b) {
-            Ok(p) => match self.decide(&p) {
-                code if reason::is_allow(code) => code,
-                code => flows.second_chance(b, &p, code, Ingress::Edge, now_ns),
-            },
+            Ok(p) => {
+                let code = match self.decide(&p) {
+                    code if reason::is_allow(code) => code,
+                    code => flows.second_chance(b, &p, code, Ingress::Edge, now_ns),
+                };
+                flows.remember_fragment(&p, code, now_ns);
+                code
+            }
             Err(e) => e.reason(),
         }
     }
@@ -932,8 +1001,8 @@ impl TunnelModel {
     /// The decision `zt_tunnel` makes on `packet` (an Ethernet frame when
     /// `l2`, the loader's `TUNNEL_L2`, else a packet starting at the IP
     /// header) when it is the first packet of a freshly configured program:
-    /// no reply is admitted and every ICMP error is unrelated. For anything
-    /// later, use [`StatefulModel`].
+    /// no reply is admitted, every ICMP error is unrelated and no later
+    /// fragment follows a first. For anything later, use [`StatefulModel`].
     #[must_use]
     pub fn verdict(&self, packet: &[u8], l2: bool) -> TunnelDecision {
         // The tunnel never rate-limits echo, so the rate is irrelevant.
@@ -950,6 +1019,7 @@ impl TunnelModel {
                     code if reason::is_allow(code) => code,
                     code => flows.second_chance(b, &p, code, Ingress::Tunnel, now_ns),
                 };
+                flows.remember_fragment(&p, reason, now_ns);
                 TunnelDecision { reason, peer }
             }
             Err(e) => TunnelDecision {
@@ -2168,6 +2238,7 @@ mod tests {
             tcp_closing: Duration::from_secs(10),
             udp: Duration::from_secs(30),
             icmp: Duration::from_secs(20),
+            fragment: Duration::from_secs(5),
         }
     }
 
@@ -2368,6 +2439,34 @@ mod tests {
                 reason::PASS_WIREGUARD,
                 "wireguard",
             )],
+        );
+    }
+
+    #[test]
+    fn later_fragments_follow_a_first_that_passed_within_the_timeout() {
+        let mut m = host(EchoRate::default());
+        let first = eth6(
+            OTHER_V6,
+            IPV6_FRAGMENT,
+            &[fragment(proto::UDP, 0), udp(51_820)].concat(),
+        );
+        let later = eth6(
+            OTHER_V6,
+            IPV6_FRAGMENT,
+            &[fragment(proto::UDP, 100), vec![0; 8]].concat(),
+        );
+        let mut other = fragment(proto::UDP, 100);
+        other[7] = 8;
+        let other = eth6(OTHER_V6, IPV6_FRAGMENT, &[other, vec![0; 8]].concat());
+        assert_edge_steps(
+            &mut m,
+            &[
+                (0, &later, reason::DROP_FRAGMENT, "before its first"),
+                (0, &first, reason::PASS_WIREGUARD, "the first, to wireguard"),
+                (5, &later, reason::PASS_FRAGMENT, "5 s: the timeout itself"),
+                (5, &other, reason::DROP_FRAGMENT, "another datagram"),
+                (6, &later, reason::DROP_FRAGMENT, "6 s: too late"),
+            ],
         );
     }
 

@@ -109,6 +109,9 @@ pub struct FlowSettings {
     pub tcp_closing: Duration,
     pub udp: Duration,
     pub icmp: Duration,
+    /// How long after a datagram's first fragment passed its later
+    /// fragments follow it.
+    pub fragment: Duration,
 }
 
 impl Default for FlowSettings {
@@ -119,6 +122,9 @@ impl Default for FlowSettings {
             tcp_closing: Duration::from_secs(30),
             udp: Duration::from_mins(1),
             icmp: Duration::from_secs(30),
+            // The kernel's own reassembly timeout (net.ipv4.ipfrag_time):
+            // a fragment later than this could not be reassembled anyway.
+            fragment: Duration::from_secs(30),
         }
     }
 }

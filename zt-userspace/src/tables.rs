@@ -266,6 +266,7 @@ impl Tables {
             icmp_ns: ns(flows.icmp),
             echo_ns_per_token: echo.ns_per_token,
             echo_burst: echo.burst,
+            fragment_ns: ns(flows.fragment),
         };
         let mut arr: Array<_, FlowConfig> =
             Array::try_from(self.get(map::FLOW_CONFIG)?).map_err(map_err(map::FLOW_CONFIG))?;
