@@ -904,6 +904,16 @@ fn ipv6_extension_headers() {
             reason::DROP_FRAGMENT,
         ),
         Case::new(
+            "two fragment headers",
+            eth_v6(
+                &allowed()
+                    .ext(ExtHeader::fragment(0, true))
+                    .ext(ExtHeader::fragment(0, true)),
+                &tcp(SSH),
+            ),
+            reason::DROP_MALFORMED,
+        ),
+        Case::new(
             "later fragment after hop-by-hop",
             eth_v6(
                 &allowed()

@@ -661,6 +661,19 @@ fn later_fragments_follow_a_first_fragment_that_passed() {
 
     // IPv6: the fragment header's 32-bit identification.
     let edge6 = |id, at| frame(&fragment_v6(STRANGER_V6, HOST_V6, id, at, &wg));
+    // Destination options after the fragment header: the first fragment's
+    // protocol is UDP, the later ones' next header is 60.
+    let with_options = |id, (more, offset)| {
+        frame(
+            &Ipv6::new(STRANGER_V6, HOST_V6)
+                .ext(ExtHeader::fragment_of(offset, more, id))
+                .ext(ExtHeader::dest_opts(0))
+                .packet(&wg),
+        )
+    };
+    // Offset 0 without "more fragments": a whole packet, not a datagram's
+    // start.
+    let atomic = frame(&fragment_v6(STRANGER_V6, HOST_V6, 12, (false, 0), &wg));
     h.expect(
         Side::Edge,
         &[
@@ -673,6 +686,22 @@ fn later_fragments_follow_a_first_fragment_that_passed() {
             Case::new(
                 "v6 another datagram",
                 edge6(0x0001_0007, LAST),
+                reason::DROP_FRAGMENT,
+            ),
+            Case::new(
+                "v6 first fragment, options after the fragment header",
+                with_options(11, FIRST),
+                reason::PASS_WIREGUARD,
+            ),
+            Case::new(
+                "v6 its later fragment",
+                with_options(11, LAST),
+                reason::PASS_FRAGMENT,
+            ),
+            Case::new("v6 atomic fragment", atomic, reason::PASS_WIREGUARD),
+            Case::new(
+                "a later fragment of its id",
+                edge6(12, LAST),
                 reason::DROP_FRAGMENT,
             ),
         ],
@@ -702,6 +731,26 @@ fn later_fragments_follow_a_first_fragment_that_passed() {
                 reply(10, LAST),
                 reason::DROP_FRAGMENT,
             ),
+        ],
+    );
+    let (host6, remote6) = (IpAddr::from(HOST_V6), IpAddr::from(REMOTE_V6));
+    h.out(
+        Side::Edge,
+        &frame(&ip(host6, remote6, &udp(40_051, 53))),
+        true,
+        "dns query over ipv6",
+    );
+    let answer6 = udp(53, 40_051);
+    let reply6 = |at| frame(&fragment_v6(REMOTE_V6, HOST_V6, 13, at, &answer6));
+    h.expect(
+        Side::Edge,
+        &[
+            Case::new(
+                "v6 answer's first fragment",
+                reply6(FIRST),
+                reason::PASS_REPLY,
+            ),
+            Case::new("its last fragment", reply6(LAST), reason::PASS_FRAGMENT),
         ],
     );
 
@@ -744,7 +793,7 @@ fn later_fragments_follow_a_first_fragment_that_passed() {
 fn later_fragments_stop_following_after_the_fragment_timeout() {
     // Long enough that a loaded machine sends the second fragment well
     // inside it.
-    let timeout = Duration::from_secs(3);
+    let timeout = Duration::from_secs(5);
     let mut h = Host::new(
         &FlowSettings {
             fragment: timeout,

@@ -82,7 +82,7 @@ pub mod capacity {
     /// Flows being summarised for the audit trail at once.
     pub const SUMMARIES: u32 = 65_536;
     /// Fragmented datagrams being let through at once; the least recently
-    /// started go first.
+    /// used go first.
     pub const FRAGMENTS: u32 = 8192;
 }
 
@@ -504,6 +504,10 @@ pub struct FragmentKey {
     pub dst: [u8; 16],
     /// IPv4's 16-bit identification, or the IPv6 fragment header's 32 bits.
     pub id: u32,
+    /// IPv4's protocol; 0 for IPv6, which reassembles by addresses and
+    /// identification alone, and whose first fragment's protocol need not be
+    /// its later fragments' next header (extension headers may follow the
+    /// fragment header).
     pub protocol: u8,
     /// 4 or 6, as in [`FlowKey`].
     pub ip_version: u8,

@@ -211,7 +211,10 @@ fn fragment_key(p: &Packet, ifindex: u32) -> FragmentKey {
         src: p.src.0,
         dst: p.dst.0,
         id: p.fragment_id,
-        protocol: p.protocol,
+        // IPv6 reassembles by addresses and identification alone, and its
+        // first fragment's protocol (past any extension headers after the
+        // fragment header) need not be the later ones' next header.
+        protocol: if p.l3 == L3::Ipv4 { p.protocol } else { 0 },
         ip_version: p.ip_version(),
         _pad: [0; 2],
     }
@@ -229,12 +232,17 @@ fn fragment_of_allowed(p: &Packet, cfg: &FlowConfig, code: u32, ifindex: u32, no
 }
 
 /// Remembers the datagram of a first fragment that passed with `code`, so
-/// that its later fragments pass too. A full table forgets the oldest
-/// datagram: its remaining fragments drop, and the sender's retransmission
-/// starts afresh.
+/// that its later fragments pass too. Neighbour discovery is not: it passes
+/// before the peer check on the tunnel, and the stack refuses it fragmented
+/// anyway (RFC 6980). A full table forgets a datagram least recently used
+/// (approximately: the kernel's LRU): its remaining fragments drop, and the
+/// sender's retransmission starts afresh.
 #[inline(always)]
 pub fn remember_fragment(p: &Packet, code: u32, ifindex: &impl Fn() -> u32, now: u64) {
-    if p.fragment == Fragment::First && reason::is_allow(code) {
+    if p.fragment == Fragment::First
+        && reason::is_allow(code)
+        && code != reason::PASS_NEIGHBOR_DISCOVERY
+    {
         let _ = ZT_FRAGS.insert(&fragment_key(p, ifindex()), &now, 0);
     }
 }

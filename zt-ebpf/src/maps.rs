@@ -116,7 +116,7 @@ pub static ZT_SUM_CACHE: Array<SummaryCacheSlot> =
     Array::with_max_entries(SUMMARY_CACHE_SLOTS, BPF_F_MMAPABLE);
 
 // Datagrams whose first fragment passed, keyed as all their fragments
-// carry them; see flows::fragment_of_allowed. The least recently started go
+// carry them; see flows::fragment_of_allowed. The least recently used go
 // first when full: a forgotten datagram's later fragments drop, never pass.
 #[map]
 pub static ZT_FRAGS: LruHashMap<FragmentKey, u64> =

@@ -479,6 +479,7 @@ fn parse_ipv6(b: &Bounds, offset: usize) -> Result<Packet, ParseError> {
     let limit = offset + Ipv6Hdr::LEN + usize::from(u16::from_be_bytes(ip.payload_len));
     let mut next = ip.next_hdr;
     let mut cursor = offset + Ipv6Hdr::LEN;
+    let mut fragment_header_seen = false;
     // One pass per extension header, capped; running out of passes while
     // still inside the chain is a drop, not a guess.
     for _ in 0..=limits::MAX_IPV6_EXT {
@@ -495,7 +496,11 @@ fn parse_ipv6(b: &Bounds, offset: usize) -> Result<Packet, ParseError> {
                 next = ext[0];
                 (usize::from(ext[1]) + 2) * 4
             }
+            // A second fragment header would leave the id we key on and the
+            // one the stack reassembles by to disagree: refused.
+            IPV6_FRAGMENT if fragment_header_seen => return Err(ParseError::Malformed),
             IPV6_FRAGMENT => {
+                fragment_header_seen = true;
                 let ext = ext_hdr(b, cursor, limit)?;
                 next = ext[0];
                 let field = u16::from_be_bytes([ext[2], ext[3]]);

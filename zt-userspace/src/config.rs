@@ -47,6 +47,12 @@ const WIREGUARD_KEY_LEN: usize = 44;
 /// live flows; above the maximum the table alone would take gigabytes.
 const MIN_FLOW_ENTRIES: u32 = 1024;
 const MAX_FLOW_ENTRIES: u32 = 1 << 24;
+/// Longest `flows.fragment_timeout`, in seconds. IPv4's 16-bit
+/// identification comes round again within seconds on a busy sender, and
+/// every second longer is a second in which a new datagram's stray later
+/// fragments could follow an old first; fragments of one datagram arrive
+/// within milliseconds of each other.
+const MAX_FRAGMENT_TIMEOUT: u64 = 120;
 const ECHO_RATE_FORM: &str = "N/s, N/m or N/h (echo requests per second, minute or hour from one source), or \"0\" to drop them all";
 
 /// Why a configuration was refused.
@@ -738,12 +744,28 @@ impl Validator<'_> {
             )?,
             udp: self.timeout(raw.udp_timeout, "flows.udp_timeout", default.udp)?,
             icmp: self.timeout(raw.icmp_timeout, "flows.icmp_timeout", default.icmp)?,
-            fragment: self.timeout(
-                raw.fragment_timeout,
-                "flows.fragment_timeout",
-                default.fragment,
-            )?,
+            fragment: self.fragment_timeout(raw.fragment_timeout, default.fragment)?,
         })
+    }
+
+    fn fragment_timeout(
+        &self,
+        seconds: Option<i64>,
+        default: Duration,
+    ) -> Result<Duration, ConfigError> {
+        const KEY: &str = "flows.fragment_timeout";
+        let timeout = self.timeout(seconds, KEY, default)?;
+        if timeout.as_secs() > MAX_FRAGMENT_TIMEOUT {
+            return Err(self.at.invalid(
+                KEY,
+                format!(
+                    "{} s is longer than a datagram's fragments take to arrive; give 1 to \
+                     {MAX_FRAGMENT_TIMEOUT} seconds",
+                    timeout.as_secs()
+                ),
+            ));
+        }
+        Ok(timeout)
     }
 
     fn timeout(
@@ -1795,6 +1817,7 @@ path = "/var/log/ztxdp/audit.jsonl"
             "tcp_closing_timeout",
             "udp_timeout",
             "icmp_timeout",
+            "fragment_timeout",
         ] {
             for value in ["0", "-1"] {
                 let shown = expect_error(
@@ -1813,6 +1836,22 @@ path = "/var/log/ztxdp/audit.jsonl"
                 9,
             );
         }
+        let shown = expect_error(
+            &flows_with("fragment_timeout = 121"),
+            "flows.fragment_timeout",
+            9,
+        );
+        assert!(
+            shown.contains("121") && shown.contains("1 to 120 seconds"),
+            "message should quote the value and the bounds: {shown}"
+        );
+        assert_eq!(
+            parse_ok(&flows_with("fragment_timeout = 120"))
+                .policy
+                .flows
+                .fragment,
+            Duration::from_mins(2)
+        );
         expect_error(&flows_with("tcp_timeout = 5"), "flows.tcp_timeout", 9);
         expect_error(&format!("flows = 5\n{}", edge_with("")), "flows", 1);
     }

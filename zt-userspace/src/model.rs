@@ -362,6 +362,7 @@ fn parse_ipv6(b: Bytes<'_>, offset: usize) -> Result<Packet, ParseError> {
     let limit = offset + IPV6_LEN + usize::from(be16(ip[4], ip[5]));
     let mut next = ip[6];
     let mut cursor = offset + IPV6_LEN;
+    let mut fragment_header_seen = false;
     // One pass per extension header plus one for the L4 header: a chain of
     // more than MAX_IPV6_EXT headers runs out of passes.
     for _ in 0..=limits::MAX_IPV6_EXT {
@@ -376,7 +377,10 @@ fn parse_ipv6(b: Bytes<'_>, offset: usize) -> Result<Packet, ParseError> {
                 next = ext[0];
                 (usize::from(ext[1]) + 2) * 4
             }
+            // Two fragment headers: which id would the stack reassemble by?
+            IPV6_FRAGMENT if fragment_header_seen => return Err(ParseError::Malformed),
             IPV6_FRAGMENT => {
+                fragment_header_seen = true;
                 let ext = extension_header(b, cursor, limit)?;
                 next = ext[0];
                 let field = be16(ext[2], ext[3]);
@@ -483,6 +487,7 @@ struct Datagram {
     src: IpAddr,
     dst: IpAddr,
     id: u32,
+    /// IPv4's protocol; 0 for IPv6, which reassembles without it.
     protocol: u8,
 }
 
@@ -642,15 +647,18 @@ impl FlowTable {
             src,
             dst,
             id: p.fragment_id,
-            protocol: p.protocol,
+            protocol: if src.is_ipv4() { p.protocol } else { 0 },
         })
     }
 
-    /// Remembers the datagram of a first fragment that passed with `code`:
-    /// its later fragments then pass for the fragment timeout.
+    /// Remembers the datagram of a first fragment that passed with `code`
+    /// (but not neighbour discovery): its later fragments then pass for the
+    /// fragment timeout. Unlike the kernel's LRU map, this table is never
+    /// full; no test fills the kernel's.
     fn remember_fragment(&mut self, p: &Packet, code: u32, now_ns: u64) {
         if p.first_fragment
             && reason::is_allow(code)
+            && code != reason::PASS_NEIGHBOR_DISCOVERY
             && let Some(d) = self.datagram(p)
         {
             self.fragments.insert(d, now_ns);
