@@ -190,6 +190,13 @@ fn a_fragmented_datagram_passes_whole_or_not_at_all() {
         );
     }
 
+    // Both datagrams are remembered, and `status` shows it.
+    let remembered = &status(host)["edge"]["maps"]["fragments"];
+    assert!(
+        remembered.as_u64().is_some_and(|n| n >= 2),
+        "the fragment table's fill level: {remembered}"
+    );
+
     // To a closed port the first fragment drops, and the later ones with it.
     for target in [at(EDGE_V4, CLOSED_UDP), at(EDGE_V6, CLOSED_UDP)] {
         let before = status(host);

@@ -16,8 +16,8 @@ use aya::{
 };
 use ipnet::IpNet;
 use zt_common::{
-    COUNTER_SLOTS, CpuState, FlowConfig, FlowKey, FlowState, GrantKey, PEER_ICMP, PeerCounters,
-    PeerInfo, capacity, counter_index, map, program, reason,
+    COUNTER_SLOTS, CpuState, FlowConfig, FlowKey, FlowState, FragmentKey, GrantKey, PEER_ICMP,
+    PeerCounters, PeerInfo, capacity, counter_index, map, program, reason,
 };
 
 use crate::policy::{EchoRate, EdgePolicy, FlowSettings, Grant, Peer, TunnelPolicy};
@@ -71,6 +71,10 @@ const ALL_MAPS: [&str; 11] = [
     map::PEER_COUNTERS,
 ];
 
+/// Maps user space only reads, for `status`: opened by id there, and left
+/// in a freshly loaded object, which keeps them.
+const READ_ONLY_MAPS: [&str; 1] = [map::FRAGMENTS];
+
 impl Tables {
     /// Takes the maps out of a freshly loaded object. The ring buffer stays
     /// in `ebpf` for the audit reader.
@@ -100,7 +104,7 @@ impl Tables {
             let info = data.info().map_err(map_err("(by id)"))?;
             let Some(name) = info
                 .name_as_str()
-                .and_then(|n| ALL_MAPS.iter().find(|m| **m == n))
+                .and_then(|n| ALL_MAPS.iter().chain(&READ_ONLY_MAPS).find(|m| **m == n))
             else {
                 continue;
             };
@@ -406,6 +410,13 @@ impl Tables {
             let f: BpfHashMap<_, FlowKey, FlowState> =
                 BpfHashMap::try_from(m).map_err(map_err(map::FLOWS))?;
             out.insert("flows", f.keys().count());
+        }
+        // Datagrams remembered for their later fragments, live or expired,
+        // up to capacity::FRAGMENTS.
+        if let Some(m) = self.maps.get(map::FRAGMENTS) {
+            let f: BpfHashMap<_, FragmentKey, u64> =
+                BpfHashMap::try_from(m).map_err(map_err(map::FRAGMENTS))?;
+            out.insert("fragments", f.keys().count());
         }
         if let Some(m) = self.maps.get(map::EDGE_UDP_PORTS) {
             let udp: Array<_, u64> = Array::try_from(m).map_err(map_err(map::EDGE_UDP_PORTS))?;
