@@ -76,7 +76,7 @@ fn exchange(
     query: &[u8],
     answer: &[u8],
 ) -> SocketAddr {
-    let mut buf = [0u8; 512];
+    let mut buf = [0u8; 4096];
     client
         .send_to(query, target)
         .unwrap_or_else(|e| panic!("query to {target}: {e}"));
@@ -192,6 +192,37 @@ fn tcp_out_works_and_the_server_cannot_connect_in() {
         &[eth.ipv4(&Ipv4::new(OUTSIDER_V4, EDGE_V4), &syn)],
     );
     expect_counter(edge, "edge", "port_not_allowed", dropped, 1);
+}
+
+#[test]
+fn a_reply_too_big_for_one_packet_arrives_whole() {
+    // A 3000-byte answer (a big DNS response over EDNS0, say) leaves the
+    // server in three fragments. Only the first has the ports that match it
+    // to the query's flow; the other two follow it.
+    let f = start("flows-frag", "");
+    let (edge, outsider) = (f.edge(), f.lab.outsider());
+    let server = udp_socket(outsider, at(Ipv6Addr::UNSPECIFIED, SERVER_UDP));
+    let client = udp_socket(edge, any_v4());
+    let client6 = udp_socket(edge, at(Ipv6Addr::UNSPECIFIED, 0));
+    let answer: Vec<u8> = (0..3000)
+        .map(|i| u8::try_from(i % 251).unwrap_or(0))
+        .collect();
+    for (client, target) in [
+        (&client, at(OUTSIDER_V4, SERVER_UDP)),
+        (&client6, at(OUTSIDER_V6, SERVER_UDP)),
+    ] {
+        let (replies, followed) = (f.counter("reply"), f.counter("fragment_of_allowed"));
+        exchange(
+            &f,
+            client,
+            &server,
+            target,
+            b"query example.org TXT",
+            &answer,
+        );
+        expect_counter(edge, "edge", "reply", replies, 1);
+        expect_counter(edge, "edge", "fragment_of_allowed", followed, 2);
+    }
 }
 
 #[test]
