@@ -7,8 +7,8 @@
 //!
 //! Fragments: only a datagram's first fragment has ports, so the policy can
 //! judge only that one. When it passes, the datagram is remembered, and its
-//! later fragments (same interface, addresses, identification, protocol)
-//! pass for `fragment_ns` after it: what nftables gets from reassembling
+//! later fragments (same interface, addresses, identification and, for
+//! IPv4, protocol) pass for `fragment_ns` after it: what nftables gets from reassembling
 //! before its input chain. A later fragment of a datagram whose first
 //! fragment did not pass, or has not arrived yet, drops.
 
