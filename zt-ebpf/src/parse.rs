@@ -307,7 +307,7 @@ pub fn ip_with<R>(b: &Bounds, judge: impl FnOnce(&Packet) -> R) -> Result<R, Par
 #[inline(always)]
 fn ipv4_ports(b: &Bounds, offset: usize) -> Option<Packet> {
     let ip = ipv4_header(b, offset).ok()?;
-    if ip.frags & (IPV4_MORE_FRAGMENTS | IPV4_FRAG_OFFSET_MASK) != 0 {
+    if ip.fragmented() {
         return None;
     }
     let (src_port, dst_port, tcp_flags) = match ip.protocol {
@@ -404,6 +404,18 @@ struct Ipv4Header {
     l4_limit: usize,
 }
 
+impl Ipv4Header {
+    /// A fragment, first or later: "more fragments" or an offset.
+    const fn fragmented(&self) -> bool {
+        self.frags & (IPV4_MORE_FRAGMENTS | IPV4_FRAG_OFFSET_MASK) != 0
+    }
+
+    /// Not the first fragment: there is no L4 header to read.
+    const fn later_fragment(&self) -> bool {
+        self.frags & IPV4_FRAG_OFFSET_MASK != 0
+    }
+}
+
 /// Checks the IPv4 header at `offset` and reads what the parse keeps.
 #[inline(always)]
 fn ipv4_header(b: &Bounds, offset: usize) -> Result<Ipv4Header, ParseError> {
@@ -453,9 +465,9 @@ fn parse_ipv4(b: &Bounds, offset: usize) -> Result<Packet, ParseError> {
     p.hop_limit = ip.ttl;
     p.src = ip.src;
     p.dst = ip.dst;
-    if ip.frags & (IPV4_MORE_FRAGMENTS | IPV4_FRAG_OFFSET_MASK) != 0 {
+    if ip.fragmented() {
         p.fragment_id = u32::from(ip.id);
-        if ip.frags & IPV4_FRAG_OFFSET_MASK != 0 {
+        if ip.later_fragment() {
             p.fragment = Fragment::Later;
             return Ok(p);
         }
