@@ -22,8 +22,8 @@ use std::{
 };
 
 use e2e::{
-    Enforced, Scratch, audit_lines, build_lab, complete_lines, mac, send_frames, status, ztxdp,
-    ztxdp_cmd, ztxdp_ok,
+    EXIT_TIMEOUT, Enforced, Scratch, audit_lines, build_lab, complete_lines, mac, send_frames,
+    status, ztxdp, ztxdp_cmd, ztxdp_ok,
 };
 use serde_json::Value;
 use zt_common::reason;
@@ -507,7 +507,7 @@ fn events_follow_streams_each_record_once_from_another_shell() {
     // A graceful stop ends the streams: the followers exit on their own.
     t.daemon.terminate();
     for mut child in followers {
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + EXIT_TIMEOUT;
         while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
             thread::sleep(Duration::from_millis(20));
         }

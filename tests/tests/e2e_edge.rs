@@ -6,12 +6,15 @@
 
 mod e2e;
 
-use std::{net::IpAddr, time::Duration};
+use std::{
+    net::{IpAddr, UdpSocket},
+    time::Duration,
+};
 
 use e2e::{
     Daemon, Enforced, Scratch, assert_all_time_out, assert_connects, assert_times_out, at,
     attached, audit_lines, build_lab, counter, expect_audit, expect_counter, expect_no_datagram,
-    has_xdp, is, listen, mac, send_frames, status, udp_socket, ztxdp, ztxdp_cmd,
+    has_xdp, is, listen, mac, patterned, send_frames, status, udp_socket, ztxdp, ztxdp_cmd,
 };
 use serde_json::Value;
 use zt_tests::{
@@ -137,6 +140,21 @@ fn only_the_bastion_reaches_ssh_over_ipv4_and_ipv6() {
     }
 }
 
+/// Sends a datagram from `sender` to the edge's WireGuard port over each
+/// family and waits for `wireguard` to get it: this resolves the
+/// neighbours, so every datagram after it is sent at once.
+fn warm_up(sender: &UdpSocket, wireguard: &UdpSocket) {
+    let mut buf = [0u8; 64];
+    for target in [at(EDGE_V4, WIREGUARD), at(EDGE_V6, WIREGUARD)] {
+        sender
+            .send_to(b"warm-up", target)
+            .unwrap_or_else(|e| panic!("send to {target}: {e}"));
+        wireguard
+            .recv_from(&mut buf)
+            .unwrap_or_else(|e| panic!("the warm-up datagram to {target} did not arrive: {e}"));
+    }
+}
+
 #[test]
 fn a_fragmented_datagram_passes_whole_or_not_at_all() {
     // Over the lab's 1500-byte link the sender's kernel splits this into
@@ -150,18 +168,9 @@ fn a_fragmented_datagram_passes_whole_or_not_at_all() {
     // Something listens on the closed port, so only the filter stops it.
     let closed = udp_socket(host, at(any, CLOSED_UDP));
     let sender = udp_socket(edge.lab.outsider(), at(any, 0));
+    warm_up(&sender, &wireguard);
     let mut buf = vec![0u8; 2 * SIZE];
-    for target in [at(EDGE_V4, WIREGUARD), at(EDGE_V6, WIREGUARD)] {
-        sender
-            .send_to(b"warm-up", target)
-            .unwrap_or_else(|e| panic!("send to {target}: {e}"));
-        wireguard
-            .recv_from(&mut buf)
-            .unwrap_or_else(|e| panic!("the warm-up datagram to {target} did not arrive: {e}"));
-    }
-    let big: Vec<u8> = (0..SIZE)
-        .map(|i| u8::try_from(i % 251).unwrap_or(0))
-        .collect();
+    let big = patterned(SIZE);
     for target in [at(EDGE_V4, WIREGUARD), at(EDGE_V6, WIREGUARD)] {
         let before = status(host);
         sender
@@ -229,16 +238,8 @@ fn udp_passes_only_to_wireguard_ports_and_counters_are_exact() {
     let outsider = edge.lab.outsider();
     let wireguard = udp_socket(edge.lab.edge(), at(IpAddr::from([0u8; 16]), WIREGUARD));
     let sender = udp_socket(outsider, at(IpAddr::from([0u8; 16]), 0));
+    warm_up(&sender, &wireguard);
     let mut buf = [0u8; 64];
-    // Resolves the neighbours first, so every datagram below is sent at once.
-    for target in [at(EDGE_V4, WIREGUARD), at(EDGE_V6, WIREGUARD)] {
-        sender
-            .send_to(b"warm-up", target)
-            .unwrap_or_else(|e| panic!("send to {target}: {e}"));
-        wireguard
-            .recv_from(&mut buf)
-            .unwrap_or_else(|e| panic!("the warm-up datagram to {target} did not arrive: {e}"));
-    }
 
     let before = status(edge.lab.edge());
     for i in 0..SENT {

@@ -21,8 +21,8 @@ use std::{
 
 use e2e::{
     CONNECT_TIMEOUT, Enforced, SETTLE_TIMEOUT, accept, assert_connects, assert_times_out, at,
-    build_lab, counter, expect_counter, expect_no_datagram, listen, mac, send_frames, status,
-    udp_socket,
+    build_lab, counter, expect_counter, expect_no_datagram, listen, mac, patterned, send_frames,
+    status, udp_socket,
 };
 use serde_json::Value;
 use zt_tests::{
@@ -44,6 +44,22 @@ const LINK_MTU: i32 = 1500;
 
 fn any_v4() -> SocketAddr {
     at(Ipv4Addr::UNSPECIFIED, 0)
+}
+
+/// One dual-stack server socket in the outsider, answering both families,
+/// and a client socket of each family on the edge with the server address
+/// it queries (IPv4 first).
+fn dual_stack(f: &Enforced) -> (UdpSocket, [(UdpSocket, SocketAddr); 2]) {
+    let server = udp_socket(f.lab.outsider(), at(Ipv6Addr::UNSPECIFIED, SERVER_UDP));
+    let edge = f.edge();
+    let clients = [
+        (udp_socket(edge, any_v4()), at(OUTSIDER_V4, SERVER_UDP)),
+        (
+            udp_socket(edge, at(Ipv6Addr::UNSPECIFIED, 0)),
+            at(OUTSIDER_V6, SERVER_UDP),
+        ),
+    ];
+    (server, clients)
 }
 
 /// The lab with `ztxdp up` on the edge: the lab's policy, with the echo
@@ -200,23 +216,16 @@ fn a_reply_too_big_for_one_packet_arrives_whole() {
     // server in three fragments. Only the first has the ports that match it
     // to the query's flow; the other two follow it.
     let f = start("flows-frag", "");
-    let (edge, outsider) = (f.edge(), f.lab.outsider());
-    let server = udp_socket(outsider, at(Ipv6Addr::UNSPECIFIED, SERVER_UDP));
-    let client = udp_socket(edge, any_v4());
-    let client6 = udp_socket(edge, at(Ipv6Addr::UNSPECIFIED, 0));
-    let answer: Vec<u8> = (0..3000)
-        .map(|i| u8::try_from(i % 251).unwrap_or(0))
-        .collect();
-    for (client, target) in [
-        (&client, at(OUTSIDER_V4, SERVER_UDP)),
-        (&client6, at(OUTSIDER_V6, SERVER_UDP)),
-    ] {
+    let edge = f.edge();
+    let (server, clients) = dual_stack(&f);
+    let answer = patterned(3000);
+    for (client, target) in &clients {
         let (replies, followed) = (f.counter("reply"), f.counter("fragment_of_allowed"));
         exchange(
             &f,
             client,
             &server,
-            target,
+            *target,
             b"query example.org TXT",
             &answer,
         );
@@ -228,27 +237,22 @@ fn a_reply_too_big_for_one_packet_arrives_whole() {
 #[test]
 fn a_udp_query_gets_its_reply_and_spoofed_replies_are_dropped() {
     let f = start("flows-udp", "");
-    let (edge, outsider, bastion) = (f.edge(), f.lab.outsider(), f.lab.bastion());
-    // One dual-stack server socket answers both families.
-    let server = udp_socket(outsider, at(Ipv6Addr::UNSPECIFIED, SERVER_UDP));
-    let client = udp_socket(edge, any_v4());
-    let client6 = udp_socket(edge, at(Ipv6Addr::UNSPECIFIED, 0));
+    let (edge, bastion) = (f.edge(), f.lab.bastion());
+    let (server, clients) = dual_stack(&f);
     let mut buf = [0u8; 512];
-    for (client, target) in [
-        (&client, at(OUTSIDER_V4, SERVER_UDP)),
-        (&client6, at(OUTSIDER_V6, SERVER_UDP)),
-    ] {
+    for (client, target) in &clients {
         exchange(
             &f,
             client,
             &server,
-            target,
+            *target,
             b"query example.org A",
             b"answer 192.0.2.1",
         );
     }
 
     // Spoofed datagrams from the bastion, claiming to be the server.
+    let client = &clients[0].0;
     let query_port = client
         .local_addr()
         .unwrap_or_else(|e| panic!("local address: {e}"))
@@ -282,7 +286,7 @@ fn a_udp_query_gets_its_reply_and_spoofed_replies_are_dropped() {
     );
     expect_counter(edge, "edge", "port_not_allowed", dropped, 2);
     expect_no_datagram(&other, "a spoofed datagram to another port");
-    expect_no_datagram(&client, "a spoofed datagram from another port");
+    expect_no_datagram(client, "a spoofed datagram from another port");
     // The same frame with the exact tuple is a reply: the frames are sound.
     send_frames(
         bastion,

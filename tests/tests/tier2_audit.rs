@@ -314,8 +314,10 @@ fn expect_same_events(
 /// Untagged IPv4 TCP and UDP take a straight-line parse (zt-ebpf's
 /// `parse::ethernet_with`); a VLAN tag sends the same packet through the
 /// general parse. Both must reach the same verdict and send the same event,
-/// field for field, for denies and audited allows, with IP options, as a
-/// first fragment, and with bytes after the IP packet.
+/// field for field, for denies and audited allows, with IP options, and
+/// with bytes after the IP packet. A first fragment takes the general parse
+/// either way (the straight line takes no fragment); it stays as a case so
+/// that a straight line taking fragments again is held to the same events.
 #[test]
 fn the_straight_line_parse_records_what_the_general_parse_records() {
     let mut policy = policy();

@@ -29,9 +29,9 @@ use zt_tests::{
 
 /// `ztxdp up` loads and attaches in well under a second; this bounds a hang.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
-/// A daemon stops in well under a second; this bounds a hang on a loaded
-/// machine.
-const EXIT_TIMEOUT: Duration = Duration::from_secs(30);
+/// A daemon (or a follower of its events) stops in well under a second;
+/// this bounds a hang on a loaded machine.
+pub const EXIT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Bounds every other ztxdp command.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 /// A connect (or a datagram) that must succeed: local links answer in
@@ -644,6 +644,15 @@ pub fn send_frames(ns: &NetNs, interface: &str, frames: &[Vec<u8>]) {
         }
     })
     .unwrap_or_else(|e| panic!("entering {}: {e}", ns.name()));
+}
+
+/// `len` bytes that are not all alike (0 to 250, repeating; 251 is prime,
+/// so no fragment boundary lines up with the pattern): a datagram that is
+/// cut, reordered or padded does not compare equal.
+pub fn patterned(len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| u8::try_from(i % 251).unwrap_or(0))
+        .collect()
 }
 
 /// The lines of a file that another process is appending to, without a
