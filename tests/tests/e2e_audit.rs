@@ -9,7 +9,7 @@ mod e2e;
 use std::{
     collections::BTreeMap,
     fs,
-    io::{BufRead as _, BufReader},
+    io::{BufRead as _, BufReader, Read as _},
     net::Ipv4Addr,
     path::PathBuf,
     process::{Child, Stdio},
@@ -393,7 +393,12 @@ fn a_takeover_from_a_running_daemon_hands_the_trail_over_without_a_gap() {
 /// connected, and connecting (an `ip netns exec` and a process start) once
 /// took longer than the fixed half second this used to wait, on a loaded CI
 /// machine.
-fn await_streams(t: &Enforced, readers: &[mpsc::Receiver<String>], got: &mut [Vec<String>]) {
+fn await_streams(
+    t: &Enforced,
+    followers: &mut [Child],
+    readers: &[mpsc::Receiver<String>],
+    got: &mut [Vec<String>],
+) {
     let deadline = Instant::now() + CATCH_UP;
     for probe in 1.. {
         for (rx, lines) in readers.iter().zip(got.iter_mut()) {
@@ -404,11 +409,30 @@ fn await_streams(t: &Enforced, readers: &[mpsc::Receiver<String>], got: &mut [Ve
         }
         assert!(
             Instant::now() < deadline,
-            "the followers printed no record; daemon log:\n{}",
+            "the followers printed no record ({}); daemon log:\n{}",
+            followers
+                .iter_mut()
+                .map(follower_state)
+                .collect::<Vec<_>>()
+                .join("; "),
             t.daemon.log()
         );
         flood(&t.lab, probe, 1, 1);
         thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Whether a follower still runs, or how it ended and what it said.
+fn follower_state(child: &mut Child) -> String {
+    match child.try_wait() {
+        Ok(Some(status)) => {
+            let mut said = String::new();
+            if let Some(stderr) = child.stderr.as_mut() {
+                let _ = stderr.read_to_string(&mut said);
+            }
+            format!("exited with {status}: {said}")
+        }
+        _ => "still running".into(),
     }
 }
 
@@ -445,7 +469,7 @@ fn events_follow_streams_each_record_once_from_another_shell() {
         })
         .collect();
     let mut got: Vec<Vec<String>> = vec![Vec::new(), Vec::new()];
-    await_streams(&t, &readers, &mut got);
+    await_streams(&t, &mut followers, &readers, &mut got);
     let skip = audit_lines(&t.audit()).len();
     flood(&t.lab, 9000, 300, 1);
     let deadline = Instant::now() + CATCH_UP;

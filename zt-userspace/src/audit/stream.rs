@@ -19,6 +19,8 @@ use std::{
     path::Path,
     path::PathBuf,
     sync::Arc,
+    thread,
+    time::{Duration, Instant},
 };
 
 use serde::{Deserialize, Serialize};
@@ -37,6 +39,12 @@ use crate::policy::AuditFormat;
 
 /// Directory of the per-namespace sockets.
 pub const SOCKET_DIR: &str = "/run/ztxdp";
+
+/// How long `events --follow` waits for the daemon's socket. `ztxdp up`
+/// reports ready once its programs are attached, and binds the socket a
+/// moment later, once it holds the audit file: a follower started on that
+/// signal can be there first.
+const SOCKET_WAIT: Duration = Duration::from_secs(5);
 
 /// One line on the events socket.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -223,12 +231,7 @@ pub async fn serve(mut stream: UnixStream, mut rx: broadcast::Receiver<Arc<Seale
 /// When there is no daemon, or reading or printing fails.
 pub fn follow(output: Output, out: &mut impl Write) -> Result<(), StreamError> {
     let path = socket_path().map_err(|source| StreamError::Namespace { source })?;
-    let conn =
-        std::os::unix::net::UnixStream::connect(&path).map_err(|source| StreamError::Connect {
-            path: path.clone(),
-            source,
-        })?;
-    let mut reader = BufReader::new(conn);
+    let mut reader = BufReader::new(connect(&path, SOCKET_WAIT)?);
     let mut line = String::new();
     loop {
         line.clear();
@@ -261,6 +264,32 @@ pub fn follow(output: Output, out: &mut impl Write) -> Result<(), StreamError> {
         if reader.buffer().is_empty() {
             out.flush()
                 .map_err(|source| StreamError::Output { source })?;
+        }
+    }
+}
+
+/// Connects to the daemon's socket at `path`, waiting up to `wait` while
+/// the socket is missing or nothing listens on it yet (a stale file of a
+/// daemon killed earlier, until the new one replaces it).
+fn connect(path: &Path, wait: Duration) -> Result<std::os::unix::net::UnixStream, StreamError> {
+    let deadline = Instant::now() + wait;
+    loop {
+        match std::os::unix::net::UnixStream::connect(path) {
+            Ok(conn) => return Ok(conn),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+                ) && Instant::now() < deadline =>
+            {
+                thread::sleep(Duration::from_millis(50));
+            }
+            Err(source) => {
+                return Err(StreamError::Connect {
+                    path: path.to_owned(),
+                    source,
+                });
+            }
         }
     }
 }
@@ -299,4 +328,46 @@ pub fn print_files(path: &Path, output: Output, out: &mut impl Write) -> Result<
     out.flush()
         .map_err(|source| StreamError::Output { source })?;
     Ok(printed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::writer::tests::TempDir;
+
+    #[test]
+    fn a_follower_waits_for_a_socket_bound_after_it_started() {
+        let dir = TempDir::new("follow-late");
+        let path = dir.0.join("events.sock");
+        let bound = {
+            let path = path.clone();
+            thread::spawn(move || {
+                thread::sleep(Duration::from_millis(200));
+                std::os::unix::net::UnixListener::bind(&path).expect("binding the socket")
+            })
+        };
+        let conn = connect(&path, Duration::from_secs(5));
+        let _listener = bound.join().expect("the binding thread");
+        assert!(conn.is_ok(), "{conn:?}");
+    }
+
+    #[test]
+    fn without_a_daemon_the_wait_ends_in_the_connect_error() {
+        let dir = TempDir::new("follow-none");
+        let path = dir.0.join("events.sock");
+        let started = Instant::now();
+        let err = connect(&path, Duration::from_millis(300)).expect_err("nothing listens");
+        assert!(
+            started.elapsed() >= Duration::from_millis(300),
+            "gave up early"
+        );
+        assert!(
+            matches!(&err, StreamError::Connect { source, .. } if source.kind() == io::ErrorKind::NotFound),
+            "{err:?}"
+        );
+        assert!(
+            err.to_string().contains("is `ztxdp up` running here?"),
+            "{err}"
+        );
+    }
 }
