@@ -28,6 +28,7 @@ use zt_common::{
     program, proto, reason,
     tcp_flag::{ACK, FIN, RST, SYN},
 };
+use zt_tests::netns::NetNs;
 use zt_tests::packet::{
     Ethernet, ExtHeader, IPV4_LEN, IPV6_LEN, Ipv4, Ipv6, Transport, eth_v4, ethertype, hex_dump,
     icmp,
@@ -176,19 +177,35 @@ impl Host {
 
     /// `packet` arrives on `side`: (kernel, model) reasons.
     fn receive(&mut self, side: Side, packet: &[u8]) -> (u32, u32) {
+        self.receive_on(side, TEST_RUN_IFINDEX, packet)
+    }
+
+    /// As [`Self::receive`], on device `ifindex` of the calling thread's
+    /// namespace. Only the tunnel can be given another device than the
+    /// loopback: an XDP run on one needs a registered receive queue.
+    fn receive_on(&mut self, side: Side, ifindex: u32, packet: &[u8]) -> (u32, u32) {
         let now = monotonic_ns();
         match side {
-            Side::Edge => (
-                self.progs.run(Prog::Edge, packet).reason,
-                self.model.edge_ingress(packet, TEST_RUN_IFINDEX, now),
-            ),
+            Side::Edge => {
+                assert_eq!(ifindex, TEST_RUN_IFINDEX, "the edge runs on the loopback");
+                (
+                    self.progs.run(Prog::Edge, packet).reason,
+                    self.model.edge_ingress(packet, ifindex, now),
+                )
+            }
             Side::Tunnel => {
-                let kernel = self.progs.run(Prog::Tunnel, packet).reason;
+                let kernel = if ifindex == TEST_RUN_IFINDEX {
+                    self.progs.run(Prog::Tunnel, packet)
+                } else {
+                    self.progs
+                        .tunnel_on(ifindex, packet)
+                        .unwrap_or_else(|e| panic!("tunnel on {ifindex}: test run refused: {e:?}"))
+                };
                 let model = self
                     .model
-                    .tunnel_ingress(packet, false, TEST_RUN_IFINDEX, now)
+                    .tunnel_ingress(packet, false, ifindex, now)
                     .map_or(u32::MAX, |d| d.reason);
-                (kernel, model)
+                (kernel.reason, model)
             }
         }
     }
@@ -196,9 +213,14 @@ impl Host {
     /// Every case must get its reason from the kernel and from the model;
     /// lists all the failures at once.
     fn expect(&mut self, side: Side, cases: &[Case]) {
+        self.expect_on(side, TEST_RUN_IFINDEX, cases);
+    }
+
+    /// As [`Self::expect`], on device `ifindex` (see [`Self::receive_on`]).
+    fn expect_on(&mut self, side: Side, ifindex: u32, cases: &[Case]) {
         let mut failures = String::new();
         for c in cases {
-            let (kernel, model) = self.receive(side, &c.input);
+            let (kernel, model) = self.receive_on(side, ifindex, &c.input);
             if (kernel, model) != (c.want, c.want) {
                 let _ = writeln!(
                     failures,
@@ -211,7 +233,7 @@ impl Host {
                 );
             }
         }
-        assert!(failures.is_empty(), "{side:?}:\n{failures}");
+        assert!(failures.is_empty(), "{side:?} on {ifindex}:\n{failures}");
     }
 
     /// Flows in the kernel's table and created so far must match the model's.
@@ -787,6 +809,100 @@ fn later_fragments_follow_a_first_fragment_that_passed() {
             ),
         ],
     );
+}
+
+/// The fragment table is keyed by interface (the programs share it): a
+/// datagram whose first fragment passed on one interface admits no later
+/// fragment on another, with the same addresses, protocol and id. The edge
+/// runs on the namespace's loopback and the tunnel on a veth.
+#[test]
+fn a_datagram_followed_on_one_interface_is_not_followed_on_another() {
+    /// Set when the veth is made, so nothing has to look it up.
+    const VETH: u32 = 77;
+    let ns = NetNs::new("frag-if").unwrap_or_else(|e| panic!("a namespace (root?): {e}"));
+    let index = VETH.to_string();
+    ns.ip(&[
+        "link",
+        "add",
+        "zt-frag",
+        "index",
+        &index,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "zt-frag-b",
+    ])
+    .unwrap_or_else(|e| panic!("a veth: {e}"));
+    ns.enter(|| {
+        let mut h = Host::new(&long(), EchoRate::default());
+        // Alice is a tunnel peer; on the edge anybody may send WireGuard.
+        let wg = udp(40_000, WIREGUARD);
+        let to_edge = |id, at| fragment_v4(ALICE_V4, HOST_V4, id, at, &wg);
+        h.expect(
+            Side::Edge,
+            &[Case::new(
+                "a first fragment to wireguard",
+                frame(&to_edge(1, FIRST)),
+                reason::PASS_WIREGUARD,
+            )],
+        );
+        h.expect_on(
+            Side::Tunnel,
+            VETH,
+            &[Case::new(
+                "its later fragment, on the tunnel",
+                to_edge(1, LAST),
+                reason::DROP_FRAGMENT,
+            )],
+        );
+        h.expect(
+            Side::Edge,
+            &[Case::new(
+                "its later fragment, on the edge",
+                frame(&to_edge(1, LAST)),
+                reason::PASS_FRAGMENT,
+            )],
+        );
+
+        let postgres = tcp(40_000, 5432, ACK);
+        let to_tunnel = |id, at| fragment_v4(ALICE_V4, TUNNEL_V4, id, at, &postgres);
+        h.expect_on(
+            Side::Tunnel,
+            VETH,
+            &[Case::new(
+                "a granted first fragment",
+                to_tunnel(2, FIRST),
+                reason::PASS_GRANT,
+            )],
+        );
+        h.expect(
+            Side::Tunnel,
+            &[Case::new(
+                "its later fragment, on another tunnel device",
+                to_tunnel(2, LAST),
+                reason::DROP_FRAGMENT,
+            )],
+        );
+        h.expect(
+            Side::Edge,
+            &[Case::new(
+                "its later fragment, on the edge",
+                frame(&to_tunnel(2, LAST)),
+                reason::DROP_FRAGMENT,
+            )],
+        );
+        h.expect_on(
+            Side::Tunnel,
+            VETH,
+            &[Case::new(
+                "its later fragment, on its own device",
+                to_tunnel(2, LAST),
+                reason::PASS_FRAGMENT,
+            )],
+        );
+    })
+    .unwrap_or_else(|e| panic!("entering the namespace: {e}"));
 }
 
 #[test]

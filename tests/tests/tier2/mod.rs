@@ -116,7 +116,7 @@ impl Programs {
     /// When the run fails or the program does not return `TC_ACT_OK`.
     pub fn egress(&mut self, name: &'static str, packet: &[u8]) -> bool {
         let before = self.counter(program::EGRESS, reason::FLOWS_CREATED);
-        let action = test_run::<SchedClassifier>(&mut self.ebpf, name, packet)
+        let action = test_run::<SchedClassifier>(&mut self.ebpf, name, packet, None)
             .unwrap_or_else(|e| panic!("{name}: test run refused: {e:?}\n{}", hex_dump(packet)));
         assert_eq!(
             action,
@@ -175,7 +175,7 @@ impl Programs {
     /// When the counters or the action are inconsistent (see the module docs).
     pub fn edge(&mut self, frame: &[u8]) -> Result<Run, ProgramError> {
         let before = self.counters_before(program::EDGE);
-        let result = test_run::<Xdp>(&mut self.ebpf, program::EDGE_NAME, frame);
+        let result = test_run::<Xdp>(&mut self.ebpf, program::EDGE_NAME, frame, None);
         self.finish(program::EDGE, &before, result, frame)
     }
 
@@ -189,7 +189,25 @@ impl Programs {
     /// As [`Self::edge`].
     pub fn tunnel(&mut self, packet: &[u8]) -> Result<Run, ProgramError> {
         let before = self.counters_before(program::TUNNEL);
-        let result = test_run::<SchedClassifier>(&mut self.ebpf, program::TUNNEL_NAME, packet);
+        let result =
+            test_run::<SchedClassifier>(&mut self.ebpf, program::TUNNEL_NAME, packet, None);
+        self.finish(program::TUNNEL, &before, result, packet)
+    }
+
+    /// As [`Self::tunnel`], with the packet received on device `ifindex` of
+    /// the calling thread's namespace instead of its loopback (ifindex 1),
+    /// where every other run is.
+    ///
+    /// # Errors
+    /// As [`Self::edge`]; `ENODEV` if the namespace has no such device.
+    ///
+    /// # Panics
+    /// As [`Self::edge`].
+    pub fn tunnel_on(&mut self, ifindex: u32, packet: &[u8]) -> Result<Run, ProgramError> {
+        let before = self.counters_before(program::TUNNEL);
+        let ctx = skb_on(ifindex);
+        let result =
+            test_run::<SchedClassifier>(&mut self.ebpf, program::TUNNEL_NAME, packet, Some(&ctx));
         self.finish(program::TUNNEL, &before, result, packet)
     }
 
@@ -276,7 +294,12 @@ impl Programs {
 ///
 /// # Panics
 /// When the object has no program `name` of type `P`.
-fn test_run<P>(ebpf: &mut Ebpf, name: &'static str, input: &[u8]) -> Result<u32, ProgramError>
+fn test_run<P>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    input: &[u8],
+    ctx: Option<&[u8]>,
+) -> Result<u32, ProgramError>
 where
     for<'a> &'a mut P: TryFrom<&'a mut Program>,
     P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = TestRunResult>,
@@ -285,9 +308,23 @@ where
         loader::program_mut(ebpf, name).unwrap_or_else(|e| panic!("program {name}: {e:?}"));
     prog.test_run(TestRunOptions {
         data_in: Some(input),
+        ctx_in: ctx,
         ..Default::default()
     })
     .map(|r| r.return_value)
+}
+
+/// The start of a `struct __sk_buff` (`linux/bpf.h`) up to and including
+/// `ifindex`, with only `ifindex` set. The kernel takes a shorter context
+/// as zeros at the end, refuses one that sets fields it does not accept
+/// from user space, and runs the program with the skb on device `ifindex`
+/// when it is above 1.
+fn skb_on(ifindex: u32) -> [u8; 44] {
+    /// `offsetof(struct __sk_buff, ifindex)`: ten `__u32` fields before it.
+    const IFINDEX: usize = 40;
+    let mut ctx = [0; 44];
+    ctx[IFINDEX..].copy_from_slice(&ifindex.to_ne_bytes());
+    ctx
 }
 
 /// `CLOCK_MONOTONIC`, the programs' clock, read from user space.
