@@ -18,8 +18,8 @@ use std::{
 use aya::maps::{Array, HashMap as BpfHashMap, RingBuf};
 use tier2::{Programs, monotonic_ns};
 use zt_common::{
-    Event, FlowSummary, SUMMARY_CACHE_SLOTS, SUMMARY_WINDOW_NS, SummaryCacheSlot, SummaryKey, map,
-    program, reason, summary_window, tcp_flag,
+    CachedFlow, Event, FlowSummary, SUMMARY_CACHE_SLOTS, SUMMARY_CACHE_WAYS, SUMMARY_WINDOW_NS,
+    SummaryCacheSlot, SummaryKey, map, program, reason, summary_window, tcp_flag,
 };
 use zt_tests::packet::{Ethernet, Ipv4, Transport, eth_v4, ethertype};
 use ztxdp::policy::{EchoRate, EdgePolicy, Protocol, TunnelPolicy};
@@ -148,20 +148,23 @@ fn table(p: &Programs) -> Vec<(Ipv4Addr, u64)> {
     out
 }
 
-/// Cache slots with a count, on any CPU, as (source, window, count).
+/// Cached flows with a count, on any CPU, as (source, window, count),
+/// sorted.
 fn cache(p: &Programs) -> Vec<(Ipv4Addr, u32, u64)> {
-    cached_slots(p)
+    let mut out: Vec<_> = cached_flows(p)
         .iter()
         .map(|v| (source(&v.key.src), v.key.window, v.count))
-        .collect()
+        .collect();
+    out.sort_unstable();
+    out
 }
 
 fn cached_keys(p: &Programs) -> Vec<SummaryKey> {
-    cached_slots(p).iter().map(|v| v.key).collect()
+    cached_flows(p).iter().map(|v| v.key).collect()
 }
 
-/// Cache slots with a count, on any CPU.
-fn cached_slots(p: &Programs) -> Vec<SummaryCacheSlot> {
+/// Cached flows with a count, in every way of every slot of every CPU.
+fn cached_flows(p: &Programs) -> Vec<CachedFlow> {
     let m = p
         .ebpf
         .map(map::SUMMARY_CACHE)
@@ -170,6 +173,7 @@ fn cached_slots(p: &Programs) -> Vec<SummaryCacheSlot> {
         .unwrap_or_else(|e| panic!("summary cache: {e:?}"));
     c.iter()
         .map(|v| v.unwrap_or_else(|e| panic!("summary cache: {e:?}")))
+        .flat_map(|v| v.ways)
         .filter(|v| v.count > 0)
         .collect()
 }
@@ -206,22 +210,47 @@ fn a_one_flow_flood_is_counted_in_the_cpu_cache() {
 }
 
 #[test]
-fn a_second_flow_of_the_window_is_counted_in_the_table() {
+fn the_first_flows_of_the_window_are_counted_in_the_cache_and_later_ones_in_the_table() {
+    // One flow per way, then one more.
+    let flows: Vec<Ipv4Addr> = (0..=SUMMARY_CACHE_WAYS)
+        .map(|i| Ipv4Addr::new(198, 51, 100, 20 + u8::try_from(i).expect("a few ways")))
+        .collect();
+    let (cached_flows, late) = flows.split_at(SUMMARY_CACHE_WAYS);
+    // Runs per flow: as many runs in all as the one-flow tests make, so that
+    // they fit in one window as well.
+    let runs = RUNS / flows.len() as u64;
     let (mut p, ()) = in_planned_windows(|p| {
         let window = window_now();
-        // A takes the CPU's slot for the window; B, and A after it, come
-        // later.
-        run(p, FLOW_A, 1);
-        run(p, FLOW_B, RUNS);
-        run(p, FLOW_A, RUNS);
+        // The first flows take the CPU's ways for the window, in turn; the
+        // last comes after they are all taken. Then all of them again,
+        // interleaved as a flood of several flows arrives.
+        for &f in &flows {
+            run(p, f, 1);
+        }
+        for _ in 1..runs {
+            for &f in &flows {
+                run(p, f, 1);
+            }
+        }
         (window_now() == window).then_some(())
     });
     let mut sent = events(&mut p);
     sent.sort_unstable();
-    assert_eq!(sent, vec![(FLOW_A, 0), (FLOW_B, 0)]);
-    assert_eq!(table(&p), vec![(FLOW_A, 0), (FLOW_B, RUNS - 1)]);
+    let each_once: Vec<(Ipv4Addr, u32)> = flows.iter().map(|&f| (f, 0)).collect();
+    assert_eq!(sent, each_once, "one event per flow");
+    let want_table: Vec<(Ipv4Addr, u64)> = flows
+        .iter()
+        .map(|&f| (f, if late.contains(&f) { runs - 1 } else { 0 }))
+        .collect();
+    assert_eq!(
+        table(&p),
+        want_table,
+        "only the late flow counted in the table"
+    );
     let cached: Vec<(Ipv4Addr, u64)> = cache(&p).into_iter().map(|(s, _, n)| (s, n)).collect();
-    assert_eq!(cached, vec![(FLOW_A, RUNS)]);
+    let want_cached: Vec<(Ipv4Addr, u64)> = cached_flows.iter().map(|&f| (f, runs - 1)).collect();
+    assert_eq!(cached, want_cached, "the first flows counted in the cache");
+    assert_eq!(p.counter(program::EDGE, reason::EVENTS_SUPPRESSED), 0);
 }
 
 #[test]

@@ -52,7 +52,7 @@ pub mod map {
     pub const SUMMARIES: &str = "ZT_SUMMARY";
     /// `Array<SummaryCacheSlot>` with [`super::SUMMARY_CACHE_SLOTS`] entries
     /// per possible CPU (see [`super::summary_cache_index`]): each CPU's
-    /// last summarised flow, per window. Mmapable like [`CPU_STATE`].
+    /// first summarised flows, per window. Mmapable like [`CPU_STATE`].
     pub const SUMMARY_CACHE: &str = "ZT_SUM_CACHE";
     /// `Array<u8>`: local TCP and UDP ports the host started flows from.
     pub const LOCAL_PORTS: &str = "ZT_LOCAL_PORTS";
@@ -452,20 +452,35 @@ pub const fn summary_cache_index(cpu: u32, slot: u32) -> u32 {
     cpu * SUMMARY_CACHE_SLOTS + slot
 }
 
-/// One CPU's cached flow for one window: the flow (already sent its event
-/// in that window) and the decisions counted here instead of in
-/// [`map::SUMMARIES`]. A flood of one flow then costs no hash lookup per
-/// packet. User space adds `count` to the flow's summary record and zeroes it.
-/// One cache line, so a slot costs the packet path one line and no two
-/// CPUs' slots share one.
+/// Flows a CPU counts in its cache per window. With one, a second flow
+/// flooding the same CPU in the same window paid a hash lookup and an
+/// atomic add on every packet (about twice a cached packet's cost); each
+/// way costs a flow the cache misses one more key compare.
+pub const SUMMARY_CACHE_WAYS: usize = 4;
+
+/// One CPU's cached flows for one window, the first flows it summarised
+/// then, in the order they came.
 #[repr(C, align(64))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SummaryCacheSlot {
+    pub ways: [CachedFlow; SUMMARY_CACHE_WAYS],
+}
+const _: () = assert!(size_of::<SummaryCacheSlot>() == 64 * SUMMARY_CACHE_WAYS);
+
+/// A flow in a CPU's summary cache: the flow (which already sent its event
+/// in the key's window) and the decisions counted here instead of in
+/// [`map::SUMMARIES`]. A flood of a few flows then costs no hash lookup per
+/// packet. User space adds `count` to the flow's summary record and zeroes
+/// it. One cache line, so a way costs the packet path one line and no two
+/// CPUs' ways share one.
+#[repr(C, align(64))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CachedFlow {
     pub key: SummaryKey,
     pub count: u64,
     pub _pad: u64,
 }
-const _: () = assert!(size_of::<SummaryCacheSlot>() == 64);
+const _: () = assert!(size_of::<CachedFlow>() == 64);
 const _: () = assert!(size_of::<SummaryKey>() == 48);
 
 /// [`Event::peer`] value when no tunnel peer is involved.

@@ -106,8 +106,9 @@ pub static ZT_ECHO_BKT: LruHashMap<SourceKey, EventBucket> =
 pub static ZT_SUMMARY: LruHashMap<SummaryKey, FlowSummary> =
     LruHashMap::with_max_entries(capacity::SUMMARIES, 0);
 
-// Each CPU's last summarised flow, one slot per window modulo
-// SUMMARY_CACHE_SLOTS: a flood of one flow counts here, not in ZT_SUMMARY.
+// Each CPU's first summarised flows (SUMMARY_CACHE_WAYS), one slot per
+// window modulo SUMMARY_CACHE_SLOTS: a flood of a few flows counts here, not
+// in ZT_SUMMARY.
 // Sized and line-aligned like ZT_CPU; its own map because user space
 // writes it (zeroing collected slots), which would race the counters in
 // ZT_CPU.

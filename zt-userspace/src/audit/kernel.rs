@@ -288,12 +288,15 @@ impl Feed {
             for &slot in &slots {
                 let index = summary_cache_index(cpu, slot);
                 let mut v = cache.get(&index, 0).map_err(map_error)?;
-                if v.count == 0 {
-                    continue;
+                let mut taken = false;
+                for way in v.ways.iter_mut().filter(|w| w.count > 0) {
+                    *out.entry(way.key).or_default() += way.count;
+                    way.count = 0;
+                    taken = true;
                 }
-                *out.entry(v.key).or_default() += v.count;
-                v.count = 0;
-                cache.set(index, v, 0).map_err(map_error)?;
+                if taken {
+                    cache.set(index, v, 0).map_err(map_error)?;
+                }
             }
         }
         if !all && collectable_slots(mono_ns()).len() < collectable_slots(now_ns).len() {
