@@ -184,36 +184,52 @@ fn expect_exact_accounting(t: &Enforced, skip: usize) -> Vec<Value> {
     }
 }
 
-#[test]
-fn a_one_flow_flood_is_attributed_to_its_flow_exactly() {
-    // One source, one port: after its first event each window, the flow is
-    // counted in the receiving CPU's summary cache (see zt-ebpf record.rs),
-    // which the daemon collects into summary records.
+/// Floods the edge from `sources` sources, `FRAMES` SYNs each, round-robin,
+/// and checks that each flow's records account for exactly its frames:
+/// after its first event each window, a flow is counted in the receiving
+/// CPU's summary cache (see zt-ebpf record.rs), one of its ways per flow,
+/// which the daemon collects into summary records.
+fn expect_each_flow_attributed_exactly(tag: &str, sources: u32) {
     const FRAMES: u32 = 6000;
-    let t = start("oneflow", "");
+    let t = start(tag, "");
     let first = 50_000;
-    flood(&t.lab, first, 1, FRAMES);
+    flood(&t.lab, first, sources, FRAMES);
     let lines = expect_exact_accounting(&t, 0);
-    let src = Ipv4Addr::from(0xc612_0000 + first).to_string();
-    let of_flow: Vec<&Value> = lines
-        .iter()
-        .filter(|l| l.pointer("/source/ip").and_then(Value::as_str) == Some(src.as_str()))
-        .collect();
-    let decisions: u64 = of_flow
-        .iter()
-        .filter_map(|l| l.pointer("/ztxdp/decisions").and_then(Value::as_u64))
-        .sum();
-    assert_eq!(
-        decisions,
-        u64::from(FRAMES),
-        "records of {src} account for {decisions} of {FRAMES} denies: {of_flow:#?}"
-    );
+    for i in first..first + sources {
+        let src = Ipv4Addr::from(0xc612_0000 + i).to_string();
+        let of_flow: Vec<&Value> = lines
+            .iter()
+            .filter(|l| l.pointer("/source/ip").and_then(Value::as_str) == Some(src.as_str()))
+            .collect();
+        let decisions: u64 = of_flow
+            .iter()
+            .filter_map(|l| l.pointer("/ztxdp/decisions").and_then(Value::as_u64))
+            .sum();
+        assert_eq!(
+            decisions,
+            u64::from(FRAMES),
+            "records of {src} account for {decisions} of {FRAMES} denies: {of_flow:#?}"
+        );
+    }
     assert!(
-        count_action(&lines, "summary") >= 1,
-        "a flood of one flow must be summarised"
+        count_action(&lines, "summary") >= usize::try_from(sources).expect("a few sources"),
+        "a flood of each flow must be summarised"
     );
     let shown = verify(&t);
     assert!(shown.starts_with("ok: "), "{shown}");
+}
+
+#[test]
+fn a_one_flow_flood_is_attributed_to_its_flow_exactly() {
+    expect_each_flow_attributed_exactly("oneflow", 1);
+}
+
+#[test]
+fn a_flood_of_a_few_flows_is_attributed_to_each_flow_exactly() {
+    // As many flows as a CPU caches per window: every way of the cache is
+    // counted in and collected from.
+    let ways = u32::try_from(zt_common::SUMMARY_CACHE_WAYS).expect("a few ways");
+    expect_each_flow_attributed_exactly("fewflows", ways);
 }
 
 #[test]
