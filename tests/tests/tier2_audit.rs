@@ -1,7 +1,8 @@
 //! Tier 2: the kernel half of the audit trail, through `BPF_PROG_TEST_RUN`.
 //! Per-flow summarising keeps a flow's later decisions of a window in one
-//! of two places: the CPU's summary cache (the first flow the CPU summarised
-//! in the window) or the shared summary table (every other flow). These
+//! of two places: the CPU's summary cache (the first `SUMMARY_CACHE_WAYS`
+//! flows the CPU summarised in the window) or the shared summary table
+//! (every other flow). These
 //! tests read the ring buffer and both maps after crafted runs and check
 //! where each decision went, and that none went missing. The events also
 //! check that the straight-line parse of the common packet and the general
