@@ -140,10 +140,14 @@ fn only_the_bastion_reaches_ssh_over_ipv4_and_ipv6() {
     }
 }
 
-/// Sends a datagram from `sender` to the edge's WireGuard port over each
-/// family and waits for `wireguard` to get it: this resolves the
-/// neighbours, so every datagram after it is sent at once.
-fn warm_up(sender: &UdpSocket, wireguard: &UdpSocket) {
+/// A socket on the edge's WireGuard port, and one on the outsider to send
+/// to it from. A datagram has gone from the one to the other over each
+/// family: that resolves the neighbours, so every datagram after it is sent
+/// at once.
+fn wireguard_and_sender(edge: &Enforced) -> (UdpSocket, UdpSocket) {
+    let any = IpAddr::from([0u8; 16]);
+    let wireguard = udp_socket(edge.lab.edge(), at(any, WIREGUARD));
+    let sender = udp_socket(edge.lab.outsider(), at(any, 0));
     let mut buf = [0u8; 64];
     for target in [at(EDGE_V4, WIREGUARD), at(EDGE_V6, WIREGUARD)] {
         sender
@@ -153,6 +157,7 @@ fn warm_up(sender: &UdpSocket, wireguard: &UdpSocket) {
             .recv_from(&mut buf)
             .unwrap_or_else(|e| panic!("the warm-up datagram to {target} did not arrive: {e}"));
     }
+    (wireguard, sender)
 }
 
 #[test]
@@ -163,12 +168,9 @@ fn a_fragmented_datagram_passes_whole_or_not_at_all() {
     const LATER: u64 = 2;
     let edge = start("frag");
     let host = edge.lab.edge();
-    let any = IpAddr::from([0u8; 16]);
-    let wireguard = udp_socket(host, at(any, WIREGUARD));
+    let (wireguard, sender) = wireguard_and_sender(&edge);
     // Something listens on the closed port, so only the filter stops it.
-    let closed = udp_socket(host, at(any, CLOSED_UDP));
-    let sender = udp_socket(edge.lab.outsider(), at(any, 0));
-    warm_up(&sender, &wireguard);
+    let closed = udp_socket(host, at(IpAddr::from([0u8; 16]), CLOSED_UDP));
     let mut buf = vec![0u8; 2 * SIZE];
     let big = patterned(SIZE);
     for target in [at(EDGE_V4, WIREGUARD), at(EDGE_V6, WIREGUARD)] {
@@ -235,10 +237,7 @@ fn udp_passes_only_to_wireguard_ports_and_counters_are_exact() {
     const SENT: u64 = 10;
     const CLOSED_SENT: u64 = 25;
     let edge = start("udp");
-    let outsider = edge.lab.outsider();
-    let wireguard = udp_socket(edge.lab.edge(), at(IpAddr::from([0u8; 16]), WIREGUARD));
-    let sender = udp_socket(outsider, at(IpAddr::from([0u8; 16]), 0));
-    warm_up(&sender, &wireguard);
+    let (wireguard, sender) = wireguard_and_sender(&edge);
     let mut buf = [0u8; 64];
 
     let before = status(edge.lab.edge());
