@@ -59,6 +59,7 @@ pub mod icmp {
     pub const V6_ROUTER_SOLICIT: u8 = 133;
     pub const V6_NEIGHBOR_SOLICIT: u8 = 135;
     pub const V6_NEIGHBOR_ADVERT: u8 = 136;
+    pub const V6_ROUTER_ADVERT: u8 = 134;
     pub const V6_REDIRECT: u8 = 137;
 }
 

@@ -401,6 +401,7 @@ fn the_tunnel_straight_line_parse_records_what_the_general_parse_records() {
             vec![tier2::ports(Protocol::Tcp, 5432, 5432)],
         )],
         runtime_grants: "/nonexistent/runtime-grants.json".into(),
+        link_local_neighbors: false,
     };
     let granted = Transport::tcp_syn(5432);
     let udp = Transport::udp(CLOSED_PORT);

@@ -189,6 +189,9 @@ fn tunnel_policy() -> TunnelPolicy {
             ),
         ],
         runtime_grants: "/nonexistent/runtime-grants.json".into(),
+        // Exercises both sides of the rule: allowed on an L2 device, and
+        // ignored on an L3 one, where only peers' packets pass.
+        link_local_neighbors: true,
     }
 }
 
@@ -263,7 +266,10 @@ fn transport(r: &mut Rng, pools: &Pools, v6: bool) -> Transport {
                 &[
                     icmp::V6_ECHO_REQUEST,
                     129,
+                    130,
+                    131,
                     132,
+                    143,
                     133,
                     134,
                     135,
@@ -646,6 +652,7 @@ fn edge_program_matches_the_model() {
             reason::PASS_SSH,
             reason::PASS_ARP,
             reason::PASS_NEIGHBOR_DISCOVERY,
+            reason::PASS_MLD,
             reason::DROP_PORT_NOT_ALLOWED,
             reason::DROP_SSH_SOURCE,
             reason::DROP_MALFORMED,
@@ -740,7 +747,6 @@ fn tunnel_matches_the_model(l2: bool) {
     let mut wanted = vec![
         reason::PASS_GRANT,
         reason::PASS_ICMP_GRANT,
-        reason::PASS_NEIGHBOR_DISCOVERY,
         reason::DROP_MALFORMED,
         reason::DROP_FRAGMENT,
         reason::DROP_UNSUPPORTED_L3,
@@ -749,9 +755,11 @@ fn tunnel_matches_the_model(l2: bool) {
         reason::DROP_PEER_UNKNOWN,
         reason::DROP_NOT_GRANTED,
         reason::DROP_ICMP_UNRELATED,
+        reason::DROP_ROUTER_MESSAGE,
     ];
+    // Neighbour messages pass only where there is a link layer.
     if l2 {
-        wanted.push(reason::PASS_ARP);
+        wanted.extend([reason::PASS_ARP, reason::PASS_NEIGHBOR_DISCOVERY]);
     }
     assert_coverage(what, &by_reason, &wanted);
 }

@@ -223,6 +223,50 @@ fn arp_passes_when_well_formed() {
     ]);
 }
 
+/// MLD (RFC 4890 4.4.1): queries and reports from a link-local source with
+/// hop limit 1 pass; routed or from a global address they drop as before.
+#[test]
+fn mld_needs_a_link_local_source_and_hop_limit_1() {
+    let link_local = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
+    let mld = |src: Ipv6Addr, kind: u8, hop: u8| {
+        eth_v6(
+            &Ipv6::new(src, HOST_V6).hop_limit(hop),
+            &Transport::Icmp { kind, code: 0 },
+        )
+    };
+    let mut cases = Vec::new();
+    for kind in [130, 131, 132, 143] {
+        cases.extend([
+            Case::new(
+                format!("mld {kind} from fe80::1 hop 1"),
+                mld(link_local, kind, 1),
+                reason::PASS_MLD,
+            ),
+            Case::new(
+                format!("mld {kind} from fe80::1 hop 64"),
+                mld(link_local, kind, 64),
+                reason::DROP_PROTOCOL_NOT_ALLOWED,
+            ),
+            Case::new(
+                format!("mld {kind} from a global source hop 1"),
+                mld(STRANGER_V6, kind, 1),
+                reason::DROP_PROTOCOL_NOT_ALLOWED,
+            ),
+        ]);
+    }
+    cases.push(Case::new(
+        "mld query behind hop-by-hop (router alert)",
+        eth_v6(
+            &Ipv6::new(link_local, HOST_V6)
+                .hop_limit(1)
+                .ext(ExtHeader::hop_by_hop(0)),
+            &Transport::Icmp { kind: 130, code: 0 },
+        ),
+        reason::PASS_MLD,
+    ));
+    expect(&cases);
+}
+
 #[test]
 fn neighbor_discovery_needs_hop_limit_255() {
     let nd = |kind: u8, hop: u8| {

@@ -106,6 +106,7 @@ fn tunnel_policy() -> TunnelPolicy {
             ),
         ],
         runtime_grants: "/nonexistent/runtime-grants.json".into(),
+        link_local_neighbors: false,
     }
 }
 
@@ -159,8 +160,12 @@ impl Host {
         let now = monotonic_ns();
         let kernel = self.progs.egress(side.egress_name(), packet);
         let before = self.model.flows().created();
-        self.model
-            .egress(packet, side == Side::Edge, TEST_RUN_IFINDEX, now);
+        match side {
+            Side::Edge => self.model.edge_egress(packet, TEST_RUN_IFINDEX, now),
+            Side::Tunnel => self
+                .model
+                .tunnel_egress(packet, false, TEST_RUN_IFINDEX, now),
+        }
         (kernel, self.model.flows().created() > before)
     }
 
@@ -470,6 +475,48 @@ fn egress_opens_flows_and_only_exact_replies_pass() {
     let replies = h.progs.counter(program::EDGE, reason::PASS_REPLY);
     assert_eq!(replies, 6, "the reply counter counts exactly the replies");
     h.assert_same_table("after ingress");
+}
+
+/// A UDP answer the host sends through a peer's grant starts a flow that
+/// admits nothing: once the grant is revoked, the peer's datagrams to the
+/// port drop, however often the host answered before or answers after.
+#[test]
+fn an_answer_through_a_grant_is_not_a_way_back_after_a_revoke() {
+    let mut h = Host::new(&long(), EchoRate::default());
+    let local = TUNNEL_V4.into();
+    let ask = ip(BOB_V4.into(), local, &udp(40_000, 53));
+    let answer = ip(local, BOB_V4.into(), &udp(53, 40_000));
+    h.expect(
+        Side::Tunnel,
+        &[Case::new("bob asks", ask.clone(), reason::PASS_GRANT)],
+    );
+    h.out(Side::Tunnel, &answer, true, "the answer");
+    let mut revoked = tunnel_policy();
+    revoked.peers[1].grants.clear();
+    h.progs
+        .tables
+        .set_peer(1, &revoked.peers[1])
+        .unwrap_or_else(|e| panic!("revoke: {e:?}"));
+    h.model
+        .set_policy(&edge_policy(EchoRate::default()), Some(&revoked));
+    h.expect(
+        Side::Tunnel,
+        &[Case::new(
+            "bob asks after the revoke",
+            ask.clone(),
+            reason::DROP_NOT_GRANTED,
+        )],
+    );
+    h.out(Side::Tunnel, &answer, false, "an answer after the revoke");
+    h.expect(
+        Side::Tunnel,
+        &[Case::new(
+            "bob asks after the host answered again",
+            ask,
+            reason::DROP_NOT_GRANTED,
+        )],
+    );
+    h.assert_same_table("after the revoke");
 }
 
 #[test]

@@ -71,6 +71,7 @@ fn policy() -> TunnelPolicy {
             ),
         ],
         runtime_grants: "/nonexistent/runtime-grants.json".into(),
+        link_local_neighbors: false,
     }
 }
 
@@ -83,6 +84,8 @@ enum Pkt {
     Ip(Vec<u8>),
     /// Only meaningful with a link layer: L2 mode only.
     Frame(Vec<u8>),
+    /// An IP packet judged in L3 mode only (where L2 mode decides otherwise).
+    Bare(Vec<u8>),
 }
 
 fn ip(src: IpAddr, t: &Transport) -> Pkt {
@@ -119,6 +122,7 @@ fn expect(cases: Vec<(String, Pkt, u32)>) {
                 l3.push(Case::new(format!("l3 {name}"), p, want));
             }
             Pkt::Frame(f) => l2.push(Case::new(format!("l2 {name}"), f, want)),
+            Pkt::Bare(p) => l3.push(Case::new(format!("l3 {name}"), p, want)),
         }
     }
     if !l3.is_empty() {
@@ -431,43 +435,47 @@ fn ipv6_peer_and_extension_headers() {
     ]);
 }
 
-/// ND passes from any source (the tunnel needs it when it has a link
-/// layer); ARP can only appear in L2 mode.
+/// An IPv6 ICMP message of `kind` from `src` with `hop_limit`.
+fn icmp6(src: Ipv6Addr, kind: u8, hop_limit: u8) -> Vec<u8> {
+    Ipv6::new(src, LOCAL_V6)
+        .hop_limit(hop_limit)
+        .packet(&Transport::Icmp { kind, code: 0 })
+}
+
+fn framed(ethertype: u16, payload: &[u8]) -> Pkt {
+    Pkt::Frame(Ethernet::default().frame(ethertype, payload))
+}
+
+const LINK_LOCAL: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 9);
+
+/// ARP and neighbour messages pass only with a link layer, and only from a
+/// peer's address; router messages never pass. On an L3 device nothing
+/// passes that does not come from a peer.
 #[test]
-fn link_local_helpers() {
-    let ns = |hop: u8| {
-        Pkt::Ip(
-            Ipv6::new(UNKNOWN_V6, LOCAL_V6)
-                .hop_limit(hop)
-                .packet(&Transport::Icmp {
-                    kind: icmp::V6_NEIGHBOR_SOLICIT,
-                    code: 0,
-                }),
-        )
-    };
-    let arp = arp_request([2, 0, 0, 0, 0, 7], UNKNOWN_V4, LOCAL_V4);
-    let mut bad_arp = arp.clone();
+fn neighbour_messages_pass_only_from_peers() {
+    let arp = |sender| arp_request([2, 0, 0, 0, 0, 7], sender, LOCAL_V4);
+    let mut bad_arp = arp(ALICE_V4);
     bad_arp[4] = 5;
-    expect(vec![
+    let mut cases = vec![
         case(
-            "NS hop 255 from unknown source",
-            ns(255),
-            reason::PASS_NEIGHBOR_DISCOVERY,
-        ),
-        case(
-            "NS hop 64 from unknown source",
-            ns(64),
-            reason::DROP_PEER_UNKNOWN,
-        ),
-        case(
-            "arp",
-            Pkt::Frame(Ethernet::default().frame(ethertype::ARP, &arp)),
+            "arp from alice",
+            framed(ethertype::ARP, &arp(ALICE_V4)),
             reason::PASS_ARP,
         ),
         case(
+            "arp from no peer",
+            framed(ethertype::ARP, &arp(UNKNOWN_V4)),
+            reason::DROP_PEER_UNKNOWN,
+        ),
+        case(
             "arp hlen 5",
-            Pkt::Frame(Ethernet::default().frame(ethertype::ARP, &bad_arp)),
+            framed(ethertype::ARP, &bad_arp),
             reason::DROP_MALFORMED,
+        ),
+        case(
+            "NS hop 64 from no peer",
+            Pkt::Ip(icmp6(UNKNOWN_V6, icmp::V6_NEIGHBOR_SOLICIT, 64)),
+            reason::DROP_PEER_UNKNOWN,
         ),
         case(
             "alice tcp 5432 in a vlan",
@@ -483,7 +491,99 @@ fn link_local_helpers() {
             Pkt::Frame(Ethernet::default().frame(0x88cc, &[0; 46])),
             reason::DROP_UNSUPPORTED_L3,
         ),
-    ]);
+    ];
+    for kind in [icmp::V6_NEIGHBOR_SOLICIT, icmp::V6_NEIGHBOR_ADVERT] {
+        let from_alice = icmp6(ALICE_V6, kind, 255);
+        let from_stranger = icmp6(UNKNOWN_V6, kind, 255);
+        let from_link_local = icmp6(LINK_LOCAL, kind, 255);
+        cases.extend([
+            case(
+                &format!("nd {kind} from alice"),
+                framed(ethertype::IPV6, &from_alice),
+                reason::PASS_NEIGHBOR_DISCOVERY,
+            ),
+            case(
+                &format!("nd {kind} from alice"),
+                Pkt::Bare(from_alice),
+                reason::DROP_PROTOCOL_NOT_ALLOWED,
+            ),
+            case(
+                &format!("nd {kind} from no peer"),
+                Pkt::Ip(from_stranger),
+                reason::DROP_PEER_UNKNOWN,
+            ),
+            case(
+                &format!("nd {kind} from link-local, not allowed"),
+                Pkt::Ip(from_link_local),
+                reason::DROP_PEER_UNKNOWN,
+            ),
+        ]);
+    }
+    // Router solicitation, advertisement and redirect, from a peer or not,
+    // with the hop limit of ND or not: never.
+    for kind in [
+        icmp::V6_ROUTER_SOLICIT,
+        icmp::V6_ROUTER_ADVERT,
+        icmp::V6_REDIRECT,
+    ] {
+        for src in [ALICE_V6, LINK_LOCAL] {
+            for hop_limit in [255, 64] {
+                cases.push(case(
+                    &format!("router message {kind} from {src} hop {hop_limit}"),
+                    Pkt::Ip(icmp6(src, kind, hop_limit)),
+                    reason::DROP_ROUTER_MESSAGE,
+                ));
+            }
+        }
+    }
+    expect(cases);
+}
+
+/// `tunnel.link_local_neighbors` admits neighbour messages from `fe80::/10`
+/// on an Ethernet tunnel device only.
+#[test]
+fn link_local_neighbours_pass_on_l2_when_the_config_allows() {
+    let allowing = TunnelPolicy {
+        link_local_neighbors: true,
+        ..policy()
+    };
+    let ns = icmp6(LINK_LOCAL, icmp::V6_NEIGHBOR_SOLICIT, 255);
+    let mut l2 = Programs::load(true, None, Some(&allowing));
+    l2.expect_all(
+        Prog::Tunnel,
+        &[
+            Case::new(
+                "l2 ns from link-local",
+                Ethernet::default().frame(ethertype::IPV6, &ns),
+                reason::PASS_NEIGHBOR_DISCOVERY,
+            ),
+            Case::new(
+                "l2 ns from a global stranger",
+                Ethernet::default().frame(
+                    ethertype::IPV6,
+                    &icmp6(UNKNOWN_V6, icmp::V6_NEIGHBOR_SOLICIT, 255),
+                ),
+                reason::DROP_PEER_UNKNOWN,
+            ),
+            Case::new(
+                "l2 ra from link-local",
+                Ethernet::default().frame(
+                    ethertype::IPV6,
+                    &icmp6(LINK_LOCAL, icmp::V6_ROUTER_ADVERT, 255),
+                ),
+                reason::DROP_ROUTER_MESSAGE,
+            ),
+        ],
+    );
+    let mut l3 = Programs::load(false, None, Some(&allowing));
+    l3.expect_all(
+        Prog::Tunnel,
+        &[Case::new(
+            "l3 ns from link-local",
+            ns,
+            reason::DROP_PEER_UNKNOWN,
+        )],
+    );
 }
 
 #[test]

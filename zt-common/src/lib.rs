@@ -121,6 +121,11 @@ pub mod reason {
     pub const PASS_ICMP_RELATED: u32 = 8;
     /// A later fragment of a datagram whose first fragment passed.
     pub const PASS_FRAGMENT: u32 = 9;
+    /// An MLD query or report (ICMPv6 130, 131, 132, 143) from a link-local
+    /// source with hop limit 1, as RFC 4890 4.4.1 asks a host to accept:
+    /// without them a switch that snoops MLD stops forwarding the host's
+    /// solicited-node multicast, and IPv6 neighbour discovery with it.
+    pub const PASS_MLD: u32 = 10;
 
     pub const FIRST_DENY: u32 = 16;
     pub const DROP_PORT_NOT_ALLOWED: u32 = 16;
@@ -139,6 +144,10 @@ pub mod reason {
     pub const DROP_ICMP_RATE: u32 = 26;
     /// An ICMP error that matches no flow the host started.
     pub const DROP_ICMP_UNRELATED: u32 = 27;
+    /// A router solicitation, router advertisement or redirect on the
+    /// tunnel: a peer is never the host's router, and an advertisement
+    /// accepted there would install routes.
+    pub const DROP_ROUTER_MESSAGE: u32 = 28;
 
     /// Size of one program's block of counters.
     pub const COUNT: u32 = 32;
@@ -163,6 +172,7 @@ pub mod reason {
             PASS_ICMP_ECHO => "icmp_echo",
             PASS_ICMP_RELATED => "icmp_related",
             PASS_FRAGMENT => "fragment_of_allowed",
+            PASS_MLD => "mld",
             DROP_PORT_NOT_ALLOWED => "port_not_allowed",
             DROP_SSH_SOURCE => "ssh_source_not_allowed",
             DROP_MALFORMED => "malformed",
@@ -175,6 +185,7 @@ pub mod reason {
             DROP_NOT_CONFIGURED => "not_configured",
             DROP_ICMP_RATE => "icmp_rate_limited",
             DROP_ICMP_UNRELATED => "icmp_unrelated",
+            DROP_ROUTER_MESSAGE => "router_message",
             FLOWS_CREATED => "flows_created",
             EVENTS_SUPPRESSED => "events_suppressed",
             EVENTS_LOST => "events_lost",
@@ -183,7 +194,7 @@ pub mod reason {
     }
 
     /// Every verdict code, for reports that list all counters.
-    pub const ALL: [u32; 22] = [
+    pub const ALL: [u32; 24] = [
         PASS_WIREGUARD,
         PASS_SSH,
         PASS_ARP,
@@ -194,6 +205,7 @@ pub mod reason {
         PASS_ICMP_ECHO,
         PASS_ICMP_RELATED,
         PASS_FRAGMENT,
+        PASS_MLD,
         DROP_PORT_NOT_ALLOWED,
         DROP_SSH_SOURCE,
         DROP_MALFORMED,
@@ -206,6 +218,7 @@ pub mod reason {
         DROP_NOT_CONFIGURED,
         DROP_ICMP_RATE,
         DROP_ICMP_UNRELATED,
+        DROP_ROUTER_MESSAGE,
     ];
 
     /// Counter slot (not a verdict): flows the egress programs created.
@@ -236,6 +249,11 @@ pub mod global {
     /// tests), 0 for a `WireGuard` device, where packets start at the IP
     /// header.
     pub const TUNNEL_L2: &str = "TUNNEL_L2";
+    /// `u8`: 1 when ARP and neighbour solicitations and advertisements from
+    /// link-local sources pass on an Ethernet tunnel device
+    /// (`tunnel.link_local_neighbors`); otherwise only a peer's addresses may
+    /// send them.
+    pub const TUNNEL_LINK_LOCAL: &str = "TUNNEL_LINK_LOCAL";
 }
 
 /// Edge settings that are not sets: the read-only global
@@ -544,6 +562,11 @@ const _: () = assert!(size_of::<FlowState>() == 16);
 
 /// [`FlowState::flags`] bit: a FIN or RST was seen; the short timeout applies.
 pub const FLOW_CLOSING: u32 = 1;
+/// [`FlowState::flags`] bit: the host's first packet of the flow answered
+/// something the ingress policy passed (a granted port, a `WireGuard` port).
+/// Such a flow admits no reply: the policy alone decides that direction, so
+/// a revoke or a closed port is not reopened by what the host answered.
+pub const FLOW_ANSWER: u32 = 2;
 
 /// Timeouts and the echo rate: one entry in [`map::FLOW_CONFIG`].
 #[repr(C)]

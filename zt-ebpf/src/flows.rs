@@ -13,8 +13,8 @@
 //! fragment did not pass, or has not arrived yet, drops.
 
 use zt_common::{
-    CpuState, EventBucket, FLOW_CLOSING, FlowConfig, FlowKey, FlowState, FragmentKey, SourceKey,
-    program, proto, reason, tcp_flag,
+    CpuState, EventBucket, FLOW_ANSWER, FLOW_CLOSING, FlowConfig, FlowKey, FlowState, FragmentKey,
+    SourceKey, program, proto, reason, tcp_flag,
 };
 
 use crate::{
@@ -24,7 +24,7 @@ use crate::{
         ICMP_TIME_EXCEEDED, ICMPV6_DEST_UNREACHABLE, ICMPV6_ECHO_REPLY, ICMPV6_ECHO_REQUEST,
         ICMPV6_PACKET_TOO_BIG, ICMPV6_TIME_EXCEEDED, L3, Packet,
     },
-    record,
+    record, verdict,
 };
 
 #[inline(always)]
@@ -254,7 +254,9 @@ fn live(state: &FlowState, cfg: &FlowConfig, protocol: u8, now: u64) -> bool {
     now.saturating_sub(state.last_seen_ns) <= timeout(cfg, protocol, state.flags)
 }
 
-/// Whether `key` is a live flow; if so, marks it seen now (plus `flags`).
+/// Whether `key` is a live flow that admits replies; if so, marks it seen
+/// now (plus `flags`). A flow the host began by answering the policy
+/// (`FLOW_ANSWER`) admits none: its other direction is the policy's alone.
 #[inline(always)]
 fn refresh(key: &FlowKey, cfg: &FlowConfig, now: u64, flags: u32) -> bool {
     let Some(state) = ZT_FLOWS.get_ptr_mut(key) else {
@@ -263,7 +265,7 @@ fn refresh(key: &FlowKey, cfg: &FlowConfig, now: u64, flags: u32) -> bool {
     // SAFETY: a pointer into the map value, valid for this program run; a
     // racing update from another CPU can only make last_seen newer.
     let state = unsafe { &mut *state };
-    if !live(state, cfg, key.protocol, now) {
+    if state.flags & FLOW_ANSWER != 0 || !live(state, cfg, key.protocol, now) {
         return false;
     }
     state.last_seen_ns = now;
@@ -327,11 +329,28 @@ fn echo_rate(p: &Packet, cfg: &FlowConfig, now: u64) -> u32 {
     reason::PASS_ICMP_ECHO
 }
 
+/// Whether the ingress program `prog` would pass the reverse of the host's
+/// UDP datagram `p` by its policy alone: then `p` answers a peer's
+/// datagram to a granted port (or a client of a `WireGuard` port), and its
+/// flow must not admit what the policy stops admitting later (a revoke, a
+/// reload that closes the port).
+#[inline(always)]
+fn answers_policy(p: &Packet, prog: u32) -> bool {
+    if prog == program::EDGE {
+        verdict::udp_port_allowed(p.src_port)
+    } else {
+        verdict::peer_owning(p.l3, &p.dst)
+            .is_some_and(|peer| verdict::port_granted(&peer, proto::UDP, p.src_port))
+    }
+}
+
 /// Egress: records or refreshes the flow this packet belongs to. New flows
 /// start only from what opens one: a TCP SYN, any UDP datagram, an echo
-/// request.
+/// request. `prog` is the ingress program of the interface (`EDGE` or
+/// `TUNNEL`), whose policy tells a UDP answer from a flow the host starts.
+/// A TCP answer never opens a flow (only a SYN does), so only UDP needs it.
 #[inline(always)]
-pub fn record_egress(cpu: &mut CpuState, p: &Packet, ifindex: u32, now: u64) {
+pub fn record_egress(cpu: &mut CpuState, p: &Packet, prog: u32, ifindex: u32, now: u64) {
     if p.l3 == L3::Arp || p.fragment == Fragment::Later {
         return;
     }
@@ -378,12 +397,16 @@ pub fn record_egress(cpu: &mut CpuState, p: &Packet, ifindex: u32, now: u64) {
     if !opens {
         return;
     }
-    if p.protocol == proto::TCP || p.protocol == proto::UDP {
+    // Judged once, when the flow starts: refreshes keep the flag, so a
+    // host that goes on sending after a revoke still reopens nothing.
+    let answer = p.protocol == proto::UDP && answers_policy(p, prog);
+    // An answer admits no reply, so its port needs no flow lookup.
+    if (p.protocol == proto::TCP || p.protocol == proto::UDP) && !answer {
         mark_local_port(p.protocol, local_port);
     }
     let state = FlowState {
         last_seen_ns: now,
-        flags: closing,
+        flags: closing | if answer { FLOW_ANSWER } else { 0 },
         _pad: 0,
     };
     if ZT_FLOWS.insert(&key, &state, 0).is_ok() {

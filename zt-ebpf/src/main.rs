@@ -187,7 +187,7 @@ pub fn zt_edge_out(ctx: TcContext) -> i32 {
     let _ = parse::ethernet_with(
         &b,
         #[inline(always)]
-        |p| record_outgoing(&ctx, p),
+        |p| record_outgoing(&ctx, p, program::EDGE),
     );
     TC_ACT_OK
 }
@@ -204,17 +204,18 @@ pub fn zt_tunnel_out(ctx: TcContext) -> i32 {
     let _ = tunnel_with(
         &b,
         #[inline(always)]
-        |p| record_outgoing(&ctx, p),
+        |p| record_outgoing(&ctx, p, program::TUNNEL),
     );
     TC_ACT_OK
 }
 
-/// The egress programs' work: the packet's flow recorded.
+/// The egress programs' work: the packet's flow recorded. `ingress` is
+/// the program that judges the interface's incoming packets.
 #[inline(always)]
-fn record_outgoing(ctx: &TcContext, p: &Packet) {
+fn record_outgoing(ctx: &TcContext, p: &Packet, ingress: u32) {
     if let Some(cpu) = maps::this_cpu() {
         let now = now(cpu);
-        flows::record_egress(cpu, p, skb_ifindex(ctx), now);
+        flows::record_egress(cpu, p, ingress, skb_ifindex(ctx), now);
     }
 }
 

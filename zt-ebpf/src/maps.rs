@@ -29,6 +29,11 @@ static ZT_EDGE_CONFIG: EdgeConfig = EdgeConfig {
 #[unsafe(no_mangle)]
 static TUNNEL_L2: u8 = 0;
 
+/// `zt_common::global::TUNNEL_LINK_LOCAL`, set by the loader like
+/// `ZT_EDGE_CONFIG`.
+#[unsafe(no_mangle)]
+static TUNNEL_LINK_LOCAL: u8 = 0;
+
 /// The edge settings the programs were loaded with.
 #[inline(always)]
 pub fn edge_config() -> EdgeConfig {
@@ -42,6 +47,14 @@ pub fn edge_config() -> EdgeConfig {
 pub fn tunnel_l2() -> bool {
     // SAFETY: as in `edge_config`.
     unsafe { core::ptr::read_volatile(&raw const TUNNEL_L2) != 0 }
+}
+
+/// Whether neighbour messages from link-local sources pass on an Ethernet
+/// tunnel device.
+#[inline(always)]
+pub fn tunnel_link_local() -> bool {
+    // SAFETY: as in `edge_config`.
+    unsafe { core::ptr::read_volatile(&raw const TUNNEL_LINK_LOCAL) != 0 }
 }
 
 #[map]

@@ -378,15 +378,19 @@ fn parse_ip(b: &Bounds) -> Result<Packet, ParseError> {
 }
 
 /// ARP for Ethernet/IPv4: anything else claiming to be ARP is malformed.
+/// The sender's protocol address is the packet's `src`: the tunnel admits
+/// ARP only from a peer's address.
 #[inline(always)]
 fn parse_arp(b: &Bounds, offset: usize) -> Result<Packet, ParseError> {
     let arp: *const ArpHdr = b.ptr_at(offset)?;
     // SAFETY: ptr_at checked the whole header.
-    let (hlen, plen) = unsafe { ((*arp).hlen, (*arp).plen) };
+    let (hlen, plen, spa) = unsafe { ((*arp).hlen, (*arp).plen, (*arp).spa) };
     if hlen != 6 || plen != 4 {
         return Err(ParseError::Malformed);
     }
-    Ok(Packet::new(L3::Arp))
+    let mut p = Packet::new(L3::Arp);
+    p.src = Addr::v4(spa);
+    Ok(p)
 }
 
 /// The fields of a checked IPv4 header.

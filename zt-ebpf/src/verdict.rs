@@ -7,8 +7,11 @@ use aya_ebpf::maps::lpm_trie::Key;
 use zt_common::{GrantKey, PEER_ICMP, PeerInfo, proto, reason};
 
 use crate::{
-    maps::{ZT_EDGE_UDP, ZT_GRANTS, ZT_PEER_V4, ZT_PEER_V6, ZT_SSH_V4, ZT_SSH_V6, edge_config},
-    parse::{Fragment, ICMP_ECHO_REQUEST, ICMPV6_ECHO_REQUEST, L3, Packet, ParseError},
+    maps::{
+        ZT_EDGE_UDP, ZT_GRANTS, ZT_PEER_V4, ZT_PEER_V6, ZT_SSH_V4, ZT_SSH_V6, edge_config,
+        tunnel_l2, tunnel_link_local,
+    },
+    parse::{Addr, Fragment, ICMP_ECHO_REQUEST, ICMPV6_ECHO_REQUEST, L3, Packet, ParseError},
 };
 
 /// ICMPv6 neighbour discovery: router solicitation/advertisement, neighbour
@@ -16,8 +19,18 @@ use crate::{
 /// host is unreachable.
 const ND_FIRST: u8 = 133;
 const ND_LAST: u8 = 137;
+/// The neighbour messages proper; the others (133, 134, 137) come from or
+/// go to routers.
+const ND_NEIGHBOR_SOLICITATION: u8 = 135;
+const ND_NEIGHBOR_ADVERTISEMENT: u8 = 136;
 /// RFC 4861 requires hop limit 255 on ND, which proves it was not routed.
 const ND_HOP_LIMIT: u8 = 255;
+/// MLD: query (130), v1 report (131), v1 done (132), v2 report (143).
+const MLD_QUERY: u8 = 130;
+const MLD_V1_DONE: u8 = 132;
+const MLD_V2_REPORT: u8 = 143;
+/// RFC 2710 and 3810 send MLD with hop limit 1 from a link-local address.
+const MLD_HOP_LIMIT: u8 = 1;
 
 /// The drop reason for a parse failure.
 #[inline(always)]
@@ -37,8 +50,35 @@ fn is_neighbor_discovery(p: &Packet) -> bool {
         && p.hop_limit == ND_HOP_LIMIT
 }
 
-/// The edge policy: WireGuard UDP ports, SSH from allow-listed sources, ARP
-/// and neighbour discovery; everything else drops. The caller has checked
+/// Whether `p` is an ICMPv6 router solicitation, router advertisement or
+/// redirect, whatever its hop limit.
+#[inline(always)]
+fn is_router_message(p: &Packet) -> bool {
+    p.l3 == L3::Ipv6
+        && p.protocol == proto::ICMPV6
+        && (ND_FIRST..=ND_LAST).contains(&p.icmp_type)
+        && p.icmp_type != ND_NEIGHBOR_SOLICITATION
+        && p.icmp_type != ND_NEIGHBOR_ADVERTISEMENT
+}
+
+/// `fe80::/10`.
+#[inline(always)]
+fn link_local_source(p: &Packet) -> bool {
+    p.l3 == L3::Ipv6 && p.src.0[0] == 0xfe && p.src.0[1] & 0xc0 == 0x80
+}
+
+/// An MLD message as a host must accept it (RFC 4890 4.4.1).
+#[inline(always)]
+fn is_mld(p: &Packet) -> bool {
+    p.l3 == L3::Ipv6
+        && p.protocol == proto::ICMPV6
+        && ((MLD_QUERY..=MLD_V1_DONE).contains(&p.icmp_type) || p.icmp_type == MLD_V2_REPORT)
+        && p.hop_limit == MLD_HOP_LIMIT
+        && link_local_source(p)
+}
+
+/// The edge policy: WireGuard UDP ports, SSH from allow-listed sources, ARP,
+/// neighbour discovery and MLD; everything else drops. The caller has checked
 /// that the programs were loaded with an edge policy.
 #[inline(always)]
 pub fn edge(p: &Packet) -> u32 {
@@ -66,12 +106,14 @@ pub fn edge(p: &Packet) -> u32 {
             }
         }
         _ if is_neighbor_discovery(p) => reason::PASS_NEIGHBOR_DISCOVERY,
+        _ if is_mld(p) => reason::PASS_MLD,
         _ => reason::DROP_PROTOCOL_NOT_ALLOWED,
     }
 }
 
+/// Whether the edge passes UDP to `port` (a `WireGuard` port).
 #[inline(always)]
-fn udp_port_allowed(port: u16) -> bool {
+pub fn udp_port_allowed(port: u16) -> bool {
     let word = ZT_EDGE_UDP.get(u32::from(port >> 6)).copied().unwrap_or(0);
     word & (1u64 << (port & 63)) != 0
 }
@@ -85,14 +127,34 @@ fn ssh_source_allowed(p: &Packet) -> bool {
     }
 }
 
-/// The peer that owns the packet's source address, if any.
+/// The peer that owns the packet's source address (for ARP the sender's
+/// address), if any.
 #[inline(always)]
 pub fn peer_of(p: &Packet) -> Option<PeerInfo> {
-    match p.l3 {
-        L3::Ipv4 => ZT_PEER_V4.get(&Key::new(32, p.src.v4_bytes())).copied(),
-        L3::Ipv6 => ZT_PEER_V6.get(&Key::new(128, p.src.0)).copied(),
-        L3::Arp => None,
+    peer_owning(p.l3, &p.src)
+}
+
+/// The peer that owns `addr`, an address of family `l3`.
+#[inline(always)]
+pub fn peer_owning(l3: L3, addr: &Addr) -> Option<PeerInfo> {
+    match l3 {
+        L3::Ipv4 | L3::Arp => ZT_PEER_V4.get(&Key::new(32, addr.v4_bytes())).copied(),
+        L3::Ipv6 => ZT_PEER_V6.get(&Key::new(128, addr.0)).copied(),
     }
+}
+
+/// Whether `peer` is granted UDP or TCP (`protocol`) to local `port`.
+#[inline(always)]
+pub fn port_granted(peer: &PeerInfo, protocol: u8, port: u16) -> bool {
+    let key = GrantKey {
+        peer: peer.index,
+        protocol,
+        _pad0: 0,
+        word: port >> 6,
+    };
+    // SAFETY: the value is a plain u64 the control plane writes whole.
+    let word = unsafe { ZT_GRANTS.get(&key) }.copied().unwrap_or(0);
+    word & (1u64 << (port & 63)) != 0
 }
 
 /// The tunnel policy: a packet from peer P to local port X of protocol T
@@ -100,13 +162,31 @@ pub fn peer_of(p: &Packet) -> Option<PeerInfo> {
 /// once by the caller because it also indexes the per-peer counters.
 #[inline(always)]
 pub fn tunnel(p: &Packet, peer: Option<PeerInfo>) -> u32 {
-    // ARP and ND only matter when the tunnel device has a link layer; on a
-    // WireGuard device they never appear.
-    if p.l3 == L3::Arp {
-        return reason::PASS_ARP;
+    // A peer is never the host's router: an advertisement accepted here
+    // would install a default route and a prefix through the tunnel.
+    if is_router_message(p) {
+        return reason::DROP_ROUTER_MESSAGE;
     }
-    if is_neighbor_discovery(p) {
-        return reason::PASS_NEIGHBOR_DISCOVERY;
+    // ARP and neighbour messages only matter when the tunnel device has a
+    // link layer, and then only from a peer's address (or a link-local one,
+    // where the config allows it). On a WireGuard device nothing passes that
+    // does not come from a peer.
+    let neighbor = if p.l3 == L3::Arp {
+        Some(reason::PASS_ARP)
+    } else if is_neighbor_discovery(p) {
+        Some(reason::PASS_NEIGHBOR_DISCOVERY)
+    } else {
+        None
+    };
+    if let Some(neighbor) = neighbor {
+        let link_local = tunnel_l2() && tunnel_link_local() && link_local_source(p);
+        return if tunnel_l2() && (peer.is_some() || link_local) {
+            neighbor
+        } else if peer.is_some() {
+            reason::DROP_PROTOCOL_NOT_ALLOWED
+        } else {
+            reason::DROP_PEER_UNKNOWN
+        };
     }
     let Some(peer) = peer else {
         return reason::DROP_PEER_UNKNOWN;
@@ -116,15 +196,7 @@ pub fn tunnel(p: &Packet, peer: Option<PeerInfo>) -> u32 {
     }
     match (p.l3, p.protocol) {
         (_, proto::TCP | proto::UDP) => {
-            let key = GrantKey {
-                peer: peer.index,
-                protocol: p.protocol,
-                _pad0: 0,
-                word: p.dst_port >> 6,
-            };
-            // SAFETY: the value is a plain u64 the control plane writes whole.
-            let word = unsafe { ZT_GRANTS.get(&key) }.copied().unwrap_or(0);
-            if word & (1u64 << (p.dst_port & 63)) != 0 {
+            if port_granted(&peer, p.protocol, p.dst_port) {
                 reason::PASS_GRANT
             } else {
                 reason::DROP_NOT_GRANTED

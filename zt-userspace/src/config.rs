@@ -225,6 +225,7 @@ struct RawEdge {
 struct RawTunnel {
     interface: Option<String>,
     runtime_grants: Option<PathBuf>,
+    link_local_neighbors: Option<bool>,
     peer: Option<Vec<RawPeer>>,
 }
 
@@ -826,6 +827,7 @@ impl Validator<'_> {
             interface,
             peers,
             runtime_grants,
+            link_local_neighbors: raw.link_local_neighbors.unwrap_or(false),
         })
     }
 
@@ -1629,6 +1631,7 @@ path = "/var/log/ztxdp/audit.jsonl"
                     },
                 ],
                 runtime_grants: PathBuf::from("/run/grants.json"),
+                link_local_neighbors: false,
             }),
             flows: FlowSettings::default(),
             audit: AuditSettings::new(PathBuf::from("/var/log/ztxdp/audit.jsonl")),

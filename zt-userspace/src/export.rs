@@ -356,6 +356,7 @@ mod tests {
                     },
                 ],
                 runtime_grants: PathBuf::from("/tmp/grants.json"),
+                link_local_neighbors: false,
             }),
             flows: FlowSettings::default(),
             audit: AuditSettings::new(PathBuf::from("/tmp/audit.jsonl")),

@@ -41,6 +41,9 @@ pub struct LoadOptions {
     /// The tunnel device has an Ethernet header (a veth); `false` for a
     /// `WireGuard` device, where packets start at the IP header.
     pub tunnel_l2: bool,
+    /// `tunnel.link_local_neighbors`: on an Ethernet tunnel device, ARP and
+    /// neighbour messages from link-local sources pass too.
+    pub tunnel_link_local: bool,
     /// Size of the flow table (`flows.max_entries`).
     pub flow_entries: u32,
     /// The edge policy's SSH port; `None` when there is no edge policy, and
@@ -53,6 +56,7 @@ impl Default for LoadOptions {
     fn default() -> Self {
         Self {
             tunnel_l2: false,
+            tunnel_link_local: false,
             flow_entries: zt_common::capacity::FLOWS_DEFAULT,
             ssh_port: None,
         }
@@ -76,6 +80,11 @@ pub fn load(opts: LoadOptions) -> Result<Ebpf, LoadError> {
         });
     let mut ebpf = EbpfLoader::new()
         .override_global(global::TUNNEL_L2, &u8::from(opts.tunnel_l2), true)
+        .override_global(
+            global::TUNNEL_LINK_LOCAL,
+            &u8::from(opts.tunnel_link_local),
+            true,
+        )
         .override_global(global::EDGE_CONFIG, &edge, true)
         .map_max_entries(map::FLOWS, opts.flow_entries)
         .map_max_entries(map::CPU_STATE, cpus)
@@ -112,6 +121,7 @@ pub fn load_filled(
 ) -> Result<(Ebpf, Tables), LoadError> {
     let mut ebpf = load(LoadOptions {
         tunnel_l2,
+        tunnel_link_local: tunnel.is_some_and(|t| t.link_local_neighbors),
         flow_entries: flows.max_entries,
         ssh_port: edge.map(|e| e.ssh_port),
     })?;

@@ -70,6 +70,13 @@ const IPV4_MORE_FRAGMENTS: u16 = 0x2000;
 const NEIGHBOR_DISCOVERY: std::ops::RangeInclusive<u8> = 133..=137;
 /// Hop limit RFC 4861 requires on neighbour discovery.
 const ND_HOP_LIMIT: u8 = 255;
+/// Router solicitation, router advertisement and redirect: the neighbour
+/// discovery messages that come from or go to routers.
+const ROUTER_MESSAGES: [u8; 3] = [133, 134, 137];
+/// MLD query, v1 report, v1 done and v2 report (RFC 2710, 3810).
+const MLD: [u8; 4] = [130, 131, 132, 143];
+/// Hop limit MLD is sent with.
+const MLD_HOP_LIMIT: u8 = 1;
 const ICMP_ECHO_REPLY: u8 = 0;
 const ICMP_DEST_UNREACHABLE: u8 = 3;
 const ICMP_ECHO_REQUEST: u8 = 8;
@@ -104,9 +111,18 @@ impl ParseError {
 /// Layer 3, with the addresses the policies and flows look up.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Network {
-    Arp,
-    Ipv4 { src: Ipv4Addr, dst: Ipv4Addr },
-    Ipv6 { src: Ipv6Addr, dst: Ipv6Addr },
+    /// ARP, with the sender's protocol address.
+    Arp {
+        sender: Ipv4Addr,
+    },
+    Ipv4 {
+        src: Ipv4Addr,
+        dst: Ipv4Addr,
+    },
+    Ipv6 {
+        src: Ipv6Addr,
+        dst: Ipv6Addr,
+    },
 }
 
 /// What the verdicts read from a packet.
@@ -156,13 +172,21 @@ impl Packet {
         }
     }
 
+    /// The source address; for ARP the sender's.
     fn source(&self) -> Option<IpAddr> {
-        self.addresses().map(|(src, _)| src)
+        match self.network {
+            Network::Arp { sender } => Some(sender.into()),
+            _ => self.addresses().map(|(src, _)| src),
+        }
+    }
+
+    fn is_arp(&self) -> bool {
+        matches!(self.network, Network::Arp { .. })
     }
 
     fn addresses(&self) -> Option<(IpAddr, IpAddr)> {
         match self.network {
-            Network::Arp => None,
+            Network::Arp { .. } => None,
             Network::Ipv4 { src, dst } => Some((src.into(), dst.into())),
             Network::Ipv6 { src, dst } => Some((src.into(), dst.into())),
         }
@@ -173,7 +197,7 @@ impl Packet {
         match self.network {
             Network::Ipv4 { .. } => self.protocol == proto::ICMP,
             Network::Ipv6 { .. } => self.protocol == proto::ICMPV6,
-            Network::Arp => false,
+            Network::Arp { .. } => false,
         }
     }
 
@@ -230,6 +254,26 @@ impl Packet {
             && self.protocol == proto::ICMPV6
             && NEIGHBOR_DISCOVERY.contains(&self.icmp_type)
             && self.hop_limit == ND_HOP_LIMIT
+    }
+
+    /// A router solicitation, advertisement or redirect, at any hop limit.
+    fn is_router_message(&self) -> bool {
+        self.is_v6() && self.protocol == proto::ICMPV6 && ROUTER_MESSAGES.contains(&self.icmp_type)
+    }
+
+    /// From `fe80::/10`.
+    fn link_local_source(&self) -> bool {
+        matches!(self.network, Network::Ipv6 { src, .. } if src.is_unicast_link_local())
+    }
+
+    /// MLD as a host accepts it (RFC 4890 4.4.1): from a link-local source
+    /// with hop limit 1.
+    fn is_mld(&self) -> bool {
+        self.is_v6()
+            && self.protocol == proto::ICMPV6
+            && MLD.contains(&self.icmp_type)
+            && self.hop_limit == MLD_HOP_LIMIT
+            && self.link_local_source()
     }
 }
 
@@ -315,7 +359,8 @@ fn parse_arp(b: Bytes<'_>, offset: usize) -> Result<Packet, ParseError> {
     if hardware_len != 6 || protocol_len != 4 {
         return Err(ParseError::Malformed);
     }
-    Ok(Packet::new(Network::Arp))
+    let sender = Ipv4Addr::new(arp[14], arp[15], arp[16], arp[17]);
+    Ok(Packet::new(Network::Arp { sender }))
 }
 
 fn parse_ipv4(b: Bytes<'_>, offset: usize) -> Result<Packet, ParseError> {
@@ -477,6 +522,9 @@ struct FlowEntry {
     last_seen_ns: u64,
     /// A FIN or RST was seen: the closing timeout applies.
     closing: bool,
+    /// The host began the flow by answering what the policy passed: it
+    /// admits no reply (the kernel's `FLOW_ANSWER`).
+    answer: bool,
 }
 
 /// A fragmented datagram as all its fragments carry it: the interface it
@@ -596,7 +644,10 @@ impl FlowTable {
     /// Records or refreshes the flow of a packet the host sends. New flows
     /// start only from what opens one: a TCP SYN, any UDP datagram, an echo
     /// request. A packet of a known flow refreshes it even if it expired.
-    fn egress(&mut self, p: &Packet, now_ns: u64) {
+    /// `answer`: the packet's reverse passes the ingress policy by itself
+    /// (a UDP answer through a grant or a `WireGuard` port); a flow it
+    /// starts admits no reply, then or later.
+    fn egress(&mut self, p: &Packet, answer: bool, now_ns: u64) {
         let Some((src, dst)) = p.addresses() else {
             return;
         };
@@ -633,6 +684,7 @@ impl FlowTable {
                 FlowEntry {
                     last_seen_ns: now_ns,
                     closing: p.is_closing(),
+                    answer,
                 },
             );
             self.created += 1;
@@ -728,7 +780,7 @@ impl FlowTable {
         let Some(entry) = self.flows.get(&flow).copied() else {
             return code;
         };
-        if now_ns.saturating_sub(entry.last_seen_ns) > timeout(&entry) {
+        if entry.answer || now_ns.saturating_sub(entry.last_seen_ns) > timeout(&entry) {
             return code;
         }
         self.flows.insert(
@@ -736,6 +788,7 @@ impl FlowTable {
             FlowEntry {
                 last_seen_ns: now_ns,
                 closing: entry.closing || closing,
+                answer: false,
             },
         );
         reason::PASS_REPLY
@@ -823,7 +876,7 @@ fn quoted(b: Bytes<'_>, p: &Packet) -> Option<Flow> {
             let (src, dst) = (ipv6_at(&ip[8..24]), ipv6_at(&ip[24..40]));
             (true, ip[6], src.into(), dst.into(), inner + IPV6_LEN)
         }
-        Network::Arp => return None,
+        Network::Arp { .. } => return None,
     };
     within(l4, QUOTED_L4_LEN, limit).ok()?;
     let hdr: [u8; QUOTED_L4_LEN] = b.array(l4).ok()?;
@@ -934,7 +987,7 @@ impl EdgeModel {
     }
 
     fn decide(&self, p: &Packet) -> u32 {
-        if p.network == Network::Arp {
+        if p.is_arp() {
             return reason::PASS_ARP;
         }
         if p.later_fragment {
@@ -956,8 +1009,14 @@ impl EdgeModel {
                 }
             }
             _ if p.is_neighbor_discovery() => reason::PASS_NEIGHBOR_DISCOVERY,
+            _ if p.is_mld() => reason::PASS_MLD,
             _ => reason::DROP_PROTOCOL_NOT_ALLOWED,
         }
+    }
+
+    /// Whether the policy alone passes UDP to `port`.
+    fn passes_udp(&self, port: u16) -> bool {
+        self.wireguard_ports.contains(&port)
     }
 }
 
@@ -979,12 +1038,28 @@ struct ModelPeer {
     icmp: bool,
 }
 
+impl ModelPeer {
+    /// Whether a grant covers `port` of `protocol` (TCP or UDP).
+    fn grants_port(&self, protocol: u8, port: u16) -> bool {
+        self.grants.iter().any(|g| match *g {
+            Grant::Ports {
+                protocol: granted,
+                first,
+                last,
+            } => granted.number() == protocol && (first..=last).contains(&port),
+            Grant::Icmp => false,
+        })
+    }
+}
+
 /// The tunnel program's decisions for one [`TunnelPolicy`]. Runtime grants
 /// must already be merged into the peers' `grants`.
 #[derive(Clone, Debug)]
 pub struct TunnelModel {
     peers: Vec<ModelPeer>,
     by_source: PrefixMap<u32>,
+    /// `tunnel.link_local_neighbors`.
+    link_local_neighbors: bool,
 }
 
 impl TunnelModel {
@@ -1003,7 +1078,11 @@ impl TunnelModel {
                 .zip(&p.peers)
                 .flat_map(|(index, peer)| peer.addresses.iter().map(move |net| (*net, index))),
         );
-        Self { peers, by_source }
+        Self {
+            peers,
+            by_source,
+            link_local_neighbors: p.link_local_neighbors,
+        }
     }
 
     /// The decision `zt_tunnel` makes on `packet` (an Ethernet frame when
@@ -1023,7 +1102,7 @@ impl TunnelModel {
         match parse_link(b, l2) {
             Ok(p) => {
                 let peer = p.source().and_then(|src| self.by_source.longest_match(src));
-                let reason = match self.decide(&p, peer) {
+                let reason = match self.decide(&p, peer, l2) {
                     code if reason::is_allow(code) => code,
                     code => flows.second_chance(b, &p, code, Ingress::Tunnel, now_ns),
                 };
@@ -1037,12 +1116,29 @@ impl TunnelModel {
         }
     }
 
-    fn decide(&self, p: &Packet, peer: Option<u32>) -> u32 {
-        if p.network == Network::Arp {
-            return reason::PASS_ARP;
+    fn decide(&self, p: &Packet, peer: Option<u32>, l2: bool) -> u32 {
+        // A peer is never the host's router.
+        if p.is_router_message() {
+            return reason::DROP_ROUTER_MESSAGE;
         }
-        if p.is_neighbor_discovery() {
-            return reason::PASS_NEIGHBOR_DISCOVERY;
+        // ARP and neighbour messages pass only on a link layer, from a
+        // peer's address or (where allowed) a link-local one.
+        let neighbor = if p.is_arp() {
+            Some(reason::PASS_ARP)
+        } else if p.is_neighbor_discovery() {
+            Some(reason::PASS_NEIGHBOR_DISCOVERY)
+        } else {
+            None
+        };
+        if let Some(pass) = neighbor {
+            return if l2 && (peer.is_some() || (self.link_local_neighbors && p.link_local_source()))
+            {
+                pass
+            } else if peer.is_some() {
+                reason::DROP_PROTOCOL_NOT_ALLOWED
+            } else {
+                reason::DROP_PEER_UNKNOWN
+            };
         }
         let Some(peer) = peer.and_then(|i| self.peers.get(i as usize)) else {
             return reason::DROP_PEER_UNKNOWN;
@@ -1051,15 +1147,7 @@ impl TunnelModel {
             return reason::DROP_FRAGMENT;
         }
         if p.protocol == proto::TCP || p.protocol == proto::UDP {
-            let granted = peer.grants.iter().any(|g| match *g {
-                Grant::Ports {
-                    protocol,
-                    first,
-                    last,
-                } => protocol.number() == p.protocol && (first..=last).contains(&p.dst_port),
-                Grant::Icmp => false,
-            });
-            if granted {
+            if peer.grants_port(p.protocol, p.dst_port) {
                 reason::PASS_GRANT
             } else {
                 reason::DROP_NOT_GRANTED
@@ -1098,14 +1186,34 @@ impl StatefulModel {
         }
     }
 
-    /// The host sends `packet` (`zt_edge_out`, `zt_tunnel_out`) out of
-    /// interface `ifindex`: an Ethernet frame when `l2`, else a packet
-    /// starting at the IP header.
-    /// Egress is never filtered; this only records flows.
-    pub fn egress(&mut self, packet: &[u8], l2: bool, ifindex: u32, now_ns: u64) {
+    /// The host sends the Ethernet frame `frame` out of the edge interface
+    /// `ifindex` (`zt_edge_out`). Egress is never filtered; this only
+    /// records flows.
+    pub fn edge_egress(&mut self, frame: &[u8], ifindex: u32, now_ns: u64) {
+        self.flows.ifindex = ifindex;
+        if let Ok(p) = parse_ethernet(Bytes(frame)) {
+            // A datagram from a WireGuard port answers the edge's policy.
+            let answer = p.protocol == proto::UDP && self.edge.passes_udp(p.src_port);
+            self.flows.egress(&p, answer, now_ns);
+        }
+    }
+
+    /// The host sends `packet` out of the tunnel interface `ifindex`
+    /// (`zt_tunnel_out`): an Ethernet frame when `l2`, else a packet
+    /// starting at the IP header. Records flows only.
+    pub fn tunnel_egress(&mut self, packet: &[u8], l2: bool, ifindex: u32, now_ns: u64) {
         self.flows.ifindex = ifindex;
         if let Ok(p) = parse_link(Bytes(packet), l2) {
-            self.flows.egress(&p, now_ns);
+            // A datagram from a port the destination peer is granted answers
+            // the tunnel's policy.
+            let answer = p.protocol == proto::UDP
+                && self.tunnel.as_ref().is_some_and(|t| {
+                    p.addresses()
+                        .and_then(|(_, dst)| t.by_source.longest_match(dst))
+                        .and_then(|i| t.peers.get(i as usize))
+                        .is_some_and(|peer| peer.grants_port(proto::UDP, p.src_port))
+                });
+            self.flows.egress(&p, answer, now_ns);
         }
     }
 
@@ -1127,6 +1235,13 @@ impl StatefulModel {
         self.flows.ifindex = ifindex;
         let tunnel = self.tunnel.as_ref()?;
         Some(tunnel.judge(packet, l2, &mut self.flows, now_ns))
+    }
+
+    /// The control plane rewrites the policy maps (`allow`, `revoke`, a
+    /// reload) while the flow state stays, as it does in the kernel.
+    pub fn set_policy(&mut self, edge: &EdgePolicy, tunnel: Option<&TunnelPolicy>) {
+        self.edge = EdgeModel::new(edge);
+        self.tunnel = tunnel.map(TunnelModel::new);
     }
 
     /// The flow state, for comparing counters and fill levels.
@@ -1438,6 +1553,40 @@ mod tests {
             reason::DROP_PROTOCOL_NOT_ALLOWED,
             "gre",
         );
+    }
+
+    #[test]
+    fn edge_passes_mld_from_link_local_with_hop_limit_one() {
+        let m = edge();
+        let mld = |src, kind, hop_limit| {
+            let mut f = eth6(src, proto::ICMPV6, &icmp(kind));
+            f[ETHERNET_LEN + 7] = hop_limit;
+            f
+        };
+        for kind in [130, 131, 132, 143] {
+            assert_edge(&m, &mld("fe80::1", kind, 1), reason::PASS_MLD, "mld");
+            assert_edge(
+                &m,
+                &mld("fe80::1", kind, 64),
+                reason::DROP_PROTOCOL_NOT_ALLOWED,
+                "mld with hop limit 64",
+            );
+            assert_edge(
+                &m,
+                &mld(OTHER_V6, kind, 1),
+                reason::DROP_PROTOCOL_NOT_ALLOWED,
+                "mld from a global address",
+            );
+        }
+        // Other types at hop limit 1 (a reply, ND, a type past MLD) are not MLD.
+        for kind in [129, 135, 144] {
+            assert_edge(
+                &m,
+                &mld("fe80::1", kind, 1),
+                reason::DROP_PROTOCOL_NOT_ALLOWED,
+                "not mld",
+            );
+        }
     }
 
     #[test]
@@ -1933,6 +2082,7 @@ mod tests {
                 peer("idle", &["fd00:200::1/128"], vec![]),
             ],
             runtime_grants: PathBuf::from("/nonexistent/grants.json"),
+            link_local_neighbors: false,
         }
     }
 
@@ -2135,32 +2285,102 @@ mod tests {
     }
 
     #[test]
-    fn tunnel_on_a_link_layer_passes_arp_and_nd_but_counts_peers() {
+    #[expect(clippy::too_many_lines, reason = "every neighbour rule, case by case")]
+    fn tunnel_admits_neighbour_messages_only_from_peers() {
         let t = tunnel();
-        let arp = ethernet(ETHERTYPE_ARP, &arp(6, 4));
-        assert_tunnel(
-            t.verdict(&arp, true),
-            reason::PASS_ARP,
-            None,
-            "arp has no source",
-        );
-        let nd = |src| {
-            let mut f = eth6(src, proto::ICMPV6, &icmp(135));
-            f[ETHERNET_LEN + 7] = 255;
-            f
+        let arp_from = |sender: [u8; 4]| {
+            let mut a = arp(6, 4);
+            a[14..18].copy_from_slice(&sender);
+            ethernet(ETHERTYPE_ARP, &a)
         };
         assert_tunnel(
-            t.verdict(&nd("fe80::1"), true),
-            reason::PASS_NEIGHBOR_DISCOVERY,
-            None,
-            "nd from stranger",
+            t.verdict(&arp_from(APP), true),
+            reason::PASS_ARP,
+            Some(0),
+            "arp from a peer's address",
         );
         assert_tunnel(
-            t.verdict(&nd("fd00:100::1"), true),
-            reason::PASS_NEIGHBOR_DISCOVERY,
-            Some(0),
-            "nd from peer",
+            t.verdict(&arp_from(STRANGER), true),
+            reason::DROP_PEER_UNKNOWN,
+            None,
+            "arp from no peer",
         );
+        let icmp6 = |src, kind, hop_limit| {
+            let mut f = eth6(src, proto::ICMPV6, &icmp(kind));
+            f[ETHERNET_LEN + 7] = hop_limit;
+            f
+        };
+        for kind in [135, 136] {
+            assert_tunnel(
+                t.verdict(&icmp6("fd00:100::1", kind, 255), true),
+                reason::PASS_NEIGHBOR_DISCOVERY,
+                Some(0),
+                "nd from a peer",
+            );
+            assert_tunnel(
+                t.verdict(&icmp6("fe80::1", kind, 255), true),
+                reason::DROP_PEER_UNKNOWN,
+                None,
+                "nd from a link-local stranger, not allowed by the config",
+            );
+            // On an L3 device nothing passes that is not a peer's.
+            let bare = &icmp6("fd00:100::1", kind, 255)[ETHERNET_LEN..];
+            assert_tunnel(
+                t.verdict(bare, false),
+                reason::DROP_PROTOCOL_NOT_ALLOWED,
+                Some(0),
+                "nd from a peer on an l3 device",
+            );
+            let bare = &icmp6("fe80::1", kind, 255)[ETHERNET_LEN..];
+            assert_tunnel(
+                t.verdict(bare, false),
+                reason::DROP_PEER_UNKNOWN,
+                None,
+                "nd from a stranger on an l3 device",
+            );
+        }
+        let mut policy = tunnel_policy();
+        policy.link_local_neighbors = true;
+        let allowing = TunnelModel::new(&policy);
+        assert_tunnel(
+            allowing.verdict(&icmp6("fe80::1", 135, 255), true),
+            reason::PASS_NEIGHBOR_DISCOVERY,
+            None,
+            "nd from link-local, allowed by the config",
+        );
+        let bare = &icmp6("fe80::1", 135, 255)[ETHERNET_LEN..];
+        assert_tunnel(
+            allowing.verdict(bare, false),
+            reason::DROP_PEER_UNKNOWN,
+            None,
+            "link-local is an l2 allowance only",
+        );
+        assert_tunnel(
+            allowing.verdict(&icmp6("fd00:9::1", 135, 255), true),
+            reason::DROP_PEER_UNKNOWN,
+            None,
+            "a global stranger stays out",
+        );
+        // Router messages never pass, from a peer or not, on any device.
+        for (src, peer) in [("fe80::9", None), ("fd00:100::1", Some(0))] {
+            for kind in [133, 134, 137] {
+                for hop_limit in [255, 64] {
+                    let framed = icmp6(src, kind, hop_limit);
+                    assert_tunnel(
+                        allowing.verdict(&framed, true),
+                        reason::DROP_ROUTER_MESSAGE,
+                        peer,
+                        "router message on l2",
+                    );
+                    assert_tunnel(
+                        allowing.verdict(&framed[ETHERNET_LEN..], false),
+                        reason::DROP_ROUTER_MESSAGE,
+                        peer,
+                        "router message on l3",
+                    );
+                }
+            }
+        }
         let grant = eth4(APP, proto::TCP, &tcp(5432));
         assert_tunnel(
             t.verdict(&grant, true),
@@ -2336,7 +2556,7 @@ mod tests {
     #[test]
     fn a_reply_must_come_in_by_the_interface_its_flow_left_by() {
         let mut m = host(EchoRate::default());
-        m.egress(&out4(proto::UDP, &datagram(40_000, 53)), true, TEST_IF, 0);
+        m.edge_egress(&out4(proto::UDP, &datagram(40_000, 53)), TEST_IF, 0);
         let reply = eth4(REMOTE_V4, proto::UDP, &datagram(53, 40_000));
         assert_eq!(
             m.edge_ingress(&reply, TEST_IF + 1, 1),
@@ -2353,7 +2573,7 @@ mod tests {
     #[test]
     fn udp_replies_pass_only_as_the_exact_reverse() {
         let mut m = host(EchoRate::default());
-        m.egress(&out4(proto::UDP, &datagram(40_000, 53)), true, TEST_IF, 0);
+        m.edge_egress(&out4(proto::UDP, &datagram(40_000, 53)), TEST_IF, 0);
         assert_eq!(m.flows().created(), 1, "a datagram opens a flow");
         let reply = eth4(REMOTE_V4, proto::UDP, &datagram(53, 40_000));
         let mut later = reply.clone();
@@ -2416,12 +2636,7 @@ mod tests {
                 ),
             ],
         );
-        m.egress(
-            &out6(proto::UDP, &datagram(40_000, 53)),
-            true,
-            TEST_IF,
-            2 * S,
-        );
+        m.edge_egress(&out6(proto::UDP, &datagram(40_000, 53)), TEST_IF, 2 * S);
         assert_eq!(m.flows().created(), 2, "v6 is a flow of its own");
         assert_edge_steps(
             &mut m,
@@ -2433,12 +2648,7 @@ mod tests {
             )],
         );
         // Replies that the policy passes anyway keep their own reason.
-        m.egress(
-            &out4(proto::UDP, &datagram(51_820, 51_820)),
-            true,
-            TEST_IF,
-            3 * S,
-        );
+        m.edge_egress(&out4(proto::UDP, &datagram(51_820, 51_820)), TEST_IF, 3 * S);
         assert_edge_steps(
             &mut m,
             &[(
@@ -2481,7 +2691,7 @@ mod tests {
     #[test]
     fn udp_flows_time_out_and_egress_revives_them() {
         let mut m = host(EchoRate::default());
-        m.egress(&out4(proto::UDP, &datagram(40_000, 53)), true, TEST_IF, 0);
+        m.edge_egress(&out4(proto::UDP, &datagram(40_000, 53)), TEST_IF, 0);
         let reply = eth4(REMOTE_V4, proto::UDP, &datagram(53, 40_000));
         assert_edge_steps(
             &mut m,
@@ -2496,39 +2706,22 @@ mod tests {
                 (91, &reply, reason::DROP_PORT_NOT_ALLOWED, "31 s of silence"),
             ],
         );
-        m.egress(
-            &out4(proto::UDP, &datagram(40_000, 53)),
-            true,
-            TEST_IF,
-            92 * S,
-        );
+        m.edge_egress(&out4(proto::UDP, &datagram(40_000, 53)), TEST_IF, 92 * S);
         assert_eq!(m.flows().created(), 1, "the expired entry is reused");
         assert_eq!(m.flows().entries(), 1);
         assert_edge_steps(&mut m, &[(93, &reply, reason::PASS_REPLY, "revived")]);
     }
 
     #[test]
-    #[expect(clippy::too_many_lines, reason = "one connection's life, step by step")]
     fn tcp_replies_never_open_and_closing_flows_expire_sooner() {
         let mut m = host(EchoRate::default());
         let seg = |flags| eth4(REMOTE_V4, proto::TCP, &segment(443, 40_000, flags));
         let (syn, ack) = (tcp_flag::SYN, tcp_flag::ACK);
-        m.egress(
-            &out4(proto::TCP, &segment(40_000, 443, syn)),
-            true,
-            TEST_IF,
-            0,
-        );
+        m.edge_egress(&out4(proto::TCP, &segment(40_000, 443, syn)), TEST_IF, 0);
         // Segments other than a SYN refresh flows but never open one.
-        m.egress(
-            &out4(proto::TCP, &segment(40_001, 443, ack)),
-            true,
-            TEST_IF,
-            0,
-        );
-        m.egress(
+        m.edge_egress(&out4(proto::TCP, &segment(40_001, 443, ack)), TEST_IF, 0);
+        m.edge_egress(
             &out4(proto::TCP, &segment(40_002, 443, syn | ack)),
-            true,
             TEST_IF,
             0,
         );
@@ -2572,9 +2765,8 @@ mod tests {
             ],
         );
         // The same ports again: a new connection, established timeouts.
-        m.egress(
+        m.edge_egress(
             &out4(proto::TCP, &segment(40_000, 443, syn)),
-            true,
             TEST_IF,
             172 * S,
         );
@@ -2587,15 +2779,13 @@ mod tests {
             ],
         );
         // Our own fin closes too.
-        m.egress(
+        m.edge_egress(
             &out4(proto::TCP, &segment(40_003, 443, syn)),
-            true,
             TEST_IF,
             300 * S,
         );
-        m.egress(
+        m.edge_egress(
             &out4(proto::TCP, &segment(40_003, 443, tcp_flag::FIN | ack)),
-            true,
             TEST_IF,
             301 * S,
         );
@@ -2605,9 +2795,8 @@ mod tests {
             &[(312, &ours, reason::DROP_PORT_NOT_ALLOWED, "after our fin")],
         );
         // A syn with fin opens a flow that starts closing, as in the kernel.
-        m.egress(
+        m.edge_egress(
             &out4(proto::TCP, &segment(40_004, 443, syn | tcp_flag::FIN)),
-            true,
             TEST_IF,
             400 * S,
         );
@@ -2621,19 +2810,13 @@ mod tests {
     #[test]
     fn echo_replies_match_by_identifier() {
         let mut m = host(EchoRate::default());
-        m.egress(
+        m.edge_egress(
             &out4(proto::ICMP, &echo(ICMP_ECHO_REQUEST, 0x77)),
-            true,
             TEST_IF,
             0,
         );
         // Answering someone else's ping opens nothing.
-        m.egress(
-            &out4(proto::ICMP, &echo(ICMP_ECHO_REPLY, 0x99)),
-            true,
-            TEST_IF,
-            0,
-        );
+        m.edge_egress(&out4(proto::ICMP, &echo(ICMP_ECHO_REPLY, 0x99)), TEST_IF, 0);
         assert_eq!(m.flows().created(), 1);
         let reply = |src, id| eth4(src, proto::ICMP, &echo(ICMP_ECHO_REPLY, id));
         assert_edge_steps(
@@ -2672,9 +2855,8 @@ mod tests {
                 ),
             ],
         );
-        m.egress(
+        m.edge_egress(
             &out6(proto::ICMPV6, &echo(ICMPV6_ECHO_REQUEST, 5)),
-            true,
             TEST_IF,
             50 * S,
         );
@@ -2701,19 +2883,13 @@ mod tests {
     #[expect(clippy::too_many_lines, reason = "one scenario, step by step")]
     fn icmp_errors_pass_only_about_live_flows() {
         let mut m = host(EchoRate::default());
-        m.egress(&out4(proto::UDP, &datagram(40_000, 53)), true, TEST_IF, 0);
-        m.egress(
+        m.edge_egress(&out4(proto::UDP, &datagram(40_000, 53)), TEST_IF, 0);
+        m.edge_egress(
             &out4(proto::TCP, &segment(40_001, 443, tcp_flag::SYN)),
-            true,
             TEST_IF,
             0,
         );
-        m.egress(
-            &out4(proto::ICMP, &echo(ICMP_ECHO_REQUEST, 9)),
-            true,
-            TEST_IF,
-            0,
-        );
+        m.edge_egress(&out4(proto::ICMP, &echo(ICMP_ECHO_REQUEST, 9)), TEST_IF, 0);
         let router = [203, 0, 113, 1];
         let err = |kind, code, quote: &[u8]| eth4(router, proto::ICMP, &error(kind, code, quote));
         let udp = quote4(proto::UDP, &datagram(40_000, 53));
@@ -2847,12 +3023,7 @@ mod tests {
             &[(31, &short, reason::DROP_MALFORMED, "7-byte icmp error")],
         );
 
-        m.egress(
-            &out6(proto::UDP, &datagram(40_000, 53)),
-            true,
-            TEST_IF,
-            40 * S,
-        );
+        m.edge_egress(&out6(proto::UDP, &datagram(40_000, 53)), TEST_IF, 40 * S);
         let udp6 = quote6(proto::UDP, &datagram(40_000, 53));
         let err6 =
             |kind, quote: &[u8]| eth6("2001:db8:ffff::1", proto::ICMPV6, &error(kind, 0, quote));
@@ -2960,6 +3131,76 @@ mod tests {
     }
 
     #[test]
+    fn an_answer_through_a_grant_reopens_nothing_after_a_revoke() {
+        let mut m = host(EchoRate::default());
+        let local = [10, 100, 0, 1];
+        let ask = ipv4_between(APP, local, proto::UDP, &[], &datagram(40_000, 53));
+        let answer = ipv4_between(local, APP, proto::UDP, &[], &datagram(53, 40_000));
+        let decide = |m: &mut StatefulModel, at| {
+            m.tunnel_ingress(&ask, false, TEST_IF, at * S)
+                .map(|d| reason::name(d.reason))
+        };
+        assert_eq!(decide(&mut m, 0), Some("granted"));
+        m.tunnel_egress(&answer, false, TEST_IF, 0);
+        assert_eq!(m.flows().created(), 1, "the answer is a flow of its own");
+        let mut revoked = tunnel_policy();
+        revoked.peers[0].grants.retain(|g| {
+            !matches!(
+                g,
+                Grant::Ports {
+                    protocol: Protocol::Udp,
+                    ..
+                }
+            )
+        });
+        m.set_policy(&edge_policy(), Some(&revoked));
+        assert_eq!(decide(&mut m, 1), Some("not_granted"), "revoked");
+        // The host goes on answering: still no way back in.
+        m.tunnel_egress(&answer, false, TEST_IF, 2 * S);
+        assert_eq!(
+            decide(&mut m, 3),
+            Some("not_granted"),
+            "answered after the revoke"
+        );
+        // A flow the host starts itself from another port still admits replies.
+        let own = ipv4_between(local, APP, proto::UDP, &[], &datagram(41_000, 53));
+        m.tunnel_egress(&own, false, TEST_IF, 4 * S);
+        let back = ipv4_between(APP, local, proto::UDP, &[], &datagram(53, 41_000));
+        assert_eq!(
+            m.tunnel_ingress(&back, false, TEST_IF, 5 * S)
+                .map(|d| reason::name(d.reason)),
+            Some("reply")
+        );
+    }
+
+    #[test]
+    fn an_answer_from_a_wireguard_port_reopens_nothing_once_it_closes() {
+        let mut m = host(EchoRate::default());
+        let client = out4(proto::UDP, &datagram(51_820, 40_000));
+        let back = ethernet(
+            ETHERTYPE_IPV4,
+            &ipv4_between(
+                REMOTE_V4,
+                HOST_V4,
+                proto::UDP,
+                &[],
+                &datagram(40_000, 51_820),
+            ),
+        );
+        m.edge_egress(&client, TEST_IF, 0);
+        assert_eq!(reason::name(m.edge_ingress(&back, TEST_IF, S)), "wireguard");
+        let closed = EdgePolicy {
+            wireguard_ports: vec![51_821],
+            ..edge_policy()
+        };
+        m.set_policy(&closed, Some(&tunnel_policy()));
+        assert_eq!(
+            reason::name(m.edge_ingress(&back, TEST_IF, 2 * S)),
+            "port_not_allowed"
+        );
+    }
+
+    #[test]
     fn tunnel_replies_and_errors_use_the_same_flows() {
         let mut m = host(EchoRate::default());
         let local = [10, 100, 0, 1];
@@ -2970,7 +3211,7 @@ mod tests {
             &[],
             &segment(40_000, 9000, tcp_flag::SYN),
         );
-        m.egress(&out, false, TEST_IF, 0);
+        m.tunnel_egress(&out, false, TEST_IF, 0);
         let back =
             |src, flags| ipv4_between(src, local, proto::TCP, &[], &segment(9000, 40_000, flags));
         let decide = |m: &mut StatefulModel, p: &[u8]| {
@@ -3012,7 +3253,7 @@ mod tests {
             ETHERTYPE_IPV4,
             &ipv4_between(local, APP, proto::UDP, &[], &datagram(40_000, 7)),
         );
-        m.egress(&framed, true, TEST_IF, 0);
+        m.tunnel_egress(&framed, true, TEST_IF, 0);
         let dgram = ethernet(
             ETHERTYPE_IPV4,
             &ipv4_between(APP, local, proto::UDP, &[], &datagram(7, 40_000)),

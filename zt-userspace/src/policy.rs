@@ -151,6 +151,10 @@ pub struct TunnelPolicy {
     /// `ztxdp allow`/`revoke` (`tunnel.runtime_grants`); they are applied on
     /// top of `peers[..].grants` by every `up`.
     pub runtime_grants: PathBuf,
+    /// On an Ethernet tunnel device, ARP and neighbour solicitations and
+    /// advertisements from link-local sources pass too, not only from a
+    /// peer's addresses (`tunnel.link_local_neighbors`).
+    pub link_local_neighbors: bool,
 }
 
 /// Field names of the audit records (`audit.format`).
