@@ -7,14 +7,16 @@
 mod e2e;
 
 use std::{
-    net::{IpAddr, UdpSocket},
-    time::Duration,
+    net::{IpAddr, Ipv6Addr, UdpSocket},
+    thread,
+    time::{Duration, Instant},
 };
 
 use e2e::{
-    Daemon, Enforced, Scratch, assert_all_time_out, assert_connects, assert_times_out, at,
-    attached, audit_lines, build_lab, counter, expect_audit, expect_counter, expect_no_datagram,
-    has_xdp, is, listen, mac, patterned, send_frames, status, udp_socket, ztxdp, ztxdp_cmd,
+    Daemon, Enforced, SETTLE_TIMEOUT, Scratch, assert_all_time_out, assert_connects,
+    assert_times_out, at, attached, audit_lines, build_lab, counter, expect_audit, expect_counter,
+    expect_no_datagram, has_xdp, is, listen, mac, patterned, send_frames, status, udp_socket,
+    ztxdp, ztxdp_cmd,
 };
 use serde_json::Value;
 use zt_tests::{
@@ -27,6 +29,8 @@ const POSTGRES: u16 = 5432;
 const WIREGUARD: u16 = 51820;
 /// Nothing listens here and the edge policy does not open it.
 const CLOSED_UDP: u16 = 9;
+/// ICMPv6 multicast listener query.
+const MLD_QUERY: u8 = 130;
 
 /// The lab's policy, with the audit file in `scratch`; `edge_lines` replaces
 /// the `[edge]` table's body (lines 2-5), so errors have known lines.
@@ -396,6 +400,51 @@ fn vlan_tagged_frames_are_judged_by_their_inner_header() {
             edge.counter(reason),
             counter(&before, "edge", reason),
             "a tagged frame was counted as {reason}: the tags were not parsed"
+        );
+    }
+}
+
+/// MLD from a link-local router with hop limit 1 passes (RFC 4890 4.4.1),
+/// or a switch that snoops MLD stops forwarding the host's solicited-node
+/// group; the same query routed (hop limit 64) drops as before.
+#[test]
+fn mld_from_a_link_local_router_passes_and_routed_mld_drops() {
+    const EACH: u64 = 3;
+    let edge = start("mld");
+    let outsider = edge.lab.outsider();
+    let link = Ethernet {
+        dst: mac(edge.lab.edge(), HOST_INTERFACE),
+        src: mac(outsider, HOST_INTERFACE),
+        tags: Vec::new(),
+    };
+    let router = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
+    let all_nodes = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1);
+    let query = |hop_limit| {
+        link.ipv6(
+            &Ipv6::new(router, all_nodes).hop_limit(hop_limit),
+            &Transport::Icmp {
+                kind: MLD_QUERY,
+                code: 0,
+            },
+        )
+    };
+    let before = status(edge.lab.edge());
+    let count = usize::try_from(EACH).unwrap_or_default();
+    let mut frames = vec![query(1); count];
+    frames.extend(vec![query(64); count]);
+    send_frames(outsider, HOST_INTERFACE, &frames);
+    // At least: the outsider's own kernel sends MLD reports of its groups
+    // too (from its link-local address, hop limit 1), and they pass as well.
+    for reason in ["mld", "protocol_not_allowed"] {
+        let want = counter(&before, "edge", reason) + EACH;
+        let deadline = Instant::now() + SETTLE_TIMEOUT;
+        while edge.counter(reason) < want && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(50));
+        }
+        assert!(
+            edge.counter(reason) >= want,
+            "edge counter {reason}: expected at least {want}, got {}",
+            edge.counter(reason)
         );
     }
 }

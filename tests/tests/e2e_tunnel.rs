@@ -24,8 +24,8 @@ use std::{
 
 use e2e::{
     CONNECT_TIMEOUT, Enforced, Scratch, accept, assert_all_time_out, assert_connects,
-    assert_times_out, at, attached, build_lab, counter, expect_audit, is, listen, status, ztxdp,
-    ztxdp_ok,
+    assert_times_out, at, attached, build_lab, counter, expect_audit, expect_no_datagram, is,
+    listen, status, udp_socket, ztxdp, ztxdp_ok,
 };
 use serde_json::Value;
 use zt_tests::{
@@ -385,6 +385,66 @@ fn revoke_cuts_an_open_connection_at_once() {
     let got = read_within(&mut server, 5, Duration::from_secs(15))
         .unwrap_or_else(|e| panic!("data did not resume after granting again: {e}"));
     assert_eq!(got, b"after");
+}
+
+/// A UDP service the host answered through a grant closes at `revoke`: the
+/// peer's datagrams on the same four-tuple no longer arrive, whether the
+/// server answered before the revoke or goes on answering after it.
+#[test]
+fn revoke_closes_a_udp_service_that_answered_the_peer() {
+    const SERVICE: u16 = 9999;
+    let mesh = mesh("udp-revoke");
+    grant(&mesh, "allow", "app-1", "9999/udp");
+    let server = udp_socket(mesh.edge(), at(EDGE_TUNNEL_V4, SERVICE));
+    let client = udp_socket(app_ns(&mesh, "app-1"), at(APP_1_TUNNEL_V4, 0));
+    let service = at(EDGE_TUNNEL_V4, SERVICE);
+    let mut buf = [0u8; 64];
+    // The first datagram starts the WireGuard handshake; a lost one is sent again.
+    let peer = (0..5)
+        .find_map(|_| {
+            client
+                .send_to(b"hello", service)
+                .unwrap_or_else(|e| panic!("client send: {e}"));
+            server.recv_from(&mut buf).ok().map(|(_, from)| from)
+        })
+        .unwrap_or_else(|| panic!("app-1's datagrams to its granted udp/9999 never arrived"));
+    for round in 0..3u8 {
+        server
+            .send_to(&[round], peer)
+            .unwrap_or_else(|e| panic!("server answer: {e}"));
+        let (n, _) = client
+            .recv_from(&mut buf)
+            .unwrap_or_else(|e| panic!("app-1 got no answer {round}: {e}"));
+        assert_eq!(&buf[..n], &[round]);
+        client
+            .send_to(&[round], service)
+            .unwrap_or_else(|e| panic!("client send: {e}"));
+        let (n, _) = server
+            .recv_from(&mut buf)
+            .unwrap_or_else(|e| panic!("datagram {round} of the exchange lost: {e}"));
+        assert_eq!(&buf[..n], &[round]);
+    }
+    let denied = counter(&status(mesh.edge()), "tunnel", "not_granted");
+    grant(&mesh, "revoke", "app-1", "9999/udp");
+    client
+        .send_to(b"after", service)
+        .unwrap_or_else(|e| panic!("client send: {e}"));
+    expect_no_datagram(&server, "app-1's datagram after `revoke app-1 9999/udp`");
+    // The server goes on answering: that reopens nothing either.
+    server
+        .send_to(b"still here", peer)
+        .unwrap_or_else(|e| panic!("server answer: {e}"));
+    client
+        .recv_from(&mut buf)
+        .unwrap_or_else(|e| panic!("the host's answer after the revoke was not sent: {e}"));
+    client
+        .send_to(b"again", service)
+        .unwrap_or_else(|e| panic!("client send: {e}"));
+    expect_no_datagram(&server, "app-1's datagram after the host answered again");
+    assert!(
+        counter(&status(mesh.edge()), "tunnel", "not_granted") >= denied + 2,
+        "the revoked datagrams were not counted as not_granted"
+    );
 }
 
 #[test]
