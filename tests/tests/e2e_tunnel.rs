@@ -17,15 +17,17 @@
 mod e2e;
 
 use std::{
+    fs::{File, OpenOptions},
     io::{self, Read as _, Write as _},
-    net::{IpAddr, Ipv4Addr, TcpStream},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, TcpStream},
+    os::fd::AsRawFd as _,
     time::{Duration, Instant},
 };
 
 use e2e::{
-    CONNECT_TIMEOUT, Enforced, Scratch, accept, assert_all_time_out, assert_connects,
-    assert_times_out, at, attached, build_lab, counter, expect_audit, expect_no_datagram, is,
-    listen, status, udp_socket, ztxdp, ztxdp_ok,
+    CONNECT_TIMEOUT, Daemon, Enforced, Scratch, accept, assert_all_time_out, assert_connects,
+    assert_times_out, at, attached, build_lab, counter, expect_audit, expect_counter,
+    expect_no_datagram, is, listen, status, udp_socket, ztxdp, ztxdp_ok,
 };
 use serde_json::Value;
 use zt_tests::{
@@ -34,6 +36,7 @@ use zt_tests::{
         EDGE_V4, EDGE_V6, HOST_INTERFACE, Lab, Tunnel,
     },
     netns::NetNs,
+    packet::{Ipv6, Transport},
     wg::{KeyPair, LISTEN_PORT, WgDevice},
 };
 use ztxdp::config::Config;
@@ -444,6 +447,124 @@ fn revoke_closes_a_udp_service_that_answered_the_peer() {
     assert!(
         counter(&status(mesh.edge()), "tunnel", "not_granted") >= denied + 2,
         "the revoked datagrams were not counted as not_granted"
+    );
+}
+
+/// A TUN device in `ns`, as wireguard-go makes one: packets written to the
+/// returned file arrive on the device as received from the tunnel.
+fn tun_device(ns: &NetNs, name: &str) -> File {
+    /// `TUNSETIFF`, `IFF_TUN` and `IFF_NO_PI` from `<linux/if_tun.h>`.
+    const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+    const IFF_TUN: u16 = 0x0001;
+    const IFF_NO_PI: u16 = 0x1000;
+    let tun = ns
+        .enter(|| {
+            let tun = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/net/tun")?;
+            // struct ifreq: the name, then the flags (a short).
+            let mut ifreq = [0u8; 40];
+            ifreq[..name.len()].copy_from_slice(name.as_bytes());
+            ifreq[16..18].copy_from_slice(&(IFF_TUN | IFF_NO_PI).to_ne_bytes());
+            // SAFETY: TUNSETIFF reads and writes a struct ifreq, which
+            // `ifreq` is large enough to hold.
+            if unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETIFF, ifreq.as_mut_ptr()) } < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(tun)
+        })
+        .unwrap_or_else(|e| panic!("entering {}: {e}", ns.name()))
+        .unwrap_or_else(|e| panic!("creating TUN device {name} in {}: {e}", ns.name()));
+    ns.ip(&["link", "set", name, "up"])
+        .unwrap_or_else(|e| panic!("{name} up: {e:?}"));
+    tun
+}
+
+/// A router advertisement from `fe80::9` to all nodes, announcing the
+/// on-link, autonomous prefix `prefix`/64.
+fn router_advertisement(prefix: Ipv6Addr) -> Vec<u8> {
+    const ROUTER_ADVERTISEMENT: u8 = 134;
+    const PREFIX_INFORMATION: u8 = 3;
+    // Reachable time and retransmission timer (0: unspecified), then the
+    // prefix information option: 4 units of 8 bytes, /64, on-link and
+    // autonomous, valid a day, preferred 4 hours.
+    let mut rest = vec![0u8; 8];
+    rest.extend_from_slice(&[PREFIX_INFORMATION, 4, 64, 0xc0]);
+    rest.extend_from_slice(&86_400u32.to_be_bytes());
+    rest.extend_from_slice(&14_400u32.to_be_bytes());
+    rest.extend_from_slice(&[0; 4]);
+    rest.extend_from_slice(&prefix.octets());
+    Ipv6::new(
+        Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 9),
+        Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1),
+    )
+    .hop_limit(255)
+    .data(&rest)
+    .packet(&Transport::Icmp {
+        kind: ROUTER_ADVERTISEMENT,
+        code: 0,
+    })
+}
+
+/// Whether `ns` has a route to `prefix`/64 through `device`.
+fn has_route(ns: &NetNs, prefix: &str, device: &str) -> bool {
+    ns.ip(&["-6", "route", "show", "dev", device])
+        .unwrap_or_else(|e| panic!("ip -6 route: {e:?}"))
+        .lines()
+        .any(|l| l.starts_with(&format!("{prefix}/64")))
+}
+
+/// On a TUN device, a router advertisement from an address of no peer was
+/// taken before the peer check: it installed a default route and a prefix.
+/// With ztxdp attached it drops as `router_message` and installs nothing.
+#[test]
+fn a_router_advertisement_from_no_peer_installs_nothing_on_a_tun_device() {
+    const DEVICE: &str = "ztun0";
+    let ns = NetNs::new("ra").unwrap_or_else(|e| panic!("namespace: {e:?}"));
+    let mut tun = tun_device(&ns, DEVICE);
+    ns.ip(&["-6", "addr", "add", "fd00:100::fe/64", "dev", DEVICE])
+        .unwrap_or_else(|e| panic!("address: {e:?}"));
+    // Unfiltered, the device takes the advertisement: the test can tell.
+    tun.write_all(&router_advertisement(
+        "2001:db8:a::".parse().unwrap_or(Ipv6Addr::UNSPECIFIED),
+    ))
+    .unwrap_or_else(|e| panic!("writing to the TUN device: {e}"));
+    let deadline = Instant::now() + e2e::SETTLE_TIMEOUT;
+    while !has_route(&ns, "2001:db8:a::", DEVICE) {
+        assert!(
+            Instant::now() < deadline,
+            "the unfiltered device never took the advertisement: the test proves nothing"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let scratch = Scratch::new("ra");
+    let config = scratch.write(
+        "ztxdp.toml",
+        &format!(
+            "[tunnel]
+             interface = \"{DEVICE}\"
+             runtime_grants = \"{}\"
+             [[tunnel.peer]]
+             name = \"app-1\"
+             addresses = [\"fd00:100::1/128\"]
+             allow = [\"tcp/5432\"]
+             [audit]
+             path = \"{}\"
+",
+            scratch.path("grants.json").display(),
+            scratch.path("audit.jsonl").display(),
+        ),
+    );
+    let _daemon = Daemon::start(&ns, &config, &[], scratch.path("up.log"));
+    tun.write_all(&router_advertisement(
+        "2001:db8:b::".parse().unwrap_or(Ipv6Addr::UNSPECIFIED),
+    ))
+    .unwrap_or_else(|e| panic!("writing to the TUN device: {e}"));
+    expect_counter(&ns, "tunnel", "router_message", 0, 1);
+    assert!(
+        !has_route(&ns, "2001:db8:b::", DEVICE),
+        "the advertisement from fe80::9 installed its prefix through ztxdp"
     );
 }
 
