@@ -20,7 +20,7 @@ use crate::{
     attach::{self, AttachError, Attachment, XdpMode},
     audit::{self, AuditError, Names, Trail, kernel::Feed, record::Program},
     config::{Config, ConfigError},
-    grants::{GrantsError, RuntimeGrants},
+    grants::{GrantsError, GrantsLock, RuntimeGrants},
     loader::{self, LoadError},
     lockout::{self, LockoutError},
     policy::TunnelPolicy,
@@ -84,7 +84,10 @@ pub struct Enforcing {
 /// On any failure before enforcement starts (then nothing was changed) or
 /// while writing the audit trail.
 pub async fn up(opts: &UpOptions, ready: impl FnOnce(&Enforcing)) -> Result<(), DaemonError> {
-    let (config, tunnel_policy) = checked_config(opts)?;
+    // Held until our programs are attached: a grant change made meanwhile
+    // waits, then finds and updates them, instead of updating the programs
+    // we replace after we read the file without it.
+    let (config, tunnel_policy, grants_lock) = checked_config(opts)?;
 
     let tunnel_l2 = tunnel_policy
         .as_ref()
@@ -168,6 +171,7 @@ pub async fn up(opts: &UpOptions, ready: impl FnOnce(&Enforcing)) -> Result<(), 
                 .any(|(i, n)| i.as_deref() == Some(a.interface.as_str()) && *n == a.program)
         })
         .collect();
+    drop(grants_lock);
     ready(&enforcing);
 
     let mut feed = Feed::new(ring, summaries, names(&enforcing, tunnel_policy.as_ref()))?;
@@ -182,8 +186,10 @@ pub async fn up(opts: &UpOptions, ready: impl FnOnce(&Enforcing)) -> Result<(), 
 
 /// The configuration with the command line's interface overrides, checked
 /// against the interfaces and lockout, and the tunnel policy with the
-/// runtime grants applied.
-fn checked_config(opts: &UpOptions) -> Result<(Config, Option<TunnelPolicy>), DaemonError> {
+/// runtime grants applied, read under the grants lock, which is returned.
+fn checked_config(
+    opts: &UpOptions,
+) -> Result<(Config, Option<TunnelPolicy>, Option<GrantsLock>), DaemonError> {
     let mut config = Config::load(&opts.config)?;
     if let (Some(iface), Some(edge)) = (&opts.iface, config.policy.edge.as_mut()) {
         edge.interface.clone_from(iface);
@@ -200,11 +206,15 @@ fn checked_config(opts: &UpOptions) -> Result<(Config, Option<TunnelPolicy>), Da
             &edge.ssh_allow,
         )?;
     }
-    let tunnel_policy = match &config.policy.tunnel {
-        Some(t) => Some(RuntimeGrants::load(&t.runtime_grants)?.apply(t)),
-        None => None,
+    let (tunnel_policy, lock) = match &config.policy.tunnel {
+        Some(t) => {
+            let lock = GrantsLock::acquire(&t.runtime_grants)?;
+            let policy = RuntimeGrants::load(lock.path())?.apply(t);
+            (Some(policy), Some(lock))
+        }
+        None => (None, None),
     };
-    Ok((config, tunnel_policy))
+    Ok((config, tunnel_policy, lock))
 }
 
 /// Graceful stop: removes exactly what we attached, if it is still ours.
