@@ -8,7 +8,9 @@ mod e2e;
 
 use std::{
     net::{IpAddr, UdpSocket},
-    time::Duration,
+    sync::atomic::{AtomicBool, AtomicU64, Ordering},
+    thread,
+    time::{Duration, Instant},
 };
 
 use e2e::{
@@ -492,6 +494,87 @@ fn enforcement_survives_kill_9_and_takeover_until_down() {
         Some(1),
         "a second `down` has nothing to remove"
     );
+}
+
+#[test]
+fn a_keep_attached_stop_and_the_next_start_let_no_denied_packet_through() {
+    // A datagram every millisecond, for at most this many: bounds the test
+    // if the daemons hang.
+    const MAX_SENT: u64 = 60_000;
+    // Datagrams sent around each step, so the stream covers all of it.
+    const MARGIN: u64 = 50;
+    let mut edge = Enforced::start_with("keep", build_lab(), &["--keep-attached"], |_, s| {
+        config_text(s, EDGE_LINES)
+    });
+    let (host, outsider) = (edge.lab.edge(), edge.lab.outsider());
+    // Only the filter keeps datagrams from this socket on the closed port.
+    let closed = udp_socket(host, at(IpAddr::from([0u8; 16]), CLOSED_UDP));
+    let first_id = status(host)["edge"]["program_id"].clone();
+    let sent = AtomicU64::new(0);
+    let done = AtomicBool::new(false);
+    let wait_for = |n: u64, what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while sent.load(Ordering::Relaxed) < n {
+            assert!(
+                Instant::now() < deadline,
+                "the sender did not get to {n} datagrams ({what})"
+            );
+            thread::sleep(Duration::from_millis(5));
+        }
+    };
+    let (after_stop, at_ready, still, second) = thread::scope(|s| {
+        s.spawn(|| {
+            let sender = udp_socket(outsider, at(IpAddr::from([0u8; 4]), 0));
+            while !done.load(Ordering::Relaxed) && sent.load(Ordering::Relaxed) < MAX_SENT {
+                sender
+                    .send_to(b"denied", at(EDGE_V4, CLOSED_UDP))
+                    .unwrap_or_else(|e| panic!("send: {e}"));
+                sent.fetch_add(1, Ordering::Relaxed);
+                thread::sleep(Duration::from_millis(1));
+            }
+        });
+        wait_for(MARGIN, "before the stop");
+        edge.daemon.terminate();
+        let after_stop = sent.load(Ordering::Relaxed);
+        let still = attached(host, HOST_INTERFACE);
+        // Not `edge.up`: that borrows all of `edge`, whose daemon is borrowed here.
+        let second = Daemon::start(host, &edge.config, &[], edge.scratch.path("daemon-2.log"));
+        let at_ready = sent.load(Ordering::Relaxed);
+        wait_for(at_ready + MARGIN, "after the start");
+        done.store(true, Ordering::Relaxed);
+        (after_stop, at_ready, still, second)
+    });
+    let total = sent.load(Ordering::Relaxed);
+    // Datagrams in flight when the sender stopped have arrived by now.
+    thread::sleep(Duration::from_millis(200));
+    closed
+        .set_nonblocking(true)
+        .unwrap_or_else(|e| panic!("nonblocking socket: {e}"));
+    let mut buf = [0u8; 64];
+    let delivered = std::iter::from_fn(|| closed.recv_from(&mut buf).ok()).count();
+    assert_eq!(
+        delivered, 0,
+        "{delivered} of {total} denied datagrams reached the closed port during a \
+         `--keep-attached` stop (after {after_stop}) and the next start (ready after {at_ready})"
+    );
+    assert!(
+        still.iter().any(|line| line.contains("xdp")),
+        "the edge program was not attached after a `--keep-attached` SIGTERM: {still:?}"
+    );
+    assert!(
+        at_ready > after_stop,
+        "no datagram was sent between the stop and the next start: this proved nothing"
+    );
+    let now = status(host);
+    assert_ne!(
+        now["edge"]["program_id"], first_id,
+        "the next `up` did not replace the program: {now:#}"
+    );
+    assert!(
+        counter(&now, "edge", "port_not_allowed") > 0,
+        "the new program dropped none of the stream: {now:#}"
+    );
+    drop(second);
 }
 
 #[test]

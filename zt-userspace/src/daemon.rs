@@ -5,7 +5,8 @@
 //! is valid and every map is filled, and a running ztxdp is replaced
 //! atomically (`XDP_FLAGS_REPLACE`, tc filter replace), so there is no moment
 //! without enforcement. A graceful stop (SIGINT, SIGTERM) removes what this
-//! process attached; a crash leaves it in place, failing closed.
+//! process attached, unless `--keep-attached`; a crash leaves it in place,
+//! failing closed.
 
 use std::{path::PathBuf, time::Duration};
 
@@ -66,6 +67,8 @@ pub struct UpOptions {
     pub tunnel_iface: Option<String>,
     /// Start even if the SSH session running us is not in `edge.ssh_allow`.
     pub allow_lockout: bool,
+    /// On SIGINT or SIGTERM leave the programs attached, as a crash does.
+    pub keep_attached: bool,
 }
 
 /// What `up` put in place, reported once enforcement is live.
@@ -77,8 +80,9 @@ pub struct Enforcing {
     pub egress: Vec<Attachment>,
 }
 
-/// Runs the daemon until SIGINT or SIGTERM. `ready` is called once, when
-/// enforcement is in place.
+/// Runs the daemon until SIGINT or SIGTERM (then detaches, unless
+/// `opts.keep_attached`). `ready` is called once, when enforcement is in
+/// place.
 ///
 /// # Errors
 /// On any failure before enforcement starts (then nothing was changed) or
@@ -177,7 +181,13 @@ pub async fn up(opts: &UpOptions, ready: impl FnOnce(&Enforcing)) -> Result<(), 
     let mut feed = Feed::new(ring, summaries, names(&enforcing, tunnel_policy.as_ref()))?;
     let stop = stream_audit(&mut feed, &mut trail, &tables, &handle, &enforcing).await;
     if matches!(stop, Ok(Stop::Signal)) {
-        detach(&handle, &enforcing).await;
+        if opts.keep_attached {
+            // A service manager's stop or restart must not open the host
+            // until the next `up` swaps in its programs.
+            tracing::info!("stopping; the programs stay attached (--keep-attached)");
+        } else {
+            detach(&handle, &enforcing).await;
+        }
     }
     let flushed = flush_audit(&mut feed, trail, &tables);
     stop?;
@@ -276,7 +286,7 @@ const SUMMARY_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Why the audit loop ended.
 enum Stop {
-    /// SIGINT or SIGTERM: detach and exit.
+    /// SIGINT or SIGTERM: detach (unless `--keep-attached`) and exit.
     Signal,
     /// Our programs were removed (`ztxdp down`) or replaced (a newer `up`):
     /// exit without touching what is attached now.

@@ -38,11 +38,14 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Validate the config, load and attach the programs, and write the audit
-    /// log until Ctrl-C or SIGTERM (which detach). If this process is killed,
-    /// enforcement stays in place; a new `up` takes over without a gap.
+    /// log until Ctrl-C or SIGTERM (which detach, unless --keep-attached). If
+    /// this process is killed, enforcement stays in place; a new `up` takes
+    /// over without a gap.
     #[command(
         after_help = "Examples:\n  ztxdp up --config /etc/ztxdp/ztxdp.toml\n  \
-        ztxdp up --config lab.toml --iface veth0"
+        ztxdp up --config lab.toml --iface veth0\n  \
+        ztxdp up --config /etc/ztxdp/ztxdp.toml --keep-attached   \
+        # under systemd: a stop or restart leaves enforcement in place"
     )]
     Up {
         #[arg(long, env = "ZTXDP_CONFIG", default_value = DEFAULT_CONFIG)]
@@ -56,6 +59,11 @@ enum Command {
         /// Start even if your own SSH session is not in `edge.ssh_allow`.
         #[arg(long)]
         allow_lockout: bool,
+        /// On SIGTERM or Ctrl-C leave the programs attached, as after a
+        /// crash: write the rest of the audit trail and exit 0. The next
+        /// `up` takes over without a gap; `ztxdp down` removes them.
+        #[arg(long)]
+        keep_attached: bool,
     },
     /// Validate a config file without touching the kernel.
     #[command(after_help = "Example:\n  ztxdp check --config /etc/ztxdp/ztxdp.toml")]
@@ -239,12 +247,14 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             iface,
             tunnel_iface,
             allow_lockout,
+            keep_attached,
         } => {
             let opts = UpOptions {
                 config,
                 iface,
                 tunnel_iface,
                 allow_lockout,
+                keep_attached,
             };
             daemon::up(&opts, print_ready)
                 .await
