@@ -16,7 +16,8 @@ use std::{
 use e2e::{
     Daemon, Enforced, Scratch, assert_all_time_out, assert_connects, assert_times_out, at,
     attached, audit_lines, build_lab, counter, expect_audit, expect_counter, expect_no_datagram,
-    has_xdp, is, listen, mac, patterned, send_frames, status, udp_socket, ztxdp, ztxdp_cmd,
+    has_xdp, is, listen, mac, patterned, run_with_stdout_closed, send_frames, status, udp_socket,
+    ztxdp, ztxdp_cmd,
 };
 use serde_json::Value;
 use zt_tests::{
@@ -491,8 +492,8 @@ fn enforcement_survives_kill_9_and_takeover_until_down() {
     );
     assert_eq!(
         ztxdp(host, &["down"]).status.code(),
-        Some(1),
-        "a second `down` has nothing to remove"
+        Some(0),
+        "a second `down` has nothing to remove, which is no error"
     );
 }
 
@@ -575,6 +576,59 @@ fn a_keep_attached_stop_and_the_next_start_let_no_denied_packet_through() {
         "the new program dropped none of the stream: {now:#}"
     );
     drop(second);
+}
+
+#[test]
+fn commands_end_quietly_when_stdout_closes_and_down_is_idempotent() {
+    let edge = start("pipe");
+    let host = edge.edge();
+    let config = edge.config.display().to_string();
+    // `list` needs a tunnel; this config is only listed, never enforced.
+    let tunnel = edge
+        .scratch
+        .write(
+            "tunnel.toml",
+            &format!(
+                "[tunnel]\ninterface = \"{HOST_INTERFACE}\"\nruntime_grants = \"{}\"\n\n\
+                 [[tunnel.peer]]\nname = \"app-1\"\naddresses = [\"10.100.0.1/32\"]\n\
+                 allow = [\"tcp/5432\"]\n\n[audit]\npath = \"/dev/null\"\n",
+                edge.scratch.path("grants.json").display()
+            ),
+        )
+        .display()
+        .to_string();
+    let commands: [&[&str]; 6] = [
+        &["status"],
+        &["status", "--json"],
+        &["check", "--config", &config],
+        &["list", "--config", &tunnel],
+        &["export", "nft", "--config", &config],
+        // Last: it removes what `status` shows.
+        &["down"],
+    ];
+    for args in commands {
+        let out = run_with_stdout_closed(&mut ztxdp_cmd(host, args));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.code() == Some(0) && !stderr.contains("Broken pipe"),
+            "`ztxdp {}` with its stdout closed (as in `| head -0`) must end quietly \
+             with status 0, not {}:\n{stderr}",
+            args.join(" "),
+            out.status
+        );
+    }
+    let left = attached(host, HOST_INTERFACE);
+    assert!(left.is_empty(), "still attached after `down`: {left:?}");
+
+    // Nothing is attached now: `down` has nothing to do, which is no error.
+    let again = ztxdp(host, &["down"]);
+    let said = String::from_utf8_lossy(&again.stdout);
+    assert!(
+        again.status.success() && said.contains("nothing"),
+        "`down` with nothing attached must exit 0 and say so ({}): {said}{}",
+        again.status,
+        String::from_utf8_lossy(&again.stderr)
+    );
 }
 
 #[test]

@@ -122,6 +122,16 @@ pub fn run_bounded(command: &mut Command) -> Output {
     run_bounded_to(command, Stdio::piped())
 }
 
+/// [`run_bounded`] with the command's stdout a pipe whose reading end is
+/// already closed, as after `| head -0`: its every write to stdout fails
+/// with `EPIPE`, not only those after a reader happened to exit. The
+/// output has no stdout.
+pub fn run_with_stdout_closed(command: &mut Command) -> Output {
+    let (reader, writer) = io::pipe().unwrap_or_else(|e| panic!("creating a pipe: {e}"));
+    drop(reader);
+    run_bounded_to(command, writer.into())
+}
+
 /// [`run_bounded`] with the command's stdout sent to `stdout`; the output
 /// holds it only if that is [`Stdio::piped`].
 fn run_bounded_to(command: &mut Command, stdout: Stdio) -> Output {
