@@ -8,6 +8,7 @@ mod e2e;
 
 use std::{
     net::{IpAddr, Ipv6Addr, UdpSocket},
+    sync::atomic::{AtomicBool, AtomicU64, Ordering},
     thread,
     time::{Duration, Instant},
 };
@@ -15,8 +16,8 @@ use std::{
 use e2e::{
     Daemon, Enforced, SETTLE_TIMEOUT, Scratch, assert_all_time_out, assert_connects,
     assert_times_out, at, attached, audit_lines, build_lab, counter, expect_audit, expect_counter,
-    expect_no_datagram, has_xdp, is, listen, mac, patterned, send_frames, status, udp_socket,
-    ztxdp, ztxdp_cmd,
+    expect_no_datagram, has_xdp, is, listen, mac, patterned, run_with_stdout_closed, send_frames,
+    status, udp_socket, ztxdp, ztxdp_cmd,
 };
 use serde_json::Value;
 use zt_tests::{
@@ -538,8 +539,142 @@ fn enforcement_survives_kill_9_and_takeover_until_down() {
     );
     assert_eq!(
         ztxdp(host, &["down"]).status.code(),
-        Some(1),
-        "a second `down` has nothing to remove"
+        Some(0),
+        "a second `down` has nothing to remove, which is no error"
+    );
+}
+
+#[test]
+fn a_keep_attached_stop_and_the_next_start_let_no_denied_packet_through() {
+    // A datagram every millisecond, for at most this many: bounds the test
+    // if the daemons hang.
+    const MAX_SENT: u64 = 60_000;
+    // Datagrams sent around each step, so the stream covers all of it.
+    const MARGIN: u64 = 50;
+    let mut edge = Enforced::start_with("keep", build_lab(), &["--keep-attached"], |_, s| {
+        config_text(s, EDGE_LINES)
+    });
+    let (host, outsider) = (edge.lab.edge(), edge.lab.outsider());
+    // Only the filter keeps datagrams from this socket on the closed port.
+    let closed = udp_socket(host, at(IpAddr::from([0u8; 16]), CLOSED_UDP));
+    let first_id = status(host)["edge"]["program_id"].clone();
+    let sent = AtomicU64::new(0);
+    let done = AtomicBool::new(false);
+    let wait_for = |n: u64, what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while sent.load(Ordering::Relaxed) < n {
+            assert!(
+                Instant::now() < deadline,
+                "the sender did not get to {n} datagrams ({what})"
+            );
+            thread::sleep(Duration::from_millis(5));
+        }
+    };
+    let (after_stop, at_ready, still, second) = thread::scope(|s| {
+        s.spawn(|| {
+            let sender = udp_socket(outsider, at(IpAddr::from([0u8; 4]), 0));
+            while !done.load(Ordering::Relaxed) && sent.load(Ordering::Relaxed) < MAX_SENT {
+                sender
+                    .send_to(b"denied", at(EDGE_V4, CLOSED_UDP))
+                    .unwrap_or_else(|e| panic!("send: {e}"));
+                sent.fetch_add(1, Ordering::Relaxed);
+                thread::sleep(Duration::from_millis(1));
+            }
+        });
+        wait_for(MARGIN, "before the stop");
+        edge.daemon.terminate();
+        let after_stop = sent.load(Ordering::Relaxed);
+        let still = attached(host, HOST_INTERFACE);
+        // Not `edge.up`: that borrows all of `edge`, whose daemon is borrowed here.
+        let second = Daemon::start(host, &edge.config, &[], edge.scratch.path("daemon-2.log"));
+        let at_ready = sent.load(Ordering::Relaxed);
+        wait_for(at_ready + MARGIN, "after the start");
+        done.store(true, Ordering::Relaxed);
+        (after_stop, at_ready, still, second)
+    });
+    let total = sent.load(Ordering::Relaxed);
+    // Datagrams in flight when the sender stopped have arrived by now.
+    thread::sleep(Duration::from_millis(200));
+    closed
+        .set_nonblocking(true)
+        .unwrap_or_else(|e| panic!("nonblocking socket: {e}"));
+    let mut buf = [0u8; 64];
+    let delivered = std::iter::from_fn(|| closed.recv_from(&mut buf).ok()).count();
+    assert_eq!(
+        delivered, 0,
+        "{delivered} of {total} denied datagrams reached the closed port during a \
+         `--keep-attached` stop (after {after_stop}) and the next start (ready after {at_ready})"
+    );
+    assert!(
+        still.iter().any(|line| line.contains("xdp")),
+        "the edge program was not attached after a `--keep-attached` SIGTERM: {still:?}"
+    );
+    assert!(
+        at_ready > after_stop,
+        "no datagram was sent between the stop and the next start: this proved nothing"
+    );
+    let now = status(host);
+    assert_ne!(
+        now["edge"]["program_id"], first_id,
+        "the next `up` did not replace the program: {now:#}"
+    );
+    assert!(
+        counter(&now, "edge", "port_not_allowed") > 0,
+        "the new program dropped none of the stream: {now:#}"
+    );
+    drop(second);
+}
+
+#[test]
+fn commands_end_quietly_when_stdout_closes_and_down_is_idempotent() {
+    let edge = start("pipe");
+    let host = edge.edge();
+    let config = edge.config.display().to_string();
+    // `list` needs a tunnel; this config is only listed, never enforced.
+    let tunnel = edge
+        .scratch
+        .write(
+            "tunnel.toml",
+            &format!(
+                "[tunnel]\ninterface = \"{HOST_INTERFACE}\"\nruntime_grants = \"{}\"\n\n\
+                 [[tunnel.peer]]\nname = \"app-1\"\naddresses = [\"10.100.0.1/32\"]\n\
+                 allow = [\"tcp/5432\"]\n\n[audit]\npath = \"/dev/null\"\n",
+                edge.scratch.path("grants.json").display()
+            ),
+        )
+        .display()
+        .to_string();
+    let commands: [&[&str]; 6] = [
+        &["status"],
+        &["status", "--json"],
+        &["check", "--config", &config],
+        &["list", "--config", &tunnel],
+        &["export", "nft", "--config", &config],
+        // Last: it removes what `status` shows.
+        &["down"],
+    ];
+    for args in commands {
+        let out = run_with_stdout_closed(&mut ztxdp_cmd(host, args));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.code() == Some(0) && !stderr.contains("Broken pipe"),
+            "`ztxdp {}` with its stdout closed (as in `| head -0`) must end quietly \
+             with status 0, not {}:\n{stderr}",
+            args.join(" "),
+            out.status
+        );
+    }
+    let left = attached(host, HOST_INTERFACE);
+    assert!(left.is_empty(), "still attached after `down`: {left:?}");
+
+    // Nothing is attached now: `down` has nothing to do, which is no error.
+    let again = ztxdp(host, &["down"]);
+    let said = String::from_utf8_lossy(&again.stdout);
+    assert!(
+        again.status.success() && said.contains("nothing"),
+        "`down` with nothing attached must exit 0 and say so ({}): {said}{}",
+        again.status,
+        String::from_utf8_lossy(&again.stderr)
     );
 }
 

@@ -39,7 +39,7 @@ use zt_tests::{
     packet::{Ipv6, Transport},
     wg::{KeyPair, LISTEN_PORT, WgDevice},
 };
-use ztxdp::config::Config;
+use ztxdp::{config::Config, grants::RuntimeGrants};
 
 const SSH: u16 = 22;
 const POSTGRES: u16 = 5432;
@@ -626,6 +626,144 @@ fn runtime_grants_survive_a_restart() {
         listed(&peer_list(&mesh), "app-2")["added"],
         serde_json::json!(["tcp/5432"])
     );
+}
+
+/// `app-2`'s effective grants as the runtime grants file makes them, read
+/// by the library (not by the binary under test).
+fn file_grants(mesh: &Enforced) -> Vec<String> {
+    let config = Config::load(&mesh.config).unwrap_or_else(|e| panic!("{e}"));
+    let tunnel = config
+        .policy
+        .tunnel
+        .unwrap_or_else(|| panic!("{} has no tunnel", mesh.config.display()));
+    let runtime = RuntimeGrants::load(&tunnel.runtime_grants).unwrap_or_else(|e| panic!("{e}"));
+    let merged = runtime.apply(&tunnel);
+    let peer = merged
+        .peers
+        .iter()
+        .find(|p| p.name == "app-2")
+        .unwrap_or_else(|| panic!("no app-2 in {}", mesh.config.display()));
+    peer.grants.iter().map(ToString::to_string).collect()
+}
+
+#[test]
+fn parallel_grant_changes_all_take_effect_in_the_file_and_the_kernel() {
+    // 25 allows and 25 revokes for one peer at once: each reads the whole
+    // file, changes it and writes it back, then updates the kernel map.
+    // Unserialized, a later write undid earlier ones: all 50 printed
+    // success, the file kept a few of the changes and the kernel others.
+    const ALLOWED: std::ops::RangeInclusive<u16> = 8000..=8024;
+    const REVOKED: std::ops::RangeInclusive<u16> = 7000..=7024;
+    let mesh = mesh("parallel");
+    let app2 = app_ns(&mesh, "app-2");
+    let _listeners: Vec<_> = ALLOWED
+        .chain(REVOKED)
+        .map(|port| listen(mesh.edge(), port))
+        .collect();
+    grant(&mesh, "allow", "app-2", "7000-7024");
+    let config = mesh.config.display().to_string();
+    let changes: Vec<(&str, String)> = ALLOWED
+        .map(|p| ("allow", p.to_string()))
+        .chain(REVOKED.map(|p| ("revoke", p.to_string())))
+        .collect();
+    let outputs = std::thread::scope(|s| {
+        let running: Vec<_> = changes
+            .iter()
+            .map(|(action, port)| {
+                let args = [*action, "app-2", port.as_str(), "--config", config.as_str()];
+                let edge = mesh.edge();
+                s.spawn(move || ztxdp(edge, &args))
+            })
+            .collect();
+        running
+            .into_iter()
+            .map(|r| r.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect::<Vec<_>>()
+    });
+    for ((action, port), out) in changes.iter().zip(&outputs) {
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && said.contains("in effect now"),
+            "`{action} app-2 {port}` ({}): {said}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    let want = vec![format!("tcp/{}-{}", ALLOWED.start(), ALLOWED.end())];
+    assert_eq!(
+        file_grants(&mesh),
+        want,
+        "the runtime grants file lost changes that were reported in effect"
+    );
+    let list = peer_list(&mesh);
+    assert_eq!(
+        listed(&list, "app-2")["grants"],
+        serde_json::json!(want),
+        "{list:#}"
+    );
+    for port in ALLOWED {
+        assert_connects(
+            app2,
+            at(EDGE_TUNNEL_V4, port),
+            &format!("app-2 to {port}, allowed in parallel"),
+        );
+    }
+    let whats: Vec<String> = REVOKED
+        .map(|port| format!("app-2 to {port}, revoked in parallel"))
+        .collect();
+    let cases: Vec<_> = REVOKED
+        .zip(&whats)
+        .map(|(port, what)| (app2, at(EDGE_TUNNEL_V4, port), what.as_str()))
+        .collect();
+    assert_all_time_out(&cases);
+}
+
+#[test]
+fn a_revoke_during_a_replacing_up_is_in_force_after_it() {
+    // The new `up` reads the grants file, then loads and fills its programs
+    // for a while before it swaps them in. A revoke in that time, without
+    // a lock, reaches the file and the old program, and the new one comes
+    // up with the grant. The delays put the revoke at different points of
+    // the start.
+    let mut mesh = mesh("uprace");
+    let config = mesh.config.display().to_string();
+    for (round, delay_ms) in [0u16, 20, 50, 100, 200].into_iter().enumerate() {
+        let port = 9000 + delay_ms;
+        let _listener = listen(mesh.edge(), port);
+        grant(&mesh, "allow", "app-2", &port.to_string());
+        let mut revoke = e2e::ztxdp_cmd(
+            mesh.edge(),
+            &["revoke", "app-2", &port.to_string(), "--config", &config],
+        );
+        let (old, out) = std::thread::scope(|s| {
+            let revoking = s.spawn(move || {
+                std::thread::sleep(Duration::from_millis(delay_ms.into()));
+                e2e::run_bounded(&mut revoke)
+            });
+            let old = mesh.restart(&format!("daemon-{}.log", round + 2));
+            let out = revoking
+                .join()
+                .unwrap_or_else(|p| std::panic::resume_unwind(p));
+            (old, out)
+        });
+        let mut old = old;
+        old.expect_replaced();
+        assert!(
+            out.status.success(),
+            "`revoke app-2 {port}` {delay_ms} ms into an `up` failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            !file_grants(&mesh).contains(&format!("tcp/{port}")),
+            "the revoke {delay_ms} ms into an `up` is not in the file"
+        );
+        assert_times_out(
+            app_ns(&mesh, "app-2"),
+            at(EDGE_TUNNEL_V4, port),
+            &format!("app-2 to {port}, revoked {delay_ms} ms after a new `up` started"),
+        );
+    }
 }
 
 /// The lab with `ztxdp up` on the edge running only the tunnel program, on

@@ -15,7 +15,7 @@ use zt_common::{PeerInfo, map, program, reason};
 use crate::{
     attach::{self, AttachError, Attached, Attachment},
     config::{Config, GrantError, parse_cli_grant},
-    grants::{GrantsError, RuntimeGrants},
+    grants::{GrantsError, GrantsLock, RuntimeGrants},
     policy::{Grant, TunnelPolicy},
     tables::{Tables, TablesError},
 };
@@ -198,16 +198,15 @@ pub async fn status() -> Result<Status, ControlError> {
     })
 }
 
-/// Removes every ztxdp program from this namespace; returns what was removed.
+/// Removes every ztxdp program from this namespace; returns what was
+/// removed, which is nothing when nothing was attached: the namespace is as
+/// asked either way, so a second `down` (or one in a stop script) succeeds.
 ///
 /// # Errors
-/// When nothing is attached or a detach fails.
+/// When a detach fails.
 pub async fn down() -> Result<Vec<Attachment>, ControlError> {
     let handle = attach::connect()?;
     let found = attach::find(&handle).await?;
-    if found.is_empty() {
-        return Err(ControlError::NothingAttached);
-    }
     for a in &found.edge {
         attach::detach_xdp(&handle, a).await?;
     }
@@ -275,6 +274,11 @@ pub struct GrantChange {
 /// first, then saves the runtime grants atomically, then updates the running
 /// program, which enforces the change from the next packet on.
 ///
+/// The grants lock is held from reading the file until the kernel holds the
+/// change, so concurrent changes apply one after the other (none undoes
+/// another), and an `up` starting meanwhile fills its maps either before
+/// the change (which then finds and updates the new program) or after it.
+///
 /// # Errors
 /// On an unknown peer or bad grant (nothing is changed), or a failed write.
 pub async fn change_grant(
@@ -289,14 +293,15 @@ pub async fn change_grant(
         text: grant.to_owned(),
         source,
     })?;
-    let mut runtime = RuntimeGrants::load(&tunnel.runtime_grants)?;
+    let lock = GrantsLock::acquire(&tunnel.runtime_grants)?;
+    let mut runtime = RuntimeGrants::load(lock.path())?;
     let name = tunnel.peers[index].name.clone();
     if allow {
         runtime.allow(&name, grant);
     } else {
         runtime.revoke(&name, grant);
     }
-    runtime.save(&tunnel.runtime_grants)?;
+    runtime.save(&lock)?;
     let merged = runtime.apply(tunnel);
     let peer_policy = &merged.peers[index];
     let found = attached().await?;
@@ -314,6 +319,7 @@ pub async fn change_grant(
         }
         None => false,
     };
+    drop(lock);
     Ok(GrantChange {
         peer: name,
         grant: grant.to_string(),

@@ -5,7 +5,8 @@
 //! is valid and every map is filled, and a running ztxdp is replaced
 //! atomically (`XDP_FLAGS_REPLACE`, tc filter replace), so there is no moment
 //! without enforcement. A graceful stop (SIGINT, SIGTERM) removes what this
-//! process attached; a crash leaves it in place, failing closed.
+//! process attached, unless `--keep-attached`; a crash leaves it in place,
+//! failing closed.
 
 use std::{path::PathBuf, time::Duration};
 
@@ -20,7 +21,7 @@ use crate::{
     attach::{self, AttachError, Attachment, XdpMode},
     audit::{self, AuditError, Names, Trail, kernel::Feed, record::Program},
     config::{Config, ConfigError},
-    grants::{GrantsError, RuntimeGrants},
+    grants::{GrantsError, GrantsLock, RuntimeGrants},
     loader::{self, LoadError},
     lockout::{self, LockoutError},
     policy::TunnelPolicy,
@@ -66,6 +67,8 @@ pub struct UpOptions {
     pub tunnel_iface: Option<String>,
     /// Start even if the SSH session running us is not in `edge.ssh_allow`.
     pub allow_lockout: bool,
+    /// On SIGINT or SIGTERM leave the programs attached, as a crash does.
+    pub keep_attached: bool,
 }
 
 /// What `up` put in place, reported once enforcement is live.
@@ -77,14 +80,18 @@ pub struct Enforcing {
     pub egress: Vec<Attachment>,
 }
 
-/// Runs the daemon until SIGINT or SIGTERM. `ready` is called once, when
-/// enforcement is in place.
+/// Runs the daemon until SIGINT or SIGTERM (then detaches, unless
+/// `opts.keep_attached`). `ready` is called once, when enforcement is in
+/// place.
 ///
 /// # Errors
 /// On any failure before enforcement starts (then nothing was changed) or
 /// while writing the audit trail.
 pub async fn up(opts: &UpOptions, ready: impl FnOnce(&Enforcing)) -> Result<(), DaemonError> {
-    let (config, tunnel_policy) = checked_config(opts)?;
+    // Held until our programs are attached: a grant change made meanwhile
+    // waits, then finds and updates them, instead of updating the programs
+    // we replace after we read the file without it.
+    let (config, tunnel_policy, grants_lock) = checked_config(opts)?;
 
     let tunnel_l2 = tunnel_policy
         .as_ref()
@@ -168,12 +175,19 @@ pub async fn up(opts: &UpOptions, ready: impl FnOnce(&Enforcing)) -> Result<(), 
                 .any(|(i, n)| i.as_deref() == Some(a.interface.as_str()) && *n == a.program)
         })
         .collect();
+    drop(grants_lock);
     ready(&enforcing);
 
     let mut feed = Feed::new(ring, summaries, names(&enforcing, tunnel_policy.as_ref()))?;
     let stop = stream_audit(&mut feed, &mut trail, &tables, &handle, &enforcing).await;
     if matches!(stop, Ok(Stop::Signal)) {
-        detach(&handle, &enforcing).await;
+        if opts.keep_attached {
+            // A service manager's stop or restart must not open the host
+            // until the next `up` swaps in its programs.
+            tracing::info!("stopping; the programs stay attached (--keep-attached)");
+        } else {
+            detach(&handle, &enforcing).await;
+        }
     }
     let flushed = flush_audit(&mut feed, trail, &tables);
     stop?;
@@ -182,8 +196,10 @@ pub async fn up(opts: &UpOptions, ready: impl FnOnce(&Enforcing)) -> Result<(), 
 
 /// The configuration with the command line's interface overrides, checked
 /// against the interfaces and lockout, and the tunnel policy with the
-/// runtime grants applied.
-fn checked_config(opts: &UpOptions) -> Result<(Config, Option<TunnelPolicy>), DaemonError> {
+/// runtime grants applied, read under the grants lock, which is returned.
+fn checked_config(
+    opts: &UpOptions,
+) -> Result<(Config, Option<TunnelPolicy>, Option<GrantsLock>), DaemonError> {
     let mut config = Config::load(&opts.config)?;
     if let (Some(iface), Some(edge)) = (&opts.iface, config.policy.edge.as_mut()) {
         edge.interface.clone_from(iface);
@@ -200,11 +216,15 @@ fn checked_config(opts: &UpOptions) -> Result<(Config, Option<TunnelPolicy>), Da
             &edge.ssh_allow,
         )?;
     }
-    let tunnel_policy = match &config.policy.tunnel {
-        Some(t) => Some(RuntimeGrants::load(&t.runtime_grants)?.apply(t)),
-        None => None,
+    let (tunnel_policy, lock) = match &config.policy.tunnel {
+        Some(t) => {
+            let lock = GrantsLock::acquire(&t.runtime_grants)?;
+            let policy = RuntimeGrants::load(lock.path())?.apply(t);
+            (Some(policy), Some(lock))
+        }
+        None => (None, None),
     };
-    Ok((config, tunnel_policy))
+    Ok((config, tunnel_policy, lock))
 }
 
 /// Graceful stop: removes exactly what we attached, if it is still ours.
@@ -266,7 +286,7 @@ const SUMMARY_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Why the audit loop ended.
 enum Stop {
-    /// SIGINT or SIGTERM: detach and exit.
+    /// SIGINT or SIGTERM: detach (unless `--keep-attached`) and exit.
     Signal,
     /// Our programs were removed (`ztxdp down`) or replaced (a newer `up`):
     /// exit without touching what is attached now.

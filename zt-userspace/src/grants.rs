@@ -8,17 +8,25 @@
 //! of a configured range works. Writes go to a temporary file that is synced
 //! and renamed over the old one: a crash leaves the old or the new file,
 //! never a torn one.
+//!
+//! Every change is a read, modify and write of the whole file, and then of
+//! the kernel's maps: two at once would each write what they read plus their
+//! own change, and the later write would undo the earlier one. So changes
+//! (and `ztxdp up`, from reading the file until its programs are attached)
+//! hold an exclusive lock on `PATH.lock` ([`GrantsLock`]); saving needs it.
 
 use std::{
     collections::BTreeMap,
-    fs::File,
+    fs::{File, OpenOptions},
     io::Write as _,
+    os::unix::fs::OpenOptionsExt as _,
     path::{Path, PathBuf},
 };
 
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    audit::writer::{lock_path, open_append},
     config::parse_grant,
     policy::{Grant, Protocol, TunnelPolicy},
 };
@@ -40,6 +48,59 @@ pub enum GrantsError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot lock runtime grants with {path}: {source}")]
+    Lock {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Mode of the grants file: who may reach which port is the host's business,
+/// so others may not read it.
+const MODE: u32 = 0o640;
+
+/// The exclusive lock on a runtime grants file, held until dropped (or the
+/// process dies: the kernel releases it with the descriptor).
+#[derive(Debug)]
+pub struct GrantsLock {
+    /// The grants file (not the lock file).
+    path: PathBuf,
+    _file: File,
+}
+
+impl GrantsLock {
+    /// Takes the lock of the grants file `path`, waiting for whoever holds it.
+    ///
+    /// # Errors
+    /// When the lock file cannot be created or locked.
+    pub fn acquire(path: &Path) -> Result<Self, GrantsError> {
+        let lock = lock_path(path);
+        let lock_err = |source| GrantsError::Lock {
+            path: lock.clone(),
+            source,
+        };
+        std::fs::create_dir_all(parent_dir(path)).map_err(lock_err)?;
+        let file = open_append(&lock).map_err(lock_err)?;
+        file.lock().map_err(lock_err)?;
+        Ok(Self {
+            path: path.to_owned(),
+            _file: file,
+        })
+    }
+
+    /// The grants file this lock protects.
+    #[must_use]
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// The directory holding `path` (`.` for a bare file name).
+fn parent_dir(path: &Path) -> &Path {
+    path.parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
 }
 
 /// Changes to one peer's grants, in config notation (`tcp/5432`).
@@ -90,30 +151,37 @@ impl RuntimeGrants {
         Ok(parsed)
     }
 
-    /// Writes the file atomically (temporary file, fsync, rename, fsync dir).
+    /// Writes the file the lock protects atomically (temporary file, fsync,
+    /// rename, fsync dir), mode 0640. Temporaries another writer left (one
+    /// killed between creating and renaming its own) are removed first:
+    /// with the lock held, no writer is between those steps.
     ///
     /// # Errors
     /// When any step fails; the old file is then untouched.
-    pub fn save(&self, path: &Path) -> Result<(), GrantsError> {
+    pub fn save(&self, lock: &GrantsLock) -> Result<(), GrantsError> {
+        let path = lock.path();
         let write_err = |source| GrantsError::Write {
             path: path.to_owned(),
             source,
         };
-        let dir = path
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
+        let dir = parent_dir(path);
         std::fs::create_dir_all(dir).map_err(write_err)?;
-        let tmp = dir.join(format!(
-            ".{}.tmp.{}",
+        let prefix = format!(
+            ".{}.tmp.",
             path.file_name()
                 .and_then(|n| n.to_str())
-                .unwrap_or("grants"),
-            std::process::id()
-        ));
+                .unwrap_or("grants")
+        );
+        remove_temporaries(dir, &prefix);
+        let tmp = dir.join(format!("{prefix}{}", std::process::id()));
         let mut text = serde_json::to_string_pretty(self).map_err(|e| write_err(e.into()))?;
         text.push('\n');
-        let mut f = File::create(&tmp).map_err(write_err)?;
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(MODE)
+            .open(&tmp)
+            .map_err(write_err)?;
         f.write_all(text.as_bytes()).map_err(write_err)?;
         f.sync_all().map_err(write_err)?;
         drop(f);
@@ -159,6 +227,24 @@ impl RuntimeGrants {
             }
         }
         out
+    }
+}
+
+/// Removes the files in `dir` whose names start with `prefix`. A failure
+/// only leaves a harmless file behind, so it is logged, not returned.
+fn remove_temporaries(dir: &Path, prefix: &str) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.filter_map(Result::ok) {
+        if entry
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.starts_with(prefix))
+            && let Err(e) = std::fs::remove_file(entry.path())
+        {
+            tracing::warn!(error = %e, file = %entry.path().display(), "cannot remove a stale temporary file");
+        }
     }
 }
 
@@ -245,7 +331,7 @@ mod tests {
         let path = dir.join("grants.json");
         let mut g = RuntimeGrants::default();
         g.allow("app-2", tcp(5432, 5432));
-        g.save(&path).unwrap_or_else(|e| panic!("save: {e}"));
+        g.save(&lock(&path)).unwrap_or_else(|e| panic!("save: {e}"));
         let mut back = RuntimeGrants::load(&path).unwrap_or_else(|e| panic!("load: {e}"));
         assert_eq!(back, g);
         back.revoke("app-2", tcp(5432, 5432));
@@ -265,6 +351,80 @@ mod tests {
         std::fs::write(dir.join("torn.json"), "{\"peers\": {\"a\"")
             .unwrap_or_else(|e| panic!("write: {e}"));
         assert!(RuntimeGrants::load(&dir.join("torn.json")).is_err());
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    fn lock(path: &Path) -> GrantsLock {
+        GrantsLock::acquire(path).unwrap_or_else(|e| panic!("locking {}: {e}", path.display()))
+    }
+
+    #[test]
+    fn the_saved_file_is_mode_0640_and_stale_temporaries_go() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = std::env::temp_dir().join(format!("ztxdp-grants-mode-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("mkdir: {e}"));
+        let path = dir.join("grants.json");
+        // What an `allow` killed between creating and renaming its temporary leaves.
+        let stale = dir.join(".grants.json.tmp.4194304");
+        std::fs::write(&stale, "{\"peers\": {\"a\"").unwrap_or_else(|e| panic!("write: {e}"));
+        RuntimeGrants::default()
+            .save(&lock(&path))
+            .unwrap_or_else(|e| panic!("save: {e}"));
+        let mode = std::fs::metadata(&path)
+            .unwrap_or_else(|e| panic!("stat {}: {e}", path.display()))
+            .permissions()
+            .mode()
+            & 0o777;
+        // The umask may take more away, never add.
+        assert_eq!(mode & !0o640, 0, "{} has mode {mode:o}", path.display());
+        assert_eq!(mode & 0o600, 0o600, "{} has mode {mode:o}", path.display());
+        assert!(
+            !stale.exists(),
+            "the stale {} is still there",
+            stale.display()
+        );
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn the_lock_is_exclusive_until_dropped() {
+        let dir = std::env::temp_dir().join(format!("ztxdp-grants-lock-{}", std::process::id()));
+        let path = dir.join("grants.json");
+        let held = lock(&path);
+        // flock conflicts between open file descriptions, also in one process.
+        let other = std::fs::File::open(lock_path(&path))
+            .unwrap_or_else(|e| panic!("opening the lock file: {e}"));
+        assert!(
+            matches!(other.try_lock(), Err(std::fs::TryLockError::WouldBlock)),
+            "a second holder got the lock while the first held it"
+        );
+        drop(held);
+        other
+            .try_lock()
+            .unwrap_or_else(|e| panic!("the lock was not released on drop: {e}"));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn concurrent_changes_under_the_lock_lose_nothing() {
+        let dir = std::env::temp_dir().join(format!("ztxdp-grants-race-{}", std::process::id()));
+        let path = dir.join("grants.json");
+        std::thread::scope(|s| {
+            for port in 1000..1016 {
+                let path = &path;
+                s.spawn(move || {
+                    let held = lock(path);
+                    let mut g = RuntimeGrants::load(path).unwrap_or_else(|e| panic!("load: {e}"));
+                    g.allow("app-1", tcp(port, port));
+                    g.save(&held).unwrap_or_else(|e| panic!("save: {e}"));
+                });
+            }
+        });
+        let got = RuntimeGrants::load(&path).unwrap_or_else(|e| panic!("load: {e}"));
+        let mut added = got.peers["app-1"].added.clone();
+        added.sort();
+        let want: Vec<String> = (1000..1016).map(|p| format!("tcp/{p}")).collect();
+        assert_eq!(added, want, "changes made at the same time were lost");
         let _ = std::fs::remove_dir_all(dir);
     }
 }

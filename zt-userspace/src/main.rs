@@ -17,6 +17,40 @@ use ztxdp::{
 
 const DEFAULT_CONFIG: &str = "/etc/ztxdp/ztxdp.toml";
 
+/// Stdout's reader went away (`ztxdp status | head -1`): the command ends
+/// quietly with status 0, as the reader asked for no more.
+///
+/// Not by restoring `SIGPIPE`'s default action at the start of `main`: that
+/// ends the process with the signal (status 141 in a shell, not 0), and
+/// would kill `up` when its syslog collector closes the connection, where a
+/// write error is handled.
+#[derive(Debug, thiserror::Error)]
+#[error("stdout was closed")]
+struct StdoutClosed;
+
+/// What a failed write to stdout means to the caller.
+fn stdout_error(e: std::io::Error) -> anyhow::Error {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        StdoutClosed.into()
+    } else {
+        anyhow::Error::new(e).context("writing to stdout")
+    }
+}
+
+/// `print!` that returns an error (see [`StdoutClosed`]) instead of panicking.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        write!(std::io::stdout(), $($arg)*).map_err(stdout_error)?
+    };
+}
+
+/// `println!` that returns an error (see [`StdoutClosed`]) instead of panicking.
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        writeln!(std::io::stdout(), $($arg)*).map_err(stdout_error)?
+    };
+}
+
 #[derive(Parser)]
 #[command(
     name = "ztxdp",
@@ -38,11 +72,14 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Validate the config, load and attach the programs, and write the audit
-    /// log until Ctrl-C or SIGTERM (which detach). If this process is killed,
-    /// enforcement stays in place; a new `up` takes over without a gap.
+    /// log until Ctrl-C or SIGTERM (which detach, unless --keep-attached). If
+    /// this process is killed, enforcement stays in place; a new `up` takes
+    /// over without a gap.
     #[command(
         after_help = "Examples:\n  ztxdp up --config /etc/ztxdp/ztxdp.toml\n  \
-        ztxdp up --config lab.toml --iface veth0"
+        ztxdp up --config lab.toml --iface veth0\n  \
+        ztxdp up --config /etc/ztxdp/ztxdp.toml --keep-attached   \
+        # under systemd: a stop or restart leaves enforcement in place"
     )]
     Up {
         #[arg(long, env = "ZTXDP_CONFIG", default_value = DEFAULT_CONFIG)]
@@ -56,6 +93,11 @@ enum Command {
         /// Start even if your own SSH session is not in `edge.ssh_allow`.
         #[arg(long)]
         allow_lockout: bool,
+        /// On SIGTERM or Ctrl-C leave the programs attached, as after a
+        /// crash: write the rest of the audit trail and exit 0. The next
+        /// `up` takes over without a gap; `ztxdp down` removes them.
+        #[arg(long)]
+        keep_attached: bool,
     },
     /// Validate a config file without touching the kernel.
     #[command(after_help = "Example:\n  ztxdp check --config /etc/ztxdp/ztxdp.toml")]
@@ -202,8 +244,16 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli.command)) {
+    // What is still buffered is written now, so its error is seen here.
+    let result = runtime.block_on(run(cli.command)).and_then(|code| {
+        std::io::stdout()
+            .flush()
+            .map_err(stdout_error)
+            .map(|()| code)
+    });
+    match result {
         Ok(code) => code,
+        Err(e) if e.chain().any(<dyn std::error::Error>::is::<StdoutClosed>) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("ztxdp: {e:#}");
             // Bad config, bad arguments and lockout refusals are usage errors (2):
@@ -239,12 +289,14 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             iface,
             tunnel_iface,
             allow_lockout,
+            keep_attached,
         } => {
             let opts = UpOptions {
                 config,
                 iface,
                 tunnel_iface,
                 allow_lockout,
+                keep_attached,
             };
             daemon::up(&opts, print_ready)
                 .await
@@ -252,7 +304,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Check { config } => {
             let c = Config::load(&config)?;
-            println!(
+            outln!(
                 "{}: ok (edge: {}, tunnel: {} peers)",
                 config.display(),
                 c.policy
@@ -265,17 +317,22 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Status { json } => {
             let s = control::status().await.context("ztxdp status")?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&s)?);
+                outln!("{}", serde_json::to_string_pretty(&s)?);
             } else {
-                print_status(&s);
+                print_status(&s)?;
             }
         }
         Command::Down => {
             let removed = control::down().await.context("ztxdp down")?;
+            if removed.is_empty() {
+                outln!("nothing was attached in this network namespace");
+            }
             for a in removed {
-                println!(
+                outln!(
                     "removed program {} ({}) from {}",
-                    a.program_id, a.mode, a.interface
+                    a.program_id,
+                    a.mode,
+                    a.interface
                 );
             }
         }
@@ -297,7 +354,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 policy.tunnel =
                     Some(ztxdp::grants::RuntimeGrants::load(&t.runtime_grants)?.apply(t));
             }
-            print!(
+            out!(
                 "{}",
                 ztxdp::export::nft_ruleset_with(&policy, ztxdp::export::NftOptions { conntrack })
             );
@@ -316,10 +373,10 @@ fn list(json: bool, config: &Path) -> anyhow::Result<()> {
     let c = Config::load(config)?;
     let peers = control::list(&c)?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&peers)?);
+        outln!("{}", serde_json::to_string_pretty(&peers)?);
     } else {
         for p in peers {
-            println!(
+            outln!(
                 "{:<16} {:<40} {}",
                 p.name,
                 p.addresses.join(","),
@@ -342,21 +399,21 @@ fn import_wg(file: Option<PathBuf>, live: Option<String>) -> anyhow::Result<()> 
         ),
         (None, None) => anyhow::bail!("give a wg-quick FILE or --live IFACE"),
     };
-    print!("{}", ztxdp::import_wg::render(&peers, &origin)?);
+    out!("{}", ztxdp::import_wg::render(&peers, &origin)?);
     Ok(())
 }
 
 fn audit_verify(files: &[PathBuf]) -> anyhow::Result<ExitCode> {
     let report = ztxdp::audit::verify::verify(files).context("ztxdp audit verify")?;
     if let Some(problem) = &report.problem {
-        println!("{problem}");
-        println!("({} good records before it)", report.records);
+        outln!("{problem}");
+        outln!("({} good records before it)", report.records);
         return Ok(ExitCode::FAILURE);
     }
     let (Some(first), Some(last), Some(chain)) =
         (report.first_seq, report.last_seq, &report.last_chain)
     else {
-        println!("ok: no records");
+        outln!("ok: no records");
         return Ok(ExitCode::SUCCESS);
     };
     let from = if report.from_start {
@@ -369,11 +426,11 @@ fn audit_verify(files: &[PathBuf]) -> anyhow::Result<ExitCode> {
     } else {
         format!("{} files", report.files)
     };
-    println!(
+    outln!(
         "ok: {} records in {files}, seq {first} to {last}, {from}",
         report.records
     );
-    println!("last chain value: {chain}");
+    outln!("last chain value: {chain}");
     Ok(ExitCode::SUCCESS)
 }
 
@@ -427,7 +484,7 @@ async fn grant_change(
     } else {
         "saved; no tunnel program is running here, applies at next `ztxdp up`"
     };
-    println!(
+    outln!(
         "{verb} {} for {} ({state}); grants now: {}",
         change.grant,
         change.peer,
@@ -455,10 +512,10 @@ fn print_ready(e: &Enforcing) {
     let _ = out.flush();
 }
 
-fn print_status(s: &Status) {
+fn print_status(s: &Status) -> anyhow::Result<()> {
     for (label, p) in [("edge", &s.edge), ("tunnel", &s.tunnel)] {
         let Some(p) = p else { continue };
-        println!(
+        outln!(
             "{label}: program {} on {} (ifindex {}), mode {}",
             p.attachment.program_id,
             p.attachment.interface,
@@ -466,20 +523,22 @@ fn print_status(s: &Status) {
             p.attachment.mode
         );
         for (name, n) in p.counters.iter().filter(|(_, n)| **n > 0) {
-            println!("  {name:<24} {n}");
+            outln!("  {name:<24} {n}");
         }
         let maps: Vec<String> = p.maps.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        println!("  maps: {}", maps.join(" "));
+        outln!("  maps: {}", maps.join(" "));
         for peer in &p.peers {
-            println!(
+            outln!(
                 "  peer #{:<5} allowed {:<10} denied {}",
-                peer.index, peer.allowed, peer.denied
+                peer.index,
+                peer.allowed,
+                peer.denied
             );
         }
     }
     if let Some(f) = &s.flows {
         let on: Vec<&str> = f.recorders.iter().map(|a| a.interface.as_str()).collect();
-        println!(
+        outln!(
             "flows: {} in table, {} created, {} evicted (recording egress on {})",
             f.entries,
             f.created,
@@ -487,4 +546,5 @@ fn print_status(s: &Status) {
             on.join(", ")
         );
     }
+    Ok(())
 }

@@ -119,10 +119,26 @@ pub fn ztxdp_cmd(ns: &NetNs, args: &[&str]) -> Command {
 /// hangs (say an `up` that should have refused to start) is killed and fails
 /// the test.
 pub fn run_bounded(command: &mut Command) -> Output {
+    run_bounded_to(command, Stdio::piped())
+}
+
+/// [`run_bounded`] with the command's stdout a pipe whose reading end is
+/// already closed, as after `| head -0`: its every write to stdout fails
+/// with `EPIPE`, not only those after a reader happened to exit. The
+/// output has no stdout.
+pub fn run_with_stdout_closed(command: &mut Command) -> Output {
+    let (reader, writer) = io::pipe().unwrap_or_else(|e| panic!("creating a pipe: {e}"));
+    drop(reader);
+    run_bounded_to(command, writer.into())
+}
+
+/// [`run_bounded`] with the command's stdout sent to `stdout`; the output
+/// holds it only if that is [`Stdio::piped`].
+fn run_bounded_to(command: &mut Command, stdout: Stdio) -> Output {
     let shown = describe(command);
     let mut child = command
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
+        .stdout(stdout)
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("starting `{shown}`: {e}"));
@@ -298,9 +314,19 @@ impl Enforced {
     /// with it on the edge, logging to `daemon-1.log`. The config should
     /// put the audit file at [`Self::audit`].
     pub fn start(tag: &str, lab: Lab, config: impl FnOnce(&Lab, &Scratch) -> String) -> Self {
+        Self::start_with(tag, lab, &[], config)
+    }
+
+    /// [`Self::start`] with more arguments for `ztxdp up`.
+    pub fn start_with(
+        tag: &str,
+        lab: Lab,
+        args: &[&str],
+        config: impl FnOnce(&Lab, &Scratch) -> String,
+    ) -> Self {
         let scratch = Scratch::new(tag);
         let config = scratch.write("ztxdp.toml", &config(&lab, &scratch));
-        let daemon = Daemon::start(lab.edge(), &config, &[], scratch.path("daemon-1.log"));
+        let daemon = Daemon::start(lab.edge(), &config, args, scratch.path("daemon-1.log"));
         Self {
             daemon,
             lab,
@@ -451,7 +477,8 @@ impl Daemon {
         assert!(status.is_some(), "ztxdp survived SIGKILL");
     }
 
-    /// SIGTERM, which must make the daemon detach and exit 0.
+    /// SIGTERM, which must make the daemon exit 0 (detaching, unless it
+    /// runs with `--keep-attached`).
     pub fn terminate(&mut self) {
         self.signal(libc::SIGTERM);
         self.expect_clean_exit("of SIGTERM");

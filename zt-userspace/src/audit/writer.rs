@@ -75,13 +75,15 @@ pub fn files(path: &Path) -> Vec<PathBuf> {
     out
 }
 
-fn lock_path(path: &Path) -> PathBuf {
+/// `PATH.lock`, the file whose `flock` guards `path`.
+pub(crate) fn lock_path(path: &Path) -> PathBuf {
     let mut name = path.as_os_str().to_owned();
     name.push(".lock");
     PathBuf::from(name)
 }
 
-fn open_append(path: &Path) -> io::Result<File> {
+/// Opens `path` for appending, creating it with mode 0640.
+pub(crate) fn open_append(path: &Path) -> io::Result<File> {
     OpenOptions::new()
         .create(true)
         .append(true)
