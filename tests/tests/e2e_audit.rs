@@ -23,7 +23,7 @@ use std::{
 
 use e2e::{
     EXIT_TIMEOUT, Enforced, Scratch, audit_lines, build_lab, complete_lines, mac, send_frames,
-    status, ztxdp, ztxdp_cmd, ztxdp_ok,
+    status, verify_audit, ztxdp_cmd, ztxdp_ok,
 };
 use serde_json::Value;
 use zt_common::reason;
@@ -53,25 +53,6 @@ fn start(tag: &str, audit_extra: &str) -> Enforced {
             scratch.path("audit.jsonl").display()
         )
     })
-}
-
-/// `ztxdp audit verify` on every file of the trail, which must pass; its
-/// output.
-fn verify(t: &Enforced) -> String {
-    let files: Vec<String> = ztxdp::audit::writer::files(&t.audit())
-        .iter()
-        .map(|p| p.display().to_string())
-        .collect();
-    let mut args = vec!["audit", "verify"];
-    args.extend(files.iter().map(String::as_str));
-    let out = ztxdp(t.edge(), &args);
-    let shown = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "`ztxdp audit verify` failed on {files:?}:\n{shown}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    shown
 }
 
 /// Waits until the trail has at least `records` records; `what` says why
@@ -215,7 +196,7 @@ fn expect_each_flow_attributed_exactly(tag: &str, sources: u32) {
         count_action(&lines, "summary") >= usize::try_from(sources).expect("a few sources"),
         "a flood of each flow must be summarised"
     );
-    let shown = verify(&t);
+    let shown = verify_audit(&t);
     assert!(shown.starts_with("ok: "), "{shown}");
 }
 
@@ -269,7 +250,7 @@ fn a_deny_flood_from_many_sources_is_accounted_for_exactly() {
         .filter_map(|l| l.pointer("/ztxdp/suppressed").and_then(Value::as_u64))
         .sum();
     assert!(summarised > 0, "no decision was summarised per flow");
-    let shown = verify(&t);
+    let shown = verify_audit(&t);
     assert!(shown.starts_with("ok: "), "{shown}");
 
     // `events` reads the same records back, in every format.
@@ -296,7 +277,7 @@ fn a_deny_flood_from_many_sources_is_accounted_for_exactly() {
         );
     }
     t.daemon.terminate();
-    verify(&t);
+    verify_audit(&t);
 }
 
 /// Floods until `stop` is set (bounded by `limit`), counting the rounds
@@ -340,7 +321,7 @@ fn kill_9_during_a_flood_leaves_a_trail_that_verifies_and_continues() {
             "the flood ran only {killed_at} rounds before the kill and {sent} in all"
         );
     });
-    let before = verify(&t);
+    let before = verify_audit(&t);
     let lines = audit_lines(&t.audit());
     assert!(
         lines.len() > 10,
@@ -368,7 +349,7 @@ fn kill_9_during_a_flood_leaves_a_trail_that_verifies_and_continues() {
         Some(last_seq + 1),
         "the sequence continues after kill -9 ({before})"
     );
-    let shown = verify(&t);
+    let shown = verify_audit(&t);
     assert!(
         shown.contains("chain checked from the first record"),
         "{shown}"
@@ -392,7 +373,7 @@ fn a_takeover_from_a_running_daemon_hands_the_trail_over_without_a_gap() {
     flood(&t.lab, 1000, 300, 1);
     expect_exact_accounting(&t, handed_over);
     t.daemon.terminate();
-    let shown = verify(&t);
+    let shown = verify_audit(&t);
     assert!(
         shown.contains("chain checked from the first record"),
         "{shown}"
@@ -851,6 +832,6 @@ fn records_reach_rsyslog_and_a_collector_restart_is_counted_never_blocking() {
         count_action(&lines, "syslog_dropped") >= 1,
         "no syslog_dropped record"
     );
-    verify(&t);
+    verify_audit(&t);
     t.daemon.terminate();
 }

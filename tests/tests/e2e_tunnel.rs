@@ -27,7 +27,7 @@ use std::{
 use e2e::{
     CONNECT_TIMEOUT, Daemon, Enforced, Scratch, accept, assert_all_time_out, assert_connects,
     assert_times_out, at, attached, build_lab, counter, expect_audit, expect_counter,
-    expect_no_datagram, is, listen, status, udp_socket, ztxdp, ztxdp_ok,
+    expect_no_datagram, is, listen, status, udp_socket, verify_audit, ztxdp, ztxdp_ok,
 };
 use serde_json::Value;
 use zt_tests::{
@@ -53,41 +53,62 @@ fn mesh(tag: &str) -> Enforced {
         panic!("building the lab with its tunnel (root? wireguard-go?): {e:?}")
     });
     Enforced::start(tag, lab, |lab, scratch| {
-        let tunnel = tunnel(lab);
-        let peer = |name: &str, allow: &str| {
+        mesh_config(
+            lab,
+            scratch,
+            &[("app-1", "allow = [\"tcp/5432\"]"), ("app-2", "")],
+            "",
+        )
+    })
+}
+
+/// The mesh's config with `peers` (name, `allow` line) in this order, and
+/// `extra` (whole tables) at the end.
+fn mesh_config(lab: &Lab, scratch: &Scratch, peers: &[(&str, &str)], extra: &str) -> String {
+    let tunnel = tunnel(lab);
+    let peers = peers
+        .iter()
+        .map(|&(name, allow)| {
             let app = app(tunnel, name);
             format!(
                 "[[tunnel.peer]]\n\
                  name = \"{name}\"\n\
                  addresses = [\"{}/32\", \"{}/128\"]\n\
                  public_key = \"{}\"\n\
-                 {allow}\n",
+                 {allow}\n\n",
                 app.tunnel_v4(),
                 app.tunnel_v6(),
                 app.device().public_key(),
             )
-        };
-        format!(
-            "[edge]\n\
-             interface = \"{HOST_INTERFACE}\"\n\
-             wireguard_ports = [{LISTEN_PORT}]\n\
-             ssh_allow = []\n\
-             \n\
-             [tunnel]\n\
-             interface = \"{}\"\n\
-             runtime_grants = \"{}\"\n\
-             \n\
-             {}\n\
-             {}\n\
-             [audit]\n\
-             path = \"{}\"\n",
-            tunnel.edge_device().name(),
-            scratch.path("grants.json").display(),
-            peer("app-1", "allow = [\"tcp/5432\"]"),
-            peer("app-2", ""),
-            scratch.path("audit.jsonl").display(),
-        )
-    })
+        })
+        .collect::<Vec<_>>()
+        .concat();
+    format!(
+        "[edge]\n\
+         interface = \"{HOST_INTERFACE}\"\n\
+         wireguard_ports = [{LISTEN_PORT}]\n\
+         ssh_allow = []\n\
+         \n\
+         [tunnel]\n\
+         interface = \"{}\"\n\
+         runtime_grants = \"{}\"\n\
+         \n\
+         {peers}\
+         [audit]\n\
+         path = \"{}\"\n\
+         {extra}",
+        tunnel.edge_device().name(),
+        scratch.path("grants.json").display(),
+        scratch.path("audit.jsonl").display(),
+    )
+}
+
+/// Rewrites the running mesh's config file with [`mesh_config`].
+fn rewrite_config(mesh: &Enforced, peers: &[(&str, &str)], extra: &str) {
+    mesh.scratch.write(
+        "ztxdp.toml",
+        &mesh_config(&mesh.lab, &mesh.scratch, peers, extra),
+    );
 }
 
 fn tunnel(lab: &Lab) -> &Tunnel {
@@ -764,6 +785,213 @@ fn a_revoke_during_a_replacing_up_is_in_force_after_it() {
             &format!("app-2 to {port}, revoked {delay_ms} ms after a new `up` started"),
         );
     }
+}
+
+/// The `/ztxdp/seq` of an audit line.
+fn seq(line: &Value) -> u64 {
+    line.pointer("/ztxdp/seq")
+        .and_then(Value::as_u64)
+        .unwrap_or_else(|| panic!("audit line without /ztxdp/seq: {line}"))
+}
+
+#[test]
+fn sighup_reloads_the_config_in_place_and_the_trail_goes_on() {
+    let mut mesh = mesh("sighup");
+    // Borrowed from the lab alone: the daemon is borrowed mutably below.
+    let tunnel = tunnel(&mesh.lab);
+    let (app1, app2) = (app(tunnel, "app-1").ns(), app(tunnel, "app-2").ns());
+    let _postgres = listen(mesh.edge(), POSTGRES);
+    let _ssh = listen(mesh.edge(), SSH);
+    let program = status(mesh.edge())["tunnel"]["program_id"].clone();
+    assert_times_out(
+        app2,
+        at(EDGE_TUNNEL_V4, POSTGRES),
+        "app-2 before the reload",
+    );
+    let denied = expect_audit(&mesh.audit(), "app-2's SYN to 5432 denied", |l| {
+        is(l, "/event/reason", &"not_granted".into())
+            && is(l, "/source/ip", &APP_2_TUNNEL_V4.to_string().into())
+    });
+
+    // app-2 is granted 5432 and listed first: both peers change index.
+    rewrite_config(
+        &mesh,
+        &[
+            ("app-2", "allow = [\"tcp/5432\"]"),
+            ("app-1", "allow = [\"tcp/5432\"]"),
+        ],
+        "",
+    );
+    mesh.daemon.hangup();
+    mesh.daemon.expect_log("policy reloaded");
+    mesh.daemon.expect_running("SIGHUP");
+
+    assert_connects(app2, at(EDGE_TUNNEL_V4, POSTGRES), "app-2 after the reload");
+    assert_connects(
+        app1,
+        at(EDGE_TUNNEL_V4, POSTGRES),
+        "app-1, now listed second",
+    );
+    assert_times_out(
+        app1,
+        at(EDGE_TUNNEL_V4, SSH),
+        "app-1 to 22, granted to nobody",
+    );
+    let now = status(mesh.edge());
+    assert_eq!(
+        now["tunnel"]["program_id"], program,
+        "the reload replaced the tunnel program instead of its maps' contents: {now:#}"
+    );
+    mesh.daemon.expect_running("the traffic after SIGHUP");
+
+    // The same trail goes on: the pass is named with app-2's new index,
+    // comes after the deny, and the sequence has no gap.
+    expect_peer_line(
+        &mesh,
+        "app-2",
+        "granted",
+        IpAddr::V4(APP_2_TUNNEL_V4),
+        POSTGRES,
+    );
+    expect_peer_line(
+        &mesh,
+        "app-1",
+        "granted",
+        IpAddr::V4(APP_1_TUNNEL_V4),
+        POSTGRES,
+    );
+    let granted = expect_audit(&mesh.audit(), "app-2's connection to 5432", |l| {
+        is(l, "/event/reason", &"granted".into())
+            && is(l, "/source/ip", &APP_2_TUNNEL_V4.to_string().into())
+    });
+    assert!(
+        seq(&granted) > seq(&denied),
+        "the pass after the reload ({granted}) is not later in the trail than the deny \
+         before it ({denied})"
+    );
+    let verified = verify_audit(&mesh);
+    assert!(
+        verified.contains("chain checked from the first record"),
+        "the trail was restarted rather than continued: {verified}"
+    );
+}
+
+/// `ztxdp reload` in the edge, whatever its exit; `(success, stdout, stderr)`.
+fn reload(mesh: &Enforced) -> (bool, String, String) {
+    let out = ztxdp(mesh.edge(), &["reload"]);
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn reload_refuses_a_bad_config_and_the_old_policy_stays_whole() {
+    let mut mesh = mesh("reload-bad");
+    // Borrowed from the lab alone: the daemon is borrowed mutably below.
+    let tunnel = tunnel(&mesh.lab);
+    let (app1, app2) = (app(tunnel, "app-1").ns(), app(tunnel, "app-2").ns());
+    let _postgres = listen(mesh.edge(), POSTGRES);
+    let config = mesh.config.display().to_string();
+
+    // Each refused config also drops app-1's grant: half applied, app-1
+    // would be cut off.
+    let port_zero = [("app-1", ""), ("app-2", "allow = [\"tcp/0\"]")];
+    let flows = "[flows]\nmax_entries = 4096\n";
+    for (what, peers, extra, mention) in [
+        ("a config `check` refuses", &port_zero, "", None),
+        (
+            "a new flows.max_entries",
+            &[("app-1", ""), ("app-2", "")],
+            flows,
+            Some("flows.max_entries"),
+        ),
+    ] {
+        rewrite_config(&mesh, peers, extra);
+        let check = ztxdp(mesh.edge(), &["check", "--config", &config]);
+        let message = String::from_utf8_lossy(&check.stderr)
+            .trim()
+            .trim_start_matches("ztxdp: ")
+            .to_owned();
+        let (ok, stdout, stderr) = reload(&mesh);
+        assert!(!ok, "{what}: `ztxdp reload` succeeded: {stdout}{stderr}");
+        match mention {
+            // The very message `check` prints.
+            None => {
+                assert!(!check.status.success(), "{what}: `check` accepted it");
+                assert!(
+                    stderr.contains(&message),
+                    "{what}: `reload` does not say what `check` says ({message:?}):\n{stderr}"
+                );
+            }
+            Some(key) => {
+                assert!(
+                    check.status.success(),
+                    "{what}: `check` refused it: {message}"
+                );
+                for word in [key, "restart", "ztxdp up"] {
+                    assert!(
+                        stderr.contains(word),
+                        "{what}: the refusal does not mention {word:?}:\n{stderr}"
+                    );
+                }
+            }
+        }
+        mesh.daemon.expect_running(what);
+        assert_connects(
+            app1,
+            at(EDGE_TUNNEL_V4, POSTGRES),
+            &format!("app-1 to its granted port after {what} was refused"),
+        );
+        assert_times_out(
+            app2,
+            at(EDGE_TUNNEL_V4, POSTGRES),
+            &format!("app-2 to 5432 after {what} was refused"),
+        );
+    }
+
+    mesh.daemon.terminate();
+    let (ok, _, stderr) = reload(&mesh);
+    assert!(!ok, "`ztxdp reload` succeeded without a daemon");
+    assert!(
+        stderr.contains("is `ztxdp up` running here?"),
+        "`ztxdp reload` without a daemon does not say so:\n{stderr}"
+    );
+}
+
+#[test]
+fn reload_applies_a_valid_change_and_keeps_runtime_grants() {
+    let mesh = mesh("reload-ok");
+    let (app1, app2) = (app_ns(&mesh, "app-1"), app_ns(&mesh, "app-2"));
+    let _postgres = listen(mesh.edge(), POSTGRES);
+    assert_connects(
+        app1,
+        at(EDGE_TUNNEL_V4, POSTGRES),
+        "app-1 before the reload",
+    );
+    grant(&mesh, "allow", "app-2", "5432");
+
+    // app-1's grant leaves the config; app-2's runtime grant is in the
+    // runtime grants file, which the reload reads again.
+    rewrite_config(&mesh, &[("app-1", ""), ("app-2", "")], "");
+    let (ok, stdout, stderr) = reload(&mesh);
+    assert!(
+        ok,
+        "`ztxdp reload` failed:\n{stdout}{stderr}\ndaemon log:\n{}",
+        mesh.daemon.log()
+    );
+    assert!(stdout.contains("reloaded"), "`ztxdp reload` said: {stdout}");
+    assert_times_out(
+        app1,
+        at(EDGE_TUNNEL_V4, POSTGRES),
+        "app-1 after its grant left the config",
+    );
+    assert_connects(
+        app2,
+        at(EDGE_TUNNEL_V4, POSTGRES),
+        "app-2, granted at run time, after the reload",
+    );
 }
 
 /// The lab with `ztxdp up` on the edge running only the tunnel program, on

@@ -11,6 +11,7 @@
 use std::{path::PathBuf, time::Duration};
 
 use aya::{
+    Ebpf,
     maps::RingBuf,
     programs::{SchedClassifier, TcAttachType, Xdp},
 };
@@ -19,13 +20,14 @@ use zt_common::{map, program};
 
 use crate::{
     attach::{self, AttachError, Attachment, XdpMode},
-    audit::{self, AuditError, Names, Trail, kernel::Feed, record::Program},
+    audit::{self, AuditError, Names, Trail, kernel::Feed, record::Program, stream::Server},
     config::{Config, ConfigError},
     grants::{GrantsError, GrantsLock, RuntimeGrants},
     loader::{self, LoadError},
     lockout::{self, LockoutError},
     policy::TunnelPolicy,
-    tables::Tables,
+    reload,
+    tables::{Contents, Tables, TablesError},
 };
 
 /// Why `up` stopped with an error.
@@ -96,7 +98,7 @@ pub async fn up(opts: &UpOptions, ready: impl FnOnce(&Enforcing)) -> Result<(), 
     let tunnel_l2 = tunnel_policy
         .as_ref()
         .is_some_and(|t| has_ethernet_header(&t.interface));
-    let (mut ebpf, tables) = loader::load_filled(
+    let (mut ebpf, mut tables) = loader::load_filled(
         tunnel_l2,
         config.policy.edge.as_ref(),
         tunnel_policy.as_ref(),
@@ -112,7 +114,41 @@ pub async fn up(opts: &UpOptions, ready: impl FnOnce(&Enforcing)) -> Result<(), 
     let mut trail = Trail::open(&config.policy.audit)?;
 
     let handle = attach::connect()?;
-    let before = attach::find(&handle).await?;
+    let enforcing = attach_all(&mut ebpf, &config, tunnel_policy.as_ref(), &handle).await?;
+    drop(grants_lock);
+    ready(&enforcing);
+
+    let mut feed = Feed::new(ring, summaries, names(&enforcing, tunnel_policy.as_ref()))?;
+    let mut running = Running {
+        opts,
+        config,
+        tables: &mut tables,
+    };
+    let stop = stream_audit(&mut feed, &mut trail, &mut running, &handle, &enforcing).await;
+    if matches!(stop, Ok(Stop::Signal)) {
+        if opts.keep_attached {
+            // A service manager's stop or restart must not open the host
+            // until the next `up` swaps in its programs.
+            tracing::info!("stopping; the programs stay attached (--keep-attached)");
+        } else {
+            detach(&handle, &enforcing).await;
+        }
+    }
+    let flushed = flush_audit(&mut feed, trail, &tables);
+    stop?;
+    Ok(flushed?)
+}
+
+/// Attaches the loaded programs where the config says, replacing ours
+/// atomically where they run already: the egress recorders first, then the
+/// edge, then the tunnel. Returns what is attached now.
+async fn attach_all(
+    ebpf: &mut Ebpf,
+    config: &Config,
+    tunnel_policy: Option<&TunnelPolicy>,
+    handle: &rtnetlink::Handle,
+) -> Result<Enforcing, DaemonError> {
+    let before = attach::find(handle).await?;
     let mut enforcing = Enforcing {
         edge: None,
         tunnel: None,
@@ -126,13 +162,13 @@ pub async fn up(opts: &UpOptions, ready: impl FnOnce(&Enforcing)) -> Result<(), 
             program::EDGE_EGRESS_NAME,
         ),
         (
-            tunnel_policy.as_ref().map(|t| t.interface.clone()),
+            tunnel_policy.map(|t| t.interface.clone()),
             program::TUNNEL_EGRESS_NAME,
         ),
     ];
     for (interface, name) in &recorders {
         let Some(interface) = interface else { continue };
-        let prog: &mut SchedClassifier = loader::program_mut(&mut ebpf, name)?;
+        let prog: &mut SchedClassifier = loader::program_mut(ebpf, name)?;
         let replace = before
             .egress
             .iter()
@@ -140,14 +176,14 @@ pub async fn up(opts: &UpOptions, ready: impl FnOnce(&Enforcing)) -> Result<(), 
         attach::attach_tc(prog, interface, TcAttachType::Egress, replace)?;
     }
     if let Some(edge) = &config.policy.edge {
-        let prog: &mut Xdp = loader::program_mut(&mut ebpf, program::EDGE_NAME)?;
+        let prog: &mut Xdp = loader::program_mut(ebpf, program::EDGE_NAME)?;
         let fd = prog.fd().map_err(|source| LoadError::Program {
             name: program::EDGE_NAME,
             source,
         })?;
         let previous = before.edge.iter().find(|a| a.interface == edge.interface);
-        let mode = attach::attach_xdp(&handle, &edge.interface, fd, previous).await?;
-        let now = attach::find(&handle).await?;
+        let mode = attach::attach_xdp(handle, &edge.interface, fd, previous).await?;
+        let now = attach::find(handle).await?;
         let a = now
             .edge
             .into_iter()
@@ -157,13 +193,13 @@ pub async fn up(opts: &UpOptions, ready: impl FnOnce(&Enforcing)) -> Result<(), 
             })?;
         enforcing.edge = Some((a, mode));
     }
-    if let Some(t) = &tunnel_policy {
-        let prog: &mut SchedClassifier = loader::program_mut(&mut ebpf, program::TUNNEL_NAME)?;
+    if let Some(t) = tunnel_policy {
+        let prog: &mut SchedClassifier = loader::program_mut(ebpf, program::TUNNEL_NAME)?;
         let replace = before.tunnel.iter().any(|a| a.interface == t.interface);
         attach::attach_tc(prog, &t.interface, TcAttachType::Ingress, replace)?;
     }
-    let now = attach::find(&handle).await?;
-    if let Some(t) = &tunnel_policy {
+    let now = attach::find(handle).await?;
+    if let Some(t) = tunnel_policy {
         enforcing.tunnel = now.tunnel.into_iter().find(|a| a.interface == t.interface);
     }
     enforcing.egress = now
@@ -175,23 +211,7 @@ pub async fn up(opts: &UpOptions, ready: impl FnOnce(&Enforcing)) -> Result<(), 
                 .any(|(i, n)| i.as_deref() == Some(a.interface.as_str()) && *n == a.program)
         })
         .collect();
-    drop(grants_lock);
-    ready(&enforcing);
-
-    let mut feed = Feed::new(ring, summaries, names(&enforcing, tunnel_policy.as_ref()))?;
-    let stop = stream_audit(&mut feed, &mut trail, &tables, &handle, &enforcing).await;
-    if matches!(stop, Ok(Stop::Signal)) {
-        if opts.keep_attached {
-            // A service manager's stop or restart must not open the host
-            // until the next `up` swaps in its programs.
-            tracing::info!("stopping; the programs stay attached (--keep-attached)");
-        } else {
-            detach(&handle, &enforcing).await;
-        }
-    }
-    let flushed = flush_audit(&mut feed, trail, &tables);
-    stop?;
-    Ok(flushed?)
+    Ok(enforcing)
 }
 
 /// The configuration with the command line's interface overrides, checked
@@ -225,6 +245,137 @@ fn checked_config(
         None => (None, None),
     };
     Ok((config, tunnel_policy, lock))
+}
+
+/// What a reload needs: how the daemon was started, the config it
+/// enforces (interface overrides applied), and the maps.
+struct Running<'a> {
+    opts: &'a UpOptions,
+    config: Config,
+    tables: &'a mut Tables,
+}
+
+/// Why a reload was refused. The running policy is then unchanged.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The message `ztxdp check` (or `up`) prints for this config.
+    #[error(transparent)]
+    Check(#[from] DaemonError),
+    #[error(
+        "{config}: {changed} changed, which cannot change in the running programs; \
+         it needs a restart (`ztxdp up` again)"
+    )]
+    NeedsRestart { config: String, changed: String },
+    #[error("the new policy does not fit the maps: {source}")]
+    Contents {
+        #[source]
+        source: TablesError,
+    },
+    #[error("writing the new policy into the maps failed ({source}); the old one was put back")]
+    Write {
+        #[source]
+        source: TablesError,
+    },
+}
+
+/// SIGHUP and `ztxdp reload`: re-reads the config file and the runtime
+/// grants, validates them as `up` does, and swaps the maps' contents in
+/// place ([`Tables::replace`]); the programs, flows, counters and the trail
+/// go on. Everything is checked and computed before the first write.
+fn reload(
+    running: &mut Running<'_>,
+    feed: &mut Feed,
+    trail: &mut Trail,
+) -> Result<String, ReloadError> {
+    // Held to the end: an `allow` or `revoke` then waits for the swap, and
+    // the swap for it, so neither undoes the other.
+    let (config, tunnel, _grants_lock) = checked_config(running.opts)?;
+    let changed = restart_only_changes(&running.config, &config);
+    if !changed.is_empty() {
+        return Err(ReloadError::NeedsRestart {
+            config: running.opts.config.display().to_string(),
+            changed: changed.join(", "),
+        });
+    }
+    let new = Contents::of(
+        config.policy.edge.as_ref(),
+        tunnel.as_ref(),
+        &config.policy.flows,
+    )
+    .map_err(|source| ReloadError::Contents { source })?;
+    let old = running
+        .tables
+        .contents()
+        .map_err(|source| ReloadError::Write { source })?;
+    // Events already queued were decided under the old peer indices: named
+    // with the old names before the indices change.
+    if let Err(e) = feed.drain(trail) {
+        tracing::warn!(error = %e, "audit: draining before the reload failed");
+    }
+    if let Err(source) = running.tables.replace(&new) {
+        if let Err(e) = running.tables.replace(&old) {
+            tracing::error!(error = %e, "could not put the old policy back after a failed reload");
+        }
+        return Err(ReloadError::Write { source });
+    }
+    feed.set_peers(peer_names(tunnel.as_ref()));
+    let peers = tunnel.as_ref().map_or(0, |t| t.peers.len());
+    running.config = config;
+    Ok(format!(
+        "reloaded {} ({peers} tunnel peers)",
+        running.opts.config.display()
+    ))
+}
+
+/// The settings a reload refuses to change, as config keys: what the
+/// programs were loaded or attached with, and the audit trail's file.
+fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
+    let (old, new) = (&old.policy, &new.policy);
+    let mut out = Vec::new();
+    match (&old.edge, &new.edge) {
+        (Some(o), Some(n)) => {
+            if o.interface != n.interface {
+                out.push("edge.interface");
+            }
+            if o.ssh_port != n.ssh_port {
+                out.push("edge.ssh_port");
+            }
+        }
+        (None, None) => {}
+        _ => out.push("[edge]"),
+    }
+    match (&old.tunnel, &new.tunnel) {
+        (Some(o), Some(n)) => {
+            if o.interface != n.interface {
+                out.push("tunnel.interface");
+            }
+            // A load-time global of the tunnel program.
+            if o.link_local_neighbors != n.link_local_neighbors {
+                out.push("tunnel.link_local_neighbors");
+            }
+        }
+        (None, None) => {}
+        _ => out.push("[tunnel]"),
+    }
+    if old.flows.max_entries != new.flows.max_entries {
+        out.push("flows.max_entries");
+    }
+    if old.audit != new.audit {
+        out.push("[audit]");
+    }
+    out
+}
+
+/// The error and its causes on one line, as the command line prints them.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
 }
 
 /// Graceful stop: removes exactly what we attached, if it is still ours.
@@ -270,14 +421,18 @@ fn names(enforcing: &Enforcing, tunnel: Option<&TunnelPolicy>) -> Names {
     if let Some(a) = &enforcing.tunnel {
         n.programs.insert(Program::Tunnel, a.interface.clone());
     }
-    if let Some(t) = tunnel {
-        n.peers = t
-            .peers
+    n.peers = peer_names(tunnel);
+    n
+}
+
+/// Peer name and public key by peer index, for [`Names::peers`].
+fn peer_names(tunnel: Option<&TunnelPolicy>) -> Vec<(String, Option<String>)> {
+    tunnel.map_or_else(Vec::new, |t| {
+        t.peers
             .iter()
             .map(|p| (p.name.clone(), p.public_key.clone()))
-            .collect();
-    }
-    n
+            .collect()
+    })
 }
 
 /// How often ended summary windows are swept and the rate-limit, ring-full
@@ -314,7 +469,7 @@ async fn still_ours(handle: &rtnetlink::Handle, enforcing: &Enforcing) -> (bool,
 async fn stream_audit(
     feed: &mut Feed,
     trail: &mut Trail,
-    tables: &Tables,
+    running: &mut Running<'_>,
     handle: &rtnetlink::Handle,
     enforcing: &Enforcing,
 ) -> Result<Stop, DaemonError> {
@@ -322,9 +477,14 @@ async fn stream_audit(
         |kind| tokio::signal::unix::signal(kind).map_err(|source| DaemonError::Signal { source });
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sighup = signal(SignalKind::hangup())?;
     // Waits for a daemon we replaced to finish its trail; our events wait
     // in the ring buffer meanwhile.
     trail.start().await?;
+    // Bound once the trail is ours: a daemon being replaced serves its own
+    // reloads until then.
+    let control = Server::bind_named(reload::SOCKET)?;
+    let (requests, mut pending) = tokio::sync::mpsc::channel::<reload::Pending>(8);
     let mut tick = tokio::time::interval(SUMMARY_INTERVAL);
     let mut sync = tokio::time::interval(trail.sync_interval());
     sync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -337,7 +497,7 @@ async fn stream_audit(
             }
             _ = tick.tick() => {
                 feed.sweep(trail, false)?;
-                feed.report_lost(tables, trail)?;
+                feed.report_lost(running.tables, trail)?;
                 trail.report_forwarding()?;
                 trail.commit()?;
                 if still_ours(handle, enforcing).await != (true, true) {
@@ -350,11 +510,43 @@ async fn stream_audit(
                 Ok(client) => trail.serve(client),
                 Err(e) => tracing::warn!(error = %e, "events socket: accept failed"),
             },
+            client = control.accept() => match client {
+                Ok(client) => reload::serve(client, requests.clone()),
+                Err(e) => tracing::warn!(error = %e, "control socket: accept failed"),
+            },
+            Some(reply) = pending.recv() => {
+                let _ = reply.send(match logged_reload(running, feed, trail) {
+                    Ok(summary) => reload::Reply::Applied { summary },
+                    Err(message) => reload::Reply::Refused { message },
+                });
+            }
+            _ = sighup.recv() => drop(logged_reload(running, feed, trail)),
             _ = sigint.recv() => break Stop::Signal,
             _ = sigterm.recv() => break Stop::Signal,
         }
     };
+    control.remove();
     Ok(stop)
+}
+
+/// [`reload`], logged: the audit trail has no record kind for the daemon's
+/// own actions, so a reload goes to the daemon's log.
+fn logged_reload(
+    running: &mut Running<'_>,
+    feed: &mut Feed,
+    trail: &mut Trail,
+) -> Result<String, String> {
+    match reload(running, feed, trail) {
+        Ok(summary) => {
+            tracing::info!(config = %running.opts.config.display(), "policy reloaded: {summary}");
+            Ok(summary)
+        }
+        Err(e) => {
+            let message = chain(&e);
+            tracing::warn!("reload refused, the running policy is unchanged: {message}");
+            Err(message)
+        }
+    }
 }
 
 /// Once our programs are detached or replaced, their maps change no more:

@@ -14,6 +14,7 @@ pub mod loader;
 pub mod lockout;
 pub mod model;
 pub mod policy;
+pub mod reload;
 pub mod tables;
 
 /// The compiled BPF object holding `zt_edge` and `zt_tunnel`.

@@ -60,6 +60,7 @@ macro_rules! outln {
         ztxdp check --config /etc/ztxdp/ztxdp.toml\n  \
         ztxdp up --config /etc/ztxdp/ztxdp.toml\n  \
         ztxdp status --json\n  \
+        ztxdp reload\n  \
         ztxdp allow app-2 5432\n  \
         ztxdp revoke 10.100.0.1 53/udp\n  \
         ztxdp down"
@@ -111,6 +112,16 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Make the daemon of this network namespace re-read its config and
+    /// runtime grants and swap the policy in place (as SIGHUP does):
+    /// programs, flows, counters and the audit trail go on. Exits non-zero,
+    /// changing nothing, when the config is invalid or changes what needs a
+    /// restart (interfaces, `edge.ssh_port`, `flows.max_entries`, `[audit]`).
+    #[command(
+        after_help = "Examples:\n  ztxdp check --config /etc/ztxdp/ztxdp.toml && ztxdp reload\n  \
+        ip netns exec edge ztxdp reload\n  kill -HUP \"$(pidof ztxdp)\"   # same, result in the daemon's log"
+    )]
+    Reload,
     /// Remove every ztxdp program from this network namespace.
     #[command(after_help = "Example:\n  ztxdp down")]
     Down,
@@ -321,6 +332,11 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             } else {
                 print_status(&s)?;
             }
+        }
+        Command::Reload => {
+            let summary = ztxdp::reload::request()
+                .context("ztxdp reload: fix the config and run `ztxdp reload` again")?;
+            println!("{summary}");
         }
         Command::Down => {
             let removed = control::down().await.context("ztxdp down")?;

@@ -4,7 +4,7 @@
 //! `allow`, `revoke`), so the two can never disagree on the layout.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     os::fd::{AsFd as _, AsRawFd as _},
 };
 
@@ -136,28 +136,13 @@ impl Tables {
     /// # Errors
     /// When a map update fails or a set exceeds its map.
     pub(crate) fn apply_edge(&mut self, p: &EdgePolicy) -> Result<(), TablesError> {
-        let mut words = [0u64; capacity::PORT_BITMAP_WORDS as usize];
-        for &port in &p.wireguard_ports {
-            words[usize::from(port >> 6)] |= 1 << (port & 63);
-        }
+        let words = udp_words(&p.wireguard_ports);
         let mut udp: Array<_, u64> = Array::try_from(self.get(map::EDGE_UDP_PORTS)?)
             .map_err(map_err(map::EDGE_UDP_PORTS))?;
         for (i, w) in (0u32..).zip(words) {
             udp.set(i, w, 0).map_err(map_err(map::EDGE_UDP_PORTS))?;
         }
-        let (v4, v6) = split_families(&p.ssh_allow);
-        for (what, n) in [
-            ("edge.ssh_allow (IPv4)", v4.len()),
-            ("edge.ssh_allow (IPv6)", v6.len()),
-        ] {
-            if n > capacity::SSH_ALLOW as usize {
-                return Err(TablesError::TooMany {
-                    what,
-                    count: n,
-                    limit: capacity::SSH_ALLOW,
-                });
-            }
-        }
+        let (v4, v6) = ssh_allow_keys(p)?;
         let mut t4: LpmTrie<_, [u8; 4], u8> =
             LpmTrie::try_from(self.get(map::SSH_ALLOW_V4)?).map_err(map_err(map::SSH_ALLOW_V4))?;
         for (key, len) in &v4 {
@@ -178,13 +163,7 @@ impl Tables {
     /// # Errors
     /// When a map update fails.
     pub fn apply_tunnel(&mut self, p: &TunnelPolicy) -> Result<(), TablesError> {
-        if p.peers.len() > capacity::PEERS as usize {
-            return Err(TablesError::TooMany {
-                what: "tunnel.peer",
-                count: p.peers.len(),
-                limit: capacity::PEERS,
-            });
-        }
+        check_peer_count(p)?;
         // Fresh maps: nothing stale to remove, so no per-peer probing.
         for (index, peer) in (0u32..).zip(&p.peers) {
             self.write_peer(index, peer)?;
@@ -232,14 +211,7 @@ impl Tables {
         for (key, word) in &wanted {
             grants.insert(key, word, 0).map_err(map_err(map::GRANTS))?;
         }
-        let info = PeerInfo {
-            index,
-            flags: if peer.grants.contains(&Grant::Icmp) {
-                PEER_ICMP
-            } else {
-                0
-            },
-        };
+        let info = peer_info(index, peer);
         let (v4, v6) = split_families(&peer.addresses);
         let mut t4: LpmTrie<_, [u8; 4], PeerInfo> =
             LpmTrie::try_from(self.get(map::PEER_V4)?).map_err(map_err(map::PEER_V4))?;
@@ -262,16 +234,7 @@ impl Tables {
     /// # Errors
     /// When the map update fails.
     pub fn apply_flows(&mut self, flows: &FlowSettings, echo: EchoRate) -> Result<(), TablesError> {
-        let ns = |d: std::time::Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
-        let cfg = FlowConfig {
-            tcp_established_ns: ns(flows.tcp_established),
-            tcp_closing_ns: ns(flows.tcp_closing),
-            udp_ns: ns(flows.udp),
-            icmp_ns: ns(flows.icmp),
-            echo_ns_per_token: echo.ns_per_token,
-            echo_burst: echo.burst,
-            fragment_ns: ns(flows.fragment),
-        };
+        let cfg = flow_config(flows, echo);
         let mut arr: Array<_, FlowConfig> =
             Array::try_from(self.get(map::FLOW_CONFIG)?).map_err(map_err(map::FLOW_CONFIG))?;
         arr.set(0, cfg, 0).map_err(map_err(map::FLOW_CONFIG))
@@ -427,6 +390,274 @@ impl Tables {
     }
 }
 
+/// Everything a policy puts in the maps, as plain data: what a reload
+/// reads from the running maps and computes from the new policy, in full,
+/// before it writes anything.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Contents {
+    udp_ports: Vec<u64>,
+    ssh_v4: BTreeSet<LpmParts<4>>,
+    ssh_v6: BTreeSet<LpmParts<16>>,
+    peer_v4: BTreeMap<LpmParts<4>, PeerInfo>,
+    peer_v6: BTreeMap<LpmParts<16>, PeerInfo>,
+    grants: HashMap<GrantKey, u64>,
+    flow_config: FlowConfig,
+}
+
+impl Contents {
+    /// What [`crate::loader::load_filled`] writes for this policy; a peer's
+    /// index is its position in `tunnel.peers`.
+    ///
+    /// # Errors
+    /// When a set exceeds its map.
+    pub fn of(
+        edge: Option<&EdgePolicy>,
+        tunnel: Option<&TunnelPolicy>,
+        flows: &FlowSettings,
+    ) -> Result<Self, TablesError> {
+        let mut c = Self {
+            udp_ports: vec![0; capacity::PORT_BITMAP_WORDS as usize],
+            flow_config: flow_config(flows, edge.map(|e| e.icmp_echo).unwrap_or_default()),
+            ..Self::default()
+        };
+        if let Some(e) = edge {
+            c.udp_ports = udp_words(&e.wireguard_ports).to_vec();
+            let (v4, v6) = ssh_allow_keys(e)?;
+            c.ssh_v4 = v4.into_iter().collect();
+            c.ssh_v6 = v6.into_iter().collect();
+        }
+        if let Some(t) = tunnel {
+            check_peer_count(t)?;
+            for (index, peer) in (0u32..).zip(&t.peers) {
+                let info = peer_info(index, peer);
+                let (v4, v6) = split_families(&peer.addresses);
+                c.peer_v4.extend(v4.into_iter().map(|k| (k, info)));
+                c.peer_v6.extend(v6.into_iter().map(|k| (k, info)));
+                c.grants.extend(grant_words(index, &peer.grants));
+            }
+        }
+        Ok(c)
+    }
+
+    /// What both `self` and `new` allow, and no more: the state a reload
+    /// passes through between removing and adding. A trie entry stays only
+    /// where both give its prefix the same peer index (its ICMP flag only
+    /// if both set it), a grant word keeps the bits both set, an edge set
+    /// the members of both. Since a source address belongs to one peer in
+    /// each policy (`config` refuses overlaps), an address this finds a
+    /// peer for has that peer in both, so every packet it passes, both
+    /// pass. The flow settings are already the new ones: they are written
+    /// once, between the two halves.
+    #[must_use]
+    pub fn narrowed(&self, new: &Self) -> Self {
+        fn both<K: Ord + Copy>(
+            old: &BTreeMap<K, PeerInfo>,
+            new: &BTreeMap<K, PeerInfo>,
+        ) -> BTreeMap<K, PeerInfo> {
+            old.iter()
+                .filter_map(|(k, o)| {
+                    let n = new.get(k)?;
+                    (n.index == o.index).then_some((
+                        *k,
+                        PeerInfo {
+                            index: o.index,
+                            flags: o.flags & n.flags,
+                        },
+                    ))
+                })
+                .collect()
+        }
+        Self {
+            udp_ports: self
+                .udp_ports
+                .iter()
+                .zip(&new.udp_ports)
+                .map(|(o, n)| o & n)
+                .collect(),
+            ssh_v4: self.ssh_v4.intersection(&new.ssh_v4).copied().collect(),
+            ssh_v6: self.ssh_v6.intersection(&new.ssh_v6).copied().collect(),
+            peer_v4: both(&self.peer_v4, &new.peer_v4),
+            peer_v6: both(&self.peer_v6, &new.peer_v6),
+            grants: self
+                .grants
+                .iter()
+                .filter_map(|(k, o)| {
+                    let w = o & new.grants.get(k)?;
+                    (w != 0).then_some((*k, w))
+                })
+                .collect(),
+            flow_config: new.flow_config,
+        }
+    }
+}
+
+impl Tables {
+    /// What the maps hold now, runtime `allow`s and `revoke`s included.
+    ///
+    /// # Errors
+    /// When a map cannot be read.
+    pub fn contents(&self) -> Result<Contents, TablesError> {
+        let udp: Array<_, u64> = Array::try_from(self.get_ref(map::EDGE_UDP_PORTS)?)
+            .map_err(map_err(map::EDGE_UDP_PORTS))?;
+        let udp_ports = udp
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(map_err(map::EDGE_UDP_PORTS))?;
+        let parts = |k: Key<_>| (k.data(), k.prefix_len());
+        let ssh_v4 = LpmTrie::<_, [u8; 4], u8>::try_from(self.get_ref(map::SSH_ALLOW_V4)?)
+            .map_err(map_err(map::SSH_ALLOW_V4))?
+            .keys()
+            .map(|k| k.map(parts))
+            .collect::<Result<_, _>>()
+            .map_err(map_err(map::SSH_ALLOW_V4))?;
+        let ssh_v6 = LpmTrie::<_, [u8; 16], u8>::try_from(self.get_ref(map::SSH_ALLOW_V6)?)
+            .map_err(map_err(map::SSH_ALLOW_V6))?
+            .keys()
+            .map(|k| k.map(|k: Key<[u8; 16]>| (k.data(), k.prefix_len())))
+            .collect::<Result<_, _>>()
+            .map_err(map_err(map::SSH_ALLOW_V6))?;
+        let peer_v4 = LpmTrie::<_, [u8; 4], PeerInfo>::try_from(self.get_ref(map::PEER_V4)?)
+            .map_err(map_err(map::PEER_V4))?
+            .iter()
+            .map(|kv| kv.map(|(k, v)| ((k.data(), k.prefix_len()), v)))
+            .collect::<Result<_, _>>()
+            .map_err(map_err(map::PEER_V4))?;
+        let peer_v6 = LpmTrie::<_, [u8; 16], PeerInfo>::try_from(self.get_ref(map::PEER_V6)?)
+            .map_err(map_err(map::PEER_V6))?
+            .iter()
+            .map(|kv| kv.map(|(k, v)| ((k.data(), k.prefix_len()), v)))
+            .collect::<Result<_, _>>()
+            .map_err(map_err(map::PEER_V6))?;
+        let grants = BpfHashMap::<_, GrantKey, u64>::try_from(self.get_ref(map::GRANTS)?)
+            .map_err(map_err(map::GRANTS))?
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(map_err(map::GRANTS))?;
+        let flow_config = Array::<_, FlowConfig>::try_from(self.get_ref(map::FLOW_CONFIG)?)
+            .map_err(map_err(map::FLOW_CONFIG))?
+            .get(&0, 0)
+            .map_err(map_err(map::FLOW_CONFIG))?;
+        Ok(Contents {
+            udp_ports,
+            ssh_v4,
+            ssh_v6,
+            peer_v4,
+            peer_v6,
+            grants,
+            flow_config,
+        })
+    }
+
+    /// Replaces what the maps hold with `new`, in place, while the programs
+    /// run. Two halves, so that no packet ever passes that neither the old
+    /// nor the new policy passes: first everything only the old policy
+    /// allows is removed (down to [`Contents::narrowed`]), then the flow
+    /// settings are written, then everything only the new policy allows is
+    /// added. In between, a peer whose index changes has no trie entry and
+    /// its packets drop (fail closed) for as long as the writes take.
+    ///
+    /// # Errors
+    /// When a map cannot be read or written; the maps may then hold part
+    /// of the change, never more than the old or the new policy allows.
+    pub fn replace(&mut self, new: &Contents) -> Result<(), TablesError> {
+        let old = self.contents()?;
+        let narrowed = old.narrowed(new);
+        self.write_changes(&old, &narrowed)?;
+        self.write_changes(&narrowed, new)
+    }
+
+    /// Writes what differs between `from` (what the maps hold) and `to`:
+    /// removals, then updates, the flow settings last.
+    fn write_changes(&mut self, from: &Contents, to: &Contents) -> Result<(), TablesError> {
+        let mut udp: Array<_, u64> = Array::try_from(self.get(map::EDGE_UDP_PORTS)?)
+            .map_err(map_err(map::EDGE_UDP_PORTS))?;
+        for (i, (f, t)) in (0u32..).zip(from.udp_ports.iter().zip(&to.udp_ports)) {
+            if f != t {
+                udp.set(i, *t, 0).map_err(map_err(map::EDGE_UDP_PORTS))?;
+            }
+        }
+        sync_set::<4>(
+            self.get(map::SSH_ALLOW_V4)?,
+            map::SSH_ALLOW_V4,
+            &from.ssh_v4,
+            &to.ssh_v4,
+        )?;
+        sync_set::<16>(
+            self.get(map::SSH_ALLOW_V6)?,
+            map::SSH_ALLOW_V6,
+            &from.ssh_v6,
+            &to.ssh_v6,
+        )?;
+        sync_peers::<4>(
+            self.get(map::PEER_V4)?,
+            map::PEER_V4,
+            &from.peer_v4,
+            &to.peer_v4,
+        )?;
+        sync_peers::<16>(
+            self.get(map::PEER_V6)?,
+            map::PEER_V6,
+            &from.peer_v6,
+            &to.peer_v6,
+        )?;
+        let mut grants: BpfHashMap<_, GrantKey, u64> =
+            BpfHashMap::try_from(self.get(map::GRANTS)?).map_err(map_err(map::GRANTS))?;
+        for key in from.grants.keys().filter(|k| !to.grants.contains_key(k)) {
+            grants.remove(key).map_err(map_err(map::GRANTS))?;
+        }
+        for (key, word) in &to.grants {
+            if from.grants.get(key) != Some(word) {
+                grants.insert(key, word, 0).map_err(map_err(map::GRANTS))?;
+            }
+        }
+        if from.flow_config != to.flow_config {
+            let mut arr: Array<_, FlowConfig> =
+                Array::try_from(self.get(map::FLOW_CONFIG)?).map_err(map_err(map::FLOW_CONFIG))?;
+            arr.set(0, to.flow_config, 0)
+                .map_err(map_err(map::FLOW_CONFIG))?;
+        }
+        Ok(())
+    }
+}
+
+/// Makes an SSH allow-list trie go from `from` to `to`.
+fn sync_set<const N: usize>(
+    map: &mut Map,
+    name: &'static str,
+    from: &BTreeSet<LpmParts<N>>,
+    to: &BTreeSet<LpmParts<N>>,
+) -> Result<(), TablesError> {
+    let mut t: LpmTrie<_, [u8; N], u8> = LpmTrie::try_from(map).map_err(map_err(name))?;
+    for (key, len) in from.difference(to) {
+        t.remove(&Key::new(*len, *key)).map_err(map_err(name))?;
+    }
+    for (key, len) in to.difference(from) {
+        t.insert(&Key::new(*len, *key), 1, 0)
+            .map_err(map_err(name))?;
+    }
+    Ok(())
+}
+
+/// Makes a peer trie go from `from` to `to`.
+fn sync_peers<const N: usize>(
+    map: &mut Map,
+    name: &'static str,
+    from: &BTreeMap<LpmParts<N>, PeerInfo>,
+    to: &BTreeMap<LpmParts<N>, PeerInfo>,
+) -> Result<(), TablesError> {
+    let mut t: LpmTrie<_, [u8; N], PeerInfo> = LpmTrie::try_from(map).map_err(map_err(name))?;
+    for (key, len) in from.keys().filter(|k| !to.contains_key(k)) {
+        t.remove(&Key::new(*len, *key)).map_err(map_err(name))?;
+    }
+    for ((key, len), info) in to {
+        if from.get(&(*key, *len)) != Some(info) {
+            t.insert(&Key::new(*len, *key), *info, 0)
+                .map_err(map_err(name))?;
+        }
+    }
+    Ok(())
+}
+
 /// The grant bitmap words of one peer, keyed as the kernel looks them up.
 fn grant_words(peer: u32, grants: &[Grant]) -> HashMap<GrantKey, u64> {
     let mut words: HashMap<GrantKey, u64> = HashMap::new();
@@ -455,6 +686,70 @@ fn grant_words(peer: u32, grants: &[Grant]) -> HashMap<GrantKey, u64> {
 /// An LPM trie key's parts: address bytes and prefix length.
 type LpmParts<const N: usize> = ([u8; N], u32);
 
+/// The edge's UDP port bitmap: bit `port % 64` of word `port / 64`.
+fn udp_words(ports: &[u16]) -> [u64; capacity::PORT_BITMAP_WORDS as usize] {
+    let mut words = [0u64; capacity::PORT_BITMAP_WORDS as usize];
+    for &port in ports {
+        words[usize::from(port >> 6)] |= 1 << (port & 63);
+    }
+    words
+}
+
+/// `edge.ssh_allow` as LPM keys per family, within the maps' capacity.
+fn ssh_allow_keys(p: &EdgePolicy) -> Result<(Vec<LpmParts<4>>, Vec<LpmParts<16>>), TablesError> {
+    let (v4, v6) = split_families(&p.ssh_allow);
+    for (what, n) in [
+        ("edge.ssh_allow (IPv4)", v4.len()),
+        ("edge.ssh_allow (IPv6)", v6.len()),
+    ] {
+        if n > capacity::SSH_ALLOW as usize {
+            return Err(TablesError::TooMany {
+                what,
+                count: n,
+                limit: capacity::SSH_ALLOW,
+            });
+        }
+    }
+    Ok((v4, v6))
+}
+
+fn check_peer_count(p: &TunnelPolicy) -> Result<(), TablesError> {
+    if p.peers.len() > capacity::PEERS as usize {
+        return Err(TablesError::TooMany {
+            what: "tunnel.peer",
+            count: p.peers.len(),
+            limit: capacity::PEERS,
+        });
+    }
+    Ok(())
+}
+
+/// What the peer tries hold for the peer at `index`.
+fn peer_info(index: u32, peer: &Peer) -> PeerInfo {
+    PeerInfo {
+        index,
+        flags: if peer.grants.contains(&Grant::Icmp) {
+            PEER_ICMP
+        } else {
+            0
+        },
+    }
+}
+
+/// The one entry of `map::FLOW_CONFIG`.
+fn flow_config(flows: &FlowSettings, echo: EchoRate) -> FlowConfig {
+    let ns = |d: std::time::Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+    FlowConfig {
+        tcp_established_ns: ns(flows.tcp_established),
+        tcp_closing_ns: ns(flows.tcp_closing),
+        udp_ns: ns(flows.udp),
+        icmp_ns: ns(flows.icmp),
+        echo_ns_per_token: echo.ns_per_token,
+        echo_burst: echo.burst,
+        fragment_ns: ns(flows.fragment),
+    }
+}
+
 /// Splits prefixes into LPM keys per family.
 fn split_families(nets: &[IpNet]) -> (Vec<LpmParts<4>>, Vec<LpmParts<16>>) {
     let mut v4 = Vec::new();
@@ -466,4 +761,161 @@ fn split_families(nets: &[IpNet]) -> (Vec<LpmParts<4>>, Vec<LpmParts<16>>) {
         }
     }
     (v4, v6)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+    use crate::policy::Protocol;
+
+    fn peer(name: &str, address: &str, grants: &[Grant]) -> Peer {
+        Peer {
+            name: name.to_owned(),
+            addresses: vec![
+                address
+                    .parse()
+                    .unwrap_or_else(|e| panic!("test prefix {address}: {e}")),
+            ],
+            public_key: None,
+            grants: grants.to_vec(),
+        }
+    }
+
+    fn tcp(port: u16) -> Grant {
+        Grant::Ports {
+            protocol: Protocol::Tcp,
+            first: port,
+            last: port,
+        }
+    }
+
+    fn contents(peers: Vec<Peer>) -> Contents {
+        let tunnel = TunnelPolicy {
+            interface: "wg0".to_owned(),
+            peers,
+            runtime_grants: "grants.json".into(),
+            link_local_neighbors: false,
+        };
+        Contents::of(None, Some(&tunnel), &FlowSettings::default())
+            .unwrap_or_else(|e| panic!("contents of a small test policy: {e}"))
+    }
+
+    /// What the tunnel program decides for an IPv4 source, as
+    /// `zt_ebpf::verdict::tunnel` does: the longest matching prefix gives
+    /// the peer, its grant word the port (`None`: ICMP echo).
+    fn passes(c: &Contents, source: Ipv4Addr, port: Option<u16>) -> bool {
+        let Some(info) = peer_of(c, source) else {
+            return false;
+        };
+        match port {
+            None => info.flags & PEER_ICMP != 0,
+            Some(port) => {
+                let key = GrantKey {
+                    peer: info.index,
+                    protocol: zt_common::proto::TCP,
+                    _pad0: 0,
+                    word: port >> 6,
+                };
+                c.grants
+                    .get(&key)
+                    .is_some_and(|w| w & (1 << (port & 63)) != 0)
+            }
+        }
+    }
+
+    fn peer_of(c: &Contents, source: Ipv4Addr) -> Option<PeerInfo> {
+        let bits = u32::from(source);
+        c.peer_v4
+            .iter()
+            .filter(|((net, len), _)| {
+                let mask = u32::MAX.checked_shl(32 - len).unwrap_or(0);
+                bits & mask == u32::from_be_bytes(*net) & mask
+            })
+            .max_by_key(|((_, len), _)| *len)
+            .map(|(_, info)| *info)
+    }
+
+    #[test]
+    fn between_the_halves_of_a_reload_nothing_passes_that_either_policy_drops() {
+        let a = "10.0.0.1/32";
+        let b = "10.0.0.2/32";
+        let cases = [
+            (
+                "peers swap places",
+                vec![
+                    peer("a", a, &[tcp(22)]),
+                    peer("b", b, &[tcp(80), Grant::Icmp]),
+                ],
+                vec![
+                    peer("b", b, &[tcp(80), Grant::Icmp]),
+                    peer("a", a, &[tcp(22)]),
+                ],
+            ),
+            (
+                "a grant and ICMP change in place",
+                vec![
+                    peer("a", a, &[tcp(22), Grant::Icmp]),
+                    peer("b", b, &[tcp(80)]),
+                ],
+                vec![
+                    peer("a", a, &[tcp(23)]),
+                    peer("b", b, &[tcp(80), Grant::Icmp]),
+                ],
+            ),
+            (
+                "a peer leaves and the other takes its index",
+                vec![peer("a", a, &[tcp(22)]), peer("b", b, &[tcp(80)])],
+                vec![peer("b", b, &[tcp(80), tcp(22)])],
+            ),
+            (
+                "an address moves to another peer",
+                vec![
+                    peer("a", "10.0.0.0/30", &[tcp(22)]),
+                    peer("b", "10.0.1.0/24", &[]),
+                ],
+                vec![
+                    peer("a", a, &[tcp(22)]),
+                    peer("b", "10.0.0.2/31", &[tcp(80)]),
+                ],
+            ),
+        ];
+        let sources: Vec<Ipv4Addr> = (0..4).map(|i| Ipv4Addr::new(10, 0, 0, i)).collect();
+        let ports = [None, Some(22), Some(23), Some(80), Some(443)];
+        for (what, old, new) in cases {
+            let (old, new) = (contents(old), contents(new));
+            let narrowed = old.narrowed(&new);
+            for &source in &sources {
+                for port in ports {
+                    if passes(&narrowed, source, port) {
+                        assert!(
+                            passes(&old, source, port) && passes(&new, source, port),
+                            "{what}: {source} to {port:?} passes mid-reload but not in both \
+                             policies\nold {old:?}\nnew {new:?}\nmid {narrowed:?}"
+                        );
+                    }
+                }
+            }
+            // What both allow from an address whose entry keeps its index
+            // survives the first half: no needless drop.
+            for &source in &sources {
+                let host = (source.octets(), 32);
+                let kept = old
+                    .peer_v4
+                    .get(&host)
+                    .zip(new.peer_v4.get(&host))
+                    .is_some_and(|(o, n)| o.index == n.index);
+                for port in ports {
+                    if kept && passes(&old, source, port) && passes(&new, source, port) {
+                        assert!(
+                            passes(&narrowed, source, port),
+                            "{what}: {source} to {port:?} is dropped mid-reload though \
+                             both policies pass it under the same index"
+                        );
+                    }
+                }
+            }
+        }
+    }
 }

@@ -470,6 +470,41 @@ impl Daemon {
         );
     }
 
+    /// SIGHUP, which must make the daemon reload its config in place.
+    pub fn hangup(&self) {
+        self.signal(libc::SIGHUP);
+    }
+
+    /// Waits until the daemon's log has a line containing `text`; fails at
+    /// once if the daemon exits meanwhile, with its log.
+    pub fn expect_log(&mut self, text: &str) {
+        let deadline = Instant::now() + SETTLE_TIMEOUT;
+        while !self.log().contains(text) {
+            if let Some(status) = self.try_status() {
+                panic!(
+                    "ztxdp exited ({status}) before logging {text:?}; its log:\n{}",
+                    self.log()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "ztxdp did not log {text:?} within {SETTLE_TIMEOUT:?}; its log:\n{}",
+                self.log()
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The daemon must still be running.
+    pub fn expect_running(&mut self, after: &str) {
+        if let Some(status) = self.try_status() {
+            panic!(
+                "ztxdp exited ({status}) after {after}; its log:\n{}",
+                self.log()
+            );
+        }
+    }
+
     /// `kill -9`: the daemon gets no chance to clean up.
     pub fn kill9(&mut self) {
         self.signal(libc::SIGKILL);
@@ -688,6 +723,25 @@ pub fn patterned(len: usize) -> Vec<u8> {
 pub fn complete_lines(text: &str) -> impl Iterator<Item = &str> {
     let whole = text.rfind('\n').map_or("", |end| &text[..end]);
     whole.lines()
+}
+
+/// `ztxdp audit verify` on every file of `t`'s trail, which must pass (no
+/// gap in the sequence, an unbroken chain); its output.
+pub fn verify_audit(t: &Enforced) -> String {
+    let files: Vec<String> = ztxdp::audit::writer::files(&t.audit())
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect();
+    let mut args = vec!["audit", "verify"];
+    args.extend(files.iter().map(String::as_str));
+    let out = ztxdp(t.edge(), &args);
+    let shown = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "`ztxdp audit verify` failed on {files:?}:\n{shown}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    shown
 }
 
 /// Every JSON line of the audit file so far.

@@ -165,6 +165,12 @@ impl Feed {
         })
     }
 
+    /// Names peers by `peers` from now on (after a reload changed them):
+    /// index `i` is `peers[i]`.
+    pub fn set_peers(&mut self, peers: Vec<(String, Option<String>)>) {
+        self.names.peers = peers;
+    }
+
     /// Waits until the ring buffer has events. Cancel-safe.
     ///
     /// # Errors

@@ -44,7 +44,7 @@ pub const SOCKET_DIR: &str = "/run/ztxdp";
 /// reports ready once its programs are attached, and binds the socket a
 /// moment later, once it holds the audit file: a follower started on that
 /// signal can be there first.
-const SOCKET_WAIT: Duration = Duration::from_secs(5);
+pub(crate) const SOCKET_WAIT: Duration = Duration::from_secs(5);
 
 /// One line on the events socket.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -123,8 +123,17 @@ pub enum StreamError {
 /// # Errors
 /// When `/proc/self/ns/net` cannot be read.
 pub fn socket_path() -> io::Result<PathBuf> {
+    socket_path_named("events")
+}
+
+/// The path of the daemon's socket `name` (`events`, `control`) in the
+/// current network namespace.
+///
+/// # Errors
+/// When `/proc/self/ns/net` cannot be read.
+pub fn socket_path_named(name: &str) -> io::Result<PathBuf> {
     let ino = fs::metadata("/proc/self/ns/net")?.ino();
-    Ok(PathBuf::from(SOCKET_DIR).join(format!("events-{ino}.sock")))
+    Ok(PathBuf::from(SOCKET_DIR).join(format!("{name}-{ino}.sock")))
 }
 
 /// The daemon's listening socket.
@@ -142,7 +151,15 @@ impl Server {
     /// # Errors
     /// When the directory or the socket cannot be created.
     pub fn bind() -> Result<Self, AuditError> {
-        let path = socket_path().map_err(|source| AuditError::Socket {
+        Self::bind_named("events")
+    }
+
+    /// Binds the namespace's socket `name` (see [`socket_path_named`]).
+    ///
+    /// # Errors
+    /// When the directory or the socket cannot be created.
+    pub fn bind_named(name: &str) -> Result<Self, AuditError> {
+        let path = socket_path_named(name).map_err(|source| AuditError::Socket {
             path: PathBuf::from(SOCKET_DIR),
             source,
         })?;
@@ -271,7 +288,10 @@ pub fn follow(output: Output, out: &mut impl Write) -> Result<(), StreamError> {
 /// Connects to the daemon's socket at `path`, waiting up to `wait` while
 /// the socket is missing or nothing listens on it yet (a stale file of a
 /// daemon killed earlier, until the new one replaces it).
-fn connect(path: &Path, wait: Duration) -> Result<std::os::unix::net::UnixStream, StreamError> {
+pub(crate) fn connect(
+    path: &Path,
+    wait: Duration,
+) -> Result<std::os::unix::net::UnixStream, StreamError> {
     let deadline = Instant::now() + wait;
     loop {
         match std::os::unix::net::UnixStream::connect(path) {
