@@ -210,6 +210,63 @@ fn tcp_out_works_and_the_server_cannot_connect_in() {
     expect_counter(edge, "edge", "port_not_allowed", dropped, 1);
 }
 
+/// A replacing `ztxdp up` adopts the state of the programs it replaces: a
+/// TCP connection the edge opened before it still carries data both ways
+/// after it, and the counters go on from where they were.
+#[test]
+fn a_connection_opened_before_a_replacing_up_carries_data_after_it() {
+    let mut f = start("flows-adopt", "");
+    let server = listen(f.lab.outsider(), SERVER_TCP);
+    let mut client = assert_connects(
+        f.edge(),
+        at(OUTSIDER_V4, SERVER_TCP),
+        "the edge connects out",
+    );
+    let mut accepted = accept(&server, CONNECT_TIMEOUT);
+    for stream in [&client, &accepted] {
+        stream
+            .set_read_timeout(Some(CONNECT_TIMEOUT))
+            .unwrap_or_else(|e| panic!("read timeout: {e}"));
+    }
+    let mut buf = [0u8; 6];
+    accepted
+        .write_all(b"before")
+        .unwrap_or_else(|e| panic!("server write: {e}"));
+    client
+        .read_exact(&mut buf)
+        .unwrap_or_else(|e| panic!("the edge got nothing before the restart: {e}"));
+    let replies = f.counter("reply");
+    let before = status(f.edge());
+    let mut old = f.restart("daemon-2.log");
+    old.expect_replaced();
+    accepted
+        .write_all(b"after!")
+        .unwrap_or_else(|e| panic!("server write: {e}"));
+    if let Err(e) = client.read_exact(&mut buf) {
+        f.fail(&format!(
+            "the server's data did not reach the edge after the replacing up: {e}"
+        ));
+    }
+    assert_eq!(&buf, b"after!");
+    client
+        .write_all(b"back!!")
+        .unwrap_or_else(|e| panic!("client write: {e}"));
+    accepted
+        .read_exact(&mut buf)
+        .unwrap_or_else(|e| panic!("the server got nothing after the restart: {e}"));
+    assert_eq!(&buf, b"back!!");
+    let now = status(f.edge());
+    assert!(
+        counter(&now, "edge", "reply") > replies,
+        "the reply counter started over:\n{before:#}\n{now:#}"
+    );
+    let (_, created, _) = flows_status(&now);
+    assert!(
+        created >= flows_status(&before).1,
+        "flows_created started over:\n{before:#}\n{now:#}"
+    );
+}
+
 #[test]
 fn a_reply_too_big_for_one_packet_arrives_whole() {
     // A 3000-byte answer (a big DNS response over EDNS0, say) leaves the

@@ -116,6 +116,21 @@ impl Attached {
     pub fn is_empty(&self) -> bool {
         self.edge.is_empty() && self.tunnel.is_empty() && self.egress.is_empty()
     }
+
+    /// The kernel ids of every map the attached programs use, each once.
+    #[must_use]
+    pub fn map_ids(&self) -> Vec<u32> {
+        let mut ids: Vec<u32> = self
+            .edge
+            .iter()
+            .chain(&self.tunnel)
+            .chain(&self.egress)
+            .flat_map(|a| a.map_ids.iter().copied())
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
 }
 
 /// A netlink connection bound to the current network namespace.

@@ -19,6 +19,7 @@ use tokio::signal::unix::SignalKind;
 use zt_common::{map, program};
 
 use crate::{
+    adopt::{self, Pass},
     attach::{self, AttachError, Attachment, XdpMode},
     audit::{self, AuditError, Names, Trail, kernel::Feed, record::Program, stream::Server},
     config::{Config, ConfigError},
@@ -114,7 +115,17 @@ pub async fn up(opts: &UpOptions, ready: impl FnOnce(&Enforcing)) -> Result<(), 
     let mut trail = Trail::open(&config.policy.audit)?;
 
     let handle = attach::connect()?;
+    // The state of the programs we replace: adopted before the swap, and
+    // once more after it for what they recorded meanwhile.
+    let old_maps = attach::find(&handle).await?.map_ids();
+    let new_maps = loader::map_ids(&ebpf);
+    let peers = tunnel_policy
+        .as_ref()
+        .map_or(0, |t| u32::try_from(t.peers.len()).unwrap_or(u32::MAX));
+    let adopting = |pass| adopt_state(&old_maps, &new_maps, peers, pass);
+    adopting(Pass::BeforeSwap);
     let enforcing = attach_all(&mut ebpf, &config, tunnel_policy.as_ref(), &handle).await?;
+    adopting(Pass::AfterSwap);
     drop(grants_lock);
     ready(&enforcing);
 
@@ -137,6 +148,30 @@ pub async fn up(opts: &UpOptions, ready: impl FnOnce(&Enforcing)) -> Result<(), 
     let flushed = flush_audit(&mut feed, trail, &tables);
     stop?;
     Ok(flushed?)
+}
+
+/// Adopts what the programs we replace know (see [`adopt`]). A failure
+/// costs connections and counts, not enforcement: it is logged, and the
+/// new programs start with what they have.
+fn adopt_state(old: &[u32], new: &[u32], peers: u32, pass: Pass) {
+    if old.is_empty() {
+        return;
+    }
+    match adopt::adopt(old, new, peers, pass) {
+        Ok(a) => tracing::info!(
+            ?pass,
+            flows = a.flows,
+            fragments = a.fragments,
+            echo_sources = a.echo_sources,
+            left_out = a.left_out,
+            "adopted the state of the programs replaced"
+        ),
+        Err(e) => tracing::warn!(
+            ?pass,
+            error = %e,
+            "could not adopt the state of the programs replaced; their flows are forgotten"
+        ),
+    }
 }
 
 /// Attaches the loaded programs where the config says, replacing ours

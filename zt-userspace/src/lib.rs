@@ -2,6 +2,7 @@
 //!
 //! The binary (`src/main.rs`) is a thin clap front end over this library.
 
+pub mod adopt;
 pub mod attach;
 pub mod audit;
 pub mod config;

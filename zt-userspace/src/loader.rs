@@ -136,6 +136,20 @@ pub fn load_filled(
     Ok((ebpf, tables))
 }
 
+/// The kernel ids of every map the loaded programs use, each once.
+#[must_use]
+pub fn map_ids(ebpf: &Ebpf) -> Vec<u32> {
+    let mut ids: Vec<u32> = ebpf
+        .programs()
+        .filter_map(|(_, p)| p.info().ok())
+        .filter_map(|info| info.map_ids().ok().flatten())
+        .flatten()
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
 /// Where the kernel lists the CPUs that can ever come online.
 const POSSIBLE_CPUS: &str = "/sys/devices/system/cpu/possible";
 

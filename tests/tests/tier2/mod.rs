@@ -150,6 +150,12 @@ impl Programs {
         }
     }
 
+    /// Forgets the counters seen after the last run, for a test that
+    /// changed them outside a run (adoption copies counts in).
+    pub fn recount(&mut self) {
+        self.after_last_run.clear();
+    }
+
     /// Counter `code` of program `prog`, summed over CPUs: verdict and
     /// bookkeeping counters alike.
     ///
