@@ -12,7 +12,7 @@ use tier2::{Prog, Programs};
 use zt_common::{program, reason, tcp_flag};
 use zt_tests::packet::{Ethernet, Ipv4, Transport};
 use ztxdp::{
-    adopt::{self, Adopted, Pass},
+    adopt::{self, Adopted, Maps, Pass},
     loader,
     policy::{EchoRate, EdgePolicy, FlowSettings},
 };
@@ -56,13 +56,10 @@ fn connection(port: u16) -> (Vec<u8>, Vec<u8>) {
 }
 
 fn adopt_all(old: &Programs, new: &Programs, pass: Pass) -> Adopted {
-    adopt::adopt(
-        &loader::map_ids(&old.ebpf),
-        &loader::map_ids(&new.ebpf),
-        0,
-        pass,
-    )
-    .unwrap_or_else(|e| panic!("adopting: {e}"))
+    let open = |p: &Programs| {
+        Maps::open(&loader::map_ids(&p.ebpf)).unwrap_or_else(|e| panic!("opening maps: {e}"))
+    };
+    adopt::adopt(&open(old), &open(new), 0, pass).unwrap_or_else(|e| panic!("adopting: {e}"))
 }
 
 #[test]

@@ -10,7 +10,11 @@
 //! (everything), and once after the swap (the flow-like tables only), which
 //! picks up what the old programs recorded between the two. A table the new
 //! config makes smaller takes the most recently used entries that fit; the
-//! rest are counted in [`Adopted::left_out`].
+//! rest are counted in [`Adopted::left_out`]. The old ring buffer is not
+//! copied but read: see [`Maps::take_ring`].
+//!
+//! The old maps are opened once, before the swap, and held: once detached,
+//! the old programs are unloaded, and their maps would go with them.
 
 use std::collections::HashMap;
 
@@ -67,12 +71,15 @@ impl Adopted {
     }
 }
 
-/// The maps of one program set by kernel name. Maps of an older build whose
-/// names are not ours are ignored.
-struct ByName(HashMap<String, MapData>);
+/// The maps of one program set by kernel name, held open.
+pub struct Maps(HashMap<String, MapData>);
 
-impl ByName {
-    fn open(ids: &[u32]) -> Result<Self, AdoptError> {
+impl Maps {
+    /// Opens the maps `ids` (of a loaded or attached program set).
+    ///
+    /// # Errors
+    /// When a map cannot be opened.
+    pub fn open(ids: &[u32]) -> Result<Self, AdoptError> {
         let mut maps = HashMap::new();
         for &id in ids {
             let data = MapData::from_id(id).map_err(|source| AdoptError::Open { id, source })?;
@@ -101,6 +108,14 @@ impl ByName {
             .map_err(|source| AdoptError::Copy { name, source })
     }
 
+    /// The audit ring buffer, taken out: the new daemon writes what is
+    /// left in it once the old one is gone
+    /// (`audit::kernel::Feed::drain_inherited`).
+    #[must_use]
+    pub fn take_ring(&mut self) -> Option<MapData> {
+        self.0.remove(map::EVENTS)
+    }
+
     fn max_entries(&self, name: &'static str) -> Result<usize, AdoptError> {
         self.0.get(name).map_or(Ok(0), |d| {
             d.info()
@@ -110,45 +125,38 @@ impl ByName {
     }
 }
 
-/// Copies the state of the programs whose maps are `old_ids` into those of
-/// the new programs, `new_ids`; `peers` per-peer counters are copied by
-/// index (a peer keeps its counts where its position in the config stays).
+/// Copies the state of the programs whose maps are `old` into those of
+/// the new programs, `new`; `peers` per-peer counters are copied by index
+/// (a peer keeps its counts where its position in the config stays).
 ///
 /// # Errors
 /// When a map cannot be opened, read or written. Maps of an older build
 /// with other key or value sizes are not ours to read: the caller logs the
 /// error and goes on with empty state, as before adoption existed.
-pub fn adopt(
-    old_ids: &[u32],
-    new_ids: &[u32],
-    peers: u32,
-    pass: Pass,
-) -> Result<Adopted, AdoptError> {
-    let old = ByName::open(old_ids)?;
-    let new = ByName::open(new_ids)?;
+pub fn adopt(old: &Maps, new: &Maps, peers: u32, pass: Pass) -> Result<Adopted, AdoptError> {
     let mut adopted = Adopted::default();
-    let flows = copy_lru::<FlowKey, FlowState>(&old, &new, map::FLOWS, |s| s.last_seen_ns)?;
+    let flows = copy_lru::<FlowKey, FlowState>(old, new, map::FLOWS, |s| s.last_seen_ns)?;
     adopted.add(Adopted {
         flows: flows.0,
         left_out: flows.1,
         ..Adopted::default()
     });
-    let frags = copy_lru::<FragmentKey, u64>(&old, &new, map::FRAGMENTS, |&at| at)?;
+    let frags = copy_lru::<FragmentKey, u64>(old, new, map::FRAGMENTS, |&at| at)?;
     adopted.add(Adopted {
         fragments: frags.0,
         left_out: frags.1,
         ..Adopted::default()
     });
-    let echo = copy_lru::<SourceKey, EventBucket>(&old, &new, map::ECHO_BUCKETS, |b| b.last_ns)?;
+    let echo = copy_lru::<SourceKey, EventBucket>(old, new, map::ECHO_BUCKETS, |b| b.last_ns)?;
     adopted.add(Adopted {
         echo_sources: echo.0,
         left_out: echo.1,
         ..Adopted::default()
     });
-    copy_local_ports(&old, &new)?;
+    copy_local_ports(old, new)?;
     if pass == Pass::BeforeSwap {
-        copy_counters(&old, &new)?;
-        copy_peer_counters(&old, &new, peers)?;
+        copy_counters(old, new)?;
+        copy_peer_counters(old, new, peers)?;
     }
     Ok(adopted)
 }
@@ -158,8 +166,8 @@ pub fn adopt(
 /// (an insert into a full LRU map would evict silently). Returns (copied,
 /// left out).
 fn copy_lru<K, V>(
-    old: &ByName,
-    new: &ByName,
+    old: &Maps,
+    new: &Maps,
     name: &'static str,
     age: impl Fn(&V) -> u64,
 ) -> Result<(usize, usize), AdoptError>
@@ -200,7 +208,7 @@ where
 }
 
 /// The local ports the host ever started a flow from: a set flag is copied.
-fn copy_local_ports(old: &ByName, new: &ByName) -> Result<(), AdoptError> {
+fn copy_local_ports(old: &Maps, new: &Maps) -> Result<(), AdoptError> {
     let err = |source| AdoptError::Copy {
         name: map::LOCAL_PORTS,
         source,
@@ -233,7 +241,7 @@ const fn carried(slot: u32) -> bool {
 /// The per-reason counters, summed over the old CPUs, into the new
 /// programs' first CPU entry (`status` sums over CPUs). The new programs
 /// are not attached yet, so nothing else writes their state.
-fn copy_counters(old: &ByName, new: &ByName) -> Result<(), AdoptError> {
+fn copy_counters(old: &Maps, new: &Maps) -> Result<(), AdoptError> {
     let err = |source| AdoptError::Copy {
         name: map::CPU_STATE,
         source,
@@ -262,7 +270,7 @@ fn copy_counters(old: &ByName, new: &ByName) -> Result<(), AdoptError> {
 }
 
 /// The per-peer counters of peers `0..peers`, CPU by CPU.
-fn copy_peer_counters(old: &ByName, new: &ByName, peers: u32) -> Result<(), AdoptError> {
+fn copy_peer_counters(old: &Maps, new: &Maps, peers: u32) -> Result<(), AdoptError> {
     let err = |source| AdoptError::Copy {
         name: map::PEER_COUNTERS,
         source,

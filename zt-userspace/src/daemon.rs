@@ -12,7 +12,7 @@ use std::{path::PathBuf, time::Duration};
 
 use aya::{
     Ebpf,
-    maps::RingBuf,
+    maps::{MapData, RingBuf},
     programs::{SchedClassifier, TcAttachType, Xdp},
 };
 use tokio::signal::unix::SignalKind;
@@ -117,15 +117,15 @@ pub async fn up(opts: &UpOptions, ready: impl FnOnce(&Enforcing)) -> Result<(), 
     let handle = attach::connect()?;
     // The state of the programs we replace: adopted before the swap, and
     // once more after it for what they recorded meanwhile.
-    let old_maps = attach::find(&handle).await?.map_ids();
-    let new_maps = loader::map_ids(&ebpf);
+    let mut old_maps = open_replaced(&handle, &ebpf).await;
     let peers = tunnel_policy
         .as_ref()
         .map_or(0, |t| u32::try_from(t.peers.len()).unwrap_or(u32::MAX));
-    let adopting = |pass| adopt_state(&old_maps, &new_maps, peers, pass);
-    adopting(Pass::BeforeSwap);
+    adopt_state(old_maps.as_ref(), peers, Pass::BeforeSwap);
     let enforcing = attach_all(&mut ebpf, &config, tunnel_policy.as_ref(), &handle).await?;
-    adopting(Pass::AfterSwap);
+    adopt_state(old_maps.as_ref(), peers, Pass::AfterSwap);
+    let inherited = old_maps.as_mut().and_then(|(old, _)| old.take_ring());
+    drop(old_maps);
     drop(grants_lock);
     ready(&enforcing);
 
@@ -135,7 +135,14 @@ pub async fn up(opts: &UpOptions, ready: impl FnOnce(&Enforcing)) -> Result<(), 
         config,
         tables: &mut tables,
     };
-    let stop = stream_audit(&mut feed, &mut trail, &mut running, &handle, &enforcing).await;
+    let stop = stream_audit(
+        &mut feed,
+        &mut trail,
+        &mut running,
+        (&handle, &enforcing),
+        inherited,
+    )
+    .await;
     if matches!(stop, Ok(Stop::Signal)) {
         if opts.keep_attached {
             // A service manager's stop or restart must not open the host
@@ -150,13 +157,41 @@ pub async fn up(opts: &UpOptions, ready: impl FnOnce(&Enforcing)) -> Result<(), 
     Ok(flushed?)
 }
 
+/// The maps of the programs a new `up` replaces, held open (with the new
+/// programs' maps) so that they outlive the swap; `None` when nothing of
+/// ours runs here, or they cannot be opened (logged: the new programs then
+/// start empty, enforcement is not at stake).
+async fn open_replaced(
+    handle: &rtnetlink::Handle,
+    ebpf: &Ebpf,
+) -> Option<(adopt::Maps, adopt::Maps)> {
+    let old = match attach::find(handle).await {
+        Ok(found) if !found.is_empty() => found.map_ids(),
+        Ok(_) => return None,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not find the programs being replaced");
+            return None;
+        }
+    };
+    match (
+        adopt::Maps::open(&old),
+        adopt::Maps::open(&loader::map_ids(ebpf)),
+    ) {
+        (Ok(old), Ok(new)) => Some((old, new)),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::warn!(error = %e, "could not open the maps to adopt; starting empty");
+            None
+        }
+    }
+}
+
 /// Adopts what the programs we replace know (see [`adopt`]). A failure
 /// costs connections and counts, not enforcement: it is logged, and the
 /// new programs start with what they have.
-fn adopt_state(old: &[u32], new: &[u32], peers: u32, pass: Pass) {
-    if old.is_empty() {
+fn adopt_state(maps: Option<&(adopt::Maps, adopt::Maps)>, peers: u32, pass: Pass) {
+    let Some((old, new)) = maps else {
         return;
-    }
+    };
     match adopt::adopt(old, new, peers, pass) {
         Ok(a) => tracing::info!(
             ?pass,
@@ -505,8 +540,8 @@ async fn stream_audit(
     feed: &mut Feed,
     trail: &mut Trail,
     running: &mut Running<'_>,
-    handle: &rtnetlink::Handle,
-    enforcing: &Enforcing,
+    (handle, enforcing): (&rtnetlink::Handle, &Enforcing),
+    inherited_ring: Option<MapData>,
 ) -> Result<Stop, DaemonError> {
     let signal =
         |kind| tokio::signal::unix::signal(kind).map_err(|source| DaemonError::Signal { source });
@@ -516,6 +551,16 @@ async fn stream_audit(
     // Waits for a daemon we replaced to finish its trail; our events wait
     // in the ring buffer meanwhile.
     trail.start().await?;
+    // Now that the daemon we replaced is gone, what its programs decided
+    // after its last read (or since a `kill -9`) is ours to write.
+    if let Some(ring) = inherited_ring {
+        match feed.drain_inherited(ring, trail) {
+            Ok(n) => tracing::info!(records = n, "wrote the replaced programs' last events"),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read the replaced programs' ring buffer");
+            }
+        }
+    }
     // Bound once the trail is ours: a daemon being replaced serves its own
     // reloads until then.
     let control = Server::bind_named(reload::SOCKET)?;

@@ -114,6 +114,27 @@ fn collectable_slots(now_ns: u64) -> Vec<u32> {
     out
 }
 
+/// Turns every event in `ring` into a decision record; returns how many.
+fn drain_ring<T: std::borrow::Borrow<MapData>>(
+    ring: &mut RingBuf<T>,
+    names: &Names,
+    clock: &Clock,
+    trail: &mut Trail,
+) -> Result<usize, AuditError> {
+    let mut written = 0;
+    while let Some(item) = ring.next() {
+        if item.len() >= size_of::<Event>() {
+            // SAFETY: the kernel wrote a whole Event (checked length);
+            // read_unaligned copes with any alignment of the slot.
+            let e: Event = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+            let (time_ns, body) = record::decision(&e, names, clock);
+            trail.push(time_ns, body)?;
+            written += 1;
+        }
+    }
+    Ok(written)
+}
+
 fn mono_ns() -> u64 {
     u64::try_from(super::clock_ns(libc::CLOCK_MONOTONIC)).unwrap_or(0)
 }
@@ -192,17 +213,26 @@ impl Feed {
     /// # Errors
     /// When appending to the trail fails.
     pub fn drain(&mut self, trail: &mut Trail) -> Result<(), AuditError> {
-        let rb = self.ring.get_mut();
-        while let Some(item) = rb.next() {
-            if item.len() >= size_of::<Event>() {
-                // SAFETY: the kernel wrote a whole Event (checked length);
-                // read_unaligned copes with any alignment of the slot.
-                let e: Event = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
-                let (time_ns, body) = record::decision(&e, &self.names, &self.clock);
-                trail.push(time_ns, body)?;
-            }
-        }
-        Ok(())
+        drain_ring(self.ring.get_mut(), &self.names, &self.clock, trail).map(drop)
+    }
+
+    /// Writes the events left in the ring buffer of the programs we
+    /// replaced (`ring`, held open since before the swap): those made after their daemon's last drain, or
+    /// while no daemon ran at all (after a `kill -9`), up to the ring's
+    /// size; what did not fit was counted by those programs as lost.
+    /// Call it only once the daemon we replaced has let go of the trail,
+    /// so that no other reader consumes the ring. Returns how many.
+    ///
+    /// # Errors
+    /// When the map cannot be opened as a ring buffer or appending fails.
+    pub fn drain_inherited(&self, ring: MapData, trail: &mut Trail) -> Result<usize, AuditError> {
+        let map_err = |source| AuditError::Map {
+            name: map::EVENTS,
+            source,
+        };
+        let mut ring =
+            RingBuf::try_from(Map::from_map_data(ring).map_err(map_err)?).map_err(map_err)?;
+        drain_ring(&mut ring, &self.names, &self.clock, trail)
     }
 
     /// Removes summaries whose window is over and can no longer change
