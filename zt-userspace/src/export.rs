@@ -39,6 +39,13 @@ pub const TUNNEL_DROP_COUNTER: &str = "tunnel_drop";
 /// `ICMPv6` neighbour discovery types, as `verdict.rs` passes them (RFC 4861).
 const ND_TYPES: &str =
     "nd-router-solicit, nd-router-advert, nd-neighbor-solicit, nd-neighbor-advert, nd-redirect";
+/// The neighbour messages proper, which the tunnel passes from peers.
+const ND_NEIGHBOR_TYPES: &str = "nd-neighbor-solicit, nd-neighbor-advert";
+/// The router messages, which the tunnel never passes.
+const ND_ROUTER_TYPES: &str = "nd-router-solicit, nd-router-advert, nd-redirect";
+/// MLD query, v1 report, v1 done and v2 report (130, 131, 132, 143), as
+/// numbers: their names differ between nft versions.
+const MLD_TYPES: &str = "130, 131, 132, 143";
 
 /// Variations of the generated ruleset.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -185,6 +192,10 @@ fn edge_chain(out: &mut String, edge: &EdgePolicy, opts: NftOptions) {
         out,
         "    icmpv6 type {{ {ND_TYPES} }} ip6 hoplimit 255 accept"
     );
+    let _ = writeln!(
+        out,
+        "    icmpv6 type {{ {MLD_TYPES} }} ip6 saddr fe80::/10 ip6 hoplimit 1 accept"
+    );
     if echo_allowed(edge.icmp_echo) {
         let limit = format!(
             "limit rate {} burst {} packets",
@@ -235,16 +246,29 @@ fn tunnel_chains(out: &mut String, tunnel: &TunnelPolicy, opts: NftOptions) {
     if opts.conntrack {
         out.push_str("    ct state established,related accept\n");
     }
-    // Neighbour discovery before the peer lookup, as in the tunnel program.
+    // Router messages never pass, as in the tunnel program; neighbour
+    // messages pass from peers (in their chains) and, where the config
+    // allows, from link-local sources. ARP is the `arp` family's, not
+    // this table's.
     let _ = writeln!(
         out,
-        "    icmpv6 type {{ {ND_TYPES} }} ip6 hoplimit 255 accept"
+        "    icmpv6 type {{ {ND_ROUTER_TYPES} }} counter name {TUNNEL_DROP_COUNTER} drop"
     );
+    if tunnel.link_local_neighbors {
+        let _ = writeln!(
+            out,
+            "    icmpv6 type {{ {ND_NEIGHBOR_TYPES} }} ip6 saddr fe80::/10 ip6 hoplimit 255 accept"
+        );
+    }
     out.push_str("    ip saddr vmap @peers_v4\n    ip6 saddr vmap @peers_v6\n");
     let _ = writeln!(out, "    counter name {TUNNEL_DROP_COUNTER} drop\n  }}");
     for (i, peer) in tunnel.peers.iter().enumerate() {
         let _ = writeln!(out, "\n  # peer {}", one_line(&peer.name));
         let _ = writeln!(out, "  chain peer_{i} {{");
+        let _ = writeln!(
+            out,
+            "    icmpv6 type {{ {ND_NEIGHBOR_TYPES} }} ip6 hoplimit 255 accept"
+        );
         for protocol in [Protocol::Tcp, Protocol::Udp] {
             let ports: Vec<String> = peer
                 .grants
@@ -473,15 +497,26 @@ mod tests {
         assert_line(peer0, "tcp dport { 5432, 8000-8100 } accept");
         assert_line(peer0, "udp dport { 53 } accept");
         assert_line(peer0, "icmp type echo-request accept");
-        // A peer without grants reaches nothing, and its name cannot break
-        // out of its comment.
+        // A peer without grants reaches nothing but its neighbour messages,
+        // and its name cannot break out of its comment.
         let peer1 = text
             .split("chain peer_1 {")
             .nth(1)
             .unwrap_or_else(|| panic!("no peer_1:\n{text}"));
-        assert!(
-            !peer1.contains("accept"),
-            "peer without grants accepts something:\n{peer1}"
+        let peer1 = peer1.split("\n  }").next().unwrap_or_default();
+        assert_eq!(
+            peer1.matches("accept").count(),
+            1,
+            "peer without grants accepts more than neighbour messages:\n{peer1}"
+        );
+        assert_line(
+            peer1,
+            "icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } ip6 hoplimit 255 accept",
+        );
+        // Router messages drop before any peer is looked up.
+        assert_line(
+            &text,
+            "icmpv6 type { nd-router-solicit, nd-router-advert, nd-redirect } counter name tunnel_drop drop",
         );
         assert_line(&text, "# peer ops laptop");
     }
