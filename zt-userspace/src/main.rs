@@ -365,15 +365,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::List { json, config } => list(json, &config)?,
         Command::ImportWg { file, live } => import_wg(file, live)?,
         Command::Export(ExportFormat::Nft { config, conntrack }) => {
-            let mut policy = Config::load(&config)?.policy;
-            if let Some(t) = &policy.tunnel {
-                policy.tunnel =
-                    Some(ztxdp::grants::RuntimeGrants::load(&t.runtime_grants)?.apply(t));
-            }
-            out!(
-                "{}",
-                ztxdp::export::nft_ruleset_with(&policy, ztxdp::export::NftOptions { conntrack })
-            );
+            out!("{}", export_nft(&config, conntrack)?);
         }
         Command::Audit(AuditCommand::Verify { files }) => return audit_verify(&files),
         Command::Events {
@@ -401,6 +393,31 @@ fn list(json: bool, config: &Path) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `export nft`: the config's policy with the runtime grants merged, as
+/// `up` enforces it; the ruleset says so, and stderr warns of entries for
+/// peers the config does not have.
+fn export_nft(config: &Path, conntrack: bool) -> anyhow::Result<String> {
+    use ztxdp::export;
+    let mut policy = Config::load(config)?.policy;
+    let mut notes = Vec::new();
+    if let Some(path) = policy.tunnel.as_ref().map(|t| t.runtime_grants.clone()) {
+        let grants = ztxdp::grants::RuntimeGrants::load(&path)?;
+        let merged = export::merge_runtime_grants(&mut policy, &path, &grants);
+        for peer in &merged.unknown_peers {
+            eprintln!(
+                "ztxdp: warning: {} has grants for {peer}, which is no peer of {}; ignored",
+                path.display(),
+                config.display()
+            );
+        }
+        notes = merged.notes;
+    }
+    Ok(export::nft_ruleset_with(
+        &policy,
+        &export::NftOptions { conntrack, notes },
+    ))
 }
 
 fn import_wg(file: Option<PathBuf>, live: Option<String>) -> anyhow::Result<()> {
