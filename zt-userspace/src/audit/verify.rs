@@ -12,7 +12,7 @@
 use std::{
     fmt,
     fs::File,
-    io::{self, BufRead as _, BufReader},
+    io::{self, BufRead as _, BufReader, Read as _},
     path::{Path, PathBuf},
 };
 
@@ -55,7 +55,20 @@ pub enum Fault {
     Chain {
         seq: u64,
     },
+    /// A record after the one numbered `after`, the last number there is.
+    SeqExhausted {
+        after: u64,
+    },
+    /// A line longer than any record (`limit` bytes): read no further.
+    TooLong {
+        limit: usize,
+    },
 }
+
+/// The longest line read: far above any record (a few hundred bytes; peer
+/// names and keys are bounded), far below what would exhaust memory on a
+/// file an attacker wrote, or on `/dev/zero`.
+pub const MAX_LINE: usize = 1 << 20;
 
 impl fmt::Display for Fault {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -81,6 +94,13 @@ impl fmt::Display for Fault {
                 f,
                 "chain mismatch at seq {seq}: this record (or the chain value of the one before it) was changed"
             ),
+            Self::SeqExhausted { after } => write!(
+                f,
+                "a record after seq {after}, the highest sequence number there is"
+            ),
+            Self::TooLong { limit } => {
+                write!(f, "a line longer than {limit} bytes: not a record")
+            }
         }
     }
 }
@@ -124,8 +144,9 @@ fn first_seq(path: &Path) -> Result<Option<u64>, VerifyError> {
         source,
     })?;
     let mut line = String::new();
-    // A first line that is not UTF-8 leaves `line` empty: no sequence number.
-    let _ = BufReader::new(file).read_line(&mut line);
+    // A first line that is not UTF-8, or longer than a record, leaves
+    // `line` empty or cut: no sequence number.
+    let _ = BufReader::new(file.take(MAX_LINE as u64)).read_line(&mut line);
     Ok(serde_json::from_str::<Value>(&line)
         .ok()
         .and_then(|v| v.pointer("/ztxdp/seq").and_then(Value::as_u64)))
@@ -151,7 +172,9 @@ impl Walk {
             .ok_or(Fault::NoSeq)?;
         let (unchained, chain) = chain::split(text).ok_or(Fault::NoChain)?;
         let prev_chain = if let Some((prev_seq, prev_chain)) = &self.prev {
-            let expected = prev_seq + 1;
+            let expected = prev_seq
+                .checked_add(1)
+                .ok_or(Fault::SeqExhausted { after: *prev_seq })?;
             if seq > expected {
                 return Err(Fault::Gap {
                     expected,
@@ -211,7 +234,10 @@ pub fn verify(files: &[PathBuf]) -> Result<Report, VerifyError> {
         let mut raw = Vec::new();
         for line in 1.. {
             raw.clear();
-            let n = reader
+            // One byte past the limit tells a line of exactly MAX_LINE bytes
+            // from a longer one.
+            let n = (&mut reader)
+                .take(MAX_LINE as u64 + 1)
                 .read_until(b'\n', &mut raw)
                 .map_err(|source| VerifyError {
                     path: path.clone(),
@@ -220,7 +246,12 @@ pub fn verify(files: &[PathBuf]) -> Result<Report, VerifyError> {
             if n == 0 {
                 break;
             }
-            if let Err(fault) = walk.line(&raw) {
+            let checked = if n > MAX_LINE {
+                Err(Fault::TooLong { limit: MAX_LINE })
+            } else {
+                walk.line(&raw)
+            };
+            if let Err(fault) = checked {
                 walk.report.problem = Some(Problem {
                     file: path.clone(),
                     line,
@@ -416,5 +447,27 @@ mod tests {
             .problem
             .unwrap_or_else(|| panic!("a missing file {} must be a gap", middle.display()));
         assert!(matches!(p.fault, Fault::Gap { .. }), "{p}");
+    }
+
+    #[test]
+    fn a_record_after_the_last_sequence_number_is_a_fault_not_a_panic() {
+        let dir = TempDir::new("seq-max");
+        let (path, mut lines) = trail(&dir, 2);
+        lines[0] = lines[0].replacen("\"seq\":1,", &format!("\"seq\":{},", u64::MAX), 1);
+        assert!(lines[0].contains(&u64::MAX.to_string()), "{}", lines[0]);
+        let r = check(&path, &lines);
+        assert_eq!(fault(&r), (2, Fault::SeqExhausted { after: u64::MAX }));
+    }
+
+    #[test]
+    fn an_endless_line_is_a_fault_after_a_bounded_read() {
+        let dir = TempDir::new("endless");
+        let path = dir.0.join("zeros");
+        fs::write(&path, vec![b'x'; MAX_LINE + 10]).unwrap_or_else(|e| panic!("{e}"));
+        let r = verify(&[path]).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(fault(&r), (1, Fault::TooLong { limit: MAX_LINE }));
+        // A device that never ends: read no further than the bound.
+        let r = verify(&[PathBuf::from("/dev/zero")]).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(fault(&r), (1, Fault::TooLong { limit: MAX_LINE }));
     }
 }
