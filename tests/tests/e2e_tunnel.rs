@@ -1234,3 +1234,80 @@ fn parse_imported(scratch: &Scratch, interface: &str, printed: &str) -> Vec<ztxd
         .unwrap_or_else(|| panic!("no tunnel in:\n{text}"))
         .peers
 }
+
+/// `ztxdp ARGS...` in the edge with no `ZTXDP_CONFIG` in its environment,
+/// whatever the test runner's is.
+fn ztxdp_without_env(mesh: &Enforced, args: &[&str]) -> std::process::Output {
+    let mut command = e2e::ztxdp_cmd(mesh.edge(), args);
+    command.env_remove("ZTXDP_CONFIG");
+    e2e::run_bounded(&mut command)
+}
+
+#[test]
+fn allow_without_a_config_changes_the_running_policy() {
+    // The mesh's config is in a scratch directory, not /etc/ztxdp: `allow`
+    // must find it through the running programs' identity.
+    let mesh = mesh("discover");
+    let _postgres = listen(mesh.edge(), POSTGRES);
+    let out = ztxdp_without_env(&mesh, &["allow", "app-2", "5432"]);
+    assert!(
+        out.status.success(),
+        "`ztxdp allow app-2 5432` without --config failed ({}):\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_connects(
+        app_ns(&mesh, "app-2"),
+        at(EDGE_TUNNEL_V4, POSTGRES),
+        "app-2 after `allow app-2 5432` without --config",
+    );
+}
+
+#[test]
+fn a_config_with_the_peers_in_another_order_is_refused() {
+    let mesh = mesh("other-order");
+    let _postgres = listen(mesh.edge(), POSTGRES);
+    let grants_file = mesh.scratch.path("grants.json");
+    let before = std::fs::read(&grants_file).ok();
+    // The same peers and grants, app-2 first: app-2 is index 0 here, the
+    // running programs' app-1.
+    let other = mesh.scratch.write(
+        "other.toml",
+        &mesh_config(
+            &mesh.lab,
+            &mesh.scratch,
+            &[("app-2", ""), ("app-1", "allow = [\"tcp/5432\"]")],
+            "",
+        ),
+    );
+    let other_text = other.display().to_string();
+    let out = ztxdp_without_env(&mesh, &["allow", "app-2", "5432", "--config", &other_text]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "`allow` with a config whose peers are in another order was not refused as a usage error:\n{stderr}"
+    );
+    for file in [&other, &mesh.config] {
+        assert!(
+            stderr.contains(&file.display().to_string()),
+            "the refusal does not name {}:\n{stderr}",
+            file.display()
+        );
+    }
+    assert_eq!(
+        std::fs::read(&grants_file).ok(),
+        before,
+        "the refused `allow` changed the runtime grants file"
+    );
+    assert_times_out(
+        app_ns(&mesh, "app-2"),
+        at(EDGE_TUNNEL_V4, POSTGRES),
+        "app-2 after the refused `allow`",
+    );
+    assert_connects(
+        app_ns(&mesh, "app-1"),
+        at(EDGE_TUNNEL_V4, POSTGRES),
+        "app-1 after the refused `allow`",
+    );
+}

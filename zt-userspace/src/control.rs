@@ -3,7 +3,11 @@
 //! in the current network namespace and open their maps by kernel id, so they
 //! work from any `ip netns exec`, and after the daemon has died.
 
-use std::{collections::BTreeMap, net::IpAddr};
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
 
 use aya::{
     maps::{LpmTrie, Map, MapData},
@@ -16,6 +20,7 @@ use crate::{
     attach::{self, AttachError, Attached, Attachment},
     config::{Config, GrantError, parse_cli_grant},
     grants::{GrantsError, GrantsLock, RuntimeGrants},
+    identity::{self, Identity},
     policy::{Grant, TunnelPolicy},
     tables::{Tables, TablesError},
 };
@@ -156,6 +161,22 @@ async fn attached() -> Result<Attached, ControlError> {
     Ok(found)
 }
 
+/// The identity of the policy the programs attached here enforce (see
+/// [`Identity::live`]); `None` when none runs or it cannot be told, as
+/// where netlink is unavailable: commands then use the config they are
+/// given, as with nothing running.
+pub async fn running() -> Option<Identity> {
+    Identity::live(&attached().await.ok()?)
+}
+
+/// Where `allow`, `revoke`, `list`, `events` and `export nft` find their
+/// config (see [`identity::config_path`]), and the running policy's
+/// identity to check it against.
+pub async fn discover(explicit: Option<&Path>) -> (PathBuf, Option<Identity>) {
+    let running = running().await;
+    (identity::config_path(explicit, running.as_ref()), running)
+}
+
 /// Reports what is attached here, with counters and fill levels.
 ///
 /// # Errors
@@ -258,6 +279,16 @@ fn resolve_peer(tunnel: &TunnelPolicy, peer: &str) -> Result<usize, ControlError
         })
 }
 
+/// The attached tunnel program enforcing `tunnel`: the one on its
+/// interface, else (`up --tunnel-iface`) the one there is.
+fn tunnel_attachment<'a>(found: &'a Attached, tunnel: &TunnelPolicy) -> Option<&'a Attachment> {
+    found
+        .tunnel
+        .iter()
+        .find(|a| a.interface == tunnel.interface)
+        .or(found.tunnel.first())
+}
+
 /// Whether a runtime grant change reached a running program.
 #[derive(Debug, Serialize)]
 pub struct GrantChange {
@@ -305,12 +336,7 @@ pub async fn change_grant(
     let merged = runtime.apply(tunnel);
     let peer_policy = &merged.peers[index];
     let found = attached().await?;
-    let live = match found
-        .tunnel
-        .iter()
-        .find(|a| a.interface == tunnel.interface)
-        .or(found.tunnel.first())
-    {
+    let live = match tunnel_attachment(&found, tunnel) {
         Some(a) => {
             let mut tables = Tables::from_map_ids(&a.map_ids)?;
             // Indices are positions in the config, bounded by capacity::PEERS.

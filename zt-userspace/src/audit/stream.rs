@@ -132,8 +132,17 @@ pub fn socket_path() -> io::Result<PathBuf> {
 /// # Errors
 /// When `/proc/self/ns/net` cannot be read.
 pub fn socket_path_named(name: &str) -> io::Result<PathBuf> {
+    namespace_file(name, "sock")
+}
+
+/// `/run/ztxdp/<stem>-<netns inode>.<extension>`: a file of the current
+/// network namespace's daemon, found from any `ip netns exec` of it.
+///
+/// # Errors
+/// When `/proc/self/ns/net` cannot be read.
+pub fn namespace_file(stem: &str, extension: &str) -> io::Result<PathBuf> {
     let ino = fs::metadata("/proc/self/ns/net")?.ino();
-    Ok(PathBuf::from(SOCKET_DIR).join(format!("{name}-{ino}.sock")))
+    Ok(PathBuf::from(SOCKET_DIR).join(format!("{stem}-{ino}.{extension}")))
 }
 
 /// The daemon's listening socket.
