@@ -1311,3 +1311,57 @@ fn a_config_with_the_peers_in_another_order_is_refused() {
         "app-1 after the refused `allow`",
     );
 }
+
+#[test]
+fn list_shows_what_the_kernel_enforces_and_where_the_files_differ() {
+    let mesh = mesh("list-kernel");
+    grant(&mesh, "allow", "app-2", "5432");
+    let list = peer_list(&mesh);
+    for peer in ["app-1", "app-2"] {
+        let entry = listed(&list, peer);
+        assert_eq!(
+            entry["kernel"],
+            serde_json::json!(["tcp/5432"]),
+            "{peer}'s kernel grants: {list:#}"
+        );
+        assert_eq!(entry["differs"], false, "{peer}: {list:#}");
+    }
+
+    // A change written to the file behind the kernel's back (as an `allow`
+    // killed between saving and updating the map leaves it): the file
+    // says more than the kernel enforces, and `list` says so.
+    let config = Config::load(&mesh.config).unwrap_or_else(|e| panic!("{e}"));
+    let grants_file = config
+        .policy
+        .tunnel
+        .unwrap_or_else(|| panic!("{} has no tunnel", mesh.config.display()))
+        .runtime_grants;
+    let mut runtime = RuntimeGrants::load(&grants_file).unwrap_or_else(|e| panic!("{e}"));
+    runtime.allow(
+        "app-2",
+        ztxdp::policy::Grant::Ports {
+            protocol: ztxdp::policy::Protocol::Udp,
+            first: 53,
+            last: 53,
+        },
+    );
+    let lock = ztxdp::grants::GrantsLock::acquire(&grants_file).unwrap_or_else(|e| panic!("{e}"));
+    runtime.save(&lock).unwrap_or_else(|e| panic!("{e}"));
+    drop(lock);
+    let list = peer_list(&mesh);
+    let app2 = listed(&list, "app-2");
+    assert_eq!(
+        app2["grants"],
+        serde_json::json!(["tcp/5432", "udp/53"]),
+        "{list:#}"
+    );
+    assert_eq!(app2["kernel"], serde_json::json!(["tcp/5432"]), "{list:#}");
+    assert_eq!(app2["differs"], true, "{list:#}");
+    let config = mesh.config.display().to_string();
+    let text = ztxdp_ok(mesh.edge(), &["list", "--config", &config]);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("app-2") && l.contains("! the kernel enforces: tcp/5432")),
+        "`list` does not flag app-2's difference:\n{text}"
+    );
+}

@@ -360,33 +360,55 @@ pub struct PeerGrants {
     pub name: String,
     pub addresses: Vec<String>,
     pub public_key: Option<String>,
+    /// What the files say: the config plus the runtime changes.
     pub grants: Vec<String>,
     /// Runtime changes on top of the config file.
     pub added: Vec<String>,
     pub revoked: Vec<String>,
+    /// What the running tunnel program enforces, read from its maps;
+    /// `None` when no tunnel program runs here.
+    pub kernel: Option<Vec<String>>,
+    /// The kernel enforces something other than `grants` (a change made
+    /// to the files but not to the kernel, or the reverse).
+    pub differs: bool,
 }
 
-/// `ztxdp list`.
+/// `ztxdp list`: the grants the files give each peer and, when a tunnel
+/// program runs here, the ones it enforces. `config` must be the running
+/// policy (see [`crate::identity::load_checked`]): a peer's kernel grants
+/// are read at its index in `config`.
 ///
 /// # Errors
-/// When the config has no tunnel or the runtime grants cannot be read.
-pub fn list(config: &Config) -> Result<Vec<PeerGrants>, ControlError> {
+/// When the config has no tunnel, or the runtime grants or the maps
+/// cannot be read.
+pub async fn list(config: &Config) -> Result<Vec<PeerGrants>, ControlError> {
     let tunnel = tunnel_of(config)?;
     let runtime = RuntimeGrants::load(&tunnel.runtime_grants)?;
     let merged = runtime.apply(tunnel);
-    Ok(merged
-        .peers
-        .iter()
-        .map(|p| {
-            let changes = runtime.peers.get(&p.name).cloned().unwrap_or_default();
-            PeerGrants {
-                name: p.name.clone(),
-                addresses: p.addresses.iter().map(ToString::to_string).collect(),
-                public_key: p.public_key.clone(),
-                grants: p.grants.iter().map(ToString::to_string).collect(),
-                added: changes.added,
-                revoked: changes.revoked,
-            }
-        })
-        .collect())
+    // Where netlink cannot be used nothing can be running here.
+    let found = attached().await.unwrap_or_default();
+    let tables = tunnel_attachment(&found, tunnel)
+        .map(|a| Tables::from_map_ids(&a.map_ids))
+        .transpose()?;
+    let mut out = Vec::new();
+    for (index, p) in (0u32..).zip(&merged.peers) {
+        let changes = runtime.peers.get(&p.name).cloned().unwrap_or_default();
+        let grants: Vec<String> = p.grants.iter().map(ToString::to_string).collect();
+        let kernel = tables
+            .as_ref()
+            .map(|t| t.peer_grants(index))
+            .transpose()?
+            .map(|g| g.iter().map(ToString::to_string).collect::<Vec<_>>());
+        out.push(PeerGrants {
+            name: p.name.clone(),
+            addresses: p.addresses.iter().map(ToString::to_string).collect(),
+            public_key: p.public_key.clone(),
+            differs: kernel.as_ref().is_some_and(|k| *k != grants),
+            grants,
+            added: changes.added,
+            revoked: changes.revoked,
+            kernel,
+        });
+    }
+    Ok(out)
 }

@@ -404,20 +404,35 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
 async fn list(json: bool, config: Option<&Path>) -> anyhow::Result<()> {
     let (config, running) = control::discover(config).await;
     let c = identity::load_checked(&config, running.as_ref())?;
-    let peers = control::list(&c)?;
+    let peers = control::list(&c).await.context("ztxdp list")?;
     if json {
         outln!("{}", serde_json::to_string_pretty(&peers)?);
     } else {
         for p in peers {
-            outln!(
+            out!(
                 "{:<16} {:<40} {}",
                 p.name,
                 p.addresses.join(","),
                 p.grants.join(" ")
             );
+            match &p.kernel {
+                Some(k) if p.differs => {
+                    outln!("  ! the kernel enforces: {}", none_if_empty(k));
+                }
+                _ => outln!(),
+            }
         }
     }
     Ok(())
+}
+
+/// A list of grants, or `none`.
+fn none_if_empty(grants: &[String]) -> String {
+    if grants.is_empty() {
+        "none".to_owned()
+    } else {
+        grants.join(" ")
+    }
 }
 
 fn import_wg(file: Option<PathBuf>, live: Option<String>) -> anyhow::Result<()> {
