@@ -1365,3 +1365,95 @@ fn list_shows_what_the_kernel_enforces_and_where_the_files_differ() {
         "`list` does not flag app-2's difference:\n{text}"
     );
 }
+
+/// `status`'s `passed` and `dropped` of `program` must be the sums of its
+/// counters whose reason `verdicts` says passes or drops.
+fn check_totals(status: &Value, program: &str) -> (u64, u64) {
+    let p = &status[program];
+    let verdicts = p["verdicts"]
+        .as_object()
+        .unwrap_or_else(|| panic!("no {program} verdicts in status: {status:#}"));
+    let counters = p["counters"]
+        .as_object()
+        .unwrap_or_else(|| panic!("no {program} counters in status: {status:#}"));
+    let sum = |verdict: &str| -> u64 {
+        verdicts
+            .iter()
+            .filter(|(_, v)| *v == verdict)
+            .map(|(reason, _)| {
+                counters[reason].as_u64().unwrap_or_else(|| {
+                    panic!("{program} has a verdict but no counter for {reason}: {status:#}")
+                })
+            })
+            .sum()
+    };
+    let (passed, dropped) = (sum("pass"), sum("drop"));
+    assert_eq!(p["passed"], passed, "{program} passed: {status:#}");
+    assert_eq!(p["dropped"], dropped, "{program} dropped: {status:#}");
+    assert_eq!(verdicts["granted"], "pass", "granted must pass: {status:#}");
+    assert_eq!(
+        verdicts["not_granted"], "drop",
+        "not_granted must drop: {status:#}"
+    );
+    (passed, dropped)
+}
+
+#[test]
+fn status_names_the_daemon_the_peers_and_the_totals() {
+    let mut mesh = mesh("status-daemon");
+    let _postgres = listen(mesh.edge(), POSTGRES);
+    assert_connects(
+        app_ns(&mesh, "app-1"),
+        at(EDGE_TUNNEL_V4, POSTGRES),
+        "app-1 to its granted port",
+    );
+    assert_times_out(
+        app_ns(&mesh, "app-2"),
+        at(EDGE_TUNNEL_V4, POSTGRES),
+        "app-2, not granted",
+    );
+    let running = status(mesh.edge());
+    assert_eq!(
+        running["daemon"]["pid"],
+        mesh.daemon.pid(),
+        "status does not name the running daemon: {running:#}"
+    );
+    assert_eq!(running["daemon"]["serving_events"], true, "{running:#}");
+    let peers = running["tunnel"]["peers"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no tunnel peers in status: {running:#}"));
+    for (index, name) in [(0, "app-1"), (1, "app-2")] {
+        let peer = peers
+            .iter()
+            .find(|p| p["index"] == index)
+            .unwrap_or_else(|| panic!("peer {index} missing from status: {running:#}"));
+        assert_eq!(peer["name"], name, "peer {index}: {running:#}");
+        assert_eq!(
+            peer["public_key"],
+            app(tunnel(&mesh.lab), name).device().public_key(),
+            "{name}'s key: {running:#}"
+        );
+    }
+    let (passed, dropped) = check_totals(&running, "tunnel");
+    assert!(passed > 0 && dropped > 0, "{running:#}");
+    check_totals(&running, "edge");
+    let text = ztxdp_ok(mesh.edge(), &["status"]);
+    assert!(
+        text.contains("app-1") && text.contains(&format!("daemon {}", mesh.daemon.pid())),
+        "text status names neither the peer nor the daemon:\n{text}"
+    );
+
+    mesh.daemon.kill9();
+    let orphaned = status(mesh.edge());
+    assert_eq!(orphaned["daemon"]["pid"], Value::Null, "{orphaned:#}");
+    assert_eq!(orphaned["daemon"]["serving_events"], false, "{orphaned:#}");
+    assert_eq!(
+        orphaned["tunnel"]["peers"][0]["name"], "app-1",
+        "the peers' names must outlive the daemon: {orphaned:#}"
+    );
+    let text = ztxdp_ok(mesh.edge(), &["status"]);
+    assert!(
+        text.contains("enforcing, no daemon: decisions are counted, not written"),
+        "status after kill -9 does not say that nobody writes the trail:\n{text}"
+    );
+}

@@ -55,6 +55,11 @@ pub struct ProgramStatus {
     pub attachment: Attachment,
     /// Packets per reason name, summed over CPUs.
     pub counters: BTreeMap<&'static str, u64>,
+    /// What each decision reason does to the packet: `pass` or `drop`.
+    pub verdicts: BTreeMap<&'static str, &'static str>,
+    /// Packets passed and dropped: the sums of the decision counters.
+    pub passed: u64,
+    pub dropped: u64,
     /// Entries in each set-like map.
     pub maps: BTreeMap<&'static str, usize>,
     /// Tunnel only: per-peer packet counts.
@@ -65,6 +70,9 @@ pub struct ProgramStatus {
 #[derive(Debug, Serialize)]
 pub struct PeerStatus {
     pub index: u32,
+    /// From the running policy's identity; `None` if it cannot be told.
+    pub name: Option<String>,
+    pub public_key: Option<String>,
     pub allowed: u64,
     pub denied: u64,
 }
@@ -83,21 +91,59 @@ pub struct FlowStatus {
     pub recorders: Vec<Attachment>,
 }
 
+/// The daemon behind the attached programs, as `status` reports it.
+#[derive(Debug, Serialize)]
+pub struct DaemonStatus {
+    /// The daemon that attached or last reloaded the programs, while it
+    /// runs; `None` after it died (`kill -9`) or when it cannot be told.
+    pub pid: Option<u32>,
+    /// Whether the namespace's events socket accepts a connection: a
+    /// daemon is writing the audit trail. Without one the programs go on
+    /// deciding and counting, but no decision is written.
+    pub serving_events: bool,
+    /// The config the programs were loaded from.
+    pub config: Option<PathBuf>,
+}
+
 /// `ztxdp status`.
 #[derive(Debug, Serialize)]
 pub struct Status {
+    pub daemon: DaemonStatus,
     pub edge: Option<ProgramStatus>,
     pub tunnel: Option<ProgramStatus>,
     pub flows: Option<FlowStatus>,
 }
 
-fn program_status(a: &Attachment, prog: u32) -> Result<ProgramStatus, ControlError> {
+fn program_status(
+    a: &Attachment,
+    prog: u32,
+    running: Option<&Identity>,
+) -> Result<ProgramStatus, ControlError> {
     let tables = Tables::from_map_ids(&a.map_ids)?;
-    let counters = tables
-        .counters(prog)?
-        .into_iter()
-        .map(|(code, n)| (reason::name(code), n))
+    let by_code = tables.counters(prog)?;
+    let counters = by_code
+        .iter()
+        .map(|(&code, &n)| (reason::name(code), n))
         .collect();
+    let verdicts = reason::ALL
+        .iter()
+        .map(|&code| {
+            let verdict = if reason::is_allow(code) {
+                "pass"
+            } else {
+                "drop"
+            };
+            (reason::name(code), verdict)
+        })
+        .collect();
+    // Only decisions: the event counters (suppressed, lost) count records.
+    let total = |allow: bool| -> u64 {
+        reason::ALL
+            .iter()
+            .filter(|&&code| reason::is_allow(code) == allow)
+            .filter_map(|code| by_code.get(code))
+            .sum()
+    };
     let maps = tables.fill_levels()?;
     let mut peers = Vec::new();
     if prog == program::TUNNEL {
@@ -106,8 +152,11 @@ fn program_status(a: &Attachment, prog: u32) -> Result<ProgramStatus, ControlErr
         let counts = tables.peer_counters(max)?;
         for i in indices {
             let c = counts.get(i as usize).copied().unwrap_or_default();
+            let known = running.and_then(|r| r.peers.get(i as usize));
             peers.push(PeerStatus {
                 index: i,
+                name: known.map(|p| p.name.clone()),
+                public_key: known.and_then(|p| p.public_key.clone()),
                 allowed: c.allowed,
                 denied: c.denied,
             });
@@ -116,6 +165,9 @@ fn program_status(a: &Attachment, prog: u32) -> Result<ProgramStatus, ControlErr
     Ok(ProgramStatus {
         attachment: a.clone(),
         counters,
+        verdicts,
+        passed: total(true),
+        dropped: total(false),
         maps,
         peers,
     })
@@ -204,19 +256,46 @@ pub async fn status() -> Result<Status, ControlError> {
         }
         None => None,
     };
+    let running = Identity::live(&found);
     Ok(Status {
+        daemon: daemon_status(running.as_ref()),
         edge: found
             .edge
             .first()
-            .map(|a| program_status(a, program::EDGE))
+            .map(|a| program_status(a, program::EDGE, running.as_ref()))
             .transpose()?,
         tunnel: found
             .tunnel
             .first()
-            .map(|a| program_status(a, program::TUNNEL))
+            .map(|a| program_status(a, program::TUNNEL, running.as_ref()))
             .transpose()?,
         flows,
     })
+}
+
+/// Whether the daemon of the running policy still runs, and whether a
+/// daemon serves this namespace's events socket.
+fn daemon_status(running: Option<&Identity>) -> DaemonStatus {
+    let serving_events = crate::audit::stream::socket_path()
+        .is_ok_and(|path| std::os::unix::net::UnixStream::connect(path).is_ok());
+    DaemonStatus {
+        pid: running.map(|r| r.pid).filter(|&pid| is_ztxdp(pid)),
+        serving_events,
+        config: running.map(|r| r.config.clone()),
+    }
+}
+
+/// Whether `pid` is a live (not zombie) ztxdp process: a pid reused by
+/// another program after the daemon died is not it.
+fn is_ztxdp(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // `PID (COMM) STATE ...`; COMM may hold spaces and parentheses.
+    let Some((head, tail)) = stat.rsplit_once(") ") else {
+        return false;
+    };
+    head.ends_with("(ztxdp") && !tail.starts_with(['Z', 'X'])
 }
 
 /// Removes every ztxdp program from this namespace; returns what was

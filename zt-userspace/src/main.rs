@@ -570,6 +570,18 @@ fn print_ready(e: &Enforcing) {
 }
 
 fn print_status(s: &Status) -> anyhow::Result<()> {
+    let d = &s.daemon;
+    match (d.pid, d.serving_events) {
+        (Some(pid), true) => outln!("daemon {pid}: enforcing, writing the audit trail"),
+        (Some(pid), false) => {
+            outln!("daemon {pid}: enforcing, not serving events (starting or stopping?)");
+        }
+        (None, true) => outln!("daemon: enforcing, writing the audit trail"),
+        (None, false) => outln!("enforcing, no daemon: decisions are counted, not written"),
+    }
+    if let Some(config) = &d.config {
+        outln!("config: {}", config.display());
+    }
     for (label, p) in [("edge", &s.edge), ("tunnel", &s.tunnel)] {
         let Some(p) = p else { continue };
         outln!(
@@ -579,17 +591,23 @@ fn print_status(s: &Status) -> anyhow::Result<()> {
             p.attachment.ifindex,
             p.attachment.mode
         );
+        outln!("  passed {}, dropped {}", p.passed, p.dropped);
         for (name, n) in p.counters.iter().filter(|(_, n)| **n > 0) {
-            outln!("  {name:<24} {n}");
+            let verdict = p.verdicts.get(name).copied().unwrap_or("");
+            outln!("  {name:<24} {verdict:<5} {n}");
         }
         let maps: Vec<String> = p.maps.iter().map(|(k, v)| format!("{k}={v}")).collect();
         outln!("  maps: {}", maps.join(" "));
         for peer in &p.peers {
+            let name = peer
+                .name
+                .clone()
+                .unwrap_or_else(|| format!("#{}", peer.index));
             outln!(
-                "  peer #{:<5} allowed {:<10} denied {}",
-                peer.index,
+                "  peer {name:<16} allowed {:<10} denied {:<10} {}",
                 peer.allowed,
-                peer.denied
+                peer.denied,
+                peer.public_key.as_deref().unwrap_or("")
             );
         }
     }
