@@ -193,14 +193,16 @@ pub fn config_path(explicit: Option<&Path>, running: Option<&Identity>) -> PathB
 }
 
 /// Loads the config at `path` (from [`config_path`]) and checks it against
-/// the running policy, when programs run here.
+/// the running policy, when a tunnel program runs here. Peer indices are
+/// only in the tunnel program's maps: without one, a config is used as
+/// with nothing running (a grant change is saved for the next `up`).
 ///
 /// # Errors
 /// When the config is invalid ([`ConfigError`]), or does not match the
 /// running policy ([`IdentityError::Mismatch`]).
 pub fn load_checked(path: &Path, running: Option<&Identity>) -> Result<Config, CheckedError> {
     let config = Config::load(path)?;
-    if let Some(r) = running {
+    if let Some(r) = running.filter(|r| r.tunnel_program_id.is_some()) {
         r.check(&config)?;
     }
     Ok(config)
