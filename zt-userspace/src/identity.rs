@@ -117,6 +117,7 @@ impl Identity {
         };
         let mut text = serde_json::to_string_pretty(self).map_err(|e| write_err(e.into()))?;
         text.push('\n');
+        stream::create_dir().map_err(write_err)?;
         grants::write_atomically(&path, &text).map_err(write_err)
     }
 

@@ -135,6 +135,20 @@ pub fn socket_path_named(name: &str) -> io::Result<PathBuf> {
     namespace_file(name, "sock")
 }
 
+/// Creates [`SOCKET_DIR`], root's alone (mode 0700), if it is missing.
+/// Whoever writes there first creates it: the daemon's sockets carry the
+/// audit trail, and a directory made with the umask's mode would not be
+/// tightened later.
+///
+/// # Errors
+/// When it cannot be created.
+pub fn create_dir() -> io::Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(SOCKET_DIR)
+}
+
 /// `/run/ztxdp/<stem>-<netns inode>.<extension>`: a file of the current
 /// network namespace's daemon, found from any `ip netns exec` of it.
 ///
@@ -176,11 +190,7 @@ impl Server {
             path: path.clone(),
             source,
         };
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(SOCKET_DIR)
-            .map_err(err)?;
+        create_dir().map_err(err)?;
         // Only one daemon per namespace writes the trail (the audit lock
         // makes the newcomer wait), so a socket left here is stale.
         match fs::remove_file(&path) {
