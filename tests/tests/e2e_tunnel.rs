@@ -1457,3 +1457,57 @@ fn status_names_the_daemon_the_peers_and_the_totals() {
         "status after kill -9 does not say that nobody writes the trail:\n{text}"
     );
 }
+
+#[test]
+fn the_identity_file_outlives_the_daemon_and_goes_with_down() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mut mesh = mesh("identity-file");
+    let path = mesh
+        .edge()
+        .enter(ztxdp::identity::path)
+        .unwrap_or_else(|e| panic!("entering the edge: {e}"))
+        .unwrap_or_else(|e| panic!("the identity file's path: {e}"));
+    let read = || -> Value {
+        let text = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{} ({e}):\n{text}", path.display()))
+    };
+    let identity = read();
+    assert_eq!(
+        identity["config"],
+        mesh.config.display().to_string(),
+        "{identity:#}"
+    );
+    assert_eq!(identity["pid"], mesh.daemon.pid(), "{identity:#}");
+    assert_eq!(
+        identity["peers"][1]["name"], "app-2",
+        "the peer table: {identity:#}"
+    );
+    let mode = std::fs::metadata(&path)
+        .unwrap_or_else(|e| panic!("stat {}: {e}", path.display()))
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode & !0o640, 0, "{} has mode {mode:o}", path.display());
+
+    mesh.daemon.kill9();
+    assert_eq!(
+        read(),
+        identity,
+        "the identity changed with the daemon's death"
+    );
+    // Still the running policy: `allow` finds the config through it.
+    let out = ztxdp_without_env(&mesh, &["allow", "app-2", "5432"]);
+    assert!(
+        out.status.success(),
+        "`allow` without --config after kill -9 failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    ztxdp_ok(mesh.edge(), &["down"]);
+    assert!(
+        !path.exists(),
+        "{} outlived `down`, which removed the programs it describes",
+        path.display()
+    );
+}

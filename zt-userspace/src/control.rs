@@ -316,6 +316,8 @@ pub async fn down() -> Result<Vec<Attachment>, ControlError> {
     for a in &found.egress {
         attach::detach_tc(&a.interface, TcAttachType::Egress, &a.program)?;
     }
+    // Nothing of ours is attached now: whatever the file describes is gone.
+    identity::forget(None);
     Ok(found
         .edge
         .into_iter()

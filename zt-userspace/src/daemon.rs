@@ -23,7 +23,7 @@ use crate::{
     audit::{self, AuditError, Names, Trail, kernel::Feed, record::Program, stream::Server},
     config::{Config, ConfigError},
     grants::{GrantsError, GrantsLock, RuntimeGrants},
-    identity::Identity,
+    identity::{self, Identity},
     loader::{self, LoadError},
     lockout::{self, LockoutError},
     policy::TunnelPolicy,
@@ -136,6 +136,7 @@ pub async fn up(opts: &UpOptions, ready: impl FnOnce(&Enforcing)) -> Result<(), 
             tracing::info!("stopping; the programs stay attached (--keep-attached)");
         } else {
             detach(&handle, &enforcing).await;
+            identity::forget(Some((running.ids.edge, running.ids.tunnel)));
         }
     }
     let flushed = flush_audit(&mut feed, trail, &tables);

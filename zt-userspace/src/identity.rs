@@ -44,7 +44,7 @@ pub enum IdentityError {
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot find this network namespace (/proc/self/ns/net): {source}")]
+    #[error("cannot find this network namespace (/proc/thread-self/ns/net): {source}")]
     Namespace {
         #[source]
         source: std::io::Error,
@@ -156,6 +156,32 @@ impl Identity {
     }
 }
 
+/// Removes the identity file once the programs it describes are detached,
+/// if it still describes `program_ids` (edge, tunnel) or, with `None`,
+/// whatever it describes: a file a newer daemon wrote is left alone. A
+/// failure only leaves a stale file behind, which readers ignore, so it
+/// is logged.
+pub fn forget(program_ids: Option<(Option<u32>, Option<u32>)>) {
+    let Ok(path) = path() else { return };
+    if let Some(ids) = program_ids {
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            return;
+        };
+        let Ok(id) = serde_json::from_str::<Identity>(&text) else {
+            return;
+        };
+        if (id.edge_program_id, id.tunnel_program_id) != ids {
+            return;
+        }
+    }
+    match std::fs::remove_file(&path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            tracing::warn!(error = %e, file = %path.display(), "cannot remove the identity of detached programs");
+        }
+        _ => {}
+    }
+}
+
 /// The peers of `tunnel` by index.
 fn peer_table(tunnel: Option<&TunnelPolicy>) -> Vec<PeerIdentity> {
     tunnel.map_or_else(Vec::new, |t| {
@@ -172,7 +198,7 @@ fn peer_table(tunnel: Option<&TunnelPolicy>) -> Vec<PeerIdentity> {
 /// The identity file of the current network namespace.
 ///
 /// # Errors
-/// When `/proc/self/ns/net` cannot be read.
+/// When `/proc/thread-self/ns/net` cannot be read.
 pub fn path() -> Result<PathBuf, IdentityError> {
     stream::namespace_file(STEM, "json").map_err(|source| IdentityError::Namespace { source })
 }
