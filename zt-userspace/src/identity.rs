@@ -51,14 +51,15 @@ pub enum IdentityError {
     },
     #[error(
         "{} is not the policy the running programs enforce: they were loaded from {} \
-         ({why}); use --config {} (or no --config), or make it the running policy \
-         with `ztxdp reload` or `ztxdp up --config {}`",
-        given.display(), running.display(), running.display(), given.display()
+         ({why}); {hint}",
+        given.display(), running.display()
     )]
     Mismatch {
         given: PathBuf,
         running: PathBuf,
         why: &'static str,
+        /// What to do instead.
+        hint: String,
     },
 }
 
@@ -148,10 +149,22 @@ impl Identity {
         } else {
             "its content differs"
         };
+        let same_file = std::path::absolute(&config.path).is_ok_and(|p| p == self.config);
+        let hint = if same_file {
+            "it was edited since: apply it with `ztxdp reload` first".to_owned()
+        } else {
+            format!(
+                "use --config {} (or no --config), or make this one the running policy \
+                 with `ztxdp up --config {}`",
+                self.config.display(),
+                config.path.display()
+            )
+        };
         Err(IdentityError::Mismatch {
             given: config.path.clone(),
             running: self.config.clone(),
             why,
+            hint,
         })
     }
 }
@@ -281,6 +294,21 @@ mod tests {
         running
             .check(&config(&["app-1", "app-2"]))
             .unwrap_or_else(|e| panic!("the running config itself was refused: {e}"));
+    }
+
+    #[test]
+    fn an_edited_running_config_is_refused_until_reloaded() {
+        let before = config(&["app-1"]);
+        let running = Identity::new(&before, before.policy.tunnel.as_ref(), None, Some(7));
+        // The same peers, other bytes: as after an edit of another setting.
+        let mut edited = config(&["app-1"]);
+        edited.digest = crate::audit::chain::link("", "# an edit\n");
+        let err = running.check(&edited).err();
+        assert!(
+            matches!(&err, Some(IdentityError::Mismatch { why, hint, .. })
+                if why.contains("content") && hint.contains("ztxdp reload")),
+            "an edited running config was not refused with a hint to reload: {err:?}"
+        );
     }
 
     #[test]
