@@ -114,7 +114,9 @@ enum Command {
         #[arg(long, env = "ZTXDP_CONFIG", default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
-    /// Show attached programs, counters per reason and map fill levels.
+    /// Show the daemon (or that none writes the audit trail), attached
+    /// programs, passed and dropped totals, counters per reason, named
+    /// tunnel peers and map fill levels.
     #[command(after_help = "Examples:\n  ztxdp status\n  ip netns exec edge ztxdp status --json")]
     Status {
         #[arg(long)]
@@ -154,7 +156,8 @@ enum Command {
         #[arg(long, value_name = "FILE", help = CONFIG_HELP)]
         config: Option<PathBuf>,
     },
-    /// List every peer's effective grants (config plus runtime changes).
+    /// List every peer's effective grants (config plus runtime changes) and
+    /// the grants the running tunnel program enforces, flagging differences.
     #[command(after_help = "Example:\n  ztxdp list --json")]
     List {
         #[arg(long)]
