@@ -1234,3 +1234,280 @@ fn parse_imported(scratch: &Scratch, interface: &str, printed: &str) -> Vec<ztxd
         .unwrap_or_else(|| panic!("no tunnel in:\n{text}"))
         .peers
 }
+
+/// `ztxdp ARGS...` in the edge with no `ZTXDP_CONFIG` in its environment,
+/// whatever the test runner's is.
+fn ztxdp_without_env(mesh: &Enforced, args: &[&str]) -> std::process::Output {
+    let mut command = e2e::ztxdp_cmd(mesh.edge(), args);
+    command.env_remove("ZTXDP_CONFIG");
+    e2e::run_bounded(&mut command)
+}
+
+#[test]
+fn allow_without_a_config_changes_the_running_policy() {
+    // The mesh's config is in a scratch directory, not /etc/ztxdp: `allow`
+    // must find it through the running programs' identity.
+    let mesh = mesh("discover");
+    let _postgres = listen(mesh.edge(), POSTGRES);
+    let out = ztxdp_without_env(&mesh, &["allow", "app-2", "5432"]);
+    assert!(
+        out.status.success(),
+        "`ztxdp allow app-2 5432` without --config failed ({}):\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_connects(
+        app_ns(&mesh, "app-2"),
+        at(EDGE_TUNNEL_V4, POSTGRES),
+        "app-2 after `allow app-2 5432` without --config",
+    );
+}
+
+#[test]
+fn a_config_with_the_peers_in_another_order_is_refused() {
+    let mesh = mesh("other-order");
+    let _postgres = listen(mesh.edge(), POSTGRES);
+    let grants_file = mesh.scratch.path("grants.json");
+    let before = std::fs::read(&grants_file).ok();
+    // The same peers and grants, app-2 first: app-2 is index 0 here, the
+    // running programs' app-1.
+    let other = mesh.scratch.write(
+        "other.toml",
+        &mesh_config(
+            &mesh.lab,
+            &mesh.scratch,
+            &[("app-2", ""), ("app-1", "allow = [\"tcp/5432\"]")],
+            "",
+        ),
+    );
+    let other_text = other.display().to_string();
+    let out = ztxdp_without_env(&mesh, &["allow", "app-2", "5432", "--config", &other_text]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "`allow` with a config whose peers are in another order was not refused as a usage error:\n{stderr}"
+    );
+    for file in [&other, &mesh.config] {
+        assert!(
+            stderr.contains(&file.display().to_string()),
+            "the refusal does not name {}:\n{stderr}",
+            file.display()
+        );
+    }
+    assert_eq!(
+        std::fs::read(&grants_file).ok(),
+        before,
+        "the refused `allow` changed the runtime grants file"
+    );
+    assert_times_out(
+        app_ns(&mesh, "app-2"),
+        at(EDGE_TUNNEL_V4, POSTGRES),
+        "app-2 after the refused `allow`",
+    );
+    assert_connects(
+        app_ns(&mesh, "app-1"),
+        at(EDGE_TUNNEL_V4, POSTGRES),
+        "app-1 after the refused `allow`",
+    );
+}
+
+#[test]
+fn list_shows_what_the_kernel_enforces_and_where_the_files_differ() {
+    let mesh = mesh("list-kernel");
+    grant(&mesh, "allow", "app-2", "5432");
+    let list = peer_list(&mesh);
+    for peer in ["app-1", "app-2"] {
+        let entry = listed(&list, peer);
+        assert_eq!(
+            entry["kernel"],
+            serde_json::json!(["tcp/5432"]),
+            "{peer}'s kernel grants: {list:#}"
+        );
+        assert_eq!(entry["differs"], false, "{peer}: {list:#}");
+    }
+
+    // A change written to the file behind the kernel's back (as an `allow`
+    // killed between saving and updating the map leaves it): the file
+    // says more than the kernel enforces, and `list` says so.
+    let config = Config::load(&mesh.config).unwrap_or_else(|e| panic!("{e}"));
+    let grants_file = config
+        .policy
+        .tunnel
+        .unwrap_or_else(|| panic!("{} has no tunnel", mesh.config.display()))
+        .runtime_grants;
+    let mut runtime = RuntimeGrants::load(&grants_file).unwrap_or_else(|e| panic!("{e}"));
+    runtime.allow(
+        "app-2",
+        ztxdp::policy::Grant::Ports {
+            protocol: ztxdp::policy::Protocol::Udp,
+            first: 53,
+            last: 53,
+        },
+    );
+    let lock = ztxdp::grants::GrantsLock::acquire(&grants_file).unwrap_or_else(|e| panic!("{e}"));
+    runtime.save(&lock).unwrap_or_else(|e| panic!("{e}"));
+    drop(lock);
+    let list = peer_list(&mesh);
+    let app2 = listed(&list, "app-2");
+    assert_eq!(
+        app2["grants"],
+        serde_json::json!(["tcp/5432", "udp/53"]),
+        "{list:#}"
+    );
+    assert_eq!(app2["kernel"], serde_json::json!(["tcp/5432"]), "{list:#}");
+    assert_eq!(app2["differs"], true, "{list:#}");
+    let config = mesh.config.display().to_string();
+    let text = ztxdp_ok(mesh.edge(), &["list", "--config", &config]);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("app-2") && l.contains("! the kernel enforces: tcp/5432")),
+        "`list` does not flag app-2's difference:\n{text}"
+    );
+}
+
+/// `status`'s `passed` and `dropped` of `program` must be the sums of its
+/// counters whose reason `verdicts` says passes or drops.
+fn check_totals(status: &Value, program: &str) -> (u64, u64) {
+    let p = &status[program];
+    let verdicts = p["verdicts"]
+        .as_object()
+        .unwrap_or_else(|| panic!("no {program} verdicts in status: {status:#}"));
+    let counters = p["counters"]
+        .as_object()
+        .unwrap_or_else(|| panic!("no {program} counters in status: {status:#}"));
+    let sum = |verdict: &str| -> u64 {
+        verdicts
+            .iter()
+            .filter(|(_, v)| *v == verdict)
+            .map(|(reason, _)| {
+                counters[reason].as_u64().unwrap_or_else(|| {
+                    panic!("{program} has a verdict but no counter for {reason}: {status:#}")
+                })
+            })
+            .sum()
+    };
+    let (passed, dropped) = (sum("pass"), sum("drop"));
+    assert_eq!(p["passed"], passed, "{program} passed: {status:#}");
+    assert_eq!(p["dropped"], dropped, "{program} dropped: {status:#}");
+    assert_eq!(verdicts["granted"], "pass", "granted must pass: {status:#}");
+    assert_eq!(
+        verdicts["not_granted"], "drop",
+        "not_granted must drop: {status:#}"
+    );
+    (passed, dropped)
+}
+
+#[test]
+fn status_names_the_daemon_the_peers_and_the_totals() {
+    let mut mesh = mesh("status-daemon");
+    let _postgres = listen(mesh.edge(), POSTGRES);
+    assert_connects(
+        app_ns(&mesh, "app-1"),
+        at(EDGE_TUNNEL_V4, POSTGRES),
+        "app-1 to its granted port",
+    );
+    assert_times_out(
+        app_ns(&mesh, "app-2"),
+        at(EDGE_TUNNEL_V4, POSTGRES),
+        "app-2, not granted",
+    );
+    let running = status(mesh.edge());
+    assert_eq!(
+        running["daemon"]["pid"],
+        mesh.daemon.pid(),
+        "status does not name the running daemon: {running:#}"
+    );
+    assert_eq!(running["daemon"]["serving_events"], true, "{running:#}");
+    let peers = running["tunnel"]["peers"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no tunnel peers in status: {running:#}"));
+    for (index, name) in [(0, "app-1"), (1, "app-2")] {
+        let peer = peers
+            .iter()
+            .find(|p| p["index"] == index)
+            .unwrap_or_else(|| panic!("peer {index} missing from status: {running:#}"));
+        assert_eq!(peer["name"], name, "peer {index}: {running:#}");
+        assert_eq!(
+            peer["public_key"],
+            app(tunnel(&mesh.lab), name).device().public_key(),
+            "{name}'s key: {running:#}"
+        );
+    }
+    let (passed, dropped) = check_totals(&running, "tunnel");
+    assert!(passed > 0 && dropped > 0, "{running:#}");
+    check_totals(&running, "edge");
+    let text = ztxdp_ok(mesh.edge(), &["status"]);
+    assert!(
+        text.contains("app-1") && text.contains(&format!("daemon {}", mesh.daemon.pid())),
+        "text status names neither the peer nor the daemon:\n{text}"
+    );
+
+    mesh.daemon.kill9();
+    let orphaned = status(mesh.edge());
+    assert_eq!(orphaned["daemon"]["pid"], Value::Null, "{orphaned:#}");
+    assert_eq!(orphaned["daemon"]["serving_events"], false, "{orphaned:#}");
+    assert_eq!(
+        orphaned["tunnel"]["peers"][0]["name"], "app-1",
+        "the peers' names must outlive the daemon: {orphaned:#}"
+    );
+    let text = ztxdp_ok(mesh.edge(), &["status"]);
+    assert!(
+        text.contains("enforcing, no daemon: decisions are counted, not written"),
+        "status after kill -9 does not say that nobody writes the trail:\n{text}"
+    );
+}
+
+#[test]
+fn the_identity_file_outlives_the_daemon_and_goes_with_down() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mut mesh = mesh("identity-file");
+    let path = mesh
+        .edge()
+        .enter(ztxdp::identity::path)
+        .unwrap_or_else(|e| panic!("entering the edge: {e}"))
+        .unwrap_or_else(|e| panic!("the identity file's path: {e}"));
+    let read = || -> Value {
+        let text = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{} ({e}):\n{text}", path.display()))
+    };
+    let identity = read();
+    assert_eq!(
+        identity["config"],
+        mesh.config.display().to_string(),
+        "{identity:#}"
+    );
+    assert_eq!(identity["pid"], mesh.daemon.pid(), "{identity:#}");
+    assert_eq!(
+        identity["peers"][1]["name"], "app-2",
+        "the peer table: {identity:#}"
+    );
+    let mode = std::fs::metadata(&path)
+        .unwrap_or_else(|e| panic!("stat {}: {e}", path.display()))
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode & !0o640, 0, "{} has mode {mode:o}", path.display());
+
+    mesh.daemon.kill9();
+    assert_eq!(
+        read(),
+        identity,
+        "the identity changed with the daemon's death"
+    );
+    // Still the running policy: `allow` finds the config through it.
+    let out = ztxdp_without_env(&mesh, &["allow", "app-2", "5432"]);
+    assert!(
+        out.status.success(),
+        "`allow` without --config after kill -9 failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    ztxdp_ok(mesh.edge(), &["down"]);
+    assert!(
+        !path.exists(),
+        "{} outlived `down`, which removed the programs it describes",
+        path.display()
+    );
+}

@@ -307,6 +307,10 @@ pub struct Config {
     /// The file it came from, for messages.
     pub path: PathBuf,
     pub policy: Policy,
+    /// Hex SHA-256 of the text it was parsed from: what the running
+    /// programs' identity file records, so a command can tell whether a
+    /// config is the one they enforce.
+    pub digest: String,
     /// Dotted key (`tunnel.peer[0].allow[2]`) → 1-based line.
     lines: BTreeMap<String, usize>,
 }
@@ -560,6 +564,8 @@ fn parse_with(text: &str, path: &Path, limits: Limits) -> Result<Config, ConfigE
     Ok(Config {
         path: path.to_owned(),
         policy,
+        // The chain's hash with no predecessor: plain SHA-256 of the text.
+        digest: crate::audit::chain::link("", text),
         lines,
     })
 }

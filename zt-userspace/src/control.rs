@@ -3,7 +3,11 @@
 //! in the current network namespace and open their maps by kernel id, so they
 //! work from any `ip netns exec`, and after the daemon has died.
 
-use std::{collections::BTreeMap, net::IpAddr};
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
 
 use aya::{
     maps::{LpmTrie, Map, MapData},
@@ -16,6 +20,7 @@ use crate::{
     attach::{self, AttachError, Attached, Attachment},
     config::{Config, GrantError, parse_cli_grant},
     grants::{GrantsError, GrantsLock, RuntimeGrants},
+    identity::{self, Identity},
     policy::{Grant, TunnelPolicy},
     tables::{Tables, TablesError},
 };
@@ -50,6 +55,11 @@ pub struct ProgramStatus {
     pub attachment: Attachment,
     /// Packets per reason name, summed over CPUs.
     pub counters: BTreeMap<&'static str, u64>,
+    /// What each decision reason does to the packet: `pass` or `drop`.
+    pub verdicts: BTreeMap<&'static str, &'static str>,
+    /// Packets passed and dropped: the sums of the decision counters.
+    pub passed: u64,
+    pub dropped: u64,
     /// Entries in each set-like map.
     pub maps: BTreeMap<&'static str, usize>,
     /// Tunnel only: per-peer packet counts.
@@ -60,6 +70,9 @@ pub struct ProgramStatus {
 #[derive(Debug, Serialize)]
 pub struct PeerStatus {
     pub index: u32,
+    /// From the running policy's identity; `None` if it cannot be told.
+    pub name: Option<String>,
+    pub public_key: Option<String>,
     pub allowed: u64,
     pub denied: u64,
 }
@@ -78,21 +91,59 @@ pub struct FlowStatus {
     pub recorders: Vec<Attachment>,
 }
 
+/// The daemon behind the attached programs, as `status` reports it.
+#[derive(Debug, Serialize)]
+pub struct DaemonStatus {
+    /// The daemon that attached or last reloaded the programs, while it
+    /// runs; `None` after it died (`kill -9`) or when it cannot be told.
+    pub pid: Option<u32>,
+    /// Whether the namespace's events socket accepts a connection: a
+    /// daemon is writing the audit trail. Without one the programs go on
+    /// deciding and counting, but no decision is written.
+    pub serving_events: bool,
+    /// The config the programs were loaded from.
+    pub config: Option<PathBuf>,
+}
+
 /// `ztxdp status`.
 #[derive(Debug, Serialize)]
 pub struct Status {
+    pub daemon: DaemonStatus,
     pub edge: Option<ProgramStatus>,
     pub tunnel: Option<ProgramStatus>,
     pub flows: Option<FlowStatus>,
 }
 
-fn program_status(a: &Attachment, prog: u32) -> Result<ProgramStatus, ControlError> {
+fn program_status(
+    a: &Attachment,
+    prog: u32,
+    running: Option<&Identity>,
+) -> Result<ProgramStatus, ControlError> {
     let tables = Tables::from_map_ids(&a.map_ids)?;
-    let counters = tables
-        .counters(prog)?
-        .into_iter()
-        .map(|(code, n)| (reason::name(code), n))
+    let by_code = tables.counters(prog)?;
+    let counters = by_code
+        .iter()
+        .map(|(&code, &n)| (reason::name(code), n))
         .collect();
+    let verdicts = reason::ALL
+        .iter()
+        .map(|&code| {
+            let verdict = if reason::is_allow(code) {
+                "pass"
+            } else {
+                "drop"
+            };
+            (reason::name(code), verdict)
+        })
+        .collect();
+    // Only decisions: the event counters (suppressed, lost) count records.
+    let total = |allow: bool| -> u64 {
+        reason::ALL
+            .iter()
+            .filter(|&&code| reason::is_allow(code) == allow)
+            .filter_map(|code| by_code.get(code))
+            .sum()
+    };
     let maps = tables.fill_levels()?;
     let mut peers = Vec::new();
     if prog == program::TUNNEL {
@@ -101,8 +152,11 @@ fn program_status(a: &Attachment, prog: u32) -> Result<ProgramStatus, ControlErr
         let counts = tables.peer_counters(max)?;
         for i in indices {
             let c = counts.get(i as usize).copied().unwrap_or_default();
+            let known = running.and_then(|r| r.peers.get(i as usize));
             peers.push(PeerStatus {
                 index: i,
+                name: known.map(|p| p.name.clone()),
+                public_key: known.and_then(|p| p.public_key.clone()),
                 allowed: c.allowed,
                 denied: c.denied,
             });
@@ -111,6 +165,9 @@ fn program_status(a: &Attachment, prog: u32) -> Result<ProgramStatus, ControlErr
     Ok(ProgramStatus {
         attachment: a.clone(),
         counters,
+        verdicts,
+        passed: total(true),
+        dropped: total(false),
         maps,
         peers,
     })
@@ -156,6 +213,22 @@ async fn attached() -> Result<Attached, ControlError> {
     Ok(found)
 }
 
+/// The identity of the policy the programs attached here enforce (see
+/// [`Identity::live`]); `None` when none runs or it cannot be told, as
+/// where netlink is unavailable: commands then use the config they are
+/// given, as with nothing running.
+pub async fn running() -> Option<Identity> {
+    Identity::live(&attached().await.ok()?)
+}
+
+/// Where `allow`, `revoke`, `list`, `events` and `export nft` find their
+/// config (see [`identity::config_path`]), and the running policy's
+/// identity to check it against.
+pub async fn discover(explicit: Option<&Path>) -> (PathBuf, Option<Identity>) {
+    let running = running().await;
+    (identity::config_path(explicit, running.as_ref()), running)
+}
+
 /// Reports what is attached here, with counters and fill levels.
 ///
 /// # Errors
@@ -183,19 +256,46 @@ pub async fn status() -> Result<Status, ControlError> {
         }
         None => None,
     };
+    let running = Identity::live(&found);
     Ok(Status {
+        daemon: daemon_status(running.as_ref()),
         edge: found
             .edge
             .first()
-            .map(|a| program_status(a, program::EDGE))
+            .map(|a| program_status(a, program::EDGE, running.as_ref()))
             .transpose()?,
         tunnel: found
             .tunnel
             .first()
-            .map(|a| program_status(a, program::TUNNEL))
+            .map(|a| program_status(a, program::TUNNEL, running.as_ref()))
             .transpose()?,
         flows,
     })
+}
+
+/// Whether the daemon of the running policy still runs, and whether a
+/// daemon serves this namespace's events socket.
+fn daemon_status(running: Option<&Identity>) -> DaemonStatus {
+    let serving_events = crate::audit::stream::socket_path()
+        .is_ok_and(|path| std::os::unix::net::UnixStream::connect(path).is_ok());
+    DaemonStatus {
+        pid: running.map(|r| r.pid).filter(|&pid| is_ztxdp(pid)),
+        serving_events,
+        config: running.map(|r| r.config.clone()),
+    }
+}
+
+/// Whether `pid` is a live (not zombie) ztxdp process: a pid reused by
+/// another program after the daemon died is not it.
+fn is_ztxdp(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // `PID (COMM) STATE ...`; COMM may hold spaces and parentheses.
+    let Some((head, tail)) = stat.rsplit_once(") ") else {
+        return false;
+    };
+    head.ends_with("(ztxdp") && !tail.starts_with(['Z', 'X'])
 }
 
 /// Removes every ztxdp program from this namespace; returns what was
@@ -216,6 +316,8 @@ pub async fn down() -> Result<Vec<Attachment>, ControlError> {
     for a in &found.egress {
         attach::detach_tc(&a.interface, TcAttachType::Egress, &a.program)?;
     }
+    // Nothing of ours is attached now: whatever the file describes is gone.
+    identity::forget(None);
     Ok(found
         .edge
         .into_iter()
@@ -256,6 +358,16 @@ fn resolve_peer(tunnel: &TunnelPolicy, peer: &str) -> Result<usize, ControlError
                 .collect::<Vec<_>>()
                 .join(", "),
         })
+}
+
+/// The attached tunnel program enforcing `tunnel`: the one on its
+/// interface, else (`up --tunnel-iface`) the one there is.
+fn tunnel_attachment<'a>(found: &'a Attached, tunnel: &TunnelPolicy) -> Option<&'a Attachment> {
+    found
+        .tunnel
+        .iter()
+        .find(|a| a.interface == tunnel.interface)
+        .or(found.tunnel.first())
 }
 
 /// Whether a runtime grant change reached a running program.
@@ -305,12 +417,7 @@ pub async fn change_grant(
     let merged = runtime.apply(tunnel);
     let peer_policy = &merged.peers[index];
     let found = attached().await?;
-    let live = match found
-        .tunnel
-        .iter()
-        .find(|a| a.interface == tunnel.interface)
-        .or(found.tunnel.first())
-    {
+    let live = match tunnel_attachment(&found, tunnel) {
         Some(a) => {
             let mut tables = Tables::from_map_ids(&a.map_ids)?;
             // Indices are positions in the config, bounded by capacity::PEERS.
@@ -334,33 +441,55 @@ pub struct PeerGrants {
     pub name: String,
     pub addresses: Vec<String>,
     pub public_key: Option<String>,
+    /// What the files say: the config plus the runtime changes.
     pub grants: Vec<String>,
     /// Runtime changes on top of the config file.
     pub added: Vec<String>,
     pub revoked: Vec<String>,
+    /// What the running tunnel program enforces, read from its maps;
+    /// `None` when no tunnel program runs here.
+    pub kernel: Option<Vec<String>>,
+    /// The kernel enforces something other than `grants` (a change made
+    /// to the files but not to the kernel, or the reverse).
+    pub differs: bool,
 }
 
-/// `ztxdp list`.
+/// `ztxdp list`: the grants the files give each peer and, when a tunnel
+/// program runs here, the ones it enforces. `config` must be the running
+/// policy (see [`crate::identity::load_checked`]): a peer's kernel grants
+/// are read at its index in `config`.
 ///
 /// # Errors
-/// When the config has no tunnel or the runtime grants cannot be read.
-pub fn list(config: &Config) -> Result<Vec<PeerGrants>, ControlError> {
+/// When the config has no tunnel, or the runtime grants or the maps
+/// cannot be read.
+pub async fn list(config: &Config) -> Result<Vec<PeerGrants>, ControlError> {
     let tunnel = tunnel_of(config)?;
     let runtime = RuntimeGrants::load(&tunnel.runtime_grants)?;
     let merged = runtime.apply(tunnel);
-    Ok(merged
-        .peers
-        .iter()
-        .map(|p| {
-            let changes = runtime.peers.get(&p.name).cloned().unwrap_or_default();
-            PeerGrants {
-                name: p.name.clone(),
-                addresses: p.addresses.iter().map(ToString::to_string).collect(),
-                public_key: p.public_key.clone(),
-                grants: p.grants.iter().map(ToString::to_string).collect(),
-                added: changes.added,
-                revoked: changes.revoked,
-            }
-        })
-        .collect())
+    // Where netlink cannot be used nothing can be running here.
+    let found = attached().await.unwrap_or_default();
+    let tables = tunnel_attachment(&found, tunnel)
+        .map(|a| Tables::from_map_ids(&a.map_ids))
+        .transpose()?;
+    let mut out = Vec::new();
+    for (index, p) in (0u32..).zip(&merged.peers) {
+        let changes = runtime.peers.get(&p.name).cloned().unwrap_or_default();
+        let grants: Vec<String> = p.grants.iter().map(ToString::to_string).collect();
+        let kernel = tables
+            .as_ref()
+            .map(|t| t.peer_grants(index))
+            .transpose()?
+            .map(|g| g.iter().map(ToString::to_string).collect::<Vec<_>>());
+        out.push(PeerGrants {
+            name: p.name.clone(),
+            addresses: p.addresses.iter().map(ToString::to_string).collect(),
+            public_key: p.public_key.clone(),
+            differs: kernel.as_ref().is_some_and(|k| *k != grants),
+            grants,
+            added: changes.added,
+            revoked: changes.revoked,
+            kernel,
+        });
+    }
+    Ok(out)
 }

@@ -24,6 +24,7 @@ use crate::{
     audit::{self, AuditError, Names, Trail, kernel::Feed, record::Program, stream::Server},
     config::{Config, ConfigError},
     grants::{GrantsError, GrantsLock, RuntimeGrants},
+    identity::{self, Identity},
     loader::{self, LoadError},
     lockout::{self, LockoutError},
     policy::TunnelPolicy,
@@ -127,6 +128,8 @@ pub async fn up(opts: &UpOptions, ready: impl FnOnce(&Enforcing)) -> Result<(), 
     let inherited = old_maps.as_mut().and_then(|(old, _)| old.take_ring());
     drop(old_maps);
     drop(grants_lock);
+    let ids = ProgramIds::of(&enforcing);
+    ids.record(&config, tunnel_policy.as_ref());
     ready(&enforcing);
 
     let mut feed = Feed::new(ring, summaries, names(&enforcing, tunnel_policy.as_ref()))?;
@@ -134,6 +137,7 @@ pub async fn up(opts: &UpOptions, ready: impl FnOnce(&Enforcing)) -> Result<(), 
         opts,
         config,
         tables: &mut tables,
+        ids,
     };
     let stop = stream_audit(
         &mut feed,
@@ -150,6 +154,7 @@ pub async fn up(opts: &UpOptions, ready: impl FnOnce(&Enforcing)) -> Result<(), 
             tracing::info!("stopping; the programs stay attached (--keep-attached)");
         } else {
             detach(&handle, &enforcing).await;
+            identity::forget(Some((running.ids.edge, running.ids.tunnel)));
         }
     }
     let flushed = flush_audit(&mut feed, trail, &tables);
@@ -323,6 +328,33 @@ struct Running<'a> {
     opts: &'a UpOptions,
     config: Config,
     tables: &'a mut Tables,
+    ids: ProgramIds,
+}
+
+/// The kernel ids of the programs this daemon attached, which its
+/// identity file names.
+#[derive(Clone, Copy, Debug)]
+struct ProgramIds {
+    edge: Option<u32>,
+    tunnel: Option<u32>,
+}
+
+impl ProgramIds {
+    fn of(enforcing: &Enforcing) -> Self {
+        Self {
+            edge: enforcing.edge.as_ref().map(|(a, _)| a.program_id),
+            tunnel: enforcing.tunnel.as_ref().map(|a| a.program_id),
+        }
+    }
+
+    /// Writes the identity file for `config` enforced by these programs.
+    /// Enforcement does not depend on it, so a failure is logged: commands
+    /// then find no live identity and use the config they are given.
+    fn record(self, config: &Config, tunnel: Option<&TunnelPolicy>) {
+        if let Err(e) = Identity::new(config, tunnel, self.edge, self.tunnel).save() {
+            tracing::warn!(error = %e, "`allow`, `revoke` and `list` will not find the running config by themselves");
+        }
+    }
 }
 
 /// Why a reload was refused. The running policy is then unchanged.
@@ -389,6 +421,7 @@ fn reload(
         return Err(ReloadError::Write { source });
     }
     feed.set_peers(peer_names(tunnel.as_ref()));
+    running.ids.record(&config, tunnel.as_ref());
     let peers = tunnel.as_ref().map_or(0, |t| t.peers.len());
     running.config = config;
     Ok(format!(

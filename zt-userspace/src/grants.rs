@@ -164,32 +164,9 @@ impl RuntimeGrants {
             path: path.to_owned(),
             source,
         };
-        let dir = parent_dir(path);
-        std::fs::create_dir_all(dir).map_err(write_err)?;
-        let prefix = format!(
-            ".{}.tmp.",
-            path.file_name()
-                .and_then(|n| n.to_str())
-                .unwrap_or("grants")
-        );
-        remove_temporaries(dir, &prefix);
-        let tmp = dir.join(format!("{prefix}{}", std::process::id()));
         let mut text = serde_json::to_string_pretty(self).map_err(|e| write_err(e.into()))?;
         text.push('\n');
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(MODE)
-            .open(&tmp)
-            .map_err(write_err)?;
-        f.write_all(text.as_bytes()).map_err(write_err)?;
-        f.sync_all().map_err(write_err)?;
-        drop(f);
-        std::fs::rename(&tmp, path).map_err(write_err)?;
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(write_err)?;
-        Ok(())
+        write_atomically(path, &text).map_err(write_err)
     }
 
     /// Records `grant` as allowed for `peer`.
@@ -228,6 +205,37 @@ impl RuntimeGrants {
         }
         out
     }
+}
+
+/// Replaces `path` with `text` atomically (temporary file, fsync, rename,
+/// fsync dir), mode 0640: a reader sees the old file or the new one, never
+/// a torn one, even if the writer is killed. Temporaries another writer
+/// left (one killed between creating and renaming its own) are removed
+/// first; callers serialize their writers, so none is between those steps.
+///
+/// # Errors
+/// When any step fails; the old file is then untouched.
+pub(crate) fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
+    let dir = parent_dir(path);
+    std::fs::create_dir_all(dir)?;
+    let prefix = format!(
+        ".{}.tmp.",
+        path.file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("grants")
+    );
+    remove_temporaries(dir, &prefix);
+    let tmp = dir.join(format!("{prefix}{}", std::process::id()));
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(MODE)
+        .open(&tmp)?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, path)?;
+    File::open(dir).and_then(|d| d.sync_all())
 }
 
 /// Removes the files in `dir` whose names start with `prefix`. A failure

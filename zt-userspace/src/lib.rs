@@ -10,6 +10,7 @@ pub mod control;
 pub mod daemon;
 pub mod export;
 pub mod grants;
+pub mod identity;
 pub mod import_wg;
 pub mod loader;
 pub mod lockout;

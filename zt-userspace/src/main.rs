@@ -13,9 +13,17 @@ use ztxdp::{
     config::Config,
     control::{self, Status},
     daemon::{self, Enforcing, UpOptions},
+    identity,
 };
 
-const DEFAULT_CONFIG: &str = "/etc/ztxdp/ztxdp.toml";
+use ztxdp::identity::DEFAULT_CONFIG;
+
+/// Where the commands that act on the running policy find their config.
+const CONFIG_HELP: &str = "The config [default: $ZTXDP_CONFIG, else the one the running programs \
+    were loaded from, else /etc/ztxdp/ztxdp.toml]";
+const EVENTS_CONFIG_HELP: &str = "The config whose audit.path is read, without --follow \
+    [default: $ZTXDP_CONFIG, else the one the running programs were loaded from, \
+    else /etc/ztxdp/ztxdp.toml]";
 
 /// Stdout's reader went away (`ztxdp status | head -1`): the command ends
 /// quietly with status 0, as the reader asked for no more.
@@ -106,7 +114,9 @@ enum Command {
         #[arg(long, env = "ZTXDP_CONFIG", default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
-    /// Show attached programs, counters per reason and map fill levels.
+    /// Show the daemon (or that none writes the audit trail), attached
+    /// programs, passed and dropped totals, counters per reason, named
+    /// tunnel peers and map fill levels.
     #[command(after_help = "Examples:\n  ztxdp status\n  ip netns exec edge ztxdp status --json")]
     Status {
         #[arg(long)]
@@ -135,24 +145,25 @@ enum Command {
         peer: String,
         /// PORT[/PROTO] (tcp by default), a range FIRST-LAST[/PROTO], or `icmp`.
         grant: String,
-        #[arg(long, env = "ZTXDP_CONFIG", default_value = DEFAULT_CONFIG)]
-        config: PathBuf,
+        #[arg(long, value_name = "FILE", help = CONFIG_HELP)]
+        config: Option<PathBuf>,
     },
     /// Take a grant away; open connections stop passing at the next packet.
     #[command(after_help = "Examples:\n  ztxdp revoke app-1 5432\n  ztxdp revoke app-1 icmp")]
     Revoke {
         peer: String,
         grant: String,
-        #[arg(long, env = "ZTXDP_CONFIG", default_value = DEFAULT_CONFIG)]
-        config: PathBuf,
+        #[arg(long, value_name = "FILE", help = CONFIG_HELP)]
+        config: Option<PathBuf>,
     },
-    /// List every peer's effective grants (config plus runtime changes).
+    /// List every peer's effective grants (config plus runtime changes) and
+    /// the grants the running tunnel program enforces, flagging differences.
     #[command(after_help = "Example:\n  ztxdp list --json")]
     List {
         #[arg(long)]
         json: bool,
-        #[arg(long, env = "ZTXDP_CONFIG", default_value = DEFAULT_CONFIG)]
-        config: PathBuf,
+        #[arg(long, value_name = "FILE", help = CONFIG_HELP)]
+        config: Option<PathBuf>,
     },
     /// Print `[[tunnel.peer]]` entries (no grants yet) for the peers of a
     /// wg-quick config, or of a running `WireGuard` interface.
@@ -190,9 +201,8 @@ enum Command {
         follow: bool,
         #[arg(long, value_enum, default_value_t = EventsFormat::Ecs)]
         format: EventsFormat,
-        /// The config whose audit.path is read (without --follow).
-        #[arg(long, env = "ZTXDP_CONFIG", default_value = DEFAULT_CONFIG)]
-        config: PathBuf,
+        #[arg(long, value_name = "FILE", help = EVENTS_CONFIG_HELP)]
+        config: Option<PathBuf>,
     },
 }
 
@@ -227,8 +237,8 @@ enum ExportFormat {
         ztxdp export nft --conntrack | nft -f -"
     )]
     Nft {
-        #[arg(long, env = "ZTXDP_CONFIG", default_value = DEFAULT_CONFIG)]
-        config: PathBuf,
+        #[arg(long, value_name = "FILE", help = CONFIG_HELP)]
+        config: Option<PathBuf>,
         /// Accept `ct state established,related` first, as common host firewalls do.
         #[arg(long)]
         conntrack: bool,
@@ -272,6 +282,7 @@ fn main() -> ExitCode {
             let usage = e.chain().any(|c| {
                 c.downcast_ref::<ztxdp::config::ConfigError>().is_some()
                     || c.downcast_ref::<ztxdp::lockout::LockoutError>().is_some()
+                    || c.downcast_ref::<identity::CheckedError>().is_some()
                     || matches!(
                         c.downcast_ref::<daemon::DaemonError>(),
                         Some(daemon::DaemonError::Config(_) | daemon::DaemonError::Lockout(_))
@@ -356,15 +367,16 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             peer,
             grant,
             config,
-        } => grant_change(&config, &peer, &grant, true).await?,
+        } => grant_change(config.as_deref(), &peer, &grant, true).await?,
         Command::Revoke {
             peer,
             grant,
             config,
-        } => grant_change(&config, &peer, &grant, false).await?,
-        Command::List { json, config } => list(json, &config)?,
+        } => grant_change(config.as_deref(), &peer, &grant, false).await?,
+        Command::List { json, config } => list(json, config.as_deref()).await?,
         Command::ImportWg { file, live } => import_wg(file, live)?,
         Command::Export(ExportFormat::Nft { config, conntrack }) => {
+            let (config, _) = control::discover(config.as_deref()).await;
             out!("{}", export_nft(&config, conntrack)?);
         }
         Command::Audit(AuditCommand::Verify { files }) => return audit_verify(&files),
@@ -372,24 +384,38 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             follow,
             format,
             config,
-        } => events(follow, format, &config)?,
+        } => {
+            let config = if follow {
+                None
+            } else {
+                Some(control::discover(config.as_deref()).await.0)
+            };
+            events(format, config.as_deref())?;
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
 
-fn list(json: bool, config: &Path) -> anyhow::Result<()> {
-    let c = Config::load(config)?;
-    let peers = control::list(&c)?;
+async fn list(json: bool, config: Option<&Path>) -> anyhow::Result<()> {
+    let (config, running) = control::discover(config).await;
+    let c = identity::load_checked(&config, running.as_ref())?;
+    let peers = control::list(&c).await.context("ztxdp list")?;
     if json {
         outln!("{}", serde_json::to_string_pretty(&peers)?);
     } else {
         for p in peers {
-            outln!(
+            out!(
                 "{:<16} {:<40} {}",
                 p.name,
                 p.addresses.join(","),
                 p.grants.join(" ")
             );
+            match &p.kernel {
+                Some(k) if p.differs => {
+                    outln!("  ! the kernel enforces: {}", none_if_empty(k));
+                }
+                _ => outln!(),
+            }
         }
     }
     Ok(())
@@ -418,6 +444,15 @@ fn export_nft(config: &Path, conntrack: bool) -> anyhow::Result<String> {
         &policy,
         &export::NftOptions { conntrack, notes },
     ))
+}
+
+/// A list of grants, or `none`.
+fn none_if_empty(grants: &[String]) -> String {
+    if grants.is_empty() {
+        "none".to_owned()
+    } else {
+        grants.join(" ")
+    }
 }
 
 fn import_wg(file: Option<PathBuf>, live: Option<String>) -> anyhow::Result<()> {
@@ -467,7 +502,9 @@ fn audit_verify(files: &[PathBuf]) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn events(follow: bool, format: EventsFormat, config: &std::path::Path) -> anyhow::Result<()> {
+/// `ztxdp events`: from the files of `config`, or with no config (`--follow`)
+/// from the daemon.
+fn events(format: EventsFormat, config: Option<&Path>) -> anyhow::Result<()> {
     use ztxdp::{audit::stream, policy::AuditFormat};
     let output = match format {
         EventsFormat::Ecs => stream::Output::Json(AuditFormat::Ecs),
@@ -475,11 +512,12 @@ fn events(follow: bool, format: EventsFormat, config: &std::path::Path) -> anyho
         EventsFormat::Cef => stream::Output::Cef,
     };
     let mut out = std::io::stdout().lock();
-    let result = if follow {
-        stream::follow(output, &mut out)
-    } else {
-        let path = Config::load(config)?.policy.audit.path;
-        stream::print_files(&path, output, &mut out).map(drop)
+    let result = match config {
+        None => stream::follow(output, &mut out),
+        Some(config) => {
+            let path = Config::load(config)?.policy.audit.path;
+            stream::print_files(&path, output, &mut out).map(drop)
+        }
     };
     match result {
         // The reader at the other end of the pipe is gone: nothing left to do.
@@ -488,7 +526,7 @@ fn events(follow: bool, format: EventsFormat, config: &std::path::Path) -> anyho
         {
             Ok(())
         }
-        other => other.context(if follow {
+        other => other.context(if config.is_none() {
             "ztxdp events --follow"
         } else {
             "ztxdp events"
@@ -497,12 +535,18 @@ fn events(follow: bool, format: EventsFormat, config: &std::path::Path) -> anyho
 }
 
 async fn grant_change(
-    config: &std::path::Path,
+    config: Option<&Path>,
     peer: &str,
     grant: &str,
     allow: bool,
 ) -> anyhow::Result<()> {
-    let c = Config::load(config)?;
+    let (config, running) = control::discover(config).await;
+    let c = identity::load_checked(&config, running.as_ref()).with_context(|| {
+        format!(
+            "{} {peer} {grant}: nothing was changed",
+            if allow { "allow" } else { "revoke" }
+        )
+    })?;
     let change = control::change_grant(&c, peer, grant, allow)
         .await
         .with_context(|| {
@@ -546,6 +590,18 @@ fn print_ready(e: &Enforcing) {
 }
 
 fn print_status(s: &Status) -> anyhow::Result<()> {
+    let d = &s.daemon;
+    match (d.pid, d.serving_events) {
+        (Some(pid), true) => outln!("daemon {pid}: enforcing, writing the audit trail"),
+        (Some(pid), false) => {
+            outln!("daemon {pid}: enforcing, not serving events (starting or stopping?)");
+        }
+        (None, true) => outln!("daemon: enforcing, writing the audit trail"),
+        (None, false) => outln!("enforcing, no daemon: decisions are counted, not written"),
+    }
+    if let Some(config) = &d.config {
+        outln!("config: {}", config.display());
+    }
     for (label, p) in [("edge", &s.edge), ("tunnel", &s.tunnel)] {
         let Some(p) = p else { continue };
         outln!(
@@ -555,17 +611,23 @@ fn print_status(s: &Status) -> anyhow::Result<()> {
             p.attachment.ifindex,
             p.attachment.mode
         );
+        outln!("  passed {}, dropped {}", p.passed, p.dropped);
         for (name, n) in p.counters.iter().filter(|(_, n)| **n > 0) {
-            outln!("  {name:<24} {n}");
+            let verdict = p.verdicts.get(name).copied().unwrap_or("");
+            outln!("  {name:<24} {verdict:<5} {n}");
         }
         let maps: Vec<String> = p.maps.iter().map(|(k, v)| format!("{k}={v}")).collect();
         outln!("  maps: {}", maps.join(" "));
         for peer in &p.peers {
+            let name = peer
+                .name
+                .clone()
+                .unwrap_or_else(|| format!("#{}", peer.index));
             outln!(
-                "  peer #{:<5} allowed {:<10} denied {}",
-                peer.index,
+                "  peer {name:<16} allowed {:<10} denied {:<10} {}",
                 peer.allowed,
-                peer.denied
+                peer.denied,
+                peer.public_key.as_deref().unwrap_or("")
             );
         }
     }

@@ -20,7 +20,7 @@ use zt_common::{
     PeerCounters, PeerInfo, capacity, counter_index, map, program, reason,
 };
 
-use crate::policy::{EchoRate, EdgePolicy, FlowSettings, Grant, Peer, TunnelPolicy};
+use crate::policy::{EchoRate, EdgePolicy, FlowSettings, Grant, Peer, Protocol, TunnelPolicy};
 
 /// Errors reading or writing the maps.
 #[derive(Debug, thiserror::Error)]
@@ -317,6 +317,57 @@ impl Tables {
             return Err(mmap_err(std::io::Error::last_os_error()));
         }
         Ok(out)
+    }
+
+    /// The grants the kernel enforces for peer `index`, read back from the
+    /// maps: its grant words as port ranges, and its ICMP flag. What
+    /// `list` compares with the files.
+    ///
+    /// # Errors
+    /// When the grant map or the peer tries cannot be read.
+    pub fn peer_grants(&self, index: u32) -> Result<Vec<Grant>, TablesError> {
+        let words: BpfHashMap<_, GrantKey, u64> =
+            BpfHashMap::try_from(self.get_ref(map::GRANTS)?).map_err(map_err(map::GRANTS))?;
+        let mut ports = Vec::new();
+        // Probed, not walked, as in `set_peer`: the cost does not grow
+        // with the number of peers.
+        for protocol in [Protocol::Tcp, Protocol::Udp] {
+            for word in 0..u16::try_from(capacity::PORT_BITMAP_WORDS).unwrap_or(u16::MAX) {
+                let key = GrantKey {
+                    peer: index,
+                    protocol: protocol.number(),
+                    _pad0: 0,
+                    word,
+                };
+                let Ok(bits) = words.get(&key, 0) else {
+                    continue;
+                };
+                ports.extend((0..64u16).filter(|b| bits & (1 << b) != 0).map(|b| {
+                    let port = (word << 6) | b;
+                    Grant::Ports {
+                        protocol,
+                        first: port,
+                        last: port,
+                    }
+                }));
+            }
+        }
+        let has_icmp = |info: PeerInfo| info.index == index && info.flags & PEER_ICMP != 0;
+        let icmp4 = LpmTrie::<_, [u8; 4], PeerInfo>::try_from(self.get_ref(map::PEER_V4)?)
+            .map_err(map_err(map::PEER_V4))?
+            .iter()
+            .filter_map(Result::ok)
+            .any(|(_, info)| has_icmp(info));
+        let icmp6 = LpmTrie::<_, [u8; 16], PeerInfo>::try_from(self.get_ref(map::PEER_V6)?)
+            .map_err(map_err(map::PEER_V6))?
+            .iter()
+            .filter_map(Result::ok)
+            .any(|(_, info)| has_icmp(info));
+        if icmp4 || icmp6 {
+            ports.push(Grant::Icmp);
+        }
+        // Single ports merged into the minimal ranges the files use.
+        Ok(crate::grants::effective(&ports, &[], &[]))
     }
 
     /// Allowed and denied packet counts of peers `0..n`, summed over CPUs.

@@ -3,7 +3,7 @@
 //!
 //! The socket is `/run/ztxdp/events-<netns inode>.sock`: `/run` is shared
 //! by every `ip netns exec` (which remounts only `/sys`), and the inode of
-//! `/proc/self/ns/net` names the network namespace, so `ztxdp events` finds
+//! `/proc/thread-self/ns/net` names the network namespace, so `ztxdp events` finds
 //! the daemon of its own namespace from any shell in it. The directory is
 //! root's alone (mode 0700): the stream carries the whole audit trail.
 //!
@@ -83,7 +83,7 @@ impl Output {
 /// Errors of the `events` client.
 #[derive(Debug, thiserror::Error)]
 pub enum StreamError {
-    #[error("cannot find this network namespace (/proc/self/ns/net): {source}")]
+    #[error("cannot find this network namespace (/proc/thread-self/ns/net): {source}")]
     Namespace {
         #[source]
         source: io::Error,
@@ -121,7 +121,7 @@ pub enum StreamError {
 /// The socket path of the current network namespace.
 ///
 /// # Errors
-/// When `/proc/self/ns/net` cannot be read.
+/// When `/proc/thread-self/ns/net` cannot be read.
 pub fn socket_path() -> io::Result<PathBuf> {
     socket_path_named("events")
 }
@@ -130,10 +130,35 @@ pub fn socket_path() -> io::Result<PathBuf> {
 /// current network namespace.
 ///
 /// # Errors
-/// When `/proc/self/ns/net` cannot be read.
+/// When `/proc/thread-self/ns/net` cannot be read.
 pub fn socket_path_named(name: &str) -> io::Result<PathBuf> {
-    let ino = fs::metadata("/proc/self/ns/net")?.ino();
-    Ok(PathBuf::from(SOCKET_DIR).join(format!("{name}-{ino}.sock")))
+    namespace_file(name, "sock")
+}
+
+/// Creates [`SOCKET_DIR`], root's alone (mode 0700), if it is missing.
+/// Whoever writes there first creates it: the daemon's sockets carry the
+/// audit trail, and a directory made with the umask's mode would not be
+/// tightened later.
+///
+/// # Errors
+/// When it cannot be created.
+pub fn create_dir() -> io::Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(SOCKET_DIR)
+}
+
+/// `/run/ztxdp/<stem>-<netns inode>.<extension>`: a file of the current
+/// network namespace's daemon, found from any `ip netns exec` of it.
+///
+/// # Errors
+/// When `/proc/thread-self/ns/net` cannot be read.
+pub fn namespace_file(stem: &str, extension: &str) -> io::Result<PathBuf> {
+    // The calling thread's namespace, not the process's: a thread that
+    // entered another namespace (setns) means that one.
+    let ino = fs::metadata("/proc/thread-self/ns/net")?.ino();
+    Ok(PathBuf::from(SOCKET_DIR).join(format!("{stem}-{ino}.{extension}")))
 }
 
 /// The daemon's listening socket.
@@ -167,11 +192,7 @@ impl Server {
             path: path.clone(),
             source,
         };
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(SOCKET_DIR)
-            .map_err(err)?;
+        create_dir().map_err(err)?;
         // Only one daemon per namespace writes the trail (the audit lock
         // makes the newcomer wait), so a socket left here is stale.
         match fs::remove_file(&path) {
