@@ -37,6 +37,15 @@ use crate::policy::{
 
 /// `ssh_port` when the file does not set it.
 const DEFAULT_SSH_PORT: u16 = 22;
+/// The longest peer name.
+pub const MAX_PEER_NAME: usize = 64;
+
+/// Whether `b` may appear in a peer name: `[A-Za-z0-9._-]`.
+#[must_use]
+pub const fn peer_name_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-')
+}
+
 /// `tunnel.runtime_grants` when the file does not set it.
 const DEFAULT_RUNTIME_GRANTS: &str = "/var/lib/ztxdp/grants.json";
 /// Linux `IFNAMSIZ` minus the terminating NUL.
@@ -849,6 +858,20 @@ impl Validator<'_> {
                 .at
                 .invalid(&format!("{at}.name"), "empty; give the peer a name"));
         }
+        // Names go into audit records, CEF lines, syslog and terminals: a
+        // newline, a right-to-left override or trailing space there would
+        // forge or hide what a reader sees.
+        if name.len() > MAX_PEER_NAME || !name.bytes().all(peer_name_byte) {
+            let shown: String = name.chars().take(40).collect();
+            let cut = if shown.len() < name.len() { "..." } else { "" };
+            return Err(self.at.invalid(
+                &format!("{at}.name"),
+                format!(
+                    "{shown:?}{cut} is not a peer name: use 1 to {MAX_PEER_NAME} of \
+                     A-Z a-z 0-9 . _ - (names appear in audit records and terminals)"
+                ),
+            ));
+        }
         if name.parse::<IpAddr>().is_ok() || name.parse::<IpNet>().is_ok() {
             // `ztxdp allow PEER` takes a name or an address; a name that looks
             // like an address would make that ambiguous.
@@ -1342,6 +1365,49 @@ mod tests {
         let homeless = "[[tunnel.peer]]\nname = \"a\"";
         expect_error(&tunnel_with(&[homeless]), "tunnel.peer[0].addresses", 3);
         expect_error(AUDIT, "edge", 1);
+    }
+
+    #[test]
+    fn peer_names_are_short_and_safe_to_print() {
+        let named = |name: &str| {
+            format!(
+                "[[tunnel.peer]]\nname = {}\naddresses = [\"10.0.0.1\"]",
+                // A JSON string is a TOML basic string: one line, escaped.
+                serde_json::Value::String(name.to_owned())
+            )
+        };
+        for bad in [
+            "app\n1",
+            "app\u{202e}1",
+            "app-1 ",
+            "app 1",
+            "",
+            &"a".repeat(65),
+            &"x".repeat(10 << 20),
+        ] {
+            let shown = expect_error(&tunnel_with(&[&named(bad)]), "tunnel.peer[0].name", 4);
+            assert!(
+                shown.len() < 400,
+                "the message repeats the whole name: {} bytes",
+                shown.len()
+            );
+        }
+        for good in ["app-1", "db_2.eu", "A", &"a".repeat(64)] {
+            let config = parse_with(
+                &tunnel_with(&[&named(good)]),
+                Path::new(PATH),
+                Limits::KERNEL,
+            )
+            .unwrap_or_else(|e| panic!("{good:?} refused: {e}"));
+            assert_eq!(
+                config
+                    .policy
+                    .tunnel
+                    .map(|t| t.peers[0].name.clone())
+                    .as_deref(),
+                Some(good)
+            );
+        }
     }
 
     #[test]

@@ -328,8 +328,25 @@ fn name_in_comment(note: &str) -> Option<String> {
             rest.strip_prefix('=').or_else(|| rest.strip_prefix(':'))
         })
         .map_or(text, str::trim);
+    let name = safe_name(name);
     let looks_like_address = name.parse::<IpAddr>().is_ok() || name.parse::<IpNet>().is_ok();
-    (!name.is_empty() && !looks_like_address).then(|| name.to_owned())
+    (!name.is_empty() && !looks_like_address).then_some(name)
+}
+
+/// `text` made a valid peer name (see `config::peer_name_byte`): each run
+/// of other characters becomes one `-`, none at either end, cut to
+/// `config::MAX_PEER_NAME` bytes. "app 2" becomes "app-2".
+fn safe_name(text: &str) -> String {
+    let mut out = String::new();
+    for c in text.chars() {
+        if c.is_ascii() && crate::config::peer_name_byte(c as u8) {
+            out.push(c);
+        } else if !out.is_empty() && !out.ends_with('-') {
+            out.push('-');
+        }
+    }
+    out.truncate(crate::config::MAX_PEER_NAME);
+    out.trim_end_matches('-').to_owned()
 }
 
 fn public_key(value: &str) -> Result<String, Problem> {
@@ -489,7 +506,7 @@ mod tests {
                     ],
                 },
                 ImportedPeer {
-                    name: "app 2".into(),
+                    name: "app-2".into(),
                     public_key: KEY_B.into(),
                     allowed_ips: vec![net("10.100.0.2/32")],
                 },
@@ -513,6 +530,9 @@ mod tests {
         assert_eq!(peer("", " # on-header", ""), "on-header");
         assert_eq!(peer("", "", "# inside\n"), "inside");
         assert_eq!(peer("# name: db-1\n", "", ""), "db-1");
+        // Made a valid peer name: what config refuses never comes out.
+        assert_eq!(peer("# app \"one\" \u{202e}x \n", "", ""), "app-one-x");
+        assert_eq!(peer(&format!("# {}\n", "n".repeat(100)), "", "").len(), 64);
         // The comment block right above wins over one inside.
         assert_eq!(peer("#above\n", "", "# inside\n"), "above");
         // A blank line separates a comment from the section below it.
@@ -654,7 +674,7 @@ mod tests {
     fn rendered_entries_are_a_valid_config() {
         let peers = vec![
             ImportedPeer {
-                name: "app \"one\"".into(),
+                name: "app.one".into(),
                 public_key: KEY_A.into(),
                 allowed_ips: vec![net("10.100.0.1/32"), net("fd00:100::1/128")],
             },
