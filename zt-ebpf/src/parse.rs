@@ -275,7 +275,7 @@ impl Bounds {
 /// one copy fed by every kind of packet, LLVM merged a dozen fields from a
 /// dozen parse exits and spilled most of them to the stack, and the policy
 /// then read them back. Split, a denied packet's own cost over a bare drop
-/// at the device about halved (`bench/NOTES.md`, session 4).
+/// at the device about halved (`bench/NOTES.md`, stage 4).
 #[inline(always)]
 pub fn ethernet_with<R>(b: &Bounds, judge: impl FnOnce(&Packet) -> R) -> Result<R, ParseError> {
     let untagged_ipv4 = b
