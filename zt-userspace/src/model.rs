@@ -1116,6 +1116,15 @@ impl TunnelModel {
         }
     }
 
+    /// Whether the policy alone passes UDP from `peer_addr` to `port`: the
+    /// peer owning the address is granted it.
+    fn passes_udp(&self, peer_addr: IpAddr, port: u16) -> bool {
+        self.by_source
+            .longest_match(peer_addr)
+            .and_then(|i| self.peers.get(i as usize))
+            .is_some_and(|peer| peer.grants_port(proto::UDP, port))
+    }
+
     fn decide(&self, p: &Packet, peer: Option<u32>, l2: bool) -> u32 {
         // A peer is never the host's router.
         if p.is_router_message() {
@@ -1207,11 +1216,10 @@ impl StatefulModel {
             // A datagram from a port the destination peer is granted answers
             // the tunnel's policy.
             let answer = p.protocol == proto::UDP
-                && self.tunnel.as_ref().is_some_and(|t| {
-                    p.addresses()
-                        .and_then(|(_, dst)| t.by_source.longest_match(dst))
-                        .and_then(|i| t.peers.get(i as usize))
-                        .is_some_and(|peer| peer.grants_port(proto::UDP, p.src_port))
+                && p.addresses().is_some_and(|(_, dst)| {
+                    self.tunnel
+                        .as_ref()
+                        .is_some_and(|t| t.passes_udp(dst, p.src_port))
                 });
             self.flows.egress(&p, answer, now_ns);
         }
