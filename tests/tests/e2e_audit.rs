@@ -11,8 +11,8 @@ use std::{
     fs,
     io::{BufRead as _, BufReader, Read as _},
     net::Ipv4Addr,
-    path::PathBuf,
-    process::{Child, Stdio},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
     sync::{
         atomic::{AtomicBool, AtomicU32, Ordering},
         mpsc,
@@ -23,7 +23,7 @@ use std::{
 
 use e2e::{
     EXIT_TIMEOUT, Enforced, Scratch, audit_lines, build_lab, complete_lines, mac, send_frames,
-    status, verify_audit, ztxdp_cmd, ztxdp_ok,
+    status, verify_audit, ztxdp, ztxdp_cmd, ztxdp_ok,
 };
 use serde_json::Value;
 use zt_common::reason;
@@ -49,8 +49,9 @@ fn start(tag: &str, audit_extra: &str) -> Enforced {
     Enforced::start(tag, build_lab(), |_, scratch| {
         format!(
             "[edge]\ninterface = \"{HOST_INTERFACE}\"\nwireguard_ports = [51820]\n\
-             ssh_allow = [\"10.77.0.2/32\"]\n\n[audit]\npath = \"{}\"\n{audit_extra}\n",
-            scratch.path("audit.jsonl").display()
+             ssh_allow = [\"10.77.0.2/32\"]\n\n[audit]\npath = \"{}\"\nstate = \"{}\"\n{audit_extra}\n",
+            scratch.path("audit.jsonl").display(),
+            scratch.path("audit.state").display()
         )
     })
 }
@@ -142,11 +143,16 @@ fn count_action(lines: &[Value], action: &str) -> usize {
 /// window to be swept. (A new program starts its counters at zero: `skip`
 /// leaves out the records of the programs before it.)
 fn expect_exact_accounting(t: &Enforced, skip: usize) -> Vec<Value> {
+    expect_exact_accounting_at(t, &t.audit(), skip)
+}
+
+/// [`expect_exact_accounting`] of the trail at `audit`.
+fn expect_exact_accounting_at(t: &Enforced, audit: &Path, skip: usize) -> Vec<Value> {
     let deadline = Instant::now() + CATCH_UP;
     loop {
         let before = denies(t.lab.edge());
         thread::sleep(QUIET);
-        let mut lines = audit_lines(&t.audit());
+        let mut lines = audit_lines(audit);
         lines.drain(..skip.min(lines.len()));
         let in_file = accounted(&lines);
         let after = denies(t.lab.edge());
@@ -888,4 +894,263 @@ fn records_reach_rsyslog_and_a_collector_restart_is_counted_never_blocking() {
     );
     verify_audit(&t);
     t.daemon.terminate();
+}
+
+/// A tmpfs of a few hundred KiB at `dir`: a disk that fills. Unmounted
+/// (lazily, so a daemon still holding a file never keeps it) on drop.
+struct SmallDisk {
+    dir: PathBuf,
+}
+
+impl SmallDisk {
+    fn mount(dir: PathBuf, kib: u32) -> Self {
+        fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        let out = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={kib}k,mode=0750"),
+                "tmpfs",
+            ])
+            .arg(&dir)
+            .output()
+            .unwrap_or_else(|e| panic!("mount: {e}"));
+        assert!(
+            out.status.success(),
+            "mount tmpfs on {}: {}",
+            dir.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Self { dir }
+    }
+
+    /// Fills the disk but for `free` bytes with `filler`; returns its path.
+    fn fill(&self, free: u64) -> PathBuf {
+        let filler = self.dir.join("filler");
+        // SAFETY: statvfs writes into a valid, zeroed struct.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        let c = std::ffi::CString::new(self.dir.as_os_str().as_encoded_bytes())
+            .unwrap_or_else(|e| panic!("{e}"));
+        // SAFETY: a NUL-terminated path and a valid out pointer.
+        assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &raw mut st) }, 0);
+        let available = st.f_bavail * st.f_frsize;
+        let size = usize::try_from(available.saturating_sub(free)).unwrap_or(0);
+        fs::write(&filler, vec![b'x'; size])
+            .unwrap_or_else(|e| panic!("filling {}: {e}", self.dir.display()));
+        filler
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+    }
+}
+
+/// `status --json`'s view of the daemon's audit trail.
+fn audit_health(ns: &NetNs) -> Value {
+    status(ns)["daemon"]["audit"].clone()
+}
+
+/// Floods rounds of 200 new sources until `done` says so, bounded by
+/// [`CATCH_UP`]; returns the rounds sent.
+fn flood_until(t: &Enforced, first_round: u32, what: &str, done: impl Fn() -> bool) -> u32 {
+    let deadline = Instant::now() + CATCH_UP;
+    let mut round = first_round;
+    while !done() {
+        assert!(
+            Instant::now() < deadline,
+            "{what}, after {} flood rounds; daemon log:\n{}",
+            round - first_round,
+            t.daemon.log()
+        );
+        flood(&t.lab, round * 200, 200, 1);
+        round += 1;
+        thread::sleep(Duration::from_millis(200));
+    }
+    round
+}
+
+#[test]
+fn a_full_disk_never_stops_the_daemon_and_every_decision_is_accounted_once_space_returns() {
+    let scratch_disk = Scratch::new("disk");
+    let disk = SmallDisk::mount(scratch_disk.path("disk"), 512);
+    let trail = disk.dir.join("audit.jsonl");
+    let mut t = Enforced::start("enospc", build_lab(), |_, scratch| {
+        format!(
+            "[edge]\ninterface = \"{HOST_INTERFACE}\"\nwireguard_ports = [51820]\n\
+             ssh_allow = [\"10.77.0.2/32\"]\n\n[audit]\npath = \"{}\"\nstate = \"{}\"\n",
+            trail.display(),
+            scratch.path("audit.state").display()
+        )
+    });
+    wait_until_quiet(&trail);
+    // Not a page left: even a short `lost` record is refused until space
+    // returns.
+    let filler = disk.fill(0);
+    let writing =
+        |t: &Enforced, want: bool| audit_health(t.edge())["writing"].as_bool() == Some(want);
+    let mut round = flood_until(
+        &t,
+        0,
+        "the daemon never said the file refuses writes",
+        || writing(&t, false),
+    );
+    // Decisions made while the disk is full are counted, not lost.
+    for _ in 0..5 {
+        flood(&t.lab, round * 200, 200, 1);
+        round += 1;
+    }
+    thread::sleep(QUIET);
+    t.daemon.expect_running("the audit disk filled up");
+    let health = audit_health(t.edge());
+    assert!(
+        health["unwritten"].as_u64().unwrap_or(0) > 0 && health["error"].is_string(),
+        "status shows the counting: {health}"
+    );
+    let shown = ztxdp_ok(t.edge(), &["status"]);
+    assert!(shown.contains("AUDIT NOT WRITING"), "{shown}");
+    assert!(
+        t.daemon.log().contains("refuses writes"),
+        "the daemon's log says so: {}",
+        t.daemon.log()
+    );
+    let bytes = fs::read(&trail).unwrap_or_default();
+    assert!(
+        bytes.last().is_none_or(|b| *b == b'\n'),
+        "the trail ends with a whole record while the disk is full: {:?}",
+        String::from_utf8_lossy(&bytes[bytes.len().saturating_sub(200)..])
+    );
+    // Space returns: the daemon resumes by itself.
+    fs::remove_file(&filler).unwrap_or_else(|e| panic!("{e}"));
+    flood_until(&t, round, "the daemon never resumed writing", || {
+        writing(&t, true)
+    });
+    let lines = expect_exact_accounting_at(&t, &trail, 0);
+    let unwritten: u64 = lines
+        .iter()
+        .filter_map(|l| l.pointer("/ztxdp/unwritten").and_then(Value::as_u64))
+        .sum();
+    assert!(
+        unwritten > 0,
+        "the decisions the full disk refused are in lost records"
+    );
+    t.daemon.terminate();
+    let out = ztxdp(t.edge(), &["audit", "verify", &trail.display().to_string()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    drop(t);
+    drop(disk);
+}
+
+/// The `gap` records of a trail: seq, `previous_seq`, `previous_head`, reason.
+fn gap_records(lines: &[Value]) -> Vec<(u64, u64, String, String)> {
+    lines
+        .iter()
+        .filter(|l| l.pointer("/event/action").and_then(Value::as_str) == Some("gap"))
+        .map(|l| {
+            let n = |p: &str| l.pointer(p).and_then(Value::as_u64).unwrap_or(0);
+            let s = |p: &str| {
+                l.pointer(p)
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_owned()
+            };
+            (
+                n("/ztxdp/seq"),
+                n("/ztxdp/gap/previous_seq"),
+                s("/ztxdp/gap/previous_head"),
+                s("/ztxdp/gap/reason"),
+            )
+        })
+        .collect()
+}
+
+/// The seq and chain value of the last record of `lines`.
+fn head(lines: &[Value]) -> (u64, String) {
+    let last = lines.last().unwrap_or_else(|| panic!("no records"));
+    (
+        last.pointer("/ztxdp/seq")
+            .and_then(Value::as_u64)
+            .unwrap_or(0),
+        last.pointer("/ztxdp/chain")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_owned(),
+    )
+}
+
+#[test]
+fn a_deleted_trail_is_noticed_and_a_restart_continues_from_the_persisted_head() {
+    let mut t = start("deleted", "");
+    flood(&t.lab, 0, 100, 1);
+    wait_for_records(&t, 100, "the daemon wrote too little");
+    wait_until_quiet(&t.audit());
+    let (seq, chain) = head(&audit_lines(&t.audit()));
+
+    // Deleted while the daemon writes: noticed at the next group commit.
+    fs::remove_file(t.audit()).unwrap_or_else(|e| panic!("{e}"));
+    flood(&t.lab, 1000, 50, 1);
+    wait_for_records(&t, 50, "the daemon never wrote into a new file at the path");
+    let lines = audit_lines(&t.audit());
+    assert_eq!(
+        gap_records(&lines).first(),
+        Some(&(seq + 1, seq, chain.clone(), "unlinked".to_owned())),
+        "the new file starts with a gap record naming the old file's last record"
+    );
+    wait_until_quiet(&t.audit());
+    t.daemon.terminate();
+    let (seq, chain) = head(&audit_lines(&t.audit()));
+    let state = t.scratch.path("audit.state");
+    let persisted: Value = serde_json::from_str(&fs::read_to_string(&state).unwrap_or_default())
+        .unwrap_or_else(|e| panic!("{}: {e}", state.display()));
+    let entry = &persisted["trails"][t.audit().display().to_string()];
+    assert_eq!(
+        (entry["seq"].as_u64(), entry["head"].as_str()),
+        (Some(seq), Some(chain.as_str())),
+        "the state holds the head: {persisted}"
+    );
+
+    // Deleted while no daemon runs: the next one goes on from the state.
+    fs::remove_file(t.audit()).unwrap_or_else(|e| panic!("{e}"));
+    t.restart("daemon-2.log");
+    flood(&t.lab, 2000, 50, 1);
+    wait_for_records(&t, 50, "the new daemon wrote too little");
+    wait_until_quiet(&t.audit());
+    t.daemon.terminate();
+    let lines = audit_lines(&t.audit());
+    assert_eq!(
+        gap_records(&lines).first(),
+        Some(&(seq + 1, seq, chain.clone(), "behind_state".to_owned())),
+        "the trail goes on from the persisted head, and says so"
+    );
+    let shown = verify_audit(&t);
+    assert!(
+        shown.contains(&format!(
+            "trail starts at seq {}, previous head {chain}",
+            seq + 1
+        )),
+        "verify does not call the new trail complete: {shown}"
+    );
+    let path = t.audit().display().to_string();
+    let state_arg = state.display().to_string();
+    let checked = ztxdp_ok(t.edge(), &["audit", "verify", "--state", &state_arg, &path]);
+    assert!(checked.contains("audit state: seq"), "{checked}");
+    // Remove the newest record: the files alone still verify, the state
+    // does not.
+    let text = fs::read_to_string(t.audit()).unwrap_or_default();
+    let keep = text.lines().count() - 1;
+    let cut: String = text.lines().take(keep).flat_map(|l| [l, "\n"]).collect();
+    fs::write(t.audit(), cut).unwrap_or_else(|e| panic!("{e}"));
+    verify_audit(&t);
+    let out = ztxdp(t.edge(), &["audit", "verify", "--state", &state_arg, &path]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !out.status.success() && said.contains("newest records were removed"),
+        "{said}"
+    );
 }

@@ -37,8 +37,9 @@ const MLD_QUERY: u8 = 130;
 /// the `[edge]` table's body (lines 2-5), so errors have known lines.
 fn config_text(scratch: &Scratch, edge_lines: &str) -> String {
     format!(
-        "[edge]\n{edge_lines}\n\n[audit]\npath = \"{}\"\n",
-        scratch.path("audit.jsonl").display()
+        "[edge]\n{edge_lines}\n\n[audit]\npath = \"{}\"\nstate = \"{}\"\n",
+        scratch.path("audit.jsonl").display(),
+        scratch.path("audit.state").display()
     )
 }
 

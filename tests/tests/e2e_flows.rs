@@ -75,8 +75,9 @@ fn start(tag: &str, flows_lines: &str) -> Enforced {
              icmp_echo_rate = \"{ECHO_RATE_PER_SEC}/s\"\n\
              icmp_echo_burst = {ECHO_BURST}\n\n\
              [flows]\n{flows_lines}\n\n\
-             [audit]\npath = \"{}\"\n",
-            scratch.path("audit.jsonl").display()
+             [audit]\npath = \"{}\"\nstate = \"{}\"\n",
+            scratch.path("audit.jsonl").display(),
+            scratch.path("audit.state").display()
         )
     })
 }

@@ -96,10 +96,12 @@ fn mesh_config(lab: &Lab, scratch: &Scratch, peers: &[(&str, &str)], extra: &str
          {peers}\
          [audit]\n\
          path = \"{}\"\n\
+         state = \"{}\"\n\
          {extra}",
         tunnel.edge_device().name(),
         scratch.path("grants.json").display(),
         scratch.path("audit.jsonl").display(),
+        scratch.path("audit.state").display(),
     )
 }
 
@@ -572,9 +574,11 @@ fn a_router_advertisement_from_no_peer_installs_nothing_on_a_tun_device() {
              allow = [\"tcp/5432\"]
              [audit]
              path = \"{}\"
+             state = \"{}\"
 ",
             scratch.path("grants.json").display(),
             scratch.path("audit.jsonl").display(),
+            scratch.path("audit.state").display(),
         ),
     );
     let _daemon = Daemon::start(&ns, &config, &[], scratch.path("up.log"));
@@ -1014,9 +1018,11 @@ fn l2_mesh(tag: &str) -> Enforced {
              addresses = [\"10.77.0.3/32\"]\n\
              \n\
              [audit]\n\
-             path = \"{}\"\n",
+             path = \"{}\"\n\
+             state = \"{}\"\n",
             scratch.path("grants.json").display(),
             scratch.path("audit.jsonl").display(),
+            scratch.path("audit.state").display(),
         )
     })
 }

@@ -268,6 +268,7 @@ struct RawAudit {
     rotate_bytes: Option<i64>,
     keep: Option<i64>,
     fsync_ms: Option<i64>,
+    state: Option<PathBuf>,
     syslog: Option<RawSyslog>,
 }
 
@@ -1046,6 +1047,30 @@ impl Validator<'_> {
         if let Some(n) = raw.fsync_ms {
             let ms = self.audit_number(n, "audit.fsync_ms", 0..=MAX_FSYNC_MS)?;
             audit.fsync = Duration::from_millis(ms);
+        }
+        if let Some(state) = raw.state {
+            // The state is what shows that a trail was deleted: it must not
+            // be one of the trail's own files, nor go with them.
+            let trail_file = |p: &Path| {
+                p == audit.path
+                    || p.parent() == audit.path.parent()
+                        && p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                            audit
+                                .path
+                                .file_name()
+                                .and_then(|b| b.to_str())
+                                .and_then(|b| n.strip_prefix(b))
+                                .is_some_and(|rest| rest.starts_with('.'))
+                        })
+            };
+            if state.as_os_str().is_empty() || trail_file(&state) {
+                return Err(self.at.invalid(
+                    "audit.state",
+                    "must name a file apart from the audit trail and its rotated files, \
+                     e.g. \"/var/lib/ztxdp/audit.state\"",
+                ));
+            }
+            audit.state = state;
         }
         if let Some(raw) = raw.syslog {
             let address = self.required(
@@ -2228,6 +2253,13 @@ path = "/var/log/ztxdp/audit.jsonl"
         assert_eq!(syslog.queue, SyslogSettings::DEFAULT_QUEUE);
         let never = parse_ok(&format!("{}rotate_bytes = 0\n", edge_with("")));
         assert_eq!(never.policy.audit.rotate_bytes, 0, "0 never rotates");
+        assert_eq!(
+            plain.state,
+            PathBuf::from("/var/lib/ztxdp/audit.state"),
+            "the documented default"
+        );
+        let state = parse_ok(&format!("{}state = \"/srv/audit.state\"\n", edge_with("")));
+        assert_eq!(state.policy.audit.state, PathBuf::from("/srv/audit.state"));
     }
 
     #[test]
@@ -2244,6 +2276,14 @@ path = "/var/log/ztxdp/audit.jsonl"
         expect_error(&audit("keep = 0"), "audit.keep", 8);
         expect_error(&audit("fsync_ms = 60001"), "audit.fsync_ms", 8);
         expect_error(&audit("fsync = 5"), "audit.fsync", 8);
+        for bad in [
+            "\"/tmp/audit.jsonl\"",
+            "\"/tmp/audit.jsonl.state\"",
+            "\"\"",
+        ] {
+            let shown = expect_error(&audit(&format!("state = {bad}")), "audit.state", 8);
+            assert!(shown.contains("apart from the audit trail"), "{shown}");
+        }
         expect_error(
             &audit("[audit.syslog]\nqueue = 5"),
             "audit.syslog.address",

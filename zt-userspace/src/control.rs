@@ -103,6 +103,9 @@ pub struct DaemonStatus {
     pub serving_events: bool,
     /// The config the programs were loaded from.
     pub config: Option<PathBuf>,
+    /// Whether the daemon writes the audit trail, as it answers on its
+    /// control socket; `None` when no daemon answers.
+    pub audit: Option<crate::audit::Health>,
 }
 
 /// `ztxdp status`.
@@ -282,6 +285,7 @@ fn daemon_status(running: Option<&Identity>) -> DaemonStatus {
         pid: running.map(|r| r.pid).filter(|&pid| is_ztxdp(pid)),
         serving_events,
         config: running.map(|r| r.config.clone()),
+        audit: crate::reload::audit_health().ok(),
     }
 }
 

@@ -411,9 +411,7 @@ fn reload(
         .map_err(|source| ReloadError::Write { source })?;
     // Events already queued were decided under the old peer indices: named
     // with the old names before the indices change.
-    if let Err(e) = feed.drain(trail) {
-        tracing::warn!(error = %e, "audit: draining before the reload failed");
-    }
+    feed.drain(trail);
     if let Err(source) = running.tables.replace(&new) {
         if let Err(e) = running.tables.replace(&old) {
             tracing::error!(error = %e, "could not put the old policy back after a failed reload");
@@ -605,20 +603,20 @@ async fn stream_audit(
         tokio::select! {
             ready = feed.readable() => {
                 ready?;
-                feed.drain(trail)?;
-                trail.commit()?;
+                feed.drain(trail);
+                trail.commit();
             }
             _ = tick.tick() => {
                 feed.sweep(trail, false)?;
                 feed.report_lost(running.tables, trail)?;
-                trail.report_forwarding()?;
-                trail.commit()?;
+                trail.report_forwarding();
+                trail.commit();
                 if still_ours(handle, enforcing).await != (true, true) {
                     tracing::info!("our programs were removed or replaced by another ztxdp; exiting");
                     break Stop::Superseded;
                 }
             }
-            _ = sync.tick() => trail.sync()?,
+            _ = sync.tick() => trail.sync(),
             client = trail.accept() => match client {
                 Ok(client) => trail.serve(client),
                 Err(e) => tracing::warn!(error = %e, "events socket: accept failed"),
@@ -627,10 +625,15 @@ async fn stream_audit(
                 Ok(client) => reload::serve(client, requests.clone()),
                 Err(e) => tracing::warn!(error = %e, "control socket: accept failed"),
             },
-            Some(reply) = pending.recv() => {
-                let _ = reply.send(match logged_reload(running, feed, trail) {
-                    Ok(summary) => reload::Reply::Applied { summary },
-                    Err(message) => reload::Reply::Refused { message },
+            Some((request, reply)) = pending.recv() => {
+                let _ = reply.send(match request {
+                    reload::Request::Reload => match logged_reload(running, feed, trail) {
+                        Ok(summary) => reload::Reply::Applied { summary },
+                        Err(message) => reload::Reply::Refused { message },
+                    },
+                    reload::Request::Audit => reload::Reply::Audit {
+                        health: trail.health().unwrap_or_default(),
+                    },
                 });
             }
             _ = sighup.recv() => drop(logged_reload(running, feed, trail)),
@@ -665,9 +668,9 @@ fn logged_reload(
 /// Once our programs are detached or replaced, their maps change no more:
 /// writes every event, summary and count left, then closes the trail.
 fn flush_audit(feed: &mut Feed, mut trail: Trail, tables: &Tables) -> Result<(), AuditError> {
-    feed.drain(&mut trail)?;
+    feed.drain(&mut trail);
     feed.sweep(&mut trail, true)?;
     feed.report_lost(tables, &mut trail)?;
-    trail.report_forwarding()?;
+    trail.report_forwarding();
     trail.close()
 }

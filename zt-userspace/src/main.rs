@@ -211,8 +211,18 @@ enum AuditCommand {
     /// Check that every line is a record, sequence numbers have no gaps, and
     /// the hash chain holds; prints the first bad line (<FILE:LINE>: why) and
     /// exits 1 if there is one. Rotated files may be given in any order.
-    #[command(after_help = "Example:\n  ztxdp audit verify /var/log/ztxdp/audit.jsonl*")]
+    /// Gaps the daemon declared (`gap` records) are listed, and a trail that
+    /// starts with one is reported as starting after the head it names.
+    #[command(
+        after_help = "Examples:\n  ztxdp audit verify /var/log/ztxdp/audit.jsonl*\n  \
+        ztxdp audit verify --state /var/lib/ztxdp/audit.state /var/log/ztxdp/audit.jsonl*"
+    )]
     Verify {
+        /// Also check the trail against the head persisted in this state
+        /// file (`audit.state`): the trail must reach it, with the same
+        /// chain value, or its newest records were removed.
+        #[arg(long, value_name = "STATE")]
+        state: Option<PathBuf>,
         #[arg(required = true, value_name = "FILE")]
         files: Vec<PathBuf>,
     },
@@ -379,7 +389,9 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             let (config, _) = control::discover(config.as_deref()).await;
             out!("{}", export_nft(&config, conntrack)?);
         }
-        Command::Audit(AuditCommand::Verify { files }) => return audit_verify(&files),
+        Command::Audit(AuditCommand::Verify { state, files }) => {
+            return audit_verify(&files, state.as_deref());
+        }
         Command::Events {
             follow,
             format,
@@ -471,8 +483,29 @@ fn import_wg(file: Option<PathBuf>, live: Option<String>) -> anyhow::Result<()> 
     Ok(())
 }
 
-fn audit_verify(files: &[PathBuf]) -> anyhow::Result<ExitCode> {
-    let report = ztxdp::audit::verify::verify(files).context("ztxdp audit verify")?;
+fn audit_verify(files: &[PathBuf], state: Option<&Path>) -> anyhow::Result<ExitCode> {
+    use ztxdp::audit::{state as audit_state, verify, writer};
+    let head = match state {
+        Some(state) => {
+            // The trail's own path: the file given that is not a rotated
+            // `PATH.N`, or else the path the first one was rotated from.
+            let trail = files
+                .iter()
+                .find(|f| writer::rotated_base(f).is_none())
+                .cloned()
+                .or_else(|| files.first().and_then(|f| writer::rotated_base(f)))
+                .unwrap_or_default();
+            let h = audit_state::expect(state, &trail).with_context(|| {
+                format!(
+                    "pass the trail that {} names, or another state file",
+                    state.display()
+                )
+            })?;
+            Some((h.seq, h.head))
+        }
+        None => None,
+    };
+    let report = verify::verify_against(files, head.as_ref()).context("ztxdp audit verify")?;
     if let Some(problem) = &report.problem {
         outln!("{problem}");
         outln!("({} good records before it)", report.records);
@@ -484,20 +517,40 @@ fn audit_verify(files: &[PathBuf]) -> anyhow::Result<ExitCode> {
         outln!("ok: no records");
         return Ok(ExitCode::SUCCESS);
     };
-    let from = if report.from_start {
-        "chain checked from the first record".to_owned()
-    } else {
-        format!("chain checked from seq {first}, whose predecessors were rotated away")
+    let from = match (&report.previous, report.from_start) {
+        (Some((seq, head)), _) => format!(
+            "trail starts at seq {first}, previous head {head} (seq {seq}, not in these files)"
+        ),
+        (None, true) => "chain checked from the first record".to_owned(),
+        (None, false) => {
+            format!("chain checked from seq {first}, whose predecessors were rotated away")
+        }
     };
-    let files = if report.files == 1 {
+    let count = if report.files == 1 {
         "1 file".to_owned()
     } else {
         format!("{} files", report.files)
     };
     outln!(
-        "ok: {} records in {files}, seq {first} to {last}, {from}",
+        "ok: {} records in {count}, seq {first} to {last}, {from}",
         report.records
     );
+    for g in &report.gaps {
+        outln!(
+            "declared gap at seq {}: the records after seq {} up to seq {} are not in these files ({})",
+            g.seq,
+            g.after,
+            g.previous_seq,
+            g.reason
+        );
+    }
+    if let Some((seq, _)) = head {
+        if report.state_checked {
+            outln!("audit state: seq {seq} is in the trail with the same chain value");
+        } else {
+            outln!("audit state: seq {seq} precedes these files (rotated away); not checked");
+        }
+    }
     outln!("last chain value: {chain}");
     Ok(ExitCode::SUCCESS)
 }
@@ -589,6 +642,40 @@ fn print_ready(e: &Enforcing) {
     let _ = out.flush();
 }
 
+/// The daemon's audit trail, loudly when records are not being written.
+fn print_audit_health(a: &ztxdp::audit::Health) -> anyhow::Result<()> {
+    if !a.writing {
+        outln!(
+            "AUDIT NOT WRITING since {}: {}; {} decisions counted, to be written as `lost` \
+             records when the file takes writes again",
+            a.since.as_deref().unwrap_or("?"),
+            a.error.as_deref().unwrap_or("?"),
+            a.unwritten
+        );
+    }
+    if a.unwritten_total > 0 {
+        outln!(
+            "audit: {} decisions were written as counts only (lost records, ztxdp.unwritten)",
+            a.unwritten_total
+        );
+    }
+    if let Some(e) = &a.rotation_error {
+        outln!("audit: cannot rotate ({e}); records go on into the current file");
+    }
+    if let Some(e) = &a.sync_error {
+        outln!(
+            "audit: cannot sync ({e}); records since the last sync may not survive a power loss"
+        );
+    }
+    if a.gaps > 0 {
+        outln!(
+            "audit: {} gap records written (the audit file was deleted, replaced or cut)",
+            a.gaps
+        );
+    }
+    Ok(())
+}
+
 fn print_status(s: &Status) -> anyhow::Result<()> {
     let d = &s.daemon;
     match (d.pid, d.serving_events) {
@@ -601,6 +688,9 @@ fn print_status(s: &Status) -> anyhow::Result<()> {
     }
     if let Some(config) = &d.config {
         outln!("config: {}", config.display());
+    }
+    if let Some(a) = &d.audit {
+        print_audit_health(a)?;
     }
     for (label, p) in [("edge", &s.edge), ("tunnel", &s.tunnel)] {
         let Some(p) = p else { continue };

@@ -207,6 +207,8 @@ pub struct AuditSettings {
     /// Longest time a written record waits for `fdatasync` (`audit.fsync_ms`).
     pub fsync: Duration,
     pub syslog: Option<SyslogSettings>,
+    /// Where the trail's head is persisted outside the trail (`audit.state`).
+    pub state: PathBuf,
 }
 
 impl AuditSettings {
@@ -216,6 +218,8 @@ impl AuditSettings {
     pub const DEFAULT_KEEP: u32 = 10;
     /// `audit.fsync_ms` when the file does not set it.
     pub const DEFAULT_FSYNC: Duration = Duration::from_millis(100);
+    /// `audit.state` when the file does not set it.
+    pub const DEFAULT_STATE: &str = "/var/lib/ztxdp/audit.state";
 
     /// The settings for `path` with every other key at its default.
     #[must_use]
@@ -227,6 +231,7 @@ impl AuditSettings {
             keep: Self::DEFAULT_KEEP,
             fsync: Self::DEFAULT_FSYNC,
             syslog: None,
+            state: PathBuf::from(Self::DEFAULT_STATE),
         }
     }
 }

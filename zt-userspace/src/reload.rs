@@ -1,10 +1,13 @@
-//! `ztxdp reload`: asks the daemon of this network namespace to reload its
-//! config, as SIGHUP does, and brings back whether it applied it.
+//! The daemon's control socket: `ztxdp reload` asks the daemon of this
+//! network namespace to reload its config, as SIGHUP does, and brings back
+//! whether it applied it; `ztxdp status` asks whether the audit trail is
+//! being written.
 //!
 //! The daemon listens on `/run/ztxdp/control-<netns inode>.sock`, next to
 //! its events socket (see [`crate::audit::stream`] for why `/run` and the
 //! inode): reachable from any `ip netns exec` of the namespace. A client
-//! sends the line `reload`; the daemon answers with one JSON [`Reply`].
+//! sends one request line (`reload` or `audit`); the daemon answers with
+//! one JSON [`Reply`].
 
 use std::{
     io::{self, BufRead as _, BufReader, Write as _},
@@ -18,12 +21,37 @@ use tokio::{
     sync::{mpsc, oneshot},
 };
 
-use crate::audit::stream::{self, SOCKET_WAIT, StreamError};
+use crate::audit::{
+    Health,
+    stream::{self, SOCKET_WAIT, StreamError},
+};
 
 /// Name of the control socket (see [`stream::socket_path_named`]).
 pub const SOCKET: &str = "control";
-/// The one request there is.
-const REQUEST: &str = "reload";
+
+/// What a client asks the daemon.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Request {
+    /// Re-read the config and runtime grants, and swap them in.
+    Reload,
+    /// Whether the audit trail is being written.
+    Audit,
+}
+
+impl Request {
+    const fn line(self) -> &'static str {
+        match self {
+            Self::Reload => "reload",
+            Self::Audit => "audit",
+        }
+    }
+
+    fn parse(line: &str) -> Option<Self> {
+        [Self::Reload, Self::Audit]
+            .into_iter()
+            .find(|r| r.line() == line)
+    }
+}
 /// A reload validates and writes maps in well under a second; this bounds
 /// a hung daemon or a client that never sends its request.
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -36,6 +64,8 @@ pub enum Reply {
     Applied { summary: String },
     /// Nothing was changed, because of `message`.
     Refused { message: String },
+    /// The state of the audit trail.
+    Audit { health: Health },
 }
 
 /// Errors of `ztxdp reload`.
@@ -56,6 +86,24 @@ pub enum ReloadError {
     },
     #[error("the daemon refused the reload; the running policy is unchanged: {message}")]
     Refused { message: String },
+    #[error("the daemon answered {reply} to {request:?}")]
+    Unexpected { request: Request, reply: String },
+}
+
+/// Sends `request` to the daemon of this namespace (waiting up to `wait`
+/// for its socket) and reads its reply.
+fn ask(request: Request, wait: std::time::Duration) -> Result<Reply, ReloadError> {
+    let path =
+        stream::socket_path_named(SOCKET).map_err(|source| StreamError::Namespace { source })?;
+    let conn = stream::connect(&path, wait)?;
+    let io_err = |source| ReloadError::Io { source };
+    conn.set_read_timeout(Some(TIMEOUT)).map_err(io_err)?;
+    (&conn)
+        .write_all(format!("{}\n", request.line()).as_bytes())
+        .map_err(io_err)?;
+    let mut line = String::new();
+    BufReader::new(&conn).read_line(&mut line).map_err(io_err)?;
+    serde_json::from_str(line.trim_end()).map_err(|source| ReloadError::Protocol { line, source })
 }
 
 /// `ztxdp reload`: the daemon's summary of what it applied.
@@ -63,25 +111,33 @@ pub enum ReloadError {
 /// # Errors
 /// When no daemon runs here, or it refused the new config.
 pub fn request() -> Result<String, ReloadError> {
-    let path =
-        stream::socket_path_named(SOCKET).map_err(|source| StreamError::Namespace { source })?;
-    let conn = stream::connect(&path, SOCKET_WAIT)?;
-    let io_err = |source| ReloadError::Io { source };
-    conn.set_read_timeout(Some(TIMEOUT)).map_err(io_err)?;
-    (&conn)
-        .write_all(format!("{REQUEST}\n").as_bytes())
-        .map_err(io_err)?;
-    let mut line = String::new();
-    BufReader::new(&conn).read_line(&mut line).map_err(io_err)?;
-    match serde_json::from_str(line.trim_end()) {
-        Ok(Reply::Applied { summary }) => Ok(summary),
-        Ok(Reply::Refused { message }) => Err(ReloadError::Refused { message }),
-        Err(source) => Err(ReloadError::Protocol { line, source }),
+    match ask(Request::Reload, SOCKET_WAIT)? {
+        Reply::Applied { summary } => Ok(summary),
+        Reply::Refused { message } => Err(ReloadError::Refused { message }),
+        reply @ Reply::Audit { .. } => Err(ReloadError::Unexpected {
+            request: Request::Reload,
+            reply: format!("{reply:?}"),
+        }),
     }
 }
 
-/// A reload request waiting for the daemon's loop, with where to answer.
-pub type Pending = oneshot::Sender<Reply>;
+/// Whether the daemon of this namespace writes its audit trail; asked
+/// without waiting for a socket that is not there.
+///
+/// # Errors
+/// When no daemon answers.
+pub fn audit_health() -> Result<Health, ReloadError> {
+    match ask(Request::Audit, std::time::Duration::ZERO)? {
+        Reply::Audit { health } => Ok(health),
+        reply => Err(ReloadError::Unexpected {
+            request: Request::Audit,
+            reply: format!("{reply:?}"),
+        }),
+    }
+}
+
+/// A request waiting for the daemon's loop, with where to answer.
+pub type Pending = (Request, oneshot::Sender<Reply>);
 
 /// Reads a client's request on a task of its own (so a silent client never
 /// stalls the daemon), hands it to the daemon's loop through `requests`,
@@ -94,12 +150,14 @@ pub fn serve(client: UnixStream, requests: mpsc::Sender<Pending>) {
         if !matches!(
             tokio::time::timeout(TIMEOUT, read.read_line(&mut line)).await,
             Ok(Ok(_))
-        ) || line.trim() != REQUEST
-        {
+        ) {
             return;
         }
+        let Some(request) = Request::parse(line.trim()) else {
+            return;
+        };
         let (tx, rx) = oneshot::channel();
-        if requests.send(tx).await.is_err() {
+        if requests.send((request, tx)).await.is_err() {
             return;
         }
         let Ok(reply) = rx.await else { return };

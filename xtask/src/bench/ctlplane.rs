@@ -131,9 +131,10 @@ fn allow_latency(plan: &Plan, env: &Env, out: &mut ControlPlane) -> anyhow::Resu
     std::fs::write(
         &config,
         format!(
-            "[tunnel]\ninterface = \"t0\"\nruntime_grants = \"{}\"\n\n[[tunnel.peer]]\nname = \"app-1\"\naddresses = [\"10.100.0.1/32\"]\nallow = [\"tcp/5432\"]\n\n[audit]\npath = \"{}\"\n",
+            "[tunnel]\ninterface = \"t0\"\nruntime_grants = \"{}\"\n\n[[tunnel.peer]]\nname = \"app-1\"\naddresses = [\"10.100.0.1/32\"]\nallow = [\"tcp/5432\"]\n\n[audit]\npath = \"{}\"\nstate = \"{}\"\n",
             grants.display(),
-            env.dir.join("tunnel-audit.jsonl").display()
+            env.dir.join("tunnel-audit.jsonl").display(),
+            env.dir.join("tunnel-audit.state").display()
         ),
     )?;
     let daemon = Daemon(filters::start_daemon(

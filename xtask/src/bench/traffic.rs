@@ -127,9 +127,10 @@ pub fn config_toml(audit: &Path, mix_allow: u32) -> String {
         let _ = write!(allow, ", \"{a}/32\"");
     }
     format!(
-        "[edge]\ninterface = \"{}\"\nwireguard_ports = [{WIREGUARD_PORT}]\nssh_port = {SSH_PORT}\nssh_allow = [{allow}]\n\n[audit]\npath = \"{}\"\n",
+        "[edge]\ninterface = \"{}\"\nwireguard_ports = [{WIREGUARD_PORT}]\nssh_port = {SSH_PORT}\nssh_allow = [{allow}]\n\n[audit]\npath = \"{}\"\nstate = \"{}\"\n",
         topo::DUT_IF,
-        audit.display()
+        audit.display(),
+        audit.with_extension("state").display()
     )
 }
 

@@ -37,7 +37,7 @@ pub enum FormatError {
 const OCSF_VERSION: &str = "1.3.0";
 const OCSF_NETWORK_ACTIVITY: u64 = 4001;
 
-fn rfc3339(ns: i64) -> String {
+pub(crate) fn rfc3339(ns: i64) -> String {
     DateTime::from_timestamp_nanos(ns).to_rfc3339_opts(SecondsFormat::Nanos, true)
 }
 
@@ -167,10 +167,7 @@ fn ecs(r: &Record) -> (Map<String, Value>, Map<String, Value>) {
             z.insert("suppressed".into(), json!(count));
         }
         Body::Lost {
-            program,
-            interface,
-            rate_limited,
-            ring_full,
+            program, interface, ..
         } => {
             top.insert(
                 "event".into(),
@@ -181,9 +178,7 @@ fn ecs(r: &Record) -> (Map<String, Value>, Map<String, Value>) {
                 json!({ "ingress": { "interface": { "name": interface } } }),
             );
             z.insert("program".into(), json!(program.name()));
-            z.insert("rate_limited".into(), json!(rate_limited));
-            z.insert("ring_full".into(), json!(ring_full));
-            z.insert("lost".into(), json!(rate_limited + ring_full));
+            lost_counts(&r.body, &mut z);
         }
         Body::SyslogDropped { address, dropped } => {
             top.insert(
@@ -195,8 +190,50 @@ fn ecs(r: &Record) -> (Map<String, Value>, Map<String, Value>) {
                 json!({ "address": address, "dropped": dropped }),
             );
         }
+        Body::Gap { reason, .. } => {
+            top.insert(
+                "event".into(),
+                json!({ "kind": "alert", "action": "gap", "reason": reason.meaning() }),
+            );
+            gap_member(&r.body, &mut z);
+        }
     }
     (top, z)
+}
+
+/// The counts of a `lost` record, the same in both formats.
+fn lost_counts(body: &Body, z: &mut Map<String, Value>) {
+    if let Body::Lost {
+        rate_limited,
+        ring_full,
+        unwritten,
+        ..
+    } = body
+    {
+        z.insert("rate_limited".into(), json!(rate_limited));
+        z.insert("ring_full".into(), json!(ring_full));
+        z.insert("unwritten".into(), json!(unwritten));
+        z.insert("lost".into(), json!(rate_limited + ring_full + unwritten));
+    }
+}
+
+/// `ztxdp.gap` of a `gap` record, the same in both formats.
+fn gap_member(body: &Body, z: &mut Map<String, Value>) {
+    if let Body::Gap {
+        previous_seq,
+        previous_head,
+        reason,
+    } = body
+    {
+        z.insert(
+            "gap".into(),
+            json!({
+                "previous_seq": previous_seq,
+                "previous_head": previous_head,
+                "reason": reason.name(),
+            }),
+        );
+    }
 }
 
 /// OCSF activity of a record: (id, name).
@@ -207,6 +244,7 @@ fn ocsf_activity(body: &Body) -> (u64, &'static str) {
         Body::Summary { .. } => (6, "Traffic"),
         Body::Lost { .. } => (99, "Lost"),
         Body::SyslogDropped { .. } => (99, "Forwarding Gap"),
+        Body::Gap { .. } => (99, "Trail Gap"),
     }
 }
 
@@ -297,6 +335,7 @@ fn ocsf(r: &Record) -> (Map<String, Value>, Map<String, Value>) {
     let (severity_id, severity) = match r.body {
         Body::Decision { .. } | Body::Summary { .. } => (1, "Informational"),
         Body::Lost { .. } | Body::SyslogDropped { .. } => (3, "Medium"),
+        Body::Gap { .. } => (4, "High"),
     };
     top.insert("severity_id".into(), json!(severity_id));
     top.insert("severity".into(), json!(severity));
@@ -320,19 +359,14 @@ fn ocsf(r: &Record) -> (Map<String, Value>, Map<String, Value>) {
             z.insert("suppressed".into(), json!(count));
         }
         Body::Lost {
-            program,
-            interface,
-            rate_limited,
-            ring_full,
+            program, interface, ..
         } => {
             top.insert(
                 "dst_endpoint".into(),
                 json!({ "interface_name": interface }),
             );
             z.insert("program".into(), json!(program.name()));
-            z.insert("rate_limited".into(), json!(rate_limited));
-            z.insert("ring_full".into(), json!(ring_full));
-            z.insert("lost".into(), json!(rate_limited + ring_full));
+            lost_counts(&r.body, &mut z);
         }
         Body::SyslogDropped { address, dropped } => {
             z.insert(
@@ -340,6 +374,7 @@ fn ocsf(r: &Record) -> (Map<String, Value>, Map<String, Value>) {
                 json!({ "address": address, "dropped": dropped }),
             );
         }
+        Body::Gap { .. } => gap_member(&r.body, &mut z),
     }
     (top, z)
 }
@@ -360,15 +395,25 @@ pub fn message(body: &Body) -> String {
             program,
             rate_limited,
             ring_full,
+            unwritten,
             ..
         } => format!(
-            "{} {} decisions without a record: {rate_limited} rate-limited, {ring_full} lost to a full ring buffer",
-            rate_limited + ring_full,
+            "{} {} decisions without a record: {rate_limited} rate-limited, {ring_full} lost to a full ring buffer, \
+             {unwritten} not written (audit file refused writes)",
+            rate_limited + ring_full + unwritten,
             program.name()
         ),
         Body::SyslogDropped { address, dropped } => {
             format!("{dropped} records could not be forwarded to syslog collector {address}")
         }
+        Body::Gap {
+            previous_seq,
+            reason,
+            ..
+        } => format!(
+            "records after seq {previous_seq} are not in this file: {}",
+            reason.meaning()
+        ),
     }
 }
 
@@ -531,6 +576,7 @@ fn parse_ecs(v: &Value) -> Result<Record, FormatError> {
         },
         "lost" => parse_lost(v, ECS_FLOW.interface)?,
         "syslog_dropped" => parse_syslog_dropped(v)?,
+        "gap" => parse_gap(v)?,
         other => {
             return Err(FormatError::Bad {
                 field: "/event/action",
@@ -553,6 +599,23 @@ fn parse_lost(v: &Value, interface: &'static str) -> Result<Body, FormatError> {
         interface: str_at(v, interface)?.to_owned(),
         rate_limited: u64_at(v, "/ztxdp/rate_limited")?,
         ring_full: u64_at(v, "/ztxdp/ring_full")?,
+        // Absent in records written before write failures were counted.
+        unwritten: v
+            .pointer("/ztxdp/unwritten")
+            .map_or(Ok(0), |_| u64_at(v, "/ztxdp/unwritten"))?,
+    })
+}
+
+/// A `gap` record's body, the same in both formats.
+fn parse_gap(v: &Value) -> Result<Body, FormatError> {
+    let reason = str_at(v, "/ztxdp/gap/reason")?;
+    Ok(Body::Gap {
+        previous_seq: u64_at(v, "/ztxdp/gap/previous_seq")?,
+        previous_head: str_at(v, "/ztxdp/gap/previous_head")?.to_owned(),
+        reason: record::GapReason::from_name(reason).ok_or_else(|| FormatError::Bad {
+            field: "/ztxdp/gap/reason",
+            value: reason.to_owned(),
+        })?,
     })
 }
 
@@ -588,6 +651,7 @@ fn parse_ocsf(v: &Value) -> Result<Record, FormatError> {
             end_ns: parse_time(v, "/end_time_dt")?,
         },
         99 if v.pointer("/ztxdp/syslog").is_some() => parse_syslog_dropped(v)?,
+        99 if v.pointer("/ztxdp/gap").is_some() => parse_gap(v)?,
         99 => parse_lost(v, OCSF_FLOW.interface)?,
         other => {
             return Err(FormatError::Bad {
@@ -616,14 +680,12 @@ fn cef_value(text: &str) -> String {
         .replace('\r', "\\r")
 }
 
-/// One record as an `ArcSight` CEF line (version 0), for `ztxdp events`.
-#[must_use]
-pub fn cef(r: &Record, chain: &str) -> String {
-    let mut ext: Vec<(&str, String)> = vec![("rt", ms(r.time_ns).to_string())];
-    let (signature, name, severity) = match &r.body {
+/// CEF signature id, name and severity of a record.
+fn cef_signature(body: &Body) -> (String, String, u8) {
+    match body {
         Body::Decision { flow, .. } => (
             reason::name(flow.reason).to_owned(),
-            message(&r.body),
+            message(body),
             if flow.allowed() { 1 } else { 5 },
         ),
         Body::Summary { flow, .. } => (
@@ -637,7 +699,15 @@ pub fn cef(r: &Record, chain: &str) -> String {
             "syslog forwarding gap".to_owned(),
             7,
         ),
-    };
+        Body::Gap { .. } => ("gap".to_owned(), "audit trail gap".to_owned(), 9),
+    }
+}
+
+/// One record as an `ArcSight` CEF line (version 0), for `ztxdp events`.
+#[must_use]
+pub fn cef(r: &Record, chain: &str) -> String {
+    let mut ext: Vec<(&str, String)> = vec![("rt", ms(r.time_ns).to_string())];
+    let (signature, name, severity) = cef_signature(&r.body);
     match &r.body {
         Body::Decision { flow, .. } | Body::Summary { flow, .. } => {
             ext.push(("act", flow.action().to_owned()));
@@ -678,6 +748,7 @@ pub fn cef(r: &Record, chain: &str) -> String {
             interface,
             rate_limited,
             ring_full,
+            unwritten,
         } => {
             ext.push(("deviceInboundInterface", interface.clone()));
             ext.push(("cs2", program.name().to_owned()));
@@ -686,6 +757,19 @@ pub fn cef(r: &Record, chain: &str) -> String {
             ext.push(("cn1Label", "rateLimited".to_owned()));
             ext.push(("cn2", ring_full.to_string()));
             ext.push(("cn2Label", "ringFull".to_owned()));
+            ext.push(("cn3", unwritten.to_string()));
+            ext.push(("cn3Label", "unwritten".to_owned()));
+        }
+        Body::Gap {
+            previous_seq,
+            previous_head,
+            reason,
+        } => {
+            ext.push(("reason", reason.name().to_owned()));
+            ext.push(("cs5", previous_head.clone()));
+            ext.push(("cs5Label", "previousHead".to_owned()));
+            ext.push(("cs6", previous_seq.to_string()));
+            ext.push(("cs6Label", "previousSeq".to_owned()));
         }
         Body::SyslogDropped { address, dropped } => {
             ext.push(("cn3", dropped.to_string()));
@@ -804,6 +888,7 @@ mod tests {
                 interface: "eth0".into(),
                 rate_limited: 17_000,
                 ring_full: 3,
+                unwritten: 40,
             },
         };
         let gap = Record {
@@ -814,7 +899,16 @@ mod tests {
                 dropped: 5,
             },
         };
-        vec![tcp_deny(), tunnel_allow, arp, summary, lost, gap]
+        let trail_gap = Record {
+            seq: 40,
+            time_ns: T + 6,
+            body: Body::Gap {
+                previous_seq: 38,
+                previous_head: "ab".repeat(32),
+                reason: record::GapReason::Unlinked,
+            },
+        };
+        vec![tcp_deny(), tunnel_allow, arp, summary, lost, gap, trail_gap]
     }
 
     fn json(format: AuditFormat, r: &Record) -> Value {
@@ -863,14 +957,15 @@ mod tests {
         );
         let lost = json(AuditFormat::Ecs, &all[4]);
         assert_eq!(lost["event"]["action"], "lost");
-        assert_eq!(lost["ztxdp"]["lost"], 17_003);
-        assert_eq!(lost["ztxdp"]["decisions"], 17_003);
+        assert_eq!(lost["ztxdp"]["lost"], 17_043);
+        assert_eq!(lost["ztxdp"]["decisions"], 17_043);
         assert_eq!(
             (
                 lost["ztxdp"]["rate_limited"].as_u64(),
-                lost["ztxdp"]["ring_full"].as_u64()
+                lost["ztxdp"]["ring_full"].as_u64(),
+                lost["ztxdp"]["unwritten"].as_u64()
             ),
-            (Some(17_000), Some(3))
+            (Some(17_000), Some(3), Some(40))
         );
         let gap = json(AuditFormat::Ecs, &all[5]);
         assert_eq!(gap["event"]["action"], "syslog_dropped");
@@ -937,7 +1032,7 @@ mod tests {
         let lost = json(AuditFormat::Ocsf, &all[4]);
         assert_eq!(
             (lost["activity_id"].as_u64(), lost["count"].as_u64()),
-            (Some(99), Some(17_003))
+            (Some(99), Some(17_043))
         );
     }
 
@@ -994,7 +1089,7 @@ mod tests {
             "= is escaped in values, | is not: {allow}"
         );
         assert!(
-            cef(&all[4], GENESIS).contains(" cnt=17003 "),
+            cef(&all[4], GENESIS).contains(" cnt=17043 "),
             "lost records count what they stand for"
         );
         assert_eq!(cef_header("a|b\\c"), "a\\|b\\\\c");

@@ -120,7 +120,7 @@ fn drain_ring<T: std::borrow::Borrow<MapData>>(
     names: &Names,
     clock: &Clock,
     trail: &mut Trail,
-) -> Result<usize, AuditError> {
+) -> usize {
     let mut written = 0;
     while let Some(item) = ring.next() {
         if item.len() >= size_of::<Event>() {
@@ -128,11 +128,11 @@ fn drain_ring<T: std::borrow::Borrow<MapData>>(
             // read_unaligned copes with any alignment of the slot.
             let e: Event = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
             let (time_ns, body) = record::decision(&e, names, clock);
-            trail.push(time_ns, body)?;
+            trail.push(time_ns, body);
             written += 1;
         }
     }
-    Ok(written)
+    written
 }
 
 fn mono_ns() -> u64 {
@@ -209,11 +209,8 @@ impl Feed {
     }
 
     /// Turns every event in the ring buffer into a decision record.
-    ///
-    /// # Errors
-    /// When appending to the trail fails.
-    pub fn drain(&mut self, trail: &mut Trail) -> Result<(), AuditError> {
-        drain_ring(self.ring.get_mut(), &self.names, &self.clock, trail).map(drop)
+    pub fn drain(&mut self, trail: &mut Trail) {
+        drain_ring(self.ring.get_mut(), &self.names, &self.clock, trail);
     }
 
     /// Writes the events left in the ring buffer of the programs we
@@ -232,7 +229,7 @@ impl Feed {
         };
         let mut ring =
             RingBuf::try_from(Map::from_map_data(ring).map_err(map_err)?).map_err(map_err)?;
-        drain_ring(&mut ring, &self.names, &self.clock, trail)
+        Ok(drain_ring(&mut ring, &self.names, &self.clock, trail))
     }
 
     /// Removes summaries whose window is over and can no longer change
@@ -280,7 +277,7 @@ impl Feed {
                     trail.push(
                         record::now_ns(),
                         record::summary(&key, &v, &self.names, &self.clock),
-                    )?;
+                    );
                 }
             }
         }
@@ -294,7 +291,7 @@ impl Feed {
             trail.push(
                 record::now_ns(),
                 record::summary(&key, &v, &self.names, &self.clock),
-            )?;
+            );
         }
         Ok(())
     }
@@ -369,8 +366,9 @@ impl Feed {
                     interface: self.names.programs.get(&prog).cloned().unwrap_or_default(),
                     rate_limited: now.0.saturating_sub(last.0),
                     ring_full: now.1.saturating_sub(last.1),
+                    unwritten: 0,
                 };
-                trail.push(record::now_ns(), body)?;
+                trail.push(record::now_ns(), body);
                 *last = now;
             }
         }

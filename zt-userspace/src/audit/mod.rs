@@ -20,19 +20,21 @@ pub mod chain;
 pub mod format;
 pub mod kernel;
 pub mod record;
+pub mod state;
 pub mod stream;
 pub mod syslog;
 pub mod verify;
 pub mod writer;
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     io,
     path::PathBuf,
     sync::Arc,
     time::{Duration, Instant},
 };
 
+use serde::{Deserialize, Serialize};
 use tokio::{net::UnixStream, sync::broadcast};
 
 use self::{
@@ -79,6 +81,18 @@ pub enum AuditError {
     },
     #[error("another process has held {} for {waited:?}; only one ztxdp may write an audit file", path.display())]
     LockTimeout { path: PathBuf, waited: Duration },
+    #[error(
+        "{decisions} decisions have no record: {} refused writes to the end ({error}); \
+         free space there, and check `ztxdp status` on the next start",
+        path.display()
+    )]
+    Unwritten {
+        decisions: u64,
+        path: PathBuf,
+        error: String,
+    },
+    #[error(transparent)]
+    State(#[from] state::StateError),
     #[error("cannot continue the audit trail in {}: {reason}", path.display())]
     Recover { path: PathBuf, reason: String },
     #[error("events socket {}: {source}", path.display())]
@@ -170,6 +184,45 @@ const LOCK_WAIT: Duration = Duration::from_secs(30);
 const LIVE_BUFFER: usize = 65_536;
 /// Time the syslog forwarder gets at shutdown to send what is queued.
 const FORWARD_GRACE: Duration = Duration::from_secs(2);
+/// The first retry after the file refused a write, and the longest wait
+/// between two: space freed is noticed within seconds, and a disk that
+/// stays full costs a failed write every few seconds.
+const WRITE_RETRY: (Duration, Duration) = (Duration::from_millis(250), Duration::from_secs(5));
+
+/// Whether the trail is being written, as `status` and the daemon's log
+/// report it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Health {
+    /// Records reach the file. `false` while the file refuses writes: then
+    /// decisions are counted, and written as `lost` records (`unwritten`)
+    /// once it takes writes again.
+    pub writing: bool,
+    /// Decisions counted, not yet written, since `since`.
+    pub unwritten: u64,
+    /// When the file started refusing writes, RFC 3339.
+    pub since: Option<String>,
+    /// The last write error.
+    pub error: Option<String>,
+    /// Decisions written as `unwritten` in `lost` records since the start.
+    pub unwritten_total: u64,
+    /// While the file cannot be rotated (appending goes on in it): why.
+    pub rotation_error: Option<String>,
+    /// The last `fdatasync` or `audit.state` error, while they fail.
+    pub sync_error: Option<String>,
+    /// Gap records written since the start (the file was deleted or
+    /// replaced under the daemon, or the trail ended before its state).
+    pub gaps: u64,
+}
+
+/// Decisions whose records the file refused, while it does.
+struct Refused {
+    /// By program and the interface it runs on.
+    decisions: BTreeMap<(Program, String), u64>,
+    since_ns: i64,
+    error: String,
+    retry_at: Instant,
+    wait: Duration,
+}
 
 /// The parts that exist once the trail has started.
 struct Running {
@@ -179,6 +232,155 @@ struct Running {
     /// Forwarding drops already written as records.
     reported_drops: u64,
     last_sync: Instant,
+    /// Set while the file refuses writes.
+    refused: Option<Refused>,
+    unwritten_total: u64,
+    sync_error: Option<String>,
+    gaps: u64,
+}
+
+impl Running {
+    /// Counts the decisions of records that could not be written, so that
+    /// a `lost` record carries them later.
+    fn refuse(&mut self, records: Vec<(i64, Body)>, error: &AuditError) {
+        let refused = self.refused.get_or_insert_with(|| {
+            tracing::error!(
+                error = %error,
+                "the audit file refuses writes: ztxdp goes on enforcing, counts every decision it cannot \
+                 write, and writes the counts as `lost` records once the file takes writes again"
+            );
+            Refused {
+                decisions: BTreeMap::new(),
+                since_ns: record::now_ns(),
+                error: String::new(),
+                retry_at: Instant::now(),
+                wait: WRITE_RETRY.0,
+            }
+        });
+        refused.error = error.to_string();
+        for (_, body) in records {
+            self.count_refused(&body);
+        }
+    }
+
+    /// Counts a record the file refused (or would refuse: pushed while it
+    /// refuses writes).
+    fn count_refused(&mut self, body: &Body) {
+        let key = match body {
+            Body::Decision { flow, .. } | Body::Summary { flow, .. } => {
+                (flow.program, flow.interface.clone())
+            }
+            Body::Lost {
+                program, interface, ..
+            } => (*program, interface.clone()),
+            // Reported again with the next forwarding report.
+            Body::SyslogDropped { dropped, .. } => {
+                self.reported_drops = self.reported_drops.saturating_sub(*dropped);
+                return;
+            }
+            // The writer keeps gap records queued; none comes here.
+            Body::Gap { .. } => return,
+        };
+        if let Some(r) = &mut self.refused {
+            *r.decisions.entry(key).or_default() += body.decisions().unwrap_or(0);
+        }
+    }
+
+    /// Writes what is queued and hands it out; while the file refuses
+    /// writes, tries (at most every few seconds) to write the counts.
+    fn write(&mut self, live: &broadcast::Sender<Arc<Sealed>>) {
+        if let Some(r) = &mut self.refused {
+            if Instant::now() < r.retry_at {
+                return;
+            }
+            r.retry_at = Instant::now() + r.wait;
+            r.wait = (r.wait * 2).min(WRITE_RETRY.1);
+            for ((program, interface), unwritten) in std::mem::take(&mut r.decisions) {
+                self.writer.append(
+                    record::now_ns(),
+                    Body::Lost {
+                        program,
+                        interface,
+                        rate_limited: 0,
+                        ring_full: 0,
+                        unwritten,
+                    },
+                );
+            }
+        }
+        let written = self.writer.write();
+        for s in written.sealed {
+            if let Body::Lost { unwritten, .. } = s.record.body {
+                self.unwritten_total += unwritten;
+            }
+            if matches!(s.record.body, Body::Gap { .. }) {
+                self.gaps += 1;
+            }
+            let s = Arc::new(s);
+            if let Some(f) = &self.syslog {
+                f.send(&s);
+            }
+            // No live reader is not an error.
+            let _ = live.send(s);
+        }
+        match written.error {
+            Some(e) => self.refuse(written.failed, &e),
+            None => {
+                if let Some(r) = self.refused.take() {
+                    tracing::warn!(
+                        since = %format::rfc3339(r.since_ns),
+                        unwritten_total = self.unwritten_total,
+                        "the audit file takes writes again; the decisions it refused are in `lost` records (ztxdp.unwritten)"
+                    );
+                }
+            }
+        }
+    }
+
+    fn sync(&mut self) {
+        let result = self.writer.sync();
+        self.last_sync = Instant::now();
+        match (result, &self.sync_error) {
+            (Ok(()), None) => {}
+            (Ok(()), Some(_)) => {
+                tracing::info!("the audit file syncs again");
+                self.sync_error = None;
+            }
+            (Err(e), _) => {
+                let e = e.to_string();
+                if self.sync_error.as_ref() != Some(&e) {
+                    tracing::error!(error = %e, "the audit trail cannot be made durable; records written since the last sync may not survive a power loss");
+                }
+                self.sync_error = Some(e);
+            }
+        }
+    }
+
+    fn health(&self) -> Health {
+        Health {
+            writing: self.refused.is_none(),
+            unwritten: self
+                .refused
+                .as_ref()
+                .map_or(0, |r| r.decisions.values().sum()),
+            since: self.refused.as_ref().map(|r| format::rfc3339(r.since_ns)),
+            error: self.refused.as_ref().map(|r| r.error.clone()),
+            unwritten_total: self.unwritten_total,
+            rotation_error: self.writer.rotation_error().map(str::to_owned),
+            sync_error: self.sync_error.clone(),
+            gaps: self.gaps,
+        }
+    }
+
+    /// The records to write: queued in the file's writer, or counted while
+    /// it refuses writes.
+    fn push(&mut self, time_ns: i64, body: Body) {
+        if self.refused.is_some() {
+            self.count_refused(&body);
+        } else {
+            self.writer.append(time_ns, body);
+        }
+    }
 }
 
 /// The daemon's audit outputs: file, syslog, live readers.
@@ -244,66 +446,52 @@ impl Trail {
             .as_ref()
             .map(Forwarder::start)
             .transpose()?;
-        self.running = Some(Running {
+        let mut running = Running {
             writer,
             server,
             syslog,
             reported_drops: 0,
             last_sync: Instant::now(),
-        });
+            refused: None,
+            unwritten_total: 0,
+            sync_error: None,
+            gaps: 0,
+        };
         for (time_ns, body) in std::mem::take(&mut self.early) {
-            self.push(time_ns, body)?;
+            running.push(time_ns, body);
         }
+        self.running = Some(running);
         Ok(())
     }
 
     /// Appends a record; it is written by the next [`Self::commit`].
-    ///
-    /// # Errors
-    /// When a rotation fails.
-    pub fn push(&mut self, time_ns: i64, body: Body) -> Result<(), AuditError> {
-        if let Some(r) = &mut self.running {
-            return r.writer.append(time_ns, body);
+    pub fn push(&mut self, time_ns: i64, body: Body) {
+        match &mut self.running {
+            Some(r) => r.push(time_ns, body),
+            None => self.early.push((time_ns, body)),
         }
-        self.early.push((time_ns, body));
-        Ok(())
     }
 
     /// Writes what was pushed, then hands it to syslog and live readers;
-    /// syncs when `audit.fsync_ms` has passed since the last sync.
-    ///
-    /// # Errors
-    /// When writing or syncing fails.
-    pub fn commit(&mut self) -> Result<(), AuditError> {
+    /// syncs when `audit.fsync_ms` has passed since the last sync. A write
+    /// the file refuses does not stop anything: the decisions are counted
+    /// (see [`Health`]).
+    pub fn commit(&mut self) {
         let Some(r) = &mut self.running else {
-            return Ok(());
+            return;
         };
-        let written = r.writer.write()?;
-        for s in written {
-            let s = Arc::new(s);
-            if let Some(f) = &r.syslog {
-                f.send(&s);
-            }
-            // No live reader is not an error.
-            let _ = self.live.send(s);
-        }
+        r.write(&self.live);
         if r.last_sync.elapsed() >= self.settings.fsync {
-            r.writer.sync()?;
-            r.last_sync = Instant::now();
+            r.sync();
         }
-        Ok(())
     }
 
-    /// `fdatasync` of what was written (the group commit).
-    ///
-    /// # Errors
-    /// When the sync fails.
-    pub fn sync(&mut self) -> Result<(), AuditError> {
+    /// `fdatasync` of what was written (the group commit), and the head
+    /// into `audit.state`; a failure is logged and shown in [`Health`].
+    pub fn sync(&mut self) {
         if let Some(r) = &mut self.running {
-            r.writer.sync()?;
-            r.last_sync = Instant::now();
+            r.sync();
         }
-        Ok(())
     }
 
     /// How often [`Self::sync`] should run.
@@ -312,16 +500,19 @@ impl Trail {
         self.settings.fsync.max(Duration::from_millis(1))
     }
 
+    /// Whether records reach the file; `None` before [`Self::start`].
+    #[must_use]
+    pub fn health(&self) -> Option<Health> {
+        self.running.as_ref().map(Running::health)
+    }
+
     /// Writes a `syslog_dropped` record (and a log line) for records that
     /// could not be forwarded since the last report.
-    ///
-    /// # Errors
-    /// When appending fails.
-    pub fn report_forwarding(&mut self) -> Result<(), AuditError> {
+    pub fn report_forwarding(&mut self) {
         let Some(r) = &mut self.running else {
-            return Ok(());
+            return;
         };
-        let Some(f) = &r.syslog else { return Ok(()) };
+        let Some(f) = &r.syslog else { return };
         let dropped = f.dropped();
         if dropped > r.reported_drops {
             let delta = dropped - r.reported_drops;
@@ -336,9 +527,8 @@ impl Trail {
                 dropped: delta,
             };
             r.reported_drops = dropped;
-            r.writer.append(record::now_ns(), body)?;
+            r.push(record::now_ns(), body);
         }
-        Ok(())
     }
 
     /// The next `ztxdp events --follow` client; never resolves before
@@ -362,9 +552,10 @@ impl Trail {
     /// writes the last records and syncs; the events socket and the lock go.
     ///
     /// # Errors
-    /// When the last write or sync fails.
+    /// When decisions remain that the file refused to the end: they are
+    /// counted in the error (and the log), nowhere else.
     pub fn close(mut self) -> Result<(), AuditError> {
-        self.commit()?;
+        self.commit();
         let Some(mut r) = self.running.take() else {
             return Ok(());
         };
@@ -379,17 +570,30 @@ impl Trail {
                     dropped = delta,
                     "audit records not forwarded to syslog at shutdown"
                 );
-                r.writer.append(
+                r.push(
                     record::now_ns(),
                     Body::SyslogDropped {
                         address,
                         dropped: delta,
                     },
-                )?;
+                );
             }
         }
-        // Past this point nobody reads the live stream or the forwarder.
-        drop(r.writer.write()?);
-        r.writer.sync()
+        // Past this point nobody reads the live stream or the forwarder; a
+        // file that refuses writes gets one last try without waiting.
+        let (live, _) = broadcast::channel(1);
+        if let Some(refused) = &mut r.refused {
+            refused.retry_at = Instant::now();
+        }
+        r.write(&live);
+        r.sync();
+        match r.refused {
+            Some(refused) => Err(AuditError::Unwritten {
+                decisions: refused.decisions.values().sum(),
+                path: self.settings.path.clone(),
+                error: refused.error,
+            }),
+            None => Ok(()),
+        }
     }
 }

@@ -11,7 +11,7 @@ use zt_common::{Event, FlowSummary, NO_PEER, SummaryKey, program, proto, reason}
 use super::{Clock, Names};
 
 /// The program that made a decision.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Program {
     Edge,
@@ -110,17 +110,85 @@ pub enum Body {
         end_ns: i64,
     },
     /// Decisions that have no record of their own: held back by the per-CPU
-    /// deny rate limit, or lost because the ring buffer was full.
+    /// deny rate limit, lost because the ring buffer was full, or whose
+    /// records could not be written (a full disk, a write error).
     Lost {
         program: Program,
         /// The interface the program runs on.
         interface: String,
         rate_limited: u64,
         ring_full: u64,
+        /// Decisions whose records the daemon could not write, counted while
+        /// the file refused writes and written here once it took them again.
+        unwritten: u64,
     },
     /// Records that could not be forwarded to the syslog collector (they are
     /// in the file).
     SyslogDropped { address: String, dropped: u64 },
+    /// The trail goes on after records that are not in this file: the file
+    /// was deleted, replaced or cut while the daemon wrote it, or was missing
+    /// records when the daemon started. `previous_seq` and `previous_head`
+    /// are the last record written before (the head persisted in
+    /// `audit.state` at a start); this record's chain links from that head.
+    Gap {
+        previous_seq: u64,
+        previous_head: String,
+        reason: GapReason,
+    },
+}
+
+/// Why the trail has a [`Body::Gap`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GapReason {
+    /// The file the daemon wrote was removed (or renamed away) from
+    /// `audit.path`.
+    Unlinked,
+    /// Another file took the place of the one the daemon wrote.
+    Replaced,
+    /// The file became shorter than what the daemon had written.
+    Truncated,
+    /// At a start, the trail ended before the head persisted in
+    /// `audit.state`: it was deleted, replaced or cut while no daemon ran.
+    BehindState,
+}
+
+impl GapReason {
+    /// The name records carry.
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Unlinked => "unlinked",
+            Self::Replaced => "replaced",
+            Self::Truncated => "truncated",
+            Self::BehindState => "behind_state",
+        }
+    }
+
+    #[must_use]
+    pub fn from_name(name: &str) -> Option<Self> {
+        [
+            Self::Unlinked,
+            Self::Replaced,
+            Self::Truncated,
+            Self::BehindState,
+        ]
+        .into_iter()
+        .find(|r| r.name() == name)
+    }
+
+    /// What happened, for a reader.
+    #[must_use]
+    pub const fn meaning(self) -> &'static str {
+        match self {
+            Self::Unlinked => "the audit file was deleted or renamed while ztxdp wrote it",
+            Self::Replaced => "another file replaced the audit file while ztxdp wrote it",
+            Self::Truncated => "the audit file was cut shorter while ztxdp wrote it",
+            Self::BehindState => {
+                "the trail ended before the head persisted in audit.state when ztxdp started"
+            }
+        }
+    }
 }
 
 impl Body {
@@ -134,13 +202,15 @@ impl Body {
             Self::Lost {
                 rate_limited,
                 ring_full,
+                unwritten,
                 ..
-            } => Some(*rate_limited + *ring_full),
-            Self::SyslogDropped { .. } => None,
+            } => Some(*rate_limited + *ring_full + *unwritten),
+            Self::SyslogDropped { .. } | Self::Gap { .. } => None,
         }
     }
 
-    /// Short name of the record kind: `decision`, `summary`, `lost`, `syslog_dropped`.
+    /// Short name of the record kind: `decision`, `summary`, `lost`,
+    /// `syslog_dropped`, `gap`.
     #[must_use]
     pub const fn kind(&self) -> &'static str {
         match self {
@@ -148,6 +218,7 @@ impl Body {
             Self::Summary { .. } => "summary",
             Self::Lost { .. } => "lost",
             Self::SyslogDropped { .. } => "syslog_dropped",
+            Self::Gap { .. } => "gap",
         }
     }
 }

@@ -44,7 +44,7 @@ const SD_ID: &str = "ztxdp@32473";
 /// The RFC 5424 message for one record (without framing).
 #[must_use]
 pub fn message(s: &Sealed, hostname: &str, pid: u32) -> String {
-    // Severities: 6 informational, 5 notice, 4 warning.
+    // Severities: 6 informational, 5 notice, 4 warning, 2 critical.
     let severity = match &s.record.body {
         Body::Decision { flow, .. } | Body::Summary { flow, .. } => {
             if flow.allowed() {
@@ -54,6 +54,7 @@ pub fn message(s: &Sealed, hostname: &str, pid: u32) -> String {
             }
         }
         Body::Lost { .. } | Body::SyslogDropped { .. } => 4,
+        Body::Gap { .. } => 2,
     };
     let time = DateTime::from_timestamp_nanos(s.record.time_ns)
         .to_rfc3339_opts(SecondsFormat::Micros, true);
@@ -322,6 +323,7 @@ mod tests {
                     interface: "eth0".into(),
                     rate_limited: seq,
                     ring_full: 0,
+                    unwritten: 0,
                 },
             },
             chain: "c".into(),

@@ -3,11 +3,17 @@
 //! its own record (see [`super::chain`]).
 //!
 //! Files are put in order by the sequence number of their first record, so
-//! `audit.jsonl*` can be given in any order. What this cannot see: records
-//! removed from the very end of the newest file, or from the start of the
-//! oldest one (where a rotation legitimately drops records too). Compare the
-//! last `ztxdp.seq` and `ztxdp.chain` with a copy kept elsewhere, such as
-//! the syslog collector, to close that gap.
+//! `audit.jsonl*` can be given in any order. A `gap` record links from the
+//! head it names (the last record the daemon wrote before it reopened the
+//! file, or the head persisted in `audit.state`), not from the line before
+//! it: the report lists each such declared gap, and a trail that starts
+//! with one is reported as starting at that seq after that head, never as
+//! complete. What the files alone cannot show: records removed from the
+//! very end of the newest file, or from the start of the oldest one (where
+//! a rotation legitimately drops records too). `--state` closes the first:
+//! the trail must reach the head persisted in `audit.state`, with the same
+//! chain value. A copy kept off the host (the syslog collector) is the only
+//! check that an attacker with root cannot rewrite along with the trail.
 
 use std::{
     fmt,
@@ -63,6 +69,21 @@ pub enum Fault {
     TooLong {
         limit: usize,
     },
+    /// A `gap` record whose seq does not follow the head it names.
+    BadGap {
+        seq: u64,
+    },
+    /// The trail ends before the head persisted in `audit.state`: its
+    /// newest records were removed.
+    BehindState {
+        last: u64,
+        state: u64,
+    },
+    /// The record at the persisted head's seq has another chain value: the
+    /// trail was rewritten, or is another trail.
+    StateMismatch {
+        seq: u64,
+    },
 }
 
 /// The longest line read: far above any record (a few hundred bytes; peer
@@ -101,6 +122,20 @@ impl fmt::Display for Fault {
             Self::TooLong { limit } => {
                 write!(f, "a line longer than {limit} bytes: not a record")
             }
+            Self::BadGap { seq } => write!(
+                f,
+                "gap record at seq {seq} does not follow the previous_seq it names"
+            ),
+            Self::BehindState { last, state } => write!(
+                f,
+                "the trail ends at seq {last}, but the audit state says seq {state} was written: \
+                 the newest records were removed"
+            ),
+            Self::StateMismatch { seq } => write!(
+                f,
+                "the chain value at seq {seq} is not the one in the audit state: \
+                 the trail was rewritten, or is another trail"
+            ),
         }
     }
 }
@@ -133,7 +168,28 @@ pub struct Report {
     pub from_start: bool,
     /// Chain value of the last good record.
     pub last_chain: Option<String>,
+    /// When the first record is a `gap` record: the seq and chain value of
+    /// the head it continues from, which is not in these files.
+    pub previous: Option<(u64, String)>,
+    /// `gap` records after which records are missing (or come from another
+    /// trail), in order.
+    pub gaps: Vec<Declared>,
+    /// With a state head: the trail holds its seq, with its chain value
+    /// (`false`: the trail begins after it, rotated away, not checkable).
+    pub state_checked: bool,
     pub problem: Option<Problem>,
+}
+
+/// A `gap` record inside the files checked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Declared {
+    /// The gap record's seq.
+    pub seq: u64,
+    /// The last record before it in these files.
+    pub after: u64,
+    /// The head the gap record names.
+    pub previous_seq: u64,
+    pub reason: String,
 }
 
 /// The sequence number of the first line of `path`; `None` when the file is
@@ -155,6 +211,19 @@ fn first_seq(path: &Path) -> Result<Option<u64>, VerifyError> {
 struct Walk {
     report: Report,
     prev: Option<(u64, String)>,
+    /// The head persisted in `audit.state`, to be met on the way.
+    state: Option<(u64, String)>,
+}
+
+/// The named head of a `gap` record: `(previous_seq, previous_head,
+/// reason)`.
+fn gap_head(value: &Value) -> Option<(u64, String, String)> {
+    let gap = value.pointer("/ztxdp/gap")?;
+    Some((
+        gap.get("previous_seq")?.as_u64()?,
+        gap.get("previous_head")?.as_str()?.to_owned(),
+        gap.get("reason")?.as_str()?.to_owned(),
+    ))
 }
 
 impl Walk {
@@ -171,32 +240,69 @@ impl Walk {
             .and_then(Value::as_u64)
             .ok_or(Fault::NoSeq)?;
         let (unchained, chain) = chain::split(text).ok_or(Fault::NoChain)?;
-        let prev_chain = if let Some((prev_seq, prev_chain)) = &self.prev {
-            let expected = prev_seq
-                .checked_add(1)
-                .ok_or(Fault::SeqExhausted { after: *prev_seq })?;
-            if seq > expected {
-                return Err(Fault::Gap {
-                    expected,
-                    found: seq,
-                });
+        let gap = gap_head(&value);
+        if let Some((previous_seq, _, _)) = &gap
+            && previous_seq.checked_add(1) != Some(seq)
+        {
+            return Err(Fault::BadGap { seq });
+        }
+        let prev_chain = match (&self.prev, &gap) {
+            (Some((prev_seq, prev_chain)), gap) => {
+                let expected = prev_seq
+                    .checked_add(1)
+                    .ok_or(Fault::SeqExhausted { after: *prev_seq })?;
+                if seq < expected {
+                    return Err(Fault::OutOfOrder {
+                        expected,
+                        found: seq,
+                    });
+                }
+                match gap {
+                    // Declared: records after `prev_seq` up to the named
+                    // head are not here (or the head is another trail's).
+                    Some((previous_seq, previous_head, reason))
+                        if (*previous_seq, previous_head) != (*prev_seq, prev_chain) =>
+                    {
+                        self.report.gaps.push(Declared {
+                            seq,
+                            after: *prev_seq,
+                            previous_seq: *previous_seq,
+                            reason: reason.clone(),
+                        });
+                        Some(previous_head.as_str())
+                    }
+                    _ if seq > expected => {
+                        return Err(Fault::Gap {
+                            expected,
+                            found: seq,
+                        });
+                    }
+                    _ => Some(prev_chain.as_str()),
+                }
             }
-            if seq < expected {
-                return Err(Fault::OutOfOrder {
-                    expected,
-                    found: seq,
-                });
+            (None, Some((previous_seq, previous_head, _))) => {
+                self.report.first_seq = Some(seq);
+                self.report.previous = Some((*previous_seq, previous_head.clone()));
+                Some(previous_head.as_str())
             }
-            Some(prev_chain.as_str())
-        } else {
-            self.report.first_seq = Some(seq);
-            self.report.from_start = seq == 1;
-            (seq == 1).then_some(chain::GENESIS)
+            (None, None) => {
+                self.report.first_seq = Some(seq);
+                self.report.from_start = seq == 1;
+                (seq == 1).then_some(chain::GENESIS)
+            }
         };
         if let Some(prev_chain) = prev_chain
             && chain::link(prev_chain, &unchained) != chain
         {
             return Err(Fault::Chain { seq });
+        }
+        if let Some((state_seq, state_head)) = &self.state
+            && *state_seq == seq
+        {
+            if state_head != chain {
+                return Err(Fault::StateMismatch { seq });
+            }
+            self.report.state_checked = true;
         }
         self.prev = Some((seq, chain.to_owned()));
         self.report.records += 1;
@@ -211,6 +317,18 @@ impl Walk {
 /// # Errors
 /// When a file cannot be read.
 pub fn verify(files: &[PathBuf]) -> Result<Report, VerifyError> {
+    verify_against(files, None)
+}
+
+/// [`verify`], and the trail must reach `state` (the head persisted in
+/// `audit.state`: seq and chain value) with that chain value.
+///
+/// # Errors
+/// When a file cannot be read.
+pub fn verify_against(
+    files: &[PathBuf],
+    state: Option<&(u64, String)>,
+) -> Result<Report, VerifyError> {
     let mut ordered = Vec::with_capacity(files.len());
     for f in files {
         ordered.push((first_seq(f)?, f.clone()));
@@ -224,6 +342,7 @@ pub fn verify(files: &[PathBuf]) -> Result<Report, VerifyError> {
             ..Report::default()
         },
         prev: None,
+        state: state.cloned(),
     };
     for (_, path) in &ordered {
         let file = File::open(path).map_err(|source| VerifyError {
@@ -260,6 +379,19 @@ pub fn verify(files: &[PathBuf]) -> Result<Report, VerifyError> {
                 return Ok(walk.report);
             }
         }
+    }
+    let last = walk.report.last_seq.unwrap_or(0);
+    if let Some((state_seq, _)) = state
+        && *state_seq > last
+    {
+        walk.report.problem = Some(Problem {
+            file: ordered.last().map(|(_, p)| p.clone()).unwrap_or_default(),
+            line: 0,
+            fault: Fault::BehindState {
+                last,
+                state: *state_seq,
+            },
+        });
     }
     Ok(walk.report)
 }

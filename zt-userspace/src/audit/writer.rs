@@ -1,5 +1,6 @@
 //! The audit file: sequence numbers and the chain continued from what is
-//! already on disk, whole lines only, rotation by size, group commit.
+//! already on disk (or from `audit.state`), whole lines only, rotation by
+//! size, group commit, and a file that is watched for being deleted.
 //!
 //! Crash safety rests on three things. Records are appended with `write(2)`
 //! calls that each hold whole lines, so a killed daemon leaves whole lines;
@@ -11,17 +12,33 @@
 //! that batch. And one lock file (`PATH.lock`, `flock`) makes sure that only
 //! one daemon appends: a new `ztxdp up` that takes over from a running one
 //! waits for it to let go before it reads where the trail ends.
+//!
+//! A write that fails (a full disk, an I/O error) is cut back to the last
+//! whole record at once, and its records are handed back unwritten, never
+//! numbered: the sequence and the chain go on from the last record in the
+//! file. [`super::Trail`] counts their decisions. A rotation that fails
+//! leaves appending in the current file and is tried again later.
+//!
+//! Before each write the file at `audit.path` is compared with the one
+//! open (device and inode, and its size): when it was deleted, renamed,
+//! replaced or cut, appending goes on in a file at `audit.path` again,
+//! led by a `gap` record naming the last record written before.
 
 use std::{
     fs::{self, File, OpenOptions},
     io::{self, Read as _, Seek as _, SeekFrom, Write as _},
-    os::{fd::AsRawFd as _, unix::fs::OpenOptionsExt as _},
+    os::{
+        fd::AsRawFd as _,
+        unix::fs::{MetadataExt as _, OpenOptionsExt as _},
+    },
     path::{Path, PathBuf},
+    time::{Duration, Instant},
 };
 
 use super::{
     AuditError, chain, format,
-    record::{Body, Record},
+    record::{self, Body, GapReason, Record},
+    state,
 };
 use crate::policy::{AuditFormat, AuditSettings};
 
@@ -34,12 +51,32 @@ pub struct Sealed {
     pub line: String,
 }
 
+/// What one [`AuditWriter::write`] did.
+#[derive(Debug, Default)]
+pub struct Written {
+    /// Records now in the file, in order.
+    pub sealed: Vec<Sealed>,
+    /// Records that could not be written (time and body, never numbered),
+    /// because of `error`.
+    pub failed: Vec<(i64, Body)>,
+    pub error: Option<AuditError>,
+}
+
 /// `PATH.N`, the N-th most recent rotated file.
 #[must_use]
 pub fn rotated(path: &Path, n: u32) -> PathBuf {
     let mut name = path.as_os_str().to_owned();
     name.push(format!(".{n}"));
     PathBuf::from(name)
+}
+
+/// `PATH` of a rotated file `PATH.N`; `None` when `file` is not named so.
+#[must_use]
+pub fn rotated_base(file: &Path) -> Option<PathBuf> {
+    let name = file.file_name()?.to_str()?;
+    let (base, n) = name.rsplit_once('.')?;
+    (!base.is_empty() && !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| file.with_file_name(base))
 }
 
 /// The audit files that exist for `path`, oldest first: `PATH.N` ... `PATH.1`,
@@ -99,31 +136,66 @@ fn sync_dir(path: &Path) -> io::Result<()> {
     }
 }
 
+/// Which file a descriptor or a path is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FileId {
+    dev: u64,
+    ino: u64,
+    /// A regular file: one that can be deleted, replaced or cut, and whose
+    /// head is worth persisting (`/dev/null` as `audit.path` is not).
+    regular: bool,
+}
+
+impl FileId {
+    fn of(meta: &fs::Metadata) -> Self {
+        Self {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            regular: meta.is_file(),
+        }
+    }
+}
+
+/// The first retry of a failed rotation, and the longest wait between two.
+const ROTATE_RETRY: (Duration, Duration) = (Duration::from_secs(1), Duration::from_mins(1));
+
 /// Appends records to the audit file; see the module docs.
 pub struct AuditWriter {
     path: PathBuf,
+    /// `audit.state`, where the head is persisted after each sync.
+    state: PathBuf,
     format: AuditFormat,
     rotate_bytes: u64,
     keep: u32,
     file: File,
-    /// Bytes in `file`.
+    /// The file `file` is, or `None` right after our own rotation renamed
+    /// it away (then a new `PATH` is opened without a gap).
+    id: Option<FileId>,
+    /// Bytes of whole records in `file`.
     size: u64,
+    /// Set when a failed write could not be cut back: the file holds part
+    /// of a line past `size`, to be cut before the next write.
+    torn: bool,
     next_seq: u64,
-    /// Chain value of the last record appended.
+    /// Chain value of the last record in the file.
     chain: String,
-    /// Lines appended but not yet written.
-    pending: Vec<u8>,
-    /// Their records, handed out once written.
-    sealed: Vec<Sealed>,
+    /// Records appended but not yet written, not yet numbered.
+    queue: Vec<(i64, Body)>,
     /// Written since the last `fdatasync`.
     dirty: bool,
+    /// The seq last stored in `state`.
+    persisted: Option<u64>,
+    /// After a failed rotation: when to try again, the wait after that, and
+    /// the error.
+    rotate_retry: Option<(Instant, Duration, String)>,
     /// Holds the `flock` for as long as this writer lives.
     _lock: File,
 }
 
 impl AuditWriter {
     /// Checks, without locking or reading anything, that the file and its
-    /// lock can be created and appended to: run before anything is attached.
+    /// lock can be created and appended to, and that the state file can be
+    /// read: run before anything is attached.
     ///
     /// # Errors
     /// When the directory or a file cannot be created or opened for writing.
@@ -138,16 +210,19 @@ impl AuditWriter {
         }
         open_append(path).map_err(open_err(path))?;
         open_append(&lock_path(path)).map_err(open_err(&lock_path(path)))?;
+        state::check(&settings.state)?;
         Ok(())
     }
 
     /// Takes the lock and opens the file for appending, continuing the
-    /// sequence and the chain from the newest record on disk. `None` when
-    /// another process holds the lock.
+    /// sequence and the chain from the newest record on disk, or from the
+    /// head in `audit.state` (behind a `gap` record) when the trail on disk
+    /// ends before it. `None` when another process holds the lock.
     ///
     /// # Errors
-    /// When a file cannot be opened, or the newest record on disk cannot be
-    /// read (then the trail cannot be continued without a gap).
+    /// When a file cannot be opened, or the newest record on disk or the
+    /// state file cannot be read (then the trail cannot be continued
+    /// without a gap).
     pub fn try_open(settings: &AuditSettings) -> Result<Option<Self>, AuditError> {
         let path = &settings.path;
         let lock_file = lock_path(path);
@@ -167,107 +242,229 @@ impl AuditWriter {
             });
         }
         repair_tail(path)?;
-        let (next_seq, chain) = match newest_record(path)? {
-            Some((seq, chain)) => (seq + 1, chain),
-            None => (1, chain::GENESIS.to_owned()),
+        let on_disk = newest_record(path)?;
+        let (file, id, size) = open_at(path)?;
+        let persisted = if id.regular {
+            state::load(&settings.state, path)?
+        } else {
+            None
         };
-        let file = open_append(path).map_err(|source| AuditError::Open {
+        let (next_seq, chain, gap) = continue_from(on_disk, persisted.as_ref());
+        let mut writer = Self {
             path: path.clone(),
-            source,
-        })?;
-        let size = file
-            .metadata()
-            .map_err(|source| AuditError::Open {
-                path: path.clone(),
-                source,
-            })?
-            .len();
-        sync_dir(path).map_err(|source| AuditError::Open {
-            path: path.clone(),
-            source,
-        })?;
-        Ok(Some(Self {
-            path: path.clone(),
+            state: settings.state.clone(),
             format: settings.format,
             rotate_bytes: settings.rotate_bytes,
             keep: settings.keep,
             file,
+            id: Some(id),
             size,
+            torn: false,
             next_seq,
             chain,
-            pending: Vec::new(),
-            sealed: Vec::new(),
+            queue: Vec::new(),
             dirty: false,
+            persisted: persisted.map(|h| h.seq),
+            rotate_retry: None,
             _lock: lock,
-        }))
+        };
+        if let Some(body) = gap {
+            tracing::warn!(
+                path = %path.display(),
+                state = %settings.state.display(),
+                "the audit trail ends before the head persisted in the state file \
+                 (deleted, replaced or cut while no ztxdp ran); continuing from that head with a gap record"
+            );
+            writer.queue.push((record::now_ns(), body));
+        }
+        Ok(Some(writer))
     }
 
-    /// The sequence number the next record gets.
+    /// The sequence number the next record written gets.
     #[must_use]
     pub const fn next_seq(&self) -> u64 {
         self.next_seq
     }
 
-    /// Numbers, seals and queues one record; it reaches the file with the
-    /// next [`Self::write`] (or earlier, when the file is rotated first).
-    ///
-    /// # Errors
-    /// When a rotation this record triggers fails.
-    pub fn append(&mut self, time_ns: i64, body: Body) -> Result<(), AuditError> {
-        let record = Record {
-            seq: self.next_seq,
-            time_ns,
-            body,
-        };
-        let (line, chain) = chain::seal(&self.chain, &format::unchained(self.format, &record));
-        let len = line.len() as u64 + 1;
-        let queued = self.size + self.pending.len() as u64;
-        if self.rotate_bytes > 0 && queued > 0 && queued + len > self.rotate_bytes {
-            self.write_pending()?;
-            self.rotate()?;
+    /// The error of the last failed rotation, while rotation fails.
+    #[must_use]
+    pub fn rotation_error(&self) -> Option<&str> {
+        self.rotate_retry.as_ref().map(|(_, _, e)| e.as_str())
+    }
+
+    /// Queues one record; it is numbered, sealed and written by the next
+    /// [`Self::write`].
+    pub fn append(&mut self, time_ns: i64, body: Body) {
+        self.queue.push((time_ns, body));
+    }
+
+    /// Writes every queued record, rotating the file where it grows past
+    /// `audit.rotate_bytes`. Records that cannot be written come back in
+    /// [`Written::failed`]; the file then still ends with a whole record,
+    /// and the sequence goes on from it. A `gap` record that cannot be
+    /// written stays queued, to lead the next write.
+    pub fn write(&mut self) -> Written {
+        let mut out = Written::default();
+        if self.queue.is_empty() {
+            return out;
         }
-        self.pending.extend_from_slice(line.as_bytes());
-        self.pending.push(b'\n');
-        self.next_seq += 1;
-        self.chain.clone_from(&chain);
-        self.sealed.push(Sealed {
-            record,
-            chain,
-            line,
-        });
-        Ok(())
+        if let Err(e) = self.follow_path().and_then(|()| self.mend()) {
+            let queued = std::mem::take(&mut self.queue);
+            self.fail(queued, &mut out, e);
+            return out;
+        }
+        let mut queue = std::mem::take(&mut self.queue).into_iter();
+        let mut batch: Vec<Sealed> = Vec::new();
+        let mut buf: Vec<u8> = Vec::new();
+        let (mut seq, mut chain) = (self.next_seq, self.chain.clone());
+        while let Some((time_ns, body)) = queue.next() {
+            let record = Record { seq, time_ns, body };
+            let (line, sealed_chain) =
+                chain::seal(&chain, &format::unchained(self.format, &record));
+            let len = line.len() as u64 + 1;
+            let queued = self.size + buf.len() as u64;
+            if self.rotate_bytes > 0 && queued > 0 && queued + len > self.rotate_bytes {
+                if let Err(e) = self.flush(&mut buf, &mut batch, &mut out) {
+                    let rest = batch
+                        .drain(..)
+                        .map(|s| (s.record.time_ns, s.record.body))
+                        .chain(std::iter::once((record.time_ns, record.body)))
+                        .chain(queue)
+                        .collect();
+                    self.fail(rest, &mut out, e);
+                    return out;
+                }
+                self.rotate_when_due();
+            }
+            buf.extend_from_slice(line.as_bytes());
+            buf.push(b'\n');
+            seq += 1;
+            chain.clone_from(&sealed_chain);
+            batch.push(Sealed {
+                record,
+                chain: sealed_chain,
+                line,
+            });
+        }
+        if let Err(e) = self.flush(&mut buf, &mut batch, &mut out) {
+            let rest = batch
+                .drain(..)
+                .map(|s| (s.record.time_ns, s.record.body))
+                .collect();
+            self.fail(rest, &mut out, e);
+        }
+        out
     }
 
-    /// Writes every queued line with one append and returns their records,
-    /// which from now on are in the file.
-    ///
-    /// # Errors
-    /// When the write fails.
-    pub fn write(&mut self) -> Result<Vec<Sealed>, AuditError> {
-        self.write_pending()?;
-        Ok(std::mem::take(&mut self.sealed))
-    }
-
-    fn write_pending(&mut self) -> Result<(), AuditError> {
-        if self.pending.is_empty() {
+    /// Appends `buf` (the lines of `batch`) in one write. On success the
+    /// records are in the file and move to `out`; on failure the file is cut
+    /// back to its last whole record and `batch` is left as it was.
+    fn flush(
+        &mut self,
+        buf: &mut Vec<u8>,
+        batch: &mut Vec<Sealed>,
+        out: &mut Written,
+    ) -> Result<(), AuditError> {
+        if buf.is_empty() {
             return Ok(());
         }
-        self.file
-            .write_all(&self.pending)
-            .map_err(|source| AuditError::Write {
+        if let Err(source) = self.file.write_all(buf) {
+            // Part of `buf` may be in the file: cut it off now, or before
+            // the next write if even that fails.
+            self.torn = true;
+            let _ = self.mend();
+            return Err(AuditError::Write {
                 path: self.path.clone(),
                 source,
-            })?;
-        self.size += self.pending.len() as u64;
-        self.pending.clear();
+            });
+        }
+        self.size += buf.len() as u64;
+        buf.clear();
         self.dirty = true;
+        if let Some(last) = batch.last() {
+            self.next_seq = last.record.seq + 1;
+            self.chain.clone_from(&last.chain);
+        }
+        out.sealed.append(batch);
         Ok(())
     }
 
-    /// `fdatasync` if anything was written since the last one.
+    /// Hands `records` back as failed, except `gap` records, which stay
+    /// queued: a later write must still say where the trail broke.
+    fn fail(&mut self, records: Vec<(i64, Body)>, out: &mut Written, error: AuditError) {
+        for (time_ns, body) in records {
+            if matches!(body, Body::Gap { .. }) {
+                self.queue.push((time_ns, body));
+            } else {
+                out.failed.push((time_ns, body));
+            }
+        }
+        out.error = Some(error);
+    }
+
+    /// Cuts a torn write off the end of the file.
+    fn mend(&mut self) -> Result<(), AuditError> {
+        if self.torn {
+            self.file
+                .set_len(self.size)
+                .map_err(|source| AuditError::Write {
+                    path: self.path.clone(),
+                    source,
+                })?;
+            self.torn = false;
+        }
+        Ok(())
+    }
+
+    /// Makes sure that we append to the file at `audit.path`: when the one
+    /// open was deleted, renamed, replaced or cut, opens `audit.path` and
+    /// queues a `gap` record first.
+    fn follow_path(&mut self) -> Result<(), AuditError> {
+        let reason = match (fs::metadata(&self.path), self.id) {
+            (Err(e), _) if e.kind() == io::ErrorKind::NotFound => Some(GapReason::Unlinked),
+            (Err(source), _) => {
+                return Err(AuditError::Open {
+                    path: self.path.clone(),
+                    source,
+                });
+            }
+            (Ok(_), None) => None,
+            (Ok(_), Some(id)) if !id.regular => return Ok(()),
+            (Ok(m), Some(id)) if FileId::of(&m) != id => Some(GapReason::Replaced),
+            (Ok(m), Some(_)) if m.len() < self.size => Some(GapReason::Truncated),
+            (Ok(_), Some(_)) => return Ok(()),
+        };
+        repair_tail(&self.path)?;
+        let (file, id, size) = open_at(&self.path)?;
+        (self.file, self.id, self.size, self.torn) = (file, Some(id), size, false);
+        if let Some(reason) = reason {
+            tracing::warn!(
+                path = %self.path.display(),
+                reason = reason.name(),
+                last_seq = self.next_seq - 1,
+                "{}; appending to a file at the audit path again, after a gap record",
+                reason.meaning()
+            );
+            self.queue.insert(
+                0,
+                (
+                    record::now_ns(),
+                    Body::Gap {
+                        previous_seq: self.next_seq - 1,
+                        previous_head: self.chain.clone(),
+                        reason,
+                    },
+                ),
+            );
+        }
+        Ok(())
+    }
+
+    /// `fdatasync` if anything was written since the last one, then the
+    /// head goes to `audit.state`.
     ///
     /// # Errors
-    /// When the sync fails.
+    /// When the sync or the state file fails.
     pub fn sync(&mut self) -> Result<(), AuditError> {
         if self.dirty {
             self.file.sync_data().map_err(|source| AuditError::Sync {
@@ -276,7 +473,49 @@ impl AuditWriter {
             })?;
             self.dirty = false;
         }
+        let last = self.next_seq - 1;
+        let regular = self.id.is_none_or(|id| id.regular);
+        if regular && last > 0 && self.persisted.is_none_or(|p| p < last) {
+            let head = state::Head {
+                seq: last,
+                head: self.chain.clone(),
+                updated: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            };
+            state::store(&self.state, &self.path, head)?;
+            self.persisted = Some(last);
+        }
         Ok(())
+    }
+
+    /// Rotates, unless a failed rotation waits for its retry. A failure is
+    /// logged and appending goes on in the current file: a file larger
+    /// than `audit.rotate_bytes` loses nothing, a record not written does.
+    fn rotate_when_due(&mut self) {
+        let wait = match &self.rotate_retry {
+            Some((at, _, _)) if Instant::now() < *at => return,
+            Some((_, wait, _)) => *wait,
+            None => ROTATE_RETRY.0,
+        };
+        match self.rotate() {
+            Ok(()) => {
+                if self.rotate_retry.take().is_some() {
+                    tracing::info!(path = %self.path.display(), "audit file rotation works again");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(
+                    path = %self.path.display(),
+                    error = %e,
+                    retry_in = ?wait,
+                    "cannot rotate the audit file; records go on into the current file"
+                );
+                self.rotate_retry = Some((
+                    Instant::now() + wait,
+                    (wait * 2).min(ROTATE_RETRY.1),
+                    e.to_string(),
+                ));
+            }
+        }
     }
 
     /// `PATH` becomes `PATH.1`, `PATH.1` becomes `PATH.2`, ..., `PATH.KEEP`
@@ -301,21 +540,56 @@ impl AuditWriter {
             rename(rotated(&self.path, n), rotated(&self.path, n + 1))?;
         }
         rename(self.path.clone(), rotated(&self.path, 1))?;
+        // `PATH` is gone by our own hand: the next write opens a new one
+        // without a gap, also if opening it here fails.
+        self.id = None;
         // Files beyond `keep` (left by a larger `audit.keep`) go too.
         let mut n = keep + 1;
         while fs::remove_file(rotated(&self.path, n)).is_ok() {
             n += 1;
         }
-        self.file = open_append(&self.path).map_err(|source| AuditError::Open {
-            path: self.path.clone(),
-            source,
-        })?;
-        self.size = 0;
-        sync_dir(&self.path).map_err(|source| AuditError::Open {
-            path: self.path.clone(),
-            source,
-        })?;
+        let (file, id, size) = open_at(&self.path)?;
+        (self.file, self.id, self.size) = (file, Some(id), size);
         Ok(())
+    }
+}
+
+/// Opens `path` for appending (creating it, durably): the file, which file
+/// it is, and its size.
+fn open_at(path: &Path) -> Result<(File, FileId, u64), AuditError> {
+    let err = |source| AuditError::Open {
+        path: path.to_owned(),
+        source,
+    };
+    let file = open_append(path).map_err(err)?;
+    let meta = file.metadata().map_err(err)?;
+    sync_dir(path).map_err(err)?;
+    Ok((file, FileId::of(&meta), meta.len()))
+}
+
+/// Where a trail goes on: the next seq, the chain value to link from, and
+/// the `gap` record to lead with when the trail on disk ends before the
+/// persisted head (or at the same seq with another chain value: a
+/// different trail took its place).
+fn continue_from(
+    on_disk: Option<(u64, String)>,
+    persisted: Option<&state::Head>,
+) -> (u64, String, Option<Body>) {
+    match (on_disk, persisted) {
+        (Some((seq, chain)), Some(h)) if seq > h.seq || (seq == h.seq && chain == h.head) => {
+            (seq + 1, chain, None)
+        }
+        (_, Some(h)) => (
+            h.seq + 1,
+            h.head.clone(),
+            Some(Body::Gap {
+                previous_seq: h.seq,
+                previous_head: h.head.clone(),
+                reason: GapReason::BehindState,
+            }),
+        ),
+        (Some((seq, chain)), None) => (seq + 1, chain, None),
+        (None, None) => (1, chain::GENESIS.to_owned(), None),
     }
 }
 
@@ -446,6 +720,7 @@ pub(crate) mod tests {
             rotate_bytes,
             keep,
             fsync: Duration::ZERO,
+            state: dir.join("audit.state"),
             ..AuditSettings::new(dir.join("audit.jsonl"))
         }
     }
@@ -456,6 +731,7 @@ pub(crate) mod tests {
             interface: "eth0".into(),
             rate_limited: n,
             ring_full: 0,
+            unwritten: 0,
         }
     }
 
@@ -470,14 +746,22 @@ pub(crate) mod tests {
     pub(crate) fn write_records(s: &AuditSettings, n: u64) {
         let mut w = open(s);
         for i in 0..n {
-            w.append(1_000 + i64::try_from(i).unwrap_or(0), lost(i + 1))
-                .unwrap_or_else(|e| panic!("append: {e}"));
+            w.append(1_000 + i64::try_from(i).unwrap_or(0), lost(i + 1));
             if i % 7 == 0 {
-                w.write().unwrap_or_else(|e| panic!("write: {e}"));
+                written(&mut w);
             }
         }
-        w.write().unwrap_or_else(|e| panic!("write: {e}"));
+        written(&mut w);
         w.sync().unwrap_or_else(|e| panic!("sync: {e}"));
+    }
+
+    /// Writes what is queued, which must all reach the file.
+    fn written(w: &mut AuditWriter) -> Vec<Sealed> {
+        let out = w.write();
+        if let Some(e) = out.error {
+            panic!("write: {e} ({} records failed)", out.failed.len());
+        }
+        out.sealed
     }
 
     fn seqs(path: &Path) -> Vec<u64> {
@@ -572,6 +856,148 @@ pub(crate) mod tests {
         let report =
             verify::verify(std::slice::from_ref(&s.path)).unwrap_or_else(|e| panic!("verify: {e}"));
         assert!(report.problem.is_none(), "{report:?}");
+    }
+
+    /// The gap records of `path`: seq, `previous_seq`, `previous_head`, reason.
+    fn gaps(path: &Path) -> Vec<(u64, u64, String, GapReason)> {
+        fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| match format::parse(l).ok()?.0 {
+                Record {
+                    seq,
+                    body:
+                        Body::Gap {
+                            previous_seq,
+                            previous_head,
+                            reason,
+                        },
+                    ..
+                } => Some((seq, previous_seq, previous_head, reason)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_file_deleted_under_the_writer_is_noticed_and_the_chain_goes_on() {
+        let dir = TempDir::new("unlinked");
+        let s = settings(&dir.0, 0, 1);
+        let mut w = open(&s);
+        for i in 1..=3 {
+            w.append(i, lost(1));
+        }
+        let head = written(&mut w).pop().map(|s| s.chain).unwrap_or_default();
+        fs::remove_file(&s.path).unwrap_or_else(|e| panic!("{e}"));
+        w.append(4, lost(1));
+        let sealed = written(&mut w);
+        assert_eq!(
+            gaps(&s.path),
+            [(4, 3, head.clone(), GapReason::Unlinked)],
+            "a new file at the path starts with a gap record naming the last one written"
+        );
+        assert_eq!(sealed.last().map(|s| s.record.seq), Some(5));
+        let report =
+            verify::verify(std::slice::from_ref(&s.path)).unwrap_or_else(|e| panic!("verify: {e}"));
+        assert_eq!(report.problem, None);
+        assert_eq!(report.previous, Some((3, head)));
+        assert!(!report.from_start, "not complete: {report:?}");
+        // A file put in its place is no more ours than none.
+        let moved = dir.0.join("moved.jsonl");
+        fs::rename(&s.path, &moved).unwrap_or_else(|e| panic!("{e}"));
+        fs::write(&s.path, "").unwrap_or_else(|e| panic!("{e}"));
+        w.append(6, lost(1));
+        written(&mut w);
+        assert_eq!(
+            gaps(&s.path).first().map(|g| (g.0, g.1, g.3)),
+            Some((6, 5, GapReason::Replaced))
+        );
+        // Cut short (as `: > audit.jsonl` or a copytruncate does).
+        fs::write(&s.path, "").unwrap_or_else(|e| panic!("{e}"));
+        w.append(8, lost(1));
+        written(&mut w);
+        assert_eq!(
+            gaps(&s.path).first().map(|g| (g.0, g.1, g.3)),
+            Some((8, 7, GapReason::Truncated))
+        );
+    }
+
+    #[test]
+    fn a_trail_deleted_while_no_daemon_ran_continues_from_the_state() {
+        let dir = TempDir::new("state-head");
+        let s = settings(&dir.0, 0, 1);
+        write_records(&s, 5);
+        let head = state::load(&s.state, &s.path)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap_or_else(|| panic!("no head persisted"));
+        assert_eq!(head.seq, 5, "the sync persisted the head");
+        fs::remove_file(&s.path).unwrap_or_else(|e| panic!("{e}"));
+        write_records(&s, 2);
+        assert_eq!(seqs(&s.path), [6, 7, 8], "seq goes on, after a gap record");
+        assert_eq!(
+            gaps(&s.path),
+            [(6, 5, head.head.clone(), GapReason::BehindState)]
+        );
+        let now = state::load(&s.state, &s.path)
+            .ok()
+            .flatten()
+            .map(|h| (h.seq, h.head));
+        let report = verify::verify_against(std::slice::from_ref(&s.path), now.as_ref())
+            .unwrap_or_else(|e| panic!("verify: {e}"));
+        assert_eq!(
+            (report.problem, report.previous, report.state_checked),
+            (None, Some((5, head.head)), true)
+        );
+        // The newest record removed: only the state can tell.
+        let text = fs::read_to_string(&s.path).unwrap_or_default();
+        let cut: String = text.lines().take(2).flat_map(|l| [l, "\n"]).collect();
+        fs::write(&s.path, cut).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            verify::verify(std::slice::from_ref(&s.path))
+                .map(|r| r.problem)
+                .ok(),
+            Some(None),
+            "the files alone look fine"
+        );
+        let report = verify::verify_against(std::slice::from_ref(&s.path), now.as_ref())
+            .unwrap_or_else(|e| panic!("verify: {e}"));
+        assert_eq!(
+            report.problem.map(|p| p.fault),
+            Some(verify::Fault::BehindState { last: 7, state: 8 })
+        );
+    }
+
+    #[test]
+    fn a_rotation_that_fails_loses_nothing_and_is_tried_again() {
+        let dir = TempDir::new("rotate-fail");
+        let s = settings(&dir.0, 4096, 1);
+        // A directory with something in it where `PATH.1` must go: the
+        // rename fails, for root too.
+        let mut w = open(&s);
+        let blocker = rotated(&s.path, 1);
+        fs::create_dir_all(blocker.join("x")).unwrap_or_else(|e| panic!("{e}"));
+        for i in 0..40 {
+            w.append(i, lost(1));
+            written(&mut w);
+        }
+        assert!(
+            w.rotation_error().is_some_and(|e| e.contains(".1")),
+            "{:?}",
+            w.rotation_error()
+        );
+        assert_eq!(
+            seqs(&s.path),
+            (1..=40).collect::<Vec<_>>(),
+            "every record went on into the current file"
+        );
+        fs::remove_dir_all(&blocker).unwrap_or_else(|e| panic!("{e}"));
+        std::thread::sleep(ROTATE_RETRY.0 + Duration::from_millis(100));
+        w.append(41, lost(1));
+        written(&mut w);
+        assert_eq!(w.rotation_error(), None, "the retry rotated");
+        assert_eq!(seqs(&s.path), [41]);
+        let report = verify::verify(&files(&s.path)).unwrap_or_else(|e| panic!("verify: {e}"));
+        assert_eq!((report.problem, report.last_seq), (None, Some(41)));
     }
 
     #[test]
