@@ -28,6 +28,10 @@ pub const APT_PACKAGES: &[&str] = &[
     "iptables",
     "tcpdump",
     "netcat-openbsd",
+    // A real Prometheus (and promtool) scrapes the daemon in the metrics
+    // tests; curl asks its HTTP API from inside the lab's namespace.
+    "prometheus",
+    "curl",
 ];
 
 pub fn apt_packages(progress: &Progress) -> anyhow::Result<String> {

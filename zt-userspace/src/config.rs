@@ -31,8 +31,8 @@ use toml::de::{DeTable, DeValue};
 use zt_common::capacity;
 
 use crate::policy::{
-    AuditFormat, AuditSettings, EchoRate, EdgePolicy, FlowSettings, Grant, Peer, Policy, Protocol,
-    SyslogSettings, TunnelPolicy,
+    AuditFormat, AuditSettings, EchoRate, EdgePolicy, FlowSettings, Grant, MetricsSettings, Peer,
+    Policy, Protocol, SyslogSettings, TunnelPolicy,
 };
 
 /// `ssh_port` when the file does not set it.
@@ -215,6 +215,13 @@ struct RawConfig {
     tunnel: Option<RawTunnel>,
     flows: Option<RawFlows>,
     audit: Option<RawAudit>,
+    metrics: Option<RawMetrics>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -594,6 +601,7 @@ impl Validator<'_> {
             .flows
             .map_or_else(|| Ok(FlowSettings::default()), |f| self.flows(&f))?;
         let audit = self.audit(raw.audit)?;
+        let metrics = raw.metrics.map(|m| self.metrics(m)).transpose()?;
         if edge.is_none() && tunnel.is_none() {
             return Err(self.at.invalid(
                 "edge",
@@ -605,7 +613,23 @@ impl Validator<'_> {
             tunnel,
             flows,
             audit,
+            metrics,
         })
+    }
+
+    fn metrics(&self, raw: RawMetrics) -> Result<MetricsSettings, ConfigError> {
+        let listen = self.required(
+            raw.listen,
+            "metrics.listen",
+            "the address to serve /metrics on, e.g. \"127.0.0.1:9542\"",
+        )?;
+        let listen = listen.parse().map_err(|_| {
+            self.at.invalid(
+                "metrics.listen",
+                format!("\"{listen}\" is not IP:PORT (e.g. \"127.0.0.1:9542\", \"[::1]:9542\")"),
+            )
+        })?;
+        Ok(MetricsSettings { listen })
     }
 
     fn required<T>(&self, value: Option<T>, key: &str, what: &str) -> Result<T, ConfigError> {
@@ -1732,6 +1756,7 @@ path = "/var/log/ztxdp/audit.jsonl"
             }),
             flows: FlowSettings::default(),
             audit: AuditSettings::new(PathBuf::from("/var/log/ztxdp/audit.jsonl")),
+            metrics: None,
         };
         assert_eq!(config.policy, want);
         assert_eq!(config.path, Path::new(PATH));
@@ -2260,6 +2285,19 @@ path = "/var/log/ztxdp/audit.jsonl"
         );
         let state = parse_ok(&format!("{}state = \"/srv/audit.state\"\n", edge_with("")));
         assert_eq!(state.policy.audit.state, PathBuf::from("/srv/audit.state"));
+        let metrics = parse_ok(&format!(
+            "{}[metrics]\nlisten = \"127.0.0.1:9542\"\n",
+            edge_with("")
+        ));
+        assert_eq!(
+            metrics.policy.metrics.map(|m| m.listen.to_string()),
+            Some("127.0.0.1:9542".to_owned())
+        );
+        assert_eq!(
+            parse_ok(&edge_with("")).policy.metrics,
+            None,
+            "no listener unless it is set"
+        );
     }
 
     #[test]
@@ -2276,11 +2314,15 @@ path = "/var/log/ztxdp/audit.jsonl"
         expect_error(&audit("keep = 0"), "audit.keep", 8);
         expect_error(&audit("fsync_ms = 60001"), "audit.fsync_ms", 8);
         expect_error(&audit("fsync = 5"), "audit.fsync", 8);
-        for bad in [
-            "\"/tmp/audit.jsonl\"",
-            "\"/tmp/audit.jsonl.state\"",
-            "\"\"",
-        ] {
+        for bad in ["localhost:9542", "127.0.0.1", "[::1]"] {
+            let shown = expect_error(
+                &audit(&format!("[metrics]\nlisten = \"{bad}\"")),
+                "metrics.listen",
+                9,
+            );
+            assert!(shown.contains("IP:PORT"), "{shown}");
+        }
+        for bad in ["\"/tmp/audit.jsonl\"", "\"/tmp/audit.jsonl.state\"", "\"\""] {
             let shown = expect_error(&audit(&format!("state = {bad}")), "audit.state", 8);
             assert!(shown.contains("apart from the audit trail"), "{shown}");
         }

@@ -62,6 +62,8 @@ pub struct ProgramStatus {
     pub dropped: u64,
     /// Entries in each set-like map.
     pub maps: BTreeMap<&'static str, usize>,
+    /// The most entries each of `maps` can hold.
+    pub capacity: BTreeMap<&'static str, u64>,
     /// Tunnel only: per-peer packet counts.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub peers: Vec<PeerStatus>,
@@ -112,6 +114,14 @@ pub struct DaemonStatus {
 #[derive(Debug, Serialize)]
 pub struct Status {
     pub daemon: DaemonStatus,
+    #[serde(flatten)]
+    pub programs: Programs,
+}
+
+/// What the attached programs count: `status` without the daemon, and
+/// what the daemon's metrics report.
+#[derive(Debug, Serialize)]
+pub struct Programs {
     pub edge: Option<ProgramStatus>,
     pub tunnel: Option<ProgramStatus>,
     pub flows: Option<FlowStatus>,
@@ -148,6 +158,7 @@ fn program_status(
             .sum()
     };
     let maps = tables.fill_levels()?;
+    let capacity = tables.capacities();
     let mut peers = Vec::new();
     if prog == program::TUNNEL {
         let indices = peer_indices(&a.map_ids)?;
@@ -172,6 +183,7 @@ fn program_status(
         passed: total(true),
         dropped: total(false),
         maps,
+        capacity,
         peers,
     })
 }
@@ -237,6 +249,19 @@ pub async fn discover(explicit: Option<&Path>) -> (PathBuf, Option<Identity>) {
 /// # Errors
 /// When nothing is attached or the kernel objects cannot be read.
 pub async fn status() -> Result<Status, ControlError> {
+    let (programs, running) = programs().await?;
+    Ok(Status {
+        daemon: daemon_status(running.as_ref()),
+        programs,
+    })
+}
+
+/// The attached programs' counters and fill levels, and the identity of
+/// the policy they enforce.
+///
+/// # Errors
+/// When nothing is attached or the kernel objects cannot be read.
+pub async fn programs() -> Result<(Programs, Option<Identity>), ControlError> {
     let found = attached().await?;
     if found.is_empty() {
         return Err(ControlError::NothingAttached);
@@ -260,8 +285,7 @@ pub async fn status() -> Result<Status, ControlError> {
         None => None,
     };
     let running = Identity::live(&found);
-    Ok(Status {
-        daemon: daemon_status(running.as_ref()),
+    let programs = Programs {
         edge: found
             .edge
             .first()
@@ -273,7 +297,8 @@ pub async fn status() -> Result<Status, ControlError> {
             .map(|a| program_status(a, program::TUNNEL, running.as_ref()))
             .transpose()?,
         flows,
-    })
+    };
+    Ok((programs, running))
 }
 
 /// Whether the daemon of the running policy still runs, and whether a

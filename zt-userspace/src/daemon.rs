@@ -27,6 +27,7 @@ use crate::{
     identity::{self, Identity},
     loader::{self, LoadError},
     lockout::{self, LockoutError},
+    metrics,
     policy::TunnelPolicy,
     reload,
     tables::{Contents, Tables, TablesError},
@@ -47,6 +48,8 @@ pub enum DaemonError {
     Audit(#[from] AuditError),
     #[error(transparent)]
     Grants(#[from] GrantsError),
+    #[error(transparent)]
+    Metrics(#[from] metrics::MetricsError),
     #[error("the BPF object has no audit ring buffer ({name})")]
     NoRingBuffer { name: &'static str },
     #[error("audit ring buffer: {source}")]
@@ -114,6 +117,12 @@ pub async fn up(opts: &UpOptions, ready: impl FnOnce(&Enforcing)) -> Result<(), 
     })?;
     let summaries = audit::kernel::take_summaries(&mut ebpf)?;
     let mut trail = Trail::open(&config.policy.audit)?;
+    // Bound before anything is attached: an address in use fails `up`
+    // with nothing changed.
+    let scrapes = match &config.policy.metrics {
+        Some(m) => Some(metrics::bind(m.listen).await?),
+        None => None,
+    };
 
     let handle = attach::connect()?;
     // The state of the programs we replace: adopted before the swap, and
@@ -135,10 +144,15 @@ pub async fn up(opts: &UpOptions, ready: impl FnOnce(&Enforcing)) -> Result<(), 
     let mut feed = Feed::new(ring, summaries, names(&enforcing, tunnel_policy.as_ref()))?;
     let mut running = Running {
         opts,
+        metrics: metrics::Shared::default(),
         config,
         tables: &mut tables,
         ids,
     };
+    running.refresh_metrics(&trail);
+    if let Some(listener) = scrapes {
+        tokio::spawn(metrics::serve(listener, running.metrics.clone()));
+    }
     let stop = stream_audit(
         &mut feed,
         &mut trail,
@@ -329,6 +343,23 @@ struct Running<'a> {
     config: Config,
     tables: &'a mut Tables,
     ids: ProgramIds,
+    /// What scrapes of `metrics.listen` read besides the kernel's counters.
+    metrics: metrics::Shared,
+}
+
+impl Running<'_> {
+    /// Refreshes what the metrics endpoint reports of the daemon itself.
+    fn refresh_metrics(&self, trail: &Trail) {
+        let Ok(mut m) = self.metrics.lock() else {
+            return;
+        };
+        m.health = trail.health().unwrap_or_default();
+        m.syslog_queue = trail.syslog_queue();
+        if m.config_sha256 != self.config.digest {
+            m.config_sha256.clone_from(&self.config.digest);
+            m.loaded_at = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        }
+    }
 }
 
 /// The kernel ids of the programs this daemon attached, which its
@@ -463,6 +494,9 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     }
     if old.audit != new.audit {
         out.push("[audit]");
+    }
+    if old.metrics != new.metrics {
+        out.push("[metrics]");
     }
     out
 }
@@ -611,6 +645,7 @@ async fn stream_audit(
                 feed.report_lost(running.tables, trail)?;
                 trail.report_forwarding();
                 trail.commit();
+                running.refresh_metrics(trail);
                 if still_ours(handle, enforcing).await != (true, true) {
                     tracing::info!("our programs were removed or replaced by another ztxdp; exiting");
                     break Stop::Superseded;

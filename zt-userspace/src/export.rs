@@ -435,6 +435,7 @@ mod tests {
             }),
             flows: FlowSettings::default(),
             audit: AuditSettings::new(PathBuf::from("/tmp/audit.jsonl")),
+            metrics: None,
         }
     }
 

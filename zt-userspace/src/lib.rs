@@ -14,6 +14,7 @@ pub mod identity;
 pub mod import_wg;
 pub mod loader;
 pub mod lockout;
+pub mod metrics;
 pub mod model;
 pub mod policy;
 pub mod reload;

@@ -692,7 +692,7 @@ fn print_status(s: &Status) -> anyhow::Result<()> {
     if let Some(a) = &d.audit {
         print_audit_health(a)?;
     }
-    for (label, p) in [("edge", &s.edge), ("tunnel", &s.tunnel)] {
+    for (label, p) in [("edge", &s.programs.edge), ("tunnel", &s.programs.tunnel)] {
         let Some(p) = p else { continue };
         outln!(
             "{label}: program {} on {} (ifindex {}), mode {}",
@@ -721,7 +721,7 @@ fn print_status(s: &Status) -> anyhow::Result<()> {
             );
         }
     }
-    if let Some(f) = &s.flows {
+    if let Some(f) = &s.programs.flows {
         let on: Vec<&str> = f.recorders.iter().map(|a| a.interface.as_str()).collect();
         outln!(
             "flows: {} in table, {} created, {} evicted (recording egress on {})",

@@ -236,6 +236,13 @@ impl AuditSettings {
     }
 }
 
+/// The daemon's Prometheus endpoint (`[metrics]`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MetricsSettings {
+    /// Where `/metrics` is served (`metrics.listen`); no default.
+    pub listen: std::net::SocketAddr,
+}
+
 /// A whole validated configuration.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Policy {
@@ -243,4 +250,6 @@ pub struct Policy {
     pub tunnel: Option<TunnelPolicy>,
     pub flows: FlowSettings,
     pub audit: AuditSettings,
+    /// `None`: no listener.
+    pub metrics: Option<MetricsSettings>,
 }

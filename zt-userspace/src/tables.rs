@@ -54,6 +54,29 @@ fn map_err(name: &'static str) -> impl FnOnce(MapError) -> TablesError {
 /// Every map the programs share, by kernel name.
 pub struct Tables {
     maps: HashMap<&'static str, Map>,
+    /// `max_entries` by map name, of maps opened by id.
+    capacity: HashMap<&'static str, u32>,
+}
+
+/// The set-like maps `status` and the metrics report, by the label they
+/// report them under ([`label`]).
+const FILLED: [(&str, &str); 8] = [
+    (map::SSH_ALLOW_V4, "ssh_allow_v4"),
+    (map::SSH_ALLOW_V6, "ssh_allow_v6"),
+    (map::PEER_V4, "peer_v4"),
+    (map::PEER_V6, "peer_v6"),
+    (map::GRANTS, "grant_words"),
+    (map::FLOWS, "flows"),
+    (map::FRAGMENTS, "fragments"),
+    (map::EDGE_UDP_PORTS, "udp_ports"),
+];
+
+/// The label of a map of [`FILLED`].
+fn label(name: &'static str) -> &'static str {
+    FILLED
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map_or(name, |(_, l)| l)
 }
 
 /// Map names `Tables` handles; a fresh object must have all of them.
@@ -89,7 +112,10 @@ impl Tables {
                 .ok_or(TablesError::MissingMap { name })?;
             maps.insert(name, m);
         }
-        Ok(Self { maps })
+        Ok(Self {
+            maps,
+            capacity: HashMap::new(),
+        })
     }
 
     /// Opens the maps of an attached program from its map ids; this works
@@ -99,6 +125,7 @@ impl Tables {
     /// When an id cannot be opened.
     pub fn from_map_ids(ids: &[u32]) -> Result<Self, TablesError> {
         let mut maps = HashMap::new();
+        let mut capacity = HashMap::new();
         for &id in ids {
             let data = MapData::from_id(id).map_err(map_err("(by id)"))?;
             let info = data.info().map_err(map_err("(by id)"))?;
@@ -108,11 +135,12 @@ impl Tables {
             else {
                 continue;
             };
+            capacity.insert(*name, info.max_entries());
             maps.insert(*name, Map::from_map_data(data).map_err(map_err(name))?);
         }
         // A program only holds the maps it uses (the edge program has no peer
         // maps), so absence is reported when a missing map is used.
-        Ok(Self { maps })
+        Ok(Self { maps, capacity })
     }
 
     fn get(&mut self, name: &'static str) -> Result<&mut Map, TablesError> {
@@ -398,46 +426,67 @@ impl Tables {
         if let Some(m) = self.maps.get(map::SSH_ALLOW_V4) {
             let t: LpmTrie<_, [u8; 4], u8> =
                 LpmTrie::try_from(m).map_err(map_err(map::SSH_ALLOW_V4))?;
-            out.insert("ssh_allow_v4", t.keys().count());
+            out.insert(label(map::SSH_ALLOW_V4), t.keys().count());
         }
         if let Some(m) = self.maps.get(map::SSH_ALLOW_V6) {
             let t: LpmTrie<_, [u8; 16], u8> =
                 LpmTrie::try_from(m).map_err(map_err(map::SSH_ALLOW_V6))?;
-            out.insert("ssh_allow_v6", t.keys().count());
+            out.insert(label(map::SSH_ALLOW_V6), t.keys().count());
         }
         if let Some(m) = self.maps.get(map::PEER_V4) {
             let t: LpmTrie<_, [u8; 4], PeerInfo> =
                 LpmTrie::try_from(m).map_err(map_err(map::PEER_V4))?;
-            out.insert("peer_v4", t.keys().count());
+            out.insert(label(map::PEER_V4), t.keys().count());
         }
         if let Some(m) = self.maps.get(map::PEER_V6) {
             let t: LpmTrie<_, [u8; 16], PeerInfo> =
                 LpmTrie::try_from(m).map_err(map_err(map::PEER_V6))?;
-            out.insert("peer_v6", t.keys().count());
+            out.insert(label(map::PEER_V6), t.keys().count());
         }
         if let Some(m) = self.maps.get(map::GRANTS) {
             let g: BpfHashMap<_, GrantKey, u64> =
                 BpfHashMap::try_from(m).map_err(map_err(map::GRANTS))?;
-            out.insert("grant_words", g.keys().count());
+            out.insert(label(map::GRANTS), g.keys().count());
         }
         if let Some(m) = self.maps.get(map::FLOWS) {
             let f: BpfHashMap<_, FlowKey, FlowState> =
                 BpfHashMap::try_from(m).map_err(map_err(map::FLOWS))?;
-            out.insert("flows", f.keys().count());
+            out.insert(label(map::FLOWS), f.keys().count());
         }
         // Datagrams remembered for their later fragments, live or expired,
         // up to capacity::FRAGMENTS.
         if let Some(m) = self.maps.get(map::FRAGMENTS) {
             let f: BpfHashMap<_, FragmentKey, u64> =
                 BpfHashMap::try_from(m).map_err(map_err(map::FRAGMENTS))?;
-            out.insert("fragments", f.keys().count());
+            out.insert(label(map::FRAGMENTS), f.keys().count());
         }
         if let Some(m) = self.maps.get(map::EDGE_UDP_PORTS) {
             let udp: Array<_, u64> = Array::try_from(m).map_err(map_err(map::EDGE_UDP_PORTS))?;
             let ports: u32 = udp.iter().filter_map(Result::ok).map(u64::count_ones).sum();
-            out.insert("udp_ports", ports as usize);
+            out.insert(label(map::EDGE_UDP_PORTS), ports as usize);
         }
         Ok(out)
+    }
+
+    /// How many entries each set-like map of [`Self::fill_levels`] holds at
+    /// most, by the same labels: `max_entries`, and for `udp_ports` the
+    /// bits of the port bitmap. Known for maps opened by id.
+    #[must_use]
+    pub fn capacities(&self) -> BTreeMap<&'static str, u64> {
+        FILLED
+            .iter()
+            .filter_map(|&(name, label)| {
+                let entries = self.capacity.get(name)?;
+                Some((
+                    label,
+                    if name == map::EDGE_UDP_PORTS {
+                        u64::from(*entries) * 64
+                    } else {
+                        u64::from(*entries)
+                    },
+                ))
+            })
+            .collect()
     }
 }
 

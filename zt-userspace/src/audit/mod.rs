@@ -212,6 +212,9 @@ pub struct Health {
     /// Gap records written since the start (the file was deleted or
     /// replaced under the daemon, or the trail ended before its state).
     pub gaps: u64,
+    /// Records written since the start, by `event.action` (`allow`,
+    /// `deny`, `summary`, `lost`, `syslog_dropped`, `gap`).
+    pub records: BTreeMap<String, u64>,
 }
 
 /// Decisions whose records the file refused, while it does.
@@ -237,6 +240,8 @@ struct Running {
     unwritten_total: u64,
     sync_error: Option<String>,
     gaps: u64,
+    /// Records written, by `event.action`.
+    records: BTreeMap<&'static str, u64>,
 }
 
 impl Running {
@@ -316,6 +321,11 @@ impl Running {
             if matches!(s.record.body, Body::Gap { .. }) {
                 self.gaps += 1;
             }
+            let action = match &s.record.body {
+                Body::Decision { flow, .. } => flow.action(),
+                other => other.kind(),
+            };
+            *self.records.entry(action).or_default() += 1;
             let s = Arc::new(s);
             if let Some(f) = &self.syslog {
                 f.send(&s);
@@ -369,6 +379,11 @@ impl Running {
             rotation_error: self.writer.rotation_error().map(str::to_owned),
             sync_error: self.sync_error.clone(),
             gaps: self.gaps,
+            records: self
+                .records
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), *v))
+                .collect(),
         }
     }
 
@@ -456,6 +471,7 @@ impl Trail {
             unwritten_total: 0,
             sync_error: None,
             gaps: 0,
+            records: BTreeMap::new(),
         };
         for (time_ns, body) in std::mem::take(&mut self.early) {
             running.push(time_ns, body);
@@ -498,6 +514,15 @@ impl Trail {
     #[must_use]
     pub fn sync_interval(&self) -> Duration {
         self.settings.fsync.max(Duration::from_millis(1))
+    }
+
+    /// Records waiting for the syslog collector, and how many the queue
+    /// holds, when forwarding.
+    #[must_use]
+    pub fn syslog_queue(&self) -> Option<(u64, u64)> {
+        let queued = self.running.as_ref()?.syslog.as_ref()?.queued();
+        let size = self.settings.syslog.as_ref()?.queue;
+        Some((queued, size as u64))
     }
 
     /// Whether records reach the file; `None` before [`Self::start`].

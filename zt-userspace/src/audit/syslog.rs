@@ -119,6 +119,8 @@ pub struct Forwarder {
     address: String,
     tx: Option<SyncSender<Arc<Sealed>>>,
     dropped: Arc<AtomicU64>,
+    /// Records in the queue, not yet taken by the thread.
+    queued: Arc<AtomicU64>,
     closing: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
@@ -131,11 +133,13 @@ impl Forwarder {
     pub fn start(settings: &SyslogSettings) -> Result<Self, AuditError> {
         let (tx, rx) = mpsc::sync_channel(settings.queue.max(1));
         let dropped = Arc::new(AtomicU64::new(0));
+        let queued = Arc::new(AtomicU64::new(0));
         let closing = Arc::new(AtomicBool::new(false));
         let worker = Worker {
             address: settings.address.clone(),
             rx,
             dropped: Arc::clone(&dropped),
+            queued: Arc::clone(&queued),
             closing: Arc::clone(&closing),
             hostname: hostname(),
             pid: std::process::id(),
@@ -148,6 +152,7 @@ impl Forwarder {
             address: settings.address.clone(),
             tx: Some(tx),
             dropped,
+            queued,
             closing,
             thread: Some(thread),
         })
@@ -160,13 +165,22 @@ impl Forwarder {
 
     /// Queues a record; never blocks. A full queue drops it and counts it.
     pub fn send(&self, s: &Arc<Sealed>) {
+        // Counted before it is sent, so the thread never takes it below 0.
+        self.queued.fetch_add(1, Ordering::Relaxed);
         let sent = self.tx.as_ref().map(|tx| tx.try_send(Arc::clone(s)));
         if !matches!(sent, Some(Ok(()))) {
+            self.queued.fetch_sub(1, Ordering::Relaxed);
             if let Some(Err(TrySendError::Full(_))) = sent {
                 tracing::debug!("syslog queue full; dropping a record");
             }
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Records waiting in the queue for the collector.
+    #[must_use]
+    pub fn queued(&self) -> u64 {
+        self.queued.load(Ordering::Relaxed)
     }
 
     /// Records not forwarded so far.
@@ -203,6 +217,7 @@ struct Worker {
     address: String,
     rx: mpsc::Receiver<Arc<Sealed>>,
     dropped: Arc<AtomicU64>,
+    queued: Arc<AtomicU64>,
     closing: Arc<AtomicBool>,
     hostname: String,
     pid: u32,
@@ -235,7 +250,10 @@ impl Worker {
             let record = match held.take() {
                 Some(r) => r,
                 None => match self.rx.recv_timeout(IDLE_CHECK) {
-                    Ok(r) => r,
+                    Ok(r) => {
+                        self.queued.fetch_sub(1, Ordering::Relaxed);
+                        r
+                    }
                     Err(RecvTimeoutError::Timeout) => {
                         if conn.as_ref().is_some_and(peer_gone) {
                             tracing::warn!(
