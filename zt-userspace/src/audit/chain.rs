@@ -2,8 +2,9 @@
 //!
 //! Definition (also in the README):
 //!
-//! - Every record is one line of JSON whose last member is the `ztxdp`
-//!   object, and whose `ztxdp` object ends with the `chain` member. So a line
+//! - Every record is one line of JSON whose last member is ztxdp's own
+//!   object (`ztxdp` in ECS, `unmapped` in OCSF), which ends with the
+//!   `chain` member. So a line
 //!   ends with `,"chain":"` + 64 lowercase hex digits + `"}}`.
 //! - The record's *unchained text* is the line without its newline and
 //!   without the 75 bytes `,"chain":"<64 hex>"` just before the final `}}`.

@@ -2,8 +2,12 @@
 //! Activity JSON (the file formats, which parse back), and as CEF (an output
 //! format of `ztxdp events`).
 //!
-//! Both JSON formats end with the `ztxdp` object (sequence number, chain,
-//! and what neither schema has a field for), which [`super::chain`] needs.
+//! Both JSON formats end with ztxdp's own object (sequence number, chain,
+//! and what neither schema has a field for), which [`super::chain`] needs:
+//! `ztxdp` in ECS (a custom field set), `unmapped` in OCSF (the schema's
+//! place for attributes it does not define). Field names follow ECS 9.4.0
+//! and OCSF 1.3.0; a test checks every name against their published field
+//! lists (`tests/data/schemas`).
 
 use std::net::IpAddr;
 
@@ -35,6 +39,11 @@ pub enum FormatError {
 
 /// OCSF schema version the records follow.
 const OCSF_VERSION: &str = "1.3.0";
+/// ECS version the records follow (`ecs.version`).
+pub const ECS_VERSION: &str = "9.4.0";
+/// The OCSF profiles whose attributes the records use: `*_dt` times, and
+/// `action_id` / `disposition_id`.
+const OCSF_PROFILES: [&str; 2] = ["datetime", "security_control"];
 const OCSF_NETWORK_ACTIVITY: u64 = 4001;
 
 pub(crate) fn rfc3339(ns: i64) -> String {
@@ -55,8 +64,24 @@ fn parse_time(v: &Value, pointer: &'static str) -> Result<i64, FormatError> {
         })
 }
 
-/// The record text without its chain member: `{...,"ztxdp":{...}}`, with
-/// `ztxdp` last whatever order the JSON map keeps keys in.
+/// The member that holds ztxdp's own fields, last in every record.
+const fn own_member(format: AuditFormat) -> &'static str {
+    match format {
+        AuditFormat::Ecs => "ztxdp",
+        AuditFormat::Ocsf => "unmapped",
+    }
+}
+
+/// ztxdp's own object of a parsed line of either format (`ztxdp` or
+/// `unmapped`), which holds `seq`, `chain` and `gap`.
+#[must_use]
+pub fn own(v: &Value) -> Option<&Value> {
+    v.get("ztxdp").or_else(|| v.get("unmapped"))
+}
+
+/// The record text without its chain member: `{...,"ztxdp":{...}}` (ECS)
+/// or `{...,"unmapped":{...}}` (OCSF), with that member last whatever order
+/// the JSON map keeps keys in.
 #[must_use]
 pub fn unchained(format: AuditFormat, r: &Record) -> String {
     let (top, ztxdp) = match format {
@@ -68,7 +93,9 @@ pub fn unchained(format: AuditFormat, r: &Record) -> String {
     if text.len() > 1 {
         text.push(',');
     }
-    text.push_str("\"ztxdp\":");
+    text.push('"');
+    text.push_str(own_member(format));
+    text.push_str("\":");
     text.push_str(&Value::Object(ztxdp).to_string());
     text.push('}');
     text
@@ -94,16 +121,17 @@ fn peer_value(p: &Peer) -> Value {
 }
 
 fn ecs_event(flow: &Flow, action: &str) -> Value {
-    let kind = if flow.allowed() {
-        json!(["allowed", "start"])
+    let (kind, outcome) = if flow.allowed() {
+        (json!(["allowed", "start"]), "success")
     } else {
-        json!(["denied"])
+        (json!(["denied"]), "failure")
     };
     json!({
         "kind": "event",
         "category": ["network"],
         "type": kind,
         "action": action,
+        "outcome": outcome,
         "reason": reason::name(flow.reason),
     })
 }
@@ -113,6 +141,8 @@ fn ecs_flow(flow: &Flow, top: &mut Map<String, Value>, z: &mut Map<String, Value
         "observer".into(),
         json!({ "ingress": { "interface": { "name": flow.interface } } }),
     );
+    // Decided on the host, about what arrived at it.
+    top.insert("network".into(), json!({ "direction": "ingress" }));
     z.insert("program".into(), json!(flow.program.name()));
     if let Some(ip) = &flow.ip {
         let mut source = Map::new();
@@ -128,6 +158,7 @@ fn ecs_flow(flow: &Flow, top: &mut Map<String, Value>, z: &mut Map<String, Value
         top.insert(
             "network".into(),
             json!({
+                "direction": "ingress",
                 "transport": record::transport_name(ip.protocol),
                 "type": if ip.src.is_ipv4() { "ipv4" } else { "ipv6" },
                 "iana_number": ip.protocol.to_string(),
@@ -171,7 +202,7 @@ fn ecs(r: &Record) -> (Map<String, Value>, Map<String, Value>) {
         } => {
             top.insert(
                 "event".into(),
-                json!({ "kind": "metric", "action": "lost" }),
+                json!({ "kind": "metric", "action": "lost", "outcome": "unknown" }),
             );
             top.insert(
                 "observer".into(),
@@ -183,7 +214,7 @@ fn ecs(r: &Record) -> (Map<String, Value>, Map<String, Value>) {
         Body::SyslogDropped { address, dropped } => {
             top.insert(
                 "event".into(),
-                json!({ "kind": "metric", "action": "syslog_dropped" }),
+                json!({ "kind": "metric", "action": "syslog_dropped", "outcome": "unknown" }),
             );
             z.insert(
                 "syslog".into(),
@@ -193,11 +224,21 @@ fn ecs(r: &Record) -> (Map<String, Value>, Map<String, Value>) {
         Body::Gap { reason, .. } => {
             top.insert(
                 "event".into(),
-                json!({ "kind": "alert", "action": "gap", "reason": reason.meaning() }),
+                json!({
+                    "kind": "alert",
+                    "action": "gap",
+                    "outcome": "unknown",
+                    "reason": reason.meaning(),
+                }),
             );
             gap_member(&r.body, &mut z);
         }
     }
+    top.insert("ecs".into(), json!({ "version": ECS_VERSION }));
+    let observer = top
+        .entry("observer")
+        .or_insert_with(|| Value::Object(Map::new()));
+    observer["type"] = json!("firewall");
     (top, z)
 }
 
@@ -326,6 +367,8 @@ fn ocsf(r: &Record) -> (Map<String, Value>, Map<String, Value>) {
         "metadata".into(),
         json!({
             "version": OCSF_VERSION,
+            "profiles": OCSF_PROFILES,
+            "sequence": r.seq,
             "product": { "name": "ztxdp", "vendor_name": "ztxdp", "version": env!("CARGO_PKG_VERSION") },
         }),
     );
@@ -375,6 +418,13 @@ fn ocsf(r: &Record) -> (Map<String, Value>, Map<String, Value>) {
             );
         }
         Body::Gap { .. } => gap_member(&r.body, &mut z),
+    }
+    // Every record has an action; a count or a gap allows or denies nothing.
+    if !top.contains_key("action_id") {
+        top.insert("action_id".into(), json!(0));
+        top.insert("action".into(), json!("Unknown"));
+        top.insert("disposition_id".into(), json!(0));
+        top.insert("disposition".into(), json!("Unknown"));
     }
     (top, z)
 }
@@ -426,6 +476,11 @@ pub fn parse(line: &str) -> Result<(Record, String), FormatError> {
     let (_, chain) = chain::split(line).ok_or(FormatError::NoChain)?;
     let v: Value = serde_json::from_str(line).map_err(|source| FormatError::Json { source })?;
     let record = if v.get("class_uid").is_some() {
+        // The field pointers below name ztxdp's object as in ECS.
+        let mut v = v;
+        if let Some(own) = v.get("unmapped").cloned() {
+            v["ztxdp"] = own;
+        }
         parse_ocsf(&v)?
     } else {
         parse_ecs(&v)?
@@ -927,7 +982,15 @@ mod tests {
         assert_eq!(v["observer"]["ingress"]["interface"]["name"], "eth0");
         assert_eq!(
             v["network"],
-            json!({ "transport": "tcp", "type": "ipv4", "iana_number": "6" })
+            json!({ "direction": "ingress", "transport": "tcp", "type": "ipv4", "iana_number": "6" })
+        );
+        assert_eq!(
+            (
+                &v["ecs"]["version"],
+                &v["observer"]["type"],
+                &v["event"]["outcome"]
+            ),
+            (&json!(ECS_VERSION), &json!("firewall"), &json!("failure"))
         );
         assert_eq!(v["source"], json!({ "ip": "10.1.0.3", "port": 40000 }));
         assert_eq!(v["destination"], json!({ "ip": "10.1.0.1", "port": 5432 }));
@@ -979,7 +1042,7 @@ mod tests {
         );
         let arp = json(AuditFormat::Ecs, &all[2]);
         assert!(
-            arp.get("source").is_none() && arp.get("network").is_none(),
+            arp.get("source").is_none() && arp["network"] == json!({ "direction": "ingress" }),
             "non-IP has no addresses: {arp}"
         );
     }
@@ -1015,7 +1078,9 @@ mod tests {
         assert_eq!(v["count"], 5);
         assert_eq!(v["status_detail"], "port_not_allowed");
         assert_eq!(v["metadata"]["version"], OCSF_VERSION);
-        assert_eq!(v["ztxdp"]["seq"], 7);
+        assert_eq!(v["metadata"]["profiles"], json!(OCSF_PROFILES));
+        assert_eq!(v["unmapped"]["seq"], 7);
+        assert!(v.get("ztxdp").is_none(), "ztxdp's fields are unmapped");
         let all = samples();
         let allow = json(AuditFormat::Ocsf, &all[1]);
         assert_eq!(
@@ -1034,6 +1099,72 @@ mod tests {
             (lost["activity_id"].as_u64(), lost["count"].as_u64()),
             (Some(99), Some(17_043))
         );
+        for r in &all {
+            let v = json(AuditFormat::Ocsf, r);
+            assert!(
+                v["action_id"].is_u64(),
+                "every record has an action_id: {v}"
+            );
+        }
+    }
+
+    /// Dotted paths of the fields of `v` (through objects, not arrays),
+    /// leaving out the member named `own`.
+    fn field_paths(v: &Value, own: &str) -> Vec<String> {
+        fn walk(prefix: &str, v: &Value, out: &mut Vec<String>) {
+            if let Value::Object(m) = v {
+                for (k, child) in m {
+                    let path = format!("{prefix}{k}");
+                    if child.is_object() {
+                        walk(&format!("{path}."), child, out);
+                    } else {
+                        out.push(path);
+                    }
+                }
+            }
+        }
+        let mut out = Vec::new();
+        if let Value::Object(m) = v {
+            for (k, child) in m.iter().filter(|(k, _)| *k != own) {
+                if child.is_object() {
+                    walk(&format!("{k}."), child, &mut out);
+                } else {
+                    out.push(k.clone());
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn every_field_name_is_in_the_published_schema() {
+        let list = |text: &'static str| -> std::collections::BTreeSet<&'static str> {
+            text.lines().filter(|l| !l.starts_with('#')).collect()
+        };
+        let ecs = list(include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/data/schemas/ecs-9.4.0-fields.txt"
+        )));
+        let ocsf = list(include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/data/schemas/ocsf-1.3.0-network_activity.txt"
+        )));
+        assert!(ecs.contains("@timestamp") && ocsf.contains("class_uid"));
+        for r in samples() {
+            for (format, known, own) in [
+                (AuditFormat::Ecs, &ecs, "ztxdp"),
+                (AuditFormat::Ocsf, &ocsf, "unmapped"),
+            ] {
+                let v = json(format, &r);
+                for path in field_paths(&v, own) {
+                    assert!(
+                        known.contains(path.as_str()),
+                        "{format:?} field {path} is not in the schema: {v}"
+                    );
+                }
+            }
+        }
+        assert!(ocsf.contains("unmapped"), "OCSF defines the member we use");
     }
 
     #[test]

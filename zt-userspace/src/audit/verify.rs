@@ -24,7 +24,12 @@ use std::{
 
 use serde_json::Value;
 
-use super::chain;
+use super::{chain, format};
+
+/// `seq` of a record of either format.
+pub(crate) fn seq_of(record: &Value) -> Option<u64> {
+    format::own(record)?.get("seq")?.as_u64()
+}
 
 /// A file could not be read at all.
 #[derive(Debug, thiserror::Error)]
@@ -205,7 +210,7 @@ fn first_seq(path: &Path) -> Result<Option<u64>, VerifyError> {
     let _ = BufReader::new(file.take(MAX_LINE as u64)).read_line(&mut line);
     Ok(serde_json::from_str::<Value>(&line)
         .ok()
-        .and_then(|v| v.pointer("/ztxdp/seq").and_then(Value::as_u64)))
+        .and_then(|v| seq_of(&v)))
 }
 
 struct Walk {
@@ -218,7 +223,7 @@ struct Walk {
 /// The named head of a `gap` record: `(previous_seq, previous_head,
 /// reason)`.
 fn gap_head(value: &Value) -> Option<(u64, String, String)> {
-    let gap = value.pointer("/ztxdp/gap")?;
+    let gap = format::own(value)?.get("gap")?;
     Some((
         gap.get("previous_seq")?.as_u64()?,
         gap.get("previous_head")?.as_str()?.to_owned(),
@@ -235,10 +240,7 @@ impl Walk {
         let value: Value = serde_json::from_str(text).map_err(|e| Fault::NotJson {
             message: e.to_string(),
         })?;
-        let seq = value
-            .pointer("/ztxdp/seq")
-            .and_then(Value::as_u64)
-            .ok_or(Fault::NoSeq)?;
+        let seq = seq_of(&value).ok_or(Fault::NoSeq)?;
         let (unchained, chain) = chain::split(text).ok_or(Fault::NoChain)?;
         let gap = gap_head(&value);
         if let Some((previous_seq, _, _)) = &gap

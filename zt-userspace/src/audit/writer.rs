@@ -679,7 +679,7 @@ fn newest_record(path: &Path) -> Result<Option<(u64, String)>, AuditError> {
             chain::split(&line).ok_or_else(|| bad("its last line has no ztxdp.chain"))?;
         let seq = serde_json::from_str::<serde_json::Value>(&line)
             .ok()
-            .and_then(|v| v.pointer("/ztxdp/seq").and_then(serde_json::Value::as_u64))
+            .and_then(|v| super::verify::seq_of(&v))
             .ok_or_else(|| bad("its last line has no ztxdp.seq"))?;
         if newest.as_ref().is_none_or(|(s, _)| seq > *s) {
             newest = Some((seq, chain.to_owned()));
