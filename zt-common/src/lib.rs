@@ -104,50 +104,97 @@ pub mod program {
     pub const TUNNEL_EGRESS_NAME: &str = "zt_tunnel_out";
 }
 
+/// Defines every verdict reason once: its constant, code, machine name,
+/// class (`pass` or `drop`) and one-line meaning. The constants, [`reason::ALL`],
+/// [`reason::name`], [`reason::meaning`] and the README's reason table
+/// (checked by a test in zt-userspace) all follow from the one list.
+macro_rules! reasons {
+    ($(
+        $(#[$doc:meta])*
+        $konst:ident = $code:literal, $name:literal, $class:ident, $meaning:literal;
+    )*) => {
+        $( $(#[$doc])* pub const $konst: u32 = $code; )*
+
+        /// Every verdict code, in code order, for reports that list all counters.
+        pub const ALL: [u32; [$($code),*].len()] = [$($konst),*];
+
+        /// Stable machine name of a reason code (or counter slot), used in
+        /// audit records, `status` and the metrics.
+        #[must_use]
+        pub const fn name(code: u32) -> &'static str {
+            match code {
+                $( $konst => $name, )*
+                FLOWS_CREATED => "flows_created",
+                EVENTS_SUPPRESSED => "events_suppressed",
+                EVENTS_LOST => "events_lost",
+                _ => "unknown",
+            }
+        }
+
+        /// What a verdict reason means, in one line.
+        #[must_use]
+        pub const fn meaning(code: u32) -> &'static str {
+            match code {
+                $( $konst => $meaning, )*
+                _ => "",
+            }
+        }
+
+        // The class in the list must agree with the code range that
+        // `is_allow` reads, which the programs' hot path relies on.
+        $(
+            const _: () = assert!(matches!(stringify!($class).as_bytes(), b"pass" | b"drop"));
+            const _: () = assert!(is_allow($konst) == class_is_pass(stringify!($class)));
+        )*
+    };
+}
+
 /// Reason codes. Codes below [`reason::FIRST_DENY`] allow, the others drop.
 /// Each code is also an index into the per-CPU counter array.
 pub mod reason {
-    pub const PASS_WIREGUARD: u32 = 0;
-    pub const PASS_SSH: u32 = 1;
-    pub const PASS_ARP: u32 = 2;
-    pub const PASS_NEIGHBOR_DISCOVERY: u32 = 3;
-    pub const PASS_GRANT: u32 = 4;
-    pub const PASS_ICMP_GRANT: u32 = 5;
-    /// The exact reverse of a flow the host started.
-    pub const PASS_REPLY: u32 = 6;
-    /// An echo request within its source's rate.
-    pub const PASS_ICMP_ECHO: u32 = 7;
-    /// An ICMP error about a flow the host started (keeps PMTU discovery working).
-    pub const PASS_ICMP_RELATED: u32 = 8;
-    /// A later fragment of a datagram whose first fragment passed.
-    pub const PASS_FRAGMENT: u32 = 9;
-    /// An MLD query or report (ICMPv6 130, 131, 132, 143) from a link-local
-    /// source with hop limit 1, as RFC 4890 4.4.1 asks a host to accept:
-    /// without them a switch that snoops MLD stops forwarding the host's
-    /// solicited-node multicast, and IPv6 neighbour discovery with it.
-    pub const PASS_MLD: u32 = 10;
-
     pub const FIRST_DENY: u32 = 16;
-    pub const DROP_PORT_NOT_ALLOWED: u32 = 16;
-    pub const DROP_SSH_SOURCE: u32 = 17;
-    pub const DROP_MALFORMED: u32 = 18;
-    pub const DROP_FRAGMENT: u32 = 19;
-    pub const DROP_UNSUPPORTED_L3: u32 = 20;
-    pub const DROP_PROTOCOL_NOT_ALLOWED: u32 = 21;
-    pub const DROP_HEADER_LIMIT: u32 = 22;
-    pub const DROP_PEER_UNKNOWN: u32 = 23;
-    pub const DROP_NOT_GRANTED: u32 = 24;
-    /// The configuration map is empty: the program was attached before it
-    /// was configured. Dropping is the only safe answer.
-    pub const DROP_NOT_CONFIGURED: u32 = 25;
-    /// An echo request over its source's rate (or echo disabled with rate 0).
-    pub const DROP_ICMP_RATE: u32 = 26;
-    /// An ICMP error that matches no flow the host started.
-    pub const DROP_ICMP_UNRELATED: u32 = 27;
-    /// A router solicitation, router advertisement or redirect on the
-    /// tunnel: a peer is never the host's router, and an advertisement
-    /// accepted there would install routes.
-    pub const DROP_ROUTER_MESSAGE: u32 = 28;
+
+    reasons! {
+        PASS_WIREGUARD = 0, "wireguard", pass, "edge: UDP to a WireGuard port";
+        PASS_SSH = 1, "ssh_allowed", pass, "edge: TCP to the SSH port from a source in ssh_allow";
+        PASS_ARP = 2, "arp", pass, "ARP (on the tunnel: from a peer, or link-local with link_local_neighbors)";
+        PASS_NEIGHBOR_DISCOVERY = 3, "neighbor_discovery", pass, "IPv6 neighbour solicitation or advertisement";
+        PASS_GRANT = 4, "granted", pass, "tunnel: TCP or UDP to a port granted to the peer";
+        PASS_ICMP_GRANT = 5, "icmp_granted", pass, "tunnel: ICMP granted to the peer";
+        /// The exact reverse of a flow the host started.
+        PASS_REPLY = 6, "reply", pass, "the exact reverse of a flow the host started";
+        /// An echo request within its source's rate.
+        PASS_ICMP_ECHO = 7, "icmp_echo", pass, "edge: an echo request within its source's rate";
+        /// An ICMP error about a flow the host started (keeps PMTU discovery working).
+        PASS_ICMP_RELATED = 8, "icmp_related", pass, "an ICMP error about a flow the host started (keeps PMTU discovery working)";
+        /// A later fragment of a datagram whose first fragment passed.
+        PASS_FRAGMENT = 9, "fragment_of_allowed", pass, "a later fragment of a datagram whose first fragment passed";
+        /// An MLD query or report (ICMPv6 130, 131, 132, 143) from a link-local
+        /// source with hop limit 1, as RFC 4890 4.4.1 asks a host to accept:
+        /// without them a switch that snoops MLD stops forwarding the host's
+        /// solicited-node multicast, and IPv6 neighbour discovery with it.
+        PASS_MLD = 10, "mld", pass, "edge: an MLD query or report (ICMPv6 130, 131, 132, 143) from link-local with hop limit 1 (RFC 4890 4.4.1)";
+        DROP_PORT_NOT_ALLOWED = 16, "port_not_allowed", drop, "UDP not to a WireGuard port, TCP not to the SSH port";
+        DROP_SSH_SOURCE = 17, "ssh_source_not_allowed", drop, "TCP to the SSH port from outside ssh_allow";
+        DROP_MALFORMED = 18, "malformed", drop, "truncated or contradictory headers";
+        DROP_FRAGMENT = 19, "non_first_fragment", drop, "a fragment other than the first, of a datagram whose first fragment did not pass (or not within flows.fragment_timeout)";
+        DROP_UNSUPPORTED_L3 = 20, "unsupported_l3", drop, "neither ARP, IPv4 nor IPv6";
+        DROP_PROTOCOL_NOT_ALLOWED = 21, "protocol_not_allowed", drop, "any other L4 protocol or ICMP type";
+        DROP_HEADER_LIMIT = 22, "header_limit", drop, "a third VLAN tag or a seventh IPv6 extension header";
+        DROP_PEER_UNKNOWN = 23, "peer_unknown", drop, "tunnel: the source belongs to no peer";
+        DROP_NOT_GRANTED = 24, "not_granted", drop, "tunnel: the peer was not granted this port or ICMP";
+        /// The configuration map is empty: the program was attached before it
+        /// was configured. Dropping is the only safe answer.
+        DROP_NOT_CONFIGURED = 25, "not_configured", drop, "edge: the programs were loaded without an edge policy";
+        /// An echo request over its source's rate (or echo disabled with rate 0).
+        DROP_ICMP_RATE = 26, "icmp_rate_limited", drop, "edge: an echo request over its source's rate (every one with icmp_echo_rate = \"0\")";
+        /// An ICMP error that matches no flow the host started.
+        DROP_ICMP_UNRELATED = 27, "icmp_unrelated", drop, "an ICMP error that quotes no live flow of the host's";
+        /// A router solicitation, router advertisement or redirect on the
+        /// tunnel: a peer is never the host's router, and an advertisement
+        /// accepted there would install routes.
+        DROP_ROUTER_MESSAGE = 28, "router_message", drop, "tunnel: an ICMPv6 router solicitation, router advertisement or redirect, from anyone (a peer is never the host's router)";
+    }
 
     /// Size of one program's block of counters.
     pub const COUNT: u32 = 32;
@@ -158,68 +205,10 @@ pub mod reason {
         code < FIRST_DENY
     }
 
-    /// Stable machine name of a reason code, used in audit records and `status`.
-    #[must_use]
-    pub const fn name(code: u32) -> &'static str {
-        match code {
-            PASS_WIREGUARD => "wireguard",
-            PASS_SSH => "ssh_allowed",
-            PASS_ARP => "arp",
-            PASS_NEIGHBOR_DISCOVERY => "neighbor_discovery",
-            PASS_GRANT => "granted",
-            PASS_ICMP_GRANT => "icmp_granted",
-            PASS_REPLY => "reply",
-            PASS_ICMP_ECHO => "icmp_echo",
-            PASS_ICMP_RELATED => "icmp_related",
-            PASS_FRAGMENT => "fragment_of_allowed",
-            PASS_MLD => "mld",
-            DROP_PORT_NOT_ALLOWED => "port_not_allowed",
-            DROP_SSH_SOURCE => "ssh_source_not_allowed",
-            DROP_MALFORMED => "malformed",
-            DROP_FRAGMENT => "non_first_fragment",
-            DROP_UNSUPPORTED_L3 => "unsupported_l3",
-            DROP_PROTOCOL_NOT_ALLOWED => "protocol_not_allowed",
-            DROP_HEADER_LIMIT => "header_limit",
-            DROP_PEER_UNKNOWN => "peer_unknown",
-            DROP_NOT_GRANTED => "not_granted",
-            DROP_NOT_CONFIGURED => "not_configured",
-            DROP_ICMP_RATE => "icmp_rate_limited",
-            DROP_ICMP_UNRELATED => "icmp_unrelated",
-            DROP_ROUTER_MESSAGE => "router_message",
-            FLOWS_CREATED => "flows_created",
-            EVENTS_SUPPRESSED => "events_suppressed",
-            EVENTS_LOST => "events_lost",
-            _ => "unknown",
-        }
+    /// Whether a class word of the reason list is `pass`.
+    const fn class_is_pass(class: &str) -> bool {
+        matches!(class.as_bytes(), b"pass")
     }
-
-    /// Every verdict code, for reports that list all counters.
-    pub const ALL: [u32; 24] = [
-        PASS_WIREGUARD,
-        PASS_SSH,
-        PASS_ARP,
-        PASS_NEIGHBOR_DISCOVERY,
-        PASS_GRANT,
-        PASS_ICMP_GRANT,
-        PASS_REPLY,
-        PASS_ICMP_ECHO,
-        PASS_ICMP_RELATED,
-        PASS_FRAGMENT,
-        PASS_MLD,
-        DROP_PORT_NOT_ALLOWED,
-        DROP_SSH_SOURCE,
-        DROP_MALFORMED,
-        DROP_FRAGMENT,
-        DROP_UNSUPPORTED_L3,
-        DROP_PROTOCOL_NOT_ALLOWED,
-        DROP_HEADER_LIMIT,
-        DROP_PEER_UNKNOWN,
-        DROP_NOT_GRANTED,
-        DROP_NOT_CONFIGURED,
-        DROP_ICMP_RATE,
-        DROP_ICMP_UNRELATED,
-        DROP_ROUTER_MESSAGE,
-    ];
 
     /// Counter slot (not a verdict): flows the egress programs created.
     /// With the table's current size this gives the LRU evictions.

@@ -26,3 +26,40 @@ pub static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR
 /// The benchmark helpers `zt_bench_tx` (live-frames traffic generator) and
 /// `zt_bench_drop` (bare `XDP_DROP`), used only by `cargo xtask bench`.
 pub static BENCH_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bench"));
+
+#[cfg(test)]
+mod tests {
+    use zt_common::reason;
+
+    /// The README's reason table lists every reason of zt-common's one
+    /// list, with its code, name, verdict and meaning, in order.
+    #[test]
+    fn the_readme_reason_table_is_the_one_in_zt_common() {
+        let readme = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"));
+        let rows: Vec<&str> = readme
+            .lines()
+            .skip_while(|l| *l != "| code | reason | verdict | when |")
+            .skip(2)
+            .take_while(|l| l.starts_with('|'))
+            .collect();
+        let want: Vec<String> = reason::ALL
+            .iter()
+            .map(|&code| {
+                let verdict = if reason::is_allow(code) {
+                    "pass"
+                } else {
+                    "drop"
+                };
+                format!(
+                    "| {code} | `{}` | {verdict} | {} |",
+                    reason::name(code),
+                    reason::meaning(code)
+                )
+            })
+            .collect();
+        assert_eq!(
+            rows, want,
+            "regenerate the README table from zt-common's reasons! list"
+        );
+    }
+}
