@@ -207,6 +207,16 @@ pub struct AuditSettings {
     /// Longest time a written record waits for `fdatasync` (`audit.fsync_ms`).
     pub fsync: Duration,
     pub syslog: Option<SyslogSettings>,
+    /// The group whose members may read the live stream (`ztxdp events
+    /// --follow`) besides root (`audit.socket_group`); `None`: root only.
+    pub socket_group: Option<SocketGroup>,
+}
+
+/// A group of this host, by name and id (`audit.socket_group`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SocketGroup {
+    pub name: String,
+    pub gid: u32,
 }
 
 impl AuditSettings {
@@ -227,6 +237,7 @@ impl AuditSettings {
             keep: Self::DEFAULT_KEEP,
             fsync: Self::DEFAULT_FSYNC,
             syslog: None,
+            socket_group: None,
         }
     }
 }
