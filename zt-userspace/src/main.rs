@@ -8,7 +8,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory as _, Parser, Subcommand};
 use ztxdp::{
     config::Config,
     control::{self, Status},
@@ -63,6 +63,7 @@ macro_rules! outln {
 #[command(
     name = "ztxdp",
     version,
+    long_version = ztxdp::build_info::LONG_VERSION,
     about = "Zero-trust packet authorization: XDP on the external interface, per-peer grants on WireGuard",
     after_help = "Examples:\n  \
         ztxdp check --config /etc/ztxdp/ztxdp.toml\n  \
@@ -204,6 +205,14 @@ enum Command {
         #[arg(long, value_name = "FILE", help = EVENTS_CONFIG_HELP)]
         config: Option<PathBuf>,
     },
+    /// Write bash, zsh and fish completions into DIR/completions and the
+    /// ztxdp(8) man pages into DIR/man, made from this command line's own
+    /// definitions (the Debian package ships them).
+    #[command(after_help = "Example:\n  ztxdp generate --out /tmp/ztxdp-docs")]
+    Generate {
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -335,6 +344,9 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                     .map_or("none", |e| e.interface.as_str()),
                 c.policy.tunnel.as_ref().map_or(0, |t| t.peers.len())
             );
+            if let Err(e) = c.check_enforces() {
+                outln!("note: `ztxdp up` refuses it as it is: {e}");
+            }
         }
         Command::Status { json } => {
             let s = control::status().await.context("ztxdp status")?;
@@ -391,6 +403,11 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 Some(control::discover(config.as_deref()).await.0)
             };
             events(format, config.as_deref())?;
+        }
+        Command::Generate { out } => {
+            for path in ztxdp::docs::generate(Cli::command(), &out)? {
+                outln!("{}", path.display());
+            }
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -601,6 +618,21 @@ fn print_status(s: &Status) -> anyhow::Result<()> {
     }
     if let Some(config) = &d.config {
         outln!("config: {}", config.display());
+    }
+    match (&d.build, d.this_binary) {
+        (Some(b), Some(true)) => outln!(
+            "programs: from this binary's BPF object (ztxdp {}, commit {})",
+            b.version,
+            b.commit
+        ),
+        (Some(b), _) => outln!(
+            "programs: loaded by ztxdp {} (commit {}, bpf sha256 {}), not from this binary's \
+             BPF object; `ztxdp up` again (or restart the service) to run this one",
+            b.version,
+            b.commit,
+            b.bpf_sha256
+        ),
+        (None, _) => outln!("programs: loaded by an unknown build (no identity file names it)"),
     }
     for (label, p) in [("edge", &s.edge), ("tunnel", &s.tunnel)] {
         let Some(p) = p else { continue };
