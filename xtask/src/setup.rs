@@ -28,6 +28,12 @@ pub const APT_PACKAGES: &[&str] = &[
     "iptables",
     "tcpdump",
     "netcat-openbsd",
+    // `cargo xtask package`: dpkg-shlibdeps for the package's Depends, and
+    // what the package test checks the unit with (`systemd-analyze`, and
+    // `man` for its Documentation= pages).
+    "dpkg-dev",
+    "systemd",
+    "man-db",
 ];
 
 pub fn apt_packages(progress: &Progress) -> anyhow::Result<String> {
