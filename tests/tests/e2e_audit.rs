@@ -22,19 +22,16 @@ use std::{
 };
 
 use e2e::{
-    EXIT_TIMEOUT, Enforced, Scratch, audit_lines, build_lab, complete_lines, mac, send_frames,
-    status, verify_audit, ztxdp_cmd, ztxdp_ok,
+    EXIT_TIMEOUT, Enforced, Scratch, audit_lines, build_lab, complete_lines, flood, status,
+    verify_audit, ztxdp_cmd, ztxdp_ok,
 };
 use serde_json::Value;
 use zt_common::reason;
 use zt_tests::{
-    lab::{EDGE_V4, HOST_INTERFACE, Lab},
+    lab::{HOST_INTERFACE, Lab},
     netns::NetNs,
-    packet::{Ethernet, Ipv4, Transport},
 };
 
-/// Not opened by the lab policy: every SYN to it is a `port_not_allowed` deny.
-const CLOSED_PORT: u16 = 5432;
 /// Bounds every "until the trail has caught up" loop.
 const CATCH_UP: Duration = Duration::from_secs(30);
 /// rsyslogd starts and stops in well under a second; this bounds a hang on a
@@ -70,26 +67,6 @@ fn wait_for_records(t: &Enforced, records: usize, what: &str) {
             t.daemon.log()
         );
         thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// `count` TCP SYNs to the edge's closed port from the outsider's link, from
-/// each of `sources` addresses of 198.18.0.0/15 starting at `first`,
-/// round-robin over the sources.
-fn flood(lab: &Lab, first: u32, sources: u32, count: u32) {
-    let eth = Ethernet {
-        dst: mac(lab.edge(), HOST_INTERFACE),
-        src: mac(lab.outsider(), HOST_INTERFACE),
-        tags: vec![],
-    };
-    let syn = Transport::tcp_syn(CLOSED_PORT);
-    let frames: Vec<Vec<u8>> = (0..count)
-        .flat_map(|_| first..first + sources)
-        .map(|i| eth.ipv4(&Ipv4::new(Ipv4Addr::from(0xc612_0000 + i), EDGE_V4), &syn))
-        .collect();
-    // In slices: each call is one AF_PACKET socket on a short-lived thread.
-    for chunk in frames.chunks(2000) {
-        send_frames(lab.outsider(), HOST_INTERFACE, chunk);
     }
 }
 

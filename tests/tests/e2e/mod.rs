@@ -9,7 +9,7 @@
 use std::{
     fs,
     io::{self, BufRead as _, BufReader, Read as _},
-    net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Output, Stdio},
@@ -23,8 +23,9 @@ use std::{
 
 use serde_json::Value;
 use zt_tests::{
-    lab::Lab,
+    lab::{EDGE_V4, HOST_INTERFACE, Lab},
     netns::{NetNs, describe},
+    packet::{Ethernet, Ipv4, Transport},
 };
 
 /// `ztxdp up` loads and attaches in well under a second; this bounds a hang.
@@ -292,6 +293,29 @@ pub fn mac(ns: &NetNs, interface: &str) -> [u8; 6] {
         *byte = u8::from_str_radix(hex, 16).unwrap_or_else(|e| panic!("MAC {text}: {e}"));
     }
     mac
+}
+
+/// Not opened by the lab policy: every SYN to it is a `port_not_allowed` deny.
+pub const CLOSED_PORT: u16 = 5432;
+
+/// `count` TCP SYNs to the edge's closed port from the outsider's link, from
+/// each of `sources` addresses of 198.18.0.0/15 starting at `first`,
+/// round-robin over the sources.
+pub fn flood(lab: &Lab, first: u32, sources: u32, count: u32) {
+    let eth = Ethernet {
+        dst: mac(lab.edge(), HOST_INTERFACE),
+        src: mac(lab.outsider(), HOST_INTERFACE),
+        tags: vec![],
+    };
+    let syn = Transport::tcp_syn(CLOSED_PORT);
+    let frames: Vec<Vec<u8>> = (0..count)
+        .flat_map(|_| first..first + sources)
+        .map(|i| eth.ipv4(&Ipv4::new(Ipv4Addr::from(0xc612_0000 + i), EDGE_V4), &syn))
+        .collect();
+    // In slices: each call is one AF_PACKET socket on a short-lived thread.
+    for chunk in frames.chunks(2000) {
+        send_frames(lab.outsider(), HOST_INTERFACE, chunk);
+    }
 }
 
 /// The reference lab (`zt_tests::lab`).
