@@ -1,7 +1,7 @@
 //! Tier 3, running as a service (issue 14): what systemd hears over
-//! `NOTIFY_SOCKET` (a socket the test listens on, as systemd would), and
-//! what an unprivileged user can do with the trail, the runtime grants and
-//! the events socket. Needs root; every lab and daemon is torn down on
+//! `NOTIFY_SOCKET` (a socket the test listens on, as systemd would), what
+//! an unprivileged user can do with the trail, the runtime grants and the
+//! events socket, and whether `status` knows the build that runs. Needs root; every lab and daemon is torn down on
 //! drop, every wait is bounded.
 
 mod e2e;
@@ -21,7 +21,8 @@ use std::{
 };
 
 use e2e::{
-    Daemon, Enforced, SETTLE_TIMEOUT, Scratch, build_lab, flood, run_bounded, ztxdp_bin, ztxdp_cmd,
+    Daemon, Enforced, SETTLE_TIMEOUT, Scratch, build_lab, flood, run_bounded, status, ztxdp_bin,
+    ztxdp_cmd,
 };
 use zt_tests::{lab::HOST_INTERFACE, netns::NetNs};
 
@@ -106,8 +107,8 @@ fn systemd_hears_ready_the_totals_a_reload_and_the_stop() {
     );
     let reloaded = expect_notify(&socket, "READY=1");
     assert!(
-        reloaded.contains("STATUS=reloaded "),
-        "the reload's outcome is the status: {reloaded:?}"
+        reloaded.contains("; last reload: reloaded "),
+        "the reload's outcome is in the status: {reloaded:?}"
     );
 
     daemon.terminate();
@@ -324,4 +325,42 @@ fn expect_only_the_group_follows(t: &Enforced, group: &TestGroup, mut first: u32
     // SIGKILL cannot be refused: the wait is immediate.
     let _ = follower.kill();
     let _ = follower.wait();
+}
+
+#[test]
+fn status_tells_whether_the_programs_came_from_this_binary() {
+    let t = Enforced::start("build", build_lab(), |_, scratch| edge_config(scratch, ""));
+    let version = run_bounded(Command::new(ztxdp_bin()).arg("--version"));
+    let version = String::from_utf8_lossy(&version.stdout);
+    let hash = version
+        .lines()
+        .find_map(|l| l.strip_prefix("bpf sha256 "))
+        .unwrap_or_else(|| panic!("no BPF hash in --version:\n{version}"));
+    let s = status(t.edge());
+    assert_eq!(
+        (
+            s["daemon"]["build"]["bpf_sha256"].as_str(),
+            s["daemon"]["this_binary"].as_bool()
+        ),
+        (Some(hash), Some(true)),
+        "status --json: {s}"
+    );
+
+    // As after an upgrade without a restart: the running programs were
+    // loaded by a build whose BPF object is another.
+    let identity = t
+        .edge()
+        .enter(ztxdp::identity::path)
+        .unwrap_or_else(|e| panic!("{e:?}"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let text = fs::read_to_string(&identity).unwrap_or_else(|e| panic!("{e}"));
+    fs::write(&identity, text.replace(hash, &"0".repeat(64))).unwrap_or_else(|e| panic!("{e}"));
+    let s = status(t.edge());
+    assert_eq!(s["daemon"]["this_binary"].as_bool(), Some(false), "{s}");
+    let text = run_bounded(&mut ztxdp_cmd(t.edge(), &["status"]));
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("not from this binary's BPF object"),
+        "status says the programs are another build's:\n{text}"
+    );
 }

@@ -139,6 +139,7 @@ pub async fn up(opts: &UpOptions, ready: impl FnOnce(&Enforcing)) -> Result<(), 
         config,
         tables: &mut tables,
         ids,
+        last_reload: None,
     };
     notify::ready(&status_line(&enforcing, &running));
     let stop = stream_audit(
@@ -333,6 +334,8 @@ struct Running<'a> {
     config: Config,
     tables: &'a mut Tables,
     ids: ProgramIds,
+    /// The outcome of the last reload, for the service manager's status.
+    last_reload: Option<String>,
 }
 
 /// The kernel ids of the programs this daemon attached, which its
@@ -670,16 +673,16 @@ fn logged_reload(
             Err(message)
         }
     };
-    let outcome = match &result {
+    running.last_reload = Some(match &result {
         Ok(summary) => summary.clone(),
         Err(message) => format!("reload refused, the running policy is unchanged: {message}"),
-    };
-    notify::ready(&format!("{outcome}; {}", status_line(enforcing, running)));
+    });
+    notify::ready(&status_line(enforcing, running));
     result
 }
 
 /// The service manager's status line: where the programs are attached,
-/// with their pass and drop totals.
+/// with their pass and drop totals, and how the last reload went.
 fn status_line(enforcing: &Enforcing, running: &Running<'_>) -> String {
     let totals = |program| match running.tables.passed_dropped(program) {
         Ok((passed, dropped)) => format!("{passed} passed, {dropped} dropped"),
@@ -701,6 +704,9 @@ fn status_line(enforcing: &Enforcing, running: &Running<'_>) -> String {
             a.interface,
             totals(program::TUNNEL)
         ));
+    }
+    if let Some(outcome) = &running.last_reload {
+        parts.push(format!("last reload: {outcome}"));
     }
     format!("enforcing; {}", parts.join("; "))
 }
