@@ -28,10 +28,12 @@ pub const APT_PACKAGES: &[&str] = &[
     "iptables",
     "tcpdump",
     "netcat-openbsd",
-    // `cargo xtask package`: dpkg-shlibdeps for the package's Depends, and
-    // what the package test checks the unit with (`systemd-analyze`, and
-    // `man` for its Documentation= pages).
+    // `cargo xtask package`: dpkg-shlibdeps for the package's Depends,
+    // strip (and readelf, for the package test), and what the package test
+    // checks the unit with (`systemd-analyze`, and `man` for its
+    // Documentation= pages).
     "dpkg-dev",
+    "binutils",
     "systemd",
     "man-db",
 ];
