@@ -6,6 +6,7 @@ mod audit_view;
 mod bench;
 mod cmd;
 mod lab_run;
+mod package;
 mod setup;
 
 use std::{
@@ -34,6 +35,9 @@ enum Task {
     Test,
     /// Install what is missing and build.
     Build,
+    /// Install what is missing (cargo-deb too), build a release `ztxdp`
+    /// and its Debian package, target/debian/ztxdp_<version>_<arch>.deb.
+    Package,
     /// Without arguments: run ztxdp in a throw-away lab of network namespaces,
     /// send traffic of every kind and print its decisions live (needs root).
     /// With `-- --config FILE [ARGS...]`: run `ztxdp up --config FILE ARGS...`
@@ -57,10 +61,12 @@ fn main() -> ExitCode {
     let mut steps = Steps::new(match &cli.task {
         Task::Build => 4,
         Task::Run { .. } | Task::Bench(_) => 5,
-        Task::Test => 6,
+        Task::Package => 7,
+        Task::Test => 9,
     });
     let result = match cli.task {
         Task::Build => install_and_build(&mut steps),
+        Task::Package => build_package(&mut steps).map(drop),
         Task::Test => test(&mut steps),
         Task::Run { duration, up_args } => {
             run(&mut steps, duration.map(Duration::from_secs), &up_args)
@@ -84,7 +90,9 @@ fn main() -> ExitCode {
 
 fn test(steps: &mut Steps) -> anyhow::Result<()> {
     ensure_root("the tests create network namespaces and load BPF programs")?;
-    install_and_build(steps)?;
+    // The package test installs it into a scratch root and checks its unit
+    // with `systemd-analyze verify`.
+    let deb = build_package(steps)?;
     let mut counts = TestCounts::default();
     let result = steps.run("tests", |progress| {
         for name in zt_tests::netns::NetNs::remove_stale()
@@ -92,7 +100,7 @@ fn test(steps: &mut Steps) -> anyhow::Result<()> {
         {
             progress.say(format!("removed namespace {name} left by a killed run"));
         }
-        cargo_test(&ztxdp_bin()?, &mut counts)?;
+        cargo_test(&ztxdp_bin()?, &deb, &mut counts)?;
         counts.note()
     });
     steps.tests = counts;
@@ -134,6 +142,19 @@ fn run(steps: &mut Steps, duration: Option<Duration>, up_args: &[String]) -> any
     })
 }
 
+/// [`install_and_build`], then the release binary and its package.
+fn build_package(steps: &mut Steps) -> anyhow::Result<PathBuf> {
+    install_and_build(steps)?;
+    steps.run("cargo-deb", package::cargo_deb)?;
+    steps.run("release build", package::build_release)?;
+    let mut deb = PathBuf::new();
+    steps.run("package", |progress| {
+        deb = package::deb(progress)?;
+        Ok(deb.display().to_string())
+    })?;
+    Ok(deb)
+}
+
 fn install_and_build(steps: &mut Steps) -> anyhow::Result<()> {
     steps.run("apt packages", setup::apt_packages)?;
     steps.run("rust-src", setup::rust_src)?;
@@ -154,10 +175,11 @@ struct TestCounts {
 }
 
 /// `cargo test`, its output passed through, the `test result:` lines summed.
-fn cargo_test(ztxdp: &Path, counts: &mut TestCounts) -> anyhow::Result<()> {
+fn cargo_test(ztxdp: &Path, deb: &Path, counts: &mut TestCounts) -> anyhow::Result<()> {
     let mut command = cargo();
     command
         .env("ZTXDP_BIN", ztxdp)
+        .env("ZTXDP_DEB", deb)
         .args([
             "test",
             "--workspace",

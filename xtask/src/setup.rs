@@ -32,6 +32,14 @@ pub const APT_PACKAGES: &[&str] = &[
     // tests; curl asks its HTTP API from inside the lab's namespace.
     "prometheus",
     "curl",
+    // `cargo xtask package`: dpkg-shlibdeps for the package's Depends,
+    // strip (and readelf, for the package test), and what the package test
+    // checks the unit with (`systemd-analyze`, and `man` for its
+    // Documentation= pages).
+    "dpkg-dev",
+    "binutils",
+    "systemd",
+    "man-db",
 ];
 
 pub fn apt_packages(progress: &Progress) -> anyhow::Result<String> {

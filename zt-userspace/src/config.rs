@@ -32,7 +32,7 @@ use zt_common::capacity;
 
 use crate::policy::{
     AuditFormat, AuditSettings, EchoRate, EdgePolicy, FlowSettings, Grant, MetricsSettings, Peer,
-    Policy, Protocol, SyslogSettings, TunnelPolicy,
+    Policy, Protocol, SocketGroup, SyslogSettings, TunnelPolicy,
 };
 
 /// `ssh_port` when the file does not set it.
@@ -277,6 +277,7 @@ struct RawAudit {
     fsync_ms: Option<i64>,
     state: Option<PathBuf>,
     syslog: Option<RawSyslog>,
+    socket_group: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -373,6 +374,22 @@ impl Config {
         .invalid(key, message)
     }
 
+    /// Checks that the config enforces something: `check` accepts a config
+    /// with neither `[edge]` nor `[tunnel]` (the packaged one, before it is
+    /// edited), `up` and a reload do not.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] about `edge` when there is neither.
+    pub fn check_enforces(&self) -> Result<(), ConfigError> {
+        if self.policy.edge.is_none() && self.policy.tunnel.is_none() {
+            return Err(self.invalid(
+                "edge",
+                "nothing to enforce: add (or uncomment) an [edge] table, a [tunnel] table, or both",
+            ));
+        }
+        Ok(())
+    }
+
     /// Checks that `edge.interface` and `tunnel.interface` exist in the
     /// current network namespace.
     ///
@@ -400,6 +417,29 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// The id of the group `name` (through NSS, as `getent group` finds it).
+fn group_id(name: &str) -> Option<u32> {
+    let name = CString::new(name).ok()?;
+    // SAFETY: an all-zero `group` is valid (null pointers, zero id); it is
+    // only read after getgrnam_r filled it.
+    let mut group: libc::group = unsafe { std::mem::zeroed() };
+    let mut found: *mut libc::group = std::ptr::null_mut();
+    // Group entries with many members need more than the usual 1 KiB.
+    let mut buf = vec![0 as libc::c_char; 64 * 1024];
+    // SAFETY: every pointer is valid for the call; `buf` outlives it and
+    // its length is passed.
+    let rc = unsafe {
+        libc::getgrnam_r(
+            name.as_ptr(),
+            &raw mut group,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &raw mut found,
+        )
+    };
+    (rc == 0 && !found.is_null()).then_some(group.gr_gid)
 }
 
 fn interface_exists(name: &str) -> bool {
@@ -602,12 +642,8 @@ impl Validator<'_> {
             .map_or_else(|| Ok(FlowSettings::default()), |f| self.flows(&f))?;
         let audit = self.audit(raw.audit)?;
         let metrics = raw.metrics.map(|m| self.metrics(m)).transpose()?;
-        if edge.is_none() && tunnel.is_none() {
-            return Err(self.at.invalid(
-                "edge",
-                "nothing to enforce: add an [edge] table, a [tunnel] table, or both",
-            ));
-        }
+        // Neither [edge] nor [tunnel] is valid (the packaged config, before
+        // it is edited), but `up` refuses it: see `Config::check_enforces`.
         Ok(Policy {
             edge,
             tunnel,
@@ -1123,6 +1159,17 @@ impl Validator<'_> {
                 queue: usize::try_from(queue).unwrap_or(usize::MAX),
             });
         }
+        if let Some(name) = raw.socket_group {
+            let gid = group_id(&name).ok_or_else(|| {
+                self.at.invalid(
+                    "audit.socket_group",
+                    format!(
+                        "no group \"{name}\" on this host; create it (groupadd) or name another"
+                    ),
+                )
+            })?;
+            audit.socket_group = Some(SocketGroup { name, gid });
+        }
         Ok(audit)
     }
 
@@ -1413,7 +1460,18 @@ mod tests {
         expect_error(&tunnel_with(&[nameless]), "tunnel.peer[0].name", 3);
         let homeless = "[[tunnel.peer]]\nname = \"a\"";
         expect_error(&tunnel_with(&[homeless]), "tunnel.peer[0].addresses", 3);
-        expect_error(AUDIT, "edge", 1);
+        let idle = parse_ok(AUDIT);
+        assert!(idle.policy.edge.is_none() && idle.policy.tunnel.is_none());
+        let refused = idle
+            .check_enforces()
+            .expect_err("`up` must refuse a config with nothing to enforce");
+        assert!(
+            refused.to_string().contains("nothing to enforce"),
+            "{refused}"
+        );
+        parse_ok(&edge_with(""))
+            .check_enforces()
+            .unwrap_or_else(|e| panic!("an edge is something to enforce: {e}"));
     }
 
     #[test]
@@ -2298,6 +2356,26 @@ path = "/var/log/ztxdp/audit.jsonl"
             None,
             "no listener unless it is set"
         );
+    }
+
+    #[test]
+    fn the_socket_group_is_a_group_of_this_host() {
+        let audit = |extra: &str| format!("{}{extra}\n", edge_with(""));
+        let root = parse_ok(&audit("socket_group = \"root\""));
+        assert_eq!(
+            root.policy.audit.socket_group,
+            Some(SocketGroup {
+                name: "root".into(),
+                gid: 0
+            })
+        );
+        assert_eq!(parse_ok(&audit("")).policy.audit.socket_group, None);
+        let shown = expect_error(
+            &audit("socket_group = \"no-such-group-zt\""),
+            "audit.socket_group",
+            8,
+        );
+        assert!(shown.contains("no group"), "{shown}");
     }
 
     #[test]

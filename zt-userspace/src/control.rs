@@ -18,6 +18,7 @@ use zt_common::{PeerInfo, map, program, reason};
 
 use crate::{
     attach::{self, AttachError, Attached, Attachment},
+    build_info::Build,
     config::{Config, GrantError, parse_cli_grant},
     grants::{GrantsError, GrantsLock, RuntimeGrants},
     identity::{self, Identity},
@@ -108,6 +109,11 @@ pub struct DaemonStatus {
     /// Whether the daemon writes the audit trail, as it answers on its
     /// control socket; `None` when no daemon answers.
     pub audit: Option<crate::audit::Health>,
+    /// The binary that loaded the programs, from the identity file.
+    pub build: Option<Build>,
+    /// Whether the programs came from this binary's BPF object (see
+    /// [`Build::is_this_object`]); `None` when their build is unknown.
+    pub this_binary: Option<bool>,
 }
 
 /// `ztxdp status`.
@@ -149,14 +155,7 @@ fn program_status(
             (reason::name(code), verdict)
         })
         .collect();
-    // Only decisions: the event counters (suppressed, lost) count records.
-    let total = |allow: bool| -> u64 {
-        reason::ALL
-            .iter()
-            .filter(|&&code| reason::is_allow(code) == allow)
-            .filter_map(|code| by_code.get(code))
-            .sum()
-    };
+    let (passed, dropped) = crate::tables::passed_dropped(&by_code);
     let maps = tables.fill_levels()?;
     let capacity = tables.capacities();
     let mut peers = Vec::new();
@@ -180,8 +179,8 @@ fn program_status(
         attachment: a.clone(),
         counters,
         verdicts,
-        passed: total(true),
-        dropped: total(false),
+        passed,
+        dropped,
         maps,
         capacity,
         peers,
@@ -306,11 +305,14 @@ pub async fn programs() -> Result<(Programs, Option<Identity>), ControlError> {
 fn daemon_status(running: Option<&Identity>) -> DaemonStatus {
     let serving_events = crate::audit::stream::socket_path()
         .is_ok_and(|path| std::os::unix::net::UnixStream::connect(path).is_ok());
+    let build = running.and_then(|r| r.build.clone());
     DaemonStatus {
         pid: running.map(|r| r.pid).filter(|&pid| is_ztxdp(pid)),
         serving_events,
         config: running.map(|r| r.config.clone()),
         audit: crate::reload::audit_health().ok(),
+        this_binary: build.as_ref().map(Build::is_this_object),
+        build,
     }
 }
 

@@ -27,7 +27,7 @@ use crate::{
     identity::{self, Identity},
     loader::{self, LoadError},
     lockout::{self, LockoutError},
-    metrics,
+    metrics, notify,
     policy::TunnelPolicy,
     reload,
     tables::{Contents, Tables, TablesError},
@@ -148,11 +148,13 @@ pub async fn up(opts: &UpOptions, ready: impl FnOnce(&Enforcing)) -> Result<(), 
         config,
         tables: &mut tables,
         ids,
+        last_reload: None,
     };
     running.refresh_metrics(&trail);
     if let Some(listener) = scrapes {
         tokio::spawn(metrics::serve(listener, running.metrics.clone()));
     }
+    notify::ready(&status_line(&enforcing, &running));
     let stop = stream_audit(
         &mut feed,
         &mut trail,
@@ -162,6 +164,7 @@ pub async fn up(opts: &UpOptions, ready: impl FnOnce(&Enforcing)) -> Result<(), 
     )
     .await;
     if matches!(stop, Ok(Stop::Signal)) {
+        notify::stopping();
         if opts.keep_attached {
             // A service manager's stop or restart must not open the host
             // until the next `up` swaps in its programs.
@@ -316,6 +319,7 @@ fn checked_config(
     if let (Some(iface), Some(tunnel)) = (&opts.tunnel_iface, config.policy.tunnel.as_mut()) {
         tunnel.interface.clone_from(iface);
     }
+    config.check_enforces()?;
     config.check_interfaces()?;
     if let Some(edge) = &config.policy.edge
         && !opts.allow_lockout
@@ -345,6 +349,8 @@ struct Running<'a> {
     ids: ProgramIds,
     /// What scrapes of `metrics.listen` read besides the kernel's counters.
     metrics: metrics::Shared,
+    /// The outcome of the last reload, for the service manager's status.
+    last_reload: Option<String>,
 }
 
 impl Running<'_> {
@@ -650,6 +656,9 @@ async fn stream_audit(
                     tracing::info!("our programs were removed or replaced by another ztxdp; exiting");
                     break Stop::Superseded;
                 }
+                if notify::listening() {
+                    notify::status(&status_line(enforcing, running));
+                }
             }
             _ = sync.tick() => trail.sync(),
             client = trail.accept() => match client {
@@ -662,7 +671,7 @@ async fn stream_audit(
             },
             Some((request, reply)) = pending.recv() => {
                 let _ = reply.send(match request {
-                    reload::Request::Reload => match logged_reload(running, feed, trail) {
+                    reload::Request::Reload => match logged_reload(running, feed, trail, enforcing) {
                         Ok(summary) => reload::Reply::Applied { summary },
                         Err(message) => reload::Reply::Refused { message },
                     },
@@ -671,7 +680,7 @@ async fn stream_audit(
                     },
                 });
             }
-            _ = sighup.recv() => drop(logged_reload(running, feed, trail)),
+            _ = sighup.recv() => drop(logged_reload(running, feed, trail, enforcing)),
             _ = sigint.recv() => break Stop::Signal,
             _ = sigterm.recv() => break Stop::Signal,
         }
@@ -681,13 +690,16 @@ async fn stream_audit(
 }
 
 /// [`reload`], logged: the audit trail has no record kind for the daemon's
-/// own actions, so a reload goes to the daemon's log.
+/// own actions, so a reload goes to the daemon's log, and its outcome to
+/// the service manager's status line.
 fn logged_reload(
     running: &mut Running<'_>,
     feed: &mut Feed,
     trail: &mut Trail,
+    enforcing: &Enforcing,
 ) -> Result<String, String> {
-    match reload(running, feed, trail) {
+    notify::reloading();
+    let result = match reload(running, feed, trail) {
         Ok(summary) => {
             tracing::info!(config = %running.opts.config.display(), "policy reloaded: {summary}");
             Ok(summary)
@@ -697,7 +709,43 @@ fn logged_reload(
             tracing::warn!("reload refused, the running policy is unchanged: {message}");
             Err(message)
         }
+    };
+    running.last_reload = Some(match &result {
+        Ok(summary) => summary.clone(),
+        Err(message) => format!("reload refused, the running policy is unchanged: {message}"),
+    });
+    notify::ready(&status_line(enforcing, running));
+    result
+}
+
+/// The service manager's status line: where the programs are attached,
+/// with their pass and drop totals, and how the last reload went.
+fn status_line(enforcing: &Enforcing, running: &Running<'_>) -> String {
+    let totals = |program| match running.tables.passed_dropped(program) {
+        Ok((passed, dropped)) => format!("{passed} passed, {dropped} dropped"),
+        Err(e) => format!("counters unreadable ({e})"),
+    };
+    let mut parts = Vec::new();
+    if let Some((a, _)) = &enforcing.edge {
+        parts.push(format!("edge {}: {}", a.interface, totals(program::EDGE)));
     }
+    if let Some(a) = &enforcing.tunnel {
+        let peers = running
+            .config
+            .policy
+            .tunnel
+            .as_ref()
+            .map_or(0, |t| t.peers.len());
+        parts.push(format!(
+            "tunnel {} ({peers} peers): {}",
+            a.interface,
+            totals(program::TUNNEL)
+        ));
+    }
+    if let Some(outcome) = &running.last_reload {
+        parts.push(format!("last reload: {outcome}"));
+    }
+    format!("enforcing; {}", parts.join("; "))
 }
 
 /// Once our programs are detached or replaced, their maps change no more:

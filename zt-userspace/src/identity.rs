@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     attach::Attached,
     audit::stream,
+    build_info::Build,
     config::{Config, ConfigError},
     grants,
     policy::TunnelPolicy,
@@ -84,6 +85,10 @@ pub struct Identity {
     /// Kernel ids of the programs it describes.
     pub edge_program_id: Option<u32>,
     pub tunnel_program_id: Option<u32>,
+    /// The binary that loaded them; `None` in a file written before it
+    /// was recorded.
+    #[serde(default)]
+    pub build: Option<Build>,
 }
 
 impl Identity {
@@ -103,6 +108,7 @@ impl Identity {
             pid: std::process::id(),
             edge_program_id,
             tunnel_program_id,
+            build: Some(Build::this()),
         }
     }
 

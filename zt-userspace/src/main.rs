@@ -8,7 +8,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory as _, Parser, Subcommand};
 use ztxdp::{
     config::Config,
     control::{self, Status},
@@ -63,6 +63,7 @@ macro_rules! outln {
 #[command(
     name = "ztxdp",
     version,
+    long_version = ztxdp::build_info::LONG_VERSION,
     about = "Zero-trust packet authorization: XDP on the external interface, per-peer grants on WireGuard",
     after_help = "Examples:\n  \
         ztxdp check --config /etc/ztxdp/ztxdp.toml\n  \
@@ -204,6 +205,14 @@ enum Command {
         #[arg(long, value_name = "FILE", help = EVENTS_CONFIG_HELP)]
         config: Option<PathBuf>,
     },
+    /// Write bash, zsh and fish completions into DIR/completions and the
+    /// ztxdp(8) man pages into DIR/man, made from this command line's own
+    /// definitions (the Debian package ships them).
+    #[command(after_help = "Example:\n  ztxdp generate --out /tmp/ztxdp-docs")]
+    Generate {
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -334,18 +343,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 .await
                 .context("ztxdp up failed; nothing was left half-applied")?;
         }
-        Command::Check { config } => {
-            let c = Config::load(&config)?;
-            outln!(
-                "{}: ok (edge: {}, tunnel: {} peers)",
-                config.display(),
-                c.policy
-                    .edge
-                    .as_ref()
-                    .map_or("none", |e| e.interface.as_str()),
-                c.policy.tunnel.as_ref().map_or(0, |t| t.peers.len())
-            );
-        }
+        Command::Check { config } => check(&config)?,
         Command::Status { json } => {
             let s = control::status().await.context("ztxdp status")?;
             if json {
@@ -404,8 +402,31 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             };
             events(format, config.as_deref())?;
         }
+        Command::Generate { out } => {
+            for path in ztxdp::docs::generate(Cli::command(), &out)? {
+                outln!("{}", path.display());
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `ztxdp check`: the config is valid; notes what `up` would still refuse.
+fn check(config: &Path) -> anyhow::Result<()> {
+    let c = Config::load(config)?;
+    outln!(
+        "{}: ok (edge: {}, tunnel: {} peers)",
+        config.display(),
+        c.policy
+            .edge
+            .as_ref()
+            .map_or("none", |e| e.interface.as_str()),
+        c.policy.tunnel.as_ref().map_or(0, |t| t.peers.len())
+    );
+    if let Err(e) = c.check_enforces() {
+        outln!("note: `ztxdp up` refuses it as it is: {e}");
+    }
+    Ok(())
 }
 
 async fn list(json: bool, config: Option<&Path>) -> anyhow::Result<()> {
@@ -691,6 +712,21 @@ fn print_status(s: &Status) -> anyhow::Result<()> {
     }
     if let Some(a) = &d.audit {
         print_audit_health(a)?;
+    }
+    match (&d.build, d.this_binary) {
+        (Some(b), Some(true)) => outln!(
+            "programs: from this binary's BPF object (ztxdp {}, commit {})",
+            b.version,
+            b.commit
+        ),
+        (Some(b), _) => outln!(
+            "programs: loaded by ztxdp {} (commit {}, bpf sha256 {}), not from this binary's \
+             BPF object; `ztxdp up` again (or restart the service) to run this one",
+            b.version,
+            b.commit,
+            b.bpf_sha256
+        ),
+        (None, _) => outln!("programs: loaded by an unknown build (no identity file names it)"),
     }
     for (label, p) in [("edge", &s.programs.edge), ("tunnel", &s.programs.tunnel)] {
         let Some(p) = p else { continue };

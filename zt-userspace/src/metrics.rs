@@ -31,6 +31,7 @@ use zt_common::reason;
 
 use crate::{
     audit::Health,
+    build_info,
     control::{self, Programs},
 };
 
@@ -361,13 +362,9 @@ pub fn render(programs: &Programs, daemon: &Daemon) -> Result<String, std::fmt::
         "ztxdp_build",
         "The ztxdp binary",
         Info::new(vec![
-            ("version", env!("CARGO_PKG_VERSION").to_owned()),
-            (
-                "commit",
-                option_env!("ZTXDP_GIT_COMMIT")
-                    .unwrap_or("unknown")
-                    .to_owned(),
-            ),
+            ("version", build_info::VERSION.to_owned()),
+            ("commit", build_info::COMMIT.to_owned()),
+            ("bpf_sha256", build_info::BPF_SHA256.to_owned()),
         ]),
     );
     let mut text = String::new();

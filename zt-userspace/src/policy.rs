@@ -209,6 +209,16 @@ pub struct AuditSettings {
     pub syslog: Option<SyslogSettings>,
     /// Where the trail's head is persisted outside the trail (`audit.state`).
     pub state: PathBuf,
+    /// The group whose members may read the live stream (`ztxdp events
+    /// --follow`) besides root (`audit.socket_group`); `None`: root only.
+    pub socket_group: Option<SocketGroup>,
+}
+
+/// A group of this host, by name and id (`audit.socket_group`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SocketGroup {
+    pub name: String,
+    pub gid: u32,
 }
 
 impl AuditSettings {
@@ -232,6 +242,7 @@ impl AuditSettings {
             fsync: Self::DEFAULT_FSYNC,
             syslog: None,
             state: PathBuf::from(Self::DEFAULT_STATE),
+            socket_group: None,
         }
     }
 }

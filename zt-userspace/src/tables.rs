@@ -47,6 +47,20 @@ pub enum TablesError {
     },
 }
 
+/// Packets passed and dropped in `counters` (by reason code, as
+/// [`Tables::counters`] returns them): the sums of the decision counters.
+#[must_use]
+pub fn passed_dropped(counters: &BTreeMap<u32, u64>) -> (u64, u64) {
+    let total = |allow: bool| -> u64 {
+        reason::ALL
+            .iter()
+            .filter(|&&code| reason::is_allow(code) == allow)
+            .filter_map(|code| counters.get(code))
+            .sum()
+    };
+    (total(true), total(false))
+}
+
 fn map_err(name: &'static str) -> impl FnOnce(MapError) -> TablesError {
     move |source| TablesError::Map { name, source }
 }
@@ -290,6 +304,15 @@ impl Tables {
             out.insert(code, cpus.iter().map(|c| c[idx]).sum());
         }
         Ok(out)
+    }
+
+    /// Packets passed and dropped by one program: the sums of its decision
+    /// counters (the event counters, suppressed and lost, count records).
+    ///
+    /// # Errors
+    /// When the counter map cannot be read.
+    pub fn passed_dropped(&self, program: u32) -> Result<(u64, u64), TablesError> {
+        Ok(passed_dropped(&self.counters(program)?))
     }
 
     /// Every CPU's counters. Read through a read-only mapping of the

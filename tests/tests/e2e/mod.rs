@@ -295,6 +295,29 @@ pub fn mac(ns: &NetNs, interface: &str) -> [u8; 6] {
     mac
 }
 
+/// Not opened by the lab policy: every SYN to it is a `port_not_allowed` deny.
+pub const CLOSED_PORT: u16 = 5432;
+
+/// `count` TCP SYNs to the edge's closed port from the outsider's link, from
+/// each of `sources` addresses of 198.18.0.0/15 starting at `first`,
+/// round-robin over the sources.
+pub fn flood(lab: &Lab, first: u32, sources: u32, count: u32) {
+    let eth = Ethernet {
+        dst: mac(lab.edge(), HOST_INTERFACE),
+        src: mac(lab.outsider(), HOST_INTERFACE),
+        tags: vec![],
+    };
+    let syn = Transport::tcp_syn(CLOSED_PORT);
+    let frames: Vec<Vec<u8>> = (0..count)
+        .flat_map(|_| first..first + sources)
+        .map(|i| eth.ipv4(&Ipv4::new(Ipv4Addr::from(0xc612_0000 + i), EDGE_V4), &syn))
+        .collect();
+    // In slices: each call is one AF_PACKET socket on a short-lived thread.
+    for chunk in frames.chunks(2000) {
+        send_frames(lab.outsider(), HOST_INTERFACE, chunk);
+    }
+}
+
 /// The reference lab (`zt_tests::lab`).
 pub fn build_lab() -> Lab {
     Lab::create().unwrap_or_else(|e| panic!("building the lab (root?): {e:?}"))
@@ -777,29 +800,5 @@ pub fn expect_audit(path: &Path, what: &str, matches: impl Fn(&Value) -> bool) -
             );
         }
         thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// Not opened by the lab's edge policy: every SYN to it is a
-/// `port_not_allowed` deny.
-pub const CLOSED_PORT: u16 = 5432;
-
-/// `count` TCP SYNs to the edge's closed port from the outsider's link, from
-/// each of `sources` addresses of 198.18.0.0/15 starting at `first`,
-/// round-robin over the sources.
-pub fn flood(lab: &Lab, first: u32, sources: u32, count: u32) {
-    let eth = Ethernet {
-        dst: mac(lab.edge(), HOST_INTERFACE),
-        src: mac(lab.outsider(), HOST_INTERFACE),
-        tags: vec![],
-    };
-    let syn = Transport::tcp_syn(CLOSED_PORT);
-    let frames: Vec<Vec<u8>> = (0..count)
-        .flat_map(|_| first..first + sources)
-        .map(|i| eth.ipv4(&Ipv4::new(Ipv4Addr::from(0xc612_0000 + i), EDGE_V4), &syn))
-        .collect();
-    // In slices: each call is one AF_PACKET socket on a short-lived thread.
-    for chunk in frames.chunks(2000) {
-        send_frames(lab.outsider(), HOST_INTERFACE, chunk);
     }
 }

@@ -101,6 +101,17 @@ pub enum AuditError {
         #[source]
         source: io::Error,
     },
+    #[error(
+        "cannot give {} to group {group} (audit.socket_group): {source}; \
+         the daemon needs CAP_CHOWN for it",
+        path.display()
+    )]
+    SocketGroup {
+        path: PathBuf,
+        group: String,
+        #[source]
+        source: io::Error,
+    },
     #[error("audit ring buffer: {source}")]
     Ring {
         #[source]
@@ -454,7 +465,7 @@ impl Trail {
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
         tracing::info!(path = %self.settings.path.display(), next_seq = writer.next_seq(), "audit trail open");
-        let server = Server::bind()?;
+        let server = Server::bind(self.settings.socket_group.as_ref())?;
         let syslog = self
             .settings
             .syslog

@@ -5,7 +5,10 @@
 //! by every `ip netns exec` (which remounts only `/sys`), and the inode of
 //! `/proc/thread-self/ns/net` names the network namespace, so `ztxdp events` finds
 //! the daemon of its own namespace from any shell in it. The directory is
-//! root's alone (mode 0700): the stream carries the whole audit trail.
+//! root's alone (mode 0700), and the socket too (0600): the stream carries
+//! the whole audit trail. With `audit.socket_group` the socket is that
+//! group's too (0660), and the directory lets the group through to it
+//! (0710: it can open a name it knows, not list the others).
 //!
 //! Each line the daemon sends is a JSON [`Message`]. A record goes out only
 //! after it is in the file. A client that reads too slowly to keep up gets
@@ -35,7 +38,7 @@ use super::{
     record::Record,
     writer::{self, Sealed},
 };
-use crate::policy::AuditFormat;
+use crate::policy::{AuditFormat, SocketGroup};
 
 /// Directory of the per-namespace sockets.
 pub const SOCKET_DIR: &str = "/run/ztxdp";
@@ -171,15 +174,22 @@ pub struct Server {
 }
 
 impl Server {
-    /// Binds the namespace's socket, replacing a stale one.
+    /// Binds the namespace's events socket, replacing a stale one, for
+    /// root and the members of `group` (`audit.socket_group`).
     ///
     /// # Errors
-    /// When the directory or the socket cannot be created.
-    pub fn bind() -> Result<Self, AuditError> {
-        Self::bind_named("events")
+    /// When the directory or the socket cannot be created, or given to
+    /// the group.
+    pub fn bind(group: Option<&SocketGroup>) -> Result<Self, AuditError> {
+        let server = Self::bind_named("events")?;
+        if let Some(group) = group {
+            server.share(group)?;
+        }
+        Ok(server)
     }
 
-    /// Binds the namespace's socket `name` (see [`socket_path_named`]).
+    /// Binds the namespace's socket `name` (see [`socket_path_named`]),
+    /// root's alone.
     ///
     /// # Errors
     /// When the directory or the socket cannot be created.
@@ -207,6 +217,22 @@ impl Server {
             path,
             ino,
         })
+    }
+
+    /// Lets the members of `group` connect: the socket becomes the
+    /// group's with mode 0660, and the directory 0710 with that group.
+    fn share(&self, group: &SocketGroup) -> Result<(), AuditError> {
+        let give = |path: &Path, mode: u32| {
+            std::os::unix::fs::chown(path, None, Some(group.gid))
+                .and_then(|()| fs::set_permissions(path, fs::Permissions::from_mode(mode)))
+                .map_err(|source| AuditError::SocketGroup {
+                    path: path.to_owned(),
+                    group: group.name.clone(),
+                    source,
+                })
+        };
+        give(Path::new(SOCKET_DIR), 0o710)?;
+        give(&self.path, 0o660)
     }
 
     /// The next client. Cancel-safe.
