@@ -193,7 +193,8 @@ fn clock_ns(clock: libc::clockid_t) -> i128 {
 const LOCK_WAIT: Duration = Duration::from_secs(30);
 /// Records kept for live readers that fall behind.
 const LIVE_BUFFER: usize = 65_536;
-/// Time the syslog forwarder gets at shutdown to send what is queued.
+/// Time the syslog forwarder gets at shutdown to send what is queued and
+/// have the collector acknowledge it.
 const FORWARD_GRACE: Duration = Duration::from_secs(2);
 /// The first retry after the file refused a write, and the longest wait
 /// between two: space freed is noticed within seconds, and a disk that
