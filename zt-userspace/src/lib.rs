@@ -17,6 +17,7 @@ pub mod lockout;
 pub mod model;
 pub mod policy;
 pub mod reload;
+pub mod report;
 pub mod tables;
 
 /// The compiled BPF object holding `zt_edge` and `zt_tunnel`.
