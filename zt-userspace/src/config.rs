@@ -431,8 +431,42 @@ impl Locator<'_> {
             path: self.path.to_owned(),
             line,
             key: key.to_owned(),
-            message: message.into(),
+            message: printable(&message.into()),
         }
+    }
+}
+
+/// `text` with control characters (a newline) and the characters that
+/// reorder text on a terminal (a right-to-left override) escaped: an error
+/// message quotes what the file says, and must stay one honest line.
+fn printable(text: &str) -> String {
+    let hidden = |c: char| {
+        c.is_control()
+            || matches!(c, '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    };
+    text.chars()
+        .fold(String::with_capacity(text.len()), |mut out, c| {
+            if hidden(c) {
+                out.extend(c.escape_default());
+            } else {
+                out.push(c);
+            }
+            out
+        })
+}
+
+/// A key of the file as it appears in a dotted path: bare when TOML
+/// allows it bare, else quoted and escaped, so that `"a.b"` is not the
+/// table `a`'s key `b` and a newline in a key is not one in a message.
+fn path_segment(key: &str) -> String {
+    if !key.is_empty()
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
+        key.to_owned()
+    } else {
+        format!("\"{}\"", printable(&key.escape_default().to_string()))
     }
 }
 
@@ -464,10 +498,11 @@ struct Entry {
 
 fn collect_entries(table: &DeTable<'_>, prefix: &str, out: &mut Vec<Entry>) {
     for (key, value) in table {
+        let segment = path_segment(key.get_ref());
         let path = if prefix.is_empty() {
-            key.get_ref().to_string()
+            segment
         } else {
-            format!("{prefix}.{}", key.get_ref())
+            format!("{prefix}.{segment}")
         };
         out.push(Entry {
             path: path.clone(),
@@ -530,7 +565,7 @@ fn toml_error(
 ) -> ConfigError {
     let offset = error.span().map_or(0, |s| s.start);
     let (line, column) = index.position(offset);
-    let message = error.message().trim().to_owned();
+    let message = printable(error.message().trim());
     match entry_at(entries, offset, syntax) {
         Some(entry) => ConfigError::Invalid {
             path: path.to_owned(),
