@@ -174,12 +174,20 @@ struct TestCounts {
     ignored: u64,
 }
 
+/// Seconds each fuzz property (`zt-userspace/tests/fuzz_*.rs`: the audit
+/// verifier and the config parser) runs for. A target's properties share
+/// the test threads (two on CI), so the verifier's three take about twice
+/// this and the config parser's two about this. A plain `cargo test`
+/// gives each 3 s.
+const FUZZ_SECONDS: u32 = 20;
+
 /// `cargo test`, its output passed through, the `test result:` lines summed.
 fn cargo_test(ztxdp: &Path, deb: &Path, counts: &mut TestCounts) -> anyhow::Result<()> {
     let mut command = cargo();
     command
         .env("ZTXDP_BIN", ztxdp)
         .env("ZTXDP_DEB", deb)
+        .env("ZTXDP_FUZZ_SECONDS", FUZZ_SECONDS.to_string())
         .args([
             "test",
             "--workspace",

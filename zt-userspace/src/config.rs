@@ -46,6 +46,12 @@ pub const fn peer_name_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-')
 }
 
+/// The largest config or wg-quick file read, so that a huge or endless file
+/// (`/dev/zero`) is refused before it is parsed. The largest config the
+/// kernel maps can hold, every allow-list and peer table full, is about
+/// 100 MB.
+pub const MAX_FILE_BYTES: u64 = 128 << 20;
+
 /// `tunnel.runtime_grants` when the file does not set it.
 const DEFAULT_RUNTIME_GRANTS: &str = "/var/lib/ztxdp/grants.json";
 /// Linux `IFNAMSIZ` minus the terminating NUL.
@@ -337,9 +343,10 @@ impl Config {
     /// Reads and validates the configuration file at `path`.
     ///
     /// # Errors
-    /// [`ConfigError::Read`] when the file cannot be read, else as [`Config::parse`].
+    /// [`ConfigError::Read`] when the file cannot be read or is larger than
+    /// [`MAX_FILE_BYTES`], else as [`Config::parse`].
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = read_bounded(path, MAX_FILE_BYTES).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
         })?;
@@ -472,8 +479,42 @@ impl Locator<'_> {
             path: self.path.to_owned(),
             line,
             key: key.to_owned(),
-            message: message.into(),
+            message: printable(&message.into()),
         }
+    }
+}
+
+/// `text` with control characters (a newline) and the characters that
+/// reorder text on a terminal (a right-to-left override) escaped: an error
+/// message quotes what the file says, and must stay one honest line.
+fn printable(text: &str) -> String {
+    let hidden = |c: char| {
+        c.is_control()
+            || matches!(c, '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    };
+    text.chars()
+        .fold(String::with_capacity(text.len()), |mut out, c| {
+            if hidden(c) {
+                out.extend(c.escape_default());
+            } else {
+                out.push(c);
+            }
+            out
+        })
+}
+
+/// A key of the file as it appears in a dotted path: bare when TOML
+/// allows it bare, else quoted and escaped, so that `"a.b"` is not the
+/// table `a`'s key `b` and a newline in a key is not one in a message.
+fn path_segment(key: &str) -> String {
+    if !key.is_empty()
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
+        key.to_owned()
+    } else {
+        format!("\"{}\"", printable(&key.escape_default().to_string()))
     }
 }
 
@@ -505,10 +546,11 @@ struct Entry {
 
 fn collect_entries(table: &DeTable<'_>, prefix: &str, out: &mut Vec<Entry>) {
     for (key, value) in table {
+        let segment = path_segment(key.get_ref());
         let path = if prefix.is_empty() {
-            key.get_ref().to_string()
+            segment
         } else {
-            format!("{prefix}.{}", key.get_ref())
+            format!("{prefix}.{segment}")
         };
         out.push(Entry {
             path: path.clone(),
@@ -571,7 +613,7 @@ fn toml_error(
 ) -> ConfigError {
     let offset = error.span().map_or(0, |s| s.start);
     let (line, column) = index.position(offset);
-    let message = error.message().trim().to_owned();
+    let message = printable(error.message().trim());
     match entry_at(entries, offset, syntax) {
         Some(entry) => ConfigError::Invalid {
             path: path.to_owned(),
@@ -588,7 +630,48 @@ fn toml_error(
     }
 }
 
+/// Refuses `text` at the `[[tunnel.peer]]` header of the first peer over
+/// `limit`, before the document is parsed: parsing a million peers took
+/// 12.8 s and 2.4 GB only to refuse them then. Headers are recognised
+/// line by line (`[[tunnel.peer]]`, spaces and quoted keys allowed); peers
+/// written as an inline array are counted after the parse, which
+/// [`MAX_FILE_BYTES`] bounds.
+fn count_peer_tables(text: &str, limit: usize, path: &Path) -> Result<(), ConfigError> {
+    let mut count = 0;
+    for (number, line) in (1..).zip(text.lines()) {
+        let Some(header) = line.trim_start().strip_prefix("[[") else {
+            continue;
+        };
+        let Some((name, _)) = header.split_once("]]") else {
+            continue;
+        };
+        let name: String = name
+            .chars()
+            .filter(|c| !c.is_whitespace() && !matches!(c, '"' | '\''))
+            .collect();
+        if name != "tunnel.peer" {
+            continue;
+        }
+        if count == limit {
+            return Err(ConfigError::Invalid {
+                path: path.to_owned(),
+                line: number,
+                key: format!("tunnel.peer[{limit}]"),
+                message: too_many_peers(limit),
+            });
+        }
+        count += 1;
+    }
+    Ok(())
+}
+
+/// Why a config with more than `limit` peers is refused.
+fn too_many_peers(limit: usize) -> String {
+    format!("more than {limit} peers; the kernel peer maps hold no more")
+}
+
 fn parse_with(text: &str, path: &Path, limits: Limits) -> Result<Config, ConfigError> {
+    count_peer_tables(text, limits.peers, path)?;
     let index = LineIndex::new(text);
     // The recoverable parse keeps what it could read, so that even a syntax
     // error inside a value can be attributed to its key.
@@ -886,10 +969,7 @@ impl Validator<'_> {
         if raw_peers.len() > self.limits.peers {
             return Err(self.at.invalid(
                 &format!("tunnel.peer[{}]", self.limits.peers),
-                format!(
-                    "more than {} peers; the kernel peer maps hold no more",
-                    self.limits.peers
-                ),
+                too_many_peers(self.limits.peers),
             ));
         }
         let peers = raw_peers
@@ -1259,6 +1339,27 @@ fn family(net: &IpNet) -> &'static str {
     }
 }
 
+/// The text of the file at `path`, read only up to `limit` bytes
+/// ([`MAX_FILE_BYTES`] for config and wg-quick files).
+///
+/// # Errors
+/// When it cannot be read, is not UTF-8, or is larger.
+pub(crate) fn read_bounded(path: &Path, limit: u64) -> std::io::Result<String> {
+    use std::io::Read as _;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(limit.saturating_add(1))
+        .read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > limit {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::FileTooLarge,
+            format!("larger than {limit} bytes, the most ztxdp reads of such a file"),
+        ));
+    }
+    String::from_utf8(bytes)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.utf8_error()))
+}
+
 pub(crate) fn is_wireguard_key(key: &str) -> bool {
     key.len() == WIREGUARD_KEY_LEN
         && key.ends_with('=')
@@ -1604,6 +1705,74 @@ mod tests {
         // Line 1 [tunnel], 2 interface, then three lines per peer.
         parse_with(&peers_text(2), Path::new(PATH), limits).expect("two peers fit a limit of two");
         expect_error_with(&peers_text(3), limits, "tunnel.peer[2]", 9);
+    }
+
+    #[test]
+    fn peers_over_the_limit_are_refused_before_the_rest_is_read() {
+        let limits = Limits {
+            peers: 2,
+            ..Limits::KERNEL
+        };
+        // The third header (line 10: two lines of [tunnel], three a peer,
+        // one blank) is past the limit; what follows it is not even TOML,
+        // and must not be what the error is about.
+        let text = format!(
+            "[tunnel]\ninterface = \"wg0\"\n{}\n[[ \"tunnel\" . peer ]]  # a third\n= not toml\n{}",
+            ["p0", "p1"]
+                .map(|n| format!("[[tunnel.peer]]\nname = \"{n}\"\naddresses = [\"10.0.0.1\"]\n"))
+                .join(""),
+            "[[tunnel.peer]]\n".repeat(1000)
+        );
+        let shown = expect_error_with(&text, limits, "tunnel.peer[2]", 10);
+        assert!(
+            shown.contains("more than 2 peers"),
+            "the message names the limit: {shown}"
+        );
+    }
+
+    #[test]
+    fn peers_over_the_limit_in_an_inline_array_are_refused_after_the_parse() {
+        let limits = Limits {
+            peers: 2,
+            ..Limits::KERNEL
+        };
+        let peer = |i: u8| format!("{{ name = \"p{i}\", addresses = [\"10.0.0.{i}\"] }}");
+        let text = format!(
+            "[tunnel]\ninterface = \"wg0\"\npeer = [\n  {},\n  {},\n  {},\n]\n{AUDIT}",
+            peer(1),
+            peer(2),
+            peer(3)
+        );
+        let shown = expect_error_with(&text, limits, "tunnel.peer[2]", 6);
+        assert!(shown.contains("more than 2 peers"), "{shown}");
+    }
+
+    #[test]
+    fn a_file_over_the_size_limit_is_refused_unread() {
+        let dir = crate::audit::writer::tests::TempDir::new("config-size");
+        let path = dir.0.join("big.toml");
+        std::fs::write(&path, "# a comment\n".repeat(100)).expect("writing the file");
+        let error = read_bounded(&path, 1000).expect_err("1200 bytes over a limit of 1000");
+        assert_eq!(error.kind(), std::io::ErrorKind::FileTooLarge);
+        assert!(
+            error.to_string().contains("larger than 1000 bytes"),
+            "the message names the limit: {error}"
+        );
+        assert_eq!(
+            read_bounded(&path, 1200).map(|text| text.len()).ok(),
+            Some(1200),
+            "a file of exactly the limit is read"
+        );
+        // An endless file is refused after the limit, not read to the end.
+        let error = read_bounded(Path::new("/dev/zero"), 1 << 16).expect_err("endless");
+        assert_eq!(error.kind(), std::io::ErrorKind::FileTooLarge);
+        let error = Config::load(Path::new("/dev/zero")).expect_err("endless");
+        assert!(
+            error.to_string().starts_with("/dev/zero: ")
+                && std::error::Error::source(&error)
+                    .is_some_and(|e| e.to_string().contains(&MAX_FILE_BYTES.to_string())),
+            "{error:?}"
+        );
     }
 
     #[test]

@@ -23,6 +23,7 @@ use crate::{
     grants::{GrantsError, GrantsLock, RuntimeGrants},
     identity::{self, Identity},
     policy::{Grant, TunnelPolicy},
+    report,
     tables::{Tables, TablesError},
 };
 
@@ -35,6 +36,14 @@ pub enum ControlError {
     Tables(#[from] TablesError),
     #[error(transparent)]
     Grants(#[from] GrantsError),
+    #[error(transparent)]
+    Identity(#[from] identity::IdentityError),
+    #[error("cannot tell whether a daemon serves this network namespace ({})", path.display())]
+    Socket {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("no ztxdp program is attached in this network namespace (is `ztxdp up` running?)")]
     NothingAttached,
     #[error("{config} has no [tunnel] section, so there are no peers to grant to")]
@@ -227,20 +236,53 @@ async fn attached() -> Result<Attached, ControlError> {
     Ok(found)
 }
 
-/// The identity of the policy the programs attached here enforce (see
-/// [`Identity::live`]); `None` when none runs or it cannot be told, as
-/// where netlink is unavailable: commands then use the config they are
-/// given, as with nothing running.
-pub async fn running() -> Option<Identity> {
-    Identity::live(&attached().await.ok()?)
+/// What is attached here; nothing where netlink cannot be used (commands
+/// then work on the config they are given, as with nothing running).
+///
+/// # Errors
+/// When the kernel refuses (`EPERM`, `EACCES`): a process without the
+/// privileges cannot tell what runs, and must not act as if nothing did.
+async fn attached_if_known() -> Result<Attached, ControlError> {
+    match attached().await {
+        Err(e) if !report::refused(&e) => Ok(Attached::default()),
+        other => other,
+    }
 }
 
-/// Where `allow`, `revoke`, `list`, `events` and `export nft` find their
-/// config (see [`identity::config_path`]), and the running policy's
-/// identity to check it against.
-pub async fn discover(explicit: Option<&Path>) -> (PathBuf, Option<Identity>) {
-    let running = running().await;
-    (identity::config_path(explicit, running.as_ref()), running)
+/// The identity of the policy the programs attached here enforce (see
+/// [`Identity::live`]); `None` when none runs or it cannot be told, as
+/// where netlink is unavailable.
+///
+/// # Errors
+/// When the kernel or the identity file refuses this process.
+pub async fn running() -> Result<Option<Identity>, ControlError> {
+    Ok(Identity::live(&attached_if_known().await?)?)
+}
+
+/// Where `allow`, `revoke` and `list` find their config (see
+/// [`identity::config_path`]), and the running policy's identity to check
+/// it against.
+///
+/// # Errors
+/// See [`running`].
+pub async fn discover(
+    explicit: Option<&Path>,
+) -> Result<(PathBuf, Option<Identity>), ControlError> {
+    let running = running().await?;
+    Ok((identity::config_path(explicit, running.as_ref()), running))
+}
+
+/// Where `events` and `export nft` find their config (see
+/// [`identity::config_path`]); the running programs are asked only when
+/// the user named none, so these work on a named file without privileges.
+///
+/// # Errors
+/// See [`running`].
+pub async fn config_path(explicit: Option<&Path>) -> Result<PathBuf, ControlError> {
+    match identity::given_config(explicit) {
+        Some(path) => Ok(path),
+        None => Ok(discover(None).await?.0),
+    }
 }
 
 /// Reports what is attached here, with counters and fill levels.
@@ -250,7 +292,7 @@ pub async fn discover(explicit: Option<&Path>) -> (PathBuf, Option<Identity>) {
 pub async fn status() -> Result<Status, ControlError> {
     let (programs, running) = programs().await?;
     Ok(Status {
-        daemon: daemon_status(running.as_ref()),
+        daemon: daemon_status(running.as_ref())?,
         programs,
     })
 }
@@ -283,7 +325,7 @@ pub async fn programs() -> Result<(Programs, Option<Identity>), ControlError> {
         }
         None => None,
     };
-    let running = Identity::live(&found);
+    let running = Identity::live(&found)?;
     let programs = Programs {
         edge: found
             .edge
@@ -302,18 +344,30 @@ pub async fn programs() -> Result<(Programs, Option<Identity>), ControlError> {
 
 /// Whether the daemon of the running policy still runs, and whether a
 /// daemon serves this namespace's events socket.
-fn daemon_status(running: Option<&Identity>) -> DaemonStatus {
-    let serving_events = crate::audit::stream::socket_path()
-        .is_ok_and(|path| std::os::unix::net::UnixStream::connect(path).is_ok());
+///
+/// # Errors
+/// When this process may not connect to the socket (it is root's): it
+/// cannot tell, and must not report that no daemon writes the trail.
+fn daemon_status(running: Option<&Identity>) -> Result<DaemonStatus, ControlError> {
+    let serving_events = match crate::audit::stream::socket_path() {
+        Ok(path) => match std::os::unix::net::UnixStream::connect(&path) {
+            Ok(_) => true,
+            Err(source) if report::refused_io(&source) => {
+                return Err(ControlError::Socket { path, source });
+            }
+            Err(_) => false,
+        },
+        Err(_) => false,
+    };
     let build = running.and_then(|r| r.build.clone());
-    DaemonStatus {
+    Ok(DaemonStatus {
         pid: running.map(|r| r.pid).filter(|&pid| is_ztxdp(pid)),
         serving_events,
         config: running.map(|r| r.config.clone()),
         audit: crate::reload::audit_health().ok(),
         this_binary: build.as_ref().map(Build::is_this_object),
         build,
-    }
+    })
 }
 
 /// Whether `pid` is a live (not zombie) ztxdp process: a pid reused by
@@ -497,8 +551,7 @@ pub async fn list(config: &Config) -> Result<Vec<PeerGrants>, ControlError> {
     let tunnel = tunnel_of(config)?;
     let runtime = RuntimeGrants::load(&tunnel.runtime_grants)?;
     let merged = runtime.apply(tunnel);
-    // Where netlink cannot be used nothing can be running here.
-    let found = attached().await.unwrap_or_default();
+    let found = attached_if_known().await?;
     let tables = tunnel_attachment(&found, tunnel)
         .map(|a| Tables::from_map_ids(&a.map_ids))
         .transpose()?;

@@ -507,18 +507,6 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     out
 }
 
-/// The error and its causes on one line, as the command line prints them.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
-}
-
 /// Graceful stop: removes exactly what we attached, if it is still ours.
 async fn detach(handle: &rtnetlink::Handle, enforcing: &Enforcing) {
     if let Some((a, _)) = &enforcing.edge
@@ -705,7 +693,7 @@ fn logged_reload(
             Ok(summary)
         }
         Err(e) => {
-            let message = chain(&e);
+            let message = crate::report::chain(&e);
             tracing::warn!("reload refused, the running policy is unchanged: {message}");
             Err(message)
         }

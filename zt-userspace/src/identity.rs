@@ -45,6 +45,12 @@ pub enum IdentityError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot read the running policy's identity {}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot find this network namespace (/proc/thread-self/ns/net): {source}")]
     Namespace {
         #[source]
@@ -130,16 +136,29 @@ impl Identity {
 
     /// The identity of the programs attached here: the file, if the
     /// program ids it records are the attached ones. `None` when nothing
-    /// is attached, or the file is missing, unreadable or stale.
-    #[must_use]
-    pub fn live(attached: &Attached) -> Option<Self> {
-        let text = std::fs::read_to_string(path().ok()?).ok()?;
-        let id: Self = serde_json::from_str(&text).ok()?;
+    /// is attached, or the file is missing, not an identity, or stale.
+    ///
+    /// # Errors
+    /// When the file is there but cannot be read: a user who may not read
+    /// it (it is root's) cannot tell which config runs, and must not be
+    /// told that none does.
+    pub fn live(attached: &Attached) -> Result<Option<Self>, IdentityError> {
+        if attached.is_empty() {
+            return Ok(None);
+        }
+        let path = path()?;
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(IdentityError::Read { path, source }),
+        };
+        let Ok(id) = serde_json::from_str::<Self>(&text) else {
+            return Ok(None);
+        };
         let ids = |found: &[crate::attach::Attachment]| found.first().map(|a| a.program_id);
-        let matches = !attached.is_empty()
-            && id.edge_program_id == ids(&attached.edge)
+        let matches = id.edge_program_id == ids(&attached.edge)
             && id.tunnel_program_id == ids(&attached.tunnel);
-        matches.then_some(id)
+        Ok(matches.then_some(id))
     }
 
     /// Whether `config` is the policy these programs enforce: the same
@@ -227,15 +246,19 @@ pub fn path() -> Result<PathBuf, IdentityError> {
 /// (`running`, the live identity), then [`DEFAULT_CONFIG`].
 #[must_use]
 pub fn config_path(explicit: Option<&Path>, running: Option<&Identity>) -> PathBuf {
-    explicit
-        .map(Path::to_owned)
-        .or_else(|| {
-            std::env::var_os(CONFIG_ENV)
-                .filter(|v| !v.is_empty())
-                .map(PathBuf::from)
-        })
+    given_config(explicit)
         .or_else(|| running.map(|r| r.config.clone()))
         .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG))
+}
+
+/// The config the user named: `--config`, else `$ZTXDP_CONFIG`.
+#[must_use]
+pub fn given_config(explicit: Option<&Path>) -> Option<PathBuf> {
+    explicit.map(Path::to_owned).or_else(|| {
+        std::env::var_os(CONFIG_ENV)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    })
 }
 
 /// Loads the config at `path` (from [`config_path`]) and checks it against

@@ -21,6 +21,7 @@ pub mod model;
 pub mod notify;
 pub mod policy;
 pub mod reload;
+pub mod report;
 pub mod tables;
 
 /// The compiled BPF object holding `zt_edge` and `zt_tunnel`.

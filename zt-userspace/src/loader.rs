@@ -17,7 +17,11 @@ use crate::{
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     #[error("loading the BPF object failed (is this kernel 5.15 or newer with BTF?)")]
-    Object(#[from] aya::EbpfError),
+    Object(#[source] aya::EbpfError),
+    /// The kernel refused a map or program for lack of privileges: the
+    /// kernel's version is not in question.
+    #[error("the kernel refused to load the BPF object")]
+    Refused(#[source] aya::EbpfError),
     #[error("the BPF object has no program {name}")]
     MissingProgram { name: &'static str },
     #[error("could not read this machine's CPU numbers from {POSSIBLE_CPUS}")]
@@ -89,7 +93,14 @@ pub fn load(opts: LoadOptions) -> Result<Ebpf, LoadError> {
         .map_max_entries(map::FLOWS, opts.flow_entries)
         .map_max_entries(map::CPU_STATE, cpus)
         .map_max_entries(map::SUMMARY_CACHE, cpus.saturating_mul(SUMMARY_CACHE_SLOTS))
-        .load(crate::BPF_OBJECT)?;
+        .load(crate::BPF_OBJECT)
+        .map_err(|e| {
+            if crate::report::refused(&e) {
+                LoadError::Refused(e)
+            } else {
+                LoadError::Object(e)
+            }
+        })?;
     let edge: &mut Xdp = program_mut(&mut ebpf, program::EDGE_NAME)?;
     edge.load().map_err(|source| LoadError::Program {
         name: program::EDGE_NAME,

@@ -13,7 +13,7 @@ use ztxdp::{
     config::Config,
     control::{self, Status},
     daemon::{self, Enforcing, UpOptions},
-    identity,
+    identity, report,
 };
 
 use ztxdp::identity::DEFAULT_CONFIG;
@@ -295,7 +295,11 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) if e.chain().any(<dyn std::error::Error>::is::<StdoutClosed>) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("ztxdp: {e:#}");
+            eprintln!("ztxdp: {}", report::chain(e.as_ref()));
+            if let Some(privileges) = lacking_privileges(&e) {
+                eprintln!("ztxdp: not permitted: {}", privilege_hint(privileges));
+                return ExitCode::from(NOT_PERMITTED);
+            }
             // Bad config, bad arguments and lockout refusals are usage errors (2):
             // nothing was changed.
             let usage = e.chain().any(|c| {
@@ -320,6 +324,52 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         }
+    }
+}
+
+/// Exit status of a command the kernel or the file system refused because
+/// this process lacks root or the capabilities ztxdp needs (`EX_NOPERM` of
+/// sysexits.h); distinct from 1 (failed) and 2 (bad input, nothing changed).
+const NOT_PERMITTED: u8 = 77;
+
+/// The privileges of this process, when `e` is a refusal (`EPERM`,
+/// `EACCES`) for lack of them. A refusal of a process that has them all
+/// (an immutable file, a security module) is an ordinary failure: telling
+/// root to run as root would mislead.
+fn lacking_privileges(e: &anyhow::Error) -> Option<report::Privileges> {
+    if !report::refused(e.as_ref()) {
+        return None;
+    }
+    report::Privileges::current().filter(|p| !p.complete())
+}
+
+/// What to do about a refusal, naming what this process lacks.
+fn privilege_hint(p: report::Privileges) -> String {
+    let missing = words(&p.missing());
+    let lacks = match p.uid {
+        0 => format!("this process lacks {missing}"),
+        uid if missing.is_empty() => format!(
+            "this process has the capabilities but runs as uid {uid}, not root, \
+             so it may open only what that user may"
+        ),
+        uid => format!("this process runs as uid {uid} without {missing}"),
+    };
+    let needed: Vec<&str> = report::NEEDED_CAPABILITIES
+        .iter()
+        .map(|(name, _)| *name)
+        .collect();
+    format!(
+        "ztxdp needs root here, or {} with access to the files and sockets named above; {lacks}",
+        words(&needed)
+    )
+}
+
+/// `a`, `a and b`, `a, b and c`.
+fn words(items: &[&str]) -> String {
+    match items {
+        [] => String::new(),
+        [one] => (*one).to_owned(),
+        [rest @ .., last] => format!("{} and {last}", rest.join(", ")),
     }
 }
 
@@ -384,7 +434,9 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::List { json, config } => list(json, config.as_deref()).await?,
         Command::ImportWg { file, live } => import_wg(file, live)?,
         Command::Export(ExportFormat::Nft { config, conntrack }) => {
-            let (config, _) = control::discover(config.as_deref()).await;
+            let config = control::config_path(config.as_deref())
+                .await
+                .context("ztxdp export nft: finding the running config (or give --config)")?;
             out!("{}", export_nft(&config, conntrack)?);
         }
         Command::Audit(AuditCommand::Verify { state, files }) => {
@@ -398,7 +450,11 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             let config = if follow {
                 None
             } else {
-                Some(control::discover(config.as_deref()).await.0)
+                Some(
+                    control::config_path(config.as_deref())
+                        .await
+                        .context("ztxdp events: finding the running config (or give --config)")?,
+                )
             };
             events(format, config.as_deref())?;
         }
@@ -430,7 +486,7 @@ fn check(config: &Path) -> anyhow::Result<()> {
 }
 
 async fn list(json: bool, config: Option<&Path>) -> anyhow::Result<()> {
-    let (config, running) = control::discover(config).await;
+    let (config, running) = control::discover(config).await.context("ztxdp list")?;
     let c = identity::load_checked(&config, running.as_ref())?;
     let peers = control::list(&c).await.context("ztxdp list")?;
     if json {
@@ -500,7 +556,7 @@ fn import_wg(file: Option<PathBuf>, live: Option<String>) -> anyhow::Result<()> 
         ),
         (None, None) => anyhow::bail!("give a wg-quick FILE or --live IFACE"),
     };
-    out!("{}", ztxdp::import_wg::render(&peers, &origin)?);
+    out!("{}", ztxdp::import_wg::render(&peers, &origin));
     Ok(())
 }
 
@@ -614,21 +670,17 @@ async fn grant_change(
     grant: &str,
     allow: bool,
 ) -> anyhow::Result<()> {
-    let (config, running) = control::discover(config).await;
-    let c = identity::load_checked(&config, running.as_ref()).with_context(|| {
+    let unchanged = || {
         format!(
             "{} {peer} {grant}: nothing was changed",
             if allow { "allow" } else { "revoke" }
         )
-    })?;
+    };
+    let (config, running) = control::discover(config).await.with_context(unchanged)?;
+    let c = identity::load_checked(&config, running.as_ref()).with_context(unchanged)?;
     let change = control::change_grant(&c, peer, grant, allow)
         .await
-        .with_context(|| {
-            format!(
-                "{} {peer} {grant}: nothing was changed",
-                if allow { "allow" } else { "revoke" }
-            )
-        })?;
+        .with_context(unchanged)?;
     let verb = if allow { "allowed" } else { "revoked" };
     let state = if change.live {
         "in effect now"

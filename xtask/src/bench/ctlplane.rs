@@ -1,7 +1,8 @@
 //! Control-plane figures: how long `ztxdp allow` takes, how long `up` takes
 //! to load a large config, how filling the tunnel tables grows with the
-//! peer count, and what the audit trail keeps up with under a deny flood
-//! from many sources.
+//! peer count, what the audit trail keeps up with under a deny flood
+//! from many sources, and how long `import-wg` and `check` take on large
+//! inputs.
 
 use std::{
     net::{IpAddr, Ipv4Addr},
@@ -20,6 +21,7 @@ use super::{
     Plan,
     filters::{self, Env, quiet},
     generator::LiveGen,
+    inputs,
     testrun::{self, median},
     topo::{self, Topology},
     traffic,
@@ -39,6 +41,8 @@ pub struct ControlPlane {
     /// (peers, each with one grant; seconds to fill the tunnel maps).
     pub tunnel_fill_seconds: Vec<(u32, f64)>,
     pub flood: Option<Flood>,
+    /// `import-wg` and `check` of large files.
+    pub inputs: Vec<inputs::Timing>,
 }
 
 /// The audit trail under a deny flood from many sources.
@@ -109,6 +113,16 @@ pub fn run(plan: &Plan, ztxdp: &Path, progress: &Progress) -> anyhow::Result<Con
         flood.events_lost
     ));
     out.flood = Some(flood);
+    out.inputs = inputs::run(plan.smoke, &env.ztxdp, &env.dir)?;
+    for t in &out.inputs {
+        progress.say(format!(
+            "{}, {} MB: {:.2} s CPU, {:.2} s wall",
+            t.what,
+            t.bytes / 1_000_000,
+            t.cpu_seconds,
+            t.seconds
+        ));
+    }
     Ok(out)
 }
 

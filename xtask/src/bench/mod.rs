@@ -17,6 +17,8 @@ mod filters;
 #[cfg(feature = "bench")]
 mod generator;
 #[cfg(feature = "bench")]
+mod inputs;
+#[cfg(feature = "bench")]
 mod mpps;
 #[cfg(feature = "bench")]
 mod plot;

@@ -252,6 +252,7 @@ impl Report {
                     "deny_records_per_second": f.lines_per_second(), "summary_records": f.summary_lines,
                     "events_suppressed": f.events_suppressed, "events_lost": f.events_lost,
                 })),
+                "inputs": c.inputs.iter().map(|t| json!({"what": t.what, "bytes": t.bytes, "runs": t.runs, "seconds": t.seconds, "cpu_seconds": t.cpu_seconds})).collect::<Vec<_>>(),
             })
         });
         json!({
@@ -410,6 +411,17 @@ impl Report {
                     f.summary_lines,
                     f.events_suppressed,
                     f.events_lost
+                );
+            }
+            for t in &c.inputs {
+                let _ = writeln!(
+                    md,
+                    "- {} ({} MB, debug build, least of {} runs): {:.2} s CPU, {:.2} s wall",
+                    t.what,
+                    t.bytes / 1_000_000,
+                    t.runs,
+                    t.cpu_seconds,
+                    t.seconds
                 );
             }
         }

@@ -91,8 +91,16 @@ pub enum StreamError {
         #[source]
         source: io::Error,
     },
-    #[error("no ztxdp daemon serves events in this network namespace ({}); is `ztxdp up` running here?", path.display())]
+    #[error("no ztxdp daemon listens in this network namespace ({}); is `ztxdp up` running here?", path.display())]
     Connect {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// The socket is there, and root's alone: whether a daemon listens
+    /// cannot be told.
+    #[error("may not connect to the daemon's socket {}", path.display())]
+    Refused {
         path: PathBuf,
         #[source]
         source: io::Error,
@@ -350,6 +358,12 @@ pub(crate) fn connect(
                 ) && Instant::now() < deadline =>
             {
                 thread::sleep(Duration::from_millis(50));
+            }
+            Err(source) if crate::report::refused_io(&source) => {
+                return Err(StreamError::Refused {
+                    path: path.to_owned(),
+                    source,
+                });
             }
             Err(source) => {
                 return Err(StreamError::Connect {
