@@ -254,7 +254,7 @@ fn lost_counts(body: &Body, z: &mut Map<String, Value>) {
         z.insert("rate_limited".into(), json!(rate_limited));
         z.insert("ring_full".into(), json!(ring_full));
         z.insert("unwritten".into(), json!(unwritten));
-        z.insert("lost".into(), json!(rate_limited + ring_full + unwritten));
+        z.insert("lost".into(), json!(body.decisions().unwrap_or(0)));
     }
 }
 
@@ -450,7 +450,7 @@ pub fn message(body: &Body) -> String {
         } => format!(
             "{} {} decisions without a record: {rate_limited} rate-limited, {ring_full} lost to a full ring buffer, \
              {unwritten} not written (audit file refused writes)",
-            rate_limited + ring_full + unwritten,
+            body.decisions().unwrap_or(0),
             program.name()
         ),
         Body::SyslogDropped { address, dropped } => {

@@ -197,14 +197,16 @@ impl Body {
     #[must_use]
     pub const fn decisions(&self) -> Option<u64> {
         match self {
-            Self::Decision { suppressed, .. } => Some(1 + *suppressed),
+            // Saturating: a record parsed from a hostile file may carry any
+            // numbers.
+            Self::Decision { suppressed, .. } => Some(suppressed.saturating_add(1)),
             Self::Summary { count, .. } => Some(*count),
             Self::Lost {
                 rate_limited,
                 ring_full,
                 unwritten,
                 ..
-            } => Some(*rate_limited + *ring_full + *unwritten),
+            } => Some(rate_limited.saturating_add(*ring_full).saturating_add(*unwritten)),
             Self::SyslogDropped { .. } | Self::Gap { .. } => None,
         }
     }
