@@ -192,7 +192,7 @@ fn prometheus_scrapes_exactly_what_status_counts() {
         .flat_map(|g| g["rules"].as_array().into_iter().flatten())
         .filter_map(|r| r["name"].as_str())
         .collect();
-    assert_eq!(loaded.len(), 5, "{loaded:?}");
+    assert_eq!(loaded.len(), 6, "{loaded:?}");
     let alerts = api(t.edge(), "alerts", None).unwrap_or_else(|| panic!("no alerts"));
     assert_eq!(
         alerts["alerts"].as_array().map(Vec::len),

@@ -31,7 +31,8 @@ const XDP_FLAGS_REPLACE: u32 = 1 << 4;
 /// Our clsact filter's fixed priority and handle, so a restart can find and
 /// replace it in place instead of stacking a second filter.
 const TC_PRIORITY: u16 = 1;
-const TC_HANDLE: TcHandle = TcHandle::new(0, 0x7a74);
+const TC_HANDLE: TcHandle = TcHandle::new(0, TC_HANDLE_MINOR);
+const TC_HANDLE_MINOR: u16 = 0x7a74;
 
 /// Errors attaching, finding or detaching.
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +64,12 @@ pub enum AttachError {
     },
     #[error("TC on {interface}: {source}")]
     Tc {
+        interface: String,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("TCX programs of {interface}: {source}")]
+    Tcx {
         interface: String,
         #[source]
         source: aya::programs::ProgramError,
@@ -292,8 +299,32 @@ async fn tc_program_ids(
     name: &str,
     direction: TcAttachType,
 ) -> Result<Vec<u32>, AttachError> {
+    Ok(tc_filters(handle, ifindex, name, direction)
+        .await
+        .into_iter()
+        .filter_map(|f| f.program_id)
+        .collect())
+}
+
+/// One clsact filter, as netlink lists it.
+struct TcFilter {
+    /// `bpf`, `u32`, `matchall`, ...
+    kind: String,
+    priority: u16,
+    handle: u32,
+    /// The BPF program it runs, for a `bpf` filter.
+    program_id: Option<u32>,
+}
+
+/// The clsact filters of one direction of an interface.
+async fn tc_filters(
+    handle: &Handle,
+    ifindex: u32,
+    name: &str,
+    direction: TcAttachType,
+) -> Vec<TcFilter> {
     let Ok(index) = i32::try_from(ifindex) else {
-        return Ok(Vec::new());
+        return Vec::new();
     };
     let request = handle.traffic_filter(index).get();
     let request = if direction == TcAttachType::Ingress {
@@ -304,22 +335,197 @@ async fn tc_program_ids(
     let filters: Result<Vec<_>, _> = request.execute().try_collect().await;
     // An interface without clsact answers with an error: no filters, not a failure.
     let Ok(filters) = filters else {
-        tracing::trace!(interface = name, "no ingress filters");
-        return Ok(Vec::new());
+        tracing::trace!(interface = name, ?direction, "no clsact filters");
+        return Vec::new();
     };
-    let mut ids = Vec::new();
+    let mut out = Vec::new();
     for f in filters {
+        let mut kind = String::new();
+        let mut program_id = None;
         for attr in f.attributes {
-            if let TcAttribute::Options(opts) = attr {
-                for o in opts {
-                    if let TcOption::Bpf(TcFilterBpfOption::ProgId(id)) = o {
-                        ids.push(id);
+            match attr {
+                TcAttribute::Kind(k) => kind = k,
+                TcAttribute::Options(opts) => {
+                    for o in opts {
+                        if let TcOption::Bpf(TcFilterBpfOption::ProgId(id)) = o {
+                            program_id = Some(id);
+                        }
                     }
                 }
+                _ => {}
+            }
+        }
+        out.push(TcFilter {
+            kind,
+            // The priority is the upper half of `tcm_info`.
+            priority: u16::try_from(f.header.info >> 16).unwrap_or(u16::MAX),
+            handle: (u32::from(f.header.handle.major) << 16) | u32::from(f.header.handle.minor),
+            program_id,
+        });
+    }
+    out
+}
+
+/// Where on an interface a program runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Hook {
+    /// XDP, in any mode.
+    Xdp,
+    /// A clsact filter on ingress (how ztxdp attaches its tunnel program).
+    TcIngress,
+    /// A clsact filter on egress (ztxdp's flow recorders).
+    TcEgress,
+    /// TCX (a `bpf_link`, kernel 6.6+), which runs before the clsact filters.
+    TcxIngress,
+    TcxEgress,
+}
+
+impl Hook {
+    /// The name reports use.
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Xdp => "xdp",
+            Self::TcIngress => "tc-ingress",
+            Self::TcEgress => "tc-egress",
+            Self::TcxIngress => "tcx-ingress",
+            Self::TcxEgress => "tcx-egress",
+        }
+    }
+}
+
+/// Something that runs on one of an interface's hooks, whoever put it
+/// there.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HookEntry {
+    pub hook: Hook,
+    /// The BPF program's kernel name; for a tc filter that runs no BPF
+    /// program, the filter's kind (`u32`, `matchall`, ...).
+    pub name: String,
+    pub program_id: Option<u32>,
+    /// `bpf_prog_info.tag`: a hash of the program's instructions as
+    /// loaded, map references left out (see [`crate::drift`]).
+    pub tag: Option<u64>,
+    /// Kernel ids of the program's maps.
+    pub map_ids: Vec<u32>,
+    /// Whether it sits where ztxdp attaches its filters: a clsact filter
+    /// with ztxdp's priority and handle.
+    pub our_slot: bool,
+}
+
+/// Everything on the XDP, clsact and TCX hooks of `interface`, ztxdp's
+/// programs and others alike, in hook order. A tc filter is listed once
+/// per BPF program, or once per kind when it runs none.
+///
+/// # Errors
+/// When the interface does not exist, or netlink or a program lookup
+/// fails.
+pub async fn hooks(handle: &Handle, interface: &str) -> Result<Vec<HookEntry>, AttachError> {
+    let (index, xdp) = current_xdp(handle, interface).await?;
+    let mut out = Vec::new();
+    if let Some((id, _)) = xdp {
+        out.extend(hook_program(Hook::Xdp, id, false)?);
+    }
+    for (hook, direction) in [
+        (Hook::TcIngress, TcAttachType::Ingress),
+        (Hook::TcEgress, TcAttachType::Egress),
+    ] {
+        let mut kinds = Vec::new();
+        for f in tc_filters(handle, index, interface, direction).await {
+            let ours = f.priority == TC_PRIORITY && f.handle == u32::from(TC_HANDLE_MINOR);
+            match f.program_id {
+                Some(id) => out.extend(hook_program(hook, id, ours)?),
+                // A filter's head entry (kind, no handle) comes before its
+                // filters; only filters that run no BPF program are listed.
+                None if f.kind != "bpf" && !kinds.contains(&f.kind) => {
+                    kinds.push(f.kind.clone());
+                    out.push(HookEntry {
+                        hook,
+                        name: f.kind,
+                        program_id: None,
+                        tag: None,
+                        map_ids: Vec::new(),
+                        our_slot: false,
+                    });
+                }
+                None => {}
             }
         }
     }
-    Ok(ids)
+    for (hook, direction) in [
+        (Hook::TcxIngress, TcAttachType::Ingress),
+        (Hook::TcxEgress, TcAttachType::Egress),
+    ] {
+        let programs = match SchedClassifier::query_tcx(interface, direction) {
+            Ok((_, programs)) => programs,
+            // Before kernel 6.6 there is no TCX hook, so nothing on it.
+            Err(aya::programs::ProgramError::SyscallError(aya::sys::SyscallError {
+                io_error,
+                ..
+            })) if io_error.raw_os_error() == Some(libc::EINVAL) => Vec::new(),
+            Err(source) => {
+                return Err(AttachError::Tcx {
+                    interface: interface.to_owned(),
+                    source,
+                });
+            }
+        };
+        for info in programs {
+            out.push(entry(hook, &info, false)?);
+        }
+    }
+    Ok(out)
+}
+
+/// The hook entry of program `id`; none if it was unloaded meanwhile.
+fn hook_program(hook: Hook, id: u32, our_slot: bool) -> Result<Option<HookEntry>, AttachError> {
+    program_info(id)?
+        .map(|info| entry(hook, &info, our_slot))
+        .transpose()
+}
+
+fn entry(hook: Hook, info: &ProgramInfo, our_slot: bool) -> Result<HookEntry, AttachError> {
+    let id = info.id();
+    Ok(HookEntry {
+        hook,
+        name: info.name_as_str().unwrap_or_default().to_owned(),
+        program_id: Some(id),
+        tag: Some(info.tag()),
+        map_ids: info
+            .map_ids()
+            .map_err(|source| AttachError::ProgramInfo { id, source })?
+            .unwrap_or_default(),
+        our_slot,
+    })
+}
+
+/// The index of `interface`, and the id and mode of its XDP program, if
+/// it has one.
+async fn current_xdp(
+    handle: &Handle,
+    interface: &str,
+) -> Result<(u32, Option<(u32, &'static str)>), AttachError> {
+    let index = ifindex(interface)?;
+    let links: Vec<_> = handle
+        .link()
+        .get()
+        .match_index(index)
+        .execute()
+        .try_collect()
+        .await
+        .map_err(|source| AttachError::Netlink {
+            interface: interface.to_owned(),
+            source,
+        })?;
+    let xdp = links.iter().flat_map(|l| &l.attributes).find_map(|a| {
+        if let LinkAttribute::Xdp(x) = a {
+            xdp_state(x)
+        } else {
+            None
+        }
+    });
+    Ok((index, xdp))
 }
 
 /// Attaches (or atomically replaces our earlier) XDP program on `interface`.
@@ -333,25 +539,7 @@ pub async fn attach_xdp(
     prog: &ProgramFd,
     previous: Option<&Attachment>,
 ) -> Result<XdpMode, AttachError> {
-    let ifindex = ifindex(interface)?;
-    let links: Vec<_> = handle
-        .link()
-        .get()
-        .match_index(ifindex)
-        .execute()
-        .try_collect()
-        .await
-        .map_err(|source| AttachError::Netlink {
-            interface: interface.to_owned(),
-            source,
-        })?;
-    let current = links.iter().flat_map(|l| &l.attributes).find_map(|a| {
-        if let LinkAttribute::Xdp(x) = a {
-            xdp_state(x)
-        } else {
-            None
-        }
-    });
+    let (ifindex, current) = current_xdp(handle, interface).await?;
     let mut replace: Option<(ProgramFd, &'static str)> = None;
     if let Some((id, mode)) = current {
         match previous {

@@ -217,6 +217,8 @@ fn grant_port(text: &str) -> Result<u16, GrantError> {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
+    // Read wide so that a negative number gets our message.
+    drift_check_interval: Option<i64>,
     edge: Option<RawEdge>,
     tunnel: Option<RawTunnel>,
     flows: Option<RawFlows>,
@@ -725,6 +727,7 @@ impl Validator<'_> {
             .map_or_else(|| Ok(FlowSettings::default()), |f| self.flows(&f))?;
         let audit = self.audit(raw.audit)?;
         let metrics = raw.metrics.map(|m| self.metrics(m)).transpose()?;
+        let drift_check_interval = self.drift_check_interval(raw.drift_check_interval)?;
         // Neither [edge] nor [tunnel] is valid (the packaged config, before
         // it is edited), but `up` refuses it: see `Config::check_enforces`.
         Ok(Policy {
@@ -733,7 +736,22 @@ impl Validator<'_> {
             flows,
             audit,
             metrics,
+            drift_check_interval,
         })
+    }
+
+    fn drift_check_interval(&self, seconds: Option<i64>) -> Result<Duration, ConfigError> {
+        match seconds {
+            None => Ok(Policy::DEFAULT_DRIFT_CHECK_INTERVAL),
+            Some(s) => u64::try_from(s).map(Duration::from_secs).map_err(|_| {
+                self.at.invalid(
+                    "drift_check_interval",
+                    format!(
+                        "{s} is not an interval; give whole seconds, or 0 to turn the check off"
+                    ),
+                )
+            }),
+        }
     }
 
     fn metrics(&self, raw: RawMetrics) -> Result<MetricsSettings, ConfigError> {
@@ -1984,6 +2002,7 @@ path = "/var/log/ztxdp/audit.jsonl"
             flows: FlowSettings::default(),
             audit: AuditSettings::new(PathBuf::from("/var/log/ztxdp/audit.jsonl")),
             metrics: None,
+            drift_check_interval: Policy::DEFAULT_DRIFT_CHECK_INTERVAL,
         };
         assert_eq!(config.policy, want);
         assert_eq!(config.path, Path::new(PATH));
@@ -2218,6 +2237,29 @@ path = "/var/log/ztxdp/audit.jsonl"
         assert_eq!(tunnel.peers[0].grants, []);
         assert_eq!(tunnel.peers[0].public_key, None);
         assert_eq!(config.policy.edge, None);
+    }
+
+    #[test]
+    fn the_drift_check_interval_defaults_and_bad_values_are_named() {
+        assert_eq!(
+            parse_ok(&edge_with("")).policy.drift_check_interval,
+            Duration::from_mins(1)
+        );
+        for (value, want) in [("0", Duration::ZERO), ("5", Duration::from_secs(5))] {
+            let text = format!("drift_check_interval = {value}\n{}", edge_with(""));
+            assert_eq!(parse_ok(&text).policy.drift_check_interval, want, "{text}");
+        }
+        let shown = expect_error(
+            &format!("drift_check_interval = -1\n{}", edge_with("")),
+            "drift_check_interval",
+            1,
+        );
+        assert!(shown.contains("0 to turn the check off"), "{shown}");
+        expect_error(
+            &format!("\ndrift_check_interval = \"1m\"\n{}", edge_with("")),
+            "drift_check_interval",
+            2,
+        );
     }
 
     #[test]

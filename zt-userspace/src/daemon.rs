@@ -23,6 +23,7 @@ use crate::{
     attach::{self, AttachError, Attachment, XdpMode},
     audit::{self, AuditError, Names, Trail, kernel::Feed, record::Program, stream::Server},
     config::{Config, ConfigError},
+    drift,
     grants::{GrantsError, GrantsLock, RuntimeGrants},
     identity::{self, Identity},
     loader::{self, LoadError},
@@ -50,6 +51,8 @@ pub enum DaemonError {
     Grants(#[from] GrantsError),
     #[error(transparent)]
     Metrics(#[from] metrics::MetricsError),
+    #[error(transparent)]
+    Drift(#[from] drift::DriftError),
     #[error("the BPF object has no audit ring buffer ({name})")]
     NoRingBuffer { name: &'static str },
     #[error("audit ring buffer: {source}")]
@@ -109,6 +112,7 @@ pub async fn up(opts: &UpOptions, ready: impl FnOnce(&Enforcing)) -> Result<(), 
         tunnel_policy.as_ref(),
         &config.policy.flows,
     )?;
+    let tags = drift::Tags::of(&ebpf)?;
     let ring = ebpf
         .take_map(map::EVENTS)
         .ok_or(DaemonError::NoRingBuffer { name: map::EVENTS })?;
@@ -145,6 +149,7 @@ pub async fn up(opts: &UpOptions, ready: impl FnOnce(&Enforcing)) -> Result<(), 
     let mut running = Running {
         opts,
         metrics: metrics::Shared::default(),
+        drift: drift::Watch::new(tags, &config),
         config,
         tables: &mut tables,
         ids,
@@ -351,6 +356,7 @@ struct Running<'a> {
     metrics: metrics::Shared,
     /// The outcome of the last reload, for the service manager's status.
     last_reload: Option<String>,
+    drift: drift::Watch,
 }
 
 impl Running<'_> {
@@ -361,6 +367,8 @@ impl Running<'_> {
         };
         m.health = trail.health().unwrap_or_default();
         m.syslog_queue = trail.syslog_queue();
+        m.drifted = self.drift.drifted();
+        m.drift_checks = self.drift.checks();
         if m.config_sha256 != self.config.digest {
             m.config_sha256.clone_from(&self.config.digest);
             m.loaded_at = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
@@ -646,6 +654,10 @@ async fn stream_audit(
                 }
                 if notify::listening() {
                     notify::status(&status_line(enforcing, running));
+                }
+                if let Some(drift) = running.drift.tick(&running.config).await {
+                    trail.push(audit::record::now_ns(), drift);
+                    trail.commit();
                 }
             }
             _ = sync.tick() => trail.sync(),

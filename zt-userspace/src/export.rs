@@ -436,6 +436,7 @@ mod tests {
             flows: FlowSettings::default(),
             audit: AuditSettings::new(PathBuf::from("/tmp/audit.jsonl")),
             metrics: None,
+            drift_check_interval: Policy::DEFAULT_DRIFT_CHECK_INTERVAL,
         }
     }
 

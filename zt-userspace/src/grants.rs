@@ -75,24 +75,49 @@ impl GrantsLock {
     /// # Errors
     /// When the lock file cannot be created or locked.
     pub fn acquire(path: &Path) -> Result<Self, GrantsError> {
-        let lock = lock_path(path);
-        let lock_err = |source| GrantsError::Lock {
-            path: lock.clone(),
-            source,
-        };
-        std::fs::create_dir_all(parent_dir(path)).map_err(lock_err)?;
-        let file = open_append(&lock).map_err(lock_err)?;
-        file.lock().map_err(lock_err)?;
+        let file = Self::lock_file(path)?;
+        file.lock().map_err(|e| lock_error(path, e))?;
         Ok(Self {
             path: path.to_owned(),
             _file: file,
         })
     }
 
+    /// Takes the lock of the grants file `path` if nobody holds it;
+    /// `None` if somebody does.
+    ///
+    /// # Errors
+    /// When the lock file cannot be created or locked.
+    pub fn try_acquire(path: &Path) -> Result<Option<Self>, GrantsError> {
+        let file = Self::lock_file(path)?;
+        match file.try_lock() {
+            Ok(()) => Ok(Some(Self {
+                path: path.to_owned(),
+                _file: file,
+            })),
+            Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+            Err(std::fs::TryLockError::Error(e)) => Err(lock_error(path, e)),
+        }
+    }
+
+    /// The lock file of the grants file `path`, opened.
+    fn lock_file(path: &Path) -> Result<File, GrantsError> {
+        std::fs::create_dir_all(parent_dir(path)).map_err(|e| lock_error(path, e))?;
+        open_append(&lock_path(path)).map_err(|e| lock_error(path, e))
+    }
+
     /// The grants file this lock protects.
     #[must_use]
     pub fn path(&self) -> &Path {
         &self.path
+    }
+}
+
+/// A failure to lock the grants file `path`, naming its lock file.
+fn lock_error(path: &Path, source: std::io::Error) -> GrantsError {
+    GrantsError::Lock {
+        path: lock_path(path),
+        source,
     }
 }
 

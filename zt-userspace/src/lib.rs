@@ -10,6 +10,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod docs;
+pub mod drift;
 pub mod export;
 pub mod grants;
 pub mod identity;

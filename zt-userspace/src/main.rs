@@ -21,6 +21,8 @@ use ztxdp::identity::DEFAULT_CONFIG;
 /// Where the commands that act on the running policy find their config.
 const CONFIG_HELP: &str = "The config [default: $ZTXDP_CONFIG, else the one the running programs \
     were loaded from, else /etc/ztxdp/ztxdp.toml]";
+const CHECK_CONFIG_HELP: &str = "The config [default: $ZTXDP_CONFIG, else with --live the one \
+    the running programs were loaded from, else /etc/ztxdp/ztxdp.toml]";
 const EVENTS_CONFIG_HELP: &str = "The config whose audit.path is read, without --follow \
     [default: $ZTXDP_CONFIG, else the one the running programs were loaded from, \
     else /etc/ztxdp/ztxdp.toml]";
@@ -109,11 +111,23 @@ enum Command {
         #[arg(long)]
         keep_attached: bool,
     },
-    /// Validate a config file without touching the kernel.
-    #[command(after_help = "Example:\n  ztxdp check --config /etc/ztxdp/ztxdp.toml")]
+    /// Validate a config file without touching the kernel; with --live,
+    /// also compare what the kernel runs (programs, maps, other programs
+    /// on the same hooks) with it and the runtime grants: exits 0 printing
+    /// "in sync", or 1 listing the differences.
+    #[command(
+        after_help = "Examples:\n  ztxdp check --config /etc/ztxdp/ztxdp.toml\n  \
+        ztxdp check --live\n  ip netns exec edge ztxdp check --live --json"
+    )]
     Check {
-        #[arg(long, env = "ZTXDP_CONFIG", default_value = DEFAULT_CONFIG)]
-        config: PathBuf,
+        #[arg(long, env = "ZTXDP_CONFIG", value_name = "FILE", help = CHECK_CONFIG_HELP)]
+        config: Option<PathBuf>,
+        /// Compare the running programs and maps with the config.
+        #[arg(long)]
+        live: bool,
+        /// With --live: print the report as JSON.
+        #[arg(long, requires = "live")]
+        json: bool,
     },
     /// Show the daemon (or that none writes the audit trail), attached
     /// programs, passed and dropped totals, counters per reason, named
@@ -393,7 +407,14 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 .await
                 .context("ztxdp up failed; nothing was left half-applied")?;
         }
-        Command::Check { config } => check(&config)?,
+        Command::Check {
+            config,
+            live: true,
+            json,
+        } => return check_live(config.as_deref(), json).await,
+        Command::Check { config, .. } => {
+            check(&config.unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG)))?;
+        }
         Command::Status { json } => {
             let s = control::status().await.context("ztxdp status")?;
             if json {
@@ -483,6 +504,48 @@ fn check(config: &Path) -> anyhow::Result<()> {
         outln!("note: `ztxdp up` refuses it as it is: {e}");
     }
     Ok(())
+}
+
+/// `check --live`: exit 0 when the kernel runs the config, 1 with the
+/// differences when it does not.
+async fn check_live(config: Option<&Path>, json: bool) -> anyhow::Result<ExitCode> {
+    use ztxdp::drift;
+    let (config, _) = control::discover(config)
+        .await
+        .context("ztxdp check --live")?;
+    let c = Config::load(&config)?;
+    let tags = drift::Tags::of_this_binary().context("ztxdp check --live")?;
+    let expected = drift::Expected::read(&c).context("ztxdp check --live")?;
+    let report = drift::check(&c, &expected, &tags)
+        .await
+        .context("ztxdp check --live")?;
+    drop(expected);
+    if json {
+        outln!("{}", serde_json::to_string_pretty(&report)?);
+    } else if report.in_sync {
+        outln!("in sync");
+    } else {
+        outln!(
+            "{} differences between the kernel and {} with its runtime grants:",
+            report.differences.len(),
+            config.display()
+        );
+        for d in &report.differences {
+            outln!("  {d}");
+        }
+        outln!("`ztxdp reload` rewrites the maps; a missing or replaced program needs `ztxdp up`.");
+    }
+    if let Some((path, digest)) = report.loaded_from.as_ref().filter(|_| !json) {
+        outln!(
+            "note: the running programs were loaded from {} (sha256 {digest}), not from this text",
+            path.display()
+        );
+    }
+    Ok(if report.in_sync {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 async fn list(json: bool, config: Option<&Path>) -> anyhow::Result<()> {

@@ -57,6 +57,11 @@ pub struct Daemon {
     /// (RFC 3339).
     pub config_sha256: String,
     pub loaded_at: String,
+    /// The last drift check found the kernel running something other than
+    /// the policy.
+    pub drifted: bool,
+    /// Drift checks made since the start.
+    pub drift_checks: u64,
 }
 
 /// The snapshot the daemon refreshes and scrapes read.
@@ -350,6 +355,20 @@ pub fn render(programs: &Programs, daemon: &Daemon) -> Result<String, std::fmt::
             registry.register(metric, help, g);
         }
     }
+    let drifted = Gauge::<i64>::default();
+    drifted.set(i64::from(daemon.drifted));
+    registry.register(
+        "ztxdp_drift",
+        "1 while the last drift check found the kernel running something other than the policy",
+        drifted,
+    );
+    let checks = Counter::<u64>::default();
+    checks.inc_by(daemon.drift_checks);
+    registry.register(
+        "ztxdp_drift_checks",
+        "Drift checks made (drift_check_interval)",
+        checks,
+    );
     registry.register(
         "ztxdp_policy",
         "The policy the daemon enforces",
@@ -382,6 +401,8 @@ mod tests {
             syslog_queue: Some((3, 10_000)),
             config_sha256: "ab".repeat(32),
             loaded_at: "2026-12-05T08:00:00Z".into(),
+            drifted: true,
+            drift_checks: 4,
             ..Daemon::default()
         };
         daemon.health.writing = true;
@@ -397,6 +418,8 @@ mod tests {
             "ztxdp_audit_writing 1",
             "ztxdp_syslog_queue_depth 3",
             "ztxdp_syslog_queue_capacity 10000",
+            "ztxdp_drift 1",
+            "ztxdp_drift_checks_total 4",
             "# TYPE ztxdp_audit_records counter",
         ] {
             assert!(text.lines().any(|l| l == line), "no {line:?} in:\n{text}");

@@ -263,4 +263,12 @@ pub struct Policy {
     pub audit: AuditSettings,
     /// `None`: no listener.
     pub metrics: Option<MetricsSettings>,
+    /// How often the daemon compares what the kernel runs with this
+    /// policy (`drift_check_interval`); zero turns the check off.
+    pub drift_check_interval: Duration,
+}
+
+impl Policy {
+    /// `drift_check_interval` when the file does not set it.
+    pub const DEFAULT_DRIFT_CHECK_INTERVAL: Duration = Duration::from_mins(1);
 }

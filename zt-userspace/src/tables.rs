@@ -518,13 +518,13 @@ impl Tables {
 /// before it writes anything.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Contents {
-    udp_ports: Vec<u64>,
-    ssh_v4: BTreeSet<LpmParts<4>>,
-    ssh_v6: BTreeSet<LpmParts<16>>,
-    peer_v4: BTreeMap<LpmParts<4>, PeerInfo>,
-    peer_v6: BTreeMap<LpmParts<16>, PeerInfo>,
-    grants: HashMap<GrantKey, u64>,
-    flow_config: FlowConfig,
+    pub(crate) udp_ports: Vec<u64>,
+    pub(crate) ssh_v4: BTreeSet<LpmParts<4>>,
+    pub(crate) ssh_v6: BTreeSet<LpmParts<16>>,
+    pub(crate) peer_v4: BTreeMap<LpmParts<4>, PeerInfo>,
+    pub(crate) peer_v6: BTreeMap<LpmParts<16>, PeerInfo>,
+    pub(crate) grants: HashMap<GrantKey, u64>,
+    pub(crate) flow_config: FlowConfig,
 }
 
 impl Contents {
@@ -616,59 +616,76 @@ impl Contents {
 
 impl Tables {
     /// What the maps hold now, runtime `allow`s and `revoke`s included.
+    /// A map that none of the programs opened by id uses (the edge sets
+    /// of a load that runs only the tunnel program) reads as empty:
+    /// nothing enforces it.
     ///
     /// # Errors
     /// When a map cannot be read.
     pub fn contents(&self) -> Result<Contents, TablesError> {
-        let udp: Array<_, u64> = Array::try_from(self.get_ref(map::EDGE_UDP_PORTS)?)
-            .map_err(map_err(map::EDGE_UDP_PORTS))?;
-        let udp_ports = udp
-            .iter()
-            .collect::<Result<_, _>>()
-            .map_err(map_err(map::EDGE_UDP_PORTS))?;
-        let parts = |k: Key<_>| (k.data(), k.prefix_len());
-        let ssh_v4 = LpmTrie::<_, [u8; 4], u8>::try_from(self.get_ref(map::SSH_ALLOW_V4)?)
-            .map_err(map_err(map::SSH_ALLOW_V4))?
-            .keys()
-            .map(|k| k.map(parts))
-            .collect::<Result<_, _>>()
-            .map_err(map_err(map::SSH_ALLOW_V4))?;
-        let ssh_v6 = LpmTrie::<_, [u8; 16], u8>::try_from(self.get_ref(map::SSH_ALLOW_V6)?)
-            .map_err(map_err(map::SSH_ALLOW_V6))?
-            .keys()
-            .map(|k| k.map(|k: Key<[u8; 16]>| (k.data(), k.prefix_len())))
-            .collect::<Result<_, _>>()
-            .map_err(map_err(map::SSH_ALLOW_V6))?;
-        let peer_v4 = LpmTrie::<_, [u8; 4], PeerInfo>::try_from(self.get_ref(map::PEER_V4)?)
-            .map_err(map_err(map::PEER_V4))?
-            .iter()
-            .map(|kv| kv.map(|(k, v)| ((k.data(), k.prefix_len()), v)))
-            .collect::<Result<_, _>>()
-            .map_err(map_err(map::PEER_V4))?;
-        let peer_v6 = LpmTrie::<_, [u8; 16], PeerInfo>::try_from(self.get_ref(map::PEER_V6)?)
-            .map_err(map_err(map::PEER_V6))?
-            .iter()
-            .map(|kv| kv.map(|(k, v)| ((k.data(), k.prefix_len()), v)))
-            .collect::<Result<_, _>>()
-            .map_err(map_err(map::PEER_V6))?;
-        let grants = BpfHashMap::<_, GrantKey, u64>::try_from(self.get_ref(map::GRANTS)?)
-            .map_err(map_err(map::GRANTS))?
-            .iter()
-            .collect::<Result<_, _>>()
-            .map_err(map_err(map::GRANTS))?;
-        let flow_config = Array::<_, FlowConfig>::try_from(self.get_ref(map::FLOW_CONFIG)?)
-            .map_err(map_err(map::FLOW_CONFIG))?
-            .get(&0, 0)
-            .map_err(map_err(map::FLOW_CONFIG))?;
-        Ok(Contents {
-            udp_ports,
-            ssh_v4,
-            ssh_v6,
-            peer_v4,
-            peer_v6,
-            grants,
-            flow_config,
-        })
+        let mut c = Contents {
+            udp_ports: vec![0; capacity::PORT_BITMAP_WORDS as usize],
+            ..Contents::default()
+        };
+        if let Some(m) = self.maps.get(map::EDGE_UDP_PORTS) {
+            c.udp_ports = Array::<_, u64>::try_from(m)
+                .map_err(map_err(map::EDGE_UDP_PORTS))?
+                .iter()
+                .collect::<Result<_, _>>()
+                .map_err(map_err(map::EDGE_UDP_PORTS))?;
+        }
+        if let Some(m) = self.maps.get(map::SSH_ALLOW_V4) {
+            c.ssh_v4 = LpmTrie::<_, [u8; 4], u8>::try_from(m)
+                .map_err(map_err(map::SSH_ALLOW_V4))?
+                .keys()
+                .map(|k| k.map(|k: Key<[u8; 4]>| (k.data(), k.prefix_len())))
+                .collect::<Result<_, _>>()
+                .map_err(map_err(map::SSH_ALLOW_V4))?;
+        }
+        if let Some(m) = self.maps.get(map::SSH_ALLOW_V6) {
+            c.ssh_v6 = LpmTrie::<_, [u8; 16], u8>::try_from(m)
+                .map_err(map_err(map::SSH_ALLOW_V6))?
+                .keys()
+                .map(|k| k.map(|k: Key<[u8; 16]>| (k.data(), k.prefix_len())))
+                .collect::<Result<_, _>>()
+                .map_err(map_err(map::SSH_ALLOW_V6))?;
+        }
+        if let Some(m) = self.maps.get(map::PEER_V4) {
+            c.peer_v4 = LpmTrie::<_, [u8; 4], PeerInfo>::try_from(m)
+                .map_err(map_err(map::PEER_V4))?
+                .iter()
+                .map(|kv| kv.map(|(k, v)| ((k.data(), k.prefix_len()), v)))
+                .collect::<Result<_, _>>()
+                .map_err(map_err(map::PEER_V4))?;
+        }
+        if let Some(m) = self.maps.get(map::PEER_V6) {
+            c.peer_v6 = LpmTrie::<_, [u8; 16], PeerInfo>::try_from(m)
+                .map_err(map_err(map::PEER_V6))?
+                .iter()
+                .map(|kv| kv.map(|(k, v)| ((k.data(), k.prefix_len()), v)))
+                .collect::<Result<_, _>>()
+                .map_err(map_err(map::PEER_V6))?;
+        }
+        if let Some(m) = self.maps.get(map::GRANTS) {
+            c.grants = BpfHashMap::<_, GrantKey, u64>::try_from(m)
+                .map_err(map_err(map::GRANTS))?
+                .iter()
+                .collect::<Result<_, _>>()
+                .map_err(map_err(map::GRANTS))?;
+        }
+        if let Some(m) = self.maps.get(map::FLOW_CONFIG) {
+            c.flow_config = Array::<_, FlowConfig>::try_from(m)
+                .map_err(map_err(map::FLOW_CONFIG))?
+                .get(&0, 0)
+                .map_err(map_err(map::FLOW_CONFIG))?;
+        }
+        Ok(c)
+    }
+
+    /// Whether the programs these maps were opened for use map `name`.
+    #[must_use]
+    pub fn has(&self, name: &'static str) -> bool {
+        self.maps.contains_key(name)
     }
 
     /// Replaces what the maps hold with `new`, in place, while the programs
@@ -807,7 +824,7 @@ fn grant_words(peer: u32, grants: &[Grant]) -> HashMap<GrantKey, u64> {
 }
 
 /// An LPM trie key's parts: address bytes and prefix length.
-type LpmParts<const N: usize> = ([u8; N], u32);
+pub(crate) type LpmParts<const N: usize> = ([u8; N], u32);
 
 /// The edge's UDP port bitmap: bit `port % 64` of word `port / 64`.
 fn udp_words(ports: &[u16]) -> [u64; capacity::PORT_BITMAP_WORDS as usize] {

@@ -233,6 +233,20 @@ fn ecs(r: &Record) -> (Map<String, Value>, Map<String, Value>) {
             );
             gap_member(&r.body, &mut z);
         }
+        Body::Drift { differences, .. } => {
+            top.insert(
+                "event".into(),
+                json!({
+                    "kind": if *differences == 0 { "event" } else { "alert" },
+                    "category": ["configuration"],
+                    "type": ["change"],
+                    "action": "drift",
+                    "outcome": "unknown",
+                    "reason": message(&r.body),
+                }),
+            );
+            drift_member(&r.body, &mut z);
+        }
     }
     top.insert("ecs".into(), json!({ "version": ECS_VERSION }));
     let observer = top
@@ -277,6 +291,25 @@ fn gap_member(body: &Body, z: &mut Map<String, Value>) {
     }
 }
 
+/// `ztxdp.drift` of a `drift` record, the same in both formats.
+fn drift_member(body: &Body, z: &mut Map<String, Value>) {
+    if let Body::Drift {
+        config_sha256,
+        differences,
+        summary,
+    } = body
+    {
+        z.insert(
+            "drift".into(),
+            json!({
+                "config_sha256": config_sha256,
+                "differences": differences,
+                "summary": summary,
+            }),
+        );
+    }
+}
+
 /// OCSF activity of a record: (id, name).
 fn ocsf_activity(body: &Body) -> (u64, &'static str) {
     match body {
@@ -286,6 +319,7 @@ fn ocsf_activity(body: &Body) -> (u64, &'static str) {
         Body::Lost { .. } => (99, "Lost"),
         Body::SyslogDropped { .. } => (99, "Forwarding Gap"),
         Body::Gap { .. } => (99, "Trail Gap"),
+        Body::Drift { .. } => (99, "Policy Drift"),
     }
 }
 
@@ -376,9 +410,11 @@ fn ocsf(r: &Record) -> (Map<String, Value>, Map<String, Value>) {
         top.insert("count".into(), json!(n));
     }
     let (severity_id, severity) = match r.body {
-        Body::Decision { .. } | Body::Summary { .. } => (1, "Informational"),
+        Body::Decision { .. } | Body::Summary { .. } | Body::Drift { differences: 0, .. } => {
+            (1, "Informational")
+        }
         Body::Lost { .. } | Body::SyslogDropped { .. } => (3, "Medium"),
-        Body::Gap { .. } => (4, "High"),
+        Body::Gap { .. } | Body::Drift { .. } => (4, "High"),
     };
     top.insert("severity_id".into(), json!(severity_id));
     top.insert("severity".into(), json!(severity));
@@ -418,6 +454,7 @@ fn ocsf(r: &Record) -> (Map<String, Value>, Map<String, Value>) {
             );
         }
         Body::Gap { .. } => gap_member(&r.body, &mut z),
+        Body::Drift { .. } => drift_member(&r.body, &mut z),
     }
     // Every record has an action; a count or a gap allows or denies nothing.
     if !top.contains_key("action_id") {
@@ -463,6 +500,15 @@ pub fn message(body: &Body) -> String {
         } => format!(
             "records after seq {previous_seq} are not in this file: {}",
             reason.meaning()
+        ),
+        Body::Drift { differences: 0, .. } => "the kernel runs the policy again".to_owned(),
+        Body::Drift {
+            differences,
+            summary,
+            ..
+        } => format!(
+            "the kernel differs from the policy ({differences} differences): {}",
+            summary.join("; ")
         ),
     }
 }
@@ -632,6 +678,7 @@ fn parse_ecs(v: &Value) -> Result<Record, FormatError> {
         "lost" => parse_lost(v, ECS_FLOW.interface)?,
         "syslog_dropped" => parse_syslog_dropped(v)?,
         "gap" => parse_gap(v)?,
+        "drift" => parse_drift(v)?,
         other => {
             return Err(FormatError::Bad {
                 field: "/event/action",
@@ -674,6 +721,31 @@ fn parse_gap(v: &Value) -> Result<Body, FormatError> {
     })
 }
 
+/// A `drift` record's body, the same in both formats.
+fn parse_drift(v: &Value) -> Result<Body, FormatError> {
+    let summary = v
+        .pointer("/ztxdp/drift/summary")
+        .and_then(Value::as_array)
+        .ok_or(FormatError::Missing {
+            field: "/ztxdp/drift/summary",
+        })?
+        .iter()
+        .map(|line| {
+            line.as_str()
+                .map(str::to_owned)
+                .ok_or_else(|| FormatError::Bad {
+                    field: "/ztxdp/drift/summary",
+                    value: line.to_string(),
+                })
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(Body::Drift {
+        config_sha256: str_at(v, "/ztxdp/drift/config_sha256")?.to_owned(),
+        differences: u64_at(v, "/ztxdp/drift/differences")?,
+        summary,
+    })
+}
+
 /// A `syslog_dropped` record's body, the same in both formats.
 fn parse_syslog_dropped(v: &Value) -> Result<Body, FormatError> {
     Ok(Body::SyslogDropped {
@@ -707,6 +779,7 @@ fn parse_ocsf(v: &Value) -> Result<Record, FormatError> {
         },
         99 if v.pointer("/ztxdp/syslog").is_some() => parse_syslog_dropped(v)?,
         99 if v.pointer("/ztxdp/gap").is_some() => parse_gap(v)?,
+        99 if v.pointer("/ztxdp/drift").is_some() => parse_drift(v)?,
         99 => parse_lost(v, OCSF_FLOW.interface)?,
         other => {
             return Err(FormatError::Bad {
@@ -755,6 +828,10 @@ fn cef_signature(body: &Body) -> (String, String, u8) {
             7,
         ),
         Body::Gap { .. } => ("gap".to_owned(), "audit trail gap".to_owned(), 9),
+        Body::Drift { differences: 0, .. } => {
+            ("drift".to_owned(), "policy back in sync".to_owned(), 3)
+        }
+        Body::Drift { .. } => ("drift".to_owned(), "policy drift".to_owned(), 8),
     }
 }
 
@@ -831,6 +908,17 @@ pub fn cef(r: &Record, chain: &str) -> String {
             ext.push(("cn3Label", "syslogDropped".to_owned()));
             ext.push(("cs4", address.clone()));
             ext.push(("cs4Label", "syslogAddress".to_owned()));
+        }
+        Body::Drift {
+            config_sha256,
+            differences,
+            ..
+        } => {
+            ext.push(("msg", message(&r.body)));
+            ext.push(("cn1", differences.to_string()));
+            ext.push(("cn1Label", "differences".to_owned()));
+            ext.push(("cs4", config_sha256.clone()));
+            ext.push(("cs4Label", "configSha256".to_owned()));
         }
     }
     if let Some(n) = r.body.decisions() {
@@ -963,7 +1051,35 @@ mod tests {
                 reason: record::GapReason::Unlinked,
             },
         };
-        vec![tcp_deny(), tunnel_allow, arp, summary, lost, gap, trail_gap]
+        let mut all = vec![tcp_deny(), tunnel_allow, arp, summary, lost, gap, trail_gap];
+        all.extend(drift_samples());
+        all
+    }
+
+    /// A drift record, and one back in sync.
+    fn drift_samples() -> [Record; 2] {
+        let drift = Record {
+            seq: 41,
+            time_ns: T + 7,
+            body: Body::Drift {
+                config_sha256: "cd".repeat(32),
+                differences: 2,
+                summary: vec![
+                    "peer app-1: tcp/5432 missing".into(),
+                    "ssh_allow: 203.0.113.0/24 extra".into(),
+                ],
+            },
+        };
+        let in_sync = Record {
+            seq: 42,
+            time_ns: T + 8,
+            body: Body::Drift {
+                config_sha256: "cd".repeat(32),
+                differences: 0,
+                summary: Vec::new(),
+            },
+        };
+        [drift, in_sync]
     }
 
     fn json(format: AuditFormat, r: &Record) -> Value {
@@ -1184,6 +1300,44 @@ mod tests {
                 prev = chain;
             }
         }
+    }
+
+    #[test]
+    fn drift_records_name_the_differences_in_every_format() {
+        let all = samples();
+        let (drift, in_sync) = (&all[7], &all[8]);
+        let v = json(AuditFormat::Ecs, drift);
+        assert_eq!(v["event"]["action"], "drift");
+        assert_eq!(v["event"]["kind"], "alert");
+        assert_eq!(v["event"]["category"], json!(["configuration"]));
+        assert_eq!(
+            v["ztxdp"]["drift"],
+            json!({
+                "config_sha256": "cd".repeat(32),
+                "differences": 2,
+                "summary": ["peer app-1: tcp/5432 missing", "ssh_allow: 203.0.113.0/24 extra"],
+            })
+        );
+        assert!(
+            v["ztxdp"].get("decisions").is_none(),
+            "a drift is not a decision count"
+        );
+        assert_eq!(json(AuditFormat::Ecs, in_sync)["event"]["kind"], "event");
+        let o = json(AuditFormat::Ocsf, drift);
+        assert_eq!(
+            (o["activity_id"].as_u64(), o["severity_id"].as_u64()),
+            (Some(99), Some(4))
+        );
+        assert_eq!(o["unmapped"]["drift"]["differences"], 2);
+        assert_eq!(json(AuditFormat::Ocsf, in_sync)["severity_id"], 1);
+        let c = cef(drift, GENESIS);
+        assert!(c.contains("|drift|policy drift|8|"), "{c}");
+        assert!(
+            c.contains(" msg=the kernel differs from the policy (2 differences): peer app-1: tcp/5432 missing; ")
+                && c.contains(" cn1=2 "),
+            "{c}"
+        );
+        assert!(cef(in_sync, GENESIS).contains("|drift|policy back in sync|3|"));
     }
 
     #[test]

@@ -297,6 +297,11 @@ impl Running {
             }
             // The writer keeps gap records queued; none comes here.
             Body::Gap { .. } => return,
+            // Not a decision: the daemon's log and `ztxdp_drift` have it.
+            Body::Drift { .. } => {
+                tracing::warn!("the audit file refused a drift record");
+                return;
+            }
         };
         if let Some(r) = &mut self.refused {
             *r.decisions.entry(key).or_default() += body.decisions().unwrap_or(0);

@@ -135,6 +135,17 @@ pub enum Body {
         previous_head: String,
         reason: GapReason,
     },
+    /// What the kernel runs differs from the policy the daemon enforces,
+    /// differs in another way, or no longer differs (see
+    /// [`crate::drift`]). Written when that changes, not at every check.
+    Drift {
+        /// SHA-256 of the config the kernel was compared with.
+        config_sha256: String,
+        /// How many differences there are; 0 when back in sync.
+        differences: u64,
+        /// The first of them, as `ztxdp check --live` prints them.
+        summary: Vec<String>,
+    },
 }
 
 /// Why the trail has a [`Body::Gap`].
@@ -206,13 +217,17 @@ impl Body {
                 ring_full,
                 unwritten,
                 ..
-            } => Some(rate_limited.saturating_add(*ring_full).saturating_add(*unwritten)),
-            Self::SyslogDropped { .. } | Self::Gap { .. } => None,
+            } => Some(
+                rate_limited
+                    .saturating_add(*ring_full)
+                    .saturating_add(*unwritten),
+            ),
+            Self::SyslogDropped { .. } | Self::Gap { .. } | Self::Drift { .. } => None,
         }
     }
 
     /// Short name of the record kind: `decision`, `summary`, `lost`,
-    /// `syslog_dropped`, `gap`.
+    /// `syslog_dropped`, `gap`, `drift`.
     #[must_use]
     pub const fn kind(&self) -> &'static str {
         match self {
@@ -221,6 +236,7 @@ impl Body {
             Self::Lost { .. } => "lost",
             Self::SyslogDropped { .. } => "syslog_dropped",
             Self::Gap { .. } => "gap",
+            Self::Drift { .. } => "drift",
         }
     }
 }
