@@ -25,6 +25,7 @@ use e2e::{
     EXIT_TIMEOUT, Enforced, Scratch, audit_lines, build_lab, complete_lines, flood, status,
     verify_audit, ztxdp, ztxdp_cmd, ztxdp_ok,
 };
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
 use serde_json::Value;
 use zt_common::reason;
 use zt_tests::{
@@ -43,12 +44,19 @@ const QUIET: Duration = Duration::from_millis(2500);
 /// The lab with `ztxdp up` on the edge; `audit_extra` is appended to the
 /// `[audit]` table.
 fn start(tag: &str, audit_extra: &str) -> Enforced {
+    start_with(tag, |_| audit_extra.to_owned())
+}
+
+/// [`start`], with the `[audit]` lines written once the scratch directory
+/// is there (for files they name).
+fn start_with(tag: &str, audit_extra: impl FnOnce(&Scratch) -> String) -> Enforced {
     Enforced::start(tag, build_lab(), |_, scratch| {
         format!(
             "[edge]\ninterface = \"{HOST_INTERFACE}\"\nwireguard_ports = [51820]\n\
-             ssh_allow = [\"10.77.0.2/32\"]\n\n[audit]\npath = \"{}\"\nstate = \"{}\"\n{audit_extra}\n",
+             ssh_allow = [\"10.77.0.2/32\"]\n\n[audit]\npath = \"{}\"\nstate = \"{}\"\n{}\n",
             scratch.path("audit.jsonl").display(),
-            scratch.path("audit.state").display()
+            scratch.path("audit.state").display(),
+            audit_extra(scratch)
         )
     })
 }
@@ -579,26 +587,59 @@ fn events_follow_streams_each_record_once_from_another_shell() {
     }
 }
 
-/// rsyslogd in a namespace, receiving RFC 5424 over TCP on 127.0.0.1:6514
-/// and writing each raw message as one line; killed on drop.
+/// How rsyslog listens on 127.0.0.1.
+enum Listen {
+    /// RFC 5424 over TCP, on 514.
+    Plain,
+    /// Over TLS (RFC 5425), on 6514, with its `ossl` driver: its own
+    /// certificate and key, and the CA whose certificate it asks of a
+    /// client.
+    Tls {
+        ca: PathBuf,
+        cert: PathBuf,
+        key: PathBuf,
+    },
+}
+
+/// rsyslogd in a namespace, receiving RFC 5424 as `Listen` says and
+/// writing each raw message received as one line; killed on drop.
 struct Rsyslog {
     child: Option<Child>,
     conf: PathBuf,
     pidfile: PathBuf,
     output: PathBuf,
+    port: u16,
 }
 
 impl Rsyslog {
-    fn new(scratch: &Scratch) -> Self {
-        let output = scratch.path("syslog.out");
+    /// Its files in `scratch` are named after `name`.
+    fn new(scratch: &Scratch, name: &str, listen: &Listen) -> Self {
+        let output = scratch.path(&format!("{name}.out"));
+        let (port, driver, module) = match listen {
+            Listen::Plain => (514, String::new(), ""),
+            Listen::Tls { ca, cert, key } => (
+                6514,
+                format!(
+                    " defaultNetstreamDriver=\"ossl\" defaultNetstreamDriverCAFile=\"{}\" \
+                     defaultNetstreamDriverCertFile=\"{}\" defaultNetstreamDriverKeyFile=\"{}\"",
+                    ca.display(),
+                    cert.display(),
+                    key.display()
+                ),
+                " streamDriver.name=\"ossl\" streamDriver.mode=\"1\" \
+                 streamDriver.authMode=\"x509/certvalid\"",
+            ),
+        };
+        // Only what came over the network: rsyslogd's own messages (a
+        // failed handshake) are not records.
         let conf = scratch.write(
-            "rsyslog.conf",
+            &format!("{name}.conf"),
             &format!(
-                "global(workDirectory=\"{}\")\n\
-                 module(load=\"imtcp\")\n\
-                 input(type=\"imtcp\" address=\"127.0.0.1\" port=\"6514\")\n\
+                "global(workDirectory=\"{}\"{driver})\n\
+                 module(load=\"imtcp\"{module})\n\
+                 input(type=\"imtcp\" address=\"127.0.0.1\" port=\"{port}\")\n\
                  template(name=\"raw\" type=\"string\" string=\"%rawmsg%\\n\")\n\
-                 *.* action(type=\"omfile\" file=\"{}\" template=\"raw\")\n",
+                 if $inputname == \"imtcp\" then action(type=\"omfile\" file=\"{}\" template=\"raw\")\n",
                 scratch.path("").display(),
                 output.display()
             ),
@@ -606,8 +647,9 @@ impl Rsyslog {
         Self {
             child: None,
             conf,
-            pidfile: scratch.path("rsyslog.pid"),
+            pidfile: scratch.path(&format!("{name}.pid")),
             output,
+            port,
         }
     }
 
@@ -626,16 +668,17 @@ impl Rsyslog {
             .unwrap_or_else(|e| panic!("starting rsyslogd (installed?): {e}"));
         self.child = Some(child);
         let deadline = Instant::now() + RSYSLOG_TIMEOUT;
+        let port = self.port;
         loop {
             let listening = ns
-                .run(&["ss", "-Htln", "sport = :6514"])
+                .run(&["ss", "-Htln", &format!("sport = :{port}")])
                 .unwrap_or_default();
             if !listening.trim().is_empty() {
                 return;
             }
             assert!(
                 Instant::now() < deadline,
-                "rsyslogd is not listening on 127.0.0.1:6514 after {RSYSLOG_TIMEOUT:?}"
+                "rsyslogd is not listening on 127.0.0.1:{port} after {RSYSLOG_TIMEOUT:?}"
             );
             thread::sleep(Duration::from_millis(50));
         }
@@ -695,10 +738,13 @@ impl Rsyslog {
     /// the README). So the path to it is cut first (its answers still come
     /// back), rsyslog reads what arrived, and only then is it stopped.
     fn stop_with_records_on_their_way(&mut self, ns: &NetNs, scratch: &Scratch) {
+        let port = self.port;
         let cut = scratch.write(
             "cut.nft",
-            "table inet ztxdp_test_cut {\n  chain out {\n    \
-             type filter hook output priority 0;\n    tcp dport 6514 drop\n  }\n}\n",
+            &format!(
+                "table inet ztxdp_test_cut {{\n  chain out {{\n    \
+                 type filter hook output priority 0;\n    tcp dport {port} drop\n  }}\n}}\n"
+            ),
         );
         let cut = cut.display().to_string();
         ns.run(&["nft", "-f", &cut])
@@ -715,15 +761,16 @@ impl Rsyslog {
                 .collect()
         };
         let deadline = Instant::now() + RSYSLOG_TIMEOUT;
-        while !(queues("dport = :6514").iter().any(|&(_, send)| send > 0)
-            && queues("sport = :6514").iter().all(|&(recv, _)| recv == 0))
+        let (to, from) = (format!("dport = :{port}"), format!("sport = :{port}"));
+        while !(queues(&to).iter().any(|&(_, send)| send > 0)
+            && queues(&from).iter().all(|&(recv, _)| recv == 0))
         {
             assert!(
                 Instant::now() < deadline,
                 "no record waiting for rsyslog's acknowledgement, or rsyslog \
                  not reading, after {RSYSLOG_TIMEOUT:?}: {:?} {:?}",
-                queues("dport = :6514"),
-                queues("sport = :6514")
+                queues(&to),
+                queues(&from)
             );
             thread::sleep(Duration::from_millis(20));
         }
@@ -871,11 +918,30 @@ const COLLECTOR_KILLS: usize = 3;
 
 #[test]
 fn records_reach_rsyslog_and_collector_restarts_under_traffic_are_all_counted() {
-    let mut t = start(
+    let t = start(
         "syslog",
-        "[audit.syslog]\naddress = \"127.0.0.1:6514\"\nqueue = 200",
+        "[audit.syslog]\naddress = \"127.0.0.1:514\"\nqueue = 200",
     );
-    let mut rsyslog = Rsyslog::new(&t.scratch);
+    collector_restarts_under_traffic_are_all_counted(t, &Listen::Plain);
+}
+
+#[test]
+fn over_tls_collector_restarts_under_traffic_are_all_counted() {
+    let mut listen = None;
+    let t = start_with("syslog-tls-restarts", |scratch| {
+        let (config, files) = tls_syslog(scratch, 200);
+        listen = Some(files);
+        config
+    });
+    let listen = listen.unwrap_or_else(|| unreachable!("the config was written"));
+    collector_restarts_under_traffic_are_all_counted(t, &listen);
+}
+
+/// Stops rsyslog [`COLLECTOR_KILLS`] times under steady traffic, each time
+/// with records on their way, and checks that every record of the file
+/// was received or counted, exactly.
+fn collector_restarts_under_traffic_are_all_counted(mut t: Enforced, listen: &Listen) {
+    let mut rsyslog = Rsyslog::new(&t.scratch, "syslog", listen);
     // The daemon started first: forwarding must catch up once rsyslog is there.
     rsyslog.start(t.lab.edge());
     flood(&t.lab, 20_000, 100, 1);
@@ -950,6 +1016,143 @@ fn records_reach_rsyslog_and_collector_restarts_under_traffic_are_all_counted() 
     assert!(
         count_action(&audit_lines(&t.audit()), "syslog_dropped") >= 1,
         "no syslog_dropped record"
+    );
+    verify_audit(&t);
+    t.daemon.terminate();
+}
+
+/// A CA the test makes, and the PEM files of what it signs, in a scratch
+/// directory.
+struct TestCa {
+    issuer: CertifiedIssuer<'static, KeyPair>,
+    name: String,
+}
+
+impl TestCa {
+    /// Writes the CA's certificate as `NAME-ca.pem`.
+    fn new(scratch: &Scratch, name: &str) -> (Self, PathBuf) {
+        let mut params = CertificateParams::default();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        let key = KeyPair::generate().unwrap_or_else(|e| panic!("{e}"));
+        let issuer = CertifiedIssuer::self_signed(params, key).unwrap_or_else(|e| panic!("{e}"));
+        let pem = scratch.write(&format!("{name}-ca.pem"), &issuer.pem());
+        let ca = Self {
+            issuer,
+            name: name.to_owned(),
+        };
+        (ca, pem)
+    }
+
+    /// Writes a certificate for `san` signed by this CA as `NAME-WHO.pem`,
+    /// and its key as `NAME-WHO.key`; their paths.
+    fn issue(&self, scratch: &Scratch, who: &str, san: &str) -> (PathBuf, PathBuf) {
+        let key = KeyPair::generate().unwrap_or_else(|e| panic!("{e}"));
+        let cert = CertificateParams::new(vec![san.to_owned()])
+            .and_then(|p| p.signed_by(&key, &self.issuer))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let stem = format!("{}-{who}", self.name);
+        (
+            scratch.write(&format!("{stem}.pem"), &cert.pem()),
+            scratch.write(&format!("{stem}.key"), &key.serialize_pem()),
+        )
+    }
+}
+
+/// Waits until the daemon's log says `what`.
+fn wait_for_log(t: &Enforced, what: &str) -> String {
+    let deadline = Instant::now() + CATCH_UP;
+    loop {
+        let log = t.daemon.log();
+        if log.contains(what) {
+            return log;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the daemon never logged \"{what}\":\n{log}"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `[audit.syslog]` to 127.0.0.1:6514 over TLS holding `queue` records,
+/// with ztxdp's own certificate, and how rsyslog listens there: all
+/// certified by one CA made here.
+fn tls_syslog(scratch: &Scratch, queue: usize) -> (String, Listen) {
+    let (ca, ca_pem) = TestCa::new(scratch, "trusted");
+    let (cert, key) = ca.issue(scratch, "ztxdp", "ztxdp.example");
+    let config = format!(
+        "[audit.syslog]\naddress = \"127.0.0.1:6514\"\nqueue = {queue}\ntls = true\n\
+         ca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"",
+        ca_pem.display(),
+        cert.display(),
+        key.display()
+    );
+    let (cert, key) = ca.issue(scratch, "collector", "127.0.0.1");
+    let listen = Listen::Tls {
+        ca: ca_pem,
+        cert,
+        key,
+    };
+    (config, listen)
+}
+
+#[test]
+fn records_reach_rsyslog_over_tls_and_a_collector_of_another_ca_gets_none() {
+    let mut listen = None;
+    let mut t = start_with("syslog-tls", |scratch| {
+        let (config, files) = tls_syslog(scratch, 50);
+        listen = Some(files);
+        config
+    });
+    let listen = listen.unwrap_or_else(|| unreachable!("the config was written"));
+    let ns = t.lab.edge();
+
+    // First a collector with a certificate for the right address, from
+    // another CA: ztxdp must send it nothing.
+    let (other, other_pem) = TestCa::new(&t.scratch, "other");
+    let (cert, key) = other.issue(&t.scratch, "collector", "127.0.0.1");
+    let impostor_files = Listen::Tls {
+        ca: other_pem,
+        cert,
+        key,
+    };
+    let mut impostor = Rsyslog::new(&t.scratch, "impostor", &impostor_files);
+    impostor.start(ns);
+    flood(&t.lab, 20_000, 100, 1);
+    wait_for_records(&t, 100, "the flood is in the file");
+    let log = wait_for_log(&t, "the TLS handshake with the syslog collector failed");
+    assert!(
+        log.contains("UnknownIssuer"),
+        "the log says why the handshake failed:\n{log}"
+    );
+    impostor.stop();
+    assert_eq!(
+        impostor.received().copies,
+        0,
+        "a collector certified by another CA received records"
+    );
+
+    // Then the real one, which asks for ztxdp's certificate: what the
+    // forwarder held arrives, the rest is counted.
+    let mut rsyslog = Rsyslog::new(&t.scratch, "syslog", &listen);
+    rsyslog.start(ns);
+    let (_, dropped, records) = expect_forwarding_accounted(&t, &rsyslog, 100);
+    assert!(
+        dropped >= 50,
+        "{records} records came while the collector was refused, 50 held: \
+         {dropped} counted as not forwarded"
+    );
+    flood(&t.lab, 30_000, 50, 1);
+    let (received, _, _) = expect_forwarding_accounted(&t, &rsyslog, records + 50);
+    assert!(
+        received.records.len() >= 100,
+        "only {} records reached rsyslog over TLS",
+        received.records.len()
+    );
+    assert!(
+        t.daemon.log().contains("could not be forwarded"),
+        "the drops are in the log"
     );
     verify_audit(&t);
     t.daemon.terminate();

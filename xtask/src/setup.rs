@@ -25,6 +25,8 @@ pub const APT_PACKAGES: &[&str] = &[
     "iproute2",
     "ethtool",
     "rsyslog",
+    // rsyslog's `ossl` stream driver: the syslog-over-TLS test's collector.
+    "rsyslog-openssl",
     "iptables",
     "tcpdump",
     "netcat-openbsd",

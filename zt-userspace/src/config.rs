@@ -30,9 +30,12 @@ use serde::Deserialize;
 use toml::de::{DeTable, DeValue};
 use zt_common::capacity;
 
-use crate::policy::{
-    AuditFormat, AuditSettings, EchoRate, EdgePolicy, FlowSettings, Grant, MetricsSettings, Peer,
-    Policy, Protocol, SocketGroup, SyslogSettings, TunnelPolicy,
+use crate::{
+    audit::syslog::tls,
+    policy::{
+        AuditFormat, AuditSettings, EchoRate, EdgePolicy, FlowSettings, Grant, MetricsSettings,
+        Peer, Policy, Protocol, SocketGroup, SyslogSettings, TunnelPolicy,
+    },
 };
 
 /// `ssh_port` when the file does not set it.
@@ -293,6 +296,11 @@ struct RawAudit {
 struct RawSyslog {
     address: Option<String>,
     queue: Option<i64>,
+    tls: Option<bool>,
+    ca_file: Option<PathBuf>,
+    cert_file: Option<PathBuf>,
+    key_file: Option<PathBuf>,
+    server_name: Option<String>,
 }
 
 /// Bounds of the `[audit]` numbers: a rotated file holds at least one
@@ -1231,31 +1239,7 @@ impl Validator<'_> {
             audit.state = state;
         }
         if let Some(raw) = raw.syslog {
-            let address = self.required(
-                raw.address,
-                "audit.syslog.address",
-                "the collector's HOST:PORT, e.g. \"127.0.0.1:6514\"",
-            )?;
-            let port = address.rsplit_once(':').and_then(|(host, port)| {
-                let host = host.trim_start_matches('[').trim_end_matches(']');
-                (!host.is_empty()).then(|| port.parse::<u16>().ok().filter(|p| *p != 0))?
-            });
-            if port.is_none() {
-                return Err(self.at.invalid(
-                    "audit.syslog.address",
-                    format!(
-                        "\"{address}\" is not HOST:PORT (e.g. \"127.0.0.1:6514\", \"[::1]:6514\")"
-                    ),
-                ));
-            }
-            let queue = match raw.queue {
-                Some(n) => self.audit_number(n, "audit.syslog.queue", 1..=MAX_SYSLOG_QUEUE)?,
-                None => SyslogSettings::DEFAULT_QUEUE as u64,
-            };
-            audit.syslog = Some(SyslogSettings {
-                address,
-                queue: usize::try_from(queue).unwrap_or(usize::MAX),
-            });
+            audit.syslog = Some(self.syslog(raw)?);
         }
         if let Some(name) = raw.socket_group {
             let gid = group_id(&name).ok_or_else(|| {
@@ -1269,6 +1253,103 @@ impl Validator<'_> {
             audit.socket_group = Some(SocketGroup { name, gid });
         }
         Ok(audit)
+    }
+
+    fn syslog(&self, raw: RawSyslog) -> Result<SyslogSettings, ConfigError> {
+        let address = self.required(
+            raw.address,
+            "audit.syslog.address",
+            "the collector's HOST:PORT, e.g. \"127.0.0.1:514\"",
+        )?;
+        let host = address.rsplit_once(':').and_then(|(host, port)| {
+            let bare = host.trim_start_matches('[').trim_end_matches(']');
+            let port = port.parse::<u16>().ok().filter(|p| *p != 0);
+            (!bare.is_empty() && port.is_some()).then_some(host)
+        });
+        let Some(host) = host else {
+            return Err(self.at.invalid(
+                "audit.syslog.address",
+                format!("\"{address}\" is not HOST:PORT (e.g. \"127.0.0.1:514\", \"[::1]:514\")"),
+            ));
+        };
+        let queue = match raw.queue {
+            Some(n) => self.audit_number(n, "audit.syslog.queue", 1..=MAX_SYSLOG_QUEUE)?,
+            None => SyslogSettings::DEFAULT_QUEUE as u64,
+        };
+        let tls = if raw.tls == Some(true) {
+            let ca_file = self.required(
+                raw.ca_file,
+                "audit.syslog.ca_file",
+                "the PEM file of the CAs the collector's certificate chains to, \
+                 e.g. \"/etc/ztxdp/syslog-ca.pem\"",
+            )?;
+            let refused = |key: &str, e: tls::TlsError| self.at.invalid(key, e.to_string());
+            let anchors =
+                tls::certificates(&ca_file).map_err(|e| refused("audit.syslog.ca_file", e))?;
+            let identity = match (raw.cert_file, raw.key_file) {
+                (None, None) => None,
+                (Some(cert_file), Some(key_file)) => Some(tls::ClientIdentity {
+                    chain: tls::certificates(&cert_file)
+                        .map_err(|e| refused("audit.syslog.cert_file", e))?,
+                    cert_file,
+                    key: tls::private_key(&key_file)
+                        .map_err(|e| refused("audit.syslog.key_file", e))?,
+                    key_file,
+                }),
+                (Some(_), None) => {
+                    return Err(self.at.invalid(
+                        "audit.syslog.key_file",
+                        "missing; cert_file needs the PEM file of its private key",
+                    ));
+                }
+                (None, Some(_)) => {
+                    return Err(self.at.invalid(
+                        "audit.syslog.cert_file",
+                        "missing; key_file needs the PEM file of its certificate",
+                    ));
+                }
+            };
+            let name = raw.server_name.as_deref().unwrap_or(host);
+            let server_name = tls::server_name(name).map_err(|e| {
+                let key = if raw.server_name.is_some() {
+                    "audit.syslog.server_name"
+                } else {
+                    "audit.syslog.address"
+                };
+                refused(key, e)
+            })?;
+            Some(
+                tls::SyslogTls::new(ca_file, anchors, identity, server_name).map_err(|e| {
+                    let key = match &e {
+                        tls::TlsError::Anchor { .. } => "audit.syslog.ca_file",
+                        tls::TlsError::ClientKey { .. } => "audit.syslog.key_file",
+                        _ => "audit.syslog.tls",
+                    };
+                    refused(key, e)
+                })?,
+            )
+        } else {
+            // Without tls = true these would be ignored, and records would
+            // go in clear text to someone who meant them encrypted.
+            let stray = [
+                ("audit.syslog.ca_file", raw.ca_file.is_some()),
+                ("audit.syslog.cert_file", raw.cert_file.is_some()),
+                ("audit.syslog.key_file", raw.key_file.is_some()),
+                ("audit.syslog.server_name", raw.server_name.is_some()),
+            ];
+            if let Some((key, _)) = stray.iter().find(|(_, set)| *set) {
+                return Err(self.at.invalid(
+                    key,
+                    "only used with TLS; add tls = true to [audit.syslog], or remove it",
+                ));
+            }
+            None
+        };
+        Ok(SyslogSettings {
+            address,
+            queue: usize::try_from(queue).unwrap_or(usize::MAX),
+            tls,
+        })
     }
 
     /// A whole number of an `[audit]` key within `range`.
@@ -1388,6 +1469,8 @@ pub(crate) fn is_wireguard_key(key: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+    mod syslog_tls;
+
     use std::net::{Ipv4Addr, Ipv6Addr};
 
     use super::*;
@@ -2536,7 +2619,8 @@ path = "/var/log/ztxdp/audit.jsonl"
             full.syslog,
             Some(SyslogSettings {
                 address: "127.0.0.1:6514".into(),
-                queue: 50
+                queue: 50,
+                tls: None,
             })
         );
         let ipv6 = parse_ok(&format!(

@@ -5,6 +5,8 @@ use std::{fmt, path::PathBuf, time::Duration};
 
 use ipnet::IpNet;
 
+use crate::audit::syslog::tls::SyslogTls;
+
 /// A transport protocol a port grant applies to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Protocol {
@@ -186,6 +188,9 @@ pub struct SyslogSettings {
     /// Records held while the collector is slow or away; more are dropped
     /// and counted (`audit.syslog.queue`).
     pub queue: usize,
+    /// RFC 5425, syslog over TLS (`audit.syslog.tls` and its files); `None`
+    /// for plain TCP.
+    pub tls: Option<SyslogTls>,
 }
 
 impl SyslogSettings {

@@ -1,5 +1,7 @@
 //! Forwarding records to a syslog collector: RFC 5424 messages over TCP with
-//! octet-counting framing (RFC 6587), e.g. to rsyslog's `imtcp`.
+//! octet-counting framing (RFC 6587), e.g. to rsyslog's `imtcp`, or over
+//! TLS (RFC 5425, [`tls`]), e.g. to rsyslog's `imtcp` with its `ossl` or
+//! `gtls` stream driver.
 //!
 //! The file is the record; forwarding is a copy that must never slow the
 //! daemon down, and every record it does not deliver is counted. Records
@@ -17,16 +19,32 @@
 //! `possible_duplicate="true"` in their structured data: the collector may
 //! have some of them already. At a stop the thread gets a grace period for
 //! the collector to acknowledge what was sent; what is still held then is
-//! counted. The thread reconnects with exponential back-off.
+//! counted. The thread reconnects with exponential back-off, which only a
+//! record acknowledged resets: a collector that takes connections and
+//! closes them before it takes a record is not hammered.
+//!
+//! With TLS the same window works on the ciphertext. `SIOCOUTQ` counts the
+//! bytes of the TCP stream, whatever they carry, so the offsets must be
+//! stream offsets too, and they are: every byte the TLS session sends
+//! (handshake, records, alerts, key updates) goes to the socket through
+//! the connection's one output buffer and is counted as it is written. A
+//! record's frame is handed to the session whole and its ciphertext taken
+//! out at once, so all of it lies before the offset noted for the record
+//! (bytes the session had waiting go ahead of it and count against it:
+//! the record is held a little longer, never let go early). Once the
+//! collector's kernel has acknowledged that offset it holds every TLS
+//! record carrying the message, so it can decrypt it; no other bytes may
+//! be needed for that. A test feeds the collector the stream byte by byte
+//! and checks that each message becomes readable exactly at its offset.
 //!
 //! Not covered: the acknowledgement comes from the collector's kernel, not
 //! from the collector. A collector that dies with bytes in its socket's
 //! receive buffer, or with records in its own queues, loses them without
 //! a sign to the sender; only an application-level acknowledgement (RELP)
-//! would show it. Every message carries `ztxdp.seq`, so the collector side
-//! can find such a gap, and the file has every record. (The window counts
-//! bytes written to the socket, whatever they carry: TLS, RFC 5425, would
-//! change what the bytes are, not how they are acknowledged.)
+//! would show it, TLS adds none. Every message carries `ztxdp.seq`, so the
+//! collector side can find such a gap, and the file has every record.
+
+pub mod tls;
 
 use std::{
     collections::VecDeque,
@@ -43,15 +61,17 @@ use std::{
 };
 
 use chrono::{DateTime, SecondsFormat};
+use rustls::ClientConnection;
 
+use self::tls::SyslogTls;
 use super::{AuditError, record::Body, writer::Sealed};
 use crate::policy::SyslogSettings;
 
 /// First wait after a failed connect; doubles up to [`BACKOFF_MAX`].
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
-/// Bounds a connect to a collector that does not answer; the thread checks
-/// for a stop at least this often.
+/// Bounds a connect to a collector that does not answer, and then a TLS
+/// handshake; the thread checks for a stop at least every two of these.
 const IO_TIMEOUT: Duration = Duration::from_secs(2);
 /// How often an idle connection is checked for a collector that went away.
 const IDLE_CHECK: Duration = Duration::from_millis(100);
@@ -138,24 +158,6 @@ fn wait_for(conn: &TcpStream, events: libc::c_short, timeout: Duration) -> libc:
     if n > 0 { pfd.revents } else { 0 }
 }
 
-/// Whether the collector closed its end (or the connection broke).
-fn peer_gone(conn: &TcpStream) -> bool {
-    let revents = wait_for(conn, libc::POLLIN | libc::POLLRDHUP, Duration::ZERO);
-    if revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0 {
-        return true;
-    }
-    if revents & libc::POLLIN == 0 {
-        return false;
-    }
-    // A collector has nothing to say; read what it sent to see whether it is EOF.
-    let mut buf = [0u8; 512];
-    match io::Read::read(&mut &*conn, &mut buf) {
-        Ok(0) => true,
-        Ok(_) => false,
-        Err(e) => e.kind() != io::ErrorKind::WouldBlock,
-    }
-}
-
 /// Bytes written to `conn` that its peer has not acknowledged.
 fn unacknowledged(conn: &TcpStream) -> io::Result<u64> {
     let mut outq: libc::c_int = 0;
@@ -194,6 +196,7 @@ impl Forwarder {
         let closing = Arc::new(AtomicBool::new(false));
         let worker = Worker {
             address: settings.address.clone(),
+            tls: settings.tls.clone(),
             rx,
             held: Arc::clone(&held),
             dropped: Arc::clone(&dropped),
@@ -205,7 +208,7 @@ impl Forwarder {
             next: None,
             backoff: BACKOFF_MIN,
             next_attempt: Instant::now(),
-            outage_logged: false,
+            logged: None,
         };
         let thread = thread::Builder::new()
             .name("ztxdp-syslog".into())
@@ -274,8 +277,9 @@ impl Forwarder {
                 thread::sleep(Duration::from_millis(10));
             }
             self.closing.store(true, Ordering::Relaxed);
-            // The worker checks `closing` at least every IO_TIMEOUT.
-            let hard = Instant::now() + IO_TIMEOUT + Duration::from_secs(1);
+            // The worker checks `closing` at least every two IO_TIMEOUTs
+            // (a connect, then a TLS handshake).
+            let hard = Instant::now() + 2 * IO_TIMEOUT + Duration::from_secs(1);
             while !thread.is_finished() && Instant::now() < hard {
                 thread::sleep(Duration::from_millis(10));
             }
@@ -295,13 +299,32 @@ impl Drop for Forwarder {
     }
 }
 
+/// Why a connection to the collector could not be made, or broke.
+#[derive(Debug, thiserror::Error)]
+enum LinkError {
+    #[error(transparent)]
+    Io(#[from] io::Error),
+    /// The handshake failed (the collector's certificate is not from the
+    /// CA, or not for the name; it refused ours), or the collector sent a
+    /// TLS alert.
+    #[error("TLS: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("the collector closed the connection")]
+    Closed,
+    #[error("the TLS handshake did not finish within {IO_TIMEOUT:?}")]
+    HandshakeTimeout,
+}
+
 /// One connection to the collector.
 struct Conn {
     stream: TcpStream,
+    /// RFC 5425: the session over `stream`. Whatever it sends goes out
+    /// through `out`, so `written` counts ciphertext, as `SIOCOUTQ` does.
+    tls: Option<ClientConnection>,
     /// Bytes the socket took so far.
     written: u64,
-    /// The frame of the newest window record, of which the socket took
-    /// `out_at` bytes; no other bytes may go between them.
+    /// The bytes of the newest window record (or of the TLS session alone),
+    /// of which the socket took `out_at`; no other bytes may go between them.
     out: Vec<u8>,
     out_at: usize,
     /// Records given to this connection and not acknowledged yet, oldest
@@ -310,31 +333,120 @@ struct Conn {
 }
 
 impl Conn {
-    fn new(stream: TcpStream) -> Self {
-        Self {
+    /// Connects to `address`, with the TLS handshake when `tls` is set;
+    /// each step bounded by [`IO_TIMEOUT`].
+    fn open(address: &str, tls: Option<&SyslogTls>) -> Result<Self, LinkError> {
+        let addr = address.to_socket_addrs()?.next().ok_or_else(|| {
+            io::Error::new(io::ErrorKind::NotFound, "the address resolves to nothing")
+        })?;
+        let stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
+        // Never blocked by a collector that stops reading: the thread keeps
+        // reading acknowledgements and noticing a stop.
+        stream.set_nonblocking(true)?;
+        stream.set_nodelay(true)?;
+        let mut conn = Self {
             stream,
+            tls: tls.map(SyslogTls::session).transpose()?,
             written: 0,
             out: Vec::new(),
             out_at: 0,
             window: VecDeque::new(),
+        };
+        if let Err(e) = conn.handshake() {
+            // Best effort: the alert tells the collector why.
+            let _ = conn.take_tls().and_then(|()| conn.flush());
+            return Err(e);
+        }
+        Ok(conn)
+    }
+
+    /// Completes the TLS handshake, if any, within [`IO_TIMEOUT`]. Its bytes
+    /// are counted in `written` like any others.
+    fn handshake(&mut self) -> Result<(), LinkError> {
+        let deadline = Instant::now() + IO_TIMEOUT;
+        loop {
+            self.take_tls()?;
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(LinkError::HandshakeTimeout);
+            }
+            if !self.flush()? {
+                wait_for(&self.stream, libc::POLLOUT, left);
+                continue;
+            }
+            let Some(tls) = &self.tls else { return Ok(()) };
+            if !tls.is_handshaking() {
+                if tls.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_3) {
+                    return self.await_answer(deadline);
+                }
+                return Ok(());
+            }
+            wait_for(&self.stream, libc::POLLIN, left);
+            if self.receive()? {
+                return Err(LinkError::Closed);
+            }
         }
     }
 
-    /// Whether a frame is partly written.
+    /// In TLS 1.3 the client's handshake is over before the collector has
+    /// checked the client's certificate. A collector that refuses it
+    /// answers the client's last message with an alert; one that takes it
+    /// usually with session tickets. Records sent before that answer would
+    /// be acknowledged by the collector's kernel and then thrown away by a
+    /// collector that refused the session: delivered by this module's
+    /// measure, and lost uncounted. So wait for the answer, until
+    /// `deadline` (a collector that sends no tickets says nothing).
+    fn await_answer(&mut self, deadline: Instant) -> Result<(), LinkError> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if wait_for(&self.stream, libc::POLLIN, left) != 0 && self.receive()? {
+            return Err(LinkError::Closed);
+        }
+        // Silence, or an answer that was no alert: the session stands.
+        Ok(())
+    }
+
+    /// Whether bytes are partly written.
     fn writing(&self) -> bool {
         self.out_at < self.out.len()
     }
 
-    /// Starts `framed`, the bytes of `record`; only when not [`Self::writing`].
-    fn push(&mut self, record: Arc<Sealed>, framed: String) {
-        self.out = framed.into_bytes();
-        self.out_at = 0;
+    /// Moves what the TLS session has to send into `out`; only when not
+    /// [`Self::writing`]. (Until then it waits in the session, which keeps
+    /// its order.)
+    fn take_tls(&mut self) -> io::Result<()> {
+        if !self.writing()
+            && let Some(tls) = &mut self.tls
+        {
+            self.out.clear();
+            self.out_at = 0;
+            while tls.wants_write() {
+                tls.write_tls(&mut self.out)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts `framed`, the frame of `record` (encrypted, with TLS); only
+    /// when not [`Self::writing`]. The record joins the window even when
+    /// this fails: the caller then drops the connection, which sends the
+    /// window again.
+    fn push(&mut self, record: Arc<Sealed>, framed: String) -> io::Result<()> {
+        let result = if let Some(tls) = &mut self.tls {
+            tls.writer()
+                .write_all(framed.as_bytes())
+                .and_then(|()| self.take_tls())
+        } else {
+            self.out = framed.into_bytes();
+            self.out_at = 0;
+            Ok(())
+        };
         self.window
             .push_back((record, self.written + self.out.len() as u64));
+        result
     }
 
     /// Writes what the socket takes without blocking; `false` while part
-    /// of the frame is left.
+    /// of `out` is left.
     fn flush(&mut self) -> io::Result<bool> {
         while self.writing() {
             match self.stream.write(&self.out[self.out_at..]) {
@@ -351,6 +463,45 @@ impl Conn {
         Ok(true)
     }
 
+    /// Reads what the collector sent, without blocking; whether it closed
+    /// its end. A collector has nothing to say: over TLS its session
+    /// tickets, key updates and alerts go to the session (an alert comes
+    /// back as the error), anything else is discarded.
+    fn receive(&mut self) -> Result<bool, LinkError> {
+        let revents = wait_for(&self.stream, libc::POLLIN | libc::POLLRDHUP, Duration::ZERO);
+        let hung_up = revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0;
+        let Some(tls) = &mut self.tls else {
+            if hung_up || revents & libc::POLLIN == 0 {
+                return Ok(hung_up);
+            }
+            let mut buf = [0u8; 512];
+            return match io::Read::read(&mut &self.stream, &mut buf) {
+                Ok(n) => Ok(n == 0),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
+                Err(e) => Err(e.into()),
+            };
+        };
+        // Read even after a hang-up: an alert saying why may come first.
+        loop {
+            match tls.read_tls(&mut &self.stream) {
+                Ok(0) => return Ok(true),
+                Ok(_) => {
+                    let state = tls.process_new_packets()?;
+                    let _ = io::copy(
+                        &mut io::Read::take(tls.reader(), state.plaintext_bytes_to_read() as u64),
+                        &mut io::sink(),
+                    );
+                    if state.peer_has_closed() {
+                        return Ok(true);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(hung_up),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
     /// Lets go of the records the collector acknowledged; how many. Valid
     /// also after the connection broke: the kernel keeps what was acknowledged.
     fn acknowledge(&mut self) -> io::Result<usize> {
@@ -365,6 +516,7 @@ impl Conn {
 
 struct Worker {
     address: String,
+    tls: Option<SyslogTls>,
     rx: mpsc::Receiver<Arc<Sealed>>,
     held: Arc<AtomicUsize>,
     dropped: Arc<AtomicU64>,
@@ -379,7 +531,9 @@ struct Worker {
     next: Option<Arc<Sealed>>,
     backoff: Duration,
     next_attempt: Instant,
-    outage_logged: bool,
+    /// The failure last logged since records last got through: each
+    /// different one is logged once, not every retry.
+    logged: Option<String>,
 }
 
 impl Worker {
@@ -426,24 +580,33 @@ impl Worker {
                 continue;
             };
             let framed = frame(&message(&record, &self.hostname, self.pid, resent));
-            c.push(record, framed);
-            self.flush();
+            match c.push(record, framed) {
+                Ok(()) => self.flush(),
+                Err(e) => self.broken(&e),
+            }
         }
     }
 
     /// Reads the acknowledgements, and notices a collector that went away.
     fn tend(&mut self) {
         let Some(c) = &mut self.conn else { return };
-        // Whether it went away first: the acknowledgements that came before
-        // its FIN count too.
-        let gone = peer_gone(&c.stream);
+        // What it sent first: the acknowledgements that came before its
+        // FIN or alert count too. Then what the TLS session has to answer.
+        let received = c
+            .receive()
+            .and_then(|gone| c.take_tls().map(|()| gone).map_err(LinkError::from));
         match c.acknowledge() {
+            Ok(0) => {}
             Ok(n) => {
                 self.held.fetch_sub(n, Ordering::AcqRel);
-                if gone {
-                    self.broken(&"the collector closed the connection");
-                }
+                self.backoff = BACKOFF_MIN;
+                self.logged = None;
             }
+            Err(e) => return self.broken(&e),
+        }
+        match received {
+            Ok(false) => {}
+            Ok(true) => self.broken(&LinkError::Closed),
             Err(e) => self.broken(&e),
         }
     }
@@ -461,7 +624,7 @@ impl Worker {
     }
 
     /// Drops the connection; what it did not get acknowledged goes first
-    /// on the next one.
+    /// on the next one, after the back-off.
     fn broken(&mut self, why: &dyn std::fmt::Display) {
         let Some(mut c) = self.conn.take() else {
             return;
@@ -478,20 +641,13 @@ impl Worker {
         let mut again: VecDeque<_> = c.window.into_iter().map(|(r, _)| r).collect();
         again.append(&mut self.resend);
         self.resend = again;
-        self.outage_logged = true;
-        self.next_attempt = Instant::now() + self.backoff;
+        self.logged = Some(why.to_string());
+        self.retry_later();
     }
 
-    fn connect(&self) -> io::Result<TcpStream> {
-        let addr = self.address.to_socket_addrs()?.next().ok_or_else(|| {
-            io::Error::new(io::ErrorKind::NotFound, "the address resolves to nothing")
-        })?;
-        let conn = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
-        // Never blocked by a collector that stops reading: the thread keeps
-        // reading acknowledgements and noticing a stop.
-        conn.set_nonblocking(true)?;
-        conn.set_nodelay(true)?;
-        Ok(conn)
+    fn retry_later(&mut self) {
+        self.next_attempt = Instant::now() + self.backoff;
+        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
     }
 
     /// Connects when the back-off allows, else waits a little for it.
@@ -501,28 +657,37 @@ impl Worker {
             thread::sleep((self.next_attempt - now).min(IDLE_CHECK));
             return;
         }
-        match self.connect() {
-            Ok(stream) => {
+        match Conn::open(&self.address, self.tls.as_ref()) {
+            Ok(conn) => {
                 tracing::info!(
                     address = self.address,
+                    tls = self.tls.is_some(),
                     resending = self.resend.len(),
                     "forwarding audit records to the syslog collector"
                 );
-                self.conn = Some(Conn::new(stream));
-                self.backoff = BACKOFF_MIN;
-                self.outage_logged = false;
+                self.conn = Some(conn);
             }
             Err(e) => {
-                if !self.outage_logged {
-                    tracing::warn!(
-                        address = self.address,
-                        error = %e,
-                        "cannot reach the syslog collector; retrying with back-off (the file keeps every record)"
-                    );
-                    self.outage_logged = true;
+                let error = e.to_string();
+                if self.logged.as_ref() != Some(&error) {
+                    if matches!(e, LinkError::Tls(_) | LinkError::HandshakeTimeout) {
+                        tracing::warn!(
+                            address = self.address,
+                            error = %error,
+                            "the TLS handshake with the syslog collector failed; retrying with \
+                             back-off (the file keeps every record)"
+                        );
+                    } else {
+                        tracing::warn!(
+                            address = self.address,
+                            error = %error,
+                            "cannot reach the syslog collector; retrying with back-off (the \
+                             file keeps every record)"
+                        );
+                    }
+                    self.logged = Some(error);
                 }
-                self.next_attempt = now + self.backoff;
-                self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+                self.retry_later();
             }
         }
     }
@@ -543,232 +708,4 @@ impl Worker {
 }
 
 #[cfg(test)]
-mod tests {
-    use std::{
-        collections::BTreeMap,
-        io::{BufRead as _, BufReader, Read as _},
-        net::TcpListener,
-    };
-
-    use super::*;
-    use crate::audit::record::{Program, Record};
-
-    /// Bounds every wait for the forwarder; it acts within milliseconds.
-    const PATIENCE: Duration = Duration::from_secs(30);
-
-    fn sealed_with(seq: u64, line: String) -> Arc<Sealed> {
-        Arc::new(Sealed {
-            record: Record {
-                seq,
-                time_ns: 1_795_326_000_123_456_789,
-                body: Body::Lost {
-                    program: Program::Edge,
-                    interface: "eth0".into(),
-                    rate_limited: seq,
-                    ring_full: 0,
-                    unwritten: 0,
-                },
-            },
-            chain: "c".into(),
-            line,
-        })
-    }
-
-    fn sealed(seq: u64) -> Arc<Sealed> {
-        sealed_with(seq, format!("{{\"ztxdp\":{{\"seq\":{seq}}}}}"))
-    }
-
-    /// A record larger than what the collector's kernel buffers for a
-    /// reader that stopped (`tcp_rmem`'s default is 128 KiB), so never
-    /// acknowledged whole until read; small enough to fit whole in the
-    /// forwarder's send buffer (about 1.3 MiB on loopback), so the record
-    /// after it is written too, and waits for an acknowledgement.
-    fn big(seq: u64) -> Arc<Sealed> {
-        sealed_with(seq, "x".repeat(256 << 10))
-    }
-
-    fn forwarder(address: String, queue: usize) -> Forwarder {
-        Forwarder::start(&SyslogSettings { address, queue }).unwrap_or_else(|e| panic!("{e}"))
-    }
-
-    /// A collector on a free port, and a forwarder to it.
-    fn collector() -> (TcpListener, Forwarder) {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
-        let address = listener
-            .local_addr()
-            .unwrap_or_else(|e| panic!("{e}"))
-            .to_string();
-        (listener, forwarder(address, 100))
-    }
-
-    /// The forwarder's next connection, reads bounded by [`PATIENCE`].
-    fn accept(listener: &TcpListener) -> BufReader<TcpStream> {
-        listener
-            .set_nonblocking(true)
-            .unwrap_or_else(|e| panic!("{e}"));
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            match listener.accept() {
-                Ok((conn, _)) => {
-                    conn.set_nonblocking(false)
-                        .and_then(|()| conn.set_read_timeout(Some(PATIENCE)))
-                        .unwrap_or_else(|e| panic!("{e}"));
-                    return BufReader::new(conn);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    assert!(Instant::now() < deadline, "the forwarder never connected");
-                    thread::sleep(Duration::from_millis(10));
-                }
-                Err(e) => panic!("accept: {e}"),
-            }
-        }
-    }
-
-    /// Reads `n` octet-counted frames.
-    fn read_frames(reader: &mut BufReader<TcpStream>, n: usize) -> Vec<String> {
-        let mut out = Vec::new();
-        while out.len() < n {
-            let mut len = Vec::new();
-            reader
-                .read_until(b' ', &mut len)
-                .unwrap_or_else(|e| panic!("{e}"));
-            let len: usize = String::from_utf8_lossy(&len)
-                .trim()
-                .parse()
-                .unwrap_or_else(|e| panic!("{e}"));
-            let mut msg = vec![0; len];
-            reader
-                .read_exact(&mut msg)
-                .unwrap_or_else(|e| panic!("{e}"));
-            out.push(String::from_utf8_lossy(&msg).into_owned());
-        }
-        out
-    }
-
-    /// A message's seq, and whether it is marked as a possible duplicate.
-    fn seq_of(message: &str) -> (u64, bool) {
-        let seq = message
-            .split_once("seq=\"")
-            .and_then(|(_, rest)| rest.split_once('"'))
-            .and_then(|(seq, _)| seq.parse().ok())
-            .unwrap_or_else(|| panic!("no seq: {message:.200}"));
-        (seq, message.contains(" possible_duplicate=\"true\"]"))
-    }
-
-    #[test]
-    fn messages_follow_rfc5424_with_octet_counting() {
-        let m = message(&sealed(3), "host1", 42, false);
-        assert_eq!(
-            m,
-            r#"<108>1 2026-11-22T05:40:00.123456Z host1 ztxdp 42 lost [ztxdp@32473 seq="3"] {"ztxdp":{"seq":3}}"#
-        );
-        assert_eq!(
-            message(&sealed(3), "host1", 42, true),
-            r#"<108>1 2026-11-22T05:40:00.123456Z host1 ztxdp 42 lost [ztxdp@32473 seq="3" possible_duplicate="true"] {"ztxdp":{"seq":3}}"#,
-            "a record sent again says so, and only in the structured data"
-        );
-        assert_eq!(frame("héllo"), "6 héllo", "the length counts octets");
-    }
-
-    #[test]
-    fn records_wait_while_the_collector_is_away_and_overflow_is_counted() {
-        // Find a free port, then close it: nothing listens yet.
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map_or_else(|e| panic!("{e}"), |a| a.port());
-        let f = forwarder(format!("127.0.0.1:{port}"), 4);
-        for seq in 1..=10 {
-            f.send(&sealed(seq));
-        }
-        assert_eq!(f.dropped(), 6, "4 are held, the rest counted at once");
-        let listener = TcpListener::bind(("127.0.0.1", port)).unwrap_or_else(|e| panic!("{e}"));
-        let got = read_frames(&mut accept(&listener), 4);
-        let got: Vec<_> = got.iter().map(|m| seq_of(m)).collect();
-        assert_eq!(got, [(1, false), (2, false), (3, false), (4, false)]);
-        assert_eq!(f.stop(PATIENCE), 6, "nothing else was lost");
-    }
-
-    #[test]
-    fn acknowledged_records_are_not_sent_again() {
-        let (listener, f) = collector();
-        for seq in 1..=3 {
-            f.send(&sealed(seq));
-        }
-        let mut first = accept(&listener);
-        assert_eq!(read_frames(&mut first, 3).len(), 3);
-        // The collector restarts having read everything: nothing is lost.
-        drop(first);
-        f.send(&sealed(4));
-        let got = read_frames(&mut accept(&listener), 1);
-        assert_eq!(
-            seq_of(&got[0]).0,
-            4,
-            "1 to 3 were acknowledged; only 4 may have been cut off"
-        );
-        assert_eq!(f.stop(PATIENCE), 0);
-    }
-
-    #[test]
-    fn records_cut_off_by_a_collector_that_goes_away_are_sent_again_marked() {
-        let (listener, f) = collector();
-        let cut = big(2);
-        for s in [sealed(1), Arc::clone(&cut), sealed(3)] {
-            f.send(&s);
-        }
-        let mut first = accept(&listener);
-        assert_eq!(seq_of(&read_frames(&mut first, 1)[0]), (1, false));
-        // A little of record 2, then the collector goes away with the rest
-        // unread (a reset): 2 was never acknowledged whole, nor 3 after it.
-        first
-            .read_exact(&mut [0; 100])
-            .unwrap_or_else(|e| panic!("{e}"));
-        drop(first);
-        let mut second = accept(&listener);
-        f.send(&sealed(4));
-        let mut got = BTreeMap::new();
-        while !got.contains_key(&4) {
-            let m = read_frames(&mut second, 1).remove(0);
-            let (seq, resent) = seq_of(&m);
-            assert!(
-                resent || seq >= 3,
-                "1 (if its acknowledgement came late) and 2 were sent on the \
-                 first connection: sent again, they must be marked: {m:.200}"
-            );
-            if seq == 2 {
-                assert!(
-                    m.ends_with(&format!("\"] {}", cut.line)),
-                    "the same line, whole"
-                );
-            }
-            assert!(got.insert(seq, resent).is_none(), "{seq} came twice");
-        }
-        assert_eq!(got.get(&2), Some(&true), "2 was sent again: {got:?}");
-        assert_eq!(got.get(&3).map(|_| ()), Some(()), "3 came: {got:?}");
-        assert_eq!(got.get(&4), Some(&false), "new records are not marked");
-        assert_eq!(f.stop(PATIENCE), 0, "every record was acknowledged");
-    }
-
-    #[test]
-    fn stop_counts_what_the_collector_did_not_acknowledge() {
-        let (listener, f) = collector();
-        for s in [sealed(1), big(2), sealed(3)] {
-            f.send(&s);
-        }
-        let first = accept(&listener);
-        // The collector reads nothing. Its kernel acknowledges what fits
-        // its receive buffer: all of record 1, the start of record 2.
-        let one = frame(&message(&sealed(1), &hostname(), std::process::id(), false)).len();
-        let deadline = Instant::now() + PATIENCE;
-        let mut buf = vec![0; one];
-        while first.get_ref().peek(&mut buf).unwrap_or(0) < one {
-            assert!(Instant::now() < deadline, "record 1 never arrived");
-            thread::sleep(Duration::from_millis(10));
-        }
-        assert_eq!(
-            f.stop(Duration::from_secs(1)),
-            2,
-            "2 and 3 were not acknowledged; 1 was, by the collector's kernel, \
-             though the collector never read it"
-        );
-    }
-}
+mod tests;
