@@ -9,7 +9,7 @@ mod e2e;
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
-    io::{BufRead as _, BufReader, Read as _},
+    io::Read as _,
     net::Ipv4Addr,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -22,8 +22,8 @@ use std::{
 };
 
 use e2e::{
-    EXIT_TIMEOUT, Enforced, Scratch, audit_lines, build_lab, complete_lines, flood, status,
-    verify_audit, ztxdp, ztxdp_cmd, ztxdp_ok,
+    EXIT_TIMEOUT, Enforced, Scratch, audit_lines, build_lab, complete_lines, events_follower,
+    flood, status, verify_audit, ztxdp, ztxdp_ok,
 };
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
 use serde_json::Value;
@@ -483,33 +483,12 @@ fn events_follow_streams_each_record_once_from_another_shell() {
     let mut t = start("events", "");
     // Each follower is its own `ip netns exec`: another mount namespace,
     // the same network namespace.
-    let spawn = |format: &str| -> Child {
-        ztxdp_cmd(t.lab.edge(), &["events", "--follow", "--format", format])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting ztxdp events: {e}"))
-    };
-    let mut followers = [spawn("ecs"), spawn("cef")];
-    let readers: Vec<mpsc::Receiver<String>> = followers
-        .iter_mut()
-        .map(|child| {
-            let out = child
-                .stdout
-                .take()
-                .unwrap_or_else(|| panic!("stdout not captured"));
-            let (tx, rx) = mpsc::channel();
-            thread::spawn(move || {
-                for line in BufReader::new(out).lines().map_while(Result::ok) {
-                    if tx.send(line).is_err() {
-                        break;
-                    }
-                }
-            });
-            rx
-        })
-        .collect();
+    let ((ecs, ecs_lines), (cef, cef_lines)) = (
+        events_follower(t.lab.edge(), &["--format", "ecs"]),
+        events_follower(t.lab.edge(), &["--format", "cef"]),
+    );
+    let mut followers = [ecs, cef];
+    let readers = [ecs_lines, cef_lines];
     let mut got: Vec<Vec<String>> = vec![Vec::new(), Vec::new()];
     await_streams(&t, &mut followers, &readers, &mut got);
     let skip = audit_lines(&t.audit()).len();

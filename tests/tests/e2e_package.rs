@@ -142,6 +142,7 @@ fn the_package_holds_what_a_service_needs_with_its_modes() {
         "audit-verify",
         "events",
         "generate",
+        "explain",
     ]
     .map(|sub| {
         if sub == "ztxdp" {

@@ -120,9 +120,10 @@ fn every_privileged_command_tells_a_user_without_root_what_it_needs() {
     let audit = scratch.path("audit.jsonl").display().to_string();
 
     let bpf = "bpf_prog_get_next_id";
-    let cases: [(&[&str], &str); 15] = [
+    let cases: [(&[&str], &str); 16] = [
         (&["status"], bpf),
         (&["status", "--json"], bpf),
+        (&["explain", "tcp", "192.0.2.9:40000", "192.0.2.1:22"], bpf),
         (&["down"], bpf),
         (&["allow", "app-1", "5433"], bpf),
         (&["revoke", "app-1", "5432", "--config", &config], bpf),

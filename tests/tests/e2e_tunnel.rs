@@ -26,8 +26,9 @@ use std::{
 
 use e2e::{
     CONNECT_TIMEOUT, Daemon, Enforced, Scratch, accept, assert_all_time_out, assert_connects,
-    assert_times_out, at, attached, build_lab, counter, expect_audit, expect_counter,
-    expect_no_datagram, is, listen, status, udp_socket, verify_audit, ztxdp, ztxdp_ok,
+    assert_times_out, at, attached, build_lab, counter, events_follower, expect_audit,
+    expect_counter, expect_no_datagram, is, listen, status, udp_socket, verify_audit, ztxdp,
+    ztxdp_ok,
 };
 use serde_json::Value;
 use zt_tests::{
@@ -1516,4 +1517,113 @@ fn the_identity_file_outlives_the_daemon_and_goes_with_down() {
         "{} outlived `down`, which removed the programs it describes",
         path.display()
     );
+}
+
+/// `ztxdp explain --iface WG` names the peer, its key and the grant that
+/// decides, with their config lines, and a real connection then gets what
+/// it said; `events --follow --peer` prints only that peer's decisions.
+#[test]
+fn explain_names_the_peer_and_grant_the_tunnel_decides_by() {
+    let mesh = mesh("explain");
+    let tunnel = tunnel(&mesh.lab);
+    let wg = tunnel.edge_device().name();
+    let _postgres = listen(mesh.edge(), POSTGRES);
+    let (mut follower, lines) = events_follower(mesh.edge(), &["--peer", "app-2"]);
+    let dst = format!("{EDGE_TUNNEL_V4}:{POSTGRES}");
+    for (index, name, reason) in [(0, "app-1", "granted"), (1, "app-2", "not_granted")] {
+        let app = app(tunnel, name);
+        let src = format!("{}:40000", app.tunnel_v4());
+        let text = ztxdp_ok(
+            mesh.edge(),
+            &["explain", "--json", "--iface", wg, "tcp", &src, &dst],
+        );
+        let r: Value =
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("explain --json ({e}):\n{text}"));
+        assert_eq!(r["reason"], reason, "{r:#}");
+        assert_eq!(r["program"], "tunnel", "{r:#}");
+        let peer = &r["peer"];
+        assert_eq!(peer["name"], name, "{r:#}");
+        assert_eq!(peer["public_key"], app.device().public_key(), "{r:#}");
+        assert_eq!(
+            peer["rule"]["key"],
+            format!("tunnel.peer[{index}].addresses[0]"),
+            "{r:#}"
+        );
+        let grant = r["why"]
+            .as_array()
+            .and_then(|w| w.iter().find(|s| s["step"] == "grant"))
+            .unwrap_or_else(|| panic!("no grant step: {r:#}"));
+        assert_eq!(grant["matched"], index == 0, "{grant:#}");
+        let (key, word) = if index == 0 {
+            ("tunnel.peer[0].allow[0]", POSTGRES >> 6)
+        } else {
+            ("tunnel.peer[1].allow", POSTGRES >> 6)
+        };
+        assert_eq!(grant["grant_word"]["word"], word, "{grant:#}");
+        // app-2's entry has no `allow` key: no line to point at.
+        let line = (index == 0).then_some(mesh_line(&mesh, "allow = [\"tcp/5432\"]"));
+        assert_eq!(grant["rule"]["key"], key, "{grant:#}");
+        assert_eq!(grant["rule"]["line"].as_u64(), line, "{grant:#}");
+
+        let before = counter(&status(mesh.edge()), "tunnel", reason);
+        let to = at(EDGE_TUNNEL_V4, POSTGRES);
+        if index == 0 {
+            assert_connects(app.ns(), to, "app-1 to its granted port");
+        } else {
+            assert_times_out(app.ns(), to, "app-2 to a port it is not granted");
+        }
+        let after = counter(&status(mesh.edge()), "tunnel", reason);
+        assert!(after > before, "{name}: {reason} stayed at {before}");
+    }
+    // The follower may have connected after app-2's first attempt: app-2
+    // tries again until it prints.
+    let mut got: Vec<Value> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while got.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "`events --follow --peer app-2` printed nothing"
+        );
+        assert_times_out(
+            app_ns(&mesh, "app-2"),
+            at(EDGE_TUNNEL_V4, POSTGRES),
+            "app-2 again",
+        );
+        got.extend(
+            lines
+                .try_iter()
+                .map(|l| serde_json::from_str::<Value>(&l).unwrap_or_else(|e| panic!("{e}: {l}"))),
+        );
+    }
+    let _ = follower.kill();
+    let _ = follower.wait();
+    got.extend(
+        lines
+            .try_iter()
+            .filter_map(|l| serde_json::from_str::<Value>(&l).ok()),
+    );
+    for line in &got {
+        assert!(
+            is(line, "/ztxdp/peer/name", &"app-2".into()),
+            "--peer app-2 printed {line}"
+        );
+    }
+    // app-1's decisions are in the trail: the filter left them out.
+    expect_peer_line(
+        &mesh,
+        "app-1",
+        "granted",
+        IpAddr::V4(APP_1_TUNNEL_V4),
+        POSTGRES,
+    );
+}
+
+/// The 1-based line of the first line of the mesh's config that is `text`.
+fn mesh_line(mesh: &Enforced, text: &str) -> u64 {
+    let config = std::fs::read_to_string(&mesh.config)
+        .unwrap_or_else(|e| panic!("{}: {e}", mesh.config.display()));
+    (1u64..)
+        .zip(config.lines())
+        .find(|(_, l)| l.trim() == text)
+        .map_or_else(|| panic!("no line {text:?} in:\n{config}"), |(n, _)| n)
 }

@@ -9,6 +9,10 @@
 //! extension header lengths and types, TCP data offset, fragment fields,
 //! `EtherType` fields, random bytes, truncation, trailing bytes.
 //!
+//! Every packet is also put to `ztxdp explain`'s engine
+//! (`ztxdp::explain::live::Live`), which reads the loaded programs' maps
+//! into the model: its verdict must be the kernel's too.
+//!
 //! `ZT_DIFF_SEED` (a u64) picks the run; `ZT_DIFF_PACKETS` the number of
 //! packets per program (default 100,000). Each packet is generated from the
 //! seed and its own index, so a failure names both and is reproducible.
@@ -29,11 +33,16 @@ use zt_tests::packet::{
     ethertype, ext, hex_dump, icmp,
 };
 use ztxdp::{
-    model::{EdgeModel, TunnelModel},
+    audit::record::Program,
+    explain::live::Live,
+    loader,
+    model::{EdgeModel, Explanation, TunnelModel},
     policy::{EchoRate, EdgePolicy, Grant, Protocol, TunnelPolicy},
 };
 
 const DEFAULT_SEED: u64 = 0x5eed_2a7e_d1ff_0001;
+/// The interface `BPF_PROG_TEST_RUN` runs every packet on: the loopback.
+const TEST_RUN_IFINDEX: u32 = 1;
 const DEFAULT_PACKETS: usize = 100_000;
 
 fn seed() -> u64 {
@@ -584,6 +593,44 @@ fn mismatch(what: &str, seed: u64, index: usize, input: &[u8], bpf: &str, model:
     );
 }
 
+/// What `ztxdp explain` reads of the loaded programs' policy.
+fn live(progs: &Programs) -> Live {
+    Live::read(&loader::map_ids(&progs.ebpf))
+        .unwrap_or_else(|e| panic!("reading the programs' policy as explain does: {e:?}"))
+}
+
+/// `ztxdp explain`'s answer about `input`, read from the maps now.
+fn explain(live: &Live, program: Program, input: &[u8]) -> Explanation {
+    live.explain(program, input, TEST_RUN_IFINDEX, 0)
+        .unwrap_or_else(|e| panic!("explain reading the tables: {e:?}\n{}", hex_dump(input)))
+}
+
+/// `ztxdp explain`'s answer about `input`, packet `index` of run `seed`,
+/// must be the kernel's reason and (on the tunnel) the model's peer, which
+/// the peer counters hold the kernel to.
+fn expect_explained(
+    what: &str,
+    (seed, index): (u64, usize),
+    input: &[u8],
+    (reason, peer): (u32, Option<u32>),
+    explained: &Explanation,
+) {
+    if (reason, peer) != (explained.reason, explained.peer) {
+        mismatch(
+            &format!("{what} (explain)"),
+            seed,
+            index,
+            input,
+            &format!("{} peer {peer:?}", reason::name(reason)),
+            &format!(
+                "{} peer {:?}",
+                reason::name(explained.reason),
+                explained.peer
+            ),
+        );
+    }
+}
+
 /// Reasons each run must produce at least once, so a generator that stops
 /// reaching a branch fails loudly instead of passing vacuously.
 fn assert_coverage(what: &str, by_reason: &BTreeMap<u32, usize>, wanted: &[u32]) {
@@ -613,11 +660,13 @@ fn edge_program_matches_the_model() {
     let model = EdgeModel::new(&policy);
     let pools = edge_pools();
     let mut progs = Programs::load(true, Some(&policy), None);
+    let live = live(&progs);
     let mut by_reason = BTreeMap::new();
     let start = Instant::now();
     for i in 0..n {
         let frame = generate(seed, i, &pools, false);
         let want = model.verdict(&frame);
+        let explained = explain(&live, Program::Edge, &frame);
         let Run { reason: got, .. } = progs.edge(&frame).unwrap_or_else(|e| {
             panic!(
                 "packet {i} of seed {seed:#x}: test run refused: {e:?}\n{}",
@@ -637,6 +686,7 @@ fn edge_program_matches_the_model() {
                 reason::name(want),
             );
         }
+        expect_explained("edge", (seed, i), &frame, (got, None), &explained);
         *by_reason.entry(got).or_default() += 1;
     }
     eprintln!(
@@ -680,6 +730,7 @@ fn tunnel_matches_the_model(l2: bool) {
     let model = TunnelModel::new(&policy);
     let pools = tunnel_pools();
     let mut progs = Programs::load(l2, None, Some(&policy));
+    let live = live(&progs);
     let mut by_reason = BTreeMap::new();
     let mut refused = 0usize;
     let start = Instant::now();
@@ -688,6 +739,7 @@ fn tunnel_matches_the_model(l2: bool) {
     for i in 0..n {
         let input = generate(seed, i, &pools, !l2);
         let want = model.verdict(&input, l2);
+        let explained = explain(&live, Program::Tunnel, &input);
         let got = match progs.tunnel(&input) {
             Ok(run) if reason::is_allow(run.reason) => {
                 progs.forget_fragments();
@@ -713,6 +765,7 @@ fn tunnel_matches_the_model(l2: bool) {
                 reason::name(want.reason),
             );
         }
+        expect_explained(what, (seed, i), &input, (got, want.peer), &explained);
         let after = peer_counters(&progs, peers);
         let mut expected = std::mem::replace(&mut before, after.clone());
         if let Some(p) = want.peer {

@@ -10,6 +10,11 @@
 //! `CLOCK_MONOTONIC` read just before each run, and timeouts are chosen so
 //! that the microseconds between the two reads cannot decide anything.
 //!
+//! Every incoming packet is also put to `ztxdp explain`'s engine
+//! (`ztxdp::explain::live::Live`) just before the kernel sees it: read
+//! from the programs' maps at that moment, flows, echo buckets and
+//! fragments included, its verdict must be the kernel's.
+//!
 //! `ZT_FLOW_SEED` (a u64) picks the random sequence of the differential
 //! test, `ZT_FLOW_STEPS` its length (default 4000).
 
@@ -34,6 +39,9 @@ use zt_tests::packet::{
     icmp,
 };
 use ztxdp::{
+    audit::record::Program,
+    explain::live::Live,
+    loader,
     model::StatefulModel,
     policy::{EchoRate, EdgePolicy, FlowSettings, Grant, Peer, Protocol, TunnelPolicy},
 };
@@ -143,6 +151,10 @@ impl Side {
 struct Host {
     progs: Programs,
     model: StatefulModel,
+    /// What explain read of the programs' policy, with their maps open;
+    /// `None` until the first packet, and again after a test changes the
+    /// policy.
+    live: Option<Live>,
 }
 
 impl Host {
@@ -151,6 +163,7 @@ impl Host {
         Self {
             progs: Programs::load_with_flows(false, Some(&edge), Some(&tunnel), flows),
             model: StatefulModel::new(&edge, Some(&tunnel), flows),
+            live: None,
         }
     }
 
@@ -185,11 +198,45 @@ impl Host {
         self.receive_on(side, TEST_RUN_IFINDEX, packet)
     }
 
+    /// What `ztxdp explain` says of `packet` arriving on `side` at `now`,
+    /// from the programs' maps as they are. The policy is read once (a
+    /// thousand lookups for the port bitmap would cut a phase of the
+    /// random sequences to a few steps), the flow, echo and fragment
+    /// tables by every explain.
+    fn explain(&mut self, side: Side, ifindex: u32, packet: &[u8], now: u64) -> u32 {
+        let progs = &self.progs;
+        let live = self.live.get_or_insert_with(|| {
+            Live::read(&loader::map_ids(&progs.ebpf))
+                .unwrap_or_else(|e| panic!("reading the programs' policy as explain does: {e:?}"))
+        });
+        let program = match side {
+            Side::Edge => Program::Edge,
+            Side::Tunnel => Program::Tunnel,
+        };
+        live.explain(program, packet, ifindex, now)
+            .unwrap_or_else(|e| panic!("explain reading the tables: {e:?}"))
+            .reason
+    }
+
     /// As [`Self::receive`], on device `ifindex` of the calling thread's
     /// namespace. Only the tunnel can be given another device than the
-    /// loopback: an XDP run on one needs a registered receive queue.
+    /// loopback: an XDP run on one needs a registered receive queue. Fails
+    /// at once if `ztxdp explain` would not have given the kernel's reason.
     fn receive_on(&mut self, side: Side, ifindex: u32, packet: &[u8]) -> (u32, u32) {
         let now = monotonic_ns();
+        let explained = self.explain(side, ifindex, packet, now);
+        let (kernel, model) = self.judge_on(side, ifindex, packet, now);
+        assert_eq!(
+            reason::name(kernel),
+            reason::name(explained),
+            "the kernel (left) and explain (right) disagree on {side:?} {ifindex}\n{}",
+            hex_dump(packet)
+        );
+        (kernel, model)
+    }
+
+    /// `packet` arriving on `side` at `now`: (kernel, model) reasons.
+    fn judge_on(&mut self, side: Side, ifindex: u32, packet: &[u8], now: u64) -> (u32, u32) {
         match side {
             Side::Edge => {
                 assert_eq!(ifindex, TEST_RUN_IFINDEX, "the edge runs on the loopback");
@@ -499,6 +546,7 @@ fn an_answer_through_a_grant_is_not_a_way_back_after_a_revoke() {
         .unwrap_or_else(|e| panic!("revoke: {e:?}"));
     h.model
         .set_policy(&edge_policy(EchoRate::default()), Some(&revoked));
+    h.live = None;
     h.expect(
         Side::Tunnel,
         &[Case::new(

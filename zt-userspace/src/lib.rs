@@ -11,6 +11,7 @@ pub mod control;
 pub mod daemon;
 pub mod docs;
 pub mod drift;
+pub mod explain;
 pub mod export;
 pub mod grants;
 pub mod identity;

@@ -74,6 +74,7 @@ macro_rules! outln {
         ztxdp reload\n  \
         ztxdp allow app-2 5432\n  \
         ztxdp revoke 10.100.0.1 53/udp\n  \
+        ztxdp explain tcp 203.0.113.9:40000 192.0.2.1:22\n  \
         ztxdp down"
 )]
 struct Cli {
@@ -205,10 +206,15 @@ enum Command {
     /// Print audit records: the ones in the audit files, or with --follow the
     /// ones the daemon of this network namespace writes from now on (each
     /// once; a reader too slow to keep up is told how many it missed).
+    /// The filters keep the decisions (and summaries) that match each one
+    /// given; a filter repeated takes any of its values. Records about no
+    /// single decision (`lost`, `gap`, `syslog_dropped`) pass no filter.
     #[command(
         after_help = "Examples:\n  ztxdp events --format ocsf > trail.jsonl\n  \
         ztxdp events --follow --format cef | your-siem-shipper\n  \
-        ip netns exec edge ztxdp events --follow"
+        ip netns exec edge ztxdp events --follow\n  \
+        ztxdp events --follow --action deny --src 203.0.113.0/24\n  \
+        ztxdp events --follow --peer app-1 --reason not_granted --reason granted"
     )]
     Events {
         /// Stream from the running daemon instead of reading the files.
@@ -218,6 +224,8 @@ enum Command {
         format: EventsFormat,
         #[arg(long, value_name = "FILE", help = EVENTS_CONFIG_HELP)]
         config: Option<PathBuf>,
+        #[command(flatten)]
+        filter: EventsFilter,
     },
     /// Write bash, zsh and fish completions into DIR/completions and the
     /// ztxdp(8) man pages into DIR/man, made from this command line's own
@@ -227,6 +235,114 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
     },
+    /// Say what the running programs would do with one packet, and why:
+    /// the verdict and reason, the allow-list prefix, peer, grant or flow
+    /// that matched (or that none did), the config line each rule came
+    /// from, and a tunnel peer's name and key. It reads the programs' maps
+    /// and changes nothing: no counter, token bucket, flow or audit record.
+    #[command(
+        after_help = "A port given with icmp is the echo identifier. An ICMP error \
+        (--icmp-type 3, 11; 1, 2, 3 for IPv6) quotes no packet, so it is explained as about \
+        no flow.\n\nExamples:\n  \
+        ztxdp explain tcp 203.0.113.9:40000 192.0.2.1:22\n  \
+        ztxdp explain tcp 203.0.113.9:443 192.0.2.1:40000 --flags SA   # a reply?\n  \
+        ztxdp explain --iface wg0 tcp 10.100.0.2:40000 10.100.0.254:5432\n  \
+        ztxdp explain icmp 198.51.100.7 192.0.2.1\n  \
+        ztxdp explain --json udp [2001:db8::9]:40000 [2001:db8::1]:51820"
+    )]
+    Explain(ExplainArgs),
+}
+
+/// The filters of `ztxdp events`.
+#[derive(clap::Args)]
+struct EventsFilter {
+    /// Only decisions that allowed, or denied.
+    #[arg(long, value_enum)]
+    action: Vec<EventsAction>,
+    /// Only decisions of this reason (see `ztxdp status` or the README's
+    /// reason table), e.g. `ssh_source_not_allowed`.
+    #[arg(long, value_name = "REASON", value_parser = reason_name)]
+    reason: Vec<u32>,
+    /// Only decisions about this tunnel peer, by name or public key.
+    #[arg(long, value_name = "NAME|KEY")]
+    peer: Vec<String>,
+    /// Only decisions whose source address is inside this prefix (a bare
+    /// address is a /32 or /128).
+    #[arg(long, value_name = "CIDR", value_parser = source_prefix)]
+    src: Vec<ipnet::IpNet>,
+}
+
+impl EventsFilter {
+    fn into_filter(self) -> ztxdp::audit::stream::Filter {
+        ztxdp::audit::stream::Filter {
+            actions: self.action.iter().map(|a| a.name().to_owned()).collect(),
+            reasons: self.reason,
+            peers: self.peer,
+            sources: self.src,
+        }
+    }
+}
+
+/// `ztxdp explain PROTO SRC DST`.
+#[derive(clap::Args)]
+struct ExplainArgs {
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+    /// The interface whose program answers [default: the edge's, else
+    /// the only tunnel program's].
+    #[arg(long, value_name = "IF")]
+    iface: Option<String>,
+    /// tcp, udp, icmp, or an IP protocol number.
+    proto: String,
+    /// ADDRESS[:PORT]; [IPv6]:PORT.
+    src: String,
+    /// ADDRESS[:PORT]; [IPv6]:PORT.
+    dst: String,
+    /// TCP flags as letters: F S R P A U E C [default: S].
+    #[arg(long)]
+    flags: Option<String>,
+    /// ICMP type [default: echo request, 8 or 128].
+    #[arg(long, value_name = "N")]
+    icmp_type: Option<u8>,
+    #[arg(long, value_name = "FILE", help = CONFIG_HELP)]
+    config: Option<PathBuf>,
+}
+
+/// `--action` of `ztxdp events`.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum EventsAction {
+    Allow,
+    Deny,
+}
+
+impl EventsAction {
+    /// As decisions name their action (`Flow::action`).
+    const fn name(self) -> &'static str {
+        match self {
+            Self::Allow => "allow",
+            Self::Deny => "deny",
+        }
+    }
+}
+
+/// `--reason` of `ztxdp events`: a reason name.
+fn reason_name(name: &str) -> Result<u32, String> {
+    ztxdp::audit::record::reason_code(name).ok_or_else(|| {
+        let names: Vec<&str> = zt_common::reason::ALL
+            .iter()
+            .map(|&c| zt_common::reason::name(c))
+            .collect();
+        format!("no reason {name:?}; reasons are {}", names.join(", "))
+    })
+}
+
+/// `--src` of `ztxdp events`: a prefix, or an address as a host prefix.
+fn source_prefix(text: &str) -> Result<ipnet::IpNet, String> {
+    text.parse::<ipnet::IpNet>()
+        .map(|n| n.trunc())
+        .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|_| format!("{text:?} is not a prefix (192.0.2.0/24, 2001:db8::/32) or address"))
 }
 
 #[derive(Subcommand)]
@@ -320,6 +436,8 @@ fn main() -> ExitCode {
                 c.downcast_ref::<ztxdp::config::ConfigError>().is_some()
                     || c.downcast_ref::<ztxdp::lockout::LockoutError>().is_some()
                     || c.downcast_ref::<identity::CheckedError>().is_some()
+                    || c.downcast_ref::<ztxdp::explain::packet::RequestError>()
+                        .is_some()
                     || matches!(
                         c.downcast_ref::<daemon::DaemonError>(),
                         Some(daemon::DaemonError::Config(_) | daemon::DaemonError::Lockout(_))
@@ -467,23 +585,14 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             follow,
             format,
             config,
-        } => {
-            let config = if follow {
-                None
-            } else {
-                Some(
-                    control::config_path(config.as_deref())
-                        .await
-                        .context("ztxdp events: finding the running config (or give --config)")?,
-                )
-            };
-            events(format, config.as_deref())?;
-        }
+            filter,
+        } => events(follow, format, &filter.into_filter(), config.as_deref()).await?,
         Command::Generate { out } => {
             for path in ztxdp::docs::generate(Cli::command(), &out)? {
                 outln!("{}", path.display());
             }
         }
+        Command::Explain(args) => explain(args).await?,
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -502,6 +611,27 @@ fn check(config: &Path) -> anyhow::Result<()> {
     );
     if let Err(e) = c.check_enforces() {
         outln!("note: `ztxdp up` refuses it as it is: {e}");
+    }
+    Ok(())
+}
+
+/// `ztxdp explain`: the report of the running programs' model.
+async fn explain(args: ExplainArgs) -> anyhow::Result<()> {
+    let request = ztxdp::explain::packet::Request::new(
+        &args.proto,
+        &args.src,
+        &args.dst,
+        args.flags.as_deref(),
+        args.icmp_type,
+    )
+    .context("ztxdp explain: nothing was looked up")?;
+    let report = ztxdp::explain::run(&request, args.iface.as_deref(), args.config.as_deref())
+        .await
+        .context("ztxdp explain")?;
+    if args.json {
+        outln!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        out!("{report}");
     }
     Ok(())
 }
@@ -695,21 +825,35 @@ fn audit_verify(files: &[PathBuf], state: Option<&Path>) -> anyhow::Result<ExitC
     Ok(ExitCode::SUCCESS)
 }
 
-/// `ztxdp events`: from the files of `config`, or with no config (`--follow`)
-/// from the daemon.
-fn events(format: EventsFormat, config: Option<&Path>) -> anyhow::Result<()> {
+/// `ztxdp events`: with `follow` from the daemon, else from the files of
+/// `config` (or the config found as `allow` finds it); what passes `filter`.
+async fn events(
+    follow: bool,
+    format: EventsFormat,
+    filter: &ztxdp::audit::stream::Filter,
+    config: Option<&Path>,
+) -> anyhow::Result<()> {
     use ztxdp::{audit::stream, policy::AuditFormat};
+    let config = if follow {
+        None
+    } else {
+        Some(
+            control::config_path(config)
+                .await
+                .context("ztxdp events: finding the running config (or give --config)")?,
+        )
+    };
     let output = match format {
         EventsFormat::Ecs => stream::Output::Json(AuditFormat::Ecs),
         EventsFormat::Ocsf => stream::Output::Json(AuditFormat::Ocsf),
         EventsFormat::Cef => stream::Output::Cef,
     };
     let mut out = std::io::stdout().lock();
-    let result = match config {
-        None => stream::follow(output, &mut out),
+    let result = match &config {
+        None => stream::follow(output, filter, &mut out),
         Some(config) => {
             let path = Config::load(config)?.policy.audit.path;
-            stream::print_files(&path, output, &mut out).map(drop)
+            stream::print_files(&path, output, filter, &mut out).map(drop)
         }
     };
     match result {

@@ -507,36 +507,37 @@ fn parse_l4(
 /// gives it as (source, destination), its reply as (destination, source).
 /// An echo flow has the identifier as `local_port` and 0 as `remote_port`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-struct Flow {
+pub struct Flow {
     /// The interface the flow left by; its replies must come in by it.
-    ifindex: u32,
-    local: IpAddr,
-    remote: IpAddr,
-    local_port: u16,
-    remote_port: u16,
-    protocol: u8,
+    pub ifindex: u32,
+    pub local: IpAddr,
+    pub remote: IpAddr,
+    pub local_port: u16,
+    pub remote_port: u16,
+    pub protocol: u8,
 }
 
-#[derive(Clone, Copy, Debug)]
-struct FlowEntry {
-    last_seen_ns: u64,
+/// What the table knows of a flow (the kernel's `FlowState`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowEntry {
+    pub last_seen_ns: u64,
     /// A FIN or RST was seen: the closing timeout applies.
-    closing: bool,
+    pub closing: bool,
     /// The host began the flow by answering what the policy passed: it
     /// admits no reply (the kernel's `FLOW_ANSWER`).
-    answer: bool,
+    pub answer: bool,
 }
 
 /// A fragmented datagram as all its fragments carry it: the interface it
 /// arrived on, its addresses, identification and protocol.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-struct Datagram {
-    ifindex: u32,
-    src: IpAddr,
-    dst: IpAddr,
-    id: u32,
+pub struct Datagram {
+    pub ifindex: u32,
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub id: u32,
     /// IPv4's protocol; 0 for IPv6, which reassembles without it.
-    protocol: u8,
+    pub protocol: u8,
 }
 
 /// One source's echo token bucket.
@@ -563,6 +564,88 @@ impl Bucket {
         self.tokens -= 1;
         true
     }
+}
+
+/// One thing a decision rested on, in the order the program looked: what
+/// `ztxdp explain` reports. The reason code says how a decision ended; these
+/// say which rule, table entry or flow led there, or that none matched.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fact {
+    /// UDP to `port`, which `edge.wireguard_ports` lists or not.
+    WireguardPort { port: u16, listed: bool },
+    /// TCP to `port`, which is not the SSH port.
+    NotSshPort { port: u16, ssh_port: u16 },
+    /// TCP to the SSH port from `source`: the longest `edge.ssh_allow`
+    /// prefix holding it, if any.
+    SshAllow {
+        source: IpAddr,
+        prefix: Option<IpNet>,
+    },
+    /// The tunnel peer (index, prefix) owning `source` by its longest
+    /// prefix, if any.
+    Peer {
+        source: IpAddr,
+        owner: Option<(u32, IpNet)>,
+    },
+    /// TCP or UDP from peer `peer` to `port`: the grant covering it, if any.
+    Grant {
+        peer: u32,
+        protocol: u8,
+        port: u16,
+        grant: Option<Grant>,
+    },
+    /// An echo request from peer `peer`, granted `icmp` or not.
+    IcmpGrant { peer: u32, granted: bool },
+    /// A TCP SYN without ACK: it opens a connection, so it is never a reply.
+    Syn,
+    /// The host's flow this packet would reply to, or an ICMP error quotes,
+    /// and what the table holds of it.
+    Flow { flow: Flow, seen: Option<Seen> },
+    /// An ICMP error whose quote names no flow: too short, of the other IP
+    /// version, a later fragment, behind IPv6 extension headers, or not TCP,
+    /// UDP or an echo request.
+    Unquoted,
+    /// An echo request from `source` to the edge: the tokens its bucket
+    /// holds after this one took one, or `None` when it took none (none
+    /// left, or echo off).
+    Echo {
+        source: IpAddr,
+        tokens_left: Option<u64>,
+    },
+    /// A later fragment of `datagram`: how long ago its first fragment
+    /// passed, if one did.
+    Fragment {
+        datagram: Datagram,
+        first_passed_ns_ago: Option<u64>,
+    },
+}
+
+/// What the flow table holds of a flow, when a decision looks it up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Seen {
+    pub entry: FlowEntry,
+    /// Since the flow's last packet.
+    pub age_ns: u64,
+    /// Its timeout, by protocol and whether it is closing.
+    pub timeout_ns: u64,
+}
+
+impl Seen {
+    /// Within its timeout.
+    #[must_use]
+    pub const fn live(&self) -> bool {
+        self.age_ns <= self.timeout_ns
+    }
+}
+
+/// A decision and what it rested on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Explanation {
+    /// Reason code (`zt_common::reason`).
+    pub reason: u32,
+    /// As [`TunnelDecision::peer`]; `None` on the edge.
+    pub peer: Option<u32>,
+    pub facts: Vec<Fact>,
 }
 
 /// Which ingress program is deciding: only the edge rate-limits echo.
@@ -630,6 +713,23 @@ impl FlowTable {
     #[must_use]
     pub fn entries(&self) -> usize {
         self.flows.len()
+    }
+
+    /// Puts in a flow as a running host's table holds it: `ztxdp explain`
+    /// models the host from the kernel's maps this way.
+    pub fn insert_flow(&mut self, flow: Flow, entry: FlowEntry) {
+        self.flows.insert(flow, entry);
+    }
+
+    /// Puts in `source`'s echo token bucket: `tokens` left, last refilled
+    /// at `last_ns`.
+    pub fn insert_echo_bucket(&mut self, source: IpAddr, last_ns: u64, tokens: u64) {
+        self.buckets.insert(source, Bucket { last_ns, tokens });
+    }
+
+    /// Puts in a datagram whose first fragment passed at `at_ns`.
+    pub fn insert_fragment(&mut self, datagram: Datagram, at_ns: u64) {
+        self.fragments.insert(datagram, at_ns);
     }
 
     fn timeout_ns(&self, protocol: u8, closing: bool) -> u64 {
@@ -728,20 +828,31 @@ impl FlowTable {
         code: u32,
         ingress: Ingress,
         now_ns: u64,
+        facts: &mut Vec<Fact>,
     ) -> u32 {
         let Some((src, dst)) = p.addresses() else {
             return code;
         };
         if p.later_fragment {
-            let first = self.datagram(p).and_then(|d| self.fragments.get(&d));
-            return match first {
-                Some(&at) if now_ns.saturating_sub(at) <= self.fragment_ns => reason::PASS_FRAGMENT,
+            let Some(datagram) = self.datagram(p) else {
+                return code;
+            };
+            let age = self
+                .fragments
+                .get(&datagram)
+                .map(|&at| now_ns.saturating_sub(at));
+            facts.push(Fact::Fragment {
+                datagram,
+                first_passed_ns_ago: age,
+            });
+            return match age {
+                Some(age) if age <= self.fragment_ns => reason::PASS_FRAGMENT,
                 _ => code,
             };
         }
         if p.is_icmp() {
             return if p.is_echo_request() && ingress == Ingress::Edge {
-                self.echo_request(src, now_ns)
+                self.echo_request(src, now_ns, facts)
             } else if p.is_echo_reply() {
                 let flow = Flow {
                     ifindex: self.ifindex,
@@ -751,15 +862,19 @@ impl FlowTable {
                     remote_port: 0,
                     protocol: p.protocol,
                 };
-                self.reply(flow, false, code, now_ns)
+                self.reply(flow, false, code, now_ns, facts)
             } else if p.is_icmp_error() {
-                self.related(b, p, now_ns)
+                self.related(b, p, now_ns, facts)
             } else {
                 code
             };
         }
+        if p.protocol != proto::TCP && p.protocol != proto::UDP {
+            return code;
+        }
         // A SYN opens a connection; it is never a reply, whatever its ports.
-        if (p.protocol != proto::TCP && p.protocol != proto::UDP) || p.is_syn() {
+        if p.is_syn() {
+            facts.push(Fact::Syn);
             return code;
         }
         let flow = Flow {
@@ -770,19 +885,33 @@ impl FlowTable {
             remote_port: p.src_port,
             protocol: p.protocol,
         };
-        self.reply(flow, p.is_closing(), code, now_ns)
+        self.reply(flow, p.is_closing(), code, now_ns, facts)
+    }
+
+    /// What the table holds of `flow` at `now_ns`.
+    fn seen(&self, flow: &Flow, now_ns: u64) -> Option<Seen> {
+        self.flows.get(flow).map(|&entry| Seen {
+            entry,
+            age_ns: now_ns.saturating_sub(entry.last_seen_ns),
+            timeout_ns: self.timeout_ns(flow.protocol, entry.closing),
+        })
     }
 
     /// `reply` if `flow` is live (and then it is seen now, and marked
     /// closing if `closing`), else `code`.
-    fn reply(&mut self, flow: Flow, closing: bool, code: u32, now_ns: u64) -> u32 {
-        let timeout = |e: &FlowEntry| self.timeout_ns(flow.protocol, e.closing);
-        let Some(entry) = self.flows.get(&flow).copied() else {
+    fn reply(
+        &mut self,
+        flow: Flow,
+        closing: bool,
+        code: u32,
+        now_ns: u64,
+        facts: &mut Vec<Fact>,
+    ) -> u32 {
+        let seen = self.seen(&flow, now_ns);
+        facts.push(Fact::Flow { flow, seen });
+        let Some(Seen { entry, .. }) = seen.filter(|s| !s.entry.answer && s.live()) else {
             return code;
         };
-        if entry.answer || now_ns.saturating_sub(entry.last_seen_ns) > timeout(&entry) {
-            return code;
-        }
         self.flows.insert(
             flow,
             FlowEntry {
@@ -796,17 +925,17 @@ impl FlowTable {
 
     /// An ICMP error passes only if it quotes a live flow; it does not
     /// refresh the flow.
-    fn related(&self, b: Bytes<'_>, p: &Packet, now_ns: u64) -> u32 {
-        let live = quoted(b, p)
-            .map(|flow| Flow {
-                ifindex: self.ifindex,
-                ..flow
-            })
-            .and_then(|flow| self.flows.get(&flow).map(|e| (flow, *e)))
-            .is_some_and(|(flow, e)| {
-                now_ns.saturating_sub(e.last_seen_ns) <= self.timeout_ns(flow.protocol, e.closing)
-            });
-        if live {
+    fn related(&self, b: Bytes<'_>, p: &Packet, now_ns: u64, facts: &mut Vec<Fact>) -> u32 {
+        let Some(flow) = quoted(b, p).map(|flow| Flow {
+            ifindex: self.ifindex,
+            ..flow
+        }) else {
+            facts.push(Fact::Unquoted);
+            return reason::DROP_ICMP_UNRELATED;
+        };
+        let seen = self.seen(&flow, now_ns);
+        facts.push(Fact::Flow { flow, seen });
+        if seen.is_some_and(|s| s.live()) {
             reason::PASS_ICMP_RELATED
         } else {
             reason::DROP_ICMP_UNRELATED
@@ -815,7 +944,7 @@ impl FlowTable {
 
     /// An echo request to the edge: a token from its source's bucket; a new
     /// source starts with a full bucket.
-    fn echo_request(&mut self, src: IpAddr, now_ns: u64) -> u32 {
+    fn echo_request(&mut self, src: IpAddr, now_ns: u64, facts: &mut Vec<Fact>) -> u32 {
         let EchoRate {
             ns_per_token,
             burst,
@@ -836,6 +965,10 @@ impl FlowTable {
             );
             true
         };
+        facts.push(Fact::Echo {
+            source: src,
+            tokens_left: passes.then(|| self.buckets.get(&src).map_or(0, |b| b.tokens)),
+        });
         if passes {
             reason::PASS_ICMP_ECHO
         } else {
@@ -928,14 +1061,15 @@ impl<V: Copy> PrefixMap<V> {
         }
     }
 
-    fn longest_match(&self, addr: IpAddr) -> Option<V> {
+    /// The longest prefix holding `addr`, with its value.
+    fn longest_match(&self, addr: IpAddr) -> Option<(IpNet, V)> {
         let lengths = match addr {
             IpAddr::V4(_) => &self.v4_lengths,
             IpAddr::V6(_) => &self.v6_lengths,
         };
         lengths.iter().find_map(|&len| {
             let net = IpNet::new(addr, len).ok()?.trunc();
-            self.map.get(&net).copied()
+            self.map.get(&net).map(|&v| (net, v))
         })
     }
 }
@@ -968,16 +1102,22 @@ impl EdgeModel {
     #[must_use]
     pub fn verdict(&self, frame: &[u8]) -> u32 {
         let mut fresh = FlowTable::new(&FlowSettings::default(), self.echo);
-        self.judge(frame, &mut fresh, 0)
+        self.judge(frame, &mut fresh, 0, &mut Vec::new())
     }
 
-    fn judge(&self, frame: &[u8], flows: &mut FlowTable, now_ns: u64) -> u32 {
+    fn judge(
+        &self,
+        frame: &[u8],
+        flows: &mut FlowTable,
+        now_ns: u64,
+        facts: &mut Vec<Fact>,
+    ) -> u32 {
         let b = Bytes(frame);
         match parse_ethernet(b) {
             Ok(p) => {
-                let code = match self.decide(&p) {
+                let code = match self.decide(&p, facts) {
                     code if reason::is_allow(code) => code,
-                    code => flows.second_chance(b, &p, code, Ingress::Edge, now_ns),
+                    code => flows.second_chance(b, &p, code, Ingress::Edge, now_ns, facts),
                 };
                 flows.remember_fragment(&p, code, now_ns);
                 code
@@ -986,7 +1126,7 @@ impl EdgeModel {
         }
     }
 
-    fn decide(&self, p: &Packet) -> u32 {
+    fn decide(&self, p: &Packet, facts: &mut Vec<Fact>) -> u32 {
         if p.is_arp() {
             return reason::PASS_ARP;
         }
@@ -994,15 +1134,34 @@ impl EdgeModel {
             return reason::DROP_FRAGMENT;
         }
         match p.protocol {
-            proto::UDP if self.wireguard_ports.contains(&p.dst_port) => reason::PASS_WIREGUARD,
-            proto::UDP => reason::DROP_PORT_NOT_ALLOWED,
-            proto::TCP if p.dst_port != self.ssh_port => reason::DROP_PORT_NOT_ALLOWED,
+            proto::UDP => {
+                let listed = self.wireguard_ports.contains(&p.dst_port);
+                facts.push(Fact::WireguardPort {
+                    port: p.dst_port,
+                    listed,
+                });
+                if listed {
+                    reason::PASS_WIREGUARD
+                } else {
+                    reason::DROP_PORT_NOT_ALLOWED
+                }
+            }
+            proto::TCP if p.dst_port != self.ssh_port => {
+                facts.push(Fact::NotSshPort {
+                    port: p.dst_port,
+                    ssh_port: self.ssh_port,
+                });
+                reason::DROP_PORT_NOT_ALLOWED
+            }
             proto::TCP => {
-                let allowed = p
-                    .source()
+                let source = p.source();
+                let prefix = source
                     .and_then(|src| self.ssh_allow.longest_match(src))
-                    .is_some();
-                if allowed {
+                    .map(|(net, ())| net);
+                if let Some(source) = source {
+                    facts.push(Fact::SshAllow { source, prefix });
+                }
+                if prefix.is_some() {
                     reason::PASS_SSH
                 } else {
                     reason::DROP_SSH_SOURCE
@@ -1039,9 +1198,9 @@ struct ModelPeer {
 }
 
 impl ModelPeer {
-    /// Whether a grant covers `port` of `protocol` (TCP or UDP).
-    fn grants_port(&self, protocol: u8, port: u16) -> bool {
-        self.grants.iter().any(|g| match *g {
+    /// The grant covering `port` of `protocol` (TCP or UDP), if any.
+    fn grant_for(&self, protocol: u8, port: u16) -> Option<Grant> {
+        self.grants.iter().copied().find(|g| match *g {
             Grant::Ports {
                 protocol: granted,
                 first,
@@ -1094,24 +1253,42 @@ impl TunnelModel {
     pub fn verdict(&self, packet: &[u8], l2: bool) -> TunnelDecision {
         // The tunnel never rate-limits echo, so the rate is irrelevant.
         let mut fresh = FlowTable::new(&FlowSettings::default(), EchoRate::default());
-        self.judge(packet, l2, &mut fresh, 0)
+        let e = self.judge(packet, l2, &mut fresh, 0);
+        TunnelDecision {
+            reason: e.reason,
+            peer: e.peer,
+        }
     }
 
-    fn judge(&self, packet: &[u8], l2: bool, flows: &mut FlowTable, now_ns: u64) -> TunnelDecision {
+    fn judge(&self, packet: &[u8], l2: bool, flows: &mut FlowTable, now_ns: u64) -> Explanation {
         let b = Bytes(packet);
+        let mut facts = Vec::new();
         match parse_link(b, l2) {
             Ok(p) => {
-                let peer = p.source().and_then(|src| self.by_source.longest_match(src));
-                let reason = match self.decide(&p, peer, l2) {
+                let source = p.source();
+                let owner = source.and_then(|src| self.by_source.longest_match(src));
+                if let Some(source) = source {
+                    facts.push(Fact::Peer {
+                        source,
+                        owner: owner.map(|(net, index)| (index, net)),
+                    });
+                }
+                let peer = owner.map(|(_, index)| index);
+                let reason = match self.decide(&p, peer, l2, &mut facts) {
                     code if reason::is_allow(code) => code,
-                    code => flows.second_chance(b, &p, code, Ingress::Tunnel, now_ns),
+                    code => flows.second_chance(b, &p, code, Ingress::Tunnel, now_ns, &mut facts),
                 };
                 flows.remember_fragment(&p, reason, now_ns);
-                TunnelDecision { reason, peer }
+                Explanation {
+                    reason,
+                    peer,
+                    facts,
+                }
             }
-            Err(e) => TunnelDecision {
+            Err(e) => Explanation {
                 reason: e.reason(),
                 peer: None,
+                facts,
             },
         }
     }
@@ -1121,11 +1298,11 @@ impl TunnelModel {
     fn passes_udp(&self, peer_addr: IpAddr, port: u16) -> bool {
         self.by_source
             .longest_match(peer_addr)
-            .and_then(|i| self.peers.get(i as usize))
-            .is_some_and(|peer| peer.grants_port(proto::UDP, port))
+            .and_then(|(_, i)| self.peers.get(i as usize))
+            .is_some_and(|peer| peer.grant_for(proto::UDP, port).is_some())
     }
 
-    fn decide(&self, p: &Packet, peer: Option<u32>, l2: bool) -> u32 {
+    fn decide(&self, p: &Packet, peer: Option<u32>, l2: bool, facts: &mut Vec<Fact>) -> u32 {
         // A peer is never the host's router.
         if p.is_router_message() {
             return reason::DROP_ROUTER_MESSAGE;
@@ -1149,19 +1326,31 @@ impl TunnelModel {
                 reason::DROP_PEER_UNKNOWN
             };
         }
-        let Some(peer) = peer.and_then(|i| self.peers.get(i as usize)) else {
+        let Some((index, peer)) = peer.and_then(|i| self.peers.get(i as usize).map(|p| (i, p)))
+        else {
             return reason::DROP_PEER_UNKNOWN;
         };
         if p.later_fragment {
             return reason::DROP_FRAGMENT;
         }
         if p.protocol == proto::TCP || p.protocol == proto::UDP {
-            if peer.grants_port(p.protocol, p.dst_port) {
+            let grant = peer.grant_for(p.protocol, p.dst_port);
+            facts.push(Fact::Grant {
+                peer: index,
+                protocol: p.protocol,
+                port: p.dst_port,
+                grant,
+            });
+            if grant.is_some() {
                 reason::PASS_GRANT
             } else {
                 reason::DROP_NOT_GRANTED
             }
         } else if p.is_echo_request() {
+            facts.push(Fact::IcmpGrant {
+                peer: index,
+                granted: peer.icmp,
+            });
             if peer.icmp {
                 reason::PASS_ICMP_GRANT
             } else {
@@ -1227,12 +1416,23 @@ impl StatefulModel {
 
     /// `zt_edge`'s reason code for the Ethernet frame `frame` arriving now.
     pub fn edge_ingress(&mut self, frame: &[u8], ifindex: u32, now_ns: u64) -> u32 {
+        self.explain_edge(frame, ifindex, now_ns).reason
+    }
+
+    /// [`Self::edge_ingress`], with what the decision rested on.
+    pub fn explain_edge(&mut self, frame: &[u8], ifindex: u32, now_ns: u64) -> Explanation {
         self.flows.ifindex = ifindex;
-        self.edge.judge(frame, &mut self.flows, now_ns)
+        let mut facts = Vec::new();
+        let reason = self.edge.judge(frame, &mut self.flows, now_ns, &mut facts);
+        Explanation {
+            reason,
+            peer: None,
+            facts,
+        }
     }
 
     /// `zt_tunnel`'s decision on `packet` arriving now (framed as in
-    /// [`Self::egress`]); `None` when the model has no tunnel policy.
+    /// [`Self::tunnel_egress`]); `None` when the model has no tunnel policy.
     pub fn tunnel_ingress(
         &mut self,
         packet: &[u8],
@@ -1240,6 +1440,21 @@ impl StatefulModel {
         ifindex: u32,
         now_ns: u64,
     ) -> Option<TunnelDecision> {
+        self.explain_tunnel(packet, l2, ifindex, now_ns)
+            .map(|e| TunnelDecision {
+                reason: e.reason,
+                peer: e.peer,
+            })
+    }
+
+    /// [`Self::tunnel_ingress`], with what the decision rested on.
+    pub fn explain_tunnel(
+        &mut self,
+        packet: &[u8],
+        l2: bool,
+        ifindex: u32,
+        now_ns: u64,
+    ) -> Option<Explanation> {
         self.flows.ifindex = ifindex;
         let tunnel = self.tunnel.as_ref()?;
         Some(tunnel.judge(packet, l2, &mut self.flows, now_ns))
@@ -1256,6 +1471,11 @@ impl StatefulModel {
     #[must_use]
     pub const fn flows(&self) -> &FlowTable {
         &self.flows
+    }
+
+    /// The flow state, to fill it from a running host's maps.
+    pub const fn flows_mut(&mut self) -> &mut FlowTable {
+        &mut self.flows
     }
 }
 
@@ -3273,6 +3493,71 @@ mod tests {
         let edge_only = StatefulModel::new(&edge_policy(), None, &settings())
             .tunnel_ingress(&dgram, true, TEST_IF, 0);
         assert_eq!(edge_only, None, "no tunnel policy, no tunnel decisions");
+    }
+
+    #[test]
+    fn facts_name_the_prefix_peer_grant_and_flow_that_decided() {
+        let mut m = host(EchoRate::default());
+        let ssh = m.explain_edge(&eth4(ALLOWED_V4, proto::TCP, &tcp(22)), TEST_IF, 0);
+        assert_eq!(
+            ssh.facts,
+            [Fact::SshAllow {
+                source: Ipv4Addr::from(ALLOWED_V4).into(),
+                prefix: Some(net("10.77.0.2/32")),
+            }]
+        );
+        let refused = m.explain_edge(&eth4(OTHER_V4, proto::TCP, &tcp(22)), TEST_IF, 0);
+        assert_eq!(refused.reason, reason::DROP_SSH_SOURCE);
+        assert!(
+            matches!(
+                refused.facts[..],
+                [Fact::SshAllow { prefix: None, .. }, Fact::Syn]
+            ),
+            "{:?}",
+            refused.facts
+        );
+        let granted = m
+            .explain_tunnel(&ipv4(APP, proto::TCP, &[], &tcp(8050)), false, TEST_IF, 0)
+            .expect("a tunnel policy");
+        assert_eq!(
+            (granted.reason, granted.peer),
+            (reason::PASS_GRANT, Some(0))
+        );
+        assert_eq!(
+            granted.facts,
+            [
+                Fact::Peer {
+                    source: Ipv4Addr::from(APP).into(),
+                    owner: Some((0, net("10.100.0.0/24"))),
+                },
+                Fact::Grant {
+                    peer: 0,
+                    protocol: proto::TCP,
+                    port: 8050,
+                    grant: Some(Grant::Ports {
+                        protocol: Protocol::Tcp,
+                        first: 8000,
+                        last: 8100,
+                    }),
+                },
+            ]
+        );
+        // A reply names the flow it belongs to, and how old it is.
+        m.edge_egress(&out4(proto::UDP, &datagram(40_000, 53)), TEST_IF, 0);
+        let reply = eth4(REMOTE_V4, proto::UDP, &datagram(53, 40_000));
+        let e = m.explain_edge(&reply, TEST_IF, 3 * S);
+        assert_eq!(e.reason, reason::PASS_REPLY);
+        let Some(Fact::Flow {
+            flow,
+            seen: Some(seen),
+        }) = e.facts.last().copied()
+        else {
+            panic!("no flow in {:?}", e.facts);
+        };
+        assert_eq!(
+            (flow.local_port, flow.remote_port, seen.age_ns, seen.live()),
+            (40_000, 53, 3 * S, true)
+        );
     }
 
     #[test]

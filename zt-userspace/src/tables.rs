@@ -16,8 +16,8 @@ use aya::{
 };
 use ipnet::IpNet;
 use zt_common::{
-    COUNTER_SLOTS, CpuState, FlowConfig, FlowKey, FlowState, FragmentKey, GrantKey, PEER_ICMP,
-    PeerCounters, PeerInfo, capacity, counter_index, map, program, reason,
+    COUNTER_SLOTS, CpuState, EventBucket, FlowConfig, FlowKey, FlowState, FragmentKey, GrantKey,
+    PEER_ICMP, PeerCounters, PeerInfo, SourceKey, capacity, counter_index, map, program, reason,
 };
 
 use crate::policy::{EchoRate, EdgePolicy, FlowSettings, Grant, Peer, Protocol, TunnelPolicy};
@@ -438,6 +438,52 @@ impl Tables {
                 }))
             })
             .collect()
+    }
+
+    /// The flow table's entry for `key`, if it has one.
+    ///
+    /// # Errors
+    /// When the map cannot be read.
+    pub fn flow(&self, key: &FlowKey) -> Result<Option<FlowState>, TablesError> {
+        self.lookup(map::FLOWS, key)
+    }
+
+    /// The echo token bucket of a source, if it has one.
+    ///
+    /// # Errors
+    /// When the map cannot be read.
+    pub fn echo_bucket(&self, key: &SourceKey) -> Result<Option<EventBucket>, TablesError> {
+        self.lookup(map::ECHO_BUCKETS, key)
+    }
+
+    /// When the first fragment of a datagram passed, if one did.
+    ///
+    /// # Errors
+    /// When the map cannot be read.
+    pub fn fragment(&self, key: &FragmentKey) -> Result<Option<u64>, TablesError> {
+        self.lookup(map::FRAGMENTS, key)
+    }
+
+    /// The value at `key` of the hash (or LRU) map `name`; none when the
+    /// programs opened by id do not use the map (the tunnel program has no
+    /// echo buckets). A lookup from user space does not mark an LRU entry
+    /// used (`htab_lru_map_lookup_elem_sys`).
+    fn lookup<K: aya::Pod, V: aya::Pod>(
+        &self,
+        name: &'static str,
+        key: &K,
+    ) -> Result<Option<V>, TablesError> {
+        let Some(m) = self.maps.get(name) else {
+            return Ok(None);
+        };
+        match BpfHashMap::<_, K, V>::try_from(m)
+            .map_err(map_err(name))?
+            .get(key, 0)
+        {
+            Ok(v) => Ok(Some(v)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err(name)(e)),
+        }
     }
 
     /// Entries in each set-like map, for `status`.

@@ -802,3 +802,30 @@ pub fn expect_audit(path: &Path, what: &str, matches: impl Fn(&Value) -> bool) -
         thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// `ztxdp events --follow ARGS...` in `ns` (its own `ip netns exec`: another
+/// mount namespace, the same network namespace), and the lines it prints
+/// as they come. Its stderr is a pipe, for saying why it ended; kill the
+/// child when done.
+pub fn events_follower(ns: &NetNs, args: &[&str]) -> (Child, mpsc::Receiver<String>) {
+    let args = [&["events", "--follow"], args].concat();
+    let mut child = ztxdp_cmd(ns, &args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting `ztxdp {}`: {e}", args.join(" ")));
+    let out = child
+        .stdout
+        .take()
+        .unwrap_or_else(|| panic!("stdout not captured"));
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    (child, rx)
+}

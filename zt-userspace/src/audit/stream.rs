@@ -26,6 +26,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use tokio::{
     io::AsyncWriteExt as _,
@@ -35,7 +36,7 @@ use tokio::{
 
 use super::{
     AuditError, format,
-    record::Record,
+    record::{Body, Record},
     writer::{self, Sealed},
 };
 use crate::policy::{AuditFormat, SocketGroup};
@@ -81,6 +82,52 @@ impl Output {
             Self::Cef => format::cef(record, chain),
         }
     }
+}
+
+/// Which records `ztxdp events` prints: every one, or the decisions and
+/// summaries that pass every filter given. A filter given several values
+/// takes any of them (`--reason a --reason b`). Records about no single
+/// decision (`lost`, `gap`, `syslog_dropped`) pass no filter. Filtering is
+/// the client's: the daemon streams every record to every reader.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Filter {
+    /// `allow` or `deny` ([`super::record::Flow::action`], a decision's
+    /// `event.action` in ECS); a summary has the action of its decisions.
+    pub actions: Vec<String>,
+    /// Reason codes.
+    pub reasons: Vec<u32>,
+    /// Tunnel peers, by name or public key.
+    pub peers: Vec<String>,
+    /// Prefixes holding the packet's source.
+    pub sources: Vec<IpNet>,
+}
+
+impl Filter {
+    /// Whether `record` is to be printed.
+    #[must_use]
+    pub fn matches(&self, record: &Record) -> bool {
+        if *self == Self::default() {
+            return true;
+        }
+        let (Body::Decision { flow, .. } | Body::Summary { flow, .. }) = &record.body else {
+            return false;
+        };
+        any_of(&self.actions, |a| a == flow.action())
+            && any_of(&self.reasons, |&r| r == flow.reason)
+            && any_of(&self.peers, |p| {
+                flow.peer
+                    .as_ref()
+                    .is_some_and(|peer| *p == peer.name || Some(p) == peer.public_key.as_ref())
+            })
+            && any_of(&self.sources, |net| {
+                flow.ip.as_ref().is_some_and(|ip| net.contains(&ip.src))
+            })
+    }
+}
+
+/// A filter of no values passes all; else any value that `hit`s.
+fn any_of<T>(values: &[T], hit: impl Fn(&T) -> bool) -> bool {
+    values.is_empty() || values.iter().any(hit)
 }
 
 /// Errors of the `events` client.
@@ -296,12 +343,12 @@ pub async fn serve(mut stream: UnixStream, mut rx: broadcast::Receiver<Arc<Seale
 }
 
 /// `ztxdp events --follow`: prints every record the daemon of this network
-/// namespace writes from now on, until the daemon stops. Missed records are
-/// reported on standard error.
+/// namespace writes from now on that passes `filter`, until the daemon
+/// stops. Missed records are reported on standard error.
 ///
 /// # Errors
 /// When there is no daemon, or reading or printing fails.
-pub fn follow(output: Output, out: &mut impl Write) -> Result<(), StreamError> {
+pub fn follow(output: Output, filter: &Filter, out: &mut impl Write) -> Result<(), StreamError> {
     let path = socket_path().map_err(|source| StreamError::Namespace { source })?;
     let mut reader = BufReader::new(connect(&path, SOCKET_WAIT)?);
     let mut line = String::new();
@@ -321,8 +368,10 @@ pub fn follow(output: Output, out: &mut impl Write) -> Result<(), StreamError> {
             })?;
         match message {
             Message::Record { record, chain } => {
-                writeln!(out, "{}", output.render(&record, &chain))
-                    .map_err(|source| StreamError::Output { source })?;
+                if filter.matches(&record) {
+                    writeln!(out, "{}", output.render(&record, &chain))
+                        .map_err(|source| StreamError::Output { source })?;
+                }
             }
             Message::Lagged { missed } => {
                 tracing::warn!(
@@ -376,12 +425,18 @@ pub(crate) fn connect(
 }
 
 /// `ztxdp events` without `--follow`: every record in the audit files of
-/// `path` (rotated ones first), then returns how many it printed. Lines
-/// that are not records are reported on standard error and skipped.
+/// `path` (rotated ones first) that passes `filter`, then returns how many
+/// it printed. Lines that are not records are reported on standard error
+/// and skipped.
 ///
 /// # Errors
 /// When a file cannot be read or printing fails.
-pub fn print_files(path: &Path, output: Output, out: &mut impl Write) -> Result<u64, StreamError> {
+pub fn print_files(
+    path: &Path,
+    output: Output,
+    filter: &Filter,
+    out: &mut impl Write,
+) -> Result<u64, StreamError> {
     let mut printed = 0;
     for file in writer::files(path) {
         let err = |source| StreamError::File {
@@ -392,6 +447,7 @@ pub fn print_files(path: &Path, output: Output, out: &mut impl Write) -> Result<
         for (n, line) in reader.lines().enumerate() {
             let line = line.map_err(err)?;
             match format::parse(&line) {
+                Ok((record, _)) if !filter.matches(&record) => {}
                 Ok((record, chain)) => {
                     writeln!(out, "{}", output.render(&record, &chain))
                         .map_err(|source| StreamError::Output { source })?;
@@ -415,6 +471,105 @@ pub fn print_files(path: &Path, output: Output, out: &mut impl Write) -> Result<
 mod tests {
     use super::*;
     use crate::audit::writer::tests::TempDir;
+
+    fn decision(reason: u32, src: &str, peer: Option<(&str, &str)>) -> Record {
+        use super::super::record::{Flow, IpFlow, Peer, Program};
+        Record {
+            seq: 1,
+            time_ns: 0,
+            body: Body::Decision {
+                flow: Flow {
+                    program: Program::Tunnel,
+                    interface: "wg0".into(),
+                    reason,
+                    ip: Some(IpFlow {
+                        src: src.parse().expect("an address"),
+                        dst: "10.100.0.254".parse().expect("an address"),
+                        protocol: zt_common::proto::TCP,
+                        src_port: Some(40_000),
+                        dst_port: Some(5432),
+                        tcp_flags: Some(2),
+                    }),
+                    peer: peer.map(|(name, key)| Peer {
+                        name: name.into(),
+                        public_key: Some(key.into()),
+                    }),
+                },
+                suppressed: 0,
+            },
+        }
+    }
+
+    #[test]
+    fn filters_keep_the_decisions_that_match_each_one_given() {
+        use zt_common::reason;
+        let granted = decision(reason::PASS_GRANT, "10.100.0.1", Some(("app-1", "K1=")));
+        let refused = decision(
+            reason::DROP_NOT_GRANTED,
+            "10.100.0.2",
+            Some(("app-2", "K2=")),
+        );
+        let stranger = decision(reason::DROP_PEER_UNKNOWN, "10.200.0.1", None);
+        let gap = Record {
+            seq: 2,
+            time_ns: 0,
+            body: Body::Gap {
+                previous_seq: 1,
+                previous_head: String::new(),
+                reason: super::super::record::GapReason::Unlinked,
+            },
+        };
+        let all = [&granted, &refused, &stranger, &gap];
+        let kept = |f: Filter| -> Vec<u64> {
+            (0u64..)
+                .zip(all)
+                .filter(|(_, r)| f.matches(r))
+                .map(|(i, _)| i)
+                .collect()
+        };
+        let net = |s: &str| s.parse::<IpNet>().expect("a prefix");
+        assert_eq!(kept(Filter::default()), [0, 1, 2, 3], "no filter keeps all");
+        let deny = || vec!["deny".to_owned()];
+        assert_eq!(
+            kept(Filter {
+                actions: deny(),
+                ..Filter::default()
+            }),
+            [1, 2]
+        );
+        assert_eq!(
+            kept(Filter {
+                reasons: vec![reason::PASS_GRANT, reason::DROP_PEER_UNKNOWN],
+                ..Filter::default()
+            }),
+            [0, 2],
+            "a filter's values are alternatives"
+        );
+        assert_eq!(
+            kept(Filter {
+                peers: vec!["K2=".into(), "app-1".into()],
+                ..Filter::default()
+            }),
+            [0, 1],
+            "by name or key"
+        );
+        assert_eq!(
+            kept(Filter {
+                sources: vec![net("10.100.0.0/24")],
+                ..Filter::default()
+            }),
+            [0, 1]
+        );
+        assert_eq!(
+            kept(Filter {
+                actions: deny(),
+                sources: vec![net("10.100.0.0/24")],
+                ..Filter::default()
+            }),
+            [1],
+            "filters together all hold"
+        );
+    }
 
     #[test]
     fn a_follower_waits_for_a_socket_bound_after_it_started() {
