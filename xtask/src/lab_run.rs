@@ -32,7 +32,9 @@ use crate::{
     cmd::{Progress, echo, show},
 };
 
-const READY_TIMEOUT: Duration = Duration::from_secs(20);
+/// Only bounds a daemon that never gets ready: loading takes a second here,
+/// and tens of seconds in a VM without KVM (`cargo xtask vmtest`).
+const READY_TIMEOUT: Duration = Duration::from_secs(90);
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Dropped packets surface as connect timeouts; keep them short.
 const PROBE_TIMEOUT: Duration = Duration::from_millis(300);
@@ -102,7 +104,7 @@ pub fn lab(
 }
 
 /// A non-blocking listener on `port` in `ns`, both families.
-fn listen(ns: &NetNs, port: u16) -> anyhow::Result<TcpListener> {
+pub fn listen(ns: &NetNs, port: u16) -> anyhow::Result<TcpListener> {
     let listener = ns
         .enter(|| TcpListener::bind((Ipv6Addr::UNSPECIFIED, port)))
         .with_context(|| format!("could not enter namespace {}", ns.name()))?
@@ -128,7 +130,16 @@ fn drive(
     stop: &AtomicBool,
     progress: &Progress,
 ) -> anyhow::Result<String> {
-    let mut daemon = Daemon::start(lab.edge(), settings, stop, progress)?;
+    let mut daemon = Daemon::start(
+        lab.edge(),
+        &Up {
+            ztxdp: settings.ztxdp,
+            config: settings.config,
+            log: settings.log,
+        },
+        stop,
+        progress,
+    )?;
     progress.say(format!(
         "ztxdp is enforcing on the edge's eth0 and {}; sending traffic every second {}",
         tunnel.edge_device().name(),
@@ -226,7 +237,7 @@ fn stop_on_signal() -> anyhow::Result<Arc<AtomicBool>> {
     Ok(stop)
 }
 
-struct SetOnDrop<'a>(&'a AtomicBool);
+pub struct SetOnDrop<'a>(pub &'a AtomicBool);
 
 impl Drop for SetOnDrop<'_> {
     fn drop(&mut self) {
@@ -364,7 +375,7 @@ fn describe_lab(lab: &Lab, tunnel: &Tunnel, progress: &Progress) {
     }
 }
 
-fn serve(listener: &TcpListener, greeting: &[u8], finished: &AtomicBool) {
+pub fn serve(listener: &TcpListener, greeting: &[u8], finished: &AtomicBool) {
     while !finished.load(Ordering::SeqCst) {
         match listener.accept() {
             Ok((mut stream, _)) => {
@@ -479,25 +490,35 @@ fn attempt(host: &NetNs, target: SocketAddr, transport: Transport) -> String {
     }
 }
 
+/// What [`Daemon::start`] runs: `ZTXDP up --config CONFIG`, its stderr
+/// into `log`.
+pub struct Up<'a> {
+    pub ztxdp: &'a Path,
+    pub config: &'a Path,
+    pub log: &'a Path,
+}
+
 /// The `ztxdp up` process; killed on drop if still running.
-struct Daemon {
+pub struct Daemon {
     child: Child,
 }
 
 impl Daemon {
-    fn start(
+    /// `ztxdp up --config CONFIG` in `edge`; returns once it prints
+    /// `ztxdp: ready`.
+    pub fn start(
         edge: &NetNs,
-        settings: &Settings,
+        up: &Up,
         stop: &AtomicBool,
         progress: &Progress,
     ) -> anyhow::Result<Self> {
-        let log = File::create(settings.log)
-            .with_context(|| format!("could not create {}", settings.log.display()))?;
-        let mut command = edge.cmd(settings.ztxdp);
+        let log = File::create(up.log)
+            .with_context(|| format!("could not create {}", up.log.display()))?;
+        let mut command = edge.cmd(up.ztxdp);
         command
             .arg("up")
             .arg("--config")
-            .arg(settings.config)
+            .arg(up.config)
             // The lab is not reachable over the caller's SSH session, so
             // lockout protection has nothing to protect here.
             .env_remove("SSH_CONNECTION")
@@ -539,8 +560,8 @@ impl Daemon {
             if daemon.exited()? {
                 bail!(
                     "`ztxdp up` exited before it was ready; its log ({}):\n{}",
-                    settings.log.display(),
-                    read_log(settings.log)
+                    up.log.display(),
+                    read_log(up.log)
                 );
             }
             if stop.load(Ordering::SeqCst) {
@@ -550,14 +571,14 @@ impl Daemon {
                 bail!(
                     "`ztxdp up` did not print `ztxdp: ready` within {} s; its log ({}):\n{}",
                     READY_TIMEOUT.as_secs(),
-                    settings.log.display(),
-                    read_log(settings.log)
+                    up.log.display(),
+                    read_log(up.log)
                 );
             }
         }
     }
 
-    fn exited(&mut self) -> anyhow::Result<bool> {
+    pub fn exited(&mut self) -> anyhow::Result<bool> {
         Ok(self
             .child
             .try_wait()
@@ -614,7 +635,7 @@ impl Drop for Daemon {
     }
 }
 
-fn read_log(path: &Path) -> String {
+pub fn read_log(path: &Path) -> String {
     fs::read_to_string(path)
         .unwrap_or_else(|error| format!("(could not read {}: {error})", path.display()))
 }

@@ -1,4 +1,5 @@
-//! Developer tasks: `cargo xtask test | build | run`. See `cargo xtask --help`.
+//! Developer tasks: `cargo xtask test | build | run | bench | vmtest`. See
+//! `cargo xtask --help`.
 //!
 //! Every task first installs what is missing (Debian packages, nightly's
 //! rust-src, bpf-linker), saying what it does, then builds.
@@ -8,12 +9,14 @@ mod cmd;
 mod lab_run;
 mod package;
 mod setup;
+mod vm_guest;
+mod vmtest;
 
 use std::{
     env,
     io::{BufRead as _, BufReader},
     path::{Path, PathBuf},
-    process::{Command, ExitCode, Stdio},
+    process::{Command, ExitCode, ExitStatus, Stdio},
     time::{Duration, Instant},
 };
 
@@ -54,15 +57,48 @@ enum Task {
     /// `XDP_DROP` in network namespaces, plus `test_run` costs, scaling
     /// curves and control-plane figures; writes bench/results/ (needs root).
     Bench(bench::BenchArgs),
+    /// Boot Debian's 6.1 and 6.12 kernels under QEMU (virtme-ng, this
+    /// machine's root shared read-only) and run a tier-3 smoke in each
+    /// (needs root). Installs QEMU and virtme-ng, downloads the kernels
+    /// into target/vmtest/.
+    Vmtest {
+        /// Run the tier-2 tests in each VM too (about 6 minutes a kernel
+        /// without KVM).
+        #[arg(long)]
+        full: bool,
+    },
+    /// Inside a `vmtest` guest: run the smoke and the given test binaries,
+    /// writing the outcome into OUT.
+    #[command(hide = true)]
+    VmGuest {
+        #[arg(long, value_name = "OUT")]
+        out: PathBuf,
+        #[arg(long, value_name = "ZTXDP")]
+        ztxdp: PathBuf,
+        #[arg(long = "test", value_name = "BINARY")]
+        tests: Vec<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Task::VmGuest { out, ztxdp, tests } = &cli.task {
+        // No steps: the host reports, from the files this writes.
+        return match vm_guest::run(out, ztxdp, tests) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("xtask: error: {error:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let mut steps = Steps::new(match &cli.task {
         Task::Build => 4,
         Task::Run { .. } | Task::Bench(_) => 5,
         Task::Package => 7,
-        Task::Test => 9,
+        Task::Test => 9 + vmtest::step_count(vmtest::Suite::Smoke),
+        Task::Vmtest { full } => 4 + vmtest::step_count(suite(*full)),
+        Task::VmGuest { .. } => 0,
     });
     let result = match cli.task {
         Task::Build => install_and_build(&mut steps),
@@ -72,6 +108,8 @@ fn main() -> ExitCode {
             run(&mut steps, duration.map(Duration::from_secs), &up_args)
         }
         Task::Bench(args) => bench::run(&mut steps, &args),
+        Task::Vmtest { full } => vm(&mut steps, suite(full)),
+        Task::VmGuest { .. } => Ok(()),
     };
     if let Err(error) = &result {
         // Not `{error:?}`: with RUST_BACKTRACE set that adds a backtrace of xtask itself.
@@ -120,7 +158,23 @@ fn test(steps: &mut Steps) -> anyhow::Result<()> {
             "--smoke",
         ]))?;
         Ok("every mode measured and checked".to_owned())
-    })
+    })?;
+    // The programs on the kernels users run, not only on this one.
+    vmtest::steps(steps, vmtest::Suite::Smoke, &ztxdp_bin()?)
+}
+
+fn suite(full: bool) -> vmtest::Suite {
+    if full {
+        vmtest::Suite::Full
+    } else {
+        vmtest::Suite::Smoke
+    }
+}
+
+fn vm(steps: &mut Steps, suite: vmtest::Suite) -> anyhow::Result<()> {
+    ensure_root("the guests share this machine's root and run as root")?;
+    install_and_build(steps)?;
+    vmtest::steps(steps, suite, &ztxdp_bin()?)
 }
 
 fn run(steps: &mut Steps, duration: Option<Duration>, up_args: &[String]) -> anyhow::Result<()> {
@@ -167,6 +221,27 @@ fn install_and_build(steps: &mut Steps) -> anyhow::Result<()> {
     })
 }
 
+/// Runs a test command with its output passed through, adding its
+/// `test result:` lines to `counts`.
+fn run_counted(command: &mut Command, counts: &mut TestCounts) -> anyhow::Result<ExitStatus> {
+    command.stdout(Stdio::piped());
+    echo(command);
+    let mut child = command
+        .spawn()
+        .with_context(|| format!("could not start `{}`", show(command)))?;
+    if let Some(stdout) = child.stdout.take() {
+        for line in BufReader::new(stdout).lines() {
+            let line =
+                line.with_context(|| format!("could not read the output of `{}`", show(command)))?;
+            println!("{line}");
+            counts.add(&line);
+        }
+    }
+    child
+        .wait()
+        .with_context(|| format!("could not wait for `{}`", show(command)))
+}
+
 #[derive(Default)]
 struct TestCounts {
     passed: u64,
@@ -197,20 +272,8 @@ fn cargo_test(ztxdp: &Path, deb: &Path, counts: &mut TestCounts) -> anyhow::Resu
             "--features",
             "xtask/bench",
             "--no-fail-fast",
-        ])
-        .stdout(Stdio::piped());
-    echo(&command);
-    let mut child = command
-        .spawn()
-        .with_context(|| format!("could not start `{}`", show(&command)))?;
-    if let Some(stdout) = child.stdout.take() {
-        for line in BufReader::new(stdout).lines() {
-            let line = line.context("could not read cargo test's output")?;
-            println!("{line}");
-            counts.add(&line);
-        }
-    }
-    let status = child.wait().context("could not wait for cargo test")?;
+        ]);
+    let status = run_counted(&mut command, counts)?;
     if !status.success() {
         if counts.total() == 0 {
             bail!(

@@ -44,37 +44,161 @@ pub const APT_PACKAGES: &[&str] = &[
     "man-db",
 ];
 
+/// What `cargo xtask vmtest` boots other kernels with: QEMU, and what
+/// virtme-ng needs to build its initramfs (a static busybox) and to index
+/// the kernel's modules (depmod, in kmod).
+pub const VM_APT_PACKAGES: &[&str] = &["qemu-system-x86", "busybox-static", "kmod"];
+
+/// virtme-ng, which boots a kernel with this machine's root shared
+/// read-only. Pinned to the version `cargo xtask vmtest` was tried with:
+/// its command line and guest init change between releases.
+const VIRTME_NG: &str = "virtme-ng==1.42";
+
 pub fn apt_packages(progress: &Progress) -> anyhow::Result<String> {
-    let installed = installed_packages()?;
-    let missing: Vec<&str> = APT_PACKAGES
-        .iter()
-        .copied()
-        .filter(|package| !installed.contains(*package))
-        .collect();
+    let missing = missing_packages(APT_PACKAGES)?;
     if missing.is_empty() {
         return Ok(format!("all {} already present", APT_PACKAGES.len()));
     }
-    progress.say(format!("installing {} ...", missing.join(" ")));
-    ensure_root(&format!(
-        "installing the Debian packages {}",
-        missing.join(" ")
-    ))?;
-    run(Command::new("apt-get").arg("update"))
-        .context("apt-get update failed: check the network and /etc/apt/sources.list")?;
-    run(Command::new("apt-get")
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .args(["install", "-y", "--no-install-recommends"])
-        .args(&missing))
-    .with_context(|| format!("could not install {}", missing.join(" ")))?;
+    apt_install(progress, &missing, None)?;
     Ok(format!("installed {}", missing.join(" ")))
 }
 
-/// The subset of [`APT_PACKAGES`] that dpkg reports as installed.
-fn installed_packages() -> anyhow::Result<HashSet<String>> {
+/// [`VM_APT_PACKAGES`], then virtme-ng (pip) in its own virtualenv
+/// `venv` (under target/: nothing of it leaks into the system's Python).
+pub fn vm_tools(progress: &Progress, venv: &Path) -> anyhow::Result<String> {
+    let mut notes = Vec::new();
+    let missing = missing_packages(VM_APT_PACKAGES)?;
+    if missing.is_empty() {
+        notes.push(format!("{} already present", VM_APT_PACKAGES.join(", ")));
+    } else {
+        notes.push(install_qemu(progress, &missing)?);
+    }
+    notes.push(virtme_ng(progress, venv)?);
+    Ok(notes.join("; "))
+}
+
+/// Installs `missing` from the distribution's own suites, never removing a
+/// package (`--no-remove`). That fails where a newer qemu-utils from
+/// backports is installed, which breaks the distribution's QEMU: then QEMU
+/// comes from the same backports suite, which matches it.
+fn install_qemu(progress: &Progress, missing: &[&str]) -> anyhow::Result<String> {
+    let Err(error) = apt_install(progress, missing, None) else {
+        return Ok(format!("installed {}", missing.join(" ")));
+    };
+    let codename = os_release_codename()?;
+    let suite = format!("{codename}-backports");
+    progress.say(format!(
+        "apt refused ({error:#}); trying {suite}, whose QEMU matches a qemu-utils installed from there"
+    ));
+    // An extra sources list for these apt runs only: the system's own
+    // configuration stays as it is.
+    let list = std::env::temp_dir().join(format!("xtask-{suite}-{}.list", std::process::id()));
+    let text = format!(
+        "{}\ndeb http://deb.debian.org/debian {suite} main\n",
+        fs::read_to_string("/etc/apt/sources.list").unwrap_or_default()
+    );
+    fs::write(&list, text).with_context(|| format!("could not write {}", list.display()))?;
+    let installed = apt_install(
+        progress,
+        missing,
+        Some(&Backports {
+            list: &list,
+            suite: &suite,
+        }),
+    );
+    let _ = fs::remove_file(&list);
+    installed.with_context(|| {
+        format!(
+            "could not install {} from {codename} nor from {suite}; install QEMU \
+             (qemu-system-x86_64) by hand",
+            missing.join(" ")
+        )
+    })?;
+    Ok(format!("installed {} from {suite}", missing.join(" ")))
+}
+
+/// A backports suite to install from: a sources list that names it, used
+/// for one apt run, and the suite to prefer.
+struct Backports<'a> {
+    list: &'a Path,
+    suite: &'a str,
+}
+
+/// `apt-get update`, then `apt-get install` of `packages`, never removing
+/// one: apt stops instead, before it changes anything.
+fn apt_install(
+    progress: &Progress,
+    packages: &[&str],
+    backports: Option<&Backports>,
+) -> anyhow::Result<()> {
+    progress.say(format!("installing {} ...", packages.join(" ")));
+    ensure_root(&format!(
+        "installing the Debian packages {}",
+        packages.join(" ")
+    ))?;
+    let mut update = Command::new("apt-get");
+    let mut install = Command::new("apt-get");
+    if let Some(backports) = backports {
+        let list = format!("Dir::Etc::sourcelist={}", backports.list.display());
+        update.args(["-o", &list]);
+        install.args(["-o", &list, "-t", backports.suite]);
+    }
+    run(update.arg("update"))
+        .context("apt-get update failed: check the network and /etc/apt/sources.list")?;
+    run(install
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .args(["install", "-y", "--no-install-recommends", "--no-remove"])
+        .args(packages))
+    .with_context(|| format!("could not install {}", packages.join(" ")))
+}
+
+/// `VERSION_CODENAME` from /etc/os-release: `bookworm`.
+fn os_release_codename() -> anyhow::Result<String> {
+    let text = fs::read_to_string("/etc/os-release")
+        .context("could not read /etc/os-release to find the Debian release")?;
+    text.lines()
+        .find_map(|line| line.strip_prefix("VERSION_CODENAME="))
+        .map(|value| value.trim_matches('"').to_owned())
+        .filter(|codename| !codename.is_empty())
+        .ok_or_else(|| anyhow!("/etc/os-release names no VERSION_CODENAME"))
+}
+
+/// `venv/bin/vng`, installed with pip into `venv` when it does not run.
+fn virtme_ng(progress: &Progress, venv: &Path) -> anyhow::Result<String> {
+    let vng = venv.join("bin").join("vng");
+    if let Some(version) = probe(Command::new(&vng).arg("--version")) {
+        return Ok(format!("{} already present", version.trim()));
+    }
+    progress.say(format!(
+        "installing {VIRTME_NG} into {} ...",
+        venv.display()
+    ));
+    run(Command::new("python3").arg("-m").arg("venv").arg(venv)).context(
+        "could not create a Python virtualenv for virtme-ng: install python3 and python3-venv",
+    )?;
+    run(Command::new(venv.join("bin").join("pip")).args(["install", "--quiet", VIRTME_NG]))
+        .with_context(|| format!("could not install {VIRTME_NG} from PyPI"))?;
+    let version = probe(Command::new(&vng).arg("--version"))
+        .ok_or_else(|| anyhow!("{} does not run after installing it", vng.display()))?;
+    Ok(format!("installed {}", version.trim()))
+}
+
+/// The packages of `wanted` that dpkg does not report as installed.
+fn missing_packages<'a>(wanted: &[&'a str]) -> anyhow::Result<Vec<&'a str>> {
+    let installed = installed_packages(wanted)?;
+    Ok(wanted
+        .iter()
+        .copied()
+        .filter(|package| !installed.contains(*package))
+        .collect())
+}
+
+/// The subset of `packages` that dpkg reports as installed.
+fn installed_packages(packages: &[&str]) -> anyhow::Result<HashSet<String>> {
     let mut query = Command::new("dpkg-query");
     query
         .args(["-W", "-f=${Package} ${Status}\n"])
-        .args(APT_PACKAGES);
+        .args(packages);
     crate::cmd::echo(&query);
     // Exit status 1 only means some package is unknown to dpkg; stdout still
     // lists the others.

@@ -102,6 +102,9 @@ pub async fn up(opts: &UpOptions, ready: impl FnOnce(&Enforcing)) -> Result<(), 
     // waits, then finds and updates them, instead of updating the programs
     // we replace after we read the file without it.
     let (config, tunnel_policy, grants_lock) = checked_config(opts)?;
+    // An old kernel is refused here, naming what it lacks, before anything
+    // is loaded or attached.
+    crate::probe::kernel().map_err(LoadError::from)?;
 
     let tunnel_l2 = tunnel_policy
         .as_ref()

@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod model;
 pub mod notify;
 pub mod policy;
+pub mod probe;
 pub mod reload;
 pub mod report;
 pub mod tables;
@@ -32,6 +33,10 @@ pub static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR
 /// The benchmark helpers `zt_bench_tx` (live-frames traffic generator) and
 /// `zt_bench_drop` (bare `XDP_DROP`), used only by `cargo xtask bench`.
 pub static BENCH_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bench"));
+
+/// `zt_probe_xdp` and `zt_probe_tc`, programs that do nothing: the kernel
+/// probe (`probe`) attaches them in a private network namespace.
+pub static PROBE_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/probe"));
 
 #[cfg(test)]
 mod tests {

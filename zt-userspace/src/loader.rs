@@ -10,18 +10,22 @@ use zt_common::{EDGE_CONFIGURED, EdgeConfig, SUMMARY_CACHE_SLOTS, global, map, p
 
 use crate::{
     policy::{EdgePolicy, FlowSettings, TunnelPolicy},
+    probe::{self, ProbeError},
     tables::{Tables, TablesError},
 };
 
 /// Errors while loading the BPF object.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    #[error("loading the BPF object failed (is this kernel 5.15 or newer with BTF?)")]
+    #[error("loading the BPF object failed")]
     Object(#[source] aya::EbpfError),
     /// The kernel refused a map or program for lack of privileges: the
     /// kernel's version is not in question.
     #[error("the kernel refused to load the BPF object")]
     Refused(#[source] aya::EbpfError),
+    /// This kernel lacks what the programs need, found by the kernel probe.
+    #[error(transparent)]
+    Kernel(#[from] ProbeError),
     #[error("the BPF object has no program {name}")]
     MissingProgram { name: &'static str },
     #[error("could not read this machine's CPU numbers from {POSSIBLE_CPUS}")]
@@ -98,13 +102,15 @@ pub fn load(opts: LoadOptions) -> Result<Ebpf, LoadError> {
             if crate::report::refused(&e) {
                 LoadError::Refused(e)
             } else {
-                LoadError::Object(e)
+                explain(LoadError::Object(e))
             }
         })?;
     let edge: &mut Xdp = program_mut(&mut ebpf, program::EDGE_NAME)?;
-    edge.load().map_err(|source| LoadError::Program {
-        name: program::EDGE_NAME,
-        source,
+    edge.load().map_err(|source| {
+        explain(LoadError::Program {
+            name: program::EDGE_NAME,
+            source,
+        })
     })?;
     for name in [
         program::TUNNEL_NAME,
@@ -113,9 +119,19 @@ pub fn load(opts: LoadOptions) -> Result<Ebpf, LoadError> {
     ] {
         let tc: &mut SchedClassifier = program_mut(&mut ebpf, name)?;
         tc.load()
-            .map_err(|source| LoadError::Program { name, source })?;
+            .map_err(|source| explain(LoadError::Program { name, source }))?;
     }
     Ok(ebpf)
+}
+
+/// A load the kernel refused, explained by the kernel probe when this
+/// kernel lacks something the programs need (the verifier's own message
+/// names only a helper's number); otherwise `error` as it is.
+fn explain(error: LoadError) -> LoadError {
+    match probe::programs_and_maps() {
+        Err(missing @ ProbeError::Unsupported { .. }) => LoadError::Kernel(missing),
+        Ok(()) | Err(ProbeError::Refused { .. } | ProbeError::Check { .. }) => error,
+    }
 }
 
 /// The programs loaded for a policy, with every map filled from it: what

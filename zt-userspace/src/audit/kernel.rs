@@ -45,7 +45,10 @@ struct ElemAttr {
 /// Copies a summary out of the kernel's table and removes it, atomically
 /// with respect to other map operations (one bucket lock; hash maps support
 /// this since Linux 5.14). aya 0.14 offers it only for queues and stacks.
-fn lookup_and_delete(fd: BorrowedFd<'_>, key: &SummaryKey) -> io::Result<Option<FlowSummary>> {
+pub(crate) fn lookup_and_delete(
+    fd: BorrowedFd<'_>,
+    key: &SummaryKey,
+) -> io::Result<Option<FlowSummary>> {
     let mut value = FlowSummary::default();
     let attr = ElemAttr {
         map_fd: u32::try_from(fd.as_raw_fd())
