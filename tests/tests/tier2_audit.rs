@@ -40,6 +40,7 @@ fn policy() -> EdgePolicy {
         ssh_port: 22,
         ssh_allow: vec![],
         icmp_echo: EchoRate::default(),
+        mode: ztxdp::policy::Mode::Enforce,
     }
 }
 
@@ -201,7 +202,7 @@ fn a_one_flow_flood_is_counted_in_the_cpu_cache() {
     assert_eq!(key.reason, reason::DROP_PORT_NOT_ALLOWED);
     assert_eq!((key.protocol, key.ip_version), (17, 4));
     assert_eq!(u32::from(key.program), program::EDGE);
-    assert_eq!(key._pad, 0);
+    assert_eq!(key.flags, 0);
     // The kernel's clock is a tick behind at most.
     assert!(
         w == window || w + 1 == window,
@@ -328,8 +329,8 @@ fn expect_same_events(
         let e = seen[0];
         assert_eq!((source(&e.src), source(&e.dst)), (ip.src, ip.dst), "{what}");
         assert_eq!(
-            (e.protocol, e.ip_version, e.reason),
-            (transport.protocol(false), 4, want),
+            (e.protocol, e.ip_version, u32::from(e.reason), e.flags),
+            (transport.protocol(false), 4, want, 0),
             "{what}"
         );
         let l4 = match *transport {
@@ -402,6 +403,7 @@ fn the_tunnel_straight_line_parse_records_what_the_general_parse_records() {
         )],
         runtime_grants: "/nonexistent/runtime-grants.json".into(),
         link_local_neighbors: false,
+        mode: ztxdp::policy::Mode::Enforce,
     };
     let granted = Transport::tcp_syn(5432);
     let udp = Transport::udp(CLOSED_PORT);

@@ -24,7 +24,7 @@ use crate::{
     audit::stream,
     config::{Config, ConfigError},
     grants,
-    policy::TunnelPolicy,
+    policy::{Mode, TunnelPolicy},
 };
 
 /// The file's name stem (see [`stream::namespace_file`]).
@@ -84,6 +84,13 @@ pub struct Identity {
     /// Kernel ids of the programs it describes.
     pub edge_program_id: Option<u32>,
     pub tunnel_program_id: Option<u32>,
+    /// The programs' modes (`mode`, or `up --dry-run`), which they were
+    /// loaded with; `None` without that program, and in files written
+    /// before modes existed.
+    #[serde(default)]
+    pub edge_mode: Option<Mode>,
+    #[serde(default)]
+    pub tunnel_mode: Option<Mode>,
 }
 
 impl Identity {
@@ -103,6 +110,8 @@ impl Identity {
             pid: std::process::id(),
             edge_program_id,
             tunnel_program_id,
+            edge_mode: config.policy.edge.as_ref().map(|e| e.mode),
+            tunnel_mode: config.policy.tunnel.as_ref().map(|t| t.mode),
         }
     }
 

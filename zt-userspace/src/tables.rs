@@ -16,11 +16,13 @@ use aya::{
 };
 use ipnet::IpNet;
 use zt_common::{
-    COUNTER_SLOTS, CpuState, FlowConfig, FlowKey, FlowState, FragmentKey, GrantKey, PEER_ICMP,
-    PeerCounters, PeerInfo, capacity, counter_index, map, program, reason,
+    COUNTER_SLOTS, CpuState, FlowConfig, FlowKey, FlowState, FragmentKey, GrantKey, PEER_AUDIT,
+    PEER_ICMP, PeerCounters, PeerInfo, capacity, counter_index, map, program, reason,
 };
 
-use crate::policy::{EchoRate, EdgePolicy, FlowSettings, Grant, Peer, Protocol, TunnelPolicy};
+use crate::policy::{
+    EchoRate, EdgePolicy, FlowSettings, Grant, Mode, Peer, Protocol, TunnelPolicy,
+};
 
 /// Errors reading or writing the maps.
 #[derive(Debug, thiserror::Error)]
@@ -278,7 +280,11 @@ impl Tables {
         let extra: &[u32] = if program == program::EGRESS {
             &[reason::FLOWS_CREATED]
         } else {
-            &[reason::EVENTS_SUPPRESSED, reason::EVENTS_LOST]
+            &[
+                reason::WOULD_DROP,
+                reason::EVENTS_SUPPRESSED,
+                reason::EVENTS_LOST,
+            ]
         };
         let codes: &[u32] = if program == program::EGRESS {
             &[]
@@ -826,13 +832,22 @@ fn check_peer_count(p: &TunnelPolicy) -> Result<(), TablesError> {
 
 /// What the peer tries hold for the peer at `index`.
 fn peer_info(index: u32, peer: &Peer) -> PeerInfo {
+    let icmp = if peer.grants.contains(&Grant::Icmp) {
+        PEER_ICMP
+    } else {
+        0
+    };
+    // A reload passes through the flags both policies set (`narrowed`):
+    // audit only where both audit, so the half-way state drops what
+    // either policy would drop.
+    let audit = if peer.mode == Mode::Audit {
+        PEER_AUDIT
+    } else {
+        0
+    };
     PeerInfo {
         index,
-        flags: if peer.grants.contains(&Grant::Icmp) {
-            PEER_ICMP
-        } else {
-            0
-        },
+        flags: icmp | audit,
     }
 }
 
@@ -880,6 +895,7 @@ mod tests {
             ],
             public_key: None,
             grants: grants.to_vec(),
+            mode: crate::policy::Mode::Enforce,
         }
     }
 
@@ -897,6 +913,7 @@ mod tests {
             peers,
             runtime_grants: "grants.json".into(),
             link_local_neighbors: false,
+            mode: crate::policy::Mode::Enforce,
         };
         Contents::of(None, Some(&tunnel), &FlowSettings::default())
             .unwrap_or_else(|e| panic!("contents of a small test policy: {e}"))
