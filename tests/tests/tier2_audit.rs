@@ -19,10 +19,11 @@ use std::{
 use aya::maps::{Array, HashMap as BpfHashMap, RingBuf};
 use tier2::{Programs, monotonic_ns};
 use zt_common::{
-    CachedFlow, Event, FlowSummary, SUMMARY_CACHE_SLOTS, SUMMARY_CACHE_WAYS, SUMMARY_WINDOW_NS,
-    SummaryCacheSlot, SummaryKey, map, program, reason, summary_window, tcp_flag,
+    CachedFlow, EVENT_WOULD_DROP, Event, FlowSummary, SUMMARY_CACHE_SLOTS, SUMMARY_CACHE_WAYS,
+    SUMMARY_WINDOW_NS, SummaryCacheSlot, SummaryKey, map, program, reason, summary_window,
+    tcp_flag,
 };
-use zt_tests::packet::{Ethernet, Ipv4, Transport, eth_v4, ethertype};
+use zt_tests::packet::{ETH_LEN, Ethernet, Ipv4, Transport, eth_v4, ethertype};
 use ztxdp::policy::{EchoRate, EdgePolicy, Protocol, TunnelPolicy};
 
 const HOST_V4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
@@ -443,4 +444,51 @@ fn the_tunnel_straight_line_parse_records_what_the_general_parse_records() {
         }),
         Programs::tunnel,
     );
+}
+
+#[test]
+fn audit_mode_events_and_summaries_say_would_drop_and_parse_failures_drop() {
+    let mut p = Programs::load(
+        true,
+        Some(&EdgePolicy {
+            mode: ztxdp::policy::Mode::Audit,
+            ..policy()
+        }),
+        None,
+    );
+    drain(&mut p);
+    let before = p.counter(program::EDGE, reason::WOULD_DROP);
+    for _ in 0..3 {
+        let run = p
+            .edge(&denied(FLOW_A))
+            .unwrap_or_else(|e| panic!("run: {e:?}"));
+        assert!(
+            run.would_drop && run.reason == reason::DROP_PORT_NOT_ALLOWED,
+            "{run:?}"
+        );
+    }
+    assert_eq!(p.counter(program::EDGE, reason::WOULD_DROP), before + 3);
+    let sent = drain(&mut p);
+    assert!(
+        !sent.is_empty() && sent.iter().all(|e| e.flags == EVENT_WOULD_DROP),
+        "would-drop events carry the flag: {sent:?}"
+    );
+    // The flow's later packets counted in the CPU's cache under a key that
+    // says would-drop, so its summary does too.
+    assert!(
+        cached_keys(&p)
+            .iter()
+            .any(|k| k.flags == EVENT_WOULD_DROP && source(&k.src) == FLOW_A),
+        "{:?}",
+        cached_keys(&p)
+    );
+    // A truncated IPv4 header: the parser refuses it, and that drops.
+    let mut malformed = denied(FLOW_B);
+    malformed.truncate(ETH_LEN + 10);
+    let run = p.edge(&malformed).unwrap_or_else(|e| panic!("run: {e:?}"));
+    assert!(
+        !run.would_drop && run.reason == reason::DROP_MALFORMED && run.action == tier2::XDP_DROP,
+        "{run:?}"
+    );
+    assert!(drain(&mut p).iter().all(|e| e.flags == 0));
 }
