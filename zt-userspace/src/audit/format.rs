@@ -45,9 +45,11 @@ pub const ECS_VERSION: &str = "9.4.0";
 /// `action_id` / `disposition_id`.
 const OCSF_PROFILES: [&str; 2] = ["datetime", "security_control"];
 const OCSF_NETWORK_ACTIVITY: u64 = 4001;
-/// OCSF `action_id` 3: the control saw and let pass what it would deny (a
-/// would-deny in audit mode). 1 is Allowed, 2 Denied.
-const OCSF_ACTION_OBSERVED: u64 = 3;
+/// OCSF 1.3.0's `action_id` knows only Allowed (1), Denied (2) and Other
+/// (99); "Observed" arrived in 1.4.0. A would-deny is therefore Other, with
+/// the caption that names it, as the schema asks of every Other.
+const OCSF_ACTION_OTHER: u64 = 99;
+const OCSF_ACTION_OBSERVED: &str = "Observed";
 
 pub(crate) fn rfc3339(ns: i64) -> String {
     DateTime::from_timestamp_nanos(ns).to_rfc3339_opts(SecondsFormat::Nanos, true)
@@ -304,7 +306,7 @@ fn ocsf_flow(flow: &Flow, top: &mut Map<String, Value>, z: &mut Map<String, Valu
     let (action, disposition) = if flow.would_drop {
         // The control observed what it would have denied, and let it pass.
         (
-            json!([OCSF_ACTION_OBSERVED, "Observed"]),
+            json!([OCSF_ACTION_OTHER, OCSF_ACTION_OBSERVED]),
             json!([1, "Allowed"]),
         )
     } else if flow.allowed() {
@@ -718,7 +720,8 @@ fn parse_ocsf(v: &Value) -> Result<Record, FormatError> {
         ),
         None => None,
     };
-    let would_drop = v.pointer("/action_id").and_then(Value::as_u64) == Some(OCSF_ACTION_OBSERVED);
+    let would_drop = v.pointer("/action_id").and_then(Value::as_u64) == Some(OCSF_ACTION_OTHER)
+        && v.pointer("/action").and_then(Value::as_str) == Some(OCSF_ACTION_OBSERVED);
     let body = match u64_at(v, "/activity_id")? {
         1 | 5 => Body::Decision {
             flow: parse_flow(v, &OCSF_FLOW, protocol, would_drop)?,
@@ -1063,7 +1066,7 @@ mod tests {
             let ocsf = json(AuditFormat::Ocsf, &r);
             assert_eq!(
                 (&ocsf["action_id"], &ocsf["action"]),
-                (&json!(3), &json!("Observed")),
+                (&json!(99), &json!("Observed")),
                 "{ocsf}"
             );
             assert_eq!(ocsf["disposition_id"], 1, "{ocsf}");
