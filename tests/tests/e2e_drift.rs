@@ -169,6 +169,13 @@ fn expect_metric(t: &Enforced, line: &str) {
     assert_eq!(seen.as_deref(), Some(line), "{}", t.daemon.log());
 }
 
+/// `ztxdp_drift_checks_total`, 0 before the daemon serves it.
+fn drift_checks(t: &Enforced) -> u64 {
+    metric(t, "ztxdp_drift_checks_total")
+        .and_then(|l| l.split(' ').nth(1).and_then(|n| n.parse::<u64>().ok()))
+        .unwrap_or(0)
+}
+
 /// The `drift` records of the trail, as `ztxdp.drift` objects.
 fn drift_records(t: &Enforced) -> Vec<Value> {
     audit_lines(&t.audit())
@@ -182,6 +189,12 @@ fn drift_records(t: &Enforced) -> Vec<Value> {
 fn a_map_changed_behind_ztxdps_back_is_reported_entry_by_entry() {
     let mut t = drift_lab("drift-maps", 1);
     expect_check(&t, 0, &["in sync"]);
+    // The daemon's first check must see the maps in sync, or the change
+    // below would be its first answer and the count below one short.
+    let deadline = Instant::now() + SETTLE_TIMEOUT;
+    while drift_checks(&t) == 0 && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(200));
+    }
 
     // An SSH source nobody configured: 203.0.113.0/24 (the LPM key is the
     // prefix length, little-endian, then the address).
@@ -255,9 +268,7 @@ fn a_map_changed_behind_ztxdps_back_is_reported_entry_by_entry() {
         records.last().map(|r| r["differences"].clone()),
         Some(json!(0))
     );
-    let checks = metric(&t, "ztxdp_drift_checks_total")
-        .and_then(|l| l.split(' ').nth(1).and_then(|n| n.parse::<u64>().ok()))
-        .unwrap_or(0);
+    let checks = drift_checks(&t);
     assert!(
         usize::try_from(checks).is_ok_and(|n| n > records.len()),
         "{checks} checks, {} records",

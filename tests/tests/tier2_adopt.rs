@@ -28,6 +28,7 @@ fn edge() -> EdgePolicy {
         ssh_port: 22,
         ssh_allow: Vec::new(),
         icmp_echo: EchoRate::default(),
+        mode: ztxdp::policy::Mode::Enforce,
     }
 }
 

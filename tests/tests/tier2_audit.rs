@@ -19,10 +19,11 @@ use std::{
 use aya::maps::{Array, HashMap as BpfHashMap, RingBuf};
 use tier2::{Programs, monotonic_ns};
 use zt_common::{
-    CachedFlow, Event, FlowSummary, SUMMARY_CACHE_SLOTS, SUMMARY_CACHE_WAYS, SUMMARY_WINDOW_NS,
-    SummaryCacheSlot, SummaryKey, map, program, reason, summary_window, tcp_flag,
+    CachedFlow, EVENT_WOULD_DROP, Event, FlowSummary, SUMMARY_CACHE_SLOTS, SUMMARY_CACHE_WAYS,
+    SUMMARY_WINDOW_NS, SummaryCacheSlot, SummaryKey, map, program, reason, summary_window,
+    tcp_flag,
 };
-use zt_tests::packet::{Ethernet, Ipv4, Transport, eth_v4, ethertype};
+use zt_tests::packet::{ETH_LEN, Ethernet, Ipv4, Transport, eth_v4, ethertype};
 use ztxdp::policy::{EchoRate, EdgePolicy, Protocol, TunnelPolicy};
 
 const HOST_V4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
@@ -40,6 +41,7 @@ fn policy() -> EdgePolicy {
         ssh_port: 22,
         ssh_allow: vec![],
         icmp_echo: EchoRate::default(),
+        mode: ztxdp::policy::Mode::Enforce,
     }
 }
 
@@ -201,7 +203,7 @@ fn a_one_flow_flood_is_counted_in_the_cpu_cache() {
     assert_eq!(key.reason, reason::DROP_PORT_NOT_ALLOWED);
     assert_eq!((key.protocol, key.ip_version), (17, 4));
     assert_eq!(u32::from(key.program), program::EDGE);
-    assert_eq!(key._pad, 0);
+    assert_eq!(key.flags, 0);
     // The kernel's clock is a tick behind at most.
     assert!(
         w == window || w + 1 == window,
@@ -328,8 +330,8 @@ fn expect_same_events(
         let e = seen[0];
         assert_eq!((source(&e.src), source(&e.dst)), (ip.src, ip.dst), "{what}");
         assert_eq!(
-            (e.protocol, e.ip_version, e.reason),
-            (transport.protocol(false), 4, want),
+            (e.protocol, e.ip_version, u32::from(e.reason), e.flags),
+            (transport.protocol(false), 4, want, 0),
             "{what}"
         );
         let l4 = match *transport {
@@ -402,6 +404,7 @@ fn the_tunnel_straight_line_parse_records_what_the_general_parse_records() {
         )],
         runtime_grants: "/nonexistent/runtime-grants.json".into(),
         link_local_neighbors: false,
+        mode: ztxdp::policy::Mode::Enforce,
     };
     let granted = Transport::tcp_syn(5432);
     let udp = Transport::udp(CLOSED_PORT);
@@ -441,4 +444,51 @@ fn the_tunnel_straight_line_parse_records_what_the_general_parse_records() {
         }),
         Programs::tunnel,
     );
+}
+
+#[test]
+fn audit_mode_events_and_summaries_say_would_drop_and_parse_failures_drop() {
+    let mut p = Programs::load(
+        true,
+        Some(&EdgePolicy {
+            mode: ztxdp::policy::Mode::Audit,
+            ..policy()
+        }),
+        None,
+    );
+    drain(&mut p);
+    let before = p.counter(program::EDGE, reason::WOULD_DROP);
+    for _ in 0..3 {
+        let run = p
+            .edge(&denied(FLOW_A))
+            .unwrap_or_else(|e| panic!("run: {e:?}"));
+        assert!(
+            run.would_drop && run.reason == reason::DROP_PORT_NOT_ALLOWED,
+            "{run:?}"
+        );
+    }
+    assert_eq!(p.counter(program::EDGE, reason::WOULD_DROP), before + 3);
+    let sent = drain(&mut p);
+    assert!(
+        !sent.is_empty() && sent.iter().all(|e| e.flags == EVENT_WOULD_DROP),
+        "would-drop events carry the flag: {sent:?}"
+    );
+    // The flow's later packets counted in the CPU's cache under a key that
+    // says would-drop, so its summary does too.
+    assert!(
+        cached_keys(&p)
+            .iter()
+            .any(|k| k.flags == EVENT_WOULD_DROP && source(&k.src) == FLOW_A),
+        "{:?}",
+        cached_keys(&p)
+    );
+    // A truncated IPv4 header: the parser refuses it, and that drops.
+    let mut malformed = denied(FLOW_B);
+    malformed.truncate(ETH_LEN + 10);
+    let run = p.edge(&malformed).unwrap_or_else(|e| panic!("run: {e:?}"));
+    assert!(
+        !run.would_drop && run.reason == reason::DROP_MALFORMED && run.action == tier2::XDP_DROP,
+        "{run:?}"
+    );
+    assert!(drain(&mut p).iter().all(|e| e.flags == 0));
 }

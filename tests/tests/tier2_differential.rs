@@ -36,8 +36,8 @@ use ztxdp::{
     audit::record::Program,
     explain::live::Live,
     loader,
-    model::{EdgeModel, Explanation, TunnelModel},
-    policy::{EchoRate, EdgePolicy, Grant, Protocol, TunnelPolicy},
+    model::{self, EdgeModel, Explanation, TunnelModel},
+    policy::{EchoRate, EdgePolicy, Grant, Mode, Protocol, TunnelPolicy},
 };
 
 const DEFAULT_SEED: u64 = 0x5eed_2a7e_d1ff_0001;
@@ -116,6 +116,7 @@ fn edge_policy() -> EdgePolicy {
             "2001:db8:cc::1/128",
         ]),
         icmp_echo: ECHO_OFF,
+        mode: ztxdp::policy::Mode::Enforce,
     }
 }
 
@@ -201,7 +202,79 @@ fn tunnel_policy() -> TunnelPolicy {
         // Exercises both sides of the rule: allowed on an L2 device, and
         // ignored on an L3 one, where only peers' packets pass.
         link_local_neighbors: true,
+        mode: Mode::Enforce,
     }
+}
+
+/// The tunnel policy in audit mode for packets of no peer, with alice and
+/// carol auditing and bob and dave enforcing: every packet's mode is its
+/// peer's, or the program's.
+fn audit_tunnel_policy() -> TunnelPolicy {
+    let mut p = tunnel_policy();
+    p.mode = Mode::Audit;
+    for (i, peer) in p.peers.iter_mut().enumerate() {
+        peer.mode = if i % 2 == 0 {
+            Mode::Audit
+        } else {
+            Mode::Enforce
+        };
+    }
+    p
+}
+
+/// Checks a run's would-drop flag against the model's mode (every drop a
+/// mode audits passes, parse failures never do), and counts would-drops.
+fn check_mode(
+    what: &str,
+    (mode, run): (Mode, &Run),
+    would_drops: &mut BTreeMap<u32, usize>,
+    (seed, i, input): (u64, usize, &[u8]),
+) {
+    if run.would_drop {
+        *would_drops.entry(run.reason).or_default() += 1;
+    }
+    let want = model::would_drop(mode, run.reason);
+    if run.would_drop != want {
+        mismatch(
+            what,
+            seed,
+            i,
+            input,
+            &format!(
+                "{} with would-drop {}",
+                reason::name(run.reason),
+                run.would_drop
+            ),
+            &format!(
+                "{} with would-drop {want} ({mode:?})",
+                reason::name(run.reason)
+            ),
+        );
+    }
+}
+
+/// Every drop reason a mode audits was seen as a would-drop, and no parse
+/// failure ever was.
+fn assert_audit_coverage(
+    what: &str,
+    would_drops: &BTreeMap<u32, usize>,
+    by_reason: &BTreeMap<u32, usize>,
+) {
+    for code in by_reason.keys() {
+        if reason::drops_in_audit(*code) {
+            assert!(
+                !would_drops.contains_key(code),
+                "{what}: {} passed in audit mode",
+                reason::name(*code)
+            );
+        }
+    }
+    let wanted: Vec<u32> = by_reason
+        .keys()
+        .copied()
+        .filter(|&c| !reason::is_allow(c) && !reason::drops_in_audit(c))
+        .collect();
+    assert_coverage(&format!("{what}, would-drops"), would_drops, &wanted);
 }
 
 fn tunnel_pools() -> Pools {
@@ -655,30 +728,56 @@ fn summary(by_reason: &BTreeMap<u32, usize>) -> String {
 
 #[test]
 fn edge_program_matches_the_model() {
-    let (seed, n) = (seed(), packets());
-    let policy = edge_policy();
+    edge_matches_the_model(Mode::Enforce);
+}
+
+#[test]
+fn edge_program_matches_the_model_in_audit_mode() {
+    edge_matches_the_model(Mode::Audit);
+}
+
+fn edge_matches_the_model(mode: Mode) {
+    let what = format!("edge ({mode:?})");
+    let (seed, n) = (seed(), packets() / if mode == Mode::Audit { 2 } else { 1 });
+    let policy = EdgePolicy {
+        mode,
+        ..edge_policy()
+    };
     let model = EdgeModel::new(&policy);
+    let mut would_drops = BTreeMap::new();
     let pools = edge_pools();
     let mut progs = Programs::load(true, Some(&policy), None);
     let live = live(&progs);
+    assert_eq!(
+        live.mode(Program::Edge, None),
+        mode,
+        "explain reads the edge's mode"
+    );
     let mut by_reason = BTreeMap::new();
     let start = Instant::now();
     for i in 0..n {
         let frame = generate(seed, i, &pools, false);
         let want = model.verdict(&frame);
         let explained = explain(&live, Program::Edge, &frame);
-        let Run { reason: got, .. } = progs.edge(&frame).unwrap_or_else(|e| {
+        let run = progs.edge(&frame).unwrap_or_else(|e| {
             panic!(
                 "packet {i} of seed {seed:#x}: test run refused: {e:?}\n{}",
                 hex_dump(&frame)
             )
         });
+        let got = run.reason;
         if reason::is_allow(got) {
             progs.forget_fragments();
         }
+        check_mode(
+            &what,
+            (model.mode(), &run),
+            &mut would_drops,
+            (seed, i, &frame),
+        );
         if got != want {
             mismatch(
-                "edge",
+                &what,
                 seed,
                 i,
                 &frame,
@@ -690,12 +789,16 @@ fn edge_program_matches_the_model() {
         *by_reason.entry(got).or_default() += 1;
     }
     eprintln!(
-        "edge: {n} packets in {:?}, seed {seed:#x}: {}",
+        "{what}: {n} packets in {:?}, seed {seed:#x}: {}; would-drops: {}",
         start.elapsed(),
-        summary(&by_reason)
+        summary(&by_reason),
+        summary(&would_drops)
     );
+    if mode == Mode::Audit {
+        assert_audit_coverage(&what, &would_drops, &by_reason);
+    }
     assert_coverage(
-        "edge",
+        &what,
         &by_reason,
         &[
             reason::PASS_WIREGUARD,
@@ -722,14 +825,23 @@ fn peer_counters(p: &Programs, peers: u32) -> Vec<PeerCounters> {
         .unwrap_or_else(|e| panic!("reading peer counters: {e:?}"))
 }
 
-fn tunnel_matches_the_model(l2: bool) {
-    let what = if l2 { "tunnel (l2)" } else { "tunnel (l3)" };
-    let (seed, n) = (seed(), packets() / 2);
-    let policy = tunnel_policy();
+#[expect(
+    clippy::too_many_lines,
+    reason = "one packet loop: run, model, explain and mode checks side by side"
+)]
+fn tunnel_matches_the_model(l2: bool, policy: &TunnelPolicy) {
+    let what = &format!(
+        "tunnel ({}, {:?})",
+        if l2 { "l2" } else { "l3" },
+        policy.mode
+    );
+    let audit = policy.mode == Mode::Audit;
+    let (seed, n) = (seed(), packets() / if audit { 4 } else { 2 });
+    let mut would_drops = BTreeMap::new();
     let peers = u32::try_from(policy.peers.len()).unwrap_or(u32::MAX);
-    let model = TunnelModel::new(&policy);
+    let model = TunnelModel::new(policy);
     let pools = tunnel_pools();
-    let mut progs = Programs::load(l2, None, Some(&policy));
+    let mut progs = Programs::load(l2, None, Some(policy));
     let live = live(&progs);
     let mut by_reason = BTreeMap::new();
     let mut refused = 0usize;
@@ -740,12 +852,21 @@ fn tunnel_matches_the_model(l2: bool) {
         let input = generate(seed, i, &pools, !l2);
         let want = model.verdict(&input, l2);
         let explained = explain(&live, Program::Tunnel, &input);
+        assert_eq!(
+            live.mode(Program::Tunnel, want.peer),
+            model.mode_of(want.peer),
+            "{what}: explain reads the mode of peer {:?}",
+            want.peer
+        );
         let got = match progs.tunnel(&input) {
-            Ok(run) if reason::is_allow(run.reason) => {
-                progs.forget_fragments();
+            Ok(run) => {
+                if reason::is_allow(run.reason) {
+                    progs.forget_fragments();
+                }
+                let mode = model.mode_of(want.peer);
+                check_mode(what, (mode, &run), &mut would_drops, (seed, i, &input));
                 run.reason
             }
-            Ok(run) => run.reason,
             Err(e) if kernel_refuses_skb(&input, &e) => {
                 refused += 1;
                 continue;
@@ -789,10 +910,14 @@ fn tunnel_matches_the_model(l2: bool) {
         *by_reason.entry(got).or_default() += 1;
     }
     eprintln!(
-        "{what}: {n} packets in {:?} ({refused} refused by the kernel), seed {seed:#x}: {}",
+        "{what}: {n} packets in {:?} ({refused} refused by the kernel), seed {seed:#x}: {}; would-drops: {}",
         start.elapsed(),
-        summary(&by_reason)
+        summary(&by_reason),
+        summary(&would_drops)
     );
+    if audit {
+        assert_audit_coverage(what, &would_drops, &by_reason);
+    }
     assert!(
         refused * 10 < n,
         "{what}: {refused} of {n} packets could not be run; the comparison is too thin"
@@ -819,10 +944,20 @@ fn tunnel_matches_the_model(l2: bool) {
 
 #[test]
 fn tunnel_program_matches_the_model_with_ethernet() {
-    tunnel_matches_the_model(true);
+    tunnel_matches_the_model(true, &tunnel_policy());
 }
 
 #[test]
 fn tunnel_program_matches_the_model_on_bare_ip() {
-    tunnel_matches_the_model(false);
+    tunnel_matches_the_model(false, &tunnel_policy());
+}
+
+#[test]
+fn tunnel_program_matches_the_model_in_audit_mode_with_ethernet() {
+    tunnel_matches_the_model(true, &audit_tunnel_policy());
+}
+
+#[test]
+fn tunnel_program_matches_the_model_in_audit_mode_on_bare_ip() {
+    tunnel_matches_the_model(false, &audit_tunnel_policy());
 }

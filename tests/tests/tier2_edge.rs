@@ -46,6 +46,7 @@ fn policy() -> EdgePolicy {
             .map(|s| s.parse().unwrap_or_else(|e| panic!("prefix {s}: {e}")))
             .collect(),
         icmp_echo: EchoRate::default(),
+        mode: ztxdp::policy::Mode::Enforce,
     }
 }
 

@@ -24,7 +24,7 @@ use ztxdp::{
     audit::record::Program,
     explain::{live::Live, packet::Request},
     loader,
-    policy::{EchoRate, EdgePolicy, FlowSettings, Grant, Peer, Protocol, TunnelPolicy},
+    policy::{EchoRate, EdgePolicy, FlowSettings, Grant, Mode, Peer, Protocol, TunnelPolicy},
 };
 
 const HOST: &str = "192.0.2.1";
@@ -38,6 +38,7 @@ const ROUNDS: usize = 200;
 fn policies() -> (EdgePolicy, TunnelPolicy) {
     let edge = EdgePolicy {
         interface: "eth0".into(),
+        mode: Mode::Enforce,
         wireguard_ports: vec![51_820],
         ssh_port: 22,
         ssh_allow: vec!["198.51.100.0/24".parse().unwrap_or_else(|e| panic!("{e}"))],
@@ -50,10 +51,12 @@ fn policies() -> (EdgePolicy, TunnelPolicy) {
     };
     let tunnel = TunnelPolicy {
         interface: "wg0".into(),
+        mode: Mode::Enforce,
         peers: vec![Peer {
             name: "alice".into(),
             addresses: vec!["10.10.0.2/32".parse().unwrap_or_else(|e| panic!("{e}"))],
             public_key: None,
+            mode: Mode::Enforce,
             grants: vec![Grant::Ports {
                 protocol: Protocol::Tcp,
                 first: 5432,

@@ -78,6 +78,7 @@ fn edge_policy(echo: EchoRate) -> EdgePolicy {
         ssh_port: SSH,
         ssh_allow: vec![IpAddr::V4(BASTION_V4).into()],
         icmp_echo: echo,
+        mode: ztxdp::policy::Mode::Enforce,
     }
 }
 
@@ -87,6 +88,7 @@ fn tunnel_policy() -> TunnelPolicy {
         addresses: addresses.into_iter().map(Into::into).collect(),
         public_key: None,
         grants,
+        mode: ztxdp::policy::Mode::Enforce,
     };
     TunnelPolicy {
         interface: "wg0".into(),
@@ -115,6 +117,7 @@ fn tunnel_policy() -> TunnelPolicy {
         ],
         runtime_grants: "/nonexistent/runtime-grants.json".into(),
         link_local_neighbors: false,
+        mode: ztxdp::policy::Mode::Enforce,
     }
 }
 

@@ -72,6 +72,7 @@ fn policy() -> TunnelPolicy {
         ],
         runtime_grants: "/nonexistent/runtime-grants.json".into(),
         link_local_neighbors: false,
+        mode: ztxdp::policy::Mode::Enforce,
     }
 }
 

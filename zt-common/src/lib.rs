@@ -124,6 +124,7 @@ macro_rules! reasons {
         pub const fn name(code: u32) -> &'static str {
             match code {
                 $( $konst => $name, )*
+                WOULD_DROP => "would_drop",
                 FLOWS_CREATED => "flows_created",
                 EVENTS_SUPPRESSED => "events_suppressed",
                 EVENTS_LOST => "events_lost",
@@ -210,6 +211,25 @@ pub mod reason {
         matches!(class.as_bytes(), b"pass")
     }
 
+    /// Counter slot (not a verdict): packets that the policy drops but that
+    /// passed because their program or peer runs in audit mode. Each is also
+    /// counted under its drop reason. Below [`FIRST_DENY`] on purpose: a
+    /// program returns it as the code of a would-drop, so the entry points'
+    /// one `is_allow` test passes the packet and the enforce path gains no
+    /// instruction.
+    pub const WOULD_DROP: u32 = 15;
+    /// Whether a drop reason still drops in audit mode: the parser's
+    /// refusals (and an edge program loaded without a policy), which are
+    /// not the policy's to relax. A packet the parser cannot account for
+    /// is never let through, audit or not.
+    #[must_use]
+    pub const fn drops_in_audit(code: u32) -> bool {
+        matches!(
+            code,
+            DROP_MALFORMED | DROP_HEADER_LIMIT | DROP_UNSUPPORTED_L3 | DROP_NOT_CONFIGURED
+        )
+    }
+
     /// Counter slot (not a verdict): flows the egress programs created.
     /// With the table's current size this gives the LRU evictions.
     pub const FLOWS_CREATED: u32 = 29;
@@ -243,6 +263,10 @@ pub mod global {
     /// (`tunnel.link_local_neighbors`); otherwise only a peer's addresses may
     /// send them.
     pub const TUNNEL_LINK_LOCAL: &str = "TUNNEL_LINK_LOCAL";
+    /// `u8`: 1 when the tunnel program runs in audit mode for packets of
+    /// no peer (the top-level `mode`); a peer's own mode is
+    /// [`super::PEER_AUDIT`].
+    pub const TUNNEL_AUDIT: &str = "TUNNEL_AUDIT";
 }
 
 /// Edge settings that are not sets: the read-only global
@@ -265,6 +289,11 @@ const _: () = assert!(size_of::<EdgeConfig>() == 8);
 
 /// [`EdgeConfig::flags`] bit: there is an edge policy.
 pub const EDGE_CONFIGURED: u32 = 1;
+/// [`EdgeConfig::flags`] bit: the edge runs in audit mode (`mode =
+/// "audit"`): a packet its policy drops passes, counted in
+/// [`reason::WOULD_DROP`] and audited as a would-deny. Fixed at load like
+/// the rest of `EdgeConfig`, so the enforce path pays nothing for it.
+pub const EDGE_AUDIT: u32 = 2;
 
 /// A tunnel peer, as found by source address.
 #[repr(C)]
@@ -279,6 +308,10 @@ const _: () = assert!(size_of::<PeerInfo>() == 8);
 
 /// [`PeerInfo::flags`] bit: ICMP echo requests from this peer pass.
 pub const PEER_ICMP: u32 = 1;
+/// [`PeerInfo::flags`] bit: the peer runs in audit mode: what the policy
+/// drops from it passes, as with [`EDGE_AUDIT`]. It travels with the peer,
+/// so a reload changes it in place.
+pub const PEER_AUDIT: u32 = 2;
 
 /// Key of one 64-port word of a peer's grants.
 #[repr(C)]
@@ -364,7 +397,14 @@ pub struct Event {
     pub src_port: u16,
     pub dst_port: u16,
     pub ifindex: u32,
-    pub reason: u32,
+    /// A `reason` code (all fit in 16 bits). 16 bits, not 32, to make room
+    /// for `flags` in the same 64 bytes; on a little-endian machine the
+    /// old 32-bit field read the same, and its upper bytes (now `flags`)
+    /// were 0, so events of older programs read as enforced.
+    pub reason: u16,
+    /// `EVENT_*` bits.
+    pub flags: u8,
+    pub _pad0: u8,
     /// One of [`program`].
     pub program: u8,
     /// 4 or 6 (0 for a non-IP frame such as ARP).
@@ -381,6 +421,11 @@ pub struct Event {
     pub suppressed: u32,
 }
 const _: () = assert!(size_of::<Event>() == 64);
+
+/// [`Event::flags`] and [`SummaryKey::flags`] bit: the policy dropped the
+/// packet, but it passed because its program or peer runs in audit mode
+/// (a would-deny).
+pub const EVENT_WOULD_DROP: u8 = 1;
 
 /// Per-flow audit summarising: one event per flow per window. Each window
 /// of each flow is its own entry (the window number is in the key), so the
@@ -437,7 +482,9 @@ pub struct SummaryKey {
     pub protocol: u8,
     pub ip_version: u8,
     pub program: u8,
-    pub _pad: u8,
+    /// [`EVENT_WOULD_DROP`] for a would-deny: its own flow, so that its
+    /// summary says so too.
+    pub flags: u8,
 }
 
 /// Windows a CPU's summary cache cycles through (window number modulo this).

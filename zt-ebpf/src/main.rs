@@ -45,10 +45,10 @@ use aya_ebpf::{
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
-use zt_common::{CpuState, EDGE_CONFIGURED, program, reason};
+use zt_common::{CpuState, EDGE_AUDIT, EDGE_CONFIGURED, PEER_AUDIT, program, reason};
 
 use crate::{
-    maps::{edge_config, tunnel_l2},
+    maps::{edge_config, tunnel_audit, tunnel_l2},
     parse::{Bounds, Packet, ParseError},
 };
 
@@ -62,10 +62,27 @@ const TC_LINEAR_WANT: u32 = 128;
     reason = "the aya macro fixes the entry point's signature"
 )]
 pub fn zt_edge(ctx: XdpContext) -> u32 {
+    // Two copies of the program, one per mode: the mode is a load-time
+    // constant, so the verifier keeps only the live copy, and the enforce
+    // path is the same code as without audit mode (bench/NOTES.md).
+    let code = if edge_config().flags & EDGE_AUDIT == 0 {
+        edge_code::<false>(&ctx)
+    } else {
+        edge_code::<true>(&ctx)
+    };
+    match code {
+        Some(code) if reason::is_allow(code) => xdp_action::XDP_PASS,
+        _ => xdp_action::XDP_DROP,
+    }
+}
+
+/// `zt_edge`'s code for one packet, with the edge in audit mode or not.
+#[inline(always)]
+fn edge_code<const AUDIT: bool>(ctx: &XdpContext) -> Option<u32> {
     let b = Bounds::new(ctx.data(), ctx.data_end());
     // SAFETY: ctx.ctx points at the kernel's xdp_md for this program run.
     let ifindex = || unsafe { (*ctx.ctx).ingress_ifindex };
-    let code = reason_code(
+    reason_code(
         program::EDGE,
         &ifindex,
         #[inline(always)]
@@ -73,14 +90,10 @@ pub fn zt_edge(ctx: XdpContext) -> u32 {
             parse::ethernet_with(
                 &b,
                 #[inline(always)]
-                |p| judge(program::EDGE, &b, cpu, &ifindex, p, now),
+                |p| judge(program::EDGE, AUDIT, &b, cpu, &ifindex, p, now),
             )
         },
-    );
-    match code {
-        Some(code) if reason::is_allow(code) => xdp_action::XDP_PASS,
-        _ => xdp_action::XDP_DROP,
-    }
+    )
 }
 
 #[classifier]
@@ -99,7 +112,7 @@ pub fn zt_tunnel(ctx: TcContext) -> i32 {
             tunnel_with(
                 &b,
                 #[inline(always)]
-                |p| judge(program::TUNNEL, &b, cpu, &ifindex, p, now),
+                |p| judge(program::TUNNEL, false, &b, cpu, &ifindex, p, now),
             )
         },
     );
@@ -123,7 +136,8 @@ fn reason_code(
     let now = now(cpu);
     let code = parse_and_judge(cpu, now).unwrap_or_else(|e| {
         let code = verdict::parse_error_reason(e);
-        record::decision(cpu, program, ifindex, None, code, None, now);
+        // Parse failures drop in audit mode too: never `audit` here.
+        record::decision(cpu, program, ifindex, None, code, None, false, now);
         code
     });
     Some(code)
@@ -132,10 +146,17 @@ fn reason_code(
 /// The verdict of `program`'s policy on a parsed packet, counted and
 /// audited: the policy, then the flow table's second look at a drop, then
 /// the records. `program` is a constant at every call, so each program's
-/// copy keeps only its own branch.
+/// copy keeps only its own branch; so is `edge_audit`, the edge's mode.
+/// A drop in audit mode (the edge's, or the tunnel peer's) comes back as
+/// `WOULD_DROP`, which passes, after it was counted under its own reason.
 #[inline(always)]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "inlined; each is a value the entry point already holds"
+)]
 fn judge(
     program: u32,
+    edge_audit: bool,
     b: &Bounds,
     cpu: &mut CpuState,
     ifindex: &impl Fn() -> u32,
@@ -150,13 +171,14 @@ fn judge(
         // stack slots, 2-3 ns on every policy decision.
         if edge_config().flags & EDGE_CONFIGURED == 0 {
             let code = reason::DROP_NOT_CONFIGURED;
-            record::decision(cpu, program, ifindex, None, code, None, now);
+            record::decision(cpu, program, ifindex, None, code, None, false, now);
             return code;
         }
         let code = flows::second_chance(b, p, verdict::edge(p), program, ifindex, now);
         flows::remember_fragment(p, code, ifindex, now);
-        record::decision(cpu, program, ifindex, Some(p), code, None, now);
-        code
+        let audit = edge_audit && !reason::is_allow(code);
+        record::decision(cpu, program, ifindex, Some(p), code, None, audit, now);
+        if audit { reason::WOULD_DROP } else { code }
     } else {
         // The peer is looked up once: it is the policy's key and it indexes
         // the per-peer counters. It stays in this branch: returned out of an
@@ -168,8 +190,23 @@ fn judge(
         if let Some(peer) = &peer {
             record::count_peer(peer, reason::is_allow(code));
         }
-        record::decision(cpu, program, ifindex, Some(p), code, peer.as_ref(), now);
-        code
+        // The peer's own mode, or the program's for a source of no peer.
+        let audit = !reason::is_allow(code)
+            && match &peer {
+                Some(peer) => peer.flags & PEER_AUDIT != 0,
+                None => tunnel_audit(),
+            };
+        record::decision(
+            cpu,
+            program,
+            ifindex,
+            Some(p),
+            code,
+            peer.as_ref(),
+            audit,
+            now,
+        );
+        if audit { reason::WOULD_DROP } else { code }
     }
 }
 

@@ -34,6 +34,11 @@ static TUNNEL_L2: u8 = 0;
 #[unsafe(no_mangle)]
 static TUNNEL_LINK_LOCAL: u8 = 0;
 
+/// `zt_common::global::TUNNEL_AUDIT`, set by the loader like
+/// `ZT_EDGE_CONFIG`.
+#[unsafe(no_mangle)]
+static TUNNEL_AUDIT: u8 = 0;
+
 /// The edge settings the programs were loaded with.
 #[inline(always)]
 pub fn edge_config() -> EdgeConfig {
@@ -55,6 +60,13 @@ pub fn tunnel_l2() -> bool {
 pub fn tunnel_link_local() -> bool {
     // SAFETY: as in `edge_config`.
     unsafe { core::ptr::read_volatile(&raw const TUNNEL_LINK_LOCAL) != 0 }
+}
+
+/// Whether the tunnel program runs in audit mode for packets of no peer.
+#[inline(always)]
+pub fn tunnel_audit() -> bool {
+    // SAFETY: as in `edge_config`.
+    unsafe { core::ptr::read_volatile(&raw const TUNNEL_AUDIT) != 0 }
 }
 
 #[map]

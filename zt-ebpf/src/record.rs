@@ -25,9 +25,9 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 
 use zt_common::{
-    CpuState, DENY_EVENTS_PER_SEC, Event, EventBucket, FlowSummary, NO_PEER, PeerInfo,
-    SummaryCacheSlot, SummaryKey, counter_index, proto, reason, summary_cache_slot, summary_window,
-    tcp_flag,
+    CpuState, DENY_EVENTS_PER_SEC, EVENT_WOULD_DROP, Event, EventBucket, FlowSummary, NO_PEER,
+    PeerInfo, SummaryCacheSlot, SummaryKey, counter_index, proto, reason, summary_cache_slot,
+    summary_window, tcp_flag,
 };
 
 use crate::{
@@ -61,12 +61,20 @@ fn add(cpu: &mut CpuState, program: u32, code: u32, n: u64) {
     }
 }
 
+/// The `flags` byte of an event and a summary key: [`EVENT_WOULD_DROP`]
+/// for a would-deny. `audit` is a constant in the edge program's copies,
+/// so this folds away there.
+#[inline(always)]
+const fn event_flags(audit: bool) -> u8 {
+    if audit { EVENT_WOULD_DROP } else { 0 }
+}
+
 /// The summary key of `p`'s flow in `window`, as the six little-endian
 /// words of `SummaryKey`'s layout. Built in registers: writing the fields
 /// one by one and reading them back as words stalls store forwarding, which
 /// cost more than the rest of the cache lookup.
 #[inline(always)]
-fn summary_words(program: u32, p: &Packet, code: u32, window: u32) -> [u64; 6] {
+fn summary_words(program: u32, p: &Packet, code: u32, audit: bool, window: u32) -> [u64; 6] {
     let (src, dst) = (p.src.words(), p.dst.words());
     [
         src[0],
@@ -77,7 +85,8 @@ fn summary_words(program: u32, p: &Packet, code: u32, window: u32) -> [u64; 6] {
         u64::from(code)
             | u64::from(p.protocol) << 32
             | u64::from(p.ip_version()) << 40
-            | u64::from(program_id(program)) << 48,
+            | u64::from(program_id(program)) << 48
+            | u64::from(event_flags(audit)) << 56,
     ]
 }
 
@@ -256,8 +265,15 @@ fn has_event_token(cpu: &mut CpuState, now: u64) -> bool {
     cpu.bucket.tokens > 0
 }
 
-/// Counts the decision and, when it is audited, sends an event.
+/// Counts the decision and, when it is audited, sends an event. `audit`:
+/// the policy dropped the packet (`code`) but it passes, as its program or
+/// peer runs in audit mode; it is counted under `code` and in
+/// `WOULD_DROP`, and its event and summary say so.
 #[inline(always)]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "every argument is a register the caller already holds; a struct would go through the stack"
+)]
 pub fn decision(
     cpu: &mut CpuState,
     program: u32,
@@ -265,9 +281,13 @@ pub fn decision(
     p: Option<&Packet>,
     code: u32,
     peer: Option<&PeerInfo>,
+    audit: bool,
     now: u64,
 ) {
     count(cpu, program, code);
+    if audit {
+        count(cpu, program, reason::WOULD_DROP);
+    }
     if !audited(p, code) {
         return;
     }
@@ -275,7 +295,7 @@ pub fn decision(
     // window. This is what every packet of a flood of a few flows takes;
     // a one-flow flood finds its flow in the first way.
     let window = summary_window(now);
-    let flow = p.map(|p| summary_words(program, p, code, window));
+    let flow = p.map(|p| summary_words(program, p, code, audit, window));
     let slot = summary_cache(summary_cache_slot(window));
     if let (Some(words), Some(slot)) = (&flow, slot) {
         // SAFETY: as in `remember`.
@@ -328,7 +348,12 @@ pub fn decision(
         // limits run on.
         (*e).ts_ns = bpf_ktime_get_ns();
         (*e).ifindex = ifindex();
-        (*e).reason = code;
+        #[expect(clippy::cast_possible_truncation, reason = "reason codes are below 32")]
+        {
+            (*e).reason = code as u16;
+        }
+        (*e).flags = event_flags(audit);
+        (*e)._pad0 = 0;
         (*e).program = program_id(program);
         (*e).peer = peer.map_or(NO_PEER, |p| p.index);
         (*e).suppressed = carried;

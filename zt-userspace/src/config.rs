@@ -34,7 +34,7 @@ use crate::{
     audit::syslog::tls,
     policy::{
         AuditFormat, AuditSettings, EchoRate, EdgePolicy, FlowSettings, Grant, MetricsSettings,
-        Peer, Policy, Protocol, SocketGroup, SyslogSettings, TunnelPolicy,
+        Mode, Peer, Policy, Protocol, SocketGroup, SyslogSettings, TunnelPolicy,
     },
 };
 
@@ -222,6 +222,7 @@ fn grant_port(text: &str) -> Result<u16, GrantError> {
 struct RawConfig {
     // Read wide so that a negative number gets our message.
     drift_check_interval: Option<i64>,
+    mode: Option<String>,
     edge: Option<RawEdge>,
     tunnel: Option<RawTunnel>,
     flows: Option<RawFlows>,
@@ -263,6 +264,7 @@ struct RawPeer {
     addresses: Option<Vec<String>>,
     public_key: Option<String>,
     allow: Option<Vec<String>>,
+    mode: Option<String>,
 }
 
 // Numbers are read wide for the same reason as ports.
@@ -728,8 +730,9 @@ struct Validator<'a> {
 
 impl Validator<'_> {
     fn policy(&self, raw: RawConfig) -> Result<Policy, ConfigError> {
-        let edge = raw.edge.map(|e| self.edge(e)).transpose()?;
-        let tunnel = raw.tunnel.map(|t| self.tunnel(t)).transpose()?;
+        let mode = self.mode(raw.mode.as_deref(), "mode")?.unwrap_or_default();
+        let edge = raw.edge.map(|e| self.edge(e, mode)).transpose()?;
+        let tunnel = raw.tunnel.map(|t| self.tunnel(t, mode)).transpose()?;
         let flows = raw
             .flows
             .map_or_else(|| Ok(FlowSettings::default()), |f| self.flows(&f))?;
@@ -777,11 +780,24 @@ impl Validator<'_> {
         Ok(MetricsSettings { listen })
     }
 
+    /// A `mode` key: `"enforce"` or `"audit"`; `None` when absent.
+    fn mode(&self, text: Option<&str>, key: &str) -> Result<Option<Mode>, ConfigError> {
+        text.map(|t| {
+            Mode::from_name(t).ok_or_else(|| {
+                self.at.invalid(
+                    key,
+                    format!("\"{t}\" is not a mode: use \"enforce\" or \"audit\""),
+                )
+            })
+        })
+        .transpose()
+    }
+
     fn required<T>(&self, value: Option<T>, key: &str, what: &str) -> Result<T, ConfigError> {
         value.ok_or_else(|| self.at.invalid(key, format!("missing; set it to {what}")))
     }
 
-    fn edge(&self, raw: RawEdge) -> Result<EdgePolicy, ConfigError> {
+    fn edge(&self, raw: RawEdge, mode: Mode) -> Result<EdgePolicy, ConfigError> {
         let interface = self.interface(
             raw.interface,
             "edge.interface",
@@ -832,6 +848,7 @@ impl Validator<'_> {
             ssh_port,
             ssh_allow,
             icmp_echo,
+            mode,
         })
     }
 
@@ -975,7 +992,7 @@ impl Validator<'_> {
         }
     }
 
-    fn tunnel(&self, raw: RawTunnel) -> Result<TunnelPolicy, ConfigError> {
+    fn tunnel(&self, raw: RawTunnel, mode: Mode) -> Result<TunnelPolicy, ConfigError> {
         let interface = self.interface(
             raw.interface,
             "tunnel.interface",
@@ -1001,7 +1018,7 @@ impl Validator<'_> {
         let peers = raw_peers
             .into_iter()
             .enumerate()
-            .map(|(i, p)| self.peer(p, i))
+            .map(|(i, p)| self.peer(p, i, mode))
             .collect::<Result<Vec<_>, _>>()?;
         self.unique_names(&peers)?;
         self.disjoint_addresses(&peers)?;
@@ -1010,11 +1027,15 @@ impl Validator<'_> {
             peers,
             runtime_grants,
             link_local_neighbors: raw.link_local_neighbors.unwrap_or(false),
+            mode,
         })
     }
 
-    fn peer(&self, raw: RawPeer, index: usize) -> Result<Peer, ConfigError> {
+    fn peer(&self, raw: RawPeer, index: usize, mode: Mode) -> Result<Peer, ConfigError> {
         let at = format!("tunnel.peer[{index}]");
+        let mode = self
+            .mode(raw.mode.as_deref(), &format!("{at}.mode"))?
+            .unwrap_or(mode);
         let name = self.required(
             raw.name,
             &format!("{at}.name"),
@@ -1086,6 +1107,7 @@ impl Validator<'_> {
             addresses,
             public_key: raw.public_key,
             grants,
+            mode,
         })
     }
 
@@ -2045,6 +2067,7 @@ path = "/var/log/ztxdp/audit.jsonl"
                 ssh_port: 2222,
                 ssh_allow: vec![net("192.0.2.10/32"), net("2001:db8:1::/64")],
                 icmp_echo: EchoRate::default(),
+                mode: crate::policy::Mode::Enforce,
             }),
             tunnel: Some(TunnelPolicy {
                 interface: "wg0".into(),
@@ -2071,16 +2094,19 @@ path = "/var/log/ztxdp/audit.jsonl"
                             },
                             Grant::Icmp,
                         ],
+                        mode: crate::policy::Mode::Enforce,
                     },
                     Peer {
                         name: "db".into(),
                         addresses: vec![net("10.100.1.0/24")],
                         public_key: None,
                         grants: vec![],
+                        mode: crate::policy::Mode::Enforce,
                     },
                 ],
                 runtime_grants: PathBuf::from("/run/grants.json"),
                 link_local_neighbors: false,
+                mode: crate::policy::Mode::Enforce,
             }),
             flows: FlowSettings::default(),
             audit: AuditSettings::new(PathBuf::from("/var/log/ztxdp/audit.jsonl")),
@@ -2671,6 +2697,50 @@ path = "/var/log/ztxdp/audit.jsonl"
             8,
         );
         assert!(shown.contains("no group"), "{shown}");
+    }
+
+    #[test]
+    fn modes_default_to_enforce_and_a_peer_may_differ() {
+        let c = parse_ok(&tunnel_with(&[
+            "[[tunnel.peer]]\nname = \"a\"\naddresses = [\"10.0.0.1\"]",
+        ]));
+        let t = c.policy.tunnel.expect("tunnel");
+        assert_eq!((t.mode, t.peers[0].mode), (Mode::Enforce, Mode::Enforce));
+        let text = format!(
+            "mode = \"audit\"\n{}",
+            tunnel_with(&[
+                "[[tunnel.peer]]\nname = \"a\"\naddresses = [\"10.0.0.1\"]",
+                "[[tunnel.peer]]\nname = \"b\"\naddresses = [\"10.0.0.2\"]\nmode = \"enforce\"",
+            ])
+        );
+        let mut p = parse_ok(&text).policy;
+        let t = p.tunnel.as_ref().expect("tunnel");
+        assert_eq!(
+            (t.mode, t.peers[0].mode, t.peers[1].mode),
+            (Mode::Audit, Mode::Audit, Mode::Enforce)
+        );
+        let edge = parse_ok(&format!("mode = \"audit\"\n{}", edge_with("")));
+        assert_eq!(edge.policy.edge.map(|e| e.mode), Some(Mode::Audit));
+        // `up --dry-run`: every program and peer audits.
+        p.dry_run();
+        let t = p.tunnel.as_ref().expect("tunnel");
+        assert!(t.peers.iter().all(|peer| peer.mode == Mode::Audit));
+    }
+
+    #[test]
+    fn bad_modes_are_named() {
+        let shown = expect_error(&format!("mode = \"dry\"\n{}", edge_with("")), "mode", 1);
+        assert!(shown.contains("\"enforce\" or \"audit\""), "{shown}");
+        let text = tunnel_with(&[
+            "[[tunnel.peer]]\nname = \"a\"\naddresses = [\"10.0.0.1\"]\nmode = \"log\"",
+        ]);
+        let line = text
+            .lines()
+            .position(|l| l.starts_with("mode ="))
+            .expect("mode line")
+            + 1;
+        expect_error(&text, "tunnel.peer[0].mode", line);
+        expect_error(&format!("mode = 1\n{}", edge_with("")), "mode", 1);
     }
 
     #[test]

@@ -14,7 +14,7 @@ use aya::{
     programs::TcAttachType,
 };
 use serde::Serialize;
-use zt_common::{PeerInfo, map, program, reason};
+use zt_common::{PEER_AUDIT, PeerInfo, map, program, reason};
 
 use crate::{
     attach::{self, AttachError, Attached, Attachment},
@@ -22,7 +22,7 @@ use crate::{
     config::{Config, GrantError, parse_cli_grant},
     grants::{GrantsError, GrantsLock, RuntimeGrants},
     identity::{self, Identity},
-    policy::{Grant, TunnelPolicy},
+    policy::{Grant, Mode, TunnelPolicy},
     report,
     tables::{Tables, TablesError},
 };
@@ -67,9 +67,17 @@ pub struct ProgramStatus {
     pub counters: BTreeMap<&'static str, u64>,
     /// What each decision reason does to the packet: `pass` or `drop`.
     pub verdicts: BTreeMap<&'static str, &'static str>,
-    /// Packets passed and dropped: the sums of the decision counters.
+    /// Packets passed and dropped: the sums of the decision counters, with
+    /// the would-drops of audit mode (counted under drop reasons, and in
+    /// `would_drop`) among the passed.
     pub passed: u64,
     pub dropped: u64,
+    /// `enforce` or `audit`, as the program was loaded (from the running
+    /// policy's identity; `None` when it cannot be told). Not `mode`,
+    /// which is the attach mode.
+    pub policy_mode: Option<Mode>,
+    /// The reasons that drop even in audit mode: the parser's refusals.
+    pub drops_in_audit: Vec<&'static str>,
     /// Entries in each set-like map.
     pub maps: BTreeMap<&'static str, usize>,
     /// The most entries each of `maps` can hold.
@@ -86,7 +94,10 @@ pub struct PeerStatus {
     pub name: Option<String>,
     pub public_key: Option<String>,
     pub allowed: u64,
+    /// Packets of the peer its policy drops; in audit mode they pass.
     pub denied: u64,
+    /// The peer's mode, read from its entry in the kernel's peer tries.
+    pub policy_mode: Mode,
 }
 
 /// The flow table, as `status` reports it.
@@ -170,9 +181,9 @@ fn program_status(
     let mut peers = Vec::new();
     if prog == program::TUNNEL {
         let indices = peer_indices(&a.map_ids)?;
-        let max = indices.iter().max().map_or(0, |m| m + 1);
+        let max = indices.keys().max().map_or(0, |m| m + 1);
         let counts = tables.peer_counters(max)?;
-        for i in indices {
+        for (i, flags) in indices {
             let c = counts.get(i as usize).copied().unwrap_or_default();
             let known = running.and_then(|r| r.peers.get(i as usize));
             peers.push(PeerStatus {
@@ -181,6 +192,11 @@ fn program_status(
                 public_key: known.and_then(|p| p.public_key.clone()),
                 allowed: c.allowed,
                 denied: c.denied,
+                policy_mode: if flags & PEER_AUDIT == 0 {
+                    Mode::Enforce
+                } else {
+                    Mode::Audit
+                },
             });
         }
     }
@@ -190,15 +206,28 @@ fn program_status(
         verdicts,
         passed,
         dropped,
+        policy_mode: running.and_then(|r| {
+            if prog == program::TUNNEL {
+                r.tunnel_mode
+            } else {
+                r.edge_mode
+            }
+        }),
+        drops_in_audit: reason::ALL
+            .iter()
+            .filter(|&&code| reason::drops_in_audit(code))
+            .map(|&code| reason::name(code))
+            .collect(),
         maps,
         capacity,
         peers,
     })
 }
 
-/// Peer indices present in the peer tries.
-fn peer_indices(map_ids: &[u32]) -> Result<Vec<u32>, ControlError> {
-    let mut out = std::collections::BTreeSet::new();
+/// Peer indices present in the peer tries, with their `PeerInfo` flags
+/// (a peer's prefixes all carry the same).
+fn peer_indices(map_ids: &[u32]) -> Result<BTreeMap<u32, u32>, ControlError> {
+    let mut out = BTreeMap::new();
     for &id in map_ids {
         let Ok(data) = MapData::from_id(id) else {
             continue;
@@ -216,18 +245,26 @@ fn peer_indices(map_ids: &[u32]) -> Result<Vec<u32>, ControlError> {
                 let t: LpmTrie<_, [u8; 4], PeerInfo> =
                     LpmTrie::try_from(Map::from_map_data(data).map_err(tables_err)?)
                         .map_err(tables_err)?;
-                out.extend(t.iter().filter_map(Result::ok).map(|(_, v)| v.index));
+                out.extend(
+                    t.iter()
+                        .filter_map(Result::ok)
+                        .map(|(_, v)| (v.index, v.flags)),
+                );
             }
             Some(map::PEER_V6) => {
                 let t: LpmTrie<_, [u8; 16], PeerInfo> =
                     LpmTrie::try_from(Map::from_map_data(data).map_err(tables_err)?)
                         .map_err(tables_err)?;
-                out.extend(t.iter().filter_map(Result::ok).map(|(_, v)| v.index));
+                out.extend(
+                    t.iter()
+                        .filter_map(Result::ok)
+                        .map(|(_, v)| (v.index, v.flags)),
+                );
             }
             _ => {}
         }
     }
-    Ok(out.into_iter().collect())
+    Ok(out)
 }
 
 async fn attached() -> Result<Attached, ControlError> {

@@ -79,6 +79,9 @@ pub struct UpOptions {
     pub allow_lockout: bool,
     /// On SIGINT or SIGTERM leave the programs attached, as a crash does.
     pub keep_attached: bool,
+    /// `--dry-run`: audit mode for the whole config (and every reload of
+    /// it), whatever its `mode` keys say.
+    pub dry_run: bool,
 }
 
 /// What `up` put in place, reported once enforcement is live.
@@ -321,6 +324,9 @@ fn checked_config(
     opts: &UpOptions,
 ) -> Result<(Config, Option<TunnelPolicy>, Option<GrantsLock>), DaemonError> {
     let mut config = Config::load(&opts.config)?;
+    if opts.dry_run {
+        config.policy.dry_run();
+    }
     if let (Some(iface), Some(edge)) = (&opts.iface, config.policy.edge.as_mut()) {
         edge.interface.clone_from(iface);
     }
@@ -489,6 +495,11 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
             if o.ssh_port != n.ssh_port {
                 out.push("edge.ssh_port");
             }
+            // Both load-time constants of the programs; a peer's own
+            // mode travels with the peer and reloads in place.
+            if o.mode != n.mode {
+                out.push("mode");
+            }
         }
         (None, None) => {}
         _ => out.push("[edge]"),
@@ -501,6 +512,9 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
             // A load-time global of the tunnel program.
             if o.link_local_neighbors != n.link_local_neighbors {
                 out.push("tunnel.link_local_neighbors");
+            }
+            if o.mode != n.mode && !out.contains(&"mode") {
+                out.push("mode");
             }
         }
         (None, None) => {}

@@ -23,8 +23,8 @@ use crate::{
     audit::record::{Program, transport_name},
     config::Config,
     identity::{self, Identity, IdentityError},
-    model::{Explanation, Fact, Flow, Seen},
-    policy::{Grant, Peer},
+    model::{self, Explanation, Fact, Flow, Seen},
+    policy::{Grant, Mode, Peer},
 };
 use live::{Live, LiveError};
 use packet::Request;
@@ -148,8 +148,13 @@ pub struct Report {
     pub ifindex: u32,
     pub program_id: u32,
     pub packet: Request,
-    /// `pass` or `drop`.
+    /// `pass` or `drop`: what the packet meets, in `mode`.
     pub verdict: &'static str,
+    /// The program's or peer's mode: in `audit`, a packet the policy drops
+    /// (`reason`, a drop reason) passes, except parse failures.
+    pub mode: Mode,
+    #[serde(skip)]
+    code: u32,
     pub reason: &'static str,
     pub meaning: &'static str,
     pub peer: Option<PeerView>,
@@ -370,17 +375,20 @@ fn report(
         })
         .collect();
     let code = explanation.reason;
+    let mode = live.mode(program, explanation.peer);
     Report {
         program,
         interface: a.interface.clone(),
         ifindex: a.ifindex,
         program_id: a.program_id,
         packet: request.clone(),
-        verdict: if reason::is_allow(code) {
+        verdict: if model::passes(mode, code) {
             "pass"
         } else {
             "drop"
         },
+        mode,
+        code,
         reason: reason::name(code),
         meaning: reason::meaning(code),
         peer,
@@ -683,6 +691,16 @@ impl fmt::Display for Report {
             self.program_id
         )?;
         writeln!(f, "{}: {} ({})", self.verdict, self.reason, self.meaning)?;
+        if self.mode == Mode::Audit {
+            let effect = if reason::is_allow(self.code) {
+                "no different here"
+            } else if model::would_drop(self.mode, self.code) {
+                "the policy would drop it; audit mode lets it pass"
+            } else {
+                "a parse failure drops in audit mode too"
+            };
+            writeln!(f, "  audit mode: {effect}")?;
+        }
         if let Some(p) = &self.peer {
             write!(
                 f,

@@ -25,7 +25,7 @@ use crate::{
     build_info::Build,
     config::{Config, ConfigError},
     grants,
-    policy::TunnelPolicy,
+    policy::{Mode, TunnelPolicy},
 };
 
 /// The file's name stem (see [`stream::namespace_file`]).
@@ -95,6 +95,13 @@ pub struct Identity {
     /// was recorded.
     #[serde(default)]
     pub build: Option<Build>,
+    /// The programs' modes (`mode`, or `up --dry-run`), which they were
+    /// loaded with; `None` without that program, and in files written
+    /// before modes existed.
+    #[serde(default)]
+    pub edge_mode: Option<Mode>,
+    #[serde(default)]
+    pub tunnel_mode: Option<Mode>,
 }
 
 impl Identity {
@@ -115,6 +122,8 @@ impl Identity {
             edge_program_id,
             tunnel_program_id,
             build: Some(Build::this()),
+            edge_mode: config.policy.edge.as_ref().map(|e| e.mode),
+            tunnel_mode: config.policy.tunnel.as_ref().map(|t| t.mode),
         }
     }
 

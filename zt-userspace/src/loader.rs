@@ -6,10 +6,12 @@ use aya::{
     Ebpf, EbpfLoader,
     programs::{ProgramError, SchedClassifier, Xdp},
 };
-use zt_common::{EDGE_CONFIGURED, EdgeConfig, SUMMARY_CACHE_SLOTS, global, map, program};
+use zt_common::{
+    EDGE_AUDIT, EDGE_CONFIGURED, EdgeConfig, SUMMARY_CACHE_SLOTS, global, map, program,
+};
 
 use crate::{
-    policy::{EdgePolicy, FlowSettings, TunnelPolicy},
+    policy::{EdgePolicy, FlowSettings, Mode, TunnelPolicy},
     probe::{self, ProbeError},
     tables::{Tables, TablesError},
 };
@@ -58,6 +60,12 @@ pub struct LoadOptions {
     /// the edge program then drops everything as `not_configured`. Fixed at
     /// load: the verifier folds it into the program.
     pub ssh_port: Option<u16>,
+    /// The edge's mode (`mode`; only with an edge policy). Fixed at load,
+    /// like `ssh_port`.
+    pub edge_mode: Mode,
+    /// The tunnel program's mode for packets from no peer's address. Each
+    /// peer's own mode is in its `PeerInfo`.
+    pub tunnel_mode: Mode,
 }
 
 impl Default for LoadOptions {
@@ -67,6 +75,8 @@ impl Default for LoadOptions {
             tunnel_link_local: false,
             flow_entries: zt_common::capacity::FLOWS_DEFAULT,
             ssh_port: None,
+            edge_mode: Mode::Enforce,
+            tunnel_mode: Mode::Enforce,
         }
     }
 }
@@ -84,13 +94,23 @@ pub fn load(opts: LoadOptions) -> Result<Ebpf, LoadError> {
         .map_or_else(EdgeConfig::default, |ssh_port| EdgeConfig {
             ssh_port,
             _pad0: 0,
-            flags: EDGE_CONFIGURED,
+            flags: EDGE_CONFIGURED
+                | if opts.edge_mode == Mode::Audit {
+                    EDGE_AUDIT
+                } else {
+                    0
+                },
         });
     let mut ebpf = EbpfLoader::new()
         .override_global(global::TUNNEL_L2, &u8::from(opts.tunnel_l2), true)
         .override_global(
             global::TUNNEL_LINK_LOCAL,
             &u8::from(opts.tunnel_link_local),
+            true,
+        )
+        .override_global(
+            global::TUNNEL_AUDIT,
+            &u8::from(opts.tunnel_mode == Mode::Audit),
             true,
         )
         .override_global(global::EDGE_CONFIG, &edge, true)
@@ -151,6 +171,8 @@ pub fn load_filled(
         tunnel_link_local: tunnel.is_some_and(|t| t.link_local_neighbors),
         flow_entries: flows.max_entries,
         ssh_port: edge.map(|e| e.ssh_port),
+        edge_mode: edge.map(|e| e.mode).unwrap_or_default(),
+        tunnel_mode: tunnel.map(|t| t.mode).unwrap_or_default(),
     })?;
     let mut tables = Tables::from_ebpf(&mut ebpf)?;
     tables.apply_flows(flows, edge.map(|e| e.icmp_echo).unwrap_or_default())?;

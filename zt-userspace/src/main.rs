@@ -13,7 +13,9 @@ use ztxdp::{
     config::Config,
     control::{self, Status},
     daemon::{self, Enforcing, UpOptions},
-    identity, report,
+    identity,
+    policy::Mode,
+    report,
 };
 
 use ztxdp::identity::DEFAULT_CONFIG;
@@ -111,6 +113,11 @@ enum Command {
         /// `up` takes over without a gap; `ztxdp down` removes them.
         #[arg(long)]
         keep_attached: bool,
+        /// Audit mode for the whole config, as `mode = "audit"`: what the
+        /// policy would drop passes and is recorded as `would_deny`; parse
+        /// failures still drop.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Validate a config file without touching the kernel; with --live,
     /// also compare what the kernel runs (programs, maps, other programs
@@ -314,6 +321,8 @@ struct ExplainArgs {
 enum EventsAction {
     Allow,
     Deny,
+    /// Audit mode's: what the policy would drop, and let pass.
+    WouldDeny,
 }
 
 impl EventsAction {
@@ -322,6 +331,7 @@ impl EventsAction {
         match self {
             Self::Allow => "allow",
             Self::Deny => "deny",
+            Self::WouldDeny => "would_deny",
         }
     }
 }
@@ -513,6 +523,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             tunnel_iface,
             allow_lockout,
             keep_attached,
+            dry_run,
         } => {
             let opts = UpOptions {
                 config,
@@ -520,6 +531,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 tunnel_iface,
                 allow_lockout,
                 keep_attached,
+                dry_run,
             };
             daemon::up(&opts, print_ready)
                 .await
@@ -996,6 +1008,15 @@ fn print_status(s: &Status) -> anyhow::Result<()> {
             p.attachment.ifindex,
             p.attachment.mode
         );
+        match p.policy_mode {
+            Some(Mode::Audit) => outln!(
+                "  policy mode audit: what the policy drops passes (would_drop); \
+                 parse failures still drop ({})",
+                p.drops_in_audit.join(", ")
+            ),
+            Some(Mode::Enforce) => outln!("  policy mode enforce"),
+            None => outln!("  policy mode unknown (no identity of the running policy)"),
+        }
         outln!("  passed {}, dropped {}", p.passed, p.dropped);
         for (name, n) in p.counters.iter().filter(|(_, n)| **n > 0) {
             let verdict = p.verdicts.get(name).copied().unwrap_or("");
@@ -1009,9 +1030,10 @@ fn print_status(s: &Status) -> anyhow::Result<()> {
                 .clone()
                 .unwrap_or_else(|| format!("#{}", peer.index));
             outln!(
-                "  peer {name:<16} allowed {:<10} denied {:<10} {}",
+                "  peer {name:<16} allowed {:<10} denied {:<10} {:<7} {}",
                 peer.allowed,
                 peer.denied,
+                peer.policy_mode.name(),
                 peer.public_key.as_deref().unwrap_or("")
             );
         }

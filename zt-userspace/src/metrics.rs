@@ -33,6 +33,7 @@ use crate::{
     audit::Health,
     build_info,
     control::{self, Programs},
+    policy::Mode,
 };
 
 /// Errors of the metrics endpoint.
@@ -176,6 +177,22 @@ struct PeerLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProgramLabels {
+    program: String,
+    interface: String,
+}
+
+/// Which mode a program, or a tunnel peer of it (`peer` empty for the
+/// program itself), runs in.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModeLabels {
+    program: String,
+    interface: String,
+    peer: String,
+    mode: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct MapLabels {
     map: String,
 }
@@ -211,6 +228,18 @@ pub fn render(programs: &Programs, daemon: &Daemon) -> Result<String, std::fmt::
         "Tunnel packets by peer and verdict",
         peers.clone(),
     );
+    let would_drop = Family::<ProgramLabels, Counter>::default();
+    registry.register(
+        "ztxdp_would_drop",
+        "Packets the policy drops that passed in audit mode (also counted under their reason)",
+        would_drop.clone(),
+    );
+    let modes = Family::<ModeLabels, Gauge<u64, std::sync::atomic::AtomicU64>>::default();
+    registry.register(
+        "ztxdp_mode",
+        "1 for the mode (enforce or audit) each program and tunnel peer runs in",
+        modes.clone(),
+    );
     let (mut lost, mut suppressed) = (0, 0);
     let mut entries = BTreeMap::new();
     let mut capacity = BTreeMap::new();
@@ -228,6 +257,21 @@ pub fn render(programs: &Programs, daemon: &Daemon) -> Result<String, std::fmt::
                 .inc_by(n);
         }
         let event = |code| p.counters.get(reason::name(code)).copied().unwrap_or(0);
+        would_drop
+            .get_or_create(&ProgramLabels {
+                program: name.to_owned(),
+                interface: p.attachment.interface.clone(),
+            })
+            .inc_by(event(reason::WOULD_DROP));
+        let mode = |peer: String, mode: Option<Mode>| ModeLabels {
+            program: name.to_owned(),
+            interface: p.attachment.interface.clone(),
+            peer,
+            mode: mode.map_or("unknown", Mode::name).to_owned(),
+        };
+        modes
+            .get_or_create(&mode(String::new(), p.policy_mode))
+            .set(1);
         lost += event(reason::EVENTS_LOST);
         suppressed += event(reason::EVENTS_SUPPRESSED);
         for peer in &p.peers {
@@ -236,6 +280,9 @@ pub fn render(programs: &Programs, daemon: &Daemon) -> Result<String, std::fmt::
                 .clone()
                 .unwrap_or_else(|| format!("#{}", peer.index));
             let key = peer.public_key.clone().unwrap_or_default();
+            modes
+                .get_or_create(&mode(name.clone(), Some(peer.policy_mode)))
+                .set(1);
             for (allow, n) in [(true, peer.allowed), (false, peer.denied)] {
                 peers
                     .get_or_create(&PeerLabels {

@@ -32,7 +32,21 @@ use std::{
 use ipnet::IpNet;
 use zt_common::{limits, proto, reason, tcp_flag};
 
-use crate::policy::{EchoRate, EdgePolicy, FlowSettings, Grant, TunnelPolicy};
+use crate::policy::{EchoRate, EdgePolicy, FlowSettings, Grant, Mode, TunnelPolicy};
+
+/// Whether a packet the program decided `code` for is a would-drop under
+/// `mode`: the policy drops it, but it passes because of audit mode. Parse
+/// failures are never would-drops (`reason::drops_in_audit`).
+#[must_use]
+pub const fn would_drop(mode: Mode, code: u32) -> bool {
+    matches!(mode, Mode::Audit) && !reason::is_allow(code) && !reason::drops_in_audit(code)
+}
+
+/// Whether a packet the program decided `code` for passes under `mode`.
+#[must_use]
+pub const fn passes(mode: Mode, code: u32) -> bool {
+    reason::is_allow(code) || would_drop(mode, code)
+}
 
 const ETHERNET_LEN: usize = 14;
 const VLAN_LEN: usize = 4;
@@ -1081,6 +1095,7 @@ pub struct EdgeModel {
     ssh_port: u16,
     ssh_allow: PrefixMap<()>,
     echo: EchoRate,
+    mode: Mode,
 }
 
 impl EdgeModel {
@@ -1091,7 +1106,15 @@ impl EdgeModel {
             ssh_port: p.ssh_port,
             ssh_allow: PrefixMap::new(p.ssh_allow.iter().map(|net| (*net, ()))),
             echo: p.icmp_echo,
+            mode: p.mode,
         }
+    }
+
+    /// The edge's mode: with [`passes`] and [`would_drop`], what
+    /// `zt_edge` does with a packet of a given reason.
+    #[must_use]
+    pub const fn mode(&self) -> Mode {
+        self.mode
     }
 
     /// The reason code (`zt_common::reason`) `zt_edge` gives the Ethernet
@@ -1195,6 +1218,7 @@ pub struct TunnelDecision {
 struct ModelPeer {
     grants: Vec<Grant>,
     icmp: bool,
+    mode: Mode,
 }
 
 impl ModelPeer {
@@ -1219,6 +1243,8 @@ pub struct TunnelModel {
     by_source: PrefixMap<u32>,
     /// `tunnel.link_local_neighbors`.
     link_local_neighbors: bool,
+    /// The program's mode, for packets of no peer.
+    mode: Mode,
 }
 
 impl TunnelModel {
@@ -1230,6 +1256,7 @@ impl TunnelModel {
             .map(|peer| ModelPeer {
                 grants: peer.grants.clone(),
                 icmp: peer.grants.contains(&Grant::Icmp),
+                mode: peer.mode,
             })
             .collect();
         let by_source = PrefixMap::new(
@@ -1241,7 +1268,17 @@ impl TunnelModel {
             peers,
             by_source,
             link_local_neighbors: p.link_local_neighbors,
+            mode: p.mode,
         }
+    }
+
+    /// The mode `zt_tunnel` applies to a packet of `peer` (a
+    /// [`TunnelDecision::peer`]): the peer's own, or the program's for a
+    /// packet of no peer.
+    #[must_use]
+    pub fn mode_of(&self, peer: Option<u32>) -> Mode {
+        peer.and_then(|i| self.peers.get(i as usize))
+            .map_or(self.mode, |p| p.mode)
     }
 
     /// The decision `zt_tunnel` makes on `packet` (an Ethernet frame when
@@ -1467,6 +1504,19 @@ impl StatefulModel {
         self.tunnel = tunnel.map(TunnelModel::new);
     }
 
+    /// The edge's mode (see [`EdgeModel::mode`]).
+    #[must_use]
+    pub const fn edge_mode(&self) -> Mode {
+        self.edge.mode
+    }
+
+    /// The tunnel's mode for `peer` (see [`TunnelModel::mode_of`]);
+    /// `None` without a tunnel policy.
+    #[must_use]
+    pub fn tunnel_mode_of(&self, peer: Option<u32>) -> Option<Mode> {
+        self.tunnel.as_ref().map(|t| t.mode_of(peer))
+    }
+
     /// The flow state, for comparing counters and fill levels.
     #[must_use]
     pub const fn flows(&self) -> &FlowTable {
@@ -1634,6 +1684,7 @@ mod tests {
             ssh_port: 22,
             ssh_allow: vec![net("10.77.0.2/32"), net("fd77::/64")],
             icmp_echo: EchoRate::default(),
+            mode: crate::policy::Mode::Enforce,
         }
     }
 
@@ -2275,6 +2326,7 @@ mod tests {
             addresses: addresses.iter().map(|a| net(a)).collect(),
             public_key: None,
             grants,
+            mode: crate::policy::Mode::Enforce,
         }
     }
 
@@ -2311,6 +2363,7 @@ mod tests {
             ],
             runtime_grants: PathBuf::from("/nonexistent/grants.json"),
             link_local_neighbors: false,
+            mode: crate::policy::Mode::Enforce,
         }
     }
 

@@ -65,6 +65,40 @@ impl fmt::Display for Grant {
     }
 }
 
+/// Whether a program or tunnel peer enforces its policy (`mode`).
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// What the policy drops, drops.
+    #[default]
+    Enforce,
+    /// What the policy drops passes, counted under its reason and as a
+    /// would-drop, and audited as a would-deny; parse failures still drop
+    /// (`zt_common::reason::drops_in_audit`).
+    Audit,
+}
+
+impl Mode {
+    /// The configuration-file spelling.
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Enforce => "enforce",
+            Self::Audit => "audit",
+        }
+    }
+
+    /// From the configuration-file spelling.
+    #[must_use]
+    pub fn from_name(name: &str) -> Option<Self> {
+        [Self::Enforce, Self::Audit]
+            .into_iter()
+            .find(|m| m.name() == name)
+    }
+}
+
 /// The edge (XDP) policy.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EdgePolicy {
@@ -79,6 +113,8 @@ pub struct EdgePolicy {
     /// ICMP echo requests to the host, per source (`edge.icmp_echo_rate`,
     /// `edge.icmp_echo_burst`).
     pub icmp_echo: EchoRate,
+    /// The top-level `mode`; fixed when the edge program is loaded.
+    pub mode: Mode,
 }
 
 /// A per-source token bucket for ICMP echo requests.
@@ -141,6 +177,8 @@ pub struct Peer {
     /// `WireGuard` public key (base64), reported in audit events.
     pub public_key: Option<String>,
     pub grants: Vec<Grant>,
+    /// The peer's own `mode`, or the top-level one when it has none.
+    pub mode: Mode,
 }
 
 /// The tunnel (TC) policy.
@@ -157,6 +195,10 @@ pub struct TunnelPolicy {
     /// advertisements from link-local sources pass too, not only from a
     /// peer's addresses (`tunnel.link_local_neighbors`).
     pub link_local_neighbors: bool,
+    /// The top-level `mode`: of packets from no peer's address, and of
+    /// peers without a `mode` of their own. Fixed when the tunnel program
+    /// is loaded.
+    pub mode: Mode,
 }
 
 /// Field names of the audit records (`audit.format`).
@@ -276,4 +318,20 @@ pub struct Policy {
 impl Policy {
     /// `drift_check_interval` when the file does not set it.
     pub const DEFAULT_DRIFT_CHECK_INTERVAL: Duration = Duration::from_mins(1);
+}
+
+impl Policy {
+    /// `ztxdp up --dry-run`: audit mode for the edge, the tunnel and every
+    /// peer, whatever the file says.
+    pub fn dry_run(&mut self) {
+        if let Some(e) = &mut self.edge {
+            e.mode = Mode::Audit;
+        }
+        if let Some(t) = &mut self.tunnel {
+            t.mode = Mode::Audit;
+            for p in &mut t.peers {
+                p.mode = Mode::Audit;
+            }
+        }
+    }
 }

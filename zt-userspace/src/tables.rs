@@ -17,10 +17,13 @@ use aya::{
 use ipnet::IpNet;
 use zt_common::{
     COUNTER_SLOTS, CpuState, EventBucket, FlowConfig, FlowKey, FlowState, FragmentKey, GrantKey,
-    PEER_ICMP, PeerCounters, PeerInfo, SourceKey, capacity, counter_index, map, program, reason,
+    PEER_AUDIT, PEER_ICMP, PeerCounters, PeerInfo, SourceKey, capacity, counter_index, map,
+    program, reason,
 };
 
-use crate::policy::{EchoRate, EdgePolicy, FlowSettings, Grant, Peer, Protocol, TunnelPolicy};
+use crate::policy::{
+    EchoRate, EdgePolicy, FlowSettings, Grant, Mode, Peer, Protocol, TunnelPolicy,
+};
 
 /// Errors reading or writing the maps.
 #[derive(Debug, thiserror::Error)]
@@ -58,7 +61,12 @@ pub fn passed_dropped(counters: &BTreeMap<u32, u64>) -> (u64, u64) {
             .filter_map(|code| counters.get(code))
             .sum()
     };
-    (total(true), total(false))
+    // A would-drop is counted under its drop reason too, but it passed.
+    let would_drop = counters.get(&reason::WOULD_DROP).copied().unwrap_or(0);
+    (
+        total(true) + would_drop,
+        total(false).saturating_sub(would_drop),
+    )
 }
 
 fn map_err(name: &'static str) -> impl FnOnce(MapError) -> TablesError {
@@ -292,7 +300,11 @@ impl Tables {
         let extra: &[u32] = if program == program::EGRESS {
             &[reason::FLOWS_CREATED]
         } else {
-            &[reason::EVENTS_SUPPRESSED, reason::EVENTS_LOST]
+            &[
+                reason::WOULD_DROP,
+                reason::EVENTS_SUPPRESSED,
+                reason::EVENTS_LOST,
+            ]
         };
         let codes: &[u32] = if program == program::EGRESS {
             &[]
@@ -912,13 +924,22 @@ fn check_peer_count(p: &TunnelPolicy) -> Result<(), TablesError> {
 
 /// What the peer tries hold for the peer at `index`.
 fn peer_info(index: u32, peer: &Peer) -> PeerInfo {
+    let icmp = if peer.grants.contains(&Grant::Icmp) {
+        PEER_ICMP
+    } else {
+        0
+    };
+    // A reload passes through the flags both policies set (`narrowed`):
+    // audit only where both audit, so the half-way state drops what
+    // either policy would drop.
+    let audit = if peer.mode == Mode::Audit {
+        PEER_AUDIT
+    } else {
+        0
+    };
     PeerInfo {
         index,
-        flags: if peer.grants.contains(&Grant::Icmp) {
-            PEER_ICMP
-        } else {
-            0
-        },
+        flags: icmp | audit,
     }
 }
 
@@ -966,6 +987,7 @@ mod tests {
             ],
             public_key: None,
             grants: grants.to_vec(),
+            mode: crate::policy::Mode::Enforce,
         }
     }
 
@@ -983,6 +1005,7 @@ mod tests {
             peers,
             runtime_grants: "grants.json".into(),
             link_local_neighbors: false,
+            mode: crate::policy::Mode::Enforce,
         };
         Contents::of(None, Some(&tunnel), &FlowSettings::default())
             .unwrap_or_else(|e| panic!("contents of a small test policy: {e}"))

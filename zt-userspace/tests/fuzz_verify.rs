@@ -195,13 +195,16 @@ fn flow() -> impl Strategy<Value = Flow> {
         select(reason::ALL.to_vec()),
         proptest::option::of(ip_flow),
         proptest::option::of(peer),
+        any::<bool>(),
     )
-        .prop_map(|(program, interface, reason, ip, peer)| Flow {
+        .prop_map(|(program, interface, reason, ip, peer, audit)| Flow {
             program,
             interface,
             reason,
             ip,
             peer,
+            // A would-drop has a drop reason, as the kernel reports it.
+            would_drop: audit && !reason::is_allow(reason),
         })
 }
 

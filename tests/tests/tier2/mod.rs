@@ -59,6 +59,9 @@ pub struct Run {
     pub action: u32,
     /// The one verdict counter that moved.
     pub reason: u32,
+    /// The would-drop counter moved with it: the policy dropped the packet
+    /// (`reason`), and it passed in audit mode.
+    pub would_drop: bool,
 }
 
 /// The programs, loaded and configured, with their maps.
@@ -234,8 +237,9 @@ impl Programs {
             .counters(prog)
             .unwrap_or_else(|e| panic!("reading the counters: {e:?}"));
         // Audit bookkeeping moves with the ring buffer's fill level, not with
-        // the verdict; only verdict counters identify the reason.
-        c.retain(|code, _| reason::ALL.contains(code));
+        // the verdict; only verdict counters identify the reason, and the
+        // would-drop counter what audit mode made of it.
+        c.retain(|code, _| reason::ALL.contains(code) || *code == reason::WOULD_DROP);
         c
     }
 
@@ -265,6 +269,11 @@ impl Programs {
                 return Err(e);
             }
         };
+        let would_drop = moved.contains(&(reason::WOULD_DROP, 1));
+        let moved: Vec<(u32, u64)> = moved
+            .into_iter()
+            .filter(|(code, _)| *code != reason::WOULD_DROP)
+            .collect();
         let [(code, 1)] = moved[..] else {
             panic!(
                 "program {prog}: expected exactly one verdict counter to move by one, got {:?}\n{}",
@@ -280,17 +289,28 @@ impl Programs {
         } else {
             (TC_ACT_OK, TC_ACT_SHOT)
         };
-        let want = if reason::is_allow(code) { pass } else { drop };
+        assert!(
+            !(would_drop && reason::is_allow(code)),
+            "program {prog}: a would-drop of passing reason {}\n{}",
+            reason::name(code),
+            hex_dump(input)
+        );
+        let want = if reason::is_allow(code) || would_drop {
+            pass
+        } else {
+            drop
+        };
         assert_eq!(
             action,
             want,
-            "program {prog}: reason {} but action {action}\n{}",
+            "program {prog}: reason {} (would-drop: {would_drop}) but action {action}\n{}",
             reason::name(code),
             hex_dump(input)
         );
         Ok(Run {
             action,
             reason: code,
+            would_drop,
         })
     }
 }
@@ -460,6 +480,7 @@ pub fn peer(name: &str, addresses: &[&str], grants: Vec<Grant>) -> Peer {
             .collect(),
         public_key: None,
         grants,
+        mode: ztxdp::policy::Mode::Enforce,
     }
 }
 

@@ -130,7 +130,9 @@ pub fn config_toml(audit: &Path, mix_allow: u32) -> String {
         "[edge]\ninterface = \"{}\"\nwireguard_ports = [{WIREGUARD_PORT}]\nssh_port = {SSH_PORT}\nssh_allow = [{allow}]\n\n[audit]\npath = \"{}\"\nstate = \"{}\"\n",
         topo::DUT_IF,
         audit.display(),
-        audit.with_extension("state").display()
+        // Not `audit.jsonl.state` or `null.state`: `check` refuses a state
+        // file named like one of the trail's rotated files.
+        audit.with_file_name("audit-head.state").display()
     )
 }
 

@@ -45,6 +45,11 @@ pub const ECS_VERSION: &str = "9.4.0";
 /// `action_id` / `disposition_id`.
 const OCSF_PROFILES: [&str; 2] = ["datetime", "security_control"];
 const OCSF_NETWORK_ACTIVITY: u64 = 4001;
+/// OCSF 1.3.0's `action_id` knows only Allowed (1), Denied (2) and Other
+/// (99); "Observed" arrived in 1.4.0. A would-deny is therefore Other, with
+/// the caption that names it, as the schema asks of every Other.
+const OCSF_ACTION_OTHER: u64 = 99;
+const OCSF_ACTION_OBSERVED: &str = "Observed";
 
 pub(crate) fn rfc3339(ns: i64) -> String {
     DateTime::from_timestamp_nanos(ns).to_rfc3339_opts(SecondsFormat::Nanos, true)
@@ -121,7 +126,11 @@ fn peer_value(p: &Peer) -> Value {
 }
 
 fn ecs_event(flow: &Flow, action: &str) -> Value {
-    let (kind, outcome) = if flow.allowed() {
+    let (kind, outcome) = if flow.would_drop {
+        // The packet passed (audit mode): allowed, not a connection the
+        // policy started; `event.action` says the policy would deny it.
+        (json!(["allowed"]), "success")
+    } else if flow.allowed() {
         (json!(["allowed", "start"]), "success")
     } else {
         (json!(["denied"]), "failure")
@@ -328,7 +337,13 @@ fn ms(ns: i64) -> i64 {
 }
 
 fn ocsf_flow(flow: &Flow, top: &mut Map<String, Value>, z: &mut Map<String, Value>) {
-    let (action, disposition) = if flow.allowed() {
+    let (action, disposition) = if flow.would_drop {
+        // The control observed what it would have denied, and let it pass.
+        (
+            json!([OCSF_ACTION_OTHER, OCSF_ACTION_OBSERVED]),
+            json!([1, "Allowed"]),
+        )
+    } else if flow.allowed() {
         (json!([1, "Allowed"]), json!([1, "Allowed"]))
     } else {
         (json!([2, "Denied"]), json!([2, "Blocked"]))
@@ -625,7 +640,12 @@ const OCSF_FLOW: FlowFields = FlowFields {
     tcp_flags: "/connection_info/tcp_flags",
 };
 
-fn parse_flow(v: &Value, f: &FlowFields, protocol: Option<u8>) -> Result<Flow, FormatError> {
+fn parse_flow(
+    v: &Value,
+    f: &FlowFields,
+    protocol: Option<u8>,
+    would_drop: bool,
+) -> Result<Flow, FormatError> {
     let ip = match protocol {
         Some(protocol) => Some(IpFlow {
             src: addr_at(v, f.src)?,
@@ -652,6 +672,7 @@ fn parse_flow(v: &Value, f: &FlowFields, protocol: Option<u8>) -> Result<Flow, F
         reason: reason_at(v, f.reason)?,
         ip,
         peer: peer_at(v),
+        would_drop,
     })
 }
 
@@ -665,12 +686,17 @@ fn parse_ecs(v: &Value) -> Result<Record, FormatError> {
     };
     let action = str_at(v, "/event/action")?;
     let body = match action {
-        "allow" | "deny" => Body::Decision {
-            flow: parse_flow(v, &ECS_FLOW, protocol)?,
+        "allow" | "deny" | "would_deny" => Body::Decision {
+            flow: parse_flow(v, &ECS_FLOW, protocol, action == "would_deny")?,
             suppressed: u64_at(v, "/ztxdp/suppressed")?,
         },
         "summary" => Body::Summary {
-            flow: parse_flow(v, &ECS_FLOW, protocol)?,
+            flow: parse_flow(
+                v,
+                &ECS_FLOW,
+                protocol,
+                v.pointer("/ztxdp/decision").and_then(Value::as_str) == Some("would_deny"),
+            )?,
             count: u64_at(v, "/ztxdp/suppressed")?,
             start_ns: parse_time(v, "/event/start")?,
             end_ns: parse_time(v, "/event/end")?,
@@ -766,13 +792,15 @@ fn parse_ocsf(v: &Value) -> Result<Record, FormatError> {
         ),
         None => None,
     };
+    let would_drop = v.pointer("/action_id").and_then(Value::as_u64) == Some(OCSF_ACTION_OTHER)
+        && v.pointer("/action").and_then(Value::as_str) == Some(OCSF_ACTION_OBSERVED);
     let body = match u64_at(v, "/activity_id")? {
         1 | 5 => Body::Decision {
-            flow: parse_flow(v, &OCSF_FLOW, protocol)?,
+            flow: parse_flow(v, &OCSF_FLOW, protocol, would_drop)?,
             suppressed: u64_at(v, "/ztxdp/suppressed")?,
         },
         6 => Body::Summary {
-            flow: parse_flow(v, &OCSF_FLOW, protocol)?,
+            flow: parse_flow(v, &OCSF_FLOW, protocol, would_drop)?,
             count: u64_at(v, "/ztxdp/suppressed")?,
             start_ns: parse_time(v, "/start_time_dt")?,
             end_ns: parse_time(v, "/end_time_dt")?,
@@ -808,18 +836,30 @@ fn cef_value(text: &str) -> String {
         .replace('\r', "\\r")
 }
 
+/// CEF severity of a decision: an allow 1, a would-deny (audit mode) 3,
+/// a deny 5.
+const fn cef_severity(flow: &Flow) -> u8 {
+    if flow.would_drop {
+        3
+    } else if flow.allowed() {
+        1
+    } else {
+        5
+    }
+}
+
 /// CEF signature id, name and severity of a record.
 fn cef_signature(body: &Body) -> (String, String, u8) {
     match body {
         Body::Decision { flow, .. } => (
             reason::name(flow.reason).to_owned(),
             message(body),
-            if flow.allowed() { 1 } else { 5 },
+            cef_severity(flow),
         ),
         Body::Summary { flow, .. } => (
             "summary".to_owned(),
             format!("summary {} {}", flow.action(), reason::name(flow.reason)),
-            if flow.allowed() { 1 } else { 5 },
+            cef_severity(flow),
         ),
         Body::Lost { .. } => ("lost".to_owned(), "decisions lost".to_owned(), 7),
         Body::SyslogDropped { .. } => (
@@ -965,6 +1005,7 @@ mod tests {
                         tcp_flags: Some(2),
                     }),
                     peer: None,
+                    would_drop: false,
                 },
                 suppressed: 4,
             },
@@ -992,6 +1033,7 @@ mod tests {
                         name: "app=1|x".into(),
                         public_key: Some("k".into()),
                     }),
+                    would_drop: false,
                 },
                 suppressed: 0,
             },
@@ -1006,6 +1048,7 @@ mod tests {
                     reason: reason::DROP_MALFORMED,
                     ip: None,
                     peer: None,
+                    would_drop: false,
                 },
                 suppressed: 0,
             },
@@ -1051,7 +1094,17 @@ mod tests {
                 reason: record::GapReason::Unlinked,
             },
         };
-        let mut all = vec![tcp_deny(), tunnel_allow, arp, summary, lost, gap, trail_gap];
+        let mut all = vec![
+            tcp_deny(),
+            tunnel_allow,
+            arp,
+            summary,
+            lost,
+            gap,
+            trail_gap,
+            would_deny(),
+            would_deny_summary(),
+        ];
         all.extend(drift_samples());
         all
     }
@@ -1080,6 +1133,72 @@ mod tests {
             },
         };
         [drift, in_sync]
+    }
+
+    /// A tunnel decision the policy denies, passed in audit mode.
+    fn would_deny() -> Record {
+        let mut r = tcp_deny();
+        r.seq = 43;
+        if let Body::Decision { flow, .. } = &mut r.body {
+            flow.program = Program::Tunnel;
+            flow.interface = "wg0".into();
+            flow.reason = reason::DROP_NOT_GRANTED;
+            flow.peer = Some(Peer {
+                name: "app-2".into(),
+                public_key: None,
+            });
+            flow.would_drop = true;
+        }
+        r
+    }
+
+    fn would_deny_summary() -> Record {
+        let Body::Decision { flow, .. } = would_deny().body else {
+            unreachable!("a decision")
+        };
+        Record {
+            seq: 44,
+            time_ns: T + 9,
+            body: Body::Summary {
+                flow,
+                count: 3,
+                start_ns: T,
+                end_ns: T + 1_000_000_000,
+            },
+        }
+    }
+
+    #[test]
+    fn would_denies_say_so_in_every_format() {
+        let ecs = json(AuditFormat::Ecs, &would_deny());
+        assert_eq!(ecs["event"]["action"], "would_deny", "{ecs}");
+        assert_eq!(ecs["event"]["type"], json!(["allowed"]), "{ecs}");
+        assert_eq!(ecs["event"]["outcome"], "success", "{ecs}");
+        assert_eq!(ecs["event"]["reason"], "not_granted", "{ecs}");
+        let summary = json(AuditFormat::Ecs, &would_deny_summary());
+        assert_eq!(summary["event"]["action"], "summary", "{summary}");
+        assert_eq!(summary["ztxdp"]["decision"], "would_deny", "{summary}");
+        for r in [would_deny(), would_deny_summary()] {
+            let ocsf = json(AuditFormat::Ocsf, &r);
+            assert_eq!(
+                (&ocsf["action_id"], &ocsf["action"]),
+                (&json!(99), &json!("Observed")),
+                "{ocsf}"
+            );
+            assert_eq!(ocsf["disposition_id"], 1, "{ocsf}");
+            assert_eq!(ocsf["status_detail"], "not_granted", "{ocsf}");
+        }
+        let line = cef(&would_deny(), GENESIS);
+        assert!(
+            line.contains("|not_granted|would_deny not_granted|3|")
+                && line.contains(" act=would_deny "),
+            "{line}"
+        );
+        let line = cef(&would_deny_summary(), GENESIS);
+        assert!(
+            line.contains("|summary would_deny not_granted|3|"),
+            "{line}"
+        );
     }
 
     fn json(format: AuditFormat, r: &Record) -> Value {
@@ -1304,8 +1423,7 @@ mod tests {
 
     #[test]
     fn drift_records_name_the_differences_in_every_format() {
-        let all = samples();
-        let (drift, in_sync) = (&all[7], &all[8]);
+        let [drift, in_sync] = &drift_samples();
         let v = json(AuditFormat::Ecs, drift);
         assert_eq!(v["event"]["action"], "drift");
         assert_eq!(v["event"]["kind"], "alert");

@@ -6,7 +6,9 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use serde::{Deserialize, Serialize};
-use zt_common::{Event, FlowSummary, NO_PEER, SummaryKey, program, proto, reason};
+use zt_common::{
+    EVENT_WOULD_DROP, Event, FlowSummary, NO_PEER, SummaryKey, program, proto, reason,
+};
 
 use super::{Clock, Names};
 
@@ -78,18 +80,35 @@ pub struct Flow {
     /// `None` for a non-IP frame (ARP).
     pub ip: Option<IpFlow>,
     pub peer: Option<Peer>,
+    /// The policy denied it (`reason` is a drop reason), but the packet
+    /// passed: its program or peer runs in audit mode. A would-deny.
+    #[serde(default)]
+    pub would_drop: bool,
 }
 
 impl Flow {
+    /// Whether the policy allows it (a would-deny is not allowed by it).
     #[must_use]
     pub const fn allowed(&self) -> bool {
         reason::is_allow(self.reason)
     }
 
-    /// `"allow"` or `"deny"`.
+    /// `"allow"`, `"deny"` or `"would_deny"`.
     #[must_use]
     pub const fn action(&self) -> &'static str {
-        if self.allowed() { "allow" } else { "deny" }
+        if self.would_drop {
+            "would_deny"
+        } else if self.allowed() {
+            "allow"
+        } else {
+            "deny"
+        }
+    }
+
+    /// Whether the packet passed: allowed, or a would-deny.
+    #[must_use]
+    pub const fn passed(&self) -> bool {
+        self.would_drop || self.allowed()
     }
 }
 
@@ -279,6 +298,8 @@ struct Wire<'a> {
     dst_port: u16,
     tcp_flags: Option<u8>,
     peer: u32,
+    /// `EVENT_*` bits.
+    flags: u8,
 }
 
 fn flow(w: &Wire<'_>, names: &Names) -> Flow {
@@ -327,6 +348,7 @@ fn flow(w: &Wire<'_>, names: &Names) -> Flow {
         reason: w.reason,
         ip,
         peer,
+        would_drop: w.flags & EVENT_WOULD_DROP != 0,
     }
 }
 
@@ -336,7 +358,7 @@ pub fn decision(e: &Event, names: &Names, clock: &Clock) -> (i64, Body) {
     let w = Wire {
         program: u32::from(e.program),
         ifindex: Some(e.ifindex),
-        reason: e.reason,
+        reason: u32::from(e.reason),
         ip_version: e.ip_version,
         src: &e.src,
         dst: &e.dst,
@@ -345,6 +367,7 @@ pub fn decision(e: &Event, names: &Names, clock: &Clock) -> (i64, Body) {
         dst_port: e.dst_port,
         tcp_flags: Some(e.tcp_flags),
         peer: e.peer,
+        flags: e.flags,
     };
     (
         clock.wall_ns(e.ts_ns),
@@ -370,6 +393,7 @@ pub fn summary(key: &SummaryKey, value: &FlowSummary, names: &Names, clock: &Clo
         dst_port: key.dst_port,
         tcp_flags: None,
         peer: NO_PEER,
+        flags: key.flags,
     };
     let start_ns = clock.wall_ns(value.window_start_ns);
     let window = i64::try_from(zt_common::SUMMARY_WINDOW_NS).unwrap_or(i64::MAX);
@@ -449,7 +473,7 @@ mod tests {
         let mut e = Event {
             ts_ns: 5,
             ifindex: 7,
-            reason: reason::DROP_NOT_GRANTED,
+            reason: u16::try_from(reason::DROP_NOT_GRANTED).unwrap_or_default(),
             program: u8::try_from(program::TUNNEL).unwrap_or_default(),
             ip_version: 4,
             protocol: proto::UDP,
@@ -467,6 +491,7 @@ mod tests {
             panic!("not a decision: {body:?}")
         };
         assert_eq!(suppressed, 3);
+        assert_eq!((flow.action(), flow.passed()), ("deny", false));
         assert_eq!(flow.interface, "wg0");
         assert_eq!(flow.program, Program::Tunnel);
         assert_eq!(
@@ -486,5 +511,47 @@ mod tests {
             (Some(1000), Some(53), None),
             "UDP has no TCP flags"
         );
+    }
+
+    #[test]
+    fn would_drop_events_and_summaries_are_would_denies() {
+        let names = Names::default();
+        let e = Event {
+            reason: u16::try_from(reason::DROP_PORT_NOT_ALLOWED).unwrap_or_default(),
+            flags: EVENT_WOULD_DROP,
+            ip_version: 4,
+            protocol: proto::TCP,
+            peer: NO_PEER,
+            ..Event::default()
+        };
+        let (_, body) = decision(&e, &names, &Clock::now());
+        let Body::Decision { flow, .. } = body else {
+            panic!("not a decision: {body:?}")
+        };
+        assert!(flow.would_drop);
+        assert_eq!(
+            (flow.action(), flow.allowed(), flow.passed()),
+            ("would_deny", false, true)
+        );
+        let key = SummaryKey {
+            reason: reason::DROP_PORT_NOT_ALLOWED,
+            ip_version: 4,
+            protocol: proto::UDP,
+            flags: EVENT_WOULD_DROP,
+            ..SummaryKey::default()
+        };
+        let Body::Summary { flow, .. } =
+            summary(&key, &FlowSummary::default(), &names, &Clock::now())
+        else {
+            panic!("not a summary")
+        };
+        assert_eq!(flow.action(), "would_deny");
+        let enforced = SummaryKey { flags: 0, ..key };
+        let Body::Summary { flow, .. } =
+            summary(&enforced, &FlowSummary::default(), &names, &Clock::now())
+        else {
+            panic!("not a summary")
+        };
+        assert_eq!(flow.action(), "deny");
     }
 }

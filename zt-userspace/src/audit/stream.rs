@@ -494,6 +494,7 @@ mod tests {
                         name: name.into(),
                         public_key: Some(key.into()),
                     }),
+                    would_drop: false,
                 },
                 suppressed: 0,
             },

@@ -21,14 +21,14 @@ use aya::maps::{MapData, MapError};
 use ipnet::IpNet;
 use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
 use zt_common::{
-    EDGE_CONFIGURED, EdgeConfig, FLOW_ANSWER, FLOW_CLOSING, FlowConfig, FlowKey, FragmentKey,
-    PEER_ICMP, SourceKey, global, reason,
+    EDGE_AUDIT, EDGE_CONFIGURED, EdgeConfig, FLOW_ANSWER, FLOW_CLOSING, FlowConfig, FlowKey,
+    FragmentKey, PEER_AUDIT, PEER_ICMP, SourceKey, global, reason,
 };
 
 use crate::{
     audit::record::Program,
     model::{Explanation, Fact, FlowEntry, StatefulModel},
-    policy::{EchoRate, EdgePolicy, FlowSettings, Grant, Peer, Protocol, TunnelPolicy},
+    policy::{EchoRate, EdgePolicy, FlowSettings, Grant, Mode, Peer, Protocol, TunnelPolicy},
     tables::{Contents, LpmParts, Tables, TablesError},
 };
 
@@ -73,6 +73,11 @@ pub struct Specialised {
     pub tunnel_l2: bool,
     /// `tunnel.link_local_neighbors`.
     pub tunnel_link_local: bool,
+    /// The edge's mode (`EDGE_AUDIT` of its configuration).
+    pub edge_mode: Mode,
+    /// The tunnel's mode for packets of no peer (`TUNNEL_AUDIT`); a
+    /// peer's own is in its entry.
+    pub tunnel_mode: Mode,
 }
 
 /// The running programs' policy, the model of it, and their maps, open.
@@ -118,6 +123,18 @@ impl Live {
             flows,
             tables,
         })
+    }
+
+    /// The mode `program` decides a packet of `peer` in.
+    #[must_use]
+    pub fn mode(&self, program: Program, peer: Option<u32>) -> Mode {
+        match program {
+            Program::Edge => self.model.edge_mode(),
+            Program::Tunnel => self
+                .model
+                .tunnel_mode_of(peer)
+                .unwrap_or(self.settings.tunnel_mode),
+        }
     }
 
     /// The decision `program` would make on `packet` (as the program sees
@@ -292,6 +309,7 @@ fn edge_policy(c: &Contents, settings: Specialised) -> EdgePolicy {
         .collect();
     EdgePolicy {
         interface: String::new(),
+        mode: settings.edge_mode,
         wireguard_ports,
         ssh_port: settings.ssh_port.unwrap_or(0),
         ssh_allow: c
@@ -321,6 +339,11 @@ fn tunnel_policy(c: &Contents, settings: Specialised) -> TunnelPolicy {
     for (prefix, info) in tries {
         let p = peers.entry(info.index).or_insert_with(empty_peer);
         p.addresses.extend(prefix);
+        p.mode = if info.flags & PEER_AUDIT == 0 {
+            Mode::Enforce
+        } else {
+            Mode::Audit
+        };
         if info.flags & PEER_ICMP != 0 && !p.grants.contains(&Grant::Icmp) {
             p.grants.push(Grant::Icmp);
         }
@@ -345,6 +368,7 @@ fn tunnel_policy(c: &Contents, settings: Specialised) -> TunnelPolicy {
     let count = peers.keys().next_back().map_or(0, |&last| last + 1);
     TunnelPolicy {
         interface: String::new(),
+        mode: settings.tunnel_mode,
         peers: (0..count)
             .map(|i| peers.remove(&i).unwrap_or_else(empty_peer))
             .collect(),
@@ -359,6 +383,7 @@ fn empty_peer() -> Peer {
         addresses: Vec::new(),
         public_key: None,
         grants: Vec::new(),
+        mode: Mode::Enforce,
     }
 }
 
@@ -424,10 +449,13 @@ fn specialised(map_ids: &[u32]) -> Result<Specialised, LiveError> {
         let ssh_port = u16::from_ne_bytes([edge[0], edge[1]]);
         let at = std::mem::offset_of!(EdgeConfig, flags);
         let flags = u32::from_ne_bytes([edge[at], edge[at + 1], edge[at + 2], edge[at + 3]]);
+        let mode = |audit: bool| if audit { Mode::Audit } else { Mode::Enforce };
         return Ok(Specialised {
             ssh_port: (flags & EDGE_CONFIGURED != 0).then_some(ssh_port),
             tunnel_l2: field(global::TUNNEL_L2, 1)?[0] != 0,
             tunnel_link_local: field(global::TUNNEL_LINK_LOCAL, 1)?[0] != 0,
+            edge_mode: mode(flags & EDGE_AUDIT != 0),
+            tunnel_mode: mode(field(global::TUNNEL_AUDIT, 1)?[0] != 0),
         });
     }
     Err(LiveError::NoSettings)

@@ -454,6 +454,7 @@ mod tests {
     fn the_packet_is_what_the_model_judges_by_the_arguments() {
         let edge = EdgeModel::new(&EdgePolicy {
             interface: "eth0".into(),
+            mode: crate::policy::Mode::Enforce,
             wireguard_ports: vec![51_820],
             ssh_port: 22,
             ssh_allow: vec!["198.51.100.0/24".parse().expect("a prefix")],
