@@ -60,6 +60,10 @@ pub struct ProgramStatus {
     /// Packets passed and dropped: the sums of the decision counters.
     pub passed: u64,
     pub dropped: u64,
+    /// Audited decisions: every drop, and each allowed new connection
+    /// (`allows_audited`). The audit trail's `ztxdp.decisions` of this
+    /// program sum to it (see "The audit trail" in the README).
+    pub audited: u64,
     /// Entries in each set-like map.
     pub maps: BTreeMap<&'static str, usize>,
     /// Tunnel only: per-peer packet counts.
@@ -168,6 +172,7 @@ fn program_status(
         verdicts,
         passed: total(true),
         dropped: total(false),
+        audited: total(false) + by_code.get(&reason::ALLOWS_AUDITED).copied().unwrap_or(0),
         maps,
         peers,
     })

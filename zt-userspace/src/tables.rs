@@ -250,7 +250,11 @@ impl Tables {
         let extra: &[u32] = if program == program::EGRESS {
             &[reason::FLOWS_CREATED]
         } else {
-            &[reason::EVENTS_SUPPRESSED, reason::EVENTS_LOST]
+            &[
+                reason::ALLOWS_AUDITED,
+                reason::EVENTS_SUPPRESSED,
+                reason::EVENTS_LOST,
+            ]
         };
         let codes: &[u32] = if program == program::EGRESS {
             &[]

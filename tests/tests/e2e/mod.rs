@@ -21,6 +21,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod audit;
+
 use serde_json::Value;
 use zt_tests::{
     lab::Lab,

@@ -86,7 +86,21 @@ fn ztxdp_base(r: &Record) -> Map<String, Value> {
     if let Some(n) = r.body.decisions() {
         z.insert("decisions".into(), json!(n));
     }
+    if r.previous_run {
+        z.insert("previous_run".into(), json!(true));
+    }
     z
+}
+
+/// The counts of a `lost` record, the same in both formats: `unwritten`
+/// only where a killed daemon left some.
+fn lost_counts(z: &mut Map<String, Value>, rate_limited: u64, ring_full: u64, unwritten: u64) {
+    z.insert("rate_limited".into(), json!(rate_limited));
+    z.insert("ring_full".into(), json!(ring_full));
+    if unwritten > 0 {
+        z.insert("unwritten".into(), json!(unwritten));
+    }
+    z.insert("lost".into(), json!(rate_limited + ring_full + unwritten));
 }
 
 fn peer_value(p: &Peer) -> Value {
@@ -171,6 +185,7 @@ fn ecs(r: &Record) -> (Map<String, Value>, Map<String, Value>) {
             interface,
             rate_limited,
             ring_full,
+            unwritten,
         } => {
             top.insert(
                 "event".into(),
@@ -181,9 +196,7 @@ fn ecs(r: &Record) -> (Map<String, Value>, Map<String, Value>) {
                 json!({ "ingress": { "interface": { "name": interface } } }),
             );
             z.insert("program".into(), json!(program.name()));
-            z.insert("rate_limited".into(), json!(rate_limited));
-            z.insert("ring_full".into(), json!(ring_full));
-            z.insert("lost".into(), json!(rate_limited + ring_full));
+            lost_counts(&mut z, *rate_limited, *ring_full, *unwritten);
         }
         Body::SyslogDropped { address, dropped } => {
             top.insert(
@@ -324,15 +337,14 @@ fn ocsf(r: &Record) -> (Map<String, Value>, Map<String, Value>) {
             interface,
             rate_limited,
             ring_full,
+            unwritten,
         } => {
             top.insert(
                 "dst_endpoint".into(),
                 json!({ "interface_name": interface }),
             );
             z.insert("program".into(), json!(program.name()));
-            z.insert("rate_limited".into(), json!(rate_limited));
-            z.insert("ring_full".into(), json!(ring_full));
-            z.insert("lost".into(), json!(rate_limited + ring_full));
+            lost_counts(&mut z, *rate_limited, *ring_full, *unwritten);
         }
         Body::SyslogDropped { address, dropped } => {
             z.insert(
@@ -360,12 +372,20 @@ pub fn message(body: &Body) -> String {
             program,
             rate_limited,
             ring_full,
+            unwritten,
             ..
-        } => format!(
-            "{} {} decisions without a record: {rate_limited} rate-limited, {ring_full} lost to a full ring buffer",
-            rate_limited + ring_full,
-            program.name()
-        ),
+        } => {
+            let killed = if *unwritten > 0 {
+                format!(", {unwritten} read by a daemon that was killed before it wrote them")
+            } else {
+                String::new()
+            };
+            format!(
+                "{} {} decisions without a record: {rate_limited} rate-limited, {ring_full} lost to a full ring buffer{killed}",
+                rate_limited + ring_full + unwritten,
+                program.name()
+            )
+        }
         Body::SyslogDropped { address, dropped } => {
             format!("{dropped} records could not be forwarded to syslog collector {address}")
         }
@@ -542,6 +562,7 @@ fn parse_ecs(v: &Value) -> Result<Record, FormatError> {
         seq: u64_at(v, "/ztxdp/seq")?,
         time_ns: parse_time(v, "/@timestamp")?,
         body,
+        previous_run: previous_run_at(v),
     })
 }
 
@@ -553,7 +574,19 @@ fn parse_lost(v: &Value, interface: &'static str) -> Result<Body, FormatError> {
         interface: str_at(v, interface)?.to_owned(),
         rate_limited: u64_at(v, "/ztxdp/rate_limited")?,
         ring_full: u64_at(v, "/ztxdp/ring_full")?,
+        // Absent where zero, and in records written before it existed.
+        unwritten: v
+            .pointer("/ztxdp/unwritten")
+            .and_then(Value::as_u64)
+            .unwrap_or(0),
     })
+}
+
+/// `ztxdp.previous_run`, present (and true) only on records of an earlier run.
+fn previous_run_at(v: &Value) -> bool {
+    v.pointer("/ztxdp/previous_run")
+        .and_then(Value::as_bool)
+        .unwrap_or(false)
 }
 
 /// A `syslog_dropped` record's body, the same in both formats.
@@ -600,6 +633,7 @@ fn parse_ocsf(v: &Value) -> Result<Record, FormatError> {
         seq: u64_at(v, "/ztxdp/seq")?,
         time_ns: parse_time(v, "/time_dt")?,
         body,
+        previous_run: previous_run_at(v),
     })
 }
 
@@ -614,6 +648,22 @@ fn cef_value(text: &str) -> String {
         .replace('=', "\\=")
         .replace('\n', "\\n")
         .replace('\r', "\\r")
+}
+
+/// A `lost` record's `[rate_limited, ring_full, unwritten]` as CEF custom
+/// numbers; `unwritten` only where a killed daemon left some, as in JSON.
+fn cef_lost_counts(ext: &mut Vec<(&str, String)>, counts: [u64; 3]) {
+    let labels = [
+        ("cn1", "cn1Label", "rateLimited"),
+        ("cn2", "cn2Label", "ringFull"),
+        ("cn3", "cn3Label", "unwritten"),
+    ];
+    for ((key, label_key, label), n) in labels.into_iter().zip(counts) {
+        if key != "cn3" || n > 0 {
+            ext.push((key, n.to_string()));
+            ext.push((label_key, label.to_owned()));
+        }
+    }
 }
 
 /// One record as an `ArcSight` CEF line (version 0), for `ztxdp events`.
@@ -678,14 +728,12 @@ pub fn cef(r: &Record, chain: &str) -> String {
             interface,
             rate_limited,
             ring_full,
+            unwritten,
         } => {
             ext.push(("deviceInboundInterface", interface.clone()));
             ext.push(("cs2", program.name().to_owned()));
             ext.push(("cs2Label", "program".to_owned()));
-            ext.push(("cn1", rate_limited.to_string()));
-            ext.push(("cn1Label", "rateLimited".to_owned()));
-            ext.push(("cn2", ring_full.to_string()));
-            ext.push(("cn2Label", "ringFull".to_owned()));
+            cef_lost_counts(&mut ext, [*rate_limited, *ring_full, *unwritten]);
         }
         Body::SyslogDropped { address, dropped } => {
             ext.push(("cn3", dropped.to_string()));
@@ -696,6 +744,10 @@ pub fn cef(r: &Record, chain: &str) -> String {
     }
     if let Some(n) = r.body.decisions() {
         ext.push(("cnt", n.to_string()));
+    }
+    if r.previous_run {
+        ext.push(("cs5", "previous".to_owned()));
+        ext.push(("cs5Label", "run".to_owned()));
     }
     ext.push(("externalId", r.seq.to_string()));
     ext.push(("cs1", chain.to_owned()));
@@ -722,6 +774,7 @@ mod tests {
 
     fn tcp_deny() -> Record {
         Record {
+            previous_run: false,
             seq: 7,
             time_ns: T,
             body: Body::Decision {
@@ -746,6 +799,7 @@ mod tests {
 
     fn samples() -> Vec<Record> {
         let tunnel_allow = Record {
+            previous_run: false,
             seq: 8,
             time_ns: T + 1,
             body: Body::Decision {
@@ -770,6 +824,7 @@ mod tests {
             },
         };
         let arp = Record {
+            previous_run: false,
             seq: 9,
             time_ns: T + 2,
             body: Body::Decision {
@@ -787,6 +842,7 @@ mod tests {
             unreachable!("a decision")
         };
         let summary = Record {
+            previous_run: false,
             seq: 10,
             time_ns: T + 3,
             body: Body::Summary {
@@ -797,6 +853,7 @@ mod tests {
             },
         };
         let lost = Record {
+            previous_run: false,
             seq: 11,
             time_ns: T + 4,
             body: Body::Lost {
@@ -804,9 +861,11 @@ mod tests {
                 interface: "eth0".into(),
                 rate_limited: 17_000,
                 ring_full: 3,
+                unwritten: 0,
             },
         };
         let gap = Record {
+            previous_run: false,
             seq: 12,
             time_ns: T + 5,
             body: Body::SyslogDropped {
@@ -814,7 +873,20 @@ mod tests {
                 dropped: 5,
             },
         };
-        vec![tcp_deny(), tunnel_allow, arp, summary, lost, gap]
+        // What a new `up` writes for the programs it replaced.
+        let earlier = Record {
+            previous_run: true,
+            seq: 13,
+            time_ns: T + 6,
+            body: Body::Lost {
+                program: Program::Tunnel,
+                interface: "wg0".into(),
+                rate_limited: 1,
+                ring_full: 0,
+                unwritten: 40,
+            },
+        };
+        vec![tcp_deny(), tunnel_allow, arp, summary, lost, gap, earlier]
     }
 
     fn json(format: AuditFormat, r: &Record) -> Value {
@@ -881,6 +953,20 @@ mod tests {
         assert!(
             gap["ztxdp"].get("decisions").is_none(),
             "a forwarding gap is not a decision count"
+        );
+        assert!(
+            lost["ztxdp"].get("unwritten").is_none() && lost["ztxdp"].get("previous_run").is_none(),
+            "only records of a previous run carry these: {lost}"
+        );
+        let earlier = json(AuditFormat::Ecs, &all[6]);
+        assert_eq!(earlier["ztxdp"]["previous_run"], true);
+        assert_eq!(
+            (
+                earlier["ztxdp"]["unwritten"].as_u64(),
+                earlier["ztxdp"]["lost"].as_u64(),
+                earlier["ztxdp"]["decisions"].as_u64()
+            ),
+            (Some(40), Some(41), Some(41))
         );
         let arp = json(AuditFormat::Ecs, &all[2]);
         assert!(
@@ -997,6 +1083,17 @@ mod tests {
             cef(&all[4], GENESIS).contains(" cnt=17003 "),
             "lost records count what they stand for"
         );
+        let earlier = cef(&all[6], GENESIS);
+        for field in [
+            "cn3=40 cn3Label=unwritten",
+            "cnt=41",
+            "cs5=previous cs5Label=run",
+        ] {
+            assert!(
+                earlier.contains(&format!(" {field} ")),
+                "{field} missing: {earlier}"
+            );
+        }
         assert_eq!(cef_header("a|b\\c"), "a\\|b\\\\c");
     }
 }

@@ -5,7 +5,9 @@
 //!   (and CEF for `ztxdp events`); [`chain`]: the hash chain.
 //! - [`writer`]: the file (sequence numbers, rotation, group commit, crash
 //!   safety); [`verify`]: `ztxdp audit verify`.
-//! - [`kernel`]: events, summaries and counters from the BPF maps.
+//! - [`kernel`]: events, summaries and counters from the BPF maps;
+//!   [`ledger`]: how far the trail accounts for them, kept in the
+//!   programs' maps so that a new `up` makes up for a killed daemon.
 //! - [`syslog`]: forwarding to a collector; [`stream`]: the live stream
 //!   behind `ztxdp events --follow`.
 //!
@@ -19,6 +21,7 @@
 pub mod chain;
 pub mod format;
 pub mod kernel;
+pub mod ledger;
 pub mod record;
 pub mod stream;
 pub mod syslog;
@@ -28,7 +31,7 @@ pub mod writer;
 use std::{
     collections::HashMap,
     io,
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -112,6 +115,10 @@ pub enum AuditError {
         #[source]
         source: TablesError,
     },
+    #[error(transparent)]
+    Ledger(#[from] ledger::LedgerError),
+    #[error("the audit trail was used before it started")]
+    NotStarted,
     #[error("cannot start the syslog forwarding thread: {source}")]
     Thread {
         #[source]
@@ -181,13 +188,21 @@ struct Running {
     last_sync: Instant,
 }
 
+/// Called with the records of each write once they are in the file.
+pub type OnWritten = Box<dyn FnMut(&[Sealed]) + Send>;
+
 /// The daemon's audit outputs: file, syslog, live readers.
 pub struct Trail {
     settings: AuditSettings,
     live: broadcast::Sender<Arc<Sealed>>,
     running: Option<Running>,
-    /// Records pushed before `start`, kept for it.
-    early: Vec<(i64, Body)>,
+    /// Records pushed before `start`, kept for it, and whether each is of
+    /// the previous run.
+    early: Vec<(i64, Body, bool)>,
+    /// The next `seq` and the newest chain value on disk when `start` took
+    /// the file over.
+    head: Option<(u64, String)>,
+    on_written: Option<OnWritten>,
 }
 
 impl Trail {
@@ -205,6 +220,8 @@ impl Trail {
             live,
             running: None,
             early: Vec::new(),
+            head: None,
+            on_written: None,
         })
     }
 
@@ -237,6 +254,7 @@ impl Trail {
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
         tracing::info!(path = %self.settings.path.display(), next_seq = writer.next_seq(), "audit trail open");
+        self.head = Some((writer.next_seq(), writer.chain().to_owned()));
         let server = Server::bind()?;
         let syslog = self
             .settings
@@ -251,10 +269,32 @@ impl Trail {
             reported_drops: 0,
             last_sync: Instant::now(),
         });
-        for (time_ns, body) in std::mem::take(&mut self.early) {
-            self.push(time_ns, body)?;
+        for (time_ns, body, previous_run) in std::mem::take(&mut self.early) {
+            self.push_run(time_ns, body, previous_run)?;
         }
         Ok(())
+    }
+
+    /// Where the trail is written (rotated files beside it).
+    #[must_use]
+    pub fn path(&self) -> &Path {
+        &self.settings.path
+    }
+
+    /// The next `seq` and the chain value of the newest record on disk
+    /// when [`Self::start`] took the file over, before this daemon wrote
+    /// anything; `None` before that.
+    #[must_use]
+    pub fn head(&self) -> Option<(u64, &str)> {
+        self.head
+            .as_ref()
+            .map(|(seq, chain)| (*seq, chain.as_str()))
+    }
+
+    /// Calls `f` with the records of every write from now on, once they are
+    /// in the file (the daemon keeps its ledger with it).
+    pub fn on_written(&mut self, f: OnWritten) {
+        self.on_written = Some(f);
     }
 
     /// Appends a record; it is written by the next [`Self::commit`].
@@ -262,10 +302,23 @@ impl Trail {
     /// # Errors
     /// When a rotation fails.
     pub fn push(&mut self, time_ns: i64, body: Body) -> Result<(), AuditError> {
+        self.push_run(time_ns, body, false)
+    }
+
+    /// [`Self::push`], of a record that belongs to the programs this daemon
+    /// replaced ([`record::Record::previous_run`]).
+    ///
+    /// # Errors
+    /// When a rotation fails.
+    pub fn push_previous(&mut self, time_ns: i64, body: Body) -> Result<(), AuditError> {
+        self.push_run(time_ns, body, true)
+    }
+
+    fn push_run(&mut self, time_ns: i64, body: Body, previous_run: bool) -> Result<(), AuditError> {
         if let Some(r) = &mut self.running {
-            return r.writer.append(time_ns, body);
+            return r.writer.append_run(time_ns, body, previous_run);
         }
-        self.early.push((time_ns, body));
+        self.early.push((time_ns, body, previous_run));
         Ok(())
     }
 
@@ -279,6 +332,9 @@ impl Trail {
             return Ok(());
         };
         let written = r.writer.write()?;
+        if let Some(f) = &mut self.on_written {
+            f(&written);
+        }
         for s in written {
             let s = Arc::new(s);
             if let Some(f) = &r.syslog {
@@ -389,7 +445,10 @@ impl Trail {
             }
         }
         // Past this point nobody reads the live stream or the forwarder.
-        drop(r.writer.write()?);
+        let written = r.writer.write()?;
+        if let Some(f) = &mut self.on_written {
+            f(&written);
+        }
         r.writer.sync()
     }
 }

@@ -110,13 +110,18 @@ pub enum Body {
         end_ns: i64,
     },
     /// Decisions that have no record of their own: held back by the per-CPU
-    /// deny rate limit, or lost because the ring buffer was full.
+    /// deny rate limit, lost because the ring buffer was full, or taken from
+    /// the kernel by a daemon that was killed before it wrote them.
     Lost {
         program: Program,
         /// The interface the program runs on.
         interface: String,
         rate_limited: u64,
         ring_full: u64,
+        /// Decisions a killed daemon had read from the kernel but not
+        /// written; only in records of a previous run (see
+        /// [`Record::previous_run`]).
+        unwritten: u64,
     },
     /// Records that could not be forwarded to the syslog collector (they are
     /// in the file).
@@ -134,8 +139,19 @@ impl Body {
             Self::Lost {
                 rate_limited,
                 ring_full,
+                unwritten,
                 ..
-            } => Some(*rate_limited + *ring_full),
+            } => Some(*rate_limited + *ring_full + *unwritten),
+            Self::SyslogDropped { .. } => None,
+        }
+    }
+
+    /// The program whose decisions this record stands for.
+    #[must_use]
+    pub const fn program(&self) -> Option<Program> {
+        match self {
+            Self::Decision { flow, .. } | Self::Summary { flow, .. } => Some(flow.program),
+            Self::Lost { program, .. } => Some(*program),
             Self::SyslogDropped { .. } => None,
         }
     }
@@ -159,6 +175,11 @@ pub struct Record {
     /// Nanoseconds since the Unix epoch.
     pub time_ns: i64,
     pub body: Body,
+    /// Written by a new `ztxdp up` for the programs it replaced, from what
+    /// their daemon left in the kernel: the decision belongs to the earlier
+    /// run.
+    #[serde(default)]
+    pub previous_run: bool,
 }
 
 /// Wall-clock now, nanoseconds since the Unix epoch.

@@ -208,16 +208,38 @@ impl AuditWriter {
         self.next_seq
     }
 
+    /// Chain value of the last record appended (of the newest on disk, until
+    /// one is).
+    #[must_use]
+    pub fn chain(&self) -> &str {
+        &self.chain
+    }
+
     /// Numbers, seals and queues one record; it reaches the file with the
     /// next [`Self::write`] (or earlier, when the file is rotated first).
     ///
     /// # Errors
     /// When a rotation this record triggers fails.
     pub fn append(&mut self, time_ns: i64, body: Body) -> Result<(), AuditError> {
+        self.append_run(time_ns, body, false)
+    }
+
+    /// [`Self::append`], of a record that belongs to the programs this
+    /// daemon replaced when `previous_run` ([`Record::previous_run`]).
+    ///
+    /// # Errors
+    /// When a rotation this record triggers fails.
+    pub fn append_run(
+        &mut self,
+        time_ns: i64,
+        body: Body,
+        previous_run: bool,
+    ) -> Result<(), AuditError> {
         let record = Record {
             seq: self.next_seq,
             time_ns,
             body,
+            previous_run,
         };
         let (line, chain) = chain::seal(&self.chain, &format::unchained(self.format, &record));
         let len = line.len() as u64 + 1;
@@ -450,12 +472,14 @@ pub(crate) mod tests {
         }
     }
 
-    fn lost(n: u64) -> Body {
+    /// A `lost` record of `n` rate-limited edge decisions.
+    pub(crate) fn lost(n: u64) -> Body {
         Body::Lost {
             program: Program::Edge,
             interface: "eth0".into(),
             rate_limited: n,
             ring_full: 0,
+            unwritten: 0,
         }
     }
 
