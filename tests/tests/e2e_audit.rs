@@ -11,7 +11,7 @@ use std::{
     fs,
     io::Read as _,
     net::Ipv4Addr,
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Child, Command, Stdio},
     sync::{
         atomic::{AtomicBool, AtomicU32, Ordering},
@@ -22,45 +22,21 @@ use std::{
 };
 
 use e2e::{
-    EXIT_TIMEOUT, Enforced, Scratch, audit_lines, build_lab, complete_lines, events_follower,
-    flood, status, verify_audit, ztxdp, ztxdp_ok,
+    EXIT_TIMEOUT, Enforced, Scratch,
+    audit::{
+        CATCH_UP, QUIET, await_rounds, background_flood, count_action, denies,
+        expect_exact_accounting, expect_exact_accounting_at, kill9_in_flood, start, start_with,
+    },
+    audit_lines, build_lab, complete_lines, events_follower, flood, status, verify_audit, ztxdp,
+    ztxdp_ok,
 };
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
 use serde_json::Value;
-use zt_common::reason;
-use zt_tests::{
-    lab::{HOST_INTERFACE, Lab},
-    netns::NetNs,
-};
+use zt_tests::{lab::HOST_INTERFACE, netns::NetNs};
 
-/// Bounds every "until the trail has caught up" loop.
-const CATCH_UP: Duration = Duration::from_secs(30);
 /// rsyslogd starts and stops in well under a second; this bounds a hang on a
 /// loaded machine.
 const RSYSLOG_TIMEOUT: Duration = Duration::from_secs(30);
-/// A summary window (1.07 s), the sweep that follows it (every second), and margin.
-const QUIET: Duration = Duration::from_millis(2500);
-
-/// The lab with `ztxdp up` on the edge; `audit_extra` is appended to the
-/// `[audit]` table.
-fn start(tag: &str, audit_extra: &str) -> Enforced {
-    start_with(tag, |_| audit_extra.to_owned())
-}
-
-/// [`start`], with the `[audit]` lines written once the scratch directory
-/// is there (for files they name).
-fn start_with(tag: &str, audit_extra: impl FnOnce(&Scratch) -> String) -> Enforced {
-    Enforced::start(tag, build_lab(), |_, scratch| {
-        format!(
-            "[edge]\ninterface = \"{HOST_INTERFACE}\"\nwireguard_ports = [51820]\n\
-             ssh_allow = [\"10.77.0.2/32\"]\n\n[audit]\npath = \"{}\"\nstate = \"{}\"\n{}\n",
-            scratch.path("audit.jsonl").display(),
-            scratch.path("audit.state").display(),
-            audit_extra(scratch)
-        )
-    })
-}
-
 /// Waits until the trail has at least `records` records; `what` says why
 /// it should.
 fn wait_for_records(t: &Enforced, records: usize, what: &str) {
@@ -76,83 +52,6 @@ fn wait_for_records(t: &Enforced, records: usize, what: &str) {
             t.daemon.log()
         );
         thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// Edge deny decisions as `status --json` counts them.
-fn denies(ns: &NetNs) -> u64 {
-    let s = status(ns);
-    reason::ALL
-        .iter()
-        .filter(|&&code| !reason::is_allow(code))
-        .filter_map(|&code| s["edge"]["counters"][reason::name(code)].as_u64())
-        .sum()
-}
-
-/// Edge deny decisions the trail accounts for: deny records (1 + what they
-/// carry), deny summaries, and lost records (which in these tests only
-/// stand for denies: no allowed connection is opened).
-fn accounted(lines: &[Value]) -> u64 {
-    let n = |l: &Value| {
-        l.pointer("/ztxdp/decisions")
-            .and_then(Value::as_u64)
-            .unwrap_or(0)
-    };
-    let text = |l: &Value, p: &str| {
-        l.pointer(p)
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_owned()
-    };
-    lines
-        .iter()
-        .filter(|l| text(l, "/ztxdp/program") == "edge")
-        .filter(|l| match text(l, "/event/action").as_str() {
-            "deny" | "lost" => true,
-            "summary" => text(l, "/ztxdp/decision") == "deny",
-            _ => false,
-        })
-        .map(n)
-        .sum()
-}
-
-fn count_action(lines: &[Value], action: &str) -> usize {
-    lines
-        .iter()
-        .filter(|l| l.pointer("/event/action").and_then(Value::as_str) == Some(action))
-        .count()
-}
-
-/// Waits until the trail from record `skip` on accounts for exactly the
-/// denies `status` counts, over a quiet spell long enough for every summary
-/// window to be swept. (A new program starts its counters at zero: `skip`
-/// leaves out the records of the programs before it.)
-fn expect_exact_accounting(t: &Enforced, skip: usize) -> Vec<Value> {
-    expect_exact_accounting_at(t, &t.audit(), skip)
-}
-
-/// [`expect_exact_accounting`] of the trail at `audit`.
-fn expect_exact_accounting_at(t: &Enforced, audit: &Path, skip: usize) -> Vec<Value> {
-    let deadline = Instant::now() + CATCH_UP;
-    loop {
-        let before = denies(t.lab.edge());
-        thread::sleep(QUIET);
-        let mut lines = audit_lines(audit);
-        lines.drain(..skip.min(lines.len()));
-        let in_file = accounted(&lines);
-        let after = denies(t.lab.edge());
-        if before == after && in_file == after {
-            return lines;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the trail accounts for {in_file} edge denies, status counts {after} (and {before} a moment earlier); \
-             decision records {}, summaries {}, lost records {}; daemon log:\n{}",
-            count_action(&lines, "deny"),
-            count_action(&lines, "summary"),
-            count_action(&lines, "lost"),
-            t.daemon.log()
-        );
     }
 }
 
@@ -271,24 +170,6 @@ fn a_deny_flood_from_many_sources_is_accounted_for_exactly() {
     verify_audit(&t);
 }
 
-/// Floods until `stop` is set (bounded by `limit`), counting the rounds
-/// sent in `rounds`.
-fn background_flood(lab: &Lab, stop: &AtomicBool, rounds: &AtomicU32, limit: Duration) {
-    let started = Instant::now();
-    while !stop.load(Ordering::Relaxed) && started.elapsed() < limit {
-        flood(lab, rounds.load(Ordering::Relaxed) * 200, 200, 2);
-        rounds.fetch_add(1, Ordering::Relaxed);
-        thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Waits until the background flood has sent `wanted` rounds, or ended.
-fn await_rounds(rounds: &AtomicU32, wanted: u32, flooding: &thread::ScopedJoinHandle<()>) {
-    while rounds.load(Ordering::Relaxed) < wanted && !flooding.is_finished() {
-        thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn kill_9_during_a_flood_leaves_a_trail_that_verifies_and_continues() {
     let mut t = start("kill9", "fsync_ms = 100");
@@ -299,17 +180,10 @@ fn kill_9_during_a_flood_leaves_a_trail_that_verifies_and_continues() {
         let flooding = scope.spawn(move || background_flood(lab, stop, rounds, CATCH_UP));
         await_rounds(rounds, 4, &flooding);
         // The daemon is killed while frames keep arriving.
-        t.daemon.kill9();
-        let killed_at = rounds.load(Ordering::Relaxed);
-        await_rounds(rounds, killed_at + 2, &flooding);
-        stop.store(true, Ordering::Relaxed);
-        flooding
-            .join()
-            .unwrap_or_else(|p| std::panic::resume_unwind(p));
-        let sent = rounds.load(Ordering::Relaxed);
+        let killed_at = kill9_in_flood(&mut t.daemon, (stop, rounds), flooding, 2);
         assert!(
-            killed_at >= 4 && sent >= killed_at + 2,
-            "the flood ran only {killed_at} rounds before the kill and {sent} in all"
+            killed_at >= 4,
+            "the flood ran only {killed_at} rounds before the kill"
         );
     });
     let before = verify_audit(&t);

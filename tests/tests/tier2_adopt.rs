@@ -97,6 +97,27 @@ fn a_replacement_admits_the_replies_of_its_predecessors_flows_and_keeps_its_coun
 }
 
 #[test]
+fn counts_made_between_the_two_copies_are_carried_too() {
+    let closed = Ethernet::default().ipv4(&Ipv4::new(REMOTE, HOST), &Transport::udp(9));
+    let mut old = load(1024);
+    assert_eq!(
+        old.run(Prog::Edge, &closed).reason,
+        reason::DROP_PORT_NOT_ALLOWED
+    );
+    let new = load(1024);
+    adopt_all(&old, &new, Pass::BeforeSwap);
+    // Decided by the old programs after the first copy, before the swap.
+    for _ in 0..3 {
+        old.run(Prog::Edge, &closed);
+    }
+    adopt_all(&old, &new, Pass::AfterSwap);
+    assert_eq!(new.counter(program::EDGE, reason::DROP_PORT_NOT_ALLOWED), 4);
+    // Set, not added: a further pass changes nothing.
+    adopt_all(&old, &new, Pass::AfterSwap);
+    assert_eq!(new.counter(program::EDGE, reason::DROP_PORT_NOT_ALLOWED), 4);
+}
+
+#[test]
 fn a_smaller_flow_table_takes_what_fits_and_counts_the_rest() {
     const FLOWS: u16 = 1500;
     let mut old = load(2048);

@@ -1123,10 +1123,11 @@ fn every_map_name_exists_in_the_object() {
     );
     // The per-CPU state is indexed by CPU number: every possible CPU needs
     // its entry, or the programs on it would drop everything (fail closed).
+    // The state array has user space's ledger after them.
     let cpus = ztxdp::loader::cpu_slots().unwrap_or_else(|e| panic!("{e:?}"));
-    for (name, per_cpu) in [
-        (map::CPU_STATE, 1),
-        (map::SUMMARY_CACHE, zt_common::SUMMARY_CACHE_SLOTS),
+    for (name, per_cpu, more) in [
+        (map::CPU_STATE, 1, 1),
+        (map::SUMMARY_CACHE, zt_common::SUMMARY_CACHE_SLOTS, 0),
     ] {
         let info = match ebpf.map(name) {
             Some(aya::maps::Map::Array(m)) => m.info(),
@@ -1135,7 +1136,7 @@ fn every_map_name_exists_in_the_object() {
         .unwrap_or_else(|e| panic!("{name}: {e:?}"));
         assert_eq!(
             info.max_entries(),
-            cpus * per_cpu,
+            cpus * per_cpu + more,
             "{name} is not sized to the possible CPUs"
         );
         // Mmapable arrays keep their values page-aligned, so the 64-byte

@@ -27,7 +27,8 @@ pub mod map {
     /// `LpmTrie<[u8; 16], u8>`: IPv6 sources allowed to reach the SSH port.
     pub const SSH_ALLOW_V6: &str = "ZT_SSH_V6";
     /// `Array<CpuState>` with one entry per possible CPU, indexed by CPU
-    /// number: each CPU's counters, clock and audit rate limiter. Created
+    /// number: each CPU's counters, clock and audit rate limiter; then one
+    /// more, the [`super::Ledger`], which no program writes. Created
     /// mmapable, which puts the entries on a page boundary, so that each
     /// starts a cache line, and lets user space read the counters through
     /// a mapping, a whole word at a time.
@@ -125,6 +126,7 @@ macro_rules! reasons {
             match code {
                 $( $konst => $name, )*
                 WOULD_DROP => "would_drop",
+                ALLOWS_AUDITED => "allows_audited",
                 FLOWS_CREATED => "flows_created",
                 EVENTS_SUPPRESSED => "events_suppressed",
                 EVENTS_LOST => "events_lost",
@@ -230,6 +232,10 @@ pub mod reason {
         )
     }
 
+    /// Counter slot (not a verdict): allowed decisions that were audited
+    /// (each a new TCP connection). With the deny counters (every deny is
+    /// audited) it gives the decisions the audit trail accounts for.
+    pub const ALLOWS_AUDITED: u32 = 14;
     /// Counter slot (not a verdict): flows the egress programs created.
     /// With the table's current size this gives the LRU evictions.
     pub const FLOWS_CREATED: u32 = 29;
@@ -379,6 +385,52 @@ pub struct CpuState {
 }
 const _: () = assert!(size_of::<CpuState>() == 16 + 16 + 8 * COUNTER_SLOTS as usize + 32);
 const _: () = assert!(size_of::<CpuState>().is_multiple_of(64));
+
+/// The last entry of [`map::CPU_STATE`], after every CPU's: user space's
+/// own, never written by a program, so it lives exactly as long as the
+/// programs, through any number of daemons. It carries what a `kill -9`
+/// would otherwise lose: the counts of the programs these replaced
+/// (`carried`, where a [`CpuState`] has its counters, so every reader that
+/// sums the entries' counters counts them), and how far the audit trail
+/// accounts for the audited decisions counted here, so that the next
+/// `ztxdp up` can write what a killed daemon did not (see
+/// `zt-userspace/src/audit/ledger.rs`).
+#[repr(C, align(64))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ledger {
+    /// One more than the `seq` of the newest trail record accounted for
+    /// here; 0 while no daemon has started accounting for these programs.
+    pub next_seq: u64,
+    /// The first 8 bytes of that record's chain value (big-endian, as the
+    /// hex reads; 0 for none), telling its trail from another file.
+    pub chain: u64,
+    /// Audited decisions of the edge and the tunnel program that the trail's
+    /// records up to `next_seq - 1` stand for, since the `up` that replaced
+    /// no programs: the same span as the counters (own plus `carried`).
+    pub accounted: [u64; 2],
+    /// The counters of the programs these replaced, summed over their CPUs
+    /// and their own `carried`; the audit's own slots (events suppressed
+    /// and lost) stay 0, since each program set reports its own.
+    pub carried: [u64; COUNTER_SLOTS as usize],
+    /// `[events_suppressed, events_lost]` of these programs (edge, tunnel)
+    /// that `lost` records up to `next_seq - 1` reported.
+    pub reported: [[u64; 2]; 2],
+}
+const _: () = assert!(size_of::<Ledger>() == size_of::<CpuState>());
+const _: () =
+    assert!(core::mem::offset_of!(Ledger, carried) == core::mem::offset_of!(CpuState, counters));
+
+impl Default for Ledger {
+    fn default() -> Self {
+        Self {
+            next_seq: 0,
+            chain: 0,
+            accounted: [0; 2],
+            carried: [0; COUNTER_SLOTS as usize],
+            reported: [[0; 2]; 2],
+        }
+    }
+}
 
 /// Deny events each CPU may send per second; the rest are counted in
 /// [`reason::EVENTS_SUPPRESSED`]. Allow events are never rate-limited.
@@ -673,6 +725,7 @@ mod pod {
     unsafe impl aya::Pod for super::SourceKey {}
     unsafe impl aya::Pod for super::SummaryCacheSlot {}
     unsafe impl aya::Pod for super::CpuState {}
+    unsafe impl aya::Pod for super::Ledger {}
     unsafe impl aya::Pod for super::FlowSummary {}
     unsafe impl aya::Pod for super::SummaryKey {}
 }

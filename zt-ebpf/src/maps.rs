@@ -83,7 +83,8 @@ pub static ZT_SSH_V6: LpmTrie<[u8; 16], u8> =
 
 // Each CPU's counters, clock and audit limiter (see zt_common::CpuState for
 // why not a per-CPU map). One entry here; the loader sizes it to the
-// possible CPUs. Mmapable for two reasons: the kernel then puts the values
+// possible CPUs, plus one that no program touches: user space's
+// zt_common::Ledger, which lives as long as the programs. Mmapable for two reasons: the kernel then puts the values
 // on a page boundary, so each 64-byte multiple starts a cache line (a plain
 // array's values start where `struct bpf_array` ends, 56 bytes into a line
 // on 6.18, and every entry would straddle lines); and user space reads the

@@ -212,13 +212,10 @@ pub fn count_peer(peer: &PeerInfo, allowed: bool) {
     }
 }
 
-/// Whether this decision is audited at all: denies, and allows that open a
-/// TCP connection.
+/// Whether an allowed decision is audited: when it opens a TCP connection.
+/// (Every deny is.)
 #[inline(always)]
-fn audited(p: Option<&Packet>, code: u32) -> bool {
-    if !reason::is_allow(code) {
-        return true;
-    }
+fn audited_allow(p: Option<&Packet>, code: u32) -> bool {
     match p {
         Some(p) => {
             p.protocol == proto::TCP
@@ -288,8 +285,14 @@ pub fn decision(
     if audit {
         count(cpu, program, reason::WOULD_DROP);
     }
-    if !audited(p, code) {
-        return;
+    if reason::is_allow(code) {
+        if !audited_allow(p, code) {
+            return;
+        }
+        // Denies need no count of their own: every one is audited. With
+        // this, user space knows how many decisions the trail must account
+        // for, which is how a daemon killed mid-write is made up for.
+        count(cpu, program, reason::ALLOWS_AUDITED);
     }
     // The cheapest case first: this CPU already counts the flow for this
     // window. This is what every packet of a flood of a few flows takes;

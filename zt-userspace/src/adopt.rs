@@ -7,11 +7,15 @@
 //! Both sides are opened by kernel map id, like the control commands do, so
 //! this works whatever started the old programs and from any mount
 //! namespace. The copy runs twice: once before anything new is attached
-//! (everything), and once after the swap (the flow-like tables only), which
-//! picks up what the old programs recorded between the two. A table the new
-//! config makes smaller takes the most recently used entries that fit; the
-//! rest are counted in [`Adopted::left_out`]. The old ring buffer is not
-//! copied but read: see [`Maps::take_ring`].
+//! (everything), and once after the swap (the flow-like tables and the
+//! per-reason counters), which picks up what the old programs recorded
+//! between the two. A table the new config makes smaller takes the most
+//! recently used entries that fit; the rest are counted in
+//! [`Adopted::left_out`]. The per-reason counters go to the new programs'
+//! ledger ([`zt_common::Ledger`]), which no program writes, so they can be
+//! set again at any time: the daemon sets them a last time once the old
+//! programs are certainly idle (`audit::kernel::Feed::recover`). The old
+//! audit maps are not copied but read: see [`Maps::take`].
 //!
 //! The old maps are opened once, before the swap, and held: once detached,
 //! the old programs are unloaded, and their maps would go with them.
@@ -24,6 +28,8 @@ use zt_common::{
     COUNTER_SLOTS, CpuState, EventBucket, FlowKey, FlowState, FragmentKey, PeerCounters, SourceKey,
     map, program, reason,
 };
+
+use crate::audit::ledger::{LedgerEntry, LedgerError};
 
 /// Why the state of the replaced programs could not be adopted.
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +46,10 @@ pub enum AdoptError {
         #[source]
         source: MapError,
     },
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+    #[error("the new programs have no ledger entry in {}", map::CPU_STATE)]
+    NoLedger,
 }
 
 /// Which copy this is.
@@ -47,8 +57,10 @@ pub enum AdoptError {
 pub enum Pass {
     /// Before the new programs are attached: every table and counter.
     BeforeSwap,
-    /// After the swap: the flow, fragment and echo tables again, for what
-    /// the old programs recorded meanwhile. Counters are not copied twice.
+    /// After the swap: the flow, fragment and echo tables and the
+    /// per-reason counters again, for what the old programs recorded
+    /// meanwhile. The per-peer counters are not: they would overwrite what
+    /// the new programs counted since.
     AfterSwap,
 }
 
@@ -93,8 +105,8 @@ impl Maps {
         Ok(Self(maps))
     }
 
-    /// The map `name` as aya's typed enum (a fresh fd on the same map).
-    fn map(&self, name: &'static str) -> Result<Option<Map>, AdoptError> {
+    /// The map `name` on a fresh fd.
+    fn data(&self, name: &'static str) -> Result<Option<MapData>, AdoptError> {
         let Some(data) = self.0.get(name) else {
             return Ok(None);
         };
@@ -102,18 +114,62 @@ impl Maps {
             .info()
             .map_err(|source| AdoptError::Copy { name, source })?
             .id();
-        let fresh = MapData::from_id(id).map_err(|source| AdoptError::Open { id, source })?;
-        Map::from_map_data(fresh)
+        MapData::from_id(id)
             .map(Some)
-            .map_err(|source| AdoptError::Copy { name, source })
+            .map_err(|source| AdoptError::Open { id, source })
     }
 
-    /// The audit ring buffer, taken out: the new daemon writes what is
-    /// left in it once the old one is gone
-    /// (`audit::kernel::Feed::drain_inherited`).
+    /// The map `name` as aya's typed enum (a fresh fd on the same map).
+    fn map(&self, name: &'static str) -> Result<Option<Map>, AdoptError> {
+        self.data(name)?
+            .map(|d| Map::from_map_data(d).map_err(|source| AdoptError::Copy { name, source }))
+            .transpose()
+    }
+
+    /// The map `name`, taken out: the audit ring buffer and summary maps,
+    /// which the new daemon reads once the old one is gone
+    /// (`audit::kernel::Feed::recover`).
     #[must_use]
-    pub fn take_ring(&mut self) -> Option<MapData> {
-        self.0.remove(map::EVENTS)
+    pub fn take(&mut self, name: &'static str) -> Option<MapData> {
+        self.0.remove(name)
+    }
+
+    /// The ledger of these programs' state array; `None` for programs of an
+    /// older build, which have none.
+    ///
+    /// # Errors
+    /// When the array cannot be opened.
+    pub fn ledger(&self) -> Result<Option<LedgerEntry>, AdoptError> {
+        match self.data(map::CPU_STATE)? {
+            Some(d) => Ok(LedgerEntry::open(d)?),
+            None => Ok(None),
+        }
+    }
+
+    /// Every per-reason counter of these programs, summed over their state
+    /// array: the CPUs' counts and what their ledger carries. The programs
+    /// may be counting meanwhile: a lookup copies each entry as the kernel
+    /// has it, a counter possibly a packet behind, never torn into a wrong
+    /// value on x86's aligned 8-byte stores.
+    ///
+    /// # Errors
+    /// When the array cannot be read.
+    pub fn counter_totals(&self) -> Result<[u64; COUNTER_SLOTS as usize], AdoptError> {
+        let err = |source| AdoptError::Copy {
+            name: map::CPU_STATE,
+            source,
+        };
+        let mut totals = [0u64; COUNTER_SLOTS as usize];
+        let Some(from) = self.map(map::CPU_STATE)? else {
+            return Ok(totals);
+        };
+        let from: Array<_, CpuState> = Array::try_from(&from).map_err(err)?;
+        for state in from.iter().filter_map(Result::ok) {
+            for (total, n) in totals.iter_mut().zip(state.counters) {
+                *total += n;
+            }
+        }
+        Ok(totals)
     }
 
     fn max_entries(&self, name: &'static str) -> Result<usize, AdoptError> {
@@ -154,8 +210,8 @@ pub fn adopt(old: &Maps, new: &Maps, peers: u32, pass: Pass) -> Result<Adopted, 
         ..Adopted::default()
     });
     copy_local_ports(old, new)?;
+    carry_counters(old, new)?;
     if pass == Pass::BeforeSwap {
-        copy_counters(old, new)?;
         copy_peer_counters(old, new, peers)?;
     }
     Ok(adopted)
@@ -238,35 +294,28 @@ const fn carried(slot: u32) -> bool {
         && (code == reason::EVENTS_SUPPRESSED || code == reason::EVENTS_LOST))
 }
 
-/// The per-reason counters, summed over the old CPUs, into the new
-/// programs' first CPU entry (`status` sums over CPUs). The new programs
-/// are not attached yet, so nothing else writes their state.
-fn copy_counters(old: &Maps, new: &Maps) -> Result<(), AdoptError> {
-    let err = |source| AdoptError::Copy {
-        name: map::CPU_STATE,
-        source,
-    };
-    let (Some(from), Some(mut to)) = (old.map(map::CPU_STATE)?, new.map(map::CPU_STATE)?) else {
-        return Ok(());
-    };
-    let from: Array<_, CpuState> = Array::try_from(&from).map_err(err)?;
-    let mut totals = [0u64; COUNTER_SLOTS as usize];
-    // A lookup copies each entry as the kernel has it; a counter the old
-    // programs add to meanwhile may be a packet behind, never torn into a
-    // wrong value on x86's aligned 8-byte stores.
-    for state in from.iter().filter_map(Result::ok) {
-        for (slot, total) in (0u32..).zip(totals.iter_mut()) {
-            if carried(slot) {
-                *total += state.counters[slot as usize];
-            }
+/// What the new programs carry of the old programs' counters `totals`
+/// ([`Maps::counter_totals`]): all but the audit's own bookkeeping.
+#[must_use]
+pub fn carried_counters(totals: &[u64; COUNTER_SLOTS as usize]) -> [u64; COUNTER_SLOTS as usize] {
+    let mut out = *totals;
+    for (slot, n) in (0u32..).zip(out.iter_mut()) {
+        if !carried(slot) {
+            *n = 0;
         }
     }
-    let mut to: Array<_, CpuState> = Array::try_from(&mut to).map_err(err)?;
-    let mut first = to.get(&0, 0).map_err(err)?;
-    for (mine, carried) in first.counters.iter_mut().zip(totals) {
-        *mine += carried;
-    }
-    to.set(0, first, 0).map_err(err)
+    out
+}
+
+/// The per-reason counters, summed over the old state array, into the new
+/// programs' ledger (`status` sums it with the CPUs' counts). Set, not
+/// added: every pass leaves the old programs' latest totals there.
+fn carry_counters(old: &Maps, new: &Maps) -> Result<(), AdoptError> {
+    let carried = carried_counters(&old.counter_totals()?);
+    let mut to = new.ledger()?.ok_or(AdoptError::NoLedger)?;
+    let mut ledger = to.read()?;
+    ledger.carried = carried;
+    Ok(to.write(&ledger)?)
 }
 
 /// The per-peer counters of peers `0..peers`, CPU by CPU.

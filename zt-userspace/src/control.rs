@@ -78,6 +78,10 @@ pub struct ProgramStatus {
     pub policy_mode: Option<Mode>,
     /// The reasons that drop even in audit mode: the parser's refusals.
     pub drops_in_audit: Vec<&'static str>,
+    /// Audited decisions: every drop, and each allowed new connection
+    /// (`allows_audited`). The audit trail's `ztxdp.decisions` of this
+    /// program sum to it (see "The audit trail" in the README).
+    pub audited: u64,
     /// Entries in each set-like map.
     pub maps: BTreeMap<&'static str, usize>,
     /// The most entries each of `maps` can hold.
@@ -218,6 +222,7 @@ fn program_status(
             .filter(|&&code| reason::drops_in_audit(code))
             .map(|&code| reason::name(code))
             .collect(),
+        audited: crate::audit::ledger::audited_of(|code| by_code.get(&code).copied().unwrap_or(0)),
         maps,
         capacity,
         peers,

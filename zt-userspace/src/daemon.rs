@@ -12,16 +12,19 @@ use std::{path::PathBuf, time::Duration};
 
 use aya::{
     Ebpf,
-    maps::{MapData, RingBuf},
+    maps::RingBuf,
     programs::{SchedClassifier, TcAttachType, Xdp},
 };
 use tokio::signal::unix::SignalKind;
 use zt_common::{map, program};
 
 use crate::{
-    adopt::{self, Pass},
+    adopt::{self, AdoptError, Pass},
     attach::{self, AttachError, Attachment, XdpMode},
-    audit::{self, AuditError, Names, Trail, kernel::Feed, record::Program, stream::Server},
+    audit::{
+        self, AuditError, Names, Trail, kernel::Feed, ledger::LedgerEntry, record::Program,
+        stream::Server,
+    },
     config::{Config, ConfigError},
     drift,
     grants::{GrantsError, GrantsLock, RuntimeGrants},
@@ -53,6 +56,8 @@ pub enum DaemonError {
     Metrics(#[from] metrics::MetricsError),
     #[error(transparent)]
     Drift(#[from] drift::DriftError),
+    #[error("our own maps: {0}")]
+    OwnMaps(#[from] AdoptError),
     #[error("the BPF object has no audit ring buffer ({name})")]
     NoRingBuffer { name: &'static str },
     #[error("audit ring buffer: {source}")]
@@ -135,17 +140,20 @@ pub async fn up(opts: &UpOptions, ready: impl FnOnce(&Enforcing)) -> Result<(), 
     };
 
     let handle = attach::connect()?;
+    let new_maps = adopt::Maps::open(&loader::map_ids(&ebpf))?;
+    let ledger = new_maps.ledger()?.ok_or(AdoptError::NoLedger)?;
     // The state of the programs we replace: adopted before the swap, and
-    // once more after it for what they recorded meanwhile.
-    let mut old_maps = open_replaced(&handle, &ebpf).await;
+    // once more after it for what they recorded meanwhile. Held open until
+    // the trail is ours: their audit maps hold what their daemon did not
+    // write yet.
+    let old_maps = open_replaced(&handle).await;
     let peers = tunnel_policy
         .as_ref()
         .map_or(0, |t| u32::try_from(t.peers.len()).unwrap_or(u32::MAX));
-    adopt_state(old_maps.as_ref(), peers, Pass::BeforeSwap);
+    adopt_state(old_maps.as_ref(), &new_maps, peers, Pass::BeforeSwap);
     let enforcing = attach_all(&mut ebpf, &config, tunnel_policy.as_ref(), &handle).await?;
-    adopt_state(old_maps.as_ref(), peers, Pass::AfterSwap);
-    let inherited = old_maps.as_mut().and_then(|(old, _)| old.take_ring());
-    drop(old_maps);
+    adopt_state(old_maps.as_ref(), &new_maps, peers, Pass::AfterSwap);
+    drop(new_maps);
     drop(grants_lock);
     let ids = ProgramIds::of(&enforcing);
     ids.record(&config, tunnel_policy.as_ref());
@@ -171,7 +179,7 @@ pub async fn up(opts: &UpOptions, ready: impl FnOnce(&Enforcing)) -> Result<(), 
         &mut trail,
         &mut running,
         (&handle, &enforcing),
-        inherited,
+        (old_maps, ledger),
     )
     .await;
     if matches!(stop, Ok(Stop::Signal)) {
@@ -190,14 +198,11 @@ pub async fn up(opts: &UpOptions, ready: impl FnOnce(&Enforcing)) -> Result<(), 
     Ok(flushed?)
 }
 
-/// The maps of the programs a new `up` replaces, held open (with the new
-/// programs' maps) so that they outlive the swap; `None` when nothing of
-/// ours runs here, or they cannot be opened (logged: the new programs then
-/// start empty, enforcement is not at stake).
-async fn open_replaced(
-    handle: &rtnetlink::Handle,
-    ebpf: &Ebpf,
-) -> Option<(adopt::Maps, adopt::Maps)> {
+/// The maps of the programs a new `up` replaces, held open so that they
+/// outlive the swap; `None` when nothing of ours runs here, or they cannot
+/// be opened (logged: the new programs then start empty, enforcement is not
+/// at stake).
+async fn open_replaced(handle: &rtnetlink::Handle) -> Option<adopt::Maps> {
     let old = match attach::find(handle).await {
         Ok(found) if !found.is_empty() => found.map_ids(),
         Ok(_) => return None,
@@ -206,23 +211,18 @@ async fn open_replaced(
             return None;
         }
     };
-    match (
-        adopt::Maps::open(&old),
-        adopt::Maps::open(&loader::map_ids(ebpf)),
-    ) {
-        (Ok(old), Ok(new)) => Some((old, new)),
-        (Err(e), _) | (_, Err(e)) => {
+    adopt::Maps::open(&old)
+        .inspect_err(|e| {
             tracing::warn!(error = %e, "could not open the maps to adopt; starting empty");
-            None
-        }
-    }
+        })
+        .ok()
 }
 
 /// Adopts what the programs we replace know (see [`adopt`]). A failure
 /// costs connections and counts, not enforcement: it is logged, and the
 /// new programs start with what they have.
-fn adopt_state(maps: Option<&(adopt::Maps, adopt::Maps)>, peers: u32, pass: Pass) {
-    let Some((old, new)) = maps else {
+fn adopt_state(old: Option<&adopt::Maps>, new: &adopt::Maps, peers: u32, pass: Pass) {
+    let Some(old) = old else {
         return;
     };
     match adopt::adopt(old, new, peers, pass) {
@@ -625,7 +625,7 @@ async fn stream_audit(
     trail: &mut Trail,
     running: &mut Running<'_>,
     (handle, enforcing): (&rtnetlink::Handle, &Enforcing),
-    inherited_ring: Option<MapData>,
+    (mut replaced, ledger): (Option<adopt::Maps>, LedgerEntry),
 ) -> Result<Stop, DaemonError> {
     let signal =
         |kind| tokio::signal::unix::signal(kind).map_err(|source| DaemonError::Signal { source });
@@ -636,15 +636,12 @@ async fn stream_audit(
     // in the ring buffer meanwhile.
     trail.start().await?;
     // Now that the daemon we replaced is gone, what its programs decided
-    // after its last read (or since a `kill -9`) is ours to write.
-    if let Some(ring) = inherited_ring {
-        match feed.drain_inherited(ring, trail) {
-            Ok(n) => tracing::info!(records = n, "wrote the replaced programs' last events"),
-            Err(e) => {
-                tracing::warn!(error = %e, "could not read the replaced programs' ring buffer");
-            }
-        }
-    }
+    // after its last read (or since a `kill -9`), and what it had not
+    // written when it was killed, is ours to write.
+    let mut keeper = feed.recover(replaced.as_mut(), ledger, trail)?;
+    drop(replaced);
+    trail.on_written(Box::new(move |written| keeper.written(written)));
+    trail.commit();
     // Bound once the trail is ours: a daemon being replaced serves its own
     // reloads until then.
     let control = Server::bind_named(reload::SOCKET)?;
@@ -656,7 +653,7 @@ async fn stream_audit(
         tokio::select! {
             ready = feed.readable() => {
                 ready?;
-                feed.drain(trail);
+                feed.drain_batch(trail);
                 trail.commit();
             }
             _ = tick.tick() => {

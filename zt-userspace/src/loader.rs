@@ -115,7 +115,8 @@ pub fn load(opts: LoadOptions) -> Result<Ebpf, LoadError> {
         )
         .override_global(global::EDGE_CONFIG, &edge, true)
         .map_max_entries(map::FLOWS, opts.flow_entries)
-        .map_max_entries(map::CPU_STATE, cpus)
+        // The CPUs' entries and the ledger after them.
+        .map_max_entries(map::CPU_STATE, cpus.saturating_add(1))
         .map_max_entries(map::SUMMARY_CACHE, cpus.saturating_mul(SUMMARY_CACHE_SLOTS))
         .load(crate::BPF_OBJECT)
         .map_err(|e| {
@@ -217,6 +218,17 @@ pub fn cpu_slots() -> Result<u32, LoadError> {
         .ok_or_else(|| LoadError::Cpus {
             source: std::io::Error::other(format!("unexpected CPU list {:?}", list.trim())),
         })
+}
+
+/// Where the ledger ([`zt_common::Ledger`]) is in a state array of
+/// `entries`: after the CPUs'. `None` when there is no entry for it
+/// (programs loaded by an older build).
+///
+/// # Errors
+/// When the CPUs cannot be counted.
+pub fn ledger_index(entries: u32) -> Result<Option<u32>, LoadError> {
+    let cpus = cpu_slots()?;
+    Ok((entries == cpus.saturating_add(1)).then_some(cpus))
 }
 
 /// The highest CPU number in a kernel CPU list such as `0-3,8-11`.

@@ -302,6 +302,7 @@ impl Tables {
         } else {
             &[
                 reason::WOULD_DROP,
+                reason::ALLOWS_AUDITED,
                 reason::EVENTS_SUPPRESSED,
                 reason::EVENTS_LOST,
             ]

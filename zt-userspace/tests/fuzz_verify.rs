@@ -274,7 +274,12 @@ fn trail(
             // Not `first_seq..`: that range overflows past its last item.
             for (i, (time_ns, body)) in (0..n).zip(bodies) {
                 let seq = first_seq + i;
-                let record = Record { seq, time_ns, body };
+                let record = Record {
+                    seq,
+                    time_ns,
+                    body,
+                    previous_run: false,
+                };
                 let (line, next) = chain::seal(&prev, &unchained(format, &record));
                 lines.push(line + "\n");
                 prev = next;

@@ -21,6 +21,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod audit;
+
 use serde_json::Value;
 use zt_tests::{
     lab::{EDGE_V4, HOST_INTERFACE, Lab},

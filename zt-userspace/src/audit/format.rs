@@ -118,9 +118,14 @@ fn ztxdp_base(r: &Record) -> Map<String, Value> {
     if let Some(n) = r.body.decisions() {
         z.insert("decisions".into(), json!(n));
     }
+    if r.previous_run {
+        z.insert("previous_run".into(), json!(true));
+    }
     z
 }
 
+/// The counts of a `lost` record, the same in both formats: `unwritten`
+/// only where a killed daemon left some.
 fn peer_value(p: &Peer) -> Value {
     json!({ "name": p.name, "public_key": p.public_key })
 }
@@ -716,6 +721,7 @@ fn parse_ecs(v: &Value) -> Result<Record, FormatError> {
         seq: u64_at(v, "/ztxdp/seq")?,
         time_ns: parse_time(v, "/@timestamp")?,
         body,
+        previous_run: previous_run_at(v),
     })
 }
 
@@ -772,6 +778,13 @@ fn parse_drift(v: &Value) -> Result<Body, FormatError> {
     })
 }
 
+/// `ztxdp.previous_run`, present (and true) only on records of an earlier run.
+fn previous_run_at(v: &Value) -> bool {
+    v.pointer("/ztxdp/previous_run")
+        .and_then(Value::as_bool)
+        .unwrap_or(false)
+}
+
 /// A `syslog_dropped` record's body, the same in both formats.
 fn parse_syslog_dropped(v: &Value) -> Result<Body, FormatError> {
     Ok(Body::SyslogDropped {
@@ -820,6 +833,7 @@ fn parse_ocsf(v: &Value) -> Result<Record, FormatError> {
         seq: u64_at(v, "/ztxdp/seq")?,
         time_ns: parse_time(v, "/time_dt")?,
         body,
+        previous_run: previous_run_at(v),
     })
 }
 
@@ -875,6 +889,42 @@ fn cef_signature(body: &Body) -> (String, String, u8) {
     }
 }
 
+/// The CEF extension fields of a decision or summary of `flow`.
+fn cef_flow(flow: &Flow, body: &Body, ext: &mut Vec<(&str, String)>) {
+    ext.push(("act", flow.action().to_owned()));
+    ext.push(("reason", reason::name(flow.reason).to_owned()));
+    ext.push(("deviceInboundInterface", flow.interface.clone()));
+    if let Some(ip) = &flow.ip {
+        if ip.src.is_ipv4() {
+            ext.push(("src", ip.src.to_string()));
+            ext.push(("dst", ip.dst.to_string()));
+        } else {
+            ext.push(("c6a2", ip.src.to_string()));
+            ext.push(("c6a2Label", "Source IPv6 Address".to_owned()));
+            ext.push(("c6a3", ip.dst.to_string()));
+            ext.push(("c6a3Label", "Destination IPv6 Address".to_owned()));
+        }
+        if let (Some(s), Some(d)) = (ip.src_port, ip.dst_port) {
+            ext.push(("spt", s.to_string()));
+            ext.push(("dpt", d.to_string()));
+        }
+        ext.push(("proto", record::transport_name(ip.protocol).to_uppercase()));
+    }
+    ext.push(("cs2", flow.program.name().to_owned()));
+    ext.push(("cs2Label", "program".to_owned()));
+    if let Some(p) = &flow.peer {
+        ext.push(("cs3", p.name.clone()));
+        ext.push(("cs3Label", "peer".to_owned()));
+    }
+    if let Body::Summary {
+        start_ns, end_ns, ..
+    } = body
+    {
+        ext.push(("start", ms(*start_ns).to_string()));
+        ext.push(("end", ms(*end_ns).to_string()));
+    }
+}
+
 /// One record as an `ArcSight` CEF line (version 0), for `ztxdp events`.
 #[must_use]
 pub fn cef(r: &Record, chain: &str) -> String {
@@ -882,38 +932,7 @@ pub fn cef(r: &Record, chain: &str) -> String {
     let (signature, name, severity) = cef_signature(&r.body);
     match &r.body {
         Body::Decision { flow, .. } | Body::Summary { flow, .. } => {
-            ext.push(("act", flow.action().to_owned()));
-            ext.push(("reason", reason::name(flow.reason).to_owned()));
-            ext.push(("deviceInboundInterface", flow.interface.clone()));
-            if let Some(ip) = &flow.ip {
-                if ip.src.is_ipv4() {
-                    ext.push(("src", ip.src.to_string()));
-                    ext.push(("dst", ip.dst.to_string()));
-                } else {
-                    ext.push(("c6a2", ip.src.to_string()));
-                    ext.push(("c6a2Label", "Source IPv6 Address".to_owned()));
-                    ext.push(("c6a3", ip.dst.to_string()));
-                    ext.push(("c6a3Label", "Destination IPv6 Address".to_owned()));
-                }
-                if let (Some(s), Some(d)) = (ip.src_port, ip.dst_port) {
-                    ext.push(("spt", s.to_string()));
-                    ext.push(("dpt", d.to_string()));
-                }
-                ext.push(("proto", record::transport_name(ip.protocol).to_uppercase()));
-            }
-            ext.push(("cs2", flow.program.name().to_owned()));
-            ext.push(("cs2Label", "program".to_owned()));
-            if let Some(p) = &flow.peer {
-                ext.push(("cs3", p.name.clone()));
-                ext.push(("cs3Label", "peer".to_owned()));
-            }
-            if let Body::Summary {
-                start_ns, end_ns, ..
-            } = &r.body
-            {
-                ext.push(("start", ms(*start_ns).to_string()));
-                ext.push(("end", ms(*end_ns).to_string()));
-            }
+            cef_flow(flow, &r.body, &mut ext);
         }
         Body::Lost {
             program,
@@ -964,6 +983,10 @@ pub fn cef(r: &Record, chain: &str) -> String {
     if let Some(n) = r.body.decisions() {
         ext.push(("cnt", n.to_string()));
     }
+    if r.previous_run {
+        ext.push(("cs5", "previous".to_owned()));
+        ext.push(("cs5Label", "run".to_owned()));
+    }
     ext.push(("externalId", r.seq.to_string()));
     ext.push(("cs1", chain.to_owned()));
     ext.push(("cs1Label", "chain".to_owned()));
@@ -989,6 +1012,7 @@ mod tests {
 
     fn tcp_deny() -> Record {
         Record {
+            previous_run: false,
             seq: 7,
             time_ns: T,
             body: Body::Decision {
@@ -1012,8 +1036,13 @@ mod tests {
         }
     }
 
+    #[expect(
+        clippy::too_many_lines,
+        reason = "one literal record of each kind, side by side"
+    )]
     fn samples() -> Vec<Record> {
         let tunnel_allow = Record {
+            previous_run: false,
             seq: 8,
             time_ns: T + 1,
             body: Body::Decision {
@@ -1039,6 +1068,7 @@ mod tests {
             },
         };
         let arp = Record {
+            previous_run: false,
             seq: 9,
             time_ns: T + 2,
             body: Body::Decision {
@@ -1057,6 +1087,7 @@ mod tests {
             unreachable!("a decision")
         };
         let summary = Record {
+            previous_run: false,
             seq: 10,
             time_ns: T + 3,
             body: Body::Summary {
@@ -1067,6 +1098,7 @@ mod tests {
             },
         };
         let lost = Record {
+            previous_run: false,
             seq: 11,
             time_ns: T + 4,
             body: Body::Lost {
@@ -1078,6 +1110,7 @@ mod tests {
             },
         };
         let gap = Record {
+            previous_run: false,
             seq: 12,
             time_ns: T + 5,
             body: Body::SyslogDropped {
@@ -1093,6 +1126,7 @@ mod tests {
                 previous_head: "ab".repeat(32),
                 reason: record::GapReason::Unlinked,
             },
+            previous_run: false,
         };
         let mut all = vec![
             tcp_deny(),
@@ -1104,9 +1138,26 @@ mod tests {
             trail_gap,
             would_deny(),
             would_deny_summary(),
+            previous_run(),
         ];
         all.extend(drift_samples());
         all
+    }
+
+    /// What a new `up` writes for the programs it replaced.
+    fn previous_run() -> Record {
+        Record {
+            previous_run: true,
+            seq: 45,
+            time_ns: T + 10,
+            body: Body::Lost {
+                program: Program::Tunnel,
+                interface: "wg0".into(),
+                rate_limited: 1,
+                ring_full: 0,
+                unwritten: 40,
+            },
+        }
     }
 
     /// A drift record, and one back in sync.
@@ -1122,6 +1173,7 @@ mod tests {
                     "ssh_allow: 203.0.113.0/24 extra".into(),
                 ],
             },
+            previous_run: false,
         };
         let in_sync = Record {
             seq: 42,
@@ -1131,6 +1183,7 @@ mod tests {
                 differences: 0,
                 summary: Vec::new(),
             },
+            previous_run: false,
         };
         [drift, in_sync]
     }
@@ -1165,6 +1218,7 @@ mod tests {
                 start_ns: T,
                 end_ns: T + 1_000_000_000,
             },
+            previous_run: false,
         }
     }
 
@@ -1274,6 +1328,20 @@ mod tests {
         assert!(
             gap["ztxdp"].get("decisions").is_none(),
             "a forwarding gap is not a decision count"
+        );
+        assert!(
+            lost["ztxdp"].get("previous_run").is_none(),
+            "only records of a previous run say so: {lost}"
+        );
+        let earlier = json(AuditFormat::Ecs, &previous_run());
+        assert_eq!(earlier["ztxdp"]["previous_run"], true);
+        assert_eq!(
+            (
+                earlier["ztxdp"]["unwritten"].as_u64(),
+                earlier["ztxdp"]["lost"].as_u64(),
+                earlier["ztxdp"]["decisions"].as_u64()
+            ),
+            (Some(40), Some(41), Some(41))
         );
         let arp = json(AuditFormat::Ecs, &all[2]);
         assert!(
@@ -1495,6 +1563,17 @@ mod tests {
             cef(&all[4], GENESIS).contains(" cnt=17043 "),
             "lost records count what they stand for"
         );
+        let earlier = cef(&previous_run(), GENESIS);
+        for field in [
+            "cn3=40 cn3Label=unwritten",
+            "cnt=41",
+            "cs5=previous cs5Label=run",
+        ] {
+            assert!(
+                earlier.contains(&format!(" {field} ")),
+                "{field} missing: {earlier}"
+            );
+        }
         assert_eq!(cef_header("a|b\\c"), "a\\|b\\\\c");
     }
 }

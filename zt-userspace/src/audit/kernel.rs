@@ -6,7 +6,9 @@
 //! of a decision record (1 + its `suppressed`), a summary record (its
 //! count), or a `lost` record (the counter deltas). Summing
 //! `ztxdp.decisions` over the trail gives the audited decisions `status`
-//! counts.
+//! counts. A new `up` writes what the daemon of the programs it replaced
+//! left in their maps ([`Feed::recover`]), and its ledger makes the sum
+//! exact across a `kill -9` (see [`super::ledger`]).
 
 use std::{
     collections::HashMap,
@@ -18,15 +20,17 @@ use std::{
 use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData, RingBuf};
 use tokio::io::unix::AsyncFd;
 use zt_common::{
-    Event, FlowSummary, SUMMARY_CACHE_SLOTS, SUMMARY_WINDOW_NS, SummaryCacheSlot, SummaryKey, map,
-    program, reason, summary_cache_index, summary_cache_slot, summary_window, summary_window_start,
+    COUNTER_SLOTS, Event, FlowSummary, Ledger, SUMMARY_CACHE_SLOTS, SUMMARY_WINDOW_NS,
+    SummaryCacheSlot, SummaryKey, counter_index, map, program, reason, summary_cache_index,
+    summary_cache_slot, summary_window, summary_window_start,
 };
 
 use super::{
     AuditError, Clock, Names, Trail,
+    ledger::{self, Keeper, LedgerEntry, Tally},
     record::{self, Body, Program},
 };
-use crate::tables::Tables;
+use crate::{adopt, tables::Tables};
 
 /// `BPF_MAP_LOOKUP_AND_DELETE_ELEM` (`enum bpf_cmd` in `uapi/linux/bpf.h`).
 const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
@@ -93,10 +97,54 @@ pub struct Summaries {
 /// When the object lacks one of them.
 pub fn take_summaries(ebpf: &mut aya::Ebpf) -> Result<Summaries, AuditError> {
     let mut take = |name| ebpf.take_map(name).ok_or(AuditError::MissingMap { name });
-    Ok(Summaries {
-        table: take(map::SUMMARIES)?,
-        cache: take(map::SUMMARY_CACHE)?,
-    })
+    Summaries::new(take(map::SUMMARIES)?, take(map::SUMMARY_CACHE)?)
+}
+
+/// Records a drain or a sweep of this run's maps writes at a time. What
+/// leaves the kernel waits in memory until it is written, and a kill then
+/// loses its detail (the ledger still counts it, as `unwritten`): under a
+/// flood, one drain of a ring the programs keep filling took 1.9 s of
+/// records before this bound, a sweep 0.7 s (a debug build).
+const COMMIT_EVERY: u32 = 1024;
+
+/// Where records go: the trail, as records of this run or of the previous
+/// one, with what they stand for counted.
+struct Sink<'a> {
+    trail: &'a mut Trail,
+    previous_run: bool,
+    pushed: Tally,
+    /// Records pushed since the last commit.
+    pending: u32,
+}
+
+impl<'a> Sink<'a> {
+    const fn new(trail: &'a mut Trail, previous_run: bool) -> Self {
+        Self {
+            trail,
+            previous_run,
+            pushed: Tally {
+                accounted: [0; 2],
+                reported: [[0; 2]; 2],
+            },
+            pending: 0,
+        }
+    }
+
+    fn push(&mut self, time_ns: i64, body: Body) {
+        self.pushed.add_body(&body, self.previous_run);
+        if self.previous_run {
+            // Written in one go by the first commit, once the daemon keeps
+            // its ledger with every write (`Feed::recover`).
+            self.trail.push_previous(time_ns, body);
+            return;
+        }
+        self.trail.push(time_ns, body);
+        self.pending += 1;
+        if self.pending >= COMMIT_EVERY {
+            self.trail.commit();
+            self.pending = 0;
+        }
+    }
 }
 
 /// Which cache slots (window modulo `SUMMARY_CACHE_SLOTS`) can be collected
@@ -117,21 +165,27 @@ fn collectable_slots(now_ns: u64) -> Vec<u32> {
     out
 }
 
-/// Turns every event in `ring` into a decision record; returns how many.
+/// Turns the events in `ring` into decision records, at most `limit` of
+/// them; returns how many. Each event leaves the ring before its record is
+/// written: a kill in between loses the record, never writes it twice, and
+/// the ledger counts what was lost.
 fn drain_ring<T: std::borrow::Borrow<MapData>>(
     ring: &mut RingBuf<T>,
     names: &Names,
     clock: &Clock,
-    trail: &mut Trail,
+    out: &mut Sink<'_>,
+    limit: usize,
 ) -> usize {
     let mut written = 0;
-    while let Some(item) = ring.next() {
+    while written < limit
+        && let Some(item) = ring.next()
+    {
         if item.len() >= size_of::<Event>() {
             // SAFETY: the kernel wrote a whole Event (checked length);
             // read_unaligned copes with any alignment of the slot.
             let e: Event = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
             let (time_ns, body) = record::decision(&e, names, clock);
-            trail.push(time_ns, body);
+            out.push(time_ns, body);
             written += 1;
         }
     }
@@ -150,31 +204,20 @@ pub struct Feed {
     clock: Clock,
     /// `(EVENTS_SUPPRESSED, EVENTS_LOST)` already reported, per program.
     reported: [(u64, u64); 2],
+    /// The last [`Self::drain_batch`] left events in the ring.
+    more: bool,
 }
 
 impl Feed {
     /// Takes over the ring buffer and the summary table and cache.
     ///
     /// # Errors
-    /// When the ring buffer cannot be registered with the runtime or a
-    /// summary map has the wrong type.
+    /// When the ring buffer cannot be registered with the runtime.
     pub fn new(
         ring: RingBuf<MapData>,
         summaries: Summaries,
         names: Names,
     ) -> Result<Self, AuditError> {
-        BpfHashMap::<&MapData, SummaryKey, FlowSummary>::try_from(&summaries.table).map_err(
-            |source| AuditError::Map {
-                name: map::SUMMARIES,
-                source,
-            },
-        )?;
-        Array::<&MapData, SummaryCacheSlot>::try_from(&summaries.cache).map_err(|source| {
-            AuditError::Map {
-                name: map::SUMMARY_CACHE,
-                source,
-            }
-        })?;
         // SAFETY: the ring buffer owns its fd for as long as the AsyncFd owns
         // the ring buffer, so the fd cannot be closed while registered.
         let ring = unsafe { AsyncFd::register(ring) }.map_err(|e| AuditError::Ring {
@@ -186,6 +229,7 @@ impl Feed {
             names,
             clock: Clock::now(),
             reported: [(0, 0); 2],
+            more: false,
         })
     }
 
@@ -200,6 +244,9 @@ impl Feed {
     /// # Errors
     /// When polling the ring buffer fails.
     pub async fn readable(&mut self) -> Result<(), AuditError> {
+        if self.more {
+            return Ok(());
+        }
         let mut guard = self
             .ring
             .readable_mut()
@@ -213,136 +260,225 @@ impl Feed {
 
     /// Turns every event in the ring buffer into a decision record.
     pub fn drain(&mut self, trail: &mut Trail) {
-        drain_ring(self.ring.get_mut(), &self.names, &self.clock, trail);
+        let mut out = Sink::new(trail, false);
+        drain_ring(
+            self.ring.get_mut(),
+            &self.names,
+            &self.clock,
+            &mut out,
+            usize::MAX,
+        );
+        self.more = false;
     }
 
-    /// Writes the events left in the ring buffer of the programs we
-    /// replaced (`ring`, held open since before the swap): those made after their daemon's last drain, or
-    /// while no daemon ran at all (after a `kill -9`), up to the ring's
-    /// size; what did not fit was counted by those programs as lost.
-    /// Call it only once the daemon we replaced has let go of the trail,
-    /// so that no other reader consumes the ring. Returns how many.
-    ///
-    /// # Errors
-    /// When the map cannot be opened as a ring buffer or appending fails.
-    pub fn drain_inherited(&self, ring: MapData, trail: &mut Trail) -> Result<usize, AuditError> {
-        let map_err = |source| AuditError::Map {
-            name: map::EVENTS,
-            source,
-        };
-        let mut ring =
-            RingBuf::try_from(Map::from_map_data(ring).map_err(map_err)?).map_err(map_err)?;
-        Ok(drain_ring(&mut ring, &self.names, &self.clock, trail))
+    /// [`Self::drain`], of one batch at most: a ring the programs refill as
+    /// fast as it is read would otherwise keep the daemon from its other
+    /// work (sweeps, `lost` reports) for as long as a flood lasts. The next
+    /// [`Self::readable`] returns at once while events are left.
+    pub fn drain_batch(&mut self, trail: &mut Trail) {
+        let mut out = Sink::new(trail, false);
+        let limit = COMMIT_EVERY as usize;
+        let n = drain_ring(
+            self.ring.get_mut(),
+            &self.names,
+            &self.clock,
+            &mut out,
+            limit,
+        );
+        self.more = n == limit;
     }
 
     /// Removes summaries whose window is over and can no longer change
     /// (every one when `all`, once the programs are gone) and writes a
-    /// summary record for each with a count: the table's count plus what
-    /// the CPUs' caches counted for the same flow and window. Windows with
-    /// no count are removed too, so the table only holds recent flows.
+    /// summary record for each with a count.
     ///
     /// # Errors
     /// When a map cannot be read or written, or appending fails.
     pub fn sweep(&mut self, trail: &mut Trail, all: bool) -> Result<(), AuditError> {
-        let now = mono_ns();
-        let mut cached = self.collect_cache(all, now)?;
-        let table =
-            BpfHashMap::<&MapData, SummaryKey, FlowSummary>::try_from(&self.summaries.table)
-                .map_err(|source| AuditError::Map {
-                    name: map::SUMMARIES,
-                    source,
-                })?;
-        let due: Vec<SummaryKey> = table
-            .iter()
-            .filter_map(Result::ok)
-            // Only windows two or more behind the current one: the kernel
-            // still adds to the current window and takes over the previous
-            // one's count when a flow's next window opens.
-            .filter(|(k, _)| all || u64::from(k.window) + 1 < u64::from(summary_window(now)))
-            .map(|(k, _)| k)
-            .collect();
-        let fd = match &self.summaries.table {
-            Map::HashMap(d) | Map::LruHashMap(d) => d.fd().as_fd(),
-            _ => {
-                return Err(AuditError::WrongMapType {
-                    name: map::SUMMARIES,
-                });
+        let mut out = Sink::new(trail, false);
+        self.summaries
+            .sweep(&self.names, &self.clock, all, &mut out)
+            .map(drop)
+    }
+
+    /// Starts the ledger of our programs (`entry`) where the trail stands
+    /// now, and writes into the trail, as records of the previous run, what
+    /// the daemon of the programs we replaced (`old`, idle now) left in
+    /// their maps: the events in their ring buffer, the counts of their
+    /// summary table and cache, their rate-limit and ring-full counts not
+    /// yet reported, and, in a `lost` record's `unwritten`, the decisions
+    /// that daemon took out of the kernel but did not write (it was
+    /// killed). Call it once the trail is ours, before the first commit;
+    /// hand the keeper to [`Trail::on_written`]. A problem with the old
+    /// maps (programs of an older build, say) is logged: it costs records
+    /// of the previous run, not this daemon.
+    ///
+    /// # Errors
+    /// When our ledger cannot be stored.
+    pub fn recover(
+        &self,
+        old: Option<&mut adopt::Maps>,
+        entry: LedgerEntry,
+        trail: &mut Trail,
+    ) -> Result<Keeper, AuditError> {
+        let (next_seq, chain) = trail.head().ok_or(AuditError::NotStarted)?;
+        let mut start = Ledger {
+            next_seq,
+            chain: ledger::chain_prefix(chain),
+            ..Ledger::default()
+        };
+        let Some(old) = old else {
+            return Ok(Keeper::start(entry, start)?);
+        };
+        // Read now that the old programs are idle: what they counted after
+        // the copies `up` made around the swap is carried too.
+        let totals = match old.counter_totals() {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(error = %e, "audit: cannot read the replaced programs' counters; their leftovers are not written");
+                return Ok(Keeper::start(entry, start)?);
             }
         };
-        for key in due {
-            // The value as it was when removed: a decision counted between
-            // the walk and now is in it.
-            let value =
-                lookup_and_delete(fd, &key).map_err(|source| AuditError::Sweep { source })?;
-            if let Some(mut v) = value {
-                v.suppressed += cached.remove(&key).unwrap_or(0);
-                if v.suppressed > 0 {
-                    trail.push(
-                        record::now_ns(),
-                        record::summary(&key, &v, &self.names, &self.clock),
+        start.carried = adopt::carried_counters(&totals);
+        let known = Self::accounted_before(old, trail, next_seq);
+        if let Some(k) = &known {
+            // Stored before anything leaves the old maps: from here on the
+            // ledger counts what a kill would lose.
+            start.accounted = k.accounted;
+        }
+        let mut keeper = Keeper::start(entry, start)?;
+        let audited = ledger::audited(&start.carried);
+        let mut out = Sink::new(trail, true);
+        if let Err(e) = self.write_leftovers(old, &totals, audited, known.as_ref(), &mut out) {
+            tracing::warn!(error = %e, "audit: could not write all the replaced programs left");
+        }
+        if known.is_none() {
+            // How much of the old programs' decisions the trail holds is
+            // not known: take it as all they counted but what was written
+            // now, so that the sum over the trail is exact from here on.
+            keeper.set_accounted(
+                [0, 1].map(|i| audited[i].saturating_sub(out.pushed.accounted[i])),
+            )?;
+        }
+        Ok(keeper)
+    }
+
+    /// The records of [`Self::recover`]: events, summaries, and a `lost`
+    /// record per program for the counts not written (only the summaries
+    /// and events when `known`, what the trail accounts for, is not known).
+    fn write_leftovers(
+        &self,
+        old: &mut adopt::Maps,
+        totals: &[u64; COUNTER_SLOTS as usize],
+        audited: [u64; 2],
+        known: Option<&Tally>,
+        out: &mut Sink<'_>,
+    ) -> Result<(), AuditError> {
+        let map_err = |name| move |source| AuditError::Map { name, source };
+        let events = match old.take(map::EVENTS) {
+            Some(ring) => {
+                let ring = Map::from_map_data(ring).map_err(map_err(map::EVENTS))?;
+                let mut ring = RingBuf::try_from(ring).map_err(map_err(map::EVENTS))?;
+                drain_ring(&mut ring, &self.names, &self.clock, out, usize::MAX)
+            }
+            None => 0,
+        };
+        let summaries = match (old.take(map::SUMMARIES), old.take(map::SUMMARY_CACHE)) {
+            (Some(table), Some(cache)) => Summaries::new(
+                Map::from_map_data(table).map_err(map_err(map::SUMMARIES))?,
+                Map::from_map_data(cache).map_err(map_err(map::SUMMARY_CACHE))?,
+            )?
+            .sweep(&self.names, &self.clock, true, out)?,
+            _ => 0,
+        };
+        let mut lost = [0; 2];
+        for (prog, id) in [
+            (Program::Edge, program::EDGE),
+            (Program::Tunnel, program::TUNNEL),
+        ] {
+            let Some(k) = known else { break };
+            let i = id as usize;
+            let own = |code| totals[counter_index(id, code) as usize];
+            let rate_limited = own(reason::EVENTS_SUPPRESSED).saturating_sub(k.reported[i][0]);
+            let ring_full = own(reason::EVENTS_LOST).saturating_sub(k.reported[i][1]);
+            let in_trail = k.accounted[i] + out.pushed.accounted[i];
+            let unwritten = audited[i]
+                .checked_sub(in_trail + rate_limited + ring_full)
+                .unwrap_or_else(|| {
+                    tracing::warn!(
+                        program = prog.name(),
+                        audited = audited[i],
+                        in_trail,
+                        rate_limited,
+                        ring_full,
+                        "audit: the trail has more decisions of the replaced programs than they counted"
                     );
-                }
+                    0
+                });
+            lost[i] = rate_limited + ring_full + unwritten;
+            if lost[i] > 0 {
+                let body = Body::Lost {
+                    program: prog,
+                    interface: self.names.programs.get(&prog).cloned().unwrap_or_default(),
+                    rate_limited,
+                    ring_full,
+                    unwritten,
+                };
+                out.push(record::now_ns(), body);
             }
         }
-        // Counts of flows whose table entry is gone (evicted, or swept
-        // before the cache was collected).
-        for (key, count) in cached {
-            let v = FlowSummary {
-                window_start_ns: summary_window_start(key.window),
-                suppressed: count,
-            };
-            trail.push(
-                record::now_ns(),
-                record::summary(&key, &v, &self.names, &self.clock),
-            );
-        }
+        tracing::info!(
+            events,
+            summaries,
+            edge_lost = lost[0],
+            tunnel_lost = lost[1],
+            "wrote what the replaced programs' daemon left in the kernel"
+        );
         Ok(())
     }
 
-    /// Takes the counts out of the cache slots no program writes now (all
-    /// of them when `all`), zeroing them, summed per flow and window.
-    fn collect_cache(
-        &mut self,
-        all: bool,
-        now_ns: u64,
-    ) -> Result<HashMap<SummaryKey, u64>, AuditError> {
-        let map_error = |source| AuditError::Map {
-            name: map::SUMMARY_CACHE,
-            source,
+    /// What the trail up to `head` (the next `seq`) accounts for of the
+    /// replaced programs' decisions, from their ledger and the records
+    /// after it; `None` (logged) when that cannot be told.
+    fn accounted_before(old: &adopt::Maps, trail: &Trail, head: u64) -> Option<Tally> {
+        let not_counted = "what their daemon did not write is not counted";
+        let earlier = old
+            .ledger()
+            .and_then(|entry| entry.map(|e| e.read()).transpose().map_err(Into::into));
+        let earlier = match earlier {
+            Ok(Some(l)) if l.next_seq > 0 => l,
+            Ok(Some(_)) => {
+                tracing::warn!(
+                    "audit: the replaced programs' daemon never started its ledger; {not_counted}"
+                );
+                return None;
+            }
+            Ok(None) => {
+                tracing::warn!(
+                    "audit: the replaced programs keep no ledger (an older build); {not_counted}"
+                );
+                return None;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "audit: cannot read the replaced programs' ledger; {not_counted}");
+                return None;
+            }
         };
-        let mut cache =
-            Array::<&mut MapData, SummaryCacheSlot>::try_from(&mut self.summaries.cache)
-                .map_err(map_error)?;
-        let slots = if all {
-            (0..SUMMARY_CACHE_SLOTS).collect()
-        } else {
-            collectable_slots(now_ns)
-        };
-        let cpus = cache.len() / SUMMARY_CACHE_SLOTS;
-        let mut out: HashMap<SummaryKey, u64> = HashMap::new();
-        for cpu in 0..cpus {
-            for &slot in &slots {
-                let index = summary_cache_index(cpu, slot);
-                let mut v = cache.get(&index, 0).map_err(map_error)?;
-                let mut taken = false;
-                for way in v.ways.iter_mut().filter(|w| w.count > 0) {
-                    *out.entry(way.key).or_default() += way.count;
-                    way.count = 0;
-                    taken = true;
-                }
-                if taken {
-                    cache.set(index, v, 0).map_err(map_error)?;
-                }
+        match ledger::account_tail(trail.path(), &earlier, head) {
+            Ok(Some(t)) => Some(t),
+            Ok(None) => {
+                tracing::warn!(
+                    path = %trail.path().display(),
+                    ledger_seq = earlier.next_seq.saturating_sub(1),
+                    "audit: the trail is not the one the replaced programs' ledger describes (moved, rotated away or edited); what their daemon did not write is not counted"
+                );
+                None
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "audit: cannot read the trail back; what the replaced programs' daemon did not write is not counted");
+                None
             }
         }
-        if !all && collectable_slots(mono_ns()).len() < collectable_slots(now_ns).len() {
-            // The collection ran into the last quarter of a window: the
-            // oldest slot may have become the programs' own meanwhile.
-            tracing::warn!(
-                "audit: the summary cache was collected late; a flow's summary count may be off"
-            );
-        }
-        Ok(out)
     }
 
     /// Writes a `lost` record for each program whose rate-limit or
@@ -376,6 +512,137 @@ impl Feed {
             }
         }
         Ok(())
+    }
+}
+
+impl Summaries {
+    /// Checks the two maps' types.
+    ///
+    /// # Errors
+    /// When one is not what the programs declare.
+    fn new(table: Map, cache: Map) -> Result<Self, AuditError> {
+        BpfHashMap::<&MapData, SummaryKey, FlowSummary>::try_from(&table).map_err(|source| {
+            AuditError::Map {
+                name: map::SUMMARIES,
+                source,
+            }
+        })?;
+        Array::<&MapData, SummaryCacheSlot>::try_from(&cache).map_err(|source| {
+            AuditError::Map {
+                name: map::SUMMARY_CACHE,
+                source,
+            }
+        })?;
+        Ok(Self { table, cache })
+    }
+
+    /// Removes summaries whose window is over and can no longer change
+    /// (every one when `all`, once the programs are gone) and writes a
+    /// summary record for each with a count: the table's count plus what
+    /// the CPUs' caches counted for the same flow and window. Windows with
+    /// no count are removed too, so the table only holds recent flows.
+    /// Returns how many records.
+    fn sweep(
+        &mut self,
+        names: &Names,
+        clock: &Clock,
+        all: bool,
+        out: &mut Sink<'_>,
+    ) -> Result<usize, AuditError> {
+        let now = mono_ns();
+        let mut cached = self.collect_cache(all, now)?;
+        let table = BpfHashMap::<&MapData, SummaryKey, FlowSummary>::try_from(&self.table)
+            .map_err(|source| AuditError::Map {
+                name: map::SUMMARIES,
+                source,
+            })?;
+        let due: Vec<SummaryKey> = table
+            .iter()
+            .filter_map(Result::ok)
+            // Only windows two or more behind the current one: the kernel
+            // still adds to the current window and takes over the previous
+            // one's count when a flow's next window opens.
+            .filter(|(k, _)| all || u64::from(k.window) + 1 < u64::from(summary_window(now)))
+            .map(|(k, _)| k)
+            .collect();
+        let fd = match &self.table {
+            Map::HashMap(d) | Map::LruHashMap(d) => d.fd().as_fd(),
+            _ => {
+                return Err(AuditError::WrongMapType {
+                    name: map::SUMMARIES,
+                });
+            }
+        };
+        let mut written = 0;
+        for key in due {
+            // The value as it was when removed: a decision counted between
+            // the walk and now is in it.
+            let value =
+                lookup_and_delete(fd, &key).map_err(|source| AuditError::Sweep { source })?;
+            if let Some(mut v) = value {
+                v.suppressed += cached.remove(&key).unwrap_or(0);
+                if v.suppressed > 0 {
+                    out.push(record::now_ns(), record::summary(&key, &v, names, clock));
+                    written += 1;
+                }
+            }
+        }
+        // Counts of flows whose table entry is gone (evicted, or swept
+        // before the cache was collected).
+        for (key, count) in cached {
+            let v = FlowSummary {
+                window_start_ns: summary_window_start(key.window),
+                suppressed: count,
+            };
+            out.push(record::now_ns(), record::summary(&key, &v, names, clock));
+            written += 1;
+        }
+        Ok(written)
+    }
+
+    /// Takes the counts out of the cache slots no program writes now (all
+    /// of them when `all`), zeroing them, summed per flow and window.
+    fn collect_cache(
+        &mut self,
+        all: bool,
+        now_ns: u64,
+    ) -> Result<HashMap<SummaryKey, u64>, AuditError> {
+        let map_error = |source| AuditError::Map {
+            name: map::SUMMARY_CACHE,
+            source,
+        };
+        let mut cache = Array::<&mut MapData, SummaryCacheSlot>::try_from(&mut self.cache)
+            .map_err(map_error)?;
+        let slots = if all {
+            (0..SUMMARY_CACHE_SLOTS).collect()
+        } else {
+            collectable_slots(now_ns)
+        };
+        let cpus = cache.len() / SUMMARY_CACHE_SLOTS;
+        let mut out: HashMap<SummaryKey, u64> = HashMap::new();
+        for cpu in 0..cpus {
+            for &slot in &slots {
+                let index = summary_cache_index(cpu, slot);
+                let mut v = cache.get(&index, 0).map_err(map_error)?;
+                let mut taken = false;
+                for way in v.ways.iter_mut().filter(|w| w.count > 0) {
+                    *out.entry(way.key).or_default() += way.count;
+                    way.count = 0;
+                    taken = true;
+                }
+                if taken {
+                    cache.set(index, v, 0).map_err(map_error)?;
+                }
+            }
+        }
+        if !all && collectable_slots(mono_ns()).len() < collectable_slots(now_ns).len() {
+            // The collection ran into the last quarter of a window: the
+            // oldest slot may have become the programs' own meanwhile.
+            tracing::warn!(
+                "audit: the summary cache was collected late; a flow's summary count may be off"
+            );
+        }
+        Ok(out)
     }
 }
 

@@ -5,7 +5,9 @@
 //!   (and CEF for `ztxdp events`); [`chain`]: the hash chain.
 //! - [`writer`]: the file (sequence numbers, rotation, group commit, crash
 //!   safety); [`verify`]: `ztxdp audit verify`.
-//! - [`kernel`]: events, summaries and counters from the BPF maps.
+//! - [`kernel`]: events, summaries and counters from the BPF maps;
+//!   [`ledger`]: how far the trail accounts for them, kept in the
+//!   programs' maps so that a new `up` makes up for a killed daemon.
 //! - [`syslog`]: forwarding to a collector; [`stream`]: the live stream
 //!   behind `ztxdp events --follow`.
 //!
@@ -19,6 +21,7 @@
 pub mod chain;
 pub mod format;
 pub mod kernel;
+pub mod ledger;
 pub mod record;
 pub mod state;
 pub mod stream;
@@ -29,7 +32,7 @@ pub mod writer;
 use std::{
     collections::{BTreeMap, HashMap},
     io,
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -137,6 +140,10 @@ pub enum AuditError {
         #[source]
         source: TablesError,
     },
+    #[error(transparent)]
+    Ledger(#[from] ledger::LedgerError),
+    #[error("the audit trail was used before it started")]
+    NotStarted,
     #[error("cannot start the syslog forwarding thread: {source}")]
     Thread {
         #[source]
@@ -310,7 +317,7 @@ impl Running {
 
     /// Writes what is queued and hands it out; while the file refuses
     /// writes, tries (at most every few seconds) to write the counts.
-    fn write(&mut self, live: &broadcast::Sender<Arc<Sealed>>) {
+    fn write(&mut self, live: &broadcast::Sender<Arc<Sealed>>, on_written: Option<&mut OnWritten>) {
         if let Some(r) = &mut self.refused {
             if Instant::now() < r.retry_at {
                 return;
@@ -331,6 +338,9 @@ impl Running {
             }
         }
         let written = self.writer.write();
+        if let Some(f) = on_written {
+            f(&written.sealed);
+        }
         for s in written.sealed {
             if let Body::Lost { unwritten, .. } = s.record.body {
                 self.unwritten_total += unwritten;
@@ -406,22 +416,30 @@ impl Running {
 
     /// The records to write: queued in the file's writer, or counted while
     /// it refuses writes.
-    fn push(&mut self, time_ns: i64, body: Body) {
+    fn push(&mut self, time_ns: i64, body: Body, previous_run: bool) {
         if self.refused.is_some() {
             self.count_refused(&body);
         } else {
-            self.writer.append(time_ns, body);
+            self.writer.append_run(time_ns, body, previous_run);
         }
     }
 }
+
+/// Called with the records of each write once they are in the file.
+pub type OnWritten = Box<dyn FnMut(&[Sealed]) + Send>;
 
 /// The daemon's audit outputs: file, syslog, live readers.
 pub struct Trail {
     settings: AuditSettings,
     live: broadcast::Sender<Arc<Sealed>>,
     running: Option<Running>,
-    /// Records pushed before `start`, kept for it.
-    early: Vec<(i64, Body)>,
+    /// Records pushed before `start`, kept for it, and whether each is of
+    /// the previous run.
+    early: Vec<(i64, Body, bool)>,
+    /// The next `seq` and the newest chain value on disk when `start` took
+    /// the file over.
+    head: Option<(u64, String)>,
+    on_written: Option<OnWritten>,
 }
 
 impl Trail {
@@ -439,6 +457,8 @@ impl Trail {
             live,
             running: None,
             early: Vec::new(),
+            head: None,
+            on_written: None,
         })
     }
 
@@ -471,6 +491,7 @@ impl Trail {
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
         tracing::info!(path = %self.settings.path.display(), next_seq = writer.next_seq(), "audit trail open");
+        self.head = Some((writer.next_seq(), writer.chain().to_owned()));
         let server = Server::bind(self.settings.socket_group.as_ref())?;
         let syslog = self
             .settings
@@ -490,18 +511,50 @@ impl Trail {
             gaps: 0,
             records: BTreeMap::new(),
         };
-        for (time_ns, body) in std::mem::take(&mut self.early) {
-            running.push(time_ns, body);
+        for (time_ns, body, previous_run) in std::mem::take(&mut self.early) {
+            running.push(time_ns, body, previous_run);
         }
         self.running = Some(running);
         Ok(())
     }
 
+    /// Where the trail is written (rotated files beside it).
+    #[must_use]
+    pub fn path(&self) -> &Path {
+        &self.settings.path
+    }
+
+    /// The next `seq` and the chain value of the newest record on disk
+    /// when [`Self::start`] took the file over, before this daemon wrote
+    /// anything; `None` before that.
+    #[must_use]
+    pub fn head(&self) -> Option<(u64, &str)> {
+        self.head
+            .as_ref()
+            .map(|(seq, chain)| (*seq, chain.as_str()))
+    }
+
+    /// Calls `f` with the records of every write from now on, once they are
+    /// in the file (the daemon keeps its ledger with it).
+    pub fn on_written(&mut self, f: OnWritten) {
+        self.on_written = Some(f);
+    }
+
     /// Appends a record; it is written by the next [`Self::commit`].
     pub fn push(&mut self, time_ns: i64, body: Body) {
+        self.push_run(time_ns, body, false);
+    }
+
+    /// [`Self::push`], of a record that belongs to the programs this daemon
+    /// replaced ([`record::Record::previous_run`]).
+    pub fn push_previous(&mut self, time_ns: i64, body: Body) {
+        self.push_run(time_ns, body, true);
+    }
+
+    fn push_run(&mut self, time_ns: i64, body: Body, previous_run: bool) {
         match &mut self.running {
-            Some(r) => r.push(time_ns, body),
-            None => self.early.push((time_ns, body)),
+            Some(r) => r.push(time_ns, body, previous_run),
+            None => self.early.push((time_ns, body, previous_run)),
         }
     }
 
@@ -513,7 +566,7 @@ impl Trail {
         let Some(r) = &mut self.running else {
             return;
         };
-        r.write(&self.live);
+        r.write(&self.live, self.on_written.as_mut());
         if r.last_sync.elapsed() >= self.settings.fsync {
             r.sync();
         }
@@ -569,7 +622,7 @@ impl Trail {
                 dropped: delta,
             };
             r.reported_drops = dropped;
-            r.push(record::now_ns(), body);
+            r.push(record::now_ns(), body, false);
         }
     }
 
@@ -618,6 +671,7 @@ impl Trail {
                         address,
                         dropped: delta,
                     },
+                    false,
                 );
             }
         }
@@ -627,7 +681,7 @@ impl Trail {
         if let Some(refused) = &mut r.refused {
             refused.retry_at = Instant::now();
         }
-        r.write(&live);
+        r.write(&live, self.on_written.as_mut());
         r.sync();
         match r.refused {
             Some(refused) => Err(AuditError::Unwritten {

@@ -130,15 +130,19 @@ pub enum Body {
     },
     /// Decisions that have no record of their own: held back by the per-CPU
     /// deny rate limit, lost because the ring buffer was full, or whose
-    /// records could not be written (a full disk, a write error).
+    /// records were never written: the file refused them (a full disk, a
+    /// write error), or a daemon took them from the kernel and was killed
+    /// before it wrote them.
     Lost {
         program: Program,
         /// The interface the program runs on.
         interface: String,
         rate_limited: u64,
         ring_full: u64,
-        /// Decisions whose records the daemon could not write, counted while
-        /// the file refused writes and written here once it took them again.
+        /// Decisions whose records were never written: counted while the
+        /// file refused writes and written here once it took them again;
+        /// or, in a record of a previous run ([`Record::previous_run`]),
+        /// read from the kernel by a daemon killed before it wrote them.
         unwritten: u64,
     },
     /// Records that could not be forwarded to the syslog collector (they are
@@ -245,6 +249,16 @@ impl Body {
         }
     }
 
+    /// The program whose decisions this record stands for.
+    #[must_use]
+    pub const fn program(&self) -> Option<Program> {
+        match self {
+            Self::Decision { flow, .. } | Self::Summary { flow, .. } => Some(flow.program),
+            Self::Lost { program, .. } => Some(*program),
+            Self::SyslogDropped { .. } | Self::Gap { .. } | Self::Drift { .. } => None,
+        }
+    }
+
     /// Short name of the record kind: `decision`, `summary`, `lost`,
     /// `syslog_dropped`, `gap`, `drift`.
     #[must_use]
@@ -267,6 +281,11 @@ pub struct Record {
     /// Nanoseconds since the Unix epoch.
     pub time_ns: i64,
     pub body: Body,
+    /// Written by a new `ztxdp up` for the programs it replaced, from what
+    /// their daemon left in the kernel: the decision belongs to the earlier
+    /// run.
+    #[serde(default)]
+    pub previous_run: bool,
 }
 
 /// Wall-clock now, nanoseconds since the Unix epoch.

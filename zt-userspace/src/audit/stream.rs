@@ -498,6 +498,7 @@ mod tests {
                 },
                 suppressed: 0,
             },
+            previous_run: false,
         }
     }
 
@@ -519,6 +520,7 @@ mod tests {
                 previous_head: String::new(),
                 reason: super::super::record::GapReason::Unlinked,
             },
+            previous_run: false,
         };
         let all = [&granted, &refused, &stranger, &gap];
         let kept = |f: Filter| -> Vec<u64> {

@@ -62,6 +62,10 @@ pub struct Written {
     pub error: Option<AuditError>,
 }
 
+/// A record waiting for [`AuditWriter::write`]: its time, body, and
+/// whether it is of the previous run ([`Record::previous_run`]).
+type Queued = (i64, Body, bool);
+
 /// `PATH.N`, the N-th most recent rotated file.
 #[must_use]
 pub fn rotated(path: &Path, n: u32) -> PathBuf {
@@ -180,7 +184,7 @@ pub struct AuditWriter {
     /// Chain value of the last record in the file.
     chain: String,
     /// Records appended but not yet written, not yet numbered.
-    queue: Vec<(i64, Body)>,
+    queue: Vec<Queued>,
     /// Written since the last `fdatasync`.
     dirty: bool,
     /// The seq last stored in `state`.
@@ -275,7 +279,7 @@ impl AuditWriter {
                 "the audit trail ends before the head persisted in the state file \
                  (deleted, replaced or cut while no ztxdp ran); continuing from that head with a gap record"
             );
-            writer.queue.push((record::now_ns(), body));
+            writer.queue.push((record::now_ns(), body, false));
         }
         Ok(Some(writer))
     }
@@ -292,10 +296,22 @@ impl AuditWriter {
         self.rotate_retry.as_ref().map(|(_, _, e)| e.as_str())
     }
 
+    /// Chain value of the newest record in the file.
+    #[must_use]
+    pub fn chain(&self) -> &str {
+        &self.chain
+    }
+
     /// Queues one record; it is numbered, sealed and written by the next
     /// [`Self::write`].
     pub fn append(&mut self, time_ns: i64, body: Body) {
-        self.queue.push((time_ns, body));
+        self.append_run(time_ns, body, false);
+    }
+
+    /// [`Self::append`], of a record that belongs to the programs this
+    /// daemon replaced when `previous_run` ([`Record::previous_run`]).
+    pub fn append_run(&mut self, time_ns: i64, body: Body, previous_run: bool) {
+        self.queue.push((time_ns, body, previous_run));
     }
 
     /// Writes every queued record, rotating the file where it grows past
@@ -317,8 +333,13 @@ impl AuditWriter {
         let mut batch: Vec<Sealed> = Vec::new();
         let mut buf: Vec<u8> = Vec::new();
         let (mut seq, mut chain) = (self.next_seq, self.chain.clone());
-        while let Some((time_ns, body)) = queue.next() {
-            let record = Record { seq, time_ns, body };
+        while let Some((time_ns, body, previous_run)) = queue.next() {
+            let record = Record {
+                seq,
+                time_ns,
+                body,
+                previous_run,
+            };
             let (line, sealed_chain) =
                 chain::seal(&chain, &format::unchained(self.format, &record));
             let len = line.len() as u64 + 1;
@@ -327,8 +348,9 @@ impl AuditWriter {
                 if let Err(e) = self.flush(&mut buf, &mut batch, &mut out) {
                     let rest = batch
                         .drain(..)
-                        .map(|s| (s.record.time_ns, s.record.body))
-                        .chain(std::iter::once((record.time_ns, record.body)))
+                        .map(|s| s.record)
+                        .chain(std::iter::once(record))
+                        .map(|r| (r.time_ns, r.body, r.previous_run))
                         .chain(queue)
                         .collect();
                     self.fail(rest, &mut out, e);
@@ -349,7 +371,7 @@ impl AuditWriter {
         if let Err(e) = self.flush(&mut buf, &mut batch, &mut out) {
             let rest = batch
                 .drain(..)
-                .map(|s| (s.record.time_ns, s.record.body))
+                .map(|s| (s.record.time_ns, s.record.body, s.record.previous_run))
                 .collect();
             self.fail(rest, &mut out, e);
         }
@@ -391,10 +413,10 @@ impl AuditWriter {
 
     /// Hands `records` back as failed, except `gap` records, which stay
     /// queued: a later write must still say where the trail broke.
-    fn fail(&mut self, records: Vec<(i64, Body)>, out: &mut Written, error: AuditError) {
-        for (time_ns, body) in records {
+    fn fail(&mut self, records: Vec<Queued>, out: &mut Written, error: AuditError) {
+        for (time_ns, body, previous_run) in records {
             if matches!(body, Body::Gap { .. }) {
-                self.queue.push((time_ns, body));
+                self.queue.push((time_ns, body, previous_run));
             } else {
                 out.failed.push((time_ns, body));
             }
@@ -454,6 +476,7 @@ impl AuditWriter {
                         previous_head: self.chain.clone(),
                         reason,
                     },
+                    false,
                 ),
             );
         }
@@ -725,7 +748,8 @@ pub(crate) mod tests {
         }
     }
 
-    fn lost(n: u64) -> Body {
+    /// A `lost` record of `n` rate-limited edge decisions.
+    pub(crate) fn lost(n: u64) -> Body {
         Body::Lost {
             program: Program::Edge,
             interface: "eth0".into(),

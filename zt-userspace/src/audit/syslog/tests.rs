@@ -24,6 +24,7 @@ fn sealed_with(seq: u64, line: String) -> Arc<Sealed> {
                 ring_full: 0,
                 unwritten: 0,
             },
+            previous_run: false,
         },
         chain: "c".into(),
         line,
