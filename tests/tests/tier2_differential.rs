@@ -37,7 +37,7 @@ use ztxdp::{
     explain::live::Live,
     loader,
     model::{self, EdgeModel, Explanation, TunnelModel},
-    policy::{EchoRate, EdgePolicy, Grant, Mode, Protocol, TunnelPolicy},
+    policy::{EchoRate, EdgePolicy, Grant, Mode, PortRange, Protocol, Service, TunnelPolicy},
 };
 
 const DEFAULT_SEED: u64 = 0x5eed_2a7e_d1ff_0001;
@@ -99,10 +99,18 @@ where
         .collect()
 }
 
+fn range(protocol: Protocol, first: u16, last: u16) -> PortRange {
+    PortRange {
+        protocol,
+        first,
+        last,
+    }
+}
+
 fn edge_policy() -> EdgePolicy {
     EdgePolicy {
         interface: "eth0".into(),
-        wireguard_ports: vec![443, 51_820, 51_821, 65_535],
+        wireguard_ports: vec![444, 51_820, 51_821, 65_535],
         ssh_port: 2222,
         // Overlapping prefixes on purpose: the longest match must not matter
         // for a set, but a wrong trie key would.
@@ -115,6 +123,33 @@ fn edge_policy() -> EdgePolicy {
             "2001:db8:bb::/48",
             "2001:db8:cc::1/128",
         ]),
+        // Services over the same prefixes and others: nested prefixes of
+        // different services (the longest match must carry the shorter
+        // prefix's services), a service sharing the ssh port, ranges, and
+        // one open to everyone.
+        services: vec![
+            Service {
+                name: "https".into(),
+                ports: vec![
+                    range(Protocol::Tcp, 443, 443),
+                    range(Protocol::Udp, 8443, 8443),
+                ],
+                from: nets(&["0.0.0.0/0", "::/0"]),
+            },
+            Service {
+                name: "admin".into(),
+                ports: vec![range(Protocol::Tcp, 8000, 8100)],
+                from: nets(&["10.1.2.0/24", "203.0.0.0/8", "2001:db8:aa::/48"]),
+            },
+            Service {
+                name: "alt-ssh".into(),
+                ports: vec![
+                    range(Protocol::Tcp, 2222, 2222),
+                    range(Protocol::Udp, 2222, 2223),
+                ],
+                from: nets(&["10.0.0.0/9", "192.0.2.1/32", "2001:db8:bb:ff::/64"]),
+            },
+        ],
         icmp_echo: ECHO_OFF,
         mode: ztxdp::policy::Mode::Enforce,
     }
@@ -158,6 +193,7 @@ fn edge_pools() -> Pools {
             "2001:db8:aa:2::",
             "2001:db8:aa::ffff",
             "2001:db8:bb:ffff::1",
+            "2001:db8:bb:ff::5",
             "2001:db8:bc::1",
             "2001:db8:cc::1",
             "2001:db8:cc::2",
@@ -165,7 +201,8 @@ fn edge_pools() -> Pools {
             "fe80::1",
         ]),
         ports: vec![
-            0, 22, 442, 443, 444, 2221, 2222, 2223, 51_819, 51_820, 51_821, 51_822, 65_534, 65_535,
+            0, 22, 442, 443, 444, 2221, 2222, 2223, 2224, 7999, 8000, 8050, 8100, 8101, 8443,
+            51_819, 51_820, 51_821, 51_822, 65_534, 65_535,
         ],
     }
 }
@@ -803,11 +840,13 @@ fn edge_matches_the_model(mode: Mode) {
         &[
             reason::PASS_WIREGUARD,
             reason::PASS_SSH,
+            reason::PASS_SERVICE,
             reason::PASS_ARP,
             reason::PASS_NEIGHBOR_DISCOVERY,
             reason::PASS_MLD,
             reason::DROP_PORT_NOT_ALLOWED,
             reason::DROP_SSH_SOURCE,
+            reason::DROP_SERVICE_SOURCE,
             reason::DROP_MALFORMED,
             reason::DROP_FRAGMENT,
             reason::DROP_UNSUPPORTED_L3,

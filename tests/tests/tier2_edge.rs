@@ -45,6 +45,7 @@ fn policy() -> EdgePolicy {
             .iter()
             .map(|s| s.parse().unwrap_or_else(|e| panic!("prefix {s}: {e}")))
             .collect(),
+        services: Vec::new(),
         icmp_echo: EchoRate::default(),
         mode: ztxdp::policy::Mode::Enforce,
     }
@@ -1081,8 +1082,9 @@ fn unconfigured_program_drops_everything() {
 fn every_map_name_exists_in_the_object() {
     let names = [
         map::EDGE_UDP_PORTS,
-        map::SSH_ALLOW_V4,
-        map::SSH_ALLOW_V6,
+        map::SERVICE_PORTS,
+        map::SERVICE_SOURCES_V4,
+        map::SERVICE_SOURCES_V6,
         map::CPU_STATE,
         map::EVENTS,
         map::PEER_V4,

@@ -22,10 +22,17 @@ use core::mem::size_of;
 pub mod map {
     /// `Array<u64>`: a 65,536-bit bitmap of UDP ports allowed on the edge.
     pub const EDGE_UDP_PORTS: &str = "ZT_EDGE_UDP";
-    /// `LpmTrie<[u8; 4], u8>`: IPv4 sources allowed to reach the SSH port.
-    pub const SSH_ALLOW_V4: &str = "ZT_SSH_V4";
-    /// `LpmTrie<[u8; 16], u8>`: IPv6 sources allowed to reach the SSH port.
-    pub const SSH_ALLOW_V6: &str = "ZT_SSH_V6";
+    /// `Array<u64>` with [`super::capacity::SERVICE_PORTS`] entries: the
+    /// services (bit `i`: the edge's service `i`, the `ssh` service bit 0)
+    /// that open a TCP or UDP port, at [`super::service_port_index`].
+    pub const SERVICE_PORTS: &str = "ZT_SVC_PORTS";
+    /// `LpmTrie<[u8; 4], u64>`: the services an IPv4 source may reach, as
+    /// a mask like [`SERVICE_PORTS`]'. Each prefix's mask holds the bits of
+    /// every prefix containing it, so the longest match answers for all
+    /// of them: an address is admitted by any prefix that holds it.
+    pub const SERVICE_SOURCES_V4: &str = "ZT_SVC_SRC_V4";
+    /// `LpmTrie<[u8; 16], u64>`: as [`SERVICE_SOURCES_V4`], for IPv6.
+    pub const SERVICE_SOURCES_V6: &str = "ZT_SVC_SRC_V6";
     /// `Array<CpuState>` with one entry per possible CPU, indexed by CPU
     /// number: each CPU's counters, clock and audit rate limiter; then one
     /// more, the [`super::Ledger`], which no program writes. Created
@@ -66,8 +73,15 @@ pub mod map {
 pub mod capacity {
     /// Words in the UDP port bitmap: 65,536 ports / 64 bits.
     pub const PORT_BITMAP_WORDS: u32 = 1024;
-    /// Entries per SSH allow-list trie. The benchmarks go to 1,000,000.
-    pub const SSH_ALLOW: u32 = 1 << 20;
+    /// Entries per service source trie (`ssh_allow` and every service's
+    /// `from`, distinct prefixes). The benchmarks go to 1,000,000.
+    pub const SERVICE_SOURCES: u32 = 1 << 20;
+    /// Edge services, the `ssh` service included: the bits of a service
+    /// mask (`u64`).
+    pub const SERVICES: u32 = 64;
+    /// Entries of the service port map: a mask per TCP port, then per UDP
+    /// port ([`super::service_port_index`]).
+    pub const SERVICE_PORTS: u32 = 2 * 65_536;
     /// Tunnel peers; also the size of the per-peer counter array.
     pub const PEERS: u32 = 65_536;
     /// Peer address prefixes per family.
@@ -159,6 +173,7 @@ pub mod reason {
 
     reasons! {
         PASS_WIREGUARD = 0, "wireguard", pass, "edge: UDP to a WireGuard port";
+        /// The `ssh` service's own pass, named as before services.
         PASS_SSH = 1, "ssh_allowed", pass, "edge: TCP to the SSH port from a source in ssh_allow";
         PASS_ARP = 2, "arp", pass, "ARP (on the tunnel: from a peer, or link-local with link_local_neighbors)";
         PASS_NEIGHBOR_DISCOVERY = 3, "neighbor_discovery", pass, "IPv6 neighbour solicitation or advertisement";
@@ -177,7 +192,8 @@ pub mod reason {
         /// without them a switch that snoops MLD stops forwarding the host's
         /// solicited-node multicast, and IPv6 neighbour discovery with it.
         PASS_MLD = 10, "mld", pass, "edge: an MLD query or report (ICMPv6 130, 131, 132, 143) from link-local with hop limit 1 (RFC 4890 4.4.1)";
-        DROP_PORT_NOT_ALLOWED = 16, "port_not_allowed", drop, "UDP not to a WireGuard port, TCP not to the SSH port";
+        PASS_SERVICE = 11, "service_allowed", pass, "edge: TCP or UDP to a port of an edge service from a source in its from";
+        DROP_PORT_NOT_ALLOWED = 16, "port_not_allowed", drop, "edge: TCP or UDP to a port of no service (UDP: nor a WireGuard port)";
         DROP_SSH_SOURCE = 17, "ssh_source_not_allowed", drop, "TCP to the SSH port from outside ssh_allow";
         DROP_MALFORMED = 18, "malformed", drop, "truncated or contradictory headers";
         DROP_FRAGMENT = 19, "non_first_fragment", drop, "a fragment other than the first, of a datagram whose first fragment did not pass (or not within flows.fragment_timeout)";
@@ -197,10 +213,14 @@ pub mod reason {
         /// tunnel: a peer is never the host's router, and an advertisement
         /// accepted there would install routes.
         DROP_ROUTER_MESSAGE = 28, "router_message", drop, "tunnel: an ICMPv6 router solicitation, router advertisement or redirect, from anyone (a peer is never the host's router)";
+        /// The port is a service's, but no service with the port admits
+        /// the source (for the `ssh` service alone: `ssh_source_not_allowed`).
+        DROP_SERVICE_SOURCE = 29, "service_source_not_allowed", drop, "edge: TCP or UDP to a port of an edge service from a source in none of its services' from";
     }
 
-    /// Size of one program's block of counters.
-    pub const COUNT: u32 = 32;
+    /// Size of one program's block of counters: a multiple of 8, so that
+    /// [`super::CpuState`] stays whole cache lines.
+    pub const COUNT: u32 = 40;
 
     /// Whether a reason code allows the packet.
     #[must_use]
@@ -238,11 +258,23 @@ pub mod reason {
     pub const ALLOWS_AUDITED: u32 = 14;
     /// Counter slot (not a verdict): flows the egress programs created.
     /// With the table's current size this gives the LRU evictions.
-    pub const FLOWS_CREATED: u32 = 29;
+    pub const FLOWS_CREATED: u32 = 37;
     /// Counter slot (not a verdict): deny events the rate limiter held back.
-    pub const EVENTS_SUPPRESSED: u32 = 30;
+    pub const EVENTS_SUPPRESSED: u32 = 38;
     /// Counter slot (not a verdict): events lost because the ring buffer was full.
-    pub const EVENTS_LOST: u32 = 31;
+    pub const EVENTS_LOST: u32 = 39;
+}
+
+/// The `ssh` service's bit in a service mask ([`map::SERVICE_PORTS`]):
+/// the lowest, so that where it shares a port, a decision names it first.
+pub const SSH_SERVICE: u64 = 1;
+
+/// Where the services of `port` of IP protocol `protocol` (TCP or UDP)
+/// are in [`map::SERVICE_PORTS`].
+#[must_use]
+pub const fn service_port_index(protocol: u8, port: u16) -> u32 {
+    let base = if protocol == proto::UDP { 65_536 } else { 0 };
+    base + port as u32
 }
 
 /// Index of `(program, reason)` in the counter array.
@@ -282,9 +314,9 @@ pub mod global {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EdgeConfig {
-    /// TCP port that is open to [`map::SSH_ALLOW_V4`]/[`map::SSH_ALLOW_V6`] sources.
-    pub ssh_port: u16,
-    pub _pad0: u16,
+    /// Once the SSH port; it is the `ssh` service's entry in
+    /// [`map::SERVICE_PORTS`] now, which a reload can change.
+    pub _pad0: u32,
     /// [`EDGE_CONFIGURED`] when the programs were loaded with an edge
     /// policy. Without one the edge program drops everything. (The policy's
     /// maps are filled before the program is attached, so it never sees a

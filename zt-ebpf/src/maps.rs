@@ -19,11 +19,7 @@ use zt_common::{
 /// it into `.rodata` before load, so the verifier reads the value itself and
 /// folds every branch on it: no lookup, no null check per packet.
 #[unsafe(no_mangle)]
-static ZT_EDGE_CONFIG: EdgeConfig = EdgeConfig {
-    ssh_port: 0,
-    _pad0: 0,
-    flags: 0,
-};
+static ZT_EDGE_CONFIG: EdgeConfig = EdgeConfig { _pad0: 0, flags: 0 };
 
 /// `zt_common::global::TUNNEL_L2`, set by the loader like `ZT_EDGE_CONFIG`.
 #[unsafe(no_mangle)]
@@ -72,14 +68,19 @@ pub fn tunnel_audit() -> bool {
 #[map]
 pub static ZT_EDGE_UDP: Array<u64> = Array::with_max_entries(capacity::PORT_BITMAP_WORDS, 0);
 
+// An array, not a hash: a port's services are one inlined lookup, and the
+// deny path of a port of no service reads one entry (a zero mask).
+#[map]
+pub static ZT_SVC_PORTS: Array<u64> = Array::with_max_entries(capacity::SERVICE_PORTS, 0);
+
 // LPM tries must be created without preallocation (kernel requirement).
 #[map]
-pub static ZT_SSH_V4: LpmTrie<[u8; 4], u8> =
-    LpmTrie::with_max_entries(capacity::SSH_ALLOW, BPF_F_NO_PREALLOC);
+pub static ZT_SVC_SRC_V4: LpmTrie<[u8; 4], u64> =
+    LpmTrie::with_max_entries(capacity::SERVICE_SOURCES, BPF_F_NO_PREALLOC);
 
 #[map]
-pub static ZT_SSH_V6: LpmTrie<[u8; 16], u8> =
-    LpmTrie::with_max_entries(capacity::SSH_ALLOW, BPF_F_NO_PREALLOC);
+pub static ZT_SVC_SRC_V6: LpmTrie<[u8; 16], u64> =
+    LpmTrie::with_max_entries(capacity::SERVICE_SOURCES, BPF_F_NO_PREALLOC);
 
 // Each CPU's counters, clock and audit limiter (see zt_common::CpuState for
 // why not a per-CPU map). One entry here; the loader sizes it to the

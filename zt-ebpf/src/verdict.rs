@@ -4,11 +4,11 @@
 //! ignored.
 
 use aya_ebpf::maps::lpm_trie::Key;
-use zt_common::{GrantKey, PEER_ICMP, PeerInfo, proto, reason};
+use zt_common::{GrantKey, PEER_ICMP, PeerInfo, SSH_SERVICE, proto, reason, service_port_index};
 
 use crate::{
     maps::{
-        ZT_EDGE_UDP, ZT_GRANTS, ZT_PEER_V4, ZT_PEER_V6, ZT_SSH_V4, ZT_SSH_V6, edge_config,
+        ZT_EDGE_UDP, ZT_GRANTS, ZT_PEER_V4, ZT_PEER_V6, ZT_SVC_PORTS, ZT_SVC_SRC_V4, ZT_SVC_SRC_V6,
         tunnel_l2, tunnel_link_local,
     },
     parse::{Addr, Fragment, ICMP_ECHO_REQUEST, ICMPV6_ECHO_REQUEST, L3, Packet, ParseError},
@@ -77,9 +77,9 @@ fn is_mld(p: &Packet) -> bool {
         && link_local_source(p)
 }
 
-/// The edge policy: WireGuard UDP ports, SSH from allow-listed sources, ARP,
-/// neighbour discovery and MLD; everything else drops. The caller has checked
-/// that the programs were loaded with an edge policy.
+/// The edge policy: WireGuard UDP ports, the services (SSH among them) from
+/// their sources, ARP, neighbour discovery and MLD; everything else drops.
+/// The caller has checked that the programs were loaded with an edge policy.
 #[inline(always)]
 pub fn edge(p: &Packet) -> u32 {
     if p.l3 == L3::Arp {
@@ -89,22 +89,8 @@ pub fn edge(p: &Packet) -> u32 {
         return reason::DROP_FRAGMENT;
     }
     match p.protocol {
-        proto::UDP => {
-            if udp_port_allowed(p.dst_port) {
-                reason::PASS_WIREGUARD
-            } else {
-                reason::DROP_PORT_NOT_ALLOWED
-            }
-        }
-        proto::TCP => {
-            if p.dst_port != edge_config().ssh_port {
-                reason::DROP_PORT_NOT_ALLOWED
-            } else if ssh_source_allowed(p) {
-                reason::PASS_SSH
-            } else {
-                reason::DROP_SSH_SOURCE
-            }
-        }
+        proto::UDP if udp_port_allowed(p.dst_port) => reason::PASS_WIREGUARD,
+        proto::TCP | proto::UDP => service(p),
         _ if is_neighbor_discovery(p) => reason::PASS_NEIGHBOR_DISCOVERY,
         _ if is_mld(p) => reason::PASS_MLD,
         _ => reason::DROP_PROTOCOL_NOT_ALLOWED,
@@ -118,13 +104,46 @@ pub fn udp_port_allowed(port: u16) -> bool {
     word & (1u64 << (port & 63)) != 0
 }
 
+/// TCP or UDP to an edge service: the services of the port, ANDed with
+/// those the source may reach. The `ssh` service keeps its own reasons.
+/// A port of no service costs one array lookup and no source lookup.
 #[inline(always)]
-fn ssh_source_allowed(p: &Packet) -> bool {
-    match p.l3 {
-        L3::Ipv4 => ZT_SSH_V4.get(&Key::new(32, p.src.v4_bytes())).is_some(),
-        L3::Ipv6 => ZT_SSH_V6.get(&Key::new(128, p.src.0)).is_some(),
-        L3::Arp => false,
+fn service(p: &Packet) -> u32 {
+    let ports = services_of_port(p.protocol, p.dst_port);
+    if ports == 0 {
+        return reason::DROP_PORT_NOT_ALLOWED;
     }
+    let admitted = ports & services_of_source(p.l3, &p.src);
+    if admitted & SSH_SERVICE != 0 {
+        reason::PASS_SSH
+    } else if admitted != 0 {
+        reason::PASS_SERVICE
+    } else if ports & SSH_SERVICE != 0 {
+        reason::DROP_SSH_SOURCE
+    } else {
+        reason::DROP_SERVICE_SOURCE
+    }
+}
+
+/// The services that open `port` of `protocol` (TCP or UDP), as a mask.
+#[inline(always)]
+pub fn services_of_port(protocol: u8, port: u16) -> u64 {
+    ZT_SVC_PORTS
+        .get(service_port_index(protocol, port))
+        .copied()
+        .unwrap_or(0)
+}
+
+/// The services `addr` (of family `l3`) may reach: the mask of the
+/// longest prefix holding it, which holds the bits of every shorter one.
+#[inline(always)]
+pub fn services_of_source(l3: L3, addr: &Addr) -> u64 {
+    let mask = match l3 {
+        L3::Ipv4 => ZT_SVC_SRC_V4.get(&Key::new(32, addr.v4_bytes())),
+        L3::Ipv6 => ZT_SVC_SRC_V6.get(&Key::new(128, addr.0)),
+        L3::Arp => None,
+    };
+    mask.copied().unwrap_or(0)
 }
 
 /// The peer that owns the packet's source address (for ARP the sender's

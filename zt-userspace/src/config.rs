@@ -30,6 +30,8 @@ use serde::Deserialize;
 use toml::de::{DeTable, DeValue};
 use zt_common::capacity;
 
+mod service;
+
 use crate::{
     audit::syslog::tls,
     policy::{
@@ -246,6 +248,7 @@ struct RawEdge {
     ssh_allow: Option<Vec<String>>,
     icmp_echo_rate: Option<String>,
     icmp_echo_burst: Option<i64>,
+    service: Option<Vec<service::RawService>>,
 }
 
 #[derive(Deserialize)]
@@ -324,7 +327,7 @@ struct Limits {
 impl Limits {
     const KERNEL: Self = Self {
         peers: capacity::PEERS as usize,
-        ssh_allow_per_family: capacity::SSH_ALLOW as usize,
+        ssh_allow_per_family: capacity::SERVICE_SOURCES as usize,
         peer_prefixes_per_family: capacity::PEER_PREFIXES as usize,
     };
 }
@@ -842,14 +845,17 @@ impl Validator<'_> {
             ssh_allow.push(net);
         }
         let icmp_echo = self.echo_rate(raw.icmp_echo_rate.as_deref(), raw.icmp_echo_burst)?;
-        Ok(EdgePolicy {
+        let mut edge = EdgePolicy {
             interface,
             wireguard_ports,
             ssh_port,
             ssh_allow,
+            services: Vec::new(),
             icmp_echo,
             mode,
-        })
+        };
+        edge.services = self.services(raw.service.unwrap_or_default(), &edge)?;
+        Ok(edge)
     }
 
     /// `edge.icmp_echo_rate` and `edge.icmp_echo_burst`.
@@ -2066,6 +2072,7 @@ path = "/var/log/ztxdp/audit.jsonl"
                 wireguard_ports: vec![51820, 51821],
                 ssh_port: 2222,
                 ssh_allow: vec![net("192.0.2.10/32"), net("2001:db8:1::/64")],
+                services: Vec::new(),
                 icmp_echo: EchoRate::default(),
                 mode: crate::policy::Mode::Enforce,
             }),

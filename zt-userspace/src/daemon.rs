@@ -492,11 +492,9 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
             if o.interface != n.interface {
                 out.push("edge.interface");
             }
-            if o.ssh_port != n.ssh_port {
-                out.push("edge.ssh_port");
-            }
-            // Both load-time constants of the programs; a peer's own
-            // mode travels with the peer and reloads in place.
+            // A load-time constant of the programs (the ssh port, like
+            // every service's, is in a map and reloads in place); a
+            // peer's own mode travels with the peer and reloads in place.
             if o.mode != n.mode {
                 out.push("mode");
             }

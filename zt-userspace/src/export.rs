@@ -392,6 +392,7 @@ mod tests {
                     net("2001:db8:1::/64"),
                     net("198.51.100.0/24"),
                 ],
+                services: Vec::new(),
                 icmp_echo: EchoRate {
                     ns_per_token: 500_000_000,
                     burst: 3,

@@ -32,7 +32,9 @@ use std::{
 use ipnet::IpNet;
 use zt_common::{limits, proto, reason, tcp_flag};
 
-use crate::policy::{EchoRate, EdgePolicy, FlowSettings, Grant, Mode, TunnelPolicy};
+use crate::policy::{
+    EchoRate, EdgePolicy, FlowSettings, Grant, Mode, PortRange, Protocol, TunnelPolicy,
+};
 
 /// Whether a packet the program decided `code` for is a would-drop under
 /// `mode`: the policy drops it, but it passes because of audit mode. Parse
@@ -587,11 +589,15 @@ impl Bucket {
 pub enum Fact {
     /// UDP to `port`, which `edge.wireguard_ports` lists or not.
     WireguardPort { port: u16, listed: bool },
-    /// TCP to `port`, which is not the SSH port.
-    NotSshPort { port: u16, ssh_port: u16 },
-    /// TCP to the SSH port from `source`: the longest `edge.ssh_allow`
-    /// prefix holding it, if any.
-    SshAllow {
+    /// TCP or UDP (`protocol`) to `port`, which no edge service opens.
+    NoService { protocol: u8, port: u16 },
+    /// TCP or UDP to a port of edge service `service` (its position in
+    /// [`EdgePolicy::services`]; 0 is `ssh`) from `source`: the longest
+    /// prefix of its `from` (`ssh_allow`) holding the source, if any. A
+    /// decision lists the port's services in order up to the first that
+    /// admits the source.
+    Service {
+        service: u32,
         source: IpAddr,
         prefix: Option<IpNet>,
     },
@@ -659,6 +665,10 @@ pub struct Explanation {
     pub reason: u32,
     /// As [`TunnelDecision::peer`]; `None` on the edge.
     pub peer: Option<u32>,
+    /// On the edge, the service the decision names (its position in
+    /// [`EdgePolicy::services`]): the first of the port's services that
+    /// admits the source, or, when none does, the port's first.
+    pub service: Option<u32>,
     pub facts: Vec<Fact>,
 }
 
@@ -1088,12 +1098,20 @@ impl<V: Copy> PrefixMap<V> {
     }
 }
 
+/// One edge service, as the model reads it: port ranges, and the
+/// sources as prefixes to match.
+#[derive(Clone, Debug)]
+struct ModelService {
+    ports: Vec<PortRange>,
+    from: PrefixMap<()>,
+}
+
 /// The edge program's decisions for one [`EdgePolicy`].
 #[derive(Clone, Debug)]
 pub struct EdgeModel {
     wireguard_ports: BTreeSet<u16>,
-    ssh_port: u16,
-    ssh_allow: PrefixMap<()>,
+    /// [`EdgePolicy::services`], in order.
+    services: Vec<ModelService>,
     echo: EchoRate,
     mode: Mode,
 }
@@ -1103,8 +1121,13 @@ impl EdgeModel {
     pub fn new(p: &EdgePolicy) -> Self {
         Self {
             wireguard_ports: p.wireguard_ports.iter().copied().collect(),
-            ssh_port: p.ssh_port,
-            ssh_allow: PrefixMap::new(p.ssh_allow.iter().map(|net| (*net, ()))),
+            services: p
+                .services()
+                .map(|s| ModelService {
+                    ports: s.ports.into_owned(),
+                    from: PrefixMap::new(s.from.iter().map(|net| (*net, ()))),
+                })
+                .collect(),
             echo: p.icmp_echo,
             mode: p.mode,
         }
@@ -1126,6 +1149,16 @@ impl EdgeModel {
     pub fn verdict(&self, frame: &[u8]) -> u32 {
         let mut fresh = FlowTable::new(&FlowSettings::default(), self.echo);
         self.judge(frame, &mut fresh, 0, &mut Vec::new())
+    }
+
+    /// The service a decision about TCP or UDP (`protocol`) to `port`
+    /// from `source` names (see [`Explanation::service`]); `None` for a
+    /// port of no service.
+    #[must_use]
+    pub fn service_of(&self, protocol: Protocol, port: u16, source: IpAddr) -> Option<u32> {
+        let mut facts = Vec::new();
+        self.decide_service(protocol, port, source, &mut facts);
+        named_service(&facts)
     }
 
     fn judge(
@@ -1166,40 +1199,108 @@ impl EdgeModel {
                 if listed {
                     reason::PASS_WIREGUARD
                 } else {
-                    reason::DROP_PORT_NOT_ALLOWED
+                    self.decide_packet_service(p, Protocol::Udp, facts)
                 }
             }
-            proto::TCP if p.dst_port != self.ssh_port => {
-                facts.push(Fact::NotSshPort {
-                    port: p.dst_port,
-                    ssh_port: self.ssh_port,
-                });
-                reason::DROP_PORT_NOT_ALLOWED
-            }
-            proto::TCP => {
-                let source = p.source();
-                let prefix = source
-                    .and_then(|src| self.ssh_allow.longest_match(src))
-                    .map(|(net, ())| net);
-                if let Some(source) = source {
-                    facts.push(Fact::SshAllow { source, prefix });
-                }
-                if prefix.is_some() {
-                    reason::PASS_SSH
-                } else {
-                    reason::DROP_SSH_SOURCE
-                }
-            }
+            proto::TCP => self.decide_packet_service(p, Protocol::Tcp, facts),
             _ if p.is_neighbor_discovery() => reason::PASS_NEIGHBOR_DISCOVERY,
             _ if p.is_mld() => reason::PASS_MLD,
             _ => reason::DROP_PROTOCOL_NOT_ALLOWED,
         }
     }
 
-    /// Whether the policy alone passes UDP to `port`.
-    fn passes_udp(&self, port: u16) -> bool {
-        self.wireguard_ports.contains(&port)
+    /// TCP or UDP to a port that is no `WireGuard` port: the services of
+    /// the port, in order, until one admits the source. The `ssh` service
+    /// (the first) keeps its own reasons.
+    fn decide_packet_service(&self, p: &Packet, protocol: Protocol, facts: &mut Vec<Fact>) -> u32 {
+        match p.source() {
+            Some(source) => self.decide_service(protocol, p.dst_port, source, facts),
+            // TCP and UDP come over IP: there is always a source.
+            None => reason::DROP_MALFORMED,
+        }
     }
+
+    fn decide_service(
+        &self,
+        protocol: Protocol,
+        port: u16,
+        source: IpAddr,
+        facts: &mut Vec<Fact>,
+    ) -> u32 {
+        let mut of_port = self
+            .services
+            .iter()
+            .zip(0u32..)
+            .filter(|(s, _)| s.ports.iter().any(|r| r.contains(protocol, port)))
+            .peekable();
+        let Some(&(_, first)) = of_port.peek() else {
+            facts.push(Fact::NoService {
+                protocol: protocol.number(),
+                port,
+            });
+            return reason::DROP_PORT_NOT_ALLOWED;
+        };
+        for (s, service) in of_port {
+            let prefix = s.from.longest_match(source).map(|(net, ())| net);
+            facts.push(Fact::Service {
+                service,
+                source,
+                prefix,
+            });
+            if prefix.is_some() {
+                return if service == 0 {
+                    reason::PASS_SSH
+                } else {
+                    reason::PASS_SERVICE
+                };
+            }
+        }
+        if first == 0 {
+            reason::DROP_SSH_SOURCE
+        } else {
+            reason::DROP_SERVICE_SOURCE
+        }
+    }
+
+    /// Whether the policy alone passes UDP to `port` from `source`.
+    fn passes_udp(&self, port: u16, source: IpAddr) -> bool {
+        self.wireguard_ports.contains(&port)
+            || self.services.iter().any(|s| {
+                s.ports.iter().any(|r| r.contains(Protocol::Udp, port))
+                    && s.from.longest_match(source).is_some()
+            })
+    }
+}
+
+/// Whether a decision of reason `code` is a service's, and names it: an
+/// `ssh_allowed` or `service_allowed`, or a drop for the source.
+#[must_use]
+pub const fn names_service(code: u32) -> bool {
+    matches!(
+        code,
+        reason::PASS_SSH
+            | reason::PASS_SERVICE
+            | reason::DROP_SSH_SOURCE
+            | reason::DROP_SERVICE_SOURCE
+    )
+}
+
+/// The service a decision's facts name: the one that admitted the source,
+/// else the first of the port's.
+fn named_service(facts: &[Fact]) -> Option<u32> {
+    let mut first = None;
+    for fact in facts {
+        if let Fact::Service {
+            service, prefix, ..
+        } = fact
+        {
+            if prefix.is_some() {
+                return Some(*service);
+            }
+            first = first.or(Some(*service));
+        }
+    }
+    first
 }
 
 /// One tunnel decision.
@@ -1319,12 +1420,14 @@ impl TunnelModel {
                 Explanation {
                     reason,
                     peer,
+                    service: None,
                     facts,
                 }
             }
             Err(e) => Explanation {
                 reason: e.reason(),
                 peer: None,
+                service: None,
                 facts,
             },
         }
@@ -1427,8 +1530,11 @@ impl StatefulModel {
     pub fn edge_egress(&mut self, frame: &[u8], ifindex: u32, now_ns: u64) {
         self.flows.ifindex = ifindex;
         if let Ok(p) = parse_ethernet(Bytes(frame)) {
-            // A datagram from a WireGuard port answers the edge's policy.
-            let answer = p.protocol == proto::UDP && self.edge.passes_udp(p.src_port);
+            // A datagram from a WireGuard port, or from a service's port
+            // to a source it admits, answers the edge's policy.
+            let answer = p.protocol == proto::UDP
+                && p.addresses()
+                    .is_some_and(|(_, dst)| self.edge.passes_udp(p.src_port, dst));
             self.flows.egress(&p, answer, now_ns);
         }
     }
@@ -1464,6 +1570,9 @@ impl StatefulModel {
         Explanation {
             reason,
             peer: None,
+            service: names_service(reason)
+                .then(|| named_service(&facts))
+                .flatten(),
             facts,
         }
     }
@@ -1683,6 +1792,7 @@ mod tests {
             wireguard_ports: vec![51820, 51821],
             ssh_port: 22,
             ssh_allow: vec![net("10.77.0.2/32"), net("fd77::/64")],
+            services: Vec::new(),
             icmp_echo: EchoRate::default(),
             mode: crate::policy::Mode::Enforce,
         }
@@ -3554,7 +3664,8 @@ mod tests {
         let ssh = m.explain_edge(&eth4(ALLOWED_V4, proto::TCP, &tcp(22)), TEST_IF, 0);
         assert_eq!(
             ssh.facts,
-            [Fact::SshAllow {
+            [Fact::Service {
+                service: 0,
                 source: Ipv4Addr::from(ALLOWED_V4).into(),
                 prefix: Some(net("10.77.0.2/32")),
             }]
@@ -3564,7 +3675,14 @@ mod tests {
         assert!(
             matches!(
                 refused.facts[..],
-                [Fact::SshAllow { prefix: None, .. }, Fact::Syn]
+                [
+                    Fact::Service {
+                        service: 0,
+                        prefix: None,
+                        ..
+                    },
+                    Fact::Syn
+                ]
             ),
             "{:?}",
             refused.facts

@@ -18,7 +18,7 @@ use ipnet::IpNet;
 use zt_common::{
     COUNTER_SLOTS, CpuState, EventBucket, FlowConfig, FlowKey, FlowState, FragmentKey, GrantKey,
     PEER_AUDIT, PEER_ICMP, PeerCounters, PeerInfo, SourceKey, capacity, counter_index, map,
-    program, reason,
+    program, reason, service_port_index,
 };
 
 use crate::policy::{
@@ -82,9 +82,10 @@ pub struct Tables {
 
 /// The set-like maps `status` and the metrics report, by the label they
 /// report them under ([`label`]).
-const FILLED: [(&str, &str); 8] = [
-    (map::SSH_ALLOW_V4, "ssh_allow_v4"),
-    (map::SSH_ALLOW_V6, "ssh_allow_v6"),
+const FILLED: [(&str, &str); 9] = [
+    (map::SERVICE_PORTS, "service_ports"),
+    (map::SERVICE_SOURCES_V4, "service_sources_v4"),
+    (map::SERVICE_SOURCES_V6, "service_sources_v6"),
     (map::PEER_V4, "peer_v4"),
     (map::PEER_V6, "peer_v6"),
     (map::GRANTS, "grant_words"),
@@ -102,13 +103,14 @@ fn label(name: &'static str) -> &'static str {
 }
 
 /// Map names `Tables` handles; a fresh object must have all of them.
-const ALL_MAPS: [&str; 11] = [
+const ALL_MAPS: [&str; 12] = [
     map::FLOWS,
     map::FLOW_CONFIG,
     map::ECHO_BUCKETS,
     map::EDGE_UDP_PORTS,
-    map::SSH_ALLOW_V4,
-    map::SSH_ALLOW_V6,
+    map::SERVICE_PORTS,
+    map::SERVICE_SOURCES_V4,
+    map::SERVICE_SOURCES_V6,
     map::CPU_STATE,
     map::PEER_V4,
     map::PEER_V6,
@@ -175,37 +177,24 @@ impl Tables {
         self.maps.get(name).ok_or(TablesError::MissingMap { name })
     }
 
-    /// Writes the edge policy's sets. Its settings (the SSH port, and whether
-    /// there is an edge policy at all) were fixed when the programs were
-    /// loaded ([`crate::loader::LoadOptions::ssh_port`]); the daemon attaches
-    /// only after this returns, so a program never runs on half-filled maps.
-    /// Crate-private: only [`crate::loader::load_filled`] calls it, with the
-    /// policy it loaded the programs for, so the sets written here and the
-    /// SSH port fixed at load always come from one policy.
+    /// Writes the edge policy's sets into fresh maps. Its settings
+    /// (whether there is an edge policy at all, and its mode) were fixed
+    /// when the programs were loaded ([`crate::loader::LoadOptions::edge`]);
+    /// the daemon attaches only after this returns, so a program never runs
+    /// on half-filled maps. Crate-private: only
+    /// [`crate::loader::load_filled`] calls it, with the policy it loaded
+    /// the programs for.
     ///
     /// # Errors
     /// When a map update fails or a set exceeds its map.
     pub(crate) fn apply_edge(&mut self, p: &EdgePolicy) -> Result<(), TablesError> {
-        let words = udp_words(&p.wireguard_ports);
-        let mut udp: Array<_, u64> = Array::try_from(self.get(map::EDGE_UDP_PORTS)?)
-            .map_err(map_err(map::EDGE_UDP_PORTS))?;
-        for (i, w) in (0u32..).zip(words) {
-            udp.set(i, w, 0).map_err(map_err(map::EDGE_UDP_PORTS))?;
-        }
-        let (v4, v6) = ssh_allow_keys(p)?;
-        let mut t4: LpmTrie<_, [u8; 4], u8> =
-            LpmTrie::try_from(self.get(map::SSH_ALLOW_V4)?).map_err(map_err(map::SSH_ALLOW_V4))?;
-        for (key, len) in &v4 {
-            t4.insert(&Key::new(*len, *key), 1, 0)
-                .map_err(map_err(map::SSH_ALLOW_V4))?;
-        }
-        let mut t6: LpmTrie<_, [u8; 16], u8> =
-            LpmTrie::try_from(self.get(map::SSH_ALLOW_V6)?).map_err(map_err(map::SSH_ALLOW_V6))?;
-        for (key, len) in &v6 {
-            t6.insert(&Key::new(*len, *key), 1, 0)
-                .map_err(map_err(map::SSH_ALLOW_V6))?;
-        }
-        Ok(())
+        let fresh = Contents {
+            udp_ports: vec![0; capacity::PORT_BITMAP_WORDS as usize],
+            ..Contents::default()
+        };
+        let mut c = fresh.clone();
+        c.fill_edge(p)?;
+        self.write_edge(&fresh, &c)
     }
 
     /// Writes every peer of the tunnel policy: addresses, ICMP flag, grants.
@@ -505,15 +494,19 @@ impl Tables {
     /// When a map cannot be walked.
     pub fn fill_levels(&self) -> Result<BTreeMap<&'static str, usize>, TablesError> {
         let mut out = BTreeMap::new();
-        if let Some(m) = self.maps.get(map::SSH_ALLOW_V4) {
-            let t: LpmTrie<_, [u8; 4], u8> =
-                LpmTrie::try_from(m).map_err(map_err(map::SSH_ALLOW_V4))?;
-            out.insert(label(map::SSH_ALLOW_V4), t.keys().count());
+        if self.maps.contains_key(map::SERVICE_PORTS) {
+            let ports = self.service_ports()?;
+            out.insert(label(map::SERVICE_PORTS), ports.len());
         }
-        if let Some(m) = self.maps.get(map::SSH_ALLOW_V6) {
-            let t: LpmTrie<_, [u8; 16], u8> =
-                LpmTrie::try_from(m).map_err(map_err(map::SSH_ALLOW_V6))?;
-            out.insert(label(map::SSH_ALLOW_V6), t.keys().count());
+        if let Some(m) = self.maps.get(map::SERVICE_SOURCES_V4) {
+            let t: LpmTrie<_, [u8; 4], u64> =
+                LpmTrie::try_from(m).map_err(map_err(map::SERVICE_SOURCES_V4))?;
+            out.insert(label(map::SERVICE_SOURCES_V4), t.keys().count());
+        }
+        if let Some(m) = self.maps.get(map::SERVICE_SOURCES_V6) {
+            let t: LpmTrie<_, [u8; 16], u64> =
+                LpmTrie::try_from(m).map_err(map_err(map::SERVICE_SOURCES_V6))?;
+            out.insert(label(map::SERVICE_SOURCES_V6), t.keys().count());
         }
         if let Some(m) = self.maps.get(map::PEER_V4) {
             let t: LpmTrie<_, [u8; 4], PeerInfo> =
@@ -578,8 +571,12 @@ impl Tables {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Contents {
     pub(crate) udp_ports: Vec<u64>,
-    pub(crate) ssh_v4: BTreeSet<LpmParts<4>>,
-    pub(crate) ssh_v6: BTreeSet<LpmParts<16>>,
+    /// The service mask of each entry of `map::SERVICE_PORTS` that has one.
+    pub(crate) service_ports: BTreeMap<u32, u64>,
+    /// The service source tries: each prefix's mask already holds the
+    /// bits of the prefixes containing it ([`inherited`]).
+    pub(crate) sources_v4: BTreeMap<LpmParts<4>, u64>,
+    pub(crate) sources_v6: BTreeMap<LpmParts<16>, u64>,
     pub(crate) peer_v4: BTreeMap<LpmParts<4>, PeerInfo>,
     pub(crate) peer_v6: BTreeMap<LpmParts<16>, PeerInfo>,
     pub(crate) grants: HashMap<GrantKey, u64>,
@@ -603,10 +600,7 @@ impl Contents {
             ..Self::default()
         };
         if let Some(e) = edge {
-            c.udp_ports = udp_words(&e.wireguard_ports).to_vec();
-            let (v4, v6) = ssh_allow_keys(e)?;
-            c.ssh_v4 = v4.into_iter().collect();
-            c.ssh_v6 = v6.into_iter().collect();
+            c.fill_edge(e)?;
         }
         if let Some(t) = tunnel {
             check_peer_count(t)?;
@@ -621,6 +615,46 @@ impl Contents {
         Ok(c)
     }
 
+    /// Puts the edge policy's sets in: the `WireGuard` ports, and each
+    /// service's ports and sources as its bit ([`EdgePolicy::services`]
+    /// gives the order).
+    fn fill_edge(&mut self, e: &EdgePolicy) -> Result<(), TablesError> {
+        self.udp_ports = udp_words(&e.wireguard_ports).to_vec();
+        let mut own_v4 = BTreeMap::new();
+        let mut own_v6 = BTreeMap::new();
+        for (bit, service) in e.services().enumerate() {
+            let mask = 1u64 << bit;
+            for r in service.ports.iter() {
+                for port in r.first..=r.last {
+                    let at = service_port_index(r.protocol.number(), port);
+                    *self.service_ports.entry(at).or_default() |= mask;
+                }
+            }
+            let (v4, v6) = split_families(service.from);
+            for key in v4 {
+                *own_v4.entry(key).or_default() |= mask;
+            }
+            for key in v6 {
+                *own_v6.entry(key).or_default() |= mask;
+            }
+        }
+        for (what, n) in [
+            ("edge service sources (IPv4)", own_v4.len()),
+            ("edge service sources (IPv6)", own_v6.len()),
+        ] {
+            if n > capacity::SERVICE_SOURCES as usize {
+                return Err(TablesError::TooMany {
+                    what,
+                    count: n,
+                    limit: capacity::SERVICE_SOURCES,
+                });
+            }
+        }
+        self.sources_v4 = inherited(&own_v4);
+        self.sources_v6 = inherited(&own_v6);
+        Ok(())
+    }
+
     /// What both `self` and `new` allow, and no more: the state a reload
     /// passes through between removing and adding. A trie entry stays only
     /// where both give its prefix the same peer index (its ICMP flag only
@@ -628,8 +662,13 @@ impl Contents {
     /// the members of both. Since a source address belongs to one peer in
     /// each policy (`config` refuses overlaps), an address this finds a
     /// peer for has that peer in both, so every packet it passes, both
-    /// pass. The flow settings are already the new ones: they are written
-    /// once, between the two halves.
+    /// pass. A service port or source keeps the bits both give it: a
+    /// source's mask in either policy holds every mask of its shorter
+    /// prefixes, so whichever entry now matches an address, it admits no
+    /// service bit that either policy's own match would not (and a bit
+    /// both give a port and a source passes in both, whichever service it
+    /// stands for in each). The flow settings are already the new ones:
+    /// they are written once, between the two halves.
     #[must_use]
     pub fn narrowed(&self, new: &Self) -> Self {
         fn both<K: Ord + Copy>(
@@ -656,8 +695,9 @@ impl Contents {
                 .zip(&new.udp_ports)
                 .map(|(o, n)| o & n)
                 .collect(),
-            ssh_v4: self.ssh_v4.intersection(&new.ssh_v4).copied().collect(),
-            ssh_v6: self.ssh_v6.intersection(&new.ssh_v6).copied().collect(),
+            service_ports: both_masks(&self.service_ports, &new.service_ports),
+            sources_v4: both_masks(&self.sources_v4, &new.sources_v4),
+            sources_v6: both_masks(&self.sources_v6, &new.sources_v6),
             peer_v4: both(&self.peer_v4, &new.peer_v4),
             peer_v6: both(&self.peer_v6, &new.peer_v6),
             grants: self
@@ -693,21 +733,24 @@ impl Tables {
                 .collect::<Result<_, _>>()
                 .map_err(map_err(map::EDGE_UDP_PORTS))?;
         }
-        if let Some(m) = self.maps.get(map::SSH_ALLOW_V4) {
-            c.ssh_v4 = LpmTrie::<_, [u8; 4], u8>::try_from(m)
-                .map_err(map_err(map::SSH_ALLOW_V4))?
-                .keys()
-                .map(|k| k.map(|k: Key<[u8; 4]>| (k.data(), k.prefix_len())))
-                .collect::<Result<_, _>>()
-                .map_err(map_err(map::SSH_ALLOW_V4))?;
+        if self.maps.contains_key(map::SERVICE_PORTS) {
+            c.service_ports = self.service_ports()?;
         }
-        if let Some(m) = self.maps.get(map::SSH_ALLOW_V6) {
-            c.ssh_v6 = LpmTrie::<_, [u8; 16], u8>::try_from(m)
-                .map_err(map_err(map::SSH_ALLOW_V6))?
-                .keys()
-                .map(|k| k.map(|k: Key<[u8; 16]>| (k.data(), k.prefix_len())))
+        if let Some(m) = self.maps.get(map::SERVICE_SOURCES_V4) {
+            c.sources_v4 = LpmTrie::<_, [u8; 4], u64>::try_from(m)
+                .map_err(map_err(map::SERVICE_SOURCES_V4))?
+                .iter()
+                .map(|kv| kv.map(|(k, v)| ((k.data(), k.prefix_len()), v)))
                 .collect::<Result<_, _>>()
-                .map_err(map_err(map::SSH_ALLOW_V6))?;
+                .map_err(map_err(map::SERVICE_SOURCES_V4))?;
+        }
+        if let Some(m) = self.maps.get(map::SERVICE_SOURCES_V6) {
+            c.sources_v6 = LpmTrie::<_, [u8; 16], u64>::try_from(m)
+                .map_err(map_err(map::SERVICE_SOURCES_V6))?
+                .iter()
+                .map(|kv| kv.map(|(k, v)| ((k.data(), k.prefix_len()), v)))
+                .collect::<Result<_, _>>()
+                .map_err(map_err(map::SERVICE_SOURCES_V6))?;
         }
         if let Some(m) = self.maps.get(map::PEER_V4) {
             c.peer_v4 = LpmTrie::<_, [u8; 4], PeerInfo>::try_from(m)
@@ -741,6 +784,20 @@ impl Tables {
         Ok(c)
     }
 
+    /// The nonzero entries of the service port map.
+    fn service_ports(&self) -> Result<BTreeMap<u32, u64>, TablesError> {
+        let ports = Array::<_, u64>::try_from(self.get_ref(map::SERVICE_PORTS)?)
+            .map_err(map_err(map::SERVICE_PORTS))?;
+        let mut out = BTreeMap::new();
+        for (at, mask) in (0u32..).zip(ports.iter()) {
+            let mask = mask.map_err(map_err(map::SERVICE_PORTS))?;
+            if mask != 0 {
+                out.insert(at, mask);
+            }
+        }
+        Ok(out)
+    }
+
     /// Whether the programs these maps were opened for use map `name`.
     #[must_use]
     pub fn has(&self, name: &'static str) -> bool {
@@ -768,32 +825,14 @@ impl Tables {
     /// Writes what differs between `from` (what the maps hold) and `to`:
     /// removals, then updates, the flow settings last.
     fn write_changes(&mut self, from: &Contents, to: &Contents) -> Result<(), TablesError> {
-        let mut udp: Array<_, u64> = Array::try_from(self.get(map::EDGE_UDP_PORTS)?)
-            .map_err(map_err(map::EDGE_UDP_PORTS))?;
-        for (i, (f, t)) in (0u32..).zip(from.udp_ports.iter().zip(&to.udp_ports)) {
-            if f != t {
-                udp.set(i, *t, 0).map_err(map_err(map::EDGE_UDP_PORTS))?;
-            }
-        }
-        sync_set::<4>(
-            self.get(map::SSH_ALLOW_V4)?,
-            map::SSH_ALLOW_V4,
-            &from.ssh_v4,
-            &to.ssh_v4,
-        )?;
-        sync_set::<16>(
-            self.get(map::SSH_ALLOW_V6)?,
-            map::SSH_ALLOW_V6,
-            &from.ssh_v6,
-            &to.ssh_v6,
-        )?;
-        sync_peers::<4>(
+        self.write_edge(from, to)?;
+        sync_trie::<4, PeerInfo>(
             self.get(map::PEER_V4)?,
             map::PEER_V4,
             &from.peer_v4,
             &to.peer_v4,
         )?;
-        sync_peers::<16>(
+        sync_trie::<16, PeerInfo>(
             self.get(map::PEER_V6)?,
             map::PEER_V6,
             &from.peer_v6,
@@ -819,32 +858,102 @@ impl Tables {
     }
 }
 
-/// Makes an SSH allow-list trie go from `from` to `to`.
-fn sync_set<const N: usize>(
-    map: &mut Map,
-    name: &'static str,
-    from: &BTreeSet<LpmParts<N>>,
-    to: &BTreeSet<LpmParts<N>>,
-) -> Result<(), TablesError> {
-    let mut t: LpmTrie<_, [u8; N], u8> = LpmTrie::try_from(map).map_err(map_err(name))?;
-    for (key, len) in from.difference(to) {
-        t.remove(&Key::new(*len, *key)).map_err(map_err(name))?;
+impl Tables {
+    /// Writes what differs between the edge sets of `from` (what the maps
+    /// hold) and `to`.
+    fn write_edge(&mut self, from: &Contents, to: &Contents) -> Result<(), TablesError> {
+        let mut udp: Array<_, u64> = Array::try_from(self.get(map::EDGE_UDP_PORTS)?)
+            .map_err(map_err(map::EDGE_UDP_PORTS))?;
+        for (i, (f, t)) in (0u32..).zip(from.udp_ports.iter().zip(&to.udp_ports)) {
+            if f != t {
+                udp.set(i, *t, 0).map_err(map_err(map::EDGE_UDP_PORTS))?;
+            }
+        }
+        let mut ports: Array<_, u64> =
+            Array::try_from(self.get(map::SERVICE_PORTS)?).map_err(map_err(map::SERVICE_PORTS))?;
+        let indices: BTreeSet<u32> = from
+            .service_ports
+            .keys()
+            .chain(to.service_ports.keys())
+            .copied()
+            .collect();
+        for at in indices {
+            let (f, t) = (from.service_ports.get(&at), to.service_ports.get(&at));
+            if f != t {
+                ports
+                    .set(at, t.copied().unwrap_or(0), 0)
+                    .map_err(map_err(map::SERVICE_PORTS))?;
+            }
+        }
+        sync_trie::<4, u64>(
+            self.get(map::SERVICE_SOURCES_V4)?,
+            map::SERVICE_SOURCES_V4,
+            &from.sources_v4,
+            &to.sources_v4,
+        )?;
+        sync_trie::<16, u64>(
+            self.get(map::SERVICE_SOURCES_V6)?,
+            map::SERVICE_SOURCES_V6,
+            &from.sources_v6,
+            &to.sources_v6,
+        )
     }
-    for (key, len) in to.difference(from) {
-        t.insert(&Key::new(*len, *key), 1, 0)
-            .map_err(map_err(name))?;
-    }
-    Ok(())
 }
 
-/// Makes a peer trie go from `from` to `to`.
-fn sync_peers<const N: usize>(
+/// The entries both `old` and `new` have, each with the bits both give
+/// it; none left empty.
+fn both_masks<K: Ord + Copy>(old: &BTreeMap<K, u64>, new: &BTreeMap<K, u64>) -> BTreeMap<K, u64> {
+    old.iter()
+        .filter_map(|(k, o)| {
+            let m = o & new.get(k)?;
+            (m != 0).then_some((*k, m))
+        })
+        .collect()
+}
+
+/// Each prefix of `own` with its mask joined with the masks of every prefix
+/// of `own` that contains it: what the kernel's longest match then finds
+/// for an address is the union of all the prefixes holding it. In key
+/// order a prefix comes right after the prefixes containing it, so one
+/// pass with a stack of the open ones does it.
+pub(crate) fn inherited<const N: usize>(
+    own: &BTreeMap<LpmParts<N>, u64>,
+) -> BTreeMap<LpmParts<N>, u64> {
+    let mut open: Vec<(LpmParts<N>, u64)> = Vec::new();
+    let mut out = Vec::with_capacity(own.len());
+    for (&key, &mask) in own {
+        while open.last().is_some_and(|(outer, _)| !contains(outer, &key)) {
+            open.pop();
+        }
+        let mask = mask | open.last().map_or(0, |(_, m)| *m);
+        out.push((key, mask));
+        open.push((key, mask));
+    }
+    out.into_iter().collect()
+}
+
+/// Whether prefix `outer` contains prefix `inner`.
+fn contains<const N: usize>((net, len): &LpmParts<N>, (addr, inner_len): &LpmParts<N>) -> bool {
+    if len > inner_len {
+        return false;
+    }
+    let whole = (*len / 8) as usize;
+    let rest = *len % 8;
+    net[..whole] == addr[..whole]
+        && (rest == 0 || {
+            let mask = 0xffu8 << (8 - rest);
+            net[whole] & mask == addr[whole] & mask
+        })
+}
+
+/// Makes a trie (of peers, or of service sources) go from `from` to `to`.
+fn sync_trie<const N: usize, V: aya::Pod + PartialEq>(
     map: &mut Map,
     name: &'static str,
-    from: &BTreeMap<LpmParts<N>, PeerInfo>,
-    to: &BTreeMap<LpmParts<N>, PeerInfo>,
+    from: &BTreeMap<LpmParts<N>, V>,
+    to: &BTreeMap<LpmParts<N>, V>,
 ) -> Result<(), TablesError> {
-    let mut t: LpmTrie<_, [u8; N], PeerInfo> = LpmTrie::try_from(map).map_err(map_err(name))?;
+    let mut t: LpmTrie<_, [u8; N], V> = LpmTrie::try_from(map).map_err(map_err(name))?;
     for (key, len) in from.keys().filter(|k| !to.contains_key(k)) {
         t.remove(&Key::new(*len, *key)).map_err(map_err(name))?;
     }
@@ -892,24 +1001,6 @@ fn udp_words(ports: &[u16]) -> [u64; capacity::PORT_BITMAP_WORDS as usize] {
         words[usize::from(port >> 6)] |= 1 << (port & 63);
     }
     words
-}
-
-/// `edge.ssh_allow` as LPM keys per family, within the maps' capacity.
-fn ssh_allow_keys(p: &EdgePolicy) -> Result<(Vec<LpmParts<4>>, Vec<LpmParts<16>>), TablesError> {
-    let (v4, v6) = split_families(&p.ssh_allow);
-    for (what, n) in [
-        ("edge.ssh_allow (IPv4)", v4.len()),
-        ("edge.ssh_allow (IPv6)", v6.len()),
-    ] {
-        if n > capacity::SSH_ALLOW as usize {
-            return Err(TablesError::TooMany {
-                what,
-                count: n,
-                limit: capacity::SSH_ALLOW,
-            });
-        }
-    }
-    Ok((v4, v6))
 }
 
 fn check_peer_count(p: &TunnelPolicy) -> Result<(), TablesError> {
