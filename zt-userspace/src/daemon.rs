@@ -22,8 +22,8 @@ use crate::{
     adopt::{self, AdoptError, Pass},
     attach::{self, AttachError, Attachment, XdpMode},
     audit::{
-        self, AuditError, Names, Trail, kernel::Feed, ledger::LedgerEntry, record::Program,
-        stream::Server,
+        self, AuditError, Names, ServiceNames, Trail, kernel::Feed, ledger::LedgerEntry,
+        record::Program, stream::Server,
     },
     config::{Config, ConfigError},
     drift,
@@ -32,7 +32,7 @@ use crate::{
     loader::{self, LoadError},
     lockout::{self, LockoutError},
     metrics, notify,
-    policy::TunnelPolicy,
+    policy::{EdgePolicy, TunnelPolicy},
     reload,
     tables::{Contents, Tables, TablesError},
 };
@@ -159,7 +159,15 @@ pub async fn up(opts: &UpOptions, ready: impl FnOnce(&Enforcing)) -> Result<(), 
     ids.record(&config, tunnel_policy.as_ref());
     ready(&enforcing);
 
-    let mut feed = Feed::new(ring, summaries, names(&enforcing, tunnel_policy.as_ref()))?;
+    let mut feed = Feed::new(
+        ring,
+        summaries,
+        names(
+            &enforcing,
+            config.policy.edge.as_ref(),
+            tunnel_policy.as_ref(),
+        ),
+    )?;
     let mut running = Running {
         opts,
         metrics: metrics::Shared::default(),
@@ -473,6 +481,7 @@ fn reload(
         return Err(ReloadError::Write { source });
     }
     feed.set_peers(peer_names(tunnel.as_ref()));
+    feed.set_services(config.policy.edge.as_ref());
     running.ids.record(&config, tunnel.as_ref());
     let peers = tunnel.as_ref().map_or(0, |t| t.peers.len());
     running.config = config;
@@ -557,7 +566,7 @@ fn has_ethernet_header(interface: &str) -> bool {
         .is_ok_and(|t| t.trim() == "1")
 }
 
-fn names(enforcing: &Enforcing, tunnel: Option<&TunnelPolicy>) -> Names {
+fn names(enforcing: &Enforcing, edge: Option<&EdgePolicy>, tunnel: Option<&TunnelPolicy>) -> Names {
     let mut n = Names::default();
     for a in enforcing
         .edge
@@ -574,6 +583,7 @@ fn names(enforcing: &Enforcing, tunnel: Option<&TunnelPolicy>) -> Names {
         n.programs.insert(Program::Tunnel, a.interface.clone());
     }
     n.peers = peer_names(tunnel);
+    n.services = edge.map(ServiceNames::new);
     n
 }
 

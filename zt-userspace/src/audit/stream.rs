@@ -54,14 +54,10 @@ pub(crate) const SOCKET_WAIT: Duration = Duration::from_secs(5);
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Message {
-    Record {
-        record: Record,
-        chain: String,
-    },
+    /// Boxed: a record is far larger than the other variant.
+    Record { record: Box<Record>, chain: String },
     /// This client missed `missed` records because it read too slowly.
-    Lagged {
-        missed: u64,
-    },
+    Lagged { missed: u64 },
 }
 
 /// How `ztxdp events` prints records.
@@ -317,7 +313,7 @@ pub async fn serve(mut stream: UnixStream, mut rx: broadcast::Receiver<Arc<Seale
         while let Some(item) = next.take() {
             let message = match item {
                 Ok(s) => Message::Record {
-                    record: s.record.clone(),
+                    record: Box::new(s.record.clone()),
                     chain: s.chain.clone(),
                 },
                 Err(broadcast::error::RecvError::Lagged(missed)) => Message::Lagged { missed },
@@ -494,6 +490,7 @@ mod tests {
                         name: name.into(),
                         public_key: Some(key.into()),
                     }),
+                    service: None,
                     would_drop: false,
                 },
                 suppressed: 0,
