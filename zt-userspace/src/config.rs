@@ -1497,6 +1497,7 @@ pub(crate) fn is_wireguard_key(key: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+    mod services;
     mod syslog_tls;
 
     use std::net::{Ipv4Addr, Ipv6Addr};

@@ -139,11 +139,7 @@ impl EdgePolicy {
             }]),
             from: &self.ssh_allow,
         };
-        std::iter::once(ssh).chain(self.services.iter().map(|s| ServiceView {
-            name: &s.name,
-            ports: Cow::Borrowed(&s.ports),
-            from: &s.from,
-        }))
+        std::iter::once(ssh).chain(self.services.iter().map(Service::view))
     }
 }
 
@@ -193,6 +189,18 @@ pub struct Service {
     /// `from`: the sources the ports are open to; any prefix holding an
     /// address admits it.
     pub from: Vec<IpNet>,
+}
+
+impl Service {
+    /// As [`EdgePolicy::services`] lists it.
+    #[must_use]
+    pub fn view(&self) -> ServiceView<'_> {
+        ServiceView {
+            name: &self.name,
+            ports: Cow::Borrowed(&self.ports),
+            from: &self.from,
+        }
+    }
 }
 
 /// A service as [`EdgePolicy::services`] lists it: a `[[edge.service]]`

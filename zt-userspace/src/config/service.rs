@@ -179,7 +179,12 @@ impl Validator<'_> {
                 ));
             }
         }
-        let all: Vec<_> = edge.services().collect();
+        // `edge` has no services yet: its ssh service, then these.
+        let all: Vec<_> = edge
+            .services()
+            .take(1)
+            .chain(services.iter().map(Service::view))
+            .collect();
         // Position 0 is the ssh service; `services[i]` is at i + 1.
         for (later, service) in all.iter().enumerate().skip(1) {
             for earlier in &all[..later] {
