@@ -149,7 +149,7 @@ enum Command {
     /// runtime grants and swap the policy in place (as SIGHUP does):
     /// programs, flows, counters and the audit trail go on. Exits non-zero,
     /// changing nothing, when the config is invalid or changes what needs a
-    /// restart (interfaces, `edge.ssh_port`, `flows.max_entries`, `[audit]`).
+    /// restart (interfaces, `mode`, `flows.max_entries`, `[audit]`).
     #[command(
         after_help = "Examples:\n  ztxdp check --config /etc/ztxdp/ztxdp.toml && ztxdp reload\n  \
         ip netns exec edge ztxdp reload\n  kill -HUP \"$(pidof ztxdp)\"   # same, result in the daemon's log"
