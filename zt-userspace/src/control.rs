@@ -38,6 +38,8 @@ pub enum ControlError {
     Grants(#[from] GrantsError),
     #[error(transparent)]
     Identity(#[from] identity::IdentityError),
+    #[error(transparent)]
+    Confirm(#[from] crate::confirm::ConfirmError),
     #[error("cannot tell whether a daemon serves this network namespace ({})", path.display())]
     Socket {
         path: PathBuf,
@@ -144,6 +146,9 @@ pub struct DaemonStatus {
 #[derive(Debug, Serialize)]
 pub struct Status {
     pub daemon: DaemonStatus,
+    /// The latest change made with `--confirm`: pending (with its
+    /// deadline), confirmed or rolled back; `None` when there was none.
+    pub confirmation: Option<crate::confirm::Confirmation>,
     #[serde(flatten)]
     pub programs: Programs,
 }
@@ -335,6 +340,7 @@ pub async fn status() -> Result<Status, ControlError> {
     let (programs, running) = programs().await?;
     Ok(Status {
         daemon: daemon_status(running.as_ref())?,
+        confirmation: crate::confirm::status(),
         programs,
     })
 }
@@ -414,7 +420,7 @@ fn daemon_status(running: Option<&Identity>) -> Result<DaemonStatus, ControlErro
 
 /// Whether `pid` is a live (not zombie) ztxdp process: a pid reused by
 /// another program after the daemon died is not it.
-fn is_ztxdp(pid: u32) -> bool {
+pub(crate) fn is_ztxdp(pid: u32) -> bool {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return false;
     };
@@ -532,6 +538,9 @@ pub async fn change_grant(
         text: grant.to_owned(),
         source,
     })?;
+    // A rollback would put back the grants the change replaced, and
+    // with them undo this one.
+    crate::confirm::refuse_if_pending()?;
     let lock = GrantsLock::acquire(&tunnel.runtime_grants)?;
     let mut runtime = RuntimeGrants::load(lock.path())?;
     let name = tunnel.peers[index].name.clone();

@@ -74,6 +74,7 @@ macro_rules! outln {
         ztxdp up --config /etc/ztxdp/ztxdp.toml\n  \
         ztxdp status --json\n  \
         ztxdp reload\n  \
+        ztxdp reload --confirm 120 && ztxdp confirm\n  \
         ztxdp allow app-2 5432\n  \
         ztxdp revoke 10.100.0.1 53/udp\n  \
         ztxdp explain tcp 203.0.113.9:40000 192.0.2.1:22\n  \
@@ -94,7 +95,9 @@ enum Command {
         after_help = "Examples:\n  ztxdp up --config /etc/ztxdp/ztxdp.toml\n  \
         ztxdp up --config lab.toml --iface veth0\n  \
         ztxdp up --config /etc/ztxdp/ztxdp.toml --keep-attached   \
-        # under systemd: a stop or restart leaves enforcement in place"
+        # under systemd: a stop or restart leaves enforcement in place\n  \
+        ztxdp up --config new.toml --confirm 120   \
+        # the previous programs come back unless `ztxdp confirm` runs within 120 s"
     )]
     Up {
         #[arg(long, env = "ZTXDP_CONFIG", default_value = DEFAULT_CONFIG)]
@@ -118,6 +121,11 @@ enum Command {
         /// failures still drop.
         #[arg(long)]
         dry_run: bool,
+        /// Put the previous programs and maps back (or detach, if none ran)
+        /// unless `ztxdp confirm` runs within SECS seconds (1 to 86400);
+        /// a watchdog process enforces it, also if this one is killed.
+        #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=ztxdp::confirm::MAX_SECONDS))]
+        confirm: Option<u64>,
     },
     /// Validate a config file without touching the kernel; with --live,
     /// also compare what the kernel runs (programs, maps, other programs
@@ -152,9 +160,37 @@ enum Command {
     /// restart (interfaces, `edge.ssh_port`, `flows.max_entries`, `[audit]`).
     #[command(
         after_help = "Examples:\n  ztxdp check --config /etc/ztxdp/ztxdp.toml && ztxdp reload\n  \
-        ip netns exec edge ztxdp reload\n  kill -HUP \"$(pidof ztxdp)\"   # same, result in the daemon's log"
+        ip netns exec edge ztxdp reload\n  kill -HUP \"$(pidof ztxdp)\"   # same, result in the daemon's log\n  \
+        ztxdp reload --confirm 120   # then `ztxdp confirm`, or it rolls back after 120 s"
     )]
-    Reload,
+    Reload {
+        /// Put the previous policy back unless `ztxdp confirm` runs within
+        /// SECS seconds (1 to 86400); a watchdog process enforces it, also
+        /// if the daemon is killed.
+        #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=ztxdp::confirm::MAX_SECONDS))]
+        confirm: Option<u64>,
+    },
+    /// Keep the change that `up --confirm` or `reload --confirm` made, which
+    /// would otherwise roll back at its deadline. Exits 0 once it is
+    /// confirmed and recorded; 1 when nothing awaits confirmation (or it
+    /// was rolled back already).
+    #[command(
+        after_help = "Examples:\n  ztxdp reload --confirm 120 && ztxdp confirm\n  \
+        ip netns exec edge ztxdp confirm"
+    )]
+    Confirm,
+    /// The watchdog of a change made with --confirm (started by the daemon).
+    #[command(name = "confirm-watchdog", hide = true)]
+    ConfirmWatchdog {
+        #[arg(long, value_enum)]
+        command: ztxdp::confirm::Command,
+        #[arg(long)]
+        seconds: u64,
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        digest: String,
+    },
     /// Remove every ztxdp program from this network namespace.
     #[command(after_help = "Example:\n  ztxdp down")]
     Down,
@@ -524,6 +560,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             allow_lockout,
             keep_attached,
             dry_run,
+            confirm,
         } => {
             let opts = UpOptions {
                 config,
@@ -532,6 +569,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 allow_lockout,
                 keep_attached,
                 dry_run,
+                confirm,
             };
             daemon::up(&opts, print_ready)
                 .await
@@ -553,25 +591,23 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 print_status(&s)?;
             }
         }
-        Command::Reload => {
-            let summary = ztxdp::reload::request()
+        Command::Reload { confirm } => {
+            let summary = ztxdp::reload::request(confirm)
                 .context("ztxdp reload: fix the config and run `ztxdp reload` again")?;
-            println!("{summary}");
+            outln!("{summary}");
         }
-        Command::Down => {
-            let removed = control::down().await.context("ztxdp down")?;
-            if removed.is_empty() {
-                outln!("nothing was attached in this network namespace");
-            }
-            for a in removed {
-                outln!(
-                    "removed program {} ({}) from {}",
-                    a.program_id,
-                    a.mode,
-                    a.interface
-                );
-            }
+        Command::Confirm => confirm().await?,
+        Command::ConfirmWatchdog {
+            command,
+            seconds,
+            config,
+            digest,
+        } => {
+            ztxdp::confirm::watchdog(command, seconds, &config, &digest)
+                .await
+                .context("ztxdp confirm-watchdog")?;
         }
+        Command::Down => down().await?,
         Command::Allow {
             peer,
             grant,
@@ -607,6 +643,38 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Explain(args) => explain(args).await?,
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `ztxdp down`: every program of this namespace removed, and a change
+/// awaiting confirmation forgotten with them.
+async fn down() -> anyhow::Result<()> {
+    let removed = control::down().await.context("ztxdp down")?;
+    // Nothing is left to roll back to, or from.
+    ztxdp::confirm::cancel(None);
+    if removed.is_empty() {
+        outln!("nothing was attached in this network namespace");
+    }
+    for a in removed {
+        outln!(
+            "removed program {} ({}) from {}",
+            a.program_id,
+            a.mode,
+            a.interface
+        );
+    }
+    Ok(())
+}
+
+/// `ztxdp confirm`: exits 0 once the pending change is confirmed.
+async fn confirm() -> anyhow::Result<()> {
+    let change = ztxdp::confirm::confirm().await.context("ztxdp confirm")?;
+    outln!(
+        "confirmed the {} of {} (sha256 {})",
+        change.command.name(),
+        change.config.display(),
+        change.config_sha256
+    );
+    Ok(())
 }
 
 /// `ztxdp check`: the config is valid; notes what `up` would still refuse.
@@ -915,7 +983,7 @@ async fn grant_change(
     Ok(())
 }
 
-fn print_ready(e: &Enforcing) {
+fn print_ready(e: &Enforcing, pending: Option<&ztxdp::confirm::Change>) {
     if let Some((a, mode)) = &e.edge {
         eprintln!(
             "ztxdp: edge program {} attached to {} ({mode:?} XDP)",
@@ -926,6 +994,12 @@ fn print_ready(e: &Enforcing) {
         eprintln!(
             "ztxdp: tunnel program {} attached to {} ingress (tc clsact filter)",
             a.program_id, a.interface
+        );
+    }
+    if let Some(c) = pending {
+        eprintln!(
+            "ztxdp: this up rolls back at {} unless `ztxdp confirm` runs by then",
+            c.deadline
         );
     }
     let mut out = std::io::stdout();
@@ -968,6 +1042,47 @@ fn print_audit_health(a: &ztxdp::audit::Health) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The latest change made with `--confirm`, loudly while it awaits
+/// confirmation.
+fn print_confirmation(c: &ztxdp::confirm::Confirmation) -> anyhow::Result<()> {
+    use ztxdp::confirm::State;
+    let ch = &c.change;
+    let what = format!(
+        "{} of {} (sha256 {})",
+        ch.command.name(),
+        ch.config.display(),
+        ch.config_sha256
+    );
+    let previous = ch
+        .previous_sha256
+        .as_deref()
+        .map_or_else(|| "nothing (detach)".to_owned(), |d| format!("sha256 {d}"));
+    let settled = ch.settled.as_deref().unwrap_or("?");
+    match ch.state {
+        State::Pending if c.watchdog_alive => outln!(
+            "CHANGE AWAITS CONFIRMATION: {what}; rolls back to {previous} at {} (in {} s) \
+             unless `ztxdp confirm` runs (watchdog pid {})",
+            ch.deadline,
+            c.seconds_left.unwrap_or(0),
+            ch.watchdog_pid
+        ),
+        State::Pending => outln!(
+            "CHANGE AWAITS CONFIRMATION, BUT ITS WATCHDOG (pid {}) IS GONE: {what} will not roll \
+             back by itself; `ztxdp confirm` keeps it",
+            ch.watchdog_pid
+        ),
+        State::Confirmed => outln!("last change: {what}, confirmed at {settled}"),
+        State::RolledBack => {
+            outln!("last change: {what}, not confirmed: rolled back to {previous} at {settled}");
+        }
+        State::RollbackFailed => outln!(
+            "LAST CHANGE NOT ROLLED BACK: {what}; the rollback to {previous} failed at {settled}: {}",
+            ch.error.as_deref().unwrap_or("?")
+        ),
+    }
+    Ok(())
+}
+
 fn print_status(s: &Status) -> anyhow::Result<()> {
     let d = &s.daemon;
     match (d.pid, d.serving_events) {
@@ -980,6 +1095,9 @@ fn print_status(s: &Status) -> anyhow::Result<()> {
     }
     if let Some(config) = &d.config {
         outln!("config: {}", config.display());
+    }
+    if let Some(c) = &s.confirmation {
+        print_confirmation(c)?;
     }
     if let Some(a) = &d.audit {
         print_audit_health(a)?;

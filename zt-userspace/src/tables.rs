@@ -766,47 +766,62 @@ impl Tables {
     }
 
     /// Writes what differs between `from` (what the maps hold) and `to`:
-    /// removals, then updates, the flow settings last.
+    /// removals, then updates, the flow settings last. A map with nothing
+    /// to change is not touched, so maps opened by id without the ones of
+    /// a program that is not running (the tunnel's, on an edge-only host)
+    /// take a change that does not concern them.
     fn write_changes(&mut self, from: &Contents, to: &Contents) -> Result<(), TablesError> {
-        let mut udp: Array<_, u64> = Array::try_from(self.get(map::EDGE_UDP_PORTS)?)
-            .map_err(map_err(map::EDGE_UDP_PORTS))?;
-        for (i, (f, t)) in (0u32..).zip(from.udp_ports.iter().zip(&to.udp_ports)) {
-            if f != t {
-                udp.set(i, *t, 0).map_err(map_err(map::EDGE_UDP_PORTS))?;
+        if from.udp_ports != to.udp_ports {
+            let mut udp: Array<_, u64> = Array::try_from(self.get(map::EDGE_UDP_PORTS)?)
+                .map_err(map_err(map::EDGE_UDP_PORTS))?;
+            for (i, (f, t)) in (0u32..).zip(from.udp_ports.iter().zip(&to.udp_ports)) {
+                if f != t {
+                    udp.set(i, *t, 0).map_err(map_err(map::EDGE_UDP_PORTS))?;
+                }
             }
         }
-        sync_set::<4>(
-            self.get(map::SSH_ALLOW_V4)?,
-            map::SSH_ALLOW_V4,
-            &from.ssh_v4,
-            &to.ssh_v4,
-        )?;
-        sync_set::<16>(
-            self.get(map::SSH_ALLOW_V6)?,
-            map::SSH_ALLOW_V6,
-            &from.ssh_v6,
-            &to.ssh_v6,
-        )?;
-        sync_peers::<4>(
-            self.get(map::PEER_V4)?,
-            map::PEER_V4,
-            &from.peer_v4,
-            &to.peer_v4,
-        )?;
-        sync_peers::<16>(
-            self.get(map::PEER_V6)?,
-            map::PEER_V6,
-            &from.peer_v6,
-            &to.peer_v6,
-        )?;
-        let mut grants: BpfHashMap<_, GrantKey, u64> =
-            BpfHashMap::try_from(self.get(map::GRANTS)?).map_err(map_err(map::GRANTS))?;
-        for key in from.grants.keys().filter(|k| !to.grants.contains_key(k)) {
-            grants.remove(key).map_err(map_err(map::GRANTS))?;
+        if from.ssh_v4 != to.ssh_v4 {
+            sync_set::<4>(
+                self.get(map::SSH_ALLOW_V4)?,
+                map::SSH_ALLOW_V4,
+                &from.ssh_v4,
+                &to.ssh_v4,
+            )?;
         }
-        for (key, word) in &to.grants {
-            if from.grants.get(key) != Some(word) {
-                grants.insert(key, word, 0).map_err(map_err(map::GRANTS))?;
+        if from.ssh_v6 != to.ssh_v6 {
+            sync_set::<16>(
+                self.get(map::SSH_ALLOW_V6)?,
+                map::SSH_ALLOW_V6,
+                &from.ssh_v6,
+                &to.ssh_v6,
+            )?;
+        }
+        if from.peer_v4 != to.peer_v4 {
+            sync_peers::<4>(
+                self.get(map::PEER_V4)?,
+                map::PEER_V4,
+                &from.peer_v4,
+                &to.peer_v4,
+            )?;
+        }
+        if from.peer_v6 != to.peer_v6 {
+            sync_peers::<16>(
+                self.get(map::PEER_V6)?,
+                map::PEER_V6,
+                &from.peer_v6,
+                &to.peer_v6,
+            )?;
+        }
+        if from.grants != to.grants {
+            let mut grants: BpfHashMap<_, GrantKey, u64> =
+                BpfHashMap::try_from(self.get(map::GRANTS)?).map_err(map_err(map::GRANTS))?;
+            for key in from.grants.keys().filter(|k| !to.grants.contains_key(k)) {
+                grants.remove(key).map_err(map_err(map::GRANTS))?;
+            }
+            for (key, word) in &to.grants {
+                if from.grants.get(key) != Some(word) {
+                    grants.insert(key, word, 0).map_err(map_err(map::GRANTS))?;
+                }
             }
         }
         if from.flow_config != to.flow_config {

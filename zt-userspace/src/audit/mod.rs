@@ -305,8 +305,8 @@ impl Running {
             // The writer keeps gap records queued; none comes here.
             Body::Gap { .. } => return,
             // Not a decision: the daemon's log and `ztxdp_drift` have it.
-            Body::Drift { .. } => {
-                tracing::warn!("the audit file refused a drift record");
+            Body::Drift { .. } | Body::Change { .. } => {
+                tracing::warn!(kind = body.kind(), "the audit file refused a record");
                 return;
             }
         };

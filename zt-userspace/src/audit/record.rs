@@ -169,6 +169,56 @@ pub enum Body {
         /// The first of them, as `ztxdp check --live` prints them.
         summary: Vec<String>,
     },
+    /// A policy change made with `--confirm`, its confirmation, or its
+    /// rollback (see [`crate::confirm`]).
+    Change {
+        stage: ChangeStage,
+        /// `up` or `reload`.
+        command: String,
+        /// The config of the change, and the SHA-256 of its text.
+        config: String,
+        config_sha256: String,
+        /// The SHA-256 of the policy the change replaced, which a rollback
+        /// restores; `None` when there was none (a rollback detaches).
+        previous_sha256: Option<String>,
+        /// When it rolls back unless confirmed, nanoseconds since the Unix
+        /// epoch.
+        deadline_ns: i64,
+        /// Who wrote the record: `daemon`, `watchdog` or `confirm` (the
+        /// command, when no daemon ran).
+        by: String,
+    },
+}
+
+/// The steps of a [`Body::Change`], each a record of its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChangeStage {
+    /// The new policy is applied and awaits `ztxdp confirm`.
+    Change,
+    /// `ztxdp confirm` kept it.
+    Confirm,
+    /// It was not confirmed in time: the previous policy is back.
+    Rollback,
+}
+
+impl ChangeStage {
+    /// The name records carry (`event.action` in ECS).
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Change => "change",
+            Self::Confirm => "confirm",
+            Self::Rollback => "rollback",
+        }
+    }
+
+    #[must_use]
+    pub fn from_name(name: &str) -> Option<Self> {
+        [Self::Change, Self::Confirm, Self::Rollback]
+            .into_iter()
+            .find(|s| s.name() == name)
+    }
 }
 
 /// Why the trail has a [`Body::Gap`].
@@ -245,7 +295,10 @@ impl Body {
                     .saturating_add(*ring_full)
                     .saturating_add(*unwritten),
             ),
-            Self::SyslogDropped { .. } | Self::Gap { .. } | Self::Drift { .. } => None,
+            Self::SyslogDropped { .. }
+            | Self::Gap { .. }
+            | Self::Drift { .. }
+            | Self::Change { .. } => None,
         }
     }
 
@@ -255,12 +308,16 @@ impl Body {
         match self {
             Self::Decision { flow, .. } | Self::Summary { flow, .. } => Some(flow.program),
             Self::Lost { program, .. } => Some(*program),
-            Self::SyslogDropped { .. } | Self::Gap { .. } | Self::Drift { .. } => None,
+            Self::SyslogDropped { .. }
+            | Self::Gap { .. }
+            | Self::Drift { .. }
+            | Self::Change { .. } => None,
         }
     }
 
     /// Short name of the record kind: `decision`, `summary`, `lost`,
-    /// `syslog_dropped`, `gap`, `drift`.
+    /// `syslog_dropped`, `gap`, `drift`, and a change's `change`,
+    /// `confirm` or `rollback`.
     #[must_use]
     pub const fn kind(&self) -> &'static str {
         match self {
@@ -270,6 +327,7 @@ impl Body {
             Self::SyslogDropped { .. } => "syslog_dropped",
             Self::Gap { .. } => "gap",
             Self::Drift { .. } => "drift",
+            Self::Change { stage, .. } => stage.name(),
         }
     }
 }
