@@ -27,7 +27,7 @@ use crate::{
     },
     config::{Config, ConfigError},
     drift,
-    grants::{GrantsError, GrantsLock, RuntimeGrants},
+    grants::{GrantsError, GrantsLock, GroupWatch, RuntimeGrants},
     identity::{self, Identity},
     loader::{self, LoadError},
     lockout::{self, LockoutError},
@@ -472,7 +472,10 @@ fn reload(
         }
         return Err(ReloadError::Write { source });
     }
-    feed.set_peers(peer_names(tunnel.as_ref()));
+    feed.set_peers(
+        peer_names(tunnel.as_ref()),
+        GroupWatch::new(tunnel.as_ref()),
+    );
     running.ids.record(&config, tunnel.as_ref());
     let peers = tunnel.as_ref().map_or(0, |t| t.peers.len());
     running.config = config;
@@ -576,6 +579,7 @@ fn names(enforcing: &Enforcing, tunnel: Option<&TunnelPolicy>) -> Names {
         n.programs.insert(Program::Tunnel, a.interface.clone());
     }
     n.peers = peer_names(tunnel);
+    n.groups = GroupWatch::new(tunnel);
     n
 }
 
