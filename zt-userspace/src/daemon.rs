@@ -31,7 +31,7 @@ use crate::{
     config::{Config, ConfigError},
     confirm::{self, ConfirmError},
     drift,
-    grants::{GrantsError, GrantsLock, RuntimeGrants},
+    grants::{GrantsError, GrantsLock, GroupWatch, RuntimeGrants},
     identity::{self, Identity},
     loader::{self, LoadError},
     lockout::{self, LockoutError},
@@ -564,7 +564,7 @@ fn swap(
         }
         return Err(ReloadError::Write { source });
     }
-    feed.set_peers(peer_names(tunnel));
+    feed.set_peers(peer_names(tunnel), GroupWatch::new(tunnel));
     running.ids.record(&config, tunnel);
     let replaced = std::mem::replace(&mut running.config, config);
     Ok(Before {
@@ -737,6 +737,7 @@ fn names(enforcing: &Enforcing, tunnel: Option<&TunnelPolicy>) -> Names {
         n.programs.insert(Program::Tunnel, a.interface.clone());
     }
     n.peers = peer_names(tunnel);
+    n.groups = GroupWatch::new(tunnel);
     n
 }
 

@@ -13,6 +13,7 @@ use ztxdp::{
     config::Config,
     control::{self, Status},
     daemon::{self, Enforcing, UpOptions},
+    grants::Origin,
     identity,
     policy::Mode,
     report,
@@ -194,22 +195,30 @@ enum Command {
     /// Remove every ztxdp program from this network namespace.
     #[command(after_help = "Example:\n  ztxdp down")]
     Down,
-    /// Grant a tunnel peer access to a local port, now and across restarts.
+    /// Grant a tunnel peer, or every member of a group, access to a local
+    /// port, now and across restarts.
     #[command(
         after_help = "Examples:\n  ztxdp allow app-2 5432\n  ztxdp allow 10.100.0.2 53/udp\n  \
-        ztxdp allow app-1 8000-8100/tcp\n  ztxdp allow app-1 icmp"
+        ztxdp allow app-1 8000-8100/tcp\n  ztxdp allow app-1 icmp\n  ztxdp allow @db-clients 5432"
     )]
     Allow {
-        /// Peer name, or an address inside one of its prefixes.
+        /// Peer name, an address inside one of its prefixes, or @GROUP (a
+        /// [[tunnel.group]]: every member).
         peer: String,
         /// PORT[/PROTO] (tcp by default), a range FIRST-LAST[/PROTO], or `icmp`.
         grant: String,
         #[arg(long, value_name = "FILE", help = CONFIG_HELP)]
         config: Option<PathBuf>,
     },
-    /// Take a grant away; open connections stop passing at the next packet.
-    #[command(after_help = "Examples:\n  ztxdp revoke app-1 5432\n  ztxdp revoke app-1 icmp")]
+    /// Take a grant away from a peer or a group; open connections stop
+    /// passing at the next packet. A group's member keeps what its own
+    /// grant or another group still gives it.
+    #[command(
+        after_help = "Examples:\n  ztxdp revoke app-1 5432\n  ztxdp revoke app-1 icmp\n  \
+        ztxdp revoke @db-clients 5432"
+    )]
     Revoke {
+        /// Peer name, an address inside one of its prefixes, or @GROUP.
         peer: String,
         grant: String,
         #[arg(long, value_name = "FILE", help = CONFIG_HELP)]
@@ -230,7 +239,8 @@ enum Command {
         after_help = "A `# name` comment right above or inside a [Peer] section names the peer; \
         others are named peer-1, peer-2, ...\n\nExamples:\n  \
         ztxdp import-wg /etc/wireguard/wg0.conf >> /etc/ztxdp/ztxdp.toml\n  \
-        ztxdp import-wg --live wg0"
+        ztxdp import-wg --live wg0\n  \
+        ztxdp import-wg --group office /etc/wireguard/wg0.conf"
     )]
     ImportWg {
         /// A wg-quick configuration file.
@@ -239,6 +249,10 @@ enum Command {
         /// Read the peers of this running interface (`wg show IFACE dump`).
         #[arg(long, value_name = "IFACE")]
         live: Option<String>,
+        /// Also print a [[tunnel.group]] of this name holding every imported
+        /// peer (grant them all with `ztxdp allow @NAME PORT`).
+        #[arg(long, value_name = "NAME", value_parser = group_name)]
+        group: Option<String>,
     },
     /// Print the policy in another firewall's language.
     #[command(subcommand)]
@@ -492,6 +506,7 @@ fn main() -> ExitCode {
                         c.downcast_ref::<control::ControlError>(),
                         Some(
                             control::ControlError::UnknownPeer { .. }
+                                | control::ControlError::UnknownGroup { .. }
                                 | control::ControlError::BadGrant { .. }
                         )
                     )
@@ -619,7 +634,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             config,
         } => grant_change(config.as_deref(), &peer, &grant, false).await?,
         Command::List { json, config } => list(json, config.as_deref()).await?,
-        Command::ImportWg { file, live } => import_wg(file, live)?,
+        Command::ImportWg { file, live, group } => import_wg(file, live, group.as_deref())?,
         Command::Export(ExportFormat::Nft { config, conntrack }) => {
             let config = control::config_path(config.as_deref())
                 .await
@@ -778,6 +793,22 @@ async fn list(json: bool, config: Option<&Path>) -> anyhow::Result<()> {
                 }
                 _ => outln!(),
             }
+            // A peer whose grants are its own config grants needs no
+            // explanation; one in a group or changed at run time does.
+            if !(p.groups.is_empty() && p.added.is_empty() && p.revoked.is_empty()) {
+                for s in &p.sources {
+                    let from = match (&s.group, s.from) {
+                        (None, Origin::Runtime) => "the runtime grants file".to_owned(),
+                        (None, _) => "its own grant".to_owned(),
+                        (Some(g), Origin::Runtime) => format!("@{g} (runtime grants file)"),
+                        (Some(g), _) => format!("@{g}"),
+                    };
+                    outln!("  from {from}: {}", s.grants.join(" "));
+                }
+                if !p.revoked.is_empty() {
+                    outln!("  revoked for {} itself: {}", p.name, p.revoked.join(" "));
+                }
+            }
         }
     }
     Ok(())
@@ -800,6 +831,13 @@ fn export_nft(config: &Path, conntrack: bool) -> anyhow::Result<String> {
                 config.display()
             );
         }
+        for group in &merged.unknown_groups {
+            eprintln!(
+                "ztxdp: warning: {} has grants for group @{group}, which is no group of {}; ignored",
+                path.display(),
+                config.display()
+            );
+        }
         notes = merged.notes;
     }
     Ok(export::nft_ruleset_with(
@@ -817,7 +855,20 @@ fn none_if_empty(grants: &[String]) -> String {
     }
 }
 
-fn import_wg(file: Option<PathBuf>, live: Option<String>) -> anyhow::Result<()> {
+/// `--group NAME` of `import-wg`: a name a config accepts for a group.
+fn group_name(name: &str) -> Result<String, String> {
+    if ztxdp::config::is_group_name(name) {
+        Ok(name.to_owned())
+    } else {
+        Err(ztxdp::config::bad_group_name(name))
+    }
+}
+
+fn import_wg(
+    file: Option<PathBuf>,
+    live: Option<String>,
+    group: Option<&str>,
+) -> anyhow::Result<()> {
     let (peers, origin) = match (live, file) {
         (Some(iface), _) => (
             ztxdp::import_wg::live(&iface)?,
@@ -829,7 +880,7 @@ fn import_wg(file: Option<PathBuf>, live: Option<String>) -> anyhow::Result<()> 
         ),
         (None, None) => anyhow::bail!("give a wg-quick FILE or --live IFACE"),
     };
-    out!("{}", ztxdp::import_wg::render(&peers, &origin));
+    out!("{}", ztxdp::import_wg::render(&peers, &origin, group));
     Ok(())
 }
 
@@ -969,17 +1020,30 @@ async fn grant_change(
         .await
         .with_context(unchanged)?;
     let verb = if allow { "allowed" } else { "revoked" };
-    let state = if change.live {
-        "in effect now"
-    } else {
-        "saved; no tunnel program is running here, applies at next `ztxdp up`"
+    let state = match (change.live, change.peers.as_slice()) {
+        (false, _) => {
+            "saved; no tunnel program is running here, applies at next `ztxdp up`".to_owned()
+        }
+        (true, [_]) if !change.target.starts_with('@') => "in effect now".to_owned(),
+        (true, members) => format!("in effect now for its {} members", members.len()),
     };
-    outln!(
-        "{verb} {} for {} ({state}); grants now: {}",
-        change.grant,
-        change.peer,
-        change.grants.join(" ")
-    );
+    match change.peers.as_slice() {
+        [peer] if !change.target.starts_with('@') => outln!(
+            "{verb} {} for {} ({state}); grants now: {}",
+            change.grant,
+            change.target,
+            none_if_empty(&peer.grants)
+        ),
+        members => {
+            outln!("{verb} {} for {} ({state})", change.grant, change.target);
+            for m in members {
+                outln!("  {}: {}", m.name, none_if_empty(&m.grants));
+            }
+        }
+    }
+    for note in change.peers.iter().filter_map(|p| p.note.as_ref()) {
+        outln!("note: {note}");
+    }
     Ok(())
 }
 

@@ -1019,6 +1019,7 @@ mod tests {
         let tunnel = TunnelPolicy {
             interface: "wg0".to_owned(),
             peers,
+            groups: Vec::new(),
             runtime_grants: "grants.json".into(),
             link_local_neighbors: false,
             mode: crate::policy::Mode::Enforce,

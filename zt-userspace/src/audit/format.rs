@@ -127,7 +127,13 @@ fn ztxdp_base(r: &Record) -> Map<String, Value> {
 /// The counts of a `lost` record, the same in both formats: `unwritten`
 /// only where a killed daemon left some.
 fn peer_value(p: &Peer) -> Value {
-    json!({ "name": p.name, "public_key": p.public_key })
+    let mut v = json!({ "name": p.name, "public_key": p.public_key });
+    // Only when a group granted the decision: other records stay as they
+    // were before groups.
+    if !p.groups.is_empty() {
+        v["groups"] = json!(p.groups);
+    }
+    v
 }
 
 fn ecs_event(flow: &Flow, action: &str) -> Value {
@@ -688,6 +694,16 @@ fn peer_at(v: &Value) -> Option<Peer> {
             .get("public_key")
             .and_then(Value::as_str)
             .map(str::to_owned),
+        groups: p
+            .get("groups")
+            .and_then(Value::as_array)
+            .map(|list| {
+                list.iter()
+                    .filter_map(Value::as_str)
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default(),
     })
 }
 
@@ -1029,6 +1045,17 @@ fn cef_policy(body: &Body, ext: &mut Vec<(&str, String)>) {
     }
 }
 
+/// A tunnel decision's peer: its name, and the groups whose grant passed
+/// it (group names hold no comma).
+fn cef_peer(ext: &mut Vec<(&str, String)>, p: &Peer) {
+    ext.push(("cs3", p.name.clone()));
+    ext.push(("cs3Label", "peer".to_owned()));
+    if !p.groups.is_empty() {
+        ext.push(("cs4", p.groups.join(",")));
+        ext.push(("cs4Label", "peerGroups".to_owned()));
+    }
+}
+
 /// The CEF extension fields of a decision or summary of `flow`.
 fn cef_flow(flow: &Flow, body: &Body, ext: &mut Vec<(&str, String)>) {
     ext.push(("act", flow.action().to_owned()));
@@ -1053,8 +1080,7 @@ fn cef_flow(flow: &Flow, body: &Body, ext: &mut Vec<(&str, String)>) {
     ext.push(("cs2", flow.program.name().to_owned()));
     ext.push(("cs2Label", "program".to_owned()));
     if let Some(p) = &flow.peer {
-        ext.push(("cs3", p.name.clone()));
-        ext.push(("cs3Label", "peer".to_owned()));
+        cef_peer(ext, p);
     }
     if let Body::Summary {
         start_ns, end_ns, ..
@@ -1191,6 +1217,7 @@ mod tests {
                     peer: Some(Peer {
                         name: "app=1|x".into(),
                         public_key: Some("k".into()),
+                        groups: vec!["db-clients".into(), "ops".into()],
                     }),
                     would_drop: false,
                 },
@@ -1330,6 +1357,7 @@ mod tests {
             flow.peer = Some(Peer {
                 name: "app-2".into(),
                 public_key: None,
+                groups: Vec::new(),
             });
             flow.would_drop = true;
         }
@@ -1545,6 +1573,14 @@ mod tests {
         );
         assert_eq!(allow["connection_info"]["protocol_ver_id"], 6);
         assert_eq!(allow["src_endpoint"]["name"], "app=1|x");
+        assert_eq!(
+            allow["unmapped"]["peer"]["groups"],
+            json!(["db-clients", "ops"])
+        );
+        assert_eq!(
+            json(AuditFormat::Ecs, &all[1])["ztxdp"]["peer"]["groups"],
+            json!(["db-clients", "ops"])
+        );
         let summary = json(AuditFormat::Ocsf, &all[3]);
         assert_eq!(
             (summary["activity_id"].as_u64(), summary["count"].as_u64()),
@@ -1734,6 +1770,10 @@ mod tests {
         assert!(
             allow.contains(" cs3=app\\=1|x "),
             "= is escaped in values, | is not: {allow}"
+        );
+        assert!(
+            allow.contains(" cs4=db-clients,ops cs4Label=peerGroups "),
+            "the groups that granted it: {allow}"
         );
         assert!(
             cef(&all[4], GENESIS).contains(" cnt=17043 "),

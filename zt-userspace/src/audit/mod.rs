@@ -159,6 +159,8 @@ pub struct Names {
     pub programs: HashMap<Program, String>,
     /// Peer name and public key, by peer index.
     pub peers: Vec<(String, Option<String>)>,
+    /// Which groups grant what to each peer, for `ztxdp.peer.groups`.
+    pub groups: crate::grants::GroupWatch,
 }
 
 /// Converts `bpf_ktime_get_ns` (`CLOCK_MONOTONIC`) to wall-clock time.

@@ -55,13 +55,12 @@ pub(crate) const SOCKET_WAIT: Duration = Duration::from_secs(5);
 #[serde(rename_all = "snake_case")]
 pub enum Message {
     Record {
-        record: Record,
+        /// Boxed: a record is far larger than the other messages.
+        record: Box<Record>,
         chain: String,
     },
     /// This client missed `missed` records because it read too slowly.
-    Lagged {
-        missed: u64,
-    },
+    Lagged { missed: u64 },
 }
 
 /// How `ztxdp events` prints records.
@@ -317,7 +316,7 @@ pub async fn serve(mut stream: UnixStream, mut rx: broadcast::Receiver<Arc<Seale
         while let Some(item) = next.take() {
             let message = match item {
                 Ok(s) => Message::Record {
-                    record: s.record.clone(),
+                    record: Box::new(s.record.clone()),
                     chain: s.chain.clone(),
                 },
                 Err(broadcast::error::RecvError::Lagged(missed)) => Message::Lagged { missed },
@@ -493,6 +492,7 @@ mod tests {
                     peer: peer.map(|(name, key)| Peer {
                         name: name.into(),
                         public_key: Some(key.into()),
+                        groups: Vec::new(),
                     }),
                     would_drop: false,
                 },
