@@ -193,7 +193,12 @@ fn an_unconfirmed_reload_rolls_back_also_after_a_kill_9_of_the_daemon() {
         assert_eq!(pending["config_sha256"], new.as_str(), "{pending:#}");
         assert_eq!(pending["previous_sha256"], old.as_str(), "{pending:#}");
         assert!(pending["deadline"].is_string(), "{pending:#}");
-        assert_eq!(pending["watchdog_alive"], true, "{pending:#}");
+        assert_eq!(
+            pending["watchdog_alive"],
+            true,
+            "{pending:#}\n{}",
+            t.daemon.log()
+        );
         let text = ztxdp_ok(t.edge(), &["status"]);
         assert!(
             text.to_lowercase().contains("awaits confirmation"),
@@ -353,4 +358,63 @@ fn a_confirmed_change_stays_and_an_unconfirmed_first_up_detaches() {
         first.log()
     );
     assert_eq!(attached(lab.edge(), HOST_INTERFACE), Vec::<String>::new());
+}
+
+/// Removes a state file on drop, also when the test fails.
+struct StateFile(std::path::PathBuf);
+
+impl Drop for StateFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[test]
+fn a_change_orphaned_in_a_deleted_namespace_does_not_block_a_new_up() {
+    // A namespace deleted while a change awaited confirmation leaves its
+    // state file, named by the namespace's inode; a new namespace may get
+    // the same inode. Made here directly: a pending change whose watchdog
+    // is dead, in a namespace where no ztxdp program runs.
+    let lab = build_lab();
+    let inode = lab
+        .edge()
+        .cmd("stat")
+        .args(["-L", "-c", "%i", "/proc/self/ns/net"])
+        .output()
+        .map_or_else(
+            |e| panic!("stat: {e}"),
+            |o| String::from_utf8_lossy(&o.stdout).trim().to_owned(),
+        );
+    let mut gone = std::process::Command::new("true")
+        .spawn()
+        .unwrap_or_else(|e| panic!("true: {e}"));
+    let dead_pid = gone.id();
+    let _ = gone.wait();
+    let state = StateFile(Path::new("/run/ztxdp").join(format!("confirm-{inode}.json")));
+    let change = ztxdp::confirm::Change {
+        state: ztxdp::confirm::State::Pending,
+        command: ztxdp::confirm::Command::Reload,
+        config: "/nonexistent/ztxdp.toml".into(),
+        config_sha256: "00".repeat(32),
+        previous_config: None,
+        previous_sha256: None,
+        deadline: "2099-01-01T00:00:00Z".into(),
+        deadline_ns: i64::MAX,
+        watchdog_pid: dead_pid,
+        settled: None,
+        error: None,
+    };
+    std::fs::create_dir_all("/run/ztxdp").unwrap_or_else(|e| panic!("/run/ztxdp: {e}"));
+    std::fs::write(
+        &state.0,
+        serde_json::to_string(&change).unwrap_or_else(|e| panic!("{e}")),
+    )
+    .unwrap_or_else(|e| panic!("{}: {e}", state.0.display()));
+
+    // `up` starts, and the stale change no longer awaits anything.
+    let t = Enforced::start("confirm-orphan", lab, |_: &Lab, scratch: &Scratch| {
+        config(scratch, OLD)
+    });
+    let s = status(t.edge());
+    assert_ne!(s["confirmation"]["state"], "pending", "{s:#}");
 }

@@ -330,6 +330,24 @@ pub fn refuse_if_pending() -> Result<(), ConfirmError> {
     }
 }
 
+/// Forgets a pending change whose watchdog is gone, for an `up` that
+/// finds no ztxdp program in this namespace: such a change has nothing
+/// left to keep or roll back (a namespace deleted during its wait, whose
+/// inode a new namespace reuses, leaves one behind).
+pub fn forget_orphaned() {
+    if let Ok(Some(c)) = read()
+        && c.state == State::Pending
+        && !alive(c.watchdog_pid)
+    {
+        tracing::warn!(
+            command = c.command.name(),
+            config = %c.config.display(),
+            "forgetting a change that awaited confirmation: its watchdog is gone and no ztxdp program runs here"
+        );
+        cancel(Some(c.watchdog_pid));
+    }
+}
+
 /// Checks a `--confirm` window.
 ///
 /// # Errors
