@@ -168,6 +168,9 @@ pub async fn up(
     adopt_state(old_maps.as_ref(), &new_maps, peers, Pass::BeforeSwap);
     // Nothing attached yet: a change awaiting confirmation refuses this
     // one before anything is.
+    if old_maps.is_none() {
+        confirm::forget_orphaned();
+    }
     confirm::refuse_if_pending()?;
     // Armed while the programs we replace still run: the watchdog holds
     // them from now on. Should attaching fail half way, it puts them back
@@ -823,18 +826,20 @@ async fn stream_audit(
                 feed.report_lost(running.tables, trail)?;
                 trail.report_forwarding();
                 trail.commit();
-                running.refresh_metrics(trail);
                 reap(&mut running.watchdog);
                 if still_ours(handle, enforcing).await != (true, true) {
                     tracing::info!("our programs were removed or replaced by another ztxdp; exiting");
                     break Stop::Superseded;
                 }
-                if notify::listening() {
-                    notify::status(&status_line(enforcing, running));
-                }
                 if let Some(drift) = running.drift.tick(&running.config).await {
                     trail.push(audit::record::now_ns(), drift);
                     trail.commit();
+                }
+                // After the drift check: a scrape then agrees with the
+                // trail's newest drift record.
+                running.refresh_metrics(trail);
+                if notify::listening() {
+                    notify::status(&status_line(enforcing, running));
                 }
             }
             _ = sync.tick() => trail.sync(),
