@@ -131,6 +131,7 @@ fn the_package_holds_what_a_service_needs_with_its_modes() {
         "check",
         "status",
         "reload",
+        "confirm",
         "down",
         "allow",
         "revoke",

@@ -403,6 +403,7 @@ fn the_tunnel_straight_line_parse_records_what_the_general_parse_records() {
             &["10.10.0.2/32"],
             vec![tier2::ports(Protocol::Tcp, 5432, 5432)],
         )],
+        groups: Vec::new(),
         runtime_grants: "/nonexistent/runtime-grants.json".into(),
         link_local_neighbors: false,
         mode: ztxdp::policy::Mode::Enforce,

@@ -235,6 +235,7 @@ fn tunnel_policy() -> TunnelPolicy {
                 vec![udp(9999, 9999), Grant::Icmp],
             ),
         ],
+        groups: Vec::new(),
         runtime_grants: "/nonexistent/runtime-grants.json".into(),
         // Exercises both sides of the rule: allowed on an L2 device, and
         // ignored on an L3 one, where only peers' packets pass.

@@ -64,6 +64,7 @@ fn policies() -> (EdgePolicy, TunnelPolicy) {
                 last: 5432,
             }],
         }],
+        groups: Vec::new(),
         runtime_grants: "/nonexistent/runtime-grants.json".into(),
         link_local_neighbors: false,
     };

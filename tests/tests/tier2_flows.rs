@@ -116,6 +116,7 @@ fn tunnel_policy() -> TunnelPolicy {
                 }],
             ),
         ],
+        groups: Vec::new(),
         runtime_grants: "/nonexistent/runtime-grants.json".into(),
         link_local_neighbors: false,
         mode: ztxdp::policy::Mode::Enforce,

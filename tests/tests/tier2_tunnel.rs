@@ -70,6 +70,7 @@ fn policy() -> TunnelPolicy {
                 ],
             ),
         ],
+        groups: Vec::new(),
         runtime_grants: "/nonexistent/runtime-grants.json".into(),
         link_local_neighbors: false,
         mode: ztxdp::policy::Mode::Enforce,

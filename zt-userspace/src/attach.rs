@@ -697,6 +697,100 @@ pub fn attach_tc(
     Ok(())
 }
 
+/// A file descriptor of the loaded program `id`, which keeps it loaded
+/// while held, attached or not: what a confirmation's watchdog holds of
+/// the programs an `up --confirm` replaces, to put them back.
+///
+/// # Errors
+/// When the program is gone or cannot be opened.
+pub fn hold(id: u32) -> Result<ProgramFd, AttachError> {
+    let info = program_info(id)?.ok_or(AttachError::ProgramInfo {
+        id,
+        source: aya::programs::ProgramError::from(std::io::Error::from_raw_os_error(libc::ENOENT)),
+    })?;
+    info.fd()
+        .map_err(|source| AttachError::ProgramInfo { id, source })
+}
+
+/// [`attach_tc`] for a program held by its file descriptor (see [`hold`])
+/// rather than loaded by this process: the same clsact filter, priority
+/// and handle, replacing ours in place when `replace`. aya attaches only
+/// the programs it loaded, so this is the request it sends, through
+/// rtnetlink.
+///
+/// # Errors
+/// When the qdisc or the filter cannot be set up.
+pub async fn attach_tc_fd(
+    handle: &Handle,
+    a: &Attachment,
+    prog: &ProgramFd,
+    direction: TcAttachType,
+    replace: bool,
+) -> Result<(), AttachError> {
+    use netlink_packet_route::{
+        AddressFamily, RouteNetlinkMessage,
+        tc::{TcBpfFlags, TcHandle as NlHandle, TcHeader, TcMessage},
+    };
+    use rtnetlink::packet_core::{
+        NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST, NetlinkMessage,
+    };
+    let netlink_err = |source| AttachError::Netlink {
+        interface: a.interface.clone(),
+        source,
+    };
+    if let Err(e) = tc::qdisc_add_clsact(&a.interface) {
+        tracing::debug!(interface = a.interface, error = %e, "clsact qdisc not added (probably present)");
+    }
+    let minor = if direction == TcAttachType::Ingress {
+        NlHandle::MIN_INGRESS
+    } else {
+        NlHandle::MIN_EGRESS
+    };
+    let mut message = TcMessage::default();
+    message.header = TcHeader::default();
+    message.header.family = AddressFamily::Unspec;
+    message.header.index = i32::try_from(a.ifindex).unwrap_or(i32::MAX);
+    message.header.handle = NlHandle {
+        major: 0,
+        minor: TC_HANDLE_MINOR,
+    };
+    message.header.parent = NlHandle {
+        major: 0xffff,
+        minor,
+    };
+    // Priority in the upper half, the protocol (ETH_P_ALL, big-endian) in
+    // the lower, as `tc` and aya send it.
+    message.header.info = (u32::from(TC_PRIORITY) << 16)
+        | u32::from(u16::try_from(libc::ETH_P_ALL).unwrap_or(3).to_be());
+    message.attributes = vec![
+        TcAttribute::Kind("bpf".to_owned()),
+        TcAttribute::Options(vec![
+            TcOption::Bpf(TcFilterBpfOption::ProgFd(fd_u32(prog))),
+            TcOption::Bpf(TcFilterBpfOption::ProgName(a.program.clone())),
+            TcOption::Bpf(TcFilterBpfOption::Flags(TcBpfFlags::DirectAction)),
+        ]),
+    ];
+    let mut request = NetlinkMessage::from(RouteNetlinkMessage::NewTrafficFilter(message));
+    // cls_bpf replaces a filter in place when neither flag is set.
+    request.header.flags = NLM_F_REQUEST
+        | NLM_F_ACK
+        | if replace {
+            0
+        } else {
+            NLM_F_CREATE | NLM_F_EXCL
+        };
+    let mut handle = handle.clone();
+    let mut replies = handle.request(request).map_err(netlink_err)?;
+    while let Some(reply) = futures_util::StreamExt::next(&mut replies).await {
+        if let rtnetlink::packet_core::NetlinkPayload::Error(e) = reply.payload
+            && e.code.is_some()
+        {
+            return Err(netlink_err(rtnetlink::Error::NetlinkError(e)));
+        }
+    }
+    Ok(())
+}
+
 /// Removes our classifier `name` from `interface`.
 ///
 /// # Errors

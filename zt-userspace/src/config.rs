@@ -30,6 +30,8 @@ use serde::Deserialize;
 use toml::de::{DeTable, DeValue};
 use zt_common::capacity;
 
+pub use self::group::{bad_group_name, is_group_name};
+
 mod service;
 
 use crate::{
@@ -40,6 +42,8 @@ use crate::{
     },
 };
 
+mod group;
+
 /// `ssh_port` when the file does not set it.
 const DEFAULT_SSH_PORT: u16 = 22;
 /// The longest peer name.
@@ -49,6 +53,23 @@ pub const MAX_PEER_NAME: usize = 64;
 #[must_use]
 pub const fn peer_name_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-')
+}
+
+/// Whether `name` may name a peer or a group: 1 to [`MAX_PEER_NAME`]
+/// bytes of [`peer_name_byte`].
+fn is_name(name: &str) -> bool {
+    (1..=MAX_PEER_NAME).contains(&name.len()) && name.bytes().all(peer_name_byte)
+}
+
+/// Why `name` cannot name a `kind` (`peer`, `group`), quoting at most its
+/// first 40 characters, escaped.
+fn not_a_name(kind: &str, name: &str) -> String {
+    let shown: String = name.chars().take(40).collect();
+    let cut = if shown.len() < name.len() { "..." } else { "" };
+    format!(
+        "{shown:?}{cut} is not a {kind} name: use 1 to {MAX_PEER_NAME} of \
+         A-Z a-z 0-9 . _ - (names appear in audit records and terminals)"
+    )
 }
 
 /// The largest config or wg-quick file read, so that a huge or endless file
@@ -258,6 +279,7 @@ struct RawTunnel {
     runtime_grants: Option<PathBuf>,
     link_local_neighbors: Option<bool>,
     peer: Option<Vec<RawPeer>>,
+    group: Option<Vec<group::RawGroup>>,
 }
 
 #[derive(Deserialize)]
@@ -1028,9 +1050,11 @@ impl Validator<'_> {
             .collect::<Result<Vec<_>, _>>()?;
         self.unique_names(&peers)?;
         self.disjoint_addresses(&peers)?;
+        let groups = self.groups(raw.group.unwrap_or_default(), &peers)?;
         Ok(TunnelPolicy {
             interface,
             peers,
+            groups,
             runtime_grants,
             link_local_neighbors: raw.link_local_neighbors.unwrap_or(false),
             mode,
@@ -1055,16 +1079,10 @@ impl Validator<'_> {
         // Names go into audit records, CEF lines, syslog and terminals: a
         // newline, a right-to-left override or trailing space there would
         // forge or hide what a reader sees.
-        if name.len() > MAX_PEER_NAME || !name.bytes().all(peer_name_byte) {
-            let shown: String = name.chars().take(40).collect();
-            let cut = if shown.len() < name.len() { "..." } else { "" };
-            return Err(self.at.invalid(
-                &format!("{at}.name"),
-                format!(
-                    "{shown:?}{cut} is not a peer name: use 1 to {MAX_PEER_NAME} of \
-                     A-Z a-z 0-9 . _ - (names appear in audit records and terminals)"
-                ),
-            ));
+        if !is_name(&name) {
+            return Err(self
+                .at
+                .invalid(&format!("{at}.name"), not_a_name("peer", &name)));
         }
         if name.parse::<IpAddr>().is_ok() || name.parse::<IpNet>().is_ok() {
             // `ztxdp allow PEER` takes a name or an address; a name that looks
@@ -1497,6 +1515,7 @@ pub(crate) fn is_wireguard_key(key: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+    mod groups;
     mod services;
     mod syslog_tls;
 
@@ -2112,6 +2131,7 @@ path = "/var/log/ztxdp/audit.jsonl"
                         mode: crate::policy::Mode::Enforce,
                     },
                 ],
+                groups: Vec::new(),
                 runtime_grants: PathBuf::from("/run/grants.json"),
                 link_local_neighbors: false,
                 mode: crate::policy::Mode::Enforce,

@@ -20,7 +20,7 @@ use crate::{
     attach::{self, AttachError, Attached, Attachment},
     build_info::Build,
     config::{Config, GrantError, parse_cli_grant},
-    grants::{GrantsError, GrantsLock, RuntimeGrants},
+    grants::{GrantSet, GrantsError, GrantsLock, Merger, Origin, RuntimeGrants, Source},
     identity::{self, Identity},
     policy::{Grant, Mode, TunnelPolicy},
     report,
@@ -38,6 +38,8 @@ pub enum ControlError {
     Grants(#[from] GrantsError),
     #[error(transparent)]
     Identity(#[from] identity::IdentityError),
+    #[error(transparent)]
+    Confirm(#[from] crate::confirm::ConfirmError),
     #[error("cannot tell whether a daemon serves this network namespace ({})", path.display())]
     Socket {
         path: PathBuf,
@@ -50,6 +52,19 @@ pub enum ControlError {
     NoTunnel { config: String },
     #[error("no peer named or owning address {peer:?}; peers are: {known}")]
     UnknownPeer { peer: String, known: String },
+    #[error("no group named {group:?} (`@NAME` names a [[tunnel.group]]); groups are: {known}")]
+    UnknownGroup { group: String, known: String },
+    #[error(
+        "the kernel holds the change for {done} of the {total} members of @{group}, \
+         then failed; the runtime grants file has it: run the command again, or `ztxdp reload`"
+    )]
+    Members {
+        group: String,
+        done: usize,
+        total: usize,
+        #[source]
+        source: Box<TablesError>,
+    },
     #[error("bad grant {text:?}")]
     BadGrant {
         text: String,
@@ -144,6 +159,9 @@ pub struct DaemonStatus {
 #[derive(Debug, Serialize)]
 pub struct Status {
     pub daemon: DaemonStatus,
+    /// The latest change made with `--confirm`: pending (with its
+    /// deadline), confirmed or rolled back; `None` when there was none.
+    pub confirmation: Option<crate::confirm::Confirmation>,
     #[serde(flatten)]
     pub programs: Programs,
 }
@@ -335,6 +353,7 @@ pub async fn status() -> Result<Status, ControlError> {
     let (programs, running) = programs().await?;
     Ok(Status {
         daemon: daemon_status(running.as_ref())?,
+        confirmation: crate::confirm::status(),
         programs,
     })
 }
@@ -414,7 +433,7 @@ fn daemon_status(running: Option<&Identity>) -> Result<DaemonStatus, ControlErro
 
 /// Whether `pid` is a live (not zombie) ztxdp process: a pid reused by
 /// another program after the daemon died is not it.
-fn is_ztxdp(pid: u32) -> bool {
+pub(crate) fn is_ztxdp(pid: u32) -> bool {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return false;
     };
@@ -497,21 +516,70 @@ fn tunnel_attachment<'a>(found: &'a Attached, tunnel: &TunnelPolicy) -> Option<&
         .or(found.tunnel.first())
 }
 
+/// What `allow` and `revoke` change: one peer, or a group's members.
+#[derive(Clone, Copy)]
+enum Target {
+    Peer(usize),
+    Group(usize),
+}
+
+/// `@NAME` as a group of `tunnel`, anything else as a peer.
+fn resolve_target(tunnel: &TunnelPolicy, text: &str) -> Result<Target, ControlError> {
+    let Some(name) = text.strip_prefix('@') else {
+        return resolve_peer(tunnel, text).map(Target::Peer);
+    };
+    tunnel
+        .groups
+        .iter()
+        .position(|g| g.name == name)
+        .map(Target::Group)
+        .ok_or_else(|| ControlError::UnknownGroup {
+            group: name.to_owned(),
+            known: if tunnel.groups.is_empty() {
+                "none (the config has no [[tunnel.group]])".to_owned()
+            } else {
+                tunnel
+                    .groups
+                    .iter()
+                    .map(|g| format!("@{}", g.name))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            },
+        })
+}
+
 /// Whether a runtime grant change reached a running program.
 #[derive(Debug, Serialize)]
 pub struct GrantChange {
-    pub peer: String,
+    /// The peer's name, or `@` and the group's.
+    pub target: String,
     pub grant: String,
-    /// The effective grants of the peer after the change.
-    pub grants: Vec<String>,
+    /// The peer, or every member of the group, with its grants after the
+    /// change.
+    pub peers: Vec<PeerChange>,
     /// False when no tunnel program is attached here: the change is saved
     /// and applies at the next `up`.
     pub live: bool,
 }
 
-/// `ztxdp allow` (`allow = true`) and `ztxdp revoke`: validates everything
-/// first, then saves the runtime grants atomically, then updates the running
-/// program, which enforces the change from the next packet on.
+/// One peer's grants after an `allow` or `revoke`.
+#[derive(Debug, Serialize)]
+pub struct PeerChange {
+    pub name: String,
+    /// Its effective grants after the change.
+    pub grants: Vec<String>,
+    /// Why the change did not give it the whole grant (an `allow`: the
+    /// peer's own revoke wins), or did not take it all away (a `revoke` of
+    /// a group: another source still grants it).
+    pub note: Option<String>,
+}
+
+/// `ztxdp allow` (`allow = true`) and `ztxdp revoke` of a peer, or with
+/// `@NAME` of a group: validates everything first, then saves the runtime
+/// grants atomically, then updates the running program for the peer or
+/// every member, which enforces the change from the next packet on. It
+/// returns only once the kernel holds the change for every peer it
+/// touches.
 ///
 /// The grants lock is held from reading the file until the kernel holds the
 /// change, so concurrent changes apply one after the other (none undoes
@@ -519,47 +587,147 @@ pub struct GrantChange {
 /// the change (which then finds and updates the new program) or after it.
 ///
 /// # Errors
-/// On an unknown peer or bad grant (nothing is changed), or a failed write.
+/// On an unknown peer or group or a bad grant (nothing is changed), a
+/// failed write, or a map update that failed (then the error says for how
+/// many members the kernel holds the change).
 pub async fn change_grant(
     config: &Config,
-    peer: &str,
+    target: &str,
     grant: &str,
     allow: bool,
 ) -> Result<GrantChange, ControlError> {
     let tunnel = tunnel_of(config)?;
-    let index = resolve_peer(tunnel, peer)?;
+    let target = resolve_target(tunnel, target)?;
     let grant: Grant = parse_cli_grant(grant).map_err(|source| ControlError::BadGrant {
         text: grant.to_owned(),
         source,
     })?;
+    // A rollback would put back the grants the change replaced, and
+    // with them undo this one.
+    crate::confirm::refuse_if_pending()?;
     let lock = GrantsLock::acquire(&tunnel.runtime_grants)?;
     let mut runtime = RuntimeGrants::load(lock.path())?;
-    let name = tunnel.peers[index].name.clone();
-    if allow {
-        runtime.allow(&name, grant);
-    } else {
-        runtime.revoke(&name, grant);
-    }
+    let (label, members) = match target {
+        Target::Peer(index) => {
+            let name = &tunnel.peers[index].name;
+            if allow {
+                runtime.allow(name, grant);
+            } else {
+                runtime.revoke(name, grant);
+            }
+            (name.clone(), vec![index])
+        }
+        Target::Group(index) => {
+            let group = &tunnel.groups[index];
+            if allow {
+                runtime.allow_group(&group.name, grant);
+            } else {
+                runtime.revoke_group(&group.name, grant);
+            }
+            (format!("@{}", group.name), group.members.clone())
+        }
+    };
     runtime.save(&lock)?;
     let merged = runtime.apply(tunnel);
-    let peer_policy = &merged.peers[index];
     let found = attached().await?;
     let live = match tunnel_attachment(&found, tunnel) {
         Some(a) => {
             let mut tables = Tables::from_map_ids(&a.map_ids)?;
-            // Indices are positions in the config, bounded by capacity::PEERS.
-            tables.set_peer(u32::try_from(index).unwrap_or(u32::MAX), peer_policy)?;
+            for (done, &index) in members.iter().enumerate() {
+                // Indices are positions in the config, bounded by capacity::PEERS.
+                let set = tables.set_peer(
+                    u32::try_from(index).unwrap_or(u32::MAX),
+                    &merged.peers[index],
+                );
+                match (set, target) {
+                    (Ok(()), _) => {}
+                    (Err(source), Target::Peer(_)) => return Err(source.into()),
+                    (Err(source), Target::Group(g)) => {
+                        return Err(ControlError::Members {
+                            group: tunnel.groups[g].name.clone(),
+                            done,
+                            total: members.len(),
+                            source: Box::new(source),
+                        });
+                    }
+                }
+            }
             true
         }
         None => false,
     };
     drop(lock);
+    let by_source = Merger::new(tunnel, &runtime);
+    let changed = GrantSet::of(&[grant]);
+    let peers = members
+        .iter()
+        .map(|&index| PeerChange {
+            name: tunnel.peers[index].name.clone(),
+            grants: strings(&merged.peers[index].grants),
+            note: change_note(tunnel, &by_source, index, &changed, allow),
+        })
+        .collect();
     Ok(GrantChange {
-        peer: name,
+        target: label,
         grant: grant.to_string(),
-        grants: peer_policy.grants.iter().map(ToString::to_string).collect(),
+        peers,
         live,
     })
+}
+
+fn strings(grants: &[Grant]) -> Vec<String> {
+    grants.iter().map(ToString::to_string).collect()
+}
+
+/// What of `changed` peer `index` still has after a revoke, and from
+/// where, or lacks after an allow, and why; `None` when the change took
+/// or gave it all.
+fn change_note(
+    tunnel: &TunnelPolicy,
+    merger: &Merger<'_>,
+    index: usize,
+    changed: &GrantSet,
+    allow: bool,
+) -> Option<String> {
+    let effective = merger.effective(index);
+    let name = &tunnel.peers[index].name;
+    if allow {
+        let missing = changed.difference(&effective);
+        return (!missing.is_empty()).then(|| {
+            format!(
+                "{name} does not get {}: it is revoked for {name} itself, which wins over \
+                 groups (`ztxdp allow {name} ...` lifts it)",
+                strings(&missing.grants()).join(" ")
+            )
+        });
+    }
+    let kept = changed.intersection(&effective);
+    if kept.is_empty() {
+        return None;
+    }
+    let from: Vec<String> = merger
+        .sources(index)
+        .iter()
+        .filter(|s| !s.grants.intersection(&kept).is_empty())
+        .map(|s| source_name(tunnel, s))
+        .collect();
+    Some(format!(
+        "{name} keeps {}: {}",
+        strings(&kept.grants()).join(" "),
+        from.join(", ")
+    ))
+}
+
+/// Where a grant comes from, for a reader.
+fn source_name(tunnel: &TunnelPolicy, s: &Source) -> String {
+    let group = s.group.and_then(|g| tunnel.groups.get(g)).map(|g| &g.name);
+    match (s.origin, group) {
+        (Origin::Peer, _) => "its own grant in the config".to_owned(),
+        (Origin::Group, Some(g)) => format!("group @{g} in the config"),
+        (Origin::Runtime, Some(g)) => format!("group @{g}'s runtime grant"),
+        // A group's sources always name it.
+        (Origin::Runtime | Origin::Group, None) => "its own runtime grant".to_owned(),
+    }
 }
 
 /// One peer's effective grants, for `ztxdp list`.
@@ -568,9 +736,14 @@ pub struct PeerGrants {
     pub name: String,
     pub addresses: Vec<String>,
     pub public_key: Option<String>,
-    /// What the files say: the config plus the runtime changes.
+    /// What the files say: the config (the peer's own grants and its
+    /// groups') plus the runtime changes.
     pub grants: Vec<String>,
-    /// Runtime changes on top of the config file.
+    /// The groups the peer is in, in file order.
+    pub groups: Vec<String>,
+    /// Where `grants` come from: what each source gives the peer.
+    pub sources: Vec<GrantSource>,
+    /// Runtime changes to the peer itself on top of the config file.
     pub added: Vec<String>,
     pub revoked: Vec<String>,
     /// What the running tunnel program enforces, read from its maps;
@@ -579,6 +752,19 @@ pub struct PeerGrants {
     /// The kernel enforces something other than `grants` (a change made
     /// to the files but not to the kernel, or the reverse).
     pub differs: bool,
+}
+
+/// What one source gives a peer, for `ztxdp list`.
+#[derive(Debug, Serialize)]
+pub struct GrantSource {
+    /// `peer` (its own `allow` in the config), `group` (a group's `allow`
+    /// in the config) or `runtime` (the runtime grants file, for the peer
+    /// or, with `group`, for a group).
+    pub from: Origin,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    /// What it gives, less what the runtime file revokes from the peer.
+    pub grants: Vec<String>,
 }
 
 /// `ztxdp list`: the grants the files give each peer and, when a tunnel
@@ -593,6 +779,8 @@ pub async fn list(config: &Config) -> Result<Vec<PeerGrants>, ControlError> {
     let tunnel = tunnel_of(config)?;
     let runtime = RuntimeGrants::load(&tunnel.runtime_grants)?;
     let merged = runtime.apply(tunnel);
+    let by_source = Merger::new(tunnel, &runtime);
+    let group_name = |g: usize| tunnel.groups[g].name.clone();
     let found = attached_if_known().await?;
     let tables = tunnel_attachment(&found, tunnel)
         .map(|a| Tables::from_map_ids(&a.map_ids))
@@ -600,7 +788,17 @@ pub async fn list(config: &Config) -> Result<Vec<PeerGrants>, ControlError> {
     let mut out = Vec::new();
     for (index, p) in (0u32..).zip(&merged.peers) {
         let changes = runtime.peers.get(&p.name).cloned().unwrap_or_default();
-        let grants: Vec<String> = p.grants.iter().map(ToString::to_string).collect();
+        let grants = strings(&p.grants);
+        let at = index as usize;
+        let sources = by_source
+            .sources(at)
+            .iter()
+            .map(|s| GrantSource {
+                from: s.origin,
+                group: s.group.map(group_name),
+                grants: strings(&s.grants.grants()),
+            })
+            .collect();
         let kernel = tables
             .as_ref()
             .map(|t| t.peer_grants(index))
@@ -612,6 +810,12 @@ pub async fn list(config: &Config) -> Result<Vec<PeerGrants>, ControlError> {
             public_key: p.public_key.clone(),
             differs: kernel.as_ref().is_some_and(|k| *k != grants),
             grants,
+            groups: by_source
+                .groups_of(at)
+                .iter()
+                .map(|&g| group_name(g))
+                .collect(),
+            sources,
             added: changes.added,
             revoked: changes.revoked,
             kernel,

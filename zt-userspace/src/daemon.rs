@@ -22,17 +22,21 @@ use crate::{
     adopt::{self, AdoptError, Pass},
     attach::{self, AttachError, Attachment, XdpMode},
     audit::{
-        self, AuditError, Names, ServiceNames, Trail, kernel::Feed, ledger::LedgerEntry,
-        record::Program, stream::Server,
+        self, AuditError, Names, ServiceNames, Trail,
+        kernel::Feed,
+        ledger::LedgerEntry,
+        record::{ChangeStage, Program},
+        stream::Server,
     },
     config::{Config, ConfigError},
+    confirm::{self, ConfirmError},
     drift,
-    grants::{GrantsError, GrantsLock, RuntimeGrants},
+    grants::{GrantsError, GrantsLock, GroupWatch, RuntimeGrants},
     identity::{self, Identity},
     loader::{self, LoadError},
     lockout::{self, LockoutError},
     metrics, notify,
-    policy::{EdgePolicy, TunnelPolicy},
+    policy::TunnelPolicy,
     reload,
     tables::{Contents, Tables, TablesError},
 };
@@ -58,6 +62,8 @@ pub enum DaemonError {
     Drift(#[from] drift::DriftError),
     #[error("our own maps: {0}")]
     OwnMaps(#[from] AdoptError),
+    #[error(transparent)]
+    Confirm(#[from] ConfirmError),
     #[error("the BPF object has no audit ring buffer ({name})")]
     NoRingBuffer { name: &'static str },
     #[error("audit ring buffer: {source}")]
@@ -87,6 +93,9 @@ pub struct UpOptions {
     /// `--dry-run`: audit mode for the whole config (and every reload of
     /// it), whatever its `mode` keys say.
     pub dry_run: bool,
+    /// Put the previous policy back after this many seconds unless
+    /// `ztxdp confirm` runs (see [`crate::confirm`]).
+    pub confirm: Option<u64>,
 }
 
 /// What `up` put in place, reported once enforcement is live.
@@ -105,7 +114,13 @@ pub struct Enforcing {
 /// # Errors
 /// On any failure before enforcement starts (then nothing was changed) or
 /// while writing the audit trail.
-pub async fn up(opts: &UpOptions, ready: impl FnOnce(&Enforcing)) -> Result<(), DaemonError> {
+pub async fn up(
+    opts: &UpOptions,
+    ready: impl FnOnce(&Enforcing, Option<&confirm::Change>),
+) -> Result<(), DaemonError> {
+    if let Some(seconds) = opts.confirm {
+        confirm::check_window(seconds)?;
+    }
     // Held until our programs are attached: a grant change made meanwhile
     // waits, then finds and updates them, instead of updating the programs
     // we replace after we read the file without it.
@@ -151,22 +166,37 @@ pub async fn up(opts: &UpOptions, ready: impl FnOnce(&Enforcing)) -> Result<(), 
         .as_ref()
         .map_or(0, |t| u32::try_from(t.peers.len()).unwrap_or(u32::MAX));
     adopt_state(old_maps.as_ref(), &new_maps, peers, Pass::BeforeSwap);
+    // Nothing attached yet: a change awaiting confirmation refuses this
+    // one before anything is.
+    if old_maps.is_none() {
+        confirm::forget_orphaned();
+    }
+    confirm::refuse_if_pending()?;
+    // Armed while the programs we replace still run: the watchdog holds
+    // them from now on. Should attaching fail half way, it puts them back
+    // at the deadline.
+    let armed = opts
+        .confirm
+        .map(|seconds| confirm::arm(confirm::Command::Up, seconds, &config))
+        .transpose()?;
     let enforcing = attach_all(&mut ebpf, &config, tunnel_policy.as_ref(), &handle).await?;
     adopt_state(old_maps.as_ref(), &new_maps, peers, Pass::AfterSwap);
     drop(new_maps);
     drop(grants_lock);
     let ids = ProgramIds::of(&enforcing);
     ids.record(&config, tunnel_policy.as_ref());
-    ready(&enforcing);
+    if let Some(a) = &armed {
+        trail.push(
+            audit::record::now_ns(),
+            a.change.record(ChangeStage::Change, "daemon"),
+        );
+    }
+    ready(&enforcing, armed.as_ref().map(|a| &a.change));
 
     let mut feed = Feed::new(
         ring,
         summaries,
-        names(
-            &enforcing,
-            config.policy.edge.as_ref(),
-            tunnel_policy.as_ref(),
-        ),
+        names(&enforcing, &config, tunnel_policy.as_ref()),
     )?;
     let mut running = Running {
         opts,
@@ -176,6 +206,8 @@ pub async fn up(opts: &UpOptions, ready: impl FnOnce(&Enforcing)) -> Result<(), 
         tables: &mut tables,
         ids,
         last_reload: None,
+        watchdog: armed.map(|a| a.child),
+        before: None,
     };
     running.refresh_metrics(&trail);
     if let Some(listener) = scrapes {
@@ -374,6 +406,18 @@ struct Running<'a> {
     /// The outcome of the last reload, for the service manager's status.
     last_reload: Option<String>,
     drift: drift::Watch,
+    /// The confirmation watchdog this daemon started, reaped when it exits.
+    watchdog: Option<std::process::Child>,
+    /// What a `reload --confirm` replaced, until it is confirmed or rolled
+    /// back.
+    before: Option<Before>,
+}
+
+/// The policy a `reload --confirm` replaced: what the maps held, and its
+/// config.
+struct Before {
+    contents: Contents,
+    config: Config,
 }
 
 impl Running<'_> {
@@ -440,6 +484,8 @@ pub enum ReloadError {
         #[source]
         source: TablesError,
     },
+    #[error(transparent)]
+    Confirm(#[from] ConfirmError),
 }
 
 /// SIGHUP and `ztxdp reload`: re-reads the config file and the runtime
@@ -450,7 +496,9 @@ fn reload(
     running: &mut Running<'_>,
     feed: &mut Feed,
     trail: &mut Trail,
+    confirm: Option<u64>,
 ) -> Result<String, ReloadError> {
+    confirm::refuse_if_pending()?;
     // Held to the end: an `allow` or `revoke` then waits for the swap, and
     // the swap for it, so neither undoes the other.
     let (config, tunnel, _grants_lock) = checked_config(running.opts)?;
@@ -467,6 +515,49 @@ fn reload(
         &config.policy.flows,
     )
     .map_err(|source| ReloadError::Contents { source })?;
+    // Armed before the first write: from here on, the watchdog holds
+    // what the maps hold now.
+    let armed = confirm
+        .map(|seconds| confirm::arm(confirm::Command::Reload, seconds, &config))
+        .transpose()?;
+    let before = swap(running, feed, trail, &new, config, tunnel.as_ref()).inspect_err(|_| {
+        if let Some(a) = &armed {
+            confirm::cancel(Some(a.change.watchdog_pid));
+        }
+    })?;
+    let peers = tunnel.as_ref().map_or(0, |t| t.peers.len());
+    let reloaded = format!(
+        "reloaded {} ({peers} tunnel peers)",
+        running.opts.config.display()
+    );
+    let Some(armed) = armed else {
+        return Ok(reloaded);
+    };
+    running.before = Some(before);
+    trail.push(
+        audit::record::now_ns(),
+        armed.change.record(ChangeStage::Change, "daemon"),
+    );
+    trail.commit();
+    reap(&mut running.watchdog);
+    running.watchdog = Some(armed.child);
+    let deadline = armed.change.deadline;
+    Ok(format!(
+        "{reloaded}; it rolls back at {deadline} unless `ztxdp confirm` runs by then"
+    ))
+}
+
+/// Writes `new` into the maps in place of what they hold, and makes
+/// `config` the policy this daemon enforces (its peers' names in the
+/// records, its identity file); returns what it replaced.
+fn swap(
+    running: &mut Running<'_>,
+    feed: &mut Feed,
+    trail: &mut Trail,
+    new: &Contents,
+    config: Config,
+    tunnel: Option<&TunnelPolicy>,
+) -> Result<Before, ReloadError> {
     let old = running
         .tables
         .contents()
@@ -474,21 +565,90 @@ fn reload(
     // Events already queued were decided under the old peer indices: named
     // with the old names before the indices change.
     feed.drain(trail);
-    if let Err(source) = running.tables.replace(&new) {
+    if let Err(source) = running.tables.replace(new) {
         if let Err(e) = running.tables.replace(&old) {
             tracing::error!(error = %e, "could not put the old policy back after a failed reload");
         }
         return Err(ReloadError::Write { source });
     }
-    feed.set_peers(peer_names(tunnel.as_ref()));
+    feed.set_peers(peer_names(tunnel), GroupWatch::new(tunnel));
     feed.set_services(config.policy.edge.as_ref());
-    running.ids.record(&config, tunnel.as_ref());
-    let peers = tunnel.as_ref().map_or(0, |t| t.peers.len());
-    running.config = config;
-    Ok(format!(
-        "reloaded {} ({peers} tunnel peers)",
-        running.opts.config.display()
-    ))
+    running.ids.record(&config, tunnel);
+    let replaced = std::mem::replace(&mut running.config, config);
+    Ok(Before {
+        contents: old,
+        config: replaced,
+    })
+}
+
+/// A `reload --confirm` not confirmed in time (its watchdog asks): the
+/// maps and this daemon's config back to what the reload replaced.
+fn roll_back(
+    running: &mut Running<'_>,
+    feed: &mut Feed,
+    trail: &mut Trail,
+) -> Result<String, String> {
+    let change = confirm::read()
+        .map_err(|e| e.to_string())?
+        .filter(|c| c.state == confirm::State::Pending && c.command == confirm::Command::Reload)
+        .ok_or("no reload of this daemon awaits confirmation")?;
+    let before = running
+        .before
+        .take()
+        .ok_or("this daemon made no reload that awaits confirmation")?;
+    let tunnel = before.config.policy.tunnel.clone();
+    if let Err(e) = swap(
+        running,
+        feed,
+        trail,
+        &before.contents,
+        before.config,
+        tunnel.as_ref(),
+    ) {
+        return Err(crate::report::chain(&e));
+    }
+    trail.push(
+        audit::record::now_ns(),
+        change.record(ChangeStage::Rollback, "daemon"),
+    );
+    trail.commit();
+    let summary = format!(
+        "rolled back to {} (sha256 {})",
+        running.config.path.display(),
+        running.config.digest
+    );
+    tracing::warn!("not confirmed in time: {summary}");
+    running.last_reload = Some(summary.clone());
+    Ok(summary)
+}
+
+/// `ztxdp confirm`, asked of this daemon: confirms and records.
+fn confirmed(running: &mut Running<'_>, trail: &mut Trail) -> reload::Reply {
+    match confirm::confirm_here(false) {
+        Ok(change) => {
+            running.before = None;
+            trail.push(
+                audit::record::now_ns(),
+                change.record(ChangeStage::Confirm, "daemon"),
+            );
+            trail.commit();
+            tracing::info!(config = %change.config.display(), "change confirmed");
+            reload::Reply::Confirmed { change }
+        }
+        Err(e) => reload::Reply::Refused {
+            message: crate::report::chain(&e),
+        },
+    }
+}
+
+/// Reaps the watchdog once it exited (confirmed, or rolled back), so it
+/// lingers as no zombie.
+fn reap(watchdog: &mut Option<std::process::Child>) {
+    if let Some(child) = watchdog
+        && !matches!(child.try_wait(), Ok(None))
+    {
+        *watchdog = None;
+    }
 }
 
 /// The settings a reload refuses to change, as config keys: what the
@@ -566,7 +726,9 @@ fn has_ethernet_header(interface: &str) -> bool {
         .is_ok_and(|t| t.trim() == "1")
 }
 
-fn names(enforcing: &Enforcing, edge: Option<&EdgePolicy>, tunnel: Option<&TunnelPolicy>) -> Names {
+/// The names records give what the kernel numbers: interfaces, peers,
+/// groups and the edge's services.
+fn names(enforcing: &Enforcing, config: &Config, tunnel: Option<&TunnelPolicy>) -> Names {
     let mut n = Names::default();
     for a in enforcing
         .edge
@@ -583,7 +745,8 @@ fn names(enforcing: &Enforcing, edge: Option<&EdgePolicy>, tunnel: Option<&Tunne
         n.programs.insert(Program::Tunnel, a.interface.clone());
     }
     n.peers = peer_names(tunnel);
-    n.services = edge.map(ServiceNames::new);
+    n.groups = GroupWatch::new(tunnel);
+    n.services = config.policy.edge.as_ref().map(ServiceNames::new);
     n
 }
 
@@ -669,17 +832,20 @@ async fn stream_audit(
                 feed.report_lost(running.tables, trail)?;
                 trail.report_forwarding();
                 trail.commit();
-                running.refresh_metrics(trail);
+                reap(&mut running.watchdog);
                 if still_ours(handle, enforcing).await != (true, true) {
                     tracing::info!("our programs were removed or replaced by another ztxdp; exiting");
                     break Stop::Superseded;
                 }
-                if notify::listening() {
-                    notify::status(&status_line(enforcing, running));
-                }
                 if let Some(drift) = running.drift.tick(&running.config).await {
                     trail.push(audit::record::now_ns(), drift);
                     trail.commit();
+                }
+                // After the drift check: a scrape then agrees with the
+                // trail's newest drift record.
+                running.refresh_metrics(trail);
+                if notify::listening() {
+                    notify::status(&status_line(enforcing, running));
                 }
             }
             _ = sync.tick() => trail.sync(),
@@ -693,16 +859,23 @@ async fn stream_audit(
             },
             Some((request, reply)) = pending.recv() => {
                 let _ = reply.send(match request {
-                    reload::Request::Reload => match logged_reload(running, feed, trail, enforcing) {
-                        Ok(summary) => reload::Reply::Applied { summary },
-                        Err(message) => reload::Reply::Refused { message },
-                    },
+                    reload::Request::Reload { confirm } => {
+                        match logged_reload(running, feed, trail, enforcing, confirm) {
+                            Ok(summary) => reload::Reply::Applied { summary },
+                            Err(message) => reload::Reply::Refused { message },
+                        }
+                    }
                     reload::Request::Audit => reload::Reply::Audit {
                         health: trail.health().unwrap_or_default(),
                     },
+                    reload::Request::Confirm => confirmed(running, trail),
+                    reload::Request::Rollback => match roll_back(running, feed, trail) {
+                        Ok(summary) => reload::Reply::Applied { summary },
+                        Err(message) => reload::Reply::Refused { message },
+                    },
                 });
             }
-            _ = sighup.recv() => drop(logged_reload(running, feed, trail, enforcing)),
+            _ = sighup.recv() => drop(logged_reload(running, feed, trail, enforcing, None)),
             _ = sigint.recv() => break Stop::Signal,
             _ = sigterm.recv() => break Stop::Signal,
         }
@@ -719,9 +892,10 @@ fn logged_reload(
     feed: &mut Feed,
     trail: &mut Trail,
     enforcing: &Enforcing,
+    confirm: Option<u64>,
 ) -> Result<String, String> {
     notify::reloading();
-    let result = match reload(running, feed, trail) {
+    let result = match reload(running, feed, trail, confirm) {
         Ok(summary) => {
             tracing::info!(config = %running.opts.config.display(), "policy reloaded: {summary}");
             Ok(summary)

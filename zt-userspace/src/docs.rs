@@ -52,7 +52,8 @@ pub fn generate(mut cmd: clap::Command, out: &Path) -> Result<Vec<PathBuf>, Docs
 }
 
 fn man_pages(cmd: &clap::Command, dir: &Path, written: &mut Vec<PathBuf>) -> Result<(), DocsError> {
-    for sub in cmd.get_subcommands() {
+    // A hidden subcommand (the confirmation watchdog) is no user's to run.
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
         man_pages(sub, dir, written)?;
     }
     let page = clap_mangen::Man::new(cmd.clone()).section(MAN_SECTION);

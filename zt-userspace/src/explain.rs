@@ -255,13 +255,11 @@ impl Sources {
             .unwrap_or_else(|| format!("#{index}"))
     }
 
-    /// The config grant of peer `index` that covers `port` (`None`: ICMP).
+    /// The config grant of peer `index` that covers `port` (`None`: ICMP):
+    /// its own, else one of a group it is in.
     fn config_grant(&self, index: u32, protocol: u8, port: Option<u16>) -> Option<Rule> {
-        let j = self
-            .config_peer(index)?
-            .grants
-            .iter()
-            .position(|g| match (*g, port) {
+        let covers = |grants: &[Grant]| {
+            grants.iter().position(|g| match (*g, port) {
                 (Grant::Icmp, None) => true,
                 (
                     Grant::Ports {
@@ -272,8 +270,21 @@ impl Sources {
                     Some(port),
                 ) => p.number() == protocol && (first..=last).contains(&port),
                 _ => false,
-            })?;
-        self.rule(format!("tunnel.peer[{index}].allow[{j}]"))
+            })
+        };
+        if let Some(j) = covers(&self.config_peer(index)?.grants) {
+            return self.rule(format!("tunnel.peer[{index}].allow[{j}]"));
+        }
+        let tunnel = self.config.as_ref()?.policy.tunnel.as_ref()?;
+        let (g, j) = tunnel.groups.iter().enumerate().find_map(|(g, group)| {
+            group
+                .members
+                .contains(&(index as usize))
+                .then(|| covers(&group.grants))
+                .flatten()
+                .map(|j| (g, j))
+        })?;
+        self.rule(format!("tunnel.group[{g}].allow[{j}]"))
     }
 
     /// Where a grant the kernel holds and the config lacks came from.

@@ -70,6 +70,8 @@ pub struct Merged {
     pub notes: Vec<String>,
     /// Peers the runtime grants name that the config does not have.
     pub unknown_peers: Vec<String>,
+    /// Groups the runtime grants name that the config does not have.
+    pub unknown_groups: Vec<String>,
 }
 
 /// Applies the runtime grants to `policy`'s tunnel, as every `up` does,
@@ -90,18 +92,33 @@ pub fn merge_runtime_grants(
         .filter(|name| !tunnel.peers.iter().any(|p| p.name == **name))
         .map(|name| one_line(name))
         .collect();
+    let unknown_groups: Vec<String> = grants
+        .groups
+        .keys()
+        .filter(|name| !tunnel.groups.iter().any(|g| g.name == **name))
+        .map(|name| one_line(name))
+        .collect();
+    let groups = if grants.groups.is_empty() {
+        String::new()
+    } else {
+        format!(" and {} groups", grants.groups.len())
+    };
     let mut notes = vec![format!(
-        "Includes the runtime grants of {} ({} peers changed by `ztxdp allow`/`revoke`).",
+        "Includes the runtime grants of {} ({} peers{groups} changed by `ztxdp allow`/`revoke`).",
         path.display(),
         grants.peers.len()
     )];
     notes.extend(unknown_peers.iter().map(|name| {
         format!("Ignored: the runtime grants name {name}, which is no peer of this config.")
     }));
+    notes.extend(unknown_groups.iter().map(|name| {
+        format!("Ignored: the runtime grants name group @{name}, which is no group of this config.")
+    }));
     policy.tunnel = Some(grants.apply(tunnel));
     Merged {
         notes,
         unknown_peers,
+        unknown_groups,
     }
 }
 
@@ -456,6 +473,7 @@ mod tests {
                         mode: crate::policy::Mode::Enforce,
                     },
                 ],
+                groups: Vec::new(),
                 runtime_grants: PathBuf::from("/tmp/grants.json"),
                 link_local_neighbors: false,
                 mode: crate::policy::Mode::Enforce,

@@ -2,10 +2,11 @@
 //! the config file, kept in `tunnel.runtime_grants` (JSON) so that they
 //! survive a restart of `up`.
 //!
-//! The file records, per peer name, grants added and grants revoked. The
-//! effective grants of a peer are its configured grants, plus the added,
-//! minus the revoked ones, computed over port sets, so revoking one port out
-//! of a configured range works. Writes go to a temporary file that is synced
+//! The file records, per peer name and per group name, grants added and
+//! grants revoked. The effective grants of a peer are its configured grants
+//! and its groups', plus the added, minus the revoked ones ([`merge`] says
+//! exactly how), computed over port sets, so revoking one port out of a
+//! configured range works. Writes go to a temporary file that is synced
 //! and renamed over the old one: a crash leaves the old or the new file,
 //! never a torn one.
 //!
@@ -25,11 +26,18 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
+pub use self::{
+    merge::{GroupGrants, GroupWatch, Merger, Origin, Source},
+    set::GrantSet,
+};
 use crate::{
     audit::writer::{lock_path, open_append},
     config::parse_grant,
-    policy::{Grant, Protocol, TunnelPolicy},
+    policy::{Grant, TunnelPolicy},
 };
+
+mod merge;
+mod set;
 
 /// Errors reading or writing the runtime grants file.
 #[derive(Debug, thiserror::Error)]
@@ -128,7 +136,8 @@ fn parent_dir(path: &Path) -> &Path {
         .unwrap_or(Path::new("."))
 }
 
-/// Changes to one peer's grants, in config notation (`tcp/5432`).
+/// Changes to one peer's or group's grants, in config notation
+/// (`tcp/5432`).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PeerChanges {
@@ -138,11 +147,33 @@ pub struct PeerChanges {
     pub revoked: Vec<String>,
 }
 
+impl PeerChanges {
+    fn allow(&mut self, grant: Grant) {
+        let g = grant.to_string();
+        self.revoked.retain(|r| *r != g);
+        if !self.added.contains(&g) {
+            self.added.push(g);
+        }
+    }
+
+    fn revoke(&mut self, grant: Grant) {
+        let g = grant.to_string();
+        self.added.retain(|a| *a != g);
+        if !self.revoked.contains(&g) {
+            self.revoked.push(g);
+        }
+    }
+}
+
 /// The whole runtime grants file.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RuntimeGrants {
     pub peers: BTreeMap<String, PeerChanges>,
+    /// By group name (`ztxdp allow @db-clients 5432`). Left out of a file
+    /// without group changes, which is then what it was before groups.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub groups: BTreeMap<String, PeerChanges>,
 }
 
 impl RuntimeGrants {
@@ -165,11 +196,21 @@ impl RuntimeGrants {
             path: path.to_owned(),
             message: e.to_string(),
         })?;
-        for (peer, c) in &parsed.peers {
+        let entries = parsed
+            .peers
+            .iter()
+            .map(|(name, c)| (format!("peer {name}"), c))
+            .chain(
+                parsed
+                    .groups
+                    .iter()
+                    .map(|(name, c)| (format!("group {name}"), c)),
+            );
+        for (owner, c) in entries {
             for g in c.added.iter().chain(&c.revoked) {
                 parse_grant(g).map_err(|e| GrantsError::Parse {
                     path: path.to_owned(),
-                    message: format!("peer {peer}: {g}: {e}"),
+                    message: format!("{owner}: {g}: {e}"),
                 })?;
             }
         }
@@ -196,36 +237,41 @@ impl RuntimeGrants {
 
     /// Records `grant` as allowed for `peer`.
     pub fn allow(&mut self, peer: &str, grant: Grant) {
-        let c = self.peers.entry(peer.to_owned()).or_default();
-        let g = grant.to_string();
-        c.revoked.retain(|r| *r != g);
-        if !c.added.contains(&g) {
-            c.added.push(g);
-        }
+        self.peers.entry(peer.to_owned()).or_default().allow(grant);
     }
 
     /// Records `grant` as revoked for `peer`.
     pub fn revoke(&mut self, peer: &str, grant: Grant) {
-        let c = self.peers.entry(peer.to_owned()).or_default();
-        let g = grant.to_string();
-        c.added.retain(|a| *a != g);
-        if !c.revoked.contains(&g) {
-            c.revoked.push(g);
-        }
+        self.peers.entry(peer.to_owned()).or_default().revoke(grant);
     }
 
-    /// The tunnel policy with these changes applied to every peer.
+    /// Records `grant` as allowed for the group `group`.
+    pub fn allow_group(&mut self, group: &str, grant: Grant) {
+        self.groups
+            .entry(group.to_owned())
+            .or_default()
+            .allow(grant);
+    }
+
+    /// Records `grant` as revoked for the group `group`.
+    pub fn revoke_group(&mut self, group: &str, grant: Grant) {
+        self.groups
+            .entry(group.to_owned())
+            .or_default()
+            .revoke(grant);
+    }
+
+    /// The config's tunnel policy with every peer's grants merged with its
+    /// groups' and these changes ([`merge`]): what the kernel enforces.
+    /// A peer in no group and not in this file keeps its grants as the
+    /// config writes them. Applying the result again changes nothing.
     #[must_use]
     pub fn apply(&self, tunnel: &TunnelPolicy) -> TunnelPolicy {
+        let merger = Merger::new(tunnel, self);
         let mut out = tunnel.clone();
-        for peer in &mut out.peers {
-            if let Some(c) = self.peers.get(&peer.name) {
-                let parse = |v: &[String]| {
-                    v.iter()
-                        .filter_map(|g| parse_grant(g).ok())
-                        .collect::<Vec<_>>()
-                };
-                peer.grants = effective(&peer.grants, &parse(&c.added), &parse(&c.revoked));
+        for (index, peer) in out.peers.iter_mut().enumerate() {
+            if !merger.untouched(index) {
+                peer.grants = merger.effective(index).grants();
             }
         }
         out
@@ -284,56 +330,16 @@ fn remove_temporaries(dir: &Path, prefix: &str) {
 /// `(base ∪ added) − revoked`, over port sets, as a minimal list of ranges.
 #[must_use]
 pub fn effective(base: &[Grant], added: &[Grant], revoked: &[Grant]) -> Vec<Grant> {
-    let mut sets: BTreeMap<Protocol, Vec<bool>> = BTreeMap::new();
-    let mut icmp = false;
-    for (grants, on) in [(base, true), (added, true), (revoked, false)] {
-        for g in grants {
-            match *g {
-                Grant::Icmp => icmp = on,
-                Grant::Ports {
-                    protocol,
-                    first,
-                    last,
-                } => {
-                    let set = sets.entry(protocol).or_insert_with(|| vec![false; 65536]);
-                    for p in first..=last {
-                        set[usize::from(p)] = on;
-                    }
-                }
-            }
-        }
-    }
-    let mut out = Vec::new();
-    for (protocol, set) in sets {
-        let mut port = 1usize;
-        while port < set.len() {
-            if set[port] {
-                let first = port;
-                while port + 1 < set.len() && set[port + 1] {
-                    port += 1;
-                }
-                // Indices come from u16 ports, so they fit.
-                let (Ok(first), Ok(last)) = (u16::try_from(first), u16::try_from(port)) else {
-                    break;
-                };
-                out.push(Grant::Ports {
-                    protocol,
-                    first,
-                    last,
-                });
-            }
-            port += 1;
-        }
-    }
-    if icmp {
-        out.push(Grant::Icmp);
-    }
-    out
+    GrantSet::of(base)
+        .union(&GrantSet::of(added))
+        .difference(&GrantSet::of(revoked))
+        .grants()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::policy::Protocol;
 
     fn tcp(first: u16, last: u16) -> Grant {
         Grant::Ports {

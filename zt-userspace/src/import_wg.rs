@@ -411,8 +411,10 @@ fn unique_keys(peers: Vec<(usize, ImportedPeer)>) -> Result<Vec<ImportedPeer>, (
 /// Written directly rather than through a TOML serializer, which took
 /// 40 % of an import's time for a form this fixed; [`basic_string`]
 /// escapes what TOML requires.
+/// With `group`, a `[[tunnel.group]]` of that name follows, listing every
+/// peer, with `allow = []` (none without peers: a group needs one).
 #[must_use]
-pub fn render(peers: &[ImportedPeer], origin: &str) -> String {
+pub fn render(peers: &[ImportedPeer], origin: &str, group: Option<&str>) -> String {
     use std::fmt::Write as _;
     // A comment ends at a line break: one in a file name must not end it.
     let origin: String = origin
@@ -439,6 +441,15 @@ pub fn render(peers: &[ImportedPeer], origin: &str) -> String {
             basic_string(&peer.name),
             addresses.join(", "),
             basic_string(&peer.public_key)
+        );
+    }
+    if let Some(group) = group.filter(|_| !peers.is_empty()) {
+        let names: Vec<String> = peers.iter().map(|p| basic_string(&p.name)).collect();
+        let _ = write!(
+            out,
+            "\n[[tunnel.group]]\nname = {}\npeers = [{}]\nallow = []\n",
+            basic_string(group),
+            names.join(", ")
         );
     }
     out
@@ -734,7 +745,7 @@ mod tests {
         let text = format!("v = {}\n", basic_string(hostile));
         let back: toml::Table = toml::from_str(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
         assert_eq!(back["v"].as_str(), Some(hostile), "{text}");
-        let origin = render(&[], "wg0.conf\n[[tunnel.peer]]");
+        let origin = render(&[], "wg0.conf\n[[tunnel.peer]]", None);
         assert_eq!(
             origin.lines().count(),
             2,
@@ -756,7 +767,7 @@ mod tests {
                 allowed_ips: vec![net("10.100.1.0/24")],
             },
         ];
-        let entries = render(&peers, "wg0.conf");
+        let entries = render(&peers, "wg0.conf", None);
         assert!(
             entries.starts_with("# 2 peer(s) imported from wg0.conf."),
             "{entries}"
@@ -780,9 +791,24 @@ mod tests {
         assert_eq!(back, peers);
         assert!(tunnel.peers.iter().all(|p| p.grants.is_empty()));
         assert_eq!(
-            render(&[], "wg show wg0 dump").lines().count(),
+            render(&[], "wg show wg0 dump", Some("wg")).lines().count(),
             2,
-            "no peers: only the comment"
+            "no peers: only the comment, and no group"
+        );
+        let grouped = render(&peers, "wg0.conf", Some("wg-peers"));
+        let text =
+            format!("[audit]\npath = \"/dev/null\"\n\n[tunnel]\ninterface = \"wg0\"\n\n{grouped}");
+        let config = Config::parse(&text, Path::new("imported.toml"))
+            .unwrap_or_else(|e| panic!("{e}\n{text}"));
+        let groups = config.policy.tunnel.expect("a tunnel").groups;
+        assert_eq!(
+            groups,
+            vec![crate::policy::Group {
+                name: "wg-peers".into(),
+                members: vec![0, 1],
+                grants: Vec::new(),
+            }],
+            "{grouped}"
         );
     }
 }

@@ -7,6 +7,7 @@ pub mod attach;
 pub mod audit;
 pub mod build_info;
 pub mod config;
+pub mod confirm;
 pub mod control;
 pub mod daemon;
 pub mod docs;

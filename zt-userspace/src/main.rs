@@ -13,6 +13,7 @@ use ztxdp::{
     config::Config,
     control::{self, Status},
     daemon::{self, Enforcing, UpOptions},
+    grants::Origin,
     identity,
     policy::Mode,
     report,
@@ -74,6 +75,7 @@ macro_rules! outln {
         ztxdp up --config /etc/ztxdp/ztxdp.toml\n  \
         ztxdp status --json\n  \
         ztxdp reload\n  \
+        ztxdp reload --confirm 120 && ztxdp confirm\n  \
         ztxdp allow app-2 5432\n  \
         ztxdp revoke 10.100.0.1 53/udp\n  \
         ztxdp explain tcp 203.0.113.9:40000 192.0.2.1:22\n  \
@@ -94,7 +96,9 @@ enum Command {
         after_help = "Examples:\n  ztxdp up --config /etc/ztxdp/ztxdp.toml\n  \
         ztxdp up --config lab.toml --iface veth0\n  \
         ztxdp up --config /etc/ztxdp/ztxdp.toml --keep-attached   \
-        # under systemd: a stop or restart leaves enforcement in place"
+        # under systemd: a stop or restart leaves enforcement in place\n  \
+        ztxdp up --config new.toml --confirm 120   \
+        # the previous programs come back unless `ztxdp confirm` runs within 120 s"
     )]
     Up {
         #[arg(long, env = "ZTXDP_CONFIG", default_value = DEFAULT_CONFIG)]
@@ -118,6 +122,11 @@ enum Command {
         /// failures still drop.
         #[arg(long)]
         dry_run: bool,
+        /// Put the previous programs and maps back (or detach, if none ran)
+        /// unless `ztxdp confirm` runs within SECS seconds (1 to 86400);
+        /// a watchdog process enforces it, also if this one is killed.
+        #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=ztxdp::confirm::MAX_SECONDS))]
+        confirm: Option<u64>,
     },
     /// Validate a config file without touching the kernel; with --live,
     /// also compare what the kernel runs (programs, maps, other programs
@@ -152,28 +161,64 @@ enum Command {
     /// restart (interfaces, `mode`, `flows.max_entries`, `[audit]`).
     #[command(
         after_help = "Examples:\n  ztxdp check --config /etc/ztxdp/ztxdp.toml && ztxdp reload\n  \
-        ip netns exec edge ztxdp reload\n  kill -HUP \"$(pidof ztxdp)\"   # same, result in the daemon's log"
+        ip netns exec edge ztxdp reload\n  kill -HUP \"$(pidof ztxdp)\"   # same, result in the daemon's log\n  \
+        ztxdp reload --confirm 120   # then `ztxdp confirm`, or it rolls back after 120 s"
     )]
-    Reload,
+    Reload {
+        /// Put the previous policy back unless `ztxdp confirm` runs within
+        /// SECS seconds (1 to 86400); a watchdog process enforces it, also
+        /// if the daemon is killed.
+        #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=ztxdp::confirm::MAX_SECONDS))]
+        confirm: Option<u64>,
+    },
+    /// Keep the change that `up --confirm` or `reload --confirm` made, which
+    /// would otherwise roll back at its deadline. Exits 0 once it is
+    /// confirmed and recorded; 1 when nothing awaits confirmation (or it
+    /// was rolled back already).
+    #[command(
+        after_help = "Examples:\n  ztxdp reload --confirm 120 && ztxdp confirm\n  \
+        ip netns exec edge ztxdp confirm"
+    )]
+    Confirm,
+    /// The watchdog of a change made with --confirm (started by the daemon).
+    #[command(name = "confirm-watchdog", hide = true)]
+    ConfirmWatchdog {
+        #[arg(long, value_enum)]
+        command: ztxdp::confirm::Command,
+        #[arg(long)]
+        seconds: u64,
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        digest: String,
+    },
     /// Remove every ztxdp program from this network namespace.
     #[command(after_help = "Example:\n  ztxdp down")]
     Down,
-    /// Grant a tunnel peer access to a local port, now and across restarts.
+    /// Grant a tunnel peer, or every member of a group, access to a local
+    /// port, now and across restarts.
     #[command(
         after_help = "Examples:\n  ztxdp allow app-2 5432\n  ztxdp allow 10.100.0.2 53/udp\n  \
-        ztxdp allow app-1 8000-8100/tcp\n  ztxdp allow app-1 icmp"
+        ztxdp allow app-1 8000-8100/tcp\n  ztxdp allow app-1 icmp\n  ztxdp allow @db-clients 5432"
     )]
     Allow {
-        /// Peer name, or an address inside one of its prefixes.
+        /// Peer name, an address inside one of its prefixes, or @GROUP (a
+        /// [[tunnel.group]]: every member).
         peer: String,
         /// PORT[/PROTO] (tcp by default), a range FIRST-LAST[/PROTO], or `icmp`.
         grant: String,
         #[arg(long, value_name = "FILE", help = CONFIG_HELP)]
         config: Option<PathBuf>,
     },
-    /// Take a grant away; open connections stop passing at the next packet.
-    #[command(after_help = "Examples:\n  ztxdp revoke app-1 5432\n  ztxdp revoke app-1 icmp")]
+    /// Take a grant away from a peer or a group; open connections stop
+    /// passing at the next packet. A group's member keeps what its own
+    /// grant or another group still gives it.
+    #[command(
+        after_help = "Examples:\n  ztxdp revoke app-1 5432\n  ztxdp revoke app-1 icmp\n  \
+        ztxdp revoke @db-clients 5432"
+    )]
     Revoke {
+        /// Peer name, an address inside one of its prefixes, or @GROUP.
         peer: String,
         grant: String,
         #[arg(long, value_name = "FILE", help = CONFIG_HELP)]
@@ -194,7 +239,8 @@ enum Command {
         after_help = "A `# name` comment right above or inside a [Peer] section names the peer; \
         others are named peer-1, peer-2, ...\n\nExamples:\n  \
         ztxdp import-wg /etc/wireguard/wg0.conf >> /etc/ztxdp/ztxdp.toml\n  \
-        ztxdp import-wg --live wg0"
+        ztxdp import-wg --live wg0\n  \
+        ztxdp import-wg --group office /etc/wireguard/wg0.conf"
     )]
     ImportWg {
         /// A wg-quick configuration file.
@@ -203,6 +249,10 @@ enum Command {
         /// Read the peers of this running interface (`wg show IFACE dump`).
         #[arg(long, value_name = "IFACE")]
         live: Option<String>,
+        /// Also print a [[tunnel.group]] of this name holding every imported
+        /// peer (grant them all with `ztxdp allow @NAME PORT`).
+        #[arg(long, value_name = "NAME", value_parser = group_name)]
+        group: Option<String>,
     },
     /// Print the policy in another firewall's language.
     #[command(subcommand)]
@@ -456,6 +506,7 @@ fn main() -> ExitCode {
                         c.downcast_ref::<control::ControlError>(),
                         Some(
                             control::ControlError::UnknownPeer { .. }
+                                | control::ControlError::UnknownGroup { .. }
                                 | control::ControlError::BadGrant { .. }
                         )
                     )
@@ -524,6 +575,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             allow_lockout,
             keep_attached,
             dry_run,
+            confirm,
         } => {
             let opts = UpOptions {
                 config,
@@ -532,6 +584,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 allow_lockout,
                 keep_attached,
                 dry_run,
+                confirm,
             };
             daemon::up(&opts, print_ready)
                 .await
@@ -553,25 +606,23 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 print_status(&s)?;
             }
         }
-        Command::Reload => {
-            let summary = ztxdp::reload::request()
+        Command::Reload { confirm } => {
+            let summary = ztxdp::reload::request(confirm)
                 .context("ztxdp reload: fix the config and run `ztxdp reload` again")?;
-            println!("{summary}");
+            outln!("{summary}");
         }
-        Command::Down => {
-            let removed = control::down().await.context("ztxdp down")?;
-            if removed.is_empty() {
-                outln!("nothing was attached in this network namespace");
-            }
-            for a in removed {
-                outln!(
-                    "removed program {} ({}) from {}",
-                    a.program_id,
-                    a.mode,
-                    a.interface
-                );
-            }
+        Command::Confirm => confirm().await?,
+        Command::ConfirmWatchdog {
+            command,
+            seconds,
+            config,
+            digest,
+        } => {
+            ztxdp::confirm::watchdog(command, seconds, &config, &digest)
+                .await
+                .context("ztxdp confirm-watchdog")?;
         }
+        Command::Down => down().await?,
         Command::Allow {
             peer,
             grant,
@@ -583,7 +634,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             config,
         } => grant_change(config.as_deref(), &peer, &grant, false).await?,
         Command::List { json, config } => list(json, config.as_deref()).await?,
-        Command::ImportWg { file, live } => import_wg(file, live)?,
+        Command::ImportWg { file, live, group } => import_wg(file, live, group.as_deref())?,
         Command::Export(ExportFormat::Nft { config, conntrack }) => {
             let config = control::config_path(config.as_deref())
                 .await
@@ -607,6 +658,38 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Explain(args) => explain(args).await?,
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `ztxdp down`: every program of this namespace removed, and a change
+/// awaiting confirmation forgotten with them.
+async fn down() -> anyhow::Result<()> {
+    let removed = control::down().await.context("ztxdp down")?;
+    // Nothing is left to roll back to, or from.
+    ztxdp::confirm::cancel(None);
+    if removed.is_empty() {
+        outln!("nothing was attached in this network namespace");
+    }
+    for a in removed {
+        outln!(
+            "removed program {} ({}) from {}",
+            a.program_id,
+            a.mode,
+            a.interface
+        );
+    }
+    Ok(())
+}
+
+/// `ztxdp confirm`: exits 0 once the pending change is confirmed.
+async fn confirm() -> anyhow::Result<()> {
+    let change = ztxdp::confirm::confirm().await.context("ztxdp confirm")?;
+    outln!(
+        "confirmed the {} of {} (sha256 {})",
+        change.command.name(),
+        change.config.display(),
+        change.config_sha256
+    );
+    Ok(())
 }
 
 /// `ztxdp check`: the config is valid; notes what `up` would still refuse.
@@ -710,6 +793,22 @@ async fn list(json: bool, config: Option<&Path>) -> anyhow::Result<()> {
                 }
                 _ => outln!(),
             }
+            // A peer whose grants are its own config grants needs no
+            // explanation; one in a group or changed at run time does.
+            if !(p.groups.is_empty() && p.added.is_empty() && p.revoked.is_empty()) {
+                for s in &p.sources {
+                    let from = match (&s.group, s.from) {
+                        (None, Origin::Runtime) => "the runtime grants file".to_owned(),
+                        (None, _) => "its own grant".to_owned(),
+                        (Some(g), Origin::Runtime) => format!("@{g} (runtime grants file)"),
+                        (Some(g), _) => format!("@{g}"),
+                    };
+                    outln!("  from {from}: {}", s.grants.join(" "));
+                }
+                if !p.revoked.is_empty() {
+                    outln!("  revoked for {} itself: {}", p.name, p.revoked.join(" "));
+                }
+            }
         }
     }
     Ok(())
@@ -732,6 +831,13 @@ fn export_nft(config: &Path, conntrack: bool) -> anyhow::Result<String> {
                 config.display()
             );
         }
+        for group in &merged.unknown_groups {
+            eprintln!(
+                "ztxdp: warning: {} has grants for group @{group}, which is no group of {}; ignored",
+                path.display(),
+                config.display()
+            );
+        }
         notes = merged.notes;
     }
     Ok(export::nft_ruleset_with(
@@ -749,7 +855,20 @@ fn none_if_empty(grants: &[String]) -> String {
     }
 }
 
-fn import_wg(file: Option<PathBuf>, live: Option<String>) -> anyhow::Result<()> {
+/// `--group NAME` of `import-wg`: a name a config accepts for a group.
+fn group_name(name: &str) -> Result<String, String> {
+    if ztxdp::config::is_group_name(name) {
+        Ok(name.to_owned())
+    } else {
+        Err(ztxdp::config::bad_group_name(name))
+    }
+}
+
+fn import_wg(
+    file: Option<PathBuf>,
+    live: Option<String>,
+    group: Option<&str>,
+) -> anyhow::Result<()> {
     let (peers, origin) = match (live, file) {
         (Some(iface), _) => (
             ztxdp::import_wg::live(&iface)?,
@@ -761,7 +880,7 @@ fn import_wg(file: Option<PathBuf>, live: Option<String>) -> anyhow::Result<()> 
         ),
         (None, None) => anyhow::bail!("give a wg-quick FILE or --live IFACE"),
     };
-    out!("{}", ztxdp::import_wg::render(&peers, &origin));
+    out!("{}", ztxdp::import_wg::render(&peers, &origin, group));
     Ok(())
 }
 
@@ -901,21 +1020,34 @@ async fn grant_change(
         .await
         .with_context(unchanged)?;
     let verb = if allow { "allowed" } else { "revoked" };
-    let state = if change.live {
-        "in effect now"
-    } else {
-        "saved; no tunnel program is running here, applies at next `ztxdp up`"
+    let state = match (change.live, change.peers.as_slice()) {
+        (false, _) => {
+            "saved; no tunnel program is running here, applies at next `ztxdp up`".to_owned()
+        }
+        (true, [_]) if !change.target.starts_with('@') => "in effect now".to_owned(),
+        (true, members) => format!("in effect now for its {} members", members.len()),
     };
-    outln!(
-        "{verb} {} for {} ({state}); grants now: {}",
-        change.grant,
-        change.peer,
-        change.grants.join(" ")
-    );
+    match change.peers.as_slice() {
+        [peer] if !change.target.starts_with('@') => outln!(
+            "{verb} {} for {} ({state}); grants now: {}",
+            change.grant,
+            change.target,
+            none_if_empty(&peer.grants)
+        ),
+        members => {
+            outln!("{verb} {} for {} ({state})", change.grant, change.target);
+            for m in members {
+                outln!("  {}: {}", m.name, none_if_empty(&m.grants));
+            }
+        }
+    }
+    for note in change.peers.iter().filter_map(|p| p.note.as_ref()) {
+        outln!("note: {note}");
+    }
     Ok(())
 }
 
-fn print_ready(e: &Enforcing) {
+fn print_ready(e: &Enforcing, pending: Option<&ztxdp::confirm::Change>) {
     if let Some((a, mode)) = &e.edge {
         eprintln!(
             "ztxdp: edge program {} attached to {} ({mode:?} XDP)",
@@ -926,6 +1058,12 @@ fn print_ready(e: &Enforcing) {
         eprintln!(
             "ztxdp: tunnel program {} attached to {} ingress (tc clsact filter)",
             a.program_id, a.interface
+        );
+    }
+    if let Some(c) = pending {
+        eprintln!(
+            "ztxdp: this up rolls back at {} unless `ztxdp confirm` runs by then",
+            c.deadline
         );
     }
     let mut out = std::io::stdout();
@@ -968,6 +1106,47 @@ fn print_audit_health(a: &ztxdp::audit::Health) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The latest change made with `--confirm`, loudly while it awaits
+/// confirmation.
+fn print_confirmation(c: &ztxdp::confirm::Confirmation) -> anyhow::Result<()> {
+    use ztxdp::confirm::State;
+    let ch = &c.change;
+    let what = format!(
+        "{} of {} (sha256 {})",
+        ch.command.name(),
+        ch.config.display(),
+        ch.config_sha256
+    );
+    let previous = ch
+        .previous_sha256
+        .as_deref()
+        .map_or_else(|| "nothing (detach)".to_owned(), |d| format!("sha256 {d}"));
+    let settled = ch.settled.as_deref().unwrap_or("?");
+    match ch.state {
+        State::Pending if c.watchdog_alive => outln!(
+            "CHANGE AWAITS CONFIRMATION: {what}; rolls back to {previous} at {} (in {} s) \
+             unless `ztxdp confirm` runs (watchdog pid {})",
+            ch.deadline,
+            c.seconds_left.unwrap_or(0),
+            ch.watchdog_pid
+        ),
+        State::Pending => outln!(
+            "CHANGE AWAITS CONFIRMATION, BUT ITS WATCHDOG (pid {}) IS GONE: {what} will not roll \
+             back by itself; `ztxdp confirm` keeps it",
+            ch.watchdog_pid
+        ),
+        State::Confirmed => outln!("last change: {what}, confirmed at {settled}"),
+        State::RolledBack => {
+            outln!("last change: {what}, not confirmed: rolled back to {previous} at {settled}");
+        }
+        State::RollbackFailed => outln!(
+            "LAST CHANGE NOT ROLLED BACK: {what}; the rollback to {previous} failed at {settled}: {}",
+            ch.error.as_deref().unwrap_or("?")
+        ),
+    }
+    Ok(())
+}
+
 fn print_status(s: &Status) -> anyhow::Result<()> {
     let d = &s.daemon;
     match (d.pid, d.serving_events) {
@@ -980,6 +1159,9 @@ fn print_status(s: &Status) -> anyhow::Result<()> {
     }
     if let Some(config) = &d.config {
         outln!("config: {}", config.display());
+    }
+    if let Some(c) = &s.confirmation {
+        print_confirmation(c)?;
     }
     if let Some(a) = &d.audit {
         print_audit_health(a)?;

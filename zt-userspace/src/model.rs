@@ -2471,6 +2471,7 @@ mod tests {
                 ),
                 peer("idle", &["fd00:200::1/128"], vec![]),
             ],
+            groups: Vec::new(),
             runtime_grants: PathBuf::from("/nonexistent/grants.json"),
             link_local_neighbors: false,
             mode: crate::policy::Mode::Enforce,

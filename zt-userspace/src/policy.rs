@@ -276,12 +276,29 @@ pub struct Peer {
     pub mode: Mode,
 }
 
+/// A named set of peers that share grants (`[[tunnel.group]]`). Groups
+/// are a control-plane notion: the kernel holds one grant bitmap per peer,
+/// each member's own grants and its groups' together.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Group {
+    pub name: String,
+    /// The members, as indices into [`TunnelPolicy::peers`], in file order.
+    pub members: Vec<usize>,
+    pub grants: Vec<Grant>,
+}
+
 /// The tunnel (TC) policy.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TunnelPolicy {
     /// `WireGuard` interface, e.g. `wg0`.
     pub interface: String,
+    /// In a [`crate::config::Config`], each peer's `grants` are its own
+    /// (`tunnel.peer[].allow`); once [`crate::grants::RuntimeGrants::apply`]
+    /// merged the groups and the runtime grants, they are what the kernel
+    /// enforces, which is what the tables and the model take.
     pub peers: Vec<Peer>,
+    /// `[[tunnel.group]]`, in file order.
+    pub groups: Vec<Group>,
     /// JSON file holding grants added and revoked at run time with
     /// `ztxdp allow`/`revoke` (`tunnel.runtime_grants`); they are applied on
     /// top of `peers[..].grants` by every `up`.

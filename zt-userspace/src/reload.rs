@@ -1,13 +1,15 @@
 //! The daemon's control socket: `ztxdp reload` asks the daemon of this
-//! network namespace to reload its config, as SIGHUP does, and brings back
+//! network namespace to reload its config, as SIGHUP does (with
+//! `--confirm`, one that rolls back unless confirmed), and brings back
 //! whether it applied it; `ztxdp status` asks whether the audit trail is
-//! being written.
+//! being written; `ztxdp confirm` and a confirmation's watchdog ask it to
+//! confirm or roll back a change (see [`crate::confirm`]).
 //!
 //! The daemon listens on `/run/ztxdp/control-<netns inode>.sock`, next to
 //! its events socket (see [`crate::audit::stream`] for why `/run` and the
 //! inode): reachable from any `ip netns exec` of the namespace. A client
-//! sends one request line (`reload` or `audit`); the daemon answers with
-//! one JSON [`Reply`].
+//! sends one request line (`reload`, `reload --confirm SECS`, `audit`,
+//! `confirm`, `rollback`); the daemon answers with one JSON [`Reply`].
 
 use std::{
     io::{self, BufRead as _, BufReader, Write as _},
@@ -32,24 +34,42 @@ pub const SOCKET: &str = "control";
 /// What a client asks the daemon.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Request {
-    /// Re-read the config and runtime grants, and swap them in.
-    Reload,
+    /// Re-read the config and runtime grants, and swap them in; with
+    /// `confirm`, roll back after that many seconds unless confirmed.
+    Reload { confirm: Option<u64> },
     /// Whether the audit trail is being written.
     Audit,
+    /// Confirm the change awaiting confirmation.
+    Confirm,
+    /// Put back the policy a `reload --confirm` replaced (its watchdog
+    /// asks, at the deadline).
+    Rollback,
 }
 
 impl Request {
-    const fn line(self) -> &'static str {
+    fn line(self) -> String {
         match self {
-            Self::Reload => "reload",
-            Self::Audit => "audit",
+            Self::Reload { confirm: None } => "reload".to_owned(),
+            Self::Reload {
+                confirm: Some(seconds),
+            } => format!("reload --confirm {seconds}"),
+            Self::Audit => "audit".to_owned(),
+            Self::Confirm => "confirm".to_owned(),
+            Self::Rollback => "rollback".to_owned(),
         }
     }
 
     fn parse(line: &str) -> Option<Self> {
-        [Self::Reload, Self::Audit]
-            .into_iter()
-            .find(|r| r.line() == line)
+        match line.split(' ').collect::<Vec<_>>().as_slice() {
+            ["reload"] => Some(Self::Reload { confirm: None }),
+            ["reload", "--confirm", seconds] => Some(Self::Reload {
+                confirm: Some(seconds.parse().ok()?),
+            }),
+            ["audit"] => Some(Self::Audit),
+            ["confirm"] => Some(Self::Confirm),
+            ["rollback"] => Some(Self::Rollback),
+            _ => None,
+        }
     }
 }
 /// A reload validates and writes maps in well under a second; this bounds
@@ -66,6 +86,8 @@ pub enum Reply {
     Refused { message: String },
     /// The state of the audit trail.
     Audit { health: Health },
+    /// The change is confirmed, and recorded.
+    Confirmed { change: crate::confirm::Change },
 }
 
 /// Errors of `ztxdp reload`.
@@ -86,6 +108,8 @@ pub enum ReloadError {
     },
     #[error("the daemon refused the reload; the running policy is unchanged: {message}")]
     Refused { message: String },
+    #[error("{message}")]
+    Declined { message: String },
     #[error("the daemon answered {reply} to {request:?}")]
     Unexpected { request: Request, reply: String },
 }
@@ -106,16 +130,49 @@ fn ask(request: Request, wait: std::time::Duration) -> Result<Reply, ReloadError
     serde_json::from_str(line.trim_end()).map_err(|source| ReloadError::Protocol { line, source })
 }
 
-/// `ztxdp reload`: the daemon's summary of what it applied.
+/// `ztxdp reload [--confirm SECS]`: the daemon's summary of what it
+/// applied.
 ///
 /// # Errors
 /// When no daemon runs here, or it refused the new config.
-pub fn request() -> Result<String, ReloadError> {
-    match ask(Request::Reload, SOCKET_WAIT)? {
+pub fn request(confirm: Option<u64>) -> Result<String, ReloadError> {
+    let request = Request::Reload { confirm };
+    match ask(request, SOCKET_WAIT)? {
         Reply::Applied { summary } => Ok(summary),
         Reply::Refused { message } => Err(ReloadError::Refused { message }),
-        reply @ Reply::Audit { .. } => Err(ReloadError::Unexpected {
-            request: Request::Reload,
+        reply => Err(ReloadError::Unexpected {
+            request,
+            reply: format!("{reply:?}"),
+        }),
+    }
+}
+
+/// `ztxdp confirm` through the daemon, asked without waiting for a socket
+/// that is not there.
+///
+/// # Errors
+/// When no daemon answers, or it declined ([`ReloadError::Declined`]).
+pub fn confirm_request() -> Result<crate::confirm::Change, ReloadError> {
+    match ask(Request::Confirm, std::time::Duration::ZERO)? {
+        Reply::Confirmed { change } => Ok(change),
+        Reply::Refused { message } => Err(ReloadError::Declined { message }),
+        reply => Err(ReloadError::Unexpected {
+            request: Request::Confirm,
+            reply: format!("{reply:?}"),
+        }),
+    }
+}
+
+/// A watchdog's rollback through the daemon: its summary.
+///
+/// # Errors
+/// When no daemon answers, or it could not roll back.
+pub fn rollback_request() -> Result<String, ReloadError> {
+    match ask(Request::Rollback, std::time::Duration::ZERO)? {
+        Reply::Applied { summary } => Ok(summary),
+        Reply::Refused { message } => Err(ReloadError::Declined { message }),
+        reply => Err(ReloadError::Unexpected {
+            request: Request::Rollback,
             reply: format!("{reply:?}"),
         }),
     }
@@ -168,4 +225,24 @@ pub fn serve(client: UnixStream, requests: mpsc::Sender<Pending>) {
         // A client that went away is not the daemon's problem.
         let _ = write.write_all(text.as_bytes()).await;
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Request;
+
+    #[test]
+    fn every_request_parses_back_from_its_line() {
+        for r in [
+            Request::Reload { confirm: None },
+            Request::Reload { confirm: Some(120) },
+            Request::Audit,
+            Request::Confirm,
+            Request::Rollback,
+        ] {
+            assert_eq!(Request::parse(&r.line()), Some(r));
+        }
+        assert_eq!(Request::parse("reload --confirm soon"), None);
+        assert_eq!(Request::parse("reload --confirm"), None);
+    }
 }

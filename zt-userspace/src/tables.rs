@@ -823,29 +823,38 @@ impl Tables {
     }
 
     /// Writes what differs between `from` (what the maps hold) and `to`:
-    /// removals, then updates, the flow settings last.
+    /// removals, then updates, the flow settings last. A map with nothing
+    /// to change is not touched, so maps opened by id without the ones of
+    /// a program that is not running (the tunnel's, on an edge-only host)
+    /// take a change that does not concern them.
     fn write_changes(&mut self, from: &Contents, to: &Contents) -> Result<(), TablesError> {
         self.write_edge(from, to)?;
-        sync_trie::<4, PeerInfo>(
-            self.get(map::PEER_V4)?,
-            map::PEER_V4,
-            &from.peer_v4,
-            &to.peer_v4,
-        )?;
-        sync_trie::<16, PeerInfo>(
-            self.get(map::PEER_V6)?,
-            map::PEER_V6,
-            &from.peer_v6,
-            &to.peer_v6,
-        )?;
-        let mut grants: BpfHashMap<_, GrantKey, u64> =
-            BpfHashMap::try_from(self.get(map::GRANTS)?).map_err(map_err(map::GRANTS))?;
-        for key in from.grants.keys().filter(|k| !to.grants.contains_key(k)) {
-            grants.remove(key).map_err(map_err(map::GRANTS))?;
+        if from.peer_v4 != to.peer_v4 {
+            sync_trie::<4, PeerInfo>(
+                self.get(map::PEER_V4)?,
+                map::PEER_V4,
+                &from.peer_v4,
+                &to.peer_v4,
+            )?;
         }
-        for (key, word) in &to.grants {
-            if from.grants.get(key) != Some(word) {
-                grants.insert(key, word, 0).map_err(map_err(map::GRANTS))?;
+        if from.peer_v6 != to.peer_v6 {
+            sync_trie::<16, PeerInfo>(
+                self.get(map::PEER_V6)?,
+                map::PEER_V6,
+                &from.peer_v6,
+                &to.peer_v6,
+            )?;
+        }
+        if from.grants != to.grants {
+            let mut grants: BpfHashMap<_, GrantKey, u64> =
+                BpfHashMap::try_from(self.get(map::GRANTS)?).map_err(map_err(map::GRANTS))?;
+            for key in from.grants.keys().filter(|k| !to.grants.contains_key(k)) {
+                grants.remove(key).map_err(map_err(map::GRANTS))?;
+            }
+            for (key, word) in &to.grants {
+                if from.grants.get(key) != Some(word) {
+                    grants.insert(key, word, 0).map_err(map_err(map::GRANTS))?;
+                }
             }
         }
         if from.flow_config != to.flow_config {
@@ -862,41 +871,50 @@ impl Tables {
     /// Writes what differs between the edge sets of `from` (what the maps
     /// hold) and `to`.
     fn write_edge(&mut self, from: &Contents, to: &Contents) -> Result<(), TablesError> {
-        let mut udp: Array<_, u64> = Array::try_from(self.get(map::EDGE_UDP_PORTS)?)
-            .map_err(map_err(map::EDGE_UDP_PORTS))?;
-        for (i, (f, t)) in (0u32..).zip(from.udp_ports.iter().zip(&to.udp_ports)) {
-            if f != t {
-                udp.set(i, *t, 0).map_err(map_err(map::EDGE_UDP_PORTS))?;
+        if from.udp_ports != to.udp_ports {
+            let mut udp: Array<_, u64> = Array::try_from(self.get(map::EDGE_UDP_PORTS)?)
+                .map_err(map_err(map::EDGE_UDP_PORTS))?;
+            for (i, (f, t)) in (0u32..).zip(from.udp_ports.iter().zip(&to.udp_ports)) {
+                if f != t {
+                    udp.set(i, *t, 0).map_err(map_err(map::EDGE_UDP_PORTS))?;
+                }
             }
         }
-        let mut ports: Array<_, u64> =
-            Array::try_from(self.get(map::SERVICE_PORTS)?).map_err(map_err(map::SERVICE_PORTS))?;
-        let indices: BTreeSet<u32> = from
-            .service_ports
-            .keys()
-            .chain(to.service_ports.keys())
-            .copied()
-            .collect();
-        for at in indices {
-            let (f, t) = (from.service_ports.get(&at), to.service_ports.get(&at));
-            if f != t {
-                ports
-                    .set(at, t.copied().unwrap_or(0), 0)
-                    .map_err(map_err(map::SERVICE_PORTS))?;
+        if from.service_ports != to.service_ports {
+            let mut ports: Array<_, u64> = Array::try_from(self.get(map::SERVICE_PORTS)?)
+                .map_err(map_err(map::SERVICE_PORTS))?;
+            let indices: BTreeSet<u32> = from
+                .service_ports
+                .keys()
+                .chain(to.service_ports.keys())
+                .copied()
+                .collect();
+            for at in indices {
+                let (f, t) = (from.service_ports.get(&at), to.service_ports.get(&at));
+                if f != t {
+                    ports
+                        .set(at, t.copied().unwrap_or(0), 0)
+                        .map_err(map_err(map::SERVICE_PORTS))?;
+                }
             }
         }
-        sync_trie::<4, u64>(
-            self.get(map::SERVICE_SOURCES_V4)?,
-            map::SERVICE_SOURCES_V4,
-            &from.sources_v4,
-            &to.sources_v4,
-        )?;
-        sync_trie::<16, u64>(
-            self.get(map::SERVICE_SOURCES_V6)?,
-            map::SERVICE_SOURCES_V6,
-            &from.sources_v6,
-            &to.sources_v6,
-        )
+        if from.sources_v4 != to.sources_v4 {
+            sync_trie::<4, u64>(
+                self.get(map::SERVICE_SOURCES_V4)?,
+                map::SERVICE_SOURCES_V4,
+                &from.sources_v4,
+                &to.sources_v4,
+            )?;
+        }
+        if from.sources_v6 != to.sources_v6 {
+            sync_trie::<16, u64>(
+                self.get(map::SERVICE_SOURCES_V6)?,
+                map::SERVICE_SOURCES_V6,
+                &from.sources_v6,
+                &to.sources_v6,
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -1095,6 +1113,7 @@ mod tests {
         let tunnel = TunnelPolicy {
             interface: "wg0".to_owned(),
             peers,
+            groups: Vec::new(),
             runtime_grants: "grants.json".into(),
             link_local_neighbors: false,
             mode: crate::policy::Mode::Enforce,

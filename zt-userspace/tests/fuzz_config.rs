@@ -94,6 +94,15 @@ fn accepted(config: &Config) -> Result<(), TestCaseError> {
             );
             prop_assert!(!p.addresses.is_empty());
         }
+        for g in &t.groups {
+            prop_assert!(
+                (1..=MAX_PEER_NAME).contains(&g.name.len()) && g.name.bytes().all(peer_name_byte),
+                "an unsafe group name was accepted: {:?}",
+                g.name
+            );
+            prop_assert!(!g.members.is_empty());
+            prop_assert!(g.members.iter().all(|&m| m < t.peers.len()));
+        }
     }
     if let Some(e) = &config.policy.edge {
         prop_assert!(!e.wireguard_ports.contains(&0) && e.ssh_port != 0);
@@ -123,7 +132,7 @@ fn value() -> impl Strategy<Value = String> {
             "0", "-1", "1", "22", "65535", "65536", "4096", "9223372036854775807",
             "-9223372036854775808", "1e309", "nan", "-inf", "true", "false",
             "1979-05-27T07:32:00Z", "[]", "[51820]", "[\"10.0.0.1\", \"10.0.0.1\"]",
-            "[[]]", "[1, \"a\"]", "{}", "{ name = \"x\" }", "'''multi\nline'''",
+            "[[]]", "[1, \"a\"]", "[\"app-1\", \"ops-laptop\"]", "{}", "{ name = \"x\" }", "'''multi\nline'''",
             "\"\\u0000\"", "\"\\\"}}\"",
         ]).prop_map(str::to_owned),
         1 => any::<String>().prop_map(|s| format!("{s:?}")),
@@ -141,6 +150,7 @@ fn line() -> impl Strategy<Value = String> {
         "[tunnel]",
         "[[tunnel.peer]]",
         "[[ tunnel . \"peer\" ]]",
+        "[[tunnel.group]]",
         "[flows]",
         "[audit]",
         "[audit.syslog]",
@@ -162,6 +172,7 @@ fn line() -> impl Strategy<Value = String> {
         "addresses",
         "public_key",
         "allow",
+        "peers",
         "max_entries",
         "tcp_established_timeout",
         "udp_timeout",

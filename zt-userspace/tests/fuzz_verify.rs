@@ -187,8 +187,16 @@ fn flow() -> impl Strategy<Value = Flow> {
                 tcp_flags,
             },
         );
-    let peer = (hostile_text(), proptest::option::of(hostile_text()))
-        .prop_map(|(name, public_key)| Peer { name, public_key });
+    let peer = (
+        hostile_text(),
+        proptest::option::of(hostile_text()),
+        proptest::collection::vec(hostile_text(), 0..3),
+    )
+        .prop_map(|(name, public_key, groups)| Peer {
+            name,
+            public_key,
+            groups,
+        });
     (
         select(vec![Program::Edge, Program::Tunnel]),
         hostile_text(),

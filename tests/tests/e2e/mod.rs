@@ -30,6 +30,8 @@ use zt_tests::{
     packet::{Ethernet, Ipv4, Transport},
 };
 
+pub mod mesh;
+
 /// `ztxdp up` loads and attaches in well under a second; this bounds a hang.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// A daemon (or a follower of its events) stops in well under a second;

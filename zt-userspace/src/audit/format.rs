@@ -17,7 +17,7 @@ use zt_common::reason;
 
 use super::{
     chain,
-    record::{self, Body, Flow, IpFlow, Peer, Program, Record},
+    record::{self, Body, ChangeStage, Flow, IpFlow, Peer, Program, Record},
 };
 use crate::policy::AuditFormat;
 
@@ -127,7 +127,13 @@ fn ztxdp_base(r: &Record) -> Map<String, Value> {
 /// The counts of a `lost` record, the same in both formats: `unwritten`
 /// only where a killed daemon left some.
 fn peer_value(p: &Peer) -> Value {
-    json!({ "name": p.name, "public_key": p.public_key })
+    let mut v = json!({ "name": p.name, "public_key": p.public_key });
+    // Only when a group granted the decision: other records stay as they
+    // were before groups.
+    if !p.groups.is_empty() {
+        v["groups"] = json!(p.groups);
+    }
+    v
 }
 
 fn ecs_event(flow: &Flow, action: &str) -> Value {
@@ -264,6 +270,20 @@ fn ecs(r: &Record) -> (Map<String, Value>, Map<String, Value>) {
             );
             drift_member(&r.body, &mut z);
         }
+        Body::Change { stage, .. } => {
+            top.insert(
+                "event".into(),
+                json!({
+                    "kind": if *stage == ChangeStage::Rollback { "alert" } else { "event" },
+                    "category": ["configuration"],
+                    "type": ["change"],
+                    "action": stage.name(),
+                    "outcome": "unknown",
+                    "reason": message(&r.body),
+                }),
+            );
+            change_member(&r.body, &mut z);
+        }
     }
     top.insert("ecs".into(), json!({ "version": ECS_VERSION }));
     let observer = top
@@ -327,6 +347,34 @@ fn drift_member(body: &Body, z: &mut Map<String, Value>) {
     }
 }
 
+/// `ztxdp.change` of a change, confirm or rollback record, the same in
+/// both formats.
+fn change_member(body: &Body, z: &mut Map<String, Value>) {
+    if let Body::Change {
+        stage,
+        command,
+        config,
+        config_sha256,
+        previous_sha256,
+        deadline_ns,
+        by,
+    } = body
+    {
+        z.insert(
+            "change".into(),
+            json!({
+                "stage": stage.name(),
+                "command": command,
+                "config": config,
+                "config_sha256": config_sha256,
+                "previous_sha256": previous_sha256,
+                "deadline": rfc3339(*deadline_ns),
+                "by": by,
+            }),
+        );
+    }
+}
+
 /// OCSF activity of a record: (id, name).
 fn ocsf_activity(body: &Body) -> (u64, &'static str) {
     match body {
@@ -337,6 +385,11 @@ fn ocsf_activity(body: &Body) -> (u64, &'static str) {
         Body::SyslogDropped { .. } => (99, "Forwarding Gap"),
         Body::Gap { .. } => (99, "Trail Gap"),
         Body::Drift { .. } => (99, "Policy Drift"),
+        Body::Change { stage, .. } => match stage {
+            ChangeStage::Change => (99, "Policy Change"),
+            ChangeStage::Confirm => (99, "Policy Confirmed"),
+            ChangeStage::Rollback => (99, "Policy Rollback"),
+        },
     }
 }
 
@@ -438,10 +491,14 @@ fn ocsf(r: &Record) -> (Map<String, Value>, Map<String, Value>) {
         top.insert("count".into(), json!(n));
     }
     let (severity_id, severity) = match r.body {
-        Body::Decision { .. } | Body::Summary { .. } | Body::Drift { differences: 0, .. } => {
-            (1, "Informational")
-        }
-        Body::Lost { .. } | Body::SyslogDropped { .. } => (3, "Medium"),
+        Body::Decision { .. }
+        | Body::Summary { .. }
+        | Body::Drift { differences: 0, .. }
+        | Body::Change {
+            stage: ChangeStage::Change | ChangeStage::Confirm,
+            ..
+        } => (1, "Informational"),
+        Body::Lost { .. } | Body::SyslogDropped { .. } | Body::Change { .. } => (3, "Medium"),
         Body::Gap { .. } | Body::Drift { .. } => (4, "High"),
     };
     top.insert("severity_id".into(), json!(severity_id));
@@ -483,6 +540,7 @@ fn ocsf(r: &Record) -> (Map<String, Value>, Map<String, Value>) {
         }
         Body::Gap { .. } => gap_member(&r.body, &mut z),
         Body::Drift { .. } => drift_member(&r.body, &mut z),
+        Body::Change { .. } => change_member(&r.body, &mut z),
     }
     // Every record has an action; a count or a gap allows or denies nothing.
     if !top.contains_key("action_id") {
@@ -538,6 +596,31 @@ pub fn message(body: &Body) -> String {
             "the kernel differs from the policy ({differences} differences): {}",
             summary.join("; ")
         ),
+        Body::Change {
+            stage,
+            command,
+            config,
+            config_sha256,
+            previous_sha256,
+            deadline_ns,
+            ..
+        } => {
+            let previous = previous_sha256.as_deref().unwrap_or("none");
+            match stage {
+                ChangeStage::Change => format!(
+                    "`{command} --confirm` applied {config} (sha256 {config_sha256}); it rolls \
+                     back to sha256 {previous} at {} unless confirmed",
+                    rfc3339(*deadline_ns)
+                ),
+                ChangeStage::Confirm => {
+                    format!("confirmed {config} (sha256 {config_sha256})")
+                }
+                ChangeStage::Rollback => format!(
+                    "{config} (sha256 {config_sha256}) was not confirmed in time: rolled back \
+                     to sha256 {previous}"
+                ),
+            }
+        }
     }
 }
 
@@ -619,6 +702,16 @@ fn peer_at(v: &Value) -> Option<Peer> {
             .get("public_key")
             .and_then(Value::as_str)
             .map(str::to_owned),
+        groups: p
+            .get("groups")
+            .and_then(Value::as_array)
+            .map(|list| {
+                list.iter()
+                    .filter_map(Value::as_str)
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default(),
     })
 }
 
@@ -722,6 +815,7 @@ fn parse_ecs(v: &Value) -> Result<Record, FormatError> {
         "syslog_dropped" => parse_syslog_dropped(v)?,
         "gap" => parse_gap(v)?,
         "drift" => parse_drift(v)?,
+        "change" | "confirm" | "rollback" => parse_change(v)?,
         other => {
             return Err(FormatError::Bad {
                 field: "/event/action",
@@ -797,6 +891,27 @@ fn previous_run_at(v: &Value) -> bool {
         .unwrap_or(false)
 }
 
+/// A change, confirm or rollback record's body, the same in both formats.
+fn parse_change(v: &Value) -> Result<Body, FormatError> {
+    let stage = str_at(v, "/ztxdp/change/stage")?;
+    let previous = v.pointer("/ztxdp/change/previous_sha256");
+    Ok(Body::Change {
+        stage: ChangeStage::from_name(stage).ok_or_else(|| FormatError::Bad {
+            field: "/ztxdp/change/stage",
+            value: stage.to_owned(),
+        })?,
+        command: str_at(v, "/ztxdp/change/command")?.to_owned(),
+        config: str_at(v, "/ztxdp/change/config")?.to_owned(),
+        config_sha256: str_at(v, "/ztxdp/change/config_sha256")?.to_owned(),
+        previous_sha256: match previous {
+            None | Some(Value::Null) => None,
+            Some(_) => Some(str_at(v, "/ztxdp/change/previous_sha256")?.to_owned()),
+        },
+        deadline_ns: parse_time(v, "/ztxdp/change/deadline")?,
+        by: str_at(v, "/ztxdp/change/by")?.to_owned(),
+    })
+}
+
 /// A `syslog_dropped` record's body, the same in both formats.
 fn parse_syslog_dropped(v: &Value) -> Result<Body, FormatError> {
     Ok(Body::SyslogDropped {
@@ -833,6 +948,7 @@ fn parse_ocsf(v: &Value) -> Result<Record, FormatError> {
         99 if v.pointer("/ztxdp/syslog").is_some() => parse_syslog_dropped(v)?,
         99 if v.pointer("/ztxdp/gap").is_some() => parse_gap(v)?,
         99 if v.pointer("/ztxdp/drift").is_some() => parse_drift(v)?,
+        99 if v.pointer("/ztxdp/change").is_some() => parse_change(v)?,
         99 => parse_lost(v, OCSF_FLOW.interface)?,
         other => {
             return Err(FormatError::Bad {
@@ -898,6 +1014,57 @@ fn cef_signature(body: &Body) -> (String, String, u8) {
             ("drift".to_owned(), "policy back in sync".to_owned(), 3)
         }
         Body::Drift { .. } => ("drift".to_owned(), "policy drift".to_owned(), 8),
+        Body::Change { stage, .. } => {
+            let (name, severity) = match stage {
+                ChangeStage::Change => ("policy change awaiting confirmation", 3),
+                ChangeStage::Confirm => ("policy change confirmed", 3),
+                ChangeStage::Rollback => ("policy change rolled back", 6),
+            };
+            (stage.name().to_owned(), name.to_owned(), severity)
+        }
+    }
+}
+
+/// The CEF extension of a drift or change record: the policy's digests.
+fn cef_policy(body: &Body, ext: &mut Vec<(&str, String)>) {
+    ext.push(("msg", message(body)));
+    match body {
+        Body::Drift {
+            config_sha256,
+            differences,
+            ..
+        } => {
+            ext.push(("cn1", differences.to_string()));
+            ext.push(("cn1Label", "differences".to_owned()));
+            ext.push(("cs4", config_sha256.clone()));
+            ext.push(("cs4Label", "configSha256".to_owned()));
+        }
+        Body::Change {
+            command,
+            config_sha256,
+            previous_sha256,
+            by,
+            ..
+        } => {
+            ext.push(("cs4", config_sha256.clone()));
+            ext.push(("cs4Label", "configSha256".to_owned()));
+            ext.push(("cs5", previous_sha256.clone().unwrap_or_default()));
+            ext.push(("cs5Label", "previousSha256".to_owned()));
+            ext.push(("cs6", format!("{command} by {by}")));
+            ext.push(("cs6Label", "change".to_owned()));
+        }
+        _ => {}
+    }
+}
+
+/// A tunnel decision's peer: its name, and the groups whose grant passed
+/// it (group names hold no comma).
+fn cef_peer(ext: &mut Vec<(&str, String)>, p: &Peer) {
+    ext.push(("cs3", p.name.clone()));
+    ext.push(("cs3Label", "peer".to_owned()));
+    if !p.groups.is_empty() {
+        ext.push(("cs4", p.groups.join(",")));
+        ext.push(("cs4Label", "peerGroups".to_owned()));
     }
 }
 
@@ -925,8 +1092,7 @@ fn cef_flow(flow: &Flow, body: &Body, ext: &mut Vec<(&str, String)>) {
     ext.push(("cs2", flow.program.name().to_owned()));
     ext.push(("cs2Label", "program".to_owned()));
     if let Some(p) = &flow.peer {
-        ext.push(("cs3", p.name.clone()));
-        ext.push(("cs3Label", "peer".to_owned()));
+        cef_peer(ext, p);
     }
     if let Some(s) = &flow.service {
         ext.push(("destinationServiceName", s.clone()));
@@ -983,17 +1149,7 @@ pub fn cef(r: &Record, chain: &str) -> String {
             ext.push(("cs4", address.clone()));
             ext.push(("cs4Label", "syslogAddress".to_owned()));
         }
-        Body::Drift {
-            config_sha256,
-            differences,
-            ..
-        } => {
-            ext.push(("msg", message(&r.body)));
-            ext.push(("cn1", differences.to_string()));
-            ext.push(("cn1Label", "differences".to_owned()));
-            ext.push(("cs4", config_sha256.clone()));
-            ext.push(("cs4Label", "configSha256".to_owned()));
-        }
+        Body::Drift { .. } | Body::Change { .. } => cef_policy(&r.body, &mut ext),
     }
     if let Some(n) = r.body.decisions() {
         ext.push(("cnt", n.to_string()));
@@ -1077,6 +1233,7 @@ mod tests {
                     peer: Some(Peer {
                         name: "app=1|x".into(),
                         public_key: Some("k".into()),
+                        groups: vec!["db-clients".into(), "ops".into()],
                     }),
                     service: None,
                     would_drop: false,
@@ -1160,6 +1317,7 @@ mod tests {
         ];
         all.extend(drift_samples());
         all.push(service_allow());
+        all.extend(change_samples());
         all
     }
 
@@ -1252,6 +1410,7 @@ mod tests {
             flow.peer = Some(Peer {
                 name: "app-2".into(),
                 public_key: None,
+                groups: Vec::new(),
             });
             flow.would_drop = true;
         }
@@ -1306,6 +1465,28 @@ mod tests {
             line.contains("|summary would_deny not_granted|3|"),
             "{line}"
         );
+    }
+
+    /// A change awaiting confirmation, and its rollback.
+    fn change_samples() -> [Record; 2] {
+        let change = |seq, stage, by: &str| Record {
+            seq,
+            time_ns: T + 9,
+            body: Body::Change {
+                stage,
+                command: "reload".into(),
+                config: "/etc/ztxdp/ztxdp.toml".into(),
+                config_sha256: "ef".repeat(32),
+                previous_sha256: Some("cd".repeat(32)),
+                deadline_ns: T + 60_000_000_000,
+                by: by.into(),
+            },
+            previous_run: false,
+        };
+        [
+            change(47, ChangeStage::Change, "daemon"),
+            change(48, ChangeStage::Rollback, "watchdog"),
+        ]
     }
 
     fn json(format: AuditFormat, r: &Record) -> Value {
@@ -1445,6 +1626,14 @@ mod tests {
         );
         assert_eq!(allow["connection_info"]["protocol_ver_id"], 6);
         assert_eq!(allow["src_endpoint"]["name"], "app=1|x");
+        assert_eq!(
+            allow["unmapped"]["peer"]["groups"],
+            json!(["db-clients", "ops"])
+        );
+        assert_eq!(
+            json(AuditFormat::Ecs, &all[1])["ztxdp"]["peer"]["groups"],
+            json!(["db-clients", "ops"])
+        );
         let summary = json(AuditFormat::Ocsf, &all[3]);
         assert_eq!(
             (summary["activity_id"].as_u64(), summary["count"].as_u64()),
@@ -1580,6 +1769,29 @@ mod tests {
     }
 
     #[test]
+    fn change_records_carry_both_digests_in_every_format() {
+        let [change, rollback] = &change_samples();
+        let v = json(AuditFormat::Ecs, change);
+        assert_eq!(v["event"]["action"], "change");
+        assert_eq!(v["event"]["kind"], "event");
+        assert_eq!(v["ztxdp"]["change"]["config_sha256"], "ef".repeat(32));
+        assert_eq!(v["ztxdp"]["change"]["previous_sha256"], "cd".repeat(32));
+        assert_eq!(v["ztxdp"]["change"]["command"], "reload");
+        let v = json(AuditFormat::Ecs, rollback);
+        assert_eq!(v["event"]["action"], "rollback");
+        assert_eq!(v["event"]["kind"], "alert");
+        assert_eq!(v["ztxdp"]["change"]["by"], "watchdog");
+        assert!(v.get("ztxdp").and_then(|z| z.get("decisions")).is_none());
+        let o = json(AuditFormat::Ocsf, rollback);
+        assert_eq!(o["activity_name"], "Policy Rollback");
+        assert_eq!(o["severity"], "Medium");
+        assert_eq!(o["unmapped"]["change"]["stage"], "rollback");
+        let c = cef(rollback, GENESIS);
+        assert!(c.contains("|rollback|policy change rolled back|6|"), "{c}");
+        assert!(c.contains(&format!("cs5={}", "cd".repeat(32))), "{c}");
+    }
+
+    #[test]
     fn cef_escapes_and_maps_fields() {
         let all = samples();
         let deny = cef(&all[0], GENESIS);
@@ -1611,6 +1823,10 @@ mod tests {
         assert!(
             allow.contains(" cs3=app\\=1|x "),
             "= is escaped in values, | is not: {allow}"
+        );
+        assert!(
+            allow.contains(" cs4=db-clients,ops cs4Label=peerGroups "),
+            "the groups that granted it: {allow}"
         );
         assert!(
             cef(&all[4], GENESIS).contains(" cnt=17043 "),

@@ -233,10 +233,15 @@ impl Feed {
         })
     }
 
-    /// Names peers by `peers` from now on (after a reload changed them):
-    /// index `i` is `peers[i]`.
-    pub fn set_peers(&mut self, peers: Vec<(String, Option<String>)>) {
+    /// Names peers by `peers`, and their groups by `groups`, from now on
+    /// (after a reload changed them): index `i` is `peers[i]`.
+    pub fn set_peers(
+        &mut self,
+        peers: Vec<(String, Option<String>)>,
+        groups: crate::grants::GroupWatch,
+    ) {
         self.names.peers = peers;
+        self.names.groups = groups;
     }
 
     /// Names edge services by `edge`'s from now on (after a reload).
@@ -265,6 +270,7 @@ impl Feed {
 
     /// Turns every event in the ring buffer into a decision record.
     pub fn drain(&mut self, trail: &mut Trail) {
+        self.names.groups.refresh();
         let mut out = Sink::new(trail, false);
         drain_ring(
             self.ring.get_mut(),
@@ -281,6 +287,9 @@ impl Feed {
     /// work (sweeps, `lost` reports) for as long as a flood lasts. The next
     /// [`Self::readable`] returns at once while events are left.
     pub fn drain_batch(&mut self, trail: &mut Trail) {
+        // A group grant changed by `ztxdp allow @group` from another
+        // process is named in the records from the next batch on.
+        self.names.groups.refresh();
         let mut out = Sink::new(trail, false);
         let limit = COMMIT_EVERY as usize;
         let n = drain_ring(

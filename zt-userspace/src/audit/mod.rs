@@ -164,6 +164,8 @@ pub struct Names {
     pub programs: HashMap<Program, String>,
     /// Peer name and public key, by peer index.
     pub peers: Vec<(String, Option<String>)>,
+    /// Which groups grant what to each peer, for `ztxdp.peer.groups`.
+    pub groups: crate::grants::GroupWatch,
     /// The edge's services, for the one an edge decision names.
     pub services: Option<ServiceNames>,
 }
@@ -348,8 +350,8 @@ impl Running {
             // The writer keeps gap records queued; none comes here.
             Body::Gap { .. } => return,
             // Not a decision: the daemon's log and `ztxdp_drift` have it.
-            Body::Drift { .. } => {
-                tracing::warn!("the audit file refused a drift record");
+            Body::Drift { .. } | Body::Change { .. } => {
+                tracing::warn!(kind = body.kind(), "the audit file refused a record");
                 return;
             }
         };

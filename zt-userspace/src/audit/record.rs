@@ -54,6 +54,11 @@ impl Program {
 pub struct Peer {
     pub name: String,
     pub public_key: Option<String>,
+    /// For a decision a grant passed: the peer's groups that grant it
+    /// (`[[tunnel.group]]`), when the record was written. Empty for every
+    /// other decision, and when the grant is the peer's own.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<String>,
 }
 
 /// The IP part of a decision. Ports are present for TCP and UDP only.
@@ -173,6 +178,56 @@ pub enum Body {
         /// The first of them, as `ztxdp check --live` prints them.
         summary: Vec<String>,
     },
+    /// A policy change made with `--confirm`, its confirmation, or its
+    /// rollback (see [`crate::confirm`]).
+    Change {
+        stage: ChangeStage,
+        /// `up` or `reload`.
+        command: String,
+        /// The config of the change, and the SHA-256 of its text.
+        config: String,
+        config_sha256: String,
+        /// The SHA-256 of the policy the change replaced, which a rollback
+        /// restores; `None` when there was none (a rollback detaches).
+        previous_sha256: Option<String>,
+        /// When it rolls back unless confirmed, nanoseconds since the Unix
+        /// epoch.
+        deadline_ns: i64,
+        /// Who wrote the record: `daemon`, `watchdog` or `confirm` (the
+        /// command, when no daemon ran).
+        by: String,
+    },
+}
+
+/// The steps of a [`Body::Change`], each a record of its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChangeStage {
+    /// The new policy is applied and awaits `ztxdp confirm`.
+    Change,
+    /// `ztxdp confirm` kept it.
+    Confirm,
+    /// It was not confirmed in time: the previous policy is back.
+    Rollback,
+}
+
+impl ChangeStage {
+    /// The name records carry (`event.action` in ECS).
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Change => "change",
+            Self::Confirm => "confirm",
+            Self::Rollback => "rollback",
+        }
+    }
+
+    #[must_use]
+    pub fn from_name(name: &str) -> Option<Self> {
+        [Self::Change, Self::Confirm, Self::Rollback]
+            .into_iter()
+            .find(|s| s.name() == name)
+    }
 }
 
 /// Why the trail has a [`Body::Gap`].
@@ -249,7 +304,10 @@ impl Body {
                     .saturating_add(*ring_full)
                     .saturating_add(*unwritten),
             ),
-            Self::SyslogDropped { .. } | Self::Gap { .. } | Self::Drift { .. } => None,
+            Self::SyslogDropped { .. }
+            | Self::Gap { .. }
+            | Self::Drift { .. }
+            | Self::Change { .. } => None,
         }
     }
 
@@ -259,12 +317,16 @@ impl Body {
         match self {
             Self::Decision { flow, .. } | Self::Summary { flow, .. } => Some(flow.program),
             Self::Lost { program, .. } => Some(*program),
-            Self::SyslogDropped { .. } | Self::Gap { .. } | Self::Drift { .. } => None,
+            Self::SyslogDropped { .. }
+            | Self::Gap { .. }
+            | Self::Drift { .. }
+            | Self::Change { .. } => None,
         }
     }
 
     /// Short name of the record kind: `decision`, `summary`, `lost`,
-    /// `syslog_dropped`, `gap`, `drift`.
+    /// `syslog_dropped`, `gap`, `drift`, and a change's `change`,
+    /// `confirm` or `rollback`.
     #[must_use]
     pub const fn kind(&self) -> &'static str {
         match self {
@@ -274,6 +336,7 @@ impl Body {
             Self::SyslogDropped { .. } => "syslog_dropped",
             Self::Gap { .. } => "gap",
             Self::Drift { .. } => "drift",
+            Self::Change { stage, .. } => stage.name(),
         }
     }
 }
@@ -351,19 +414,24 @@ fn flow(w: &Wire<'_>, names: &Names) -> Flow {
         _ => None,
     };
     let peer = (w.peer != NO_PEER).then(|| {
-        usize::try_from(w.peer)
-            .ok()
-            .and_then(|i| names.peers.get(i))
-            .map_or_else(
-                || Peer {
-                    name: format!("#{}", w.peer),
-                    public_key: None,
-                },
-                |(name, key)| Peer {
-                    name: name.clone(),
-                    public_key: key.clone(),
-                },
-            )
+        let index = usize::try_from(w.peer).ok();
+        let groups = match (index, w.reason) {
+            (Some(i), reason::PASS_GRANT) => names.groups.granting(i, w.protocol, Some(w.dst_port)),
+            (Some(i), reason::PASS_ICMP_GRANT) => names.groups.granting(i, w.protocol, None),
+            _ => Vec::new(),
+        };
+        index.and_then(|i| names.peers.get(i)).map_or_else(
+            || Peer {
+                name: format!("#{}", w.peer),
+                public_key: None,
+                groups: Vec::new(),
+            },
+            |(name, key)| Peer {
+                name: name.clone(),
+                public_key: key.clone(),
+                groups,
+            },
+        )
     });
     let service = match (&ip, &names.services) {
         (Some(ip), Some(services)) if program == Program::Edge => {
@@ -528,7 +596,8 @@ mod tests {
             flow.peer,
             Some(Peer {
                 name: "app-1".into(),
-                public_key: Some("key=".into())
+                public_key: Some("key=".into()),
+                groups: Vec::new(),
             })
         );
         let ip = flow.ip.expect("an IPv4 decision has addresses");
@@ -647,5 +716,47 @@ mod tests {
             panic!("not a summary")
         };
         assert_eq!(flow.action(), "deny");
+    }
+
+    /// A decision a group's grant passed names the group; one the peer's
+    /// own grant passed, or a refusal, names none.
+    #[test]
+    fn granted_decisions_name_the_groups_that_grant_them() {
+        let text = "[tunnel]\ninterface = \"wg0\"\nruntime_grants = \"/nonexistent/g.json\"\n\
+            [[tunnel.peer]]\nname = \"app-1\"\naddresses = [\"10.0.0.2/32\"]\nallow = [\"tcp/22\"]\n\
+            [[tunnel.group]]\nname = \"db\"\npeers = [\"app-1\"]\nallow = [\"tcp/5432\", \"icmp\"]\n\
+            [audit]\npath = \"/tmp/a.jsonl\"\n";
+        let config = crate::config::Config::parse(text, std::path::Path::new("/etc/ztxdp.toml"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut names = Names::default();
+        names.peers.push(("app-1".into(), None));
+        names.groups = crate::grants::GroupWatch::new(config.policy.tunnel.as_ref());
+        let event = |reason: u32, protocol, dst_port| Event {
+            reason: u16::try_from(reason).unwrap_or_default(),
+            program: u8::try_from(program::TUNNEL).unwrap_or_default(),
+            ip_version: 4,
+            protocol,
+            dst_port,
+            peer: 0,
+            ..Event::default()
+        };
+        for (e, want) in [
+            (event(reason::PASS_GRANT, proto::TCP, 5432), &["db"][..]),
+            (event(reason::PASS_ICMP_GRANT, proto::ICMP, 0), &["db"][..]),
+            (event(reason::PASS_GRANT, proto::TCP, 22), &[][..]),
+            (event(reason::DROP_NOT_GRANTED, proto::UDP, 5432), &[][..]),
+        ] {
+            let (_, body) = decision(&e, &names, &Clock::now());
+            let Body::Decision { flow, .. } = body else {
+                panic!("not a decision: {body:?}")
+            };
+            assert_eq!(
+                flow.peer.map(|p| p.groups),
+                Some(want.iter().map(|g| (*g).to_owned()).collect()),
+                "reason {}, port {}",
+                reason::name(u32::from(e.reason)),
+                e.dst_port
+            );
+        }
     }
 }

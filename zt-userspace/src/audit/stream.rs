@@ -54,8 +54,11 @@ pub(crate) const SOCKET_WAIT: Duration = Duration::from_secs(5);
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Message {
-    /// Boxed: a record is far larger than the other variant.
-    Record { record: Box<Record>, chain: String },
+    Record {
+        /// Boxed: a record is far larger than the other messages.
+        record: Box<Record>,
+        chain: String,
+    },
     /// This client missed `missed` records because it read too slowly.
     Lagged { missed: u64 },
 }
@@ -489,6 +492,7 @@ mod tests {
                     peer: peer.map(|(name, key)| Peer {
                         name: name.into(),
                         public_key: Some(key.into()),
+                        groups: Vec::new(),
                     }),
                     service: None,
                     would_drop: false,

@@ -98,7 +98,7 @@ pub fn message(s: &Sealed, hostname: &str, pid: u32, resent: bool) -> String {
             }
         }
         Body::Lost { .. } | Body::SyslogDropped { .. } => 4,
-        Body::Drift { differences: 0, .. } => 5,
+        Body::Drift { differences: 0, .. } | Body::Change { .. } => 5,
         Body::Gap { .. } | Body::Drift { .. } => 2,
     };
     let time = DateTime::from_timestamp_nanos(s.record.time_ns)

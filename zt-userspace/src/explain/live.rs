@@ -436,6 +436,7 @@ fn tunnel_policy(c: &Contents, settings: Specialised) -> TunnelPolicy {
         peers: (0..count)
             .map(|i| peers.remove(&i).unwrap_or_else(empty_peer))
             .collect(),
+        groups: Vec::new(),
         runtime_grants: std::path::PathBuf::new(),
         link_local_neighbors: settings.tunnel_link_local,
     }
