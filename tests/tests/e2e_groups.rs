@@ -10,12 +10,12 @@ use std::net::IpAddr;
 
 use e2e::{
     Enforced, assert_all_time_out, assert_connects, at, listen,
-    mesh::{app_ns, expect_peer_line, grant, listed, mesh_config, peer_list},
+    mesh::{app_ns, expect_peer_line, grant, listed, mesh_config, peer_list, tunnel_lab},
     ztxdp,
 };
 use serde_json::{Value, json};
 use zt_tests::lab::{
-    APP_1_TUNNEL_V4, APP_1_TUNNEL_V6, APP_2_TUNNEL_V4, EDGE_TUNNEL_V4, EDGE_TUNNEL_V6, Lab,
+    APP_1_TUNNEL_V4, APP_1_TUNNEL_V6, APP_2_TUNNEL_V4, EDGE_TUNNEL_V4, EDGE_TUNNEL_V6,
 };
 
 const POSTGRES: u16 = 5432;
@@ -23,10 +23,7 @@ const POSTGRES: u16 = 5432;
 /// The mesh with both app peers in the group `db-clients`; `app-1`'s own
 /// `allow` line is `app1_allow`, the group's is `group_allow`.
 fn grouped_mesh(tag: &str, app1_allow: &str, group_allow: &str) -> Enforced {
-    let lab = Lab::create_with_tunnel().unwrap_or_else(|e| {
-        panic!("building the lab with its tunnel (root? wireguard-go?): {e:?}")
-    });
-    Enforced::start(tag, lab, |lab, scratch| {
+    Enforced::start(tag, tunnel_lab(), |lab, scratch| {
         mesh_config(
             lab,
             scratch,

@@ -754,6 +754,19 @@ struct Validator<'a> {
 }
 
 impl Validator<'_> {
+    /// The `allow` list at key `at` of a peer or a group, each grant
+    /// checked; an error names the grant's index.
+    fn grants(&self, at: &str, allow: &[String]) -> Result<Vec<Grant>, ConfigError> {
+        allow
+            .iter()
+            .enumerate()
+            .map(|(i, text)| {
+                parse_grant(text)
+                    .map_err(|e| self.at.invalid(&format!("{at}.allow[{i}]"), e.to_string()))
+            })
+            .collect()
+    }
+
     fn policy(&self, raw: RawConfig) -> Result<Policy, ConfigError> {
         let mode = self.mode(raw.mode.as_deref(), "mode")?.unwrap_or_default();
         let edge = raw.edge.map(|e| self.edge(e, mode)).transpose()?;
@@ -1116,16 +1129,7 @@ impl Validator<'_> {
                 "not a WireGuard public key (44 base64 characters ending in '=', as `wg show` prints)",
             ));
         }
-        let grants = raw
-            .allow
-            .unwrap_or_default()
-            .iter()
-            .enumerate()
-            .map(|(i, text)| {
-                parse_grant(text)
-                    .map_err(|e| self.at.invalid(&format!("{at}.allow[{i}]"), e.to_string()))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let grants = self.grants(&at, &raw.allow.unwrap_or_default())?;
         Ok(Peer {
             name,
             addresses,

@@ -17,10 +17,7 @@ use super::{Enforced, Scratch, expect_audit, is, ztxdp_ok};
 /// happened yet: the first packet into the tunnel starts one, so it
 /// crosses the edge's filter.
 pub fn mesh(tag: &str) -> Enforced {
-    let lab = Lab::create_with_tunnel().unwrap_or_else(|e| {
-        panic!("building the lab with its tunnel (root? wireguard-go?): {e:?}")
-    });
-    Enforced::start(tag, lab, |lab, scratch| {
+    Enforced::start(tag, tunnel_lab(), |lab, scratch| {
         mesh_config(
             lab,
             scratch,
@@ -142,4 +139,10 @@ pub fn expect_peer_line(
         "ztxdp.peer.public_key: {line}"
     );
     line
+}
+
+/// The lab with its WireGuard tunnel between the app peers and the edge.
+pub fn tunnel_lab() -> Lab {
+    Lab::create_with_tunnel()
+        .unwrap_or_else(|e| panic!("building the lab with its tunnel (root? wireguard-go?): {e:?}"))
 }

@@ -14,7 +14,7 @@ use std::collections::HashMap;
 
 use serde::Deserialize;
 
-use super::{ConfigError, Validator, is_name, not_a_name, parse_grant};
+use super::{ConfigError, Validator, is_name, not_a_name};
 use crate::policy::{Group, Peer};
 
 #[derive(Deserialize)]
@@ -117,16 +117,7 @@ impl Validator<'_> {
             }
             members.push(peer);
         }
-        let grants = raw
-            .allow
-            .unwrap_or_default()
-            .iter()
-            .enumerate()
-            .map(|(i, text)| {
-                parse_grant(text)
-                    .map_err(|e| self.at.invalid(&format!("{at}.allow[{i}]"), e.to_string()))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let grants = self.grants(&at, &raw.allow.unwrap_or_default())?;
         Ok(Group {
             name,
             members,
