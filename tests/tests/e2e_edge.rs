@@ -312,7 +312,7 @@ fn udp_passes_only_to_wireguard_ports_and_counters_are_exact() {
     assert!(e["program_id"].as_u64().is_some_and(|id| id > 0), "{now:#}");
     for (map, entries) in [
         ("service_ports", 1),
-        ("service_sources_v4", 1),
+        ("service_sources_v4_32", 1),
         ("service_sources_v6", 1),
         ("udp_ports", 1),
     ] {

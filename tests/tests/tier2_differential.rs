@@ -113,13 +113,20 @@ fn edge_policy() -> EdgePolicy {
         wireguard_ports: vec![444, 51_820, 51_821, 65_535],
         ssh_port: 2222,
         // Overlapping prefixes on purpose: the longest match must not matter
-        // for a set, but a wrong trie key would.
+        // for a set, but a wrong key would. Lengths on both sides of each
+        // boundary of the IPv4 maps (/16 and shorter in blocks, /17-/24 as
+        // /24s, /25-/32 as addresses) and several IPv6 lengths.
         ssh_allow: nets(&[
             "198.51.100.7/32",
             "203.0.113.0/24",
             "10.0.0.0/8",
             "10.1.2.0/24",
+            "172.16.0.0/12",
+            "100.64.0.0/17",
+            "198.51.100.128/25",
+            "192.168.10.16/28",
             "2001:db8:aa:1::/64",
+            "2001:db8:dd:ff00::/56",
             "2001:db8:bb::/48",
             "2001:db8:cc::1/128",
         ]),
@@ -139,7 +146,13 @@ fn edge_policy() -> EdgePolicy {
             Service {
                 name: "admin".into(),
                 ports: vec![range(Protocol::Tcp, 8000, 8100)],
-                from: nets(&["10.1.2.0/24", "203.0.0.0/8", "2001:db8:aa::/48"]),
+                from: nets(&[
+                    "10.1.2.0/24",
+                    "203.0.0.0/8",
+                    "172.20.0.0/16",
+                    "100.64.127.0/24",
+                    "2001:db8:aa::/48",
+                ]),
             },
             Service {
                 name: "alt-ssh".into(),
@@ -183,6 +196,21 @@ fn edge_pools() -> Pools {
             [9, 255, 255, 255],
             [10, 1, 2, 3],
             [192, 0, 2, 1],
+            [172, 16, 0, 0],
+            [172, 31, 255, 255],
+            [172, 32, 0, 0],
+            [172, 15, 255, 255],
+            [172, 20, 1, 1],
+            [100, 64, 0, 5],
+            [100, 64, 127, 255],
+            [100, 64, 128, 0],
+            [198, 51, 100, 127],
+            [198, 51, 100, 128],
+            [198, 51, 100, 255],
+            [192, 168, 10, 15],
+            [192, 168, 10, 16],
+            [192, 168, 10, 31],
+            [192, 168, 10, 32],
         ]
         .into_iter()
         .map(Ipv4Addr::from)
@@ -197,6 +225,8 @@ fn edge_pools() -> Pools {
             "2001:db8:bc::1",
             "2001:db8:cc::1",
             "2001:db8:cc::2",
+            "2001:db8:dd:ff12::1",
+            "2001:db8:dd:fe00::1",
             "::ffff:198.51.100.7",
             "fe80::1",
         ]),

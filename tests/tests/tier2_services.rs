@@ -417,3 +417,69 @@ fn audit_mode_passes_service_drops_as_would_drops() {
         );
     }
 }
+
+/// IPv6 sources of more distinct lengths than the exact lookups cover go
+/// to the trie; a reload moves them between the two layouts and each
+/// admits the same addresses, read back exactly as written.
+#[test]
+fn ipv6_sources_of_many_lengths_fall_back_to_the_trie_and_back() {
+    let bound = zt_common::capacity::SOURCE_V6_LENGTHS;
+    let few = policy();
+    let mut many = policy();
+    // admin's /48 plus one prefix of every length from /72 on: one more
+    // length than the bound, none of them holding OUTSIDER_V6.
+    let extra: Vec<String> = (0..bound)
+        .map(|i| format!("2001:db8:aa:1:{:x}::/{}", i + 1, 72 + i))
+        .collect();
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    let extra: Vec<_> = many.services[1]
+        .from
+        .iter()
+        .copied()
+        .chain(nets(&extra))
+        .collect();
+    many.services[1].from = extra;
+    let contents = |e: &EdgePolicy| {
+        Contents::of(Some(e), None, &FlowSettings::default())
+            .unwrap_or_else(|e| panic!("contents of a test policy: {e}"))
+    };
+    assert!(contents(&many).sources().v6_in_trie());
+    assert!(!contents(&few).sources().v6_in_trie());
+    let cases = [
+        Case::new(
+            "admin from its v6 /48",
+            v6(INSIDE_V6, &tcp(ADMIN)),
+            reason::PASS_SERVICE,
+        ),
+        Case::new(
+            "admin from an outsider v6",
+            v6(OUTSIDER_V6, &tcp(ADMIN)),
+            reason::DROP_SERVICE_SOURCE,
+        ),
+        Case::new(
+            "https from an outsider v6",
+            v6(OUTSIDER_V6, &tcp(HTTPS)),
+            reason::PASS_SERVICE,
+        ),
+        Case::new(
+            "ssh from its v4 /32",
+            v4(SSH_V4, &tcp(SSH)),
+            reason::PASS_SSH,
+        ),
+    ];
+    let mut p = Programs::load(true, Some(&many), None);
+    p.expect_all(Prog::Edge, &cases);
+    for (to, name) in [(&few, "few"), (&many, "many")] {
+        p.tables
+            .replace(&contents(to))
+            .unwrap_or_else(|e| panic!("replacing the maps with {name}: {e}"));
+        p.expect_all(Prog::Edge, &cases);
+        assert_eq!(
+            p.tables
+                .contents()
+                .unwrap_or_else(|e| panic!("reading the maps: {e}")),
+            contents(to),
+            "the maps after the reload to {name}"
+        );
+    }
+}

@@ -26,12 +26,32 @@ pub mod map {
     /// services (bit `i`: the edge's service `i`, the `ssh` service bit 0)
     /// that open a TCP or UDP port, at [`super::service_port_index`].
     pub const SERVICE_PORTS: &str = "ZT_SVC_PORTS";
-    /// `LpmTrie<[u8; 4], u64>`: the services an IPv4 source may reach, as
-    /// a mask like [`SERVICE_PORTS`]'. Each prefix's mask holds the bits of
-    /// every prefix containing it, so the longest match answers for all
-    /// of them: an address is admitted by any prefix that holds it.
-    pub const SERVICE_SOURCES_V4: &str = "ZT_SVC_SRC_V4";
-    /// `LpmTrie<[u8; 16], u64>`: as [`SERVICE_SOURCES_V4`], for IPv6.
+    /// `Array<SourceBlock>` indexed by an IPv4 address's top 16 bits: the
+    /// services (a mask like [`SERVICE_PORTS`]') that the source prefixes
+    /// of /16 and shorter holding the block open, and whether longer
+    /// prefixes lie in it. An allow-list is a set, not a routing table: an
+    /// address may reach a service when any prefix holding it says so, so
+    /// the answer is the union of three exact lookups (this one,
+    /// [`SOURCES_V4_24`], [`SOURCES_V4_32`]), whatever the list's size.
+    pub const SOURCES_V4_16: &str = "ZT_SRC4_16";
+    /// `HashMap<[u8; 4], u64>`: the services of source prefixes /17 to /24,
+    /// each expanded to its /24s, keyed by the /24 (last byte zero).
+    pub const SOURCES_V4_24: &str = "ZT_SRC4_24";
+    /// `HashMap<[u8; 4], u64>`: the services of source prefixes /25 to /32,
+    /// each expanded to its addresses.
+    pub const SOURCES_V4_32: &str = "ZT_SRC4_32";
+    /// `HashMap<Source6Key, u64>`: the services of each IPv6 source prefix,
+    /// keyed by its length and its network; looked up once per length of
+    /// [`SOURCE_V6_LENGTHS`].
+    pub const SOURCES_V6: &str = "ZT_SRC6";
+    /// `Array<Source6Lengths>` with one entry: the prefix lengths
+    /// [`SOURCES_V6`] holds, or [`super::SOURCE_V6_USE_TRIE`] when there are
+    /// more than [`super::capacity::SOURCE_V6_LENGTHS`] of them.
+    pub const SOURCE_V6_LENGTHS: &str = "ZT_SRC6_LENS";
+    /// `LpmTrie<[u8; 16], u64>`: the IPv6 service sources when they use
+    /// more prefix lengths than [`SOURCES_V6`] is looked up for. Each
+    /// prefix's mask holds the bits of every prefix containing it, so the
+    /// longest match answers for all of them. Empty otherwise.
     pub const SERVICE_SOURCES_V6: &str = "ZT_SVC_SRC_V6";
     /// `Array<CpuState>` with one entry per possible CPU, indexed by CPU
     /// number: each CPU's counters, clock and audit rate limiter; then one
@@ -42,9 +62,17 @@ pub mod map {
     pub const CPU_STATE: &str = "ZT_CPU";
     /// `RingBuf` carrying [`super::Event`] records to the audit writer.
     pub const EVENTS: &str = "ZT_EVENTS";
-    /// `LpmTrie<[u8; 4], PeerInfo>`: tunnel peer by IPv4 source.
+    /// `HashMap<[u8; 4], PeerInfo>`: tunnel peer by IPv4 source, for the
+    /// peers' /32 addresses (nearly all of them): one exact lookup.
+    pub const PEER_HOSTS_V4: &str = "ZT_PEER_H4";
+    /// `HashMap<[u8; 16], PeerInfo>`: as [`PEER_HOSTS_V4`], for /128s.
+    pub const PEER_HOSTS_V6: &str = "ZT_PEER_H6";
+    /// `LpmTrie<[u8; 4], PeerInfo>`: tunnel peer by IPv4 source, for the
+    /// peers' prefixes shorter than /32; looked up only when
+    /// [`PEER_HOSTS_V4`] has no entry (a host address is the longest
+    /// match there can be).
     pub const PEER_V4: &str = "ZT_PEER_V4";
-    /// `LpmTrie<[u8; 16], PeerInfo>`: tunnel peer by IPv6 source.
+    /// `LpmTrie<[u8; 16], PeerInfo>`: as [`PEER_V4`], for IPv6.
     pub const PEER_V6: &str = "ZT_PEER_V6";
     /// `HashMap<GrantKey, u64>`: per-peer port bitmaps, 64 ports a word.
     pub const GRANTS: &str = "ZT_GRANTS";
@@ -73,9 +101,15 @@ pub mod map {
 pub mod capacity {
     /// Words in the UDP port bitmap: 65,536 ports / 64 bits.
     pub const PORT_BITMAP_WORDS: u32 = 1024;
-    /// Entries per service source trie (`ssh_allow` and every service's
-    /// `from`, distinct prefixes). The benchmarks go to 1,000,000.
+    /// Entries per service source map (`ssh_allow` and every service's
+    /// `from`, prefixes as each map expands them). The benchmarks go to
+    /// 1,000,000.
     pub const SERVICE_SOURCES: u32 = 1 << 20;
+    /// Entries of [`super::map::SOURCES_V4_16`]: one per /16.
+    pub const SOURCE_V4_BLOCKS: u32 = 1 << 16;
+    /// Distinct IPv6 source prefix lengths looked up one by one; past
+    /// this, the IPv6 sources go to the trie.
+    pub const SOURCE_V6_LENGTHS: u32 = 16;
     /// Edge services, the `ssh` service included: the bits of a service
     /// mask (`u64`).
     pub const SERVICES: u32 = 64;
@@ -332,6 +366,77 @@ pub const EDGE_CONFIGURED: u32 = 1;
 /// [`reason::WOULD_DROP`] and audited as a would-deny. Fixed at load like
 /// the rest of `EdgeConfig`, so the enforce path pays nothing for it.
 pub const EDGE_AUDIT: u32 = 2;
+
+/// One /16 of [`map::SOURCES_V4_16`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SourceBlock {
+    /// The services its prefixes of /16 and shorter open.
+    pub services: u64,
+    /// `SOURCE_DEEPER_*` bits: which longer-prefix maps have entries in
+    /// this /16, so that an address of a block with none costs one lookup.
+    pub deeper: u32,
+    pub _pad0: u32,
+}
+const _: () = assert!(size_of::<SourceBlock>() == 16);
+
+/// [`SourceBlock::deeper`] bit: [`map::SOURCES_V4_24`] has entries in the block.
+pub const SOURCE_DEEPER_24: u32 = 1;
+/// [`SourceBlock::deeper`] bit: [`map::SOURCES_V4_32`] has entries in the block.
+pub const SOURCE_DEEPER_32: u32 = 2;
+
+/// Key of [`map::SOURCES_V6`]: a prefix length and the address with every
+/// bit past it cleared.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Source6Key {
+    pub prefix_len: u32,
+    pub addr: [u8; 16],
+}
+const _: () = assert!(size_of::<Source6Key>() == 20);
+
+/// The one entry of [`map::SOURCE_V6_LENGTHS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Source6Lengths {
+    /// How many of `lengths` are in use, or [`SOURCE_V6_USE_TRIE`].
+    pub count: u32,
+    pub lengths: [u8; capacity::SOURCE_V6_LENGTHS as usize],
+}
+const _: () = assert!(size_of::<Source6Lengths>() == 20);
+
+/// [`Source6Lengths::count`] when the IPv6 sources are in the trie.
+pub const SOURCE_V6_USE_TRIE: u32 = u32::MAX;
+
+/// `addr` with every bit past `prefix_len` (at most 128) cleared.
+#[expect(
+    clippy::inline_always,
+    reason = "the BPF side calls it per packet; a BPF-to-BPF call would cost more than its body"
+)]
+#[inline(always)]
+#[must_use]
+pub fn v6_network(addr: [u8; 16], prefix_len: u32) -> [u8; 16] {
+    // Indexing by constants, not slicing: nothing for the verifier to
+    // bound-check.
+    let a = addr;
+    let hi = [a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]];
+    let lo = [a[8], a[9], a[10], a[11], a[12], a[13], a[14], a[15]];
+    let (mut hi, mut lo) = (u64::from_be_bytes(hi), u64::from_be_bytes(lo));
+    if prefix_len == 0 {
+        hi = 0;
+        lo = 0;
+    } else if prefix_len <= 64 {
+        hi &= u64::MAX << (64 - prefix_len);
+        lo = 0;
+    } else if prefix_len < 128 {
+        lo &= u64::MAX << (128 - prefix_len);
+    }
+    let (h, l) = (hi.to_be_bytes(), lo.to_be_bytes());
+    [
+        h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7], l[0], l[1], l[2], l[3], l[4], l[5], l[6],
+        l[7],
+    ]
+}
 
 /// A tunnel peer, as found by source address.
 #[repr(C)]
@@ -746,6 +851,9 @@ mod pod {
     // the layout), so any bit pattern is a valid value.
     unsafe impl aya::Pod for super::EdgeConfig {}
     unsafe impl aya::Pod for super::PeerInfo {}
+    unsafe impl aya::Pod for super::SourceBlock {}
+    unsafe impl aya::Pod for super::Source6Key {}
+    unsafe impl aya::Pod for super::Source6Lengths {}
     unsafe impl aya::Pod for super::GrantKey {}
     unsafe impl aya::Pod for super::PeerCounters {}
     unsafe impl aya::Pod for super::EventBucket {}

@@ -4,12 +4,16 @@
 //! ignored.
 
 use aya_ebpf::maps::lpm_trie::Key;
-use zt_common::{GrantKey, PEER_ICMP, PeerInfo, SSH_SERVICE, proto, reason, service_port_index};
+use zt_common::{
+    GrantKey, PEER_ICMP, PeerInfo, SOURCE_DEEPER_24, SOURCE_DEEPER_32, SOURCE_V6_USE_TRIE,
+    SSH_SERVICE, Source6Key, proto, reason, service_port_index, v6_network,
+};
 
 use crate::{
     maps::{
-        ZT_EDGE_UDP, ZT_GRANTS, ZT_PEER_V4, ZT_PEER_V6, ZT_SVC_PORTS, ZT_SVC_SRC_V4, ZT_SVC_SRC_V6,
-        tunnel_l2, tunnel_link_local,
+        ZT_EDGE_UDP, ZT_GRANTS, ZT_PEER_H4, ZT_PEER_H6, ZT_PEER_V4, ZT_PEER_V6, ZT_SRC4_16,
+        ZT_SRC4_24, ZT_SRC4_32, ZT_SRC6, ZT_SRC6_LENS, ZT_SVC_PORTS, ZT_SVC_SRC_V6, tunnel_l2,
+        tunnel_link_local,
     },
     parse::{Addr, Fragment, ICMP_ECHO_REQUEST, ICMPV6_ECHO_REQUEST, L3, Packet, ParseError},
 };
@@ -134,16 +138,63 @@ pub fn services_of_port(protocol: u8, port: u16) -> u64 {
         .unwrap_or(0)
 }
 
-/// The services `addr` (of family `l3`) may reach: the mask of the
-/// longest prefix holding it, which holds the bits of every shorter one.
+/// The services `addr` (of family `l3`) may reach: the union of what every
+/// prefix holding it opens.
 #[inline(always)]
 pub fn services_of_source(l3: L3, addr: &Addr) -> u64 {
-    let mask = match l3 {
-        L3::Ipv4 => ZT_SVC_SRC_V4.get(&Key::new(32, addr.v4_bytes())),
-        L3::Ipv6 => ZT_SVC_SRC_V6.get(&Key::new(128, addr.0)),
-        L3::Arp => None,
+    match l3 {
+        L3::Ipv4 => services_of_v4(addr.v4_bytes()),
+        L3::Ipv6 => services_of_v6(addr.0),
+        L3::Arp => 0,
+    }
+}
+
+/// The /16's own mask, ORed with its /24's and its address's when the
+/// block says those maps have entries in it.
+#[inline(always)]
+fn services_of_v4(a: [u8; 4]) -> u64 {
+    let Some(block) = ZT_SRC4_16.get(u32::from(a[0]) << 8 | u32::from(a[1])) else {
+        return 0;
     };
-    mask.copied().unwrap_or(0)
+    let mut mask = block.services;
+    if block.deeper & SOURCE_DEEPER_24 != 0 {
+        // SAFETY: a plain u64 the control plane writes whole.
+        mask |= unsafe { ZT_SRC4_24.get(&[a[0], a[1], a[2], 0]) }.map_or(0, |m| *m);
+    }
+    if block.deeper & SOURCE_DEEPER_32 != 0 {
+        // SAFETY: as above.
+        mask |= unsafe { ZT_SRC4_32.get(&a) }.map_or(0, |m| *m);
+    }
+    mask
+}
+
+/// One exact lookup per prefix length in use, or the trie past
+/// `capacity::SOURCE_V6_LENGTHS` lengths. The lengths are read from a map
+/// the control plane rewrites whole: a read torn by a rewrite looks up
+/// prefixes that may not exist (a miss, so a drop), never passes what the
+/// hash does not hold.
+#[inline(always)]
+fn services_of_v6(addr: [u8; 16]) -> u64 {
+    let Some(lengths) = ZT_SRC6_LENS.get(0) else {
+        return 0;
+    };
+    if lengths.count == SOURCE_V6_USE_TRIE {
+        return ZT_SVC_SRC_V6.get(&Key::new(128, addr)).map_or(0, |m| *m);
+    }
+    let mut mask = 0;
+    for (i, &prefix_len) in (0u32..).zip(lengths.lengths.iter()) {
+        if i >= lengths.count {
+            break;
+        }
+        let prefix_len = u32::from(prefix_len);
+        let key = Source6Key {
+            prefix_len,
+            addr: v6_network(addr, prefix_len),
+        };
+        // SAFETY: a plain u64 the control plane writes whole.
+        mask |= unsafe { ZT_SRC6.get(&key) }.map_or(0, |m| *m);
+    }
+    mask
 }
 
 /// The peer that owns the packet's source address (for ARP the sender's
@@ -157,8 +208,17 @@ pub fn peer_of(p: &Packet) -> Option<PeerInfo> {
 #[inline(always)]
 pub fn peer_owning(l3: L3, addr: &Addr) -> Option<PeerInfo> {
     match l3 {
-        L3::Ipv4 | L3::Arp => ZT_PEER_V4.get(&Key::new(32, addr.v4_bytes())).copied(),
-        L3::Ipv6 => ZT_PEER_V6.get(&Key::new(128, addr.0)).copied(),
+        // SAFETY (both hashes): PeerInfo is plain data the control plane
+        // writes whole.
+        L3::Ipv4 | L3::Arp => {
+            let a = addr.v4_bytes();
+            unsafe { ZT_PEER_H4.get(&a) }
+                .copied()
+                .or_else(|| ZT_PEER_V4.get(&Key::new(32, a)).copied())
+        }
+        L3::Ipv6 => unsafe { ZT_PEER_H6.get(&addr.0) }
+            .copied()
+            .or_else(|| ZT_PEER_V6.get(&Key::new(128, addr.0)).copied()),
     }
 }
 

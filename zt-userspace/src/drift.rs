@@ -641,19 +641,19 @@ fn compare_maps(
             (Area::ServiceSource, format!("service {service}: from"))
         }
     };
-    if present(map::SERVICE_SOURCES_V4) {
+    if present(map::SOURCES_V4_16) {
         out.extend(mask_differences(
-            &want.sources_v4,
-            &kernel.sources_v4,
+            &want.sources.v4_prefixes(),
+            &kernel.sources.v4_prefixes(),
             services,
             prefix,
             source_area,
         ));
     }
-    if present(map::SERVICE_SOURCES_V6) {
+    if present(map::SOURCES_V6) {
         out.extend(mask_differences(
-            &want.sources_v6,
-            &kernel.sources_v6,
+            &want.sources.v6_prefixes(),
+            &kernel.sources.v6_prefixes(),
             services,
             prefix,
             source_area,

@@ -155,8 +155,8 @@ fn map_differences_read_as_the_config_writes_them() {
     assert!(compare_maps(&want, &want, &all, &names, &services).is_empty());
 
     let mut kernel = want.clone();
-    kernel.sources_v4.insert(([203, 0, 113, 0], 24), 1);
-    kernel.sources_v6.clear();
+    kernel.sources.v4_24.insert([203, 0, 113, 0], 1);
+    kernel.sources.v6.clear();
     // The ssh port moves to 2200.
     kernel.service_ports.clear();
     kernel.service_ports.insert(2200, 1);
@@ -219,8 +219,8 @@ fn map_differences_read_as_the_config_writes_them() {
         ![
             map::EDGE_UDP_PORTS,
             map::SERVICE_PORTS,
-            map::SERVICE_SOURCES_V4,
-            map::SERVICE_SOURCES_V6,
+            map::SOURCES_V4_16,
+            map::SOURCES_V6,
         ]
         .contains(&m)
     };

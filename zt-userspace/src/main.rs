@@ -1204,7 +1204,14 @@ fn print_status(s: &Status) -> anyhow::Result<()> {
             let verdict = p.verdicts.get(name).copied().unwrap_or("");
             outln!("  {name:<24} {verdict:<5} {n}");
         }
-        let maps: Vec<String> = p.maps.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let maps: Vec<String> = p
+            .maps
+            .iter()
+            .map(|(k, v)| match p.memory.get(k) {
+                Some(bytes) => format!("{k}={v} ({} KiB)", bytes.div_ceil(1024)),
+                None => format!("{k}={v}"),
+            })
+            .collect();
         outln!("  maps: {}", maps.join(" "));
         for peer in &p.peers {
             let name = peer

@@ -25,6 +25,11 @@ use crate::policy::{
     EchoRate, EdgePolicy, FlowSettings, Grant, Mode, Peer, Protocol, TunnelPolicy,
 };
 
+mod peers;
+mod sources;
+
+pub use sources::Sources;
+
 /// Errors reading or writing the maps.
 #[derive(Debug, thiserror::Error)]
 pub enum TablesError {
@@ -78,14 +83,22 @@ pub struct Tables {
     maps: HashMap<&'static str, Map>,
     /// `max_entries` by map name, of maps opened by id.
     capacity: HashMap<&'static str, u32>,
+    /// Bytes of kernel memory by map name (the map's `memlock`), of maps
+    /// opened by id.
+    memory: HashMap<&'static str, u64>,
 }
 
 /// The set-like maps `status` and the metrics report, by the label they
 /// report them under ([`label`]).
-const FILLED: [(&str, &str); 9] = [
+const FILLED: [(&str, &str); 14] = [
     (map::SERVICE_PORTS, "service_ports"),
-    (map::SERVICE_SOURCES_V4, "service_sources_v4"),
-    (map::SERVICE_SOURCES_V6, "service_sources_v6"),
+    (map::SOURCES_V4_16, "service_sources_v4_16"),
+    (map::SOURCES_V4_24, "service_sources_v4_24"),
+    (map::SOURCES_V4_32, "service_sources_v4_32"),
+    (map::SOURCES_V6, "service_sources_v6"),
+    (map::SERVICE_SOURCES_V6, "service_sources_v6_trie"),
+    (map::PEER_HOSTS_V4, "peer_hosts_v4"),
+    (map::PEER_HOSTS_V6, "peer_hosts_v6"),
     (map::PEER_V4, "peer_v4"),
     (map::PEER_V6, "peer_v6"),
     (map::GRANTS, "grant_words"),
@@ -103,15 +116,21 @@ fn label(name: &'static str) -> &'static str {
 }
 
 /// Map names `Tables` handles; a fresh object must have all of them.
-const ALL_MAPS: [&str; 12] = [
+const ALL_MAPS: [&str; 18] = [
     map::FLOWS,
     map::FLOW_CONFIG,
     map::ECHO_BUCKETS,
     map::EDGE_UDP_PORTS,
     map::SERVICE_PORTS,
-    map::SERVICE_SOURCES_V4,
+    map::SOURCES_V4_16,
+    map::SOURCES_V4_24,
+    map::SOURCES_V4_32,
+    map::SOURCES_V6,
+    map::SOURCE_V6_LENGTHS,
     map::SERVICE_SOURCES_V6,
     map::CPU_STATE,
+    map::PEER_HOSTS_V4,
+    map::PEER_HOSTS_V6,
     map::PEER_V4,
     map::PEER_V6,
     map::GRANTS,
@@ -139,6 +158,7 @@ impl Tables {
         Ok(Self {
             maps,
             capacity: HashMap::new(),
+            memory: HashMap::new(),
         })
     }
 
@@ -150,6 +170,7 @@ impl Tables {
     pub fn from_map_ids(ids: &[u32]) -> Result<Self, TablesError> {
         let mut maps = HashMap::new();
         let mut capacity = HashMap::new();
+        let mut memory = HashMap::new();
         for &id in ids {
             let data = MapData::from_id(id).map_err(map_err("(by id)"))?;
             let info = data.info().map_err(map_err("(by id)"))?;
@@ -160,11 +181,18 @@ impl Tables {
                 continue;
             };
             capacity.insert(*name, info.max_entries());
+            if let Some(bytes) = memlock(&data) {
+                memory.insert(*name, bytes);
+            }
             maps.insert(*name, Map::from_map_data(data).map_err(map_err(name))?);
         }
         // A program only holds the maps it uses (the edge program has no peer
         // maps), so absence is reported when a missing map is used.
-        Ok(Self { maps, capacity })
+        Ok(Self {
+            maps,
+            capacity,
+            memory,
+        })
     }
 
     fn get(&mut self, name: &'static str) -> Result<&mut Map, TablesError> {
@@ -250,21 +278,8 @@ impl Tables {
         for (key, word) in &wanted {
             grants.insert(key, word, 0).map_err(map_err(map::GRANTS))?;
         }
-        let info = peer_info(index, peer);
         let (v4, v6) = split_families(&peer.addresses);
-        let mut t4: LpmTrie<_, [u8; 4], PeerInfo> =
-            LpmTrie::try_from(self.get(map::PEER_V4)?).map_err(map_err(map::PEER_V4))?;
-        for (key, len) in &v4 {
-            t4.insert(&Key::new(*len, *key), info, 0)
-                .map_err(map_err(map::PEER_V4))?;
-        }
-        let mut t6: LpmTrie<_, [u8; 16], PeerInfo> =
-            LpmTrie::try_from(self.get(map::PEER_V6)?).map_err(map_err(map::PEER_V6))?;
-        for (key, len) in &v6 {
-            t6.insert(&Key::new(*len, *key), info, 0)
-                .map_err(map_err(map::PEER_V6))?;
-        }
-        Ok(())
+        self.insert_peer_prefixes(peer_info(index, peer), &v4, &v6)
     }
 
     /// Writes the flow timeouts and the echo rate. Until this entry exists,
@@ -324,20 +339,36 @@ impl Tables {
     /// wrong delta in the audit trail's `lost` records. (Per-CPU maps copy
     /// word by word; this array is not one, see `zt_common::CpuState`.)
     fn cpu_counters(&self) -> Result<Vec<[u64; COUNTER_SLOTS as usize]>, TablesError> {
-        let m = self.get_ref(map::CPU_STATE)?;
-        let entries = Array::<_, CpuState>::try_from(m)
-            .map_err(map_err(map::CPU_STATE))?
-            .len();
+        self.mapped::<CpuState, _>(map::CPU_STATE, |states, entries| {
+            (0..entries)
+                .map(|cpu| {
+                    std::array::from_fn(|i| {
+                        // SAFETY: inside the mapping (cpu < entries, i <
+                        // COUNTER_SLOTS), page-aligned so every u64 is
+                        // aligned; volatile because the programs write it
+                        // meanwhile.
+                        unsafe { (&raw const (*states.add(cpu)).counters[i]).read_volatile() }
+                    })
+                })
+                .collect()
+        })
+    }
+
+    /// Runs `read` on a read-only mapping of the mmapable array `name`
+    /// (its first value and their number): one pass over memory where
+    /// lookups would take a system call per entry.
+    fn mapped<T: aya::Pod, R>(
+        &self,
+        name: &'static str,
+        read: impl FnOnce(*const T, usize) -> R,
+    ) -> Result<R, TablesError> {
+        let m = self.get_ref(name)?;
+        let entries = Array::<_, T>::try_from(m).map_err(map_err(name))?.len() as usize;
         let Map::Array(data) = m else {
-            return Err(TablesError::MissingMap {
-                name: map::CPU_STATE,
-            });
+            return Err(TablesError::MissingMap { name });
         };
-        let len = entries as usize * size_of::<CpuState>();
-        let mmap_err = |source| TablesError::Mmap {
-            name: map::CPU_STATE,
-            source,
-        };
+        let len = entries * size_of::<T>();
+        let mmap_err = |source| TablesError::Mmap { name, source };
         // SAFETY: a fresh read-only shared mapping of the map's fd, `len`
         // bytes, which the kernel allows for an mmapable array of `entries`
         // values; nothing else aliases it, and it is unmapped below.
@@ -354,17 +385,7 @@ impl Tables {
         if base == libc::MAP_FAILED {
             return Err(mmap_err(std::io::Error::last_os_error()));
         }
-        let states = base.cast::<CpuState>();
-        let out = (0..entries as usize)
-            .map(|cpu| {
-                std::array::from_fn(|i| {
-                    // SAFETY: inside the mapping (cpu < entries, i <
-                    // COUNTER_SLOTS), page-aligned so every u64 is aligned;
-                    // volatile because the programs write it meanwhile.
-                    unsafe { (&raw const (*states.add(cpu)).counters[i]).read_volatile() }
-                })
-            })
-            .collect();
+        let out = read(base.cast::<T>(), entries);
         // SAFETY: the mapping made above, no longer used.
         if unsafe { libc::munmap(base, len) } != 0 {
             return Err(mmap_err(std::io::Error::last_os_error()));
@@ -406,17 +427,8 @@ impl Tables {
             }
         }
         let has_icmp = |info: PeerInfo| info.index == index && info.flags & PEER_ICMP != 0;
-        let icmp4 = LpmTrie::<_, [u8; 4], PeerInfo>::try_from(self.get_ref(map::PEER_V4)?)
-            .map_err(map_err(map::PEER_V4))?
-            .iter()
-            .filter_map(Result::ok)
-            .any(|(_, info)| has_icmp(info));
-        let icmp6 = LpmTrie::<_, [u8; 16], PeerInfo>::try_from(self.get_ref(map::PEER_V6)?)
-            .map_err(map_err(map::PEER_V6))?
-            .iter()
-            .filter_map(Result::ok)
-            .any(|(_, info)| has_icmp(info));
-        if icmp4 || icmp6 {
+        let (v4, v6) = self.read_peers()?;
+        if v4.values().chain(v6.values()).any(|info| has_icmp(*info)) {
             ports.push(Grant::Icmp);
         }
         // Single ports merged into the minimal ranges the files use.
@@ -498,25 +510,24 @@ impl Tables {
             let ports = self.service_ports()?;
             out.insert(label(map::SERVICE_PORTS), ports.len());
         }
-        if let Some(m) = self.maps.get(map::SERVICE_SOURCES_V4) {
-            let t: LpmTrie<_, [u8; 4], u64> =
-                LpmTrie::try_from(m).map_err(map_err(map::SERVICE_SOURCES_V4))?;
-            out.insert(label(map::SERVICE_SOURCES_V4), t.keys().count());
-        }
-        if let Some(m) = self.maps.get(map::SERVICE_SOURCES_V6) {
-            let t: LpmTrie<_, [u8; 16], u64> =
-                LpmTrie::try_from(m).map_err(map_err(map::SERVICE_SOURCES_V6))?;
-            out.insert(label(map::SERVICE_SOURCES_V6), t.keys().count());
-        }
-        if let Some(m) = self.maps.get(map::PEER_V4) {
-            let t: LpmTrie<_, [u8; 4], PeerInfo> =
-                LpmTrie::try_from(m).map_err(map_err(map::PEER_V4))?;
-            out.insert(label(map::PEER_V4), t.keys().count());
-        }
-        if let Some(m) = self.maps.get(map::PEER_V6) {
-            let t: LpmTrie<_, [u8; 16], PeerInfo> =
-                LpmTrie::try_from(m).map_err(map_err(map::PEER_V6))?;
-            out.insert(label(map::PEER_V6), t.keys().count());
+        let sources = self.read_sources()?;
+        let (peer_v4, peer_v6) = self.read_peers()?;
+        let hosts_v4 = peer_v4.keys().filter(|(_, len)| *len == 32).count();
+        let hosts_v6 = peer_v6.keys().filter(|(_, len)| *len == 128).count();
+        for (name, n) in [
+            (map::SOURCES_V4_16, sources.v4_blocks.len()),
+            (map::SOURCES_V4_24, sources.v4_24.len()),
+            (map::SOURCES_V4_32, sources.v4_32.len()),
+            (map::SOURCES_V6, sources.v6.len()),
+            (map::SERVICE_SOURCES_V6, sources.v6_trie.len()),
+            (map::PEER_HOSTS_V4, hosts_v4),
+            (map::PEER_HOSTS_V6, hosts_v6),
+            (map::PEER_V4, peer_v4.len() - hosts_v4),
+            (map::PEER_V6, peer_v6.len() - hosts_v6),
+        ] {
+            if self.maps.contains_key(name) {
+                out.insert(label(name), n);
+            }
         }
         if let Some(m) = self.maps.get(map::GRANTS) {
             let g: BpfHashMap<_, GrantKey, u64> =
@@ -541,6 +552,16 @@ impl Tables {
             out.insert(label(map::EDGE_UDP_PORTS), ports as usize);
         }
         Ok(out)
+    }
+
+    /// The kernel memory each set-like map of [`Self::fill_levels`] takes,
+    /// in bytes, by the same labels. Known for maps opened by id.
+    #[must_use]
+    pub fn memory(&self) -> BTreeMap<&'static str, u64> {
+        FILLED
+            .iter()
+            .filter_map(|&(name, label)| Some((label, *self.memory.get(name)?)))
+            .collect()
     }
 
     /// How many entries each set-like map of [`Self::fill_levels`] holds at
@@ -573,10 +594,8 @@ pub struct Contents {
     pub(crate) udp_ports: Vec<u64>,
     /// The service mask of each entry of `map::SERVICE_PORTS` that has one.
     pub(crate) service_ports: BTreeMap<u32, u64>,
-    /// The service source tries: each prefix's mask already holds the
-    /// bits of the prefixes containing it ([`inherited`]).
-    pub(crate) sources_v4: BTreeMap<LpmParts<4>, u64>,
-    pub(crate) sources_v6: BTreeMap<LpmParts<16>, u64>,
+    /// The service sources, as the kernel looks them up.
+    pub(crate) sources: Sources,
     pub(crate) peer_v4: BTreeMap<LpmParts<4>, PeerInfo>,
     pub(crate) peer_v6: BTreeMap<LpmParts<16>, PeerInfo>,
     pub(crate) grants: HashMap<GrantKey, u64>,
@@ -584,6 +603,12 @@ pub struct Contents {
 }
 
 impl Contents {
+    /// The service sources, as the kernel looks them up.
+    #[must_use]
+    pub fn sources(&self) -> &Sources {
+        &self.sources
+    }
+
     /// What [`crate::loader::load_filled`] writes for this policy; a peer's
     /// index is its position in `tunnel.peers`.
     ///
@@ -638,20 +663,7 @@ impl Contents {
                 *own_v6.entry(key).or_default() |= mask;
             }
         }
-        for (what, n) in [
-            ("edge service sources (IPv4)", own_v4.len()),
-            ("edge service sources (IPv6)", own_v6.len()),
-        ] {
-            if n > capacity::SERVICE_SOURCES as usize {
-                return Err(TablesError::TooMany {
-                    what,
-                    count: n,
-                    limit: capacity::SERVICE_SOURCES,
-                });
-            }
-        }
-        self.sources_v4 = inherited(&own_v4);
-        self.sources_v6 = inherited(&own_v6);
+        self.sources = Sources::of(&own_v4, &own_v6)?;
         Ok(())
     }
 
@@ -696,8 +708,7 @@ impl Contents {
                 .map(|(o, n)| o & n)
                 .collect(),
             service_ports: both_masks(&self.service_ports, &new.service_ports),
-            sources_v4: both_masks(&self.sources_v4, &new.sources_v4),
-            sources_v6: both_masks(&self.sources_v6, &new.sources_v6),
+            sources: self.sources.narrowed(&new.sources),
             peer_v4: both(&self.peer_v4, &new.peer_v4),
             peer_v6: both(&self.peer_v6, &new.peer_v6),
             grants: self
@@ -736,38 +747,8 @@ impl Tables {
         if self.maps.contains_key(map::SERVICE_PORTS) {
             c.service_ports = self.service_ports()?;
         }
-        if let Some(m) = self.maps.get(map::SERVICE_SOURCES_V4) {
-            c.sources_v4 = LpmTrie::<_, [u8; 4], u64>::try_from(m)
-                .map_err(map_err(map::SERVICE_SOURCES_V4))?
-                .iter()
-                .map(|kv| kv.map(|(k, v)| ((k.data(), k.prefix_len()), v)))
-                .collect::<Result<_, _>>()
-                .map_err(map_err(map::SERVICE_SOURCES_V4))?;
-        }
-        if let Some(m) = self.maps.get(map::SERVICE_SOURCES_V6) {
-            c.sources_v6 = LpmTrie::<_, [u8; 16], u64>::try_from(m)
-                .map_err(map_err(map::SERVICE_SOURCES_V6))?
-                .iter()
-                .map(|kv| kv.map(|(k, v)| ((k.data(), k.prefix_len()), v)))
-                .collect::<Result<_, _>>()
-                .map_err(map_err(map::SERVICE_SOURCES_V6))?;
-        }
-        if let Some(m) = self.maps.get(map::PEER_V4) {
-            c.peer_v4 = LpmTrie::<_, [u8; 4], PeerInfo>::try_from(m)
-                .map_err(map_err(map::PEER_V4))?
-                .iter()
-                .map(|kv| kv.map(|(k, v)| ((k.data(), k.prefix_len()), v)))
-                .collect::<Result<_, _>>()
-                .map_err(map_err(map::PEER_V4))?;
-        }
-        if let Some(m) = self.maps.get(map::PEER_V6) {
-            c.peer_v6 = LpmTrie::<_, [u8; 16], PeerInfo>::try_from(m)
-                .map_err(map_err(map::PEER_V6))?
-                .iter()
-                .map(|kv| kv.map(|(k, v)| ((k.data(), k.prefix_len()), v)))
-                .collect::<Result<_, _>>()
-                .map_err(map_err(map::PEER_V6))?;
-        }
+        c.sources = self.read_sources()?;
+        (c.peer_v4, c.peer_v6) = self.read_peers()?;
         if let Some(m) = self.maps.get(map::GRANTS) {
             c.grants = BpfHashMap::<_, GrantKey, u64>::try_from(m)
                 .map_err(map_err(map::GRANTS))?
@@ -786,16 +767,15 @@ impl Tables {
 
     /// The nonzero entries of the service port map.
     fn service_ports(&self) -> Result<BTreeMap<u32, u64>, TablesError> {
-        let ports = Array::<_, u64>::try_from(self.get_ref(map::SERVICE_PORTS)?)
-            .map_err(map_err(map::SERVICE_PORTS))?;
-        let mut out = BTreeMap::new();
-        for (at, mask) in (0u32..).zip(ports.iter()) {
-            let mask = mask.map_err(map_err(map::SERVICE_PORTS))?;
-            if mask != 0 {
-                out.insert(at, mask);
-            }
-        }
-        Ok(out)
+        self.mapped::<u64, _>(map::SERVICE_PORTS, |masks, n| {
+            (0..n)
+                .filter_map(|at| {
+                    // SAFETY: inside the mapping (at < n), page-aligned.
+                    let mask = unsafe { masks.add(at).read_volatile() };
+                    Some((u32::try_from(at).ok()?, mask)).filter(|_| mask != 0)
+                })
+                .collect()
+        })
     }
 
     /// Whether the programs these maps were opened for use map `name`.
@@ -829,22 +809,7 @@ impl Tables {
     /// take a change that does not concern them.
     fn write_changes(&mut self, from: &Contents, to: &Contents) -> Result<(), TablesError> {
         self.write_edge(from, to)?;
-        if from.peer_v4 != to.peer_v4 {
-            sync_trie::<4, PeerInfo>(
-                self.get(map::PEER_V4)?,
-                map::PEER_V4,
-                &from.peer_v4,
-                &to.peer_v4,
-            )?;
-        }
-        if from.peer_v6 != to.peer_v6 {
-            sync_trie::<16, PeerInfo>(
-                self.get(map::PEER_V6)?,
-                map::PEER_V6,
-                &from.peer_v6,
-                &to.peer_v6,
-            )?;
-        }
+        self.write_peers((&from.peer_v4, &from.peer_v6), (&to.peer_v4, &to.peer_v6))?;
         if from.grants != to.grants {
             let mut grants: BpfHashMap<_, GrantKey, u64> =
                 BpfHashMap::try_from(self.get(map::GRANTS)?).map_err(map_err(map::GRANTS))?;
@@ -898,23 +863,7 @@ impl Tables {
                 }
             }
         }
-        if from.sources_v4 != to.sources_v4 {
-            sync_trie::<4, u64>(
-                self.get(map::SERVICE_SOURCES_V4)?,
-                map::SERVICE_SOURCES_V4,
-                &from.sources_v4,
-                &to.sources_v4,
-            )?;
-        }
-        if from.sources_v6 != to.sources_v6 {
-            sync_trie::<16, u64>(
-                self.get(map::SERVICE_SOURCES_V6)?,
-                map::SERVICE_SOURCES_V6,
-                &from.sources_v6,
-                &to.sources_v6,
-            )?;
-        }
-        Ok(())
+        self.write_sources(&from.sources, &to.sources)
     }
 }
 
@@ -1007,6 +956,18 @@ fn grant_words(peer: u32, grants: &[Grant]) -> HashMap<GrantKey, u64> {
         }
     }
     words
+}
+
+/// The kernel's account of the memory map `data` takes: the `memlock`
+/// line of its fd's fdinfo (what `bpftool map show` prints), which kernels
+/// from 6.4 compute from the map's actual contents and older ones from its
+/// size. `None` where the kernel does not say.
+fn memlock(data: &MapData) -> Option<u64> {
+    let fd = data.fd().as_fd().as_raw_fd();
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("memlock:"))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 /// An LPM trie key's parts: address bytes and prefix length.

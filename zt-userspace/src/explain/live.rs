@@ -310,11 +310,12 @@ fn edge_policy(c: &Contents, settings: Specialised) -> EdgePolicy {
         .flat_map(|(word, &bits)| ports_of(word, bits))
         .collect();
     let mut services: Vec<Service> = Vec::new();
+    let (sources_v4, sources_v6) = (c.sources.v4_prefixes(), c.sources.v6_prefixes());
     let bits = c
         .service_ports
         .values()
-        .chain(c.sources_v4.values())
-        .chain(c.sources_v6.values())
+        .chain(sources_v4.values())
+        .chain(sources_v6.values())
         .fold(0u64, |a, m| a | m);
     let used = u64::BITS - bits.leading_zeros();
     for bit in 0..used.max(1) {
@@ -331,20 +332,24 @@ fn edge_policy(c: &Contents, settings: Specialised) -> EdgePolicy {
                 .or_default()
                 .push(u16::try_from(port).unwrap_or(u16::MAX));
         }
-        // A source entry's mask holds the bits of the prefixes containing
-        // it: listing every entry with the bit admits the same addresses.
-        let from = c
-            .sources_v4
-            .iter()
-            .filter(|(_, m)| *m & mask != 0)
-            .filter_map(|(k, _)| net(k))
-            .chain(
-                c.sources_v6
-                    .iter()
-                    .filter(|(_, m)| *m & mask != 0)
-                    .filter_map(|(k, _)| net(k)),
-            )
-            .collect();
+        // An address may reach what any entry holding it opens (the
+        // trie's masks hold those of the prefixes containing them):
+        // listing every entry with the bit admits the same addresses.
+        // The maps hold a prefix expanded (0.0.0.0/0 is 65,536 blocks);
+        // merged back, the model has as few to match as the config listed.
+        let from = IpNet::aggregate(
+            &sources_v4
+                .iter()
+                .filter(|(_, m)| *m & mask != 0)
+                .filter_map(|(k, _)| net(k))
+                .chain(
+                    sources_v6
+                        .iter()
+                        .filter(|(_, m)| *m & mask != 0)
+                        .filter_map(|(k, _)| net(k)),
+                )
+                .collect(),
+        );
         let ports = ports
             .into_iter()
             .flat_map(|(protocol, sorted)| ranges(protocol, &sorted))
