@@ -10,7 +10,10 @@ use ipnet::IpNet;
 use serde::Deserialize;
 use zt_common::capacity;
 
-use super::{ConfigError, MAX_PEER_NAME, Validator, family, parse_grant, peer_name_byte};
+use super::{
+    ConfigError, MAX_PEER_NAME, parse_grant, peer_name_byte,
+    validator::{Validator, family},
+};
 use crate::policy::{EdgePolicy, Grant, PortRange, Protocol, Service};
 
 /// One `[[edge.service]]` table as serde reads it.
