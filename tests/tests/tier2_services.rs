@@ -483,3 +483,40 @@ fn ipv6_sources_of_many_lengths_fall_back_to_the_trie_and_back() {
         );
     }
 }
+
+/// A list long enough to be written in batches (`BPF_MAP_UPDATE_BATCH`)
+/// admits each of its addresses and no neighbour, and reads back whole.
+#[test]
+fn a_long_allow_list_is_written_in_batches_and_reads_back_whole() {
+    let mut long = policy();
+    let listed: Vec<String> = (0..5_000u32)
+        .map(|i| format!("{}/32", Ipv4Addr::from(0x0b00_0000 | (i * 7))))
+        .collect();
+    long.ssh_allow = nets(&listed.iter().map(String::as_str).collect::<Vec<_>>());
+    let mut p = Programs::load(true, Some(&long), None);
+    let listed = Ipv4Addr::from(0x0b00_0000 | (4_321 * 7));
+    let neighbour = Ipv4Addr::from(0x0b00_0000 | (4_321 * 7 + 1));
+    p.expect_all(
+        Prog::Edge,
+        &[
+            Case::new(
+                "ssh from a listed address",
+                v4(listed, &tcp(SSH)),
+                reason::PASS_SSH,
+            ),
+            Case::new(
+                "ssh from its unlisted neighbour",
+                v4(neighbour, &tcp(SSH)),
+                reason::DROP_SSH_SOURCE,
+            ),
+        ],
+    );
+    let want = Contents::of(Some(&long), None, &FlowSettings::default())
+        .unwrap_or_else(|e| panic!("contents of a test policy: {e}"));
+    assert_eq!(
+        p.tables
+            .contents()
+            .unwrap_or_else(|e| panic!("reading the maps: {e}")),
+        want
+    );
+}

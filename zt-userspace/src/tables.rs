@@ -25,6 +25,7 @@ use crate::policy::{
     EchoRate, EdgePolicy, FlowSettings, Grant, Mode, Peer, Protocol, TunnelPolicy,
 };
 
+mod batch;
 mod peers;
 mod sources;
 
@@ -40,6 +41,12 @@ pub enum TablesError {
         name: &'static str,
         #[source]
         source: MapError,
+    },
+    #[error("BPF map {name}: writing entries in batches: {source}")]
+    Batch {
+        name: &'static str,
+        #[source]
+        source: std::io::Error,
     },
     #[error("mapping BPF map {name} into memory: {source}")]
     Mmap {

@@ -233,16 +233,24 @@ where
 {
     let mut runs = Vec::with_capacity(CALLS);
     for _ in 0..CALLS {
-        let r = prog
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                repeat,
-                ..TestRunOptions::default()
-            })
-            .context("BPF_PROG_TEST_RUN failed")?;
-        runs.push(nanos(r.duration));
+        runs.push(run_once(prog, frame, repeat)?);
     }
     Ok(median(&mut runs))
+}
+
+/// ns per run of one `test_run` call of `repeat` runs.
+fn run_once<P>(prog: &P, frame: &[u8], repeat: u32) -> anyhow::Result<f64>
+where
+    P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = TestRunResult>,
+{
+    let r = prog
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            repeat,
+            ..TestRunOptions::default()
+        })
+        .context("BPF_PROG_TEST_RUN failed")?;
+    Ok(nanos(r.duration))
 }
 
 #[expect(clippy::cast_precision_loss, reason = "ns per run are small")]
@@ -285,20 +293,46 @@ pub fn fill(policy: &Policy, tunnel_l2: bool) -> anyhow::Result<Ebpf> {
 /// # Errors
 /// When a program cannot be loaded, filled or run.
 pub fn scaling(plan: &Plan, progress: &Progress) -> anyhow::Result<Vec<ScalingPoint>> {
-    type Point = fn(u32, u32) -> anyhow::Result<ScalingPoint>;
-    let curves: [(&[u32], Point); 3] = [
+    type Load = fn(u32) -> anyhow::Result<Loaded>;
+    let curves: [(&[u32], Load); 3] = [
         (&plan.ssh_sizes, ssh_point),
         (&plan.ssh_sizes, ssh_v6_point),
         (&plan.peer_sizes, peer_point),
     ];
     let mut out: Vec<ScalingPoint> = Vec::new();
-    for (sizes, point) in curves {
-        let first = out.len();
+    for (sizes, load) in curves {
+        let mut loaded = Vec::with_capacity(sizes.len());
         for &n in sizes {
-            let p = point(n, plan.testrun_repeat)?;
+            let l = load(n)?;
             progress.say(format!(
-                "{:<12} {n:>9}: fill {:.2} s, pass {:.1} ns, deny {:.1} ns",
-                p.curve, p.fill_seconds, p.pass_ns, p.deny_ns
+                "{:<12} {n:>9}: filled in {:.2} s",
+                l.curve, l.fill_seconds
+            ));
+            loaded.push(l);
+        }
+        // Every size once per round, the rounds one after another: a
+        // slow spell of the machine touches all sizes alike instead of
+        // one point, and the ratio compares like with like.
+        let mut samples = vec![(Vec::new(), Vec::new()); loaded.len()];
+        for _ in 0..CALLS {
+            for (l, (pass, deny)) in loaded.iter_mut().zip(&mut samples) {
+                let (p, d) = l.once(plan.testrun_repeat)?;
+                pass.push(p);
+                deny.push(d);
+            }
+        }
+        let first = out.len();
+        for (l, (mut pass, mut deny)) in loaded.into_iter().zip(samples) {
+            let p = ScalingPoint {
+                curve: l.curve,
+                size: l.size,
+                fill_seconds: l.fill_seconds,
+                pass_ns: median(&mut pass),
+                deny_ns: median(&mut deny),
+            };
+            progress.say(format!(
+                "{:<12} {:>9}: pass {:.1} ns, deny {:.1} ns",
+                p.curve, p.size, p.pass_ns, p.deny_ns
             ));
             out.push(p);
         }
@@ -307,6 +341,38 @@ pub fn scaling(plan: &Plan, progress: &Progress) -> anyhow::Result<Vec<ScalingPo
         }
     }
     Ok(out)
+}
+
+/// One point of a curve, loaded and filled, waiting to be timed.
+struct Loaded {
+    curve: &'static str,
+    size: u32,
+    fill_seconds: f64,
+    ebpf: Ebpf,
+    /// The edge program (XDP), else the tunnel program (TC).
+    edge: bool,
+    pass: Vec<u8>,
+    deny: Vec<u8>,
+}
+
+impl Loaded {
+    /// ns per run of the pass frame and of the deny frame, one call each.
+    fn once(&mut self, repeat: u32) -> anyhow::Result<(f64, f64)> {
+        if self.edge {
+            let prog: &mut Xdp = loader::program_mut(&mut self.ebpf, program::EDGE_NAME)?;
+            Ok((
+                run_once(prog, &self.pass, repeat)?,
+                run_once(prog, &self.deny, repeat)?,
+            ))
+        } else {
+            let prog: &mut SchedClassifier =
+                loader::program_mut(&mut self.ebpf, program::TUNNEL_NAME)?;
+            Ok((
+                run_once(prog, &self.pass, repeat)?,
+                run_once(prog, &self.deny, repeat)?,
+            ))
+        }
+    }
 }
 
 /// `i`-th of `n` distinct addresses spread over `base`/8: an odd multiplier
@@ -338,7 +404,7 @@ fn v6_hit_miss(n: u32) -> (Ipv6Addr, Ipv6Addr) {
     (hit, Ipv6Addr::from(u128::from(hit) ^ 1))
 }
 
-fn ssh_point(n: u32, repeat: u32) -> anyhow::Result<ScalingPoint> {
+fn ssh_point(n: u32) -> anyhow::Result<Loaded> {
     let hit = spread(11, n / 2);
     // The neighbouring address: same path down the trie, then a miss.
     let miss = Ipv4Addr::from(u32::from(hit) ^ 1);
@@ -348,21 +414,19 @@ fn ssh_point(n: u32, repeat: u32) -> anyhow::Result<ScalingPoint> {
         (0..n)
             .map(|i| IpNet::from(IpAddr::V4(spread(11, i))))
             .collect(),
-        &traffic::frame(hit, &syn),
-        &traffic::frame(miss, &syn),
-        repeat,
+        traffic::frame(hit, &syn),
+        traffic::frame(miss, &syn),
     )
 }
 
-fn ssh_v6_point(n: u32, repeat: u32) -> anyhow::Result<ScalingPoint> {
+fn ssh_v6_point(n: u32) -> anyhow::Result<Loaded> {
     let (hit, miss) = v6_hit_miss(n);
     let syn = Transport::tcp_syn(traffic::SSH_PORT);
     allow_list_point(
         "ssh_allow_v6",
         (0..n).map(|i| IpNet::V6(spread_v6(i))).collect(),
-        &traffic::frame_v6(hit, &syn),
-        &traffic::frame_v6(miss, &syn),
-        repeat,
+        traffic::frame_v6(hit, &syn),
+        traffic::frame_v6(miss, &syn),
     )
 }
 
@@ -371,10 +435,9 @@ fn ssh_v6_point(n: u32, repeat: u32) -> anyhow::Result<ScalingPoint> {
 fn allow_list_point(
     curve: &'static str,
     allow: Vec<IpNet>,
-    pass: &[u8],
-    deny: &[u8],
-    repeat: u32,
-) -> anyhow::Result<ScalingPoint> {
+    pass: Vec<u8>,
+    deny: Vec<u8>,
+) -> anyhow::Result<Loaded> {
     let size = u32::try_from(allow.len())?;
     let mut policy = policy(&traffic::config_toml(Path::new("/dev/null"), 0))?;
     policy
@@ -388,7 +451,7 @@ fn allow_list_point(
     let prog: &mut Xdp = loader::program_mut(&mut ebpf, program::EDGE_NAME)?;
     // Timing a frame that takes the other path would measure nothing the
     // curve claims, and look just as plausible.
-    for (frame, want) in [(pass, XDP_PASS), (deny, XDP_DROP)] {
+    for (frame, want) in [(&pass, XDP_PASS), (&deny, XDP_DROP)] {
         let got = prog
             .test_run(TestRunOptions {
                 data_in: Some(frame),
@@ -401,18 +464,20 @@ fn allow_list_point(
             "{curve} at {size}: XDP action {got} where {want} was expected"
         );
     }
-    Ok(ScalingPoint {
+    Ok(Loaded {
         curve,
         size,
         fill_seconds,
-        pass_ns: prog_ns(prog, pass, repeat)?,
-        deny_ns: prog_ns(prog, deny, repeat)?,
+        ebpf,
+        edge: true,
+        pass,
+        deny,
     })
 }
 
 /// Peers with one /32 and one grant (tcp/5432) each. Pass: the last peer
 /// to 5432; deny: a peer in the middle to 5433, which it is not granted.
-fn peer_point(n: u32, repeat: u32) -> anyhow::Result<ScalingPoint> {
+fn peer_point(n: u32) -> anyhow::Result<Loaded> {
     let mut policy = policy(TUNNEL_TOML)?;
     let tunnel = policy
         .tunnel
@@ -439,17 +504,16 @@ fn peer_point(n: u32, repeat: u32) -> anyhow::Result<ScalingPoint> {
     let pass_src = spread(12, n - 1);
     let deny_src = spread(12, n / 2);
     let start = Instant::now();
-    let mut ebpf = fill(&policy, true)?;
+    let ebpf = fill(&policy, true)?;
     let fill_seconds = start.elapsed().as_secs_f64();
-    let prog: &mut SchedClassifier = loader::program_mut(&mut ebpf, program::TUNNEL_NAME)?;
-    let granted = Transport::tcp_syn(5432);
-    let not_granted = Transport::tcp_syn(5433);
-    Ok(ScalingPoint {
+    Ok(Loaded {
         curve: "tunnel_peers",
         size: n,
         fill_seconds,
-        pass_ns: prog_ns(prog, &traffic::frame(pass_src, &granted), repeat)?,
-        deny_ns: prog_ns(prog, &traffic::frame(deny_src, &not_granted), repeat)?,
+        ebpf,
+        edge: false,
+        pass: traffic::frame(pass_src, &Transport::tcp_syn(5432)),
+        deny: traffic::frame(deny_src, &Transport::tcp_syn(5433)),
     })
 }
 

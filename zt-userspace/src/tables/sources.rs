@@ -11,7 +11,7 @@ use zt_common::{
     SourceBlock, capacity, map,
 };
 
-use super::{LpmParts, Tables, TablesError, both_masks, inherited, map_err, sync_trie};
+use super::{LpmParts, Tables, TablesError, batch, both_masks, inherited, map_err, sync_trie};
 
 /// The sources of every service, by the map that holds them. Each map's
 /// entries carry only their own prefixes' bits (no longest match to
@@ -312,14 +312,26 @@ pub(super) fn sync_hash<K: aya::Pod + Ord, V: aya::Pod + PartialEq>(
     from: &BTreeMap<K, V>,
     to: &BTreeMap<K, V>,
 ) -> Result<(), TablesError> {
-    let mut h: BpfHashMap<_, K, V> = BpfHashMap::try_from(map).map_err(map_err(name))?;
-    for key in from.keys().filter(|k| !to.contains_key(k)) {
-        h.remove(key).map_err(map_err(name))?;
-    }
-    for (key, value) in to {
-        if from.get(key) != Some(value) {
-            h.insert(key, value, 0).map_err(map_err(name))?;
+    {
+        let mut h: BpfHashMap<_, K, V> = BpfHashMap::try_from(&mut *map).map_err(map_err(name))?;
+        for key in from.keys().filter(|k| !to.contains_key(k)) {
+            h.remove(key).map_err(map_err(name))?;
         }
+    }
+    let (keys, values): (Vec<K>, Vec<V>) = to
+        .iter()
+        .filter(|(key, value)| from.get(key) != Some(value))
+        .map(|(k, v)| (*k, *v))
+        .unzip();
+    if keys.len() >= batch::WORTH_IT
+        && let Some(data) = batch::data(map)
+    {
+        return batch::update(data, &keys, &values)
+            .map_err(|source| TablesError::Batch { name, source });
+    }
+    let mut h: BpfHashMap<_, K, V> = BpfHashMap::try_from(map).map_err(map_err(name))?;
+    for (key, value) in keys.iter().zip(&values) {
+        h.insert(key, value, 0).map_err(map_err(name))?;
     }
     Ok(())
 }
