@@ -196,14 +196,15 @@ fn a_map_changed_behind_ztxdps_back_is_reported_entry_by_entry() {
         thread::sleep(Duration::from_millis(200));
     }
 
-    // An SSH source nobody configured: 203.0.113.0/24 (the LPM key is the
-    // prefix length, little-endian, then the address).
-    let ssh = map_id(&t, "edge", map::SSH_ALLOW_V4);
+    // An SSH source nobody configured: 203.0.113.0/24 (the /24 map's key
+    // is the /24's address; the value the services it admits, the ssh
+    // service's bit 0, as a little-endian u64).
+    let ssh = map_id(&t, "edge", map::SOURCES_V4_24);
     bpftool_map(
         "update",
         &ssh,
         &[
-            "key", "24", "0", "0", "0", "203", "0", "113", "0", "value", "1",
+            "key", "203", "0", "113", "0", "value", "1", "0", "0", "0", "0", "0", "0", "0",
         ],
     );
     expect_check(&t, 1, &["ssh_allow: 203.0.113.0/24 extra"]);

@@ -310,7 +310,12 @@ fn udp_passes_only_to_wireguard_ports_and_counters_are_exact() {
         "a veth with GRO runs XDP natively: {now:#}"
     );
     assert!(e["program_id"].as_u64().is_some_and(|id| id > 0), "{now:#}");
-    for (map, entries) in [("ssh_allow_v4", 1), ("ssh_allow_v6", 1), ("udp_ports", 1)] {
+    for (map, entries) in [
+        ("service_ports", 1),
+        ("service_sources_v4_32", 1),
+        ("service_sources_v6", 1),
+        ("udp_ports", 1),
+    ] {
         assert_eq!(e["maps"][map], entries, "fill level of {map}: {now:#}");
     }
     assert!(now["tunnel"].is_null(), "no tunnel was configured: {now:#}");

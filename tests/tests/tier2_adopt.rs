@@ -27,6 +27,7 @@ fn edge() -> EdgePolicy {
         wireguard_ports: vec![51_820],
         ssh_port: 22,
         ssh_allow: Vec::new(),
+        services: Vec::new(),
         icmp_echo: EchoRate::default(),
         mode: ztxdp::policy::Mode::Enforce,
     }

@@ -40,6 +40,7 @@ fn policy() -> EdgePolicy {
         wireguard_ports: vec![51_820],
         ssh_port: 22,
         ssh_allow: vec![],
+        services: Vec::new(),
         icmp_echo: EchoRate::default(),
         mode: ztxdp::policy::Mode::Enforce,
     }

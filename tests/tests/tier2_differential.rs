@@ -37,7 +37,7 @@ use ztxdp::{
     explain::live::Live,
     loader,
     model::{self, EdgeModel, Explanation, TunnelModel},
-    policy::{EchoRate, EdgePolicy, Grant, Mode, Protocol, TunnelPolicy},
+    policy::{EchoRate, EdgePolicy, Grant, Mode, PortRange, Protocol, Service, TunnelPolicy},
 };
 
 const DEFAULT_SEED: u64 = 0x5eed_2a7e_d1ff_0001;
@@ -99,22 +99,70 @@ where
         .collect()
 }
 
+fn range(protocol: Protocol, first: u16, last: u16) -> PortRange {
+    PortRange {
+        protocol,
+        first,
+        last,
+    }
+}
+
 fn edge_policy() -> EdgePolicy {
     EdgePolicy {
         interface: "eth0".into(),
-        wireguard_ports: vec![443, 51_820, 51_821, 65_535],
+        wireguard_ports: vec![444, 51_820, 51_821, 65_535],
         ssh_port: 2222,
         // Overlapping prefixes on purpose: the longest match must not matter
-        // for a set, but a wrong trie key would.
+        // for a set, but a wrong key would. Lengths on both sides of each
+        // boundary of the IPv4 maps (/16 and shorter in blocks, /17-/24 as
+        // /24s, /25-/32 as addresses) and several IPv6 lengths.
         ssh_allow: nets(&[
             "198.51.100.7/32",
             "203.0.113.0/24",
             "10.0.0.0/8",
             "10.1.2.0/24",
+            "172.16.0.0/12",
+            "100.64.0.0/17",
+            "198.51.100.128/25",
+            "192.168.10.16/28",
             "2001:db8:aa:1::/64",
+            "2001:db8:dd:ff00::/56",
             "2001:db8:bb::/48",
             "2001:db8:cc::1/128",
         ]),
+        // Services over the same prefixes and others: nested prefixes of
+        // different services (the longest match must carry the shorter
+        // prefix's services), a service sharing the ssh port, ranges, and
+        // one open to everyone.
+        services: vec![
+            Service {
+                name: "https".into(),
+                ports: vec![
+                    range(Protocol::Tcp, 443, 443),
+                    range(Protocol::Udp, 8443, 8443),
+                ],
+                from: nets(&["0.0.0.0/0", "::/0"]),
+            },
+            Service {
+                name: "admin".into(),
+                ports: vec![range(Protocol::Tcp, 8000, 8100)],
+                from: nets(&[
+                    "10.1.2.0/24",
+                    "203.0.0.0/8",
+                    "172.20.0.0/16",
+                    "100.64.127.0/24",
+                    "2001:db8:aa::/48",
+                ]),
+            },
+            Service {
+                name: "alt-ssh".into(),
+                ports: vec![
+                    range(Protocol::Tcp, 2222, 2222),
+                    range(Protocol::Udp, 2222, 2223),
+                ],
+                from: nets(&["10.0.0.0/9", "192.0.2.1/32", "2001:db8:bb:ff::/64"]),
+            },
+        ],
         icmp_echo: ECHO_OFF,
         mode: ztxdp::policy::Mode::Enforce,
     }
@@ -148,6 +196,21 @@ fn edge_pools() -> Pools {
             [9, 255, 255, 255],
             [10, 1, 2, 3],
             [192, 0, 2, 1],
+            [172, 16, 0, 0],
+            [172, 31, 255, 255],
+            [172, 32, 0, 0],
+            [172, 15, 255, 255],
+            [172, 20, 1, 1],
+            [100, 64, 0, 5],
+            [100, 64, 127, 255],
+            [100, 64, 128, 0],
+            [198, 51, 100, 127],
+            [198, 51, 100, 128],
+            [198, 51, 100, 255],
+            [192, 168, 10, 15],
+            [192, 168, 10, 16],
+            [192, 168, 10, 31],
+            [192, 168, 10, 32],
         ]
         .into_iter()
         .map(Ipv4Addr::from)
@@ -158,14 +221,18 @@ fn edge_pools() -> Pools {
             "2001:db8:aa:2::",
             "2001:db8:aa::ffff",
             "2001:db8:bb:ffff::1",
+            "2001:db8:bb:ff::5",
             "2001:db8:bc::1",
             "2001:db8:cc::1",
             "2001:db8:cc::2",
+            "2001:db8:dd:ff12::1",
+            "2001:db8:dd:fe00::1",
             "::ffff:198.51.100.7",
             "fe80::1",
         ]),
         ports: vec![
-            0, 22, 442, 443, 444, 2221, 2222, 2223, 51_819, 51_820, 51_821, 51_822, 65_534, 65_535,
+            0, 22, 442, 443, 444, 2221, 2222, 2223, 2224, 7999, 8000, 8050, 8100, 8101, 8443,
+            51_819, 51_820, 51_821, 51_822, 65_534, 65_535,
         ],
     }
 }
@@ -804,11 +871,13 @@ fn edge_matches_the_model(mode: Mode) {
         &[
             reason::PASS_WIREGUARD,
             reason::PASS_SSH,
+            reason::PASS_SERVICE,
             reason::PASS_ARP,
             reason::PASS_NEIGHBOR_DISCOVERY,
             reason::PASS_MLD,
             reason::DROP_PORT_NOT_ALLOWED,
             reason::DROP_SSH_SOURCE,
+            reason::DROP_SERVICE_SOURCE,
             reason::DROP_MALFORMED,
             reason::DROP_FRAGMENT,
             reason::DROP_UNSUPPORTED_L3,

@@ -45,6 +45,7 @@ fn policy() -> EdgePolicy {
             .iter()
             .map(|s| s.parse().unwrap_or_else(|e| panic!("prefix {s}: {e}")))
             .collect(),
+        services: Vec::new(),
         icmp_echo: EchoRate::default(),
         mode: ztxdp::policy::Mode::Enforce,
     }
@@ -1081,10 +1082,17 @@ fn unconfigured_program_drops_everything() {
 fn every_map_name_exists_in_the_object() {
     let names = [
         map::EDGE_UDP_PORTS,
-        map::SSH_ALLOW_V4,
-        map::SSH_ALLOW_V6,
+        map::SERVICE_PORTS,
+        map::SOURCES_V4_16,
+        map::SOURCES_V4_24,
+        map::SOURCES_V4_32,
+        map::SOURCES_V6,
+        map::SOURCE_V6_LENGTHS,
+        map::SERVICE_SOURCES_V6,
         map::CPU_STATE,
         map::EVENTS,
+        map::PEER_HOSTS_V4,
+        map::PEER_HOSTS_V6,
         map::PEER_V4,
         map::PEER_V6,
         map::GRANTS,

@@ -44,6 +44,7 @@ fn policies() -> (EdgePolicy, TunnelPolicy) {
         ssh_allow: vec!["198.51.100.0/24".parse().unwrap_or_else(|e| panic!("{e}"))],
         // Three echoes back to back, then one a minute: a token taken by an
         // explain would show within the test.
+        services: Vec::new(),
         icmp_echo: EchoRate {
             ns_per_token: 60_000_000_000,
             burst: 3,

@@ -77,6 +77,7 @@ fn edge_policy(echo: EchoRate) -> EdgePolicy {
         wireguard_ports: vec![WIREGUARD],
         ssh_port: SSH,
         ssh_allow: vec![IpAddr::V4(BASTION_V4).into()],
+        services: Vec::new(),
         icmp_echo: echo,
         mode: ztxdp::policy::Mode::Enforce,
     }

@@ -148,6 +148,7 @@ fn test(steps: &mut Steps) -> anyhow::Result<()> {
     steps.run("bench smoke", |_| {
         cmd::run(cargo().args([
             "run",
+            "--release",
             "-q",
             "-p",
             "xtask",

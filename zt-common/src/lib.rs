@@ -22,10 +22,37 @@ use core::mem::size_of;
 pub mod map {
     /// `Array<u64>`: a 65,536-bit bitmap of UDP ports allowed on the edge.
     pub const EDGE_UDP_PORTS: &str = "ZT_EDGE_UDP";
-    /// `LpmTrie<[u8; 4], u8>`: IPv4 sources allowed to reach the SSH port.
-    pub const SSH_ALLOW_V4: &str = "ZT_SSH_V4";
-    /// `LpmTrie<[u8; 16], u8>`: IPv6 sources allowed to reach the SSH port.
-    pub const SSH_ALLOW_V6: &str = "ZT_SSH_V6";
+    /// `Array<u64>` with [`super::capacity::SERVICE_PORTS`] entries: the
+    /// services (bit `i`: the edge's service `i`, the `ssh` service bit 0)
+    /// that open a TCP or UDP port, at [`super::service_port_index`].
+    pub const SERVICE_PORTS: &str = "ZT_SVC_PORTS";
+    /// `Array<SourceBlock>` indexed by an IPv4 address's top 16 bits: the
+    /// services (a mask like [`SERVICE_PORTS`]') that the source prefixes
+    /// of /16 and shorter holding the block open, and whether longer
+    /// prefixes lie in it. An allow-list is a set, not a routing table: an
+    /// address may reach a service when any prefix holding it says so, so
+    /// the answer is the union of three exact lookups (this one,
+    /// [`SOURCES_V4_24`], [`SOURCES_V4_32`]), whatever the list's size.
+    pub const SOURCES_V4_16: &str = "ZT_SRC4_16";
+    /// `HashMap<[u8; 4], u64>`: the services of source prefixes /17 to /24,
+    /// each expanded to its /24s, keyed by the /24 (last byte zero).
+    pub const SOURCES_V4_24: &str = "ZT_SRC4_24";
+    /// `HashMap<[u8; 4], u64>`: the services of source prefixes /25 to /32,
+    /// each expanded to its addresses.
+    pub const SOURCES_V4_32: &str = "ZT_SRC4_32";
+    /// `HashMap<Source6Key, u64>`: the services of each IPv6 source prefix,
+    /// keyed by its length and its network; looked up once per length of
+    /// [`SOURCE_V6_LENGTHS`].
+    pub const SOURCES_V6: &str = "ZT_SRC6";
+    /// `Array<Source6Lengths>` with one entry: the prefix lengths
+    /// [`SOURCES_V6`] holds, or [`super::SOURCE_V6_USE_TRIE`] when there are
+    /// more than [`super::capacity::SOURCE_V6_LENGTHS`] of them.
+    pub const SOURCE_V6_LENGTHS: &str = "ZT_SRC6_LENS";
+    /// `LpmTrie<[u8; 16], u64>`: the IPv6 service sources when they use
+    /// more prefix lengths than [`SOURCES_V6`] is looked up for. Each
+    /// prefix's mask holds the bits of every prefix containing it, so the
+    /// longest match answers for all of them. Empty otherwise.
+    pub const SERVICE_SOURCES_V6: &str = "ZT_SVC_SRC_V6";
     /// `Array<CpuState>` with one entry per possible CPU, indexed by CPU
     /// number: each CPU's counters, clock and audit rate limiter; then one
     /// more, the [`super::Ledger`], which no program writes. Created
@@ -35,9 +62,17 @@ pub mod map {
     pub const CPU_STATE: &str = "ZT_CPU";
     /// `RingBuf` carrying [`super::Event`] records to the audit writer.
     pub const EVENTS: &str = "ZT_EVENTS";
-    /// `LpmTrie<[u8; 4], PeerInfo>`: tunnel peer by IPv4 source.
+    /// `HashMap<[u8; 4], PeerInfo>`: tunnel peer by IPv4 source, for the
+    /// peers' /32 addresses (nearly all of them): one exact lookup.
+    pub const PEER_HOSTS_V4: &str = "ZT_PEER_H4";
+    /// `HashMap<[u8; 16], PeerInfo>`: as [`PEER_HOSTS_V4`], for /128s.
+    pub const PEER_HOSTS_V6: &str = "ZT_PEER_H6";
+    /// `LpmTrie<[u8; 4], PeerInfo>`: tunnel peer by IPv4 source, for the
+    /// peers' prefixes shorter than /32; looked up only when
+    /// [`PEER_HOSTS_V4`] has no entry (a host address is the longest
+    /// match there can be).
     pub const PEER_V4: &str = "ZT_PEER_V4";
-    /// `LpmTrie<[u8; 16], PeerInfo>`: tunnel peer by IPv6 source.
+    /// `LpmTrie<[u8; 16], PeerInfo>`: as [`PEER_V4`], for IPv6.
     pub const PEER_V6: &str = "ZT_PEER_V6";
     /// `HashMap<GrantKey, u64>`: per-peer port bitmaps, 64 ports a word.
     pub const GRANTS: &str = "ZT_GRANTS";
@@ -66,8 +101,21 @@ pub mod map {
 pub mod capacity {
     /// Words in the UDP port bitmap: 65,536 ports / 64 bits.
     pub const PORT_BITMAP_WORDS: u32 = 1024;
-    /// Entries per SSH allow-list trie. The benchmarks go to 1,000,000.
-    pub const SSH_ALLOW: u32 = 1 << 20;
+    /// Entries per service source map (`ssh_allow` and every service's
+    /// `from`, prefixes as each map expands them). The benchmarks go to
+    /// 1,000,000.
+    pub const SERVICE_SOURCES: u32 = 1 << 20;
+    /// Entries of [`super::map::SOURCES_V4_16`]: one per /16.
+    pub const SOURCE_V4_BLOCKS: u32 = 1 << 16;
+    /// Distinct IPv6 source prefix lengths looked up one by one; past
+    /// this, the IPv6 sources go to the trie.
+    pub const SOURCE_V6_LENGTHS: u32 = 16;
+    /// Edge services, the `ssh` service included: the bits of a service
+    /// mask (`u64`).
+    pub const SERVICES: u32 = 64;
+    /// Entries of the service port map: a mask per TCP port, then per UDP
+    /// port ([`super::service_port_index`]).
+    pub const SERVICE_PORTS: u32 = 2 * 65_536;
     /// Tunnel peers; also the size of the per-peer counter array.
     pub const PEERS: u32 = 65_536;
     /// Peer address prefixes per family.
@@ -159,6 +207,7 @@ pub mod reason {
 
     reasons! {
         PASS_WIREGUARD = 0, "wireguard", pass, "edge: UDP to a WireGuard port";
+        /// The `ssh` service's own pass, named as before services.
         PASS_SSH = 1, "ssh_allowed", pass, "edge: TCP to the SSH port from a source in ssh_allow";
         PASS_ARP = 2, "arp", pass, "ARP (on the tunnel: from a peer, or link-local with link_local_neighbors)";
         PASS_NEIGHBOR_DISCOVERY = 3, "neighbor_discovery", pass, "IPv6 neighbour solicitation or advertisement";
@@ -177,7 +226,8 @@ pub mod reason {
         /// without them a switch that snoops MLD stops forwarding the host's
         /// solicited-node multicast, and IPv6 neighbour discovery with it.
         PASS_MLD = 10, "mld", pass, "edge: an MLD query or report (ICMPv6 130, 131, 132, 143) from link-local with hop limit 1 (RFC 4890 4.4.1)";
-        DROP_PORT_NOT_ALLOWED = 16, "port_not_allowed", drop, "UDP not to a WireGuard port, TCP not to the SSH port";
+        PASS_SERVICE = 11, "service_allowed", pass, "edge: TCP or UDP to a port of an edge service from a source in its from";
+        DROP_PORT_NOT_ALLOWED = 16, "port_not_allowed", drop, "edge: TCP or UDP to a port of no service (UDP: nor a WireGuard port)";
         DROP_SSH_SOURCE = 17, "ssh_source_not_allowed", drop, "TCP to the SSH port from outside ssh_allow";
         DROP_MALFORMED = 18, "malformed", drop, "truncated or contradictory headers";
         DROP_FRAGMENT = 19, "non_first_fragment", drop, "a fragment other than the first, of a datagram whose first fragment did not pass (or not within flows.fragment_timeout)";
@@ -197,10 +247,14 @@ pub mod reason {
         /// tunnel: a peer is never the host's router, and an advertisement
         /// accepted there would install routes.
         DROP_ROUTER_MESSAGE = 28, "router_message", drop, "tunnel: an ICMPv6 router solicitation, router advertisement or redirect, from anyone (a peer is never the host's router)";
+        /// The port is a service's, but no service with the port admits
+        /// the source (for the `ssh` service alone: `ssh_source_not_allowed`).
+        DROP_SERVICE_SOURCE = 29, "service_source_not_allowed", drop, "edge: TCP or UDP to a port of an edge service from a source in none of its services' from";
     }
 
-    /// Size of one program's block of counters.
-    pub const COUNT: u32 = 32;
+    /// Size of one program's block of counters: a multiple of 8, so that
+    /// [`super::CpuState`] stays whole cache lines.
+    pub const COUNT: u32 = 40;
 
     /// Whether a reason code allows the packet.
     #[must_use]
@@ -238,11 +292,23 @@ pub mod reason {
     pub const ALLOWS_AUDITED: u32 = 14;
     /// Counter slot (not a verdict): flows the egress programs created.
     /// With the table's current size this gives the LRU evictions.
-    pub const FLOWS_CREATED: u32 = 29;
+    pub const FLOWS_CREATED: u32 = 37;
     /// Counter slot (not a verdict): deny events the rate limiter held back.
-    pub const EVENTS_SUPPRESSED: u32 = 30;
+    pub const EVENTS_SUPPRESSED: u32 = 38;
     /// Counter slot (not a verdict): events lost because the ring buffer was full.
-    pub const EVENTS_LOST: u32 = 31;
+    pub const EVENTS_LOST: u32 = 39;
+}
+
+/// The `ssh` service's bit in a service mask ([`map::SERVICE_PORTS`]):
+/// the lowest, so that where it shares a port, a decision names it first.
+pub const SSH_SERVICE: u64 = 1;
+
+/// Where the services of `port` of IP protocol `protocol` (TCP or UDP)
+/// are in [`map::SERVICE_PORTS`].
+#[must_use]
+pub const fn service_port_index(protocol: u8, port: u16) -> u32 {
+    let base = if protocol == proto::UDP { 65_536 } else { 0 };
+    base + port as u32
 }
 
 /// Index of `(program, reason)` in the counter array.
@@ -282,9 +348,9 @@ pub mod global {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EdgeConfig {
-    /// TCP port that is open to [`map::SSH_ALLOW_V4`]/[`map::SSH_ALLOW_V6`] sources.
-    pub ssh_port: u16,
-    pub _pad0: u16,
+    /// Once the SSH port; it is the `ssh` service's entry in
+    /// [`map::SERVICE_PORTS`] now, which a reload can change.
+    pub _pad0: u32,
     /// [`EDGE_CONFIGURED`] when the programs were loaded with an edge
     /// policy. Without one the edge program drops everything. (The policy's
     /// maps are filled before the program is attached, so it never sees a
@@ -300,6 +366,77 @@ pub const EDGE_CONFIGURED: u32 = 1;
 /// [`reason::WOULD_DROP`] and audited as a would-deny. Fixed at load like
 /// the rest of `EdgeConfig`, so the enforce path pays nothing for it.
 pub const EDGE_AUDIT: u32 = 2;
+
+/// One /16 of [`map::SOURCES_V4_16`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SourceBlock {
+    /// The services its prefixes of /16 and shorter open.
+    pub services: u64,
+    /// `SOURCE_DEEPER_*` bits: which longer-prefix maps have entries in
+    /// this /16, so that an address of a block with none costs one lookup.
+    pub deeper: u32,
+    pub _pad0: u32,
+}
+const _: () = assert!(size_of::<SourceBlock>() == 16);
+
+/// [`SourceBlock::deeper`] bit: [`map::SOURCES_V4_24`] has entries in the block.
+pub const SOURCE_DEEPER_24: u32 = 1;
+/// [`SourceBlock::deeper`] bit: [`map::SOURCES_V4_32`] has entries in the block.
+pub const SOURCE_DEEPER_32: u32 = 2;
+
+/// Key of [`map::SOURCES_V6`]: a prefix length and the address with every
+/// bit past it cleared.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Source6Key {
+    pub prefix_len: u32,
+    pub addr: [u8; 16],
+}
+const _: () = assert!(size_of::<Source6Key>() == 20);
+
+/// The one entry of [`map::SOURCE_V6_LENGTHS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Source6Lengths {
+    /// How many of `lengths` are in use, or [`SOURCE_V6_USE_TRIE`].
+    pub count: u32,
+    pub lengths: [u8; capacity::SOURCE_V6_LENGTHS as usize],
+}
+const _: () = assert!(size_of::<Source6Lengths>() == 20);
+
+/// [`Source6Lengths::count`] when the IPv6 sources are in the trie.
+pub const SOURCE_V6_USE_TRIE: u32 = u32::MAX;
+
+/// `addr` with every bit past `prefix_len` (at most 128) cleared.
+#[expect(
+    clippy::inline_always,
+    reason = "the BPF side calls it per packet; a BPF-to-BPF call would cost more than its body"
+)]
+#[inline(always)]
+#[must_use]
+pub fn v6_network(addr: [u8; 16], prefix_len: u32) -> [u8; 16] {
+    // Indexing by constants, not slicing: nothing for the verifier to
+    // bound-check.
+    let a = addr;
+    let hi = [a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]];
+    let lo = [a[8], a[9], a[10], a[11], a[12], a[13], a[14], a[15]];
+    let (mut hi, mut lo) = (u64::from_be_bytes(hi), u64::from_be_bytes(lo));
+    if prefix_len == 0 {
+        hi = 0;
+        lo = 0;
+    } else if prefix_len <= 64 {
+        hi &= u64::MAX << (64 - prefix_len);
+        lo = 0;
+    } else if prefix_len < 128 {
+        lo &= u64::MAX << (128 - prefix_len);
+    }
+    let (h, l) = (hi.to_be_bytes(), lo.to_be_bytes());
+    [
+        h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7], l[0], l[1], l[2], l[3], l[4], l[5], l[6],
+        l[7],
+    ]
+}
 
 /// A tunnel peer, as found by source address.
 #[repr(C)]
@@ -714,6 +851,9 @@ mod pod {
     // the layout), so any bit pattern is a valid value.
     unsafe impl aya::Pod for super::EdgeConfig {}
     unsafe impl aya::Pod for super::PeerInfo {}
+    unsafe impl aya::Pod for super::SourceBlock {}
+    unsafe impl aya::Pod for super::Source6Key {}
+    unsafe impl aya::Pod for super::Source6Lengths {}
     unsafe impl aya::Pod for super::GrantKey {}
     unsafe impl aya::Pod for super::PeerCounters {}
     unsafe impl aya::Pod for super::EventBucket {}

@@ -331,13 +331,17 @@ fn echo_rate(p: &Packet, cfg: &FlowConfig, now: u64) -> u32 {
 
 /// Whether the ingress program `prog` would pass the reverse of the host's
 /// UDP datagram `p` by its policy alone: then `p` answers a peer's
-/// datagram to a granted port (or a client of a `WireGuard` port), and its
+/// datagram to a granted port (or a client of a `WireGuard` port or of a
+/// UDP service that admits it), and its
 /// flow must not admit what the policy stops admitting later (a revoke, a
 /// reload that closes the port).
 #[inline(always)]
 fn answers_policy(p: &Packet, prog: u32) -> bool {
     if prog == program::EDGE {
         verdict::udp_port_allowed(p.src_port)
+            || verdict::services_of_port(proto::UDP, p.src_port)
+                & verdict::services_of_source(p.l3, &p.dst)
+                != 0
     } else {
         verdict::peer_owning(p.l3, &p.dst)
             .is_some_and(|peer| verdict::port_granted(&peer, proto::UDP, p.src_port))

@@ -11,19 +11,15 @@ use aya_ebpf::{
 };
 use zt_common::{
     CpuState, EdgeConfig, EventBucket, FlowConfig, FlowKey, FlowState, FlowSummary, FragmentKey,
-    GrantKey, PeerCounters, PeerInfo, SUMMARY_CACHE_SLOTS, SourceKey, SummaryCacheSlot, SummaryKey,
-    capacity, summary_cache_index,
+    GrantKey, PeerCounters, PeerInfo, SUMMARY_CACHE_SLOTS, Source6Key, Source6Lengths, SourceBlock,
+    SourceKey, SummaryCacheSlot, SummaryKey, capacity, summary_cache_index,
 };
 
 /// The edge settings (`zt_common::global::EDGE_CONFIG`). The loader writes
 /// it into `.rodata` before load, so the verifier reads the value itself and
 /// folds every branch on it: no lookup, no null check per packet.
 #[unsafe(no_mangle)]
-static ZT_EDGE_CONFIG: EdgeConfig = EdgeConfig {
-    ssh_port: 0,
-    _pad0: 0,
-    flags: 0,
-};
+static ZT_EDGE_CONFIG: EdgeConfig = EdgeConfig { _pad0: 0, flags: 0 };
 
 /// `zt_common::global::TUNNEL_L2`, set by the loader like `ZT_EDGE_CONFIG`.
 #[unsafe(no_mangle)]
@@ -72,14 +68,44 @@ pub fn tunnel_audit() -> bool {
 #[map]
 pub static ZT_EDGE_UDP: Array<u64> = Array::with_max_entries(capacity::PORT_BITMAP_WORDS, 0);
 
-// LPM tries must be created without preallocation (kernel requirement).
+// An array, not a hash: a port's services are one inlined lookup, and the
+// deny path of a port of no service reads one entry (a zero mask).
+// Mmapable, as ZT_SRC4_16, for user space to read it in one pass.
 #[map]
-pub static ZT_SSH_V4: LpmTrie<[u8; 4], u8> =
-    LpmTrie::with_max_entries(capacity::SSH_ALLOW, BPF_F_NO_PREALLOC);
+pub static ZT_SVC_PORTS: Array<u64> =
+    Array::with_max_entries(capacity::SERVICE_PORTS, BPF_F_MMAPABLE);
+
+// The service sources: exact lookups whose cost does not grow with the
+// lists (zt_common::map::SOURCES_V4_16 says how they combine). The hashes
+// are read on every packet to a service port and written only by the
+// control plane, so they are not preallocated: a million entries cost
+// memory only when a list has them.
+// Mmapable so that user space reads its 65,536 entries in one pass, not
+// one system call each (Tables::read_sources, which every `explain`,
+// `check --live` and reload does).
+#[map]
+pub static ZT_SRC4_16: Array<SourceBlock> =
+    Array::with_max_entries(capacity::SOURCE_V4_BLOCKS, BPF_F_MMAPABLE);
 
 #[map]
-pub static ZT_SSH_V6: LpmTrie<[u8; 16], u8> =
-    LpmTrie::with_max_entries(capacity::SSH_ALLOW, BPF_F_NO_PREALLOC);
+pub static ZT_SRC4_24: HashMap<[u8; 4], u64> =
+    HashMap::with_max_entries(capacity::SERVICE_SOURCES, BPF_F_NO_PREALLOC);
+
+#[map]
+pub static ZT_SRC4_32: HashMap<[u8; 4], u64> =
+    HashMap::with_max_entries(capacity::SERVICE_SOURCES, BPF_F_NO_PREALLOC);
+
+#[map]
+pub static ZT_SRC6: HashMap<Source6Key, u64> =
+    HashMap::with_max_entries(capacity::SERVICE_SOURCES, BPF_F_NO_PREALLOC);
+
+#[map]
+pub static ZT_SRC6_LENS: Array<Source6Lengths> = Array::with_max_entries(1, 0);
+
+// LPM tries must be created without preallocation (kernel requirement).
+#[map]
+pub static ZT_SVC_SRC_V6: LpmTrie<[u8; 16], u64> =
+    LpmTrie::with_max_entries(capacity::SERVICE_SOURCES, BPF_F_NO_PREALLOC);
 
 // Each CPU's counters, clock and audit limiter (see zt_common::CpuState for
 // why not a per-CPU map). One entry here; the loader sizes it to the
@@ -95,6 +121,16 @@ pub static ZT_CPU: Array<CpuState> = Array::with_max_entries(1, BPF_F_MMAPABLE);
 
 #[map]
 pub static ZT_EVENTS: RingBuf = RingBuf::with_byte_size(capacity::EVENTS_BYTES, 0);
+
+// A peer's host address, the common case, in one exact lookup; its
+// shorter prefixes in the tries below.
+#[map]
+pub static ZT_PEER_H4: HashMap<[u8; 4], PeerInfo> =
+    HashMap::with_max_entries(capacity::PEER_PREFIXES, BPF_F_NO_PREALLOC);
+
+#[map]
+pub static ZT_PEER_H6: HashMap<[u8; 16], PeerInfo> =
+    HashMap::with_max_entries(capacity::PEER_PREFIXES, BPF_F_NO_PREALLOC);
 
 #[map]
 pub static ZT_PEER_V4: LpmTrie<[u8; 4], PeerInfo> =

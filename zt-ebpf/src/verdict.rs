@@ -4,12 +4,16 @@
 //! ignored.
 
 use aya_ebpf::maps::lpm_trie::Key;
-use zt_common::{GrantKey, PEER_ICMP, PeerInfo, proto, reason};
+use zt_common::{
+    GrantKey, PEER_ICMP, PeerInfo, SOURCE_DEEPER_24, SOURCE_DEEPER_32, SOURCE_V6_USE_TRIE,
+    SSH_SERVICE, Source6Key, proto, reason, service_port_index, v6_network,
+};
 
 use crate::{
     maps::{
-        ZT_EDGE_UDP, ZT_GRANTS, ZT_PEER_V4, ZT_PEER_V6, ZT_SSH_V4, ZT_SSH_V6, edge_config,
-        tunnel_l2, tunnel_link_local,
+        ZT_EDGE_UDP, ZT_GRANTS, ZT_PEER_H4, ZT_PEER_H6, ZT_PEER_V4, ZT_PEER_V6, ZT_SRC4_16,
+        ZT_SRC4_24, ZT_SRC4_32, ZT_SRC6, ZT_SRC6_LENS, ZT_SVC_PORTS, ZT_SVC_SRC_V6, tunnel_l2,
+        tunnel_link_local,
     },
     parse::{Addr, Fragment, ICMP_ECHO_REQUEST, ICMPV6_ECHO_REQUEST, L3, Packet, ParseError},
 };
@@ -77,9 +81,9 @@ fn is_mld(p: &Packet) -> bool {
         && link_local_source(p)
 }
 
-/// The edge policy: WireGuard UDP ports, SSH from allow-listed sources, ARP,
-/// neighbour discovery and MLD; everything else drops. The caller has checked
-/// that the programs were loaded with an edge policy.
+/// The edge policy: WireGuard UDP ports, the services (SSH among them) from
+/// their sources, ARP, neighbour discovery and MLD; everything else drops.
+/// The caller has checked that the programs were loaded with an edge policy.
 #[inline(always)]
 pub fn edge(p: &Packet) -> u32 {
     if p.l3 == L3::Arp {
@@ -89,22 +93,8 @@ pub fn edge(p: &Packet) -> u32 {
         return reason::DROP_FRAGMENT;
     }
     match p.protocol {
-        proto::UDP => {
-            if udp_port_allowed(p.dst_port) {
-                reason::PASS_WIREGUARD
-            } else {
-                reason::DROP_PORT_NOT_ALLOWED
-            }
-        }
-        proto::TCP => {
-            if p.dst_port != edge_config().ssh_port {
-                reason::DROP_PORT_NOT_ALLOWED
-            } else if ssh_source_allowed(p) {
-                reason::PASS_SSH
-            } else {
-                reason::DROP_SSH_SOURCE
-            }
-        }
+        proto::UDP if udp_port_allowed(p.dst_port) => reason::PASS_WIREGUARD,
+        proto::TCP | proto::UDP => service(p),
         _ if is_neighbor_discovery(p) => reason::PASS_NEIGHBOR_DISCOVERY,
         _ if is_mld(p) => reason::PASS_MLD,
         _ => reason::DROP_PROTOCOL_NOT_ALLOWED,
@@ -118,13 +108,93 @@ pub fn udp_port_allowed(port: u16) -> bool {
     word & (1u64 << (port & 63)) != 0
 }
 
+/// TCP or UDP to an edge service: the services of the port, ANDed with
+/// those the source may reach. The `ssh` service keeps its own reasons.
+/// A port of no service costs one array lookup and no source lookup.
 #[inline(always)]
-fn ssh_source_allowed(p: &Packet) -> bool {
-    match p.l3 {
-        L3::Ipv4 => ZT_SSH_V4.get(&Key::new(32, p.src.v4_bytes())).is_some(),
-        L3::Ipv6 => ZT_SSH_V6.get(&Key::new(128, p.src.0)).is_some(),
-        L3::Arp => false,
+fn service(p: &Packet) -> u32 {
+    let ports = services_of_port(p.protocol, p.dst_port);
+    if ports == 0 {
+        return reason::DROP_PORT_NOT_ALLOWED;
     }
+    let admitted = ports & services_of_source(p.l3, &p.src);
+    if admitted & SSH_SERVICE != 0 {
+        reason::PASS_SSH
+    } else if admitted != 0 {
+        reason::PASS_SERVICE
+    } else if ports & SSH_SERVICE != 0 {
+        reason::DROP_SSH_SOURCE
+    } else {
+        reason::DROP_SERVICE_SOURCE
+    }
+}
+
+/// The services that open `port` of `protocol` (TCP or UDP), as a mask.
+#[inline(always)]
+pub fn services_of_port(protocol: u8, port: u16) -> u64 {
+    ZT_SVC_PORTS
+        .get(service_port_index(protocol, port))
+        .copied()
+        .unwrap_or(0)
+}
+
+/// The services `addr` (of family `l3`) may reach: the union of what every
+/// prefix holding it opens.
+#[inline(always)]
+pub fn services_of_source(l3: L3, addr: &Addr) -> u64 {
+    match l3 {
+        L3::Ipv4 => services_of_v4(addr.v4_bytes()),
+        L3::Ipv6 => services_of_v6(addr.0),
+        L3::Arp => 0,
+    }
+}
+
+/// The /16's own mask, ORed with its /24's and its address's when the
+/// block says those maps have entries in it.
+#[inline(always)]
+fn services_of_v4(a: [u8; 4]) -> u64 {
+    let Some(block) = ZT_SRC4_16.get(u32::from(a[0]) << 8 | u32::from(a[1])) else {
+        return 0;
+    };
+    let mut mask = block.services;
+    if block.deeper & SOURCE_DEEPER_24 != 0 {
+        // SAFETY: a plain u64 the control plane writes whole.
+        mask |= unsafe { ZT_SRC4_24.get(&[a[0], a[1], a[2], 0]) }.map_or(0, |m| *m);
+    }
+    if block.deeper & SOURCE_DEEPER_32 != 0 {
+        // SAFETY: as above.
+        mask |= unsafe { ZT_SRC4_32.get(&a) }.map_or(0, |m| *m);
+    }
+    mask
+}
+
+/// One exact lookup per prefix length in use, or the trie past
+/// `capacity::SOURCE_V6_LENGTHS` lengths. The lengths are read from a map
+/// the control plane rewrites whole: a read torn by a rewrite looks up
+/// prefixes that may not exist (a miss, so a drop), never passes what the
+/// hash does not hold.
+#[inline(always)]
+fn services_of_v6(addr: [u8; 16]) -> u64 {
+    let Some(lengths) = ZT_SRC6_LENS.get(0) else {
+        return 0;
+    };
+    if lengths.count == SOURCE_V6_USE_TRIE {
+        return ZT_SVC_SRC_V6.get(&Key::new(128, addr)).map_or(0, |m| *m);
+    }
+    let mut mask = 0;
+    for (i, &prefix_len) in (0u32..).zip(lengths.lengths.iter()) {
+        if i >= lengths.count {
+            break;
+        }
+        let prefix_len = u32::from(prefix_len);
+        let key = Source6Key {
+            prefix_len,
+            addr: v6_network(addr, prefix_len),
+        };
+        // SAFETY: a plain u64 the control plane writes whole.
+        mask |= unsafe { ZT_SRC6.get(&key) }.map_or(0, |m| *m);
+    }
+    mask
 }
 
 /// The peer that owns the packet's source address (for ARP the sender's
@@ -138,8 +208,17 @@ pub fn peer_of(p: &Packet) -> Option<PeerInfo> {
 #[inline(always)]
 pub fn peer_owning(l3: L3, addr: &Addr) -> Option<PeerInfo> {
     match l3 {
-        L3::Ipv4 | L3::Arp => ZT_PEER_V4.get(&Key::new(32, addr.v4_bytes())).copied(),
-        L3::Ipv6 => ZT_PEER_V6.get(&Key::new(128, addr.0)).copied(),
+        // SAFETY (both hashes): PeerInfo is plain data the control plane
+        // writes whole.
+        L3::Ipv4 | L3::Arp => {
+            let a = addr.v4_bytes();
+            unsafe { ZT_PEER_H4.get(&a) }
+                .copied()
+                .or_else(|| ZT_PEER_V4.get(&Key::new(32, a)).copied())
+        }
+        L3::Ipv6 => unsafe { ZT_PEER_H6.get(&addr.0) }
+            .copied()
+            .or_else(|| ZT_PEER_V6.get(&Key::new(128, addr.0)).copied()),
     }
 }
 

@@ -9,12 +9,9 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use aya::{
-    maps::{LpmTrie, Map, MapData},
-    programs::TcAttachType,
-};
+use aya::programs::TcAttachType;
 use serde::Serialize;
-use zt_common::{PEER_AUDIT, PeerInfo, map, program, reason};
+use zt_common::{PEER_AUDIT, program, reason};
 
 use crate::{
     attach::{self, AttachError, Attached, Attachment},
@@ -101,6 +98,8 @@ pub struct ProgramStatus {
     pub maps: BTreeMap<&'static str, usize>,
     /// The most entries each of `maps` can hold.
     pub capacity: BTreeMap<&'static str, u64>,
+    /// The kernel memory each of `maps` takes, in bytes.
+    pub memory: BTreeMap<&'static str, u64>,
     /// Tunnel only: per-peer packet counts.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub peers: Vec<PeerStatus>,
@@ -200,9 +199,10 @@ fn program_status(
     let (passed, dropped) = crate::tables::passed_dropped(&by_code);
     let maps = tables.fill_levels()?;
     let capacity = tables.capacities();
+    let memory = tables.memory();
     let mut peers = Vec::new();
     if prog == program::TUNNEL {
-        let indices = peer_indices(&a.map_ids)?;
+        let indices = peer_indices(&tables)?;
         let max = indices.keys().max().map_or(0, |m| m + 1);
         let counts = tables.peer_counters(max)?;
         for (i, flags) in indices {
@@ -243,51 +243,20 @@ fn program_status(
         audited: crate::audit::ledger::audited_of(|code| by_code.get(&code).copied().unwrap_or(0)),
         maps,
         capacity,
+        memory,
         peers,
     })
 }
 
-/// Peer indices present in the peer tries, with their `PeerInfo` flags
+/// Peer indices present in the peer maps, with their `PeerInfo` flags
 /// (a peer's prefixes all carry the same).
-fn peer_indices(map_ids: &[u32]) -> Result<BTreeMap<u32, u32>, ControlError> {
-    let mut out = BTreeMap::new();
-    for &id in map_ids {
-        let Ok(data) = MapData::from_id(id) else {
-            continue;
-        };
-        let name = data
-            .info()
-            .ok()
-            .and_then(|i| i.name_as_str().map(str::to_owned));
-        let tables_err = |source| TablesError::Map {
-            name: map::PEER_V4,
-            source,
-        };
-        match name.as_deref() {
-            Some(map::PEER_V4) => {
-                let t: LpmTrie<_, [u8; 4], PeerInfo> =
-                    LpmTrie::try_from(Map::from_map_data(data).map_err(tables_err)?)
-                        .map_err(tables_err)?;
-                out.extend(
-                    t.iter()
-                        .filter_map(Result::ok)
-                        .map(|(_, v)| (v.index, v.flags)),
-                );
-            }
-            Some(map::PEER_V6) => {
-                let t: LpmTrie<_, [u8; 16], PeerInfo> =
-                    LpmTrie::try_from(Map::from_map_data(data).map_err(tables_err)?)
-                        .map_err(tables_err)?;
-                out.extend(
-                    t.iter()
-                        .filter_map(Result::ok)
-                        .map(|(_, v)| (v.index, v.flags)),
-                );
-            }
-            _ => {}
-        }
-    }
-    Ok(out)
+fn peer_indices(tables: &Tables) -> Result<BTreeMap<u32, u32>, ControlError> {
+    let (v4, v6) = tables.read_peers()?;
+    Ok(v4
+        .values()
+        .chain(v6.values())
+        .map(|info| (info.index, info.flags))
+        .collect())
 }
 
 async fn attached() -> Result<Attached, ControlError> {

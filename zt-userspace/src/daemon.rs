@@ -22,7 +22,7 @@ use crate::{
     adopt::{self, AdoptError, Pass},
     attach::{self, AttachError, Attachment, XdpMode},
     audit::{
-        self, AuditError, Names, Trail,
+        self, AuditError, Names, ServiceNames, Trail,
         kernel::Feed,
         ledger::LedgerEntry,
         record::{ChangeStage, Program},
@@ -193,7 +193,11 @@ pub async fn up(
     }
     ready(&enforcing, armed.as_ref().map(|a| &a.change));
 
-    let mut feed = Feed::new(ring, summaries, names(&enforcing, tunnel_policy.as_ref()))?;
+    let mut feed = Feed::new(
+        ring,
+        summaries,
+        names(&enforcing, &config, tunnel_policy.as_ref()),
+    )?;
     let mut running = Running {
         opts,
         metrics: metrics::Shared::default(),
@@ -568,6 +572,7 @@ fn swap(
         return Err(ReloadError::Write { source });
     }
     feed.set_peers(peer_names(tunnel), GroupWatch::new(tunnel));
+    feed.set_services(config.policy.edge.as_ref());
     running.ids.record(&config, tunnel);
     let replaced = std::mem::replace(&mut running.config, config);
     Ok(Before {
@@ -656,11 +661,9 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
             if o.interface != n.interface {
                 out.push("edge.interface");
             }
-            if o.ssh_port != n.ssh_port {
-                out.push("edge.ssh_port");
-            }
-            // Both load-time constants of the programs; a peer's own
-            // mode travels with the peer and reloads in place.
+            // A load-time constant of the programs (the ssh port, like
+            // every service's, is in a map and reloads in place); a
+            // peer's own mode travels with the peer and reloads in place.
             if o.mode != n.mode {
                 out.push("mode");
             }
@@ -723,7 +726,9 @@ fn has_ethernet_header(interface: &str) -> bool {
         .is_ok_and(|t| t.trim() == "1")
 }
 
-fn names(enforcing: &Enforcing, tunnel: Option<&TunnelPolicy>) -> Names {
+/// The names records give what the kernel numbers: interfaces, peers,
+/// groups and the edge's services.
+fn names(enforcing: &Enforcing, config: &Config, tunnel: Option<&TunnelPolicy>) -> Names {
     let mut n = Names::default();
     for a in enforcing
         .edge
@@ -741,6 +746,7 @@ fn names(enforcing: &Enforcing, tunnel: Option<&TunnelPolicy>) -> Names {
     }
     n.peers = peer_names(tunnel);
     n.groups = GroupWatch::new(tunnel);
+    n.services = config.policy.edge.as_ref().map(ServiceNames::new);
     n
 }
 

@@ -45,7 +45,7 @@ use crate::{
     grants::{self, GrantsError, GrantsLock, RuntimeGrants},
     identity::Identity,
     loader::{self, LoadError, LoadOptions},
-    policy::{Grant, Protocol, TunnelPolicy},
+    policy::{EdgePolicy, Grant, Protocol, TunnelPolicy},
     tables::{Contents, LpmParts, Tables, TablesError},
 };
 
@@ -178,7 +178,12 @@ pub enum Area {
     /// The peers by index, against the running policy's identity.
     Peers,
     WireguardPorts,
+    /// The `ssh` service's sources (`ssh_allow`).
     SshAllow,
+    /// A port of an edge service, the `ssh` service's included.
+    ServicePort,
+    /// A source of an edge service other than `ssh`.
+    ServiceSource,
     PeerAddress,
     Grant,
     /// The flow timeouts and the echo rate.
@@ -276,7 +281,14 @@ pub async fn check(
             expected.tunnel.as_ref(),
             &config.policy.flows,
         )?;
-        differences.extend(compare_maps(&want, &kernel, &|m| tables.has(m), &names));
+        let services = service_names(config.policy.edge.as_ref());
+        differences.extend(compare_maps(
+            &want,
+            &kernel,
+            &|m| tables.has(m),
+            &names,
+            &services,
+        ));
     }
     let running = Identity::live(&ours)?;
     if let Some(r) = &running {
@@ -535,6 +547,13 @@ fn peer_names(tunnel: Option<&TunnelPolicy>) -> Vec<String> {
     })
 }
 
+/// Edge service names by bit: `ssh`, then the `[[edge.service]]` tables.
+fn service_names(edge: Option<&EdgePolicy>) -> Vec<String> {
+    edge.map_or_else(Vec::new, |e| {
+        e.services().map(|s| s.name.to_owned()).collect()
+    })
+}
+
 fn name_of(names: &[String], index: u32) -> String {
     names
         .get(index as usize)
@@ -573,12 +592,13 @@ fn entry_difference(
 
 /// The differences between the maps' contents `want` (the policy) and
 /// `kernel` (read back), for the maps `present` says the running programs
-/// use; `names` are the peers by index.
+/// use; `names` are the peers by index, `services` the edge services by bit.
 fn compare_maps(
     want: &Contents,
     kernel: &Contents,
     present: &dyn Fn(&'static str) -> bool,
     names: &[String],
+    services: &[String],
 ) -> Vec<Difference> {
     let mut out = Vec::new();
     if present(map::EDGE_UDP_PORTS) {
@@ -597,31 +617,47 @@ fn compare_maps(
             }
         }
     }
-    let mut sets = |w: Vec<String>, k: Vec<String>| {
-        let (w, k): (BTreeSet<_>, BTreeSet<_>) = (w.into_iter().collect(), k.into_iter().collect());
-        for (a, b, change) in [(&w, &k, Change::Missing), (&k, &w, Change::Extra)] {
-            for p in a.difference(b) {
-                out.push(entry_difference(
-                    Area::SshAllow,
-                    change,
-                    None,
-                    p.clone(),
-                    format!("ssh_allow: {p} {}", word_of(change)),
-                ));
-            }
+    if present(map::SERVICE_PORTS) {
+        out.extend(mask_differences(
+            &want.service_ports,
+            &kernel.service_ports,
+            services,
+            |&at| {
+                let (protocol, port) = if at >= 65_536 {
+                    ("udp", at - 65_536)
+                } else {
+                    ("tcp", at)
+                };
+                format!("{protocol}/{port}")
+            },
+            |service, _| (Area::ServicePort, format!("service {service}:")),
+        ));
+    }
+    // The ssh service's sources are `ssh_allow`, as before services.
+    let source_area = |service: &str, bit: u32| {
+        if bit == 0 {
+            (Area::SshAllow, "ssh_allow:".to_owned())
+        } else {
+            (Area::ServiceSource, format!("service {service}: from"))
         }
     };
-    if present(map::SSH_ALLOW_V4) {
-        sets(
-            want.ssh_v4.iter().map(prefix).collect(),
-            kernel.ssh_v4.iter().map(prefix).collect(),
-        );
+    if present(map::SOURCES_V4_16) {
+        out.extend(mask_differences(
+            &want.sources.v4_prefixes(),
+            &kernel.sources.v4_prefixes(),
+            services,
+            prefix,
+            source_area,
+        ));
     }
-    if present(map::SSH_ALLOW_V6) {
-        sets(
-            want.ssh_v6.iter().map(prefix).collect(),
-            kernel.ssh_v6.iter().map(prefix).collect(),
-        );
+    if present(map::SOURCES_V6) {
+        out.extend(mask_differences(
+            &want.sources.v6_prefixes(),
+            &kernel.sources.v6_prefixes(),
+            services,
+            prefix,
+            source_area,
+        ));
     }
     let mut icmp = IcmpFlags::default();
     if present(map::PEER_V4) {
@@ -646,6 +682,40 @@ fn compare_maps(
     }
     if present(map::FLOW_CONFIG) {
         out.extend(flow_differences(&want.flow_config, &kernel.flow_config));
+    }
+    out
+}
+
+/// The service bits one side gives an entry (a port, a source prefix)
+/// and the other does not, one difference per entry and service:
+/// `service https: tcp/443 missing`. `area` gives a service's area and
+/// the words before the entry.
+fn mask_differences<K: Ord>(
+    want: &BTreeMap<K, u64>,
+    kernel: &BTreeMap<K, u64>,
+    services: &[String],
+    item: impl Fn(&K) -> String,
+    area: impl Fn(&str, u32) -> (Area, String),
+) -> Vec<Difference> {
+    let keys: BTreeSet<&K> = want.keys().chain(kernel.keys()).collect();
+    let mut out = Vec::new();
+    for key in keys {
+        let w = want.get(key).copied().unwrap_or(0);
+        let k = kernel.get(key).copied().unwrap_or(0);
+        for (bits, change) in [(w & !k, Change::Missing), (k & !w, Change::Extra)] {
+            for bit in (0..u64::BITS).filter(|b| bits & (1 << b) != 0) {
+                let service = name_of(services, bit);
+                let (area, before) = area(&service, bit);
+                let item = item(key);
+                out.push(entry_difference(
+                    area,
+                    change,
+                    None,
+                    item.clone(),
+                    format!("{before} {item} {}", word_of(change)),
+                ));
+            }
+        }
     }
     out
 }

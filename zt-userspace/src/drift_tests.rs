@@ -149,13 +149,17 @@ fn contents(config: &Config) -> Contents {
 fn map_differences_read_as_the_config_writes_them() {
     let config = config();
     let names = peer_names(config.policy.tunnel.as_ref());
+    let services = service_names(config.policy.edge.as_ref());
     let want = contents(&config);
     let all = |_: &'static str| true;
-    assert!(compare_maps(&want, &want, &all, &names).is_empty());
+    assert!(compare_maps(&want, &want, &all, &names, &services).is_empty());
 
     let mut kernel = want.clone();
-    kernel.ssh_v4.insert(([203, 0, 113, 0], 24));
-    kernel.ssh_v6.clear();
+    kernel.sources.v4_24.insert([203, 0, 113, 0], 1);
+    kernel.sources.v6.clear();
+    // The ssh port moves to 2200.
+    kernel.service_ports.clear();
+    kernel.service_ports.insert(2200, 1);
     kernel.udp_ports[801] |= 1 << 1;
     // app-1 loses tcp/5432 and tcp/8050-8051, app-2 gains udp/53.
     let word = |peer, protocol, port: u16| GrantKey {
@@ -182,7 +186,7 @@ fn map_differences_read_as_the_config_writes_them() {
         .peer_v4
         .insert(([10, 9, 0, 0], 16), PeerInfo { index: 7, flags: 0 });
     kernel.flow_config.udp_ns = 5_000_000_000;
-    let mut d = compare_maps(&want, &kernel, &all, &names);
+    let mut d = compare_maps(&want, &kernel, &all, &names, &services);
     d.sort();
     assert_eq!(
         texts(&d),
@@ -190,6 +194,8 @@ fn map_differences_read_as_the_config_writes_them() {
             "wireguard_ports: 51265 extra",
             "ssh_allow: fd77::2/128 missing",
             "ssh_allow: 203.0.113.0/24 extra",
+            "service ssh: tcp/22 missing",
+            "service ssh: tcp/2200 extra",
             "peer #7: address 10.9.0.0/16 extra",
             "address 10.100.0.2/32: peer app-1 in the kernel, app-2 in the config",
             "peer app-1: icmp missing for fd00:100::1/128",
@@ -209,12 +215,22 @@ fn map_differences_read_as_the_config_writes_them() {
     );
 
     // Maps no running program uses are not compared.
-    let tunnel_only =
-        |m: &'static str| ![map::EDGE_UDP_PORTS, map::SSH_ALLOW_V4, map::SSH_ALLOW_V6].contains(&m);
+    let tunnel_only = |m: &'static str| {
+        ![
+            map::EDGE_UDP_PORTS,
+            map::SERVICE_PORTS,
+            map::SOURCES_V4_16,
+            map::SOURCES_V6,
+        ]
+        .contains(&m)
+    };
     assert!(
-        !compare_maps(&want, &kernel, &tunnel_only, &names)
+        !compare_maps(&want, &kernel, &tunnel_only, &names, &services)
             .iter()
-            .any(|d| matches!(d.area, Area::SshAllow | Area::WireguardPorts))
+            .any(|d| matches!(
+                d.area,
+                Area::SshAllow | Area::WireguardPorts | Area::ServicePort
+            ))
     );
 }
 
@@ -222,6 +238,7 @@ fn map_differences_read_as_the_config_writes_them() {
 fn a_peer_without_icmp_anywhere_is_one_line() {
     let config = config();
     let names = peer_names(config.policy.tunnel.as_ref());
+    let services = service_names(config.policy.edge.as_ref());
     let want = contents(&config);
     let mut kernel = want.clone();
     for info in kernel
@@ -232,7 +249,7 @@ fn a_peer_without_icmp_anywhere_is_one_line() {
         info.flags = 0;
     }
     assert_eq!(
-        texts(&compare_maps(&want, &kernel, &|_| true, &names)),
+        texts(&compare_maps(&want, &kernel, &|_| true, &names, &services)),
         ["peer app-1: icmp missing"]
     );
 }

@@ -24,7 +24,7 @@ use crate::{
     config::Config,
     identity::{self, Identity, IdentityError},
     model::{self, Explanation, Fact, Flow, Seen},
-    policy::{Grant, Mode, Peer},
+    policy::{EdgePolicy, Grant, Mode, Peer},
 };
 use live::{Live, LiveError};
 use packet::Request;
@@ -158,6 +158,10 @@ pub struct Report {
     pub reason: &'static str,
     pub meaning: &'static str,
     pub peer: Option<PeerView>,
+    /// On the edge, the service the decision names (as audit records do):
+    /// the first of the port's services that admits the source, or the
+    /// port's first when none does.
+    pub service: Option<String>,
     pub why: Vec<Why>,
     /// The config the rules' lines are from.
     pub config: Option<PathBuf>,
@@ -228,6 +232,21 @@ impl Sources {
         self.config_peer(index).map_or((None, None), |p| {
             (Some(p.name.clone()), p.public_key.clone())
         })
+    }
+
+    /// The name of edge service `index` (0 is `ssh`), and its config key.
+    fn service(&self, index: u32) -> (String, Option<String>) {
+        if index == 0 {
+            return (EdgePolicy::SSH_SERVICE.to_owned(), None);
+        }
+        let key = format!("edge.service[{}]", index - 1);
+        let name = self
+            .config
+            .as_ref()
+            .and_then(|c| c.policy.edge.as_ref())
+            .and_then(|e| e.services.get(index as usize - 1))
+            .map_or_else(|| format!("#{index}"), |s| s.name.clone());
+        (name, Some(key))
     }
 
     fn peer_label(&self, index: u32) -> String {
@@ -403,6 +422,7 @@ fn report(
         reason: reason::name(code),
         meaning: reason::meaning(code),
         peer,
+        service: explanation.service.map(|i| sources.service(i).0),
         why,
         config: sources.config.as_ref().map(|c| c.path.clone()),
         config_note: sources.note.clone(),
@@ -469,33 +489,55 @@ fn why(fact: &Fact, code: u32, live: &Live, sources: &Sources) -> Option<Why> {
             };
             Why::new("wireguard_port", listed, text, sources.rule(key))
         }
-        Fact::NotSshPort { port, ssh_port } => Why::new(
-            "ssh_port",
+        Fact::NoService { protocol, port } => Why::new(
+            "service_port",
             false,
-            format!("TCP to {port}, not the SSH port {ssh_port}; no other TCP port is open"),
-            sources.rule("edge.ssh_port".into()),
+            format!(
+                "{} to {port}, which no edge service opens",
+                transport_name(protocol).to_uppercase()
+            ),
+            None,
         ),
-        Fact::SshAllow { source, prefix } => {
+        Fact::Service {
+            service,
+            source,
+            prefix,
+        } => {
+            let (name, at) = sources.service(service);
+            // The ssh service's sources are `ssh_allow`, as before services.
+            let (kind, list) = match &at {
+                None => ("ssh_allow", "edge.ssh_allow".to_owned()),
+                Some(at) => ("service_from", format!("{at}.from")),
+            };
+            let label = match &at {
+                None => list.clone(),
+                Some(_) => format!("{list} (service {name})"),
+            };
             let Some(prefix) = prefix else {
                 return Some(Why::new(
-                    "ssh_allow",
+                    kind,
                     false,
-                    format!("no prefix of edge.ssh_allow holds {source}"),
-                    sources.rule("edge.ssh_allow".into()),
+                    format!("no prefix of {label} holds {source}"),
+                    sources.rule(list),
                 ));
             };
-            let j = edge.and_then(|e| e.ssh_allow.iter().position(|n| *n == prefix));
+            let j = edge.and_then(|e| {
+                e.services()
+                    .nth(service as usize)
+                    .and_then(|s| s.from.iter().position(|n| *n == prefix))
+            });
             let text = match j {
-                Some(_) => format!("{prefix} of edge.ssh_allow holds {source}"),
+                Some(_) => format!("{prefix} of {label} holds {source}"),
                 None => format!(
-                    "{prefix} holds {source}: the kernel's allow-list has it, the config does not"
+                    "{prefix} holds {source}: the kernel's sources of service {name} have it, \
+                     the config does not"
                 ),
             };
             let mut w = Why::new(
-                "ssh_allow",
+                kind,
                 true,
                 text,
-                j.and_then(|j| sources.rule(format!("edge.ssh_allow[{j}]"))),
+                j.and_then(|j| sources.rule(format!("{list}[{j}]"))),
             );
             w.prefix = Some(prefix);
             w
@@ -711,6 +753,9 @@ impl fmt::Display for Report {
                 "a parse failure drops in audit mode too"
             };
             writeln!(f, "  audit mode: {effect}")?;
+        }
+        if let Some(service) = &self.service {
+            writeln!(f, "service {service}")?;
         }
         if let Some(p) = &self.peer {
             write!(

@@ -3,8 +3,10 @@
 //! nftables enforcing the same policy.
 //!
 //! The ruleset mirrors the BPF programs' decisions, in their order:
-//! - the edge interface passes `WireGuard` UDP ports, the SSH port from
-//!   `ssh_allow`, IPv6 neighbour discovery with hop limit 255, and ICMP echo
+//! - the edge interface passes `WireGuard` UDP ports, each service's ports
+//!   from its sources (the `ssh` service's are `ssh_port` and `ssh_allow`;
+//!   one set per service and family, `service_N_v4`, N its position), IPv6
+//!   neighbour discovery with hop limit 255, and ICMP echo
 //!   requests within a per-source rate (`limit rate` over a dynamic set, as
 //!   ztxdp's per-source token bucket), and drops everything else (ARP never
 //!   reaches an `inet` chain, so it passes as in ztxdp);
@@ -166,9 +168,12 @@ pub fn nft_ruleset_with(policy: &Policy, opts: &NftOptions) -> String {
 }
 
 fn edge_sets(out: &mut String, edge: &EdgePolicy) {
-    let (v4, v6) = split(&edge.ssh_allow);
-    set(out, "ssh_allow_v4", "ipv4_addr", &v4);
-    set(out, "ssh_allow_v6", "ipv6_addr", &v6);
+    for (i, service) in edge.services().enumerate() {
+        let _ = writeln!(out, "  # service {}", one_line(service.name));
+        let (v4, v6) = split(service.from);
+        set(out, &format!("service_{i}_v4"), "ipv4_addr", &v4);
+        set(out, &format!("service_{i}_v6"), "ipv6_addr", &v6);
+    }
     if echo_allowed(edge.icmp_echo) {
         // One limiter per source, like ztxdp's LRU of token buckets; an idle
         // source's entry expires, and a fresh one starts with a full burst,
@@ -241,20 +246,37 @@ fn edge_chain(out: &mut String, edge: &EdgePolicy, opts: &NftOptions) {
             .collect();
         let _ = writeln!(out, "    udp dport {{ {} }} accept", ports.join(", "));
     }
-    let (v4, v6) = split(&edge.ssh_allow);
-    if !v4.is_empty() {
-        let _ = writeln!(
-            out,
-            "    tcp dport {} ip saddr @ssh_allow_v4 accept",
-            edge.ssh_port
-        );
-    }
-    if !v6.is_empty() {
-        let _ = writeln!(
-            out,
-            "    tcp dport {} ip6 saddr @ssh_allow_v6 accept",
-            edge.ssh_port
-        );
+    // A packet passes when any service of its port admits its source:
+    // one accept rule per service, protocol and family.
+    for (i, service) in edge.services().enumerate() {
+        let (v4, v6) = split(service.from);
+        for protocol in [Protocol::Tcp, Protocol::Udp] {
+            let ports: Vec<String> = service
+                .ports
+                .iter()
+                .filter(|r| r.protocol == protocol)
+                .map(|r| {
+                    if r.first == r.last {
+                        r.first.to_string()
+                    } else {
+                        format!("{}-{}", r.first, r.last)
+                    }
+                })
+                .collect();
+            if ports.is_empty() {
+                continue;
+            }
+            let ports = ports.join(", ");
+            let name = protocol.name();
+            for (nets, family, set) in [(&v4, "ip", "v4"), (&v6, "ip6", "v6")] {
+                if !nets.is_empty() {
+                    let _ = writeln!(
+                        out,
+                        "    {name} dport {{ {ports} }} {family} saddr @service_{i}_{set} accept"
+                    );
+                }
+            }
+        }
     }
     let _ = writeln!(
         out,
@@ -409,6 +431,7 @@ mod tests {
                     net("2001:db8:1::/64"),
                     net("198.51.100.0/24"),
                 ],
+                services: Vec::new(),
                 icmp_echo: EchoRate {
                     ns_per_token: 500_000_000,
                     burst: 3,
@@ -488,8 +511,8 @@ mod tests {
         let text = nft_ruleset(&policy());
         assert_line(&text, "iifname \"eth0\" jump edge");
         assert_line(&text, "udp dport { 51820, 51821 } accept");
-        assert_line(&text, "tcp dport 2222 ip saddr @ssh_allow_v4 accept");
-        assert_line(&text, "tcp dport 2222 ip6 saddr @ssh_allow_v6 accept");
+        assert_line(&text, "tcp dport { 2222 } ip saddr @service_0_v4 accept");
+        assert_line(&text, "tcp dport { 2222 } ip6 saddr @service_0_v6 accept");
         assert_line(&text, "192.0.2.10/32, 198.51.100.0/24 }");
         assert_line(&text, "2001:db8:1::/64 }");
         assert_line(&text, &format!("counter name {EDGE_DROP_COUNTER} drop"));
@@ -635,6 +658,53 @@ mod tests {
             "icmpv6 type { nd-router-solicit, nd-router-advert, nd-redirect } counter name tunnel_drop drop",
         );
         assert_line(&text, "# peer ops laptop");
+    }
+
+    #[test]
+    fn services_get_a_set_per_family_and_a_rule_per_protocol() {
+        let mut p = policy();
+        if let Some(e) = p.edge.as_mut() {
+            e.services = vec![
+                crate::policy::Service {
+                    name: "https".into(),
+                    ports: vec![
+                        crate::policy::PortRange {
+                            protocol: Protocol::Tcp,
+                            first: 443,
+                            last: 443,
+                        },
+                        crate::policy::PortRange {
+                            protocol: Protocol::Udp,
+                            first: 443,
+                            last: 443,
+                        },
+                    ],
+                    from: vec![net("0.0.0.0/0"), net("::/0")],
+                },
+                crate::policy::Service {
+                    name: "admin".into(),
+                    ports: vec![crate::policy::PortRange {
+                        protocol: Protocol::Tcp,
+                        first: 8000,
+                        last: 8100,
+                    }],
+                    from: vec![net("10.0.0.0/8")],
+                },
+            ];
+        }
+        let text = nft_ruleset(&p);
+        assert_line(&text, "# service https");
+        assert_line(&text, "tcp dport { 443 } ip saddr @service_1_v4 accept");
+        assert_line(&text, "udp dport { 443 } ip6 saddr @service_1_v6 accept");
+        assert_line(
+            &text,
+            "tcp dport { 8000-8100 } ip saddr @service_2_v4 accept",
+        );
+        assert!(
+            !text.contains("@service_2_v6 accept"),
+            "a service with no IPv6 source gets no IPv6 rule:\n{text}"
+        );
+        assert_line(&text, "0.0.0.0/0 }");
     }
 
     #[test]

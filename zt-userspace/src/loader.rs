@@ -56,12 +56,12 @@ pub struct LoadOptions {
     pub tunnel_link_local: bool,
     /// Size of the flow table (`flows.max_entries`).
     pub flow_entries: u32,
-    /// The edge policy's SSH port; `None` when there is no edge policy, and
-    /// the edge program then drops everything as `not_configured`. Fixed at
-    /// load: the verifier folds it into the program.
-    pub ssh_port: Option<u16>,
+    /// Whether there is an edge policy; without one the edge program drops
+    /// everything as `not_configured`. Fixed at load: the verifier folds it
+    /// into the program.
+    pub edge: bool,
     /// The edge's mode (`mode`; only with an edge policy). Fixed at load,
-    /// like `ssh_port`.
+    /// like `edge`.
     pub edge_mode: Mode,
     /// The tunnel program's mode for packets from no peer's address. Each
     /// peer's own mode is in its `PeerInfo`.
@@ -74,7 +74,7 @@ impl Default for LoadOptions {
             tunnel_l2: false,
             tunnel_link_local: false,
             flow_entries: zt_common::capacity::FLOWS_DEFAULT,
-            ssh_port: None,
+            edge: false,
             edge_mode: Mode::Enforce,
             tunnel_mode: Mode::Enforce,
         }
@@ -89,10 +89,8 @@ impl Default for LoadOptions {
 pub fn load(opts: LoadOptions) -> Result<Ebpf, LoadError> {
     relax_memlock();
     let cpus = cpu_slots()?;
-    let edge = opts
-        .ssh_port
-        .map_or_else(EdgeConfig::default, |ssh_port| EdgeConfig {
-            ssh_port,
+    let edge = if opts.edge {
+        EdgeConfig {
             _pad0: 0,
             flags: EDGE_CONFIGURED
                 | if opts.edge_mode == Mode::Audit {
@@ -100,7 +98,10 @@ pub fn load(opts: LoadOptions) -> Result<Ebpf, LoadError> {
                 } else {
                     0
                 },
-        });
+        }
+    } else {
+        EdgeConfig::default()
+    };
     let mut ebpf = EbpfLoader::new()
         .override_global(global::TUNNEL_L2, &u8::from(opts.tunnel_l2), true)
         .override_global(
@@ -171,7 +172,7 @@ pub fn load_filled(
         tunnel_l2,
         tunnel_link_local: tunnel.is_some_and(|t| t.link_local_neighbors),
         flow_entries: flows.max_entries,
-        ssh_port: edge.map(|e| e.ssh_port),
+        edge: edge.is_some(),
         edge_mode: edge.map(|e| e.mode).unwrap_or_default(),
         tunnel_mode: tunnel.map(|t| t.mode).unwrap_or_default(),
     })?;

@@ -158,7 +158,7 @@ enum Command {
     /// runtime grants and swap the policy in place (as SIGHUP does):
     /// programs, flows, counters and the audit trail go on. Exits non-zero,
     /// changing nothing, when the config is invalid or changes what needs a
-    /// restart (interfaces, `edge.ssh_port`, `flows.max_entries`, `[audit]`).
+    /// restart (interfaces, `mode`, `flows.max_entries`, `[audit]`).
     #[command(
         after_help = "Examples:\n  ztxdp check --config /etc/ztxdp/ztxdp.toml && ztxdp reload\n  \
         ip netns exec edge ztxdp reload\n  kill -HUP \"$(pidof ztxdp)\"   # same, result in the daemon's log\n  \
@@ -1204,7 +1204,14 @@ fn print_status(s: &Status) -> anyhow::Result<()> {
             let verdict = p.verdicts.get(name).copied().unwrap_or("");
             outln!("  {name:<24} {verdict:<5} {n}");
         }
-        let maps: Vec<String> = p.maps.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let maps: Vec<String> = p
+            .maps
+            .iter()
+            .map(|(k, v)| match p.memory.get(k) {
+                Some(bytes) => format!("{k}={v} ({} KiB)", bytes.div_ceil(1024)),
+                None => format!("{k}={v}"),
+            })
+            .collect();
         outln!("  maps: {}", maps.join(" "));
         for peer in &p.peers {
             let name = peer

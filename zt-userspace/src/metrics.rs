@@ -243,6 +243,7 @@ pub fn render(programs: &Programs, daemon: &Daemon) -> Result<String, std::fmt::
     let (mut lost, mut suppressed) = (0, 0);
     let mut entries = BTreeMap::new();
     let mut capacity = BTreeMap::new();
+    let mut memory = BTreeMap::new();
     for (name, p) in [("edge", &programs.edge), ("tunnel", &programs.tunnel)] {
         let Some(p) = p else { continue };
         for &code in &reason::ALL {
@@ -296,6 +297,7 @@ pub fn render(programs: &Programs, daemon: &Daemon) -> Result<String, std::fmt::
         // Both programs of one object share maps: the same numbers twice.
         entries.extend(p.maps.iter().map(|(k, v)| (*k, *v as u64)));
         capacity.extend(p.capacity.iter().map(|(k, v)| (*k, *v)));
+        memory.extend(p.memory.iter().map(|(k, v)| (*k, *v)));
     }
     if let Some(f) = &programs.flows {
         let flows = Gauge::<u64, std::sync::atomic::AtomicU64>::default();
@@ -319,6 +321,11 @@ pub fn render(programs: &Programs, daemon: &Daemon) -> Result<String, std::fmt::
             "ztxdp_map_capacity",
             "Most entries each set-like map holds",
             &capacity,
+        ),
+        (
+            "ztxdp_map_bytes",
+            "Kernel memory each set-like map takes, in bytes",
+            &memory,
         ),
     ] {
         let family = Family::<MapLabels, Gauge<u64, std::sync::atomic::AtomicU64>>::default();

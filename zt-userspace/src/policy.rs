@@ -1,7 +1,7 @@
 //! The validated policy: what `config` produces, what `tables` writes into
 //! the BPF maps, and what `model` evaluates. Plain data, no parsing.
 
-use std::{fmt, path::PathBuf, time::Duration};
+use std::{borrow::Cow, fmt, path::PathBuf, time::Duration};
 
 use ipnet::IpNet;
 
@@ -110,11 +110,106 @@ pub struct EdgePolicy {
     pub ssh_port: u16,
     /// Sources allowed to reach `ssh_port`, IPv4 and IPv6.
     pub ssh_allow: Vec<IpNet>,
+    /// The `[[edge.service]]` tables, in file order. With the `ssh`
+    /// service of `ssh_port` and `ssh_allow` first, [`Self::services`]
+    /// gives every service the edge opens.
+    pub services: Vec<Service>,
     /// ICMP echo requests to the host, per source (`edge.icmp_echo_rate`,
     /// `edge.icmp_echo_burst`).
     pub icmp_echo: EchoRate,
     /// The top-level `mode`; fixed when the edge program is loaded.
     pub mode: Mode,
+}
+
+impl EdgePolicy {
+    /// The name of the service `ssh_port` and `ssh_allow` define.
+    pub const SSH_SERVICE: &str = "ssh";
+
+    /// Every service the edge opens, the `ssh` service first, then the
+    /// `[[edge.service]]` tables in file order: a service's position is
+    /// its bit in the kernel's service masks, and where services share a
+    /// port, the first that admits a source is the one a decision names.
+    pub fn services(&self) -> impl Iterator<Item = ServiceView<'_>> {
+        let ssh = ServiceView {
+            name: Self::SSH_SERVICE,
+            ports: Cow::Owned(vec![PortRange {
+                protocol: Protocol::Tcp,
+                first: self.ssh_port,
+                last: self.ssh_port,
+            }]),
+            from: &self.ssh_allow,
+        };
+        std::iter::once(ssh).chain(self.services.iter().map(Service::view))
+    }
+}
+
+/// Ports `first..=last` of one transport protocol (`first == last` for a
+/// single port; never 0).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PortRange {
+    pub protocol: Protocol,
+    pub first: u16,
+    pub last: u16,
+}
+
+impl PortRange {
+    /// Whether it holds `port` of `protocol`.
+    #[must_use]
+    pub fn contains(&self, protocol: Protocol, port: u16) -> bool {
+        self.protocol == protocol && (self.first..=self.last).contains(&port)
+    }
+
+    /// Whether it shares a port with `other`.
+    #[must_use]
+    pub fn overlaps(&self, other: &Self) -> bool {
+        self.protocol == other.protocol && self.first <= other.last && other.first <= self.last
+    }
+}
+
+/// The configuration-file form: `tcp/443`, `udp/8000-8100`.
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        Grant::Ports {
+            protocol: self.protocol,
+            first: self.first,
+            last: self.last,
+        }
+        .fmt(f)
+    }
+}
+
+/// An edge service (`[[edge.service]]`): TCP and UDP ports open to a set
+/// of sources.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Service {
+    /// Unique among the edge's services; named in audit records.
+    pub name: String,
+    /// `allow`: never empty.
+    pub ports: Vec<PortRange>,
+    /// `from`: the sources the ports are open to; any prefix holding an
+    /// address admits it.
+    pub from: Vec<IpNet>,
+}
+
+impl Service {
+    /// As [`EdgePolicy::services`] lists it.
+    #[must_use]
+    pub fn view(&self) -> ServiceView<'_> {
+        ServiceView {
+            name: &self.name,
+            ports: Cow::Borrowed(&self.ports),
+            from: &self.from,
+        }
+    }
+}
+
+/// A service as [`EdgePolicy::services`] lists it: a `[[edge.service]]`
+/// table, or the `ssh` service of `ssh_port` and `ssh_allow`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceView<'a> {
+    pub name: &'a str,
+    pub ports: Cow<'a, [PortRange]>,
+    pub from: &'a [IpNet],
 }
 
 /// A per-source token bucket for ICMP echo requests.

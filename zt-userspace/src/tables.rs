@@ -18,12 +18,18 @@ use ipnet::IpNet;
 use zt_common::{
     COUNTER_SLOTS, CpuState, EventBucket, FlowConfig, FlowKey, FlowState, FragmentKey, GrantKey,
     PEER_AUDIT, PEER_ICMP, PeerCounters, PeerInfo, SourceKey, capacity, counter_index, map,
-    program, reason,
+    program, reason, service_port_index,
 };
 
 use crate::policy::{
     EchoRate, EdgePolicy, FlowSettings, Grant, Mode, Peer, Protocol, TunnelPolicy,
 };
+
+mod batch;
+mod peers;
+mod sources;
+
+pub use sources::Sources;
 
 /// Errors reading or writing the maps.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +41,12 @@ pub enum TablesError {
         name: &'static str,
         #[source]
         source: MapError,
+    },
+    #[error("BPF map {name}: writing entries in batches: {source}")]
+    Batch {
+        name: &'static str,
+        #[source]
+        source: std::io::Error,
     },
     #[error("mapping BPF map {name} into memory: {source}")]
     Mmap {
@@ -78,13 +90,22 @@ pub struct Tables {
     maps: HashMap<&'static str, Map>,
     /// `max_entries` by map name, of maps opened by id.
     capacity: HashMap<&'static str, u32>,
+    /// Bytes of kernel memory by map name (the map's `memlock`), of maps
+    /// opened by id.
+    memory: HashMap<&'static str, u64>,
 }
 
 /// The set-like maps `status` and the metrics report, by the label they
 /// report them under ([`label`]).
-const FILLED: [(&str, &str); 8] = [
-    (map::SSH_ALLOW_V4, "ssh_allow_v4"),
-    (map::SSH_ALLOW_V6, "ssh_allow_v6"),
+const FILLED: [(&str, &str); 14] = [
+    (map::SERVICE_PORTS, "service_ports"),
+    (map::SOURCES_V4_16, "service_sources_v4_16"),
+    (map::SOURCES_V4_24, "service_sources_v4_24"),
+    (map::SOURCES_V4_32, "service_sources_v4_32"),
+    (map::SOURCES_V6, "service_sources_v6"),
+    (map::SERVICE_SOURCES_V6, "service_sources_v6_trie"),
+    (map::PEER_HOSTS_V4, "peer_hosts_v4"),
+    (map::PEER_HOSTS_V6, "peer_hosts_v6"),
     (map::PEER_V4, "peer_v4"),
     (map::PEER_V6, "peer_v6"),
     (map::GRANTS, "grant_words"),
@@ -102,14 +123,21 @@ fn label(name: &'static str) -> &'static str {
 }
 
 /// Map names `Tables` handles; a fresh object must have all of them.
-const ALL_MAPS: [&str; 11] = [
+const ALL_MAPS: [&str; 18] = [
     map::FLOWS,
     map::FLOW_CONFIG,
     map::ECHO_BUCKETS,
     map::EDGE_UDP_PORTS,
-    map::SSH_ALLOW_V4,
-    map::SSH_ALLOW_V6,
+    map::SERVICE_PORTS,
+    map::SOURCES_V4_16,
+    map::SOURCES_V4_24,
+    map::SOURCES_V4_32,
+    map::SOURCES_V6,
+    map::SOURCE_V6_LENGTHS,
+    map::SERVICE_SOURCES_V6,
     map::CPU_STATE,
+    map::PEER_HOSTS_V4,
+    map::PEER_HOSTS_V6,
     map::PEER_V4,
     map::PEER_V6,
     map::GRANTS,
@@ -137,6 +165,7 @@ impl Tables {
         Ok(Self {
             maps,
             capacity: HashMap::new(),
+            memory: HashMap::new(),
         })
     }
 
@@ -148,6 +177,7 @@ impl Tables {
     pub fn from_map_ids(ids: &[u32]) -> Result<Self, TablesError> {
         let mut maps = HashMap::new();
         let mut capacity = HashMap::new();
+        let mut memory = HashMap::new();
         for &id in ids {
             let data = MapData::from_id(id).map_err(map_err("(by id)"))?;
             let info = data.info().map_err(map_err("(by id)"))?;
@@ -158,11 +188,18 @@ impl Tables {
                 continue;
             };
             capacity.insert(*name, info.max_entries());
+            if let Some(bytes) = memlock(&data) {
+                memory.insert(*name, bytes);
+            }
             maps.insert(*name, Map::from_map_data(data).map_err(map_err(name))?);
         }
         // A program only holds the maps it uses (the edge program has no peer
         // maps), so absence is reported when a missing map is used.
-        Ok(Self { maps, capacity })
+        Ok(Self {
+            maps,
+            capacity,
+            memory,
+        })
     }
 
     fn get(&mut self, name: &'static str) -> Result<&mut Map, TablesError> {
@@ -175,37 +212,24 @@ impl Tables {
         self.maps.get(name).ok_or(TablesError::MissingMap { name })
     }
 
-    /// Writes the edge policy's sets. Its settings (the SSH port, and whether
-    /// there is an edge policy at all) were fixed when the programs were
-    /// loaded ([`crate::loader::LoadOptions::ssh_port`]); the daemon attaches
-    /// only after this returns, so a program never runs on half-filled maps.
-    /// Crate-private: only [`crate::loader::load_filled`] calls it, with the
-    /// policy it loaded the programs for, so the sets written here and the
-    /// SSH port fixed at load always come from one policy.
+    /// Writes the edge policy's sets into fresh maps. Its settings
+    /// (whether there is an edge policy at all, and its mode) were fixed
+    /// when the programs were loaded ([`crate::loader::LoadOptions::edge`]);
+    /// the daemon attaches only after this returns, so a program never runs
+    /// on half-filled maps. Crate-private: only
+    /// [`crate::loader::load_filled`] calls it, with the policy it loaded
+    /// the programs for.
     ///
     /// # Errors
     /// When a map update fails or a set exceeds its map.
     pub(crate) fn apply_edge(&mut self, p: &EdgePolicy) -> Result<(), TablesError> {
-        let words = udp_words(&p.wireguard_ports);
-        let mut udp: Array<_, u64> = Array::try_from(self.get(map::EDGE_UDP_PORTS)?)
-            .map_err(map_err(map::EDGE_UDP_PORTS))?;
-        for (i, w) in (0u32..).zip(words) {
-            udp.set(i, w, 0).map_err(map_err(map::EDGE_UDP_PORTS))?;
-        }
-        let (v4, v6) = ssh_allow_keys(p)?;
-        let mut t4: LpmTrie<_, [u8; 4], u8> =
-            LpmTrie::try_from(self.get(map::SSH_ALLOW_V4)?).map_err(map_err(map::SSH_ALLOW_V4))?;
-        for (key, len) in &v4 {
-            t4.insert(&Key::new(*len, *key), 1, 0)
-                .map_err(map_err(map::SSH_ALLOW_V4))?;
-        }
-        let mut t6: LpmTrie<_, [u8; 16], u8> =
-            LpmTrie::try_from(self.get(map::SSH_ALLOW_V6)?).map_err(map_err(map::SSH_ALLOW_V6))?;
-        for (key, len) in &v6 {
-            t6.insert(&Key::new(*len, *key), 1, 0)
-                .map_err(map_err(map::SSH_ALLOW_V6))?;
-        }
-        Ok(())
+        let fresh = Contents {
+            udp_ports: vec![0; capacity::PORT_BITMAP_WORDS as usize],
+            ..Contents::default()
+        };
+        let mut c = fresh.clone();
+        c.fill_edge(p)?;
+        self.write_edge(&fresh, &c)
     }
 
     /// Writes every peer of the tunnel policy: addresses, ICMP flag, grants.
@@ -261,21 +285,8 @@ impl Tables {
         for (key, word) in &wanted {
             grants.insert(key, word, 0).map_err(map_err(map::GRANTS))?;
         }
-        let info = peer_info(index, peer);
         let (v4, v6) = split_families(&peer.addresses);
-        let mut t4: LpmTrie<_, [u8; 4], PeerInfo> =
-            LpmTrie::try_from(self.get(map::PEER_V4)?).map_err(map_err(map::PEER_V4))?;
-        for (key, len) in &v4 {
-            t4.insert(&Key::new(*len, *key), info, 0)
-                .map_err(map_err(map::PEER_V4))?;
-        }
-        let mut t6: LpmTrie<_, [u8; 16], PeerInfo> =
-            LpmTrie::try_from(self.get(map::PEER_V6)?).map_err(map_err(map::PEER_V6))?;
-        for (key, len) in &v6 {
-            t6.insert(&Key::new(*len, *key), info, 0)
-                .map_err(map_err(map::PEER_V6))?;
-        }
-        Ok(())
+        self.insert_peer_prefixes(peer_info(index, peer), &v4, &v6)
     }
 
     /// Writes the flow timeouts and the echo rate. Until this entry exists,
@@ -335,20 +346,36 @@ impl Tables {
     /// wrong delta in the audit trail's `lost` records. (Per-CPU maps copy
     /// word by word; this array is not one, see `zt_common::CpuState`.)
     fn cpu_counters(&self) -> Result<Vec<[u64; COUNTER_SLOTS as usize]>, TablesError> {
-        let m = self.get_ref(map::CPU_STATE)?;
-        let entries = Array::<_, CpuState>::try_from(m)
-            .map_err(map_err(map::CPU_STATE))?
-            .len();
+        self.mapped::<CpuState, _>(map::CPU_STATE, |states, entries| {
+            (0..entries)
+                .map(|cpu| {
+                    std::array::from_fn(|i| {
+                        // SAFETY: inside the mapping (cpu < entries, i <
+                        // COUNTER_SLOTS), page-aligned so every u64 is
+                        // aligned; volatile because the programs write it
+                        // meanwhile.
+                        unsafe { (&raw const (*states.add(cpu)).counters[i]).read_volatile() }
+                    })
+                })
+                .collect()
+        })
+    }
+
+    /// Runs `read` on a read-only mapping of the mmapable array `name`
+    /// (its first value and their number): one pass over memory where
+    /// lookups would take a system call per entry.
+    fn mapped<T: aya::Pod, R>(
+        &self,
+        name: &'static str,
+        read: impl FnOnce(*const T, usize) -> R,
+    ) -> Result<R, TablesError> {
+        let m = self.get_ref(name)?;
+        let entries = Array::<_, T>::try_from(m).map_err(map_err(name))?.len() as usize;
         let Map::Array(data) = m else {
-            return Err(TablesError::MissingMap {
-                name: map::CPU_STATE,
-            });
+            return Err(TablesError::MissingMap { name });
         };
-        let len = entries as usize * size_of::<CpuState>();
-        let mmap_err = |source| TablesError::Mmap {
-            name: map::CPU_STATE,
-            source,
-        };
+        let len = entries * size_of::<T>();
+        let mmap_err = |source| TablesError::Mmap { name, source };
         // SAFETY: a fresh read-only shared mapping of the map's fd, `len`
         // bytes, which the kernel allows for an mmapable array of `entries`
         // values; nothing else aliases it, and it is unmapped below.
@@ -365,17 +392,7 @@ impl Tables {
         if base == libc::MAP_FAILED {
             return Err(mmap_err(std::io::Error::last_os_error()));
         }
-        let states = base.cast::<CpuState>();
-        let out = (0..entries as usize)
-            .map(|cpu| {
-                std::array::from_fn(|i| {
-                    // SAFETY: inside the mapping (cpu < entries, i <
-                    // COUNTER_SLOTS), page-aligned so every u64 is aligned;
-                    // volatile because the programs write it meanwhile.
-                    unsafe { (&raw const (*states.add(cpu)).counters[i]).read_volatile() }
-                })
-            })
-            .collect();
+        let out = read(base.cast::<T>(), entries);
         // SAFETY: the mapping made above, no longer used.
         if unsafe { libc::munmap(base, len) } != 0 {
             return Err(mmap_err(std::io::Error::last_os_error()));
@@ -417,17 +434,8 @@ impl Tables {
             }
         }
         let has_icmp = |info: PeerInfo| info.index == index && info.flags & PEER_ICMP != 0;
-        let icmp4 = LpmTrie::<_, [u8; 4], PeerInfo>::try_from(self.get_ref(map::PEER_V4)?)
-            .map_err(map_err(map::PEER_V4))?
-            .iter()
-            .filter_map(Result::ok)
-            .any(|(_, info)| has_icmp(info));
-        let icmp6 = LpmTrie::<_, [u8; 16], PeerInfo>::try_from(self.get_ref(map::PEER_V6)?)
-            .map_err(map_err(map::PEER_V6))?
-            .iter()
-            .filter_map(Result::ok)
-            .any(|(_, info)| has_icmp(info));
-        if icmp4 || icmp6 {
+        let (v4, v6) = self.read_peers()?;
+        if v4.values().chain(v6.values()).any(|info| has_icmp(*info)) {
             ports.push(Grant::Icmp);
         }
         // Single ports merged into the minimal ranges the files use.
@@ -505,25 +513,28 @@ impl Tables {
     /// When a map cannot be walked.
     pub fn fill_levels(&self) -> Result<BTreeMap<&'static str, usize>, TablesError> {
         let mut out = BTreeMap::new();
-        if let Some(m) = self.maps.get(map::SSH_ALLOW_V4) {
-            let t: LpmTrie<_, [u8; 4], u8> =
-                LpmTrie::try_from(m).map_err(map_err(map::SSH_ALLOW_V4))?;
-            out.insert(label(map::SSH_ALLOW_V4), t.keys().count());
+        if self.maps.contains_key(map::SERVICE_PORTS) {
+            let ports = self.service_ports()?;
+            out.insert(label(map::SERVICE_PORTS), ports.len());
         }
-        if let Some(m) = self.maps.get(map::SSH_ALLOW_V6) {
-            let t: LpmTrie<_, [u8; 16], u8> =
-                LpmTrie::try_from(m).map_err(map_err(map::SSH_ALLOW_V6))?;
-            out.insert(label(map::SSH_ALLOW_V6), t.keys().count());
-        }
-        if let Some(m) = self.maps.get(map::PEER_V4) {
-            let t: LpmTrie<_, [u8; 4], PeerInfo> =
-                LpmTrie::try_from(m).map_err(map_err(map::PEER_V4))?;
-            out.insert(label(map::PEER_V4), t.keys().count());
-        }
-        if let Some(m) = self.maps.get(map::PEER_V6) {
-            let t: LpmTrie<_, [u8; 16], PeerInfo> =
-                LpmTrie::try_from(m).map_err(map_err(map::PEER_V6))?;
-            out.insert(label(map::PEER_V6), t.keys().count());
+        let sources = self.read_sources()?;
+        let (peer_v4, peer_v6) = self.read_peers()?;
+        let hosts_v4 = peer_v4.keys().filter(|(_, len)| *len == 32).count();
+        let hosts_v6 = peer_v6.keys().filter(|(_, len)| *len == 128).count();
+        for (name, n) in [
+            (map::SOURCES_V4_16, sources.v4_blocks.len()),
+            (map::SOURCES_V4_24, sources.v4_24.len()),
+            (map::SOURCES_V4_32, sources.v4_32.len()),
+            (map::SOURCES_V6, sources.v6.len()),
+            (map::SERVICE_SOURCES_V6, sources.v6_trie.len()),
+            (map::PEER_HOSTS_V4, hosts_v4),
+            (map::PEER_HOSTS_V6, hosts_v6),
+            (map::PEER_V4, peer_v4.len() - hosts_v4),
+            (map::PEER_V6, peer_v6.len() - hosts_v6),
+        ] {
+            if self.maps.contains_key(name) {
+                out.insert(label(name), n);
+            }
         }
         if let Some(m) = self.maps.get(map::GRANTS) {
             let g: BpfHashMap<_, GrantKey, u64> =
@@ -548,6 +559,16 @@ impl Tables {
             out.insert(label(map::EDGE_UDP_PORTS), ports as usize);
         }
         Ok(out)
+    }
+
+    /// The kernel memory each set-like map of [`Self::fill_levels`] takes,
+    /// in bytes, by the same labels. Known for maps opened by id.
+    #[must_use]
+    pub fn memory(&self) -> BTreeMap<&'static str, u64> {
+        FILLED
+            .iter()
+            .filter_map(|&(name, label)| Some((label, *self.memory.get(name)?)))
+            .collect()
     }
 
     /// How many entries each set-like map of [`Self::fill_levels`] holds at
@@ -578,8 +599,10 @@ impl Tables {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Contents {
     pub(crate) udp_ports: Vec<u64>,
-    pub(crate) ssh_v4: BTreeSet<LpmParts<4>>,
-    pub(crate) ssh_v6: BTreeSet<LpmParts<16>>,
+    /// The service mask of each entry of `map::SERVICE_PORTS` that has one.
+    pub(crate) service_ports: BTreeMap<u32, u64>,
+    /// The service sources, as the kernel looks them up.
+    pub(crate) sources: Sources,
     pub(crate) peer_v4: BTreeMap<LpmParts<4>, PeerInfo>,
     pub(crate) peer_v6: BTreeMap<LpmParts<16>, PeerInfo>,
     pub(crate) grants: HashMap<GrantKey, u64>,
@@ -587,6 +610,12 @@ pub struct Contents {
 }
 
 impl Contents {
+    /// The service sources, as the kernel looks them up.
+    #[must_use]
+    pub fn sources(&self) -> &Sources {
+        &self.sources
+    }
+
     /// What [`crate::loader::load_filled`] writes for this policy; a peer's
     /// index is its position in `tunnel.peers`.
     ///
@@ -603,10 +632,7 @@ impl Contents {
             ..Self::default()
         };
         if let Some(e) = edge {
-            c.udp_ports = udp_words(&e.wireguard_ports).to_vec();
-            let (v4, v6) = ssh_allow_keys(e)?;
-            c.ssh_v4 = v4.into_iter().collect();
-            c.ssh_v6 = v6.into_iter().collect();
+            c.fill_edge(e)?;
         }
         if let Some(t) = tunnel {
             check_peer_count(t)?;
@@ -621,6 +647,33 @@ impl Contents {
         Ok(c)
     }
 
+    /// Puts the edge policy's sets in: the `WireGuard` ports, and each
+    /// service's ports and sources as its bit ([`EdgePolicy::services`]
+    /// gives the order).
+    fn fill_edge(&mut self, e: &EdgePolicy) -> Result<(), TablesError> {
+        self.udp_ports = udp_words(&e.wireguard_ports).to_vec();
+        let mut own_v4 = BTreeMap::new();
+        let mut own_v6 = BTreeMap::new();
+        for (bit, service) in e.services().enumerate() {
+            let mask = 1u64 << bit;
+            for r in service.ports.iter() {
+                for port in r.first..=r.last {
+                    let at = service_port_index(r.protocol.number(), port);
+                    *self.service_ports.entry(at).or_default() |= mask;
+                }
+            }
+            let (v4, v6) = split_families(service.from);
+            for key in v4 {
+                *own_v4.entry(key).or_default() |= mask;
+            }
+            for key in v6 {
+                *own_v6.entry(key).or_default() |= mask;
+            }
+        }
+        self.sources = Sources::of(&own_v4, &own_v6)?;
+        Ok(())
+    }
+
     /// What both `self` and `new` allow, and no more: the state a reload
     /// passes through between removing and adding. A trie entry stays only
     /// where both give its prefix the same peer index (its ICMP flag only
@@ -628,8 +681,13 @@ impl Contents {
     /// the members of both. Since a source address belongs to one peer in
     /// each policy (`config` refuses overlaps), an address this finds a
     /// peer for has that peer in both, so every packet it passes, both
-    /// pass. The flow settings are already the new ones: they are written
-    /// once, between the two halves.
+    /// pass. A service port or source keeps the bits both give it: a
+    /// source's mask in either policy holds every mask of its shorter
+    /// prefixes, so whichever entry now matches an address, it admits no
+    /// service bit that either policy's own match would not (and a bit
+    /// both give a port and a source passes in both, whichever service it
+    /// stands for in each). The flow settings are already the new ones:
+    /// they are written once, between the two halves.
     #[must_use]
     pub fn narrowed(&self, new: &Self) -> Self {
         fn both<K: Ord + Copy>(
@@ -656,8 +714,8 @@ impl Contents {
                 .zip(&new.udp_ports)
                 .map(|(o, n)| o & n)
                 .collect(),
-            ssh_v4: self.ssh_v4.intersection(&new.ssh_v4).copied().collect(),
-            ssh_v6: self.ssh_v6.intersection(&new.ssh_v6).copied().collect(),
+            service_ports: both_masks(&self.service_ports, &new.service_ports),
+            sources: self.sources.narrowed(&new.sources),
             peer_v4: both(&self.peer_v4, &new.peer_v4),
             peer_v6: both(&self.peer_v6, &new.peer_v6),
             grants: self
@@ -693,38 +751,11 @@ impl Tables {
                 .collect::<Result<_, _>>()
                 .map_err(map_err(map::EDGE_UDP_PORTS))?;
         }
-        if let Some(m) = self.maps.get(map::SSH_ALLOW_V4) {
-            c.ssh_v4 = LpmTrie::<_, [u8; 4], u8>::try_from(m)
-                .map_err(map_err(map::SSH_ALLOW_V4))?
-                .keys()
-                .map(|k| k.map(|k: Key<[u8; 4]>| (k.data(), k.prefix_len())))
-                .collect::<Result<_, _>>()
-                .map_err(map_err(map::SSH_ALLOW_V4))?;
+        if self.maps.contains_key(map::SERVICE_PORTS) {
+            c.service_ports = self.service_ports()?;
         }
-        if let Some(m) = self.maps.get(map::SSH_ALLOW_V6) {
-            c.ssh_v6 = LpmTrie::<_, [u8; 16], u8>::try_from(m)
-                .map_err(map_err(map::SSH_ALLOW_V6))?
-                .keys()
-                .map(|k| k.map(|k: Key<[u8; 16]>| (k.data(), k.prefix_len())))
-                .collect::<Result<_, _>>()
-                .map_err(map_err(map::SSH_ALLOW_V6))?;
-        }
-        if let Some(m) = self.maps.get(map::PEER_V4) {
-            c.peer_v4 = LpmTrie::<_, [u8; 4], PeerInfo>::try_from(m)
-                .map_err(map_err(map::PEER_V4))?
-                .iter()
-                .map(|kv| kv.map(|(k, v)| ((k.data(), k.prefix_len()), v)))
-                .collect::<Result<_, _>>()
-                .map_err(map_err(map::PEER_V4))?;
-        }
-        if let Some(m) = self.maps.get(map::PEER_V6) {
-            c.peer_v6 = LpmTrie::<_, [u8; 16], PeerInfo>::try_from(m)
-                .map_err(map_err(map::PEER_V6))?
-                .iter()
-                .map(|kv| kv.map(|(k, v)| ((k.data(), k.prefix_len()), v)))
-                .collect::<Result<_, _>>()
-                .map_err(map_err(map::PEER_V6))?;
-        }
+        c.sources = self.read_sources()?;
+        (c.peer_v4, c.peer_v6) = self.read_peers()?;
         if let Some(m) = self.maps.get(map::GRANTS) {
             c.grants = BpfHashMap::<_, GrantKey, u64>::try_from(m)
                 .map_err(map_err(map::GRANTS))?
@@ -739,6 +770,19 @@ impl Tables {
                 .map_err(map_err(map::FLOW_CONFIG))?;
         }
         Ok(c)
+    }
+
+    /// The nonzero entries of the service port map.
+    fn service_ports(&self) -> Result<BTreeMap<u32, u64>, TablesError> {
+        self.mapped::<u64, _>(map::SERVICE_PORTS, |masks, n| {
+            (0..n)
+                .filter_map(|at| {
+                    // SAFETY: inside the mapping (at < n), page-aligned.
+                    let mask = unsafe { masks.add(at).read_volatile() };
+                    Some((u32::try_from(at).ok()?, mask)).filter(|_| mask != 0)
+                })
+                .collect()
+        })
     }
 
     /// Whether the programs these maps were opened for use map `name`.
@@ -771,47 +815,8 @@ impl Tables {
     /// a program that is not running (the tunnel's, on an edge-only host)
     /// take a change that does not concern them.
     fn write_changes(&mut self, from: &Contents, to: &Contents) -> Result<(), TablesError> {
-        if from.udp_ports != to.udp_ports {
-            let mut udp: Array<_, u64> = Array::try_from(self.get(map::EDGE_UDP_PORTS)?)
-                .map_err(map_err(map::EDGE_UDP_PORTS))?;
-            for (i, (f, t)) in (0u32..).zip(from.udp_ports.iter().zip(&to.udp_ports)) {
-                if f != t {
-                    udp.set(i, *t, 0).map_err(map_err(map::EDGE_UDP_PORTS))?;
-                }
-            }
-        }
-        if from.ssh_v4 != to.ssh_v4 {
-            sync_set::<4>(
-                self.get(map::SSH_ALLOW_V4)?,
-                map::SSH_ALLOW_V4,
-                &from.ssh_v4,
-                &to.ssh_v4,
-            )?;
-        }
-        if from.ssh_v6 != to.ssh_v6 {
-            sync_set::<16>(
-                self.get(map::SSH_ALLOW_V6)?,
-                map::SSH_ALLOW_V6,
-                &from.ssh_v6,
-                &to.ssh_v6,
-            )?;
-        }
-        if from.peer_v4 != to.peer_v4 {
-            sync_peers::<4>(
-                self.get(map::PEER_V4)?,
-                map::PEER_V4,
-                &from.peer_v4,
-                &to.peer_v4,
-            )?;
-        }
-        if from.peer_v6 != to.peer_v6 {
-            sync_peers::<16>(
-                self.get(map::PEER_V6)?,
-                map::PEER_V6,
-                &from.peer_v6,
-                &to.peer_v6,
-            )?;
-        }
+        self.write_edge(from, to)?;
+        self.write_peers((&from.peer_v4, &from.peer_v6), (&to.peer_v4, &to.peer_v6))?;
         if from.grants != to.grants {
             let mut grants: BpfHashMap<_, GrantKey, u64> =
                 BpfHashMap::try_from(self.get(map::GRANTS)?).map_err(map_err(map::GRANTS))?;
@@ -834,32 +839,95 @@ impl Tables {
     }
 }
 
-/// Makes an SSH allow-list trie go from `from` to `to`.
-fn sync_set<const N: usize>(
-    map: &mut Map,
-    name: &'static str,
-    from: &BTreeSet<LpmParts<N>>,
-    to: &BTreeSet<LpmParts<N>>,
-) -> Result<(), TablesError> {
-    let mut t: LpmTrie<_, [u8; N], u8> = LpmTrie::try_from(map).map_err(map_err(name))?;
-    for (key, len) in from.difference(to) {
-        t.remove(&Key::new(*len, *key)).map_err(map_err(name))?;
+impl Tables {
+    /// Writes what differs between the edge sets of `from` (what the maps
+    /// hold) and `to`.
+    fn write_edge(&mut self, from: &Contents, to: &Contents) -> Result<(), TablesError> {
+        if from.udp_ports != to.udp_ports {
+            let mut udp: Array<_, u64> = Array::try_from(self.get(map::EDGE_UDP_PORTS)?)
+                .map_err(map_err(map::EDGE_UDP_PORTS))?;
+            for (i, (f, t)) in (0u32..).zip(from.udp_ports.iter().zip(&to.udp_ports)) {
+                if f != t {
+                    udp.set(i, *t, 0).map_err(map_err(map::EDGE_UDP_PORTS))?;
+                }
+            }
+        }
+        if from.service_ports != to.service_ports {
+            let mut ports: Array<_, u64> = Array::try_from(self.get(map::SERVICE_PORTS)?)
+                .map_err(map_err(map::SERVICE_PORTS))?;
+            let indices: BTreeSet<u32> = from
+                .service_ports
+                .keys()
+                .chain(to.service_ports.keys())
+                .copied()
+                .collect();
+            for at in indices {
+                let (f, t) = (from.service_ports.get(&at), to.service_ports.get(&at));
+                if f != t {
+                    ports
+                        .set(at, t.copied().unwrap_or(0), 0)
+                        .map_err(map_err(map::SERVICE_PORTS))?;
+                }
+            }
+        }
+        self.write_sources(&from.sources, &to.sources)
     }
-    for (key, len) in to.difference(from) {
-        t.insert(&Key::new(*len, *key), 1, 0)
-            .map_err(map_err(name))?;
-    }
-    Ok(())
 }
 
-/// Makes a peer trie go from `from` to `to`.
-fn sync_peers<const N: usize>(
+/// The entries both `old` and `new` have, each with the bits both give
+/// it; none left empty.
+fn both_masks<K: Ord + Copy>(old: &BTreeMap<K, u64>, new: &BTreeMap<K, u64>) -> BTreeMap<K, u64> {
+    old.iter()
+        .filter_map(|(k, o)| {
+            let m = o & new.get(k)?;
+            (m != 0).then_some((*k, m))
+        })
+        .collect()
+}
+
+/// Each prefix of `own` with its mask joined with the masks of every prefix
+/// of `own` that contains it: what the kernel's longest match then finds
+/// for an address is the union of all the prefixes holding it. In key
+/// order a prefix comes right after the prefixes containing it, so one
+/// pass with a stack of the open ones does it.
+pub(crate) fn inherited<const N: usize>(
+    own: &BTreeMap<LpmParts<N>, u64>,
+) -> BTreeMap<LpmParts<N>, u64> {
+    let mut open: Vec<(LpmParts<N>, u64)> = Vec::new();
+    let mut out = Vec::with_capacity(own.len());
+    for (&key, &mask) in own {
+        while open.last().is_some_and(|(outer, _)| !contains(outer, &key)) {
+            open.pop();
+        }
+        let mask = mask | open.last().map_or(0, |(_, m)| *m);
+        out.push((key, mask));
+        open.push((key, mask));
+    }
+    out.into_iter().collect()
+}
+
+/// Whether prefix `outer` contains prefix `inner`.
+fn contains<const N: usize>((net, len): &LpmParts<N>, (addr, inner_len): &LpmParts<N>) -> bool {
+    if len > inner_len {
+        return false;
+    }
+    let whole = (*len / 8) as usize;
+    let rest = *len % 8;
+    net[..whole] == addr[..whole]
+        && (rest == 0 || {
+            let mask = 0xffu8 << (8 - rest);
+            net[whole] & mask == addr[whole] & mask
+        })
+}
+
+/// Makes a trie (of peers, or of service sources) go from `from` to `to`.
+fn sync_trie<const N: usize, V: aya::Pod + PartialEq>(
     map: &mut Map,
     name: &'static str,
-    from: &BTreeMap<LpmParts<N>, PeerInfo>,
-    to: &BTreeMap<LpmParts<N>, PeerInfo>,
+    from: &BTreeMap<LpmParts<N>, V>,
+    to: &BTreeMap<LpmParts<N>, V>,
 ) -> Result<(), TablesError> {
-    let mut t: LpmTrie<_, [u8; N], PeerInfo> = LpmTrie::try_from(map).map_err(map_err(name))?;
+    let mut t: LpmTrie<_, [u8; N], V> = LpmTrie::try_from(map).map_err(map_err(name))?;
     for (key, len) in from.keys().filter(|k| !to.contains_key(k)) {
         t.remove(&Key::new(*len, *key)).map_err(map_err(name))?;
     }
@@ -897,6 +965,18 @@ fn grant_words(peer: u32, grants: &[Grant]) -> HashMap<GrantKey, u64> {
     words
 }
 
+/// The kernel's account of the memory map `data` takes: the `memlock`
+/// line of its fd's fdinfo (what `bpftool map show` prints), which kernels
+/// from 6.4 compute from the map's actual contents and older ones from its
+/// size. `None` where the kernel does not say.
+fn memlock(data: &MapData) -> Option<u64> {
+    let fd = data.fd().as_fd().as_raw_fd();
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("memlock:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
 /// An LPM trie key's parts: address bytes and prefix length.
 pub(crate) type LpmParts<const N: usize> = ([u8; N], u32);
 
@@ -907,24 +987,6 @@ fn udp_words(ports: &[u16]) -> [u64; capacity::PORT_BITMAP_WORDS as usize] {
         words[usize::from(port >> 6)] |= 1 << (port & 63);
     }
     words
-}
-
-/// `edge.ssh_allow` as LPM keys per family, within the maps' capacity.
-fn ssh_allow_keys(p: &EdgePolicy) -> Result<(Vec<LpmParts<4>>, Vec<LpmParts<16>>), TablesError> {
-    let (v4, v6) = split_families(&p.ssh_allow);
-    for (what, n) in [
-        ("edge.ssh_allow (IPv4)", v4.len()),
-        ("edge.ssh_allow (IPv6)", v6.len()),
-    ] {
-        if n > capacity::SSH_ALLOW as usize {
-            return Err(TablesError::TooMany {
-                what,
-                count: n,
-                limit: capacity::SSH_ALLOW,
-            });
-        }
-    }
-    Ok((v4, v6))
 }
 
 fn check_peer_count(p: &TunnelPolicy) -> Result<(), TablesError> {

@@ -112,7 +112,7 @@ fn accepted(config: &Config) -> Result<(), TestCaseError> {
                 .iter()
                 .filter(|n| matches!(n, IpNet::V4(_)) == family)
                 .count();
-            prop_assert!(n <= capacity::SSH_ALLOW as usize);
+            prop_assert!(n <= capacity::SERVICE_SOURCES as usize);
         }
         prop_assert!((1..=15).contains(&e.interface.len()));
     }

@@ -211,6 +211,7 @@ fn flow() -> impl Strategy<Value = Flow> {
             reason,
             ip,
             peer,
+            service: None,
             // A would-drop has a drop reason, as the kernel reports it.
             would_drop: audit && !reason::is_allow(reason),
         })

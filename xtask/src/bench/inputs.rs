@@ -87,7 +87,7 @@ pub fn run(smoke: bool, ztxdp: &Path, dir: &Path) -> anyhow::Result<Vec<Timing>>
     } else {
         (
             "every allow-list, peer and prefix slot",
-            full_config(capacity::SSH_ALLOW, capacity::PEERS, 4),
+            full_config(capacity::SERVICE_SOURCES, capacity::PEERS, 4),
         )
     };
     let full = dir.join("full.toml");
@@ -210,7 +210,7 @@ fn wireguard_file(peers: u32) -> String {
 }
 
 /// A config of `ssh_allow` IPv4 and as many IPv6 entries (both lists full
-/// at [`capacity::SSH_ALLOW`]) and `peers` peers (full at
+/// at [`capacity::SERVICE_SOURCES`]) and `peers` peers (full at
 /// [`capacity::PEERS`]), each with `prefixes` addresses of each family
 /// (full at 4), a key and four grants.
 fn full_config(ssh_allow: u32, peers: u32, prefixes: u32) -> String {

@@ -86,6 +86,10 @@ pub struct BenchArgs {
     /// with --smoke: target/xtask/bench-smoke).
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// The latest.json of an earlier run, whose scaling curves scaling.png
+    /// draws dashed behind this run's, as "before".
+    #[arg(long, value_name = "FILE")]
+    pub baseline: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -145,13 +149,17 @@ pub fn run(steps: &mut Steps, args: &BenchArgs) -> anyhow::Result<()> {
     }
 }
 
-/// Runs this same command line again as `cargo run -p xtask --features bench`.
+/// Runs this same command line again as `cargo run --release -p xtask
+/// --features bench`: optimised, as `ztxdp` ships, because the bench times
+/// the control plane too (a debug build fills a million sources 2.7 times
+/// slower).
 #[cfg(not(feature = "bench"))]
 fn relaunch() -> anyhow::Result<String> {
     use anyhow::Context as _;
     let mut command = crate::cargo();
     command.args([
         "run",
+        "--release",
         "--quiet",
         "--package",
         "xtask",
@@ -179,6 +187,10 @@ fn measure(steps: &mut Steps, args: &BenchArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&out).with_context(|| format!("could not create {}", out.display()))?;
     let ztxdp = crate::ztxdp_bin()?;
     let mut report = report::Report::new(&plan);
+    // Read now: a wrong path should fail before the minutes of measuring.
+    if let Some(path) = &plan.baseline {
+        report.baseline = report::baseline(path)?;
+    }
     for name in zt_tests::netns::NetNs::remove_stale()
         .context("could not clean up namespaces of earlier runs")?
     {
@@ -244,13 +256,14 @@ pub struct Plan {
     pub mix_allow: u32,
     /// `test_run` repeat count per measurement.
     pub testrun_repeat: u32,
-    /// Allow-list sizes of the SSH scaling curve.
+    /// Allow-list sizes of the SSH scaling curves (IPv4 and IPv6).
     pub ssh_sizes: Vec<u32>,
     /// Peer counts of the tunnel scaling curve.
     pub peer_sizes: Vec<u32>,
     pub skip_mpps: bool,
     pub skip_scaling: bool,
     pub skip_control_plane: bool,
+    pub baseline: Option<PathBuf>,
 }
 
 #[cfg(feature = "bench")]
@@ -289,6 +302,7 @@ impl Plan {
             skip_mpps: args.skip_mpps,
             skip_scaling: args.skip_scaling,
             skip_control_plane: args.skip_control_plane,
+            baseline: args.baseline.clone(),
         };
         if args.smoke {
             plan.runs = 1;

@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use anyhow::{Context as _, bail};
-use plotters::{prelude::*, style::register_font};
+use plotters::{element::DashedPathElement, prelude::*, style::register_font};
 
 use super::{
     FilterKind, TrafficKind,
@@ -19,6 +19,8 @@ const FONTS: [&str; 2] = [
     "/usr/share/fonts/TTF/DejaVuSans.ttf",
 ];
 const SIZE: (u32, u32) = (1200, 600);
+/// Three panels side by side, each as wide as half of [`SIZE`].
+const SCALING_SIZE: (u32, u32) = (1800, 600);
 
 /// Registers the font every plot uses, once.
 ///
@@ -143,30 +145,40 @@ pub fn mpps_bars(path: &Path, rows: &[Row]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Two panels: ns per packet against the SSH allow-list size and against
-/// the number of tunnel peers, log x.
-pub fn scaling(path: &Path, points: &[ScalingPoint]) -> anyhow::Result<()> {
-    let root = BitMapBackend::new(path, SIZE).into_drawing_area();
+/// Three panels: ns per packet against the IPv4 and the IPv6 SSH
+/// allow-list size and against the number of tunnel peers, log x. The
+/// `baseline` run's curves are drawn dashed and lighter behind this run's.
+pub fn scaling(
+    path: &Path,
+    points: &[ScalingPoint],
+    baseline: &[ScalingPoint],
+) -> anyhow::Result<()> {
+    let root = BitMapBackend::new(path, SCALING_SIZE).into_drawing_area();
     root.fill(&WHITE).map_err(draw)?;
-    let panels = root.split_evenly((1, 2));
+    let panels = root.split_evenly((1, 3));
     for (area, (curve, title, unit)) in panels.iter().zip([
         (
             "ssh_allow",
-            "Edge: SSH allow-list size",
+            "Edge: IPv4 SSH allow-list",
             "CIDRs in the allow-list",
+        ),
+        (
+            "ssh_allow_v6",
+            "Edge: IPv6 SSH allow-list",
+            "prefixes in the allow-list (half /128, half /64)",
         ),
         ("tunnel_peers", "Tunnel: number of peers", "peers"),
     ]) {
-        let pts: Vec<&ScalingPoint> = points.iter().filter(|p| p.curve == curve).collect();
-        if pts.is_empty() {
+        let of = |all: &[ScalingPoint]| -> Vec<ScalingPoint> {
+            all.iter().filter(|p| p.curve == curve).cloned().collect()
+        };
+        let (now, before) = (of(points), of(baseline));
+        if now.is_empty() {
             continue;
         }
-        let xmax = pts.iter().map(|p| f64::from(p.size)).fold(10.0, f64::max) * 2.0;
-        let ymax = pts
-            .iter()
-            .map(|p| p.pass_ns.max(p.deny_ns))
-            .fold(1.0, f64::max)
-            * 1.25;
+        let both = || now.iter().chain(&before);
+        let xmax = both().map(|p| f64::from(p.size)).fold(10.0, f64::max) * 2.0;
+        let ymax = both().map(|p| p.pass_ns.max(p.deny_ns)).fold(1.0, f64::max) * 1.25;
         let mut chart = ChartBuilder::on(area)
             .caption(format!("{title} (test_run ns/packet)"), ("sans-serif", 20))
             .margin(15)
@@ -190,20 +202,34 @@ pub fn scaling(path: &Path, points: &[ScalingPoint]) -> anyhow::Result<()> {
             ),
             ("deny", RGBColor(213, 94, 0), |p: &ScalingPoint| p.deny_ns),
         ] {
-            let series: Vec<(f64, f64)> = pts.iter().map(|p| (f64::from(p.size), get(p))).collect();
+            let series = |pts: &[ScalingPoint]| -> Vec<(f64, f64)> {
+                pts.iter().map(|p| (f64::from(p.size), get(p))).collect()
+            };
+            // Drawn first, so this run's lines cover it where they coincide.
+            let old = series(&before);
+            if !old.is_empty() {
+                let style = c.mix(0.5).stroke_width(2);
+                chart
+                    .draw_series(DashedLineSeries::new(old.clone(), 10, 6, style))
+                    .map_err(draw)?
+                    .label(format!("{label} (before)"))
+                    .legend(move |(x, y)| {
+                        DashedPathElement::new(vec![(x, y), (x + 20, y)], 6, 3, style)
+                    });
+                chart
+                    .draw_series(old.iter().map(|&(x, y)| Circle::new((x, y), 3, style)))
+                    .map_err(draw)?;
+            }
+            let new = series(&now);
             chart
-                .draw_series(LineSeries::new(series.clone(), c.stroke_width(3)))
+                .draw_series(LineSeries::new(new.clone(), c.stroke_width(3)))
                 .map_err(draw)?
                 .label(label)
                 .legend(move |(x, y)| {
                     PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(3))
                 });
             chart
-                .draw_series(
-                    series
-                        .iter()
-                        .map(|&(x, y)| Circle::new((x, y), 4, c.filled())),
-                )
+                .draw_series(new.iter().map(|&(x, y)| Circle::new((x, y), 4, c.filled())))
                 .map_err(draw)?;
         }
         chart

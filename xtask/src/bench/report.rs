@@ -3,7 +3,7 @@
 
 use std::{fmt::Write as _, path::Path, process::Command};
 
-use anyhow::Context as _;
+use anyhow::{Context as _, bail};
 use serde_json::{Value, json};
 
 use super::{
@@ -11,7 +11,7 @@ use super::{
     ctlplane::ControlPlane,
     mpps::Sample,
     plot,
-    testrun::{ProgramCost, ScalingPoint, median},
+    testrun::{CURVES, Growth, ProgramCost, ScalingPoint, median},
 };
 use crate::cmd::Progress;
 
@@ -21,6 +21,8 @@ pub struct Report {
     pub mpps: Vec<Sample>,
     pub test_run: Vec<ProgramCost>,
     pub scaling: Vec<ScalingPoint>,
+    /// The `--baseline` run's scaling points.
+    pub baseline: Vec<ScalingPoint>,
     pub control: Option<ControlPlane>,
 }
 
@@ -58,6 +60,7 @@ impl Report {
             mpps: Vec::new(),
             test_run: Vec::new(),
             scaling: Vec::new(),
+            baseline: Vec::new(),
             control: None,
         }
     }
@@ -194,7 +197,7 @@ impl Report {
                     written.push("mpps.png");
                 }
                 if !self.scaling.is_empty() {
-                    plot::scaling(&out.join("scaling.png"), &self.scaling)
+                    plot::scaling(&out.join("scaling.png"), &self.scaling, &self.baseline)
                         .context("could not draw scaling.png")?;
                     written.push("scaling.png");
                 }
@@ -349,8 +352,13 @@ impl Report {
         for (curve, title, unit) in [
             (
                 "ssh_allow",
-                "SSH allow-list size (`test_run`, edge program, SSH SYN)",
+                "SSH allow-list size, IPv4 (`test_run`, edge program, SSH SYN)",
                 "CIDRs",
+            ),
+            (
+                "ssh_allow_v6",
+                "SSH allow-list size, IPv6, half /128 and half /64 (`test_run`, edge program, SSH SYN)",
+                "prefixes",
             ),
             (
                 "tunnel_peers",
@@ -367,13 +375,25 @@ impl Report {
                 md,
                 "\n**{title}**\n\n| {unit} | pass ns | deny ns | fill time s |\n|---|---|---|---|"
             );
-            for p in points {
+            for p in &points {
                 let _ = writeln!(
                     md,
                     "| {} | {:.0} | {:.0} | {:.2} |",
                     p.size, p.pass_ns, p.deny_ns, p.fill_seconds
                 );
             }
+            if let Some(g) = Growth::of(points) {
+                let _ = writeln!(md, "\n{g}");
+            }
+        }
+        if let Some(path) = &self.plan.baseline
+            && !self.scaling.is_empty()
+        {
+            let _ = writeln!(
+                md,
+                "\nscaling.png draws the scaling curves of `{}` dashed, as \"before\".",
+                path.display()
+            );
         }
         if let Some(c) = &self.control {
             let _ = writeln!(md, "\n**Control plane**\n");
@@ -427,6 +447,53 @@ impl Report {
         }
         md
     }
+}
+
+/// The scaling points of an earlier run's latest.json. Curves this
+/// version does not measure are left out.
+///
+/// # Errors
+/// When the file cannot be read or has no scaling points as
+/// [`Report::write`] writes them.
+pub fn baseline(path: &Path) -> anyhow::Result<Vec<ScalingPoint>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("could not read the baseline {}", path.display()))?;
+    let json: Value = serde_json::from_str(&text)
+        .with_context(|| format!("the baseline {} is not JSON", path.display()))?;
+    let Some(points) = json.get("scaling").and_then(Value::as_array) else {
+        bail!(
+            "the baseline {} has no \"scaling\" list: not a latest.json?",
+            path.display()
+        );
+    };
+    let mut out = Vec::new();
+    for p in points {
+        let number = |k: &str| p.get(k).and_then(Value::as_f64);
+        let (Some(name), Some(size), Some(fill_seconds), Some(pass_ns), Some(deny_ns)) = (
+            p.get("curve").and_then(Value::as_str),
+            p.get("size")
+                .and_then(Value::as_u64)
+                .and_then(|s| u32::try_from(s).ok()),
+            number("fill_seconds"),
+            number("pass_ns"),
+            number("deny_ns"),
+        ) else {
+            bail!(
+                "the baseline {} has a scaling point without curve, size, fill_seconds, pass_ns or deny_ns: {p}",
+                path.display()
+            );
+        };
+        if let Some(curve) = CURVES.into_iter().find(|c| *c == name) {
+            out.push(ScalingPoint {
+                curve,
+                size,
+                fill_seconds,
+                pass_ns,
+                deny_ns,
+            });
+        }
+    }
+    Ok(out)
 }
 
 pub fn filter_name(f: FilterKind) -> &'static str {
@@ -497,4 +564,24 @@ fn meta(plan: &Plan) -> Value {
         "test_run_repeat": plan.testrun_repeat,
         "smoke": plan.smoke,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn baseline_keeps_the_known_curves() {
+        let path = std::env::temp_dir().join(format!("ztxdp-baseline-{}.json", std::process::id()));
+        let point = |curve: &str, size: u32| json!({"curve": curve, "size": size, "fill_seconds": 0.4, "pass_ns": 54.0, "deny_ns": 51.0});
+        let text = json!({"scaling": [point("ssh_allow", 10), point("retired_curve", 10), point("tunnel_peers", 65_536)]});
+        std::fs::write(&path, text.to_string()).unwrap();
+        let points = baseline(&path);
+        std::fs::write(&path, "{\"scaling\": [{\"curve\": \"ssh_allow\"}]}").unwrap();
+        let malformed = baseline(&path);
+        let _ = std::fs::remove_file(&path);
+        let got: Vec<(&str, u32)> = points.unwrap().iter().map(|p| (p.curve, p.size)).collect();
+        assert_eq!(got, [("ssh_allow", 10), ("tunnel_peers", 65_536)]);
+        assert!(malformed.is_err());
+    }
 }

@@ -10,7 +10,8 @@
 //! audited) every further run takes the "ring full, count it lost" branch.
 
 use std::{
-    net::{IpAddr, Ipv4Addr},
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::Path,
     time::{Duration, Instant},
 };
@@ -20,8 +21,9 @@ use aya::{
     Ebpf,
     programs::{SchedClassifier, TestRun, TestRunOptions, TestRunResult, Xdp},
 };
-use ipnet::IpNet;
+use ipnet::{IpNet, Ipv6Net};
 use zt_common::program;
+use zt_tests::packet::Transport;
 use ztxdp::{
     config::Config,
     loader,
@@ -43,6 +45,17 @@ pub const TUNNEL_TOML: &str = "[tunnel]\ninterface = \"t0\"\nruntime_grants = \"
 /// Calls per figure; the median is reported.
 const CALLS: usize = 5;
 
+/// `enum xdp_action` of the kernel's UAPI.
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+
+/// The scaling curves, in the order they are measured.
+pub const CURVES: [&str; 3] = ["ssh_allow", "ssh_allow_v6", "tunnel_peers"];
+
+/// The flat-lookup target: a lookup may cost at most this many
+/// times as much at a curve's largest size as at its smallest.
+pub const FLAT_TARGET: f64 = 1.15;
+
 /// ns/run of one program on one kind of packet.
 #[derive(Clone, Debug)]
 pub struct ProgramCost {
@@ -54,13 +67,59 @@ pub struct ProgramCost {
 /// One point of a scaling curve.
 #[derive(Clone, Debug)]
 pub struct ScalingPoint {
-    /// `ssh_allow` or `tunnel_peers`.
+    /// One of [`CURVES`].
     pub curve: &'static str,
     pub size: u32,
     /// Seconds to fill the maps (`Tables::apply_edge` / `apply_tunnel`).
     pub fill_seconds: f64,
     pub pass_ns: f64,
     pub deny_ns: f64,
+}
+
+/// How much more a curve costs at its largest size than at its smallest.
+#[derive(Clone, Copy, Debug)]
+pub struct Growth {
+    pub from: u32,
+    pub to: u32,
+    /// Largest size's `pass_ns` over the smallest's.
+    pub pass: f64,
+    pub deny: f64,
+}
+
+impl Growth {
+    /// The growth over the points of one curve; `None` with fewer than two
+    /// sizes or a zero cost to divide by.
+    pub fn of<'a>(points: impl IntoIterator<Item = &'a ScalingPoint>) -> Option<Self> {
+        let points: Vec<&ScalingPoint> = points.into_iter().collect();
+        let small = points.iter().min_by_key(|p| p.size)?;
+        let large = points.iter().max_by_key(|p| p.size)?;
+        (large.size > small.size && small.pass_ns > 0.0 && small.deny_ns > 0.0).then(|| Self {
+            from: small.size,
+            to: large.size,
+            pass: large.pass_ns / small.pass_ns,
+            deny: large.deny_ns / small.deny_ns,
+        })
+    }
+
+    pub fn met(&self) -> bool {
+        self.pass <= FLAT_TARGET && self.deny <= FLAT_TARGET
+    }
+}
+
+impl fmt::Display for Growth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let Self {
+            from,
+            to,
+            pass,
+            deny,
+        } = self;
+        write!(
+            f,
+            "largest ÷ smallest size: pass {pass:.2}x, deny {deny:.2}x; flat-lookup target (<= {FLAT_TARGET}x from {from} to {to}): {}",
+            if self.met() { "met" } else { "NOT met" }
+        )
+    }
 }
 
 /// ns/run of the bare drop, ztxdp's edge program on every path, and
@@ -174,16 +233,24 @@ where
 {
     let mut runs = Vec::with_capacity(CALLS);
     for _ in 0..CALLS {
-        let r = prog
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                repeat,
-                ..TestRunOptions::default()
-            })
-            .context("BPF_PROG_TEST_RUN failed")?;
-        runs.push(nanos(r.duration));
+        runs.push(run_once(prog, frame, repeat)?);
     }
     Ok(median(&mut runs))
+}
+
+/// ns per run of one `test_run` call of `repeat` runs.
+fn run_once<P>(prog: &P, frame: &[u8], repeat: u32) -> anyhow::Result<f64>
+where
+    P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = TestRunResult>,
+{
+    let r = prog
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            repeat,
+            ..TestRunOptions::default()
+        })
+        .context("BPF_PROG_TEST_RUN failed")?;
+    Ok(nanos(r.duration))
 }
 
 #[expect(clippy::cast_precision_loss, reason = "ns per run are small")]
@@ -220,29 +287,92 @@ pub fn fill(policy: &Policy, tunnel_l2: bool) -> anyhow::Result<Ebpf> {
     Ok(ebpf)
 }
 
-/// The scaling curves: SSH allow-list size and tunnel peer count.
+/// The scaling curves: SSH allow-list size (IPv4, IPv6) and tunnel peer
+/// count, in the order of [`CURVES`].
 ///
 /// # Errors
 /// When a program cannot be loaded, filled or run.
 pub fn scaling(plan: &Plan, progress: &Progress) -> anyhow::Result<Vec<ScalingPoint>> {
-    let mut out = Vec::new();
-    for &n in &plan.ssh_sizes {
-        let p = ssh_point(n, plan.testrun_repeat)?;
-        progress.say(format!(
-            "ssh_allow {n:>9}: fill {:.2} s, pass {:.1} ns, deny {:.1} ns",
-            p.fill_seconds, p.pass_ns, p.deny_ns
-        ));
-        out.push(p);
-    }
-    for &n in &plan.peer_sizes {
-        let p = peer_point(n, plan.testrun_repeat)?;
-        progress.say(format!(
-            "tunnel peers {n:>6}: fill {:.2} s, pass {:.1} ns, deny {:.1} ns",
-            p.fill_seconds, p.pass_ns, p.deny_ns
-        ));
-        out.push(p);
+    type Load = fn(u32) -> anyhow::Result<Loaded>;
+    let curves: [(&[u32], Load); 3] = [
+        (&plan.ssh_sizes, ssh_point),
+        (&plan.ssh_sizes, ssh_v6_point),
+        (&plan.peer_sizes, peer_point),
+    ];
+    let mut out: Vec<ScalingPoint> = Vec::new();
+    for (sizes, load) in curves {
+        let mut loaded = Vec::with_capacity(sizes.len());
+        for &n in sizes {
+            let l = load(n)?;
+            progress.say(format!(
+                "{:<12} {n:>9}: filled in {:.2} s",
+                l.curve, l.fill_seconds
+            ));
+            loaded.push(l);
+        }
+        // Every size once per round, the rounds one after another: a
+        // slow spell of the machine touches all sizes alike instead of
+        // one point, and the ratio compares like with like.
+        let mut samples = vec![(Vec::new(), Vec::new()); loaded.len()];
+        for _ in 0..CALLS {
+            for (l, (pass, deny)) in loaded.iter_mut().zip(&mut samples) {
+                let (p, d) = l.once(plan.testrun_repeat)?;
+                pass.push(p);
+                deny.push(d);
+            }
+        }
+        let first = out.len();
+        for (l, (mut pass, mut deny)) in loaded.into_iter().zip(samples) {
+            let p = ScalingPoint {
+                curve: l.curve,
+                size: l.size,
+                fill_seconds: l.fill_seconds,
+                pass_ns: median(&mut pass),
+                deny_ns: median(&mut deny),
+            };
+            progress.say(format!(
+                "{:<12} {:>9}: pass {:.1} ns, deny {:.1} ns",
+                p.curve, p.size, p.pass_ns, p.deny_ns
+            ));
+            out.push(p);
+        }
+        if let Some(g) = Growth::of(&out[first..]) {
+            progress.say(format!("{}: {g}", out[first].curve));
+        }
     }
     Ok(out)
+}
+
+/// One point of a curve, loaded and filled, waiting to be timed.
+struct Loaded {
+    curve: &'static str,
+    size: u32,
+    fill_seconds: f64,
+    ebpf: Ebpf,
+    /// The edge program (XDP), else the tunnel program (TC).
+    edge: bool,
+    pass: Vec<u8>,
+    deny: Vec<u8>,
+}
+
+impl Loaded {
+    /// ns per run of the pass frame and of the deny frame, one call each.
+    fn once(&mut self, repeat: u32) -> anyhow::Result<(f64, f64)> {
+        if self.edge {
+            let prog: &mut Xdp = loader::program_mut(&mut self.ebpf, program::EDGE_NAME)?;
+            Ok((
+                run_once(prog, &self.pass, repeat)?,
+                run_once(prog, &self.deny, repeat)?,
+            ))
+        } else {
+            let prog: &mut SchedClassifier =
+                loader::program_mut(&mut self.ebpf, program::TUNNEL_NAME)?;
+            Ok((
+                run_once(prog, &self.pass, repeat)?,
+                run_once(prog, &self.deny, repeat)?,
+            ))
+        }
+    }
 }
 
 /// `i`-th of `n` distinct addresses spread over `base`/8: an odd multiplier
@@ -252,35 +382,102 @@ fn spread(base: u8, i: u32) -> Ipv4Addr {
     Ipv4Addr::from((u32::from(base) << 24) | (i.wrapping_mul(0x9E37_79B1) & 0x00ff_ffff))
 }
 
-fn ssh_point(n: u32, repeat: u32) -> anyhow::Result<ScalingPoint> {
-    let mut policy = policy(&traffic::config_toml(Path::new("/dev/null"), 0))?;
-    let edge = policy
-        .edge
-        .as_mut()
-        .context("no edge in the generated config")?;
-    edge.ssh_allow = (0..n)
-        .map(|i| IpNet::from(IpAddr::V4(spread(11, i))))
-        .collect();
+/// The `i`-th of distinct IPv6 source prefixes spread over `2001:db8::/32`
+/// as [`spread`] spreads IPv4: the odd multiplier, a bijection on 32 bits,
+/// gives every `i` its own /64. Even `i` list one address of theirs (a
+/// /128), odd `i` the whole /64, so that both lookups the list needs are
+/// exercised and no /128 lies in a listed /64.
+fn spread_v6(i: u32) -> Ipv6Net {
+    let block = u128::from(i.wrapping_mul(0x9E37_79B1));
+    let net = (0x2001_0db8_u128 << 96) | (block << 64);
+    if i.is_multiple_of(2) {
+        Ipv6Net::new_assert(Ipv6Addr::from(net | block), 128)
+    } else {
+        Ipv6Net::new_assert(Ipv6Addr::from(net), 64)
+    }
+}
+
+/// The pass and deny sources of an IPv6 list of `n`: a /128 in the middle,
+/// and its neighbour, which shares only that /128's unlisted /64.
+fn v6_hit_miss(n: u32) -> (Ipv6Addr, Ipv6Addr) {
+    let hit = spread_v6((n / 2) & !1).addr();
+    (hit, Ipv6Addr::from(u128::from(hit) ^ 1))
+}
+
+fn ssh_point(n: u32) -> anyhow::Result<Loaded> {
     let hit = spread(11, n / 2);
     // The neighbouring address: same path down the trie, then a miss.
     let miss = Ipv4Addr::from(u32::from(hit) ^ 1);
+    let syn = Transport::tcp_syn(traffic::SSH_PORT);
+    allow_list_point(
+        "ssh_allow",
+        (0..n)
+            .map(|i| IpNet::from(IpAddr::V4(spread(11, i))))
+            .collect(),
+        traffic::frame(hit, &syn),
+        traffic::frame(miss, &syn),
+    )
+}
+
+fn ssh_v6_point(n: u32) -> anyhow::Result<Loaded> {
+    let (hit, miss) = v6_hit_miss(n);
+    let syn = Transport::tcp_syn(traffic::SSH_PORT);
+    allow_list_point(
+        "ssh_allow_v6",
+        (0..n).map(|i| IpNet::V6(spread_v6(i))).collect(),
+        traffic::frame_v6(hit, &syn),
+        traffic::frame_v6(miss, &syn),
+    )
+}
+
+/// The edge program with `allow` as the SSH allow-list, on an SSH SYN from
+/// a listed source (`pass`) and from an unlisted one (`deny`).
+fn allow_list_point(
+    curve: &'static str,
+    allow: Vec<IpNet>,
+    pass: Vec<u8>,
+    deny: Vec<u8>,
+) -> anyhow::Result<Loaded> {
+    let size = u32::try_from(allow.len())?;
+    let mut policy = policy(&traffic::config_toml(Path::new("/dev/null"), 0))?;
+    policy
+        .edge
+        .as_mut()
+        .context("no edge in the generated config")?
+        .ssh_allow = allow;
     let start = Instant::now();
     let mut ebpf = fill(&policy, false)?;
     let fill_seconds = start.elapsed().as_secs_f64();
     let prog: &mut Xdp = loader::program_mut(&mut ebpf, program::EDGE_NAME)?;
-    let syn = zt_tests::packet::Transport::tcp_syn(traffic::SSH_PORT);
-    Ok(ScalingPoint {
-        curve: "ssh_allow",
-        size: n,
+    // Timing a frame that takes the other path would measure nothing the
+    // curve claims, and look just as plausible.
+    for (frame, want) in [(&pass, XDP_PASS), (&deny, XDP_DROP)] {
+        let got = prog
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                ..TestRunOptions::default()
+            })
+            .context("BPF_PROG_TEST_RUN failed")?
+            .return_value;
+        anyhow::ensure!(
+            got == want,
+            "{curve} at {size}: XDP action {got} where {want} was expected"
+        );
+    }
+    Ok(Loaded {
+        curve,
+        size,
         fill_seconds,
-        pass_ns: prog_ns(prog, &traffic::frame(hit, &syn), repeat)?,
-        deny_ns: prog_ns(prog, &traffic::frame(miss, &syn), repeat)?,
+        ebpf,
+        edge: true,
+        pass,
+        deny,
     })
 }
 
 /// Peers with one /32 and one grant (tcp/5432) each. Pass: the last peer
 /// to 5432; deny: a peer in the middle to 5433, which it is not granted.
-fn peer_point(n: u32, repeat: u32) -> anyhow::Result<ScalingPoint> {
+fn peer_point(n: u32) -> anyhow::Result<Loaded> {
     let mut policy = policy(TUNNEL_TOML)?;
     let tunnel = policy
         .tunnel
@@ -307,17 +504,16 @@ fn peer_point(n: u32, repeat: u32) -> anyhow::Result<ScalingPoint> {
     let pass_src = spread(12, n - 1);
     let deny_src = spread(12, n / 2);
     let start = Instant::now();
-    let mut ebpf = fill(&policy, true)?;
+    let ebpf = fill(&policy, true)?;
     let fill_seconds = start.elapsed().as_secs_f64();
-    let prog: &mut SchedClassifier = loader::program_mut(&mut ebpf, program::TUNNEL_NAME)?;
-    let granted = zt_tests::packet::Transport::tcp_syn(5432);
-    let not_granted = zt_tests::packet::Transport::tcp_syn(5433);
-    Ok(ScalingPoint {
+    Ok(Loaded {
         curve: "tunnel_peers",
         size: n,
         fill_seconds,
-        pass_ns: prog_ns(prog, &traffic::frame(pass_src, &granted), repeat)?,
-        deny_ns: prog_ns(prog, &traffic::frame(deny_src, &not_granted), repeat)?,
+        ebpf,
+        edge: false,
+        pass: traffic::frame(pass_src, &Transport::tcp_syn(5432)),
+        deny: traffic::frame(deny_src, &Transport::tcp_syn(5433)),
     })
 }
 
@@ -335,5 +531,22 @@ mod tests {
         );
         let a: std::collections::HashSet<Ipv4Addr> = (0..10_000).map(|i| spread(11, i)).collect();
         assert_eq!(a.len(), 10_000, "spread addresses must be distinct");
+        let v6: std::collections::HashSet<Ipv6Net> = (0..10_000).map(spread_v6).collect();
+        assert_eq!(v6.len(), 10_000, "spread IPv6 prefixes must be distinct");
+        let (hit, miss) = v6_hit_miss(10_000);
+        let holds = |a: Ipv6Addr| v6.iter().filter(|p| p.contains(&a)).count();
+        assert_eq!(holds(hit), 1, "the pass source is in the list once");
+        assert_eq!(holds(miss), 0, "the deny source is in no listed prefix");
+        let growth = |pass_ns, deny_ns| {
+            Growth::of(&[10, 1_000].map(|size| ScalingPoint {
+                curve: "ssh_allow",
+                size,
+                fill_seconds: 0.0,
+                pass_ns: if size == 10 { 50.0 } else { pass_ns },
+                deny_ns: if size == 10 { 50.0 } else { deny_ns },
+            }))
+        };
+        assert!(growth(57.0, 50.0).is_some_and(|g| g.met()));
+        assert!(growth(50.0, 58.0).is_some_and(|g| !g.met()));
     }
 }

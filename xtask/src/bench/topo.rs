@@ -11,7 +11,7 @@
 //! sent with `XDP_TX` from g0 vanish without a counter.
 
 use std::{
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     process::{Child, Stdio},
     thread,
     time::{Duration, Instant},
@@ -26,6 +26,10 @@ pub const GEN_MAC: [u8; 6] = [0x02, 0x99, 0, 0, 0, 0x01];
 pub const DUT_MAC: [u8; 6] = [0x02, 0x99, 0, 0, 0, 0x02];
 pub const GEN_IP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 1);
 pub const DUT_IP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 2);
+/// The destination of IPv6 frames, which only `test_run` sees: the
+/// namespaces have IPv6 off. Outside `2001:db8::/32`, where the IPv6
+/// allow-lists are spread.
+pub const DUT_IP6: Ipv6Addr = Ipv6Addr::new(0xfd99, 0, 0, 0, 0, 0, 0, 2);
 /// The source the SSH pass-path traffic comes from; on the allow-list.
 pub const SSH_ALLOWED: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 50);
 

@@ -9,9 +9,13 @@
 //! allow-list holds every second address of the first 2 × N, so a known
 //! share of the frames passes.
 
-use std::{fmt::Write as _, net::Ipv4Addr, path::Path};
+use std::{
+    fmt::Write as _,
+    net::{Ipv4Addr, Ipv6Addr},
+    path::Path,
+};
 
-use zt_tests::packet::{Ethernet, Ipv4, Transport};
+use zt_tests::packet::{Ethernet, Ipv4, Ipv6, Transport};
 
 use super::{FilterKind, TrafficKind, topo};
 
@@ -73,13 +77,18 @@ impl Traffic {
     }
 }
 
-/// A 60-byte frame from g0 to d0 carrying `transport` from `src`.
-pub fn frame(src: Ipv4Addr, transport: &Transport) -> Vec<u8> {
-    let eth = Ethernet {
+/// The Ethernet header from g0 to d0.
+const fn ethernet() -> Ethernet {
+    Ethernet {
         dst: topo::DUT_MAC,
         src: topo::GEN_MAC,
         tags: Vec::new(),
-    };
+    }
+}
+
+/// A 60-byte frame from g0 to d0 carrying `transport` from `src`.
+pub fn frame(src: Ipv4Addr, transport: &Transport) -> Vec<u8> {
+    let eth = ethernet();
     let mut ip = Ipv4::new(src, topo::DUT_IP);
     if matches!(transport, Transport::Udp { .. }) {
         // 14 + 20 + 8 + 18 = 60: the payload fills the frame, so the
@@ -91,6 +100,12 @@ pub fn frame(src: Ipv4Addr, transport: &Transport) -> Vec<u8> {
     // outside the IP total length.
     f.resize(FRAME_LEN, 0);
     f
+}
+
+/// As [`frame`], over IPv6. The 40-byte header leaves nothing to pad: a
+/// SYN is 74 bytes.
+pub fn frame_v6(src: Ipv6Addr, transport: &Transport) -> Vec<u8> {
+    ethernet().ipv6(&Ipv6::new(src, topo::DUT_IP6), transport)
 }
 
 /// The allow-listed sources of the `mix` traffic: every second address.
@@ -167,6 +182,20 @@ mod tests {
                 "{kind:?} IPv4 checksum"
             );
         }
+    }
+
+    #[test]
+    fn v6_frame_is_a_syn_to_the_ssh_port() {
+        let src = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
+        let f = frame_v6(src, &Transport::tcp_syn(SSH_PORT));
+        assert_eq!(f.len(), 74);
+        assert_eq!(u16::from_be_bytes([f[12], f[13]]), 0x86dd, "ethertype");
+        assert_eq!(&f[22..38], &src.octets(), "source");
+        assert_eq!(
+            u16::from_be_bytes([f[56], f[57]]),
+            SSH_PORT,
+            "destination port"
+        );
     }
 
     #[test]

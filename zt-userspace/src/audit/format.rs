@@ -191,6 +191,9 @@ fn ecs_flow(flow: &Flow, top: &mut Map<String, Value>, z: &mut Map<String, Value
     if let Some(p) = &flow.peer {
         z.insert("peer".into(), peer_value(p));
     }
+    if let Some(s) = &flow.service {
+        z.insert("service".into(), json!({ "name": s }));
+    }
 }
 
 fn ecs(r: &Record) -> (Map<String, Value>, Map<String, Value>) {
@@ -441,6 +444,11 @@ fn ocsf_flow(flow: &Flow, top: &mut Map<String, Value>, z: &mut Map<String, Valu
     if let Some(p) = &flow.peer {
         src.insert("name".into(), json!(p.name));
         z.insert("peer".into(), peer_value(p));
+    }
+    if let Some(s) = &flow.service {
+        // The service the packet was for, on the host it reached.
+        dst.insert("svc_name".into(), json!(s));
+        z.insert("service".into(), json!({ "name": s }));
     }
     if !src.is_empty() {
         top.insert("src_endpoint".into(), Value::Object(src));
@@ -770,6 +778,10 @@ fn parse_flow(
         reason: reason_at(v, f.reason)?,
         ip,
         peer: peer_at(v),
+        service: v
+            .pointer("/ztxdp/service/name")
+            .and_then(Value::as_str)
+            .map(str::to_owned),
         would_drop,
     })
 }
@@ -1082,6 +1094,9 @@ fn cef_flow(flow: &Flow, body: &Body, ext: &mut Vec<(&str, String)>) {
     if let Some(p) = &flow.peer {
         cef_peer(ext, p);
     }
+    if let Some(s) = &flow.service {
+        ext.push(("destinationServiceName", s.clone()));
+    }
     if let Body::Summary {
         start_ns, end_ns, ..
     } = body
@@ -1185,6 +1200,7 @@ mod tests {
                         tcp_flags: Some(2),
                     }),
                     peer: None,
+                    service: None,
                     would_drop: false,
                 },
                 suppressed: 4,
@@ -1219,6 +1235,7 @@ mod tests {
                         public_key: Some("k".into()),
                         groups: vec!["db-clients".into(), "ops".into()],
                     }),
+                    service: None,
                     would_drop: false,
                 },
                 suppressed: 0,
@@ -1235,6 +1252,7 @@ mod tests {
                     reason: reason::DROP_MALFORMED,
                     ip: None,
                     peer: None,
+                    service: None,
                     would_drop: false,
                 },
                 suppressed: 0,
@@ -1298,8 +1316,43 @@ mod tests {
             previous_run(),
         ];
         all.extend(drift_samples());
+        all.push(service_allow());
         all.extend(change_samples());
         all
+    }
+
+    /// An edge service's decision, which names the service.
+    fn service_allow() -> Record {
+        let mut r = tcp_deny();
+        r.seq = 13;
+        if let Body::Decision { flow, .. } = &mut r.body {
+            flow.reason = reason::PASS_SERVICE;
+            flow.service = Some("https".into());
+            if let Some(ip) = &mut flow.ip {
+                ip.dst_port = Some(443);
+            }
+        }
+        r
+    }
+
+    #[test]
+    fn a_service_decision_names_the_service_in_every_format() {
+        let r = service_allow();
+        assert_eq!(
+            json(AuditFormat::Ecs, &r)["ztxdp"]["service"]["name"],
+            "https"
+        );
+        let o = json(AuditFormat::Ocsf, &r);
+        assert_eq!(o["unmapped"]["service"]["name"], "https");
+        assert_eq!(o["dst_endpoint"]["svc_name"], "https");
+        let line = cef(&r, GENESIS);
+        assert!(line.contains(" destinationServiceName=https "), "{line}");
+        // Records without a service say nothing of one.
+        assert!(
+            json(AuditFormat::Ecs, &tcp_deny())["ztxdp"]
+                .get("service")
+                .is_none()
+        );
     }
 
     /// What a new `up` writes for the programs it replaced.

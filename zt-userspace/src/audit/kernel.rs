@@ -26,11 +26,11 @@ use zt_common::{
 };
 
 use super::{
-    AuditError, Clock, Names, Trail,
+    AuditError, Clock, Names, ServiceNames, Trail,
     ledger::{self, Keeper, LedgerEntry, Tally},
     record::{self, Body, Program},
 };
-use crate::{adopt, tables::Tables};
+use crate::{adopt, policy::EdgePolicy, tables::Tables};
 
 /// `BPF_MAP_LOOKUP_AND_DELETE_ELEM` (`enum bpf_cmd` in `uapi/linux/bpf.h`).
 const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
@@ -242,6 +242,11 @@ impl Feed {
     ) {
         self.names.peers = peers;
         self.names.groups = groups;
+    }
+
+    /// Names edge services by `edge`'s from now on (after a reload).
+    pub fn set_services(&mut self, edge: Option<&EdgePolicy>) {
+        self.names.services = edge.map(ServiceNames::new);
     }
 
     /// Waits until the ring buffer has events. Cancel-safe.

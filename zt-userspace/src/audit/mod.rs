@@ -32,6 +32,7 @@ pub mod writer;
 use std::{
     collections::{BTreeMap, HashMap},
     io,
+    net::IpAddr,
     path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, Instant},
@@ -46,7 +47,11 @@ use self::{
     syslog::Forwarder,
     writer::{AuditWriter, Sealed},
 };
-use crate::{policy::AuditSettings, tables::TablesError};
+use crate::{
+    model::EdgeModel,
+    policy::{AuditSettings, EdgePolicy, Protocol},
+    tables::TablesError,
+};
 
 /// Errors of the audit trail.
 #[derive(Debug, thiserror::Error)]
@@ -161,6 +166,44 @@ pub struct Names {
     pub peers: Vec<(String, Option<String>)>,
     /// Which groups grant what to each peer, for `ztxdp.peer.groups`.
     pub groups: crate::grants::GroupWatch,
+    /// The edge's services, for the one an edge decision names.
+    pub services: Option<ServiceNames>,
+}
+
+/// The edge services by name, and which one a decision names: the kernel
+/// sends no service, since it follows from the policy, the protocol, the
+/// port and the source (the first service of the port that admits the
+/// source, or the port's first when none does), as the model computes it.
+#[derive(Clone, Debug)]
+pub struct ServiceNames {
+    model: EdgeModel,
+    names: Vec<String>,
+}
+
+impl ServiceNames {
+    #[must_use]
+    pub fn new(edge: &EdgePolicy) -> Self {
+        Self {
+            model: EdgeModel::new(edge),
+            names: edge.services().map(|s| s.name.to_owned()).collect(),
+        }
+    }
+
+    /// The service an edge decision of reason `code` about `protocol` to
+    /// `port` from `source` names, if it is a service's decision.
+    #[must_use]
+    pub fn of(&self, code: u32, protocol: u8, port: u16, source: IpAddr) -> Option<String> {
+        if !crate::model::names_service(code) {
+            return None;
+        }
+        let protocol = match protocol {
+            zt_common::proto::TCP => Protocol::Tcp,
+            zt_common::proto::UDP => Protocol::Udp,
+            _ => return None,
+        };
+        let index = self.model.service_of(protocol, port, source)?;
+        self.names.get(index as usize).cloned()
+    }
 }
 
 /// Converts `bpf_ktime_get_ns` (`CLOCK_MONOTONIC`) to wall-clock time.

@@ -85,6 +85,10 @@ pub struct Flow {
     /// `None` for a non-IP frame (ARP).
     pub ip: Option<IpFlow>,
     pub peer: Option<Peer>,
+    /// On the edge, the service a service's decision names
+    /// (`ztxdp.service.name`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
     /// The policy denied it (`reason` is a drop reason), but the packet
     /// passed: its program or peer runs in audit mode. A would-deny.
     #[serde(default)]
@@ -429,12 +433,19 @@ fn flow(w: &Wire<'_>, names: &Names) -> Flow {
             },
         )
     });
+    let service = match (&ip, &names.services) {
+        (Some(ip), Some(services)) if program == Program::Edge => {
+            services.of(w.reason, ip.protocol, w.dst_port, ip.src)
+        }
+        _ => None,
+    };
     Flow {
         program,
         interface,
         reason: w.reason,
         ip,
         peer,
+        service,
         would_drop: w.flags & EVENT_WOULD_DROP != 0,
     }
 }
@@ -598,6 +609,70 @@ mod tests {
             (ip.src_port, ip.dst_port, ip.tcp_flags),
             (Some(1000), Some(53), None),
             "UDP has no TCP flags"
+        );
+    }
+
+    #[test]
+    fn edge_service_decisions_name_their_service() {
+        let net = |s: &str| s.parse().unwrap_or_else(|e| panic!("{s}: {e}"));
+        let edge = crate::policy::EdgePolicy {
+            interface: "eth0".into(),
+            wireguard_ports: vec![51_820],
+            ssh_port: 22,
+            ssh_allow: vec![net("10.0.0.2/32")],
+            services: vec![crate::policy::Service {
+                name: "https".into(),
+                ports: vec![crate::policy::PortRange {
+                    protocol: crate::policy::Protocol::Tcp,
+                    first: 443,
+                    last: 443,
+                }],
+                from: vec![net("192.0.2.0/24")],
+            }],
+            icmp_echo: crate::policy::EchoRate::default(),
+            mode: crate::policy::Mode::Enforce,
+        };
+        let names = Names {
+            services: Some(super::super::ServiceNames::new(&edge)),
+            ..Names::default()
+        };
+        let service_of = |code: u32, src: [u8; 4], port: u16| {
+            let mut e = Event {
+                reason: u16::try_from(code).unwrap_or_default(),
+                program: u8::try_from(program::EDGE).unwrap_or_default(),
+                ip_version: 4,
+                protocol: proto::TCP,
+                dst_port: port,
+                peer: NO_PEER,
+                ..Event::default()
+            };
+            e.src[..4].copy_from_slice(&src);
+            let (_, body) = decision(&e, &names, &Clock::now());
+            let Body::Decision { flow, .. } = body else {
+                panic!("not a decision: {body:?}")
+            };
+            flow.service
+        };
+        assert_eq!(
+            service_of(reason::PASS_SERVICE, [192, 0, 2, 9], 443).as_deref(),
+            Some("https")
+        );
+        assert_eq!(
+            service_of(reason::DROP_SERVICE_SOURCE, [203, 0, 113, 9], 443).as_deref(),
+            Some("https")
+        );
+        assert_eq!(
+            service_of(reason::PASS_SSH, [10, 0, 0, 2], 22).as_deref(),
+            Some("ssh")
+        );
+        assert_eq!(
+            service_of(reason::DROP_PORT_NOT_ALLOWED, [192, 0, 2, 9], 444),
+            None
+        );
+        assert_eq!(
+            service_of(reason::PASS_REPLY, [192, 0, 2, 9], 443),
+            None,
+            "a reply is not a service's decision"
         );
     }
 

@@ -494,6 +494,7 @@ mod tests {
                         public_key: Some(key.into()),
                         groups: Vec::new(),
                     }),
+                    service: None,
                     would_drop: false,
                 },
                 suppressed: 0,

@@ -14,7 +14,7 @@ use std::collections::HashMap;
 
 use serde::Deserialize;
 
-use super::{ConfigError, Validator, is_name, not_a_name};
+use super::{ConfigError, is_name, not_a_name, validator::Validator};
 use crate::policy::{Group, Peer};
 
 #[derive(Deserialize)]

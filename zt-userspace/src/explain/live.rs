@@ -28,7 +28,10 @@ use zt_common::{
 use crate::{
     audit::record::Program,
     model::{Explanation, Fact, FlowEntry, StatefulModel},
-    policy::{EchoRate, EdgePolicy, FlowSettings, Grant, Mode, Peer, Protocol, TunnelPolicy},
+    policy::{
+        EchoRate, EdgePolicy, FlowSettings, Grant, Mode, Peer, PortRange, Protocol, Service,
+        TunnelPolicy,
+    },
     tables::{Contents, LpmParts, Tables, TablesError},
 };
 
@@ -66,9 +69,9 @@ pub enum LiveError {
 /// (`loader::LoadOptions`), read back from their read-only data.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Specialised {
-    /// The SSH port; `None` when loaded without an edge policy (the edge
-    /// program then drops all as `not_configured`; `up` never attaches it).
-    pub ssh_port: Option<u16>,
+    /// Loaded with an edge policy; without one the edge program drops all
+    /// as `not_configured` (`up` never attaches it).
+    pub edge: bool,
     /// The tunnel device has an Ethernet header.
     pub tunnel_l2: bool,
     /// `tunnel.link_local_neighbors`.
@@ -161,13 +164,11 @@ impl Live {
         // Unconfigured, the edge program judges what parses as
         // `not_configured`, before any policy.
         Ok(
-            if program == Program::Edge
-                && self.settings.ssh_port.is_none()
-                && !parse_failure(e.reason)
-            {
+            if program == Program::Edge && !self.settings.edge && !parse_failure(e.reason) {
                 Explanation {
                     reason: reason::DROP_NOT_CONFIGURED,
                     peer: None,
+                    service: None,
                     facts: Vec::new(),
                 }
             } else {
@@ -194,6 +195,7 @@ impl Live {
                 .unwrap_or_else(|| Explanation {
                     reason: reason::DROP_PEER_UNKNOWN,
                     peer: None,
+                    service: None,
                     facts: Vec::new(),
                 }),
         }
@@ -307,17 +309,84 @@ fn edge_policy(c: &Contents, settings: Specialised) -> EdgePolicy {
         .zip(&c.udp_ports)
         .flat_map(|(word, &bits)| ports_of(word, bits))
         .collect();
+    let mut services: Vec<Service> = Vec::new();
+    let (sources_v4, sources_v6) = (c.sources.v4_prefixes(), c.sources.v6_prefixes());
+    let bits = c
+        .service_ports
+        .values()
+        .chain(sources_v4.values())
+        .chain(sources_v6.values())
+        .fold(0u64, |a, m| a | m);
+    let used = u64::BITS - bits.leading_zeros();
+    for bit in 0..used.max(1) {
+        let mask = 1u64 << bit;
+        let mut ports: BTreeMap<Protocol, Vec<u16>> = BTreeMap::new();
+        for (&at, _) in c.service_ports.iter().filter(|(_, m)| *m & mask != 0) {
+            let (protocol, port) = if at >= 65_536 {
+                (Protocol::Udp, at - 65_536)
+            } else {
+                (Protocol::Tcp, at)
+            };
+            ports
+                .entry(protocol)
+                .or_default()
+                .push(u16::try_from(port).unwrap_or(u16::MAX));
+        }
+        // An address may reach what any entry holding it opens (the
+        // trie's masks hold those of the prefixes containing them):
+        // listing every entry with the bit admits the same addresses.
+        // The maps hold a prefix expanded (0.0.0.0/0 is 65,536 blocks);
+        // merged back, the model has as few to match as the config listed.
+        let from = IpNet::aggregate(
+            &sources_v4
+                .iter()
+                .filter(|(_, m)| *m & mask != 0)
+                .filter_map(|(k, _)| net(k))
+                .chain(
+                    sources_v6
+                        .iter()
+                        .filter(|(_, m)| *m & mask != 0)
+                        .filter_map(|(k, _)| net(k)),
+                )
+                .collect(),
+        );
+        let ports = ports
+            .into_iter()
+            .flat_map(|(protocol, sorted)| ranges(protocol, &sorted))
+            .filter_map(|g| match g {
+                Grant::Ports {
+                    protocol,
+                    first,
+                    last,
+                } => Some(PortRange {
+                    protocol,
+                    first,
+                    last,
+                }),
+                Grant::Icmp => None,
+            })
+            .collect();
+        services.push(Service {
+            name: format!("#{bit}"),
+            ports,
+            from,
+        });
+    }
+    // Bit 0 is the ssh service: its one TCP port and its sources. (A map
+    // giving the bit other ports, which ztxdp never writes, is explained
+    // by its first; `check --live` reports such a map.)
+    let ssh = services.remove(0);
     EdgePolicy {
         interface: String::new(),
         mode: settings.edge_mode,
         wireguard_ports,
-        ssh_port: settings.ssh_port.unwrap_or(0),
-        ssh_allow: c
-            .ssh_v4
+        ssh_port: ssh
+            .ports
             .iter()
-            .filter_map(net)
-            .chain(c.ssh_v6.iter().filter_map(net))
-            .collect(),
+            .find(|r| r.protocol == Protocol::Tcp)
+            .map_or(0, |r| r.first),
+        ssh_allow: ssh.from,
+        services,
         icmp_echo: EchoRate {
             ns_per_token: c.flow_config.echo_ns_per_token,
             burst: c.flow_config.echo_burst,
@@ -447,12 +516,11 @@ fn specialised(map_ids: &[u32]) -> Result<Specialised, LiveError> {
                 .ok_or(LiveError::Object { what: name })
         };
         let edge = field(global::EDGE_CONFIG, size_of::<EdgeConfig>())?;
-        let ssh_port = u16::from_ne_bytes([edge[0], edge[1]]);
         let at = std::mem::offset_of!(EdgeConfig, flags);
         let flags = u32::from_ne_bytes([edge[at], edge[at + 1], edge[at + 2], edge[at + 3]]);
         let mode = |audit: bool| if audit { Mode::Audit } else { Mode::Enforce };
         return Ok(Specialised {
-            ssh_port: (flags & EDGE_CONFIGURED != 0).then_some(ssh_port),
+            edge: flags & EDGE_CONFIGURED != 0,
             tunnel_l2: field(global::TUNNEL_L2, 1)?[0] != 0,
             tunnel_link_local: field(global::TUNNEL_LINK_LOCAL, 1)?[0] != 0,
             edge_mode: mode(flags & EDGE_AUDIT != 0),

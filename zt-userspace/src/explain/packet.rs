@@ -458,6 +458,7 @@ mod tests {
             wireguard_ports: vec![51_820],
             ssh_port: 22,
             ssh_allow: vec!["198.51.100.0/24".parse().expect("a prefix")],
+            services: Vec::new(),
             icmp_echo: EchoRate::default(),
         });
         let cases = [
