@@ -27,7 +27,13 @@ fn assets_dir() -> PathBuf {
 
 /// The tables of the example that attach something: commented out in the
 /// packaged config, so that installing attaches nothing.
-const ENFORCING_TABLES: &[&str] = &["[edge]", "[tunnel]", "[[tunnel.peer]]", "[[tunnel.group]]"];
+const ENFORCING_TABLES: &[&str] = &[
+    "[edge]",
+    "[[edge.service]]",
+    "[tunnel]",
+    "[[tunnel.peer]]",
+    "[[tunnel.group]]",
+];
 
 /// What the packaged config says first.
 const CONFIG_HEADER: &str = "\
