@@ -9,6 +9,11 @@
 //! extension header lengths and types, TCP data offset, fragment fields,
 //! `EtherType` fields, random bytes, truncation, trailing bytes.
 //!
+//! The policies hold what a config can: edge services with nested and
+//! overlapping sources of every prefix length the maps split on, and
+//! tunnel groups with a runtime group grant, merged into each member's
+//! grants as `up` merges them.
+//!
 //! Every packet is also put to `ztxdp explain`'s engine
 //! (`ztxdp::explain::live::Live`), which reads the loaded programs' maps
 //! into the model: its verdict must be the kernel's too.
@@ -35,9 +40,12 @@ use zt_tests::packet::{
 use ztxdp::{
     audit::record::Program,
     explain::live::Live,
+    grants::RuntimeGrants,
     loader,
     model::{self, EdgeModel, Explanation, TunnelModel},
-    policy::{EchoRate, EdgePolicy, Grant, Mode, PortRange, Protocol, Service, TunnelPolicy},
+    policy::{
+        EchoRate, EdgePolicy, Grant, Group, Mode, PortRange, Protocol, Service, TunnelPolicy,
+    },
 };
 
 const DEFAULT_SEED: u64 = 0x5eed_2a7e_d1ff_0001;
@@ -237,7 +245,28 @@ fn edge_pools() -> Pools {
     }
 }
 
+/// The tunnel policy as `up` enforces it: each peer's own grants, plus
+/// those of its groups (`db` holds alice and carol, `ops` bob and dave, so
+/// a grant reaches peers of both families through a group), plus a runtime
+/// group grant (`ztxdp allow @db 6000-6001`), merged as `up` merges them.
 fn tunnel_policy() -> TunnelPolicy {
+    let configured = configured_tunnel_policy();
+    let mut runtime = RuntimeGrants::default();
+    runtime.allow_group("db", ports(Protocol::Tcp, 6000, 6001));
+    let merged = runtime.apply(&configured);
+    // The merge must have reached every member and no one else; the
+    // model takes the merged grants, so it could not notice otherwise.
+    let has = |peer: usize, g: &Grant| merged.peers[peer].grants.contains(g);
+    let db = ports(Protocol::Tcp, 6432, 6432);
+    let runtime_db = ports(Protocol::Tcp, 6000, 6001);
+    let ops = ports(Protocol::Udp, 161, 162);
+    assert!(has(0, &db) && has(2, &db) && !has(1, &db) && !has(3, &db));
+    assert!(has(0, &runtime_db) && has(2, &runtime_db) && !has(1, &runtime_db));
+    assert!(has(1, &ops) && has(3, &ops) && !has(0, &ops) && !has(2, &ops));
+    merged
+}
+
+fn configured_tunnel_policy() -> TunnelPolicy {
     let tcp = |first, last| ports(Protocol::Tcp, first, last);
     let udp = |first, last| ports(Protocol::Udp, first, last);
     TunnelPolicy {
@@ -265,7 +294,18 @@ fn tunnel_policy() -> TunnelPolicy {
                 vec![udp(9999, 9999), Grant::Icmp],
             ),
         ],
-        groups: Vec::new(),
+        groups: vec![
+            Group {
+                name: "db".into(),
+                members: vec![0, 2],
+                grants: vec![tcp(6432, 6432)],
+            },
+            Group {
+                name: "ops".into(),
+                members: vec![1, 3],
+                grants: vec![udp(161, 162), Grant::Icmp],
+            },
+        ],
         runtime_grants: "/nonexistent/runtime-grants.json".into(),
         // Exercises both sides of the rule: allowed on an L2 device, and
         // ignored on an L3 one, where only peers' packets pass.
@@ -373,8 +413,9 @@ fn tunnel_pools() -> Pools {
             "fe80::1",
         ]),
         ports: vec![
-            0, 1, 22, 53, 54, 443, 444, 1023, 1024, 4999, 5000, 5055, 5056, 5100, 5101, 5432, 7999,
-            8000, 8010, 8011, 9998, 9999, 59_999, 60_000, 65_535,
+            0, 1, 22, 53, 54, 160, 161, 162, 163, 443, 444, 1023, 1024, 4999, 5000, 5055, 5056,
+            5100, 5101, 5432, 5999, 6000, 6001, 6002, 6432, 7999, 8000, 8010, 8011, 9998, 9999,
+            59_999, 60_000, 65_535,
         ],
     }
 }

@@ -243,7 +243,7 @@ impl Report {
         let scaling: Vec<Value> = self
             .scaling
             .iter()
-            .map(|p| json!({"curve": p.curve, "size": p.size, "fill_seconds": p.fill_seconds, "pass_ns": p.pass_ns, "deny_ns": p.deny_ns}))
+            .map(|p| json!({"curve": p.curve, "size": p.size, "fill_seconds": p.fill_seconds, "memory_bytes": p.memory_bytes, "pass_ns": p.pass_ns, "deny_ns": p.deny_ns}))
             .collect();
         let control = self.control.as_ref().map(|c| {
             json!({
@@ -373,12 +373,17 @@ impl Report {
             }
             let _ = writeln!(
                 md,
-                "\n**{title}**\n\n| {unit} | pass ns | deny ns | fill time s |\n|---|---|---|---|"
+                "\n**{title}**\n\n| {unit} | pass ns | deny ns | fill time s | memory MiB |\n|---|---|---|---|---|"
             );
             for p in &points {
+                #[expect(clippy::cast_precision_loss, reason = "MiB to one decimal")]
+                let mib = p.memory_bytes.map_or_else(
+                    || "n/a".to_owned(),
+                    |b| format!("{:.1}", b as f64 / 1_048_576.0),
+                );
                 let _ = writeln!(
                     md,
-                    "| {} | {:.0} | {:.0} | {:.2} |",
+                    "| {} | {:.0} | {:.0} | {:.2} | {mib} |",
                     p.size, p.pass_ns, p.deny_ns, p.fill_seconds
                 );
             }
@@ -488,6 +493,7 @@ pub fn baseline(path: &Path) -> anyhow::Result<Vec<ScalingPoint>> {
                 curve,
                 size,
                 fill_seconds,
+                memory_bytes: p.get("memory_bytes").and_then(Value::as_u64),
                 pass_ns,
                 deny_ns,
             });

@@ -28,6 +28,7 @@ use ztxdp::{
     config::Config,
     loader,
     policy::{Grant, Policy, Protocol},
+    tables::Tables,
 };
 
 use super::{
@@ -72,6 +73,9 @@ pub struct ScalingPoint {
     pub size: u32,
     /// Seconds to fill the maps (`Tables::apply_edge` / `apply_tunnel`).
     pub fill_seconds: f64,
+    /// Kernel memory of the maps holding the list (as `ztxdp status`
+    /// reports it); unknown in a baseline file from before it was kept.
+    pub memory_bytes: Option<u64>,
     pub pass_ns: f64,
     pub deny_ns: f64,
 }
@@ -327,6 +331,7 @@ pub fn scaling(plan: &Plan, progress: &Progress) -> anyhow::Result<Vec<ScalingPo
                 curve: l.curve,
                 size: l.size,
                 fill_seconds: l.fill_seconds,
+                memory_bytes: Some(l.memory_bytes),
                 pass_ns: median(&mut pass),
                 deny_ns: median(&mut deny),
             };
@@ -343,11 +348,30 @@ pub fn scaling(plan: &Plan, progress: &Progress) -> anyhow::Result<Vec<ScalingPo
     Ok(out)
 }
 
+/// The kernel memory of the maps that hold `curve`'s list, by the labels
+/// `ztxdp status` reports them under.
+fn list_memory(ebpf: &Ebpf, curve: &str) -> anyhow::Result<u64> {
+    let labels: &[&str] = match curve {
+        "ssh_allow" => &[
+            "service_sources_v4_16",
+            "service_sources_v4_24",
+            "service_sources_v4_32",
+        ],
+        "ssh_allow_v6" => &["service_sources_v6", "service_sources_v6_trie"],
+        _ => &["peer_hosts_v4", "peer_v4"],
+    };
+    let memory = Tables::from_map_ids(&loader::map_ids(ebpf))
+        .context("could not open the filled maps by id")?
+        .memory();
+    Ok(labels.iter().filter_map(|l| memory.get(l)).sum())
+}
+
 /// One point of a curve, loaded and filled, waiting to be timed.
 struct Loaded {
     curve: &'static str,
     size: u32,
     fill_seconds: f64,
+    memory_bytes: u64,
     ebpf: Ebpf,
     /// The edge program (XDP), else the tunnel program (TC).
     edge: bool,
@@ -468,6 +492,7 @@ fn allow_list_point(
         curve,
         size,
         fill_seconds,
+        memory_bytes: list_memory(&ebpf, curve)?,
         ebpf,
         edge: true,
         pass,
@@ -510,6 +535,7 @@ fn peer_point(n: u32) -> anyhow::Result<Loaded> {
         curve: "tunnel_peers",
         size: n,
         fill_seconds,
+        memory_bytes: list_memory(&ebpf, "tunnel_peers")?,
         ebpf,
         edge: false,
         pass: traffic::frame(pass_src, &Transport::tcp_syn(5432)),
@@ -542,6 +568,7 @@ mod tests {
                 curve: "ssh_allow",
                 size,
                 fill_seconds: 0.0,
+                memory_bytes: None,
                 pass_ns: if size == 10 { 50.0 } else { pass_ns },
                 deny_ns: if size == 10 { 50.0 } else { deny_ns },
             }))
