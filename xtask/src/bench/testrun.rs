@@ -316,9 +316,12 @@ pub fn scaling(plan: &Plan, progress: &Progress) -> anyhow::Result<Vec<ScalingPo
         }
         // Every size once per round, the rounds one after another: a
         // slow spell of the machine touches all sizes alike instead of
-        // one point, and the ratio compares like with like.
+        // one point, and the ratio compares like with like. As many
+        // rounds as the packet-rate runs repeat (`--runs`, 9), at least
+        // CALLS: five still let one slow spell move a curve's end by 15 %.
         let mut samples = vec![(Vec::new(), Vec::new()); loaded.len()];
-        for _ in 0..CALLS {
+        let rounds = usize::try_from(plan.runs).map_or(CALLS, |r| r.max(CALLS));
+        for _ in 0..rounds {
             for (l, (pass, deny)) in loaded.iter_mut().zip(&mut samples) {
                 let (p, d) = l.once(plan.testrun_repeat)?;
                 pass.push(p);
