@@ -106,3 +106,43 @@ fn an_outsider_reaches_a_service_open_to_all_and_not_one_that_leaves_it_out() {
         "outsider to https after reload",
     );
 }
+
+/// A list whose expansion the maps cannot hold (8,193 /25s are 1,048,704
+/// addresses, one map holds 1,048,576) is refused by `check` and by `up`
+/// as bad input (status 2), naming the limit, and nothing is attached.
+#[test]
+fn a_list_the_maps_cannot_hold_is_refused_by_check_and_up_alike() {
+    let lab = build_lab();
+    let scratch = e2e::Scratch::new("services-too-many");
+    let sources: Vec<String> = (0u32..8_193)
+        .map(|i| format!("\"{}/25\"", std::net::Ipv4Addr::from((10 << 24) | (i << 7))))
+        .collect();
+    let text = format!(
+        "[edge]\ninterface = \"eth0\"\nwireguard_ports = [51820]\nssh_allow = [\"10.77.0.2/32\"]\n\n\
+         [[edge.service]]\nname = \"wide\"\nallow = [\"tcp/443\"]\nfrom = [{}]\n\n\
+         [audit]\npath = \"{}\"\n",
+        sources.join(", "),
+        scratch.path("audit.jsonl").display()
+    );
+    let path = scratch.path("ztxdp.toml");
+    fs::write(&path, text).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+    let config = path.display().to_string();
+    for args in [
+        &["check", "--config", &config][..],
+        &["up", "--config", &config][..],
+    ] {
+        let out = e2e::ztxdp(lab.edge(), args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "`ztxdp {}`: {stderr}", args[0]);
+        assert!(
+            stderr.contains("1048704") && stderr.contains("1048576"),
+            "`ztxdp {}` must give the count and the limit: {stderr}",
+            args[0]
+        );
+    }
+    let status = e2e::ztxdp(lab.edge(), &["status"]);
+    assert!(
+        String::from_utf8_lossy(&status.stderr).contains("no ztxdp program is attached"),
+        "nothing may be attached: {status:?}"
+    );
+}

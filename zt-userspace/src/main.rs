@@ -499,6 +499,10 @@ fn main() -> ExitCode {
                     || c.downcast_ref::<ztxdp::explain::packet::RequestError>()
                         .is_some()
                     || matches!(
+                        c.downcast_ref::<ztxdp::tables::TablesError>(),
+                        Some(ztxdp::tables::TablesError::TooMany { .. })
+                    )
+                    || matches!(
                         c.downcast_ref::<daemon::DaemonError>(),
                         Some(daemon::DaemonError::Config(_) | daemon::DaemonError::Lockout(_))
                     )
@@ -695,6 +699,19 @@ async fn confirm() -> anyhow::Result<()> {
 /// `ztxdp check`: the config is valid; notes what `up` would still refuse.
 fn check(config: &Path) -> anyhow::Result<()> {
     let c = Config::load(config)?;
+    // What the maps hold once the lists are expanded (a /25 is 128
+    // addresses): `up` and `reload` would refuse it, so `check` does.
+    ztxdp::tables::Contents::of(
+        c.policy.edge.as_ref(),
+        c.policy.tunnel.as_ref(),
+        &c.policy.flows,
+    )
+    .with_context(|| {
+        format!(
+            "{}: the kernel's maps cannot hold this policy; shorten the list (README: How the lists are looked up)",
+            config.display()
+        )
+    })?;
     outln!(
         "{}: ok (edge: {}, tunnel: {} peers)",
         config.display(),
