@@ -317,6 +317,11 @@ fn udp_passes_only_to_wireguard_ports_and_counters_are_exact() {
         ("udp_ports", 1),
     ] {
         assert_eq!(e["maps"][map], entries, "fill level of {map}: {now:#}");
+        // Every structure's kernel memory, as the kernel accounts it.
+        assert!(
+            e["memory"][map].as_u64().is_some_and(|bytes| bytes > 0),
+            "memory of {map}: {now:#}"
+        );
     }
     assert!(now["tunnel"].is_null(), "no tunnel was configured: {now:#}");
 }
