@@ -262,6 +262,19 @@ pub mod reason {
         code < FIRST_DENY
     }
 
+    /// The word for a verdict that allows (`true`) or drops, as `status`,
+    /// the metrics, `explain` and the README's reason table write it.
+    #[must_use]
+    pub const fn class_name(allow: bool) -> &'static str {
+        if allow { "pass" } else { "drop" }
+    }
+
+    /// The verdict word of reason `code`.
+    #[must_use]
+    pub const fn class(code: u32) -> &'static str {
+        class_name(is_allow(code))
+    }
+
     /// Whether a class word of the reason list is `pass`.
     const fn class_is_pass(class: &str) -> bool {
         matches!(class.as_bytes(), b"pass")

@@ -187,14 +187,7 @@ fn program_status(
         .collect();
     let verdicts = reason::ALL
         .iter()
-        .map(|&code| {
-            let verdict = if reason::is_allow(code) {
-                "pass"
-            } else {
-                "drop"
-            };
-            (reason::name(code), verdict)
-        })
+        .map(|&code| (reason::name(code), reason::class(code)))
         .collect();
     let (passed, dropped) = crate::tables::passed_dropped(&by_code);
     let maps = tables.fill_levels()?;

@@ -412,11 +412,7 @@ fn report(
         ifindex: a.ifindex,
         program_id: a.program_id,
         packet: request.clone(),
-        verdict: if model::passes(mode, code) {
-            "pass"
-        } else {
-            "drop"
-        },
+        verdict: reason::class_name(model::passes(mode, code)),
         mode,
         code,
         reason: reason::name(code),

@@ -57,14 +57,10 @@ mod tests {
         let want: Vec<String> = reason::ALL
             .iter()
             .map(|&code| {
-                let verdict = if reason::is_allow(code) {
-                    "pass"
-                } else {
-                    "drop"
-                };
                 format!(
-                    "| {code} | `{}` | {verdict} | {} |",
+                    "| {code} | `{}` | {} | {} |",
                     reason::name(code),
+                    reason::class(code),
                     reason::meaning(code)
                 )
             })

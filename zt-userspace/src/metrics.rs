@@ -202,10 +202,6 @@ struct ActionLabels {
     action: String,
 }
 
-const fn verdict(allow: bool) -> &'static str {
-    if allow { "pass" } else { "drop" }
-}
-
 /// Encodes the programs' counters and the daemon's snapshot.
 ///
 /// # Errors
@@ -252,7 +248,7 @@ pub fn render(programs: &Programs, daemon: &Daemon) -> Result<String, std::fmt::
                 .get_or_create(&PacketLabels {
                     program: name.to_owned(),
                     interface: p.attachment.interface.clone(),
-                    verdict: verdict(reason::is_allow(code)).to_owned(),
+                    verdict: reason::class(code).to_owned(),
                     reason: reason::name(code).to_owned(),
                 })
                 .inc_by(n);
@@ -289,7 +285,7 @@ pub fn render(programs: &Programs, daemon: &Daemon) -> Result<String, std::fmt::
                     .get_or_create(&PeerLabels {
                         peer: name.clone(),
                         public_key: key.clone(),
-                        verdict: verdict(allow).to_owned(),
+                        verdict: reason::class_name(allow).to_owned(),
                     })
                     .inc_by(n);
             }
