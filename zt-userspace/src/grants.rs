@@ -338,16 +338,7 @@ pub fn effective(base: &[Grant], added: &[Grant], revoked: &[Grant]) -> Vec<Gran
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-    use crate::policy::Protocol;
-
-    fn tcp(first: u16, last: u16) -> Grant {
-        Grant::Ports {
-            protocol: Protocol::Tcp,
-            first,
-            last,
-        }
-    }
+    use super::{set::tests::tcp, *};
 
     #[test]
     fn revoking_one_port_splits_a_range() {

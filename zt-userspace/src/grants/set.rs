@@ -170,10 +170,11 @@ fn port(n: u32) -> u16 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn tcp(first: u16, last: u16) -> Grant {
+    /// `tcp/first-last`; the grants module's tests use it too.
+    pub(crate) fn tcp(first: u16, last: u16) -> Grant {
         Grant::Ports {
             protocol: Protocol::Tcp,
             first,
