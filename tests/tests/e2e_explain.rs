@@ -26,14 +26,15 @@ use zt_tests::{
 use ztxdp::explain::packet::Request;
 
 /// The lab with `ztxdp up` on the edge. Line 3 lists the `WireGuard` port,
-/// line 4 the one SSH source, the bastion.
+/// line 4 the SSH sources: the bastion, and two halves of 192.0.2.0/24,
+/// which the maps hold as one set of addresses.
 fn start(tag: &str) -> Enforced {
     Enforced::start(tag, build_lab(), |_, scratch| {
         format!(
             "[edge]\n\
              interface = \"{HOST_INTERFACE}\"\n\
              wireguard_ports = [51820]\n\
-             ssh_allow = [\"{BASTION_V4}/32\"]\n\
+             ssh_allow = [\"{BASTION_V4}/32\", \"192.0.2.0/25\", \"192.0.2.128/25\"]\n\
              \n\
              [audit]\n\
              path = \"{}\"\n\
@@ -122,6 +123,14 @@ fn explain_says_what_a_real_packet_then_gets_and_why() {
     assert_eq!(w["matched"], true, "{w:#}");
     assert_eq!(w["prefix"], format!("{bas}/32"), "{w:#}");
     expect_rule(&t, w, "edge.ssh_allow[0]", Some(4));
+
+    // The prefix named is the config's, though the kernel's entries no
+    // longer say which of two adjacent prefixes listed an address.
+    let r = explain(&t, &["tcp", "192.0.2.200:40000", &format!("{edge}:22")]);
+    assert_eq!(r["reason"], "ssh_allowed", "{r:#}");
+    let w = step(&r, "ssh_allow");
+    assert_eq!(w["prefix"], "192.0.2.128/25", "{w:#}");
+    expect_rule(&t, w, "edge.ssh_allow[2]", Some(4));
 
     let (src, wg) = (format!("{out}:40002"), format!("{edge}:51820"));
     let r = explain_then_send(&t, outsider, &["udp", &src, &wg], "wireguard");

@@ -517,11 +517,20 @@ fn why(fact: &Fact, code: u32, live: &Live, sources: &Sources) -> Option<Why> {
                     sources.rule(list),
                 ));
             };
-            let j = edge.and_then(|e| {
-                e.services()
-                    .nth(service as usize)
-                    .and_then(|s| s.from.iter().position(|n| *n == prefix))
+            // The kernel's entries hold the config's prefixes expanded,
+            // and adjacent ones merged back read as one: the prefix to
+            // name is the config's longest holding the source.
+            let config = edge.and_then(|e| {
+                let from = e.services().nth(service as usize)?.from;
+                (0..from.len())
+                    .filter(|&j| from[j].contains(&source))
+                    .max_by_key(|&j| from[j].prefix_len())
+                    .map(|j| (j, from[j]))
             });
+            let (j, prefix) = match config {
+                Some((j, listed)) => (Some(j), listed),
+                None => (None, prefix),
+            };
             let text = match j {
                 Some(_) => format!("{prefix} of {label} holds {source}"),
                 None => format!(
