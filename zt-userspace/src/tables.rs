@@ -5,6 +5,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
+    net::IpAddr,
     os::fd::{AsFd as _, AsRawFd as _},
 };
 
@@ -522,7 +523,7 @@ impl Tables {
         let hosts_v4 = peer_v4.keys().filter(|(_, len)| *len == 32).count();
         let hosts_v6 = peer_v6.keys().filter(|(_, len)| *len == 128).count();
         for (name, n) in [
-            (map::SOURCES_V4_16, sources.v4_blocks.len()),
+            (map::SOURCES_V4_16, sources.blocks().len()),
             (map::SOURCES_V4_24, sources.v4_24.len()),
             (map::SOURCES_V4_32, sources.v4_32.len()),
             (map::SOURCES_V6, sources.v6.len()),
@@ -681,13 +682,13 @@ impl Contents {
     /// the members of both. Since a source address belongs to one peer in
     /// each policy (`config` refuses overlaps), an address this finds a
     /// peer for has that peer in both, so every packet it passes, both
-    /// pass. A service port or source keeps the bits both give it: a
-    /// source's mask in either policy holds every mask of its shorter
-    /// prefixes, so whichever entry now matches an address, it admits no
-    /// service bit that either policy's own match would not (and a bit
-    /// both give a port and a source passes in both, whichever service it
-    /// stands for in each). The flow settings are already the new ones:
-    /// they are written once, between the two halves.
+    /// pass. A service port or source entry keeps the bits both give it
+    /// ([`Sources::narrowed`]): an address's services are the union over
+    /// the entries holding it, so it is admitted to no bit that either
+    /// policy's entries would not admit it to (and a bit both give a port
+    /// and a source passes in both, whichever service it stands for in
+    /// each). The flow settings are already the new ones: they are
+    /// written once, between the two halves.
     #[must_use]
     pub fn narrowed(&self, new: &Self) -> Self {
         fn both<K: Ord + Copy>(
@@ -872,6 +873,14 @@ impl Tables {
         }
         self.write_sources(&from.sources, &to.sources)
     }
+}
+
+/// A map key as a prefix.
+pub(crate) fn net<const N: usize>((bytes, len): &LpmParts<N>) -> Option<IpNet>
+where
+    IpAddr: From<[u8; N]>,
+{
+    IpNet::new(IpAddr::from(*bytes), u8::try_from(*len).ok()?).ok()
 }
 
 /// The entries both `old` and `new` have, each with the bits both give

@@ -3,7 +3,10 @@
 
 use std::path::Path;
 
+use zt_common::{GrantKey, PeerInfo, map};
+
 use super::*;
+use crate::tables::Sources;
 
 const TAG: u64 = 0x0123_4567_89ab_cdef;
 
@@ -252,4 +255,62 @@ fn a_peer_without_icmp_anywhere_is_one_line() {
         texts(&compare_maps(&want, &kernel, &|_| true, &names, &services)),
         ["peer app-1: icmp missing"]
     );
+}
+
+/// An edge whose `ssh_allow` lists prefixes the maps hold expanded.
+fn expanded_config() -> Config {
+    let text = "[edge]\ninterface = \"eth0\"\nwireguard_ports = [51820]\n\
+                ssh_allow = [\"10.0.0.0/8\", \"192.0.2.0/25\", \"192.0.2.128/25\", \"fd77::/48\"]\n\n\
+                [audit]\npath = \"/tmp/audit.jsonl\"\n";
+    Config::parse(text, Path::new("/etc/ztxdp/ztxdp.toml")).unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[test]
+fn a_missing_prefix_is_one_line_not_its_expansion() {
+    let config = expanded_config();
+    let services = service_names(config.policy.edge.as_ref());
+    let want = contents(&config);
+    let mut kernel = want.clone();
+    kernel.sources = Sources::default();
+    let mut d = compare_maps(&want, &kernel, &|_| true, &[], &services);
+    d.sort();
+    assert_eq!(
+        texts(&d),
+        [
+            "ssh_allow: 10.0.0.0/8 missing",
+            "ssh_allow: 192.0.2.0/24 missing",
+            "ssh_allow: fd77::/48 missing",
+            "edge source lookup: /32 map under 192.0.0.0/16 missing",
+            "edge source lookup: IPv6 /48 missing",
+        ]
+    );
+}
+
+#[test]
+fn lookups_the_kernel_skips_are_differences_though_the_entries_are_there() {
+    let config = expanded_config();
+    let services = service_names(config.policy.edge.as_ref());
+    let want = contents(&config);
+    let mut kernel = want.clone();
+    // The block of 192.0.2.0/25's addresses no longer says to look for
+    // /32s, and the IPv6 lengths say the trie: every entry is still in
+    // its map, and none of them is looked up.
+    kernel.sources.deeper.clear();
+    kernel.sources.lengths = zt_common::Source6Lengths {
+        count: zt_common::SOURCE_V6_USE_TRIE,
+        ..zt_common::Source6Lengths::default()
+    };
+    let mut d = compare_maps(&want, &kernel, &|_| true, &[], &services);
+    d.sort();
+    assert_eq!(
+        texts(&d),
+        [
+            "edge source lookup: /32 map under 192.0.0.0/16 missing",
+            "edge source lookup: IPv6 /48 missing",
+            "edge source lookup: IPv6 trie extra",
+        ]
+    );
+    assert!(d.iter().all(|d| d.area == Area::SourceLookup), "{d:?}");
+    // A reload writes the lookups back, not only the entries.
+    assert_ne!(want.sources, kernel.sources);
 }

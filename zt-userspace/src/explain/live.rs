@@ -32,7 +32,7 @@ use crate::{
         EchoRate, EdgePolicy, FlowSettings, Grant, Mode, Peer, PortRange, Protocol, Service,
         TunnelPolicy,
     },
-    tables::{Contents, LpmParts, Tables, TablesError},
+    tables::{Contents, Tables, TablesError, net},
 };
 
 /// The kernel's name for the object's read-only data section, as a map.
@@ -292,14 +292,6 @@ fn flow_settings(c: &FlowConfig) -> FlowSettings {
         fragment: Duration::from_nanos(c.fragment_ns),
         ..FlowSettings::default()
     }
-}
-
-/// A trie key as a prefix.
-fn net<const N: usize>((bytes, len): &LpmParts<N>) -> Option<IpNet>
-where
-    IpAddr: From<[u8; N]>,
-{
-    IpNet::new(IpAddr::from(*bytes), u8::try_from(*len).ok()?).ok()
 }
 
 /// The edge policy the maps hold. Only what the edge program reads is

@@ -3,24 +3,35 @@
 //! says how they combine), expanded here from the prefixes the config
 //! lists, read back, narrowed for a reload, and written as differences.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    ops::RangeInclusive,
+};
 
 use aya::maps::{Array, HashMap as BpfHashMap, LpmTrie, Map};
+use ipnet::IpNet;
 use zt_common::{
     SOURCE_DEEPER_24, SOURCE_DEEPER_32, SOURCE_V6_USE_TRIE, Source6Key, Source6Lengths,
     SourceBlock, capacity, map,
 };
 
-use super::{LpmParts, Tables, TablesError, batch, both_masks, inherited, map_err, sync_trie};
+use super::{LpmParts, Tables, TablesError, batch, both_masks, inherited, map_err, net, sync_trie};
 
-/// The sources of every service, by the map that holds them. Each map's
-/// entries carry only their own prefixes' bits (no longest match to
-/// serve), except the IPv6 trie's, which is the fallback.
+/// The sources of every service, by the map that holds them, and where
+/// the program looks for them. Each map's entries carry only their own
+/// prefixes' bits (no longest match to serve), except the IPv6 trie's,
+/// which is the fallback. Where it looks (`deeper`, `lengths`) follows
+/// from the entries in a policy's contents ([`Self::of`]); read back, it
+/// is what the kernel holds, so a lookup cleared behind ztxdp's back
+/// differs, and a reload writes it again.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Sources {
     /// `map::SOURCES_V4_16`'s services by block (an address's top 16
-    /// bits), nonzero only; the `deeper` bits follow from the other maps.
+    /// bits), nonzero only.
     pub(crate) v4_blocks: BTreeMap<u32, u64>,
+    /// `map::SOURCES_V4_16`'s `deeper` bits by block, nonzero only: the
+    /// longer-prefix maps the program looks in for an address of it.
+    pub(crate) deeper: BTreeMap<u32, u32>,
     /// `map::SOURCES_V4_24`, by /24 (last byte zero).
     pub(crate) v4_24: BTreeMap<[u8; 4], u64>,
     /// `map::SOURCES_V4_32`, by address.
@@ -30,6 +41,9 @@ pub struct Sources {
     /// `map::SERVICE_SOURCES_V6` (masks inherited along the trie), when
     /// they do not; then `v6` is empty.
     pub(crate) v6_trie: BTreeMap<LpmParts<16>, u64>,
+    /// `map::SOURCE_V6_LENGTHS`: the lengths the program looks up in
+    /// `map::SOURCES_V6`, or that it asks the trie.
+    pub(crate) lengths: Source6Lengths,
 }
 
 /// More entries than a map holds.
@@ -44,6 +58,23 @@ fn check(what: &'static str, n: usize) -> Result<(), TablesError> {
     Ok(())
 }
 
+/// How many entries of the map keyed by /`key_len` the IPv4 prefixes of
+/// `lens` (the lengths that map holds) expand to, overlaps counted once:
+/// merged first, so the prefixes are disjoint and each a whole number of
+/// keys. Counted before expanding, so a list far past the map costs no
+/// memory, and the error gives the whole list's count.
+fn expanded(v4: &BTreeMap<LpmParts<4>, u64>, lens: RangeInclusive<u32>, key_len: u32) -> usize {
+    let nets: Vec<IpNet> = v4
+        .keys()
+        .filter(|(_, len)| lens.contains(len))
+        .filter_map(net)
+        .collect();
+    IpNet::aggregate(&nets)
+        .iter()
+        .map(|n| 1usize << (key_len - u32::from(n.prefix_len()).min(key_len)))
+        .sum()
+}
+
 impl Sources {
     /// The maps for the prefixes `v4` and `v6`, each with the services
     /// (bits) that list it. A prefix is expanded to the entries of its
@@ -55,6 +86,14 @@ impl Sources {
         v4: &BTreeMap<LpmParts<4>, u64>,
         v6: &BTreeMap<LpmParts<16>, u64>,
     ) -> Result<Self, TablesError> {
+        check(
+            "edge service sources (IPv4 /17 to /24, as /24s)",
+            expanded(v4, 17..=24, 24),
+        )?;
+        check(
+            "edge service sources (IPv4 /25 to /32, as addresses)",
+            expanded(v4, 25..=32, 32),
+        )?;
         let mut s = Self::default();
         for (&(addr, len), &mask) in v4 {
             let base = u32::from_be_bytes(addr);
@@ -71,14 +110,6 @@ impl Sources {
                     _ => *s.v4_32.entry(at.to_be_bytes()).or_default() |= mask,
                 }
             }
-            check(
-                "edge service sources (IPv4 /17 to /24, as /24s)",
-                s.v4_24.len(),
-            )?;
-            check(
-                "edge service sources (IPv4 /25 to /32, as addresses)",
-                s.v4_32.len(),
-            )?;
         }
         check("edge service sources (IPv6)", v6.len())?;
         let lengths: BTreeSet<u32> = v6.keys().map(|(_, len)| *len).collect();
@@ -93,7 +124,7 @@ impl Sources {
                 *s.v6.entry(key).or_default() |= mask;
             }
         }
-        Ok(s)
+        Ok(s.looked_up())
     }
 
     /// What both `self` and `new` admit: each entry with the bits both
@@ -106,7 +137,35 @@ impl Sources {
             v4_32: both_masks(&self.v4_32, &new.v4_32),
             v6: both_masks(&self.v6, &new.v6),
             v6_trie: both_masks(&self.v6_trie, &new.v6_trie),
+            ..Self::default()
         }
+        .looked_up()
+    }
+
+    /// `self` with `deeper` and `lengths` set to look where its entries
+    /// are, and nowhere else.
+    fn looked_up(mut self) -> Self {
+        self.deeper.clear();
+        for (keys, bit) in [
+            (&self.v4_24, SOURCE_DEEPER_24),
+            (&self.v4_32, SOURCE_DEEPER_32),
+        ] {
+            for a in keys.keys() {
+                let at = u32::from(a[0]) << 8 | u32::from(a[1]);
+                *self.deeper.entry(at).or_default() |= bit;
+            }
+        }
+        self.lengths = Source6Lengths::default();
+        if self.v6_in_trie() {
+            self.lengths.count = SOURCE_V6_USE_TRIE;
+        } else {
+            let lengths: BTreeSet<u32> = self.v6.keys().map(|k| k.prefix_len).collect();
+            for (slot, len) in self.lengths.lengths.iter_mut().zip(&lengths) {
+                *slot = u8::try_from(*len).unwrap_or(u8::MAX);
+                self.lengths.count += 1;
+            }
+        }
+        self
     }
 
     /// Whether the IPv6 sources are in the trie.
@@ -137,47 +196,29 @@ impl Sources {
             .collect()
     }
 
-    /// Each block's entry of `map::SOURCES_V4_16`, with its `deeper`
-    /// bits; blocks with nothing are absent (zero in the map).
-    fn blocks(&self) -> BTreeMap<u32, SourceBlock> {
-        let mut out: BTreeMap<u32, SourceBlock> = self
-            .v4_blocks
-            .iter()
-            .map(|(&at, &services)| {
-                (
-                    at,
-                    SourceBlock {
-                        services,
-                        ..SourceBlock::default()
-                    },
-                )
-            })
-            .collect();
-        for (keys, bit) in [
-            (&self.v4_24, SOURCE_DEEPER_24),
-            (&self.v4_32, SOURCE_DEEPER_32),
-        ] {
-            for a in keys.keys() {
-                let at = u32::from(a[0]) << 8 | u32::from(a[1]);
-                out.entry(at).or_default().deeper |= bit;
-            }
+    /// Each block's entry of `map::SOURCES_V4_16`; blocks with nothing
+    /// are absent (zero in the map).
+    pub(crate) fn blocks(&self) -> BTreeMap<u32, SourceBlock> {
+        let mut out: BTreeMap<u32, SourceBlock> = BTreeMap::new();
+        for (&at, &services) in &self.v4_blocks {
+            out.entry(at).or_default().services = services;
+        }
+        for (&at, &deeper) in &self.deeper {
+            out.entry(at).or_default().deeper = deeper;
         }
         out
     }
 
-    /// The one entry of `map::SOURCE_V6_LENGTHS`.
-    fn lengths(&self) -> Source6Lengths {
-        let mut out = Source6Lengths::default();
-        if self.v6_in_trie() {
-            out.count = SOURCE_V6_USE_TRIE;
-            return out;
+    /// Where the program looks for IPv6 sources: in the trie (`true`), or
+    /// in `map::SOURCES_V6` at these lengths. A count past the array (which
+    /// only a write behind ztxdp's back makes) reads as the whole array.
+    pub(crate) fn v6_lookups(&self) -> (bool, BTreeSet<u8>) {
+        let l = &self.lengths;
+        if l.count == SOURCE_V6_USE_TRIE {
+            return (true, BTreeSet::new());
         }
-        let lengths: BTreeSet<u32> = self.v6.keys().map(|k| k.prefix_len).collect();
-        for (slot, len) in out.lengths.iter_mut().zip(&lengths) {
-            *slot = u8::try_from(*len).unwrap_or(u8::MAX);
-            out.count += 1;
-        }
-        out
+        let n = usize::try_from(l.count).unwrap_or(usize::MAX);
+        (false, l.lengths.iter().take(n).copied().collect())
     }
 }
 
@@ -189,17 +230,32 @@ impl Tables {
     pub(crate) fn read_sources(&self) -> Result<Sources, TablesError> {
         let mut s = Sources::default();
         if self.maps.contains_key(map::SOURCES_V4_16) {
-            s.v4_blocks = self.mapped::<SourceBlock, _>(map::SOURCES_V4_16, |blocks, n| {
-                (0..n)
-                    .filter_map(|at| {
-                        // SAFETY: inside the mapping (at < n), aligned
-                        // (page-aligned, 16-byte values).
-                        let block = unsafe { blocks.add(at).read_volatile() };
-                        let at = u32::try_from(at).ok()?;
-                        (block.services != 0).then_some((at, block.services))
-                    })
-                    .collect()
-            })?;
+            let blocks: Vec<(u32, SourceBlock)> =
+                self.mapped::<SourceBlock, _>(map::SOURCES_V4_16, |blocks, n| {
+                    (0..n)
+                        .filter_map(|at| {
+                            // SAFETY: inside the mapping (at < n), aligned
+                            // (page-aligned, 16-byte values).
+                            let block = unsafe { blocks.add(at).read_volatile() };
+                            let at = u32::try_from(at).ok()?;
+                            (block != SourceBlock::default()).then_some((at, block))
+                        })
+                        .collect()
+                })?;
+            for (at, block) in blocks {
+                if block.services != 0 {
+                    s.v4_blocks.insert(at, block.services);
+                }
+                if block.deeper != 0 {
+                    s.deeper.insert(at, block.deeper);
+                }
+            }
+        }
+        if let Some(m) = self.maps.get(map::SOURCE_V6_LENGTHS) {
+            s.lengths = Array::<_, Source6Lengths>::try_from(m)
+                .map_err(map_err(map::SOURCE_V6_LENGTHS))?
+                .get(&0, 0)
+                .map_err(map_err(map::SOURCE_V6_LENGTHS))?;
         }
         s.v4_24 = read_hash(self.maps.get(map::SOURCES_V4_24), map::SOURCES_V4_24)?;
         s.v4_32 = read_hash(self.maps.get(map::SOURCES_V4_32), map::SOURCES_V4_32)?;
@@ -277,12 +333,12 @@ impl Tables {
                 }
             }
         }
-        if from.lengths() != to.lengths() {
+        if from.lengths != to.lengths {
             let mut lengths: Array<_, Source6Lengths> =
                 Array::try_from(self.get(map::SOURCE_V6_LENGTHS)?)
                     .map_err(map_err(map::SOURCE_V6_LENGTHS))?;
             lengths
-                .set(0, to.lengths(), 0)
+                .set(0, to.lengths, 0)
                 .map_err(map_err(map::SOURCE_V6_LENGTHS))?;
         }
         Ok(())

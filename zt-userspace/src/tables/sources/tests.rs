@@ -44,7 +44,7 @@ fn lookup_v4(s: &Sources, addr: &str) -> u64 {
 /// As the program does for IPv6, with the lengths of `map::SOURCE_V6_LENGTHS`.
 fn lookup_v6(s: &Sources, addr: &str) -> u64 {
     let a: Ipv6Addr = addr.parse().unwrap_or_else(|e| panic!("{addr}: {e}"));
-    let lengths = s.lengths();
+    let lengths = s.lengths;
     assert_ne!(lengths.count, SOURCE_V6_USE_TRIE);
     lengths.lengths[..lengths.count as usize]
         .iter()
@@ -119,7 +119,7 @@ fn ipv6_is_one_exact_lookup_per_length_in_use() {
     )
     .unwrap_or_else(|e| panic!("{e}"));
     assert!(!s.v6_in_trie());
-    let lengths = s.lengths();
+    let lengths = s.lengths;
     assert_eq!(lengths.count, 4);
     assert_eq!(lengths.lengths[..4], [32, 48, 64, 128]);
     for (addr, want) in [
@@ -142,7 +142,7 @@ fn past_the_bound_on_lengths_ipv6_goes_to_the_trie_with_inherited_masks() {
     let s = Sources::of(&BTreeMap::new(), &v6(&list)).unwrap_or_else(|e| panic!("{e}"));
     assert!(s.v6_in_trie());
     assert!(s.v6.is_empty());
-    assert_eq!(s.lengths().count, SOURCE_V6_USE_TRIE);
+    assert_eq!(s.lengths.count, SOURCE_V6_USE_TRIE);
     // The longest prefix holds the bits of all the shorter ones.
     let longest = s.v6_trie.values().max_by_key(|m| m.count_ones());
     assert_eq!(
@@ -173,14 +173,20 @@ fn narrowing_keeps_what_both_admit_in_every_map() {
 
 #[test]
 fn a_map_past_its_capacity_is_refused() {
-    // 8,193 /25s are 128 addresses each: 1,048,704, past the 1,048,576
-    // the address map holds.
-    let too_many: BTreeMap<LpmParts<4>, u64> = (0u32..8193)
+    // 8,193 /25s are 128 addresses each, and two more /26s 64 each, one
+    // of them inside the first /25: 1,048,768 in all, past the 1,048,576
+    // the address map holds. The count is the whole list's, not where the
+    // expansion stopped.
+    let mut too_many: BTreeMap<LpmParts<4>, u64> = (0u32..8193)
         .map(|i| (((10 << 24) | (i << 7)).to_be_bytes(), 25))
         .map(|k| (k, 1))
         .collect();
-    assert!(matches!(
-        Sources::of(&too_many, &BTreeMap::new()),
-        Err(TablesError::TooMany { .. })
-    ));
+    too_many.insert(([10, 0, 0, 0], 26), 2);
+    too_many.insert(([11, 0, 0, 0], 26), 2);
+    match Sources::of(&too_many, &BTreeMap::new()) {
+        Err(TablesError::TooMany { count, limit, .. }) => {
+            assert_eq!((count, limit), (8193 * 128 + 64, 1 << 20));
+        }
+        other => panic!("{other:?}"),
+    }
 }
