@@ -28,7 +28,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tier2::{Case, Prog, Programs, Rng, env_count, env_seed, monotonic_ns};
+use tier2::{Case, Prog, Programs, Rng, TEST_RUN_IFINDEX, env_count, env_seed, monotonic_ns};
 use zt_common::{
     program, proto, reason,
     tcp_flag::{ACK, FIN, RST, SYN},
@@ -46,10 +46,6 @@ use ztxdp::{
     policy::{EchoRate, EdgePolicy, FlowSettings, Grant, Peer, Protocol, TunnelPolicy},
 };
 
-/// The interface every program sees under `BPF_PROG_TEST_RUN`: the
-/// kernel runs both XDP and TC test packets on the namespace's loopback,
-/// so egress and both ingress programs share one interface here.
-const TEST_RUN_IFINDEX: u32 = 1;
 const HOST_V4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
 const HOST_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xff, 0, 0, 0, 0, 1);
 const REMOTE_V4: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);

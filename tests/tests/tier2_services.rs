@@ -11,13 +11,13 @@ use std::{
     sync::Mutex,
 };
 
-use tier2::{Case, Prog, Programs, Shared};
-use zt_common::reason;
+use tier2::{Case, Prog, Programs, Shared, TEST_RUN_IFINDEX};
+use zt_common::{program, reason};
 use zt_tests::packet::{Ipv4, Ipv6, Transport, eth_v4, eth_v6};
 use ztxdp::{
     model::EdgeModel,
     policy::{EchoRate, EdgePolicy, FlowSettings, Mode, PortRange, Protocol, Service},
-    tables::Contents,
+    tables::{self, Contents},
 };
 
 const SSH: u16 = 22;
@@ -518,5 +518,80 @@ fn a_long_allow_list_is_written_in_batches_and_reads_back_whole() {
             .contents()
             .unwrap_or_else(|e| panic!("reading the maps: {e}")),
         want
+    );
+}
+
+/// A reload that renumbers the services (one inserted first) closes every
+/// service for the moment between its halves ([`Contents::narrowed`]
+/// keeps only the bits both policies give). A datagram the host sends
+/// then from a UDP service's port to a client of it is not judged an
+/// answer when its flow starts; once the reload is done the flow is
+/// judged again, so a later reload that closes the service to that client
+/// closes it, and the flow does not keep the port open.
+#[test]
+fn a_reply_sent_between_a_reloads_halves_does_not_outlive_its_service() {
+    let old = policy();
+    let mut renumbered = policy();
+    renumbered.services.insert(
+        0,
+        service("dns", vec![ports(Protocol::Udp, 53, 53)], &["0.0.0.0/0"]),
+    );
+    let mut closed = renumbered.clone();
+    closed.services[1].from = nets(&["198.51.100.0/24"]);
+    let contents = |e: &EdgePolicy| {
+        Contents::of(Some(e), None, &FlowSettings::default())
+            .unwrap_or_else(|e| panic!("contents of a test policy: {e}"))
+    };
+    let (before, after) = (contents(&old), contents(&renumbered));
+    let mut p = Programs::load(true, Some(&old), None);
+    let since = tables::programs_now_ns();
+    // The reload's first half, then the host answers a client of https.
+    p.tables
+        .replace(&before.narrowed(&after))
+        .unwrap_or_else(|e| panic!("narrowing the maps: {e}"));
+    let answer = eth_v4(
+        &Ipv4::new(HOST_V4, OUTSIDER_V4),
+        &Transport::Udp {
+            src: HTTPS,
+            dst: 5000,
+        },
+    );
+    assert!(
+        p.egress(program::EDGE_EGRESS_NAME, &answer),
+        "the host's datagram opens a flow"
+    );
+    p.tables
+        .replace(&after)
+        .unwrap_or_else(|e| panic!("replacing the maps: {e}"));
+    let judged = p
+        .tables
+        .judge_answers(&after, since, Some(TEST_RUN_IFINDEX), None)
+        .unwrap_or_else(|e| panic!("judging the flows: {e}"));
+    assert_eq!(judged, 1, "the flow opened between the halves");
+    let client = v4(
+        OUTSIDER_V4,
+        &Transport::Udp {
+            src: 5000,
+            dst: HTTPS,
+        },
+    );
+    p.expect_all(
+        Prog::Edge,
+        &[Case::new(
+            "the client, by https's policy",
+            client.clone(),
+            reason::PASS_SERVICE,
+        )],
+    );
+    p.tables
+        .replace(&contents(&closed))
+        .unwrap_or_else(|e| panic!("closing https: {e}"));
+    p.expect_all(
+        Prog::Edge,
+        &[Case::new(
+            "the client, once https is closed to it",
+            client,
+            reason::DROP_SERVICE_SOURCE,
+        )],
     );
 }

@@ -38,7 +38,7 @@ use crate::{
     metrics, notify,
     policy::TunnelPolicy,
     reload,
-    tables::{Contents, Tables, TablesError},
+    tables::{self, Contents, Tables, TablesError},
 };
 
 /// Why `up` stopped with an error.
@@ -438,11 +438,14 @@ impl Running<'_> {
 }
 
 /// The kernel ids of the programs this daemon attached, which its
-/// identity file names.
+/// identity file names, and of the interfaces they run on, which the
+/// flow table's keys name.
 #[derive(Clone, Copy, Debug)]
 struct ProgramIds {
     edge: Option<u32>,
     tunnel: Option<u32>,
+    edge_ifindex: Option<u32>,
+    tunnel_ifindex: Option<u32>,
 }
 
 impl ProgramIds {
@@ -450,6 +453,8 @@ impl ProgramIds {
         Self {
             edge: enforcing.edge.as_ref().map(|(a, _)| a.program_id),
             tunnel: enforcing.tunnel.as_ref().map(|a| a.program_id),
+            edge_ifindex: enforcing.edge.as_ref().map(|(a, _)| a.ifindex),
+            tunnel_ifindex: enforcing.tunnel.as_ref().map(|a| a.ifindex),
         }
     }
 
@@ -565,11 +570,27 @@ fn swap(
     // Events already queued were decided under the old peer indices: named
     // with the old names before the indices change.
     feed.drain(trail);
+    let since = tables::programs_now_ns();
     if let Err(source) = running.tables.replace(new) {
         if let Err(e) = running.tables.replace(&old) {
             tracing::error!(error = %e, "could not put the old policy back after a failed reload");
         }
         return Err(ReloadError::Write { source });
+    }
+    // A UDP flow the host started between the halves was judged with a
+    // service or peer closed that both policies open; judged again, it
+    // does not keep a port open that a later change closes.
+    let ids = running.ids;
+    match running
+        .tables
+        .judge_answers(new, since, ids.edge_ifindex, ids.tunnel_ifindex)
+    {
+        Ok(0) => {}
+        Ok(flows) => tracing::info!(flows, "flows started during the reload judged as answers"),
+        Err(e) => tracing::warn!(
+            error = %e,
+            "flows started during the reload keep admitting replies until they expire"
+        ),
     }
     feed.set_peers(peer_names(tunnel), GroupWatch::new(tunnel));
     feed.set_services(config.policy.edge.as_ref());

@@ -25,6 +25,7 @@ use crate::{
     identity::{self, Identity, IdentityError},
     model::{self, Explanation, Fact, Flow, Seen},
     policy::{EdgePolicy, Grant, Mode, Peer},
+    tables,
 };
 use live::{Live, LiveError};
 use packet::Request;
@@ -332,19 +333,6 @@ fn choose<'a>(
     }
 }
 
-/// `CLOCK_MONOTONIC_COARSE`, the clock the programs time flows with.
-fn programs_now_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes one timespec that we own.
-    if unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &raw mut ts) } != 0 {
-        return 0;
-    }
-    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
-}
-
 /// `ztxdp explain`: asks the model of the program on `iface` (see
 /// [`choose`]) about `request`; names and lines come from the config at
 /// `config` (else as `allow` finds it).
@@ -361,7 +349,12 @@ pub async fn run(
     let (program, a) = choose(&found, iface)?;
     let live = Live::read(&a.map_ids)?;
     let l2 = program == Program::Edge || live.settings.tunnel_l2;
-    let explanation = live.explain(program, &request.packet(l2), a.ifindex, programs_now_ns())?;
+    let explanation = live.explain(
+        program,
+        &request.packet(l2),
+        a.ifindex,
+        tables::programs_now_ns(),
+    )?;
     let running = Identity::live(&found)?;
     let path = identity::config_path(config, running.as_ref());
     let sources = Sources::load(&path, running);

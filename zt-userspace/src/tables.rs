@@ -19,7 +19,7 @@ use ipnet::IpNet;
 use zt_common::{
     COUNTER_SLOTS, CpuState, EventBucket, FlowConfig, FlowKey, FlowState, FragmentKey, GrantKey,
     PEER_AUDIT, PEER_ICMP, PeerCounters, PeerInfo, SourceKey, capacity, counter_index, map,
-    program, reason, service_port_index,
+    program, reason,
 };
 
 use crate::policy::{
@@ -27,9 +27,13 @@ use crate::policy::{
 };
 
 mod batch;
+mod contents;
+mod flows;
 mod peers;
 mod sources;
 
+pub use contents::Contents;
+pub use flows::programs_now_ns;
 pub use sources::Sources;
 
 /// Errors reading or writing the maps.
@@ -594,144 +598,6 @@ impl Tables {
     }
 }
 
-/// Everything a policy puts in the maps, as plain data: what a reload
-/// reads from the running maps and computes from the new policy, in full,
-/// before it writes anything.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Contents {
-    pub(crate) udp_ports: Vec<u64>,
-    /// The service mask of each entry of `map::SERVICE_PORTS` that has one.
-    pub(crate) service_ports: BTreeMap<u32, u64>,
-    /// The service sources, as the kernel looks them up.
-    pub(crate) sources: Sources,
-    pub(crate) peer_v4: BTreeMap<LpmParts<4>, PeerInfo>,
-    pub(crate) peer_v6: BTreeMap<LpmParts<16>, PeerInfo>,
-    pub(crate) grants: HashMap<GrantKey, u64>,
-    pub(crate) flow_config: FlowConfig,
-}
-
-impl Contents {
-    /// The service sources, as the kernel looks them up.
-    #[must_use]
-    pub fn sources(&self) -> &Sources {
-        &self.sources
-    }
-
-    /// What [`crate::loader::load_filled`] writes for this policy; a peer's
-    /// index is its position in `tunnel.peers`.
-    ///
-    /// # Errors
-    /// When a set exceeds its map.
-    pub fn of(
-        edge: Option<&EdgePolicy>,
-        tunnel: Option<&TunnelPolicy>,
-        flows: &FlowSettings,
-    ) -> Result<Self, TablesError> {
-        let mut c = Self {
-            udp_ports: vec![0; capacity::PORT_BITMAP_WORDS as usize],
-            flow_config: flow_config(flows, edge.map(|e| e.icmp_echo).unwrap_or_default()),
-            ..Self::default()
-        };
-        if let Some(e) = edge {
-            c.fill_edge(e)?;
-        }
-        if let Some(t) = tunnel {
-            check_peer_count(t)?;
-            for (index, peer) in (0u32..).zip(&t.peers) {
-                let info = peer_info(index, peer);
-                let (v4, v6) = split_families(&peer.addresses);
-                c.peer_v4.extend(v4.into_iter().map(|k| (k, info)));
-                c.peer_v6.extend(v6.into_iter().map(|k| (k, info)));
-                c.grants.extend(grant_words(index, &peer.grants));
-            }
-        }
-        Ok(c)
-    }
-
-    /// Puts the edge policy's sets in: the `WireGuard` ports, and each
-    /// service's ports and sources as its bit ([`EdgePolicy::services`]
-    /// gives the order).
-    fn fill_edge(&mut self, e: &EdgePolicy) -> Result<(), TablesError> {
-        self.udp_ports = udp_words(&e.wireguard_ports).to_vec();
-        let mut own_v4 = BTreeMap::new();
-        let mut own_v6 = BTreeMap::new();
-        for (bit, service) in e.services().enumerate() {
-            let mask = 1u64 << bit;
-            for r in service.ports.iter() {
-                for port in r.first..=r.last {
-                    let at = service_port_index(r.protocol.number(), port);
-                    *self.service_ports.entry(at).or_default() |= mask;
-                }
-            }
-            let (v4, v6) = split_families(service.from);
-            for key in v4 {
-                *own_v4.entry(key).or_default() |= mask;
-            }
-            for key in v6 {
-                *own_v6.entry(key).or_default() |= mask;
-            }
-        }
-        self.sources = Sources::of(&own_v4, &own_v6)?;
-        Ok(())
-    }
-
-    /// What both `self` and `new` allow, and no more: the state a reload
-    /// passes through between removing and adding. A trie entry stays only
-    /// where both give its prefix the same peer index (its ICMP flag only
-    /// if both set it), a grant word keeps the bits both set, an edge set
-    /// the members of both. Since a source address belongs to one peer in
-    /// each policy (`config` refuses overlaps), an address this finds a
-    /// peer for has that peer in both, so every packet it passes, both
-    /// pass. A service port or source entry keeps the bits both give it
-    /// ([`Sources::narrowed`]): an address's services are the union over
-    /// the entries holding it, so it is admitted to no bit that either
-    /// policy's entries would not admit it to (and a bit both give a port
-    /// and a source passes in both, whichever service it stands for in
-    /// each). The flow settings are already the new ones: they are
-    /// written once, between the two halves.
-    #[must_use]
-    pub fn narrowed(&self, new: &Self) -> Self {
-        fn both<K: Ord + Copy>(
-            old: &BTreeMap<K, PeerInfo>,
-            new: &BTreeMap<K, PeerInfo>,
-        ) -> BTreeMap<K, PeerInfo> {
-            old.iter()
-                .filter_map(|(k, o)| {
-                    let n = new.get(k)?;
-                    (n.index == o.index).then_some((
-                        *k,
-                        PeerInfo {
-                            index: o.index,
-                            flags: o.flags & n.flags,
-                        },
-                    ))
-                })
-                .collect()
-        }
-        Self {
-            udp_ports: self
-                .udp_ports
-                .iter()
-                .zip(&new.udp_ports)
-                .map(|(o, n)| o & n)
-                .collect(),
-            service_ports: both_masks(&self.service_ports, &new.service_ports),
-            sources: self.sources.narrowed(&new.sources),
-            peer_v4: both(&self.peer_v4, &new.peer_v4),
-            peer_v6: both(&self.peer_v6, &new.peer_v6),
-            grants: self
-                .grants
-                .iter()
-                .filter_map(|(k, o)| {
-                    let w = o & new.grants.get(k)?;
-                    (w != 0).then_some((*k, w))
-                })
-                .collect(),
-            flow_config: new.flow_config,
-        }
-    }
-}
-
 impl Tables {
     /// What the maps hold now, runtime `allow`s and `revoke`s included.
     /// A map that none of the programs opened by id uses (the edge sets
@@ -989,15 +855,6 @@ fn memlock(data: &MapData) -> Option<u64> {
 /// An LPM trie key's parts: address bytes and prefix length.
 pub(crate) type LpmParts<const N: usize> = ([u8; N], u32);
 
-/// The edge's UDP port bitmap: bit `port % 64` of word `port / 64`.
-fn udp_words(ports: &[u16]) -> [u64; capacity::PORT_BITMAP_WORDS as usize] {
-    let mut words = [0u64; capacity::PORT_BITMAP_WORDS as usize];
-    for &port in ports {
-        words[usize::from(port >> 6)] |= 1 << (port & 63);
-    }
-    words
-}
-
 fn check_peer_count(p: &TunnelPolicy) -> Result<(), TablesError> {
     if p.peers.len() > capacity::PEERS as usize {
         return Err(TablesError::TooMany {
@@ -1058,161 +915,4 @@ fn split_families(nets: &[IpNet]) -> (Vec<LpmParts<4>>, Vec<LpmParts<16>>) {
 }
 
 #[cfg(test)]
-mod tests {
-    use std::net::Ipv4Addr;
-
-    use super::*;
-    use crate::policy::Protocol;
-
-    fn peer(name: &str, address: &str, grants: &[Grant]) -> Peer {
-        Peer {
-            name: name.to_owned(),
-            addresses: vec![
-                address
-                    .parse()
-                    .unwrap_or_else(|e| panic!("test prefix {address}: {e}")),
-            ],
-            public_key: None,
-            grants: grants.to_vec(),
-            mode: crate::policy::Mode::Enforce,
-        }
-    }
-
-    fn tcp(port: u16) -> Grant {
-        Grant::Ports {
-            protocol: Protocol::Tcp,
-            first: port,
-            last: port,
-        }
-    }
-
-    fn contents(peers: Vec<Peer>) -> Contents {
-        let tunnel = TunnelPolicy {
-            interface: "wg0".to_owned(),
-            peers,
-            groups: Vec::new(),
-            runtime_grants: "grants.json".into(),
-            link_local_neighbors: false,
-            mode: crate::policy::Mode::Enforce,
-        };
-        Contents::of(None, Some(&tunnel), &FlowSettings::default())
-            .unwrap_or_else(|e| panic!("contents of a small test policy: {e}"))
-    }
-
-    /// What the tunnel program decides for an IPv4 source, as
-    /// `zt_ebpf::verdict::tunnel` does: the longest matching prefix gives
-    /// the peer, its grant word the port (`None`: ICMP echo).
-    fn passes(c: &Contents, source: Ipv4Addr, port: Option<u16>) -> bool {
-        let Some(info) = peer_of(c, source) else {
-            return false;
-        };
-        match port {
-            None => info.flags & PEER_ICMP != 0,
-            Some(port) => {
-                let key = GrantKey {
-                    peer: info.index,
-                    protocol: zt_common::proto::TCP,
-                    _pad0: 0,
-                    word: port >> 6,
-                };
-                c.grants
-                    .get(&key)
-                    .is_some_and(|w| w & (1 << (port & 63)) != 0)
-            }
-        }
-    }
-
-    fn peer_of(c: &Contents, source: Ipv4Addr) -> Option<PeerInfo> {
-        let bits = u32::from(source);
-        c.peer_v4
-            .iter()
-            .filter(|((net, len), _)| {
-                let mask = u32::MAX.checked_shl(32 - len).unwrap_or(0);
-                bits & mask == u32::from_be_bytes(*net) & mask
-            })
-            .max_by_key(|((_, len), _)| *len)
-            .map(|(_, info)| *info)
-    }
-
-    #[test]
-    fn between_the_halves_of_a_reload_nothing_passes_that_either_policy_drops() {
-        let a = "10.0.0.1/32";
-        let b = "10.0.0.2/32";
-        let cases = [
-            (
-                "peers swap places",
-                vec![
-                    peer("a", a, &[tcp(22)]),
-                    peer("b", b, &[tcp(80), Grant::Icmp]),
-                ],
-                vec![
-                    peer("b", b, &[tcp(80), Grant::Icmp]),
-                    peer("a", a, &[tcp(22)]),
-                ],
-            ),
-            (
-                "a grant and ICMP change in place",
-                vec![
-                    peer("a", a, &[tcp(22), Grant::Icmp]),
-                    peer("b", b, &[tcp(80)]),
-                ],
-                vec![
-                    peer("a", a, &[tcp(23)]),
-                    peer("b", b, &[tcp(80), Grant::Icmp]),
-                ],
-            ),
-            (
-                "a peer leaves and the other takes its index",
-                vec![peer("a", a, &[tcp(22)]), peer("b", b, &[tcp(80)])],
-                vec![peer("b", b, &[tcp(80), tcp(22)])],
-            ),
-            (
-                "an address moves to another peer",
-                vec![
-                    peer("a", "10.0.0.0/30", &[tcp(22)]),
-                    peer("b", "10.0.1.0/24", &[]),
-                ],
-                vec![
-                    peer("a", a, &[tcp(22)]),
-                    peer("b", "10.0.0.2/31", &[tcp(80)]),
-                ],
-            ),
-        ];
-        let sources: Vec<Ipv4Addr> = (0..4).map(|i| Ipv4Addr::new(10, 0, 0, i)).collect();
-        let ports = [None, Some(22), Some(23), Some(80), Some(443)];
-        for (what, old, new) in cases {
-            let (old, new) = (contents(old), contents(new));
-            let narrowed = old.narrowed(&new);
-            for &source in &sources {
-                for port in ports {
-                    if passes(&narrowed, source, port) {
-                        assert!(
-                            passes(&old, source, port) && passes(&new, source, port),
-                            "{what}: {source} to {port:?} passes mid-reload but not in both \
-                             policies\nold {old:?}\nnew {new:?}\nmid {narrowed:?}"
-                        );
-                    }
-                }
-            }
-            // What both allow from an address whose entry keeps its index
-            // survives the first half: no needless drop.
-            for &source in &sources {
-                let host = (source.octets(), 32);
-                let kept = old
-                    .peer_v4
-                    .get(&host)
-                    .zip(new.peer_v4.get(&host))
-                    .is_some_and(|(o, n)| o.index == n.index);
-                for port in ports {
-                    if kept && passes(&old, source, port) && passes(&new, source, port) {
-                        assert!(
-                            passes(&narrowed, source, port),
-                            "{what}: {source} to {port:?} is dropped mid-reload though \
-                             both policies pass it under the same index"
-                        );
-                    }
-                }
-            }
-        }
-    }
-}
+mod tests;

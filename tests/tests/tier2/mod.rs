@@ -353,6 +353,11 @@ fn skb_on(ifindex: u32) -> [u8; 44] {
     ctx
 }
 
+/// The interface every program sees under `BPF_PROG_TEST_RUN`: the
+/// kernel runs both XDP and TC test packets on the namespace's loopback,
+/// so egress and both ingress programs share one interface here.
+pub const TEST_RUN_IFINDEX: u32 = 1;
+
 /// `CLOCK_MONOTONIC`, the programs' clock, read from user space.
 ///
 /// # Panics

@@ -5,6 +5,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
     ops::RangeInclusive,
 };
 
@@ -15,7 +16,9 @@ use zt_common::{
     SourceBlock, capacity, map,
 };
 
-use super::{LpmParts, Tables, TablesError, batch, both_masks, inherited, map_err, net, sync_trie};
+use super::{
+    LpmParts, Tables, TablesError, batch, both_masks, contains, inherited, map_err, net, sync_trie,
+};
 
 /// The sources of every service, by the map that holds them, and where
 /// the program looks for them. Each map's entries carry only their own
@@ -166,6 +169,49 @@ impl Sources {
             }
         }
         self
+    }
+
+    /// The services `addr` may reach, as the edge program computes them:
+    /// the union of the entries holding it, where the program looks.
+    pub(crate) fn services_of(&self, addr: IpAddr) -> u64 {
+        match addr {
+            IpAddr::V4(a) => {
+                let a = a.octets();
+                let at = u32::from(a[0]) << 8 | u32::from(a[1]);
+                let deeper = self.deeper.get(&at).copied().unwrap_or(0);
+                let mut mask = self.v4_blocks.get(&at).copied().unwrap_or(0);
+                if deeper & SOURCE_DEEPER_24 != 0 {
+                    mask |= self.v4_24.get(&[a[0], a[1], a[2], 0]).copied().unwrap_or(0);
+                }
+                if deeper & SOURCE_DEEPER_32 != 0 {
+                    mask |= self.v4_32.get(&a).copied().unwrap_or(0);
+                }
+                mask
+            }
+            IpAddr::V6(a) => {
+                let (trie, lengths) = self.v6_lookups();
+                if trie {
+                    // The trie's masks are inherited: the longest match has
+                    // every shorter one's.
+                    return self
+                        .v6_trie
+                        .iter()
+                        .filter(|(k, _)| contains(k, &(a.octets(), 128)))
+                        .max_by_key(|((_, len), _)| *len)
+                        .map_or(0, |(_, m)| *m);
+                }
+                lengths
+                    .iter()
+                    .map(|&len| {
+                        let key = Source6Key {
+                            prefix_len: u32::from(len),
+                            addr: zt_common::v6_network(a.octets(), u32::from(len)),
+                        };
+                        self.v6.get(&key).copied().unwrap_or(0)
+                    })
+                    .fold(0, |all, m| all | m)
+            }
+        }
     }
 
     /// Whether the IPv6 sources are in the trie.

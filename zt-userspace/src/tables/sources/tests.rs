@@ -22,40 +22,16 @@ fn v6(list: &[(&str, u64)]) -> BTreeMap<LpmParts<16>, u64> {
         .collect()
 }
 
-/// What the program computes for `addr`: the block's services, joined with
-/// the /24's and the address's where the block's `deeper` bits say so.
+/// What the program computes for `addr`.
 fn lookup_v4(s: &Sources, addr: &str) -> u64 {
     let a: Ipv4Addr = addr.parse().unwrap_or_else(|e| panic!("{addr}: {e}"));
-    let a = a.octets();
-    let blocks = s.blocks();
-    let Some(block) = blocks.get(&(u32::from(a[0]) << 8 | u32::from(a[1]))) else {
-        return 0;
-    };
-    let mut mask = block.services;
-    if block.deeper & SOURCE_DEEPER_24 != 0 {
-        mask |= s.v4_24.get(&[a[0], a[1], a[2], 0]).copied().unwrap_or(0);
-    }
-    if block.deeper & SOURCE_DEEPER_32 != 0 {
-        mask |= s.v4_32.get(&a).copied().unwrap_or(0);
-    }
-    mask
+    s.services_of(a.into())
 }
 
-/// As the program does for IPv6, with the lengths of `map::SOURCE_V6_LENGTHS`.
+/// As [`lookup_v4`], for IPv6.
 fn lookup_v6(s: &Sources, addr: &str) -> u64 {
     let a: Ipv6Addr = addr.parse().unwrap_or_else(|e| panic!("{addr}: {e}"));
-    let lengths = s.lengths;
-    assert_ne!(lengths.count, SOURCE_V6_USE_TRIE);
-    lengths.lengths[..lengths.count as usize]
-        .iter()
-        .map(|&len| {
-            let key = Source6Key {
-                prefix_len: u32::from(len),
-                addr: zt_common::v6_network(a.octets(), u32::from(len)),
-            };
-            s.v6.get(&key).copied().unwrap_or(0)
-        })
-        .fold(0, |a, m| a | m)
+    s.services_of(a.into())
 }
 
 #[test]

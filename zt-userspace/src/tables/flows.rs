@@ -1,0 +1,100 @@
+//! The flow table's answer flags after a reload: what the egress programs
+//! judged while the maps were between a reload's halves, judged again.
+
+use std::net::IpAddr;
+
+use aya::maps::HashMap as BpfHashMap;
+use zt_common::{FLOW_ANSWER, FlowKey, FlowState, map, proto};
+
+use super::{Contents, Tables, TablesError, map_err};
+
+/// `bpf_map_update_elem`'s `BPF_EXIST`: update an entry, never create one
+/// (a flow the kernel dropped meanwhile stays gone).
+const BPF_EXIST: u64 = 2;
+
+/// `CLOCK_MONOTONIC_COARSE`, the clock the programs time flows with.
+#[must_use]
+pub fn programs_now_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec that we own.
+    if unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &raw mut ts) } != 0 {
+        return 0;
+    }
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
+}
+
+impl Tables {
+    /// Marks as answers the UDP flows seen since `since_ns` (the
+    /// programs' clock, [`programs_now_ns`]) that answer `policy`, what
+    /// the maps now hold: a datagram from one of the edge's `WireGuard`
+    /// ports or UDP services to a source it admits (flows of interface
+    /// `edge`), or from a port the destination peer is granted (of
+    /// `tunnel`). The egress programs judge this once, when a flow starts,
+    /// so that the flow admits nothing the policy stops admitting later.
+    /// Between a reload's halves ([`Tables::replace`]) a service or peer
+    /// whose bit or index changes is closed, and a flow started then is
+    /// judged the host's own; judged again here, with the new policy in
+    /// place, it is what it would have been had it started a moment
+    /// later. Returns how many flows it marked.
+    ///
+    /// # Errors
+    /// When the flow table cannot be read or written.
+    pub fn judge_answers(
+        &mut self,
+        policy: &Contents,
+        since_ns: u64,
+        edge: Option<u32>,
+        tunnel: Option<u32>,
+    ) -> Result<usize, TablesError> {
+        let mut flows: BpfHashMap<_, FlowKey, FlowState> =
+            BpfHashMap::try_from(self.get(map::FLOWS)?).map_err(map_err(map::FLOWS))?;
+        let mut answers = Vec::new();
+        for entry in &flows {
+            let (key, state) = entry.map_err(map_err(map::FLOWS))?;
+            if key.protocol != proto::UDP
+                || state.flags & FLOW_ANSWER != 0
+                || state.last_seen_ns < since_ns
+            {
+                continue;
+            }
+            let on_edge = if Some(key.ifindex) == edge {
+                true
+            } else if Some(key.ifindex) == tunnel {
+                false
+            } else {
+                continue;
+            };
+            if policy.answers(on_edge, key.local_port, remote(&key)) {
+                answers.push((key, state));
+            }
+        }
+        for (key, state) in &answers {
+            let answer = FlowState {
+                flags: state.flags | FLOW_ANSWER,
+                ..*state
+            };
+            // Gone since it was read (expired, evicted): nothing to mark.
+            if let Err(e) = flows.insert(key, answer, BPF_EXIST)
+                && !matches!(&e, aya::maps::MapError::SyscallError(s)
+                    if s.io_error.raw_os_error() == Some(libc::ENOENT))
+            {
+                return Err(map_err(map::FLOWS)(e));
+            }
+        }
+        Ok(answers.len())
+    }
+}
+
+/// A flow's remote address.
+fn remote(key: &FlowKey) -> IpAddr {
+    if key.ip_version == 4 {
+        let mut v4 = [0u8; 4];
+        v4.copy_from_slice(&key.remote[..4]);
+        IpAddr::from(v4)
+    } else {
+        IpAddr::from(key.remote)
+    }
+}
