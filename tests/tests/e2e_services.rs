@@ -108,8 +108,9 @@ fn an_outsider_reaches_a_service_open_to_all_and_not_one_that_leaves_it_out() {
 }
 
 /// A list whose expansion the maps cannot hold (8,193 /25s are 1,048,704
-/// addresses, one map holds 1,048,576) is refused by `check` and by `up`
-/// as bad input (status 2), naming the limit, and nothing is attached.
+/// addresses, and `ssh_allow`'s /32 one more; one map holds 1,048,576) is
+/// refused by `check` and by `up` as bad input (status 2), with the whole
+/// count and the limit, and nothing is attached.
 #[test]
 fn a_list_the_maps_cannot_hold_is_refused_by_check_and_up_alike() {
     let lab = build_lab();
@@ -135,7 +136,7 @@ fn a_list_the_maps_cannot_hold_is_refused_by_check_and_up_alike() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "`ztxdp {}`: {stderr}", args[0]);
         assert!(
-            stderr.contains("1048704") && stderr.contains("1048576"),
+            stderr.contains("1048705") && stderr.contains("1048576"),
             "`ztxdp {}` must give the count and the limit: {stderr}",
             args[0]
         );
