@@ -5,15 +5,29 @@
 
 mod e2e;
 
-use std::{fs, net::IpAddr};
+use std::{
+    fs,
+    net::IpAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread,
+    time::Duration,
+};
 
 use e2e::{
-    Enforced, assert_connects, assert_times_out, at, build_lab, expect_audit, is, listen, ztxdp_ok,
+    Enforced, assert_connects, assert_times_out, at, build_lab, counter, expect_audit,
+    expect_counter, is, listen, status, udp_socket, ztxdp_ok,
 };
 use zt_tests::lab::{BASTION_V4, EDGE_V4, EDGE_V6, OUTSIDER_V4};
 
 const HTTPS: u16 = 443;
 const ADMIN: u16 = 8443;
+/// The outsider's first port the host answers during a reload.
+const FIRST_CLIENT_PORT: u16 = 20_000;
+/// At most this many answers (20 s of them), however long the reload.
+const MAX_ANSWERS: u16 = 10_000;
 
 /// The lab's edge with two services: `https` open to every IPv4 source,
 /// `admin` to `admin_from`.
@@ -145,5 +159,99 @@ fn a_list_the_maps_cannot_hold_is_refused_by_check_and_up_alike() {
     assert!(
         String::from_utf8_lossy(&status.stderr).contains("no ztxdp program is attached"),
         "nothing may be attached: {status:?}"
+    );
+}
+
+/// `[[edge.service]]` tables: `dns` first when `renumbered` (every later
+/// service's bit moves), then `https` on udp/443 from `https_from`, and
+/// `bulk`, whose 7,000 /25s (896,000 addresses) make a reload's halves
+/// take about a second each.
+fn reload_config(scratch: &e2e::Scratch, renumbered: bool, https_from: &str) -> String {
+    let bulk: Vec<String> = (0u32..7_000)
+        .map(|i| format!("\"{}/25\"", std::net::Ipv4Addr::from((11 << 24) | (i << 7))))
+        .collect();
+    let dns = if renumbered {
+        "[[edge.service]]\nname = \"dns\"\nallow = [\"udp/53\"]\n\n"
+    } else {
+        ""
+    };
+    format!(
+        "[edge]\ninterface = \"eth0\"\nwireguard_ports = [51820]\n\
+         ssh_allow = [\"10.77.0.2/32\"]\n\n{dns}\
+         [[edge.service]]\nname = \"https\"\nallow = [\"udp/443\"]\nfrom = [{https_from}]\n\n\
+         [[edge.service]]\nname = \"bulk\"\nallow = [\"tcp/9000\"]\nfrom = [{}]\n\n\
+         [audit]\npath = \"{}\"\nstate = \"{}\"\n",
+        bulk.join(", "),
+        scratch.path("audit.jsonl").display(),
+        scratch.path("audit.state").display()
+    )
+}
+
+/// The host answers clients of a UDP service while a reload renumbers
+/// the services, which closes them all between its halves. A flow the
+/// host's datagram starts then is judged again once the reload is done:
+/// when a later reload closes the service to the outsider, none of those
+/// flows keeps port 443 open to it.
+#[test]
+fn answers_sent_during_a_reload_do_not_keep_a_closed_service_open() {
+    let mut t = Enforced::start("services-gap", build_lab(), |_, scratch| {
+        reload_config(scratch, false, "\"0.0.0.0/0\"")
+    });
+
+    // The host sends from udp/443 to a new port of the outsider every
+    // 2 ms (a new flow each) until the renumbering reload is done.
+    let host = udp_socket(t.edge(), at(EDGE_V4, HTTPS));
+    let done = Arc::new(AtomicBool::new(false));
+    let sender = {
+        let done = Arc::clone(&done);
+        thread::spawn(move || {
+            let mut sent = 0u16;
+            while !done.load(Ordering::Relaxed) && sent < MAX_ANSWERS {
+                host.send_to(b"answer", at(OUTSIDER_V4, FIRST_CLIENT_PORT + sent))
+                    .unwrap_or_else(|e| panic!("the host's answer: {e}"));
+                sent += 1;
+                thread::sleep(Duration::from_millis(2));
+            }
+            sent
+        })
+    };
+    fs::write(&t.config, reload_config(&t.scratch, true, "\"0.0.0.0/0\""))
+        .unwrap_or_else(|e| panic!("rewriting the config: {e}"));
+    ztxdp_ok(t.edge(), &["reload"]);
+    done.store(true, Ordering::Relaxed);
+    let sent = sender
+        .join()
+        .unwrap_or_else(|_| panic!("the host's sender panicked"));
+    t.daemon
+        .expect_log("flows started during the reload judged as answers");
+
+    // https closes to the outsider; each client port the host answered
+    // sends once.
+    fs::write(
+        &t.config,
+        reload_config(&t.scratch, true, "\"10.77.0.2/32\""),
+    )
+    .unwrap_or_else(|e| panic!("rewriting the config: {e}"));
+    ztxdp_ok(t.edge(), &["reload"]);
+    let before = (
+        counter(&status(t.edge()), "edge", "reply"),
+        counter(&status(t.edge()), "edge", "service_source_not_allowed"),
+    );
+    for port in FIRST_CLIENT_PORT..FIRST_CLIENT_PORT + sent {
+        udp_socket(t.lab.outsider(), at(OUTSIDER_V4, port))
+            .send_to(b"question", at(EDGE_V4, HTTPS))
+            .unwrap_or_else(|e| panic!("the outsider's datagram from {port}: {e}"));
+    }
+    expect_counter(
+        t.edge(),
+        "edge",
+        "service_source_not_allowed",
+        before.1,
+        u64::from(sent),
+    );
+    assert_eq!(
+        counter(&status(t.edge()), "edge", "reply"),
+        before.0,
+        "a flow the host started during the reload kept https open"
     );
 }
