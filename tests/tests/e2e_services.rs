@@ -223,7 +223,7 @@ fn answers_sent_during_a_reload_do_not_keep_a_closed_service_open() {
         .join()
         .unwrap_or_else(|_| panic!("the host's sender panicked"));
     t.daemon
-        .expect_log("flows started during the reload judged as answers");
+        .expect_log("flows started during the change judged as answers");
 
     // https closes to the outsider; each client port the host answered
     // sends once.

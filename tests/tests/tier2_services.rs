@@ -17,7 +17,7 @@ use zt_tests::packet::{Ipv4, Ipv6, Transport, eth_v4, eth_v6};
 use ztxdp::{
     model::EdgeModel,
     policy::{EchoRate, EdgePolicy, FlowSettings, Mode, PortRange, Protocol, Service},
-    tables::{self, Contents},
+    tables::{Contents, FlowInterfaces},
 };
 
 const SSH: u16 = 22;
@@ -527,7 +527,9 @@ fn a_long_allow_list_is_written_in_batches_and_reads_back_whole() {
 /// then from a UDP service's port to a client of it is not judged an
 /// answer when its flow starts; once the reload is done the flow is
 /// judged again, so a later reload that closes the service to that client
-/// closes it, and the flow does not keep the port open.
+/// closes it, and the flow does not keep the port open. A flow the host
+/// started on its own before the reload keeps its judgement, though it
+/// sends on meanwhile and the new policy opens its port.
 #[test]
 fn a_reply_sent_between_a_reloads_halves_does_not_outlive_its_service() {
     let old = policy();
@@ -544,11 +546,23 @@ fn a_reply_sent_between_a_reloads_halves_does_not_outlive_its_service() {
     };
     let (before, after) = (contents(&old), contents(&renumbered));
     let mut p = Programs::load(true, Some(&old), None);
-    let since = tables::programs_now_ns();
-    // The reload's first half, then the host answers a client of https.
+    // The host's own query from udp/53, which the new policy opens.
+    let query = eth_v4(
+        &Ipv4::new(HOST_V4, OUTSIDER_V4),
+        &Transport::Udp { src: 53, dst: 7000 },
+    );
+    assert!(p.egress(program::EDGE_EGRESS_NAME, &query));
+    let flows = p
+        .tables
+        .udp_flows()
+        .unwrap_or_else(|e| panic!("reading the flows: {e}"));
+    assert_eq!(flows.len(), 1);
+    // The reload's first half, then the host queries again and answers a
+    // client of https.
     p.tables
         .replace(&before.narrowed(&after))
         .unwrap_or_else(|e| panic!("narrowing the maps: {e}"));
+    assert!(!p.egress(program::EDGE_EGRESS_NAME, &query), "a refresh");
     let answer = eth_v4(
         &Ipv4::new(HOST_V4, OUTSIDER_V4),
         &Transport::Udp {
@@ -563,11 +577,15 @@ fn a_reply_sent_between_a_reloads_halves_does_not_outlive_its_service() {
     p.tables
         .replace(&after)
         .unwrap_or_else(|e| panic!("replacing the maps: {e}"));
+    let interfaces = FlowInterfaces {
+        edge: Some(TEST_RUN_IFINDEX),
+        tunnel: None,
+    };
     let judged = p
         .tables
-        .judge_answers(&after, since, Some(TEST_RUN_IFINDEX), None)
+        .judge_answers(&after, &flows, interfaces)
         .unwrap_or_else(|e| panic!("judging the flows: {e}"));
-    assert_eq!(judged, 1, "the flow opened between the halves");
+    assert_eq!(judged, 1, "the flow opened between the halves, alone");
     let client = v4(
         OUTSIDER_V4,
         &Transport::Udp {

@@ -124,6 +124,16 @@ impl Attached {
         self.edge.is_empty() && self.tunnel.is_empty() && self.egress.is_empty()
     }
 
+    /// The interfaces the edge and the tunnel programs run on (the first
+    /// of each), as the flow table's keys name them.
+    #[must_use]
+    pub fn flow_interfaces(&self) -> crate::tables::FlowInterfaces {
+        crate::tables::FlowInterfaces {
+            edge: self.edge.first().map(|a| a.ifindex),
+            tunnel: self.tunnel.first().map(|a| a.ifindex),
+        }
+    }
+
     /// The kernel ids of every map the attached programs use, each once.
     #[must_use]
     pub fn map_ids(&self) -> Vec<u32> {

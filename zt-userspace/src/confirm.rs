@@ -777,8 +777,10 @@ fn restore_identity(identity: Option<&Identity>) {
 async fn rewrite_maps(handle: &rtnetlink::Handle, contents: &Contents) -> Result<(), ConfirmError> {
     let found = attach::find(handle).await?;
     let mut tables = Tables::from_map_ids(&found.map_ids())?;
-    tables.replace(contents)?;
-    Ok(())
+    let flows = tables.udp_flows()?;
+    let written = tables.replace(contents);
+    crate::daemon::judge_answers(&mut tables, contents, &flows, found.flow_interfaces());
+    Ok(written?)
 }
 
 /// An `up`'s rollback: the held programs back on their hooks, replacing

@@ -8,7 +8,7 @@
 //! process attached, unless `--keep-attached`; a crash leaves it in place,
 //! failing closed.
 
-use std::{path::PathBuf, time::Duration};
+use std::{collections::HashSet, path::PathBuf, time::Duration};
 
 use aya::{
     Ebpf,
@@ -16,7 +16,7 @@ use aya::{
     programs::{SchedClassifier, TcAttachType, Xdp},
 };
 use tokio::signal::unix::SignalKind;
-use zt_common::{map, program};
+use zt_common::{FlowKey, map, program};
 
 use crate::{
     adopt::{self, AdoptError, Pass},
@@ -38,7 +38,7 @@ use crate::{
     metrics, notify,
     policy::TunnelPolicy,
     reload,
-    tables::{self, Contents, Tables, TablesError},
+    tables::{Contents, FlowInterfaces, Tables, TablesError},
 };
 
 /// Why `up` stopped with an error.
@@ -444,8 +444,7 @@ impl Running<'_> {
 struct ProgramIds {
     edge: Option<u32>,
     tunnel: Option<u32>,
-    edge_ifindex: Option<u32>,
-    tunnel_ifindex: Option<u32>,
+    interfaces: FlowInterfaces,
 }
 
 impl ProgramIds {
@@ -453,8 +452,10 @@ impl ProgramIds {
         Self {
             edge: enforcing.edge.as_ref().map(|(a, _)| a.program_id),
             tunnel: enforcing.tunnel.as_ref().map(|a| a.program_id),
-            edge_ifindex: enforcing.edge.as_ref().map(|(a, _)| a.ifindex),
-            tunnel_ifindex: enforcing.tunnel.as_ref().map(|a| a.ifindex),
+            interfaces: FlowInterfaces {
+                edge: enforcing.edge.as_ref().map(|(a, _)| a.ifindex),
+                tunnel: enforcing.tunnel.as_ref().map(|a| a.ifindex),
+            },
         }
     }
 
@@ -570,27 +571,23 @@ fn swap(
     // Events already queued were decided under the old peer indices: named
     // with the old names before the indices change.
     feed.drain(trail);
-    let since = tables::programs_now_ns();
-    if let Err(source) = running.tables.replace(new) {
-        if let Err(e) = running.tables.replace(&old) {
-            tracing::error!(error = %e, "could not put the old policy back after a failed reload");
-        }
-        return Err(ReloadError::Write { source });
+    let flows = running
+        .tables
+        .udp_flows()
+        .map_err(|source| ReloadError::Write { source })?;
+    let written = running.tables.replace(new);
+    if written.is_err()
+        && let Err(e) = running.tables.replace(&old)
+    {
+        tracing::error!(error = %e, "could not put the old policy back after a failed reload");
     }
     // A UDP flow the host started between the halves was judged with a
     // service or peer closed that both policies open; judged again, it
     // does not keep a port open that a later change closes.
-    let ids = running.ids;
-    match running
-        .tables
-        .judge_answers(new, since, ids.edge_ifindex, ids.tunnel_ifindex)
-    {
-        Ok(0) => {}
-        Ok(flows) => tracing::info!(flows, "flows started during the reload judged as answers"),
-        Err(e) => tracing::warn!(
-            error = %e,
-            "flows started during the reload keep admitting replies until they expire"
-        ),
+    let now = if written.is_ok() { new } else { &old };
+    judge_answers(running.tables, now, &flows, running.ids.interfaces);
+    if let Err(source) = written {
+        return Err(ReloadError::Write { source });
     }
     feed.set_peers(peer_names(tunnel), GroupWatch::new(tunnel));
     feed.set_services(config.policy.edge.as_ref());
@@ -600,6 +597,25 @@ fn swap(
         contents: old,
         config: replaced,
     })
+}
+
+/// [`Tables::judge_answers`] after a change of the maps, with the flows
+/// `before` it; a failure is logged, not fatal: the flows it would have
+/// marked admit replies until they expire, as they would have before.
+pub(crate) fn judge_answers(
+    tables: &mut Tables,
+    now: &Contents,
+    before: &HashSet<FlowKey>,
+    interfaces: FlowInterfaces,
+) {
+    match tables.judge_answers(now, before, interfaces) {
+        Ok(0) => {}
+        Ok(flows) => tracing::info!(flows, "flows started during the change judged as answers"),
+        Err(e) => tracing::warn!(
+            error = %e,
+            "flows started during the change keep admitting replies until they expire"
+        ),
+    }
 }
 
 /// A `reload --confirm` not confirmed in time (its watchdog asks): the

@@ -1,7 +1,7 @@
 //! The flow table's answer flags after a reload: what the egress programs
 //! judged while the maps were between a reload's halves, judged again.
 
-use std::net::IpAddr;
+use std::{collections::HashSet, net::IpAddr};
 
 use aya::maps::HashMap as BpfHashMap;
 use zt_common::{FLOW_ANSWER, FlowKey, FlowState, map, proto};
@@ -26,43 +26,67 @@ pub fn programs_now_ns() -> u64 {
     u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
 }
 
+/// The interfaces the edge and the tunnel programs run on, by ifindex,
+/// which the flow table's keys name.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowInterfaces {
+    pub edge: Option<u32>,
+    pub tunnel: Option<u32>,
+}
+
 impl Tables {
-    /// Marks as answers the UDP flows seen since `since_ns` (the
-    /// programs' clock, [`programs_now_ns`]) that answer `policy`, what
-    /// the maps now hold: a datagram from one of the edge's `WireGuard`
-    /// ports or UDP services to a source it admits (flows of interface
-    /// `edge`), or from a port the destination peer is granted (of
-    /// `tunnel`). The egress programs judge this once, when a flow starts,
-    /// so that the flow admits nothing the policy stops admitting later.
-    /// Between a reload's halves ([`Tables::replace`]) a service or peer
-    /// whose bit or index changes is closed, and a flow started then is
-    /// judged the host's own; judged again here, with the new policy in
-    /// place, it is what it would have been had it started a moment
-    /// later. Returns how many flows it marked.
+    /// The keys of the UDP flows in the flow table now: what
+    /// [`Self::judge_answers`] leaves alone after a reload.
+    ///
+    /// # Errors
+    /// When the flow table cannot be read.
+    pub fn udp_flows(&self) -> Result<HashSet<FlowKey>, TablesError> {
+        let flows: BpfHashMap<_, FlowKey, FlowState> =
+            BpfHashMap::try_from(self.get_ref(map::FLOWS)?).map_err(map_err(map::FLOWS))?;
+        let mut out = HashSet::new();
+        for key in flows.keys() {
+            let key = key.map_err(map_err(map::FLOWS))?;
+            if key.protocol == proto::UDP {
+                out.insert(key);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Marks as answers the UDP flows started since `before` was taken
+    /// ([`Self::udp_flows`]) that answer `policy`, what the maps now hold:
+    /// a datagram from one of the edge's `WireGuard` ports or UDP services
+    /// to a source it admits (flows of `interfaces.edge`), or from a port
+    /// the destination peer is granted (of `interfaces.tunnel`). The
+    /// egress programs judge this once, when a flow starts, so that the
+    /// flow admits nothing the policy stops admitting later. Between a
+    /// reload's halves ([`Tables::replace`]) a service or peer whose bit
+    /// or index changes is closed, and a flow started then is judged the
+    /// host's own; judged again here, with the new policy in place, it is
+    /// what it would have been had it started a moment later. Flows that
+    /// were there before keep their judgement, as the programs keep it.
+    /// Returns how many flows it marked.
     ///
     /// # Errors
     /// When the flow table cannot be read or written.
     pub fn judge_answers(
         &mut self,
         policy: &Contents,
-        since_ns: u64,
-        edge: Option<u32>,
-        tunnel: Option<u32>,
+        before: &HashSet<FlowKey>,
+        interfaces: FlowInterfaces,
     ) -> Result<usize, TablesError> {
         let mut flows: BpfHashMap<_, FlowKey, FlowState> =
             BpfHashMap::try_from(self.get(map::FLOWS)?).map_err(map_err(map::FLOWS))?;
         let mut answers = Vec::new();
         for entry in &flows {
             let (key, state) = entry.map_err(map_err(map::FLOWS))?;
-            if key.protocol != proto::UDP
-                || state.flags & FLOW_ANSWER != 0
-                || state.last_seen_ns < since_ns
+            if key.protocol != proto::UDP || state.flags & FLOW_ANSWER != 0 || before.contains(&key)
             {
                 continue;
             }
-            let on_edge = if Some(key.ifindex) == edge {
+            let on_edge = if Some(key.ifindex) == interfaces.edge {
                 true
-            } else if Some(key.ifindex) == tunnel {
+            } else if Some(key.ifindex) == interfaces.tunnel {
                 false
             } else {
                 continue;
