@@ -185,6 +185,52 @@ fn drift_records(t: &Enforced) -> Vec<Value> {
         .collect()
 }
 
+/// The bastion's block cleared behind ztxdp's back: `check --live`, the
+/// daemon and `explain` see it, and a reload writes it back.
+fn a_cleared_lookup_is_reported_and_written_back(t: &Enforced) {
+    // The bastion's block (10.77.0.0/16, index 10 * 256 + 77, a
+    // little-endian u32) cleared: its /32 is still in its map, and the
+    // program no longer looks there.
+    let blocks = map_id(t, "edge", map::SOURCES_V4_16);
+    let mut update = vec!["key", "77", "10", "0", "0", "value"];
+    update.extend(["0"; 16]);
+    bpftool_map("update", &blocks, &update);
+    expect_check(
+        t,
+        1,
+        &["edge source lookup: /32 map under 10.77.0.0/16 missing"],
+    );
+    // And explain, which reads the maps as the program does, drops it.
+    let ssh = [
+        "explain",
+        "--json",
+        "tcp",
+        "10.77.0.2:40000",
+        "10.77.0.1:22",
+    ];
+    let reason = |t: &Enforced| {
+        let report: Value = serde_json::from_str(&ztxdp_ok(t.edge(), &ssh))
+            .unwrap_or_else(|e| panic!("explain --json is not JSON ({e})"));
+        report["reason"].clone()
+    };
+    assert_eq!(reason(t), "ssh_source_not_allowed");
+    expect_audit(&t.audit(), "a drift record naming the lookup", |l| {
+        l["ztxdp"]["drift"]["summary"]
+            == json!(["edge source lookup: /32 map under 10.77.0.0/16 missing"])
+    });
+    ztxdp_ok(t.edge(), &["reload"]);
+    expect_check(t, 0, &["in sync"]);
+    assert_eq!(reason(t), "ssh_allowed");
+    let deadline = Instant::now() + SETTLE_TIMEOUT;
+    while drift_records(t).last().map(|r| r["differences"].clone()) != Some(json!(0)) {
+        assert!(
+            Instant::now() < deadline,
+            "no drift record saying in sync after the reload"
+        );
+        thread::sleep(Duration::from_millis(200));
+    }
+}
+
 #[test]
 fn a_map_changed_behind_ztxdps_back_is_reported_entry_by_entry() {
     let mut t = drift_lab("drift-maps", 1);
@@ -253,32 +299,7 @@ fn a_map_changed_behind_ztxdps_back_is_reported_entry_by_entry() {
     });
     expect_metric(&t, "ztxdp_drift 0");
 
-    // The bastion's block (10.77.0.0/16, index 10 * 256 + 77, a
-    // little-endian u32) cleared: its /32 is still in its map, and the
-    // program no longer looks there.
-    let blocks = map_id(&t, "edge", map::SOURCES_V4_16);
-    let mut update = vec!["key", "77", "10", "0", "0", "value"];
-    update.extend(["0"; 16]);
-    bpftool_map("update", &blocks, &update);
-    expect_check(
-        &t,
-        1,
-        &["edge source lookup: /32 map under 10.77.0.0/16 missing"],
-    );
-    expect_audit(&t.audit(), "a drift record naming the lookup", |l| {
-        l["ztxdp"]["drift"]["summary"]
-            == json!(["edge source lookup: /32 map under 10.77.0.0/16 missing"])
-    });
-    ztxdp_ok(t.edge(), &["reload"]);
-    expect_check(&t, 0, &["in sync"]);
-    let deadline = Instant::now() + SETTLE_TIMEOUT;
-    while drift_records(&t).last().map(|r| r["differences"].clone()) != Some(json!(0)) {
-        assert!(
-            Instant::now() < deadline,
-            "no drift record saying in sync after the reload"
-        );
-        thread::sleep(Duration::from_millis(200));
-    }
+    a_cleared_lookup_is_reported_and_written_back(&t);
     t.daemon.expect_running("the drift checks");
 
     // A record only when the answer changed: none while in sync at the

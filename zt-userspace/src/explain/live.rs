@@ -302,7 +302,10 @@ fn edge_policy(c: &Contents, settings: Specialised) -> EdgePolicy {
         .flat_map(|(word, &bits)| ports_of(word, bits))
         .collect();
     let mut services: Vec<Service> = Vec::new();
-    let (sources_v4, sources_v6) = (c.sources.v4_prefixes(), c.sources.v6_prefixes());
+    // What the program looks up, not every entry the maps hold (a block
+    // whose lookups were cleared admits none of its /24s).
+    let sources = c.sources.looked_up_entries();
+    let (sources_v4, sources_v6) = (sources.v4_prefixes(), sources.v6_prefixes());
     let bits = c
         .service_ports
         .values()

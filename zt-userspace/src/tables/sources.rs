@@ -50,11 +50,11 @@ pub struct Sources {
 }
 
 /// More entries than a map holds.
-fn check(what: &'static str, n: usize) -> Result<(), TablesError> {
-    if n > capacity::SERVICE_SOURCES as usize {
+fn check(what: &'static str, n: u64) -> Result<(), TablesError> {
+    if n > u64::from(capacity::SERVICE_SOURCES) {
         return Err(TablesError::TooMany {
             what,
-            count: n,
+            count: usize::try_from(n).unwrap_or(usize::MAX),
             limit: capacity::SERVICE_SOURCES,
         });
     }
@@ -66,7 +66,7 @@ fn check(what: &'static str, n: usize) -> Result<(), TablesError> {
 /// merged first, so the prefixes are disjoint and each a whole number of
 /// keys. Counted before expanding, so a list far past the map costs no
 /// memory, and the error gives the whole list's count.
-fn expanded(v4: &BTreeMap<LpmParts<4>, u64>, lens: RangeInclusive<u32>, key_len: u32) -> usize {
+fn expanded(v4: &BTreeMap<LpmParts<4>, u64>, lens: RangeInclusive<u32>, key_len: u32) -> u64 {
     let nets: Vec<IpNet> = v4
         .keys()
         .filter(|(_, len)| lens.contains(len))
@@ -74,7 +74,7 @@ fn expanded(v4: &BTreeMap<LpmParts<4>, u64>, lens: RangeInclusive<u32>, key_len:
         .collect();
     IpNet::aggregate(&nets)
         .iter()
-        .map(|n| 1usize << (key_len - u32::from(n.prefix_len()).min(key_len)))
+        .map(|n| 1u64 << (key_len - u32::from(n.prefix_len()).min(key_len)))
         .sum()
 }
 
@@ -114,7 +114,10 @@ impl Sources {
                 }
             }
         }
-        check("edge service sources (IPv6)", v6.len())?;
+        check(
+            "edge service sources (IPv6)",
+            u64::try_from(v6.len()).unwrap_or(u64::MAX),
+        )?;
         let lengths: BTreeSet<u32> = v6.keys().map(|(_, len)| *len).collect();
         if lengths.len() > capacity::SOURCE_V6_LENGTHS as usize {
             s.v6_trie = inherited(v6);
@@ -169,6 +172,50 @@ impl Sources {
             }
         }
         self
+    }
+
+    /// Only the entries the program looks up: a /24 or an address whose
+    /// block's `deeper` bits do not send the lookup to its map, an IPv6
+    /// prefix of a length the lengths leave out, the hash when they say
+    /// the trie (or the trie when they do not) admit no one. A policy's
+    /// own sources are all looked up; the kernel's, read back, may not be.
+    #[must_use]
+    pub(crate) fn looked_up_entries(&self) -> Self {
+        let deeper = |a: &[u8; 4], bit: u32| {
+            let at = u32::from(a[0]) << 8 | u32::from(a[1]);
+            self.deeper.get(&at).is_some_and(|d| d & bit != 0)
+        };
+        let (trie, lengths) = self.v6_lookups();
+        Self {
+            v4_blocks: self.v4_blocks.clone(),
+            v4_24: self
+                .v4_24
+                .iter()
+                .filter(|(a, _)| deeper(a, SOURCE_DEEPER_24))
+                .map(|(a, m)| (*a, *m))
+                .collect(),
+            v4_32: self
+                .v4_32
+                .iter()
+                .filter(|(a, _)| deeper(a, SOURCE_DEEPER_32))
+                .map(|(a, m)| (*a, *m))
+                .collect(),
+            v6: self
+                .v6
+                .iter()
+                .filter(|(k, _)| {
+                    !trie && u8::try_from(k.prefix_len).is_ok_and(|l| lengths.contains(&l))
+                })
+                .map(|(k, m)| (*k, *m))
+                .collect(),
+            v6_trie: if trie {
+                self.v6_trie.clone()
+            } else {
+                BTreeMap::new()
+            },
+            deeper: self.deeper.clone(),
+            lengths: self.lengths,
+        }
     }
 
     /// The services `addr` may reach, as the edge program computes them:

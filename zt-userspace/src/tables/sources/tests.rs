@@ -166,3 +166,25 @@ fn a_map_past_its_capacity_is_refused() {
         other => panic!("{other:?}"),
     }
 }
+
+#[test]
+fn entries_the_program_does_not_look_up_admit_no_one() {
+    let mut s = Sources::of(
+        &v4(&[("10.1.2.0/24", 1), ("10.1.3.4/32", 2), ("10.2.0.0/16", 4)]),
+        &v6(&[("2001:db8::/32", 1), ("2001:db8:1::/48", 2)]),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(s.looked_up_entries(), s, "a policy's own are all looked up");
+    // Behind ztxdp's back: 10.1.0.0/16 no longer sends lookups to the
+    // address map, and the lengths leave /48 out.
+    s.deeper.insert(10 << 8 | 1, SOURCE_DEEPER_24);
+    s.lengths.count = 1;
+    let seen = s.looked_up_entries();
+    assert_eq!(lookup_v4(&seen, "10.1.2.9"), 1);
+    assert_eq!(lookup_v4(&seen, "10.1.3.4"), 0);
+    assert_eq!(lookup_v4(&s, "10.1.3.4"), 0, "as the program computes it");
+    assert_eq!(seen.v4_32.len(), 0);
+    assert_eq!(lookup_v4(&seen, "10.2.9.9"), 4);
+    assert_eq!(seen.v6_prefixes().len(), 1);
+    assert_eq!(lookup_v6(&seen, "2001:db8:1::1"), 1);
+}
