@@ -116,7 +116,12 @@ fn accepted(config: &Config) -> Result<(), TestCaseError> {
         }
         prop_assert!((1..=15).contains(&e.interface.len()));
     }
-    prop_assert!(config.policy.edge.is_some() || config.policy.tunnel.is_some());
+    // `check` accepts a config that enforces nothing (the packaged one,
+    // before it is edited); `up` and a reload refuse it.
+    prop_assert_eq!(
+        config.check_enforces().is_ok(),
+        config.policy.edge.is_some() || config.policy.tunnel.is_some()
+    );
     Ok(())
 }
 
