@@ -811,3 +811,17 @@ fn lockout_protection_refuses_unless_allowed() {
         "`up` from an allowed SSH session did not attach"
     );
 }
+
+/// A stop that comes the moment `up` says it is ready (a service manager's
+/// stop right after `READY=1`), while the new daemon still waits for the
+/// one it replaced to hand over the trail: the new daemon exits 0 and
+/// detaches its programs; it is not killed by the signal half way.
+#[test]
+fn a_stop_right_after_ready_exits_cleanly_while_taking_over() {
+    let mut t = start("stop-at-ready");
+    let mut old = t.restart("daemon-2.log");
+    t.daemon.terminate();
+    old.expect_replaced();
+    let left = attached(t.edge(), HOST_INTERFACE);
+    assert!(left.is_empty(), "SIGTERM left these attached: {left:?}");
+}

@@ -118,9 +118,9 @@ pub async fn up(
     opts: &UpOptions,
     ready: impl FnOnce(&Enforcing, Option<&confirm::Change>),
 ) -> Result<(), DaemonError> {
-    if let Some(seconds) = opts.confirm {
-        confirm::check_window(seconds)?;
-    }
+    opts.confirm.map(confirm::check_window).transpose()?;
+    // A stop from here on waits for the loop (see `Signals`).
+    let signals = Signals::new()?;
     // Held until our programs are attached: a grant change made meanwhile
     // waits, then finds and updates them, instead of updating the programs
     // we replace after we read the file without it.
@@ -220,6 +220,7 @@ pub async fn up(
         &mut running,
         (&handle, &enforcing),
         (old_maps, ledger),
+        signals,
     )
     .await;
     if matches!(stop, Ok(Stop::Signal)) {
@@ -828,18 +829,39 @@ async fn still_ours(handle: &rtnetlink::Handle, enforcing: &Enforcing) -> (bool,
     (edge, tunnel)
 }
 
+/// The signals the daemon answers. Each is taken over from its default
+/// action (ending the process) when this is made, and one that arrives
+/// before the loop polls it is kept for it: a SIGTERM right after
+/// `READY=1`, while the daemon we replace still hands over the trail,
+/// then detaches and writes the trail out instead of killing the process
+/// half way.
+struct Signals {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+    hangup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> Result<Self, DaemonError> {
+        let signal = |kind| {
+            tokio::signal::unix::signal(kind).map_err(|source| DaemonError::Signal { source })
+        };
+        Ok(Self {
+            interrupt: signal(SignalKind::interrupt())?,
+            terminate: signal(SignalKind::terminate())?,
+            hangup: signal(SignalKind::hangup())?,
+        })
+    }
+}
+
 async fn stream_audit(
     feed: &mut Feed,
     trail: &mut Trail,
     running: &mut Running<'_>,
     (handle, enforcing): (&rtnetlink::Handle, &Enforcing),
     (mut replaced, ledger): (Option<adopt::Maps>, LedgerEntry),
+    mut signals: Signals,
 ) -> Result<Stop, DaemonError> {
-    let signal =
-        |kind| tokio::signal::unix::signal(kind).map_err(|source| DaemonError::Signal { source });
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut sighup = signal(SignalKind::hangup())?;
     // Waits for a daemon we replaced to finish its trail; our events wait
     // in the ring buffer meanwhile.
     trail.start().await?;
@@ -912,9 +934,9 @@ async fn stream_audit(
                     },
                 });
             }
-            _ = sighup.recv() => drop(logged_reload(running, feed, trail, enforcing, None)),
-            _ = sigint.recv() => break Stop::Signal,
-            _ = sigterm.recv() => break Stop::Signal,
+            _ = signals.hangup.recv() => drop(logged_reload(running, feed, trail, enforcing, None)),
+            _ = signals.interrupt.recv() => break Stop::Signal,
+            _ = signals.terminate.recv() => break Stop::Signal,
         }
     };
     control.remove();
