@@ -47,7 +47,7 @@ pub enum TablesError {
         #[source]
         source: MapError,
     },
-    #[error("BPF map {name}: writing entries in batches: {source}")]
+    #[error("BPF map {name}: reading or writing entries in batches: {source}")]
     Batch {
         name: &'static str,
         #[source]
@@ -546,10 +546,8 @@ impl Tables {
                 BpfHashMap::try_from(m).map_err(map_err(map::GRANTS))?;
             out.insert(label(map::GRANTS), g.keys().count());
         }
-        if let Some(m) = self.maps.get(map::FLOWS) {
-            let f: BpfHashMap<_, FlowKey, FlowState> =
-                BpfHashMap::try_from(m).map_err(map_err(map::FLOWS))?;
-            out.insert(label(map::FLOWS), f.keys().count());
+        if self.maps.contains_key(map::FLOWS) {
+            out.insert(label(map::FLOWS), self.flows()?.len());
         }
         // Datagrams remembered for their later fragments, live or expired,
         // up to capacity::FRAGMENTS.

@@ -6,7 +6,7 @@ use std::{collections::HashSet, net::IpAddr};
 use aya::maps::HashMap as BpfHashMap;
 use zt_common::{FLOW_ANSWER, FlowKey, FlowState, map, proto};
 
-use super::{Contents, Tables, TablesError, map_err};
+use super::{Contents, Tables, TablesError, batch, map_err};
 
 /// `bpf_map_update_elem`'s `BPF_EXIST`: update an entry, never create one
 /// (a flow the kernel dropped meanwhile stays gone).
@@ -41,16 +41,19 @@ impl Tables {
     /// # Errors
     /// When the flow table cannot be read.
     pub fn udp_flows(&self) -> Result<HashSet<FlowKey>, TablesError> {
-        let flows: BpfHashMap<_, FlowKey, FlowState> =
-            BpfHashMap::try_from(self.get_ref(map::FLOWS)?).map_err(map_err(map::FLOWS))?;
-        let mut out = HashSet::new();
-        for key in flows.keys() {
-            let key = key.map_err(map_err(map::FLOWS))?;
-            if key.protocol == proto::UDP {
-                out.insert(key);
-            }
-        }
-        Ok(out)
+        Ok(self
+            .flows()?
+            .into_iter()
+            .map(|(key, _)| key)
+            .filter(|key| key.protocol == proto::UDP)
+            .collect())
+    }
+
+    /// Every entry of the flow table, read in batches.
+    pub(super) fn flows(&self) -> Result<Vec<(FlowKey, FlowState)>, TablesError> {
+        let name = map::FLOWS;
+        let data = batch::data(self.get_ref(name)?).ok_or(TablesError::MissingMap { name })?;
+        batch::lookup(data).map_err(|source| TablesError::Batch { name, source })
     }
 
     /// Marks as answers the UDP flows started since `before` was taken
@@ -75,11 +78,8 @@ impl Tables {
         before: &HashSet<FlowKey>,
         interfaces: FlowInterfaces,
     ) -> Result<usize, TablesError> {
-        let mut flows: BpfHashMap<_, FlowKey, FlowState> =
-            BpfHashMap::try_from(self.get(map::FLOWS)?).map_err(map_err(map::FLOWS))?;
         let mut answers = Vec::new();
-        for entry in &flows {
-            let (key, state) = entry.map_err(map_err(map::FLOWS))?;
+        for (key, state) in self.flows()? {
             if key.protocol != proto::UDP || state.flags & FLOW_ANSWER != 0 || before.contains(&key)
             {
                 continue;
@@ -95,6 +95,8 @@ impl Tables {
                 answers.push((key, state));
             }
         }
+        let mut flows: BpfHashMap<_, FlowKey, FlowState> =
+            BpfHashMap::try_from(self.get(map::FLOWS)?).map_err(map_err(map::FLOWS))?;
         for (key, state) in &answers {
             let answer = FlowState {
                 flags: state.flags | FLOW_ANSWER,
