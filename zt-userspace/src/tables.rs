@@ -547,7 +547,9 @@ impl Tables {
             out.insert(label(map::GRANTS), g.keys().count());
         }
         if self.maps.contains_key(map::FLOWS) {
-            out.insert(label(map::FLOWS), self.flows()?.len());
+            let mut n = 0;
+            self.each_flow(|_, _| n += 1)?;
+            out.insert(label(map::FLOWS), n);
         }
         // Datagrams remembered for their later fragments, live or expired,
         // up to capacity::FRAGMENTS.

@@ -31,6 +31,33 @@ pub(super) fn data(map: &Map) -> Option<&MapData> {
     }
 }
 
+/// The map's file descriptor, once its key and value sizes are checked to
+/// be `K`'s and `V`'s: the kernel copies `key_size` and `value_size` bytes
+/// per entry, whatever buffers it is given.
+fn checked_fd<K, V>(map: &MapData) -> io::Result<u32> {
+    let info = map.info().map_err(io::Error::other)?;
+    let sizes = (info.key_size() as usize, info.value_size() as usize);
+    if sizes != (size_of::<K>(), size_of::<V>()) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "the map's keys and values are {} and {} bytes, this binary's {} and {}",
+                sizes.0,
+                sizes.1,
+                size_of::<K>(),
+                size_of::<V>()
+            ),
+        ));
+    }
+    u32::try_from(map.fd().as_fd().as_raw_fd()).map_err(io::Error::other)
+}
+
+/// A buffer's address as the kernel takes it; exposed, since the kernel
+/// reads or writes through it.
+fn user_ptr<T>(p: *const T) -> u64 {
+    p.expose_provenance() as u64
+}
+
 /// Inserts or replaces `keys[i]` with `values[i]` for every `i`.
 ///
 /// # Errors
@@ -42,19 +69,18 @@ pub(super) fn update<K: aya::Pod, V: aya::Pod>(
     values: &[V],
 ) -> io::Result<()> {
     debug_assert_eq!(keys.len(), values.len());
-    let fd = u32::try_from(map.fd().as_fd().as_raw_fd()).map_err(io::Error::other)?;
+    let fd = checked_fd::<K, V>(map)?;
     for (k, v) in keys.chunks(CHUNK).zip(values.chunks(CHUNK)) {
         // SAFETY: all zeros is a valid bpf_attr (plain integers), and the
         // kernel requires the bytes past the command's fields to be zero.
         let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
         attr.batch.map_fd = fd;
-        attr.batch.keys = k.as_ptr().addr() as u64;
-        attr.batch.values = v.as_ptr().addr() as u64;
+        attr.batch.keys = user_ptr(k.as_ptr());
+        attr.batch.values = user_ptr(v.as_ptr());
         attr.batch.count = u32::try_from(k.len()).map_err(io::Error::other)?;
         // SAFETY: `keys` and `values` point at `count` keys and values of
-        // the map's key and value sizes (aya checked them when the map was
-        // typed), alive for the call; the kernel only reads them, and
-        // writes `count` back into `attr`.
+        // the map's key and value sizes (`checked_fd`), alive for the call;
+        // the kernel only reads them, and writes `count` back into `attr`.
         let rc = unsafe {
             libc::syscall(
                 libc::SYS_bpf,
@@ -70,19 +96,21 @@ pub(super) fn update<K: aya::Pod, V: aya::Pod>(
     Ok(())
 }
 
-/// Every entry of the hash map, read `CHUNK` at a time. Entries the
-/// programs add or remove meanwhile may or may not be in it, as with any
-/// walk of a map that changes.
+/// Calls `each` with every entry of the hash map, read `CHUNK` at a
+/// time. Entries the programs add or remove meanwhile may or may not be
+/// seen, as with any walk of a map that changes.
 ///
 /// # Errors
-/// The first call the kernel refuses.
-pub(super) fn lookup<K: aya::Pod, V: aya::Pod>(map: &MapData) -> io::Result<Vec<(K, V)>> {
-    let fd = u32::try_from(map.fd().as_fd().as_raw_fd()).map_err(io::Error::other)?;
+/// The first call the kernel refuses, or sizes other than `K`'s and `V`'s.
+pub(super) fn for_each<K: aya::Pod, V: aya::Pod>(
+    map: &MapData,
+    mut each: impl FnMut(&K, &V),
+) -> io::Result<()> {
+    let fd = checked_fd::<K, V>(map)?;
     // SAFETY: `K` and `V` are plain data (`aya::Pod`), for which all zeros
     // is a valid value.
     let zero = || unsafe { std::mem::zeroed::<(K, V)>() };
     let (mut keys, mut values): (Vec<K>, Vec<V>) = (0..CHUNK).map(|_| zero()).unzip();
-    let mut out = Vec::new();
     // The kernel's position in the map (a bucket, for a hash), which it
     // writes to `out_batch` and reads from `in_batch` on the next call.
     let (mut at, mut next) = (0u32, 0u32);
@@ -91,19 +119,16 @@ pub(super) fn lookup<K: aya::Pod, V: aya::Pod>(map: &MapData) -> io::Result<Vec<
         // SAFETY: as in `update`.
         let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
         attr.batch.map_fd = fd;
-        attr.batch.in_batch = if first {
-            0
-        } else {
-            (&raw const at).addr() as u64
-        };
-        attr.batch.out_batch = (&raw mut next).addr() as u64;
-        attr.batch.keys = keys.as_mut_ptr().addr() as u64;
-        attr.batch.values = values.as_mut_ptr().addr() as u64;
+        attr.batch.in_batch = if first { 0 } else { user_ptr(&raw const at) };
+        // The kernel writes these three: pointers that may write.
+        attr.batch.out_batch = user_ptr((&raw mut next).cast_const());
+        attr.batch.keys = user_ptr(keys.as_mut_ptr().cast_const());
+        attr.batch.values = user_ptr(values.as_mut_ptr().cast_const());
         attr.batch.count = u32::try_from(CHUNK).map_err(io::Error::other)?;
         // SAFETY: `keys` and `values` have room for `count` keys and values
-        // of the map's key and value sizes (aya checked them when the map
-        // was typed); the kernel writes at most `count` of each, and the
-        // number it wrote into `attr`.
+        // of the map's key and value sizes (`checked_fd`); the kernel
+        // writes at most `count` of each, the token into `next`, and the
+        // number it wrote into `attr`. Nothing else uses them meanwhile.
         let rc = unsafe {
             libc::syscall(
                 libc::SYS_bpf,
@@ -113,21 +138,28 @@ pub(super) fn lookup<K: aya::Pod, V: aya::Pod>(map: &MapData) -> io::Result<Vec<
             )
         };
         let error = (rc < 0).then(io::Error::last_os_error);
-        // SAFETY: the kernel set `count`, also when it returns an error.
-        let n = usize::try_from(unsafe { attr.batch.count }).map_err(io::Error::other)?;
-        out.extend(
-            keys[..n.min(CHUNK)]
-                .iter()
-                .copied()
-                .zip(values[..n.min(CHUNK)].iter().copied()),
-        );
+        // SAFETY: the kernel set `count`, also when it returns ENOENT.
+        let n = usize::try_from(unsafe { attr.batch.count })
+            .map_err(io::Error::other)?
+            .min(CHUNK);
         match error {
             None => {}
-            // The end of the map.
-            Some(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(out),
+            // The end of the map, with the last entries.
+            Some(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                keys[..n]
+                    .iter()
+                    .zip(&values[..n])
+                    .for_each(|(k, v)| each(k, v));
+                return Ok(());
+            }
             Some(e) => return Err(e),
         }
-        at = next;
+        keys[..n]
+            .iter()
+            .zip(&values[..n])
+            .for_each(|(k, v)| each(k, v));
+        // SAFETY: written by the kernel above, read by no one else.
+        at = unsafe { (&raw const next).read_volatile() };
         first = false;
     }
 }

@@ -3,7 +3,7 @@
 
 use std::{collections::HashSet, net::IpAddr};
 
-use aya::maps::HashMap as BpfHashMap;
+use aya::maps::{HashMap as BpfHashMap, MapError};
 use zt_common::{FLOW_ANSWER, FlowKey, FlowState, map, proto};
 
 use super::{Contents, Tables, TablesError, batch, map_err};
@@ -41,19 +41,23 @@ impl Tables {
     /// # Errors
     /// When the flow table cannot be read.
     pub fn udp_flows(&self) -> Result<HashSet<FlowKey>, TablesError> {
-        Ok(self
-            .flows()?
-            .into_iter()
-            .map(|(key, _)| key)
-            .filter(|key| key.protocol == proto::UDP)
-            .collect())
+        let mut out = HashSet::new();
+        self.each_flow(|key, _| {
+            if key.protocol == proto::UDP {
+                out.insert(*key);
+            }
+        })?;
+        Ok(out)
     }
 
-    /// Every entry of the flow table, read in batches.
-    pub(super) fn flows(&self) -> Result<Vec<(FlowKey, FlowState)>, TablesError> {
+    /// Calls `each` with every entry of the flow table, read in batches.
+    pub(super) fn each_flow(
+        &self,
+        each: impl FnMut(&FlowKey, &FlowState),
+    ) -> Result<(), TablesError> {
         let name = map::FLOWS;
         let data = batch::data(self.get_ref(name)?).ok_or(TablesError::MissingMap { name })?;
-        batch::lookup(data).map_err(|source| TablesError::Batch { name, source })
+        batch::for_each(data, each).map_err(|source| TablesError::Batch { name, source })
     }
 
     /// Marks as answers the UDP flows started since `before` was taken
@@ -79,38 +83,51 @@ impl Tables {
         interfaces: FlowInterfaces,
     ) -> Result<usize, TablesError> {
         let mut answers = Vec::new();
-        for (key, state) in self.flows()? {
-            if key.protocol != proto::UDP || state.flags & FLOW_ANSWER != 0 || before.contains(&key)
-            {
-                continue;
-            }
+        self.each_flow(|key, state| {
             let on_edge = if Some(key.ifindex) == interfaces.edge {
                 true
             } else if Some(key.ifindex) == interfaces.tunnel {
                 false
             } else {
-                continue;
+                return;
             };
-            if policy.answers(on_edge, key.local_port, remote(&key)) {
-                answers.push((key, state));
+            if key.protocol == proto::UDP
+                && state.flags & FLOW_ANSWER == 0
+                && !before.contains(key)
+                && policy.answers(on_edge, key.local_port, remote(key))
+            {
+                answers.push(*key);
             }
-        }
+        })?;
         let mut flows: BpfHashMap<_, FlowKey, FlowState> =
             BpfHashMap::try_from(self.get(map::FLOWS)?).map_err(map_err(map::FLOWS))?;
-        for (key, state) in &answers {
+        let gone = |e: &MapError| match e {
+            MapError::KeyNotFound => true,
+            MapError::SyscallError(s) => s.io_error.raw_os_error() == Some(libc::ENOENT),
+            _ => false,
+        };
+        let mut marked = 0;
+        for key in &answers {
+            // Read again, so the mark keeps a refresh made since the walk;
+            // one the programs make between this read and the write is
+            // lost (the flow looks a moment older). A flow gone meanwhile
+            // (expired, evicted) has nothing to mark.
+            let state = match flows.get(key, 0) {
+                Ok(state) => state,
+                Err(e) if gone(&e) => continue,
+                Err(e) => return Err(map_err(map::FLOWS)(e)),
+            };
             let answer = FlowState {
                 flags: state.flags | FLOW_ANSWER,
-                ..*state
+                ..state
             };
-            // Gone since it was read (expired, evicted): nothing to mark.
-            if let Err(e) = flows.insert(key, answer, BPF_EXIST)
-                && !matches!(&e, aya::maps::MapError::SyscallError(s)
-                    if s.io_error.raw_os_error() == Some(libc::ENOENT))
-            {
-                return Err(map_err(map::FLOWS)(e));
+            match flows.insert(key, answer, BPF_EXIST) {
+                Ok(()) => marked += 1,
+                Err(e) if gone(&e) => {}
+                Err(e) => return Err(map_err(map::FLOWS)(e)),
             }
         }
-        Ok(answers.len())
+        Ok(marked)
     }
 }
 
