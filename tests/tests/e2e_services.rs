@@ -7,20 +7,22 @@ mod e2e;
 
 use std::{
     fs,
+    io::Read as _,
     net::IpAddr,
+    process::Stdio,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
     thread,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use e2e::{
-    Enforced, assert_connects, assert_times_out, at, build_lab, counter, expect_audit,
-    expect_counter, is, listen, status, udp_socket, ztxdp_ok,
+    Enforced, assert_connects, assert_times_out, at, attached, build_lab, counter, expect_audit,
+    expect_counter, is, listen, status, udp_socket, ztxdp_cmd, ztxdp_ok,
 };
-use zt_tests::lab::{BASTION_V4, EDGE_V4, EDGE_V6, OUTSIDER_V4};
+use zt_tests::lab::{BASTION_V4, EDGE_V4, EDGE_V6, HOST_INTERFACE, OUTSIDER_V4};
 
 const HTTPS: u16 = 443;
 const ADMIN: u16 = 8443;
@@ -254,4 +256,48 @@ fn answers_sent_during_a_reload_do_not_keep_a_closed_service_open() {
         before.0,
         "a flow the host started during the reload kept https open"
     );
+}
+
+/// A stop that comes while a second `up` loads its programs (a policy of
+/// 896,000 source addresses takes a second or more) ends that `up` with
+/// nothing changed: the programs it would have replaced go on enforcing,
+/// and their daemon keeps running.
+#[test]
+fn a_stop_before_attaching_changes_nothing() {
+    let mut t = Enforced::start("services-early-stop", build_lab(), |_, scratch| {
+        reload_config(scratch, false, "\"0.0.0.0/0\"")
+    });
+    let enforcing = attached(t.edge(), HOST_INTERFACE);
+    let config = t.config.display().to_string();
+    let mut second = ztxdp_cmd(t.edge(), &["up", "--config", &config])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting a second `up`: {e}"));
+    thread::sleep(Duration::from_millis(400));
+    let pid = i32::try_from(second.id()).unwrap_or_else(|e| panic!("pid: {e}"));
+    // SAFETY: a plain kill(2) of the child started above, still ours to
+    // signal (it has not been waited for).
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = second
+            .try_wait()
+            .unwrap_or_else(|e| panic!("waiting for the second `up`: {e}"))
+        {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the second `up` did not stop");
+        thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    if let Some(mut err) = second.stderr.take() {
+        let _ = err.read_to_string(&mut stderr);
+    }
+    assert!(status.success(), "the second `up`: {status}\n{stderr}");
+    assert!(stderr.contains("nothing changed"), "{stderr}");
+    assert_eq!(attached(t.edge(), HOST_INTERFACE), enforcing);
+    t.daemon
+        .expect_running("a second `up` stopped before attaching");
 }

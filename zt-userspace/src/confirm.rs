@@ -777,9 +777,11 @@ fn restore_identity(identity: Option<&Identity>) {
 async fn rewrite_maps(handle: &rtnetlink::Handle, contents: &Contents) -> Result<(), ConfirmError> {
     let found = attach::find(handle).await?;
     let mut tables = Tables::from_map_ids(&found.map_ids())?;
-    let flows = tables.udp_flows()?;
+    let flows = crate::daemon::udp_flows(&tables);
     let written = tables.replace(contents);
-    crate::daemon::judge_answers(&mut tables, contents, &flows, found.flow_interfaces());
+    if let Some(flows) = &flows {
+        crate::daemon::judge_answers(&mut tables, contents, flows, found.flow_interfaces());
+    }
     Ok(written?)
 }
 

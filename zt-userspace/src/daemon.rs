@@ -114,17 +114,22 @@ pub struct Enforcing {
 /// # Errors
 /// On any failure before enforcement starts (then nothing was changed) or
 /// while writing the audit trail.
+#[expect(
+    clippy::too_many_lines,
+    reason = "the start-up steps in their order, each with why it comes there"
+)]
 pub async fn up(
     opts: &UpOptions,
     ready: impl FnOnce(&Enforcing, Option<&confirm::Change>),
 ) -> Result<(), DaemonError> {
     opts.confirm.map(confirm::check_window).transpose()?;
-    // A stop from here on waits for the loop (see `Signals`).
-    let signals = Signals::new()?;
     // Held until our programs are attached: a grant change made meanwhile
     // waits, then finds and updates them, instead of updating the programs
     // we replace after we read the file without it.
     let (config, tunnel_policy, grants_lock) = checked_config(opts)?;
+    // After the wait for the grants lock, which a stop still interrupts;
+    // from here on a stop waits for the loop (see `Signals`).
+    let mut signals = Signals::new()?;
     // An old kernel is refused here, naming what it lacks, before anything
     // is loaded or attached.
     crate::probe::kernel().map_err(LoadError::from)?;
@@ -175,6 +180,12 @@ pub async fn up(
     // Armed while the programs we replace still run: the watchdog holds
     // them from now on. Should attaching fail half way, it puts them back
     // at the deadline.
+    // A stop before anything is attached ends `up` as the signal's default
+    // action would have: the programs we would replace go on enforcing.
+    if signals.stop_pending() {
+        tracing::info!("stopped before attaching; nothing changed");
+        return Ok(());
+    }
     let armed = opts
         .confirm
         .map(|seconds| confirm::arm(confirm::Command::Up, seconds, &config))
@@ -572,10 +583,7 @@ fn swap(
     // Events already queued were decided under the old peer indices: named
     // with the old names before the indices change.
     feed.drain(trail);
-    let flows = running
-        .tables
-        .udp_flows()
-        .map_err(|source| ReloadError::Write { source })?;
+    let flows = udp_flows(running.tables);
     let written = running.tables.replace(new);
     if written.is_err()
         && let Err(e) = running.tables.replace(&old)
@@ -586,7 +594,9 @@ fn swap(
     // service or peer closed that both policies open; judged again, it
     // does not keep a port open that a later change closes.
     let now = if written.is_ok() { new } else { &old };
-    judge_answers(running.tables, now, &flows, running.ids.interfaces);
+    if let Some(flows) = &flows {
+        judge_answers(running.tables, now, flows, running.ids.interfaces);
+    }
     if let Err(source) = written {
         return Err(ReloadError::Write { source });
     }
@@ -598,6 +608,21 @@ fn swap(
         contents: old,
         config: replaced,
     })
+}
+
+/// [`Tables::udp_flows`] before a change of the maps, for
+/// [`judge_answers`] after it. A failure is logged, not fatal: judging is
+/// then skipped, and the change goes on.
+pub(crate) fn udp_flows(tables: &Tables) -> Option<HashSet<FlowKey>> {
+    tables
+        .udp_flows()
+        .inspect_err(|e| {
+            tracing::warn!(
+                error = %e,
+                "flows started during the change keep admitting replies until they expire"
+            );
+        })
+        .ok()
 }
 
 /// [`Tables::judge_answers`] after a change of the maps, with the flows
@@ -842,6 +867,14 @@ struct Signals {
 }
 
 impl Signals {
+    /// Whether SIGINT or SIGTERM came since [`Self::new`], without waiting.
+    fn stop_pending(&mut self) -> bool {
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        [&mut self.interrupt, &mut self.terminate]
+            .into_iter()
+            .any(|s| s.poll_recv(&mut cx).is_ready())
+    }
+
     fn new() -> Result<Self, DaemonError> {
         let signal = |kind| {
             tokio::signal::unix::signal(kind).map_err(|source| DaemonError::Signal { source })
