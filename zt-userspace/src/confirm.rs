@@ -777,12 +777,8 @@ fn restore_identity(identity: Option<&Identity>) {
 async fn rewrite_maps(handle: &rtnetlink::Handle, contents: &Contents) -> Result<(), ConfirmError> {
     let found = attach::find(handle).await?;
     let mut tables = Tables::from_map_ids(&found.map_ids())?;
-    let flows = crate::daemon::udp_flows(&tables);
-    let written = tables.replace(contents);
-    if let Some(flows) = &flows {
-        crate::daemon::judge_answers(&mut tables, contents, flows, found.flow_interfaces());
-    }
-    Ok(written?)
+    crate::daemon::replace_judged(&mut tables, contents, None, found.flow_interfaces())?;
+    Ok(())
 }
 
 /// An `up`'s rollback: the held programs back on their hooks, replacing

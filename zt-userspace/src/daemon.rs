@@ -8,7 +8,7 @@
 //! process attached, unless `--keep-attached`; a crash leaves it in place,
 //! failing closed.
 
-use std::{collections::HashSet, path::PathBuf, time::Duration};
+use std::{path::PathBuf, time::Duration};
 
 use aya::{
     Ebpf,
@@ -16,7 +16,7 @@ use aya::{
     programs::{SchedClassifier, TcAttachType, Xdp},
 };
 use tokio::signal::unix::SignalKind;
-use zt_common::{FlowKey, map, program};
+use zt_common::{map, program};
 
 use crate::{
     adopt::{self, AdoptError, Pass},
@@ -583,23 +583,8 @@ fn swap(
     // Events already queued were decided under the old peer indices: named
     // with the old names before the indices change.
     feed.drain(trail);
-    let flows = udp_flows(running.tables);
-    let written = running.tables.replace(new);
-    if written.is_err()
-        && let Err(e) = running.tables.replace(&old)
-    {
-        tracing::error!(error = %e, "could not put the old policy back after a failed reload");
-    }
-    // A UDP flow the host started between the halves was judged with a
-    // service or peer closed that both policies open; judged again, it
-    // does not keep a port open that a later change closes.
-    let now = if written.is_ok() { new } else { &old };
-    if let Some(flows) = &flows {
-        judge_answers(running.tables, now, flows, running.ids.interfaces);
-    }
-    if let Err(source) = written {
-        return Err(ReloadError::Write { source });
-    }
+    replace_judged(running.tables, new, Some(&old), running.ids.interfaces)
+        .map_err(|source| ReloadError::Write { source })?;
     feed.set_peers(peer_names(tunnel), GroupWatch::new(tunnel));
     feed.set_services(config.policy.edge.as_ref());
     running.ids.record(&config, tunnel);
@@ -610,38 +595,48 @@ fn swap(
     })
 }
 
-/// [`Tables::udp_flows`] before a change of the maps, for
-/// [`judge_answers`] after it. A failure is logged, not fatal: judging is
-/// then skipped, and the change goes on.
-pub(crate) fn udp_flows(tables: &Tables) -> Option<HashSet<FlowKey>> {
-    tables
-        .udp_flows()
-        .inspect_err(|e| {
-            tracing::warn!(
-                error = %e,
-                "flows started during the change keep admitting replies until they expire"
-            );
-        })
-        .ok()
-}
-
-/// [`Tables::judge_answers`] after a change of the maps, with the flows
-/// `before` it; a failure is logged, not fatal: the flows it would have
-/// marked admit replies until they expire, as they would have before.
-pub(crate) fn judge_answers(
+/// [`Tables::replace`] with `new`, putting `old` back if that fails, then
+/// the UDP flows started meanwhile judged again ([`Tables::judge_answers`]):
+/// one the host started between the halves was judged with a service or
+/// peer closed that both policies open, and would keep a port open that a
+/// later change closes. Judging is not the change: when the flow table
+/// cannot be read or written it is skipped with a warning (those flows
+/// admit replies until they expire, as before), and the change stands.
+///
+/// # Errors
+/// The failed write of `new`; the maps then hold `old` again, or what a
+/// failed write of it left.
+pub(crate) fn replace_judged(
     tables: &mut Tables,
-    now: &Contents,
-    before: &HashSet<FlowKey>,
+    new: &Contents,
+    old: Option<&Contents>,
     interfaces: FlowInterfaces,
-) {
-    match tables.judge_answers(now, before, interfaces) {
-        Ok(0) => {}
-        Ok(flows) => tracing::info!(flows, "flows started during the change judged as answers"),
-        Err(e) => tracing::warn!(
+) -> Result<(), TablesError> {
+    let skipped = |e: &TablesError| {
+        tracing::warn!(
             error = %e,
             "flows started during the change keep admitting replies until they expire"
-        ),
+        );
+    };
+    let flows = tables.udp_flows().inspect_err(skipped).ok();
+    let written = tables.replace(new);
+    let mut now = new;
+    if written.is_err()
+        && let Some(old) = old
+    {
+        now = old;
+        if let Err(e) = tables.replace(old) {
+            tracing::error!(error = %e, "could not put the old policy back after a failed change");
+        }
     }
+    if let Some(flows) = &flows {
+        match tables.judge_answers(now, flows, interfaces) {
+            Ok(0) => {}
+            Ok(flows) => tracing::info!(flows, "flows started during the change judged as answers"),
+            Err(e) => skipped(&e),
+        }
+    }
+    written
 }
 
 /// A `reload --confirm` not confirmed in time (its watchdog asks): the

@@ -58,6 +58,28 @@ fn user_ptr<T>(p: *const T) -> u64 {
     p.expose_provenance() as u64
 }
 
+/// The `bpf(2)` system call `cmd` with `attr`.
+///
+/// # Safety
+/// The addresses in `attr` must point at memory the command may read or
+/// write as the kernel documents it, alive for the call.
+unsafe fn bpf(cmd: bpf_cmd, attr: &mut bpf_attr) -> io::Result<()> {
+    // SAFETY: `attr` is a whole bpf_attr; what it points at, the caller
+    // vouches for.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd as libc::c_long,
+            std::ptr::from_mut(attr),
+            size_of::<bpf_attr>(),
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Inserts or replaces `keys[i]` with `values[i]` for every `i`.
 ///
 /// # Errors
@@ -81,17 +103,7 @@ pub(super) fn update<K: aya::Pod, V: aya::Pod>(
         // SAFETY: `keys` and `values` point at `count` keys and values of
         // the map's key and value sizes (`checked_fd`), alive for the call;
         // the kernel only reads them, and writes `count` back into `attr`.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                bpf_cmd::BPF_MAP_UPDATE_BATCH as libc::c_long,
-                &raw mut attr,
-                size_of::<bpf_attr>(),
-            )
-        };
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        unsafe { bpf(bpf_cmd::BPF_MAP_UPDATE_BATCH, &mut attr) }?;
     }
     Ok(())
 }
@@ -129,15 +141,7 @@ pub(super) fn for_each<K: aya::Pod, V: aya::Pod>(
         // of the map's key and value sizes (`checked_fd`); the kernel
         // writes at most `count` of each, the token into `next`, and the
         // number it wrote into `attr`. Nothing else uses them meanwhile.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                bpf_cmd::BPF_MAP_LOOKUP_BATCH as libc::c_long,
-                &raw mut attr,
-                size_of::<bpf_attr>(),
-            )
-        };
-        let error = (rc < 0).then(io::Error::last_os_error);
+        let error = unsafe { bpf(bpf_cmd::BPF_MAP_LOOKUP_BATCH, &mut attr) }.err();
         // SAFETY: the kernel set `count`, also when it returns ENOENT.
         let n = usize::try_from(unsafe { attr.batch.count })
             .map_err(io::Error::other)?

@@ -61,6 +61,12 @@ fn check(what: &'static str, n: u64) -> Result<(), TablesError> {
     Ok(())
 }
 
+/// The block of `map::SOURCES_V4_16` that holds address `a`: its top 16
+/// bits.
+fn block(a: [u8; 4]) -> u32 {
+    u32::from(a[0]) << 8 | u32::from(a[1])
+}
+
 /// How many entries of the map keyed by /`key_len` the IPv4 prefixes of
 /// `lens` (the lengths that map holds) expand to, overlaps counted once:
 /// merged first, so the prefixes are disjoint and each a whole number of
@@ -157,8 +163,7 @@ impl Sources {
             (&self.v4_32, SOURCE_DEEPER_32),
         ] {
             for a in keys.keys() {
-                let at = u32::from(a[0]) << 8 | u32::from(a[1]);
-                *self.deeper.entry(at).or_default() |= bit;
+                *self.deeper.entry(block(*a)).or_default() |= bit;
             }
         }
         self.lengths = Source6Lengths::default();
@@ -181,33 +186,25 @@ impl Sources {
     /// own sources are all looked up; the kernel's, read back, may not be.
     #[must_use]
     pub(crate) fn looked_up_entries(&self) -> Self {
-        let deeper = |a: &[u8; 4], bit: u32| {
-            let at = u32::from(a[0]) << 8 | u32::from(a[1]);
-            self.deeper.get(&at).is_some_and(|d| d & bit != 0)
-        };
+        fn kept<K: Ord + Copy>(
+            m: &BTreeMap<K, u64>,
+            keep: impl Fn(&K) -> bool,
+        ) -> BTreeMap<K, u64> {
+            m.iter()
+                .filter(|(k, _)| keep(k))
+                .map(|(k, v)| (*k, *v))
+                .collect()
+        }
+        let deeper =
+            |a: &[u8; 4], bit: u32| self.deeper.get(&block(*a)).is_some_and(|d| d & bit != 0);
         let (trie, lengths) = self.v6_lookups();
         Self {
             v4_blocks: self.v4_blocks.clone(),
-            v4_24: self
-                .v4_24
-                .iter()
-                .filter(|(a, _)| deeper(a, SOURCE_DEEPER_24))
-                .map(|(a, m)| (*a, *m))
-                .collect(),
-            v4_32: self
-                .v4_32
-                .iter()
-                .filter(|(a, _)| deeper(a, SOURCE_DEEPER_32))
-                .map(|(a, m)| (*a, *m))
-                .collect(),
-            v6: self
-                .v6
-                .iter()
-                .filter(|(k, _)| {
-                    !trie && u8::try_from(k.prefix_len).is_ok_and(|l| lengths.contains(&l))
-                })
-                .map(|(k, m)| (*k, *m))
-                .collect(),
+            v4_24: kept(&self.v4_24, |a| deeper(a, SOURCE_DEEPER_24)),
+            v4_32: kept(&self.v4_32, |a| deeper(a, SOURCE_DEEPER_32)),
+            v6: kept(&self.v6, |k| {
+                !trie && u8::try_from(k.prefix_len).is_ok_and(|l| lengths.contains(&l))
+            }),
             v6_trie: if trie {
                 self.v6_trie.clone()
             } else {
@@ -224,7 +221,7 @@ impl Sources {
         match addr {
             IpAddr::V4(a) => {
                 let a = a.octets();
-                let at = u32::from(a[0]) << 8 | u32::from(a[1]);
+                let at = block(a);
                 let deeper = self.deeper.get(&at).copied().unwrap_or(0);
                 let mut mask = self.v4_blocks.get(&at).copied().unwrap_or(0);
                 if deeper & SOURCE_DEEPER_24 != 0 {
