@@ -177,15 +177,15 @@ pub async fn up(
         confirm::forget_orphaned();
     }
     confirm::refuse_if_pending()?;
-    // Armed while the programs we replace still run: the watchdog holds
-    // them from now on. Should attaching fail half way, it puts them back
-    // at the deadline.
     // A stop before anything is attached ends `up` as the signal's default
     // action would have: the programs we would replace go on enforcing.
     if signals.stop_pending() {
         tracing::info!("stopped before attaching; nothing changed");
         return Ok(());
     }
+    // Armed while the programs we replace still run: the watchdog holds
+    // them from now on. Should attaching fail half way, it puts them back
+    // at the deadline.
     let armed = opts
         .confirm
         .map(|seconds| confirm::arm(confirm::Command::Up, seconds, &config))

@@ -25,7 +25,6 @@ use crate::{
     identity::{self, Identity, IdentityError},
     model::{self, Explanation, Fact, Flow, Seen},
     policy::{EdgePolicy, Grant, Mode, Peer},
-    tables,
 };
 use live::{Live, LiveError};
 use packet::Request;
@@ -333,6 +332,19 @@ fn choose<'a>(
     }
 }
 
+/// `CLOCK_MONOTONIC_COARSE`, the clock the programs time flows with.
+fn programs_now_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec that we own.
+    if unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &raw mut ts) } != 0 {
+        return 0;
+    }
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
+}
+
 /// `ztxdp explain`: asks the model of the program on `iface` (see
 /// [`choose`]) about `request`; names and lines come from the config at
 /// `config` (else as `allow` finds it).
@@ -349,12 +361,7 @@ pub async fn run(
     let (program, a) = choose(&found, iface)?;
     let live = Live::read(&a.map_ids)?;
     let l2 = program == Program::Edge || live.settings.tunnel_l2;
-    let explanation = live.explain(
-        program,
-        &request.packet(l2),
-        a.ifindex,
-        tables::programs_now_ns(),
-    )?;
+    let explanation = live.explain(program, &request.packet(l2), a.ifindex, programs_now_ns())?;
     let running = Identity::live(&found)?;
     let path = identity::config_path(config, running.as_ref());
     let sources = Sources::load(&path, running);
@@ -514,16 +521,15 @@ fn why(fact: &Fact, code: u32, live: &Live, sources: &Sources) -> Option<Why> {
             // and adjacent ones merged back read as one: the prefix to
             // name is the config's longest holding the source.
             let config = edge.and_then(|e| {
-                let from = e.services().nth(service as usize)?.from;
-                (0..from.len())
-                    .filter(|&j| from[j].contains(&source))
-                    .max_by_key(|&j| from[j].prefix_len())
-                    .map(|j| (j, from[j]))
+                e.services()
+                    .nth(service as usize)?
+                    .from
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, n)| n.contains(&source))
+                    .max_by_key(|(_, n)| n.prefix_len())
             });
-            let (j, prefix) = match config {
-                Some((j, listed)) => (Some(j), listed),
-                None => (None, prefix),
-            };
+            let (j, prefix) = config.map_or((None, prefix), |(j, listed)| (Some(j), *listed));
             let text = match j {
                 Some(_) => format!("{prefix} of {label} holds {source}"),
                 None => format!(

@@ -33,7 +33,7 @@ mod peers;
 mod sources;
 
 pub use contents::Contents;
-pub use flows::{FlowInterfaces, programs_now_ns};
+pub use flows::FlowInterfaces;
 pub use sources::Sources;
 
 /// Errors reading or writing the maps.

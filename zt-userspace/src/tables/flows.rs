@@ -12,20 +12,6 @@ use super::{Contents, Tables, TablesError, batch, map_err};
 /// (a flow the kernel dropped meanwhile stays gone).
 const BPF_EXIST: u64 = 2;
 
-/// `CLOCK_MONOTONIC_COARSE`, the clock the programs time flows with.
-#[must_use]
-pub fn programs_now_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes one timespec that we own.
-    if unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &raw mut ts) } != 0 {
-        return 0;
-    }
-    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
-}
-
 /// The interfaces the edge and the tunnel programs run on, by ifindex,
 /// which the flow table's keys name.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
